@@ -1,0 +1,33 @@
+"""flora: N-dimensional Tucker (FLoRA) adapters for PyTorch models.
+
+    dW = s * G x_1 U_1 ... x_N U_N,   W' = W + dW
+
+for Linear, Conv1d/2d/3d (any groups), Embedding and transformers' Conv1D.
+"""
+
+from flora.config import FloraConfig
+from flora.errors import AdapterError, NonFiniteError
+from flora.fingerprint import ModuleKind, ModuleSpec, base_fingerprint, describe_base
+from flora.layers import FloraLayer
+from flora.model import adapter_layers, eject, get_config, inject, merge, set_enabled, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "FloraConfig",
+    "FloraLayer",
+    "ModuleKind",
+    "ModuleSpec",
+    "NonFiniteError",
+    "__version__",
+    "adapter_layers",
+    "base_fingerprint",
+    "describe_base",
+    "eject",
+    "get_config",
+    "inject",
+    "merge",
+    "set_enabled",
+    "unmerge",
+]
