@@ -1,0 +1,206 @@
+"""Safetensors bytes in and out, validated before anything is decoded.
+
+A safetensors file is ``[u64 little-endian header length N][N bytes of JSON header][data]``.
+The header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
+(offsets relative to the data section) plus an optional ``"__metadata__"`` of str -> str.
+We read the 8-byte length and compare it with the cap *before* looking at the JSON, then
+check every entry (dtype allowlist, shapes, offsets exactly tiling the data section) and
+only then let ``safetensors`` decode. No pickle path exists here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from flora.errors import AdapterFormatError, HeaderTooLargeError, TensorDtypeError
+
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+# safetensors dtype tag -> (torch dtype, bytes per element). Only these are accepted.
+ALLOWED_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F32": (torch.float32, 4),
+}
+_TORCH_TO_TAG = {dt: tag for tag, (dt, _) in ALLOWED_DTYPES.items()}
+
+# The first bytes of a pickle (protocol 2+ starts with PROTO 0x80) or a torch zip archive.
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+def strict_json_loads(text: str | bytes, what: str) -> Any:
+    """``json.loads`` that refuses NaN/Infinity literals, duplicate keys and deep nesting.
+
+    Raises:
+        AdapterFormatError: naming ``what`` when the text is not strict JSON.
+    """
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ValueError(f"duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(text, parse_constant=no_constants, object_pairs_hook=no_duplicates)
+    except RecursionError as exc:
+        raise AdapterFormatError(f"{what}: JSON nested too deeply") from exc
+    except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AdapterFormatError(f"{what}: not valid JSON ({exc})") from exc
+
+
+def read_header(
+    data: bytes, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, what: str = "adapter"
+) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Parse and check a safetensors header without decoding any tensor.
+
+    Returns:
+        ``(metadata, entries)``: the ``__metadata__`` dict (empty if absent) and, per tensor
+        name, ``{"dtype": str, "shape": list[int], "data_offsets": [begin, end]}``.
+
+    Raises:
+        HeaderTooLargeError: the declared header length exceeds ``max_header_bytes``.
+        AdapterFormatError: truncated file, pickle bytes, bad JSON, bad offsets.
+        TensorDtypeError: a tensor is not F16/BF16/F32.
+    """
+    if data[:2] in _PICKLE_MAGIC or data[:4] in _PICKLE_MAGIC:
+        raise AdapterFormatError(f"{what}: this is a pickle/torch archive, not safetensors")
+    if len(data) < 8:
+        raise AdapterFormatError(f"{what}: truncated ({len(data)} bytes, no header length)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > max_header_bytes:
+        raise HeaderTooLargeError(
+            f"{what}: header length {header_len} exceeds the cap of {max_header_bytes} bytes"
+        )
+    if header_len > len(data) - 8:
+        raise AdapterFormatError(
+            f"{what}: truncated (header says {header_len} bytes, {len(data) - 8} present)"
+        )
+    header = strict_json_loads(data[8 : 8 + header_len], f"{what} header")
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{what}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise AdapterFormatError(f"{what}: __metadata__ must map strings to strings")
+    data_len = len(data) - 8 - header_len
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        spans.append(_check_entry(name, entry, what))
+    # Offsets must tile the data section exactly: no gaps, no overlap, nothing trailing.
+    spans.sort()
+    cursor = 0
+    for begin, end, name in spans:
+        if begin != cursor:
+            raise AdapterFormatError(f"{what}: tensor {name!r} data offsets overlap or leave a gap")
+        cursor = end
+    if cursor != data_len:
+        raise AdapterFormatError(
+            f"{what}: data section is {data_len} bytes but tensors cover {cursor} (truncated?)"
+        )
+    return metadata, header
+
+
+def _check_entry(name: str, entry: Any, what: str) -> tuple[int, int, str]:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise AdapterFormatError(f"{what}: tensor {name!r} has a malformed header entry")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise AdapterFormatError(f"{what}: tensor {name!r} dtype is not a string")
+    if dtype not in ALLOWED_DTYPES:
+        raise TensorDtypeError(
+            f"{what}: tensor {name!r} has dtype {dtype}; only F16, BF16 and F32 are accepted"
+        )
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise AdapterFormatError(f"{what}: tensor {name!r} shape is not a list of sizes")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_uint(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise AdapterFormatError(f"{what}: tensor {name!r} data_offsets are malformed")
+    nbytes = math.prod(shape) * ALLOWED_DTYPES[dtype][1]
+    if offsets[1] - offsets[0] != nbytes:
+        raise AdapterFormatError(
+            f"{what}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes, shape needs {nbytes}"
+        )
+    return offsets[0], offsets[1], name
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def decode_tensors(
+    data: bytes, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, what: str = "adapter"
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Check the header (see :func:`read_header`), then decode every tensor.
+
+    Returns ``(metadata, tensors)``; tensors are fresh CPU tensors that own their memory.
+    """
+    metadata, _entries = read_header(data, max_header_bytes=max_header_bytes, what=what)
+    try:
+        tensors = _st_load(data)
+    except Exception as exc:  # the Rust parser's own checks; our header pass should pre-empt them
+        raise AdapterFormatError(f"{what}: safetensors could not decode it ({exc})") from exc
+    return metadata, tensors
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
+    """Serialize CPU-contiguous copies of ``tensors`` (float16/bfloat16/float32 only)."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _TORCH_TO_TAG:
+            raise TensorDtypeError(f"tensor {name!r} has dtype {tensor.dtype}; cannot save it")
+    prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return _st_save(prepared, metadata=metadata)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, rename.
+
+    Readers see either the old file or the complete new one, never a partial write.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not supported on every platform/filesystem.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
