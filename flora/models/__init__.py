@@ -1,0 +1,38 @@
+"""The model zoo: embedded pretrained bases and local Hugging Face directories.
+
+``load(name_or_path)`` returns a :class:`LoadedModel` (module, preprocessor, task kind,
+base fingerprint, labels, context length, weights path). Embedded models are converted
+once into ``$FLORA_HOME`` (default ``~/.cache/flora``) by ``prepare(name)`` or
+``python -m flora.models prepare NAME``. See docs/models.md.
+"""
+
+from flora.models.catalog import embedded_models
+from flora.models.errors import (
+    ModelError,
+    ModelPackageMissingError,
+    UnknownModelError,
+    UnsupportedModelError,
+)
+from flora.models.registry import EmbeddedModel, KindRule, LoadRequest, ModelRegistry
+from flora.models.storage import home
+from flora.models.types import MODEL_KINDS, LoadedModel, ModelKind, Pooling
+from flora.models.zoo import load, prepare
+
+__all__ = [
+    "MODEL_KINDS",
+    "EmbeddedModel",
+    "KindRule",
+    "LoadRequest",
+    "LoadedModel",
+    "ModelError",
+    "ModelKind",
+    "ModelPackageMissingError",
+    "ModelRegistry",
+    "Pooling",
+    "UnknownModelError",
+    "UnsupportedModelError",
+    "embedded_models",
+    "home",
+    "load",
+    "prepare",
+]
