@@ -5,6 +5,7 @@
 for Linear, Conv1d/2d/3d (any groups), Embedding and transformers' Conv1D.
 """
 
+from flora.adapter import Adapter, apply_adapter, load_adapter, remove_adapter, save_adapter
 from flora.config import FloraConfig
 from flora.errors import AdapterError, NonFiniteError
 from flora.fingerprint import ModuleKind, ModuleSpec, base_fingerprint, describe_base
@@ -14,6 +15,7 @@ from flora.model import adapter_layers, eject, get_config, inject, merge, set_en
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "AdapterError",
     "FloraConfig",
     "FloraLayer",
@@ -22,12 +24,16 @@ __all__ = [
     "NonFiniteError",
     "__version__",
     "adapter_layers",
+    "apply_adapter",
     "base_fingerprint",
     "describe_base",
     "eject",
     "get_config",
     "inject",
+    "load_adapter",
     "merge",
+    "remove_adapter",
+    "save_adapter",
     "set_enabled",
     "unmerge",
 ]
