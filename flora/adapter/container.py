@@ -78,7 +78,10 @@ def read_header(
         AdapterFormatError: truncated file, pickle bytes, bad JSON, bad offsets.
         TensorDtypeError: a tensor is not F16/BF16/F32.
     """
-    if data[:2] in _PICKLE_MAGIC or data[:4] in _PICKLE_MAGIC:
+    # A safetensors header is JSON, so byte 8 is "{"; the magic bytes alone could also be
+    # a legitimate little-endian header length (0x0280 = 640 starts with 80 02).
+    looks_pickled = data[:2] in _PICKLE_MAGIC or data[:4] in _PICKLE_MAGIC
+    if looks_pickled and data[8:9] != b"{":
         raise AdapterFormatError(f"{what}: this is a pickle/torch archive, not safetensors")
     if len(data) < 8:
         raise AdapterFormatError(f"{what}: truncated ({len(data)} bytes, no header length)")

@@ -27,7 +27,7 @@ from flora.adapter.validate import (
     check_tensor_table,
     validate_against,
 )
-from flora.errors import AdapterConfigError, AdapterError, AdapterFormatError
+from flora.errors import AdapterError, AdapterFormatError, HeaderTooLargeError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -235,7 +235,7 @@ def load_adapter_bytes(
 ) -> Adapter:
     """Load the directory form from the bytes of its two files."""
     if len(config_bytes) > max_header_bytes:
-        raise AdapterConfigError(f"{CONFIG_NAME} is larger than {max_header_bytes} bytes")
+        raise HeaderTooLargeError(f"{CONFIG_NAME} is larger than {max_header_bytes} bytes")
     return _load(config_bytes, weights_bytes, max_rank, max_header_bytes)
 
 
@@ -284,5 +284,5 @@ def _read_capped(path: Path, cap: int) -> bytes:
     except FileNotFoundError as exc:
         raise AdapterFormatError(f"{path.name} not found") from exc
     if len(data) > cap:
-        raise AdapterConfigError(f"{path.name} is larger than {cap} bytes")
+        raise HeaderTooLargeError(f"{path.name} is larger than {cap} bytes")
     return data
