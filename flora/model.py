@@ -87,8 +87,11 @@ def merge(model: nn.Module) -> None:
     """Merge every adapter into its base weight; all or nothing.
 
     If one layer refuses (``NonFiniteError``), the layers merged by this call are
-    unmerged again before the error propagates.
+    unmerged again before the error propagates. ValueError, before anything changes, if
+    a wrapped weight is tied to another module (e.g. ``lm_head`` sharing the embedding):
+    merging would silently change that module too.
     """
+    _refuse_tied(model)
     done: list[FloraLayer] = []
     try:
         for _, layer in adapter_layers(model):
@@ -99,6 +102,18 @@ def merge(model: nn.Module) -> None:
         for layer in done:
             layer.unmerge()
         raise
+
+
+def _refuse_tied(model: nn.Module) -> None:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for name, layer in adapter_layers(model):
+        users = names.get(id(layer.base_weight), [])
+        if len(users) > 1:
+            raise ValueError(
+                f"cannot merge {name!r}: its weight is tied to {', '.join(sorted(users))}"
+            )
 
 
 def unmerge(model: nn.Module) -> None:

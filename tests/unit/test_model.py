@@ -115,3 +115,19 @@ def test_conv_model_with_depthwise_and_pointwise():
     ranks = {n: layer.ranks for n, layer in flora.adapter_layers(model)}
     assert ranks == {"0": (4, 3, 2, 2), "1": (4, 1, 2, 2), "2": (4, 4, 1, 1)}
     assert all(isinstance(m, FloraConv) for m in model)
+
+
+def test_merge_refuses_tied_weights():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.embed = nn.Embedding(10, 4)
+    model.lm_head = nn.Linear(4, 10, bias=False)
+    model.lm_head.weight = model.embed.weight
+    flora.inject(model, flora.FloraConfig(["embed"], rank=2))
+    with torch.no_grad():
+        model.embed.core.normal_()
+    before = model.lm_head.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"tied to embed\.base_layer\.weight, lm_head\.weight"):
+        flora.merge(model)
+    assert not model.embed.merged
+    assert torch.equal(model.lm_head.weight, before)
