@@ -1,0 +1,34 @@
+"""Multi-adapter inference: per-row batched and merged FLoRA adapters over one base model.
+
+``ServingModel`` wraps a base model's modules lazily with served wrappers holding device
+slot banks; ``set_routing`` says which slot each batch row uses; ``merge``/``unmerge``
+fold one adapter into the weights (exactly restorable). ``flora.serving.reference`` is the
+plain per-row implementation the fast paths are tested against.
+"""
+
+from flora.serving.bank import DeviceSlotBank
+from flora.serving.base import NO_SLOT, RoutingState, ServedModule, ServingPolicy
+from flora.serving.conv import ServedConv
+from flora.serving.embedding import ServedEmbedding
+from flora.serving.factors import ModuleFactors, fold_two_mode, modules_from_adapter
+from flora.serving.linear import ServedLinear
+from flora.serving.model import ServingModel, register_wrapper
+from flora.serving.reference import reference_delta, reference_forward
+
+__all__ = [
+    "NO_SLOT",
+    "DeviceSlotBank",
+    "ModuleFactors",
+    "RoutingState",
+    "ServedConv",
+    "ServedEmbedding",
+    "ServedLinear",
+    "ServedModule",
+    "ServingModel",
+    "ServingPolicy",
+    "fold_two_mode",
+    "modules_from_adapter",
+    "reference_delta",
+    "reference_forward",
+    "register_wrapper",
+]

@@ -1,0 +1,121 @@
+"""Shared routing state and the base class of the served (multi-adapter) module wrappers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flora.serving.factors import ModuleFactors
+
+__all__ = ["NO_SLOT", "Plan", "RoutingState", "ServedModule", "ServingPolicy"]
+
+NO_SLOT = -1
+"""Row slot meaning "base model only"."""
+
+Plan = Callable[[torch.Tensor], torch.Tensor]
+"""A module's forward for one routing: everything that depends only on the routing
+(gathered factors, masks, row groups) is captured when the plan is built."""
+
+
+@dataclass(frozen=True)
+class ServingPolicy:
+    """Which per-row kernel a plan uses; chosen once per routing, per module.
+
+    Two-mode layers (Linear, Conv1D) with ``K`` distinct adapters of ranks ``r_k`` in the
+    batch: "wide" (``(x @ [A_1..A_K]) * mask @ [B_1..B_K]``: 3 ops, no gathers, but
+    ``sum r_k`` columns for every row) when ``sum r_k <= wide_max_rank``, else "rows"
+    (per-row ``bmm`` with factors gathered once per routing, padded to ``max r_k``).
+    ConvNd: "segments" (rows grouped by adapter, each group run once with the merged
+    weight ``W + dW_k``) unless more than ``conv_segments_max`` distinct groups, then
+    "rows" (one grouped conv over ``B * groups`` with per-row merged weights) if the
+    per-row weight stack stays under ``conv_rows_max_numel`` elements.
+    bench/kernels.py measures the trade-offs these defaults come from.
+    """
+
+    wide_max_rank: int = 64
+    conv_segments_max: int = 8
+    conv_rows_max_numel: int = 1 << 24
+
+
+class RoutingState:
+    """The routing all wrapped modules of one ``ServingModel`` read (one shared object).
+
+    ``plans[i]`` is wrapped module ``i``'s plan for the current routing, or ``None`` when
+    no row of the batch uses an adapter that targets it (that module then costs only a
+    list lookup on top of its base layer). ``rows`` is the batch size the plans expect.
+    """
+
+    __slots__ = ("plans", "row_slots", "rows")
+
+    def __init__(self) -> None:
+        self.plans: list[Plan | None] = []
+        self.rows: int | None = None
+        self.row_slots: tuple[int, ...] | None = None
+
+
+class ServedModule(nn.Module):
+    """Wraps one base module: a bank of ``max_slots`` adapter slots plus the forward.
+
+    Subclasses implement ``write_slot`` (copy an adapter's tensors in at load time),
+    ``clear_slot``, ``build_plan`` (per routing) and ``delta_weight`` (for merging).
+    Forward is the base layer unless the current routing gave this module a plan.
+    """
+
+    kinds: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        routing: RoutingState,
+        index: int,
+        max_slots: int,
+        max_rank: int,
+        policy: ServingPolicy,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = routing
+        self.index = index
+        self.max_slots = max_slots
+        self.max_rank = max_rank
+        self.policy = policy
+        # rank of each slot's update for this module; 0 = slot does not target it.
+        self.slot_rank: list[int] = [0] * max_slots
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.routing.plans[self.index]
+        if plan is None:
+            return self.base_layer(x)
+        return plan(x)
+
+    def targets(self, slot: int) -> bool:
+        return 0 <= slot < self.max_slots and self.slot_rank[slot] > 0
+
+    def row_targets(self, row_slots: Sequence[int]) -> list[int]:
+        """Per row, the slot if it targets this module, else ``NO_SLOT``."""
+        return [s if s >= 0 and self.slot_rank[s] > 0 else NO_SLOT for s in row_slots]
+
+    # -- subclass API -------------------------------------------------------------------
+    def check(self, name: str, mf: ModuleFactors) -> None:
+        """Raise ``ValueError`` if ``mf`` does not fit this module (called before any write)."""
+        raise NotImplementedError
+
+    def write_slot(self, slot: int, mf: ModuleFactors) -> None:
+        raise NotImplementedError
+
+    def clear_slot(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def build_plan(self, row_slots: Sequence[int]) -> Plan | None:
+        raise NotImplementedError
+
+    def delta_weight(self, slot: int) -> torch.Tensor:
+        """``dW`` of ``slot`` in the base weight's layout, float32."""
+        raise NotImplementedError

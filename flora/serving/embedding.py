@@ -1,0 +1,91 @@
+"""Served Embedding: ``y = base(ids) + U_num[slot][ids] @ (s G U_dim^T)`` per row."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flora.serving.bank import DeviceSlotBank
+from flora.serving.base import NO_SLOT, Plan, RoutingState, ServedModule, ServingPolicy
+from flora.serving.factors import ModuleFactors, check_weight_shape, fold_two_mode
+
+__all__ = ["ServedEmbedding"]
+
+
+class _EmbeddingRowsPlan:
+    """``y += bmm(U_flat[ids + offset_row], B_rows)``.
+
+    The bank's ``A: (S + 1, num, R)`` is viewed as one table ``(S + 1) * num`` rows long;
+    ``offset_row = slot_row * num`` picks each row's slot, so the lookup reads only the
+    rows of the ids in the batch. ``B_rows: (B, R, dim)`` is gathered once per routing.
+    """
+
+    __slots__ = ("b", "base", "offset", "table")
+
+    def __init__(self, base, table, offset, b) -> None:  # type: ignore[no-untyped-def]
+        self.base, self.table, self.offset, self.b = base, table, offset, b
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base(ids)  # [B, T, dim]
+        u = F.embedding(ids.reshape(ids.shape[0], -1) + self.offset, self.table)  # [B, T, R]
+        y.view(y.shape[0], -1, y.shape[-1]).baddbmm_(u, self.b)
+        return y
+
+
+class ServedEmbedding(ServedModule):
+    """Multi-adapter ``nn.Embedding`` (kind ``embedding``, modes ``(num, dim)``).
+
+    Slot update folded as for Linear with ids as one-hot inputs: ``A = U_num`` (or
+    ``U_num G``), ``B = s G U_dim^T`` (or ``s U_dim^T``). The update applies to every id,
+    ``padding_idx`` included, exactly as merging ``W + dW`` would.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        routing: RoutingState,
+        index: int,
+        max_slots: int,
+        max_rank: int,
+        policy: ServingPolicy,
+    ) -> None:
+        super().__init__(base_layer, routing, index, max_slots, max_rank, policy)
+        w = base_layer.weight
+        self.kind = "embedding"
+        self.bank = DeviceSlotBank(w.shape[0], w.shape[1], max_slots, max_rank, w.device, w.dtype)
+
+    def check(self, name: str, mf: ModuleFactors) -> None:
+        if mf.kind != self.kind:
+            raise ValueError(f"{name}: adapter kind {mf.kind!r}, base module is embedding")
+        check_weight_shape(name, mf, self.weight.shape)
+        if min(mf.ranks) > self.max_rank:
+            raise ValueError(f"{name}: rank {min(mf.ranks)} exceeds max_rank {self.max_rank}")
+
+    def write_slot(self, slot: int, mf: ModuleFactors) -> None:
+        a, b = fold_two_mode(mf)
+        self.bank.write(slot, a.to(self.bank.dtype), b.to(self.bank.dtype))
+        self.slot_rank[slot] = a.shape[1]
+
+    def clear_slot(self, slot: int) -> None:
+        self.bank.clear(slot)
+        self.slot_rank[slot] = 0
+
+    def delta_weight(self, slot: int) -> torch.Tensor:
+        r = self.slot_rank[slot]
+        return self.bank.a[slot, :, :r].float() @ self.bank.b[slot, :r].float()
+
+    def build_plan(self, row_slots: Sequence[int]) -> Plan | None:
+        rows = self.row_targets(row_slots)
+        if all(s == NO_SLOT for s in rows):
+            return None
+        bank = self.bank
+        index = torch.tensor(
+            [bank.null_slot if s == NO_SLOT else s for s in rows], device=bank.device
+        )
+        table = bank.a.view(-1, bank.capacity)  # [(S + 1) * num, R]
+        offset = (index * bank.n_in).unsqueeze(1)  # [B, 1]
+        b = bank.b.index_select(0, index).contiguous()  # [B, R, dim]
+        return _EmbeddingRowsPlan(self.base_layer, table, offset, b)

@@ -1,0 +1,127 @@
+"""What one slot holds for one module, and the folds the fast paths use.
+
+A FLoRA update of a weight with modes ``(d_1..d_N)`` is
+
+    dW = s * G x_1 U_1 x_2 U_2 ... x_N U_N         (G: (r_1..r_N), U_m: (d_m, r_m))
+
+For the two-mode kinds (Linear, transformers Conv1D, Embedding) the core folds into one
+factor, so the update on activations is a rank-``r`` product ``x -> (x @ A) @ B``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "TWO_MODE_KINDS",
+    "ModuleFactors",
+    "check_weight_shape",
+    "fold_two_mode",
+    "modules_from_adapter",
+    "tucker_full",
+]
+
+# Kinds whose update folds to ``(x @ A) @ B`` (x: the input features or a one-hot id).
+TWO_MODE_KINDS = frozenset({"linear", "hf_conv1d", "embedding"})
+CONV_KINDS = frozenset({"conv1d", "conv2d", "conv3d"})
+
+
+@dataclass(frozen=True)
+class ModuleFactors:
+    """One module's FLoRA tensors: ``dW = scale * core x_1 factors[0] ... x_N factors[N-1]``.
+
+    Mode order is the base weight's own: Linear ``(out, in)``; ConvNd
+    ``(out, in/groups, k_1..k_m)``; Embedding ``(num, dim)``; transformers Conv1D
+    ``(in, out)``.
+    """
+
+    kind: str
+    core: torch.Tensor
+    factors: tuple[torch.Tensor, ...]
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in TWO_MODE_KINDS | CONV_KINDS:
+            raise ValueError(f"unknown module kind {self.kind!r}")
+        if len(self.factors) != self.core.dim():
+            raise ValueError(
+                f"{self.kind}: core has {self.core.dim()} modes, got {len(self.factors)} factors"
+            )
+        for m, (u, r) in enumerate(zip(self.factors, self.core.shape, strict=True)):
+            if u.dim() != 2 or u.shape[1] != r:
+                raise ValueError(
+                    f"{self.kind}: factor {m} has shape {tuple(u.shape)}, core rank is {r}"
+                )
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of ``dW`` (the base weight's shape)."""
+        return tuple(int(u.shape[0]) for u in self.factors)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(int(r) for r in self.core.shape)
+
+
+def tucker_full(core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+    """``scale * core x_1 U_1 ... x_N U_N`` by successive mode products (tensordot)."""
+    out = core
+    for mode, u in enumerate(factors):
+        out = torch.tensordot(out, u, dims=([mode], [1])).movedim(-1, mode)
+    return out * scale
+
+
+def fold_two_mode(mf: ModuleFactors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a two-mode update into ``A: (n_in, r)`` and ``B: (r, n_out)``.
+
+    Written with the input-side factor ``U_i: (n_in, r_i)``, the output-side factor
+    ``U_o: (n_out, r_o)`` and the core oriented input -> output ``C: (r_i, r_o)``, the
+    update on activations is ``x -> s * x U_i C U_o^T``. The core joins the side with
+    the larger rank, so the kept rank is ``r = min(r_i, r_o)``:
+
+        r_i <= r_o:  A = U_i,       B = s * C U_o^T
+        r_i >  r_o:  A = U_i C,     B = s * U_o^T
+
+    Linear stores ``(out, in)``, so ``U_i = U_1``, ``U_o = U_0``, ``C = G^T``; Conv1D
+    (``(in, out)``) and Embedding (``(num, dim)``, ``x`` one-hot over ids) use
+    ``U_i = U_0``, ``U_o = U_1``, ``C = G``. Computed in float32.
+    """
+    core = mf.core.float()
+    u0, u1 = (u.float() for u in mf.factors)
+    if mf.kind == "linear":
+        u_in, u_out, c = u1, u0, core.t()
+    elif mf.kind in ("hf_conv1d", "embedding"):
+        u_in, u_out, c = u0, u1, core
+    else:
+        raise ValueError(f"fold_two_mode: {mf.kind} is not a two-mode kind")
+    if c.shape[0] <= c.shape[1]:
+        return u_in, mf.scale * (c @ u_out.t())
+    return u_in @ c, mf.scale * u_out.t()
+
+
+def modules_from_adapter(adapter: Any) -> dict[str, ModuleFactors]:
+    """Read ``flora.adapter.Adapter`` (``layer_names``, ``core``, ``factors``,
+    ``modules[name].kind``, ``config.scale``) into ``{module name: ModuleFactors}``."""
+    scale = float(adapter.config.scale)
+    out: dict[str, ModuleFactors] = {}
+    for name in adapter.layer_names():
+        kind = adapter.modules[name].kind
+        out[name] = ModuleFactors(
+            kind=str(kind),
+            core=adapter.core(name),
+            factors=tuple(adapter.factors(name)),
+            scale=scale,
+        )
+    return out
+
+
+def check_weight_shape(name: str, mf: ModuleFactors, weight_shape: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``mf`` builds an update shaped like the base weight."""
+    if tuple(weight_shape) != mf.weight_shape:
+        raise ValueError(
+            f"{name}: adapter update has shape {mf.weight_shape}, base weight {tuple(weight_shape)}"
+        )

@@ -1,0 +1,141 @@
+"""Served Linear and transformers Conv1D: ``y = base(x) + (x @ A_slot) @ B_slot`` per row."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flora.serving.bank import DeviceSlotBank
+from flora.serving.base import NO_SLOT, Plan, RoutingState, ServedModule, ServingPolicy
+from flora.serving.factors import ModuleFactors, check_weight_shape, fold_two_mode
+
+__all__ = ["ServedLinear", "is_hf_conv1d"]
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 style, weight ``(in, out)``), without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class _WidePlan:
+    """All distinct adapters side by side: ``y += ((x @ A_cat) * mask) @ B_cat``.
+
+    ``A_cat: (in, W)``, ``B_cat: (W, out)``, ``W = sum r_k``; ``mask: (B, 1, W)`` keeps, for
+    each row, only its adapter's columns (``None`` when every row uses the same one).
+    Three ops whatever the mix, and each distinct adapter is read once per step.
+    """
+
+    __slots__ = ("a", "b", "base", "mask")
+
+    def __init__(self, base, a, b, mask) -> None:  # type: ignore[no-untyped-def]
+        self.base, self.a, self.b, self.mask = base, a, b, mask
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [B, T, out]
+        h = torch.mm(x.reshape(-1, x.shape[-1]), self.a)  # [B*T, W]
+        if self.mask is not None:
+            h.view(self.mask.shape[0], -1, h.shape[-1]).mul_(self.mask)
+        y.view(-1, y.shape[-1]).addmm_(h, self.b)
+        return y
+
+
+class _RowsPlan:
+    """Per-row factors gathered once per routing: ``y += bmm(bmm(x, A_rows), B_rows)``.
+
+    ``A_rows: (B, in, r)``, ``B_rows: (B, r, out)``, ``r = max r_k`` (zero-padded; rows
+    without an adapter hold zeros).
+    """
+
+    __slots__ = ("a", "b", "base")
+
+    def __init__(self, base, a, b) -> None:  # type: ignore[no-untyped-def]
+        self.base, self.a, self.b = base, a, b
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
+        y.view(y.shape[0], -1, y.shape[-1]).baddbmm_(torch.bmm(x3, self.a), self.b)
+        return y
+
+
+class ServedLinear(ServedModule):
+    """Multi-adapter ``nn.Linear`` (kind ``linear``) or transformers ``Conv1D`` (``hf_conv1d``).
+
+    Each slot holds the folded update ``A = U_in``, ``B = s (U_out G)^T`` (see
+    ``fold_two_mode``), so serving adds two small matmuls per layer.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        routing: RoutingState,
+        index: int,
+        max_slots: int,
+        max_rank: int,
+        policy: ServingPolicy,
+    ) -> None:
+        super().__init__(base_layer, routing, index, max_slots, max_rank, policy)
+        w = base_layer.weight
+        self.kind = "hf_conv1d" if is_hf_conv1d(base_layer) else "linear"
+        n_in, n_out = (
+            (w.shape[0], w.shape[1]) if self.kind == "hf_conv1d" else (w.shape[1], w.shape[0])
+        )
+        self.bank = DeviceSlotBank(n_in, n_out, max_slots, max_rank, w.device, w.dtype)
+        if self.kind == "linear":
+            weight, bias = w, base_layer.bias
+            # F.linear directly: one module call less per projection per step.
+            self._base = lambda x: F.linear(x, weight, bias)
+        else:
+            self._base = base_layer
+
+    def check(self, name: str, mf: ModuleFactors) -> None:
+        if mf.kind != self.kind:
+            raise ValueError(f"{name}: adapter kind {mf.kind!r}, base module is {self.kind}")
+        check_weight_shape(name, mf, self.weight.shape)
+        if min(mf.ranks) > self.max_rank:
+            raise ValueError(f"{name}: rank {min(mf.ranks)} exceeds max_rank {self.max_rank}")
+
+    def write_slot(self, slot: int, mf: ModuleFactors) -> None:
+        a, b = fold_two_mode(mf)
+        self.bank.write(slot, a.to(self.bank.dtype), b.to(self.bank.dtype))
+        self.slot_rank[slot] = a.shape[1]
+
+    def clear_slot(self, slot: int) -> None:
+        self.bank.clear(slot)
+        self.slot_rank[slot] = 0
+
+    def delta_weight(self, slot: int) -> torch.Tensor:
+        r = self.slot_rank[slot]
+        ab = self.bank.a[slot, :, :r].float() @ self.bank.b[slot, :r].float()  # (in, out)
+        return ab if self.kind == "hf_conv1d" else ab.t()
+
+    def build_plan(self, row_slots: Sequence[int]) -> Plan | None:
+        rows = self.row_targets(row_slots)
+        distinct = sorted({s for s in rows if s != NO_SLOT})
+        if not distinct:
+            return None
+        ranks = [self.slot_rank[s] for s in distinct]
+        if sum(ranks) <= self.policy.wide_max_rank or len(distinct) == 1:
+            a, b = self.bank.wide(distinct, ranks)
+            mask = None
+            if any(s != distinct[0] for s in rows):
+                offsets = dict(zip(distinct, _cumsum(ranks), strict=True))
+                mask = torch.zeros(len(rows), 1, a.shape[1], device=a.device, dtype=a.dtype)
+                for i, s in enumerate(rows):
+                    if s != NO_SLOT:
+                        mask[i, 0, offsets[s] : offsets[s] + self.slot_rank[s]] = 1
+            return _WidePlan(self._base, a, b, mask)
+        index = [self.bank.null_slot if s == NO_SLOT else s for s in rows]
+        a, b = self.bank.rows(torch.tensor(index, device=self.bank.device), max(ranks))
+        return _RowsPlan(self._base, a, b)
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        out.append(total)
+        total += v
+    return out

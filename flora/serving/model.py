@@ -1,0 +1,299 @@
+"""ServingModel: one base model, many FLoRA adapters in device slots, per-row or merged.
+
+How the engine uses the two modes (decided per step, cheap to switch):
+
+- Batched (per row): ``set_routing([slot or None per row])`` before the forward calls of a
+  batch composition; rows of different adapters (and base rows) share every matmul.
+- Merged: when every running row uses the same adapter ``k``, ``merge(k)`` folds it into
+  the base weights (the forward then costs exactly the base) and ``set_routing`` must
+  route every row to ``k`` (the merged adapter is never applied twice: rows on the merged
+  slot take the base path). When the mix changes, ``unmerge()`` (exact: the base weights
+  are copied back from a host copy) and route per row again.
+
+Everything that depends only on the routing (row groups, gathered factors, masks, which
+modules are active) is built once in ``set_routing`` and cached for the last few
+compositions, so decode steps with an unchanged batch pay nothing for it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from flora.serving.base import NO_SLOT, Plan, RoutingState, ServedModule, ServingPolicy
+from flora.serving.conv import ServedConv
+from flora.serving.embedding import ServedEmbedding
+from flora.serving.factors import ModuleFactors, modules_from_adapter
+from flora.serving.linear import ServedLinear, is_hf_conv1d
+
+__all__ = ["ServingModel", "register_wrapper"]
+
+# First match wins; extend with register_wrapper instead of an isinstance ladder.
+_WRAPPERS: list[tuple[Callable[[nn.Module], bool], type[ServedModule]]] = [
+    (lambda m: isinstance(m, nn.Linear) or is_hf_conv1d(m), ServedLinear),
+    (lambda m: isinstance(m, nn.Embedding), ServedEmbedding),
+    (lambda m: isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d), ServedConv),
+]
+
+
+def register_wrapper(matches: Callable[[nn.Module], bool], cls: type[ServedModule]) -> None:
+    """Add a served wrapper for another module type (tried before the built-in ones)."""
+    _WRAPPERS.insert(0, (matches, cls))
+
+
+def _wrapper_for(module: nn.Module) -> type[ServedModule]:
+    for matches, cls in _WRAPPERS:
+        if matches(module):
+            return cls
+    raise ValueError(f"no served wrapper for {type(module).__name__}")
+
+
+class ServingModel:
+    """Wraps ``model`` for multi-adapter inference with ``max_slots`` device slots.
+
+    Modules are wrapped lazily, when a loaded adapter first targets them; a wrapped module
+    that no row of the current batch needs costs a list lookup. Call the model as before
+    (``serving.model(...)`` or ``serving(...)``), after ``set_routing``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_slots: int,
+        max_rank: int = 64,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        policy: ServingPolicy | None = None,
+        routing_cache_size: int = 4,
+    ) -> None:
+        if max_slots < 1:
+            raise ValueError("max_slots must be >= 1")
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.dtype = dtype or param.dtype
+        if param.device != self.device or param.dtype != self.dtype:
+            model.to(device=self.device, dtype=self.dtype)
+        self.model = model
+        self.max_slots = max_slots
+        self.max_rank = max_rank
+        self.policy = policy or ServingPolicy(
+            wide_max_rank=256 if self.device.type == "cuda" else 64
+        )
+        self.routing = RoutingState()
+        self._wrapped: dict[str, ServedModule] = {}
+        self._slot_modules: list[frozenset[str] | None] = [None] * max_slots
+        self._merged_slot: int | None = None
+        self._merged_names: list[str] = []
+        self._host_weights: dict[str, torch.Tensor] = {}
+        self._plan_cache: OrderedDict[tuple[int, ...], list[Plan | None]] = OrderedDict()
+        self._cache_size = routing_cache_size
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # -- slots ----------------------------------------------------------------------------
+    @property
+    def merged_slot(self) -> int | None:
+        """The slot folded into the base weights, or ``None``."""
+        return self._merged_slot
+
+    def slot_modules(self, slot: int) -> frozenset[str] | None:
+        """Names of the modules ``slot`` targets, ``None`` when the slot is empty."""
+        return self._slot_modules[self._check_slot(slot)]
+
+    def wrapped_modules(self) -> list[str]:
+        return list(self._wrapped)
+
+    def load(self, slot: int, adapter: Any) -> None:
+        """Copy ``adapter`` (a ``flora.Adapter``) into ``slot``, replacing what was there."""
+        self.load_modules(slot, modules_from_adapter(adapter))
+
+    def load_modules(self, slot: int, modules: Mapping[str, ModuleFactors]) -> None:
+        """Copy raw per-module tensors into ``slot``. Everything is checked first, so a bad
+        adapter changes nothing."""
+        self._check_slot(slot)
+        if not modules:
+            raise ValueError("an adapter must target at least one module")
+        for name, mf in modules.items():
+            self._target(name).check(name, mf)
+        if self._slot_modules[slot] is not None:
+            self.unload(slot)
+        with torch.no_grad():
+            for name, mf in modules.items():
+                self._wrap(name).write_slot(slot, mf)
+        self._slot_modules[slot] = frozenset(modules)
+        self._refresh()
+
+    def unload(self, slot: int) -> None:
+        """Clear ``slot`` (unmerging first if it is the merged one). A routing that used it
+        is dropped: call ``set_routing`` again."""
+        names = self._slot_modules[self._check_slot(slot)]
+        if names is None:
+            return
+        if self._merged_slot == slot:
+            self.unmerge()
+        for name in names:
+            self._wrapped[name].clear_slot(slot)
+        self._slot_modules[slot] = None
+        self._refresh()
+
+    # -- routing --------------------------------------------------------------------------
+    def set_routing(self, row_slots: Sequence[int | None]) -> None:
+        """Which slot each row of the next forward calls uses (``None``/-1: base only).
+
+        Inputs must then have ``len(row_slots)`` rows: ``[B, T, D]`` (prefill, padded) or
+        ``[B, 1, D]`` (decode); ids ``[B, T]``; images ``[B, C, H, W]``.
+        """
+        slots = tuple(NO_SLOT if s is None else int(s) for s in row_slots)
+        for s in slots:
+            if s != NO_SLOT and (not 0 <= s < self.max_slots or self._slot_modules[s] is None):
+                raise ValueError(f"slot {s} is not loaded")
+        if self._merged_slot is not None:
+            if any(s != self._merged_slot for s in slots):
+                raise ValueError(
+                    f"slot {self._merged_slot} is merged: every row must use it (unmerge first)"
+                )
+            # The merged weights already carry the adapter: run every row as base.
+            slots = (NO_SLOT,) * len(slots)
+        plans = self._plan_cache.get(slots)
+        if plans is None:
+            with torch.no_grad():
+                plans = [m.build_plan(slots) for m in self._wrapped.values()]
+            self._plan_cache[slots] = plans
+            while len(self._plan_cache) > self._cache_size:
+                self._plan_cache.popitem(last=False)
+        else:
+            self._plan_cache.move_to_end(slots)
+        self.routing.plans = plans
+        self.routing.rows = len(slots)
+        self.routing.row_slots = tuple(NO_SLOT if s is None else int(s) for s in row_slots)
+
+    def clear_routing(self) -> None:
+        """Every row base only (no adapter path anywhere)."""
+        self.routing.plans = [None] * len(self._wrapped)
+        self.routing.rows = None
+        self.routing.row_slots = None
+
+    # -- merged mode ----------------------------------------------------------------------
+    def merge(self, slot: int) -> None:
+        """Fold ``slot`` into the base weights of the modules it targets.
+
+        The original weights are copied to host memory (pinned when the device is CUDA)
+        the first time a module is merged and kept there; ``unmerge`` copies them back, so
+        the base is restored bitwise however many cycles run. A non-finite result raises
+        ``ValueError`` and leaves every weight as it was.
+        """
+        names = self._slot_modules[self._check_slot(slot)]
+        if names is None:
+            raise ValueError(f"slot {slot} is not loaded")
+        if self._merged_slot == slot:
+            return
+        if self._merged_slot is not None:
+            self.unmerge()
+        done: list[str] = []
+        with torch.no_grad():
+            for name in sorted(names):
+                wrapper = self._wrapped[name]
+                w = wrapper.weight
+                merged = (w.float() + wrapper.delta_weight(slot)).to(w.dtype)
+                if not bool(torch.isfinite(merged).all()):
+                    for prev in done:
+                        self._restore(prev)
+                    raise ValueError(f"merging slot {slot} makes {name} non-finite")
+                if name not in self._host_weights:
+                    self._host_weights[name] = self._host_copy(w)
+                w.copy_(merged)
+                done.append(name)
+        self._merged_slot = slot
+        self._merged_names = done
+        self._refresh()
+
+    def unmerge(self) -> None:
+        """Restore the base weights bitwise (no-op when nothing is merged)."""
+        if self._merged_slot is None:
+            return
+        with torch.no_grad():
+            for name in self._merged_names:
+                self._restore(name)
+        self._merged_slot = None
+        self._merged_names = []
+        self._refresh()
+
+    def unwrap(self) -> nn.Module:
+        """Unmerge, put every original module back and return the bare base model."""
+        self.unmerge()
+        for name, wrapper in self._wrapped.items():
+            parent, _, child = name.rpartition(".")
+            setattr(
+                self.model.get_submodule(parent) if parent else self.model,
+                child,
+                wrapper.base_layer,
+            )
+        self._wrapped.clear()
+        self._slot_modules = [None] * self.max_slots
+        self._plan_cache.clear()
+        self.clear_routing()
+        return self.model
+
+    # -- internals ------------------------------------------------------------------------
+    def _check_slot(self, slot: int) -> int:
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
+        return slot
+
+    def _target(self, name: str) -> ServedModule:
+        """The wrapper of ``name`` if wrapped, else a throwaway one to check against."""
+        if name in self._wrapped:
+            return self._wrapped[name]
+        try:
+            module = self.model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"the base model has no module {name!r}") from exc
+        if isinstance(module, ServedModule):
+            raise ValueError(f"{name!r} is already wrapped by another ServingModel")
+        cls = _wrapper_for(module)
+        return cls(module, RoutingState(), 0, self.max_slots, self.max_rank, self.policy)
+
+    def _wrap(self, name: str) -> ServedModule:
+        wrapper = self._wrapped.get(name)
+        if wrapper is not None:
+            return wrapper
+        module = self.model.get_submodule(name)
+        cls = _wrapper_for(module)
+        wrapper = cls(
+            module, self.routing, len(self._wrapped), self.max_slots, self.max_rank, self.policy
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapper)
+        self._wrapped[name] = wrapper
+        self.routing.plans = [*self.routing.plans, None]
+        return wrapper
+
+    def _refresh(self) -> None:
+        """Slots, merges or the wrapped set changed: drop cached plans, rebuild the current
+        routing (or drop it if it names a slot that is gone)."""
+        self._plan_cache.clear()
+        current = self.routing.row_slots
+        valid = current is not None and all(
+            s == NO_SLOT or self._slot_modules[s] is not None for s in current
+        )
+        if valid and (self._merged_slot is None or all(s == self._merged_slot for s in current)):
+            self.set_routing(current)
+        else:
+            self.clear_routing()
+
+    def _host_copy(self, w: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(w.shape, dtype=w.dtype, device="cpu", pin_memory=w.device.type == "cuda")
+        host.copy_(w.detach())
+        return host
+
+    def _restore(self, name: str) -> None:
+        self._wrapped[name].weight.copy_(self._host_weights[name])
+
+    def named_wrappers(self) -> Iterable[tuple[str, ServedModule]]:
+        return self._wrapped.items()
