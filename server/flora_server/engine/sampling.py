@@ -1,0 +1,139 @@
+"""Per-row logit processing and token selection: small pure functions over batched tensors.
+
+Every function takes the logits of the last position of each row, `logits: [B, V]`, and
+per-row parameters as tensors of shape `[B]`, so one call serves a batch whose rows asked
+for different settings. A neutral value switches a processor off for its row (temperature
+1, top_k 0, top_p 1, repetition_penalty 1).
+
+The order is the one of transformers' `generate`: repetition penalty, temperature, top-k,
+top-p, then sample (or argmax for greedy rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flora_server.engine.protocol import SamplingParams
+
+
+@dataclass
+class SamplingTensors:
+    """The sampling parameters of a batch, one entry per row (all on the logits' device)."""
+
+    do_sample: torch.Tensor  # [B] bool
+    temperature: torch.Tensor  # [B] float32, > 0
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    top_p: torch.Tensor  # [B] float32, 1.0 = off
+    repetition_penalty: torch.Tensor  # [B] float32, 1.0 = off
+
+    @classmethod
+    def from_params(
+        cls, params: Sequence[SamplingParams], device: torch.device | str = "cpu"
+    ) -> SamplingTensors:
+        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            do_sample=col([p.do_sample for p in params], torch.bool),
+            temperature=col([max(p.temperature, 1e-5) for p in params], torch.float32),
+            top_k=col([p.top_k or 0 for p in params], torch.int64),
+            top_p=col([1.0 if p.top_p is None else p.top_p for p in params], torch.float32),
+            repetition_penalty=col([p.repetition_penalty for p in params], torch.float32),
+        )
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor
+) -> torch.Tensor:
+    """CTRL-style penalty (Keskar et al. 2019), as in transformers: for every token already
+    seen by the row (prompt or generated), `l' = l / p` if `l > 0` else `l * p`.
+
+    logits: [B, V]; seen: [B, V] bool; penalty: [B]. Rows with p = 1 are unchanged.
+    """
+    p = penalty.to(logits.dtype).unsqueeze(1)  # [B, 1]
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def seen_mask(token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str):
+    """[B, V] bool: True where the row's token list contains the token."""
+    mask = torch.zeros(len(token_ids), vocab_size, dtype=torch.bool, device=device)
+    for row, ids in enumerate(token_ids):
+        if ids:
+            mask[row, torch.tensor(list(ids), dtype=torch.long, device=device)] = True
+    return mask
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """`l / T` per row. logits: [B, V]; temperature: [B] (> 0)."""
+    return logits / temperature.to(logits.dtype).unsqueeze(1)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept), set the rest to
+    -inf. logits: [B, V]; top_k: [B] int, 0 = keep all."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    sorted_desc = logits.sort(dim=-1, descending=True).values  # [B, V]
+    kth = sorted_desc.gather(1, (k - 1).unsqueeze(1))  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2020): keep the smallest set of most likely tokens
+    whose probability mass reaches p; the most likely token is always kept.
+
+    Sorted descending with probabilities q_1 >= q_2 >= ..., token i is dropped when the mass
+    before it, sum_{j<i} q_j, is already >= p. logits: [B, V]; top_p: [B], 1.0 = keep all.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # [B, V]
+    drop_sorted = mass_before >= top_p.to(probs.dtype).unsqueeze(1)
+    # p >= 1 is off: the rounded cumsum can reach 1.0 before the tail and drop it.
+    drop_sorted &= (top_p < 1.0).unsqueeze(1)
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def process_logits(
+    logits: torch.Tensor, params: SamplingTensors, seen: torch.Tensor | None
+) -> torch.Tensor:
+    """All processors in transformers' order. logits: [B, V] float32 -> [B, V]. `seen` may
+    be None when no row uses a repetition penalty."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits = apply_temperature(logits, torch.where(params.do_sample, params.temperature, 1.0))
+    logits = apply_top_k(logits, torch.where(params.do_sample, params.top_k, 0))
+    return apply_top_p(logits, torch.where(params.do_sample, params.top_p, 1.0))
+
+
+def select_tokens(
+    logits: torch.Tensor,
+    do_sample: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Pick one token per row: argmax for greedy rows, a draw from softmax(logits) for
+    sampling rows using the row's own generator (so a seeded request reproduces its output
+    whatever else is in the batch). logits: [B, V] (processed); returns [B] int64."""
+    tokens = logits.argmax(dim=-1)
+    rows = do_sample.nonzero().flatten().tolist()
+    if rows:
+        probs = logits[rows].float().softmax(dim=-1)  # [S, V]
+        for i, row in enumerate(rows):
+            tokens[row] = torch.multinomial(probs[i], 1, generator=generators[row])[0]
+    return tokens
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
+    """A per-request generator: seeded when the request gave a seed, else from entropy."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen

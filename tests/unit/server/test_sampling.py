@@ -1,0 +1,159 @@
+"""Sampling processors against transformers' logits processors (an independent
+implementation), per-row parameters, seeded reproducibility, and stop-sequence hold-back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from flora_server.engine.protocol import SamplingParams
+from flora_server.engine.sampling import (
+    SamplingTensors,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    make_generator,
+    process_logits,
+    seen_mask,
+    select_tokens,
+)
+from flora_server.engine.text import TextStream, find_stop, partial_stop_len
+
+
+@pytest.fixture
+def logits() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(4, 50) * 3
+
+
+def test_repetition_penalty_matches_transformers(logits) -> None:
+    history = torch.tensor([[1, 2, 3, 3], [7, 7, 8, 9], [0, 49, 10, 11], [5, 6, 5, 6]])
+    for penalty in (1.3, 0.7):
+        ref = RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone())
+        seen = seen_mask(history.tolist(), 50, "cpu")
+        got = apply_repetition_penalty(logits, seen, torch.full((4,), penalty))
+        torch.testing.assert_close(got, ref)
+
+
+def test_per_row_penalty_leaves_neutral_rows_alone(logits) -> None:
+    seen = seen_mask([[1, 2], [1, 2], [], [3]], 50, "cpu")
+    got = apply_repetition_penalty(logits, seen, torch.tensor([1.0, 2.0, 2.0, 1.0]))
+    assert torch.equal(got[0], logits[0]) and torch.equal(got[3], logits[3])
+    assert torch.equal(got[2], logits[2])  # nothing seen
+    assert not torch.equal(got[1], logits[1])
+
+
+@pytest.mark.parametrize("k", [1, 5, 49, 50])
+def test_top_k_matches_transformers(logits, k) -> None:
+    ref = TopKLogitsWarper(k)(None, logits.clone())
+    got = apply_top_k(logits, torch.full((4,), k))
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    assert torch.equal(got[~torch.isinf(got)], logits[~torch.isinf(got)])
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_matches_transformers(logits, p) -> None:
+    ref = TopPLogitsWarper(p)(None, logits.clone())
+    got = apply_top_p(logits, torch.full((4,), p))
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+
+
+def test_per_row_top_k_and_top_p(logits) -> None:
+    got = apply_top_k(logits, torch.tensor([0, 3, 50, 1]))
+    kept = (~torch.isinf(got)).sum(-1).tolist()
+    assert kept == [50, 3, 50, 1]
+    got = apply_top_p(logits, torch.tensor([1.0, 0.5, 1e-6, 1.0]))
+    ref_half = TopPLogitsWarper(0.5)(None, logits[1:2].clone())
+    assert torch.equal(torch.isinf(got[1:2]), torch.isinf(ref_half))
+    assert (~torch.isinf(got[2])).sum() == 1 and int(got[2].argmax()) == int(logits[2].argmax())
+    assert not torch.isinf(got[0]).any()
+
+
+def test_process_logits_sampling_row_matches_transformers_chain(logits) -> None:
+    params = [
+        SamplingParams(do_sample=True, temperature=0.7, top_k=10, top_p=0.8),
+        SamplingParams(),  # greedy: processors off
+    ]
+    tensors = SamplingTensors.from_params(params)
+    got = process_logits(logits[:2], tensors, None)
+    ref = logits[:1].clone()
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
+        ref = warper(None, ref)
+    torch.testing.assert_close(got[:1], ref)
+    assert torch.equal(got[1], logits[1])
+
+
+def test_greedy_is_argmax_and_seeded_sampling_reproduces(logits) -> None:
+    do_sample = torch.tensor([False, True, True, False])
+
+    def draw(seed_a: int, seed_b: int) -> list[int]:
+        gens = [None, make_generator(seed_a, "cpu"), make_generator(seed_b, "cpu"), None]
+        return [select_tokens(logits, do_sample, gens).tolist() for _ in range(5)]
+
+    first = draw(11, 12)
+    assert first == draw(11, 12)
+    assert first != draw(13, 12)
+    assert all(row[0] == int(logits[0].argmax()) for row in first)
+    # A row's draws depend only on its own seed, not on the other sampling row's.
+    assert [r[1] for r in draw(11, 99)] == [r[1] for r in first]
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    gen = make_generator(0, "cpu")
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        counts[select_tokens(logits, torch.tensor([True]), [gen])[0]] += 1
+    torch.testing.assert_close(counts / 3000, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
+
+
+def test_stop_helpers() -> None:
+    assert find_stop("hello world", ["wor", "lo"]) == 3
+    assert find_stop("hello", ["x"]) == -1
+    assert partial_stop_len("abc<e", ["<end>"]) == 2
+    assert partial_stop_len("abc", ["<end>"]) == 0
+    assert partial_stop_len("ab<end", ["<end>", "d"]) == 4
+
+
+def chars(ids: list[int]) -> str:
+    return "".join(chr(i) for i in ids)
+
+
+def test_text_stream_holds_back_possible_stop() -> None:
+    stream = TextStream(decode=chars, stops=("END",))
+    pieces = [stream.push(ord(c)) for c in "abEx"]
+    assert pieces == ["a", "b", "", "Ex"]
+    pieces = [stream.push(ord(c)) for c in "yEN"]
+    assert pieces == ["y", "", ""]
+    assert stream.push(ord("D")) == "" and stream.stopped
+    assert stream.released == "abExy"
+
+
+def test_text_stream_stop_inside_one_token_and_final_flush() -> None:
+    stream = TextStream(
+        decode=lambda ids: "".join(["hi", " there<s", "top>more"][i] for i in ids),
+        stops=("<stop>",),
+    )
+    assert stream.push(0) == "hi"
+    assert stream.push(1) == " there"
+    assert stream.push(2) == "" and stream.stopped
+    assert stream.released == "hi there"
+    stream = TextStream(decode=chars, stops=("xyz",))
+    assert stream.push(ord("a")) == "a"
+    assert stream.push(ord("x")) == ""
+    assert stream.push(None, final=True) == "x"
+    assert stream.released == "ax" and not stream.stopped
+
+
+def test_text_stream_holds_incomplete_utf8() -> None:
+    data = "é!".encode()
+    stream = TextStream(decode=lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    assert stream.push(data[0]) == ""
+    assert stream.push(data[1]) == "é"
+    assert stream.push(data[2]) == "!"
