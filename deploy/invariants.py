@@ -1,0 +1,288 @@
+"""Project-specific invariants of a rendered overlay, beyond what schemas can say.
+
+Schemas check that each object is well formed; these check that the objects fit together
+and keep the promises in docs/deploy.md: probes on the right routes, the drain arithmetic,
+selectors that select, references that resolve, placeholder-only secrets, GPU consistency.
+Every function returns a list of problems (empty when all is well).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+Manifest = dict[str, Any]
+
+NAMESPACE = "flora"
+PLACEHOLDER_PREFIX = "replace-me"
+QUEUE_METRIC = "flora_queue_length"
+
+
+def of_kind(docs: list[Manifest], kind: str) -> list[Manifest]:
+    """The rendered objects of one kind."""
+    return [doc for doc in docs if doc.get("kind") == kind]
+
+
+def one(docs: list[Manifest], kind: str) -> Manifest:
+    """The single object of `kind` (ValueError when there is not exactly one)."""
+    found = of_kind(docs, kind)
+    if len(found) != 1:
+        raise ValueError(f"expected one {kind}, found {len(found)}")
+    return found[0]
+
+
+def server_container(deployment: Manifest) -> Manifest:
+    """The flora-serve container of the Deployment's pod template."""
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "flora-serve")
+
+
+def config_data(docs: list[Manifest], deployment: Manifest) -> dict[str, str]:
+    """Merged data of every ConfigMap the server container takes its environment from."""
+    names = {
+        ref["configMapRef"]["name"]
+        for ref in server_container(deployment).get("envFrom", [])
+        if "configMapRef" in ref
+    }
+    data: dict[str, str] = {}
+    for cm in of_kind(docs, "ConfigMap"):
+        if cm["metadata"]["name"] in names:
+            data.update(cm.get("data", {}))
+    return data
+
+
+def prestop_sleep_seconds(container: Manifest) -> int:
+    """Seconds the preStop hook waits: `sleep N` exec, or the native sleep action."""
+    hook = container.get("lifecycle", {}).get("preStop", {})
+    if "sleep" in hook:
+        return int(hook["sleep"]["seconds"])
+    command = hook.get("exec", {}).get("command", [])
+    if len(command) == 2 and command[0].endswith("sleep"):
+        return int(command[1])
+    return 0
+
+
+def drain_budget(docs: list[Manifest]) -> tuple[int, float, int]:
+    """(preStop sleep, FLORA_SHUTDOWN_TIMEOUT, terminationGracePeriodSeconds) of the server.
+
+    Kubernetes runs preStop, then sends SIGTERM, then SIGKILL when the grace period ends,
+    counted from the start of preStop: the drain is cut short unless
+    grace > preStop + shutdown_timeout.
+    """
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    drain = float(config_data(docs, deployment).get("FLORA_SHUTDOWN_TIMEOUT", "30"))
+    return (
+        prestop_sleep_seconds(server_container(deployment)),
+        drain,
+        int(pod.get("terminationGracePeriodSeconds", 30)),
+    )
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _probe_problems(container: Manifest, port_names: set[str]) -> Iterator[str]:
+    expected = {"startupProbe": "/ready", "readinessProbe": "/ready", "livenessProbe": "/health"}
+    for probe, path in expected.items():
+        get = container.get(probe, {}).get("httpGet", {})
+        if get.get("path") != path:
+            yield f"{probe} must GET {path}, has {get.get('path')!r}"
+        if get.get("port") not in port_names:
+            yield f"{probe} port {get.get('port')!r} is not a named container port"
+
+
+def _security_problems(pod: Manifest, container: Manifest, uid: int | None) -> Iterator[str]:
+    psc, csc = pod.get("securityContext", {}), container.get("securityContext", {})
+    if psc.get("runAsNonRoot") is not True:
+        yield "pod securityContext.runAsNonRoot must be true"
+    if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        yield "pod seccompProfile must be RuntimeDefault"
+    if uid is not None and psc.get("runAsUser") != uid:
+        yield f"runAsUser {psc.get('runAsUser')} != the image's uid {uid}"
+    if csc.get("readOnlyRootFilesystem") is not True:
+        yield "container readOnlyRootFilesystem must be true"
+    if csc.get("allowPrivilegeEscalation") is not False:
+        yield "container allowPrivilegeEscalation must be false"
+    if csc.get("capabilities", {}).get("drop") != ["ALL"]:
+        yield "container must drop ALL capabilities"
+
+
+def _volume_problems(docs: list[Manifest], pod: Manifest, container: Manifest) -> Iterator[str]:
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    for path, name in mounts.items():
+        if name not in volumes:
+            yield f"volumeMount {path} names missing volume {name!r}"
+    if "emptyDir" not in volumes.get(mounts.get("/tmp", ""), {}):
+        yield "/tmp must be an emptyDir (read-only root filesystem)"
+    env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+    for var in ("HF_HOME", "XDG_CACHE_HOME"):
+        home = env.get(var, "")
+        if not any(home.startswith(p) and "emptyDir" in volumes[n] for p, n in mounts.items()):
+            yield f"{var}={home!r} is not on an emptyDir volume"
+    claims = {p.get("metadata", {}).get("name"): p for p in of_kind(docs, "PersistentVolumeClaim")}
+    for volume in volumes.values():
+        claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+        if claim is not None and claim not in claims:
+            yield f"volume {volume['name']!r} claims missing PVC {claim!r}"
+
+
+def _store_problems(docs: list[Manifest], deployment: Manifest) -> Iterator[str]:
+    store = config_data(docs, deployment).get("FLORA_ADAPTER_STORE", "")
+    container = server_container(deployment)
+    pod = deployment["spec"]["template"]["spec"]
+    if store.startswith("s3://"):
+        if of_kind(docs, "PersistentVolumeClaim"):
+            yield "S3 store configured but a PVC is still rendered"
+        return
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mount = next((m for m in container.get("volumeMounts", []) if m["mountPath"] == store), None)
+    claim_name = (
+        volumes.get(mount["name"], {}).get("persistentVolumeClaim", {}).get("claimName")
+        if mount
+        else None
+    )
+    if claim_name is None:
+        yield f"FLORA_ADAPTER_STORE={store!r} is not a PVC mount"
+        return
+    claim = next(
+        c for c in of_kind(docs, "PersistentVolumeClaim") if c["metadata"]["name"] == claim_name
+    )
+    shared = "ReadWriteMany" in claim["spec"].get("accessModes", [])
+    if not shared and deployment["spec"].get("replicas") != 1:
+        yield "a ReadWriteOnce adapter store needs exactly one replica"
+
+
+def _autoscaling_problems(docs: list[Manifest], deployment: Manifest) -> Iterator[str]:
+    name = deployment["metadata"]["name"]
+    hpas, scaled = of_kind(docs, "HorizontalPodAutoscaler"), of_kind(docs, "ScaledObject")
+    if len(hpas) + len(scaled) > 1:
+        yield "more than one autoscaler targets the Deployment"
+    for hpa in hpas:
+        if hpa["spec"]["scaleTargetRef"]["name"] != name:
+            yield "HPA does not target the Deployment"
+        metrics = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if "pods" in m]
+        if metrics != [QUEUE_METRIC]:
+            yield f"HPA must scale on {QUEUE_METRIC}, uses {metrics}"
+    for obj in scaled:
+        if obj["spec"]["scaleTargetRef"]["name"] != name:
+            yield "ScaledObject does not target the Deployment"
+        if not any(QUEUE_METRIC in t["metadata"]["query"] for t in obj["spec"]["triggers"]):
+            yield f"ScaledObject must query {QUEUE_METRIC}"
+    strategy = deployment["spec"].get("strategy", {})
+    if strategy.get("type") == "Recreate":
+        if hpas or scaled or deployment["spec"].get("replicas") != 1:
+            yield "Recreate is only for the single-replica local overlay"
+    elif strategy.get("rollingUpdate", {}).get("maxUnavailable") != 0:
+        yield "rollingUpdate.maxUnavailable must be 0 (no capacity dropped on upgrade)"
+
+
+def _selector_problems(docs: list[Manifest], deployment: Manifest) -> Iterator[str]:
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    container = server_container(deployment)
+    port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
+    services = of_kind(docs, "Service")
+    for svc in services:
+        if not _selects(svc["spec"]["selector"], labels):
+            yield f"Service {svc['metadata']['name']} does not select the pods"
+        for port in svc["spec"]["ports"]:
+            if port["targetPort"] not in port_names:
+                yield f"Service port {port['name']} targets unknown port {port['targetPort']}"
+    for pdb in of_kind(docs, "PodDisruptionBudget"):
+        if not _selects(pdb["spec"]["selector"]["matchLabels"], labels):
+            yield "PodDisruptionBudget does not select the pods"
+    for policy in of_kind(docs, "NetworkPolicy"):
+        if not _selects(policy["spec"]["podSelector"]["matchLabels"], labels):
+            yield "NetworkPolicy does not select the pods"
+        allowed = {p["port"] for rule in policy["spec"].get("ingress", []) for p in rule["ports"]}
+        if not set(port_names.values()) <= allowed:
+            yield "NetworkPolicy blocks the serving port"
+    service_ports = {p["name"] for svc in services for p in svc["spec"]["ports"]}
+    service_labels = [svc["metadata"].get("labels", {}) for svc in services]
+    for monitor in of_kind(docs, "ServiceMonitor"):
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        if not any(_selects(selector, lab) for lab in service_labels):
+            yield "ServiceMonitor selects no Service"
+        for endpoint in monitor["spec"]["endpoints"]:
+            if endpoint["port"] not in service_ports or endpoint.get("path") != "/metrics":
+                yield "ServiceMonitor must scrape /metrics on a named Service port"
+
+
+def _reference_problems(docs: list[Manifest], deployment: Manifest) -> Iterator[str]:
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for ref in server_container(deployment).get("envFrom", []):
+        for key, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+            if key in ref and (kind, ref[key]["name"]) not in names:
+                yield f"envFrom {kind} {ref[key]['name']!r} is not rendered"
+    for doc in docs:
+        ns = doc["metadata"].get("namespace")
+        if doc["kind"] != "Namespace" and ns != NAMESPACE:
+            yield f"{doc['kind']}/{doc['metadata']['name']} is in namespace {ns!r}"
+
+
+def _secret_problems(docs: list[Manifest]) -> Iterator[str]:
+    for secret in of_kind(docs, "Secret"):
+        values = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+        values.update(secret.get("stringData", {}))
+        for key, value in values.items():
+            if not all(part.startswith(PLACEHOLDER_PREFIX) for part in value.split(",")):
+                yield f"Secret {secret['metadata']['name']} key {key} is not a placeholder"
+
+
+def _gpu_problems(docs: list[Manifest], deployment: Manifest) -> Iterator[str]:
+    pod = deployment["spec"]["template"]["spec"]
+    limits = server_container(deployment).get("resources", {}).get("limits", {})
+    wants_gpu = config_data(docs, deployment).get("FLORA_DEVICE", "cpu").startswith("cuda")
+    has_gpu = "nvidia.com/gpu" in limits
+    if wants_gpu != has_gpu:
+        yield f"FLORA_DEVICE and the nvidia.com/gpu limit disagree (gpu limit: {has_gpu})"
+    if has_gpu:
+        keys = {t.get("key") for t in pod.get("tolerations", [])}
+        if "nvidia.com/gpu" not in keys or not pod.get("nodeSelector"):
+            yield "a GPU pod needs the nvidia.com/gpu toleration and a GPU node selector"
+
+
+def overlay_problems(docs: list[Manifest], image_uid: int | None = None) -> list[str]:
+    """Every invariant violation of one rendered overlay (the serving Deployment and friends)."""
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = server_container(deployment)
+    problems: list[str] = []
+    port_names = {p["name"] for p in container.get("ports", [])}
+    problems += _probe_problems(container, port_names)
+    problems += _security_problems(pod, container, image_uid)
+    problems += _volume_problems(docs, pod, container)
+    problems += _store_problems(docs, deployment)
+    problems += _autoscaling_problems(docs, deployment)
+    problems += _selector_problems(docs, deployment)
+    problems += _reference_problems(docs, deployment)
+    problems += _secret_problems(docs)
+    problems += _gpu_problems(docs, deployment)
+    for kind in ("requests", "limits"):
+        got = container.get("resources", {}).get(kind, {})
+        if not {"cpu", "memory"} <= set(got):
+            problems.append(f"resources.{kind} must set cpu and memory")
+    prestop, drain, grace = drain_budget(docs)
+    if not grace > prestop + drain:
+        problems.append(
+            f"terminationGracePeriodSeconds {grace} must exceed preStop {prestop} s "
+            f"+ FLORA_SHUTDOWN_TIMEOUT {drain} s"
+        )
+    container_port = str(container["ports"][0]["containerPort"])
+    if config_data(docs, deployment).get("FLORA_PORT") != container_port:
+        problems.append("FLORA_PORT differs from the container port")
+    return problems
+
+
+def adapter_rule_problems(config_yaml: dict[str, Any], helm_values: dict[str, Any]) -> list[str]:
+    """The prometheus-adapter rule must publish QUEUE_METRIC, identically in both forms."""
+    rules = config_yaml.get("rules", [])
+    problems = []
+    if rules != helm_values.get("rules", {}).get("custom"):
+        problems.append("prometheus-adapter ConfigMap and Helm values hold different rules")
+    if [r.get("name", {}).get("as") for r in rules] != [QUEUE_METRIC]:
+        problems.append(f"prometheus-adapter must publish exactly {QUEUE_METRIC}")
+    return problems
