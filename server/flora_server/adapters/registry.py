@@ -1,0 +1,302 @@
+"""The adapter registry: validated uploads into the store, validated loads out of it.
+
+The registry is the engine's `AdapterSource` and the adapter API's back end. It never
+touches the model: validation is a callable built once the base is loaded (see
+`flora_server.main`), which reads an adapter file and checks it against the base's module
+table and fingerprint.
+
+Uploads come in two forms and are stored in one, the single-file form: a safetensors file
+whose `__metadata__["adapter_config"]` holds the config JSON. A two-file upload (config +
+weights) is packed into that form by rewriting only the safetensors header; tensor bytes
+are copied as they are, so the same two files always give the same stored bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from flora_server.adapters.store import (
+    AdapterStore,
+    DigestMismatchError,
+    StoredAdapter,
+    StoredAdapterMissingError,
+)
+from flora_server.engine.protocol import AdapterLoadError, AdapterNotFoundError
+
+if TYPE_CHECKING:
+    from flora.adapter import Adapter
+
+logger = logging.getLogger(__name__)
+
+# A safetensors header is JSON describing tensors; ours is ~100 bytes per tensor. The cap
+# keeps a hostile length field from making us allocate gigabytes before parsing.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+CONFIG_KEY = "adapter_config"
+
+AdapterValidator = Callable[[Path], "Adapter"]
+"""Reads the single-file adapter at a path and validates it against the loaded base;
+raises `AdapterValidationError` when it does not fit."""
+
+
+class AdapterValidationError(Exception):
+    """The adapter is malformed or does not fit the loaded base."""
+
+
+class AdapterConflictError(Exception):
+    def __init__(self, adapter_id: str) -> None:
+        super().__init__(
+            f"adapter {adapter_id!r} exists with different bytes; use ?overwrite=true to replace"
+        )
+        self.adapter_id = adapter_id
+
+
+class UploadDigestError(Exception):
+    """The client's `sha256` field does not match what it sent."""
+
+
+@dataclass(frozen=True)
+class StagedUpload:
+    """Upload parts already written to local temp files (with their sha256)."""
+
+    archive: Path | None = None
+    archive_sha256: str | None = None
+    config: Path | None = None
+    weights: Path | None = None
+    weights_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class PutResult:
+    stored: StoredAdapter
+    status: Literal["created", "unchanged", "replaced"]
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Return (header dict, offset where tensor data starts), with the header length capped."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise AdapterValidationError("not a safetensors file: shorter than 8 bytes")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES:
+            raise AdapterValidationError(f"safetensors header of {length} bytes is too large")
+        raw = f.read(length)
+    if len(raw) != length:
+        raise AdapterValidationError("not a safetensors file: truncated header")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterValidationError(f"safetensors header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise AdapterValidationError("safetensors header is not a JSON object")
+    return header, 8 + length
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    """The config JSON embedded in a single-file adapter."""
+    header, _ = read_safetensors_header(path)
+    meta = header.get("__metadata__") or {}
+    text = meta.get(CONFIG_KEY) if isinstance(meta, dict) else None
+    if not isinstance(text, str):
+        raise AdapterValidationError(f"no __metadata__[{CONFIG_KEY!r}] in the adapter file")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AdapterValidationError(f"adapter_config is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterValidationError("adapter_config is not a JSON object")
+    return config
+
+
+def pack_single_file(config_path: Path, weights_path: Path, out_path: Path) -> str:
+    """Write the single-file form of (adapter_config.json, adapter.safetensors) to `out_path`.
+
+    The config JSON is canonicalised (sorted keys, no spaces) and put in the weights header's
+    `__metadata__`; the header is padded with spaces to 8 bytes as safetensors does; tensor
+    bytes are copied unchanged (their offsets are relative to the data start). Returns the
+    sha256 of what was written.
+    """
+    try:
+        config = json.loads(config_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterValidationError(f"config: not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterValidationError("config: must be a JSON object")
+    header, data_start = read_safetensors_header(weights_path)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise AdapterValidationError("weights: __metadata__ must be an object")
+    meta = {str(k): str(v) for k, v in meta.items()}
+    meta[CONFIG_KEY] = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    header = {"__metadata__": meta, **{k: v for k, v in header.items() if k != "__metadata__"}}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    h = hashlib.sha256()
+    with out_path.open("wb") as out, weights_path.open("rb") as src:
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            h.update(chunk)
+            out.write(chunk)
+        src.seek(data_start)
+        while chunk := src.read(1024 * 1024):
+            h.update(chunk)
+            out.write(chunk)
+    return h.hexdigest()
+
+
+class AdapterRegistry:
+    """Adapters by id: validated uploads, listing, deletion, and `AdapterSource.load`."""
+
+    def __init__(self, store: AdapterStore, staging_dir: Path) -> None:
+        self.store = store
+        self.staging_dir = staging_dir
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        self._validator: AdapterValidator | None = None
+        # One lock for writes and digest-checked reads: a load never sees the data file and
+        # its digest out of step. Adapters are small; contention is not a concern.
+        self._lock = threading.RLock()
+        self._requests: Counter[str] = Counter()
+        self._loads: Counter[str] = Counter()
+
+    # -- set up -----------------------------------------------------------------------
+    def set_validator(self, validator: AdapterValidator) -> None:
+        """Install the validator once the base model is known."""
+        self._validator = validator
+
+    @property
+    def can_validate(self) -> bool:
+        return self._validator is not None
+
+    def _validate(self, path: Path) -> Adapter:
+        if self._validator is None:
+            raise RuntimeError("no validator: the base model is not loaded yet")
+        return self._validator(path)
+
+    # -- AdapterSource ------------------------------------------------------------------
+    def exists(self, adapter_id: str) -> bool:
+        return self.store.exists(adapter_id)
+
+    def load(self, adapter_id: str) -> Adapter:
+        """Read, digest-check and validate the stored adapter (engine loader thread)."""
+        with self._lock:
+            try:
+                with self.store.local_path(adapter_id) as path:
+                    adapter = self._validate(path)
+            except StoredAdapterMissingError:
+                raise AdapterNotFoundError(adapter_id) from None
+            except (DigestMismatchError, AdapterValidationError) as exc:
+                raise AdapterLoadError(f"adapter {adapter_id!r}: {exc}") from exc
+        self._loads[adapter_id] += 1
+        return adapter
+
+    # -- uploads ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staging_file(self, name: str) -> Iterator[Path]:
+        """A temp file path in the staging directory, removed on exit."""
+        fd, tmp = tempfile.mkstemp(prefix=f".up-{name}-", dir=self.staging_dir)
+        os.close(fd)
+        path = Path(tmp)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def put(
+        self,
+        adapter_id: str,
+        upload: StagedUpload,
+        *,
+        overwrite: bool = False,
+        expected_sha256: str | None = None,
+    ) -> PutResult:
+        """Validate and store an upload. Nothing is stored unless every check passes.
+
+        `expected_sha256` is checked against the archive (single-file form) or against the
+        weights file (two-file form), i.e. the bytes the client hashed.
+        """
+        with contextlib.ExitStack() as stack:
+            if upload.archive is not None:
+                path, digest = upload.archive, upload.archive_sha256 or ""
+                client_digest_of = digest
+            elif upload.config is not None and upload.weights is not None:
+                path = stack.enter_context(self.staging_file("packed"))
+                client_digest_of = upload.weights_sha256 or ""
+                digest = pack_single_file(upload.config, upload.weights, path)
+            else:
+                raise AdapterValidationError("send either `archive` or both `config` and `weights`")
+            if expected_sha256 is not None and expected_sha256.lower() != client_digest_of:
+                raise UploadDigestError(
+                    f"sha256 mismatch: the field says {expected_sha256}, "
+                    f"the bytes hash to {client_digest_of}"
+                )
+            self._validate(path)
+            with self._lock:
+                if self.store.exists(adapter_id):
+                    if self.store.digest(adapter_id) == digest:
+                        return PutResult(self.store.stat(adapter_id), "unchanged")
+                    if not overwrite:
+                        raise AdapterConflictError(adapter_id)
+                    status: Literal["created", "replaced"] = "replaced"
+                else:
+                    status = "created"
+                with path.open("rb") as f:
+                    stored = self.store.put(adapter_id, f, sha256=digest)
+        logger.info("adapter %s %s (sha256 %s)", adapter_id, status, digest)
+        return PutResult(stored, status)
+
+    def register_directory(self, adapter_id: str, directory: Path) -> PutResult:
+        """Store an adapter from a local directory (`--adapter`), replacing a different one."""
+        weights = directory / "adapter.safetensors"
+        config = directory / "adapter_config.json"
+        if directory.is_file():
+            upload = StagedUpload(archive=directory, archive_sha256=_sha256(directory))
+        elif weights.is_file() and config.is_file():
+            upload = StagedUpload(config=config, weights=weights)
+        else:
+            raise AdapterValidationError(
+                f"{directory}: expected adapter_config.json and adapter.safetensors"
+            )
+        return self.put(adapter_id, upload, overwrite=True)
+
+    # -- reads --------------------------------------------------------------------------
+    def delete(self, adapter_id: str) -> bool:
+        with self._lock:
+            return self.store.delete(adapter_id)
+
+    def list_ids(self) -> list[str]:
+        return self.store.list()
+
+    def stat(self, adapter_id: str) -> StoredAdapter:
+        return self.store.stat(adapter_id)
+
+    def config(self, adapter_id: str) -> dict[str, Any]:
+        with self.store.local_path(adapter_id) as path:
+            return read_adapter_config(path)
+
+    def count_request(self, adapter_id: str) -> None:
+        self._requests[adapter_id] += 1
+
+    def request_count(self, adapter_id: str) -> int:
+        return self._requests[adapter_id]
+
+    def load_count(self, adapter_id: str) -> int:
+        return self._loads[adapter_id]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()

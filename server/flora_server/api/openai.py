@@ -1,0 +1,386 @@
+"""OpenAI shape: `/v1/completions`, `/v1/chat/completions` (with SSE streaming), `/v1/models`.
+
+`model` names an adapter id, or the base model's name for no adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from flora_server.api import sampling
+from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
+from flora_server.api.deps import require_inference_key as _auth
+from flora_server.engine.protocol import (
+    FinishEvent,
+    FinishReason,
+    GenerationEngine,
+    GenerationRequest,
+    TokenEvent,
+)
+from flora_server.errors import invalid_field
+from flora_server.schemas.common import ERROR_RESPONSES
+from flora_server.schemas.openai import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from flora_server.schemas.openai import _SamplingFields as SamplingFields
+
+logger = logging.getLogger(__name__)
+router = APIRouter(
+    prefix="/v1", tags=["openai"], dependencies=[Depends(_auth)], responses=ERROR_RESPONSES
+)
+
+
+def _reason(reason: FinishReason) -> str:
+    return "length" if reason in ("length", "deadline") else "stop"
+
+
+def _adapter_for(model: str, engine: GenerationEngine) -> str | None:
+    return None if model == engine.model_name else model
+
+
+def _check_common(body: SamplingFields) -> None:
+    if body.n != 1:
+        raise invalid_field("n", "only n=1 is supported")
+    if body.presence_penalty:
+        raise invalid_field("presence_penalty", "is not supported (use repetition_penalty)")
+    if body.frequency_penalty:
+        raise invalid_field("frequency_penalty", "is not supported (use repetition_penalty)")
+    if body.logit_bias:
+        raise invalid_field("logit_bias", "is not supported")
+
+
+def _decoding(body: SamplingFields, max_tokens: int | None, logprobs: bool) -> sampling.Decoding:
+    # OpenAI semantics: temperature defaults to 1 (sampling); 0 means greedy.
+    temperature = 1.0 if body.temperature is None else body.temperature
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return sampling.Decoding(
+        max_new_tokens=max_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        seed=body.seed,
+        stop=stop,
+        logprobs=logprobs,
+    )
+
+
+async def _request(
+    *,
+    body: SamplingFields,
+    prompt_ids: list[int],
+    decoding: sampling.Decoding,
+    engine: GenerationEngine,
+    settings: SettingsDep,
+    registry: RegistryDep,
+    names: sampling.FieldNames,
+    prefix: str,
+) -> GenerationRequest:
+    adapter_id = _adapter_for(body.model, engine)
+    await sampling.check_adapter(registry, adapter_id, "model")
+    return sampling.build_request(
+        prompt_ids=prompt_ids,
+        adapter_id=adapter_id,
+        decoding=decoding,
+        settings=settings,
+        context_length=engine.context_length,
+        names=names,
+        request_id=sampling.new_request_id(prefix),
+    )
+
+
+def _usage(finish: FinishEvent) -> Usage:
+    return Usage(
+        prompt_tokens=finish.prompt_tokens,
+        completion_tokens=finish.generated_tokens,
+        total_tokens=finish.prompt_tokens + finish.generated_tokens,
+    )
+
+
+def _stream(
+    first: Any,
+    stream: AsyncIterator[Any],
+    request: GenerationRequest,
+    chunk: Callable[[TokenEvent | None, FinishEvent | None], dict[str, Any] | None],
+    usage_chunk: Callable[[FinishEvent], dict[str, Any]] | None,
+) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        event = first
+        try:
+            opening = chunk(None, None)
+            if opening is not None:
+                yield sampling.sse(opening)
+            while True:
+                if isinstance(event, FinishEvent):
+                    yield sampling.sse(chunk(None, event))
+                    if usage_chunk is not None:
+                        yield sampling.sse(usage_chunk(event))
+                    yield sampling.sse("[DONE]")
+                    return
+                if event.text:
+                    yield sampling.sse(chunk(event, None))
+                event = await anext(stream)
+        except Exception as exc:
+            logger.warning("stream %s failed: %s", request.request_id, exc)
+            yield sampling.sse_error(exc)
+        finally:
+            await stream.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+@router.post("/completions", response_model=CompletionResponse, summary="Text completion")
+async def completions(
+    body: CompletionRequest,
+    engine: EngineDep,
+    settings: SettingsDep,
+    registry: RegistryDep,
+    metrics: MetricsDep,
+) -> Any:
+    _check_common(body)
+    if body.echo:
+        raise invalid_field("echo", "is not supported")
+    if body.suffix:
+        raise invalid_field("suffix", "is not supported")
+    if body.best_of not in (None, 1):
+        raise invalid_field("best_of", "only best_of=1 is supported")
+    if body.logprobs is not None and body.logprobs > 1:
+        raise invalid_field("logprobs", "at most 1 (the sampled token's logprob) is supported")
+    if isinstance(body.prompt, str):
+        prompt_ids = await engine.tokenize(body.prompt)
+    elif body.prompt and all(isinstance(p, str) for p in body.prompt):
+        if len(body.prompt) != 1:
+            raise invalid_field("prompt", "only one prompt per request is supported")
+        prompt_ids = await engine.tokenize(str(body.prompt[0]))
+    else:
+        prompt_ids = [int(t) for t in body.prompt]
+    want_logprobs = body.logprobs is not None
+    request = await _request(
+        body=body,
+        prompt_ids=prompt_ids,
+        decoding=_decoding(body, body.max_tokens, want_logprobs),
+        engine=engine,
+        settings=settings,
+        registry=registry,
+        names=sampling.FieldNames("prompt", "max_tokens", "stop"),
+        prefix="cmpl",
+    )
+    created = int(time.time())
+
+    def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": request.request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": choices,
+        }
+
+    if body.stream:
+        first, stream = await sampling.open_stream(engine, request, metrics)
+
+        def chunk(tok: TokenEvent | None, fin: FinishEvent | None) -> dict[str, Any] | None:
+            if tok is None and fin is None:
+                return None
+            choice: dict[str, Any] = {
+                "index": 0,
+                "text": tok.text if tok else "",
+                "finish_reason": _reason(fin.reason) if fin else None,
+                "logprobs": None,
+            }
+            if tok is not None and want_logprobs:
+                choice["logprobs"] = {
+                    "tokens": [tok.text],
+                    "token_logprobs": [tok.logprob],
+                    "top_logprobs": [{tok.text: tok.logprob}] if tok.logprob is not None else None,
+                    "text_offset": [0],
+                }
+            return base([choice])
+
+        usage = None
+        if body.stream_options and body.stream_options.include_usage:
+            usage = lambda fin: {**base([]), "usage": _usage(fin).model_dump()}  # noqa: E731
+        return _stream(first, stream, request, chunk, usage)
+
+    out = await sampling.collect(engine, request, metrics)
+    assert out.finish is not None
+    logprobs = None
+    if want_logprobs:
+        offsets, pos = [], 0
+        for t in out.tokens:
+            offsets.append(pos)
+            pos += len(t.text)
+        logprobs = CompletionLogprobs(
+            tokens=[t.text for t in out.tokens],
+            token_logprobs=[t.logprob for t in out.tokens],
+            top_logprobs=[{t.text: t.logprob} for t in out.tokens if t.logprob is not None]
+            if body.logprobs
+            else None,
+            text_offset=offsets,
+        )
+    return CompletionResponse(
+        id=request.request_id,
+        created=created,
+        model=body.model,
+        choices=[
+            CompletionChoice(
+                text=out.finish.generated_text,
+                finish_reason=_reason(out.finish.reason),  # type: ignore[arg-type]
+                logprobs=logprobs,
+            )
+        ],
+        usage=_usage(out.finish),
+    )
+
+
+def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
+    out = []
+    for i, m in enumerate(body.messages):
+        if isinstance(m.content, list):
+            if any(p.type != "text" for p in m.content):
+                raise invalid_field(
+                    f"messages.{i}.content", "only text content parts are supported"
+                )
+            text = "".join(p.text or "" for p in m.content)
+        else:
+            text = m.content or ""
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": text})
+    return out
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion")
+async def chat_completions(
+    body: ChatCompletionRequest,
+    engine: EngineDep,
+    settings: SettingsDep,
+    registry: RegistryDep,
+    metrics: MetricsDep,
+) -> Any:
+    _check_common(body)
+    if body.tools:
+        raise invalid_field("tools", "tool calls are not supported")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise invalid_field("response_format", "only text is supported")
+    if body.top_logprobs:
+        raise invalid_field("top_logprobs", "only 0 is supported (the sampled token's logprob)")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise invalid_field("top_logprobs", "needs logprobs=true")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    max_name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    prompt = await engine.render_chat(_messages(body))
+    prompt_ids = await engine.tokenize(prompt)
+    request = await _request(
+        body=body,
+        prompt_ids=prompt_ids,
+        decoding=_decoding(body, max_tokens, body.logprobs),
+        engine=engine,
+        settings=settings,
+        registry=registry,
+        names=sampling.FieldNames("messages", max_name, "stop"),
+        prefix="chatcmpl",
+    )
+    created = int(time.time())
+
+    def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": request.request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.model,
+            "choices": choices,
+        }
+
+    def token_logprob(t: TokenEvent) -> ChatTokenLogprob:
+        return ChatTokenLogprob(token=t.text, logprob=t.logprob or 0.0, bytes=list(t.text.encode()))
+
+    if body.stream:
+        first, stream = await sampling.open_stream(engine, request, metrics)
+
+        def chunk(tok: TokenEvent | None, fin: FinishEvent | None) -> dict[str, Any] | None:
+            if tok is None and fin is None:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""}
+                return base([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}])
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": {"content": tok.text} if tok else {},
+                "finish_reason": _reason(fin.reason) if fin else None,
+                "logprobs": None,
+            }
+            if tok is not None and body.logprobs:
+                choice["logprobs"] = {"content": [token_logprob(tok).model_dump()]}
+            return base([choice])
+
+        usage = None
+        if body.stream_options and body.stream_options.include_usage:
+            usage = lambda fin: {**base([]), "usage": _usage(fin).model_dump()}  # noqa: E731
+        return _stream(first, stream, request, chunk, usage)
+
+    out = await sampling.collect(engine, request, metrics)
+    assert out.finish is not None
+    return ChatCompletionResponse(
+        id=request.request_id,
+        created=created,
+        model=body.model,
+        choices=[
+            ChatChoice(
+                message=ChatMessageOut(content=out.finish.generated_text),
+                finish_reason=_reason(out.finish.reason),  # type: ignore[arg-type]
+                logprobs=ChatLogprobs(content=[token_logprob(t) for t in out.tokens])
+                if body.logprobs
+                else None,
+            )
+        ],
+        usage=_usage(out.finish),
+    )
+
+
+@router.get("/models", response_model=ModelList, summary="The base model and every adapter")
+async def models(engine: EngineDep, registry: RegistryDep) -> ModelList:
+    ids = await asyncio.to_thread(registry.list_ids)
+    stats = engine.stats()
+    loaded = set(stats.loaded_adapters) | set(stats.running_adapters)
+    now = int(time.time())
+    cards = [
+        ModelCard(
+            id=engine.model_name,
+            created=now,
+            root=engine.model_name,
+            status="loaded",
+            loaded=True,
+            max_model_len=engine.context_length,
+        )
+    ]
+    for adapter_id in ids:
+        cards.append(
+            ModelCard(
+                id=adapter_id,
+                created=now,
+                root=engine.model_name,
+                parent=engine.model_name,
+                status="loaded" if adapter_id in loaded else "stored",
+                loaded=adapter_id in loaded,
+                max_model_len=engine.context_length,
+            )
+        )
+    return ModelList(data=cards)

@@ -1,0 +1,210 @@
+"""What every generation route shares: caps (422 naming the field), building the engine
+request, and iterating the engine's events with latency metrics and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from flora_server.adapters.registry import AdapterRegistry
+from flora_server.engine.protocol import (
+    EngineError,
+    FinishEvent,
+    GenerationEngine,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+from flora_server.errors import APIError, engine_error_to_api, error_body, invalid_field
+from flora_server.metrics import RequestTimer, ServerMetrics
+from flora_server.settings import Settings
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding knobs as the routes parsed them, before caps and defaults."""
+
+    max_new_tokens: int | None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """How this route names its fields in 422 messages."""
+
+    prompt: str = "inputs"
+    max_new_tokens: str = "parameters.max_new_tokens"
+    stop: str = "parameters.stop"
+
+
+@dataclass
+class Collected:
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finish: FinishEvent | None = None
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_stop(stop: Sequence[str], settings: Settings, param: str) -> tuple[str, ...]:
+    if len(stop) > settings.max_stop_sequences:
+        raise invalid_field(param, f"at most {settings.max_stop_sequences} stop sequences")
+    for s in stop:
+        if not s:
+            raise invalid_field(param, "stop sequences must not be empty")
+        if len(s) > settings.max_stop_length:
+            raise invalid_field(
+                param, f"stop sequences are at most {settings.max_stop_length} chars"
+            )
+    return tuple(stop)
+
+
+async def check_adapter(registry: AdapterRegistry, adapter_id: str | None, param: str) -> None:
+    """404 up front for an unknown adapter (the engine would also say so, later)."""
+    if adapter_id is None:
+        return
+    if not await asyncio.to_thread(registry.exists, adapter_id):
+        raise APIError(404, f"adapter {adapter_id!r} not found", param=param)
+    registry.count_request(adapter_id)
+
+
+def build_request(
+    *,
+    prompt_ids: list[int],
+    adapter_id: str | None,
+    decoding: Decoding,
+    settings: Settings,
+    context_length: int,
+    names: FieldNames,
+    request_id: str,
+) -> GenerationRequest:
+    """Apply the caps and defaults; the result is what the engine runs.
+
+    prompt + max_new_tokens must fit the context: an explicit max_new_tokens that does not
+    fit is a 422 naming it; the default shrinks to fit.
+    """
+    n_prompt = len(prompt_ids)
+    if n_prompt == 0:
+        raise invalid_field(names.prompt, "the prompt is empty")
+    if n_prompt >= context_length:
+        raise invalid_field(
+            names.prompt,
+            f"{n_prompt} prompt tokens leave no room in the context of {context_length}",
+        )
+    room = context_length - n_prompt
+    if decoding.max_new_tokens is None:
+        max_new = min(settings.default_max_new_tokens, room)
+    else:
+        max_new = decoding.max_new_tokens
+        if max_new > settings.max_new_tokens:
+            raise invalid_field(names.max_new_tokens, f"must be <= {settings.max_new_tokens}")
+        if max_new > room:
+            raise invalid_field(
+                names.max_new_tokens,
+                f"{n_prompt} prompt tokens + {max_new} new tokens exceed the context length "
+                f"{context_length}",
+            )
+    stop = check_stop(decoding.stop, settings, names.stop)
+    seed = decoding.seed
+    if decoding.do_sample and seed is None:
+        # Reported back in details so a sampled answer can be reproduced.
+        seed = secrets.randbits(31)
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        do_sample=decoding.do_sample,
+        temperature=decoding.temperature,
+        top_k=decoding.top_k,
+        top_p=decoding.top_p,
+        repetition_penalty=decoding.repetition_penalty,
+        seed=seed,
+        stop=stop,
+        logprobs=decoding.logprobs,
+    )
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_ids=prompt_ids,
+        params=params,
+        adapter_id=adapter_id,
+        deadline=time.monotonic() + settings.request_timeout,
+    )
+
+
+async def tokenize(engine: GenerationEngine, text: str) -> list[int]:
+    return await engine.tokenize(text)
+
+
+async def events(
+    engine: GenerationEngine, request: GenerationRequest, metrics: ServerMetrics
+) -> AsyncIterator[GenerationEvent]:
+    """The engine's events for `request`, timed. Closing this closes the engine's iterator,
+    which cancels the request (the client went away)."""
+    timer = RequestTimer(metrics, request.adapter_id)
+    stream = engine.generate(request)
+    try:
+        async for event in stream:
+            if isinstance(event, TokenEvent):
+                timer.token()
+            else:
+                timer.finish(event.reason, event.prompt_tokens, event.generated_tokens)
+            yield event
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def collect(
+    engine: GenerationEngine, request: GenerationRequest, metrics: ServerMetrics
+) -> Collected:
+    out = Collected()
+    async for event in events(engine, request, metrics):
+        if isinstance(event, TokenEvent):
+            out.tokens.append(event)
+        else:
+            out.finish = event
+    if out.finish is None:
+        raise APIError(
+            500, "the engine ended the request without finishing it", type="server_error"
+        )
+    return out
+
+
+async def open_stream(
+    engine: GenerationEngine, request: GenerationRequest, metrics: ServerMetrics
+) -> tuple[GenerationEvent, AsyncIterator[GenerationEvent]]:
+    """Start generating and wait for the first event, so that errors (unknown adapter, full
+    queue) become a status code instead of an error inside a 200 stream."""
+    stream = events(engine, request, metrics)
+    try:
+        first = await anext(stream)
+    except BaseException:
+        await stream.aclose()
+        raise
+    return first, stream
+
+
+def sse(data: object) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def sse_error(exc: Exception) -> bytes:
+    """An error after the stream began: the status is already 200, so say it in an event."""
+    err = engine_error_to_api(exc) if isinstance(exc, EngineError) else exc
+    if isinstance(err, APIError):
+        return sse(error_body(err.type, err.message))
+    return sse(error_body("server_error", "internal server error"))

@@ -1,0 +1,238 @@
+"""The app factory. `create_app(settings)` builds a FastAPI app; nothing is built at import.
+
+Start-up (lifespan): the store and registry are ready at once, so `/health` answers and
+uploads can be listed; the base model is loaded in a background thread (the engine factory),
+the engine started and warmed, `--adapter` directories registered and, with `--preload`,
+every stored adapter run once so it sits in the caches. `/ready` turns 200 after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+
+from flora_server.adapters.registry import (
+    AdapterRegistry,
+    AdapterValidationError,
+    AdapterValidator,
+)
+from flora_server.adapters.store import LocalAdapterStore
+from flora_server.api import adapters, generate, health, openai
+from flora_server.engine.protocol import GenerationEngine, GenerationRequest, SamplingParams
+from flora_server.errors import install_error_handlers
+from flora_server.metrics import ServerMetrics
+from flora_server.settings import Settings, parse_adapter_spec
+
+if TYPE_CHECKING:
+    from flora.adapter import Adapter
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[
+    [Settings, AdapterRegistry, ServerMetrics], tuple[GenerationEngine, AdapterValidator]
+]
+"""Loads the base (blocking; runs in a thread) and returns an unstarted engine plus the
+validator that checks adapter files against that base."""
+
+
+def build_llm_engine(
+    settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
+) -> tuple[GenerationEngine, AdapterValidator]:
+    """The real engine: `flora.models.load` + `LLMEngine` (the default factory)."""
+    import torch
+
+    from flora import models
+    from flora.fingerprint import describe_base
+    from flora_server.engine.worker import LLMEngine
+
+    device = settings.device
+    if settings.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = getattr(torch, settings.dtype)
+    loaded = models.load(settings.model, device=device, dtype=dtype, home=settings.home)
+    if loaded.kind != "causal-lm":
+        raise RuntimeError(
+            f"{settings.model} is a {loaded.kind} model; this server needs causal-lm"
+        )
+    # Computed once, before the engine can merge an adapter into the weights.
+    validator = BaseValidator(describe_base(loaded.model), loaded.fingerprint, loaded)
+    engine = LLMEngine(
+        loaded,
+        registry,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        max_slots=settings.max_slots,
+        host_cache_bytes=settings.host_cache_bytes,
+        max_new_tokens_cap=settings.max_new_tokens,
+        metrics=metrics,
+    )
+    return engine, validator
+
+
+class BaseValidator:
+    """Reads an adapter file with `flora.load_adapter` and checks it against the base's module
+    table and fingerprint (flora errors become `AdapterValidationError`)."""
+
+    def __init__(self, specs: dict[str, Any], fingerprint: str, loaded: Any) -> None:
+        self.specs = specs
+        self.fingerprint = fingerprint
+        self._loaded = loaded
+        self._partial: dict[tuple[str, ...], str] = {}
+
+    def _fingerprint_for(self, train_modules: list[str] | str) -> str:
+        # An adapter that retrains whole modules carries the fingerprint of the base minus
+        # those modules; compute it from the pristine weights file (never from the live
+        # model, whose weights may have an adapter merged in).
+        if not train_modules:
+            return self.fingerprint
+        key = (train_modules,) if isinstance(train_modules, str) else tuple(train_modules)
+        if key not in self._partial:
+            from safetensors.torch import load_file
+
+            from flora.adapter.io import trained_module_names
+            from flora.fingerprint import base_fingerprint
+
+            names = trained_module_names(self._loaded.model, train_modules)
+            prefixes = tuple(n + "." for n in names)
+            state = load_file(str(self._loaded.source_path))
+            self._partial[key] = base_fingerprint(
+                {k: v for k, v in state.items() if not k.startswith(prefixes)}
+            )
+        return self._partial[key]
+
+    def __call__(self, path: Path) -> Adapter:
+        from flora.adapter import load_adapter, validate_against
+        from flora.errors import AdapterError
+
+        try:
+            adapter = load_adapter(path)
+            validate_against(
+                adapter, self.specs, self._fingerprint_for(adapter.config.train_modules)
+            )
+        except AdapterError as exc:
+            raise AdapterValidationError(str(exc)) from exc
+        return adapter
+
+
+async def _start_engine(app: FastAPI, factory: EngineFactory) -> None:
+    state = app.state
+    settings: Settings = state.settings
+    try:
+        engine, validator = await asyncio.to_thread(
+            factory, settings, state.registry, state.metrics
+        )
+        state.registry.set_validator(validator)
+        for spec in settings.adapters:
+            adapter_id, directory = parse_adapter_spec(spec)
+            result = await asyncio.to_thread(
+                state.registry.register_directory, adapter_id, directory
+            )
+            logger.info("adapter %s from %s: %s", adapter_id, directory, result.status)
+        engine.start()
+        state.engine = engine
+        state.metrics.bind_engine_stats(engine.stats)
+        while not engine.ready:  # the worker warms up before it reports ready
+            if not engine.healthy:
+                raise RuntimeError("the engine stopped during warm-up")
+            await asyncio.sleep(0.05)
+        if settings.preload:
+            await _preload(engine, state.registry)
+        state.warmed = True
+        logger.info("ready: %s on %s", engine.model_name, settings.device)
+    except Exception as exc:
+        logger.exception("start-up failed")
+        state.startup_error = f"{type(exc).__name__}: {exc}"
+
+
+async def _preload(engine: GenerationEngine, registry: AdapterRegistry) -> None:
+    """One one-token request per stored adapter pulls it through the caches."""
+    ids = await asyncio.to_thread(registry.list_ids)
+    prompt = await engine.tokenize("Hello")
+    for adapter_id in ids[: engine.max_slots]:
+        request = GenerationRequest(
+            f"preload-{adapter_id}", prompt, SamplingParams(max_new_tokens=1), adapter_id
+        )
+        try:
+            async for _ in engine.generate(request):
+                pass
+        except Exception as exc:
+            logger.warning("preloading %s failed: %s", adapter_id, exc)
+
+
+def create_app(settings: Settings, *, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """Build the app for `settings`. `engine_factory` defaults to the real LLM engine; tests
+    pass a fake one."""
+    factory = engine_factory or build_llm_engine
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_start_engine(app, factory))
+        app.state.startup_task = task
+        try:
+            yield
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            engine: GenerationEngine | None = app.state.engine
+            if engine is not None:
+                await engine.shutdown(settings.shutdown_timeout)
+
+    app = FastAPI(
+        title="flora-serve",
+        version="0.1.0",
+        summary="Many FLoRA adapters on one base model: TGI/LoRAX and OpenAI shaped APIs.",
+        lifespan=lifespan,
+    )
+    store = LocalAdapterStore(settings.adapter_store_dir)
+    app.state.settings = settings
+    app.state.metrics = ServerMetrics(settings.metrics_top_adapters)
+    app.state.registry = AdapterRegistry(store, settings.home / "uploads")
+    app.state.engine = None
+    app.state.warmed = False
+    app.state.startup_error = None
+
+    install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    for module in (health, generate, openai, adapters):
+        app.include_router(module.router)
+    return app
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by route template and status (pure ASGI, so streaming and client
+    disconnects pass through untouched)."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        status = 500
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            # The route template, not the raw path: ids in paths must not become labels.
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.http_requests.labels(path, scope["method"], str(status)).inc()
+            self.metrics.http_latency.labels(path).observe(time.monotonic() - start)

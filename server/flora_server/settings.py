@@ -1,0 +1,141 @@
+"""Server settings: environment variables with the prefix `FLORA_`, each also a CLI flag.
+
+`Settings()` reads the environment; `flora_server.cli` overlays the flags given on the command
+line. Nothing here is instantiated at import time: `create_app(settings)` receives an instance.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Shared with the adapter store: ids become file names, so the pattern is strict.
+ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_ADAPTER_ID_RE = re.compile(ADAPTER_ID_PATTERN)
+_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
+
+
+def is_valid_adapter_id(adapter_id: str) -> bool:
+    """True when `adapter_id` matches the id pattern and contains no `..`."""
+    return bool(_ADAPTER_ID_RE.fullmatch(adapter_id)) and ".." not in adapter_id
+
+
+def _split_csv(value: object) -> object:
+    # Env vars hold lists as "a,b,c" (or JSON, which pydantic then parses).
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything `flora-serve` can be told. Env `FLORA_<NAME>`, flag `--<name-with-dashes>`."""
+
+    model_config = SettingsConfigDict(env_prefix="FLORA_", extra="ignore", validate_default=True)
+
+    model: str = Field("smollm2-135m-instruct", description="zoo name or model directory")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="weights dtype; auto = float32 on CPU, bfloat16 on CUDA"
+    )
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
+    home: Path = Field(
+        Path("~/.cache/flora"), description="FLORA_HOME: converted models, adapters, caches"
+    )
+    adapter_store: Path | None = Field(
+        None, description="adapter store directory (default: $FLORA_HOME/adapters)"
+    )
+    adapters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="adapter directories to register at start: DIR or NAME=DIR (repeatable)",
+    )
+    preload: bool = Field(False, description="load every stored adapter into the caches at start")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Bearer keys for inference routes (empty: open)"
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Bearer keys for /v1/adapters (also allow inference)"
+    )
+    metrics_public: bool = Field(True, description="serve /metrics without a key")
+    shutdown_timeout: float = Field(30.0, gt=0, description="seconds to drain on shutdown")
+    request_timeout: float = Field(300.0, gt=0, description="seconds before a request is dropped")
+    max_upload_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="largest adapter upload (body bytes)"
+    )
+    max_queue: int = Field(256, ge=1, description="waiting requests before 429")
+    max_batch_size: int = Field(32, ge=1, description="rows in the running batch")
+    max_slots: int = Field(8, ge=1, description="adapters resident on the device at once")
+    host_cache_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0, description="bytes of validated adapters kept in RAM"
+    )
+    max_new_tokens: int = Field(1024, ge=1, description="cap on tokens generated per request")
+    default_max_new_tokens: int = Field(
+        64, ge=1, description="max_new_tokens when /generate does not say"
+    )
+    max_stop_sequences: int = Field(8, ge=0, description="most stop sequences per request")
+    max_stop_length: int = Field(64, ge=1, description="longest stop sequence (characters)")
+    metrics_top_adapters: int = Field(
+        20, ge=0, description="adapters with their own metric label; the rest are `other`"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    @field_validator("adapters", "api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _lists_from_csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_RE.fullmatch(value):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, not {value!r}")
+        return value
+
+    @field_validator("home", "adapter_store")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapter_specs(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            adapter_id, _ = parse_adapter_spec(spec)
+            if not is_valid_adapter_id(adapter_id):
+                raise ValueError(f"adapter id {adapter_id!r} (from {spec!r}) is not a valid id")
+        return value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        if set(self.api_keys) & set(self.admin_keys):
+            raise ValueError("a key cannot be both an inference key and an admin key")
+        return self
+
+    @property
+    def adapter_store_dir(self) -> Path:
+        """The adapter store directory, defaulting to `$FLORA_HOME/adapters`."""
+        return self.adapter_store if self.adapter_store is not None else self.home / "adapters"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, Path]:
+    """`NAME=DIR` -> (NAME, DIR); `DIR` -> (directory name, DIR)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and not name.startswith(("/", ".", "~")):
+        return name, Path(path).expanduser()
+    directory = Path(spec).expanduser()
+    return directory.resolve().name, directory

@@ -1,0 +1,208 @@
+"""A fake `GenerationEngine` for API tests: deterministic, no torch.
+
+Tokens are the prompt's UTF-8 bytes. Generation echoes the prompt byte by byte; with an
+adapter every byte is shifted by `len(adapter_id)` (so two adapters give different text).
+Token i has logprob -(i + 1) / 10.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from flora_server.adapters.registry import (
+    AdapterRegistry,
+    AdapterValidationError,
+    read_adapter_config,
+)
+from flora_server.engine.protocol import (
+    AdapterNotFoundError,
+    EngineStats,
+    FinishEvent,
+    GenerationEvent,
+    GenerationRequest,
+    QueueFullError,
+    TokenEvent,
+)
+from flora_server.main import create_app
+from flora_server.metrics import ServerMetrics
+from flora_server.settings import Settings
+
+FAKE_FINGERPRINT = "sha256:fake-base"
+
+
+def expected_text(prompt: str, adapter_id: str | None, n: int) -> str:
+    """What the fake generates (independent of its implementation, for assertions)."""
+    shift = len(adapter_id) if adapter_id else 0
+    data = prompt.encode()
+    return "".join(chr((data[i % len(data)] + shift) % 128) for i in range(n))
+
+
+class FakeEngine:
+    kind = "causal-lm"
+
+    def __init__(self, source: AdapterRegistry, context_length: int = 64) -> None:
+        self.model_name = "fake-base"
+        self.context_length = context_length
+        self.max_slots = 4
+        self.source = source
+        self.requests: list[GenerationRequest] = []
+        self.invalidated: list[str] = []
+        self.queue_full = False
+        self.token_delay = 0.0
+        self.started = False
+        self.loaded: set[str] = set()
+        self.running: list[str] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.started
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    def start(self) -> None:
+        self.started = True
+
+    async def shutdown(self, timeout: float) -> None:
+        self.started = False
+
+    async def tokenize(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    async def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.running),
+            waiting=0,
+            running_adapters=tuple(self.running),
+            waiting_adapters=(),
+            max_slots=self.max_slots,
+            mode="idle",
+            loaded_adapters=tuple(sorted(self.loaded)),
+        )
+
+    def invalidate_adapter(self, adapter_id: str) -> None:
+        self.invalidated.append(adapter_id)
+        self.loaded.discard(adapter_id)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if self.queue_full:
+            raise QueueFullError(2.5)
+        self.requests.append(request)
+        return self._run(request)
+
+    async def _run(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        adapter = request.adapter_id
+        if adapter is not None:
+            if not self.source.exists(adapter):
+                raise AdapterNotFoundError(adapter)
+            self.source.load(adapter)
+            self.loaded.add(adapter)
+            self.running.append(adapter)
+        try:
+            shift = len(adapter) if adapter else 0
+            ids = request.prompt_ids
+            text = ""
+            reason = "length"
+            n = 0
+            for i in range(request.params.max_new_tokens):
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                tok = (ids[i % len(ids)] + shift) % 128
+                piece = chr(tok)
+                if any((text + piece).endswith(s) for s in request.params.stop):
+                    reason = "stop"
+                    break
+                text += piece
+                n += 1
+                logprob = -(i + 1) / 10 if request.params.logprobs else None
+                yield TokenEvent(tok, piece, logprob)
+            yield FinishEvent(reason, text, len(ids), n)
+        finally:
+            if adapter is not None:
+                self.running.remove(adapter)
+
+
+def fake_validator(path: Path) -> object:
+    config = read_adapter_config(path)
+    if config.get("base_model", {}).get("fingerprint") != FAKE_FINGERPRINT:
+        raise AdapterValidationError("fingerprint does not match the base")
+    return config
+
+
+def fake_factory(holder: dict[str, FakeEngine]):
+    def factory(settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics):
+        engine = FakeEngine(registry)
+        holder["engine"] = engine
+        return engine, fake_validator
+
+    return factory
+
+
+def make_weights(values: bytes = b"\x00" * 16, metadata: dict[str, str] | None = None) -> bytes:
+    """A minimal safetensors file with one F32 tensor of 4 elements."""
+    header: dict[str, object] = {
+        "flora.x.core": {
+            "dtype": "F32",
+            "shape": [len(values) // 4],
+            "data_offsets": [0, len(values)],
+        }
+    }
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + values
+
+
+def make_config(fingerprint: str = FAKE_FINGERPRINT, rank: int = 4) -> bytes:
+    return json.dumps(
+        {
+            "format_version": 1,
+            "method": "flora",
+            "config": {"rank": rank},
+            "base_model": {"id": "fake-base", "fingerprint": fingerprint},
+        }
+    ).encode()
+
+
+def make_archive(values: bytes = b"\x00" * 16, fingerprint: str = FAKE_FINGERPRINT) -> bytes:
+    return make_weights(values, {"adapter_config": make_config(fingerprint).decode()})
+
+
+@contextlib.contextmanager
+def running_app(tmp_path: Path, **overrides: object) -> Iterator[tuple[TestClient, FakeEngine]]:
+    """A started app on the fake engine, waited until /ready."""
+    settings = Settings(home=tmp_path / "home", **overrides)
+    holder: dict[str, FakeEngine] = {}
+    app = create_app(settings, engine_factory=fake_factory(holder))
+    with TestClient(app) as client:
+        for _ in range(200):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"not ready: {client.get('/ready').json()}")
+        yield client, holder["engine"]
+
+
+def sse_events(text: str) -> list[object]:
+    """Parse `data: ...` SSE events (JSON, or the literal [DONE])."""
+    out: list[object] = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: ") :]
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out

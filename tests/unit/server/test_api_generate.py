@@ -1,0 +1,173 @@
+"""/generate and /generate_stream against the fake engine."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from api_fakes import expected_text, make_archive, running_app, sse_events
+
+
+@pytest.fixture
+def app(tmp_path):
+    with running_app(tmp_path) as pair:
+        yield pair
+
+
+def upload(client, adapter_id: str, data: bytes | None = None) -> None:
+    r = client.post(
+        "/v1/adapters",
+        data={"adapter_id": adapter_id},
+        files={"archive": ("a.flora", io.BytesIO(data or make_archive()))},
+    )
+    assert r.status_code == 201, r.text
+
+
+def test_generate_base_exact_text_and_details(app):
+    client, engine = app
+    r = client.post("/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 7}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["generated_text"] == expected_text("hello", None, 7) == "hellohe"
+    assert body["details"] == {
+        "finish_reason": "length",
+        "generated_tokens": 7,
+        "prompt_tokens": 5,
+        "seed": None,
+        "adapter_id": None,
+        "tokens": None,
+        "prefill": [],
+    }
+    req = engine.requests[-1]
+    assert req.params.max_new_tokens == 7 and req.params.do_sample is False
+    assert req.adapter_id is None and req.prompt_ids == list(b"hello")
+
+
+def test_generate_with_adapter_changes_text(app):
+    client, engine = app
+    upload(client, "abc")
+    r = client.post(
+        "/generate",
+        json={"inputs": "hello", "parameters": {"adapter_id": "abc", "max_new_tokens": 5}},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["generated_text"] == expected_text("hello", "abc", 5) == "khoor"
+    assert r.json()["details"]["adapter_id"] == "abc"
+    assert engine.requests[-1].adapter_id == "abc"
+
+
+def test_generate_details_tokens_and_stop(app):
+    client, _ = app
+    r = client.post(
+        "/generate",
+        json={"inputs": "abcd", "parameters": {"max_new_tokens": 8, "details": True, "stop": ["cd"]}},
+    )
+    body = r.json()
+    assert body["generated_text"] == "abc"
+    assert body["details"]["finish_reason"] == "stop_sequence"
+    assert [t["text"] for t in body["details"]["tokens"]] == ["a", "b", "c"]
+    assert [t["logprob"] for t in body["details"]["tokens"]] == [-0.1, -0.2, -0.3]
+    assert [t["id"] for t in body["details"]["tokens"]] == [97, 98, 99]
+
+
+def test_sampling_params_pass_through_and_seed_reported(app):
+    client, engine = app
+    r = client.post(
+        "/generate",
+        json={
+            "inputs": "x",
+            "parameters": {"max_new_tokens": 2, "temperature": 0.5, "top_k": 3, "top_p": 0.9,
+                           "repetition_penalty": 1.2},
+        },
+    )
+    p = engine.requests[-1].params
+    # A warper turns sampling on (as TGI does), and a seed is chosen and reported.
+    assert p.do_sample is True and p.temperature == 0.5 and p.top_k == 3 and p.top_p == 0.9
+    assert p.repetition_penalty == 1.2
+    assert isinstance(p.seed, int) and r.json()["details"]["seed"] == p.seed
+    r = client.post("/generate", json={"inputs": "x", "parameters": {"do_sample": True, "seed": 42}})
+    assert engine.requests[-1].params.seed == 42 and r.json()["details"]["seed"] == 42
+
+
+def test_generate_stream_format_and_equals_non_streaming(app):
+    client, _ = app
+    params = {"max_new_tokens": 6}
+    full = client.post("/generate", json={"inputs": "stream", "parameters": params}).json()
+    r = client.post("/generate_stream", json={"inputs": "stream", "parameters": params})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert len(events) == 6  # one per token; the last carries the text and details
+    for e in events[:-1]:
+        assert set(e) == {"token", "generated_text", "details"}
+        assert e["generated_text"] is None and e["details"] is None
+        assert set(e["token"]) == {"id", "text", "logprob", "special"}
+    last = events[-1]
+    assert last["generated_text"] == full["generated_text"] == "stream"
+    assert "".join(e["token"]["text"] for e in events) == "stream"
+    assert last["details"]["finish_reason"] == "length"
+    assert last["details"]["generated_tokens"] == 6 and last["details"]["prompt_tokens"] == 6
+
+
+def test_unknown_adapter_is_404_both_routes(app):
+    client, _ = app
+    body = {"inputs": "hi", "parameters": {"adapter_id": "nope"}}
+    for route in ("/generate", "/generate_stream"):
+        r = client.post(route, json=body)
+        assert r.status_code == 404
+        assert r.json()["error"]["type"] == "not_found_error"
+        assert "nope" in r.json()["error"]["message"]
+
+
+def test_queue_full_is_429_with_retry_after(app):
+    client, engine = app
+    engine.queue_full = True
+    for route in ("/generate", "/generate_stream"):
+        r = client.post(route, json={"inputs": "hi"})
+        assert r.status_code == 429
+        assert r.headers["retry-after"] == "3"  # ceil(2.5)
+        assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"max_new_tokens": 5000}, "parameters.max_new_tokens"),  # over the settings cap
+        ({"max_new_tokens": 62}, "parameters.max_new_tokens"),  # 3 + 62 > context 64
+        ({"max_new_tokens": 0}, "parameters.max_new_tokens"),
+        ({"stop": ["a"] * 9}, "parameters.stop"),
+        ({"stop": ["x" * 65]}, "parameters.stop"),
+        ({"temperature": -1}, "parameters.temperature"),
+        ({"top_p": 1.5}, "parameters.top_p"),
+        ({"best_of": 2}, "parameters.best_of"),
+        ({"decoder_input_details": True}, "parameters.decoder_input_details"),
+    ],
+)
+def test_caps_are_422_naming_the_field(app, params, field):
+    client, engine = app
+    n = len(engine.requests)
+    r = client.post("/generate", json={"inputs": "abc", "parameters": params})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["message"].startswith(field)
+    assert len(engine.requests) == n  # nothing reached the engine
+
+
+def test_prompt_longer_than_context_is_422(app):
+    client, _ = app
+    r = client.post("/generate", json={"inputs": "x" * 64})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "inputs"
+
+
+def test_default_max_new_tokens_shrinks_to_fit(app):
+    client, engine = app
+    client.post("/generate", json={"inputs": "x" * 60})
+    assert engine.requests[-1].params.max_new_tokens == 4  # context 64 - 60 prompt tokens
+
+
+def test_malformed_json_is_422_not_500(app):
+    client, _ = app
+    r = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert set(r.json()["error"]) >= {"type", "message"}
+    r = client.post("/generate", json={"parameters": {}})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "inputs"
