@@ -1,0 +1,309 @@
+"""The asyncio client: `Client` method for method, every call a coroutine.
+
+Streaming calls send the request when awaited (so HTTP errors raise there) and return an
+async iterator: ``async for event in await client.generate_stream("Hi"): ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, overload
+
+import httpx
+
+from flora_client import _core
+from flora_client._core import Call, ImageInput, ProgressCallback
+from flora_client.client import connect_failed, transport_error
+from flora_client.errors import (
+    APIError,
+    FloraConnectionError,
+    FloraTimeoutError,
+    NotReady,
+    error_from_response,
+)
+from flora_client.retry import RetryKind, RetryPolicy
+from flora_client.types import (
+    AdapterInfo,
+    AdapterList,
+    AdapterUploadResult,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatMessage,
+    ClassifyResponse,
+    Completion,
+    EmbeddingResponse,
+    GenerateResponse,
+    ModelList,
+    StreamResponse,
+)
+
+__all__ = ["AsyncAdapters", "AsyncClient"]
+
+
+class AsyncAdapters:
+    """``client.adapters`` of an AsyncClient; see `flora_client.client.Adapters`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def upload(
+        self,
+        path_or_archive: str | os.PathLike[str],
+        adapter_id: str,
+        *,
+        overwrite: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> AdapterUploadResult:
+        """Upload an adapter directory or ``*.flora`` file; not retried."""
+        with _core.adapter_upload_call(
+            path_or_archive, adapter_id, overwrite=overwrite, progress=progress
+        ) as call:
+            response = await self._client._send(call)
+        return _core.upload_result(response)
+
+    async def list(self, *, limit: int | None = None, offset: int | None = None) -> AdapterList:
+        params = _core.drop_none({"limit": limit, "offset": offset})
+        response = await self._client._send(
+            Call("GET", "/v1/adapters", RetryKind.IDEMPOTENT, params=params)
+        )
+        return AdapterList.model_validate(response.json())
+
+    async def get(self, adapter_id: str) -> AdapterInfo:
+        response = await self._client._send(
+            Call("GET", f"/v1/adapters/{adapter_id}", RetryKind.IDEMPOTENT)
+        )
+        return AdapterInfo.model_validate(response.json())
+
+    async def delete(self, adapter_id: str) -> None:
+        await self._client._send(Call("DELETE", f"/v1/adapters/{adapter_id}", RetryKind.IDEMPOTENT))
+
+
+class AsyncClient:
+    """Asyncio flora-serve client; same arguments and retry rules as `Client`."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        max_retries: int = 3,
+        retry: RetryPolicy | None = None,
+        base_model: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.base_url = _core.resolve_base_url(base_url)
+        self.retry = retry or RetryPolicy(max_retries=max_retries)
+        self._base_model = base_model
+        self._sleep = sleep
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=_core.default_headers(_core.resolve_api_key(api_key)),
+            timeout=_core.as_timeout(timeout),
+            transport=transport,
+        )
+        self.adapters = AsyncAdapters(self)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- plumbing --------------------------------------------------------------------
+
+    async def _send(self, call: Call, *, stream: bool = False) -> httpx.Response:
+        attempt = 0
+        while True:
+            request = self._http.build_request(
+                call.method,
+                call.path,
+                json=call.json,
+                params=call.params,
+                data=call.data,
+                files=call.files,
+            )
+            try:
+                response = await self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                delay = None
+                if self.retry.retries_transport(call.kind, connect_failed=connect_failed(exc)):
+                    delay = self.retry.delay(attempt)
+                if delay is None:
+                    raise transport_error(exc, self.base_url) from exc
+                await self._sleep(delay)
+                attempt += 1
+                continue
+            if response.status_code < 400:
+                return response
+            if stream:
+                await response.aread()
+                await response.aclose()
+            error = error_from_response(response)
+            delay = None
+            if self.retry.retries_status(call.kind, response.status_code):
+                delay = self.retry.delay(attempt, getattr(error, "retry_after", None))
+            if delay is None:
+                raise error
+            await self._sleep(delay)
+            attempt += 1
+
+    async def _stream(self, call: Call) -> AsyncIterator[dict[str, Any]]:
+        response = await self._send(call, stream=True)
+        return self._events(response)
+
+    async def _events(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+        decoder = _core.SSEDecoder()
+        try:
+            async for line in response.aiter_lines():
+                data = decoder.feed(line)
+                if data is None:
+                    continue
+                event = _core.decode_event(data)
+                if event is None:
+                    return
+                yield event
+            data = decoder.flush()
+            if data is not None:
+                event = _core.decode_event(data)
+                if event is not None:
+                    yield event
+        except httpx.TransportError as exc:
+            raise transport_error(exc, self.base_url) from exc
+        finally:
+            await response.aclose()
+
+    async def _model(self, adapter_id: str | None) -> str:
+        if adapter_id is not None:
+            return adapter_id
+        if self._base_model is None:
+            self._base_model = _core.base_model_name(await self.models())
+        return self._base_model
+
+    # --- inference ---------------------------------------------------------------------
+
+    async def generate(
+        self, prompt: str, adapter_id: str | None = None, **params: Any
+    ) -> GenerateResponse:
+        call = _core.generate_call(prompt, adapter_id, params, stream=False)
+        return GenerateResponse.model_validate((await self._send(call)).json())
+
+    async def generate_stream(
+        self, prompt: str, adapter_id: str | None = None, **params: Any
+    ) -> AsyncIterator[StreamResponse]:
+        call = _core.generate_call(prompt, adapter_id, params, stream=True)
+        events = await self._stream(call)
+        return (StreamResponse.model_validate(e) async for e in events)
+
+    @overload
+    async def complete(
+        self, prompt: str, adapter_id: str | None = ..., stream: Literal[False] = ..., **params: Any
+    ) -> Completion: ...
+    @overload
+    async def complete(
+        self, prompt: str, adapter_id: str | None = ..., *, stream: Literal[True], **params: Any
+    ) -> AsyncIterator[Completion]: ...
+    async def complete(
+        self, prompt: str, adapter_id: str | None = None, stream: bool = False, **params: Any
+    ) -> Completion | AsyncIterator[Completion]:
+        call = _core.completion_call(await self._model(adapter_id), prompt, params, stream=stream)
+        if stream:
+            events = await self._stream(call)
+            return (Completion.model_validate(e) async for e in events)
+        return Completion.model_validate((await self._send(call)).json())
+
+    @overload
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        adapter_id: str | None = ...,
+        stream: Literal[False] = ...,
+        **params: Any,
+    ) -> ChatCompletion: ...
+    @overload
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        adapter_id: str | None = ...,
+        *,
+        stream: Literal[True],
+        **params: Any,
+    ) -> AsyncIterator[ChatCompletionChunk]: ...
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        adapter_id: str | None = None,
+        stream: bool = False,
+        **params: Any,
+    ) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
+        call = _core.chat_call(await self._model(adapter_id), messages, params, stream=stream)
+        if stream:
+            events = await self._stream(call)
+            return (ChatCompletionChunk.model_validate(e) async for e in events)
+        return ChatCompletion.model_validate((await self._send(call)).json())
+
+    async def embed(
+        self, texts: str | Sequence[str], adapter_id: str | None = None
+    ) -> EmbeddingResponse:
+        call = _core.embed_call(await self._model(adapter_id), texts)
+        return EmbeddingResponse.model_validate((await self._send(call)).json())
+
+    async def classify(
+        self,
+        images_or_texts: str | ImageInput | Sequence[str | ImageInput],
+        adapter_id: str | None = None,
+        top_k: int = 5,
+    ) -> ClassifyResponse:
+        call = _core.classify_call(images_or_texts, adapter_id, top_k)
+        return ClassifyResponse.model_validate((await self._send(call)).json())
+
+    async def models(self) -> ModelList:
+        response = await self._send(Call("GET", "/v1/models", RetryKind.IDEMPOTENT))
+        return ModelList.model_validate(response.json())
+
+    # --- probes ------------------------------------------------------------------------
+
+    async def _probe(self, path: str) -> httpx.Response:
+        try:
+            return await self._http.get(path)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, self.base_url) from exc
+
+    async def health(self) -> bool:
+        response = await self._probe("/health")
+        if response.status_code >= 400 and response.status_code != 503:
+            raise error_from_response(response)
+        return response.status_code == 200
+
+    async def ready(self) -> bool:
+        response = await self._probe("/ready")
+        if response.status_code == 503:
+            return False
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return True
+
+    async def wait_ready(self, timeout: float = 60.0, interval: float = 0.5) -> float:
+        start = time.monotonic()
+        while True:
+            try:
+                if await self.ready():
+                    return time.monotonic() - start
+            except (FloraConnectionError, FloraTimeoutError, NotReady):
+                pass
+            except APIError:
+                raise
+            elapsed = time.monotonic() - start
+            if elapsed >= timeout:
+                raise FloraTimeoutError(f"{self.base_url} not ready after {timeout:g} s")
+            await self._sleep(min(interval, max(0.0, timeout - elapsed)))
+
+    async def metrics(self) -> str:
+        return (await self._send(Call("GET", "/metrics", RetryKind.IDEMPOTENT))).text

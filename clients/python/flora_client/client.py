@@ -1,0 +1,344 @@
+"""The synchronous client. `AsyncClient` in async_client.py mirrors it method for method."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal, overload
+
+import httpx
+
+from flora_client import _core
+from flora_client._core import Call, ImageInput, ProgressCallback
+from flora_client.errors import (
+    APIError,
+    FloraConnectionError,
+    FloraError,
+    FloraTimeoutError,
+    NotReady,
+    error_from_response,
+)
+from flora_client.retry import RetryPolicy
+from flora_client.types import (
+    AdapterInfo,
+    AdapterList,
+    AdapterUploadResult,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatMessage,
+    ClassifyResponse,
+    Completion,
+    EmbeddingResponse,
+    GenerateResponse,
+    ModelList,
+    StreamResponse,
+)
+
+__all__ = ["Adapters", "Client", "transport_error"]
+
+
+def transport_error(exc: httpx.TransportError, base_url: str) -> FloraError:
+    """A FloraError for an httpx transport failure, naming the server."""
+    if isinstance(exc, httpx.TimeoutException):
+        return FloraTimeoutError(f"timed out talking to {base_url}: {type(exc).__name__}")
+    return FloraConnectionError(f"cannot reach {base_url}: {exc or type(exc).__name__}")
+
+
+def connect_failed(exc: httpx.TransportError) -> bool:
+    """True when no byte of the request reached the server."""
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+class Adapters:
+    """``client.adapters``: upload, list, get and delete adapters (admin key when keys are set)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def upload(
+        self,
+        path_or_archive: str | os.PathLike[str],
+        adapter_id: str,
+        *,
+        overwrite: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> AdapterUploadResult:
+        """Upload an adapter directory (adapter_config.json + adapter.safetensors) or a
+        single-file ``*.flora`` adapter under ``adapter_id``.
+
+        ``created`` in the result is False when the same bytes were already stored. Raises
+        Conflict (409) when other bytes are stored under this id and ``overwrite`` is False.
+        ``progress(sent_bytes, total_bytes)`` is called as the files are read. Not retried.
+        """
+        with _core.adapter_upload_call(
+            path_or_archive, adapter_id, overwrite=overwrite, progress=progress
+        ) as call:
+            response = self._client._send(call)
+        return _core.upload_result(response)
+
+    def list(self, *, limit: int | None = None, offset: int | None = None) -> AdapterList:
+        """One page of stored adapters."""
+        params = _core.drop_none({"limit": limit, "offset": offset})
+        call = Call("GET", "/v1/adapters", _core.RetryKind.IDEMPOTENT, params=params)
+        return AdapterList.model_validate(self._client._send(call).json())
+
+    def get(self, adapter_id: str) -> AdapterInfo:
+        """One adapter's description; NotFound when it does not exist."""
+        call = Call("GET", f"/v1/adapters/{adapter_id}", _core.RetryKind.IDEMPOTENT)
+        return AdapterInfo.model_validate(self._client._send(call).json())
+
+    def delete(self, adapter_id: str) -> None:
+        """Delete an adapter from the store and every cache; NotFound when it does not exist."""
+        self._client._send(Call("DELETE", f"/v1/adapters/{adapter_id}", _core.RetryKind.IDEMPOTENT))
+
+
+class Client:
+    """A flora-serve client.
+
+    ``base_url`` defaults to ``$FLORA_URL`` or http://127.0.0.1:8000, ``api_key`` to
+    ``$FLORA_API_KEY``. ``timeout`` is seconds (or an ``httpx.Timeout``). Retries follow
+    ``retry`` (see flora_client.retry): GETs and DELETEs on 429/503/connection errors,
+    inference POSTs only on 429/503/refused connections, uploads never.
+    ``base_model`` names the base for OpenAI routes when no adapter is given; by default it
+    is read once from /v1/models.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        max_retries: int = 3,
+        retry: RetryPolicy | None = None,
+        base_model: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.base_url = _core.resolve_base_url(base_url)
+        self.retry = retry or RetryPolicy(max_retries=max_retries)
+        self._base_model = base_model
+        self._sleep = sleep
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=_core.default_headers(_core.resolve_api_key(api_key)),
+            timeout=_core.as_timeout(timeout),
+            transport=transport,
+        )
+        self.adapters = Adapters(self)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def _send(self, call: Call, *, stream: bool = False) -> httpx.Response:
+        """Send with retries; return a 2xx/3xx response or raise a FloraError."""
+        attempt = 0
+        while True:
+            request = self._http.build_request(
+                call.method,
+                call.path,
+                json=call.json,
+                params=call.params,
+                data=call.data,
+                files=call.files,
+            )
+            try:
+                response = self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                delay = None
+                if self.retry.retries_transport(call.kind, connect_failed=connect_failed(exc)):
+                    delay = self.retry.delay(attempt)
+                if delay is None:
+                    raise transport_error(exc, self.base_url) from exc
+                self._sleep(delay)
+                attempt += 1
+                continue
+            if response.status_code < 400:
+                return response
+            if stream:
+                response.read()
+                response.close()
+            error = error_from_response(response)
+            delay = None
+            if self.retry.retries_status(call.kind, response.status_code):
+                delay = self.retry.delay(attempt, getattr(error, "retry_after", None))
+            if delay is None:
+                raise error
+            self._sleep(delay)
+            attempt += 1
+
+    def _stream(self, call: Call) -> Iterator[dict[str, Any]]:
+        """Send now (so HTTP errors raise here), then iterate the SSE events lazily."""
+        response = self._send(call, stream=True)
+        return self._events(response)
+
+    def _events(self, response: httpx.Response) -> Iterator[dict[str, Any]]:
+        decoder = _core.SSEDecoder()
+        try:
+            for line in response.iter_lines():
+                data = decoder.feed(line)
+                if data is None:
+                    continue
+                event = _core.decode_event(data)
+                if event is None:
+                    return
+                yield event
+            data = decoder.flush()
+            if data is not None:
+                event = _core.decode_event(data)
+                if event is not None:
+                    yield event
+        except httpx.TransportError as exc:
+            raise transport_error(exc, self.base_url) from exc
+        finally:
+            response.close()
+
+    def _model(self, adapter_id: str | None) -> str:
+        if adapter_id is not None:
+            return adapter_id
+        if self._base_model is None:
+            self._base_model = _core.base_model_name(self.models())
+        return self._base_model
+
+    # --- inference ---------------------------------------------------------------------
+
+    def generate(
+        self, prompt: str, adapter_id: str | None = None, **params: Any
+    ) -> GenerateResponse:
+        """``POST /generate``. ``params``: max_new_tokens, do_sample, temperature, top_k,
+        top_p, seed, stop, repetition_penalty (None values are left out)."""
+        call = _core.generate_call(prompt, adapter_id, params, stream=False)
+        return GenerateResponse.model_validate(self._send(call).json())
+
+    def generate_stream(
+        self, prompt: str, adapter_id: str | None = None, **params: Any
+    ) -> Iterator[StreamResponse]:
+        """``POST /generate_stream``: one StreamResponse per token; the last also carries
+        ``generated_text`` and ``details``."""
+        call = _core.generate_call(prompt, adapter_id, params, stream=True)
+        return (StreamResponse.model_validate(e) for e in self._stream(call))
+
+    @overload
+    def complete(
+        self, prompt: str, adapter_id: str | None = ..., stream: Literal[False] = ..., **params: Any
+    ) -> Completion: ...
+    @overload
+    def complete(
+        self, prompt: str, adapter_id: str | None = ..., *, stream: Literal[True], **params: Any
+    ) -> Iterator[Completion]: ...
+    def complete(
+        self, prompt: str, adapter_id: str | None = None, stream: bool = False, **params: Any
+    ) -> Completion | Iterator[Completion]:
+        """``POST /v1/completions`` with ``model`` = the adapter (or the base). ``params`` in
+        OpenAI names (max_tokens, temperature, top_p, stop, seed); max_new_tokens works too."""
+        call = _core.completion_call(self._model(adapter_id), prompt, params, stream=stream)
+        if stream:
+            return (Completion.model_validate(e) for e in self._stream(call))
+        return Completion.model_validate(self._send(call).json())
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        adapter_id: str | None = ...,
+        stream: Literal[False] = ...,
+        **params: Any,
+    ) -> ChatCompletion: ...
+    @overload
+    def chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        adapter_id: str | None = ...,
+        *,
+        stream: Literal[True],
+        **params: Any,
+    ) -> Iterator[ChatCompletionChunk]: ...
+    def chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        adapter_id: str | None = None,
+        stream: bool = False,
+        **params: Any,
+    ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+        """``POST /v1/chat/completions``; ``messages`` are ChatMessage or {"role", "content"}."""
+        call = _core.chat_call(self._model(adapter_id), messages, params, stream=stream)
+        if stream:
+            return (ChatCompletionChunk.model_validate(e) for e in self._stream(call))
+        return ChatCompletion.model_validate(self._send(call).json())
+
+    def embed(self, texts: str | Sequence[str], adapter_id: str | None = None) -> EmbeddingResponse:
+        """``POST /v1/embeddings``; ``.vectors`` on the result lists them in input order."""
+        call = _core.embed_call(self._model(adapter_id), texts)
+        return EmbeddingResponse.model_validate(self._send(call).json())
+
+    def classify(
+        self,
+        images_or_texts: str | ImageInput | Sequence[str | ImageInput],
+        adapter_id: str | None = None,
+        top_k: int = 5,
+    ) -> ClassifyResponse:
+        """``POST /v1/classify``: ``Path``/bytes/binary files are images (sent as multipart),
+        ``str`` values are texts (sent as JSON). ``results[i]`` is the top-k of input i."""
+        call = _core.classify_call(images_or_texts, adapter_id, top_k)
+        return ClassifyResponse.model_validate(self._send(call).json())
+
+    def models(self) -> ModelList:
+        """``GET /v1/models``: the base model and every adapter."""
+        call = Call("GET", "/v1/models", _core.RetryKind.IDEMPOTENT)
+        return ModelList.model_validate(self._send(call).json())
+
+    # --- probes ------------------------------------------------------------------------
+
+    def _probe(self, path: str) -> httpx.Response:
+        # Probes are never retried: their answer is the point.
+        try:
+            return self._http.get(path)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, self.base_url) from exc
+
+    def health(self) -> bool:
+        """True when ``GET /health`` answers 200 (the process is alive)."""
+        response = self._probe("/health")
+        if response.status_code >= 400 and response.status_code != 503:
+            raise error_from_response(response)
+        return response.status_code == 200
+
+    def ready(self) -> bool:
+        """True when ``GET /ready`` answers 200, False on 503 (still loading or draining)."""
+        response = self._probe("/ready")
+        if response.status_code == 503:
+            return False
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return True
+
+    def wait_ready(self, timeout: float = 60.0, interval: float = 0.5) -> float:
+        """Poll /ready until it answers 200; return the seconds waited. Refused connections
+        count as not ready (the server may be starting). Raises FloraTimeoutError."""
+        start = time.monotonic()
+        while True:
+            try:
+                if self.ready():
+                    return time.monotonic() - start
+            except (FloraConnectionError, FloraTimeoutError, NotReady):
+                pass
+            except APIError:
+                raise
+            elapsed = time.monotonic() - start
+            if elapsed >= timeout:
+                raise FloraTimeoutError(f"{self.base_url} not ready after {timeout:g} s")
+            self._sleep(min(interval, max(0.0, timeout - elapsed)))
+
+    def metrics(self) -> str:
+        """``GET /metrics``: the Prometheus text exposition."""
+        call = Call("GET", "/metrics", _core.RetryKind.IDEMPOTENT)
+        return self._send(call).text
