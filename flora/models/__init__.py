@@ -7,20 +7,25 @@ once into ``$FLORA_HOME`` (default ``~/.cache/flora``) by ``prepare(name)`` or
 """
 
 from flora.models.catalog import embedded_models
+from flora.models.efficientnet import EfficientNetLite0
 from flora.models.errors import (
     ModelError,
     ModelPackageMissingError,
     UnknownModelError,
     UnsupportedModelError,
 )
+from flora.models.image_transform import ImageTransform
 from flora.models.registry import EmbeddedModel, KindRule, LoadRequest, ModelRegistry
 from flora.models.storage import home
+from flora.models.text_encoder import encode, mean_pool, pool
 from flora.models.types import MODEL_KINDS, LoadedModel, ModelKind, Pooling
 from flora.models.zoo import load, prepare
 
 __all__ = [
     "MODEL_KINDS",
+    "EfficientNetLite0",
     "EmbeddedModel",
+    "ImageTransform",
     "KindRule",
     "LoadRequest",
     "LoadedModel",
@@ -32,7 +37,10 @@ __all__ = [
     "UnknownModelError",
     "UnsupportedModelError",
     "embedded_models",
+    "encode",
     "home",
     "load",
+    "mean_pool",
+    "pool",
     "prepare",
 ]
