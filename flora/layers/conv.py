@@ -8,6 +8,8 @@ grouped convs).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +44,13 @@ class FloraConv(FloraLayer):
     padding belongs to the core conv only.
     """
 
-    def __init__(self, base_layer: nn.Module, ranks, scale: float = 1.0, dropout: float = 0.0):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        ranks: Sequence[int],
+        scale: float = 1.0,
+        dropout: float = 0.0,
+    ) -> None:
         self.kind = {1: "conv1d", 2: "conv2d", 3: "conv3d"}[base_layer.weight.dim() - 2]
         super().__init__(base_layer, ranks, scale, dropout)
         out_ch, in_per_group, *kernel = self.spec.weight_shape
