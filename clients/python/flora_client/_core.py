@@ -252,14 +252,14 @@ def adapter_upload_call(
 ) -> Iterator[Call]:
     """The multipart upload for ``path``; files stay open while the call runs.
 
-    A single-file adapter also sends its ``sha256`` so the server can refuse a corrupted
-    transfer (400). The directory form sends none: the server digests what it receives.
+    The form's ``sha256`` is the digest of the archive (single-file form) or of the weights
+    file (directory form), as the server defines it, so a corrupted transfer is refused
+    with 400 instead of being stored.
     """
     parts = upload_parts(Path(path))
     total = sum(p.stat().st_size for _, p, _ in parts)
-    data = {"adapter_id": adapter_id}
-    if len(parts) == 1:
-        data["sha256"] = sha256_file(parts[0][1])
+    # parts[-1] is the archive or the weights: the file the server's digest check covers.
+    data = {"adapter_id": adapter_id, "sha256": sha256_file(parts[-1][1])}
     readers: list[_CountingReader] = []
 
     def report() -> None:
@@ -278,7 +278,9 @@ def adapter_upload_call(
 
 def upload_result(response: httpx.Response) -> AdapterUploadResult:
     body = response.json()
-    return AdapterUploadResult.model_validate({**body, "created": response.status_code == 201})
+    if "status" not in body:  # a server that says it only with the status code
+        body["status"] = "created" if response.status_code == 201 else "unchanged"
+    return AdapterUploadResult.model_validate(body)
 
 
 # --- server-sent events ------------------------------------------------------------------

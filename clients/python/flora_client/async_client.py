@@ -64,12 +64,25 @@ class AsyncAdapters:
             response = await self._client._send(call)
         return _core.upload_result(response)
 
-    async def list(self, *, limit: int | None = None, offset: int | None = None) -> AdapterList:
-        params = _core.drop_none({"limit": limit, "offset": offset})
+    async def list(
+        self, *, limit: int | None = None, offset: int | None = None, after: str | None = None
+    ) -> AdapterList:
+        params = _core.drop_none({"limit": limit, "offset": offset, "after": after})
         response = await self._client._send(
             Call("GET", "/v1/adapters", RetryKind.IDEMPOTENT, params=params)
         )
         return AdapterList.model_validate(response.json())
+
+    async def iter(self, page_size: int = 100) -> AsyncIterator[AdapterInfo]:
+        """Every stored adapter, page by page: ``async for info in client.adapters.iter()``."""
+        after: str | None = None
+        while True:
+            page = await self.list(limit=page_size, after=after)
+            for info in page.data:
+                yield info
+            if not page.data or page.has_more is False or len(page.data) < page_size:
+                return
+            after = page.next_after or page.data[-1].id
 
     async def get(self, adapter_id: str) -> AdapterInfo:
         response = await self._client._send(

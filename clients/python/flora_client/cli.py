@@ -155,7 +155,9 @@ def adapters_upload(
     if opts.json:
         out.emit_json(result)
         return
-    verb = "uploaded" if result.created else "unchanged (same bytes already stored):"
+    verb = {"unchanged": "unchanged (same bytes already stored):", "replaced": "replaced"}.get(
+        result.status, "uploaded"
+    )
     size = "" if result.size_bytes is None else f", {result.size_bytes:,} bytes"
     digest = f", sha256 {result.sha256}" if result.sha256 else ""
     out.stdout().print(f"{verb} {result.id}{size}{digest}", markup=False)
@@ -167,6 +169,7 @@ def adapters_list(
     ctx: typer.Context,
     limit: Annotated[int | None, typer.Option(help="Page size.")] = None,
     offset: Annotated[int | None, typer.Option(help="Skip this many.")] = None,
+    after: Annotated[str | None, typer.Option(help="Start after this id.")] = None,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
     json_out: JsonOpt = False,
@@ -174,7 +177,7 @@ def adapters_list(
     """List stored adapters."""
     opts = _options(ctx, url, api_key, json_out)
     with _client(opts) as client:
-        page = client.adapters.list(limit=limit, offset=offset)
+        page = client.adapters.list(limit=limit, offset=offset, after=after)
     if opts.json:
         out.emit_json(page)
     else:

@@ -67,8 +67,9 @@ class Adapters:
         """Upload an adapter directory (adapter_config.json + adapter.safetensors) or a
         single-file ``*.flora`` adapter under ``adapter_id``.
 
-        ``created`` in the result is False when the same bytes were already stored. Raises
-        Conflict (409) when other bytes are stored under this id and ``overwrite`` is False.
+        ``status`` in the result is ``created``, ``unchanged`` (the same bytes were already
+        stored) or ``replaced``. Raises Conflict (409) when other bytes are stored under this
+        id and ``overwrite`` is False.
         ``progress(sent_bytes, total_bytes)`` is called as the files are read. Not retried.
         """
         with _core.adapter_upload_call(
@@ -77,11 +78,23 @@ class Adapters:
             response = self._client._send(call)
         return _core.upload_result(response)
 
-    def list(self, *, limit: int | None = None, offset: int | None = None) -> AdapterList:
-        """One page of stored adapters."""
-        params = _core.drop_none({"limit": limit, "offset": offset})
+    def list(
+        self, *, limit: int | None = None, offset: int | None = None, after: str | None = None
+    ) -> AdapterList:
+        """One page of stored adapters, in id order (``after``: the last id already seen)."""
+        params = _core.drop_none({"limit": limit, "offset": offset, "after": after})
         call = Call("GET", "/v1/adapters", _core.RetryKind.IDEMPOTENT, params=params)
         return AdapterList.model_validate(self._client._send(call).json())
+
+    def iter(self, page_size: int = 100) -> Iterator[AdapterInfo]:
+        """Every stored adapter, page by page (keyset paging on ``after``)."""
+        after: str | None = None
+        while True:
+            page = self.list(limit=page_size, after=after)
+            yield from page.data
+            if not page.data or page.has_more is False or len(page.data) < page_size:
+                return
+            after = page.next_after or page.data[-1].id
 
     def get(self, adapter_id: str) -> AdapterInfo:
         """One adapter's description; NotFound when it does not exist."""

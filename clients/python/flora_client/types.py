@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 __all__ = [
     "AdapterInfo",
@@ -205,21 +205,34 @@ class ClassifyResponse(_Model):
 
 
 class AdapterInfo(_Model):
-    """An adapter as /v1/adapters describes it. Only ``id`` is guaranteed; the server adds
-    ``sha256``, ``size_bytes``, its config, where it is loaded and request counts."""
+    """An adapter as /v1/adapters describes it: ``sha256`` and ``size_bytes`` of the stored
+    single-file form, ``created`` (seconds since the epoch), ``location`` (the furthest tier
+    it reached on the replica that answered: stored, host or device), request counts; from
+    ``adapters.get`` also its ``config``."""
 
-    id: str
+    id: str = Field(validation_alias=AliasChoices("id", "adapter_id"))
     sha256: str | None = None
     size_bytes: int | None = None
+    created: int | None = None
+    location: str | None = None
 
 
 class AdapterUploadResult(AdapterInfo):
-    """The answer to an upload; ``created`` is True on 201 (new or replaced), False on 200
-    (the same bytes were already stored under this id)."""
+    """The answer to an upload. ``status``: ``created`` (new id, HTTP 201), ``unchanged``
+    (the same bytes were already stored, 200) or ``replaced`` (``overwrite=True``, 200)."""
 
-    created: bool = True
+    status: str = "created"
+
+    @property
+    def changed(self) -> bool:
+        """False when the server already held exactly these bytes."""
+        return self.status != "unchanged"
 
 
 class AdapterList(_Model):
+    """One page; pass ``next_after`` as ``after`` for the next one (or use ``offset``)."""
+
     data: list[AdapterInfo]
     total: int | None = None
+    has_more: bool | None = None
+    next_after: str | None = None

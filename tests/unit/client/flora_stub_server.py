@@ -75,20 +75,20 @@ def build_app(state: StubState) -> FastAPI:
         plan = state.fail_plan.get(key)
         if plan:
             status, retry_after = plan.pop(0)
-            kind = "overloaded" if status == 429 else "not_ready" if status == 503 else "error"
+            kind = {429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
             return error(status, kind, f"injected {status}", retry_after)
         if state.api_key and request.url.path not in ("/health", "/ready"):
             given = request.headers.get("authorization", "").removeprefix("Bearer ")
             admin = request.url.path.startswith("/v1/adapters")
             if given not in (state.api_key, state.admin_key):
-                return error(401, "unauthorized", "missing or unknown API key")
+                return error(401, "authentication_error", "missing or unknown API key")
             if admin and given != state.admin_key:
-                return error(403, "forbidden", "adapter management needs the admin key")
+                return error(403, "permission_error", "adapter management needs the admin key")
         return await call_next(request)
 
     def unknown(adapter_id: str | None) -> JSONResponse | None:
         if adapter_id is not None and adapter_id != BASE and adapter_id not in state.adapters:
-            return error(404, "adapter_not_found", f"adapter '{adapter_id}' does not exist")
+            return error(404, "not_found_error", f"adapter '{adapter_id}' does not exist")
         return None
 
     def adapter_of(model: str) -> str | None:
@@ -100,7 +100,7 @@ def build_app(state: StubState) -> FastAPI:
         params = body.get("parameters") or {}
         limit = params.get("max_new_tokens", 20)
         if limit > MAX_NEW_TOKENS:
-            return error(422, "validation_error", "parameters.max_new_tokens: must be <= 100")
+            return error(422, "invalid_request_error", "parameters.max_new_tokens: must be <= 100")
         if (missing := unknown(params.get("adapter_id"))) is not None:
             return missing
         tokens = reply_tokens(body["inputs"], params.get("adapter_id"), limit)
@@ -250,9 +250,8 @@ def build_app(state: StubState) -> FastAPI:
     @app.post("/v1/adapters")
     async def upload(request: Request) -> Any:
         if int(request.headers.get("content-length", "0")) > state.max_upload_bytes:
-            return error(
-                413, "payload_too_large", f"upload larger than {state.max_upload_bytes} bytes"
-            )
+            limit = state.max_upload_bytes
+            return error(413, "payload_too_large", f"upload larger than {limit} bytes")
         form = await request.form()
         adapter_id = str(form.get("adapter_id"))
         parts = {name: form.get(name) for name in ("config", "weights", "archive")}
@@ -262,54 +261,70 @@ def build_app(state: StubState) -> FastAPI:
             "parts": sorted(k for k, v in parts.items() if v is not None),
             "overwrite": request.query_params.get("overwrite"),
         }
+        # As the real server: the form's sha256 covers the archive, or the weights file; the
+        # stored digest covers what is stored (here: config + weights).
         if parts["archive"] is not None:
             blob = await parts["archive"].read()  # type: ignore[union-attr]
+            checked = blob
             config: dict[str, Any] = {"format": "single-file"}
         elif parts["config"] is not None and parts["weights"] is not None:
             raw = await parts["config"].read()  # type: ignore[union-attr]
-            weights = await parts["weights"].read()  # type: ignore[union-attr]
+            checked = await parts["weights"].read()  # type: ignore[union-attr]
             try:
                 config = json.loads(raw)
             except ValueError:
-                return error(422, "invalid_adapter", "config: adapter_config.json is not JSON")
-            blob = raw + weights
+                return error(422, "invalid_adapter", "invalid adapter: config is not JSON")
+            blob = raw + checked
         else:
-            return error(422, "validation_error", "archive: send config and weights, or archive")
-        digest = hashlib.sha256(blob).hexdigest()
+            return error(422, "invalid_request_error", "archive: send config + weights, or archive")
         sent = form.get("sha256")
-        if sent is not None and sent != digest:
-            return error(400, "digest_mismatch", f"sha256 mismatch: got {digest}")
+        if sent is not None and sent != hashlib.sha256(checked).hexdigest():
+            return error(400, "invalid_request_error", "sha256 does not match the upload")
+        digest = hashlib.sha256(blob).hexdigest()
         existing = state.adapters.get(adapter_id)
         if existing is not None and existing["sha256"] == digest:
-            return JSONResponse(existing, status_code=200)
+            return JSONResponse({**existing, "status": "unchanged"}, status_code=200)
         if existing is not None and request.query_params.get("overwrite") != "true":
-            return error(409, "conflict", f"adapter '{adapter_id}' exists with other bytes")
+            return error(409, "conflict_error", f"adapter '{adapter_id}' exists with other bytes")
         info = {
             "id": adapter_id,
             "sha256": digest,
             "size_bytes": len(blob),
-            "config": config,
+            "created": 1_700_000_000,
             "location": "stored",
+            "config": config,
         }
         state.adapters[adapter_id] = info
-        return JSONResponse(info, status_code=201)
+        status = "created" if existing is None else "replaced"
+        code = 201 if existing is None else 200
+        return JSONResponse({**info, "status": status}, status_code=code)
 
     @app.get("/v1/adapters")
-    async def list_adapters(limit: int = 20, offset: int = 0) -> Any:
+    async def list_adapters(limit: int = 20, offset: int = 0, after: str | None = None) -> Any:
         ids = sorted(state.adapters)
-        page = [state.adapters[i] for i in ids[offset : offset + limit]]
-        return {"object": "list", "data": page, "total": len(ids)}
+        total = len(ids)
+        if after is not None:
+            ids = [i for i in ids if i > after]
+        page_ids = ids[offset : offset + limit]
+        has_more = len(ids) > offset + limit
+        return {
+            "object": "list",
+            "data": [state.adapters[i] for i in page_ids],
+            "total": total,
+            "has_more": has_more,
+            "next_after": page_ids[-1] if has_more else None,
+        }
 
     @app.get("/v1/adapters/{adapter_id}")
     async def get_adapter(adapter_id: str) -> Any:
         if adapter_id not in state.adapters:
-            return error(404, "adapter_not_found", f"adapter '{adapter_id}' does not exist")
+            return error(404, "not_found_error", f"adapter '{adapter_id}' does not exist")
         return state.adapters[adapter_id]
 
     @app.delete("/v1/adapters/{adapter_id}")
     async def delete_adapter(adapter_id: str) -> Any:
         if state.adapters.pop(adapter_id, None) is None:
-            return error(404, "adapter_not_found", f"adapter '{adapter_id}' does not exist")
+            return error(404, "not_found_error", f"adapter '{adapter_id}' does not exist")
         return {"id": adapter_id, "deleted": True}
 
     @app.get("/health")

@@ -65,7 +65,7 @@ def test_adapters_probes_and_errors(stub: StubState, stub_url: str, adapter_dir:
         async with AsyncClient(stub_url) as client:
             first = await client.adapters.upload(adapter_dir, "a")
             second = await client.adapters.upload(adapter_dir, "a")
-            assert (first.created, second.created) == (True, False)
+            assert (first.status, second.status) == ("created", "unchanged")
             assert first.sha256 == hashlib.sha256(blob).hexdigest()
             (adapter_dir / "adapter.safetensors").write_bytes(b"other")
             with pytest.raises(Conflict):

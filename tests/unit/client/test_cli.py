@@ -53,6 +53,7 @@ def test_adapters_upload_list_show_delete(
         adapter_dir / "adapter.safetensors"
     ).read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
+    config_size = (adapter_dir / "adapter_config.json").stat().st_size
 
     result = flora(runner, stub_url, "adapters", "upload", str(adapter_dir), "--id", "ad1")
     assert result.exit_code == 0, result.output
@@ -61,15 +62,16 @@ def test_adapters_upload_list_show_delete(
     result = flora(
         runner, stub_url, "adapters", "upload", str(adapter_dir), "--id", "ad1", "--json"
     )
-    assert json.loads(result.stdout)["created"] is False
+    assert json.loads(result.stdout)["status"] == "unchanged"
 
     (adapter_dir / "adapter.safetensors").write_bytes(b"changed")
     result = flora(runner, stub_url, "adapters", "upload", str(adapter_dir), "--id", "ad1")
-    assert_one_line_error(result, "409 conflict: adapter 'ad1' exists with other bytes")
+    assert_one_line_error(result, "409 conflict_error: adapter 'ad1' exists with other bytes")
     result = flora(
         runner, stub_url, "adapters", "upload", str(adapter_dir), "--id", "ad1", "--overwrite"
     )
-    assert result.exit_code == 0 and result.stdout.startswith("uploaded ad1")
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"replaced ad1, {config_size + 7} bytes")
     assert stub.last_form["overwrite"] == "true"
 
     result = flora(runner, stub_url, "adapters", "list")
@@ -88,7 +90,7 @@ def test_adapters_upload_list_show_delete(
     assert result.exit_code == 0 and result.stdout == "deleted ad1\n"
     assert stub.adapters == {}
     result = flora(runner, stub_url, "adapters", "show", "ad1")
-    assert_one_line_error(result, "404 adapter_not_found: adapter 'ad1' does not exist")
+    assert_one_line_error(result, "404 not_found_error: adapter 'ad1' does not exist")
 
 
 def test_upload_missing_path(runner: CliRunner, stub_url: str, tmp_path: Path) -> None:
@@ -101,7 +103,7 @@ def test_forbidden_with_inference_key(runner: CliRunner, stub: StubState, stub_u
     result = runner.invoke(
         app, ["adapters", "list", "--url", stub_url], env={"FLORA_API_KEY": "user"}
     )
-    assert_one_line_error(result, "403 forbidden: adapter management needs the admin key")
+    assert_one_line_error(result, "403 permission_error: adapter management needs the admin key")
     result = runner.invoke(
         app, ["--api-key", "admin", "--url", stub_url, "adapters", "list", "--json"]
     )
@@ -135,12 +137,14 @@ def test_generate_json_and_no_stream(runner: CliRunner, stub: StubState, stub_ur
 
 def test_generate_validation_error(runner: CliRunner, stub_url: str, stub: StubState) -> None:
     result = flora(runner, stub_url, "generate", "x", "--no-stream", "-n", "1000")
-    assert_one_line_error(result, "422 validation_error: parameters.max_new_tokens: must be <= 100")
+    assert_one_line_error(
+        result, "422 invalid_request_error: parameters.max_new_tokens: must be <= 100"
+    )
 
 
 def test_generate_unknown_adapter(runner: CliRunner, stub_url: str, stub: StubState) -> None:
     result = flora(runner, stub_url, "generate", "x", "--adapter", "ghost")
-    assert_one_line_error(result, "404 adapter_not_found: adapter 'ghost' does not exist")
+    assert_one_line_error(result, "404 not_found_error: adapter 'ghost' does not exist")
 
 
 def test_chat_keeps_history(runner: CliRunner, stub: StubState, stub_url: str) -> None:
@@ -214,4 +218,4 @@ def test_overloaded_error_line_mentions_retry_after(
 ) -> None:
     stub.fail_plan["POST /v1/adapters"] = [(429, "4")]
     result = flora(runner, stub_url, "adapters", "upload", str(adapter_dir), "--id", "a")
-    assert_one_line_error(result, "429 overloaded: injected 429 (retry after 4 s)")
+    assert_one_line_error(result, "429 rate_limit_error: injected 429 (retry after 4 s)")

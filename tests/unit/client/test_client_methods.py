@@ -67,7 +67,7 @@ def test_generate_stream_unknown_adapter_raises_before_iteration(
 ) -> None:
     with Client(stub_url) as client, pytest.raises(NotFound) as info:
         client.generate_stream("x", adapter_id="nope")
-    assert info.value.error_type == "adapter_not_found"
+    assert info.value.error_type == "not_found_error"
 
 
 def test_validation_error_names_the_field(stub: StubState, stub_url: str) -> None:
@@ -171,10 +171,15 @@ def test_adapter_lifecycle(stub: StubState, stub_url: str, adapter_dir: Path) ->
             client.adapters.get("a1")
         with pytest.raises(NotFound):
             client.adapters.delete("a1")
-    assert created.created is True and again.created is False
+    assert (created.status, again.status) == ("created", "unchanged")
+    assert created.changed and not again.changed
     assert created.sha256 == hashlib.sha256(blob).hexdigest()
+    assert created.created == 1_700_000_000 and created.location == "stored"
     assert created.size_bytes == len(blob)
     assert stub.last_form["parts"] == ["config", "weights"]
+    # The directory form's digest field covers the weights file (the server's definition).
+    weights = (adapter_dir / "adapter.safetensors").read_bytes()
+    assert stub.last_form["sha256"] == hashlib.sha256(weights).hexdigest()
     assert [a.id for a in page.data] == ["a2"] and page.total == 2
     assert info.model_extra is not None and info.model_extra["config"]["method"] == "flora"
     # Progress ends at the full size of both files.
@@ -196,7 +201,7 @@ def test_upload_archive_sends_digest_and_overwrite(
             client.adapters.upload(archive, "arc")
         replaced = client.adapters.upload(archive, "arc", overwrite=True)
     assert stub.last_form["overwrite"] == "true"
-    assert replaced.created is True
+    assert replaced.status == "replaced"
     assert replaced.sha256 == hashlib.sha256(b"single-file adapter v2").hexdigest()
 
 
@@ -236,3 +241,27 @@ def test_api_key_from_env_and_admin_key(
         assert admin.adapters.list().total == 0
     with Client(api_key="wrong") as bad, pytest.raises(Unauthorized):
         bad.generate("a")
+
+
+def test_adapters_iter_pages_with_after(stub: StubState, stub_url: str, adapter_dir: Path) -> None:
+    for i in range(5):
+        stub.adapters[f"ad{i}"] = {"id": f"ad{i}", "sha256": "x", "size_bytes": i}
+    with Client(stub_url) as client:
+        ids = [info.id for info in client.adapters.iter(page_size=2)]
+        page = client.adapters.list(limit=2, after="ad1")
+    assert ids == ["ad0", "ad1", "ad2", "ad3", "ad4"]
+    assert stub.attempts["GET /v1/adapters"] == 4  # 3 pages + the explicit list
+    assert [a.id for a in page.data] == ["ad2", "ad3"]
+    assert page.has_more is True and page.next_after == "ad3"
+
+
+def test_digest_mismatch_is_bad_request(
+    stub: StubState, stub_url: str, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flora_client import BadRequest, _core
+
+    # As if the file changed between hashing and sending.
+    monkeypatch.setattr(_core, "sha256_file", lambda path: "0" * 64)
+    with Client(stub_url) as client, pytest.raises(BadRequest, match="sha256"):
+        client.adapters.upload(adapter_dir, "a")
+    assert stub.adapters == {}
