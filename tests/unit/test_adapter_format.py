@@ -222,3 +222,13 @@ def test_adapter_views() -> None:
     assert adapter.num_parameters == 32 + 44 + 21
     assert adapter.nbytes == 4 * adapter.num_parameters
     assert adapter.to(dtype=torch.float16).nbytes == 2 * adapter.num_parameters
+
+
+def test_docs_flora_md_examples_run() -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "flora.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/flora.md", "exec"), {"__name__": "docs_example"})
