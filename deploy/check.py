@@ -196,7 +196,13 @@ def docs_problems(root: Path) -> list[str]:
     manifests = [d for d in docs if isinstance(d, dict) and "apiVersion" in d and "kind" in d]
     if not any(d["kind"] == "InferencePool" for d in manifests):
         return ["docs/deploy.md has no InferencePool example"]
-    return schema_problems(manifests, versions=K8S_VERSIONS[-1:])
+    # Only kinds with a schema here are checked (the HTTPRoute and InferenceModel examples
+    # are context for the InferencePool, and their CRDs are not ours to pin).
+    return [
+        p
+        for p in schema_problems(manifests, versions=K8S_VERSIONS[-1:])
+        if not p.startswith("no schema for custom resource")
+    ]
 
 
 def _timed(name: str, step: Callable[[], list[str]]) -> StepResult:

@@ -239,6 +239,9 @@ def _gpu_problems(docs: list[Manifest], deployment: Manifest) -> Iterator[str]:
     has_gpu = "nvidia.com/gpu" in limits
     if wants_gpu != has_gpu:
         yield f"FLORA_DEVICE and the nvidia.com/gpu limit disagree (gpu limit: {has_gpu})"
+    # A CPU torch in a GPU pod (or the reverse) starts fine and then fails or idles the GPU.
+    if wants_gpu != ("cuda" in server_container(deployment)["image"].rpartition(":")[2]):
+        yield "FLORA_DEVICE and the image variant (a `-cuda` tag) disagree"
     if has_gpu:
         keys = {t.get("key") for t in pod.get("tolerations", [])}
         if "nvidia.com/gpu" not in keys or not pod.get("nodeSelector"):
