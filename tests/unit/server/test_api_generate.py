@@ -60,7 +60,10 @@ def test_generate_details_tokens_and_stop(app):
     client, _ = app
     r = client.post(
         "/generate",
-        json={"inputs": "abcd", "parameters": {"max_new_tokens": 8, "details": True, "stop": ["cd"]}},
+        json={
+            "inputs": "abcd",
+            "parameters": {"max_new_tokens": 8, "details": True, "stop": ["cd"]},
+        },
     )
     body = r.json()
     assert body["generated_text"] == "abc"
@@ -76,8 +79,13 @@ def test_sampling_params_pass_through_and_seed_reported(app):
         "/generate",
         json={
             "inputs": "x",
-            "parameters": {"max_new_tokens": 2, "temperature": 0.5, "top_k": 3, "top_p": 0.9,
-                           "repetition_penalty": 1.2},
+            "parameters": {
+                "max_new_tokens": 2,
+                "temperature": 0.5,
+                "top_k": 3,
+                "top_p": 0.9,
+                "repetition_penalty": 1.2,
+            },
         },
     )
     p = engine.requests[-1].params
@@ -85,7 +93,9 @@ def test_sampling_params_pass_through_and_seed_reported(app):
     assert p.do_sample is True and p.temperature == 0.5 and p.top_k == 3 and p.top_p == 0.9
     assert p.repetition_penalty == 1.2
     assert isinstance(p.seed, int) and r.json()["details"]["seed"] == p.seed
-    r = client.post("/generate", json={"inputs": "x", "parameters": {"do_sample": True, "seed": 42}})
+    r = client.post(
+        "/generate", json={"inputs": "x", "parameters": {"do_sample": True, "seed": 42}}
+    )
     assert engine.requests[-1].params.seed == 42 and r.json()["details"]["seed"] == 42
 
 

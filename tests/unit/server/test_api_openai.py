@@ -1,0 +1,156 @@
+"""OpenAI-shaped routes against the fake engine, through raw HTTP and the official client."""
+
+from __future__ import annotations
+
+import io
+
+import openai
+import pytest
+from api_fakes import expected_text, make_archive, running_app, sse_events
+
+
+@pytest.fixture
+def app(tmp_path):
+    with running_app(tmp_path) as pair:
+        client, _ = pair
+        r = client.post(
+            "/v1/adapters",
+            data={"adapter_id": "ad1"},
+            files={"archive": ("a.flora", io.BytesIO(make_archive()))},
+        )
+        assert r.status_code == 201
+        yield pair
+
+
+@pytest.fixture
+def oai(app):
+    client, _ = app
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client)
+
+
+def test_completion_base_and_adapter(app, oai):
+    _, engine = app
+    out = oai.completions.create(model="fake-base", prompt="hello", max_tokens=4, temperature=0)
+    assert out.choices[0].text == "hell"
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (5, 4)
+    assert engine.requests[-1].adapter_id is None
+    assert engine.requests[-1].params.do_sample is False
+    out = oai.completions.create(model="ad1", prompt="hello", max_tokens=4, temperature=0)
+    assert out.choices[0].text == expected_text("hello", "ad1", 4) == "khoo"
+    assert engine.requests[-1].adapter_id == "ad1"
+
+
+def test_completion_default_temperature_samples(app, oai):
+    _, engine = app
+    oai.completions.create(model="fake-base", prompt="hi", max_tokens=1, seed=7)
+    p = engine.requests[-1].params
+    assert p.do_sample is True and p.temperature == 1.0 and p.seed == 7
+
+
+def test_completion_stream_chunks_and_done(app, oai):
+    client, _ = app
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": "ad1",
+            "prompt": "hello",
+            "max_tokens": 5,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    chunks = events[:-2]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "khoor"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "text_completion" for c in chunks)
+    # The official client reassembles the same text.
+    stream = oai.completions.create(
+        model="ad1", prompt="hello", max_tokens=5, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == "khoor"
+
+
+def test_chat_completion_and_stream(app, oai):
+    _, engine = app
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
+    out = oai.chat.completions.create(model="ad1", messages=messages, max_tokens=6, temperature=0)
+    prompt = "<system>S<user>hi<assistant>"
+    assert engine.requests[-1].prompt_ids == list(prompt.encode())
+    assert out.choices[0].message.content == expected_text(prompt, "ad1", 6)
+    assert out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens == 6
+    stream = oai.chat.completions.create(
+        model="ad1", messages=messages, max_tokens=6, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == out.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_logprobs(app, oai):
+    out = oai.chat.completions.create(
+        model="fake-base",
+        messages=[{"role": "user", "content": "ab"}],
+        max_tokens=2,
+        temperature=0,
+        logprobs=True,
+    )
+    assert [t.logprob for t in out.choices[0].logprobs.content] == [-0.1, -0.2]
+
+
+def test_models_lists_base_and_adapters_with_parent_and_status(app, oai):
+    client, _ = app
+    models = {m.id: m for m in oai.models.list()}
+    assert set(models) == {"fake-base", "ad1"}
+    ad = models["ad1"].model_dump()
+    assert ad["parent"] == "fake-base" and ad["status"] == "stored" and ad["loaded"] is False
+    oai.completions.create(model="ad1", prompt="x", max_tokens=1, temperature=0)  # loads it
+    ad = client.get("/v1/models").json()["data"][1]
+    assert ad["id"] == "ad1" and ad["status"] == "loaded" and ad["loaded"] is True
+
+
+def test_unknown_model_is_404_via_client(app, oai):
+    with pytest.raises(openai.NotFoundError) as info:
+        oai.completions.create(model="missing", prompt="x", max_tokens=1)
+    assert info.value.body["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize(
+    ("route", "extra", "field"),
+    [
+        ("/v1/completions", {"n": 2}, "n"),
+        ("/v1/completions", {"logprobs": 5}, "logprobs"),
+        ("/v1/completions", {"echo": True}, "echo"),
+        ("/v1/completions", {"max_tokens": 100000}, "max_tokens"),
+        ("/v1/completions", {"stop": ["a"] * 9}, "stop"),
+        ("/v1/chat/completions", {"n": 3}, "n"),
+        ("/v1/chat/completions", {"max_completion_tokens": 63}, "max_completion_tokens"),
+        ("/v1/chat/completions", {"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
+        ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools"),
+        ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
+    ],
+)
+def test_openai_caps_are_422_naming_the_field(app, route, extra, field):
+    client, _ = app
+    body = {"model": "fake-base", **extra}
+    body |= (
+        {"prompt": "abc"}
+        if route.endswith("/completions") and "chat" not in route
+        else {"messages": [{"role": "user", "content": "abc"}]}
+    )
+    r = client.post(route, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["message"].startswith(field)
+
+
+def test_openai_client_raises_typed_422(app, oai):
+    with pytest.raises(openai.UnprocessableEntityError):
+        oai.completions.create(model="fake-base", prompt="x", n=2)

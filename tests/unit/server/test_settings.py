@@ -1,0 +1,86 @@
+"""Settings (env FLORA_*), CLI flags, and the adapter metric labeler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from flora_server.cli import parse_settings
+from flora_server.metrics import AdapterLabeler
+from flora_server.settings import Settings, is_valid_adapter_id, parse_adapter_spec
+
+
+def test_defaults(monkeypatch):
+    for key in ("FLORA_HOME", "FLORA_PORT", "FLORA_MODEL"):
+        monkeypatch.delenv(key, raising=False)
+    s = Settings()
+    assert (s.model, s.device, s.host, s.port) == (
+        "smollm2-135m-instruct",
+        "cpu",
+        "127.0.0.1",
+        8000,
+    )
+    assert s.adapter_store_dir == Path("~/.cache/flora/adapters").expanduser()
+    assert not s.auth_enabled
+
+
+def test_env_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLORA_HOME", str(tmp_path))
+    monkeypatch.setenv("FLORA_PORT", "9001")
+    monkeypatch.setenv("FLORA_API_KEYS", "k1, k2")
+    monkeypatch.setenv("FLORA_MAX_QUEUE", "7")
+    s = parse_settings(
+        [
+            "--port",
+            "9002",
+            "--adapter",
+            "x=/a",
+            "--adapter",
+            "/b/yy",
+            "--preload",
+            "--device",
+            "cuda:1",
+            "--no-metrics-public",
+        ]
+    )
+    assert s.port == 9002  # flag beats env
+    assert s.max_queue == 7 and s.api_keys == ["k1", "k2"]
+    assert s.adapters == ["x=/a", "/b/yy"] and s.preload is True and s.device == "cuda:1"
+    assert s.metrics_public is False
+    assert s.adapter_store_dir == tmp_path / "adapters"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"device": "gpu"},
+        {"port": 70000},
+        {"max_queue": 0},
+        {"adapters": ["bad..name=/tmp"]},
+        {"api_keys": ["a"], "admin_keys": ["a"]},
+        {"default_max_new_tokens": 10, "max_new_tokens": 5},
+    ],
+)
+def test_validation_errors(kwargs):
+    with pytest.raises(ValidationError):
+        Settings(**kwargs)
+
+
+def test_adapter_spec_and_ids():
+    assert parse_adapter_spec("name=/some/dir") == ("name", Path("/some/dir"))
+    assert parse_adapter_spec("/some/dir-2") == ("dir-2", Path("/some/dir-2"))
+    assert is_valid_adapter_id("A.b_c-9") and not is_valid_adapter_id("a..b")
+    assert not is_valid_adapter_id("_x") and not is_valid_adapter_id("x" * 129)
+
+
+def test_labeler_bounds_cardinality():
+    lab = AdapterLabeler(top_n=2)
+    assert [lab.label(a) for a in ("a", "b", "c")] == ["a", "b", "other"]
+    assert lab.label(None) == "base"
+    # c reaches 2 > b's 1 and takes b's label; then b reaches 2 > a's 1 and takes a's.
+    assert lab.label("c") == "c" and lab.label("b") == "b"
+    assert lab.label("a") == "other"  # a at 2 does not pass the weakest labelled (2)
+    labels = {lab.label(f"id{i}") for i in range(1000) for _ in range(3)}
+    assert len(labels - {"other"}) <= 4  # never more than 2 * top_n distinct ids
