@@ -1,0 +1,104 @@
+"""Per-request plumbing between the event loop and the worker thread.
+
+`RequestHandle` is shared by both threads: the worker emits events through
+`loop.call_soon_threadsafe` into the handle's asyncio.Queue; the handler side sets
+`cancelled`. `EventStream` is what `generate()` returns. `RowState` is the worker's own
+per-row state (never touched by the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from flora_server.engine.protocol import FinishEvent, GenerationEvent, GenerationRequest
+from flora_server.engine.text import TextStream
+
+
+@dataclass(eq=False)
+class RequestHandle:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    max_new_tokens: int
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # set by the handler side; a plain bool store is atomic
+
+    def emit(self, item: GenerationEvent | BaseException) -> None:
+        """Deliver an event or an error to the handler (worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    def expired(self, now: float) -> bool:
+        deadline = self.request.deadline
+        return deadline is not None and now >= deadline
+
+
+class EventStream:
+    """Async iterator over one request's events. Closing it early (`aclose`, task
+    cancellation or garbage collection) marks the request cancelled; the worker drops it at
+    its next step."""
+
+    def __init__(self, handle: RequestHandle, wake: Callable[[], None]) -> None:
+        self._handle = handle
+        self._wake = wake
+        self._done = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._handle.queue.get()
+        except BaseException:  # CancelledError: the client went away
+            self._cancel()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if isinstance(item, FinishEvent):
+            self._done = True
+        return item
+
+    async def aclose(self) -> None:
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if not self._done:
+            self._done = True
+            self._handle.cancelled = True
+            self._wake()
+
+    def __del__(self) -> None:
+        if not self._done:
+            self._handle.cancelled = True
+
+
+@dataclass(eq=False)
+class RowState:
+    """The worker's state for one running request."""
+
+    handle: RequestHandle
+    slot: int | None
+    text: TextStream
+    generator: torch.Generator | None
+    seen: list[int]  # prompt + generated ids, for the repetition penalty
+    generated: list[int] = field(default_factory=list)  # EOS included
+    first_token_at: float | None = None
+    finished: str | None = None  # the finish reason ("error" on failure) once done
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+    @property
+    def adapter_id(self) -> str | None:
+        return self.handle.request.adapter_id

@@ -1,0 +1,225 @@
+"""One iteration of continuous batching, run on the worker thread.
+
+`Stepper` owns the running `CausalBatch` and applies the mode decision: it merges or
+unmerges through the runtime, sets the per-row routing, decodes the running rows, prefills
+the admitted ones, samples, emits events and drops finished rows. The worker thread
+(`worker.LLMEngine`) does the queueing around it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from flora_server.adapters.cache import AdapterCache
+from flora_server.engine.batch import CausalBatch
+from flora_server.engine.metrics import EngineMetrics
+from flora_server.engine.policy import Mode, choose_mode, update_streak
+from flora_server.engine.protocol import (
+    FinishEvent,
+    FinishReason,
+    RequestFailedError,
+    TokenEvent,
+)
+from flora_server.engine.requests import RowState
+from flora_server.engine.runtime import AdapterRuntime
+from flora_server.engine.sampling import (
+    SamplingTensors,
+    process_logits,
+    seen_mask,
+    select_tokens,
+)
+
+
+class Stepper:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        runtime: AdapterRuntime,
+        cache: AdapterCache,
+        eos_ids: set[int],
+        metrics: EngineMetrics,
+        merge_after_steps: int | None,
+    ) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.cache = cache
+        self.eos_ids = eos_ids
+        self.metrics = metrics
+        self.merge_after_steps = merge_after_steps
+        self.batch: CausalBatch | None = None
+        self.mode: Mode = "idle"
+        self.merged: str | None = None  # adapter folded into the weights
+        self._streak_adapter: str | None = None
+        self._streak = 0
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def rows(self) -> list[RowState]:
+        return [] if self.batch is None else list(self.batch.rows)
+
+    def step(self, admitted: Sequence[RowState], waiting: Sequence[str | None]) -> None:
+        """Decode the running rows, prefill `admitted`, then drop finished rows."""
+        running = [r.adapter_id for r in self.rows] + [r.adapter_id for r in admitted]
+        self._streak_adapter, self._streak = update_streak(
+            self._streak_adapter, self._streak, running
+        )
+        decision = choose_mode(
+            running, waiting, self.merged, self._streak, merge_after_steps=self.merge_after_steps
+        )
+        self._set_merged(decision.merge, admitted)
+        self.mode = decision.mode
+        if self.batch is not None:
+            self._decode()
+        if admitted:
+            try:
+                self._prefill(list(admitted))
+            except Exception as exc:  # a bad prompt fails its own requests, not the batch
+                self.fail(list(admitted), exc)
+        self.drop_finished()
+
+    def _set_merged(self, target: str | None, admitted: Sequence[RowState]) -> None:
+        if target == self.merged:
+            return
+        old = self.merged
+        if target is None:
+            self.runtime.unmerge()
+        else:
+            slot = next(r.slot for r in [*self.rows, *admitted] if r.adapter_id == target)
+            self.runtime.merge(slot)
+        self.merged = target
+        self.metrics.on_mode_switch(old, target)
+
+    @staticmethod
+    def _routing(rows: Sequence[RowState]) -> list[int | None]:
+        # In merged mode every row names the merged slot; the runtime then runs them on
+        # the base path (the adapter already lives in the weights).
+        return [r.slot for r in rows]
+
+    def _decode(self) -> None:
+        assert self.batch is not None
+        started = time.monotonic()
+        self.runtime.set_routing(self._routing(self.batch.rows))
+        logits = self.batch.decode(self.model)
+        tokens = self._sample(self.batch.rows, logits)
+        self.batch.next_tokens = tokens
+        self.metrics.on_step(self.mode, len(self.batch), time.monotonic() - started)
+        self.metrics.on_tokens(len(self.batch))
+
+    def _prefill(self, rows: list[RowState]) -> None:
+        started = time.monotonic()
+        self.runtime.set_routing(self._routing(rows))
+        prompts = [r.request.prompt_ids for r in rows]
+        new, logits = CausalBatch.prefill(self.model, prompts, rows)
+        new.next_tokens = self._sample(rows, logits)
+        self.metrics.on_step(self.mode, len(rows), time.monotonic() - started)
+        self.metrics.on_tokens(len(rows))
+        batches = [new] if self.batch is None else [self.batch, new]
+        self.batch = CausalBatch.concatenate(batches)
+
+    def _sample(self, rows: Sequence[RowState], logits: torch.Tensor) -> torch.Tensor:
+        """logits: [B, V] float32 -> tokens [B]; records and emits each row's token."""
+        params = [r.request.params for r in rows]
+        tensors = SamplingTensors.from_params(params, logits.device)
+        seen = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            lists = [
+                r.seen if p.repetition_penalty != 1.0 else []
+                for r, p in zip(rows, params, strict=True)
+            ]
+            seen = seen_mask(lists, logits.shape[-1], logits.device)
+        processed = process_logits(logits, tensors, seen)
+        tokens = select_tokens(processed, tensors.do_sample, [r.generator for r in rows])
+        logprobs = None
+        if any(p.logprobs for p in params):
+            logprobs = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            self._advance(row, token, logprobs[i] if logprobs and params[i].logprobs else None)
+        return tokens
+
+    def _advance(self, row: RowState, token: int, logprob: float | None) -> None:
+        """Record one token for a row, emit its TokenEvent, and finish the row if done."""
+        now = time.monotonic()
+        if row.first_token_at is None:
+            row.first_token_at = now
+            self.metrics.on_first_token(row.adapter_id, now - row.handle.submitted)
+        row.generated.append(token)
+        row.seen.append(token)
+        full = len(row.generated) >= row.handle.max_new_tokens
+        reason: FinishReason | None = None
+        if token in self.eos_ids:
+            piece, reason = row.text.push(None, final=True), "eos"
+        else:
+            piece = row.text.push(token, final=full)
+            if row.text.stopped:
+                reason = "stop"
+            elif full:
+                reason = "length"
+        row.handle.emit(TokenEvent(token_id=token, text=piece, logprob=logprob))
+        if reason is not None:
+            self.finish(row, reason)
+
+    def finish(self, row: RowState, reason: FinishReason) -> None:
+        """Emit the FinishEvent and release the row's adapter slot (idempotent)."""
+        if row.finished is not None:
+            return
+        row.finished = reason
+        request = row.request
+        row.handle.emit(
+            FinishEvent(
+                reason=reason,
+                generated_text=row.text.released,
+                prompt_tokens=len(request.prompt_ids),
+                generated_tokens=len(row.generated),
+                token_ids=tuple(row.generated),
+            )
+        )
+        if row.slot is not None:
+            self.cache.unpin(row.slot)
+        self.metrics.on_finish(
+            row.adapter_id,
+            reason,
+            len(request.prompt_ids),
+            len(row.generated),
+            time.monotonic() - row.handle.submitted,
+        )
+
+    def fail(self, rows: Sequence[RowState], exc: BaseException) -> None:
+        """Report an error to `rows` and release them."""
+        for row in rows:
+            if row.finished is None:
+                row.finished = "error"
+                row.handle.emit(RequestFailedError(f"generation failed: {exc}"))
+                if row.slot is not None:
+                    self.cache.unpin(row.slot)
+
+    def drop_finished(self) -> None:
+        """Remove finished rows from the batch (and cancelled or expired ones, finishing
+        them first)."""
+        if self.batch is None:
+            return
+        now = time.monotonic()
+        for row in self.batch.rows:
+            if row.handle.cancelled:
+                self.finish(row, "cancelled")
+            elif row.handle.expired(now):
+                self.finish(row, "deadline")
+        keep = [i for i, r in enumerate(self.batch.rows) if r.finished is None]
+        if not keep:
+            self.batch = None
+        elif len(keep) < len(self.batch):
+            self.batch.filter(keep)
+
+    def fail_all(self, exc: BaseException) -> None:
+        if self.batch is not None:
+            self.fail(self.batch.rows, exc)
+        self.batch = None
+
+    def warm_up(self, token_id: int) -> None:
+        """One prefill and one decode on the base model, discarded."""
+        self.runtime.set_routing([None])
+        batch, _ = CausalBatch.prefill(self.model, [[token_id]], [None])
+        self.runtime.set_routing([None])
+        batch.decode(self.model)

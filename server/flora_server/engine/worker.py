@@ -1,0 +1,361 @@
+"""`LLMEngine`: the `GenerationEngine` for causal LMs. One worker thread owns the model, the
+device and the adapter slots; the event loop only enqueues requests and awaits events.
+
+Worker loop, one iteration:
+1. take new requests from the inbox (blocking briefly only when there is nothing to do);
+2. apply adapter invalidations; drop cancelled and expired waiting requests;
+3. admit waiting requests in FIFO order while the batch has room and their adapter is on a
+   device slot (`AdapterCache.lookup`; a miss starts a background load and the request
+   keeps waiting while the others proceed);
+4. `Stepper.step`: choose merged/batched mode (engine/policy.py), decode the running rows,
+   prefill the admitted ones, emit events, drop finished rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import torch
+
+from flora_server.adapters.cache import AdapterCache
+from flora_server.engine.metrics import EngineMetrics, NullEngineMetrics
+from flora_server.engine.protocol import (
+    AdapterSource,
+    EngineError,
+    EngineNotReadyError,
+    EngineStats,
+    FinishEvent,
+    GenerationEvent,
+    GenerationRequest,
+    QueueFullError,
+    RequestFailedError,
+)
+from flora_server.engine.requests import EventStream, RequestHandle, RowState
+from flora_server.engine.runtime import AdapterRuntime, build_serving_runtime
+from flora_server.engine.sampling import make_generator
+from flora_server.engine.stepper import Stepper
+from flora_server.engine.text import TextStream
+
+log = logging.getLogger(__name__)
+_WAKE = object()
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """The request cannot be served as given (empty prompt, prompt too long, bad ids)."""
+
+
+class LLMEngine:
+    """Continuous-batching engine over a `flora.models.LoadedModel` of kind "causal-lm"."""
+
+    kind = "causal-lm"
+
+    def __init__(
+        self,
+        loaded: Any,
+        source: AdapterSource,
+        *,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        max_slots: int = 8,
+        host_cache_bytes: int = 1 << 30,
+        max_new_tokens_cap: int = 1024,
+        merge_after_steps: int | None = 4,
+        loader_threads: int = 2,
+        runtime: AdapterRuntime | None = None,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        self.model_name: str = loaded.name
+        self.context_length: int = int(loaded.context_length)
+        self.max_slots = max_slots
+        self._model = loaded.model
+        self._tokenizer = loaded.preprocessor
+        self._max_batch_size = max_batch_size
+        self._max_queue = max_queue
+        self._max_new_tokens_cap = max_new_tokens_cap
+        self._metrics = metrics or NullEngineMetrics()
+        self._runtime = runtime or build_serving_runtime(self._model, max_slots)
+        self._inbox: queue.Queue = queue.Queue()
+        self.cache = AdapterCache(
+            source,
+            self._runtime,
+            max_slots=max_slots,
+            host_bytes=host_cache_bytes,
+            loader_threads=loader_threads,
+            metrics=self._metrics,
+            on_loaded=self._wake,
+        )
+        self._stepper = Stepper(
+            self._model,
+            self._runtime,
+            self.cache,
+            eos_token_ids(self._model, self._tokenizer),
+            self._metrics,
+            merge_after_steps,
+        )
+        self._device = next(self._model.parameters()).device
+        self._lock = threading.Lock()
+        self._waiting_count = 0  # inbox + worker's waiting list
+        self._stats = EngineStats(0, 0, (), (), max_slots, "idle")
+        self._thread: threading.Thread | None = None
+        self._ready = False
+        self._accepting = False
+        self._crashed = False
+        self._stopping = False
+        self._abort = False
+
+    # -- GenerationEngine ------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self._accepting and self.healthy
+
+    @property
+    def healthy(self) -> bool:
+        if self._crashed:
+            return False
+        return self._thread is None or self._thread.is_alive() or self._stopping
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="flora-engine", daemon=True)
+        self._thread.start()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if not self.ready:
+            raise EngineNotReadyError("the engine is starting or shutting down")
+        max_new = self._max_new_tokens(request)
+        with self._lock:
+            if self._waiting_count >= self._max_queue:
+                raise QueueFullError(retry_after=1.0)
+            self._waiting_count += 1
+        handle = RequestHandle(request, asyncio.get_running_loop(), asyncio.Queue(), max_new)
+        self._inbox.put(handle)
+        return EventStream(handle, self._wake)
+
+    async def tokenize(self, text: str) -> list[int]:
+        return await asyncio.to_thread(self._encode, text)
+
+    async def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        return await asyncio.to_thread(
+            self._tokenizer.apply_chat_template,
+            list(messages),
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            stats, waiting = self._stats, self._waiting_count
+        return EngineStats(
+            running=stats.running,
+            waiting=waiting,
+            running_adapters=stats.running_adapters,
+            waiting_adapters=stats.waiting_adapters,
+            max_slots=self.max_slots,
+            mode=stats.mode,
+            loaded_adapters=self.cache.device_adapters(),
+        )
+
+    def invalidate_adapter(self, adapter_id: str) -> None:
+        self.cache.invalidate(adapter_id)
+        self._wake()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, let running and queued requests finish for up to `timeout`
+        seconds, then cancel what is left and stop the worker."""
+        self._accepting = False
+        self._stopping = True
+        self._wake()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout)
+            if self._thread.is_alive():
+                self._abort = True
+                self._wake()
+                await asyncio.to_thread(self._thread.join, 5.0)
+        self.cache.close()
+
+    # -- helpers for the event-loop side -----------------------------------------------
+
+    def _wake(self) -> None:
+        self._inbox.put(_WAKE)
+
+    def _encode(self, text: str) -> list[int]:
+        bos = getattr(self._tokenizer, "bos_token", None)
+        add_special = not (bos and text.startswith(bos))
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special))
+
+    def _max_new_tokens(self, request: GenerationRequest) -> int:
+        """min(requested, server cap, room left in the context); rejects unusable prompts."""
+        n_prompt = len(request.prompt_ids)
+        if n_prompt == 0:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self._stepper.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        room = self.context_length - n_prompt
+        if room <= 0:
+            raise InvalidRequestError(
+                f"the prompt has {n_prompt} tokens; the context length is {self.context_length}"
+            )
+        return max(1, min(request.params.max_new_tokens, self._max_new_tokens_cap, room))
+
+    # -- worker thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        waiting: deque[RequestHandle] = deque()
+        try:
+            with torch.inference_mode():
+                self._stepper.warm_up(token_id=0)
+                self._ready = True
+                while not self._finished(waiting):
+                    self._iterate(waiting)
+        except BaseException:
+            log.exception("engine worker died")
+            self._crashed = True
+            self._stepper.fail_all(RuntimeError("engine worker died"))
+            for handle in waiting:
+                handle.emit(RequestFailedError("engine worker died"))
+            raise
+        finally:
+            self._ready = False
+
+    def _finished(self, waiting: deque[RequestHandle]) -> bool:
+        if self._abort:
+            for handle in waiting:
+                self._finish_waiting(handle, "cancelled")
+            waiting.clear()
+            for row in self._stepper.rows:
+                self._stepper.finish(row, "cancelled")
+            self._stepper.drop_finished()
+            return True
+        return self._stopping and not waiting and self._stepper.batch is None
+
+    def _iterate(self, waiting: deque[RequestHandle]) -> None:
+        idle = self._stepper.batch is None
+        self._drain_inbox(waiting, block=idle, timeout=0.5 if not waiting else 0.02)
+        self.cache.apply_invalidations()
+        self._expire_waiting(waiting)
+        admitted = self._admit(waiting)
+        if self._stepper.batch is not None or admitted:
+            try:
+                self._stepper.step(admitted, [h.request.adapter_id for h in waiting])
+            except Exception as exc:
+                log.exception("decode step failed; failing the running requests")
+                self._stepper.fail_all(exc)
+        else:
+            self._stepper.mode = "idle"
+        self._publish_stats(waiting)
+
+    def _drain_inbox(self, waiting: deque[RequestHandle], block: bool, timeout: float) -> None:
+        items = []
+        if block:
+            try:
+                items.append(self._inbox.get(timeout=timeout))
+            except queue.Empty:
+                return
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        waiting.extend(item for item in items if item is not _WAKE)
+
+    def _finish_waiting(self, handle: RequestHandle, reason: str) -> None:
+        with self._lock:
+            self._waiting_count -= 1
+        n_prompt = len(handle.request.prompt_ids)
+        if reason != "error":
+            handle.emit(FinishEvent(reason, "", n_prompt, 0))  # type: ignore[arg-type]
+            self._metrics.on_finish(
+                handle.request.adapter_id, reason, n_prompt, 0, time.monotonic() - handle.submitted
+            )
+
+    def _expire_waiting(self, waiting: deque[RequestHandle]) -> None:
+        now = time.monotonic()
+        for handle in list(waiting):
+            if handle.cancelled or handle.expired(now):
+                waiting.remove(handle)
+                self._finish_waiting(handle, "cancelled" if handle.cancelled else "deadline")
+
+    def _admit(self, waiting: deque[RequestHandle]) -> list[RowState]:
+        """FIFO admission of requests whose adapter is on a device slot; a request whose
+        adapter is still loading is skipped, not blocking the ones behind it."""
+        room = self._max_batch_size - len(self._stepper.rows)
+        admitted: list[RowState] = []
+        for handle in list(waiting):
+            if len(admitted) >= room:
+                break
+            adapter_id = handle.request.adapter_id
+            slot = None
+            if adapter_id is not None:
+                try:
+                    slot = self.cache.lookup(adapter_id)
+                except EngineError as exc:
+                    waiting.remove(handle)
+                    self._finish_waiting(handle, "error")
+                    handle.emit(exc)
+                    continue
+                if slot is None:
+                    continue
+                self.cache.pin(slot)
+            waiting.remove(handle)
+            with self._lock:
+                self._waiting_count -= 1
+            admitted.append(self._row(handle, slot))
+        return admitted
+
+    def _row(self, handle: RequestHandle, slot: int | None) -> RowState:
+        params = handle.request.params
+        decode = self._decode_text
+        return RowState(
+            handle=handle,
+            slot=slot,
+            text=TextStream(decode=decode, stops=tuple(s for s in params.stop if s)),
+            generator=make_generator(params.seed, self._device) if params.do_sample else None,
+            seen=list(handle.request.prompt_ids),
+        )
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _publish_stats(self, waiting: deque[RequestHandle]) -> None:
+        rows = self._stepper.rows
+        stats = EngineStats(
+            running=len(rows),
+            waiting=len(waiting),
+            running_adapters=tuple(sorted({r.adapter_id for r in rows if r.adapter_id})),
+            waiting_adapters=tuple(
+                sorted({h.request.adapter_id for h in waiting if h.request.adapter_id})
+            ),
+            max_slots=self.max_slots,
+            mode=self._stepper.mode if rows else "idle",
+        )
+        with self._lock:
+            self._stats = stats
+            waiting_total = self._waiting_count
+        self._metrics.on_queue(waiting_total, len(rows))
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """EOS ids from the generation config (an int or a list) and the tokenizer."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos is not None:
+        ids.update(int(e) for e in eos)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

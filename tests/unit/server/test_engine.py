@@ -1,0 +1,173 @@
+"""LLMEngine end to end on a tiny random Llama with real flora adapters and flora.serving.
+
+The references are independent of the engine: a fresh model run with full forward passes
+(no KV cache, no padding), with the adapter applied by flora itself and merged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from conftest import (
+    DictSource,
+    TinyLoaded,
+    make_char_tokenizer,
+    make_flora_adapter,
+    make_tiny_llama,
+    merged_reference_model,
+)
+from test_engine_batch import greedy_alone
+
+from flora_server.engine.protocol import (
+    FinishEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+from flora_server.engine.worker import LLMEngine
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adapters")
+    return {"x": make_flora_adapter(1, tmp), "y": make_flora_adapter(2, tmp)}
+
+
+def make_engine(adapters, gates=None, **kwargs) -> LLMEngine:
+    torch.manual_seed(0)
+    loaded = TinyLoaded(model=make_tiny_llama(), preprocessor=make_char_tokenizer())
+    engine = LLMEngine(loaded, DictSource(adapters, gates), **kwargs)
+    engine.start()
+    deadline = time.monotonic() + 30
+    while not engine.ready:
+        assert time.monotonic() < deadline, "engine did not become ready"
+        time.sleep(0.01)
+    return engine
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, **kw)
+
+
+async def collect(engine, request):
+    events = [e async for e in engine.generate(request)]
+    assert isinstance(events[-1], FinishEvent)
+    assert all(isinstance(e, TokenEvent) for e in events[:-1])
+    return events
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+PROMPTS = {
+    "x1": [5, 17, 33, 60, 8],
+    "y1": [40, 41, 42],
+    "b1": [9, 9, 70, 3, 3, 3, 12],
+    "x2": [88],
+    "b2": [20, 30],
+}
+ADAPTER_OF = {"x1": "x", "y1": "y", "b1": None, "x2": "x", "b2": None}
+
+
+def test_mixed_batch_matches_solo_and_flora_merge(adapters) -> None:
+    """Greedy tokens of X rows in a concurrent X/Y/base batch equal X alone in the engine
+    and flora.merge(X) run directly; base rows equal the base model."""
+    steps = 10
+    engine = make_engine(adapters, merge_after_steps=None)
+
+    async def mixed():
+        async def one(key, delay):
+            await asyncio.sleep(delay)
+            req = GenerationRequest(key, PROMPTS[key], greedy(steps), ADAPTER_OF[key])
+            return key, await collect(engine, req)
+
+        delays = {"x1": 0, "y1": 0, "b1": 0, "x2": 0.05, "b2": 0.1}
+        return dict(await asyncio.gather(*(one(k, d) for k, d in delays.items())))
+
+    try:
+        results = run(mixed())
+        solo = run(collect(engine, GenerationRequest("s", PROMPTS["x1"], greedy(steps), "x")))
+    finally:
+        run(engine.shutdown(5))
+    refs = {
+        "x": merged_reference_model(adapters["x"]),
+        "y": merged_reference_model(adapters["y"]),
+        None: make_tiny_llama(),
+    }
+    for key, events in results.items():
+        expected = greedy_alone(refs[ADAPTER_OF[key]], PROMPTS[key], steps)
+        assert list(events[-1].token_ids) == expected, key
+    assert list(solo[-1].token_ids) == list(results["x1"][-1].token_ids)
+    # The adapters matter: X's tokens differ from the base model's.
+    assert list(results["x1"][-1].token_ids) != greedy_alone(refs[None], PROMPTS["x1"], steps)
+
+
+def test_merged_mode_output_and_switches(adapters) -> None:
+    """A homogeneous X batch goes merged after the hysteresis and still equals the
+    reference; a base request afterwards runs on bitwise-restored weights."""
+    switches = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            if name == "on_mode_switch":
+                return lambda old, new: switches.append((old, new))
+            return lambda *a, **k: None
+
+    engine = make_engine(adapters, merge_after_steps=2, metrics=Recorder())
+    base_state = {k: v.clone() for k, v in engine._model.state_dict().items()}
+    try:
+        x = run(collect(engine, GenerationRequest("a", PROMPTS["x1"], greedy(12), "x")))
+        b = run(collect(engine, GenerationRequest("b", PROMPTS["b1"], greedy(6), None)))
+    finally:
+        run(engine.shutdown(5))
+    assert switches == [(None, "x"), ("x", None)]
+    ref = greedy_alone(merged_reference_model(adapters["x"]), PROMPTS["x1"], 12)
+    assert list(x[-1].token_ids) == ref
+    assert list(b[-1].token_ids) == greedy_alone(make_tiny_llama(), PROMPTS["b1"], 6)
+    state = engine._model.state_dict()
+    for name, value in base_state.items():
+        key = name if name in state else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(state[key], value), name
+
+
+def place(cache, adapter_id: str) -> int:
+    """Look the adapter up until its background load lands on a slot."""
+    deadline = time.monotonic() + 10
+    while (slot := cache.lookup(adapter_id)) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return slot
+
+
+def test_thousand_merge_swaps_restore_base_bitwise(adapters) -> None:
+    loaded = TinyLoaded(model=make_tiny_llama(), preprocessor=make_char_tokenizer())
+    weights = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    engine = LLMEngine(loaded, DictSource(adapters))  # not started: this thread drives it
+    runtime = engine._runtime
+    slot_x, slot_y = place(engine.cache, "x"), place(engine.cache, "y")
+    for i in range(1000):
+        runtime.merge(slot_x if i % 2 == 0 else slot_y)
+        if i % 3 == 0:
+            runtime.unmerge()
+    runtime.merge(slot_x)
+    changed = [n for n, p in base_params(loaded.model).items() if not torch.equal(p, weights[n])]
+    assert len(changed) == 2 * 4  # 4 target kinds x 2 layers carry a merged adapter now
+    runtime.unmerge()
+    restored = base_params(loaded.model)
+    assert restored.keys() == weights.keys()
+    for name, value in weights.items():
+        assert torch.equal(restored[name], value), name
+    engine.cache.close()
+
+
+def base_params(model) -> dict[str, torch.Tensor]:
+    """The base model's parameters under their original names (serving wraps modules)."""
+    out = {}
+    for name, param in model.named_parameters():
+        out.setdefault(name.replace(".base_layer.", "."), param)
+    return {n: p for n, p in out.items() if "bank" not in n and ".slots" not in n}
