@@ -196,7 +196,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     store = LocalAdapterStore(settings.adapter_store_dir)
     app.state.settings = settings
     app.state.metrics = ServerMetrics(settings.metrics_top_adapters)
-    app.state.registry = AdapterRegistry(store, settings.home / "uploads")
+    # Staged uploads live beside the store (same filesystem; ignored by its listing).
+    app.state.registry = AdapterRegistry(store, settings.adapter_store_dir / ".uploads")
     app.state.engine = None
     app.state.warmed = False
     app.state.startup_error = None
