@@ -91,8 +91,10 @@ def _short_digest(sha256: str | None) -> str:
 
 
 def _where(info: AdapterInfo) -> str:
+    if info.location:
+        return info.location
     extra = info.model_extra or {}
-    for key in ("location", "status", "where", "state"):
+    for key in ("status", "where", "state"):
         value = extra.get(key)
         if isinstance(value, str):
             return value

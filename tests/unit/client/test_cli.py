@@ -73,10 +73,14 @@ def test_adapters_upload_list_show_delete(
     assert result.exit_code == 0
     assert result.stdout.startswith(f"replaced ad1, {config_size + 7} bytes")
     assert stub.last_form["overwrite"] == "true"
+    digest2 = stub.adapters["ad1"]["sha256"]
 
     result = flora(runner, stub_url, "adapters", "list")
     assert result.exit_code == 0
-    assert "ad1" in result.stdout and "1 adapter(s) of 1" in result.stdout
+    assert "1 adapter(s) of 1" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if "ad1" in line)
+    cells = [cell.strip() for cell in row.split("│")[1:5]]
+    assert cells == ["ad1", f"{config_size + 7}", digest2[:12], "stored"]
 
     result = flora(runner, stub_url, "adapters", "list", "--json")
     listed = json.loads(result.stdout)
