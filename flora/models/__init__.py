@@ -19,6 +19,7 @@ from flora.models.registry import EmbeddedModel, KindRule, LoadRequest, ModelReg
 from flora.models.storage import home
 from flora.models.text_encoder import encode, mean_pool, pool
 from flora.models.types import MODEL_KINDS, LoadedModel, ModelKind, Pooling
+from flora.models.weights import canonical_state_dict, read_safetensors
 from flora.models.zoo import load, prepare
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "Pooling",
     "UnknownModelError",
     "UnsupportedModelError",
+    "canonical_state_dict",
     "embedded_models",
     "encode",
     "home",
@@ -43,4 +45,5 @@ __all__ = [
     "mean_pool",
     "pool",
     "prepare",
+    "read_safetensors",
 ]

@@ -54,6 +54,10 @@ def test_smollm2_fingerprint_is_of_the_fp32_files_and_dtype_independent(smollm2)
     bf16 = fm.load("smollm2-135m-instruct", dtype=torch.bfloat16)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     assert bf16.fingerprint == smollm2.fingerprint
+    # The file omits the tied lm_head; the canonical state dict puts it back.
+    canonical = fm.canonical_state_dict(bf16)
+    assert "lm_head.weight" in canonical and canonical["lm_head.weight"].dtype == torch.float32
+    assert base_fingerprint(canonical) == smollm2.fingerprint
 
 
 def test_second_prepare_does_not_reconvert(smollm2):

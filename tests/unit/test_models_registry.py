@@ -18,10 +18,12 @@ from flora.models import (
     ModelRegistry,
     UnknownModelError,
     UnsupportedModelError,
+    canonical_state_dict,
     embedded_models,
     home,
     load,
     prepare,
+    read_safetensors,
 )
 from flora.models.__main__ import main as cli_main
 from flora.models.hf_dir import resolve_rule
@@ -195,14 +197,14 @@ def _tokenizer_dir(path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
-def _tiny_hf(path: Path, arch: str) -> nn.Module:
+def _tiny_hf(path: Path, arch: str, **extra: object) -> nn.Module:
     import transformers
 
     torch.manual_seed(0)
     if arch.startswith("Llama"):
         cfg = transformers.LlamaConfig(
             vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, **extra,
         )  # fmt: skip
     else:
         cfg = transformers.BertConfig(
@@ -256,6 +258,19 @@ def test_hf_fingerprint_is_cached_by_path_and_mtime(tmp_path, monkeypatch):
     monkeypatch.undo()
     changed = load(tmp_path / "m", home=tmp_path / "home")
     assert changed.fingerprint == base_fingerprint(ref) != first.fingerprint
+
+
+def test_canonical_state_dict_restores_tied_weights(tmp_path):
+    ref = _tiny_hf(tmp_path / "m", "LlamaForCausalLM", tie_word_embeddings=True)
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight
+    loaded = load(tmp_path / "m", home=tmp_path / "home", dtype=torch.bfloat16)
+    stored = read_safetensors(loaded.source_path)
+    assert "lm_head.weight" not in stored  # HF drops the tied copy on save
+    canonical = canonical_state_dict(loaded)
+    assert set(canonical) == set(ref.state_dict())
+    assert all(v.dtype == torch.float32 for v in canonical.values())
+    assert torch.equal(canonical["lm_head.weight"], ref.lm_head.weight)
+    assert base_fingerprint(canonical) == loaded.fingerprint == base_fingerprint(ref)
 
 
 def test_sentence_transformers_dir_pooling_and_context(tmp_path):
