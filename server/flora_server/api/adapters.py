@@ -218,11 +218,12 @@ def _location(engine: GenerationEngine | None, adapter_id: str) -> tuple[str, in
     stats = engine.stats()
     running = stats.running_adapters.count(adapter_id)
     waiting = stats.waiting_adapters.count(adapter_id)
-    where = getattr(engine, "adapter_location", None)
-    if callable(where):
-        return str(where(adapter_id)), running, waiting
     if adapter_id in stats.loaded_adapters or running:
         return "device", running, waiting
+    # The host tier is not in the protocol; LLMEngine exposes its AdapterCache.
+    host_adapters = getattr(getattr(engine, "cache", None), "host_adapters", None)
+    if callable(host_adapters) and adapter_id in host_adapters():
+        return "host", running, waiting
     return "stored", running, waiting
 
 

@@ -102,8 +102,9 @@ def test_invalid_adapter_422_and_nothing_stored(app, tmp_path):
     r = post_archive(client, "bad", (2**40).to_bytes(8, "little") + b"{}")  # huge header length
     assert r.status_code == 422 and "too large" in r.json()["error"]["message"]
     assert client.get("/v1/adapters").json()["data"] == []
-    leftovers = list((tmp_path / "home").rglob(".*"))
-    assert leftovers == []  # staged temp files are cleaned up
+    store = tmp_path / "home" / "adapters"
+    assert list((store / ".uploads").iterdir()) == []  # staged parts are cleaned up
+    assert [p.name for p in store.iterdir()] == [".uploads"]
 
 
 @pytest.mark.parametrize("bad_id", ["../x", ".hidden", "a..b", "a/b", "x" * 129, "-a", ""])

@@ -181,3 +181,19 @@ def test_malformed_json_is_422_not_500(app):
     assert set(r.json()["error"]) >= {"type", "message"}
     r = client.post("/generate", json={"parameters": {}})
     assert r.status_code == 422 and r.json()["error"]["param"] == "inputs"
+
+
+def test_engine_invalid_request_is_422(app):
+    from flora_server.engine.protocol import EngineError
+
+    class InvalidRequestError(EngineError, ValueError):
+        pass
+
+    client, engine = app
+
+    def refuse(request):
+        raise InvalidRequestError("prompt token ids must be in [0, 49152)")
+
+    engine.generate = refuse
+    r = client.post("/v1/completions", json={"model": "fake-base", "prompt": [99999999]})
+    assert r.status_code == 422 and "token ids" in r.json()["error"]["message"]
