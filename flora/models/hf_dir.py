@@ -78,6 +78,15 @@ def kind_rules() -> KindRegistry:
             load=hf_loaders.load_text_encoder,
         )
     )
+    rules.register(
+        KindRule(
+            kind="text-encoder",
+            description="architectures names a masked-LM class (BertForMaskedLM, ...): the "
+            "encoder without its LM head, mean pooling",
+            matches=_architectures_in("MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+            load=hf_loaders.load_text_encoder,
+        )
+    )
     return rules
 
 

@@ -96,7 +96,10 @@ def _load_auto(req: LoadRequest, auto_name: str, kind: ModelKind, **extra: Any) 
     source = weights_file(req.directory)
     # Weights are loaded straight in the runtime dtype; the fingerprint was taken from the
     # fp32 files beforehand, so it does not depend on this choice.
-    model = auto.from_pretrained(str(req.directory), dtype=req.dtype)
+    model, info = auto.from_pretrained(
+        str(req.directory), dtype=req.dtype, output_loading_info=True
+    )
+    _refuse_random_weights(model, set(info.get("missing_keys") or ()), kind, req.directory)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(req.directory))
     labels = None
     if kind == "text-classifier":
@@ -114,6 +117,23 @@ def _load_auto(req: LoadRequest, auto_name: str, kind: ModelKind, **extra: Any) 
         config={"hidden_size": getattr(model.config, "hidden_size", None)},
         **extra,
     )
+
+
+def _refuse_random_weights(model: nn.Module, missing: set[str], kind: str, where: Path) -> None:
+    """A parameter absent from the checkpoint is randomly initialised by transformers: the
+    base would differ on every load (and so would its fingerprint). An encoder loaded from a
+    masked-LM checkpoint lacks only the pooler, which embeddings never use: drop it.
+    Anything else missing is refused."""
+    only_pooler = bool(missing) and all(k.startswith("pooler.") for k in missing)
+    if kind == "text-encoder" and only_pooler and getattr(model, "pooler", None) is not None:
+        model.pooler = None
+        return
+    if missing:
+        shown = ", ".join(sorted(missing)[:5])
+        raise UnsupportedModelError(
+            f"{where}: checkpoint lacks {len(missing)} weight(s) the {kind} needs ({shown}); "
+            "they would be randomly initialised"
+        )
 
 
 def load_causal_lm(req: LoadRequest) -> LoadedModel:

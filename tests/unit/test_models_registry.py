@@ -139,6 +139,30 @@ def test_interrupted_conversion_leaves_nothing_and_is_redone(tmp_path):
     assert (models / "tiny" / "fingerprint.json").is_file()
 
 
+def test_concurrent_prepares_convert_once(tmp_path):
+    import threading
+    import time
+
+    calls: list[str] = []
+    spec = _fake_spec(calls)
+    slow = EmbeddedModel(
+        spec.name, spec.kind, spec.package, spec.pip_spec, spec.description,
+        lambda src, out: (time.sleep(0.3), spec.convert(src, out))[1], spec.load,
+    )  # fmt: skip
+    reg = _registry(slow)
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(prepare("tiny", tmp_path, registry=reg)))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1  # flock serialises; the others find the directory complete
+    assert results == [tmp_path / "models" / "tiny"] * 3
+
+
 def test_format_version_bump_reconverts(tmp_path):
     calls: list[str] = []
     prepare("tiny", tmp_path, registry=_registry(_fake_spec(calls, version=1)))
@@ -224,15 +248,22 @@ def _tiny_hf(path: Path, arch: str, **extra: object) -> nn.Module:
         ("LlamaForCausalLM", "causal-lm"),
         ("BertForSequenceClassification", "text-classifier"),
         ("BertModel", "text-encoder"),
+        ("BertForMaskedLM", "text-encoder"),
     ],
 )
 def test_hf_directory_kind_and_fingerprint(tmp_path, arch, kind):
     ref = _tiny_hf(tmp_path / "m", arch)
     loaded = load(tmp_path / "m", home=tmp_path / "home", dtype=torch.bfloat16)
     assert loaded.kind == kind
-    assert type(loaded.model).__name__ == arch
+    # A masked LM serves as an encoder: the bare BertModel, LM head dropped.
+    assert type(loaded.model).__name__ == ("BertModel" if arch == "BertForMaskedLM" else arch)
     assert not loaded.model.training
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    if arch == "BertForMaskedLM":  # the encoder without LM head nor (absent) pooler
+        ref = ref.bert
+        assert loaded.model.pooler is None and set(loaded.model.state_dict()) == set(
+            ref.state_dict()
+        )
     assert loaded.fingerprint == base_fingerprint(ref)  # of the fp32 weights
     assert loaded.source_path == (tmp_path / "m" / "model.safetensors").resolve()
     assert loaded.context_length == 24  # min(tokenizer 24, positions 32)
@@ -301,6 +332,16 @@ def test_unrecognised_directories_are_refused(tmp_path):
     (tmp_path / "a" / "config.json").write_text(json.dumps({"architectures": ["NoSuchNet"]}))
     with pytest.raises(UnsupportedModelError, match="NoSuchNet"):
         resolve_rule(tmp_path / "a")
+
+
+def test_randomly_initialised_heads_are_refused(tmp_path):
+    # A bare encoder checkpoint declared as a classifier would get a random head.
+    _tiny_hf(tmp_path / "m", "BertModel")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["architectures"] = ["BertForSequenceClassification"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"classifier\.weight"):
+        load(tmp_path / "m", home=tmp_path / "home")
 
 
 def test_pickle_only_directory_is_refused(tmp_path):
