@@ -13,7 +13,7 @@ def greedy_alone(model, prompt: list[int], steps: int) -> list[int]:
     out = []
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            logits = model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
             token = int(logits.argmax())
             out.append(token)
             ids.append(token)
