@@ -104,12 +104,22 @@ def fold_two_mode(mf: ModuleFactors) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def modules_from_adapter(adapter: Any) -> dict[str, ModuleFactors]:
-    """Read ``flora.adapter.Adapter`` (``layer_names``, ``core``, ``factors``,
-    ``modules[name].kind``, ``config.scale``) into ``{module name: ModuleFactors}``."""
+    """Read a ``flora.Adapter`` into ``{module name: ModuleFactors}``.
+
+    Adapters with ``train_modules`` saved whole (e.g. a new classifier head) are refused:
+    a module replaced wholesale cannot be shared per row (its output shape may differ).
+    """
+    full = adapter.full_modules() if hasattr(adapter, "full_modules") else []
+    if full:
+        raise ValueError(
+            f"adapter replaces whole modules {full}: not servable per row "
+            "(apply it with flora.apply_adapter on a dedicated model instead)"
+        )
     scale = float(adapter.config.scale)
     out: dict[str, ModuleFactors] = {}
     for name in adapter.layer_names():
-        kind = adapter.modules[name].kind
+        entry = adapter.modules[name]
+        kind = entry.spec.kind if hasattr(entry, "spec") else entry.kind
         out[name] = ModuleFactors(
             kind=str(kind),
             core=adapter.core(name),

@@ -83,13 +83,15 @@ POLICIES = {
     "rows": ServingPolicy(wide_max_rank=0, conv_segments_max=0),
 }
 ROUTING = [0, -1, 1, 2, 0, None, 1]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 @pytest.mark.parametrize("t", [1, 5])
-def test_mixed_batch_matches_reference(policy: str, t: int) -> None:
+def test_mixed_batch_matches_reference(policy: str, t: int, device: str) -> None:
     torch.manual_seed(0)
-    base = Toy()
+    base = Toy().to(device)
     ref = copy.deepcopy(base)
     adapters = make_adapters()
     serving = ServingModel(base, max_slots=4, max_rank=16, policy=POLICIES[policy])
@@ -99,7 +101,7 @@ def test_mixed_batch_matches_reference(policy: str, t: int) -> None:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name in SHAPES:
-            x = inputs(name, len(ROUTING), t, gen)
+            x = inputs(name, len(ROUTING), t, gen).to(device)
             got = getattr(serving.model, name)(x)
             slots = {k: a[name] for k, a in enumerate(adapters) if name in a}
             want = reference_forward(getattr(ref, name), x, ROUTING, slots)

@@ -6,14 +6,14 @@ import copy
 
 import pytest
 import torch
-from test_serving_layers import SHAPES, Toy, inputs, make_adapters
+from test_serving_layers import DEVICES, SHAPES, Toy, inputs, make_adapters
 
 from flora.serving import ServingModel
 
 
-def loaded(seed: int = 0) -> tuple[ServingModel, Toy]:
+def loaded(seed: int = 0, device: str = "cpu") -> tuple[ServingModel, Toy]:
     torch.manual_seed(seed)
-    base = Toy()
+    base = Toy().to(device)
     ref = copy.deepcopy(base)
     serving = ServingModel(base, max_slots=3)
     for slot, modules in enumerate(make_adapters(seed)):
@@ -25,10 +25,11 @@ def base_weights(serving: ServingModel) -> dict[str, torch.Tensor]:
     return {n: w.weight.detach().clone() for n, w in serving.named_wrappers()}
 
 
-def test_merged_equals_batched_for_homogeneous_batch() -> None:
-    serving, _ = loaded()
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_equals_batched_for_homogeneous_batch(device: str) -> None:
+    serving, _ = loaded(device=device)
     gen = torch.Generator().manual_seed(7)
-    xs = {name: inputs(name, 4, 3, gen) for name in SHAPES}
+    xs = {name: inputs(name, 4, 3, gen).to(device) for name in SHAPES}
     with torch.no_grad():
         serving.set_routing([1, 1, 1, 1])
         batched = {n: getattr(serving.model, n)(x) for n, x in xs.items()}
@@ -55,8 +56,9 @@ def test_routing_rules_while_merged() -> None:
     assert any(p is not None for p in serving.routing.plans)
 
 
-def test_thousand_merge_cycles_restore_base_bitwise() -> None:
-    serving, ref = loaded()
+@pytest.mark.parametrize("device", DEVICES)
+def test_thousand_merge_cycles_restore_base_bitwise(device: str) -> None:
+    serving, ref = loaded(device=device)
     before = base_weights(serving)
     for i in range(1000):
         serving.merge(i % 3)
@@ -67,8 +69,10 @@ def test_thousand_merge_cycles_restore_base_bitwise() -> None:
     for name in before:
         assert torch.equal(after[name], before[name]), name
         assert torch.equal(after[name], getattr(ref, name).weight), name
-    # host copies only for the modules that were merged
+    # host copies only for the modules that were merged, pinned when the device is CUDA
     assert set(serving._host_weights) == set(before)
+    for host in serving._host_weights.values():
+        assert host.device.type == "cpu" and host.is_pinned() == (device == "cuda")
 
 
 def test_switching_merged_slot_restores_first() -> None:
