@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
+from flora_server.adapters.freshness import StoreRechecker
 from flora_server.adapters.registry import (
     AdapterRegistry,
     AdapterValidationError,
     AdapterValidator,
 )
-from flora_server.adapters.store import LocalAdapterStore
+from flora_server.adapters.stores import open_store
 from flora_server.api import adapters, generate, health, openai
 from flora_server.engine.protocol import GenerationEngine, GenerationRequest, SamplingParams
 from flora_server.errors import install_error_handlers
@@ -138,6 +139,11 @@ async def _start_engine(app: FastAPI, factory: EngineFactory) -> None:
             logger.info("adapter %s from %s: %s", adapter_id, directory, result.status)
         engine.start()
         state.engine = engine
+        # Deletes and overwrites made through other replicas reach this one's caches here.
+        state.rechecker = StoreRechecker(
+            state.registry, settings.store_recheck_seconds, engine.invalidate_adapter
+        )
+        state.rechecker.start()
         state.metrics.bind_engine_stats(engine.stats)
         while not engine.ready:  # the worker warms up before it reports ready
             if not engine.healthy:
@@ -183,6 +189,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+            if app.state.rechecker is not None:
+                app.state.rechecker.stop()
             engine: GenerationEngine | None = app.state.engine
             if engine is not None:
                 await engine.shutdown(settings.shutdown_timeout)
@@ -193,11 +201,17 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
         summary="Many FLoRA adapters on one base model: TGI/LoRAX and OpenAI shaped APIs.",
         lifespan=lifespan,
     )
-    store = LocalAdapterStore(settings.adapter_store_dir)
+    store = open_store(settings)
     app.state.settings = settings
     app.state.metrics = ServerMetrics(settings.metrics_top_adapters)
     # Staged uploads live beside the store (same filesystem; ignored by its listing).
-    app.state.registry = AdapterRegistry(store, settings.adapter_store_dir / ".uploads")
+    # A remote store answers `exists` (asked on every request) with a round trip: reuse
+    # answers for a fraction of the recheck bound. A directory is asked every time.
+    exists_ttl = 0.0 if settings.adapter_store_url is None else settings.store_recheck_seconds / 2
+    app.state.registry = AdapterRegistry(
+        store, settings.adapter_store_dir / ".uploads", exists_ttl=exists_ttl
+    )
+    app.state.rechecker = None
     app.state.engine = None
     app.state.warmed = False
     app.state.startup_error = None

@@ -51,8 +51,20 @@ class Settings(BaseSettings):
     home: Path = Field(
         Path("~/.cache/flora"), description="FLORA_HOME: converted models, adapters, caches"
     )
-    adapter_store: Path | None = Field(
-        None, description="adapter store directory (default: $FLORA_HOME/adapters)"
+    adapter_store: str | None = Field(
+        None,
+        description="adapter store: a directory (default $FLORA_HOME/adapters; may be shared "
+        "by replicas) or s3://bucket/prefix",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for MinIO and other S3-compatibles (AWS: leave unset)"
+    )
+    store_recheck_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="a replica rechecks cached adapters against the store this often; a "
+        "delete or overwrite through another replica is honoured within this bound",
     )
     adapters: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -100,10 +112,24 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be cpu, cuda or cuda:N, not {value!r}")
         return value
 
-    @field_validator("home", "adapter_store")
+    @field_validator("home")
     @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return None if value is None else value.expanduser()
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("adapter_store")
+    @classmethod
+    def _check_store(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if value.startswith("s3://"):
+            from flora_server.adapters.s3_store import parse_s3_url
+
+            parse_s3_url(value)  # ValueError -> a validation error naming the field
+            return value
+        if "://" in value:
+            raise ValueError(f"adapter_store must be a directory or s3://bucket/prefix: {value!r}")
+        return str(Path(value).expanduser())
 
     @field_validator("adapters")
     @classmethod
@@ -123,9 +149,20 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def adapter_store_url(self) -> str | None:
+        """`s3://bucket/prefix` when the store is in S3, else None."""
+        store = self.adapter_store
+        return store if store is not None and store.startswith("s3://") else None
+
+    @property
     def adapter_store_dir(self) -> Path:
-        """The adapter store directory, defaulting to `$FLORA_HOME/adapters`."""
-        return self.adapter_store if self.adapter_store is not None else self.home / "adapters"
+        """The adapter store directory, defaulting to `$FLORA_HOME/adapters`. With an S3
+        store: the local scratch directory for staged uploads and downloads."""
+        if self.adapter_store_url is not None:
+            return self.home / "s3-scratch"
+        if self.adapter_store is not None:
+            return Path(self.adapter_store)
+        return self.home / "adapters"
 
     @property
     def auth_enabled(self) -> bool:

@@ -21,6 +21,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from flora_server.adapters.store import (
     DigestMismatchError,
     StoredAdapter,
     StoredAdapterMissingError,
+    StoreError,
 )
 from flora_server.engine.protocol import AdapterLoadError, AdapterNotFoundError
 
@@ -158,8 +160,15 @@ def pack_single_file(config_path: Path, weights_path: Path, out_path: Path) -> s
 class AdapterRegistry:
     """Adapters by id: validated uploads, listing, deletion, and `AdapterSource.load`."""
 
-    def __init__(self, store: AdapterStore, staging_dir: Path) -> None:
+    def __init__(self, store: AdapterStore, staging_dir: Path, *, exists_ttl: float = 0.0) -> None:
+        """`exists_ttl`: seconds an answer of `exists` may be reused (for a remote store, where
+        each answer is a round trip; keep it at or below the store recheck interval). This
+        replica's own puts and deletes update it at once."""
         self.store = store
+        self.exists_ttl = exists_ttl
+        self._exists_cache: dict[str, tuple[float, bool]] = {}
+        # Digest of the bytes each `load` validated, per id: what this replica may be serving.
+        self._served: dict[str, str] = {}
         self.staging_dir = staging_dir
         staging_dir.mkdir(parents=True, exist_ok=True)
         self._validator: AdapterValidator | None = None
@@ -185,20 +194,58 @@ class AdapterRegistry:
 
     # -- AdapterSource ------------------------------------------------------------------
     def exists(self, adapter_id: str) -> bool:
-        return self.store.exists(adapter_id)
+        if self.exists_ttl > 0:
+            cached = self._exists_cache.get(adapter_id)
+            if cached is not None and time.monotonic() - cached[0] < self.exists_ttl:
+                return cached[1]
+        found = self.store.exists(adapter_id)
+        if self.exists_ttl > 0:
+            self._exists_cache[adapter_id] = (time.monotonic(), found)
+        return found
 
     def load(self, adapter_id: str) -> Adapter:
-        """Read, digest-check and validate the stored adapter (engine loader thread)."""
+        """Read, digest-check and validate the stored adapter (engine loader thread). The
+        digest of the validated bytes is remembered for `stale_ids`."""
         with self._lock:
             try:
-                with self.store.local_path(adapter_id) as path:
-                    adapter = self._validate(path)
+                with self.store.checkout(adapter_id) as copy:
+                    adapter = self._validate(copy.path)
             except StoredAdapterMissingError:
                 raise AdapterNotFoundError(adapter_id) from None
             except (DigestMismatchError, AdapterValidationError) as exc:
                 raise AdapterLoadError(f"adapter {adapter_id!r}: {exc}") from exc
+            self._served[adapter_id] = copy.sha256
         self._loads[adapter_id] += 1
         return adapter
+
+    def stale_ids(self) -> list[str]:
+        """Ids this replica loaded whose store entry has since been deleted or replaced
+        (possibly through another replica). Each is forgotten here once reported, so the
+        caller invalidates it once; its next `load` records the new digest.
+
+        Cost: one `store.digest` per loaded id (a small file read, or one GET of the S3
+        manifest). A store error counts as stale: when the store cannot vouch for the
+        cached bytes, they are dropped rather than served past the bound."""
+        with self._lock:
+            served = dict(self._served)
+        stale = []
+        for adapter_id, digest in served.items():
+            try:
+                current: str | None = self.store.digest(adapter_id)
+            except StoredAdapterMissingError:
+                current = None
+            except (StoreError, OSError) as exc:
+                logger.warning("store recheck of %s failed: %s", adapter_id, exc)
+                current = None
+            if current == digest:
+                continue
+            with self._lock:
+                # A load that finished meanwhile recorded newer bytes: check those next time.
+                if self._served.get(adapter_id) == digest:
+                    del self._served[adapter_id]
+                    stale.append(adapter_id)
+            self._exists_cache.pop(adapter_id, None)
+        return stale
 
     # -- uploads ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -252,6 +299,8 @@ class AdapterRegistry:
                     status = "created"
                 with path.open("rb") as f:
                     stored = self.store.put(adapter_id, f, sha256=digest)
+                self._served.pop(adapter_id, None)  # the caller invalidates its caches
+                self._exists_cache.pop(adapter_id, None)
         logger.info("adapter %s %s (sha256 %s)", adapter_id, status, digest)
         return PutResult(stored, status)
 
@@ -272,6 +321,8 @@ class AdapterRegistry:
     # -- reads --------------------------------------------------------------------------
     def delete(self, adapter_id: str) -> bool:
         with self._lock:
+            self._served.pop(adapter_id, None)
+            self._exists_cache.pop(adapter_id, None)
             return self.store.delete(adapter_id)
 
     def list_ids(self) -> list[str]:

@@ -6,7 +6,15 @@ sha256. Layout of `LocalAdapterStore`:
 
     <root>/<id>.flora          the adapter
     <root>/<id>.flora.sha256   its hex digest, checked on every read
-    <root>/.tmp-*              writes in progress (same directory, so rename is atomic)
+    <root>/.tmp-*              writes in progress (same directory, so rename is atomic) and
+                               private copies being read (`checkout`)
+
+Several processes may share the directory (replicas on a ReadWriteMany volume). A put renames
+the data file, then its digest file: a reader in another process can fall between the two
+renames and see new bytes with the old digest. `checkout` therefore reads the digest first,
+copies the bytes to a private file while hashing them, and retries a few times on a
+mismatch; the copy, not the live path, is what callers read, so a rename during their read
+cannot swap the bytes under them.
 
 Ids are checked against the id pattern, and resolved paths must stay under the root: a
 symlink that points outside is refused.
@@ -18,6 +26,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +37,10 @@ from flora_server.settings import is_valid_adapter_id
 _CHUNK = 1024 * 1024
 SUFFIX = ".flora"
 DIGEST_SUFFIX = ".flora.sha256"
+# A concurrent writer's two renames are microseconds apart; 5 tries over ~0.3 s ride them out
+# and still report real corruption promptly.
+_READ_ATTEMPTS = 5
+_READ_RETRY_SECONDS = 0.05
 
 
 class StoreError(Exception):
@@ -71,8 +84,19 @@ class StoredAdapter:
     modified: float  # seconds since the epoch
 
 
+@dataclass(frozen=True)
+class StoredCopy:
+    """A private local copy of a stored adapter whose bytes hash to `sha256`."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+
+
 class AdapterStore(Protocol):
-    """Adapter bytes by id. Implementations: `LocalAdapterStore` (now), S3 (later)."""
+    """Adapter bytes by id. Implementations: `LocalAdapterStore` (a directory, possibly shared
+    by replicas) and `S3AdapterStore` (`flora_server.adapters.s3_store`); `open_store` in
+    `flora_server.adapters.stores` picks one from the settings."""
 
     def put(self, adapter_id: str, data: BinaryIO, *, sha256: str | None = None) -> StoredAdapter:
         """Store `data` atomically under `adapter_id`, replacing any previous object. When
@@ -81,6 +105,11 @@ class AdapterStore(Protocol):
         ...
 
     def get_bytes(self, adapter_id: str) -> bytes: ...
+
+    def checkout(self, adapter_id: str) -> contextlib.AbstractContextManager[StoredCopy]:
+        """A verified private copy (bytes and the digest they hash to, read together) that
+        no concurrent put or delete can change while the context is open."""
+        ...
 
     @contextlib.contextmanager
     def local_path(self, adapter_id: str) -> Iterator[Path]:
@@ -176,22 +205,48 @@ class LocalAdapterStore:
         return StoredAdapter(adapter_id, digest, size, path.stat().st_mtime)
 
     def get_bytes(self, adapter_id: str) -> bytes:
-        path = self._existing(adapter_id)
-        data = path.read_bytes()
-        actual = hashlib.sha256(data).hexdigest()
-        expected = self.digest(adapter_id)
-        if actual != expected:
-            raise DigestMismatchError(expected, actual)
-        return data
+        with self.checkout(adapter_id) as copy:
+            return copy.path.read_bytes()
+
+    @contextlib.contextmanager
+    def checkout(self, adapter_id: str) -> Iterator[StoredCopy]:
+        copy = self._copy_verified(adapter_id)
+        try:
+            yield copy
+        finally:
+            copy.path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def local_path(self, adapter_id: str) -> Iterator[Path]:
-        path = self._existing(adapter_id)
-        actual = sha256_file(path)
-        expected = self.digest(adapter_id)
-        if actual != expected:
-            raise DigestMismatchError(expected, actual)
-        yield path
+        with self.checkout(adapter_id) as copy:
+            yield copy.path
+
+    def _copy_verified(self, adapter_id: str) -> StoredCopy:
+        for attempt in range(_READ_ATTEMPTS):
+            expected = self.digest(adapter_id)
+            path = self._existing(adapter_id)
+            fd, tmp_name = tempfile.mkstemp(prefix=".tmp-read-", dir=self.root)
+            tmp = Path(tmp_name)
+            try:
+                h, size = hashlib.sha256(), 0
+                with path.open("rb") as src, os.fdopen(fd, "wb") as out:
+                    while chunk := src.read(_CHUNK):
+                        h.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+            except FileNotFoundError:  # deleted between the digest read and the open
+                tmp.unlink(missing_ok=True)
+                raise StoredAdapterMissingError(adapter_id) from None
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            actual = h.hexdigest()
+            if actual == expected:
+                return StoredCopy(tmp, actual, size)
+            tmp.unlink(missing_ok=True)
+            if attempt < _READ_ATTEMPTS - 1:
+                time.sleep(_READ_RETRY_SECONDS)  # a writer in another process, mid-put
+        raise DigestMismatchError(expected, actual)
 
     def delete(self, adapter_id: str) -> bool:
         path = self._path(adapter_id)

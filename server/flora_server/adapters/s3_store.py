@@ -1,0 +1,311 @@
+"""An `AdapterStore` in S3-compatible object storage (AWS S3, MinIO, R2, ...).
+
+Layout under `s3://<bucket>/<prefix>`:
+
+    <prefix>manifests/<id>.json              the commit record: {"id", "sha256", "size_bytes",
+                                             "created"}; an adapter exists iff this exists
+    <prefix>objects/<id>/<sha256>.flora      the single-file adapter, content-addressed
+
+Why a manifest: S3 has no rename, and a reader must never see half of a write. A put uploads
+the weights object first (under a key no reader looks at yet: its digest is new), then writes
+the small manifest last. One PUT of one object is atomic, so a reader sees either the old
+manifest (and the old object, still there) or the new one. An overwrite then deletes the old
+object; a reader that read the old manifest just before gets NoSuchKey for the object and
+re-reads the manifest (`_ATTEMPTS` times). A delete removes the manifest first (the adapter is
+gone at that instant), then the objects. Every read checks the object's sha256 against the
+manifest, so a torn or tampered object is refused, never served.
+
+A writer that dies between the two PUTs leaves an orphan object and no manifest: invisible to
+readers, removed by the next put or delete of that id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from flora_server.adapters.store import (
+    DigestMismatchError,
+    InvalidAdapterIdError,
+    StoredAdapter,
+    StoredAdapterMissingError,
+    StoredCopy,
+    StoreError,
+)
+from flora_server.settings import is_valid_adapter_id
+
+_CHUNK = 1024 * 1024
+_ATTEMPTS = 3
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MANIFESTS = "manifests/"
+_OBJECTS = "objects/"
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+class S3StoreError(StoreError):
+    """The bucket answered with something other than the object or 'not found'."""
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix/"); the prefix is "" or ends in /.
+
+    Bucket names follow the S3 rules (3-63 chars of a-z, 0-9, '.', '-')."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"not an s3:// url: {url!r}")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ValueError(f"bad S3 bucket name {bucket!r} in {url!r}")
+    prefix = prefix.strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+        raise ValueError(f"bad S3 prefix {prefix!r} in {url!r}")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def make_s3_client(endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client; credentials and region come from the standard AWS environment
+    (env vars, shared config, IRSA / workload identity). Timeouts are short so a stuck
+    store fails a load instead of hanging the loader (and the recheck) forever."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=5,
+        read_timeout=30,
+        retries={"max_attempts": 3, "mode": "standard"},
+        # MinIO and most S3-compatibles want path-style addressing.
+        s3={"addressing_style": "path"} if endpoint_url else {},
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def _is_missing(exc: Exception) -> bool:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = str(response.get("Error", {}).get("Code", ""))
+    return code in _MISSING_CODES
+
+
+class S3AdapterStore:
+    """See the module docstring. `client` is a boto3 S3 client (thread-safe, shared by the
+    loader threads); `scratch_dir` holds local copies while they are being read."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str = "",
+        *,
+        scratch_dir: Path,
+        page_size: int = 1000,
+    ) -> None:
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.page_size = page_size
+        scratch_dir.mkdir(parents=True, exist_ok=True)
+        self.scratch_dir = scratch_dir
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, scratch_dir: Path, endpoint_url: str | None = None
+    ) -> S3AdapterStore:
+        bucket, prefix = parse_s3_url(url)
+        return cls(make_s3_client(endpoint_url), bucket, prefix, scratch_dir=scratch_dir)
+
+    # -- keys ----------------------------------------------------------------------------
+    def _check(self, adapter_id: str) -> str:
+        if not is_valid_adapter_id(adapter_id):
+            raise InvalidAdapterIdError(adapter_id)
+        return adapter_id
+
+    def _manifest_key(self, adapter_id: str) -> str:
+        return f"{self.prefix}{_MANIFESTS}{self._check(adapter_id)}.json"
+
+    def _object_key(self, adapter_id: str, sha256: str) -> str:
+        return f"{self.prefix}{_OBJECTS}{self._check(adapter_id)}/{sha256}.flora"
+
+    # -- manifest ------------------------------------------------------------------------
+    def _manifest(self, adapter_id: str) -> dict[str, Any] | None:
+        """The committed manifest, or None when there is none (or it is not one of ours)."""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._manifest_key(adapter_id))
+        except Exception as exc:
+            if _is_missing(exc):
+                return None
+            raise S3StoreError(f"reading the manifest of {adapter_id!r}: {exc}") from exc
+        try:
+            manifest = json.loads(body["Body"].read(64 * 1024))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        # A manifest names its own id and a well-formed digest, or it does not count.
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("id") != adapter_id
+            or not _HEX64.fullmatch(str(manifest.get("sha256", "")))
+            or not isinstance(manifest.get("size_bytes"), int)
+        ):
+            return None
+        return manifest
+
+    def _required(self, adapter_id: str) -> dict[str, Any]:
+        manifest = self._manifest(adapter_id)
+        if manifest is None:
+            raise StoredAdapterMissingError(adapter_id)
+        return manifest
+
+    @staticmethod
+    def _stored(manifest: dict[str, Any]) -> StoredAdapter:
+        return StoredAdapter(
+            manifest["id"],
+            manifest["sha256"],
+            manifest["size_bytes"],
+            float(manifest.get("created", 0.0)),
+        )
+
+    # -- AdapterStore --------------------------------------------------------------------
+    def put(self, adapter_id: str, data: BinaryIO, *, sha256: str | None = None) -> StoredAdapter:
+        manifest_key = self._manifest_key(adapter_id)
+        with self._spool(data) as (path, digest, size):
+            if sha256 is not None and sha256.lower() != digest:
+                raise DigestMismatchError(sha256, digest)
+            object_key = self._object_key(adapter_id, digest)
+            # 1. the weights, under a key no committed manifest names yet
+            self.client.upload_file(str(path), self.bucket, object_key)
+        manifest = {"id": adapter_id, "sha256": digest, "size_bytes": size, "created": time.time()}
+        # 2. the commit: one small PUT, atomic for readers
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=manifest_key,
+            Body=json.dumps(manifest, sort_keys=True).encode(),
+            ContentType="application/json",
+        )
+        # 3. the old weights (and orphans of crashed writers) are no longer reachable
+        self._delete_objects(adapter_id, keep=object_key)
+        return self._stored(manifest)
+
+    @contextlib.contextmanager
+    def checkout(self, adapter_id: str) -> Iterator[StoredCopy]:
+        copy = self._fetch(adapter_id)
+        try:
+            yield copy
+        finally:
+            copy.path.unlink(missing_ok=True)
+
+    def get_bytes(self, adapter_id: str) -> bytes:
+        with self.checkout(adapter_id) as copy:
+            return copy.path.read_bytes()
+
+    @contextlib.contextmanager
+    def local_path(self, adapter_id: str) -> Iterator[Path]:
+        with self.checkout(adapter_id) as copy:
+            yield copy.path
+
+    def delete(self, adapter_id: str) -> bool:
+        existed = self._manifest(adapter_id) is not None
+        # The manifest first: from this instant no reader can find the adapter.
+        self.client.delete_object(Bucket=self.bucket, Key=self._manifest_key(adapter_id))
+        self._delete_objects(adapter_id, keep=None)
+        return existed
+
+    def list(self) -> list[str]:
+        """Every committed id, sorted; pages of `page_size` keys (S3 returns at most 1000)."""
+        start = f"{self.prefix}{_MANIFESTS}"
+        ids = []
+        for key in self._keys(start):
+            name = key[len(start) :]
+            if "/" in name or not name.endswith(".json"):
+                continue
+            adapter_id = name[: -len(".json")]
+            if is_valid_adapter_id(adapter_id):
+                ids.append(adapter_id)
+        # Key order is byte order of "<id>.json", which is not id order ("a-b" vs "a").
+        return sorted(ids)
+
+    def exists(self, adapter_id: str) -> bool:
+        if not is_valid_adapter_id(adapter_id):
+            return False
+        return self._manifest(adapter_id) is not None
+
+    def digest(self, adapter_id: str) -> str:
+        return str(self._required(adapter_id)["sha256"])
+
+    def stat(self, adapter_id: str) -> StoredAdapter:
+        return self._stored(self._required(adapter_id))
+
+    # -- internals -----------------------------------------------------------------------
+    def _keys(self, prefix: str) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size}
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield item["Key"]
+
+    def _delete_objects(self, adapter_id: str, keep: str | None) -> None:
+        prefix = f"{self.prefix}{_OBJECTS}{self._check(adapter_id)}/"
+        for key in list(self._keys(prefix)):
+            if key != keep:
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    @contextlib.contextmanager
+    def _spool(self, data: BinaryIO) -> Iterator[tuple[Path, str, int]]:
+        """Copy `data` to a scratch file, hashing it: the digest names the object key, so
+        it must be known before the upload starts."""
+        fd, name = tempfile.mkstemp(prefix=".put-", dir=self.scratch_dir)
+        path = Path(name)
+        try:
+            h, size = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as out:
+                while chunk := data.read(_CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+            yield path, h.hexdigest(), size
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _fetch(self, adapter_id: str) -> StoredCopy:
+        """Download the committed object to a scratch file and check its digest. An object
+        that vanished under us was replaced or deleted: read the manifest again."""
+        for attempt in range(_ATTEMPTS):
+            manifest = self._required(adapter_id)
+            expected = manifest["sha256"]
+            try:
+                body = self.client.get_object(
+                    Bucket=self.bucket, Key=self._object_key(adapter_id, expected)
+                )["Body"]
+            except Exception as exc:
+                if _is_missing(exc) and attempt < _ATTEMPTS - 1:
+                    continue
+                if _is_missing(exc):
+                    raise StoredAdapterMissingError(adapter_id) from None
+                raise S3StoreError(f"reading {adapter_id!r}: {exc}") from exc
+            fd, name = tempfile.mkstemp(prefix=".get-", dir=self.scratch_dir)
+            path = Path(name)
+            try:
+                h, size = hashlib.sha256(), 0
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := body.read(_CHUNK):
+                        h.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+                actual = h.hexdigest()
+                if actual != expected:
+                    raise DigestMismatchError(expected, actual)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            return StoredCopy(path, actual, size)
+        raise StoredAdapterMissingError(adapter_id)  # pragma: no cover (loop always returns)
