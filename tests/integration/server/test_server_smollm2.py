@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900
 
 BASE = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
+T = 120  # seconds per HTTP call: the test machines are shared and slow
 
 
 def _free_port() -> int:
@@ -91,7 +92,7 @@ def _generate(url: str, adapter: str | None, n: int = 12, prompt: str = PROMPT) 
     r = httpx.post(
         f"{url}/generate",
         json={"inputs": prompt, "parameters": {"adapter_id": adapter, "max_new_tokens": n}},
-        timeout=120,
+        timeout=T,
     )
     assert r.status_code == 200, r.text
     return r.json()["generated_text"]
@@ -102,9 +103,7 @@ def _upload_dir(url: str, adapter_id: str, directory: Path) -> httpx.Response:
         "config": ("adapter_config.json", (directory / "adapter_config.json").read_bytes()),
         "weights": ("adapter.safetensors", (directory / "adapter.safetensors").read_bytes()),
     }
-    return httpx.post(
-        f"{url}/v1/adapters", data={"adapter_id": adapter_id}, files=files, timeout=60
-    )
+    return httpx.post(f"{url}/v1/adapters", data={"adapter_id": adapter_id}, files=files, timeout=T)
 
 
 def test_upload_generate_delete_404(server):
@@ -116,11 +115,13 @@ def test_upload_generate_delete_404(server):
     base = _generate(url, None)
     alpha = _generate(url, "alpha")
     assert alpha != base
-    info = httpx.get(f"{url}/v1/adapters/alpha").json()
+    info = httpx.get(f"{url}/v1/adapters/alpha", timeout=T).json()
     assert info["config"]["base_model"]["id"] == BASE and info["request_count"] == 1
-    assert httpx.delete(f"{url}/v1/adapters/alpha").status_code == 200
+    assert httpx.delete(f"{url}/v1/adapters/alpha", timeout=T).status_code == 200
     r = httpx.post(
-        f"{url}/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "alpha"}}
+        f"{url}/generate",
+        json={"inputs": PROMPT, "parameters": {"adapter_id": "alpha"}},
+        timeout=T,
     )
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
@@ -136,6 +137,7 @@ def test_archive_upload_with_digest_and_wrong_base_refused(server, tmp_path):
         f"{url}/v1/adapters",
         data={"adapter_id": "beta-archive", "sha256": digest},
         files={"archive": ("beta.flora", data)},
+        timeout=T,
     )
     assert r.status_code == 201, r.text
     assert r.json()["sha256"] == digest  # the single-file form is stored byte for byte
@@ -146,18 +148,18 @@ def test_archive_upload_with_digest_and_wrong_base_refused(server, tmp_path):
         "config": ("c", json.dumps(cfg).encode()),
         "weights": ("w", (server["adapters"]["beta"] / "adapter.safetensors").read_bytes()),
     }
-    r = httpx.post(f"{url}/v1/adapters", data={"adapter_id": "wrongbase"}, files=files)
+    r = httpx.post(f"{url}/v1/adapters", data={"adapter_id": "wrongbase"}, files=files, timeout=T)
     assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_adapter"
-    assert httpx.get(f"{url}/v1/adapters/wrongbase").status_code == 404
+    assert httpx.get(f"{url}/v1/adapters/wrongbase", timeout=T).status_code == 404
 
 
 def test_stream_equals_non_stream(server):
     url = server["url"]
     for adapter in (None, "pre"):
         body = {"inputs": PROMPT, "parameters": {"adapter_id": adapter, "max_new_tokens": 12}}
-        full = httpx.post(f"{url}/generate", json=body, timeout=120).json()
+        full = httpx.post(f"{url}/generate", json=body, timeout=T).json()
         events = []
-        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=120) as r:
+        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=T) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if line.startswith("data:"):
@@ -185,7 +187,7 @@ def test_openai_client(server):
 
     url = server["url"]
     _upload_dir(url, "alpha", server["adapters"]["alpha"])
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=T)
     models = {m.id: m.model_dump() for m in client.models.list()}
     assert BASE in models and models["alpha"]["parent"] == BASE
     assert models["pre"]["loaded"] is True  # --adapter + --preload put it on the device
@@ -214,7 +216,7 @@ def test_openai_client(server):
 def test_metrics_expose_adapter_metrics(server):
     url = server["url"]
     _generate(url, "pre", n=3)
-    text = httpx.get(f"{url}/metrics").text
+    text = httpx.get(f"{url}/metrics", timeout=T).text
     assert 'flora_time_to_first_token_seconds_count{adapter="pre"}' in text
     assert 'flora_inter_token_latency_seconds_count{adapter="pre"}' in text
     assert "vllm:lora_requests_info{" in text and "flora_lora_requests_info{" in text
