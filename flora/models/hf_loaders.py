@@ -69,13 +69,17 @@ def read_pooling(directory: Path) -> Pooling:
     if len(pooling_mods) != 1:
         raise UnsupportedModelError(f"{modules_path}: expected exactly one Pooling module")
     cfg = read_json(directory / pooling_mods[0].get("path", "") / "config.json")
-    flags = {k for k, v in cfg.items() if k.startswith("pooling_mode") and v is True}
-    if flags == {"pooling_mode_mean_tokens"}:
+    # Older configs set one boolean flag per mode; newer ones name the mode in a string.
+    flags = {k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True}
+    named = cfg.get("pooling_mode")
+    if isinstance(named, str) and not flags:
+        flags = {f"pooling_mode_{named}"}
+    if flags in ({"pooling_mode_mean_tokens"}, {"pooling_mode_mean"}):
         mode = "mean"
-    elif flags == {"pooling_mode_cls_token"}:
+    elif flags in ({"pooling_mode_cls_token"}, {"pooling_mode_cls"}):
         mode = "cls"
     else:
-        raise UnsupportedModelError(f"unsupported sentence-transformers pooling {sorted(flags)}")
+        raise UnsupportedModelError(f"unsupported sentence-transformers pooling {cfg}")
     known = (".Transformer", ".Pooling", ".Normalize")
     unknown = [m["type"] for m in modules if not str(m.get("type", "")).endswith(known)]
     if unknown:

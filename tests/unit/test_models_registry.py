@@ -325,6 +325,32 @@ def test_sentence_transformers_dir_pooling_and_context(tmp_path):
         load(d, home=tmp_path / "home")
 
 
+def test_sentence_transformers_v6_layout(tmp_path):
+    # sentence-transformers 6 names the mode in a string and moved its module classes.
+    d = tmp_path / "st6"
+    _tiny_hf(d, "BertModel")
+    types = [
+        "sentence_transformers.base.modules.transformer.Transformer",
+        "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+        "sentence_transformers.base.modules.normalize.Normalize",
+    ]
+    paths = ["", "1_Pooling", "2_Normalize"]
+    modules = [
+        {"idx": i, "name": str(i), "path": p, "type": t}
+        for i, (p, t) in enumerate(zip(paths, types, strict=True))
+    ]
+    (d / "modules.json").write_text(json.dumps(modules))
+    (d / "1_Pooling").mkdir()
+    pooling = {"embedding_dimension": 8, "pooling_mode": "mean", "include_prompt": True}
+    (d / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    loaded = load(d, home=tmp_path / "home")
+    assert (loaded.pooling.mode, loaded.pooling.normalize) == ("mean", True)
+    pooling["pooling_mode"] = "lasttoken"
+    (d / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    with pytest.raises(UnsupportedModelError, match="lasttoken"):
+        load(d, home=tmp_path / "home")
+
+
 def test_unrecognised_directories_are_refused(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(UnsupportedModelError, match="not a Hugging Face model directory"):
