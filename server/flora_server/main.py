@@ -28,6 +28,7 @@ from flora_server.adapters.stores import open_store
 from flora_server.api import adapters, generate, health, openai
 from flora_server.engine.protocol import GenerationEngine, GenerationRequest, SamplingParams
 from flora_server.errors import install_error_handlers
+from flora_server.guards import RequestGuardMiddleware
 from flora_server.metrics import ServerMetrics
 from flora_server.settings import Settings, parse_adapter_spec
 
@@ -217,6 +218,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.state.startup_error = None
 
     install_error_handlers(app)
+    # Outermost last: metrics also count the guard's 401/413 answers.
+    app.add_middleware(RequestGuardMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     for module in (health, generate, openai, adapters):
         app.include_router(module.router)

@@ -72,16 +72,24 @@ class Settings(BaseSettings):
     )
     preload: bool = Field(False, description="load every stored adapter into the caches at start")
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Bearer keys for inference routes (empty: open)"
+        default_factory=list,
+        description="Bearer keys for inference routes, KEY or KEY:TENANT (empty: open)",
     )
     admin_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Bearer keys for /v1/adapters (also allow inference)"
+        default_factory=list,
+        description="Bearer keys for /v1/adapters (also inference), KEY or KEY:TENANT",
     )
     metrics_public: bool = Field(True, description="serve /metrics without a key")
     shutdown_timeout: float = Field(30.0, gt=0, description="seconds to drain on shutdown")
     request_timeout: float = Field(300.0, gt=0, description="seconds before a request is dropped")
     max_upload_bytes: int = Field(
         256 * 1024 * 1024, gt=0, description="largest adapter upload (body bytes)"
+    )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="largest request body outside adapter uploads"
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="largest request line + headers (uvicorn h11)"
     )
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     max_batch_size: int = Field(32, ge=1, description="rows in the running batch")
@@ -95,6 +103,16 @@ class Settings(BaseSettings):
     )
     max_stop_sequences: int = Field(8, ge=0, description="most stop sequences per request")
     max_stop_length: int = Field(64, ge=1, description="longest stop sequence (characters)")
+    max_inputs_per_request: int = Field(
+        32, ge=1, description="most images or texts in one /v1/classify or /v1/embeddings call"
+    )
+    max_image_pixels: int = Field(
+        16_777_216, ge=1, description="largest image (width x height, read from its header)"
+    )
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest encoded image")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="image/encoder servers: ms to collect a batch"
+    )
     metrics_top_adapters: int = Field(
         20, ge=0, description="adapters with their own metric label; the rest are `other`"
     )
@@ -144,8 +162,11 @@ class Settings(BaseSettings):
     def _check_limits(self) -> Settings:
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
-        if set(self.api_keys) & set(self.admin_keys):
-            raise ValueError("a key cannot be both an inference key and an admin key")
+        from flora_server.auth import parse_keys
+
+        keys = parse_keys(self.api_keys, self.admin_keys)  # ValueError on a bad KEY:TENANT
+        if len({k.key for k in keys}) != len(keys):
+            raise ValueError("a key is listed twice (or is both an inference and an admin key)")
         return self
 
     @property

@@ -18,6 +18,7 @@ from typing import IO, Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from flora_server import auth
 from flora_server.adapters.registry import (
     AdapterConflictError,
     AdapterRegistry,
@@ -250,6 +251,12 @@ def _check_id(adapter_id: str) -> None:
         )
 
 
+def _check_visible(adapter_id: str) -> None:
+    """Another tenant's adapter is answered exactly like a missing one."""
+    if not auth.visible(adapter_id):
+        raise APIError(404, f"adapter {adapter_id!r} not found", param="adapter_id")
+
+
 @router.post(
     "",
     status_code=201,
@@ -280,6 +287,11 @@ async def upload_adapter(
         if not adapter_id:
             raise invalid_field("adapter_id", "field required")
         _check_id(adapter_id)
+        tenant = auth.current_principal().tenant
+        if not auth.visible(adapter_id):
+            raise APIError(
+                403, f"adapter ids of tenant {tenant!r} start with '{tenant}.'", param="adapter_id"
+            )
         archive, archive_sha = form.file("archive")
         config, _ = form.file("config")
         weights, weights_sha = form.file("weights")
@@ -319,7 +331,7 @@ async def list_adapters(
     after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> AdapterList:
-    ids = await asyncio.to_thread(registry.list_ids)
+    ids = [i for i in await asyncio.to_thread(registry.list_ids) if auth.visible(i)]
     total = len(ids)
     if after is not None:
         ids = [i for i in ids if i > after]
@@ -348,6 +360,7 @@ async def get_adapter(
     adapter_id: str, registry: RegistryDep, engine: MaybeEngineDep
 ) -> AdapterDetail:
     _check_id(adapter_id)
+    _check_visible(adapter_id)
 
     def read() -> tuple[StoredAdapter, dict[str, Any]]:
         return registry.stat(adapter_id), registry.config(adapter_id)
@@ -370,6 +383,7 @@ async def delete_adapter(
     adapter_id: str, registry: RegistryDep, engine: MaybeEngineDep
 ) -> AdapterDeleted:
     _check_id(adapter_id)
+    _check_visible(adapter_id)
     existed = await asyncio.to_thread(registry.delete, adapter_id)
     if not existed:
         raise APIError(404, f"adapter {adapter_id!r} not found", param="adapter_id")

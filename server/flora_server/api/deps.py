@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import hmac
+import functools
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from flora_server import auth
 from flora_server.adapters.registry import AdapterRegistry
+from flora_server.engine.batching import BatchEngine
 from flora_server.engine.protocol import EngineNotReadyError, GenerationEngine
 from flora_server.errors import APIError
 from flora_server.metrics import ServerMetrics
@@ -32,12 +34,19 @@ def get_metrics(request: Request) -> ServerMetrics:
 def get_engine(request: Request) -> GenerationEngine:
     """The engine once the base is loaded and warmed; 503 before that."""
     engine: GenerationEngine | None = request.app.state.engine
+    if is_draining(request):
+        raise EngineNotReadyError("the server is shutting down")
     if engine is None or not engine.ready or not request.app.state.warmed:
         error = request.app.state.startup_error
         raise EngineNotReadyError(
             f"the model failed to load: {error}" if error else "the model is still loading"
         )
     return engine
+
+
+def is_draining(request: Request) -> bool:
+    """True once SIGTERM was received (`flora_server.lifecycle`): new work is refused."""
+    return bool(getattr(request.app.state, "draining", False))
 
 
 def get_engine_or_none(request: Request) -> GenerationEngine | None:
@@ -52,42 +61,79 @@ MaybeEngineDep = Annotated[GenerationEngine | None, Depends(get_engine_or_none)]
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def _matches(key: str, keys: list[str]) -> bool:
-    # Constant-time comparison against every key so timing does not reveal a prefix.
-    found = False
-    for candidate in keys:
-        found |= hmac.compare_digest(key.encode(), candidate.encode())
-    return found
+@functools.lru_cache(maxsize=8)
+def _keys(api_keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> list[auth.ApiKey]:
+    return auth.parse_keys(list(api_keys), list(admin_keys))
 
 
-def _presented_key(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> str:
+def _presented_key(
+    settings: Settings, credentials: HTTPAuthorizationCredentials | None
+) -> auth.ApiKey:
     if credentials is None or not credentials.credentials:
         raise APIError(
             401,
             "missing API key (Authorization: Bearer ...)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    key = credentials.credentials
-    if not (_matches(key, settings.api_keys) or _matches(key, settings.admin_keys)):
+    key = auth.identify(
+        credentials.credentials, _keys(tuple(settings.api_keys), tuple(settings.admin_keys))
+    )
+    if key is None:
         raise APIError(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
     return key
 
 
-def require_inference_key(settings: SettingsDep, credentials: CredentialsDep) -> None:
+# Async on purpose: an async dependency runs in the request's own task context, so the
+# principal it sets is what `auth.visible` reads in the handler.
+async def require_inference_key(settings: SettingsDep, credentials: CredentialsDep) -> None:
     """Inference routes: any inference or admin key when keys are configured."""
     if settings.auth_enabled:
-        _presented_key(settings, credentials)
+        key = _presented_key(settings, credentials)
+        auth.set_principal(auth.Principal(key.role, key.tenant))
+    else:
+        auth.set_principal(auth.OPEN)
 
 
-def require_admin_key(settings: SettingsDep, credentials: CredentialsDep) -> None:
+async def require_admin_key(settings: SettingsDep, credentials: CredentialsDep) -> None:
     """Adapter management: an admin key when keys are configured (403 for inference keys)."""
     if not settings.auth_enabled:
+        auth.set_principal(auth.OPEN)
         return
     key = _presented_key(settings, credentials)
-    if not _matches(key, settings.admin_keys):
+    if key.role != "admin":
         raise APIError(403, "this route needs an admin key")
+    auth.set_principal(auth.Principal(key.role, key.tenant))
 
 
-def require_metrics_access(settings: SettingsDep, credentials: CredentialsDep) -> None:
+async def require_metrics_access(settings: SettingsDep, credentials: CredentialsDep) -> None:
     if settings.auth_enabled and not settings.metrics_public:
         _presented_key(settings, credentials)
+
+
+def require_kind(*kinds: str, neutral_paths: frozenset[str] = frozenset()) -> Callable[..., None]:
+    """A router dependency: 404 naming the loaded model kind when the route needs another
+    kind (`/v1/embeddings` on an LLM server, `/generate` on an image classifier). Paths in
+    `neutral_paths` are served for every kind. Before the model is loaded the handlers
+    answer 503 as usual."""
+
+    def check(request: Request) -> None:
+        engine = request.app.state.engine
+        if engine is None or engine.kind in kinds:
+            return
+        if getattr(request.scope.get("route"), "path", None) in neutral_paths:
+            return
+        raise APIError(
+            404,
+            f"{request.url.path} is not served here: the loaded model {engine.model_name!r} is "
+            f"a {engine.kind} model (this route needs a {' or '.join(kinds)} model)",
+        )
+
+    return check
+
+
+def get_batch_engine(request: Request) -> BatchEngine:
+    """The image or encoder engine (ready); 503 before that."""
+    return get_engine(request)  # type: ignore[return-value]
+
+
+BatchEngineDep = Annotated[BatchEngine, Depends(get_batch_engine)]

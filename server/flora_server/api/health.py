@@ -8,7 +8,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from flora_server.api.deps import MaybeEngineDep, MetricsDep, require_metrics_access
+from flora_server.api.deps import (
+    MaybeEngineDep,
+    MetricsDep,
+    is_draining,
+    require_metrics_access,
+)
 from flora_server.errors import error_body
 
 router = APIRouter(tags=["health"])
@@ -25,6 +30,10 @@ async def health(engine: MaybeEngineDep) -> JSONResponse:
 @router.get("/ready", summary="Readiness: 503 until the base model is loaded and warmed")
 async def ready(request: Request, engine: MaybeEngineDep) -> JSONResponse:
     state = request.app.state
+    if is_draining(request):
+        return JSONResponse(
+            error_body("service_unavailable", "shutting down"), 503, headers={"Retry-After": "1"}
+        )
     if engine is None or not engine.ready or not state.warmed:
         message = f"start-up failed: {state.startup_error}" if state.startup_error else "loading"
         return JSONResponse(

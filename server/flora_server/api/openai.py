@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
+from flora_server import auth
 from flora_server.api import sampling
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
@@ -371,7 +372,7 @@ async def models(engine: EngineDep, registry: RegistryDep) -> ModelList:
             max_model_len=engine.context_length,
         )
     ]
-    for adapter_id in ids:
+    for adapter_id in filter(auth.visible, ids):
         cards.append(
             ModelCard(
                 id=adapter_id,

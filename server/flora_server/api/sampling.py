@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from flora_server import auth
 from flora_server.adapters.registry import AdapterRegistry
 from flora_server.engine.protocol import (
     EngineError,
@@ -77,7 +78,8 @@ async def check_adapter(registry: AdapterRegistry, adapter_id: str | None, param
     """404 up front for an unknown adapter (the engine would also say so, later)."""
     if adapter_id is None:
         return
-    if not await asyncio.to_thread(registry.exists, adapter_id):
+    # Another tenant's adapter answers exactly like a missing one: existence is not revealed.
+    if not auth.visible(adapter_id) or not await asyncio.to_thread(registry.exists, adapter_id):
         raise APIError(404, f"adapter {adapter_id!r} not found", param=param)
     registry.count_request(adapter_id)
 

@@ -1,0 +1,103 @@
+"""ASGI guards in front of every route: the request-body cap and authentication of the
+generated documentation routes.
+
+The body cap counts bytes as they arrive (a chunked body without Content-Length is capped
+too) and answers 413 before the handler has read more than the limit. Adapter uploads are
+exempt: `/v1/adapters` streams to disk under its own, larger cap (`max_upload_bytes`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.exceptions import HTTPException
+
+from flora_server import auth
+from flora_server.settings import Settings
+
+# FastAPI's own routes: they carry no data, but with keys configured nothing but the probes
+# is open (the API surface is itself information).
+DOC_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+UPLOAD_PREFIX = "/v1/adapters"
+
+
+class BodyTooLargeError(HTTPException):
+    """Raised from `receive` once the body passes the cap; FastAPI lets HTTPException through
+    its body parsing, and the app's handler turns it into the JSON 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
+
+
+async def _send_json(send: Any, status: int, type_: str, message: str, headers: dict) -> None:
+    body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestGuardMiddleware:
+    """Pure ASGI (streaming responses and disconnects pass through untouched)."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.limit = settings.max_request_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        if path in DOC_PATHS and not self._docs_allowed(scope):
+            await _send_json(
+                send,
+                401,
+                "authentication_error",
+                "missing or unknown API key (Authorization: Bearer ...)",
+                {"WWW-Authenticate": "Bearer"},
+            )
+            return
+        if path == UPLOAD_PREFIX or path.startswith(UPLOAD_PREFIX + "/"):
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            message = f"request body of {declared} bytes exceeds the limit of {self.limit} bytes"
+            await _send_json(send, 413, "payload_too_large", message, {})
+            return
+        received = 0
+        limit = self.limit
+
+        async def capped_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLargeError(limit)
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+    def _docs_allowed(self, scope: Any) -> bool:
+        settings = self.settings
+        if not settings.auth_enabled:
+            return True
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer" and token:
+                    keys = auth.parse_keys(settings.api_keys, settings.admin_keys)
+                    return auth.identify(token.strip(), keys) is not None
+        return False
+
+
+def _content_length(scope: Any) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            text = value.decode("latin-1")
+            return int(text) if text.isdigit() else None
+    return None

@@ -1,0 +1,170 @@
+"""Properties 6 and 7: every route but the probes needs a key; management needs an admin
+key; tenant-bound keys see only their own adapters (others' answer 404); no keys -> loopback
+and a warning."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from api_fakes import make_archive, running_app
+
+from flora_server.auth import parse_key, startup_warnings
+from flora_server.settings import Settings
+
+OPEN_PATHS = {"/health", "/ready"}
+
+
+def walk_routes(routes) -> list[tuple[str, set[str]]]:
+    """(path, methods) of every route in `app.routes`, descending into included routers
+    (FastAPI >= 0.160 keeps `include_router` results as nested route groups)."""
+    out = []
+    for route in routes:
+        nested = getattr(route, "effective_candidates", None)
+        if callable(nested):
+            out += walk_routes(nested())
+        elif getattr(route, "path", None) is not None:
+            out.append((route.path, set(route.methods or {"GET"})))
+    return out
+
+
+def _concrete(path: str) -> str:
+    return path.replace("{adapter_id}", "some-id")
+
+
+@pytest.fixture
+def keyed(tmp_path):
+    with running_app(
+        tmp_path,
+        api_keys=["inf", "infA:tenantA", "infB:tenantB"],
+        admin_keys=["adm", "admA:tenantA"],
+        metrics_public=False,
+    ) as pair:
+        yield pair
+
+
+def _upload(client, adapter_id: str, key: str):
+    return client.post(
+        "/v1/adapters",
+        headers={"Authorization": f"Bearer {key}"},
+        data={"adapter_id": adapter_id},
+        files={"archive": ("a.flora", io.BytesIO(make_archive()))},
+    )
+
+
+def test_every_route_but_probes_needs_a_key(keyed):
+    client, _ = keyed
+    routes = walk_routes(client.app.routes)
+    checked = 0
+    for route_path, methods in routes:
+        for method in sorted(methods - {"HEAD"}):
+            path = _concrete(route_path)
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+                r = client.request(method, path, headers=headers)
+                if route_path in OPEN_PATHS:
+                    assert r.status_code == 200, (method, path, r.status_code)
+                else:
+                    assert r.status_code == 401, (method, path, headers, r.status_code, r.text)
+                    assert r.headers["www-authenticate"] == "Bearer"
+                    assert r.json()["error"]["type"] == "authentication_error"
+            checked += 1
+    # The walk really covered the API (generate, openai, adapters, metrics, docs).
+    assert checked >= 12
+    paths = {p for p, _ in routes}
+    assert {
+        "/generate",
+        "/v1/chat/completions",
+        "/v1/adapters",
+        "/metrics",
+        "/openapi.json",
+    } <= paths
+
+
+def test_management_with_inference_key_is_403(keyed):
+    client, _ = keyed
+    for key in ("inf", "infA"):
+        r = _upload(client, "tenantA.x", key)
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        h = {"Authorization": f"Bearer {key}"}
+        assert client.get("/v1/adapters", headers=h).status_code == 403
+        assert client.delete("/v1/adapters/tenantA.x", headers=h).status_code == 403
+    assert client.get("/openapi.json", headers={"Authorization": "Bearer inf"}).status_code == 200
+
+
+def test_metrics_public_flag(tmp_path):
+    with running_app(tmp_path, api_keys=["k"], metrics_public=True) as (client, _):
+        assert client.get("/metrics").status_code == 200
+        assert client.post("/generate", json={"inputs": "x"}).status_code == 401
+
+
+def test_tenants_see_and_use_only_their_adapters(keyed):
+    client, _ = keyed
+    assert _upload(client, "shared", "adm").status_code == 201
+    assert _upload(client, "tenantA.one", "admA").status_code == 201
+    assert _upload(client, "tenantB.two", "adm").status_code == 201
+    # A tenant admin cannot create ids outside its namespace.
+    r = _upload(client, "tenantB.evil", "admA")
+    assert r.status_code == 403 and "tenantA." in r.json()["error"]["message"]
+
+    def ids(key: str, route: str) -> list[str]:
+        r = client.get(route, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        return sorted(m["id"] for m in r.json()["data"])
+
+    assert ids("adm", "/v1/adapters") == ["shared", "tenantA.one", "tenantB.two"]
+    assert ids("admA", "/v1/adapters") == ["tenantA.one"]
+    assert ids("infA", "/v1/models") == ["fake-base", "tenantA.one"]
+    assert ids("infB", "/v1/models") == ["fake-base", "tenantB.two"]
+    assert ids("inf", "/v1/models") == ["fake-base", "shared", "tenantA.one", "tenantB.two"]
+
+    def gen(key: str, adapter: str):
+        return client.post(
+            "/generate",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"inputs": "hi", "parameters": {"adapter_id": adapter, "max_new_tokens": 2}},
+        )
+
+    assert gen("infA", "tenantA.one").status_code == 200
+    missing = gen("infA", "no-such-adapter")
+    for other in ("tenantB.two", "shared"):
+        r = gen("infA", other)
+        # Exactly the answer for an id that does not exist (apart from the id itself).
+        assert r.status_code == 404 == missing.status_code
+        assert r.json()["error"]["type"] == missing.json()["error"]["type"]
+    chat = client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": "Bearer infB"},
+        json={"model": "tenantA.one", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert chat.status_code == 404
+    assert gen("inf", "tenantB.two").status_code == 200  # unbound keys use everything
+    h = {"Authorization": "Bearer admA"}
+    assert client.get("/v1/adapters/tenantB.two", headers=h).status_code == 404
+    assert client.delete("/v1/adapters/tenantB.two", headers=h).status_code == 404
+    assert (
+        client.get("/v1/adapters/tenantB.two", headers={"Authorization": "Bearer adm"}).status_code
+        == 200
+    )
+    assert client.delete("/v1/adapters/tenantA.one", headers=h).status_code == 200
+
+
+def test_key_parsing_and_settings():
+    assert parse_key("k1:tenantA", "inference").tenant == "tenantA"
+    assert parse_key("k1", "admin").tenant is None
+    assert parse_key("a:b:t1", "inference").key == "a:b"
+    with pytest.raises(ValueError):
+        parse_key("k:bad tenant", "inference")
+    s = Settings(api_keys="key1:tenantA,key2", admin_keys="adm")
+    assert s.api_keys == ["key1:tenantA", "key2"]
+    with pytest.raises(ValueError):
+        Settings(api_keys="same", admin_keys="same:t")
+
+
+def test_no_keys_binds_loopback_and_warns():
+    settings = Settings()
+    assert settings.host == "127.0.0.1" and not settings.auth_enabled
+    (warning,) = startup_warnings([], [], settings.host)
+    assert "no API keys" in warning and "127.0.0.1" in warning
+    (loud,) = startup_warnings([], [], "0.0.0.0")
+    assert "anyone" in loud
+    assert startup_warnings(["k"], [], "0.0.0.0") == []
