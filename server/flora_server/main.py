@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from flora_server.adapters.freshness import StoreRechecker
 from flora_server.adapters.registry import (
@@ -25,7 +25,8 @@ from flora_server.adapters.registry import (
     AdapterValidator,
 )
 from flora_server.adapters.stores import open_store
-from flora_server.api import adapters, generate, health, openai
+from flora_server.api import adapters, classify, embeddings, generate, health, openai
+from flora_server.api.deps import require_kind
 from flora_server.engine.protocol import GenerationEngine, GenerationRequest, SamplingParams
 from flora_server.errors import install_error_handlers
 from flora_server.guards import RequestGuardMiddleware
@@ -44,29 +45,26 @@ EngineFactory = Callable[
 validator that checks adapter files against that base."""
 
 
-def build_llm_engine(
-    settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
-) -> tuple[GenerationEngine, AdapterValidator]:
-    """The real engine: `flora.models.load` + `LLMEngine` (the default factory)."""
+def load_base(settings: Settings) -> Any:
+    """`flora.models.load` with the settings' device and dtype (blocking)."""
     import torch
 
     from flora import models
-    from flora.fingerprint import describe_base
-    from flora_server.engine.worker import LLMEngine
 
     device = settings.device
     if settings.dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         dtype = getattr(torch, settings.dtype)
-    loaded = models.load(settings.model, device=device, dtype=dtype, home=settings.home)
-    if loaded.kind != "causal-lm":
-        raise RuntimeError(
-            f"{settings.model} is a {loaded.kind} model; this server needs causal-lm"
-        )
-    # Computed once, before the engine can merge an adapter into the weights.
-    validator = BaseValidator(describe_base(loaded.model), loaded.fingerprint, loaded)
-    engine = LLMEngine(
+    return models.load(settings.model, device=device, dtype=dtype, home=settings.home)
+
+
+def llm_engine(
+    loaded: Any, settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
+) -> Any:
+    from flora_server.engine.worker import LLMEngine
+
+    return LLMEngine(
         loaded,
         registry,
         max_batch_size=settings.max_batch_size,
@@ -76,7 +74,55 @@ def build_llm_engine(
         max_new_tokens_cap=settings.max_new_tokens,
         metrics=metrics,
     )
-    return engine, validator
+
+
+def batch_engine(
+    loaded: Any, settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
+) -> Any:
+    """The image-classifier or text-encoder engine (one forward per batch)."""
+    from flora_server.engine.encoder import EncoderEngine
+    from flora_server.engine.vision import VisionEngine
+
+    engine_class = VisionEngine if loaded.kind == "image-classifier" else EncoderEngine
+    return engine_class(
+        loaded,
+        registry,
+        max_slots=settings.max_slots,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        host_cache_bytes=settings.host_cache_bytes,
+        max_wait=settings.batch_wait_ms / 1000,
+        metrics=metrics,
+    )
+
+
+# Model kind -> the engine that serves it.
+ENGINE_BUILDERS: dict[str, Callable[[Any, Settings, AdapterRegistry, ServerMetrics], Any]] = {
+    "causal-lm": llm_engine,
+    "image-classifier": batch_engine,
+    "text-encoder": batch_engine,
+}
+
+
+def build_engine(
+    settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
+) -> tuple[GenerationEngine, AdapterValidator]:
+    """The real engine for the kind of `settings.model` (the default factory)."""
+    from flora.fingerprint import describe_base
+
+    loaded = load_base(settings)
+    builder = ENGINE_BUILDERS.get(loaded.kind)
+    if builder is None:
+        raise RuntimeError(
+            f"{settings.model} is a {loaded.kind} model; this server serves "
+            f"{', '.join(ENGINE_BUILDERS)}"
+        )
+    # Computed once, before the engine can merge an adapter into the weights or swap heads.
+    validator = BaseValidator(describe_base(loaded.model), loaded.fingerprint, loaded)
+    return builder(loaded, settings, registry, metrics), validator
+
+
+build_llm_engine = build_engine  # the name older callers use
 
 
 class BaseValidator:
@@ -97,14 +143,14 @@ class BaseValidator:
             return self.fingerprint
         key = (train_modules,) if isinstance(train_modules, str) else tuple(train_modules)
         if key not in self._partial:
-            from safetensors.torch import load_file
-
             from flora.adapter.io import trained_module_names
             from flora.fingerprint import base_fingerprint
+            from flora.models import canonical_state_dict
 
             names = trained_module_names(self._loaded.model, train_modules)
             prefixes = tuple(n + "." for n in names)
-            state = load_file(str(self._loaded.source_path))
+            # keyed like the live model, tied copies (lm_head) filled in, as training hashes it
+            state = canonical_state_dict(self._loaded)
             self._partial[key] = base_fingerprint(
                 {k: v for k, v in state.items() if not k.startswith(prefixes)}
             )
@@ -162,6 +208,13 @@ async def _start_engine(app: FastAPI, factory: EngineFactory) -> None:
 async def _preload(engine: GenerationEngine, registry: AdapterRegistry) -> None:
     """One one-token request per stored adapter pulls it through the caches."""
     ids = await asyncio.to_thread(registry.list_ids)
+    if hasattr(engine, "preload"):  # image/encoder engines: no prompt needed
+        for adapter_id in ids[: engine.max_slots]:
+            try:
+                await engine.preload(adapter_id)
+            except Exception as exc:
+                logger.warning("preloading %s failed: %s", adapter_id, exc)
+        return
     prompt = await engine.tokenize("Hello")
     for adapter_id in ids[: engine.max_slots]:
         request = GenerationRequest(
@@ -177,7 +230,7 @@ async def _preload(engine: GenerationEngine, registry: AdapterRegistry) -> None:
 def create_app(settings: Settings, *, engine_factory: EngineFactory | None = None) -> FastAPI:
     """Build the app for `settings`. `engine_factory` defaults to the real LLM engine; tests
     pass a fake one."""
-    factory = engine_factory or build_llm_engine
+    factory = engine_factory or build_engine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -221,8 +274,17 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     # Outermost last: metrics also count the guard's 401/413 answers.
     app.add_middleware(RequestGuardMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
-    for module in (health, generate, openai, adapters):
+    for module in (health, adapters):
         app.include_router(module.router)
+    # Inference routes answer 404 naming the loaded kind when they belong to another kind.
+    lm = require_kind("causal-lm", neutral_paths=frozenset({"/v1/models"}))
+    app.include_router(generate.router, dependencies=[Depends(lm)])
+    app.include_router(openai.router, dependencies=[Depends(lm)])
+    app.include_router(embeddings.router, dependencies=[Depends(require_kind("text-encoder"))])
+    app.include_router(
+        classify.router,
+        dependencies=[Depends(require_kind("image-classifier", "text-encoder"))],
+    )
     return app
 
 
