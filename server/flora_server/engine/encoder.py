@@ -1,0 +1,135 @@
+"""`EncoderEngine`: sentence embeddings and text classification with many adapters at once.
+
+One forward per batch: texts are tokenized together (padded, truncated to the context
+length), linear/embedding layers route rows per adapter (`flora.serving`), token states are
+pooled as the base defines (`flora.models.pool`: masked mean, L2-normalised for MiniLM):
+
+    e_i = normalize( sum_t m_it h_it / max(sum_t m_it, eps) )
+
+Classification requests additionally run the adapter's own head on the pooled vector of
+its rows (`engine/heads.py`); an adapter's metadata may name another pooling
+(`{"pooling": {"mode": "mean", "normalize": false}}`) for its head input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from flora.models.text_encoder import pool
+from flora.models.types import Pooling
+from flora.serving.model import ServingModel
+from flora_server.engine.batching import BatchEngine, BatchJob
+from flora_server.engine.heads import HeadedRuntime, apply_heads
+from flora_server.engine.protocol import AdapterSource
+from flora_server.engine.vision import top_predictions
+from flora_server.engine.worker import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    task: Literal["embed", "classify"] = "embed"
+    top_k: int = 5
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: torch.Tensor  # [n, D] fp32 on the CPU
+    tokens: int
+
+
+def head_pooling(base: Pooling, metadata: dict[str, Any]) -> Pooling:
+    """The pooling an adapter's head was trained on (metadata `pooling`), else the base's."""
+    saved = metadata.get("pooling")
+    if isinstance(saved, dict):
+        return Pooling(
+            mode=saved.get("mode", base.mode),
+            normalize=bool(saved.get("normalize", base.normalize)),
+        )
+    return base
+
+
+class EncoderEngine(BatchEngine):
+    """`BatchEngine` over a `LoadedModel` of kind "text-encoder". Requests: `inputs` are
+    strings; `options` an `EncoderOptions`. Results: `EmbeddingResult` for "embed", one list
+    of `Prediction` per text for "classify"."""
+
+    kind = "text-encoder"
+
+    def __init__(
+        self, loaded: Any, source: AdapterSource, *, max_slots: int = 8, **kwargs: Any
+    ) -> None:
+        self.model = loaded.model.eval()
+        self.tokenizer = loaded.preprocessor
+        self.pooling: Pooling = loaded.pooling or Pooling()
+        hidden = int(self.model.config.hidden_size)
+        serving = ServingModel(self.model, max_slots=max_slots)
+        self.device = serving.device
+        super().__init__(
+            model_name=loaded.name,
+            runtime=HeadedRuntime(serving, hidden),
+            source=source,
+            max_slots=max_slots,
+            context_length=int(loaded.context_length or 512),
+            **kwargs,
+        )
+        self.heads: HeadedRuntime = self.runtime  # type: ignore[assignment]
+
+    def warm_up(self) -> None:
+        self._encode(["warm up"], [None])
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model will see for `texts` (after truncation)."""
+        enc = self.tokenizer(texts, truncation=True, max_length=self.context_length)
+        return sum(len(ids) for ids in enc["input_ids"])
+
+    def _encode(
+        self, texts: list[str], slots: list[int | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        ).to(self.device)
+        self.heads.set_routing(slots)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.last_hidden_state, batch["attention_mask"]  # [B, T, D], [B, T]
+
+    def run_batch(self, jobs: list[BatchJob]) -> list[Any]:
+        results: list[Any] = [None] * len(jobs)
+        live: list[int] = []
+        for j, job in enumerate(jobs):
+            options: EncoderOptions = job.options or EncoderOptions()
+            info = self.heads.info(job.slot)
+            if options.task == "classify" and (info is None or info.head is None):
+                who = f"adapter {job.adapter_id!r}" if job.adapter_id else "the base model"
+                results[j] = InvalidRequestError(f"{who} has no classification head")
+            else:
+                live.append(j)
+        if not live:
+            return results
+        texts = [t for j in live for t in jobs[j].inputs]
+        slots = [jobs[j].slot for j in live for _ in jobs[j].inputs]
+        hidden, mask = self._encode(texts, slots)
+        start = 0
+        for j in live:
+            job, n = jobs[j], len(jobs[j].inputs)
+            h, m = hidden[start : start + n], mask[start : start + n]
+            start += n
+            options = job.options or EncoderOptions()
+            if options.task == "embed":
+                vectors = pool(h, m, self.pooling).cpu()
+                results[j] = EmbeddingResult(vectors, int(m.sum()))
+                continue
+            info = self.heads.info(job.slot)
+            assert info is not None and info.head is not None
+            features = pool(h, m, head_pooling(self.pooling, info.metadata))
+            logits = apply_heads(
+                features.to(info.head.weight.dtype), [job.slot] * n, {job.slot: info.head}
+            )
+            results[j] = [top_predictions(row, info.head.labels, options.top_k) for row in logits]
+        return results

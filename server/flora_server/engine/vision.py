@@ -1,0 +1,133 @@
+"""`VisionEngine`: image classification with many conv adapters in one forward.
+
+Per batch: every image goes through its adapter's `ImageTransform` (the base's, or the one
+`flora-train image-classification` recorded in the adapter's metadata, e.g. 64 px for
+MNIST); images of one size share a forward whose conv layers route rows per adapter
+(`flora.serving.ServedConv`: per-adapter segments with merged weights `W + dW_k`, or one
+grouped conv with per-row weights when many adapters share a batch); then each adapter's
+own head runs on its rows (`engine/heads.py`) and the scores are `softmax(logits)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flora.models.image_transform import ImageTransform
+from flora.serving.base import ServingPolicy
+from flora.serving.model import ServingModel
+from flora_server.engine.batching import BatchEngine, BatchJob
+from flora_server.engine.heads import HEAD_NAME, HeadedRuntime, LinearHead, apply_heads
+from flora_server.engine.protocol import AdapterSource
+from flora_server.engine.worker import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+def top_predictions(logits: torch.Tensor, labels: Sequence[str], top_k: int) -> list[Prediction]:
+    """The `top_k` classes of `softmax(logits)` (fp32), best first. logits: [C]."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    scores, index = probs.topk(min(top_k, probs.shape[-1]))
+    return [
+        Prediction(labels[i], i, s) for i, s in zip(index.tolist(), scores.tolist(), strict=True)
+    ]
+
+
+def adapter_transform(base: ImageTransform, metadata: dict[str, Any]) -> ImageTransform:
+    """The preprocessing an adapter was trained with: its saved `image_transform`, else its
+    `image_size` with the base's normalisation, else the base's."""
+    saved = metadata.get("image_transform")
+    if isinstance(saved, dict):
+        return ImageTransform.from_dict(saved)
+    size = metadata.get("image_size")
+    if size is not None:
+        return base.with_size(int(size))
+    return base
+
+
+class VisionEngine(BatchEngine):
+    """`BatchEngine` over a `flora.models.LoadedModel` of kind "image-classifier" whose
+    final layer is an `nn.Linear` named `classifier`. Requests: `inputs` are RGB PIL
+    images, `options` is `top_k`; the result is one list of `Prediction` per image."""
+
+    kind = "image-classifier"
+
+    def __init__(
+        self,
+        loaded: Any,
+        source: AdapterSource,
+        *,
+        max_slots: int = 8,
+        policy: ServingPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
+        model: nn.Module = loaded.model
+        head = getattr(model, HEAD_NAME, None)
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"{loaded.name}: the image classifier has no Linear {HEAD_NAME!r}")
+        labels = list(loaded.labels or [f"LABEL_{i}" for i in range(head.out_features)])
+        self.base_head = LinearHead(
+            head.weight.detach(), None if head.bias is None else head.bias.detach(), labels
+        )
+        # The body runs once for the batch; heads run per adapter on their rows.
+        setattr(model, HEAD_NAME, nn.Identity())
+        self.model = model.eval()
+        self.transform: ImageTransform = loaded.preprocessor
+        serving = ServingModel(model, max_slots=max_slots, policy=policy)
+        self.device, self.dtype = serving.device, serving.dtype
+        super().__init__(
+            model_name=loaded.name,
+            runtime=HeadedRuntime(serving, head.in_features),
+            source=source,
+            max_slots=max_slots,
+            **kwargs,
+        )
+        self.heads: HeadedRuntime = self.runtime  # type: ignore[assignment]
+
+    def warm_up(self) -> None:
+        size = self.transform.size
+        self.model(torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype))
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return getattr(out, "logits", out)  # HF classifiers wrap the output
+
+    def run_batch(self, jobs: list[BatchJob]) -> list[Any]:
+        results: list[Any] = [[None] * len(job.inputs) for job in jobs]
+        groups: dict[ImageTransform, list[tuple[int, int]]] = {}
+        for j, job in enumerate(jobs):
+            info = self.heads.info(job.slot)
+            try:
+                transform = (
+                    self.transform
+                    if info is None
+                    else adapter_transform(self.transform, info.metadata)
+                )
+            except (TypeError, ValueError) as exc:
+                results[j] = InvalidRequestError(f"the adapter's image_transform is invalid: {exc}")
+                continue
+            groups.setdefault(transform, []).extend((j, i) for i in range(len(job.inputs)))
+        for transform, members in groups.items():
+            x = torch.stack([transform(jobs[j].inputs[i]) for j, i in members])  # [N, 3, S, S]
+            slots = [jobs[j].slot for j, _ in members]
+            self.heads.set_routing(slots)
+            features = self._features(x.to(device=self.device, dtype=self.dtype))  # [N, F]
+            heads = {s: self._head(s) for s in set(slots)}
+            logits = apply_heads(features, slots, heads)
+            for (j, i), row in zip(members, logits, strict=True):
+                top_k = int(jobs[j].options or 5)
+                results[j][i] = top_predictions(row, heads[jobs[j].slot].labels, top_k)
+        return results
+
+    def _head(self, slot: int | None) -> LinearHead:
+        info = self.heads.info(slot)
+        return self.base_head if info is None or info.head is None else info.head

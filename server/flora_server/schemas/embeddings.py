@@ -1,0 +1,36 @@
+"""OpenAI `POST /v1/embeddings`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EmbeddingRequest(BaseModel):
+    # OpenAI clients send `user` and sometimes `dimensions`; unknown fields are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str] = Field(description="a text or a list of texts")
+    model: str | None = Field(None, description="an adapter id, or the base model's name")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="not supported: must be the model's own")
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian f32")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
