@@ -1,0 +1,67 @@
+"""``flora.train.train``: one training run from Python (the CLI calls this)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flora.models.types import LoadedModel
+from flora.train.errors import TrainError
+from flora.train.options import TrainOptions
+from flora.train.recipe import RecipeRegistry, default_recipes
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and Python's ``random`` (numpy is not used for randomness here)."""
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(
+    recipe: str,
+    *,
+    base: str | os.PathLike[str],
+    data: str,
+    out: str | os.PathLike[str],
+    loaded: LoadedModel | None = None,
+    recipes: RecipeRegistry | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Train a FLoRA adapter and write it, ``metrics.json`` and ``loss.png`` to ``out``.
+
+    ``options`` are the :class:`TrainOptions` fields (``rank``, ``lr``, ``max_steps``,
+    ...). ``loaded`` skips loading ``base`` (tests pass tiny models). Returns the metrics.
+
+    Raises:
+        DataError: the data cannot be used (the CLI turns it into exit code 2).
+        TrainError: a bad option or base model.
+    """
+    from flora.train.loop import run
+
+    registry = recipes or default_recipes()
+    chosen = registry.get(recipe)
+    if chosen is None:
+        raise TrainError(f"unknown recipe {recipe!r}; recipes: {', '.join(registry.names())}")
+    opts = TrainOptions(recipe=recipe, base=str(base), data=data, out=Path(out), **options)
+    opts = opts.resolved(chosen.defaults)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    if loaded is None:
+        loaded = _load_base(opts.base)
+    seed_everything(opts.seed)
+    task = chosen.prepare(opts, loaded)
+    return run(task, opts)
+
+
+def _load_base(base: str) -> LoadedModel:
+    from flora.models import ModelError, load
+
+    try:
+        return load(base)
+    except ModelError as exc:
+        raise TrainError(str(exc)) from None

@@ -1,0 +1,89 @@
+"""Checkpoints: the adapter (format v1) plus the trainer state, all safetensors + JSON.
+
+``<dir>/adapter_config.json`` + ``adapter.safetensors`` are a normal adapter (loadable with
+``flora.load_adapter``); ``trainer_state.safetensors`` holds the AdamW moments (keyed by
+parameter name) and the torch RNG state; ``trainer_state.json`` the step and loss history.
+No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import flora
+from flora.adapter.adapter import FULL_PREFIX
+from flora.train.errors import TrainError
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+_RNG_KEY = "rng.torch"
+
+
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    adapter_kwargs: dict[str, Any],
+) -> None:
+    """Write adapter + optimizer moments + RNG + ``state`` (step, losses, ...)."""
+    flora.save_adapter(model, directory, **adapter_kwargs)
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors: dict[str, torch.Tensor] = {_RNG_KEY: torch.get_rng_state()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"opt.{names[id(p)]}.{key}"] = value.detach().cpu().reshape(value.shape)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / STATE_TENSORS))
+    (directory / STATE_JSON).write_text(json.dumps(state, indent=1))
+
+
+def load_checkpoint(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Load a checkpoint into an injected ``model`` and its ``optimizer``; returns the
+    saved state dict. TrainError if the directory is not a checkpoint of this model."""
+    if not (directory / STATE_JSON).is_file() or not (directory / STATE_TENSORS).is_file():
+        raise TrainError(f"--resume {directory}: not a checkpoint (no {STATE_JSON})")
+    try:
+        adapter = flora.load_adapter(directory)
+    except flora.AdapterError as exc:
+        raise TrainError(f"--resume {directory}: {exc}") from None
+    _copy_adapter(model, adapter)
+    saved = load_file(str(directory / STATE_TENSORS))
+    params = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = next(n for n, q in params.items() if q is p)
+            prefix = f"opt.{name}."
+            entry = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
+            if entry:
+                optimizer.state[p] = entry
+    torch.set_rng_state(saved[_RNG_KEY])
+    return json.loads((directory / STATE_JSON).read_text())
+
+
+def _copy_adapter(model: nn.Module, adapter: flora.Adapter) -> None:
+    layers = dict(flora.adapter_layers(model))
+    if set(layers) != set(adapter.modules):
+        raise TrainError("--resume: the checkpoint adapts other modules than this run")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if tuple(layer.core.shape) != tuple(adapter.core(name).shape):
+                raise TrainError(f"--resume: ranks of {name!r} differ from this run's")
+            layer.core.copy_(adapter.core(name))
+            for u, value in zip(layer.factors, adapter.factors(name), strict=True):
+                u.copy_(value)
+        for key, value in adapter.tensors.items():
+            if key.startswith(FULL_PREFIX):
+                target = params.get(key[len(FULL_PREFIX) :])
+                if target is None or target.shape != value.shape:
+                    raise TrainError(f"--resume: {key} does not fit this run's model")
+                target.copy_(value)

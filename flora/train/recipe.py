@@ -1,0 +1,101 @@
+"""Recipes: what a task needs from the shared loop, and the registry that names them.
+
+A recipe turns ``TrainOptions`` into a :class:`TrainTask`: an injected model (adapters,
+plus any new head in ``train_modules``), train and eval examples, and four callables the
+loop uses (collate, loss, evaluate, train mode). The registry is filled by explicit
+``register`` calls in :func:`default_recipes`; nothing is registered at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from flora.models.types import LoadedModel
+from flora.train.options import RecipeDefaults, TrainOptions
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainTask:
+    """A prepared training task.
+
+    Attributes:
+        model: the base with FLoRA injected (cores at zero, so before the first step it
+            computes the base model, plus the untrained head if the recipe adds one).
+        task: the adapter's task string (``causal-lm``, ``text-classification``, ...).
+        labels: class names for classification (index = class id), else None.
+        collate: examples -> a batch of tensors.
+        loss: (model, batch) -> scalar loss.
+        evaluate: (model, examples) -> metrics such as ``{"eval_accuracy": 0.97}``.
+        train_mode: puts the model in training mode (e.g. with frozen batch-norm stats).
+        metadata: JSON-able facts saved in the adapter (image size, pooling, ...).
+        extra_metrics: optional; more metrics computed once (e.g. a linear probe).
+    """
+
+    model: nn.Module
+    base_model_id: str
+    task: str
+    labels: list[str] | None
+    train_examples: Sequence[Any]
+    eval_examples: Sequence[Any]
+    collate: Callable[[list[Any]], Batch]
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    evaluate: Callable[[nn.Module, Sequence[Any]], dict[str, float]]
+    train_mode: Callable[[nn.Module], None]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    extra_metrics: Callable[[], dict[str, float]] | None = None
+
+
+class Recipe(Protocol):
+    """A training recipe: its name, defaults, and how it prepares a task."""
+
+    name: str
+    description: str
+    defaults: RecipeDefaults
+
+    def prepare(self, options: TrainOptions, loaded: LoadedModel) -> TrainTask:
+        """Load data, add the head, inject adapters; ``options`` are already resolved."""
+        ...
+
+
+class RecipeRegistry:
+    """Recipes by name."""
+
+    def __init__(self) -> None:
+        self._recipes: dict[str, Recipe] = {}
+
+    def register(self, recipe: Recipe) -> None:
+        """Add ``recipe``; a name may be registered once."""
+        if recipe.name in self._recipes:
+            raise ValueError(f"recipe {recipe.name!r} is already registered")
+        self._recipes[recipe.name] = recipe
+
+    def get(self, name: str) -> Recipe | None:
+        """The recipe called ``name``, or None."""
+        return self._recipes.get(name)
+
+    def names(self) -> list[str]:
+        """Registered names, in registration order."""
+        return list(self._recipes)
+
+    def __iter__(self) -> Iterator[Recipe]:
+        return iter(self._recipes.values())
+
+
+def default_recipes() -> RecipeRegistry:
+    """A fresh registry holding the built-in recipes."""
+    from flora.train.causal_lm import CausalLMRecipe
+    from flora.train.image_classification import ImageClassificationRecipe
+    from flora.train.text_classification import TextClassificationRecipe
+
+    registry = RecipeRegistry()
+    registry.register(CausalLMRecipe())
+    registry.register(TextClassificationRecipe())
+    registry.register(ImageClassificationRecipe())
+    return registry

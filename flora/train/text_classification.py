@@ -1,0 +1,193 @@
+"""Recipe ``text-classification``: FLoRA on a text encoder plus a new linear head.
+
+logits = W e + b, with e the encoder's sentence embedding (the base's pooling: masked mean
+and L2 normalisation for MiniLM, exactly what ``/v1/embeddings`` returns). The head is
+added to the bare encoder as submodule ``classifier`` and saved whole with the adapter
+(``train_modules``); to use the adapter on a fresh base, attach the same placeholder
+first (:func:`attach_text_head`), then ``flora.apply_adapter`` puts the trained head in.
+
+``extra_metrics`` also reports ``linear_probe_eval_accuracy``: a logistic-regression head
+trained on the frozen base embeddings (adapters switched off), the baseline the adapter
+has to beat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flora.config import FloraConfig
+from flora.model import inject, set_enabled
+from flora.models.text_encoder import pool
+from flora.models.types import LoadedModel, Pooling
+from flora.train.data import load_text_labels
+from flora.train.errors import TrainError
+from flora.train.heads import HEAD_NAME, accuracy, adaptable_names, attach_head
+from flora.train.options import RecipeDefaults, TrainOptions
+from flora.train.recipe import Batch, TrainTask
+from flora.train.sources import labelled_data
+
+AUTO = "auto"  # every Linear of the encoder except the head and the (unused) pooler
+EVAL_BATCH = 64
+PROBE_STEPS = 300
+PROBE_LR = 0.05
+
+
+def attach_text_head(model: nn.Module, num_labels: int) -> nn.Linear:
+    """Add the placeholder head ``classifier`` (hidden -> num_labels) to a bare encoder."""
+    hidden = int(model.config.hidden_size)
+    return attach_head(model, hidden, num_labels)
+
+
+def sentence_logits(model: nn.Module, batch: Batch, pooling: Pooling) -> torch.Tensor:
+    """[B, num_labels] = classifier(pool(encoder(input_ids, attention_mask)))."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    emb = pool(out.last_hidden_state, batch["attention_mask"], pooling)  # [B, D]
+    return model.get_submodule(HEAD_NAME)(emb)
+
+
+class TextClassificationRecipe:
+    """A new head + FLoRA linear adapters on a text encoder."""
+
+    name = "text-classification"
+    description = "CSV/JSONL text,label / builtin:chatterbot-topics -> new head + adapters"
+    defaults = RecipeDefaults(targets=AUTO, lr=2e-3, batch_size=16, epochs=3.0, scale=1.0)
+
+    def prepare(self, options: TrainOptions, loaded: LoadedModel) -> TrainTask:
+        if loaded.kind != "text-encoder" or loaded.pooling is None:
+            raise TrainError(
+                f"{loaded.name} is a {loaded.kind}; text-classification needs a text encoder"
+            )
+        data = labelled_data(options, "text", load_text_labels)
+        model, tokenizer, pooling = loaded.model, loaded.preprocessor, loaded.pooling
+        attach_text_head(model, len(data.labels))
+        targets = options.targets
+        if targets == AUTO:
+            targets = [
+                n for n in adaptable_names(model, (nn.Linear,), HEAD_NAME) if "pooler" not in n
+            ]
+        assert targets is not None
+        try:
+            inject(
+                model,
+                FloraConfig(
+                    target_modules=targets,
+                    rank=options.rank,
+                    scale=float(options.scale or 1.0),
+                    train_modules=[HEAD_NAME],
+                ),
+            )
+        except ValueError as exc:
+            raise TrainError(f"--targets: {exc}") from None
+        max_length = min(options.max_length, loaded.context_length or options.max_length)
+
+        def collate(examples: list[tuple[Any, int]]) -> Batch:
+            enc = tokenizer(
+                [t for t, _ in examples],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            return {
+                "input_ids": enc["input_ids"],  # [B, T]
+                "attention_mask": enc["attention_mask"],  # [B, T]
+                "labels": torch.tensor([y for _, y in examples]),  # [B]
+            }
+
+        def loss(m: nn.Module, batch: Batch) -> torch.Tensor:
+            return F.cross_entropy(sentence_logits(m, batch, pooling), batch["labels"])
+
+        def evaluate(m: nn.Module, examples: Sequence[Any]) -> dict[str, float]:
+            logits, labels = _predict(m, examples, collate, pooling)
+            return {"eval_accuracy": accuracy(logits, labels)}
+
+        def probe() -> dict[str, float]:
+            return {
+                "linear_probe_eval_accuracy": linear_probe(
+                    model, data.train, data.eval, collate, pooling, len(data.labels), options.seed
+                )
+            }
+
+        return TrainTask(
+            model=model,
+            base_model_id=loaded.name,
+            task=self.name,
+            labels=data.labels,
+            train_examples=data.train,
+            eval_examples=data.eval,
+            collate=collate,
+            loss=loss,
+            evaluate=evaluate,
+            train_mode=lambda m: m.train(),
+            metadata={
+                "pooling": {"mode": pooling.mode, "normalize": pooling.normalize},
+                "head": HEAD_NAME,
+            },
+            extra_metrics=probe,
+        )
+
+
+def _predict(
+    model: nn.Module, examples: Sequence[Any], collate: Any, pooling: Pooling
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, labels = [], []
+    for start in range(0, len(examples), EVAL_BATCH):
+        batch = collate(list(examples[start : start + EVAL_BATCH]))
+        logits.append(sentence_logits(model, batch, pooling))
+        labels.append(batch["labels"])
+    return torch.cat(logits), torch.cat(labels)
+
+
+@torch.no_grad()
+def _embeddings(
+    model: nn.Module, examples: Sequence[Any], collate: Any, pooling: Pooling
+) -> tuple[torch.Tensor, torch.Tensor]:
+    embs, labels = [], []
+    for start in range(0, len(examples), EVAL_BATCH):
+        batch = collate(list(examples[start : start + EVAL_BATCH]))
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        embs.append(pool(out.last_hidden_state, batch["attention_mask"], pooling))
+        labels.append(batch["labels"])
+    return torch.cat(embs), torch.cat(labels)
+
+
+def linear_probe(
+    model: nn.Module,
+    train: Sequence[Any],
+    eval_: Sequence[Any],
+    collate: Any,
+    pooling: Pooling,
+    num_labels: int,
+    seed: int,
+) -> float:
+    """Eval accuracy of softmax regression on frozen base embeddings.
+
+    Embeddings come from the model with its adapters switched off (the base); the head
+    minimises mean cross-entropy by full-batch Adam for PROBE_STEPS steps."""
+    was_training = model.training
+    model.eval()
+    set_enabled(model, False)
+    try:
+        x_train, y_train = _embeddings(model, train, collate, pooling)
+        x_eval, y_eval = _embeddings(model, eval_, collate, pooling)
+    finally:
+        set_enabled(model, True)
+        model.train(was_training)
+    gen = torch.Generator().manual_seed(seed)
+    head = nn.Linear(x_train.shape[1], num_labels)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.zero_()
+    opt = torch.optim.Adam(head.parameters(), lr=PROBE_LR)
+    with torch.enable_grad():
+        for _ in range(PROBE_STEPS):
+            opt.zero_grad()
+            F.cross_entropy(head(x_train), y_train).backward()
+            opt.step()
+    with torch.no_grad():
+        return accuracy(head(x_eval), y_eval)
