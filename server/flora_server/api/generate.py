@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from flora_server.api import sampling
@@ -90,6 +90,7 @@ def _token(event: TokenEvent) -> Token:
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text (TGI shape)")
 async def generate(
+    http: Request,
     body: GenerateRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -97,7 +98,7 @@ async def generate(
     metrics: MetricsDep,
 ) -> GenerateResponse:
     request = await _prepare(body, engine, settings, registry)
-    out = await sampling.collect(engine, request, metrics)
+    out = await sampling.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
     text = out.finish.generated_text
     if body.parameters.return_full_text:

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from flora_server import auth
@@ -152,6 +152,7 @@ def _stream(
 
 @router.post("/completions", response_model=CompletionResponse, summary="Text completion")
 async def completions(
+    http: Request,
     body: CompletionRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -223,7 +224,7 @@ async def completions(
             usage = lambda fin: {**base([]), "usage": _usage(fin).model_dump()}  # noqa: E731
         return _stream(first, stream, request, chunk, usage)
 
-    out = await sampling.collect(engine, request, metrics)
+    out = await sampling.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
     logprobs = None
     if want_logprobs:
@@ -272,6 +273,7 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion")
 async def chat_completions(
+    http: Request,
     body: ChatCompletionRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -337,7 +339,7 @@ async def chat_completions(
             usage = lambda fin: {**base([]), "usage": _usage(fin).model_dump()}  # noqa: E731
         return _stream(first, stream, request, chunk, usage)
 
-    out = await sampling.collect(engine, request, metrics)
+    out = await sampling.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
     return ChatCompletionResponse(
         id=request.request_id,

@@ -4,12 +4,15 @@ request, and iterating the engine's events with latency metrics and cancellation
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+
+from starlette.types import Receive
 
 from flora_server import auth
 from flora_server.adapters.registry import AdapterRegistry
@@ -162,6 +165,16 @@ async def events(
                 timer.token()
             else:
                 timer.finish(event.reason, event.prompt_tokens, event.generated_tokens)
+                if event.reason == "deadline" and event.generated_tokens == 0:
+                    # Expired before its first token (queue wait, adapter load): nothing to
+                    # return, so a 504. With tokens, the partial answer is a 200 whose
+                    # finish_reason says "deadline" ("length" in the OpenAI shape).
+                    raise APIError(
+                        504,
+                        "the request timed out before its first token "
+                        "(FLORA_REQUEST_TIMEOUT covers queueing and generation)",
+                        type="timeout_error",
+                    )
             yield event
     finally:
         aclose = getattr(stream, "aclose", None)
@@ -170,6 +183,37 @@ async def events(
 
 
 async def collect(
+    engine: GenerationEngine,
+    request: GenerationRequest,
+    metrics: ServerMetrics,
+    receive: Receive | None = None,
+) -> Collected:
+    """Run `request` to the end. With `receive` (the ASGI receive channel, its body already
+    read), a client that disconnects cancels the request instead of leaving it running."""
+    if receive is None:
+        return await _collect(engine, request, metrics)
+    work = asyncio.ensure_future(_collect(engine, request, metrics))
+    watch = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            # Cancelling runs `events`' finally, which closes the engine's iterator.
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
+        raise APIError(499, "the client closed the connection", type="client_closed_request")
+    return work.result()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(
     engine: GenerationEngine, request: GenerationRequest, metrics: ServerMetrics
 ) -> Collected:
     out = Collected()

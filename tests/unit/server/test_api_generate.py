@@ -197,3 +197,45 @@ def test_engine_invalid_request_is_422(app):
     engine.generate = refuse
     r = client.post("/v1/completions", json={"model": "fake-base", "prompt": [99999999]})
     assert r.status_code == 422 and "token ids" in r.json()["error"]["message"]
+
+
+def test_client_disconnect_cancels_non_streaming_request(tmp_path):
+    import asyncio
+
+    from api_fakes import FakeEngine
+
+    from flora_server.adapters.registry import AdapterRegistry
+    from flora_server.adapters.store import LocalAdapterStore
+    from flora_server.api import sampling
+    from flora_server.engine.protocol import GenerationRequest, SamplingParams
+    from flora_server.errors import APIError
+    from flora_server.metrics import ServerMetrics
+
+    engine = FakeEngine(AdapterRegistry(LocalAdapterStore(tmp_path / "s"), tmp_path / "u"))
+    engine.token_delay = 0.01
+    closed = []
+    original = engine._run
+
+    async def tracked(request):
+        try:
+            async for event in original(request):
+                yield event
+        finally:
+            closed.append(len(engine.requests))
+
+    engine._run = tracked
+
+    async def receive_disconnect_after_50ms():
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def main():
+        request = GenerationRequest("r", list(b"abc"), SamplingParams(max_new_tokens=1000))
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(APIError) as info:
+            await sampling.collect(engine, request, ServerMetrics(), receive_disconnect_after_50ms)
+        return info.value.status, asyncio.get_running_loop().time() - started
+
+    status, elapsed = asyncio.run(main())
+    assert status == 499 and closed == [1]  # the engine's iterator was closed
+    assert elapsed < 2  # 1000 tokens at 10 ms would take 10 s
