@@ -1,0 +1,128 @@
+"""VisionEngine: mixed-adapter batches equal single requests and offline flora inference."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from vision_fixtures import (
+    DictSource,
+    make_conv_adapter,
+    make_loaded,
+    random_image,
+    reference_logits,
+)
+
+from flora.models.image_transform import ImageTransform
+from flora_server.engine.protocol import AdapterNotFoundError
+from flora_server.engine.vision import VisionEngine, adapter_transform
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def adapters() -> dict:
+    return {
+        "a": make_conv_adapter(1, 3),
+        "b": make_conv_adapter(2, 5, image_size=24),  # trained at another size
+        "c": make_conv_adapter(3, None),  # conv layers only: the base head
+    }
+
+
+async def _start(engine: VisionEngine) -> None:
+    engine.start()
+    while not engine.ready:
+        await asyncio.sleep(0.01)
+
+
+def _scores(preds: list) -> dict[int, float]:
+    return {p.index: p.score for p in preds}
+
+
+def test_mixed_batch_equals_offline_reference_and_single_requests(adapters: dict) -> None:
+    torch.manual_seed(0)
+    images = [random_image(i) for i in range(4)]
+    plan = [(None, 0), ("a", 1), ("b", 2), ("c", 3), ("a", 0), (None, 3)]
+
+    async def main() -> tuple[list, list, dict]:
+        engine = VisionEngine(make_loaded(), DictSource(adapters), max_slots=4, max_wait=0.05)
+        await _start(engine)
+        mixed = await asyncio.gather(*[engine.submit(a, [images[i]], 100) for a, i in plan])
+        alone = [await engine.submit(a, [images[i]], 100) for a, i in plan]
+        stats = engine.stats()
+        await engine.shutdown(1.0)
+        return mixed, alone, {"loaded": stats.loaded_adapters}
+
+    mixed, alone, info = asyncio.run(main())
+    assert set(info["loaded"]) == {"a", "b", "c"}
+    for (adapter_id, i), got, single in zip(plan, mixed, alone, strict=True):
+        size = 24 if adapter_id == "b" else 16
+        ref = torch.softmax(
+            reference_logits(adapters.get(adapter_id), images[i], ImageTransform(size=size)), -1
+        )
+        # All classes are returned (top_k >= C), best first, with the adapter's label names.
+        assert len(got[0]) == ref.numel()
+        assert [p.index for p in got[0]] == ref.argsort(descending=True).tolist()
+        for index, score in _scores(got[0]).items():
+            assert abs(score - ref[index].item()) < TOL
+        for index, score in _scores(single[0]).items():
+            assert abs(score - _scores(got[0])[index]) < TOL
+        names = {None: "base", "a": "a1-", "b": "a2-", "c": "base"}[adapter_id]
+        assert got[0][0].label.startswith(names)
+
+
+def test_adapters_change_the_answer_and_top_k_is_respected(adapters: dict) -> None:
+    image = random_image(7)
+
+    async def main() -> tuple[list, list]:
+        engine = VisionEngine(make_loaded(), DictSource(adapters), max_slots=2)
+        await _start(engine)
+        base = await engine.submit(None, [image, image], 2)
+        conv_only = await engine.submit("c", [image], 7)
+        await engine.shutdown(1.0)
+        return base, conv_only
+
+    base, conv_only = asyncio.run(main())
+    assert [len(r) for r in base] == [2, 2] and base[0] == base[1]
+    ref_base = torch.softmax(reference_logits(None, image, ImageTransform(size=16)), -1)
+    assert abs(base[0][0].score - ref_base.max().item()) < TOL
+    # The conv adapter changes the scores of the same (base) head.
+    assert (
+        max(
+            abs(a - b)
+            for a, b in zip(
+                [p.score for p in sorted(conv_only[0], key=lambda p: p.index)],
+                ref_base.tolist(),
+                strict=True,
+            )
+        )
+        > 1e-3
+    )
+
+
+def test_unknown_adapter_fails_only_its_request(adapters: dict) -> None:
+    image = random_image(1)
+
+    async def main() -> list:
+        engine = VisionEngine(make_loaded(), DictSource(adapters), max_slots=2, max_wait=0.05)
+        await _start(engine)
+        out = await asyncio.gather(
+            engine.submit("nope", [image], 3),
+            engine.submit("a", [image], 3),
+            return_exceptions=True,
+        )
+        await engine.shutdown(1.0)
+        return out
+
+    missing, ok = asyncio.run(main())
+    assert isinstance(missing, AdapterNotFoundError)
+    assert ok[0][0].label.startswith("a1-")
+
+
+def test_adapter_transform_uses_saved_metadata() -> None:
+    base = ImageTransform(size=224)
+    assert adapter_transform(base, {}) is base
+    assert adapter_transform(base, {"image_size": 64}) == ImageTransform(size=64)
+    saved = ImageTransform(size=32, interpolation="bilinear").to_dict()
+    assert adapter_transform(base, {"image_transform": saved, "image_size": 64}).to_dict() == saved
