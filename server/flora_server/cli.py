@@ -69,18 +69,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    import uvicorn
-
+    from flora_server.auth import startup_warnings
+    from flora_server.lifecycle import serve
     from flora_server.main import create_app
 
+    for warning in startup_warnings(settings.api_keys, settings.admin_keys, settings.host):
+        logging.getLogger("flora_server").warning(warning)
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout),
-    )
+    code = serve(app, settings)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="largest request line + headers (uvicorn h11)"
     )
+    max_connections: int = Field(
+        1024, ge=1, description="open HTTP connections before uvicorn answers 503 itself"
+    )
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     max_batch_size: int = Field(32, ge=1, description="rows in the running batch")
     max_slots: int = Field(8, ge=1, description="adapters resident on the device at once")

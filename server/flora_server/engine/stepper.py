@@ -76,9 +76,23 @@ class Stepper:
         if admitted:
             try:
                 self._prefill(list(admitted))
-            except Exception as exc:  # a bad prompt fails its own requests, not the batch
-                self.fail(list(admitted), exc)
+            except Exception as exc:
+                self._prefill_one_by_one(admitted, exc)
         self.drop_finished()
+
+    def _prefill_one_by_one(self, admitted: Sequence[RowState], exc: Exception) -> None:
+        """A batched prefill failed (out of memory, a bad prompt): retry each row alone so
+        the failure stays with the request that causes it, not its batch neighbours."""
+        if len(admitted) == 1:
+            self.fail(list(admitted), exc)
+            return
+        for row in admitted:
+            if row.finished is not None or row.generated:
+                continue  # already answered before the failure: never emit twice
+            try:
+                self._prefill([row])
+            except Exception as row_exc:
+                self.fail([row], row_exc)
 
     def _set_merged(self, target: str | None, admitted: Sequence[RowState]) -> None:
         if target == self.merged:
@@ -130,12 +144,22 @@ class Stepper:
                 for r, p in zip(rows, params, strict=True)
             ]
             seen = seen_mask(lists, logits.shape[-1], logits.device)
+        # A row whose logits are not finite (an adapter that overflows) fails alone; its
+        # logits are zeroed so sampling the others is unaffected, and it leaves the batch
+        # at the next drop_finished.
+        finite = torch.isfinite(logits).all(dim=-1)  # [B]
+        if not bool(finite.all()):
+            bad = [r for r, ok in zip(rows, finite.tolist(), strict=True) if not ok]
+            self.fail(bad, FloatingPointError("the model produced non-finite logits"))
+            logits = torch.where(finite.unsqueeze(1), logits, torch.zeros_like(logits))
         processed = process_logits(logits, tensors, seen)
         tokens = select_tokens(processed, tensors.do_sample, [r.generator for r in rows])
         logprobs = None
         if any(p.logprobs for p in params):
             logprobs = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            if row.finished is not None:
+                continue
             self._advance(row, token, logprobs[i] if logprobs and params[i].logprobs else None)
         return tokens
 
@@ -191,7 +215,11 @@ class Stepper:
         for row in rows:
             if row.finished is None:
                 row.finished = "error"
-                row.handle.emit(RequestFailedError(f"generation failed: {exc}"))
+                row.handle.emit(
+                    RequestFailedError(
+                        f"request {row.request.request_id} failed: {type(exc).__name__}: {exc}"
+                    )
+                )
                 if row.slot is not None:
                     self.cache.unpin(row.slot)
 

@@ -1,0 +1,120 @@
+"""Process lifecycle around uvicorn: SIGTERM drain and exit on engine death.
+
+SIGTERM (Kubernetes deleting the pod):
+1. at once `app.state.draining` is set: `/ready` answers 503 (the endpoint is taken out of
+   the Service), `/health` stays 200, new inference requests answer 503 with Retry-After;
+2. the listener stays open while running and queued requests finish, for up to
+   `FLORA_SHUTDOWN_TIMEOUT` seconds;
+3. then uvicorn shuts down: whatever still runs is cancelled (the handler's task is
+   cancelled, which closes its event stream, which cancels the engine row), the lifespan
+   stops the engine, and the process exits 0.
+
+uvicorn's own handler would close the listener at once and, since 0.29, re-raise the signal
+after shutting down (exit status 143); `DrainingServer` keeps the first SIGTERM to itself.
+A second SIGTERM or a SIGINT takes uvicorn's usual path.
+
+If the engine worker dies (`engine.healthy` turns False) `/health` answers 503, and the
+watchdog shuts the server down with exit status `ENGINE_DEAD_EXIT` so that a supervisor
+(Kubernetes, systemd) restarts it even without a liveness probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+ENGINE_DEAD_EXIT = 3
+_POLL_SECONDS = 0.05
+
+
+def in_flight(app: Any) -> int:
+    """Running plus waiting requests of the engine (0 before it exists)."""
+    engine = getattr(app.state, "engine", None)
+    if engine is None:
+        return 0
+    stats = engine.stats()
+    return int(stats.running) + int(stats.waiting)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server with a draining SIGTERM and an engine-death watchdog."""
+
+    def __init__(self, config: uvicorn.Config, app: Any, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.flora_app = app
+        self.shutdown_timeout = shutdown_timeout
+        self.exit_code = 0
+        self._draining = threading.Event()
+        self._stop_watchdog = threading.Event()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self._draining.is_set():
+            self.start_drain()
+            return
+        super().handle_exit(sig, frame)
+
+    def start_drain(self) -> None:
+        """Refuse new work now; stop the server once in-flight work is done (or timed out)."""
+        self._draining.set()
+        self.flora_app.state.draining = True
+        log.warning("SIGTERM: draining (up to %.1f s)", self.shutdown_timeout)
+        threading.Thread(target=self._drain, name="flora-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout
+        while time.monotonic() < deadline and in_flight(self.flora_app) > 0:
+            time.sleep(_POLL_SECONDS)
+        left = in_flight(self.flora_app)
+        if left:
+            log.warning("shutdown timeout: cancelling %d requests", left)
+        self.should_exit = True
+
+    def watch_engine(self) -> None:
+        """Start the watchdog thread (call before `run`)."""
+        threading.Thread(target=self._watch, name="flora-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop_watchdog.wait(_POLL_SECONDS * 4):
+            engine = getattr(self.flora_app.state, "engine", None)
+            if engine is not None and not engine.healthy:
+                log.critical("the engine worker died: exiting with status %d", ENGINE_DEAD_EXIT)
+                self.exit_code = ENGINE_DEAD_EXIT
+                self.should_exit = True
+                return
+
+    def run(self, sockets: Any = None) -> None:
+        try:
+            super().run(sockets)
+        finally:
+            self._stop_watchdog.set()
+
+
+def serve(app: Any, settings: Any) -> int:
+    """Run `app` under uvicorn with flora's limits and lifecycle; returns the exit status."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # h11 enforces a cap on the request line + headers (431 past it); httptools has no
+        # such knob, so the parser is pinned. The body is capped by RequestGuardMiddleware.
+        http="h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        # Connections beyond this get 503 from uvicorn itself, before any app code runs.
+        limit_concurrency=settings.max_connections,
+        # After the drain, what is left gets only a short grace before it is cancelled.
+        timeout_graceful_shutdown=2,
+        timeout_keep_alive=5,
+    )
+    server = DrainingServer(config, app, settings.shutdown_timeout)
+    server.watch_engine()
+    server.run()
+    return server.exit_code
