@@ -34,8 +34,15 @@ from torch import nn
 from flora.serving import ModuleFactors, ServingModel, ServingPolicy
 
 HIDDEN, INTER, KV = 576, 1536, 192
-PROJ = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDDEN, HIDDEN),
-        "gate": (HIDDEN, INTER), "up": (HIDDEN, INTER), "down": (INTER, HIDDEN)}
+PROJ = {
+    "q": (HIDDEN, HIDDEN),
+    "k": (HIDDEN, KV),
+    "v": (HIDDEN, KV),
+    "o": (HIDDEN, HIDDEN),
+    "gate": (HIDDEN, INTER),
+    "up": (HIDDEN, INTER),
+    "down": (INTER, HIDDEN),
+}
 
 
 class Block(nn.Module):
@@ -67,18 +74,22 @@ def adapter(layers: int, rank: int, gen: torch.Generator) -> dict[str, ModuleFac
     out = {}
     for i in range(layers):
         for name, (n_in, n_out) in PROJ.items():
-            factors = (torch.randn(n_out, rank, generator=gen) * 0.02,
-                       torch.randn(n_in, rank, generator=gen) * 0.02)
+            factors = (
+                torch.randn(n_out, rank, generator=gen) * 0.02,
+                torch.randn(n_in, rank, generator=gen) * 0.02,
+            )
             out[f"layers.{i}.{name}"] = ModuleFactors(
-                "linear", torch.randn(rank, rank, generator=gen), factors, 1.0)
+                "linear", torch.randn(rank, rank, generator=gen), factors, 1.0
+            )
     return out
 
 
 class NaiveLinear(nn.Module):
     """Gather-then-bmm per row, every step (what DESIGN.md measured at 0.76x for K=32)."""
 
-    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor,
-                 slots: torch.Tensor) -> None:
+    def __init__(
+        self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor
+    ) -> None:
         super().__init__()
         self.base, self.a, self.b, self.slots = base, a, b, slots
 
@@ -87,31 +98,41 @@ class NaiveLinear(nn.Module):
         return self.base(x) + torch.bmm(torch.bmm(x, a), b)
 
 
-def naive_model(base: Stack, adapters: list[dict[str, ModuleFactors]],
-                slots: torch.Tensor) -> Stack:
+def naive_model(
+    base: Stack, adapters: list[dict[str, ModuleFactors]], slots: torch.Tensor
+) -> Stack:
     from flora.serving import fold_two_mode
 
     model = copy.deepcopy(base)
     for name in adapters[0]:
         folded = [fold_two_mode(a[name]) for a in adapters]
-        a = torch.stack([f[0] for f in folded]).to(slots.device)
-        b = torch.stack([f[1] for f in folded]).to(slots.device)
+        dtype = base.layers[0].q.weight.dtype
+        a = torch.stack([f[0] for f in folded]).to(slots.device, dtype)
+        b = torch.stack([f[1] for f in folded]).to(slots.device, dtype)
         parent, _, child = name.rpartition(".")
         lin = model.get_submodule(name)
         setattr(model.get_submodule(parent), child, NaiveLinear(lin, a, b, slots))
     return model
 
 
-def served(base: nn.Module, adapters: list[dict[str, ModuleFactors]], rows: list[int],
-           policy: ServingPolicy | None, merge: bool = False) -> ServingModel:
-    serving = ServingModel(copy.deepcopy(base), max_slots=len(adapters), max_rank=64,
-                           policy=policy)
+def served(
+    base: nn.Module,
+    adapters: list[dict[str, ModuleFactors]],
+    rows: list[int],
+    policy: ServingPolicy | None,
+    merge: bool = False,
+) -> ServingModel:
+    serving = ServingModel(copy.deepcopy(base), max_slots=len(adapters), max_rank=64, policy=policy)
     for slot, modules in enumerate(adapters):
         serving.load_modules(slot, modules)
     if merge:
         serving.merge(rows[0])
     serving.set_routing(rows)
     return serving
+
+
+def bind(model: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], object]:
+    return lambda: model(x)
 
 
 def sync(device: torch.device) -> None:
@@ -128,8 +149,9 @@ def timeit(fn: Callable[[], object], steps: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def race(methods: dict[str, Callable[[], object]], steps: int, reps: int,
-         device: torch.device) -> dict[str, float]:
+def race(
+    methods: dict[str, Callable[[], object]], steps: int, reps: int, device: torch.device
+) -> dict[str, float]:
     for fn in methods.values():  # warm up
         fn()
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -150,23 +172,23 @@ def bench_linear(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         rows = [i % k for i in range(args.batch)]
         used = adapters[:k]
         slots = torch.tensor(rows, device=device)
-        models: dict[str, Callable[[], object]] = {
-            "base": lambda: base(x),
-            "naive": (lambda m: lambda: m(x))(naive_model(base, used, slots).to(dtype)),
-            "wide": served(base, used, rows, ServingPolicy(wide_max_rank=10**6)),
-            "rows": served(base, used, rows, ServingPolicy(wide_max_rank=0)),
-            "auto": served(base, used, rows, None),
+        fns: dict[str, Callable[[], object]] = {
+            "base": bind(base, x),
+            "naive": bind(naive_model(base, used, slots), x),
+            "wide": bind(served(base, used, rows, ServingPolicy(wide_max_rank=10**6)), x),
+            "rows": bind(served(base, used, rows, ServingPolicy(wide_max_rank=0)), x),
+            "auto": bind(served(base, used, rows, None), x),
         }
         if k == 1:
-            models["merged"] = served(base, used, rows, None, merge=True)
-        fns = {n: (lambda m: lambda: m(x))(m) if isinstance(m, ServingModel) else m
-               for n, m in models.items()}
+            fns["merged"] = bind(served(base, used, rows, None, merge=True), x)
         with torch.inference_mode():
             t = race(fns, args.steps, args.reps, device)
         results[f"K={k}"] = {m: {"ms": 1e3 * v, "ratio": t["base"] / v} for m, v in t.items()}
         line = "  ".join(f"{m} {t['base'] / v:5.3f}" for m, v in t.items() if m != "base")
-        print(f"linear K={k:<3} base {1e3 * t['base']:7.2f} ms/step | ratio vs base: {line}",
-              flush=True)
+        print(
+            f"linear K={k:<3} base {1e3 * t['base']:7.2f} ms/step | ratio vs base: {line}",
+            flush=True,
+        )
     return results
 
 
@@ -187,8 +209,9 @@ def conv_adapter(net: ConvNet, gen: torch.Generator) -> dict[str, ModuleFactors]
     for name, m in net.named_children():
         shape = tuple(m.weight.shape)
         ranks = tuple(min(d, 8) for d in shape[:2]) + tuple(shape[2:])
-        factors = tuple(torch.randn(d, r, generator=gen) * 0.1 for d, r in zip(shape, ranks,
-                                                                                strict=True))
+        factors = tuple(
+            torch.randn(d, r, generator=gen) * 0.1 for d, r in zip(shape, ranks, strict=True)
+        )
         out[name] = ModuleFactors("conv2d", torch.randn(ranks, generator=gen), factors, 1.0)
     return out
 
@@ -208,20 +231,24 @@ def bench_conv(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
                 serving._plan_cache.clear()  # vision: a new routing per request batch
                 serving.set_routing(rows)
                 return serving(x)
+
             return run
 
         fns = {
             "base": lambda: base(x),
-            "segments": per_batch(served(base, adapters[:k], rows,
-                                         ServingPolicy(conv_segments_max=10**6))),
+            "segments": per_batch(
+                served(base, adapters[:k], rows, ServingPolicy(conv_segments_max=10**6))
+            ),
             "rows": per_batch(served(base, adapters[:k], rows, ServingPolicy(conv_segments_max=0))),
         }
         with torch.inference_mode():
             t = race(fns, max(1, args.steps // 4), args.reps, device)
         results[f"K={k}"] = {m: {"ms": 1e3 * v, "ratio": t["base"] / v} for m, v in t.items()}
         line = "  ".join(f"{m} {t['base'] / v:5.3f}" for m, v in t.items() if m != "base")
-        print(f"conv   K={k:<3} base {1e3 * t['base']:7.2f} ms/batch | ratio vs base: {line}",
-              flush=True)
+        print(
+            f"conv   K={k:<3} base {1e3 * t['base']:7.2f} ms/batch | ratio vs base: {line}",
+            flush=True,
+        )
     return results
 
 
@@ -241,10 +268,18 @@ def main() -> None:
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device {name}, {args.dtype}, threads {torch.get_num_threads()}, "
-          f"layers {args.layers}, batch {args.batch}, rank {args.rank}")
-    res = {"device": name, "dtype": args.dtype, "layers": args.layers, "batch": args.batch,
-           "rank": args.rank, "linear": bench_linear(args, device, dtype)}
+    print(
+        f"device {name}, {args.dtype}, threads {torch.get_num_threads()}, "
+        f"layers {args.layers}, batch {args.batch}, rank {args.rank}"
+    )
+    res = {
+        "device": name,
+        "dtype": args.dtype,
+        "layers": args.layers,
+        "batch": args.batch,
+        "rank": args.rank,
+        "linear": bench_linear(args, device, dtype),
+    }
     if not args.no_conv:
         res["conv"] = bench_conv(args, device, dtype)
     if args.out:

@@ -26,8 +26,11 @@ class ServingPolicy:
 
     Two-mode layers (Linear, Conv1D) with ``K`` distinct adapters of ranks ``r_k`` in the
     batch: "wide" (``(x @ [A_1..A_K]) * mask @ [B_1..B_K]``: 3 ops, no gathers, but
-    ``sum r_k`` columns for every row) when ``sum r_k <= wide_max_rank``, else "rows"
-    (per-row ``bmm`` with factors gathered once per routing, padded to ``max r_k``).
+    ``sum r_k`` columns for every row; 2 ops and no mask when every row uses one adapter)
+    when the batch is homogeneous or ``sum r_k <= wide_max_rank``, else "rows" (per-row
+    ``bmm`` with factors gathered once per routing, padded to ``max r_k``: 2 ops).
+    ``ServingModel`` defaults ``wide_max_rank`` to 32 on CPU and 0 on CUDA, where small
+    decode steps are bound by kernel launches and the 2-op "rows" measured faster.
     ConvNd: "segments" (rows grouped by adapter, each group run once with the merged
     weight ``W + dW_k``) unless more than ``conv_segments_max`` distinct groups, then
     "rows" (one grouped conv over ``B * groups`` with per-row merged weights) if the
@@ -35,7 +38,7 @@ class ServingPolicy:
     bench/kernels.py measures the trade-offs these defaults come from.
     """
 
-    wide_max_rank: int = 64
+    wide_max_rank: int = 32
     conv_segments_max: int = 8
     conv_rows_max_numel: int = 1 << 24
 
@@ -115,6 +118,9 @@ class ServedModule(nn.Module):
 
     def build_plan(self, row_slots: Sequence[int]) -> Plan | None:
         raise NotImplementedError
+
+    def invalidate(self) -> None:
+        """The base weight changed (merge/unmerge): drop anything derived from it."""
 
     def delta_weight(self, slot: int) -> torch.Tensor:
         """``dW`` of ``slot`` in the base weight's layout, float32."""

@@ -90,8 +90,11 @@ class ServedConv(ServedModule):
         super().__init__(base_layer, routing, index, max_slots, max_rank, policy)
         self.spatial = base_layer.weight.dim() - 2
         self.kind = f"conv{self.spatial}d"
-        # Slots hold the (small) Tucker tensors; dW is rebuilt once per routing.
+        # Slots hold the (small) Tucker tensors; W + dW_k is built on the first routing
+        # that needs slot k and kept until the slot or the base weight changes, so a
+        # vision batch (one forward per routing) does not rebuild it every time.
         self.slot_factors: list[ModuleFactors | None] = [None] * max_slots
+        self._merged_cache: dict[int, torch.Tensor] = {}
 
     def check(self, name: str, mf: ModuleFactors) -> None:
         if mf.kind != self.kind:
@@ -109,10 +112,15 @@ class ServedConv(ServedModule):
             scale=mf.scale,
         )
         self.slot_rank[slot] = max(mf.ranks)
+        self._merged_cache.pop(slot, None)
 
     def clear_slot(self, slot: int) -> None:
         self.slot_factors[slot] = None
         self.slot_rank[slot] = 0
+        self._merged_cache.pop(slot, None)
+
+    def invalidate(self) -> None:
+        self._merged_cache.clear()
 
     def delta_weight(self, slot: int) -> torch.Tensor:
         mf = self.slot_factors[slot]
@@ -124,7 +132,11 @@ class ServedConv(ServedModule):
         w = self.weight
         if slot == NO_SLOT:
             return w.detach()
-        return (w.detach().float() + self.delta_weight(slot)).to(w.dtype)
+        merged = self._merged_cache.get(slot)
+        if merged is None:
+            merged = (w.detach().float() + self.delta_weight(slot)).to(w.dtype)
+            self._merged_cache[slot] = merged
+        return merged
 
     def build_plan(self, row_slots: Sequence[int]) -> Plan | None:
         rows = self.row_targets(row_slots)

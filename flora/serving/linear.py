@@ -56,7 +56,9 @@ class _RowsPlan:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
+        if x.dim() == 3:  # the usual [B, T, in]: no reshapes (each costs a dispatch)
+            return y.baddbmm_(torch.bmm(x, self.a), self.b)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         y.view(y.shape[0], -1, y.shape[-1]).baddbmm_(torch.bmm(x3, self.a), self.b)
         return y
 
@@ -118,10 +120,11 @@ class ServedLinear(ServedModule):
         if not distinct:
             return None
         ranks = [self.slot_rank[s] for s in distinct]
-        if sum(ranks) <= self.policy.wide_max_rank or len(distinct) == 1:
+        homogeneous = all(s == distinct[0] for s in rows)
+        if homogeneous or sum(ranks) <= self.policy.wide_max_rank:
             a, b = self.bank.wide(distinct, ranks)
             mask = None
-            if any(s != distinct[0] for s in rows):
+            if not homogeneous:
                 offsets = dict(zip(distinct, _cumsum(ranks), strict=True))
                 mask = torch.zeros(len(rows), 1, a.shape[1], device=a.device, dtype=a.dtype)
                 for i, s in enumerate(rows):

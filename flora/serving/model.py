@@ -81,9 +81,7 @@ class ServingModel:
         self.model = model
         self.max_slots = max_slots
         self.max_rank = max_rank
-        self.policy = policy or ServingPolicy(
-            wide_max_rank=256 if self.device.type == "cuda" else 64
-        )
+        self.policy = policy or ServingPolicy(wide_max_rank=0 if self.device.type == "cuda" else 32)
         self.routing = RoutingState()
         self._wrapped: dict[str, ServedModule] = {}
         self._slot_modules: list[frozenset[str] | None] = [None] * max_slots
@@ -211,6 +209,8 @@ class ServingModel:
                 done.append(name)
         self._merged_slot = slot
         self._merged_names = done
+        for wrapper in self._wrapped.values():
+            wrapper.invalidate()
         self._refresh()
 
     def unmerge(self) -> None:
@@ -222,6 +222,8 @@ class ServingModel:
                 self._restore(name)
         self._merged_slot = None
         self._merged_names = []
+        for wrapper in self._wrapped.values():
+            wrapper.invalidate()
         self._refresh()
 
     def unwrap(self) -> nn.Module:

@@ -54,7 +54,7 @@ def reference_forward(
     outs = []
     for b, s in enumerate(row_slots):
         mf = slots.get(s) if s is not None and s >= 0 else None
-        weight = w if mf is None else (w.float() + reference_delta(mf)).to(w.dtype)
+        weight = w if mf is None else (w.float() + reference_delta(mf).to(w.device)).to(w.dtype)
         outs.append(_row_forward(module, x[b : b + 1], weight))
     return torch.cat(outs)
 
@@ -67,5 +67,5 @@ def reference_model_weights(
     out = {}
     for name, mf in modules.items():
         w = model.get_submodule(name).weight.detach()
-        out[f"{name}.weight"] = (w.float() + reference_delta(mf)).to(w.dtype)
+        out[f"{name}.weight"] = (w.float() + reference_delta(mf).to(w.device)).to(w.dtype)
     return out

@@ -199,3 +199,21 @@ def test_rank_growth_keeps_loaded_slots() -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="max_rank"):
         serving.load_modules(0, {"lin": make_factors("linear", (12, 16), (13, 13), 1.0, gen)})
+
+
+def test_reloading_a_slot_replaces_cached_conv_weights() -> None:
+    torch.manual_seed(0)
+    base = Toy()
+    ref = copy.deepcopy(base)
+    first, second = make_adapters(seed=0)[0], make_adapters(seed=9)[0]
+    serving = ServingModel(base, max_slots=1)
+    x = torch.randn(2, 4, 5, 6)
+    with torch.no_grad():
+        serving.load_modules(0, first)
+        serving.set_routing([0, -1])
+        serving.model.conv(x)  # builds and caches W + dW(first)
+        serving.load_modules(0, second)
+        serving.set_routing([0, -1])
+        got = serving.model.conv(x)
+    want = reference_forward(ref.conv, x, [0, -1], {0: second["conv"]})
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@ through the model with its adapter applied by flora.apply_adapter."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -78,7 +79,13 @@ def test_mixed_batch_prefill_and_decode_match_each_row_alone(setup) -> None:
     serving.set_routing(rows)
     with torch.no_grad():
         prefill = serving(ids[:, :6], use_cache=True)
-        decode = serving(ids[:, 6:], cache=prefill.past_key_values).logits
+        # transformers renamed past_key_values -> cache (5.2x); accept either
+        key = (
+            "cache"
+            if "cache" in inspect.signature(base.forward).parameters
+            else ("past_key_values")
+        )
+        decode = serving(ids[:, 6:], **{key: prefill.past_key_values}).logits
     for b, slot in enumerate(rows):
         want = alone(base, None if slot is None else adapters[slot], ids[b : b + 1])
         torch.testing.assert_close(prefill.logits[b], want[0, :6], atol=1e-5, rtol=1e-5)
