@@ -1,0 +1,75 @@
+"""The issue's acceptance commands, with few steps: real bases, real builtin data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import flora
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _flora_train(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "flora.train", *args, "--threads", "1", "--quiet"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_image_classification_acceptance(tmp_path):
+    out = tmp_path / "mnist"
+    proc = _flora_train(
+        "image-classification",
+        "--base",
+        "efficientnet-lite0",
+        "--data",
+        "builtin:mnist5k",
+        "--max-steps",
+        "4",
+        "--eval-limit",
+        "50",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["base_eval_accuracy"] <= 1.0
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert metrics["labels"] == [str(d) for d in range(10)]
+    assert (out / "loss.png").stat().st_size > 0
+    from flora.models import load
+
+    base = load("efficientnet-lite0").model
+    adapter = flora.load_adapter(out, base=base)  # fingerprint + shapes against the base
+    assert adapter.task == "image-classification" and adapter.labels == metrics["labels"]
+    assert adapter.metadata["image_size"] == 64
+
+
+def test_causal_lm_acceptance(tmp_path):
+    out = tmp_path / "llm"
+    proc = _flora_train(
+        "causal-lm",
+        "--base",
+        "smollm2-135m-instruct",
+        "--data",
+        "builtin:synthetic-instruct",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-limit",
+        "10",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["base_eval_exact_match"] == 0.0  # the base never writes the record
+    assert 0.0 <= metrics["eval_exact_match"] <= 1.0
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    from flora.models import load
+
+    adapter = flora.load_adapter(out, base=load("smollm2-135m-instruct").model)
+    assert adapter.task == "causal-lm" and adapter.base_model_id == "smollm2-135m-instruct"
