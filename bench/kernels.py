@@ -135,6 +135,21 @@ def bind(model: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[
     return lambda: model(x)
 
 
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """Capture one call of ``fn`` in a CUDA graph (plans are static per routing, so a
+    decode step replays with no Python or launch overhead) and return its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -181,6 +196,9 @@ def bench_linear(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         }
         if k == 1:
             fns["merged"] = bind(served(base, used, rows, None, merge=True), x)
+        if args.cuda_graphs:
+            with torch.inference_mode():
+                fns = {m: graphed(fn) for m, fn in fns.items()}
         with torch.inference_mode():
             t = race(fns, args.steps, args.reps, device)
         results[f"K={k}"] = {m: {"ms": 1e3 * v, "ratio": t["base"] / v} for m, v in t.items()}
@@ -263,6 +281,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per timed sample")
     p.add_argument("--reps", type=int, default=25, help="samples per method")
     p.add_argument("--no-conv", action="store_true")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="time CUDA-graph replays of each decode step (linear section)",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     torch.manual_seed(0)

@@ -96,6 +96,11 @@ class ServedModule(nn.Module):
         plan = self.routing.plans[self.index]
         if plan is None:
             return self.base_layer(x)
+        if x.shape[0] != self.routing.rows:
+            raise ValueError(
+                f"input has {x.shape[0]} rows, the routing has {self.routing.rows}: "
+                "call set_routing for this batch"
+            )
         return plan(x)
 
     def targets(self, slot: int) -> bool:

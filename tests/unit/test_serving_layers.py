@@ -177,6 +177,9 @@ def test_bad_adapter_changes_nothing() -> None:
     assert serving.slot_modules(1) is None and serving.wrapped_modules() == wrapped
     with pytest.raises(ValueError, match="not loaded"):
         serving.set_routing([1])
+    serving.set_routing([0, 0, -1, -1])
+    with pytest.raises(ValueError, match="rows"):  # e.g. 2 rows x 2 tokens: never regrouped
+        serving.model.lin(torch.randn(2, 2, 16))
 
 
 def test_rank_growth_keeps_loaded_slots() -> None:
