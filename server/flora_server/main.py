@@ -119,7 +119,17 @@ def build_engine(
         )
     # Computed once, before the engine can merge an adapter into the weights or swap heads.
     validator = BaseValidator(describe_base(loaded.model), loaded.fingerprint, loaded)
-    return builder(loaded, settings, registry, metrics), validator
+    engine = builder(loaded, settings, registry, metrics)
+    # What the engine itself can serve (heads, whole-saved modules) is checked at upload too.
+    validator.engine_check = getattr(engine, "check_adapter", None) or _per_row_servable
+    return engine, validator
+
+
+def _per_row_servable(adapter: Adapter) -> None:
+    """The LLM engine's rule (flora.serving): no modules saved whole (ValueError)."""
+    from flora.serving.factors import modules_from_adapter
+
+    modules_from_adapter(adapter)
 
 
 build_llm_engine = build_engine  # the name older callers use
@@ -129,11 +139,24 @@ class BaseValidator:
     """Reads an adapter file with `flora.load_adapter` and checks it against the base's module
     table and fingerprint (flora errors become `AdapterValidationError`)."""
 
-    def __init__(self, specs: dict[str, Any], fingerprint: str, loaded: Any) -> None:
+    def __init__(
+        self,
+        specs: dict[str, Any],
+        fingerprint: str,
+        loaded: Any,
+        engine_check: Callable[[Adapter], None] | None = None,
+    ) -> None:
+        from torch import nn
+
         self.specs = specs
         self.fingerprint = fingerprint
         self._loaded = loaded
         self._partial: dict[tuple[str, ...], str] = {}
+        # `engine_check(adapter)` raises ValueError for what the engine cannot serve.
+        self.engine_check = engine_check
+        # Snapshot of the pristine base (engines may swap modules, e.g. the vision head).
+        self._shapes = {k: tuple(v.shape) for k, v in loaded.model.state_dict().items()}
+        self._linear = {n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)}
 
     def _fingerprint_for(self, train_modules: list[str] | str) -> str:
         # An adapter that retrains whole modules carries the fingerprint of the base minus
@@ -162,12 +185,50 @@ class BaseValidator:
 
         try:
             adapter = load_adapter(path)
+            # Whole-saved modules first: the fingerprint leaves them out, and the message
+            # names the module and shapes.
+            self.check_full_shapes(adapter)
+            if self.engine_check is not None:
+                self.engine_check(adapter)
             validate_against(
                 adapter, self.specs, self._fingerprint_for(adapter.config.train_modules)
             )
-        except AdapterError as exc:
+        except (AdapterError, ValueError) as exc:
             raise AdapterValidationError(str(exc)) from exc
         return adapter
+
+    def check_full_shapes(self, adapter: Adapter) -> None:
+        """Modules saved whole (`full.<module>.<param>`) must fit the base module they
+        replace: the same parameters and shapes, except that a Linear may change its number
+        of outputs (a new head with other classes: weight [C', F] with the base's F, bias
+        [C']). A module the base lacks is left to the engine's check. Raises ValueError.
+        The fingerprint leaves these modules out, so nothing else catches a misfit."""
+        for module in adapter.full_modules():
+            prefix = module + "."
+            base = {k[len(prefix) :]: v for k, v in self._shapes.items() if k.startswith(prefix)}
+            if not base:
+                continue
+            state = adapter.full_state(module)
+            for param, tensor in sorted(state.items()):
+                where = f"full.{module}.{param}"
+                shape = tuple(tensor.shape)
+                if param not in base:
+                    raise ValueError(f"{where}: the base's {module!r} has no parameter {param!r}")
+                if module in self._linear and param in ("weight", "bias"):
+                    outputs = state["weight"].shape[0] if "weight" in state else base["weight"][0]
+                    want = (outputs, base["weight"][1]) if param == "weight" else (outputs,)
+                else:
+                    want = base[param]
+                if shape != tuple(want):
+                    raise ValueError(
+                        f"{where} has shape {list(shape)}, the base's {module!r} needs "
+                        f"{list(want)}"
+                        + (
+                            " (only the number of outputs may differ)"
+                            if module in self._linear
+                            else ""
+                        )
+                    )
 
 
 async def _start_engine(app: FastAPI, factory: EngineFactory) -> None:

@@ -180,6 +180,13 @@ class BatchEngine:
             loaded_adapters=self.cache.device_adapters(),
         )
 
+    def check_adapter(self, adapter: Any) -> None:
+        """Raise ValueError unless this engine can serve `adapter` (its heads and whole-saved
+        modules; called at upload, so a misfit is a 4xx there rather than a 500 later)."""
+        check = getattr(self.runtime, "check", None)
+        if check is not None:
+            check(adapter)
+
     def invalidate_adapter(self, adapter_id: str) -> None:
         self.cache.invalidate(adapter_id)
         self._wake()

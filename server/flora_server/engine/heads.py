@@ -59,13 +59,14 @@ def factors_without_heads(adapter: Any) -> dict[str, ModuleFactors]:
     }
 
 
-def read_head(
-    adapter: Any, in_features: int, device: torch.device, dtype: torch.dtype
-) -> LinearHead | None:
-    """The adapter's own `classifier` head, or None when it has none.
+def check_head(adapter: Any, in_features: int) -> dict[str, torch.Tensor] | None:
+    """The adapter's `classifier` state (`{"weight": [C, F], "bias": [C]}`) after checking it
+    fits a body producing `in_features` features, or None when the adapter has no head.
 
     Raises ValueError for whole-saved modules other than the head (they would change the
-    body for every row) and for a head that does not fit the features.
+    body for every row), for a head that is not a Linear, whose input width is not
+    `in_features`, or whose number of outputs disagrees with its bias or label names.
+    Runs at upload (the server's validator) and again when a slot is loaded.
     """
     full = adapter.full_modules()
     others = [m for m in full if m != HEAD_NAME]
@@ -82,13 +83,33 @@ def read_head(
         raise ValueError(f"the {HEAD_NAME!r} head must be a Linear (weight [C, F], bias [C])")
     if weight.shape[1] != in_features:
         raise ValueError(
-            f"the head takes {weight.shape[1]} features, the base produces {in_features}"
+            f"the {HEAD_NAME!r} head takes {weight.shape[1]} features, the base produces "
+            f"{in_features}"
         )
+    num = int(weight.shape[0])
     bias = state.get("bias")
+    if bias is not None and tuple(bias.shape) != (num,):
+        raise ValueError(
+            f"the {HEAD_NAME!r} head has {num} outputs but its bias has shape {list(bias.shape)}"
+        )
+    if adapter.labels and len(adapter.labels) != num:
+        raise ValueError(
+            f"the head has {num} outputs but the adapter names {len(adapter.labels)} labels"
+        )
+    return state
+
+
+def read_head(
+    adapter: Any, in_features: int, device: torch.device, dtype: torch.dtype
+) -> LinearHead | None:
+    """The adapter's own `classifier` head on `device`, or None when it has none (checked
+    by `check_head`, whose ValueError it raises)."""
+    state = check_head(adapter, in_features)
+    if state is None:
+        return None
+    weight, bias = state["weight"], state.get("bias")
     num = int(weight.shape[0])
     labels = list(adapter.labels) if adapter.labels else [f"LABEL_{i}" for i in range(num)]
-    if len(labels) != num:
-        raise ValueError(f"the head has {num} outputs but the adapter names {len(labels)} labels")
     return LinearHead(
         weight.to(device=device, dtype=dtype, copy=True),
         None if bias is None else bias.to(device=device, dtype=dtype, copy=True),
@@ -108,6 +129,11 @@ class HeadedRuntime:
     @property
     def merged_slot(self) -> int | None:
         return self.serving.merged_slot
+
+    def check(self, adapter: Any) -> None:
+        """Raise ValueError unless `load` would accept `adapter` (heads; body shapes are the
+        base validator's)."""
+        check_head(adapter, self.in_features)
 
     def load(self, slot: int, adapter: Any) -> None:
         head = read_head(adapter, self.in_features, self.serving.device, self.serving.dtype)
