@@ -210,7 +210,8 @@ def test_load_at_twice_capacity_only_200_or_429(small_server):
         results = list(pool.map(one, range(8)))
     codes = sorted(code for code, _, _ in results)
     assert set(codes) <= {200, 429}, codes
-    assert codes.count(200) >= 4
+    # At least the queue's worth is accepted (admission into rows races the next arrivals).
+    assert codes.count(200) >= 2
     for code, took, r in results:
         if code == 200:
             assert r.json()["details"]["generated_tokens"] == 20
