@@ -126,10 +126,11 @@ def build_engine(
 
 
 def _per_row_servable(adapter: Adapter) -> None:
-    """The LLM engine's rule (flora.serving): no modules saved whole (ValueError)."""
-    from flora.serving.factors import modules_from_adapter
+    """The LLM engine's rules (flora.serving): no modules saved whole, and an update that
+    stays finite once folded into the slot factors (ValueError)."""
+    from flora_server.engine.runtime import check_finite_update
 
-    modules_from_adapter(adapter)
+    check_finite_update(adapter)  # reads the modules (refusing whole-saved ones) first
 
 
 build_llm_engine = build_engine  # the name older callers use

@@ -44,6 +44,32 @@ class AdapterRuntime(Protocol):
         ...
 
 
+def check_finite_update(adapter: Adapter) -> None:
+    """Raise ValueError when an adapter's per-row update is not finite once its core is
+    folded into the factors (what the device slots hold), e.g. a finite core of 3e38.
+
+    `flora.load_adapter` checks that every stored value is finite, but a slot holds
+    ``A = U_in``, ``B = s * C U_out^T`` (or ``A = U_in C``): that product can overflow.
+    An infinite factor must never reach a slot: the batched ("wide") kernel multiplies every
+    row by every slot's columns under a 0/1 mask, and ``0 * inf = NaN`` would poison the
+    other rows of the batch. Finite factors whose activations overflow are caught per row
+    instead (non-finite logits fail that row alone, `Stepper._sample`).
+    """
+    import torch
+
+    from flora.serving.factors import fold_two_mode, modules_from_adapter
+
+    for name, mf in modules_from_adapter(adapter).items():
+        if mf.kind not in ("linear", "hf_conv1d", "embedding"):
+            continue  # other kinds are refused by the runtime itself
+        for factor in fold_two_mode(mf):
+            if not bool(torch.isfinite(factor).all()):
+                raise ValueError(
+                    f"{name}: the update overflows float32 (non-finite after folding the "
+                    "core into the factors)"
+                )
+
+
 def build_serving_runtime(model: torch.nn.Module, max_slots: int) -> AdapterRuntime:
     """Wrap `model` with `flora.serving` for `max_slots` device slots."""
     from flora.serving.model import ServingModel

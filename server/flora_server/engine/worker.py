@@ -38,7 +38,11 @@ from flora_server.engine.protocol import (
     RequestFailedError,
 )
 from flora_server.engine.requests import EventStream, RequestHandle, RowState
-from flora_server.engine.runtime import AdapterRuntime, build_serving_runtime
+from flora_server.engine.runtime import (
+    AdapterRuntime,
+    build_serving_runtime,
+    check_finite_update,
+)
 from flora_server.engine.sampling import make_generator
 from flora_server.engine.stepper import Stepper
 from flora_server.engine.text import TextStream
@@ -90,6 +94,7 @@ class LLMEngine:
             loader_threads=loader_threads,
             metrics=self._metrics,
             on_loaded=self._wake,
+            check=check_finite_update,
         )
         self._stepper = Stepper(
             self._model,
