@@ -49,13 +49,18 @@ def train(
         raise TrainError(f"unknown recipe {recipe!r}; recipes: {', '.join(registry.names())}")
     opts = TrainOptions(recipe=recipe, base=str(base), data=data, out=Path(out), **options)
     opts = opts.resolved(chosen.defaults)
+    threads_before = torch.get_num_threads()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    if loaded is None:
-        loaded = _load_base(opts.base)
-    seed_everything(opts.seed)
-    task = chosen.prepare(opts, loaded)
-    return run(task, opts)
+    try:
+        if loaded is None:
+            loaded = _load_base(opts.base)
+        seed_everything(opts.seed)
+        task = chosen.prepare(opts, loaded)
+        return run(task, opts)
+    finally:
+        # The thread count is process-wide; give the caller back what it had.
+        torch.set_num_threads(threads_before)
 
 
 def _load_base(base: str) -> LoadedModel:

@@ -42,6 +42,7 @@ def test_text_classification_learns_and_reloads_exactly(tmp_path):
         batch_size=8,
         eval_split="0.25",
         progress=False,
+        threads=1,
     )
     assert metrics["labels"] == ["neg", "pos"]
     assert metrics["eval_accuracy"] == 1.0
@@ -92,6 +93,7 @@ def test_image_classification_learns_and_reloads_exactly(tmp_path):
         image_size=32,
         rank=2,
         progress=False,
+        threads=1,
     )
     assert metrics["labels"] == ["blue", "green", "red"]
     assert _falls(_losses(tmp_path / "out"))
@@ -130,6 +132,7 @@ def test_causal_lm_learns_answer_and_reloads_exactly(tmp_path):
         batch_size=4,
         eval_split="0.25",
         progress=False,
+        threads=1,
     )
     assert metrics["base_eval_exact_match"] == 0.0
     assert metrics["eval_loss"] < metrics["base_eval_loss"]
@@ -164,6 +167,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, resume_at):
         batch_size=4,
         eval_split="0.25",
         progress=False,
+        threads=1,
         seed=3,
     )
     train("text-classification", out=tmp_path / "full", loaded=tiny_encoder(), **common)
