@@ -26,7 +26,7 @@ from flora_server.adapters.registry import (
 )
 from flora_server.adapters.stores import open_store
 from flora_server.api import adapters, classify, embeddings, generate, health, openai
-from flora_server.api.deps import require_kind
+from flora_server.api.deps import require_inference_key, require_kind
 from flora_server.engine.protocol import GenerationEngine, GenerationRequest, SamplingParams
 from flora_server.errors import install_error_handlers
 from flora_server.guards import RequestGuardMiddleware
@@ -338,15 +338,19 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     for module in (health, adapters):
         app.include_router(module.router)
-    # Inference routes answer 404 naming the loaded kind when they belong to another kind.
-    lm = require_kind("causal-lm", neutral_paths=frozenset({"/v1/models"}))
-    app.include_router(generate.router, dependencies=[Depends(lm)])
-    app.include_router(openai.router, dependencies=[Depends(lm)])
-    app.include_router(embeddings.router, dependencies=[Depends(require_kind("text-encoder"))])
-    app.include_router(
-        classify.router,
-        dependencies=[Depends(require_kind("image-classifier", "text-encoder"))],
-    )
+
+    # Inference routes answer 404 naming the loaded kind when they belong to another kind,
+    # but only after the key check: include_router's dependencies run before the router's
+    # own, and without a key even the loaded kind is not disclosed (401 first; FastAPI
+    # runs the routers' repeated `require_inference_key` once per request).
+    def kind(*kinds: str, **kw: frozenset[str]) -> list[Any]:
+        return [Depends(require_inference_key), Depends(require_kind(*kinds, **kw))]
+
+    lm = kind("causal-lm", neutral_paths=frozenset({"/v1/models"}))
+    app.include_router(generate.router, dependencies=lm)
+    app.include_router(openai.router, dependencies=lm)
+    app.include_router(embeddings.router, dependencies=kind("text-encoder"))
+    app.include_router(classify.router, dependencies=kind("image-classifier", "text-encoder"))
     return app
 
 
