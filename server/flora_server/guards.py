@@ -1,5 +1,10 @@
-"""ASGI guards in front of every route: the request-body cap and authentication of the
-generated documentation routes.
+"""ASGI guards in front of every route: the header caps, the request-body cap and
+authentication of the generated documentation routes.
+
+Headers: uvicorn's h11 `max_incomplete_event_size` only bounds a request head that arrives in
+pieces (h11 parses a head that comes in one read without looking at its size), so the caps
+on the head's size (`max_header_bytes`) and header count (`max_header_count`) are enforced
+here as well: 431 before any route runs.
 
 The body cap counts bytes as they arrive (a chunked body without Content-Length is capped
 too) and answers 413 before the handler has read more than the limit. Adapter uploads are
@@ -50,6 +55,10 @@ class RequestGuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        refused = self._head_refusal(scope)
+        if refused is not None:
+            await _send_json(send, 431, "request_header_fields_too_large", refused, {})
+            return
         path: str = scope.get("path", "")
         if path in DOC_PATHS and not self._docs_allowed(scope):
             await _send_json(
@@ -81,6 +90,22 @@ class RequestGuardMiddleware:
             return message
 
         await self.app(scope, capped_receive, send)
+
+    def _head_refusal(self, scope: Any) -> str | None:
+        """Why the request head is refused (None: it is within the caps). Its size is
+        counted as on the wire: request line plus `name: value\\r\\n` per header."""
+        headers = scope.get("headers", ())
+        limit = self.settings.max_header_count
+        if len(headers) > limit:
+            return f"{len(headers)} headers exceed the limit of {limit}"
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 16
+        size += sum(len(name) + len(value) + 4 for name, value in headers)
+        if size > self.settings.max_header_bytes:
+            return (
+                f"request line and headers of about {size} bytes exceed the limit of "
+                f"{self.settings.max_header_bytes} bytes"
+            )
+        return None
 
     def _docs_allowed(self, scope: Any) -> bool:
         settings = self.settings

@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="largest request line + headers (uvicorn h11)"
     )
+    max_header_count: int = Field(100, ge=8, description="most HTTP headers in one request")
     max_connections: int = Field(
         1024, ge=1, description="open HTTP connections before uvicorn answers 503 itself"
     )
