@@ -37,6 +37,18 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def param_groups(
+    named: list[tuple[str, torch.nn.Parameter]], lr_scale: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Optimizer groups: one per learning-rate multiplier (``lr_scale`` by module name,
+    1.0 for every other parameter); the multiplier is kept in the group as ``lr_scale``."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        scale = next((s for m, s in lr_scale.items() if name.startswith(m + ".")), 1.0)
+        groups.setdefault(scale, []).append(p)
+    return [{"params": ps, "lr_scale": s} for s, ps in groups.items()]
+
+
 def evaluate_prefixed(task: TrainTask, prefix: str, limit: int) -> dict[str, float]:
     """Run ``task.evaluate`` on the first ``limit`` eval examples (0 = all), in eval mode
     and without gradients; keys get ``prefix``."""
@@ -58,7 +70,7 @@ def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
     if not named:
         raise TrainError("nothing to train: no parameter requires grad")
     optimizer = torch.optim.AdamW(
-        [p for _, p in named], lr=options.lr, weight_decay=options.weight_decay
+        param_groups(named, task.lr_scale), lr=options.lr, weight_decay=options.weight_decay
     )
     n_train = len(task.train_examples)
     steps = total_steps(n_train, options.batch_size, options.epochs, options.max_steps)
@@ -98,7 +110,7 @@ def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
     samples = 0
     for step in range(start_step, steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, options.lr, options.warmup)
+            group["lr"] = lr_at(step, steps, options.lr, options.warmup) * group["lr_scale"]
         idx = batch_indices(n_train, options.batch_size, options.seed, step)
         batch = task.collate([task.train_examples[i] for i in idx])
         loss = task.loss(model, batch)

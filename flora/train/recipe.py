@@ -36,6 +36,7 @@ class TrainTask:
         train_mode: puts the model in training mode (e.g. with frozen batch-norm stats).
         metadata: JSON-able facts saved in the adapter (image size, pooling, ...).
         extra_metrics: optional; more metrics computed once (e.g. a linear probe).
+        lr_scale: optional learning-rate multipliers by module name.
     """
 
     model: nn.Module
@@ -50,6 +51,9 @@ class TrainTask:
     train_mode: Callable[[nn.Module], None]
     metadata: dict[str, Any] = field(default_factory=dict)
     extra_metrics: Callable[[], dict[str, float]] | None = None
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by module name (a parameter under ``name.`` gets
+    ``lr * scale``), e.g. a head on L2-normalised features needs a larger step."""
 
 
 class Recipe(Protocol):

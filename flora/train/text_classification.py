@@ -35,6 +35,7 @@ AUTO = "auto"  # every Linear of the encoder except the head and the (unused) po
 EVAL_BATCH = 64
 PROBE_STEPS = 300
 PROBE_LR = 0.05
+HEAD_LR_SCALE = 25.0
 
 
 def attach_text_head(model: nn.Module, num_labels: int) -> nn.Linear:
@@ -129,6 +130,9 @@ class TextClassificationRecipe:
                 "head": HEAD_NAME,
             },
             extra_metrics=probe,
+            # The head sees unit-norm embeddings (entries ~ 1/sqrt(D)): with the adapters'
+            # learning rate its logits would grow far too slowly.
+            lr_scale={HEAD_NAME: HEAD_LR_SCALE},
         )
 
 
