@@ -34,6 +34,7 @@ from flora_server.adapters.store import (
     StoredAdapter,
     StoredAdapterMissingError,
     StoreError,
+    sha256_file,
 )
 from flora_server.engine.protocol import AdapterLoadError, AdapterNotFoundError
 
@@ -309,7 +310,7 @@ class AdapterRegistry:
         weights = directory / "adapter.safetensors"
         config = directory / "adapter_config.json"
         if directory.is_file():
-            upload = StagedUpload(archive=directory, archive_sha256=_sha256(directory))
+            upload = StagedUpload(archive=directory, archive_sha256=sha256_file(directory))
         elif weights.is_file() and config.is_file():
             upload = StagedUpload(config=config, weights=weights)
         else:
@@ -343,11 +344,3 @@ class AdapterRegistry:
 
     def load_count(self, adapter_id: str) -> int:
         return self._loads[adapter_id]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()

@@ -22,7 +22,6 @@ readers, removed by the next put or delete of that id.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -39,10 +38,10 @@ from flora_server.adapters.store import (
     StoredAdapterMissingError,
     StoredCopy,
     StoreError,
+    copy_hashing,
 )
 from flora_server.settings import is_valid_adapter_id
 
-_CHUNK = 1024 * 1024
 _ATTEMPTS = 3
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _MANIFESTS = "manifests/"
@@ -135,17 +134,25 @@ class S3AdapterStore:
     def _object_key(self, adapter_id: str, sha256: str) -> str:
         return f"{self.prefix}{_OBJECTS}{self._check(adapter_id)}/{sha256}.flora"
 
-    # -- manifest ------------------------------------------------------------------------
-    def _manifest(self, adapter_id: str) -> dict[str, Any] | None:
-        """The committed manifest, or None when there is none (or it is not one of ours)."""
+    # -- reads ---------------------------------------------------------------------------
+    def _body(self, key: str, what: str) -> Any | None:
+        """The streaming body of `key`, or None when the bucket says it does not exist; any
+        other failure is an S3StoreError naming `what` was being read."""
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._manifest_key(adapter_id))
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
         except Exception as exc:
             if _is_missing(exc):
                 return None
-            raise S3StoreError(f"reading the manifest of {adapter_id!r}: {exc}") from exc
+            raise S3StoreError(f"reading {what}: {exc}") from exc
+
+    # -- manifest ------------------------------------------------------------------------
+    def _manifest(self, adapter_id: str) -> dict[str, Any] | None:
+        """The committed manifest, or None when there is none (or it is not one of ours)."""
+        body = self._body(self._manifest_key(adapter_id), f"the manifest of {adapter_id!r}")
+        if body is None:
+            return None
         try:
-            manifest = json.loads(body["Body"].read(64 * 1024))
+            manifest = json.loads(body.read(64 * 1024))
         except (UnicodeDecodeError, json.JSONDecodeError):
             return None
         # A manifest names its own id and a well-formed digest, or it does not count.
@@ -266,13 +273,9 @@ class S3AdapterStore:
         fd, name = tempfile.mkstemp(prefix=".put-", dir=self.scratch_dir)
         path = Path(name)
         try:
-            h, size = hashlib.sha256(), 0
             with os.fdopen(fd, "wb") as out:
-                while chunk := data.read(_CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
-            yield path, h.hexdigest(), size
+                digest, size = copy_hashing(data, out)
+            yield path, digest, size
         finally:
             path.unlink(missing_ok=True)
 
@@ -282,26 +285,16 @@ class S3AdapterStore:
         for attempt in range(_ATTEMPTS):
             manifest = self._required(adapter_id)
             expected = manifest["sha256"]
-            try:
-                body = self.client.get_object(
-                    Bucket=self.bucket, Key=self._object_key(adapter_id, expected)
-                )["Body"]
-            except Exception as exc:
-                if _is_missing(exc) and attempt < _ATTEMPTS - 1:
+            body = self._body(self._object_key(adapter_id, expected), repr(adapter_id))
+            if body is None:
+                if attempt < _ATTEMPTS - 1:
                     continue
-                if _is_missing(exc):
-                    raise StoredAdapterMissingError(adapter_id) from None
-                raise S3StoreError(f"reading {adapter_id!r}: {exc}") from exc
+                raise StoredAdapterMissingError(adapter_id)
             fd, name = tempfile.mkstemp(prefix=".get-", dir=self.scratch_dir)
             path = Path(name)
             try:
-                h, size = hashlib.sha256(), 0
                 with os.fdopen(fd, "wb") as out:
-                    while chunk := body.read(_CHUNK):
-                        h.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
-                actual = h.hexdigest()
+                    actual, size = copy_hashing(body, out)
                 if actual != expected:
                     raise DigestMismatchError(expected, actual)
             except BaseException:

@@ -137,6 +137,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def copy_hashing(src: BinaryIO, out: BinaryIO) -> tuple[str, int]:
+    """Copy `src` to `out` in 1 MiB chunks; return (sha256 hex of the bytes, their count).
+    Hashing while copying reads the bytes once, and the digest is of what was written."""
+    h, size = hashlib.sha256(), 0
+    while chunk := src.read(_CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+        out.write(chunk)
+    return h.hexdigest(), size
+
+
 def _fsync_dir(path: Path) -> None:
     # Make the rename itself durable; not every platform allows opening a directory.
     try:
@@ -157,16 +168,10 @@ def _write_atomic(
     fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     tmp = Path(tmp_name)
     try:
-        h = hashlib.sha256()
-        size = 0
         with os.fdopen(fd, "wb") as out:
-            while chunk := data.read(_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-                out.write(chunk)
+            actual, size = copy_hashing(data, out)
             out.flush()
             os.fsync(out.fileno())
-        actual = h.hexdigest()
         if expected is not None and expected.lower() != actual:
             raise DigestMismatchError(expected, actual)
         os.replace(tmp, final)
@@ -228,19 +233,14 @@ class LocalAdapterStore:
             fd, tmp_name = tempfile.mkstemp(prefix=".tmp-read-", dir=self.root)
             tmp = Path(tmp_name)
             try:
-                h, size = hashlib.sha256(), 0
                 with path.open("rb") as src, os.fdopen(fd, "wb") as out:
-                    while chunk := src.read(_CHUNK):
-                        h.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
+                    actual, size = copy_hashing(src, out)
             except FileNotFoundError:  # deleted between the digest read and the open
                 tmp.unlink(missing_ok=True)
                 raise StoredAdapterMissingError(adapter_id) from None
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            actual = h.hexdigest()
             if actual == expected:
                 return StoredCopy(tmp, actual, size)
             tmp.unlink(missing_ok=True)
