@@ -8,6 +8,7 @@ import hashlib
 import json
 import mimetypes
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -16,9 +17,16 @@ from typing import IO, Any
 
 import httpx
 
-from flora_client.errors import StreamError
-from flora_client.retry import RetryKind
+from flora_client.errors import (
+    FloraConnectionError,
+    FloraError,
+    FloraTimeoutError,
+    StreamError,
+    error_from_response,
+)
+from flora_client.retry import RetryKind, RetryPolicy
 from flora_client.types import (
+    AdapterList,
     AdapterUploadResult,
     ChatMessage,
     ModelList,
@@ -80,6 +88,87 @@ class Call:
 
 def drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
+
+
+def build_request(http: httpx.Client | httpx.AsyncClient, call: Call) -> httpx.Request:
+    """The httpx request for ``call``; built afresh for every attempt (a body is single-use)."""
+    return http.build_request(
+        call.method, call.path, json=call.json, params=call.params, data=call.data, files=call.files
+    )
+
+
+# --- errors and retries ------------------------------------------------------------------
+
+
+def transport_error(exc: httpx.TransportError, base_url: str) -> FloraError:
+    """A FloraError for an httpx transport failure, naming the server."""
+    if isinstance(exc, httpx.TimeoutException):
+        return FloraTimeoutError(f"timed out talking to {base_url}: {type(exc).__name__}")
+    return FloraConnectionError(f"cannot reach {base_url}: {exc or type(exc).__name__}")
+
+
+def connect_failed(exc: httpx.TransportError) -> bool:
+    """True when no byte of the request reached the server."""
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+def transport_retry_delay(
+    retry: RetryPolicy, kind: RetryKind, exc: httpx.TransportError, attempt: int
+) -> float | None:
+    """Seconds to wait before retrying after a transport failure, or None to raise it."""
+    if retry.retries_transport(kind, connect_failed=connect_failed(exc)):
+        return retry.delay(attempt)
+    return None
+
+
+def status_retry_delay(
+    retry: RetryPolicy, kind: RetryKind, status: int, error: FloraError, attempt: int
+) -> float | None:
+    """Seconds to wait before retrying an error answer, or None to raise ``error``; the
+    server's Retry-After (on the error) is a floor."""
+    if retry.retries_status(kind, status):
+        return retry.delay(attempt, getattr(error, "retry_after", None))
+    return None
+
+
+# --- answers that need no model class ----------------------------------------------------
+
+
+def health_result(response: httpx.Response) -> bool:
+    """``GET /health``: 200 is alive, 503 is not; any other error status raises."""
+    if response.status_code >= 400 and response.status_code != 503:
+        raise error_from_response(response)
+    return response.status_code == 200
+
+
+def ready_result(response: httpx.Response) -> bool:
+    """``GET /ready``: 503 is not ready (loading or draining); any other error raises."""
+    if response.status_code == 503:
+        return False
+    if response.status_code >= 400:
+        raise error_from_response(response)
+    return True
+
+
+def wait_ready_sleep(start: float, timeout: float, interval: float, base_url: str) -> float:
+    """Seconds to sleep before polling /ready again (``start`` from time.monotonic());
+    FloraTimeoutError once ``timeout`` seconds have passed."""
+    elapsed = time.monotonic() - start
+    if elapsed >= timeout:
+        raise FloraTimeoutError(f"{base_url} not ready after {timeout:g} s")
+    return min(interval, max(0.0, timeout - elapsed))
+
+
+def adapters_list_call(limit: int | None, offset: int | None, after: str | None) -> Call:
+    params = drop_none({"limit": limit, "offset": offset, "after": after})
+    return Call("GET", "/v1/adapters", RetryKind.IDEMPOTENT, params=params)
+
+
+def next_page_after(page: AdapterList, page_size: int) -> str | None:
+    """The ``after`` for the page following ``page``; None when it was the last."""
+    if not page.data or page.has_more is False or len(page.data) < page_size:
+        return None
+    return page.next_after or page.data[-1].id
 
 
 # --- request bodies ----------------------------------------------------------------------

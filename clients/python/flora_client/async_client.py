@@ -16,7 +16,6 @@ import httpx
 
 from flora_client import _core
 from flora_client._core import Call, ImageInput, ProgressCallback
-from flora_client.client import connect_failed, transport_error
 from flora_client.errors import (
     APIError,
     FloraConnectionError,
@@ -67,10 +66,7 @@ class AsyncAdapters:
     async def list(
         self, *, limit: int | None = None, offset: int | None = None, after: str | None = None
     ) -> AdapterList:
-        params = _core.drop_none({"limit": limit, "offset": offset, "after": after})
-        response = await self._client._send(
-            Call("GET", "/v1/adapters", RetryKind.IDEMPOTENT, params=params)
-        )
+        response = await self._client._send(_core.adapters_list_call(limit, offset, after))
         return AdapterList.model_validate(response.json())
 
     async def iter(self, page_size: int = 100) -> AsyncIterator[AdapterInfo]:
@@ -80,9 +76,9 @@ class AsyncAdapters:
             page = await self.list(limit=page_size, after=after)
             for info in page.data:
                 yield info
-            if not page.data or page.has_more is False or len(page.data) < page_size:
+            after = _core.next_page_after(page, page_size)
+            if after is None:
                 return
-            after = page.next_after or page.data[-1].id
 
     async def get(self, adapter_id: str) -> AdapterInfo:
         response = await self._client._send(
@@ -135,22 +131,13 @@ class AsyncClient:
     async def _send(self, call: Call, *, stream: bool = False) -> httpx.Response:
         attempt = 0
         while True:
-            request = self._http.build_request(
-                call.method,
-                call.path,
-                json=call.json,
-                params=call.params,
-                data=call.data,
-                files=call.files,
-            )
+            request = _core.build_request(self._http, call)
             try:
                 response = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
-                delay = None
-                if self.retry.retries_transport(call.kind, connect_failed=connect_failed(exc)):
-                    delay = self.retry.delay(attempt)
+                delay = _core.transport_retry_delay(self.retry, call.kind, exc, attempt)
                 if delay is None:
-                    raise transport_error(exc, self.base_url) from exc
+                    raise _core.transport_error(exc, self.base_url) from exc
                 await self._sleep(delay)
                 attempt += 1
                 continue
@@ -160,9 +147,9 @@ class AsyncClient:
                 await response.aread()
                 await response.aclose()
             error = error_from_response(response)
-            delay = None
-            if self.retry.retries_status(call.kind, response.status_code):
-                delay = self.retry.delay(attempt, getattr(error, "retry_after", None))
+            delay = _core.status_retry_delay(
+                self.retry, call.kind, response.status_code, error, attempt
+            )
             if delay is None:
                 raise error
             await self._sleep(delay)
@@ -189,7 +176,7 @@ class AsyncClient:
                 if event is not None:
                     yield event
         except httpx.TransportError as exc:
-            raise transport_error(exc, self.base_url) from exc
+            raise _core.transport_error(exc, self.base_url) from exc
         finally:
             await response.aclose()
 
@@ -287,21 +274,13 @@ class AsyncClient:
         try:
             return await self._http.get(path)
         except httpx.TransportError as exc:
-            raise transport_error(exc, self.base_url) from exc
+            raise _core.transport_error(exc, self.base_url) from exc
 
     async def health(self) -> bool:
-        response = await self._probe("/health")
-        if response.status_code >= 400 and response.status_code != 503:
-            raise error_from_response(response)
-        return response.status_code == 200
+        return _core.health_result(await self._probe("/health"))
 
     async def ready(self) -> bool:
-        response = await self._probe("/ready")
-        if response.status_code == 503:
-            return False
-        if response.status_code >= 400:
-            raise error_from_response(response)
-        return True
+        return _core.ready_result(await self._probe("/ready"))
 
     async def wait_ready(self, timeout: float = 60.0, interval: float = 0.5) -> float:
         start = time.monotonic()
@@ -313,10 +292,7 @@ class AsyncClient:
                 pass
             except APIError:
                 raise
-            elapsed = time.monotonic() - start
-            if elapsed >= timeout:
-                raise FloraTimeoutError(f"{self.base_url} not ready after {timeout:g} s")
-            await self._sleep(min(interval, max(0.0, timeout - elapsed)))
+            await self._sleep(_core.wait_ready_sleep(start, timeout, interval, self.base_url))
 
     async def metrics(self) -> str:
         return (await self._send(Call("GET", "/metrics", RetryKind.IDEMPOTENT))).text

@@ -10,11 +10,10 @@ from typing import Any, Literal, overload
 import httpx
 
 from flora_client import _core
-from flora_client._core import Call, ImageInput, ProgressCallback
+from flora_client._core import Call, ImageInput, ProgressCallback, transport_error
 from flora_client.errors import (
     APIError,
     FloraConnectionError,
-    FloraError,
     FloraTimeoutError,
     NotReady,
     error_from_response,
@@ -36,18 +35,6 @@ from flora_client.types import (
 )
 
 __all__ = ["Adapters", "Client", "transport_error"]
-
-
-def transport_error(exc: httpx.TransportError, base_url: str) -> FloraError:
-    """A FloraError for an httpx transport failure, naming the server."""
-    if isinstance(exc, httpx.TimeoutException):
-        return FloraTimeoutError(f"timed out talking to {base_url}: {type(exc).__name__}")
-    return FloraConnectionError(f"cannot reach {base_url}: {exc or type(exc).__name__}")
-
-
-def connect_failed(exc: httpx.TransportError) -> bool:
-    """True when no byte of the request reached the server."""
-    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 
 
 class Adapters:
@@ -82,8 +69,7 @@ class Adapters:
         self, *, limit: int | None = None, offset: int | None = None, after: str | None = None
     ) -> AdapterList:
         """One page of stored adapters, in id order (``after``: the last id already seen)."""
-        params = _core.drop_none({"limit": limit, "offset": offset, "after": after})
-        call = Call("GET", "/v1/adapters", _core.RetryKind.IDEMPOTENT, params=params)
+        call = _core.adapters_list_call(limit, offset, after)
         return AdapterList.model_validate(self._client._send(call).json())
 
     def iter(self, page_size: int = 100) -> Iterator[AdapterInfo]:
@@ -92,9 +78,9 @@ class Adapters:
         while True:
             page = self.list(limit=page_size, after=after)
             yield from page.data
-            if not page.data or page.has_more is False or len(page.data) < page_size:
+            after = _core.next_page_after(page, page_size)
+            if after is None:
                 return
-            after = page.next_after or page.data[-1].id
 
     def get(self, adapter_id: str) -> AdapterInfo:
         """One adapter's description; NotFound when it does not exist."""
@@ -156,20 +142,11 @@ class Client:
         """Send with retries; return a 2xx/3xx response or raise a FloraError."""
         attempt = 0
         while True:
-            request = self._http.build_request(
-                call.method,
-                call.path,
-                json=call.json,
-                params=call.params,
-                data=call.data,
-                files=call.files,
-            )
+            request = _core.build_request(self._http, call)
             try:
                 response = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
-                delay = None
-                if self.retry.retries_transport(call.kind, connect_failed=connect_failed(exc)):
-                    delay = self.retry.delay(attempt)
+                delay = _core.transport_retry_delay(self.retry, call.kind, exc, attempt)
                 if delay is None:
                     raise transport_error(exc, self.base_url) from exc
                 self._sleep(delay)
@@ -181,9 +158,9 @@ class Client:
                 response.read()
                 response.close()
             error = error_from_response(response)
-            delay = None
-            if self.retry.retries_status(call.kind, response.status_code):
-                delay = self.retry.delay(attempt, getattr(error, "retry_after", None))
+            delay = _core.status_retry_delay(
+                self.retry, call.kind, response.status_code, error, attempt
+            )
             if delay is None:
                 raise error
             self._sleep(delay)
@@ -320,19 +297,11 @@ class Client:
 
     def health(self) -> bool:
         """True when ``GET /health`` answers 200 (the process is alive)."""
-        response = self._probe("/health")
-        if response.status_code >= 400 and response.status_code != 503:
-            raise error_from_response(response)
-        return response.status_code == 200
+        return _core.health_result(self._probe("/health"))
 
     def ready(self) -> bool:
         """True when ``GET /ready`` answers 200, False on 503 (still loading or draining)."""
-        response = self._probe("/ready")
-        if response.status_code == 503:
-            return False
-        if response.status_code >= 400:
-            raise error_from_response(response)
-        return True
+        return _core.ready_result(self._probe("/ready"))
 
     def wait_ready(self, timeout: float = 60.0, interval: float = 0.5) -> float:
         """Poll /ready until it answers 200; return the seconds waited. Refused connections
@@ -346,10 +315,7 @@ class Client:
                 pass
             except APIError:
                 raise
-            elapsed = time.monotonic() - start
-            if elapsed >= timeout:
-                raise FloraTimeoutError(f"{self.base_url} not ready after {timeout:g} s")
-            self._sleep(min(interval, max(0.0, timeout - elapsed)))
+            self._sleep(_core.wait_ready_sleep(start, timeout, interval, self.base_url))
 
     def metrics(self) -> str:
         """``GET /metrics``: the Prometheus text exposition."""
