@@ -26,6 +26,7 @@ from flora_server.engine.protocol import (
     TokenEvent,
 )
 from flora_server.errors import invalid_field
+from flora_server.metrics import ServerMetrics
 from flora_server.schemas.common import ERROR_RESPONSES
 from flora_server.schemas.openai import (
     ChatChoice,
@@ -118,14 +119,26 @@ def _usage(finish: FinishEvent) -> Usage:
     )
 
 
-def _stream(
-    first: Any,
-    stream: AsyncIterator[Any],
+def _envelope(request: GenerationRequest, object_: str, created: int, model: str) -> dict[str, Any]:
+    """The fields every chunk of one stream repeats, ahead of its `choices`."""
+    return {"id": request.request_id, "object": object_, "created": created, "model": model}
+
+
+async def _stream(
+    body: SamplingFields,
+    engine: GenerationEngine,
     request: GenerationRequest,
+    metrics: ServerMetrics,
+    envelope: dict[str, Any],
     chunk: Callable[[TokenEvent | None, FinishEvent | None], dict[str, Any] | None],
-    usage_chunk: Callable[[FinishEvent], dict[str, Any]] | None,
 ) -> StreamingResponse:
-    async def body() -> AsyncIterator[bytes]:
+    """Start `request` (errors before the first event are a status code) and stream its
+    chunks as SSE: the opening chunk if `chunk(None, None)` gives one, a chunk per token
+    with text, the finish chunk, a usage chunk when `stream_options.include_usage`, [DONE]."""
+    first, stream = await sampling.open_stream(engine, request, metrics)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    async def events() -> AsyncIterator[bytes]:
         event = first
         try:
             opening = chunk(None, None)
@@ -134,8 +147,9 @@ def _stream(
             while True:
                 if isinstance(event, FinishEvent):
                     yield sampling.sse(chunk(None, event))
-                    if usage_chunk is not None:
-                        yield sampling.sse(usage_chunk(event))
+                    if include_usage:
+                        usage = _usage(event).model_dump()
+                        yield sampling.sse({**envelope, "choices": [], "usage": usage})
                     yield sampling.sse("[DONE]")
                     return
                 if event.text:
@@ -147,7 +161,7 @@ def _stream(
         finally:
             await stream.aclose()
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 @router.post("/completions", response_model=CompletionResponse, summary="Text completion")
@@ -189,17 +203,8 @@ async def completions(
     )
     created = int(time.time())
 
-    def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": request.request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": choices,
-        }
-
     if body.stream:
-        first, stream = await sampling.open_stream(engine, request, metrics)
+        envelope = _envelope(request, "text_completion", created, body.model)
 
         def chunk(tok: TokenEvent | None, fin: FinishEvent | None) -> dict[str, Any] | None:
             if tok is None and fin is None:
@@ -217,12 +222,9 @@ async def completions(
                     "top_logprobs": [{tok.text: tok.logprob}] if tok.logprob is not None else None,
                     "text_offset": [0],
                 }
-            return base([choice])
+            return {**envelope, "choices": [choice]}
 
-        usage = None
-        if body.stream_options and body.stream_options.include_usage:
-            usage = lambda fin: {**base([]), "usage": _usage(fin).model_dump()}  # noqa: E731
-        return _stream(first, stream, request, chunk, usage)
+        return await _stream(body, engine, request, metrics, envelope, chunk)
 
     out = await sampling.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
@@ -305,25 +307,17 @@ async def chat_completions(
     )
     created = int(time.time())
 
-    def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": request.request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": body.model,
-            "choices": choices,
-        }
-
     def token_logprob(t: TokenEvent) -> ChatTokenLogprob:
         return ChatTokenLogprob(token=t.text, logprob=t.logprob or 0.0, bytes=list(t.text.encode()))
 
     if body.stream:
-        first, stream = await sampling.open_stream(engine, request, metrics)
+        envelope = _envelope(request, "chat.completion.chunk", created, body.model)
 
         def chunk(tok: TokenEvent | None, fin: FinishEvent | None) -> dict[str, Any] | None:
             if tok is None and fin is None:
                 delta: dict[str, Any] = {"role": "assistant", "content": ""}
-                return base([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}])
+                opening = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
+                return {**envelope, "choices": [opening]}
             choice: dict[str, Any] = {
                 "index": 0,
                 "delta": {"content": tok.text} if tok else {},
@@ -332,12 +326,9 @@ async def chat_completions(
             }
             if tok is not None and body.logprobs:
                 choice["logprobs"] = {"content": [token_logprob(tok).model_dump()]}
-            return base([choice])
+            return {**envelope, "choices": [choice]}
 
-        usage = None
-        if body.stream_options and body.stream_options.include_usage:
-            usage = lambda fin: {**base([]), "usage": _usage(fin).model_dump()}  # noqa: E731
-        return _stream(first, stream, request, chunk, usage)
+        return await _stream(body, engine, request, metrics, envelope, chunk)
 
     out = await sampling.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
