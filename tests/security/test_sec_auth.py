@@ -5,11 +5,18 @@ and a warning."""
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
-from api_fakes import make_archive, running_app
+import torch
+from api_fakes import fake_validator, make_archive, running_app
+from fastapi.testclient import TestClient
 
 from flora_server.auth import parse_key, startup_warnings
+from flora_server.engine.encoder import EmbeddingResult
+from flora_server.engine.protocol import EngineStats
+from flora_server.engine.vision import Prediction
+from flora_server.main import create_app
 from flora_server.settings import Settings
 
 OPEN_PATHS = {"/health", "/ready"}
@@ -168,3 +175,123 @@ def test_no_keys_binds_loopback_and_warns():
     (loud,) = startup_warnings([], [], "0.0.0.0")
     assert "anyone" in loud
     assert startup_warnings(["k"], [], "0.0.0.0") == []
+
+
+class FakeEncoderEngine:
+    """A text-encoder `BatchEngine` stand-in that records what reaches it: every vector is
+    `[len(text), len(adapter_id or "")]`, and classify answers one label per text."""
+
+    kind = "text-encoder"
+    model_name = "fake-encoder"
+    context_length = 64
+    max_slots = 4
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[str | None, list[str]]] = []
+        self.started = False
+
+    @property
+    def ready(self) -> bool:
+        return self.started
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    def start(self) -> None:
+        self.started = True
+
+    async def shutdown(self, timeout: float) -> None:
+        self.started = False
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, (), (), self.max_slots, "idle")
+
+    def invalidate_adapter(self, adapter_id: str) -> None:
+        pass
+
+    async def submit(self, adapter_id, inputs, options=None, *, timeout=None):  # type: ignore[no-untyped-def]
+        self.submitted.append((adapter_id, list(inputs)))
+        if options.task == "embed":
+            rows = [[float(len(t)), float(len(adapter_id or ""))] for t in inputs]
+            return EmbeddingResult(torch.tensor(rows), sum(len(t) for t in inputs))
+        return [[Prediction(f"label-{adapter_id}", 0, 1.0)] for _ in inputs]
+
+
+@pytest.fixture
+def keyed_encoder(tmp_path):
+    holder: dict[str, FakeEncoderEngine] = {}
+
+    def factory(settings, registry, metrics):  # type: ignore[no-untyped-def]
+        holder["engine"] = FakeEncoderEngine()
+        return holder["engine"], fake_validator
+
+    settings = Settings(
+        home=tmp_path / "home",
+        api_keys=["inf", "infA:tenantA", "infB:tenantB"],
+        admin_keys=["adm"],
+    )
+    with TestClient(create_app(settings, engine_factory=factory)) as client:
+        for _ in range(200):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.01)
+        yield client, holder["engine"]
+
+
+def test_tenants_cannot_use_others_adapters_for_embeddings_or_classify(keyed_encoder):
+    client, engine = keyed_encoder
+    for adapter_id in ("shared", "tenantA.one", "tenantB.two"):
+        assert _upload(client, adapter_id, "adm").status_code == 201
+
+    def embed(key: str, adapter: str):
+        return client.post(
+            "/v1/embeddings",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"input": ["abc"], "model": adapter},
+        )
+
+    def classify(key: str, adapter: str):
+        return client.post(
+            "/v1/classify",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"inputs": ["abc"], "adapter_id": adapter},
+        )
+
+    def requests_of(adapter_id: str) -> int:
+        r = client.get(f"/v1/adapters/{adapter_id}", headers={"Authorization": "Bearer adm"})
+        assert r.status_code == 200, r.text
+        return r.json()["request_count"]
+
+    for call in (embed, classify):
+        missing = call("infA", "no-such-adapter")
+        assert missing.status_code == 404, missing.text
+        for key, other in (("infA", "tenantB.two"), ("infA", "shared"), ("infB", "tenantA.one")):
+            r = call(key, other)
+            # Exactly the answer for an id that does not exist (apart from the id itself).
+            assert r.status_code == 404, (call.__name__, key, other, r.text)
+            assert r.json()["error"] == {
+                **missing.json()["error"],
+                "message": missing.json()["error"]["message"].replace("no-such-adapter", other),
+            }
+    # Nothing invisible or unknown reached the engine, and nothing was counted.
+    assert engine.submitted == []
+    assert [requests_of(a) for a in ("shared", "tenantA.one", "tenantB.two")] == [0, 0, 0]
+
+    ok = embed("infA", "tenantA.one")
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["data"][0]["embedding"] == [3.0, len("tenantA.one")]
+    c = classify("infB", "tenantB.two")
+    assert c.status_code == 200, c.text
+    assert c.json()["results"][0][0]["label"] == "label-tenantB.two"
+    assert embed("inf", "tenantB.two").status_code == 200  # unbound keys use everything
+    assert classify("inf", "shared").status_code == 200
+    assert embed("infA", "fake-encoder").status_code == 200  # the base is everyone's
+    assert engine.submitted == [
+        ("tenantA.one", ["abc"]),
+        ("tenantB.two", ["abc"]),
+        ("tenantB.two", ["abc"]),
+        ("shared", ["abc"]),
+        (None, ["abc"]),
+    ]
+    assert [requests_of(a) for a in ("shared", "tenantA.one", "tenantB.two")] == [1, 1, 2]

@@ -16,8 +16,9 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from flora_server.api.deps import BatchEngineDep, MetricsDep, SettingsDep
+from flora_server.api.deps import BatchEngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
+from flora_server.api.sampling import check_adapter
 from flora_server.engine.batching import BatchEngine
 from flora_server.engine.encoder import EncoderOptions
 from flora_server.errors import APIError, invalid_field
@@ -120,7 +121,11 @@ def _adapter(body: ClassifyRequest, engine: BatchEngine) -> str | None:
     responses={413: {"description": "an image is too large"}, 415: {"description": "format"}},
 )
 async def classify(
-    request: Request, engine: BatchEngineDep, settings: SettingsDep, metrics: MetricsDep
+    request: Request,
+    engine: BatchEngineDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    registry: RegistryDep,
 ) -> ClassifyResponse:
     content_type = request.headers.get("content-type", "")
     images = engine.kind == "image-classifier"
@@ -144,6 +149,8 @@ async def classify(
     else:
         raise APIError(415, "send application/json or multipart/form-data")
     adapter_id = _adapter(body, engine)
+    # Unknown and other tenants' adapters: 404 before decoding or the engine.
+    await check_adapter(registry, adapter_id, "adapter_id")
     timer = RequestTimer(metrics, adapter_id)
     if images:
         try:

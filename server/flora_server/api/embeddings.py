@@ -7,8 +7,9 @@ import base64
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from flora_server.api.deps import BatchEngineDep, MetricsDep, SettingsDep
+from flora_server.api.deps import BatchEngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
+from flora_server.api.sampling import check_adapter
 from flora_server.engine.encoder import EmbeddingResult, EncoderOptions
 from flora_server.errors import invalid_field
 from flora_server.metrics import RequestTimer
@@ -33,7 +34,11 @@ def encode_base64(vector: np.ndarray) -> str:
 
 @router.post("/embeddings", response_model=EmbeddingResponse, summary="Sentence embeddings")
 async def embeddings(
-    body: EmbeddingRequest, engine: BatchEngineDep, settings: SettingsDep, metrics: MetricsDep
+    body: EmbeddingRequest,
+    engine: BatchEngineDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    registry: RegistryDep,
 ) -> EmbeddingResponse:
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if not texts:
@@ -43,6 +48,8 @@ async def embeddings(
     adapter_id = None if body.model in (None, "", engine.model_name) else body.model
     if adapter_id is not None and not is_valid_adapter_id(adapter_id):
         raise invalid_field("model", "not a valid adapter id")
+    # Unknown and other tenants' adapters: 404 before the engine (as the generation routes).
+    await check_adapter(registry, adapter_id, "model")
     timer = RequestTimer(metrics, adapter_id)
     result: EmbeddingResult = await engine.submit(
         adapter_id, texts, EncoderOptions("embed"), timeout=settings.request_timeout
