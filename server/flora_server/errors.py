@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flora_server.engine.protocol import (
     AdapterLoadError,
     AdapterNotFoundError,
+    DeadlineExceededError,
     EngineError,
     EngineNotReadyError,
     QueueFullError,
@@ -95,6 +96,13 @@ def engine_error_to_api(exc: EngineError) -> APIError:
     if isinstance(exc, AdapterLoadError):
         # The stored bytes are bad (not the client's request): the adapter is unusable.
         return APIError(500, f"adapter could not be loaded: {exc}", type="adapter_load_error")
+    if isinstance(exc, DeadlineExceededError):
+        # What the generation routes answer when a request expires before its first token.
+        return APIError(
+            504,
+            f"{exc} (FLORA_REQUEST_TIMEOUT covers queueing and inference)",
+            type="timeout_error",
+        )
     if isinstance(exc, RequestFailedError):
         return APIError(500, str(exc) or "the request failed", type="server_error")
     return APIError(500, str(exc) or type(exc).__name__, type="server_error")

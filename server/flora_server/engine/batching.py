@@ -31,6 +31,7 @@ from flora_server.adapters.cache import AdapterCache
 from flora_server.engine.metrics import EngineMetrics, NullEngineMetrics
 from flora_server.engine.protocol import (
     AdapterSource,
+    DeadlineExceededError,
     EngineError,
     EngineNotReadyError,
     EngineStats,
@@ -287,7 +288,7 @@ class BatchEngine:
             if job.future.cancelled() or (job.deadline is not None and now > job.deadline):
                 pending.remove(job)
                 self._done_waiting()
-                job.resolve(RequestFailedError("the request timed out in the queue"))
+                job.resolve(DeadlineExceededError("the request timed out in the queue"))
                 continue
             if batch and rows + len(job.inputs) > self._max_batch_size:
                 break

@@ -103,6 +103,10 @@ class RequestFailedError(EngineError):
     """This request failed inside the engine; other requests are unaffected."""
 
 
+class DeadlineExceededError(RequestFailedError):
+    """The request's deadline (FLORA_REQUEST_TIMEOUT) passed before it ran (a 504)."""
+
+
 class AdapterSource(Protocol):
     """Where the engine gets validated adapters from (implemented by the registry)."""
 
