@@ -219,7 +219,7 @@ async def completions(
                 choice["logprobs"] = {
                     "tokens": [tok.text],
                     "token_logprobs": [tok.logprob],
-                    "top_logprobs": [{tok.text: tok.logprob}] if tok.logprob is not None else None,
+                    "top_logprobs": [_top_logprob(tok)],
                     "text_offset": [0],
                 }
             return {**envelope, "choices": [choice]}
@@ -237,9 +237,7 @@ async def completions(
         logprobs = CompletionLogprobs(
             tokens=[t.text for t in out.tokens],
             token_logprobs=[t.logprob for t in out.tokens],
-            top_logprobs=[{t.text: t.logprob} for t in out.tokens if t.logprob is not None]
-            if body.logprobs
-            else None,
+            top_logprobs=[_top_logprob(t) for t in out.tokens] if body.logprobs else None,
             text_offset=offsets,
         )
     return CompletionResponse(
@@ -255,6 +253,12 @@ async def completions(
         ],
         usage=_usage(out.finish),
     )
+
+
+def _top_logprob(token: TokenEvent) -> dict[str, float] | None:
+    """One `top_logprobs` entry per token: null where the engine gave no logprob, so the
+    list stays aligned with `tokens`."""
+    return None if token.logprob is None else {token.text: token.logprob}
 
 
 def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:

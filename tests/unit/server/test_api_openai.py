@@ -8,6 +8,8 @@ import openai
 import pytest
 from api_fakes import expected_text, make_archive, running_app, sse_events
 
+from flora_server.engine.protocol import FinishEvent, TokenEvent
+
 
 @pytest.fixture
 def app(tmp_path):
@@ -154,3 +156,30 @@ def test_openai_caps_are_422_naming_the_field(app, route, extra, field):
 def test_openai_client_raises_typed_422(app, oai):
     with pytest.raises(openai.UnprocessableEntityError):
         oai.completions.create(model="fake-base", prompt="x", n=2)
+
+
+def test_completion_top_logprobs_stay_aligned_with_tokens(app, monkeypatch):
+    """A token without a logprob keeps its place in `top_logprobs` as null (OpenAI's lists
+    are per token), in the response and in the stream."""
+    client, engine = app
+    pieces = [("a", -0.5), ("b", None), ("c", -1.5)]
+
+    async def run(request):  # type: ignore[no-untyped-def]
+        for i, (text, logprob) in enumerate(pieces):
+            yield TokenEvent(100 + i, text, logprob)
+        yield FinishEvent("length", "abc", len(request.prompt_ids), len(pieces))
+
+    monkeypatch.setattr(engine, "generate", run)
+    body = {"model": "fake-base", "prompt": "hi", "max_tokens": 3, "temperature": 0, "logprobs": 1}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["a", "b", "c"]
+    assert lp["token_logprobs"] == [-0.5, None, -1.5]
+    assert lp["top_logprobs"] == [{"a": -0.5}, None, {"c": -1.5}]
+    assert lp["text_offset"] == [0, 1, 2]
+    s = client.post("/v1/completions", json={**body, "stream": True})
+    chunks = [e for e in sse_events(s.text) if e != "[DONE]" and e["choices"][0]["text"]]
+    got = [c["choices"][0]["logprobs"] for c in chunks]
+    assert [g["top_logprobs"] for g in got] == [[{"a": -0.5}], [None], [{"c": -1.5}]]
+    assert all(len(g["top_logprobs"]) == len(g["tokens"]) == 1 for g in got)
