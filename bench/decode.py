@@ -38,9 +38,9 @@ from flora.serving import ServingModel
 class DecodeConfig:
     batch: int = 32
     prompt_len: int = 16
-    rounds: int = 5
+    rounds: int = 4
     steps: int = 3  # decode steps per sample
-    peft_steps: int = 2
+    peft_steps: int = 1
     request_tokens: int = 16  # tokens per request in the hot-swap comparison
     swap_rounds: int = 3
     prefill_batch: int = 8
