@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _ADAPTER_ID_RE = re.compile(ADAPTER_ID_PATTERN)
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
+DEVICE_FORMS = "cpu, cuda, cuda:N or mps"  # what _DEVICE_RE accepts, for messages and help
 
 
 def is_valid_adapter_id(adapter_id: str) -> bool:
@@ -42,9 +43,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLORA_", extra="ignore", validate_default=True)
 
     model: str = Field("smollm2-135m-instruct", description="zoo name or model directory")
-    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    device: str = Field("cpu", description=DEVICE_FORMS)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="weights dtype; auto = float32 on CPU, bfloat16 on CUDA"
+        "auto", description="weights dtype; auto = bfloat16 on CUDA, float32 on CPU and MPS"
     )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
@@ -131,7 +132,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_device(cls, value: str) -> str:
         if not _DEVICE_RE.fullmatch(value):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, not {value!r}")
+            raise ValueError(f"device must be {DEVICE_FORMS}, not {value!r}")
         return value
 
     @field_validator("home")

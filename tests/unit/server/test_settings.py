@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flora_server.cli import parse_settings
+from flora_server.cli import build_parser, parse_settings
 from flora_server.metrics import AdapterLabeler
 from flora_server.settings import Settings, is_valid_adapter_id, parse_adapter_spec
 
@@ -84,3 +84,15 @@ def test_labeler_bounds_cardinality():
     assert lab.label("a") == "other"  # a at 2 does not pass the weakest labelled (2)
     labels = {lab.label(f"id{i}") for i in range(1000) for _ in range(3)}
     assert len(labels - {"other"}) <= 4  # never more than 2 * top_n distinct ids
+
+
+def test_device_message_and_help_name_every_accepted_form():
+    """The message and the --device help list exactly what the validator accepts (mps too)."""
+    for device in ("cpu", "cuda", "cuda:0", "cuda:12", "mps"):
+        assert Settings(device=device).device == device
+    for bad in ("gpu", "cuda:", "mps:0", "CPU"):
+        with pytest.raises(ValidationError) as info:
+            Settings(device=bad)
+        assert f"device must be cpu, cuda, cuda:N or mps, not {bad!r}" in str(info.value)
+    (action,) = [a for a in build_parser()._actions if "--device" in a.option_strings]
+    assert action.help.startswith("cpu, cuda, cuda:N or mps (env FLORA_DEVICE")
