@@ -38,6 +38,7 @@ _TYPE_BY_STATUS = {
     415: "unsupported_media_type",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    431: "request_header_fields_too_large",  # the type guards.py answers with
     503: "service_unavailable",
 }
 
