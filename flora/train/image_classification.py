@@ -39,7 +39,7 @@ class ImageClassificationRecipe:
     description = (
         "image folder / CSV path,label / builtin:mnist5k -> new head + conv/linear adapters"
     )
-    defaults = RecipeDefaults(targets=AUTO, lr=5e-4, batch_size=32, epochs=1.0, scale=1.0)
+    defaults = RecipeDefaults(targets=AUTO, lr=1e-3, batch_size=32, epochs=1.0, scale=1.0)
 
     def prepare(self, options: TrainOptions, loaded: LoadedModel) -> TrainTask:
         if loaded.kind != "image-classifier":
