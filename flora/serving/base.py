@@ -130,3 +130,9 @@ class ServedModule(nn.Module):
     def delta_weight(self, slot: int) -> torch.Tensor:
         """``dW`` of ``slot`` in the base weight's layout, float32."""
         raise NotImplementedError
+
+    def merge_into_weight(self, slot: int) -> None:
+        """``W <- W + dW(slot)`` in place (rounded once to the weight's dtype). Subclasses
+        may do it without materialising ``dW`` separately."""
+        w = self.weight
+        w.copy_((w.float() + self.delta_weight(slot)).to(w.dtype))

@@ -65,7 +65,10 @@ class ServedEmbedding(ServedModule):
             raise ValueError(f"{name}: rank {min(mf.ranks)} exceeds max_rank {self.max_rank}")
 
     def write_slot(self, slot: int, mf: ModuleFactors) -> None:
-        a, b = fold_two_mode(mf)
+        self.write_folded(slot, *fold_two_mode(mf))
+
+    def write_folded(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy an already folded update (``fold_two_mode``'s ``A``, ``B``) into ``slot``."""
         self.bank.write(slot, a.to(self.bank.dtype), b.to(self.bank.dtype))
         self.slot_rank[slot] = a.shape[1]
 

@@ -101,7 +101,10 @@ class ServedLinear(ServedModule):
             raise ValueError(f"{name}: rank {min(mf.ranks)} exceeds max_rank {self.max_rank}")
 
     def write_slot(self, slot: int, mf: ModuleFactors) -> None:
-        a, b = fold_two_mode(mf)
+        self.write_folded(slot, *fold_two_mode(mf))
+
+    def write_folded(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy an already folded update (``fold_two_mode``'s ``A``, ``B``) into ``slot``."""
         self.bank.write(slot, a.to(self.bank.dtype), b.to(self.bank.dtype))
         self.slot_rank[slot] = a.shape[1]
 
@@ -113,6 +116,21 @@ class ServedLinear(ServedModule):
         r = self.slot_rank[slot]
         ab = self.bank.a[slot, :, :r].float() @ self.bank.b[slot, :r].float()  # (in, out)
         return ab if self.kind == "hf_conv1d" else ab.t()
+
+    def merge_into_weight(self, slot: int) -> None:
+        """float32: one ``addmm_`` into the weight (``W += B^T A^T`` for Linear's
+        ``(out, in)``, ``W += A B`` for Conv1D's ``(in, out)``), no ``dW`` temporary and
+        no float copy of ``W``; other dtypes round ``W + dW`` once, in float32."""
+        w = self.weight
+        if w.dtype != torch.float32:
+            super().merge_into_weight(slot)
+            return
+        r = self.slot_rank[slot]
+        a, b = self.bank.a[slot, :, :r], self.bank.b[slot, :r]
+        if self.kind == "hf_conv1d":
+            w.addmm_(a, b)
+        else:
+            w.addmm_(b.t(), a.t())
 
     def build_plan(self, row_slots: Sequence[int]) -> Plan | None:
         rows = self.row_targets(row_slots)

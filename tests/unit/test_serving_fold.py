@@ -1,0 +1,166 @@
+"""flora.serving load/merge fast paths: batched folds, finiteness proofs, in-place merge,
+each against the plain per-module computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_serving_layers import make_factors
+from torch import nn
+
+from flora.serving import ModuleFactors, ServingModel
+from flora.serving.factors import (
+    all_finite,
+    fold_is_finite,
+    fold_two_mode,
+    fold_two_mode_many,
+    tucker_full,
+)
+from flora_server.engine.runtime import check_finite_update
+
+
+def mixed_items(seed: int = 0) -> list[ModuleFactors]:
+    """Groups of equal shapes (batched), singletons, both fold orientations, three kinds."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(3):
+        items.append(make_factors("linear", (12, 16), (2, 6), 0.5, gen))  # core joins B
+        items.append(make_factors("linear", (12, 16), (6, 2), 0.5, gen))  # core joins A
+        items.append(make_factors("hf_conv1d", (16, 10), (3, 3), 2.0, gen))
+    items.append(make_factors("embedding", (20, 16), (8, 5), 1.5, gen))
+    items.append(make_factors("linear", (12, 16), (2, 6), 3.0, gen))  # other scale: own group
+    return items
+
+
+def test_batched_fold_matches_per_module_fold_and_full_update() -> None:
+    items = mixed_items()
+    for mf, (a, b) in zip(items, fold_two_mode_many(items), strict=True):
+        a_ref, b_ref = fold_two_mode(mf)
+        torch.testing.assert_close(a, a_ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5)
+        # and the folded product is the update itself, in the activation orientation
+        full = tucker_full(mf.core, mf.factors, mf.scale)
+        expected = full.t() if mf.kind == "linear" else full
+        torch.testing.assert_close(a @ b, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows() -> None:
+    big = torch.full((4, 4), 3e38)
+    assert all_finite([big, torch.ones(3)])  # sum overflows, every value finite
+    assert not all_finite([torch.ones(3), torch.tensor([1.0, float("inf")])])
+    assert not all_finite([torch.tensor([float("nan")])])
+    assert all_finite([])
+
+
+def _with(mf: ModuleFactors, core: torch.Tensor, u_out: torch.Tensor | None = None):
+    factors = mf.factors if u_out is None else (u_out, mf.factors[1])
+    return ModuleFactors(mf.kind, core, factors, mf.scale)
+
+
+def _huge(mf: ModuleFactors) -> ModuleFactors:
+    """Finite tensors (1e30) whose folded product (about 1e60) overflows float32."""
+    return ModuleFactors(mf.kind, mf.core * 1e30, tuple(u * 1e30 for u in mf.factors), mf.scale)
+
+
+def test_fold_is_finite_agrees_with_folding() -> None:
+    gen = torch.Generator().manual_seed(1)
+    ok = [make_factors("linear", (12, 16), (2, 6), 1.0, gen) for _ in range(3)]
+    assert fold_is_finite(ok)
+    # finite core and factors whose product overflows float32
+    huge = _huge(ok[0])
+    assert not all_finite(fold_two_mode(huge))
+    assert not fold_is_finite([*ok, huge])
+    # the bound (0.5 * 3e38 > 1e38) fails but the fold (A = U_in C, entries 1.5e38) is
+    # finite: the exact check runs and says so
+    core = torch.zeros(2, 6)
+    core[0, 0], core[1, 0] = 3e38, -3e38
+    near = ModuleFactors("linear", core, (torch.ones(12, 2), torch.full((16, 6), 0.5)), 1.0)
+    assert all_finite(fold_two_mode(near))
+    assert float(fold_two_mode(near)[0].abs().max()) == pytest.approx(1.5e38)
+    assert fold_is_finite([*ok, near])
+    nan = _with(ok[1], ok[1].core.clone().fill_(float("nan")))
+    assert not fold_is_finite([nan])
+
+
+class _FakeAdapter:
+    """The parts of ``flora.Adapter`` that ``modules_from_adapter`` reads."""
+
+    def __init__(self, modules: dict[str, ModuleFactors]) -> None:
+        self.config = type("C", (), {"scale": 1.0})()
+        self._m = modules
+        self.modules = {n: type("E", (), {"kind": mf.kind})() for n, mf in modules.items()}
+
+    def layer_names(self) -> list[str]:
+        return list(self._m)
+
+    def core(self, name: str) -> torch.Tensor:
+        return self._m[name].core
+
+    def factors(self, name: str) -> tuple[torch.Tensor, ...]:
+        return self._m[name].factors
+
+
+def test_check_finite_update_names_the_overflowing_module() -> None:
+    gen = torch.Generator().manual_seed(2)
+    good = {f"l{i}": make_factors("linear", (12, 16), (2, 6), 1.0, gen) for i in range(3)}
+    check_finite_update(_FakeAdapter(good))
+    bad = dict(good)
+    bad["l1"] = _huge(good["l1"])
+    with pytest.raises(ValueError, match="l1: the update overflows"):
+        check_finite_update(_FakeAdapter(bad))
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 12)
+        self.b = nn.Linear(16, 12)
+
+
+def test_load_refuses_an_overflowing_fold_and_changes_nothing() -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    serving = ServingModel(Two(), max_slots=2)
+    good = {n: make_factors("linear", (12, 16), (2, 6), 1.0, gen) for n in ("a", "b")}
+    serving.load_modules(0, good)
+    bank_before = serving._wrapped["a"].bank.a.clone()
+    bad = dict(good)
+    bad["b"] = _huge(good["b"])
+    with pytest.raises(ValueError, match="non-finite"):
+        serving.load_modules(1, bad)
+    assert serving.slot_modules(1) is None
+    assert torch.equal(serving._wrapped["a"].bank.a, bank_before)
+
+
+def test_inplace_merge_equals_reference_and_restores_bitwise() -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    model = Two()
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    serving = ServingModel(model, max_slots=1)
+    mods = {n: make_factors("linear", (12, 16), (6, 2), 0.7, gen) for n in ("a", "b")}
+    serving.load_modules(0, mods)
+    serving.merge(0)
+    for n, mf in mods.items():
+        expected = ref[f"{n}.weight"] + tucker_full(mf.core, mf.factors, mf.scale)
+        torch.testing.assert_close(getattr(model, n).weight, expected, atol=1e-5, rtol=1e-5)
+    serving.unmerge()
+    for n in ("a", "b"):
+        assert torch.equal(getattr(model, n).weight, ref[f"{n}.weight"])
+
+
+def test_merge_keeps_finite_weights_whose_sum_overflows() -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    model = Two()
+    with torch.no_grad():
+        model.a.weight.fill_(3e38)  # finite, but the weight's sum is inf
+    serving = ServingModel(model, max_slots=1)
+    mods = {"a": make_factors("linear", (12, 16), (2, 6), 1e-3, gen)}
+    serving.load_modules(0, mods)
+    serving.merge(0)
+    assert serving.merged_slot == 0
+    expected = torch.full((12, 16), 3e38) + tucker_full(mods["a"].core, mods["a"].factors, 1e-3)
+    torch.testing.assert_close(model.a.weight, expected)
+    serving.unmerge()
+    assert torch.equal(model.a.weight, torch.full((12, 16), 3e38))
