@@ -65,10 +65,11 @@ class DeviceSlotBank:
         """Copy ``a: (n_in, r)``, ``b: (r, n_out)`` into ``slot`` (zeroing the padding)."""
         r = a.shape[1]
         self.reserve(r)
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.a[slot, :, :r] = a
-        self.b[slot, :r] = b
+        self.a[slot, :, :r].copy_(a)
+        self.b[slot, :r].copy_(b)
+        if r < self.capacity:  # zero only the padding (two ops per module, not four)
+            self.a[slot, :, r:].zero_()
+            self.b[slot, r:].zero_()
 
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()

@@ -169,17 +169,23 @@ def fold_is_finite(items: Sequence[ModuleFactors]) -> bool:
     """
     if not items:
         return True
-    bounds = []
+    # Per module three tiny reductions; the products with the scales are done stacked.
+    core_norm, factor_max, other_max, scales = [], [], [], []
     for mf in items:
         u_in, u_out, c = _fold_orientation(mf)
-        if c.shape[0] <= c.shape[1]:  # B = s C U_o^T; A = U_in as stored
-            rows, u = c.abs().sum(1), u_out
-            bounds.append(u_in.abs().amax())
-        else:  # A = U_in C; B = s U_o^T as stored
-            rows, u = c.abs().sum(0), u_in
-            bounds.append(u_out.abs().amax() * abs(mf.scale))
-        bounds.append(rows.amax() * u.abs().amax() * abs(mf.scale))
-    bound = torch.stack(bounds)
+        if c.shape[0] <= c.shape[1]:  # B = s C U_o^T (max row sum of |C|); A = U_in
+            core_norm.append(c.abs().sum(1).amax())
+            factor_max.append(u_out.abs().amax())
+            other_max.append(u_in.abs().amax())
+            scales.append((abs(mf.scale), 1.0))
+        else:  # A = U_in C (max column sum of |C|); B = s U_o^T
+            core_norm.append(c.abs().sum(0).amax())
+            factor_max.append(u_in.abs().amax())
+            other_max.append(u_out.abs().amax())
+            scales.append((1.0, abs(mf.scale)))
+    s = torch.tensor(scales, dtype=torch.float32, device=core_norm[0].device)
+    folded = torch.stack(core_norm) * torch.stack(factor_max) * s[:, 0]
+    bound = torch.cat([folded, torch.stack(other_max) * s[:, 1]])
     if bool((bound < 1e38).all()):  # False for NaN too
         return True
     return all_finite(t for ab in fold_two_mode_many(items) for t in ab)

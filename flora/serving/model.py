@@ -167,8 +167,16 @@ class ServingModel:
                     "the update overflows float32 (non-finite after folding the core into "
                     "the factors)"
                 )
-            if self._slot_modules[slot] is not None:
-                self.unload(slot)
+            previous = self._slot_modules[slot]
+            if previous is not None:
+                if self._merged_slot == slot:
+                    self.unmerge()
+                # A folded write overwrites the module's whole slot (padding included):
+                # clear only what the new adapter does not rewrite that way.
+                for name in previous:
+                    if name not in folded:
+                        self._wrapped[name].clear_slot(slot)
+                self._slot_modules[slot] = None
             for name, mf in modules.items():
                 wrapper = self._wrap(name)
                 if name in folded:

@@ -164,3 +164,25 @@ def test_merge_keeps_finite_weights_whose_sum_overflows() -> None:
     torch.testing.assert_close(model.a.weight, expected)
     serving.unmerge()
     assert torch.equal(model.a.weight, torch.full((12, 16), 3e38))
+
+
+def test_reload_with_fewer_modules_and_lower_rank_leaves_no_trace() -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(6)
+    model = Two()
+    serving = ServingModel(model, max_slots=1)
+    serving.load_modules(0, {n: make_factors("linear", (12, 16), (8, 8), 1.0, gen) for n in "ab"})
+    small = make_factors("linear", (12, 16), (2, 2), 1.0, gen)
+    serving.load_modules(0, {"a": small})
+    assert serving.slot_modules(0) == frozenset({"a"})
+    bank = serving._wrapped["a"].bank
+    assert not bank.a[0, :, 2:].any() and not bank.b[0, 2:].any()  # old rank-8 columns gone
+    assert not serving._wrapped["b"].bank.a[0].any()
+    x = torch.randn(3, 1, 16)
+    serving.set_routing([0, 0, 0])
+    with torch.no_grad():
+        got_a, got_b = model.a(x), model.b(x)
+        base_a = torch.nn.functional.linear(x, model.a.base_layer.weight, model.a.base_layer.bias)
+        delta = tucker_full(small.core, small.factors, small.scale)
+        torch.testing.assert_close(got_a, base_a + x @ delta.t(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_b, model.b.base_layer(x))
