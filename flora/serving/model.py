@@ -149,6 +149,7 @@ class ServingModel:
         self._check_slot(slot)
         if not modules:
             raise ValueError("an adapter must target at least one module")
+        wrapped_before = len(self._wrapped)
         foldable = []
         for name, mf in modules.items():
             target = self._target(name)
@@ -184,7 +185,7 @@ class ServingModel:
                 else:
                     wrapper.write_slot(slot, mf)
         self._slot_modules[slot] = frozenset(modules)
-        self._refresh()
+        self._refresh(slot if len(self._wrapped) == wrapped_before else None)
 
     def unload(self, slot: int) -> None:
         """Clear ``slot`` (unmerging first if it is the merged one). A routing that used it
@@ -197,7 +198,7 @@ class ServingModel:
         for name in names:
             self._wrapped[name].clear_slot(slot)
         self._slot_modules[slot] = None
-        self._refresh()
+        self._refresh(slot)
 
     # -- routing --------------------------------------------------------------------------
     def set_routing(self, row_slots: Sequence[int | None]) -> None:
@@ -346,11 +347,23 @@ class ServingModel:
         self.routing.plans = [*self.routing.plans, None]
         return wrapper
 
-    def _refresh(self) -> None:
+    def _refresh(self, slot: int | None = None) -> None:
         """Slots, merges or the wrapped set changed: drop cached plans, rebuild the current
-        routing (or drop it if it names a slot that is gone)."""
-        self._plan_cache.clear()
+        routing (or drop it if it names a slot that is gone).
+
+        ``slot``: only that slot's contents changed (load/unload, no newly wrapped module):
+        plans of routings that do not use it stay valid (they hold copies of their own
+        slots' factors), so only routings naming it are dropped and rebuilt. A cold load
+        then does not rebuild the running batch's plans for all 210 modules.
+        """
         current = self.routing.row_slots
+        if slot is not None and self._merged_slot is None:
+            for key in [k for k in self._plan_cache if slot in k]:
+                del self._plan_cache[key]
+            if current is None or slot not in current:
+                return
+        else:
+            self._plan_cache.clear()
         valid = current is not None and all(
             s == NO_SLOT or self._slot_modules[s] is not None for s in current
         )

@@ -186,3 +186,37 @@ def test_reload_with_fewer_modules_and_lower_rank_leaves_no_trace() -> None:
         delta = tucker_full(small.core, small.factors, small.scale)
         torch.testing.assert_close(got_a, base_a + x @ delta.t(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_b, model.b.base_layer(x))
+
+
+def test_loading_another_slot_keeps_current_plans_and_reloading_a_used_slot_rebuilds() -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(7)
+    model = Two()
+    serving = ServingModel(model, max_slots=3)
+
+    def adapter() -> dict[str, ModuleFactors]:
+        return {n: make_factors("linear", (12, 16), (4, 4), 1.0, gen) for n in "ab"}
+
+    first = [adapter(), adapter()]
+    for slot, mods in enumerate(first):
+        serving.load_modules(slot, mods)
+    x = torch.randn(2, 1, 16)
+
+    def expected(mods: list[dict[str, ModuleFactors]]) -> torch.Tensor:
+        out = []
+        for i, m in enumerate(mods):
+            d = tucker_full(m["a"].core, m["a"].factors, 1.0)
+            out.append(model.a.base_layer(x[i]) + x[i] @ d.t())
+        return torch.stack(out)
+
+    serving.set_routing([0, 1])
+    plans = serving.routing.plans
+    serving.load_modules(2, adapter())  # not in the running batch: its plans stay
+    assert serving.routing.plans is plans
+    with torch.no_grad():
+        torch.testing.assert_close(model.a(x), expected(first), atol=1e-5, rtol=1e-5)
+    replaced = adapter()
+    serving.load_modules(1, replaced)  # in the running batch: rebuilt
+    assert serving.routing.plans is not plans
+    with torch.no_grad():
+        torch.testing.assert_close(model.a(x), expected([first[0], replaced]), atol=1e-5, rtol=1e-5)
