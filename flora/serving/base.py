@@ -35,12 +35,22 @@ class ServingPolicy:
     weight ``W + dW_k``) unless more than ``conv_segments_max`` distinct groups, then
     "rows" (one grouped conv over ``B * groups`` with per-row merged weights) if the
     per-row weight stack stays under ``conv_rows_max_numel`` elements.
-    bench/kernels.py measures the trade-offs these defaults come from.
+    bench/kernels.py measures the trade-offs these defaults come from; ``shared_inputs``
+    cuts the per-step op count for llama-style blocks (see its note).
     """
 
     wide_max_rank: int = 32
     conv_segments_max: int = 8
     conv_rows_max_numel: int = 1 << 24
+    shared_inputs: tuple[tuple[str, ...], ...] = (
+        ("q_proj", "k_proj", "v_proj"),
+        ("gate_proj", "up_proj"),
+    )
+    """Sibling Linear modules (same parent, these child names) that a model calls one
+    after the other on the same input tensor: their plans share one shrink
+    (``x @ [A_q | A_k | A_v]``), which each then slices. The sharing is used only when a
+    member is called with the very tensor object the shrink was computed from, once per
+    member, so a model that does not call them that way just computes its own shrink."""
 
 
 class RoutingState:

@@ -12,7 +12,7 @@ from flora.serving.bank import DeviceSlotBank
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServedModule, ServingPolicy
 from flora.serving.factors import ModuleFactors, check_weight_shape, fold_two_mode
 
-__all__ = ["ServedLinear", "is_hf_conv1d"]
+__all__ = ["ServedLinear", "is_hf_conv1d", "share_shrinks"]
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -61,6 +61,103 @@ class _RowsPlan:
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         y.view(y.shape[0], -1, y.shape[-1]).baddbmm_(torch.bmm(x3, self.a), self.b)
         return y
+
+
+class _SharedShrink:
+    """One shrink for sibling projections that read the same input (q/k/v, gate/up).
+
+    ``h = x @ [A_1 | A_2 | ...]`` (wide, then the concatenated row mask) or
+    ``bmm(x, [A_1 | A_2 | ...])`` (rows) is computed by whichever member runs first on a
+    given input and sliced by each member. It is reused only for the same tensor object,
+    and by each member once: after every member took its slice (or when a member comes
+    back with the same tensor) it is computed afresh, so a later pass that refills the
+    same input buffer is not served an old ``h``. Assumed: the input is not modified in
+    place between the sibling calls of one pass (true of llama-style blocks, which feed
+    one normalised hidden state to q, k and v, and to gate and up).
+    """
+
+    __slots__ = ("a", "h", "mask", "pending", "rows", "x")
+
+    def __init__(self, a: torch.Tensor, mask: torch.Tensor | None, rows: bool, n: int) -> None:
+        self.a, self.mask, self.rows = a, mask, rows
+        self.x: torch.Tensor | None = None
+        self.h: torch.Tensor | None = None
+        self.pending: set[int] = set()
+
+    def get(self, x: torch.Tensor, member: int, members: int) -> torch.Tensor:
+        if self.x is not x or member not in self.pending:
+            if self.rows:
+                h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), self.a)
+            else:
+                h = torch.mm(x.reshape(-1, x.shape[-1]), self.a)
+                if self.mask is not None:
+                    h.view(self.mask.shape[0], -1, h.shape[-1]).mul_(self.mask)
+            self.x, self.h, self.pending = x, h, set(range(members))
+        self.pending.discard(member)
+        h = self.h
+        if not self.pending:  # every member served: drop the references
+            self.x = self.h = None
+        return h  # type: ignore[return-value]
+
+
+class _SharedPlan:
+    """A member of a ``_SharedShrink``: ``y = base(x) + h[..., lo:hi] @ B`` (wide: one
+    ``addmm_``; rows: one ``baddbmm_``)."""
+
+    __slots__ = ("b", "base", "hi", "lo", "member", "members", "shared")
+
+    def __init__(self, base, shared, member, members, lo, hi, b) -> None:  # type: ignore[no-untyped-def]
+        self.base, self.shared, self.b = base, shared, b
+        self.member, self.members, self.lo, self.hi = member, members, lo, hi
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        h = self.shared.get(x, self.member, self.members)[..., self.lo : self.hi]
+        if self.shared.rows:
+            y.view(y.shape[0], -1, y.shape[-1]).baddbmm_(h, self.b)
+        else:
+            y.view(-1, y.shape[-1]).addmm_(h, self.b)
+        return y
+
+
+def share_shrinks(plans: Sequence[Plan | None]) -> list[Plan | None]:
+    """Turn the plans of one group of sibling modules (same input width, all ``_WidePlan``
+    or all ``_RowsPlan``) into ``_SharedPlan`` members of one ``_SharedShrink``; other
+    groups come back unchanged. Costs one concatenation per routing."""
+    live = [p for p in plans if p is not None]
+    if len(live) < 2:
+        return list(plans)
+    kinds = {type(p) for p in live}
+    if len(kinds) != 1 or kinds.pop() not in (_WidePlan, _RowsPlan):
+        return list(plans)
+    rows = isinstance(live[0], _RowsPlan)
+    a_dim = 2 if rows else 1
+    if len({p.a.shape[a_dim - 1] for p in live}) != 1:
+        return list(plans)
+    mask = None
+    masks = [p.mask for p in live] if not rows else []
+    if any(m is not None for m in masks):
+        n = next(m for m in masks if m is not None).shape[0]
+        # a member without a mask applies to every row: ones over its columns
+        mask = torch.cat(
+            [
+                m if m is not None else p.a.new_ones(n, 1, p.a.shape[1])
+                for p, m in zip(live, masks, strict=True)
+            ],
+            dim=2,
+        )
+    a = torch.cat([p.a for p in live], dim=a_dim).contiguous()
+    shared = _SharedShrink(a, mask, rows, len(live))
+    out: list[Plan | None] = []
+    lo, member = 0, 0
+    for p in plans:
+        if p is None:
+            out.append(None)
+            continue
+        hi = lo + p.a.shape[a_dim]
+        out.append(_SharedPlan(p.base, shared, member, len(live), lo, hi, p.b))
+        lo, member = hi, member + 1
+    return out
 
 
 class ServedLinear(ServedModule):

@@ -34,7 +34,7 @@ from flora.serving.factors import (
     fold_two_mode_many,
     modules_from_adapter,
 )
-from flora.serving.linear import ServedLinear, is_hf_conv1d
+from flora.serving.linear import ServedLinear, is_hf_conv1d, share_shrinks
 
 __all__ = ["ServingModel", "register_wrapper"]
 
@@ -222,6 +222,11 @@ class ServingModel:
         if plans is None:
             with torch.no_grad(), _one_intra_op_thread(self.device):
                 plans = [m.build_plan(slots) for m in self._wrapped.values()]
+                for group in self._shared_groups():
+                    for i, plan in zip(
+                        group, share_shrinks([plans[i] for i in group]), strict=True
+                    ):
+                        plans[i] = plan
             self._plan_cache[slots] = plans
             while len(self._plan_cache) > self._cache_size:
                 self._plan_cache.popitem(last=False)
@@ -346,6 +351,19 @@ class ServingModel:
         self._wrapped[name] = wrapper
         self.routing.plans = [*self.routing.plans, None]
         return wrapper
+
+    def _shared_groups(self) -> list[list[int]]:
+        """Indices (into the plan list) of wrapped Linear siblings named in
+        ``policy.shared_inputs`` (same parent, two or more wrapped)."""
+        by_key: dict[tuple[str, int], list[int]] = {}
+        for i, (name, wrapper) in enumerate(self._wrapped.items()):
+            if not isinstance(wrapper, ServedLinear) or wrapper.kind != "linear":
+                continue
+            parent, _, child = name.rpartition(".")
+            for g, names in enumerate(self.policy.shared_inputs):
+                if child in names:
+                    by_key.setdefault((parent, g), []).append(i)
+        return [ix for ix in by_key.values() if len(ix) > 1]
 
     def _refresh(self, slot: int | None = None) -> None:
         """Slots, merges or the wrapped set changed: drop cached plans, rebuild the current
