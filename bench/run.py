@@ -3,8 +3,8 @@
 Writes ``bench/results/<name>.json`` (``quick`` or ``full``) and PNG plots beside it.
 Every number is a ratio of variants measured side by side in one run (interleaved
 rounds, median of per-round ratios); absolute times are recorded for context only.
-``--quick`` (under about 5 minutes on 2 cores): decode K = 1/4/32, vs PEFT, vs naive hot
-swap, prefill, cold load. The full run repeats more and adds the HTTP load generator and
+``--quick`` (about 2 minutes on a quiet 2-core VM, under 5 at load average 2-3): decode
+K = 1/4/32, vs PEFT, vs naive hot swap, prefill, cold load. The full run repeats more and adds the HTTP load generator and
 the 1,000-adapter scale test.
 """
 
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     started = time.perf_counter()
+    load_at_start = os.getloadavg()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {msg}", flush=True)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.perf_counter() - started
     report = {
         "name": name,
-        "machine": machine(),
+        "machine": {**machine(), "load_average_at_start": load_at_start},
         "config": cfg.__dict__,
         **results,
         "goals": {**GOALS, "cold_load_ms_p50": COLD_LOAD_GOAL_MS},
