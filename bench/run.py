@@ -4,8 +4,8 @@ Writes ``bench/results/<name>.json`` (``quick`` or ``full``) and PNG plots besid
 Every number is a ratio of variants measured side by side in one run (interleaved
 rounds, median of per-round ratios); absolute times are recorded for context only.
 ``--quick`` (about 2 minutes on a quiet 2-core VM, under 5 at load average 2-3): decode
-K = 1/4/32, vs PEFT, vs naive hot swap, prefill, cold load. The full run repeats more and adds the HTTP load generator and
-the 1,000-adapter scale test.
+K = 1/4/32, vs PEFT, vs naive hot swap, prefill, cold load. The full run repeats more and
+adds the HTTP load generator and the 1,000-adapter scale test.
 """
 
 from __future__ import annotations
