@@ -169,23 +169,25 @@ def fold_is_finite(items: Sequence[ModuleFactors]) -> bool:
     """
     if not items:
         return True
-    # Per module three tiny reductions; the products with the scales are done stacked.
-    core_norm, factor_max, other_max, scales = [], [], [], []
+    # Per module three tiny ops (a matrix norm of the core, two min/max); the rest stacked.
+    inf = float("inf")
+    core_norm, ext, scales = [], [], []
     for mf in items:
         u_in, u_out, c = _fold_orientation(mf)
-        if c.shape[0] <= c.shape[1]:  # B = s C U_o^T (max row sum of |C|); A = U_in
-            core_norm.append(c.abs().sum(1).amax())
-            factor_max.append(u_out.abs().amax())
-            other_max.append(u_in.abs().amax())
+        if c.shape[0] <= c.shape[1]:  # B = s C U_o^T (max row sum of |C|: inf-norm); A = U_in
+            core_norm.append(torch.linalg.matrix_norm(c, inf))
+            ext.extend(torch.aminmax(u_out))
+            ext.extend(torch.aminmax(u_in))
             scales.append((abs(mf.scale), 1.0))
-        else:  # A = U_in C (max column sum of |C|); B = s U_o^T
-            core_norm.append(c.abs().sum(0).amax())
-            factor_max.append(u_in.abs().amax())
-            other_max.append(u_out.abs().amax())
+        else:  # A = U_in C (max column sum of |C|: 1-norm); B = s U_o^T
+            core_norm.append(torch.linalg.matrix_norm(c, 1))
+            ext.extend(torch.aminmax(u_in))
+            ext.extend(torch.aminmax(u_out))
             scales.append((1.0, abs(mf.scale)))
     s = torch.tensor(scales, dtype=torch.float32, device=core_norm[0].device)
-    folded = torch.stack(core_norm) * torch.stack(factor_max) * s[:, 0]
-    bound = torch.cat([folded, torch.stack(other_max) * s[:, 1]])
+    # (module, [folded factor, stored factor], [min, max]) -> max |value|
+    peak = torch.stack(ext).view(len(items), 2, 2).abs().amax(2)
+    bound = torch.cat([torch.stack(core_norm) * peak[:, 0] * s[:, 0], peak[:, 1] * s[:, 1]])
     if bool((bound < 1e38).all()):  # False for NaN too
         return True
     return all_finite(t for ab in fold_two_mode_many(items) for t in ab)
