@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
@@ -33,6 +34,8 @@ ALLOWED_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F32": (torch.float32, 4),
 }
 _TORCH_TO_TAG = {dt: tag for tag, (dt, _) in ALLOWED_DTYPES.items()}
+# Explicitly little-endian (the file's byte order) numpy views for the finiteness pass.
+_NUMPY_FLOAT = {"F16": "<f2", "F32": "<f4"}
 
 # The first bytes of a pickle (protocol 2+ starts with PROTO 0x80) or a torch zip archive.
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
@@ -49,12 +52,17 @@ def strict_json_loads(text: str | bytes, what: str) -> Any:
         raise ValueError(f"non-standard JSON constant {name}")
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
+        # Fast path: a header has one object per tensor, so build it with dict() and only
+        # walk the pairs (to name the first repeated key) when something collapsed.
+        out = dict(pairs)
+        if len(out) == len(pairs):
+            return out
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
                 raise ValueError(f"duplicate key {key!r}")
-            out[key] = value
-        return out
+            seen.add(key)
+        raise AssertionError("unreachable: dict() dropped a key that is not repeated")
 
     try:
         return json.loads(text, parse_constant=no_constants, object_pairs_hook=no_duplicates)
@@ -160,11 +168,59 @@ def decode_tensors(
     Returns ``(metadata, tensors)``; tensors are fresh CPU tensors that own their memory.
     """
     metadata, _entries = read_header(data, max_header_bytes=max_header_bytes, what=what)
+    return metadata, decode_checked(data, what=what)
+
+
+def decode_checked(data: bytes, *, what: str = "adapter") -> dict[str, torch.Tensor]:
+    """Decode every tensor of ``data`` whose header :func:`read_header` already accepted.
+
+    Callers that hold the parsed header use this instead of :func:`decode_tensors`, so the
+    JSON header is parsed (in Python) once per load.
+    """
     try:
-        tensors = _st_load(data)
+        return _st_load(data)
     except Exception as exc:  # the Rust parser's own checks; our header pass should pre-empt them
         raise AdapterFormatError(f"{what}: safetensors could not decode it ({exc})") from exc
-    return metadata, tensors
+
+
+def all_finite(data: bytes, entries: dict[str, dict[str, Any]]) -> bool:
+    """Whether every tensor of ``data`` is free of NaN and +-Inf, read from the raw bytes.
+
+    ``entries`` is the :func:`read_header` result for ``data`` (offsets already checked to
+    tile the data section). Tensors adjacent in the file with the same dtype form one run,
+    and each run is one vectorised test over a zero-copy little-endian view (numpy handles
+    unaligned offsets), so a file saved in one dtype costs one pass however many tensors it
+    holds. An IEEE value is non-finite iff its exponent bits are all ones; bfloat16 has no
+    numpy dtype, so its 8 exponent bits are tested directly: ``(x & 0x7F80) == 0x7F80``.
+    This only answers yes or no; name the offender with ``validate.check_finite``.
+    """
+    (header_len,) = struct.unpack("<Q", data[:8])
+    start = 8 + header_len
+    spans = sorted(
+        (e["data_offsets"][0], e["data_offsets"][1], e["dtype"]) for e in entries.values()
+    )
+    runs: list[list[Any]] = []
+    for begin, end, dtype in spans:
+        if runs and runs[-1][2] == dtype and runs[-1][1] == begin:
+            runs[-1][1] = end
+        else:
+            runs.append([begin, end, dtype])
+    for begin, end, dtype in runs:
+        size = ALLOWED_DTYPES[dtype][1]
+        count = (end - begin) // size
+        if count == 0:
+            continue
+        if dtype == "BF16":
+            bits = np.frombuffer(data, dtype="<u2", count=count, offset=start + begin)
+            if bool(((bits & 0x7F80) == 0x7F80).any()):
+                return False
+        else:
+            values = np.frombuffer(
+                data, dtype=_NUMPY_FLOAT[dtype], count=count, offset=start + begin
+            )
+            if not bool(np.isfinite(values).all()):
+                return False
+    return True
 
 
 def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:

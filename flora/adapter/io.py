@@ -14,8 +14,9 @@ from torch import nn
 from flora.adapter.adapter import FULL_PREFIX, Adapter, core_key, factor_key
 from flora.adapter.container import (
     DEFAULT_MAX_HEADER_BYTES,
+    all_finite,
     atomic_write,
-    decode_tensors,
+    decode_checked,
     encode_tensors,
     read_header,
     strict_json_loads,
@@ -27,7 +28,7 @@ from flora.adapter.validate import (
     check_tensor_table,
     validate_against,
 )
-from flora.errors import AdapterError, AdapterFormatError, HeaderTooLargeError
+from flora.errors import AdapterError, AdapterFormatError, HeaderTooLargeError, NonFiniteError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -217,13 +218,14 @@ def load_archive_bytes(
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> Adapter:
     """Load the single-file form from bytes (config in ``__metadata__``)."""
-    metadata, _ = read_header(data, max_header_bytes=max_header_bytes, what="adapter archive")
+    parsed = read_header(data, max_header_bytes=max_header_bytes, what="adapter archive")
+    metadata = parsed[0]
     if ARCHIVE_META_KEY not in metadata:
         raise AdapterFormatError(
             "adapter archive: __metadata__ has no 'adapter_config' (is this a bare weights "
             "file? upload the directory's two files, or save with archive=True)"
         )
-    return _load(metadata[ARCHIVE_META_KEY], data, max_rank, max_header_bytes)
+    return _load(metadata[ARCHIVE_META_KEY], data, max_rank, max_header_bytes, parsed)
 
 
 def load_adapter_bytes(
@@ -239,17 +241,33 @@ def load_adapter_bytes(
     return _load(config_bytes, weights_bytes, max_rank, max_header_bytes)
 
 
-def _load(config_text: bytes | str, data: bytes, max_rank: int, max_header_bytes: int) -> Adapter:
+def _load(
+    config_text: bytes | str,
+    data: bytes,
+    max_rank: int,
+    max_header_bytes: int,
+    parsed: tuple[dict[str, str], dict[str, dict[str, Any]]] | None = None,
+) -> Adapter:
+    """Validate and decode; ``parsed`` is ``read_header(data)`` when the caller has it.
+
+    The safetensors header is parsed and checked once (length cap, JSON, offsets), then
+    reused for the table check, the decode and the finiteness pass.
+    """
     header = parse_header(strict_json_loads(config_text, CONFIG_NAME), max_rank=max_rank)
     check_modules_follow_config(header)
-    metadata, entries = read_header(data, max_header_bytes=max_header_bytes, what=WEIGHTS_NAME)
+    if parsed is None:
+        parsed = read_header(data, max_header_bytes=max_header_bytes, what=WEIGHTS_NAME)
+    metadata, entries = parsed
     unknown_meta = sorted(set(metadata) - _ALLOWED_META)
     if unknown_meta:
         raise AdapterFormatError(f"{WEIGHTS_NAME}: unknown __metadata__ keys {unknown_meta}")
     # Names and shapes are checked from the header, before any tensor is decoded.
     check_tensor_table(header, {k: v["shape"] for k, v in entries.items()})
-    _, tensors = decode_tensors(data, max_header_bytes=max_header_bytes, what=WEIGHTS_NAME)
-    check_finite(tensors)
+    tensors = decode_checked(data, what=WEIGHTS_NAME)
+    if not all_finite(data, entries):
+        # Rare path: the one-pass byte check failed; name the first offending tensor.
+        check_finite(tensors)
+        raise NonFiniteError(f"{WEIGHTS_NAME}: the data section holds NaN or Inf values")
     return _adapter_from(header, tensors)
 
 
