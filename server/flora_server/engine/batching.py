@@ -39,6 +39,7 @@ from flora_server.engine.protocol import (
     RequestFailedError,
 )
 from flora_server.engine.runtime import AdapterRuntime
+from flora_server.engine.worker_thread import WorkerThreadMixin
 
 log = logging.getLogger(__name__)
 _WAKE = object()
@@ -74,7 +75,7 @@ class BatchJob:
             self.loop.call_soon_threadsafe(_set)
 
 
-class BatchEngine:
+class BatchEngine(WorkerThreadMixin):
     """Base class; see the module docstring. `kind` names the model kind it serves."""
 
     kind = ""
@@ -113,30 +114,9 @@ class BatchEngine:
         self._lock = threading.Lock()
         self._waiting = 0
         self._stats = EngineStats(0, 0, (), (), max_slots, "idle")
-        self._thread: threading.Thread | None = None
-        self._ready = False
-        self._accepting = False
-        self._crashed = False
-        self._stopping = False
+        self._init_worker(f"flora-{self.kind}")
 
     # -- engine interface (same as GenerationEngine where it applies) ---------------------
-
-    @property
-    def ready(self) -> bool:
-        return self._ready and self._accepting and self.healthy
-
-    @property
-    def healthy(self) -> bool:
-        if self._crashed:
-            return False
-        return self._thread is None or self._thread.is_alive() or self._stopping
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._accepting = True
-        self._thread = threading.Thread(target=self._run, name=f"flora-{self.kind}", daemon=True)
-        self._thread.start()
 
     async def submit(
         self,

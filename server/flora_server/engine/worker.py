@@ -46,6 +46,7 @@ from flora_server.engine.runtime import (
 from flora_server.engine.sampling import make_generator
 from flora_server.engine.stepper import Stepper
 from flora_server.engine.text import TextStream
+from flora_server.engine.worker_thread import WorkerThreadMixin
 
 log = logging.getLogger(__name__)
 _WAKE = object()
@@ -55,7 +56,7 @@ class InvalidRequestError(EngineError, ValueError):
     """The request cannot be served as given (empty prompt, prompt too long, bad ids)."""
 
 
-class LLMEngine:
+class LLMEngine(WorkerThreadMixin):
     """Continuous-batching engine over a `flora.models.LoadedModel` of kind "causal-lm"."""
 
     kind = "causal-lm"
@@ -108,31 +109,10 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._waiting_count = 0  # inbox + worker's waiting list
         self._stats = EngineStats(0, 0, (), (), max_slots, "idle")
-        self._thread: threading.Thread | None = None
-        self._ready = False
-        self._accepting = False
-        self._crashed = False
-        self._stopping = False
+        self._init_worker("flora-engine")
         self._abort = False
 
     # -- GenerationEngine ------------------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return self._ready and self._accepting and self.healthy
-
-    @property
-    def healthy(self) -> bool:
-        if self._crashed:
-            return False
-        return self._thread is None or self._thread.is_alive() or self._stopping
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._accepting = True
-        self._thread = threading.Thread(target=self._run, name="flora-engine", daemon=True)
-        self._thread.start()
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if not self.ready:
