@@ -5,7 +5,6 @@ real app, uvicorn and engine in seconds."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import signal
 import socket
@@ -18,20 +17,13 @@ from pathlib import Path
 
 import httpx
 
-_SERVER_TESTS = Path(__file__).resolve().parents[1] / "unit" / "server"
-
 
 def server_fixtures():
-    """tests/unit/server/conftest.py (make_tiny_llama, make_char_tokenizer, ...), imported
-    under its own name so it cannot clash with this directory's conftest."""
-    name = "flora_server_test_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _SERVER_TESTS / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        assert spec.loader is not None
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """The tiny-engine helpers of tests/unit/server (make_tiny_llama, make_char_tokenizer,
+    make_flora_adapter, DictSource, ...); conftest.py puts that directory on sys.path."""
+    import tiny_engine
+
+    return tiny_engine
 
 
 def make_model_dir(path: Path) -> Path:

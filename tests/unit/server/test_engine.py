@@ -10,7 +10,8 @@ import time
 
 import pytest
 import torch
-from conftest import (
+from test_engine_batch import greedy_alone
+from tiny_engine import (
     DictSource,
     TinyLoaded,
     make_char_tokenizer,
@@ -18,7 +19,6 @@ from conftest import (
     make_tiny_llama,
     merged_reference_model,
 )
-from test_engine_batch import greedy_alone
 
 from flora_server.engine.protocol import (
     FinishEvent,

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
-from conftest import make_char_tokenizer, make_flora_adapter, make_tiny_llama
 from test_engine import collect, greedy, make_engine, run
 from test_engine_batch import greedy_alone
+from tiny_engine import make_char_tokenizer, make_flora_adapter, make_tiny_llama
 
 from flora_server.engine.protocol import (
     AdapterNotFoundError,

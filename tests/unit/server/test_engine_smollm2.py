@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 import torch
-from conftest import DictSource
 from test_engine_batch import greedy_alone
+from tiny_engine import DictSource
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 STEPS = 8
