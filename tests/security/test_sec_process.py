@@ -27,7 +27,7 @@ def model(tmp_path_factory):
     fx = server_fixtures()
     model_dir = work / "model"
     m = fx.make_tiny_llama()
-    m.config.max_position_embeddings = 2048  # room for long generations (rope needs no table)
+    m.config.max_position_embeddings = 65536  # room for long generations (rope needs no table)
     m.save_pretrained(model_dir)
     fx.make_char_tokenizer().save_pretrained(model_dir)
     adapters = make_adapter_dirs(model_dir, work / "adapters", [1, 2])
@@ -64,14 +64,14 @@ def _stream(url: str, n: int, first: threading.Event, out: dict) -> None:
 def test_sigterm_drains_then_exits_zero(model, tmp_path):
     model_dir, _ = model
     server = start_server(
-        model_dir, tmp_path / "store", "--shutdown-timeout", "3", "--max-new-tokens", "2000"
+        model_dir, tmp_path / "store", "--shutdown-timeout", "3", "--max-new-tokens", "50000"
     )
     try:
         short, long_ = {}, {}
         got_short, got_long = threading.Event(), threading.Event()
         threads = [
             threading.Thread(target=_stream, args=(server.url, 10, got_short, short)),
-            threading.Thread(target=_stream, args=(server.url, 1900, got_long, long_)),
+            threading.Thread(target=_stream, args=(server.url, 50000, got_long, long_)),
         ]
         for t in threads:
             t.start()
@@ -87,8 +87,8 @@ def test_sigterm_drains_then_exits_zero(model, tmp_path):
         started = time.monotonic()
         assert server.proc.wait(60) == 0, server.log()
         # Exit within the drain timeout (plus uvicorn's short grace), not after the long one.
-        # 3 s: the short request's 10 tokens fit easily; the long one's 1900 would need
-        # over 600 tokens/s (the tiny model did 1900 within a 20 s timeout on a quiet box).
+        # 3 s: the short request's 10 tokens fit easily; the long one's 50,000 would need
+        # over 16,000 tokens/s (a quiet machine did 1,900 in under 3 s, so 1,900 was too few).
         assert time.monotonic() - started < 20
         for t in threads:
             t.join(10)
@@ -97,9 +97,9 @@ def test_sigterm_drains_then_exits_zero(model, tmp_path):
         assert final.get("details") is not None, (short, len(long_["events"]), server.log())
         assert final["details"]["finish_reason"] == "length"
         assert final["details"]["generated_tokens"] == 10
-        # ...the long one was cut at the timeout (never completed its 1900 tokens).
+        # ...the long one was cut at the timeout (never completed its 50,000 tokens).
         done = [e for e in long_["events"] if e.get("details")]
-        assert not done or done[-1]["details"]["generated_tokens"] < 1900
+        assert not done or done[-1]["details"]["generated_tokens"] < 50000
     finally:
         if server.proc.poll() is None:
             server.signal(signal.SIGKILL)
