@@ -162,9 +162,11 @@ class AdapterRegistry:
     """Adapters by id: validated uploads, listing, deletion, and `AdapterSource.load`."""
 
     def __init__(self, store: AdapterStore, staging_dir: Path, *, exists_ttl: float = 0.0) -> None:
-        """`exists_ttl`: seconds an answer of `exists` may be reused (for a remote store, where
-        each answer is a round trip; keep it at or below the store recheck interval). This
-        replica's own puts and deletes update it at once."""
+        """`exists_ttl`: seconds a positive answer of `exists` may be reused (for a remote
+        store, where each answer is a round trip; keep it at or below the store recheck
+        interval). Negative answers are never cached: an adapter uploaded through another
+        replica is usable here at once, and unknown ids cannot grow the cache. This replica's
+        own puts and deletes update it at once."""
         self.store = store
         self.exists_ttl = exists_ttl
         self._exists_cache: dict[str, tuple[float, bool]] = {}
@@ -200,8 +202,10 @@ class AdapterRegistry:
             if cached is not None and time.monotonic() - cached[0] < self.exists_ttl:
                 return cached[1]
         found = self.store.exists(adapter_id)
-        if self.exists_ttl > 0:
-            self._exists_cache[adapter_id] = (time.monotonic(), found)
+        if self.exists_ttl > 0 and found:
+            self._exists_cache[adapter_id] = (time.monotonic(), True)
+        else:
+            self._exists_cache.pop(adapter_id, None)
         return found
 
     def load(self, adapter_id: str) -> Adapter:

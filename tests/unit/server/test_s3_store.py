@@ -139,17 +139,25 @@ def test_stale_ids_after_delete_and_overwrite_elsewhere(tmp_path):
     assert b.stale_ids() == []
 
 
-def test_exists_ttl_is_bounded_and_own_writes_are_immediate(tmp_path):
+def test_exists_caches_positive_answers_only_and_own_writes_are_immediate(tmp_path):
     store = LocalAdapterStore(tmp_path / "s")
     reg = AdapterRegistry(store, tmp_path / "st", exists_ttl=0.2)
     other = LocalAdapterStore(tmp_path / "s")
     assert reg.exists("x") is False
-    other.put("x", io.BytesIO(b"1"))
-    assert reg.exists("x") is False  # cached negative, within the ttl
+    other.put("x", io.BytesIO(b"1"))  # uploaded through another replica
+    assert reg.exists("x") is True  # a miss is never cached: visible at once
+    assert set(reg._exists_cache) == {"x"}
+    other.delete("x")
+    assert reg.exists("x") is True  # a hit is reused within the ttl...
     time.sleep(0.25)
-    assert reg.exists("x") is True
-    reg.delete("x")
-    assert reg.exists("x") is False  # own delete: at once
+    assert reg.exists("x") is False  # ...and re-asked after it
+    for n in range(50):
+        assert reg.exists(f"unknown-{n}") is False
+    assert reg._exists_cache == {}  # unknown ids do not grow the cache
+    other.put("y", io.BytesIO(b"2"))
+    assert reg.exists("y") is True
+    reg.delete("y")
+    assert reg.exists("y") is False  # own delete: at once
 
 
 class _Source:
