@@ -20,8 +20,9 @@ import flora
 from flora.adapter.io import adapter_from_model, encode_adapter
 from flora.fingerprint import base_fingerprint, describe_base
 from flora_server.adapters.registry import AdapterValidationError
+from flora_server.adapters.validator import BaseValidator, per_row_servable
 from flora_server.engine.vision import VisionEngine
-from flora_server.main import BaseValidator, _per_row_servable, create_app
+from flora_server.main import create_app
 from flora_server.settings import Settings
 
 
@@ -124,7 +125,7 @@ def test_whole_body_module_the_engine_cannot_serve_is_refused(
 def test_llm_rule_refuses_any_whole_module(tmp_path: Path) -> None:
     loaded = _loaded(tmp_path)
     validator = BaseValidator(
-        describe_base(loaded.model), loaded.fingerprint, loaded, _per_row_servable
+        describe_base(loaded.model), loaded.fingerprint, loaded, per_row_servable
     )
     adapter = _adapter(head=nn.Linear(16, 3), train=["classifier"], labels=3)
     with pytest.raises(AdapterValidationError, match="replaces whole modules"):

@@ -1,0 +1,93 @@
+"""The engine for the loaded base's kind: load the base (blocking), build the engine that
+serves it and the validator that checks uploads against it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flora_server.adapters.registry import AdapterRegistry, AdapterValidator
+from flora_server.adapters.validator import BaseValidator, per_row_servable
+from flora_server.engine.protocol import GenerationEngine
+from flora_server.metrics import ServerMetrics
+from flora_server.settings import Settings
+
+
+def load_base(settings: Settings) -> Any:
+    """`flora.models.load` with the settings' device and dtype (blocking)."""
+    import torch
+
+    from flora import models
+
+    device = settings.device
+    if settings.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = getattr(torch, settings.dtype)
+    return models.load(settings.model, device=device, dtype=dtype, home=settings.home)
+
+
+def llm_engine(
+    loaded: Any, settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
+) -> Any:
+    from flora_server.engine.worker import LLMEngine
+
+    return LLMEngine(
+        loaded,
+        registry,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        max_slots=settings.max_slots,
+        host_cache_bytes=settings.host_cache_bytes,
+        max_new_tokens_cap=settings.max_new_tokens,
+        metrics=metrics,
+    )
+
+
+def batch_engine(
+    loaded: Any, settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
+) -> Any:
+    """The image-classifier or text-encoder engine (one forward per batch)."""
+    from flora_server.engine.encoder import EncoderEngine
+    from flora_server.engine.vision import VisionEngine
+
+    engine_class = VisionEngine if loaded.kind == "image-classifier" else EncoderEngine
+    return engine_class(
+        loaded,
+        registry,
+        max_slots=settings.max_slots,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        host_cache_bytes=settings.host_cache_bytes,
+        max_wait=settings.batch_wait_ms / 1000,
+        metrics=metrics,
+    )
+
+
+# Model kind -> the engine that serves it.
+ENGINE_BUILDERS: dict[str, Callable[[Any, Settings, AdapterRegistry, ServerMetrics], Any]] = {
+    "causal-lm": llm_engine,
+    "image-classifier": batch_engine,
+    "text-encoder": batch_engine,
+}
+
+
+def build_engine(
+    settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
+) -> tuple[GenerationEngine, AdapterValidator]:
+    """The real engine for the kind of `settings.model` (the default factory)."""
+    from flora.fingerprint import describe_base
+
+    loaded = load_base(settings)
+    builder = ENGINE_BUILDERS.get(loaded.kind)
+    if builder is None:
+        raise RuntimeError(
+            f"{settings.model} is a {loaded.kind} model; this server serves "
+            f"{', '.join(ENGINE_BUILDERS)}"
+        )
+    # Computed once, before the engine can merge an adapter into the weights or swap heads.
+    validator = BaseValidator(describe_base(loaded.model), loaded.fingerprint, loaded)
+    engine = builder(loaded, settings, registry, metrics)
+    # What the engine itself can serve (heads, whole-saved modules) is checked at upload too.
+    validator.engine_check = getattr(engine, "check_adapter", None) or per_row_servable
+    return engine, validator
