@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flora.serving.bank import DeviceSlotBank
-from flora.serving.base import NO_SLOT, Plan, RoutingState, ServedModule, ServingPolicy
-from flora.serving.factors import ModuleFactors, check_weight_shape, fold_two_mode
+from flora.serving.base import NO_SLOT, Plan, RoutingState, ServingPolicy
+from flora.serving.two_mode import ServedTwoMode
 
 __all__ = ["ServedEmbedding"]
 
@@ -35,7 +35,7 @@ class _EmbeddingRowsPlan:
         return y
 
 
-class ServedEmbedding(ServedModule):
+class ServedEmbedding(ServedTwoMode):
     """Multi-adapter ``nn.Embedding`` (kind ``embedding``, modes ``(num, dim)``).
 
     Slot update folded as for Linear with ids as one-hot inputs: ``A = U_num`` (or
@@ -57,28 +57,8 @@ class ServedEmbedding(ServedModule):
         self.kind = "embedding"
         self.bank = DeviceSlotBank(w.shape[0], w.shape[1], max_slots, max_rank, w.device, w.dtype)
 
-    def check(self, name: str, mf: ModuleFactors) -> None:
-        if mf.kind != self.kind:
-            raise ValueError(f"{name}: adapter kind {mf.kind!r}, base module is embedding")
-        check_weight_shape(name, mf, self.weight.shape)
-        if min(mf.ranks) > self.max_rank:
-            raise ValueError(f"{name}: rank {min(mf.ranks)} exceeds max_rank {self.max_rank}")
-
-    def write_slot(self, slot: int, mf: ModuleFactors) -> None:
-        self.write_folded(slot, *fold_two_mode(mf))
-
-    def write_folded(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Copy an already folded update (``fold_two_mode``'s ``A``, ``B``) into ``slot``."""
-        self.bank.write(slot, a.to(self.bank.dtype), b.to(self.bank.dtype))
-        self.slot_rank[slot] = a.shape[1]
-
-    def clear_slot(self, slot: int) -> None:
-        self.bank.clear(slot)
-        self.slot_rank[slot] = 0
-
     def delta_weight(self, slot: int) -> torch.Tensor:
-        r = self.slot_rank[slot]
-        return self.bank.a[slot, :, :r].float() @ self.bank.b[slot, :r].float()
+        return self.slot_product(slot)
 
     def build_plan(self, row_slots: Sequence[int]) -> Plan | None:
         rows = self.row_targets(row_slots)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flora.serving.bank import DeviceSlotBank
-from flora.serving.base import NO_SLOT, Plan, RoutingState, ServedModule, ServingPolicy
-from flora.serving.factors import ModuleFactors, check_weight_shape, fold_two_mode
+from flora.serving.base import NO_SLOT, Plan, RoutingState, ServingPolicy
+from flora.serving.two_mode import ServedTwoMode
 
 __all__ = ["ServedLinear", "is_hf_conv1d", "share_shrinks"]
 
@@ -160,7 +160,7 @@ def share_shrinks(plans: Sequence[Plan | None]) -> list[Plan | None]:
     return out
 
 
-class ServedLinear(ServedModule):
+class ServedLinear(ServedTwoMode):
     """Multi-adapter ``nn.Linear`` (kind ``linear``) or transformers ``Conv1D`` (``hf_conv1d``).
 
     Each slot holds the folded update ``A = U_in``, ``B = s (U_out G)^T`` (see
@@ -190,28 +190,8 @@ class ServedLinear(ServedModule):
         else:
             self._base = base_layer
 
-    def check(self, name: str, mf: ModuleFactors) -> None:
-        if mf.kind != self.kind:
-            raise ValueError(f"{name}: adapter kind {mf.kind!r}, base module is {self.kind}")
-        check_weight_shape(name, mf, self.weight.shape)
-        if min(mf.ranks) > self.max_rank:
-            raise ValueError(f"{name}: rank {min(mf.ranks)} exceeds max_rank {self.max_rank}")
-
-    def write_slot(self, slot: int, mf: ModuleFactors) -> None:
-        self.write_folded(slot, *fold_two_mode(mf))
-
-    def write_folded(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Copy an already folded update (``fold_two_mode``'s ``A``, ``B``) into ``slot``."""
-        self.bank.write(slot, a.to(self.bank.dtype), b.to(self.bank.dtype))
-        self.slot_rank[slot] = a.shape[1]
-
-    def clear_slot(self, slot: int) -> None:
-        self.bank.clear(slot)
-        self.slot_rank[slot] = 0
-
     def delta_weight(self, slot: int) -> torch.Tensor:
-        r = self.slot_rank[slot]
-        ab = self.bank.a[slot, :, :r].float() @ self.bank.b[slot, :r].float()  # (in, out)
+        ab = self.slot_product(slot)  # (in, out)
         return ab if self.kind == "hf_conv1d" else ab.t()
 
     def merge_into_weight(self, slot: int) -> None:
