@@ -12,6 +12,12 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
 # ---- operating system + Python, one stage per variant ---------------------------------------
 FROM ${PYTHON_IMAGE} AS os-cpu
+# libgomp1: the OpenMP runtime numba's thread pool needs for the fused CPU row kernel
+# (flora.serving.cpu_kernel); without it the kernel is switched off (torch paths only).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/*
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 FROM ${CUDA_IMAGE} AS os-cuda
@@ -67,6 +73,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     FLORA_HOST=0.0.0.0 \
     FLORA_PORT=8000 \
     HF_HOME=/home/flora/.cache/huggingface \
+    NUMBA_CACHE_DIR=/home/flora/.cache/numba \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1
 USER ${FLORA_UID}:${FLORA_UID}

@@ -6,7 +6,9 @@ of them, K = 1, 4, 32 distinct adapters in the batch. Methods:
 
 - base:   the plain model (no adapters);
 - naive:  per projection and step, gather every row's factors then bmm (A[slot_of_row]);
-- wide / rows: flora.serving with the kernel forced; auto: the default ServingPolicy;
+- wide / rows: flora.serving with that torch kernel forced (``cpu_kernel=False``);
+- auto: the default ServingPolicy (on a float32 CPU: the fused row kernel of
+  ``flora.serving.cpu_kernel``; on CUDA: "rows");
 - merged: K = 1 only, the adapter folded into the weights.
 
 Also a conv section (EfficientNet-like depthwise + pointwise convs, batch 8): segments vs
@@ -190,8 +192,12 @@ def bench_linear(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         fns: dict[str, Callable[[], object]] = {
             "base": bind(base, x),
             "naive": bind(naive_model(base, used, slots), x),
-            "wide": bind(served(base, used, rows, ServingPolicy(wide_max_rank=10**6)), x),
-            "rows": bind(served(base, used, rows, ServingPolicy(wide_max_rank=0)), x),
+            "wide": bind(
+                served(base, used, rows, ServingPolicy(wide_max_rank=10**6, cpu_kernel=False)), x
+            ),
+            "rows": bind(
+                served(base, used, rows, ServingPolicy(wide_max_rank=0, cpu_kernel=False)), x
+            ),
             "auto": bind(served(base, used, rows, None), x),
         }
         if k == 1:

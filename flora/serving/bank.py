@@ -19,6 +19,11 @@ class DeviceSlotBank:
     time, never past ``max_rank``, so a bank for rank-8 adapters does not pay for
     ``max_rank`` (for SmolLM2-135M, 32 slots at R=64 would be about 2 GB of fp32).
     Growing reallocates once, off the hot path.
+
+    ``rank_major=True`` stores ``A`` as ``at: (max_slots + 1, R, n_in)`` (each rank's
+    input weights contiguous: what ``flora.serving.cpu_kernel`` reads in place); ``a`` is
+    then a transposed view with the same logical shape, so every other path reads it the
+    same way.
     """
 
     def __init__(
@@ -29,12 +34,27 @@ class DeviceSlotBank:
         max_rank: int,
         device: torch.device,
         dtype: torch.dtype,
+        rank_major: bool = False,
     ) -> None:
         self.n_in, self.n_out = n_in, n_out
         self.max_slots, self.max_rank = max_slots, max_rank
         self.device, self.dtype = device, dtype
-        self.a = torch.zeros(max_slots + 1, n_in, 0, device=device, dtype=dtype)
-        self.b = torch.zeros(max_slots + 1, 0, n_out, device=device, dtype=dtype)
+        self.rank_major = rank_major
+        self.a, self.b = self._alloc(0)
+
+    def _alloc(self, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed ``(A, B)`` of capacity ``cap`` (``A`` a transposed view if rank-major)."""
+        slots, kw = self.max_slots + 1, {"device": self.device, "dtype": self.dtype}
+        if self.rank_major:
+            a = torch.zeros(slots, cap, self.n_in, **kw).transpose(1, 2)
+        else:
+            a = torch.zeros(slots, self.n_in, cap, **kw)
+        return a, torch.zeros(slots, cap, self.n_out, **kw)
+
+    @property
+    def at(self) -> torch.Tensor:
+        """``A`` as ``(max_slots + 1, R, n_in)``; contiguous when the bank is rank-major."""
+        return self.a.transpose(1, 2)
 
     @property
     def null_slot(self) -> int:
@@ -51,12 +71,7 @@ class DeviceSlotBank:
         if rank <= self.capacity:
             return
         new_cap = min(self.max_rank, max(rank, -(-rank // 8) * 8, 2 * self.capacity))
-        a = torch.zeros(
-            self.max_slots + 1, self.n_in, new_cap, device=self.device, dtype=self.dtype
-        )
-        b = torch.zeros(
-            self.max_slots + 1, new_cap, self.n_out, device=self.device, dtype=self.dtype
-        )
+        a, b = self._alloc(new_cap)
         a[:, :, : self.capacity] = self.a
         b[:, : self.capacity] = self.b
         self.a, self.b = a, b

@@ -37,9 +37,15 @@ class ServingPolicy:
     per-row weight stack stays under ``conv_rows_max_numel`` elements.
     bench/kernels.py measures the trade-offs these defaults come from; ``shared_inputs``
     cuts the per-step op count for llama-style blocks (see its note).
+
+    ``cpu_kernel``: float32 Linear/Conv1D on the CPU run every per-row routing through
+    the fused row kernel of ``flora.serving.cpu_kernel`` (one call per projection, each
+    row's own rank of work) when numba is importable; the torch kernels above are then the
+    fallback (autograd, other dtypes) and the reference.
     """
 
     wide_max_rank: int = 32
+    cpu_kernel: bool = True
     conv_segments_max: int = 8
     conv_rows_max_numel: int = 1 << 24
     shared_inputs: tuple[tuple[str, ...], ...] = (

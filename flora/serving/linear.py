@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flora.serving.bank import DeviceSlotBank
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServingPolicy
+from flora.serving.cpu_kernel import RowKernel, row_kernel
 from flora.serving.two_mode import ServedTwoMode
 
 __all__ = ["ServedLinear", "is_hf_conv1d", "share_shrinks"]
@@ -60,6 +62,76 @@ class _RowsPlan:
             return y.baddbmm_(torch.bmm(x, self.a), self.b)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         y.view(y.shape[0], -1, y.shape[-1]).baddbmm_(torch.bmm(x3, self.a), self.b)
+        return y
+
+
+class _KernelPlan:
+    """Per-row factors read where they are: no per-routing copies, no extra columns.
+
+    Decode-sized inputs (fewer than ``blas_min_tokens`` tokens per row) make one fused
+    call per projection (``flora.serving.cpu_kernel``): ``y = base(x)``, then every row
+    adds ``(x_row @ A_s) @ B_s`` with its own slot's factors, read in place from the bank.
+    Prefill-sized inputs go to BLAS instead, where each row's tokens form a real matrix:
+    ``h^T = bmm(A_rows^T, x^T)`` (``[B, R, T]``: the long token axis as the GEMM's wide
+    side, not an 8-column skinny output) and ``y += bmm(h, B_rows)``, with the factors
+    gathered per row on first use.
+
+    ``torch_plan`` builds the torch path ("wide"/"rows"), used instead when autograd is
+    recording or the input is not float32 (built on first need).
+    """
+
+    blas_min_tokens = 16
+
+    __slots__ = (
+        "at",
+        "b",
+        "bank",
+        "base",
+        "index",
+        "kernel",
+        "ranks",
+        "rows_ab",
+        "slots",
+        "torch_path",
+        "torch_plan",
+    )
+
+    def __init__(self, base, kernel, bank, slots, ranks, torch_plan) -> None:  # type: ignore[no-untyped-def]
+        self.base, self.kernel, self.bank = base, kernel, bank
+        self.at, self.b = bank.at.numpy(), bank.b.numpy()  # [S + 1, R, in], [S + 1, R, out]
+        self.slots, self.ranks = slots, ranks  # [B] int32, [S + 1] int32
+        self.index = torch.tensor([bank.null_slot if s < 0 else int(s) for s in slots])
+        self.rows_ab: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.torch_plan: Callable[[], Plan] = torch_plan
+        self.torch_path: Plan | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dtype != torch.float32:
+            if self.torch_path is None:
+                self.torch_path = self.torch_plan()
+            return self.torch_path(x)
+        y = self.base(x)  # [B, T, out] (or [B, out])
+        rows = self.slots.shape[0]
+        if x.numel() >= self.blas_min_tokens * rows * x.shape[-1]:
+            if self.rows_ab is None:
+                cap = int(self.ranks.max())
+                self.rows_ab = (
+                    self.bank.at[:, :cap].index_select(0, self.index),  # [B, r, in]
+                    self.bank.b[:, :cap].index_select(0, self.index),  # [B, r, out]
+                )
+            at, b = self.rows_ab
+            x3 = x.reshape(rows, -1, x.shape[-1])
+            h_t = torch.bmm(at, x3.transpose(1, 2))  # [B, r, T]
+            y.view(rows, -1, y.shape[-1]).baddbmm_(h_t.transpose(1, 2), b)
+            return y
+        self.kernel(
+            x.reshape(-1, x.shape[-1]).contiguous(),
+            y.view(-1, y.shape[-1]),
+            self.slots,
+            self.at,
+            self.b,
+            self.ranks,
+        )
         return y
 
 
@@ -182,7 +254,13 @@ class ServedLinear(ServedTwoMode):
         n_in, n_out = (
             (w.shape[0], w.shape[1]) if self.kind == "hf_conv1d" else (w.shape[1], w.shape[0])
         )
-        self.bank = DeviceSlotBank(n_in, n_out, max_slots, max_rank, w.device, w.dtype)
+        # The fused CPU kernel when it applies (float32 on the CPU, numba importable).
+        self.kernel: RowKernel | None = None
+        if policy.cpu_kernel and w.device.type == "cpu" and w.dtype == torch.float32:
+            self.kernel = row_kernel()
+        self.bank = DeviceSlotBank(
+            n_in, n_out, max_slots, max_rank, w.device, w.dtype, rank_major=self.kernel is not None
+        )
         if self.kind == "linear":
             weight, bias = w, base_layer.bias
             # F.linear directly: one module call less per projection per step.
@@ -211,9 +289,22 @@ class ServedLinear(ServedTwoMode):
 
     def build_plan(self, row_slots: Sequence[int]) -> Plan | None:
         rows = self.row_targets(row_slots)
-        distinct = sorted({s for s in rows if s != NO_SLOT})
-        if not distinct:
+        if all(s == NO_SLOT for s in rows):
             return None
+        if self.kernel is None:
+            return self._torch_plan(rows)
+        return _KernelPlan(
+            self._base,
+            self.kernel,
+            self.bank,
+            np.asarray(rows, dtype=np.int32),
+            np.asarray([*self.slot_rank, 0], dtype=np.int32),
+            lambda: self._torch_plan(rows),
+        )
+
+    def _torch_plan(self, rows: list[int]) -> Plan:
+        """The torch kernels ("wide" or "rows", see ``ServingPolicy``) for per-row slots."""
+        distinct = sorted({s for s in rows if s != NO_SLOT})
         ranks = [self.slot_rank[s] for s in distinct]
         homogeneous = all(s == distinct[0] for s in rows)
         if homogeneous or sum(ranks) <= self.policy.wide_max_rank:

@@ -79,8 +79,10 @@ def inputs(name: str, rows: int, t: int, gen: torch.Generator) -> torch.Tensor:
 
 
 POLICIES = {
-    "wide": ServingPolicy(wide_max_rank=1000, conv_segments_max=1000),
-    "rows": ServingPolicy(wide_max_rank=0, conv_segments_max=0),
+    "wide": ServingPolicy(wide_max_rank=1000, conv_segments_max=1000, cpu_kernel=False),
+    "rows": ServingPolicy(wide_max_rank=0, conv_segments_max=0, cpu_kernel=False),
+    # the default: the fused CPU row kernel (decode-sized inputs) / per-row BLAS (prefill)
+    "kernel": ServingPolicy(),
 }
 ROUTING = [0, -1, 1, 2, 0, None, 1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -88,7 +90,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("t", [1, 5, 20])
 def test_mixed_batch_matches_reference(policy: str, t: int, device: str) -> None:
     torch.manual_seed(0)
     base = Toy().to(device)
@@ -116,6 +118,7 @@ def test_kernel_choice_follows_policy() -> None:
     for policy, names in (
         ("wide", ("_WidePlan", "_SegmentsPlan")),
         ("rows", ("_RowsPlan", "_RowsPlan")),
+        ("kernel", ("_KernelPlan", "_SegmentsPlan")),
     ):
         serving = ServingModel(copy.deepcopy(base), max_slots=4, policy=POLICIES[policy])
         for slot, modules in enumerate(adapters):

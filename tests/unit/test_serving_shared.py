@@ -43,7 +43,10 @@ def adapters(gen: torch.Generator) -> list[dict]:
     return out
 
 
-POLICIES = {"wide": ServingPolicy(wide_max_rank=1000), "rows": ServingPolicy(wide_max_rank=0)}
+POLICIES = {
+    "wide": ServingPolicy(wide_max_rank=1000, cpu_kernel=False),
+    "rows": ServingPolicy(wide_max_rank=0, cpu_kernel=False),
+}
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))

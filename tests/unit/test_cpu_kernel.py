@@ -1,0 +1,109 @@
+"""The fused CPU row kernel against a plain per-row float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flora.serving import ModuleFactors, ServingModel, ServingPolicy, reference_forward
+from flora.serving.cpu_kernel import row_kernel
+
+
+@pytest.fixture(scope="module")
+def kernel():  # type: ignore[no-untyped-def]
+    k = row_kernel()
+    assert k is not None, "numba is a dependency: the kernel must be available here"
+    return k
+
+
+def reference(x, row_slots, at, b, ranks):  # type: ignore[no-untyped-def]
+    """``x[n] @ A[s][:, :r] @ B[s][:r]`` per row, float64; zeros for rows without a slot."""
+    rows = len(row_slots)
+    x3 = x.double().view(rows, -1, x.shape[-1])
+    out = torch.zeros(x3.shape[0], x3.shape[1], b.shape[-1], dtype=torch.float64)
+    for i, s in enumerate(row_slots):
+        if s < 0:
+            continue
+        r = ranks[s]
+        a = torch.from_numpy(at[s, :r]).double().t()  # [in, r]
+        out[i] = x3[i] @ a @ torch.from_numpy(b[s, :r]).double()
+    return out.view(-1, b.shape[-1])
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_mixed_ranks_and_base_rows_match_reference(kernel, tokens: int) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(0)
+    n_in, n_out, slots, cap = 37, 53, 5, 16
+    at = torch.randn(slots, cap, n_in, generator=gen).numpy()
+    b = torch.randn(slots, cap, n_out, generator=gen).numpy()
+    ranks = np.array([16, 3, 0, 8, 1], dtype=np.int32)  # slot 2 empty
+    # padding beyond a slot's rank must not be read: poison it
+    for s, r in enumerate(ranks):
+        at[s, r:] = np.nan
+        b[s, r:] = np.nan
+    row_slots = np.array([0, -1, 1, 3, 4, 0, -1, 3, 1], dtype=np.int32)
+    x = torch.randn(len(row_slots) * tokens, n_in, generator=gen)
+    y0 = torch.randn(len(row_slots) * tokens, n_out, generator=gen)
+    y = y0.clone()
+    kernel(x, y, row_slots, at, b, ranks)
+    want = y0.double() + reference(x, row_slots, at, b, ranks)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    base_rows = torch.from_numpy(np.repeat(row_slots < 0, tokens))
+    assert torch.equal(y[base_rows], y0[base_rows])  # untouched, bit for bit
+    assert not torch.allclose(y[~base_rows], y0[~base_rows])
+
+
+def test_a_non_finite_row_stays_in_its_row(kernel) -> None:  # type: ignore[no-untyped-def]
+    at = np.ones((2, 4, 6), dtype=np.float32)
+    b = np.ones((2, 4, 5), dtype=np.float32)
+    x = torch.ones(3, 6)
+    x[1, 2] = float("inf")
+    y = torch.zeros(3, 5)
+    kernel(x, y, np.array([0, 1, 0], dtype=np.int32), at, b, np.array([4, 4], np.int32))
+    assert torch.equal(y[0], torch.full((5,), 24.0)) and torch.equal(y[2], y[0])
+    assert not torch.isfinite(y[1]).any()
+
+
+class Proj(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(24, 40)
+
+
+def linear_adapter(rank: int, seed: int) -> dict[str, ModuleFactors]:
+    gen = torch.Generator().manual_seed(seed)
+    core = torch.randn(rank, rank, generator=gen)
+    factors = (torch.randn(40, rank, generator=gen) * 0.2, torch.randn(24, rank, generator=gen))
+    return {"q": ModuleFactors("linear", core, factors, 1.0)}
+
+
+def test_served_linear_uses_the_kernel_and_falls_back_under_autograd() -> None:
+    torch.manual_seed(0)
+    base = Proj()
+    ref = Proj()
+    ref.load_state_dict(base.state_dict())
+    serving = ServingModel(base, max_slots=3, policy=ServingPolicy())
+    adapters = [linear_adapter(4, seed=0), linear_adapter(8, seed=1)]
+    for slot, mods in enumerate(adapters):
+        serving.load_modules(slot, mods)
+    routing = [1, None, 0, 1]
+    serving.set_routing(routing)
+    plan = serving.routing.plans[0]
+    assert type(plan).__name__ == "_KernelPlan"
+    slots = {k: a["q"] for k, a in enumerate(adapters)}
+    for t in (1, 4, 16):  # kernel (decode, short), BLAS (prefill-sized)
+        x = torch.randn(4, t, 24)
+        want = reference_forward(ref.q, x, routing, slots)
+        with torch.no_grad():
+            torch.testing.assert_close(serving.model.q(x), want, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # a non-contiguous input
+            xt = torch.randn(4, 24, t).transpose(1, 2)
+            want_t = reference_forward(ref.q, xt, routing, slots)
+            torch.testing.assert_close(serving.model.q(xt), want_t, rtol=1e-5, atol=1e-5)
+    assert plan.torch_path is None  # the torch path was never needed
+    x = torch.randn(4, 2, 24, requires_grad=True)
+    got = serving.model.q(x)  # autograd recording: the torch path, gradients flow
+    got.sum().backward()
+    assert plan.torch_path is not None and x.grad is not None
+    torch.testing.assert_close(got, reference_forward(ref.q, x, routing, slots))
