@@ -38,14 +38,14 @@ from flora.serving import ServingModel
 class DecodeConfig:
     batch: int = 32
     prompt_len: int = 16
-    rounds: int = 6  # quick: about 30 s of decode on a quiet 2-core VM
+    rounds: int = 10  # quick: about 50 s of decode on a quiet 2-core VM
     steps: int = 3  # decode steps per sample
     peft_steps: int = 1
     request_tokens: int = 16  # tokens per request in the hot-swap comparison
     swap_rounds: int = 4
     prefill_batch: int = 8
     prefill_len: int = 512
-    prefill_rounds: int = 3
+    prefill_rounds: int = 4
     peft: bool = True
 
 

@@ -9,40 +9,55 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-_SIGNATURE = nb.void(
-    nb.float32[:, ::1],  # x: [N, n_in]
-    nb.float32[:, ::1],  # y: [N, n_out], updated in place
-    nb.int32[::1],  # row_slots: [B], slot of each batch row, -1 = none
-    nb.int64,  # tokens: N // B consecutive rows of x per batch row
-    nb.float32[:, :, ::1],  # at: [S, R, n_in], A transposed per slot
-    nb.float32[:, :, ::1],  # b: [S, R, n_out]
-    nb.int32[::1],  # ranks: [S], rank of each slot (<= R; 0 = empty)
-)
+_F2 = nb.float32[:, ::1]
+_F3 = nb.float32[:, :, ::1]
+_I1 = nb.int32[::1]
+# One compiled version per member count: 1 (o, down), 2 (gate/up), 3 (q/k/v).
+_SIGNATURES = [
+    nb.void(
+        _F2,  # x: [N, n_in]
+        _I1,  # row_slots: [B], slot of each batch row, -1 = none
+        nb.int64,  # tokens: N // B consecutive rows of x per batch row
+        nb.types.UniTuple(_F3, m),  # at per member: [S, R, n_in], A transposed per slot
+        nb.types.UniTuple(_F3, m),  # b per member: [S, R, n_out]
+        nb.types.UniTuple(_I1, m),  # ranks per member: [S] (<= R; 0 = slot not loaded)
+        nb.types.UniTuple(_F2, m),  # d per member: [N, n_out], written
+    )
+    for m in (1, 2, 3)
+]
 
 
-@nb.njit(_SIGNATURE, parallel=True, fastmath=True, nogil=True, cache=True, boundscheck=False)
-def add_row_lowrank(x, y, row_slots, tokens, at, b, ranks):  # pragma: no cover (compiled)
-    """``y[n] += (x[n] @ A[s]) @ B[s]`` with ``s = row_slots[n // tokens]``, rows in parallel.
+@nb.njit(_SIGNATURES, parallel=True, fastmath=True, nogil=True, cache=True, boundscheck=False)
+def row_deltas(x, row_slots, tokens, ats, bs, ranks, ds):  # pragma: no cover (compiled)
+    """``d_j[n] = (x[n] @ A_j[s]) @ B_j[s]`` with ``s = row_slots[n // tokens]`` for every
+    member ``j`` (projections that read the same ``x``), rows in parallel; rows without a
+    slot get zeros.
 
     The shrink is ``r`` dot products of length ``n_in`` (A is stored transposed, so each is
     one contiguous vectorised reduction); the expand is ``r`` vectorised AXPYs into the
-    row of ``y``. Only the slot's own rank is computed, so mixed ranks cost what they say.
+    row of ``d``. Only the slot's own rank is computed, so mixed ranks cost what they say.
     """
     n_rows, n_in = x.shape
-    n_out = y.shape[1]
-    cap = at.shape[1]
+    cap = 1
+    for j in range(len(ats)):
+        cap = max(cap, ats[j].shape[1])
     for n in nb.prange(n_rows):
         s = row_slots[n // tokens]
-        if s < 0:
-            continue
-        rank = ranks[s]
         h = np.empty(cap, dtype=np.float32)
-        for r in range(rank):
-            acc = np.float32(0.0)
-            for i in range(n_in):
-                acc += x[n, i] * at[s, r, i]
-            h[r] = acc
-        for r in range(rank):
-            hr = h[r]
+        for j in range(len(ats)):
+            at, b, d = ats[j], bs[j], ds[j]
+            n_out = d.shape[1]
             for o in range(n_out):
-                y[n, o] += hr * b[s, r, o]
+                d[n, o] = 0.0
+            if s < 0:
+                continue
+            rank = ranks[j][s]
+            for r in range(rank):
+                acc = np.float32(0.0)
+                for i in range(n_in):
+                    acc += x[n, i] * at[s, r, i]
+                h[r] = acc
+            for r in range(rank):
+                hr = h[r]
+                for o in range(n_out):
+                    d[n, o] += hr * b[s, r, o]

@@ -27,13 +27,16 @@ __all__ = ["RowKernel", "row_kernel"]
 
 
 class RowKernel:
-    """``kernel(x, y, row_slots, at, b, ranks)``: ``y[n] += (x[n] @ A[s]) @ B[s]`` in place.
+    """``kernel(x, row_slots, ats, bs, ranks, ds)``: for each member ``j`` (up to 3
+    projections reading the same input), ``d_j[n] = (x[n] @ A_j[s]) @ B_j[s]``.
 
-    ``x: [N, n_in]`` and ``y: [N, n_out]`` are contiguous float32 CPU tensors whose ``N``
-    rows are ``B`` batch rows of ``N / B`` tokens each (decode: one token, prefill: the
-    padded prompt); ``row_slots: [B]`` int32 (-1: leave the row alone); ``at: [S, R,
-    n_in]`` and ``b: [S, R, n_out]`` float32 and ``ranks: [S]`` int32 are numpy views of a
-    ``DeviceSlotBank`` (rank-major storage), read in place.
+    ``x: [N, n_in]`` is a contiguous float32 CPU tensor whose ``N`` rows are ``B`` batch
+    rows of ``N / B`` tokens each (decode: one token); ``row_slots: [B]`` int32 (-1: no
+    adapter, ``d`` row zero); per member, ``at: [S, R, n_in]``, ``b: [S, R, n_out]``
+    (float32) and ``ranks: [S]`` (int32) are numpy views of a rank-major
+    ``DeviceSlotBank``, read in place, and ``d: [N, n_out]`` is a contiguous float32
+    tensor the kernel overwrites. The caller then adds the base in one GEMM
+    (``d.addmm_(x, W^T)``), so ``y`` is written once.
 
     Calls are serialised by a lock: two engines in one process (each running forwards on
     its own worker thread) would otherwise each start a team of threads on the same cores.
@@ -48,19 +51,20 @@ class RowKernel:
     def __call__(
         self,
         x: torch.Tensor,
-        y: torch.Tensor,
         row_slots: np.ndarray,
-        at: np.ndarray,
-        b: np.ndarray,
-        ranks: np.ndarray,
+        ats: tuple[np.ndarray, ...],
+        bs: tuple[np.ndarray, ...],
+        ranks: tuple[np.ndarray, ...],
+        ds: tuple[torch.Tensor, ...],
     ) -> None:
         threads = torch.get_num_threads()  # follow torch's intra-op setting
         if getattr(self._local, "threads", None) != threads:
             self._set_threads(threads)
             self._local.threads = threads
         tokens = x.shape[0] // row_slots.shape[0]
+        outs = tuple(d.numpy() for d in ds)
         with self._lock:
-            self._fn(x.numpy(), y.numpy(), row_slots, tokens, at, b, ranks)
+            self._fn(x.numpy(), row_slots, tokens, ats, bs, ranks, outs)
 
 
 @functools.cache
@@ -69,19 +73,25 @@ def row_kernel() -> RowKernel | None:
     compile here, or only numba's "workqueue" thread pool available (no OpenMP or TBB
     runtime: measured 10x slower per call than with OpenMP, see docs/performance.md).
 
-    Compiled on first use (about a second) and cached on disk by numba.
+    Compiled on first use (about 5 s) and cached on disk by numba (about 1.5 s to load).
     """
     try:
         import numba
 
-        from flora.serving._row_kernel_numba import add_row_lowrank
+        from flora.serving._row_kernel_numba import row_deltas
     except Exception:  # ImportError, or numba failing to compile for this CPU
         return None
     limit = numba.config.NUMBA_NUM_THREADS
-    kernel = RowKernel(add_row_lowrank, lambda n: numba.set_num_threads(max(1, min(n, limit))))
-    one = torch.ones(1, 1)
+    kernel = RowKernel(row_deltas, lambda n: numba.set_num_threads(max(1, min(n, limit))))
     unit = np.ones((1, 1, 1), dtype=np.float32)
-    kernel(one, one.clone(), np.zeros(1, np.int32), unit, unit, np.ones(1, np.int32))
+    kernel(
+        torch.ones(1, 1),
+        np.zeros(1, np.int32),
+        (unit,),
+        (unit,),
+        (np.ones(1, np.int32),),
+        (torch.empty(1, 1),),
+    )
     if numba.threading_layer() == "workqueue":
         return None
     return kernel

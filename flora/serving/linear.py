@@ -65,12 +65,49 @@ class _RowsPlan:
         return y
 
 
+class _RowDeltas:
+    """The fused CPU kernel's per-row updates for up to 3 sibling projections that read the
+    same input (q/k/v, gate/up; one member otherwise): ``d_j = per-row (x @ A_j) @ B_j``.
+
+    Computed by one kernel call when the first member runs on an input and handed to each
+    member once, with the same reuse rule as ``_SharedShrink`` (same tensor object, each
+    member once); so a llama layer makes 4 kernel calls per step, not 7.
+    """
+
+    __slots__ = ("ats", "bs", "ds", "kernel", "n_outs", "pending", "ranks", "slots", "x")
+
+    def __init__(self, kernel: RowKernel, slots: np.ndarray, members: list[_KernelPlan]) -> None:
+        self.kernel, self.slots = kernel, slots  # slots: [B] int32, -1 = none
+        self.ats = tuple(m.at for m in members)  # [S + 1, R, in] each
+        self.bs = tuple(m.b for m in members)  # [S + 1, R, out_j] each
+        self.ranks = tuple(m.ranks for m in members)  # [S + 1] int32 each
+        self.n_outs = tuple(m.b.shape[2] for m in members)
+        self.x: torch.Tensor | None = None
+        self.ds: tuple[torch.Tensor, ...] | None = None
+        self.pending: set[int] = set()
+
+    def get(self, x: torch.Tensor, x2: torch.Tensor, member: int) -> torch.Tensor:
+        """Member ``member``'s ``d: [N, out]`` for input ``x`` (``x2``: its contiguous
+        ``[N, in]`` view)."""
+        if self.x is not x or member not in self.pending:
+            ds = tuple(x2.new_empty(x2.shape[0], n) for n in self.n_outs)
+            self.kernel(x2, self.slots, self.ats, self.bs, self.ranks, ds)
+            self.x, self.ds, self.pending = x, ds, set(range(len(ds)))
+        self.pending.discard(member)
+        d = self.ds[member]  # type: ignore[index]
+        if not self.pending:  # every member served: drop the references
+            self.x = self.ds = None
+        return d
+
+
 class _KernelPlan:
     """Per-row factors read where they are: no per-routing copies, no extra columns.
 
-    Decode-sized inputs (fewer than ``blas_min_tokens`` tokens per row) make one fused
-    call per projection (``flora.serving.cpu_kernel``): ``y = base(x)``, then every row
-    adds ``(x_row @ A_s) @ B_s`` with its own slot's factors, read in place from the bank.
+    Decode-sized inputs (fewer than ``blas_min_tokens`` tokens per row): the fused CPU
+    kernel (``flora.serving.cpu_kernel``, through this plan's ``_RowDeltas``, maybe shared
+    with siblings) writes every row's ``d = (x_row @ A_s) @ B_s`` with its own slot's
+    factors read in place from the bank, then one GEMM adds the base into it:
+    ``y = d + x W^T (+ bias)`` (``addmm_``, so ``y`` is written once).
     Prefill-sized inputs go to BLAS instead, where each row's tokens form a real matrix:
     ``h^T = bmm(A_rows^T, x^T)`` (``[B, R, T]``: the long token axis as the GEMM's wide
     side, not an 8-column skinny output) and ``y += bmm(h, B_rows)``, with the factors
@@ -87,19 +124,28 @@ class _KernelPlan:
         "b",
         "bank",
         "base",
+        "bias",
+        "deltas",
         "index",
-        "kernel",
+        "member",
         "ranks",
         "rows_ab",
         "slots",
         "torch_path",
         "torch_plan",
+        "weight_t",
     )
 
-    def __init__(self, base, kernel, bank, slots, ranks, torch_plan) -> None:  # type: ignore[no-untyped-def]
-        self.base, self.kernel, self.bank = base, kernel, bank
+    def __init__(self, served: ServedLinear, kernel, slots, torch_plan) -> None:  # type: ignore[no-untyped-def]
+        bank = served.bank
+        self.base, self.bank = served._base, bank
+        w = served.weight
+        self.weight_t = w if served.kind == "hf_conv1d" else w.t()  # [in, out]
+        self.bias: torch.Tensor | None = served.base_layer.bias
         self.at, self.b = bank.at.numpy(), bank.b.numpy()  # [S + 1, R, in], [S + 1, R, out]
-        self.slots, self.ranks = slots, ranks  # [B] int32, [S + 1] int32
+        self.slots = slots  # [B] int32, -1 = none
+        self.ranks = np.asarray([*served.slot_rank, 0], dtype=np.int32)  # [S + 1]
+        self.deltas, self.member = _RowDeltas(kernel, slots, [self]), 0
         self.index = torch.tensor([bank.null_slot if s < 0 else int(s) for s in slots])
         self.rows_ab: tuple[torch.Tensor, torch.Tensor] | None = None
         self.torch_plan: Callable[[], Plan] = torch_plan
@@ -110,28 +156,28 @@ class _KernelPlan:
             if self.torch_path is None:
                 self.torch_path = self.torch_plan()
             return self.torch_path(x)
-        y = self.base(x)  # [B, T, out] (or [B, out])
         rows = self.slots.shape[0]
         if x.numel() >= self.blas_min_tokens * rows * x.shape[-1]:
-            if self.rows_ab is None:
-                cap = int(self.ranks.max())
-                self.rows_ab = (
-                    self.bank.at[:, :cap].index_select(0, self.index),  # [B, r, in]
-                    self.bank.b[:, :cap].index_select(0, self.index),  # [B, r, out]
-                )
-            at, b = self.rows_ab
-            x3 = x.reshape(rows, -1, x.shape[-1])
-            h_t = torch.bmm(at, x3.transpose(1, 2))  # [B, r, T]
-            y.view(rows, -1, y.shape[-1]).baddbmm_(h_t.transpose(1, 2), b)
-            return y
-        self.kernel(
-            x.reshape(-1, x.shape[-1]).contiguous(),
-            y.view(-1, y.shape[-1]),
-            self.slots,
-            self.at,
-            self.b,
-            self.ranks,
-        )
+            return self._prefill(x, rows)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [N, in]
+        d = self.deltas.get(x, x2, self.member)  # [N, out]
+        if self.bias is not None:
+            d.add_(self.bias)
+        d.addmm_(x2, self.weight_t)
+        return d.view(*x.shape[:-1], d.shape[-1])
+
+    def _prefill(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        y = self.base(x)  # [B, T, out]
+        if self.rows_ab is None:
+            cap = int(self.ranks.max())
+            self.rows_ab = (
+                self.bank.at[:, :cap].index_select(0, self.index),  # [B, r, in]
+                self.bank.b[:, :cap].index_select(0, self.index),  # [B, r, out]
+            )
+        at, b = self.rows_ab
+        x3 = x.reshape(rows, -1, x.shape[-1])
+        h_t = torch.bmm(at, x3.transpose(1, 2))  # [B, r, T]
+        y.view(rows, -1, y.shape[-1]).baddbmm_(h_t.transpose(1, 2), b)
         return y
 
 
@@ -193,11 +239,22 @@ class _SharedPlan:
 
 
 def share_shrinks(plans: Sequence[Plan | None]) -> list[Plan | None]:
-    """Turn the plans of one group of sibling modules (same input width, all ``_WidePlan``
-    or all ``_RowsPlan``) into ``_SharedPlan`` members of one ``_SharedShrink``; other
-    groups come back unchanged. Costs one concatenation per routing."""
+    """Turn the plans of one group of sibling modules (same input width) into members of
+    one shared computation: all ``_WidePlan`` or all ``_RowsPlan`` become ``_SharedPlan``
+    members of one ``_SharedShrink`` (one concatenation per routing); up to 3
+    ``_KernelPlan`` get one ``_RowDeltas`` (one kernel call per input for all of them).
+    Other groups come back unchanged."""
     live = [p for p in plans if p is not None]
     if len(live) < 2:
+        return list(plans)
+    if all(isinstance(p, _KernelPlan) for p in live):
+        if len(live) <= 3 and len({p.at.shape[2] for p in live}) == 1:  # the kernel's limit
+            # A row's slot, if any member is adapted by it (a member whose adapter does not
+            # target it has rank 0 for that slot, so its d row stays zero).
+            slots = np.maximum.reduce([p.slots for p in live])
+            deltas = _RowDeltas(live[0].deltas.kernel, slots, live)
+            for member, p in enumerate(live):
+                p.deltas, p.member = deltas, member
         return list(plans)
     kinds = {type(p) for p in live}
     if len(kinds) != 1 or kinds.pop() not in (_WidePlan, _RowsPlan):
@@ -294,12 +351,7 @@ class ServedLinear(ServedTwoMode):
         if self.kernel is None:
             return self._torch_plan(rows)
         return _KernelPlan(
-            self._base,
-            self.kernel,
-            self.bank,
-            np.asarray(rows, dtype=np.int32),
-            np.asarray([*self.slot_rank, 0], dtype=np.int32),
-            lambda: self._torch_plan(rows),
+            self, self.kernel, np.asarray(rows, dtype=np.int32), lambda: self._torch_plan(rows)
         )
 
     def _torch_plan(self, rows: list[int]) -> Plan:

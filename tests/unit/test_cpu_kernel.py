@@ -31,27 +31,37 @@ def reference(x, row_slots, at, b, ranks):  # type: ignore[no-untyped-def]
     return out.view(-1, b.shape[-1])
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_mixed_ranks_and_base_rows_match_reference(kernel, tokens: int) -> None:  # type: ignore[no-untyped-def]
-    gen = torch.Generator().manual_seed(0)
-    n_in, n_out, slots, cap = 37, 53, 5, 16
-    at = torch.randn(slots, cap, n_in, generator=gen).numpy()
-    b = torch.randn(slots, cap, n_out, generator=gen).numpy()
-    ranks = np.array([16, 3, 0, 8, 1], dtype=np.int32)  # slot 2 empty
-    # padding beyond a slot's rank must not be read: poison it
+def member(gen, n_in: int, n_out: int, cap: int, ranks: list[int]):  # type: ignore[no-untyped-def]
+    """One projection's bank: ``at: [S, cap, in]``, ``b: [S, cap, out]``, per-slot ranks;
+    the padding beyond each slot's rank is NaN, so reading it would show."""
+    at = torch.randn(len(ranks), cap, n_in, generator=gen).numpy()
+    b = torch.randn(len(ranks), cap, n_out, generator=gen).numpy()
     for s, r in enumerate(ranks):
         at[s, r:] = np.nan
         b[s, r:] = np.nan
-    row_slots = np.array([0, -1, 1, 3, 4, 0, -1, 3, 1], dtype=np.int32)
+    return at, b, np.asarray(ranks, dtype=np.int32)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("members", [1, 2, 3])
+def test_mixed_ranks_and_base_rows_match_reference(kernel, tokens: int, members: int) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(members)
+    n_in = 37
+    # members differ in width, bank capacity and which slots target them (rank 0)
+    specs = [(53, 16, [16, 3, 0, 8, 1]), (11, 8, [2, 0, 0, 8, 5]), (29, 4, [4, 4, 0, 0, 1])]
+    banks = [member(gen, n_in, *spec) for spec in specs[:members]]
+    row_slots = np.array([0, -1, 1, 3, 4, 0, -1, 3, 1], dtype=np.int32)  # slot 2 is empty
     x = torch.randn(len(row_slots) * tokens, n_in, generator=gen)
-    y0 = torch.randn(len(row_slots) * tokens, n_out, generator=gen)
-    y = y0.clone()
-    kernel(x, y, row_slots, at, b, ranks)
-    want = y0.double() + reference(x, row_slots, at, b, ranks)
-    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    ds = tuple(torch.full((x.shape[0], b.shape[2]), 7.0) for _, b, _ in banks)  # overwritten
+    ats, bs, ranks = (tuple(m[i] for m in banks) for i in range(3))
+    kernel(x, row_slots, ats, bs, ranks, ds)
     base_rows = torch.from_numpy(np.repeat(row_slots < 0, tokens))
-    assert torch.equal(y[base_rows], y0[base_rows])  # untouched, bit for bit
-    assert not torch.allclose(y[~base_rows], y0[~base_rows])
+    for d, (at, b, r) in zip(ds, banks, strict=True):
+        torch.testing.assert_close(
+            d.double(), reference(x, row_slots, at, b, r), rtol=1e-5, atol=1e-4
+        )
+        assert torch.equal(d[base_rows], torch.zeros_like(d[base_rows]))
+    assert ds[0][~base_rows].abs().min() > 0
 
 
 def test_a_non_finite_row_stays_in_its_row(kernel) -> None:  # type: ignore[no-untyped-def]
@@ -59,10 +69,10 @@ def test_a_non_finite_row_stays_in_its_row(kernel) -> None:  # type: ignore[no-u
     b = np.ones((2, 4, 5), dtype=np.float32)
     x = torch.ones(3, 6)
     x[1, 2] = float("inf")
-    y = torch.zeros(3, 5)
-    kernel(x, y, np.array([0, 1, 0], dtype=np.int32), at, b, np.array([4, 4], np.int32))
-    assert torch.equal(y[0], torch.full((5,), 24.0)) and torch.equal(y[2], y[0])
-    assert not torch.isfinite(y[1]).any()
+    d = torch.empty(3, 5)
+    kernel(x, np.array([0, 1, 0], np.int32), (at,), (b,), (np.array([4, 4], np.int32),), (d,))
+    assert torch.equal(d[0], torch.full((5,), 24.0)) and torch.equal(d[2], d[0])
+    assert not torch.isfinite(d[1]).any()
 
 
 class Proj(torch.nn.Module):

@@ -46,6 +46,7 @@ def adapters(gen: torch.Generator) -> list[dict]:
 POLICIES = {
     "wide": ServingPolicy(wide_max_rank=1000, cpu_kernel=False),
     "rows": ServingPolicy(wide_max_rank=0, cpu_kernel=False),
+    "kernel": ServingPolicy(),  # the fused CPU kernel: siblings share one kernel call
 }
 
 
@@ -62,8 +63,18 @@ def test_shared_shrink_matches_reference(policy: str, routing: list, t: int) -> 
     for slot, mods in enumerate(ads):
         serving.load_modules(slot, mods)
     serving.set_routing(routing)
-    kinds = {type(p).__name__ for p in serving.routing.plans if p is not None}
-    assert "_SharedPlan" in kinds  # the siblings really share
+    plans = dict(zip(serving.wrapped_modules(), serving.routing.plans, strict=True))
+    if policy == "kernel":  # q/k/v share one set of row deltas, gate/up another
+        groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",)]
+        shared = []
+        for group in groups:
+            live = [plans[f"layers.0.{n}"] for n in group if plans[f"layers.0.{n}"] is not None]
+            assert len({id(p.deltas) for p in live}) == 1
+            shared.append(live[0].deltas)
+        assert len({id(d) for d in shared}) == 3
+    else:
+        kinds = {type(p).__name__ for p in plans.values() if p is not None}
+        assert "_SharedPlan" in kinds  # the siblings really share
     x = torch.randn(len(routing), t, 16, generator=gen)
     with torch.no_grad():
         for layer in range(2):
@@ -76,13 +87,14 @@ def test_shared_shrink_matches_reference(policy: str, routing: list, t: int) -> 
                 torch.testing.assert_close(got[n], want, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_no_stale_shrink_for_a_reused_input_buffer() -> None:
+@pytest.mark.parametrize("policy", ["wide", "kernel"])
+def test_no_stale_shrink_for_a_reused_input_buffer(policy: str) -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     net = Net()
     ref = copy.deepcopy(net)
     ads = adapters(gen)
-    serving = ServingModel(net, max_slots=3, policy=POLICIES["wide"])
+    serving = ServingModel(net, max_slots=3, policy=POLICIES[policy])
     for slot, mods in enumerate(ads):
         serving.load_modules(slot, mods)
     routing = [0, 1, 2]
