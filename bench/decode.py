@@ -31,7 +31,7 @@ from bench.workload import (
     prompts,
     random_modules,
 )
-from flora.serving import ServingModel
+from flora.serving import ServingModel, ServingPolicy
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,10 @@ class DecodeConfig:
     peft: bool = True
 
 
-def build_serving(model: nn.Module, n_adapters: int, rank: int = 8) -> ServingModel:
-    serving = ServingModel(model, max_slots=n_adapters, max_rank=64)
+def build_serving(
+    model: nn.Module, n_adapters: int, policy: ServingPolicy | None = None, rank: int = 8
+) -> ServingModel:
+    serving = ServingModel(model, max_slots=n_adapters, max_rank=64, policy=policy)
     for slot in range(n_adapters):
         serving.load_modules(slot, random_modules(model, seed=slot, rank=rank))
     return serving
@@ -75,9 +77,12 @@ def decode_suite(
     cfg: DecodeConfig,
     peft_model: nn.Module | None,
     log: Any = print,
+    narrow: tuple[nn.Module, ServingModel] | None = None,
 ) -> dict[str, Any]:
     """Decode ratios (K = 1 merged, 4, 32 vs base), vs PEFT, vs naive hot swap, prefill.
-    ``serving`` wraps ``model`` with 32 loaded slots; ``peft_model`` from ``build_peft``."""
+    ``serving`` wraps ``model`` with 32 loaded slots; ``peft_model`` from ``build_peft``;
+    ``narrow``: a copy of the base with the same 32 adapters in bfloat16 factor banks
+    (``ServingPolicy.factor_dtype``), measured as ``k4_bf16`` / ``k32_bf16``."""
     b = cfg.batch
     text = prompts(b, cfg.prompt_len, seed=0)
 
@@ -96,6 +101,13 @@ def decode_suite(
         "k4": decode_sample(model, text, cfg.steps, routed([i % 4 for i in range(b)])),
         "k32": decode_sample(model, text, cfg.steps, routed([i % 32 for i in range(b)])),
     }
+    if narrow is not None:
+        narrow_model, narrow_serving = narrow
+        for k in (4, 32):
+            rows = [i % k for i in range(b)]
+            samples[f"k{k}_bf16"] = decode_sample(
+                narrow_model, text, cfg.steps, lambda rows=rows: narrow_serving.set_routing(rows)
+            )
     if peft_model is not None:
         for k in (4, 32):
             names = [f"a{i % k}" for i in range(b)]
@@ -110,6 +122,9 @@ def decode_suite(
         "decode_ratio_k4": ratio(times, "base", "k4"),
         "decode_ratio_k32": ratio(times, "base", "k32"),
     }
+    for k in (4, 32):
+        if f"k{k}_bf16" in times:
+            out[f"decode_ratio_k{k}_bf16"] = ratio(times, "base", f"k{k}_bf16")
     if peft_model is not None:
         out["vs_peft_k32"] = ratio(times, "peft_k32", "k32")
         out["vs_peft_k4"] = ratio(times, "peft_k4", "k4")

@@ -8,21 +8,43 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _widen(typingctx, v):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    """A factor element as float32: float32 as is; int16 holds bfloat16 bits (the high
+    half of a float32), widened exactly by a shift (vectorised by LLVM)."""
+    if v == types.float32:
+        return types.float32(v), lambda context, builder, sig, args: args[0]
+    if v == types.int16:
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            wide = builder.zext(args[0], ir.IntType(32))
+            bits = builder.shl(wide, ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(bits, ir.FloatType())
+
+        return types.float32(v), codegen
+    return None
+
 
 _F2 = nb.float32[:, ::1]
-_F3 = nb.float32[:, :, ::1]
 _I1 = nb.int32[::1]
-# One compiled version per member count: 1 (o, down), 2 (gate/up), 3 (q/k/v).
+# One compiled version per member count (1: o, down; 2: gate/up; 3: q/k/v) and factor
+# storage (float32, or bfloat16 bits as int16).
 _SIGNATURES = [
     nb.void(
         _F2,  # x: [N, n_in]
         _I1,  # row_slots: [B], slot of each batch row, -1 = none
         nb.int64,  # tokens: N // B consecutive rows of x per batch row
-        nb.types.UniTuple(_F3, m),  # at per member: [S, R, n_in], A transposed per slot
-        nb.types.UniTuple(_F3, m),  # b per member: [S, R, n_out]
+        nb.types.UniTuple(factor[:, :, ::1], m),  # at per member: [S, R, n_in] (A^T)
+        nb.types.UniTuple(factor[:, :, ::1], m),  # b per member: [S, R, n_out]
         nb.types.UniTuple(_I1, m),  # ranks per member: [S] (<= R; 0 = slot not loaded)
         nb.types.UniTuple(_F2, m),  # d per member: [N, n_out], written
     )
+    for factor in (nb.float32, nb.int16)
     for m in (1, 2, 3)
 ]
 
@@ -31,7 +53,7 @@ _SIGNATURES = [
 def row_deltas(x, row_slots, tokens, ats, bs, ranks, ds):  # pragma: no cover (compiled)
     """``d_j[n] = (x[n] @ A_j[s]) @ B_j[s]`` with ``s = row_slots[n // tokens]`` for every
     member ``j`` (projections that read the same ``x``), rows in parallel; rows without a
-    slot get zeros.
+    slot get zeros. Accumulates in float32 whatever the factor storage.
 
     The shrink is ``r`` dot products of length ``n_in`` (A is stored transposed, so each is
     one contiguous vectorised reduction); the expand is ``r`` vectorised AXPYs into the
@@ -55,9 +77,9 @@ def row_deltas(x, row_slots, tokens, ats, bs, ranks, ds):  # pragma: no cover (c
             for r in range(rank):
                 acc = np.float32(0.0)
                 for i in range(n_in):
-                    acc += x[n, i] * at[s, r, i]
+                    acc += x[n, i] * _widen(at[s, r, i])
                 h[r] = acc
             for r in range(rank):
                 hr = h[r]
                 for o in range(n_out):
-                    d[n, o] += hr * b[s, r, o]
+                    d[n, o] += hr * _widen(b[s, r, o])

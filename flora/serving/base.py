@@ -39,13 +39,19 @@ class ServingPolicy:
     cuts the per-step op count for llama-style blocks (see its note).
 
     ``cpu_kernel``: float32 Linear/Conv1D on the CPU run every per-row routing through
-    the fused row kernel of ``flora.serving.cpu_kernel`` (one call per projection, each
-    row's own rank of work) when numba is importable; the torch kernels above are then the
-    fallback (autograd, other dtypes) and the reference.
+    the fused row kernel of ``flora.serving.cpu_kernel`` (one kernel call per group of
+    sibling projections, each row's own rank of work) when numba is importable; the torch
+    kernels above are then the fallback (autograd, other dtypes) and the reference.
+    ``factor_dtype``: storage of those modules' factor banks when the kernel serves them
+    (``None``: the model's dtype). ``torch.bfloat16`` halves the bytes each distinct
+    adapter costs per decode step (the kernel widens to float32 as it reads and
+    accumulates in float32); every path, merging included, then reads the same rounded
+    factors, so merged and per-row results still agree.
     """
 
     wide_max_rank: int = 32
     cpu_kernel: bool = True
+    factor_dtype: torch.dtype | None = None
     conv_segments_max: int = 8
     conv_rows_max_numel: int = 1 << 24
     shared_inputs: tuple[tuple[str, ...], ...] = (
@@ -57,6 +63,13 @@ class ServingPolicy:
     (``x @ [A_q | A_k | A_v]``), which each then slices. The sharing is used only when a
     member is called with the very tensor object the shrink was computed from, once per
     member, so a model that does not call them that way just computes its own shrink."""
+
+    def __post_init__(self) -> None:
+        if self.factor_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"factor_dtype must be None, torch.float32 or torch.bfloat16, not "
+                f"{self.factor_dtype}"
+            )
 
 
 class RoutingState:

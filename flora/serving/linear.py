@@ -65,6 +65,11 @@ class _RowsPlan:
         return y
 
 
+def _numpy_bank(t: torch.Tensor) -> np.ndarray:
+    """A bank tensor as the kernel reads it: float32 as is, bfloat16 as its int16 bits."""
+    return (t if t.dtype == torch.float32 else t.view(torch.int16)).numpy()
+
+
 class _RowDeltas:
     """The fused CPU kernel's per-row updates for up to 3 sibling projections that read the
     same input (q/k/v, gate/up; one member otherwise): ``d_j = per-row (x @ A_j) @ B_j``.
@@ -142,7 +147,7 @@ class _KernelPlan:
         w = served.weight
         self.weight_t = w if served.kind == "hf_conv1d" else w.t()  # [in, out]
         self.bias: torch.Tensor | None = served.base_layer.bias
-        self.at, self.b = bank.at.numpy(), bank.b.numpy()  # [S + 1, R, in], [S + 1, R, out]
+        self.at, self.b = _numpy_bank(bank.at), _numpy_bank(bank.b)  # [S+1, R, in], [S+1, R, out]
         self.slots = slots  # [B] int32, -1 = none
         self.ranks = np.asarray([*served.slot_rank, 0], dtype=np.int32)  # [S + 1]
         self.deltas, self.member = _RowDeltas(kernel, slots, [self]), 0
@@ -171,8 +176,8 @@ class _KernelPlan:
         if self.rows_ab is None:
             cap = int(self.ranks.max())
             self.rows_ab = (
-                self.bank.at[:, :cap].index_select(0, self.index),  # [B, r, in]
-                self.bank.b[:, :cap].index_select(0, self.index),  # [B, r, out]
+                self.bank.at[:, :cap].index_select(0, self.index).to(x.dtype),  # [B, r, in]
+                self.bank.b[:, :cap].index_select(0, self.index).to(x.dtype),  # [B, r, out]
             )
         at, b = self.rows_ab
         x3 = x.reshape(rows, -1, x.shape[-1])
@@ -315,8 +320,17 @@ class ServedLinear(ServedTwoMode):
         self.kernel: RowKernel | None = None
         if policy.cpu_kernel and w.device.type == "cpu" and w.dtype == torch.float32:
             self.kernel = row_kernel()
+        factor_dtype = w.dtype
+        if self.kernel is not None and policy.factor_dtype is not None:
+            factor_dtype = policy.factor_dtype
         self.bank = DeviceSlotBank(
-            n_in, n_out, max_slots, max_rank, w.device, w.dtype, rank_major=self.kernel is not None
+            n_in,
+            n_out,
+            max_slots,
+            max_rank,
+            w.device,
+            factor_dtype,
+            rank_major=self.kernel is not None,
         )
         if self.kind == "linear":
             weight, bias = w, base_layer.bias
@@ -338,7 +352,7 @@ class ServedLinear(ServedTwoMode):
             super().merge_into_weight(slot)
             return
         r = self.slot_rank[slot]
-        a, b = self.bank.a[slot, :, :r], self.bank.b[slot, :r]
+        a, b = self.bank.a[slot, :, :r].float(), self.bank.b[slot, :r].float()
         if self.kind == "hf_conv1d":
             w.addmm_(a, b)
         else:
@@ -359,8 +373,9 @@ class ServedLinear(ServedTwoMode):
         distinct = sorted({s for s in rows if s != NO_SLOT})
         ranks = [self.slot_rank[s] for s in distinct]
         homogeneous = all(s == distinct[0] for s in rows)
+        dtype = self.weight.dtype  # the bank may store factors narrower (factor_dtype)
         if homogeneous or sum(ranks) <= self.policy.wide_max_rank:
-            a, b = self.bank.wide(distinct, ranks)
+            a, b = (t.to(dtype) for t in self.bank.wide(distinct, ranks))
             mask = None
             if not homogeneous:
                 offsets = dict(zip(distinct, _cumsum(ranks), strict=True))
@@ -371,7 +386,7 @@ class ServedLinear(ServedTwoMode):
             return _WidePlan(self._base, a, b, mask)
         index = [self.bank.null_slot if s == NO_SLOT else s for s in rows]
         a, b = self.bank.rows(torch.tensor(index, device=self.bank.device), max(ranks))
-        return _RowsPlan(self._base, a, b)
+        return _RowsPlan(self._base, a.to(dtype), b.to(dtype))
 
 
 def _cumsum(values: list[int]) -> list[int]:

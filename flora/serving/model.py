@@ -18,6 +18,7 @@ compositions, so decode steps with an unchanged batch pay nothing for it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -102,6 +103,7 @@ class ServingModel:
         dtype: torch.dtype | None = None,
         policy: ServingPolicy | None = None,
         routing_cache_size: int = 4,
+        factor_dtype: torch.dtype | None = None,
     ) -> None:
         if max_slots < 1:
             raise ValueError("max_slots must be >= 1")
@@ -114,6 +116,8 @@ class ServingModel:
         self.max_slots = max_slots
         self.max_rank = max_rank
         self.policy = policy or ServingPolicy(wide_max_rank=0 if self.device.type == "cuda" else 32)
+        if factor_dtype is not None:  # shorthand for the policy field
+            self.policy = dataclasses.replace(self.policy, factor_dtype=factor_dtype)
         self.routing = RoutingState()
         self._wrapped: dict[str, ServedModule] = {}
         self._slot_modules: list[frozenset[str] | None] = [None] * max_slots

@@ -40,6 +40,7 @@ def llm_engine(
         max_slots=settings.max_slots,
         host_cache_bytes=settings.host_cache_bytes,
         max_new_tokens_cap=settings.max_new_tokens,
+        adapter_dtype=settings.adapter_dtype,
         metrics=metrics,
     )
 
@@ -51,10 +52,12 @@ def batch_engine(
     from flora_server.engine.encoder import EncoderEngine
     from flora_server.engine.vision import VisionEngine
 
-    engine_class = VisionEngine if loaded.kind == "image-classifier" else EncoderEngine
-    return engine_class(
+    vision = loaded.kind == "image-classifier"
+    extra = {} if vision else {"adapter_dtype": settings.adapter_dtype}
+    return (VisionEngine if vision else EncoderEngine)(
         loaded,
         registry,
+        **extra,
         max_slots=settings.max_slots,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from flora.serving import ModuleFactors, ServingModel, ServingPolicy, reference_forward
+from flora.serving import (
+    ModuleFactors,
+    ServingModel,
+    ServingPolicy,
+    fold_two_mode,
+    reference_forward,
+)
 from flora.serving.cpu_kernel import row_kernel
 
 
@@ -117,3 +123,48 @@ def test_served_linear_uses_the_kernel_and_falls_back_under_autograd() -> None:
     got.sum().backward()
     assert plan.torch_path is not None and x.grad is not None
     torch.testing.assert_close(got, reference_forward(ref.q, x, routing, slots))
+
+
+def test_bfloat16_factor_banks_match_rounded_factors_in_every_mode() -> None:
+    """factor_dtype=bfloat16: the kernel reads bfloat16 bits and accumulates in float32;
+    decode, prefill-sized inputs, the torch fallback and merging all use the same rounded
+    factors (merged equals per-row)."""
+    torch.manual_seed(0)
+    base = Proj()
+    ref = Proj()
+    ref.load_state_dict(base.state_dict())
+    serving = ServingModel(base, max_slots=3, policy=ServingPolicy(factor_dtype=torch.bfloat16))
+    adapters = [linear_adapter(4, seed=0), linear_adapter(8, seed=1)]
+    for slot, mods in enumerate(adapters):
+        serving.load_modules(slot, mods)
+    assert serving._wrapped["q"].bank.b.dtype == torch.bfloat16
+    rounded = [tuple(t.bfloat16().float() for t in fold_two_mode(a["q"])) for a in adapters]
+
+    def want(x: torch.Tensor, routing: list) -> torch.Tensor:
+        y = ref.q(x)
+        for i, s in enumerate(routing):
+            if s is not None:
+                a, b = rounded[s]
+                y[i] += x[i] @ a @ b
+        return y
+
+    routing = [1, None, 0, 1]
+    serving.set_routing(routing)
+    for t in (1, 16):  # the kernel, per-row BLAS
+        x = torch.randn(4, t, 24)
+        with torch.no_grad():
+            torch.testing.assert_close(serving.model.q(x), want(x, routing), rtol=1e-5, atol=1e-5)
+    x = torch.randn(4, 2, 24)
+    torch.testing.assert_close(serving.model.q(x), want(x, routing), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        serving.set_routing([1] * 4)
+        per_row = serving.model.q(x)
+        serving.merge(1)
+        serving.set_routing([1] * 4)
+        torch.testing.assert_close(serving.model.q(x), per_row, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(per_row, want(x, [1] * 4), rtol=1e-5, atol=1e-5)
+
+
+def test_factor_dtype_is_checked() -> None:
+    with pytest.raises(ValueError, match="factor_dtype"):
+        ServingPolicy(factor_dtype=torch.float16)

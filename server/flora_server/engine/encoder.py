@@ -24,6 +24,7 @@ from flora.serving.model import ServingModel
 from flora_server.engine.batching import BatchEngine, BatchJob
 from flora_server.engine.heads import HeadedRuntime, apply_heads
 from flora_server.engine.protocol import AdapterSource
+from flora_server.engine.runtime import factor_dtype
 from flora_server.engine.vision import top_predictions
 from flora_server.engine.worker import InvalidRequestError
 
@@ -59,13 +60,21 @@ class EncoderEngine(BatchEngine):
     kind = "text-encoder"
 
     def __init__(
-        self, loaded: Any, source: AdapterSource, *, max_slots: int = 8, **kwargs: Any
+        self,
+        loaded: Any,
+        source: AdapterSource,
+        *,
+        max_slots: int = 8,
+        adapter_dtype: str = "auto",
+        **kwargs: Any,
     ) -> None:
         self.model = loaded.model.eval()
         self.tokenizer = loaded.preprocessor
         self.pooling: Pooling = loaded.pooling or Pooling()
         hidden = int(self.model.config.hidden_size)
-        serving = ServingModel(self.model, max_slots=max_slots)
+        serving = ServingModel(
+            self.model, max_slots=max_slots, factor_dtype=factor_dtype(adapter_dtype)
+        )
         self.device = serving.device
         super().__init__(
             model_name=loaded.name,

@@ -76,8 +76,17 @@ def check_finite_update(adapter: Adapter) -> None:
             )
 
 
-def build_serving_runtime(model: torch.nn.Module, max_slots: int) -> AdapterRuntime:
+def factor_dtype(adapter_dtype: str) -> torch.dtype | None:
+    """The `adapter_dtype` setting as `ServingModel(factor_dtype=...)` (auto: None)."""
+    import torch
+
+    return None if adapter_dtype == "auto" else getattr(torch, adapter_dtype)
+
+
+def build_serving_runtime(
+    model: torch.nn.Module, max_slots: int, adapter_dtype: str = "auto"
+) -> AdapterRuntime:
     """Wrap `model` with `flora.serving` for `max_slots` device slots."""
     from flora.serving.model import ServingModel
 
-    return ServingModel(model, max_slots=max_slots)
+    return ServingModel(model, max_slots=max_slots, factor_dtype=factor_dtype(adapter_dtype))

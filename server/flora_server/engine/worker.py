@@ -73,6 +73,7 @@ class LLMEngine(WorkerThreadMixin):
         max_new_tokens_cap: int = 1024,
         merge_after_steps: int | None = 4,
         loader_threads: int = 2,
+        adapter_dtype: str = "auto",
         runtime: AdapterRuntime | None = None,
         metrics: EngineMetrics | None = None,
     ) -> None:
@@ -85,7 +86,7 @@ class LLMEngine(WorkerThreadMixin):
         self._max_queue = max_queue
         self._max_new_tokens_cap = max_new_tokens_cap
         self._metrics = metrics or NullEngineMetrics()
-        self._runtime = runtime or build_serving_runtime(self._model, max_slots)
+        self._runtime = runtime or build_serving_runtime(self._model, max_slots, adapter_dtype)
         self._inbox: queue.Queue = queue.Queue()
         self.cache = AdapterCache(
             source,

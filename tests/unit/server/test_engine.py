@@ -171,3 +171,30 @@ def base_params(model) -> dict[str, torch.Tensor]:
     for name, param in model.named_parameters():
         out.setdefault(name.replace(".base_layer.", "."), param)
     return {n: p for n, p in out.items() if "bank" not in n and ".slots" not in n}
+
+
+def test_bfloat16_adapter_banks_batched_equals_merged(adapters) -> None:
+    """adapter_dtype="bfloat16" (FLORA_ADAPTER_DTYPE): the per-row banks hold bfloat16
+    factors, and a row of X in a mixed batch gets the same greedy tokens as X alone once
+    the engine has merged it (both read the same rounded factors)."""
+    steps = 8
+    engine = make_engine(adapters, adapter_dtype="bfloat16", merge_after_steps=1)
+
+    async def mixed():
+        reqs = [GenerationRequest(k, PROMPTS[k], greedy(steps), ADAPTER_OF[k]) for k in PROMPTS]
+        return await asyncio.gather(*(collect(engine, r) for r in reqs))
+
+    try:
+        results = dict(zip(PROMPTS, run(mixed()), strict=True))
+        solo = run(collect(engine, GenerationRequest("s", PROMPTS["x1"], greedy(steps), "x")))
+        banks = {w.bank.b.dtype for _, w in engine._runtime.named_wrappers()}
+        merged = engine._runtime.merged_slot
+    finally:
+        run(engine.shutdown(5))
+    assert banks == {torch.bfloat16}
+    assert merged is not None  # the solo request ran merged
+    assert list(solo[-1].token_ids) == list(results["x1"][-1].token_ids)
+    # the adapter still matters after rounding: X's tokens are not the base model's
+    assert list(results["x1"][-1].token_ids) != greedy_alone(
+        make_tiny_llama(), PROMPTS["x1"], steps
+    )
