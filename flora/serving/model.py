@@ -28,6 +28,7 @@ from torch import nn
 
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServedModule, ServingPolicy
 from flora.serving.conv import ServedConv
+from flora.serving.cpu_kernel import row_kernel
 from flora.serving.embedding import ServedEmbedding
 from flora.serving.factors import (
     ModuleFactors,
@@ -118,6 +119,11 @@ class ServingModel:
         self.policy = policy or ServingPolicy(wide_max_rank=0 if self.device.type == "cuda" else 32)
         if factor_dtype is not None:  # shorthand for the policy field
             self.policy = dataclasses.replace(self.policy, factor_dtype=factor_dtype)
+        if self.policy.cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32:
+            # Load (or compile) the fused kernel now, not at the first adapter load: about
+            # 1.5 s from numba's disk cache (5-10 s the first time on a machine) and about
+            # 150 MiB of resident memory (numba and LLVM), a fixed cost of the process.
+            row_kernel()
         self.routing = RoutingState()
         self._wrapped: dict[str, ServedModule] = {}
         self._slot_modules: list[frozenset[str] | None] = [None] * max_slots
