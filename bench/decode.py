@@ -38,8 +38,8 @@ from flora.serving import ServingModel, ServingPolicy
 class DecodeConfig:
     batch: int = 32
     prompt_len: int = 16
-    rounds: int = 10  # quick: about 50 s of decode on a quiet 2-core VM
-    steps: int = 3  # decode steps per sample
+    rounds: int = 10  # quick: about 100 s of decode on a quiet 2-core VM
+    steps: int = 6  # decode steps per sample: long enough to amortise a variant switch
     peft_steps: int = 1
     request_tokens: int = 16  # tokens per request in the hot-swap comparison
     swap_rounds: int = 4

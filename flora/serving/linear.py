@@ -105,6 +105,49 @@ class _RowDeltas:
         return d
 
 
+class _PrefillShrink:
+    """Prefill-sized inputs of the same sibling group: one shrink for all members,
+    ``h^T = bmm([A_1 | A_2 | ...]_rows^T, x^T)`` (``[B, sum r_j, T]``), sliced by each member,
+    with the reuse rule of ``_RowDeltas``. The per-row factors (each member's own slot per
+    row, zero where its adapter does not target the member) are gathered on first use."""
+
+    __slots__ = ("at_rows", "b_rows", "h", "members", "offsets", "pending", "x")
+
+    def __init__(self, members: list[_KernelPlan]) -> None:
+        self.members = members
+        self.at_rows: torch.Tensor | None = None  # [B, sum r_j, in]
+        self.b_rows: list[torch.Tensor] = []  # [B, r_j, out_j] each
+        self.offsets: list[tuple[int, int]] = []
+        self.x: torch.Tensor | None = None
+        self.h: torch.Tensor | None = None
+        self.pending: set[int] = set()
+
+    def _gather(self, dtype: torch.dtype) -> None:
+        ats, lo = [], 0
+        for m in self.members:
+            cap = int(m.ranks.max())
+            ats.append(m.bank.at[:, :cap].index_select(0, m.index).to(dtype))
+            self.b_rows.append(m.bank.b[:, :cap].index_select(0, m.index).to(dtype))
+            self.offsets.append((lo, lo + cap))
+            lo += cap
+        self.at_rows = torch.cat(ats, dim=1)
+
+    def get(self, x: torch.Tensor, rows: int, member: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Member ``member``'s ``(h^T: [B, r, T], B_rows: [B, r, out])`` for input ``x``."""
+        if self.x is not x or member not in self.pending:
+            if self.at_rows is None:
+                self._gather(x.dtype)
+            x3 = x.reshape(rows, -1, x.shape[-1])  # [B, T, in]
+            self.h = torch.bmm(self.at_rows, x3.transpose(1, 2))  # [B, sum r_j, T]
+            self.x, self.pending = x, set(range(len(self.members)))
+        self.pending.discard(member)
+        lo, hi = self.offsets[member]
+        h = self.h[:, lo:hi]  # type: ignore[index]
+        if not self.pending:
+            self.x = self.h = None
+        return h, self.b_rows[member]
+
+
 class _KernelPlan:
     """Per-row factors read where they are: no per-routing copies, no extra columns.
 
@@ -115,8 +158,8 @@ class _KernelPlan:
     ``y = d + x W^T (+ bias)`` (``addmm_``, so ``y`` is written once).
     Prefill-sized inputs go to BLAS instead, where each row's tokens form a real matrix:
     ``h^T = bmm(A_rows^T, x^T)`` (``[B, R, T]``: the long token axis as the GEMM's wide
-    side, not an 8-column skinny output) and ``y += bmm(h, B_rows)``, with the factors
-    gathered per row on first use.
+    side, not an 8-column skinny output; one for all siblings, ``_PrefillShrink``) and
+    ``y += bmm(h, B_rows)``, with the factors gathered per row on first use.
 
     ``torch_plan`` builds the torch path ("wide"/"rows"), used instead when autograd is
     recording or the input is not float32 (built on first need).
@@ -133,8 +176,8 @@ class _KernelPlan:
         "deltas",
         "index",
         "member",
+        "prefill",
         "ranks",
-        "rows_ab",
         "slots",
         "torch_path",
         "torch_plan",
@@ -152,7 +195,7 @@ class _KernelPlan:
         self.ranks = np.asarray([*served.slot_rank, 0], dtype=np.int32)  # [S + 1]
         self.deltas, self.member = _RowDeltas(kernel, slots, [self]), 0
         self.index = torch.tensor([bank.null_slot if s < 0 else int(s) for s in slots])
-        self.rows_ab: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.prefill = _PrefillShrink([self])
         self.torch_plan: Callable[[], Plan] = torch_plan
         self.torch_path: Plan | None = None
 
@@ -173,15 +216,7 @@ class _KernelPlan:
 
     def _prefill(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         y = self.base(x)  # [B, T, out]
-        if self.rows_ab is None:
-            cap = int(self.ranks.max())
-            self.rows_ab = (
-                self.bank.at[:, :cap].index_select(0, self.index).to(x.dtype),  # [B, r, in]
-                self.bank.b[:, :cap].index_select(0, self.index).to(x.dtype),  # [B, r, out]
-            )
-        at, b = self.rows_ab
-        x3 = x.reshape(rows, -1, x.shape[-1])
-        h_t = torch.bmm(at, x3.transpose(1, 2))  # [B, r, T]
+        h_t, b = self.prefill.get(x, rows, self.member)  # [B, r, T], [B, r, out]
         y.view(rows, -1, y.shape[-1]).baddbmm_(h_t.transpose(1, 2), b)
         return y
 
@@ -258,8 +293,9 @@ def share_shrinks(plans: Sequence[Plan | None]) -> list[Plan | None]:
             # target it has rank 0 for that slot, so its d row stays zero).
             slots = np.maximum.reduce([p.slots for p in live])
             deltas = _RowDeltas(live[0].deltas.kernel, slots, live)
+            prefill = _PrefillShrink(live)
             for member, p in enumerate(live):
-                p.deltas, p.member = deltas, member
+                p.deltas, p.prefill, p.member = deltas, prefill, member
         return list(plans)
     kinds = {type(p) for p in live}
     if len(kinds) != 1 or kinds.pop() not in (_WidePlan, _RowsPlan):

@@ -52,7 +52,7 @@ POLICIES = {
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 @pytest.mark.parametrize("routing", [[0, 1, None, 2, 1], [2, 2, 2], [1, 1]])
-@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("t", [1, 3, 16])  # 16: the kernel policy's prefill-sized path
 def test_shared_shrink_matches_reference(policy: str, routing: list, t: int) -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
