@@ -3,7 +3,7 @@
 Writes ``bench/results/<name>.json`` (``quick`` or ``full``) and PNG plots beside it.
 Every number is a ratio of variants measured side by side in one run (interleaved
 rounds, median of per-round ratios); absolute times are recorded for context only.
-``--quick`` (about 2 minutes on a quiet 2-core VM, under 5 at load average 2-3): decode
+``--quick`` (about 3 minutes on a quiet 2-core VM; more under a neighbour's load): decode
 K = 1/4/32, vs PEFT, vs naive hot swap, prefill, cold load. The full run repeats more and
 adds the HTTP load generator and the 1,000-adapter scale test.
 """
