@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,33 @@ __all__ = ["ServedLinear", "is_hf_conv1d", "share_shrinks"]
 def is_hf_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2 style, weight ``(in, out)``), without importing it."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class _PerInput:
+    """A value computed from one input for a group of sibling members (q/k/v, gate/up) and
+    handed to each member once: the first member to run on an input computes it; it is
+    reused only for the same tensor object, and by each member once, so when every member
+    took it (or a member comes back with the same tensor) it is computed afresh and a later
+    pass that refills the same input buffer is not served an old value. Assumed: the input
+    is not modified in place between the sibling calls of one pass (true of llama-style
+    blocks, which feed one normalised hidden state to q, k and v, and to gate and up)."""
+
+    __slots__ = ("members", "pending", "value", "x")
+
+    def __init__(self, members: int) -> None:
+        self.members = members
+        self.x: torch.Tensor | None = None
+        self.value: Any = None
+        self.pending: set[int] = set()
+
+    def take(self, x: torch.Tensor, member: int, compute: Callable[[], Any]) -> Any:
+        if self.x is not x or member not in self.pending:
+            self.x, self.value, self.pending = x, compute(), set(range(self.members))
+        self.pending.discard(member)
+        value = self.value
+        if not self.pending:  # every member served: drop the references
+            self.x = self.value = None
+        return value
 
 
 class _WidePlan:
@@ -72,14 +100,12 @@ def _numpy_bank(t: torch.Tensor) -> np.ndarray:
 
 class _RowDeltas:
     """The fused CPU kernel's per-row updates for up to 3 sibling projections that read the
-    same input (q/k/v, gate/up; one member otherwise): ``d_j = per-row (x @ A_j) @ B_j``.
-
-    Computed by one kernel call when the first member runs on an input and handed to each
-    member once, with the same reuse rule as ``_SharedShrink`` (same tensor object, each
-    member once); so a llama layer makes 4 kernel calls per step, not 7.
+    same input (q/k/v, gate/up; one member otherwise): ``d_j = per-row (x @ A_j) @ B_j``,
+    all from one kernel call, handed out by ``_PerInput``'s rule; so a llama layer makes 4
+    kernel calls per step, not 7.
     """
 
-    __slots__ = ("ats", "bs", "ds", "kernel", "n_outs", "pending", "ranks", "slots", "x")
+    __slots__ = ("ats", "bs", "kernel", "n_outs", "per_input", "ranks", "slots")
 
     def __init__(self, kernel: RowKernel, slots: np.ndarray, members: list[_KernelPlan]) -> None:
         self.kernel, self.slots = kernel, slots  # slots: [B] int32, -1 = none
@@ -87,40 +113,34 @@ class _RowDeltas:
         self.bs = tuple(m.b for m in members)  # [S + 1, R, out_j] each
         self.ranks = tuple(m.ranks for m in members)  # [S + 1] int32 each
         self.n_outs = tuple(m.b.shape[2] for m in members)
-        self.x: torch.Tensor | None = None
-        self.ds: tuple[torch.Tensor, ...] | None = None
-        self.pending: set[int] = set()
+        self.per_input = _PerInput(len(members))
 
     def get(self, x: torch.Tensor, x2: torch.Tensor, member: int) -> torch.Tensor:
         """Member ``member``'s ``d: [N, out]`` for input ``x`` (``x2``: its contiguous
         ``[N, in]`` view)."""
-        if self.x is not x or member not in self.pending:
+
+        def compute() -> tuple[torch.Tensor, ...]:
             ds = tuple(x2.new_empty(x2.shape[0], n) for n in self.n_outs)
             self.kernel(x2, self.slots, self.ats, self.bs, self.ranks, ds)
-            self.x, self.ds, self.pending = x, ds, set(range(len(ds)))
-        self.pending.discard(member)
-        d = self.ds[member]  # type: ignore[index]
-        if not self.pending:  # every member served: drop the references
-            self.x = self.ds = None
-        return d
+            return ds
+
+        return self.per_input.take(x, member, compute)[member]
 
 
 class _PrefillShrink:
     """Prefill-sized inputs of the same sibling group: one shrink for all members,
-    ``h^T = bmm([A_1 | A_2 | ...]_rows^T, x^T)`` (``[B, sum r_j, T]``), sliced by each member,
-    with the reuse rule of ``_RowDeltas``. The per-row factors (each member's own slot per
-    row, zero where its adapter does not target the member) are gathered on first use."""
+    ``h^T = bmm([A_1 | A_2 | ...]_rows^T, x^T)`` (``[B, sum r_j, T]``), sliced by each member
+    (``_PerInput``'s rule). The per-row factors (each member's own slot per row, zero where
+    its adapter does not target the member) are gathered on first use."""
 
-    __slots__ = ("at_rows", "b_rows", "h", "members", "offsets", "pending", "x")
+    __slots__ = ("at_rows", "b_rows", "members", "offsets", "per_input")
 
     def __init__(self, members: list[_KernelPlan]) -> None:
         self.members = members
         self.at_rows: torch.Tensor | None = None  # [B, sum r_j, in]
         self.b_rows: list[torch.Tensor] = []  # [B, r_j, out_j] each
         self.offsets: list[tuple[int, int]] = []
-        self.x: torch.Tensor | None = None
-        self.h: torch.Tensor | None = None
-        self.pending: set[int] = set()
+        self.per_input = _PerInput(len(members))
 
     def _gather(self, dtype: torch.dtype) -> None:
         ats, lo = [], 0
@@ -134,18 +154,16 @@ class _PrefillShrink:
 
     def get(self, x: torch.Tensor, rows: int, member: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Member ``member``'s ``(h^T: [B, r, T], B_rows: [B, r, out])`` for input ``x``."""
-        if self.x is not x or member not in self.pending:
+
+        def compute() -> torch.Tensor:
             if self.at_rows is None:
                 self._gather(x.dtype)
             x3 = x.reshape(rows, -1, x.shape[-1])  # [B, T, in]
-            self.h = torch.bmm(self.at_rows, x3.transpose(1, 2))  # [B, sum r_j, T]
-            self.x, self.pending = x, set(range(len(self.members)))
-        self.pending.discard(member)
+            return torch.bmm(self.at_rows, x3.transpose(1, 2))  # [B, sum r_j, T]
+
+        h = self.per_input.take(x, member, compute)
         lo, hi = self.offsets[member]
-        h = self.h[:, lo:hi]  # type: ignore[index]
-        if not self.pending:
-            self.x = self.h = None
-        return h, self.b_rows[member]
+        return h[:, lo:hi], self.b_rows[member]
 
 
 class _KernelPlan:
@@ -226,51 +244,40 @@ class _SharedShrink:
 
     ``h = x @ [A_1 | A_2 | ...]`` (wide, then the concatenated row mask) or
     ``bmm(x, [A_1 | A_2 | ...])`` (rows) is computed by whichever member runs first on a
-    given input and sliced by each member. It is reused only for the same tensor object,
-    and by each member once: after every member took its slice (or when a member comes
-    back with the same tensor) it is computed afresh, so a later pass that refills the
-    same input buffer is not served an old ``h``. Assumed: the input is not modified in
-    place between the sibling calls of one pass (true of llama-style blocks, which feed
-    one normalised hidden state to q, k and v, and to gate and up).
+    given input and sliced by each member (``_PerInput``'s rule).
     """
 
-    __slots__ = ("a", "h", "mask", "pending", "rows", "x")
+    __slots__ = ("a", "mask", "per_input", "rows")
 
     def __init__(self, a: torch.Tensor, mask: torch.Tensor | None, rows: bool, n: int) -> None:
         self.a, self.mask, self.rows = a, mask, rows
-        self.x: torch.Tensor | None = None
-        self.h: torch.Tensor | None = None
-        self.pending: set[int] = set()
+        self.per_input = _PerInput(n)
 
-    def get(self, x: torch.Tensor, member: int, members: int) -> torch.Tensor:
-        if self.x is not x or member not in self.pending:
+    def get(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        def compute() -> torch.Tensor:
             if self.rows:
-                h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), self.a)
-            else:
-                h = torch.mm(x.reshape(-1, x.shape[-1]), self.a)
-                if self.mask is not None:
-                    h.view(self.mask.shape[0], -1, h.shape[-1]).mul_(self.mask)
-            self.x, self.h, self.pending = x, h, set(range(members))
-        self.pending.discard(member)
-        h = self.h
-        if not self.pending:  # every member served: drop the references
-            self.x = self.h = None
-        return h  # type: ignore[return-value]
+                return torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), self.a)
+            h = torch.mm(x.reshape(-1, x.shape[-1]), self.a)
+            if self.mask is not None:
+                h.view(self.mask.shape[0], -1, h.shape[-1]).mul_(self.mask)
+            return h
+
+        return self.per_input.take(x, member, compute)
 
 
 class _SharedPlan:
     """A member of a ``_SharedShrink``: ``y = base(x) + h[..., lo:hi] @ B`` (wide: one
     ``addmm_``; rows: one ``baddbmm_``)."""
 
-    __slots__ = ("b", "base", "hi", "lo", "member", "members", "shared")
+    __slots__ = ("b", "base", "hi", "lo", "member", "shared")
 
-    def __init__(self, base, shared, member, members, lo, hi, b) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, base, shared, member, lo, hi, b) -> None:  # type: ignore[no-untyped-def]
         self.base, self.shared, self.b = base, shared, b
-        self.member, self.members, self.lo, self.hi = member, members, lo, hi
+        self.member, self.lo, self.hi = member, lo, hi
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        h = self.shared.get(x, self.member, self.members)[..., self.lo : self.hi]
+        h = self.shared.get(x, self.member)[..., self.lo : self.hi]
         if self.shared.rows:
             y.view(y.shape[0], -1, y.shape[-1]).baddbmm_(h, self.b)
         else:
@@ -325,7 +332,7 @@ def share_shrinks(plans: Sequence[Plan | None]) -> list[Plan | None]:
             out.append(None)
             continue
         hi = lo + p.a.shape[a_dim]
-        out.append(_SharedPlan(p.base, shared, member, len(live), lo, hi, p.b))
+        out.append(_SharedPlan(p.base, shared, member, lo, hi, p.b))
         lo, member = hi, member + 1
     return out
 
