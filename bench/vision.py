@@ -6,7 +6,12 @@ base and the mixed batch so both see the same machine load; also compares the tw
 kernels of `flora.serving` (per-adapter segments with merged weights vs one grouped conv
 with per-row weights). Prints the ratios and writes bench/results/vision.json.
 
-    python bench/vision.py [--size 96] [--repeats 5] [--rank 8]
+The adapters are made at the base's input size (``--size`` defaults to it), so base rows
+and adapter rows are preprocessed to the same images: an adapter records its own
+``image_size`` and the engine resizes its rows to it, so a smaller adapter size would
+compare different workloads.
+
+    python bench/vision.py [--size N] [--repeats 5] [--rank 8]
 """
 
 from __future__ import annotations
@@ -81,10 +86,12 @@ def timed(engine: VisionEngine, jobs: list) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--size", type=int, default=None, help="default: the base's size")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()
+    if args.size is None:
+        args.size = models.load("efficientnet-lite0").preprocessor.size
     torch.manual_seed(0)
     adapters = make_adapters(BATCH, args.rank, args.size)
     from PIL import Image
