@@ -168,3 +168,43 @@ def test_bfloat16_factor_banks_match_rounded_factors_in_every_mode() -> None:
 def test_factor_dtype_is_checked() -> None:
     with pytest.raises(ValueError, match="factor_dtype"):
         ServingPolicy(factor_dtype=torch.float16)
+
+
+def test_capability_check_refuses_numbas_workqueue_pool(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Without an OpenMP/TBB runtime numba falls back to its "workqueue" pool, measured 10x
+    slower per call: the kernel is then reported unavailable."""
+    import numba
+
+    from flora.serving import cpu_kernel
+
+    monkeypatch.setattr(numba, "threading_layer", lambda: "workqueue")
+    cpu_kernel.row_kernel.cache_clear()
+    try:
+        assert cpu_kernel.row_kernel() is None
+    finally:
+        monkeypatch.undo()
+        cpu_kernel.row_kernel.cache_clear()
+    assert cpu_kernel.row_kernel() is not None
+
+
+def test_without_the_kernel_the_torch_paths_serve(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from flora.serving import linear
+
+    monkeypatch.setattr(linear, "row_kernel", lambda: None)
+    torch.manual_seed(0)
+    base = Proj()
+    ref = Proj()
+    ref.load_state_dict(base.state_dict())
+    serving = ServingModel(base, max_slots=2)
+    adapters = [linear_adapter(4, seed=0), linear_adapter(8, seed=1)]
+    for slot, mods in enumerate(adapters):
+        serving.load_modules(slot, mods)
+    assert serving._wrapped["q"].bank.a.is_contiguous()  # not rank-major
+    routing = [1, None, 0]
+    serving.set_routing(routing)
+    assert type(serving.routing.plans[0]).__name__ == "_WidePlan"
+    x = torch.randn(3, 2, 24)
+    with torch.no_grad():
+        got = serving.model.q(x)
+    slots = {k: a["q"] for k, a in enumerate(adapters)}
+    torch.testing.assert_close(got, reference_forward(ref.q, x, routing, slots))
