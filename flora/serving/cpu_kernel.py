@@ -5,13 +5,14 @@ mixed-adapter update all pay for something the maths does not need. "wide" multi
 every row by every distinct adapter's columns (K times the rank-``r`` work), "rows" reads
 a per-row copy of the factors, and grouping rows by adapter turns each projection into
 ``2 K`` tiny BLAS calls at several microseconds each. This kernel does what a GPU
-BGMV kernel does: one call per projection, each row reads its own slot's factors in
-place (``A`` stored transposed, ``(S, R, n_in)``) and does exactly its rank's work; rows
-run in parallel. ``bench/kernels.py`` measures it against the torch paths.
+BGMV kernel does: one call per group of sibling projections (q/k/v, gate/up) or per
+projection, each row reads its own slot's factors in place (``A`` stored transposed,
+``(S, R, n_in)``) and does exactly its rank's work; rows run in parallel.
+``bench/kernels.py`` measures it against the torch paths.
 
-``row_kernel()`` is the capability check: ``None`` when numba cannot be imported (the
-torch paths then serve every routing, and they stay the reference the kernel is tested
-against).
+``kernel_for()`` / ``row_kernel()`` are the capability check: ``None`` where the kernel
+does not apply or would not pay (the torch paths then serve every routing, and they stay
+the reference the kernel is tested against).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["RowKernel", "row_kernel"]
+__all__ = ["RowKernel", "kernel_for", "row_kernel"]
 
 
 class RowKernel:
@@ -33,7 +34,8 @@ class RowKernel:
     ``x: [N, n_in]`` is a contiguous float32 CPU tensor whose ``N`` rows are ``B`` batch
     rows of ``N / B`` tokens each (decode: one token); ``row_slots: [B]`` int32 (-1: no
     adapter, ``d`` row zero); per member, ``at: [S, R, n_in]``, ``b: [S, R, n_out]``
-    (float32) and ``ranks: [S]`` (int32) are numpy views of a rank-major
+    (float32, or bfloat16 bits as int16) and ``ranks: [S]`` (int32) are numpy views of a
+    rank-major
     ``DeviceSlotBank``, read in place, and ``d: [N, n_out]`` is a contiguous float32
     tensor the kernel overwrites. The caller then adds the base in one GEMM
     (``d.addmm_(x, W^T)``), so ``y`` is written once.
@@ -95,3 +97,11 @@ def row_kernel() -> RowKernel | None:
     if numba.threading_layer() == "workqueue":
         return None
     return kernel
+
+
+def kernel_for(enabled: bool, device: torch.device, dtype: torch.dtype) -> RowKernel | None:
+    """The kernel for a module of ``dtype`` on ``device`` when the policy ``enabled`` it:
+    float32 on the CPU only, and only where ``row_kernel()`` is available."""
+    if enabled and device.type == "cpu" and dtype == torch.float32:
+        return row_kernel()
+    return None

@@ -12,10 +12,15 @@ from torch import nn
 
 from flora.serving.bank import DeviceSlotBank
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServingPolicy
-from flora.serving.cpu_kernel import RowKernel, row_kernel
+from flora.serving.cpu_kernel import RowKernel, kernel_for
 from flora.serving.two_mode import ServedTwoMode
 
-__all__ = ["ServedLinear", "is_hf_conv1d", "share_shrinks"]
+__all__ = ["ServedLinear", "is_hf_conv1d", "is_linear", "share_shrinks"]
+
+
+def is_linear(module: nn.Module) -> bool:
+    """What ``ServedLinear`` wraps: ``nn.Linear`` or transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -341,7 +346,9 @@ class ServedLinear(ServedTwoMode):
     """Multi-adapter ``nn.Linear`` (kind ``linear``) or transformers ``Conv1D`` (``hf_conv1d``).
 
     Each slot holds the folded update ``A = U_in``, ``B = s (U_out G)^T`` (see
-    ``fold_two_mode``), so serving adds two small matmuls per layer.
+    ``fold_two_mode``), so serving adds a rank-``r`` update per row: the fused CPU kernel
+    (``_KernelPlan``) where ``kernel_for`` gives one, else two small matmuls ("wide" or
+    "rows").
     """
 
     def __init__(
@@ -359,10 +366,7 @@ class ServedLinear(ServedTwoMode):
         n_in, n_out = (
             (w.shape[0], w.shape[1]) if self.kind == "hf_conv1d" else (w.shape[1], w.shape[0])
         )
-        # The fused CPU kernel when it applies (float32 on the CPU, numba importable).
-        self.kernel: RowKernel | None = None
-        if policy.cpu_kernel and w.device.type == "cpu" and w.dtype == torch.float32:
-            self.kernel = row_kernel()
+        self.kernel: RowKernel | None = kernel_for(policy.cpu_kernel, w.device, w.dtype)
         factor_dtype = w.dtype
         if self.kernel is not None and policy.factor_dtype is not None:
             factor_dtype = policy.factor_dtype

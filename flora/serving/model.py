@@ -28,7 +28,7 @@ from torch import nn
 
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServedModule, ServingPolicy
 from flora.serving.conv import ServedConv
-from flora.serving.cpu_kernel import row_kernel
+from flora.serving.cpu_kernel import kernel_for
 from flora.serving.embedding import ServedEmbedding
 from flora.serving.factors import (
     ModuleFactors,
@@ -36,13 +36,13 @@ from flora.serving.factors import (
     fold_two_mode_many,
     modules_from_adapter,
 )
-from flora.serving.linear import ServedLinear, is_hf_conv1d, share_shrinks
+from flora.serving.linear import ServedLinear, is_linear, share_shrinks
 
 __all__ = ["ServingModel", "register_wrapper"]
 
 # First match wins; extend with register_wrapper instead of an isinstance ladder.
 _WRAPPERS: list[tuple[Callable[[nn.Module], bool], type[ServedModule]]] = [
-    (lambda m: isinstance(m, nn.Linear) or is_hf_conv1d(m), ServedLinear),
+    (is_linear, ServedLinear),
     (lambda m: isinstance(m, nn.Embedding), ServedEmbedding),
     (lambda m: isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d), ServedConv),
 ]
@@ -119,11 +119,12 @@ class ServingModel:
         self.policy = policy or ServingPolicy(wide_max_rank=0 if self.device.type == "cuda" else 32)
         if factor_dtype is not None:  # shorthand for the policy field
             self.policy = dataclasses.replace(self.policy, factor_dtype=factor_dtype)
-        if self.policy.cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32:
+        if any(is_linear(m) for m in model.modules()):
             # Load (or compile) the fused kernel now, not at the first adapter load: about
             # 1.5 s from numba's disk cache (5-10 s the first time on a machine) and about
-            # 150 MiB of resident memory (numba and LLVM), a fixed cost of the process.
-            row_kernel()
+            # 150 MiB of resident memory (numba and LLVM), a fixed cost of the process. A
+            # model with no linear layer (a conv body) never needs it.
+            kernel_for(self.policy.cpu_kernel, self.device, self.dtype)
         self.routing = RoutingState()
         self._wrapped: dict[str, ServedModule] = {}
         self._slot_modules: list[frozenset[str] | None] = [None] * max_slots

@@ -52,12 +52,11 @@ def batch_engine(
     from flora_server.engine.encoder import EncoderEngine
     from flora_server.engine.vision import VisionEngine
 
-    vision = loaded.kind == "image-classifier"
-    extra = {} if vision else {"adapter_dtype": settings.adapter_dtype}
-    return (VisionEngine if vision else EncoderEngine)(
+    engine_class = VisionEngine if loaded.kind == "image-classifier" else EncoderEngine
+    return engine_class(
         loaded,
         registry,
-        **extra,
+        adapter_dtype=settings.adapter_dtype,
         max_slots=settings.max_slots,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,

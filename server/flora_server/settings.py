@@ -101,9 +101,9 @@ class Settings(BaseSettings):
     max_slots: int = Field(8, ge=1, description="adapters resident on the device at once")
     adapter_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="storage of adapter factors for per-row serving of linear layers on a "
-        "float32 CPU model (LLM and text-encoder): auto = the model's dtype; bfloat16 halves "
-        "the bytes each distinct adapter in a batch costs per step (rounds the factors once)",
+        description="storage of adapter factors for linear layers served per row on a "
+        "float32 CPU model: auto = the model's dtype; bfloat16 halves the bytes each "
+        "distinct adapter in a batch costs per step (rounds the factors once)",
     )
     host_cache_bytes: int = Field(
         1024 * 1024 * 1024, ge=0, description="bytes of validated adapters kept in RAM"

@@ -190,7 +190,7 @@ def test_capability_check_refuses_numbas_workqueue_pool(monkeypatch) -> None:  #
 def test_without_the_kernel_the_torch_paths_serve(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from flora.serving import linear
 
-    monkeypatch.setattr(linear, "row_kernel", lambda: None)
+    monkeypatch.setattr(linear, "kernel_for", lambda *args: None)
     torch.manual_seed(0)
     base = Proj()
     ref = Proj()

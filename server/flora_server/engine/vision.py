@@ -23,6 +23,7 @@ from flora.serving.model import ServingModel
 from flora_server.engine.batching import BatchEngine, BatchJob
 from flora_server.engine.heads import HEAD_NAME, HeadedRuntime, LinearHead, apply_heads
 from flora_server.engine.protocol import AdapterSource
+from flora_server.engine.runtime import factor_dtype
 from flora_server.engine.worker import InvalidRequestError
 
 
@@ -68,6 +69,7 @@ class VisionEngine(BatchEngine):
         *,
         max_slots: int = 8,
         policy: ServingPolicy | None = None,
+        adapter_dtype: str = "auto",
         **kwargs: Any,
     ) -> None:
         model: nn.Module = loaded.model
@@ -82,7 +84,9 @@ class VisionEngine(BatchEngine):
         setattr(model, HEAD_NAME, nn.Identity())
         self.model = model.eval()
         self.transform: ImageTransform = loaded.preprocessor
-        serving = ServingModel(model, max_slots=max_slots, policy=policy)
+        serving = ServingModel(
+            model, max_slots=max_slots, policy=policy, factor_dtype=factor_dtype(adapter_dtype)
+        )
         self.device, self.dtype = serving.device, serving.dtype
         super().__init__(
             model_name=loaded.name,
