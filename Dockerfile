@@ -21,8 +21,12 @@ RUN apt-get update \
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 FROM ${CUDA_IMAGE} AS os-cuda
+# gcc, libc6-dev and python3-dev: triton (brought by the CUDA torch wheel) compiles a small
+# C launcher at run time for the adapter kernel (flora.serving.gpu_kernel); without them
+# its self-test fails and the torch path serves.
+# hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 
@@ -74,6 +78,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     FLORA_PORT=8000 \
     HF_HOME=/home/flora/.cache/huggingface \
     NUMBA_CACHE_DIR=/home/flora/.cache/numba \
+    TRITON_CACHE_DIR=/home/flora/.cache/triton \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1
 USER ${FLORA_UID}:${FLORA_UID}

@@ -9,9 +9,11 @@ median of per-round ratios):
 - decode, batch 32: K = 1 (merged), 1 (batched), 4, 32 distinct adapters vs base;
 - prefill, 8 x 512 tokens, K = 8 vs base;
 
-then checks the batched path against the plain reference on CUDA (fp32 logits of a mixed
-batch with ranks 4, 8, 16 and a base row, each row vs the model with that adapter's
-``W + dW`` computed by ``flora.serving.reference``).
+each through both per-row paths on CUDA: "triton" (the default where its self-test passes,
+``flora.serving.gpu_kernel``) and "torch" (``ServingPolicy(gpu_kernel=False)``). Then it
+checks each path against the plain reference (fp32 logits of a mixed batch with ranks 4,
+8, 16 and a base row, each row vs the model with that adapter's ``W + dW`` computed by
+``flora.serving.reference``).
 
     python bench/gpu.py            # on the CUDA machine, < 4 minutes
     python bench/gpu.py --tiny     # a 2-layer smoke run (CPU is fine)
@@ -31,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's `flora`
 
-from flora.serving import ModuleFactors, ServingModel
+from flora.serving import ModuleFactors, ServingModel, ServingPolicy
+from flora.serving.gpu_kernel import triton_row_kernel
 from flora.serving.reference import reference_model_weights
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -130,9 +133,11 @@ def med_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     return round(statistics.median(a / b for a, b in zip(times[num], times[den], strict=True)), 4)
 
 
-def bench_dtype(dtype: torch.dtype, device: str, args: argparse.Namespace) -> dict:
+def bench_dtype(
+    dtype: torch.dtype, device: str, args: argparse.Namespace, policy: ServingPolicy
+) -> dict:
     model = smollm2(args.layers).to(device=device, dtype=dtype)
-    serving = ServingModel(model, max_slots=32, max_rank=64)
+    serving = ServingModel(model, max_slots=32, max_rank=64, policy=policy)
     t0 = time.perf_counter()
     for s in range(32):
         serving.load_modules(s, adapter(model, s, 8))
@@ -192,13 +197,13 @@ def bench_dtype(dtype: torch.dtype, device: str, args: argparse.Namespace) -> di
     return out
 
 
-def verify(device: str, layers: int) -> dict:
+def verify(device: str, layers: int, policy: ServingPolicy) -> dict:
     """Mixed batch (ranks 4, 8, 16 and a base row) vs per-row reference weights, fp32."""
     model = smollm2(layers).to(device)
     ref = copy.deepcopy(model)
     bare = {k: v.clone() for k, v in ref.state_dict().items()}
     adapters = {0: adapter(model, 100, 4), 1: adapter(model, 101, 8), 2: adapter(model, 102, 16)}
-    serving = ServingModel(model, max_slots=4, max_rank=64)
+    serving = ServingModel(model, max_slots=4, max_rank=64, policy=policy)
     for slot, mods in adapters.items():
         serving.load_modules(slot, mods)
     rows = [0, 1, 2, None, 1]
@@ -245,9 +250,21 @@ def main() -> int:
     }
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the check
-    result.update(verify(device, 2 if args.tiny else 4))
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        result[name] = bench_dtype(dtype, device, args)
+    paths = {"default": ServingPolicy()}
+    if device == "cuda":
+        paths = {
+            "triton": ServingPolicy(wide_max_rank=0),
+            "torch": ServingPolicy(wide_max_rank=0, gpu_kernel=False),
+        }
+        dev = torch.device(device)
+        result["triton_ok"] = {
+            str(dt): triton_row_kernel(dev, dt) is not None
+            for dt in (torch.bfloat16, torch.float32)
+        }
+    for path, policy in paths.items():
+        result[f"verify_{path}"] = verify(device, 2 if args.tiny else 4, policy)
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            result[f"{name}_{path}"] = bench_dtype(dtype, device, args, policy)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
     return 0

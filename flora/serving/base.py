@@ -42,6 +42,10 @@ class ServingPolicy:
     the fused row kernel of ``flora.serving.cpu_kernel`` (one kernel call per group of
     sibling projections, each row's own rank of work) when numba is importable; the torch
     kernels above are then the fallback (autograd, other dtypes) and the reference.
+    ``gpu_kernel``: Linear/Conv1D on a CUDA device run every per-row routing through the
+    Triton kernels of ``flora.serving.gpu_kernel`` (SGMV/BGMV style: each row's slot read
+    in place up to its own rank) when triton is installed and their self-test passes on
+    that device; the torch kernels are then the fallback (autograd) and the reference.
     ``factor_dtype``: storage of those modules' factor banks when the kernel serves them
     (``None``: the model's dtype). ``torch.bfloat16`` halves the bytes each distinct
     adapter costs per decode step (the kernel widens to float32 as it reads and
@@ -51,6 +55,7 @@ class ServingPolicy:
 
     wide_max_rank: int = 32
     cpu_kernel: bool = True
+    gpu_kernel: bool = True
     factor_dtype: torch.dtype | None = None
     conv_segments_max: int = 8
     conv_rows_max_numel: int = 1 << 24

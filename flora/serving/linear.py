@@ -13,6 +13,7 @@ from torch import nn
 from flora.serving.bank import DeviceSlotBank
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServingPolicy
 from flora.serving.cpu_kernel import RowKernel, kernel_for
+from flora.serving.gpu_kernel import TritonRowKernel, block_rank, gpu_kernel_for
 from flora.serving.two_mode import ServedTwoMode
 
 __all__ = ["ServedLinear", "is_hf_conv1d", "is_linear", "share_shrinks"]
@@ -244,6 +245,51 @@ class _KernelPlan:
         return y
 
 
+class _TritonPlan:
+    """CUDA: ``y = base(x)``, then the Triton kernels add every row's ``(x @ A_s) @ B_s``
+    in place, reading each row's slot from the bank up to its own rank
+    (``flora.serving.gpu_kernel``). The routing (row slots, then every slot's rank here)
+    goes to the device once, when the plan is built. ``torch_plan`` builds the torch path,
+    used instead when autograd is recording.
+    """
+
+    __slots__ = (
+        "a",
+        "b",
+        "base",
+        "block_r",
+        "kernel",
+        "ranks",
+        "slots",
+        "torch_path",
+        "torch_plan",
+    )
+
+    def __init__(self, served: ServedLinear, kernel, rows, torch_plan) -> None:  # type: ignore[no-untyped-def]
+        bank = served.bank
+        self.base, self.kernel, self.a, self.b = served._base, kernel, bank.a, bank.b
+        ranks = [*served.slot_rank, 0]
+        meta = torch.tensor([*rows, *ranks], dtype=torch.int32, device=bank.device)
+        self.slots, self.ranks = meta[: len(rows)], meta[len(rows) :]
+        self.block_r = block_rank(max(ranks[s] for s in rows if s != NO_SLOT))
+        self.torch_plan: Callable[[], Plan] = torch_plan
+        self.torch_path: Plan | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            if self.torch_path is None:
+                self.torch_path = self.torch_plan()
+            return self.torch_path(x)
+        y = self.base(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        self.kernel(
+            y.view(-1, y.shape[-1]), x2, self.slots, self.ranks, self.a, self.b, self.block_r
+        )
+        return y
+
+
 class _SharedShrink:
     """One shrink for sibling projections that read the same input (q/k/v, gate/up).
 
@@ -347,8 +393,8 @@ class ServedLinear(ServedTwoMode):
 
     Each slot holds the folded update ``A = U_in``, ``B = s (U_out G)^T`` (see
     ``fold_two_mode``), so serving adds a rank-``r`` update per row: the fused CPU kernel
-    (``_KernelPlan``) where ``kernel_for`` gives one, else two small matmuls ("wide" or
-    "rows").
+    (``_KernelPlan``) where ``kernel_for`` gives one, the Triton kernels (``_TritonPlan``)
+    where ``gpu_kernel_for`` does, else two small matmuls ("wide" or "rows").
     """
 
     def __init__(
@@ -367,6 +413,9 @@ class ServedLinear(ServedTwoMode):
             (w.shape[0], w.shape[1]) if self.kind == "hf_conv1d" else (w.shape[1], w.shape[0])
         )
         self.kernel: RowKernel | None = kernel_for(policy.cpu_kernel, w.device, w.dtype)
+        self.gpu_kernel: TritonRowKernel | None = None
+        if self.kernel is None:
+            self.gpu_kernel = gpu_kernel_for(policy.gpu_kernel, w.device, w.dtype)
         factor_dtype = w.dtype
         if self.kernel is not None and policy.factor_dtype is not None:
             factor_dtype = policy.factor_dtype
@@ -409,6 +458,8 @@ class ServedLinear(ServedTwoMode):
         rows = self.row_targets(row_slots)
         if all(s == NO_SLOT for s in rows):
             return None
+        if self.gpu_kernel is not None:
+            return _TritonPlan(self, self.gpu_kernel, rows, lambda: self._torch_plan(rows))
         if self.kernel is None:
             return self._torch_plan(rows)
         return _KernelPlan(

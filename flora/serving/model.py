@@ -36,6 +36,7 @@ from flora.serving.factors import (
     fold_two_mode_many,
     modules_from_adapter,
 )
+from flora.serving.gpu_kernel import gpu_kernel_for
 from flora.serving.linear import ServedLinear, is_linear, share_shrinks
 
 __all__ = ["ServingModel", "register_wrapper"]
@@ -125,6 +126,8 @@ class ServingModel:
             # 150 MiB of resident memory (numba and LLVM), a fixed cost of the process. A
             # model with no linear layer (a conv body) never needs it.
             kernel_for(self.policy.cpu_kernel, self.device, self.dtype)
+            # On CUDA: compile the Triton kernels and self-test them now (a few seconds).
+            gpu_kernel_for(self.policy.gpu_kernel, self.device, self.dtype)
         self.routing = RoutingState()
         self._wrapped: dict[str, ServedModule] = {}
         self._slot_modules: list[frozenset[str] | None] = [None] * max_slots

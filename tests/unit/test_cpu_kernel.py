@@ -94,15 +94,21 @@ def linear_adapter(rank: int, seed: int) -> dict[str, ModuleFactors]:
     return {"q": ModuleFactors("linear", core, factors, 1.0)}
 
 
-def test_served_linear_uses_the_kernel_and_falls_back_under_autograd() -> None:
+def served_proj(policy: ServingPolicy, device: torch.device | str = "cpu"):  # type: ignore[no-untyped-def]
+    """A ``Proj`` served with two adapters (ranks 4 and 8 in slots 0 and 1), an identical
+    unserved copy for reference, and the adapters."""
     torch.manual_seed(0)
-    base = Proj()
-    ref = Proj()
+    base, ref = Proj().to(device), Proj().to(device)
     ref.load_state_dict(base.state_dict())
-    serving = ServingModel(base, max_slots=3, policy=ServingPolicy())
+    serving = ServingModel(base, max_slots=3, policy=policy)
     adapters = [linear_adapter(4, seed=0), linear_adapter(8, seed=1)]
     for slot, mods in enumerate(adapters):
         serving.load_modules(slot, mods)
+    return serving, ref, adapters
+
+
+def test_served_linear_uses_the_kernel_and_falls_back_under_autograd() -> None:
+    serving, ref, adapters = served_proj(ServingPolicy())
     routing = [1, None, 0, 1]
     serving.set_routing(routing)
     plan = serving.routing.plans[0]
@@ -129,14 +135,7 @@ def test_bfloat16_factor_banks_match_rounded_factors_in_every_mode() -> None:
     """factor_dtype=bfloat16: the kernel reads bfloat16 bits and accumulates in float32;
     decode, prefill-sized inputs, the torch fallback and merging all use the same rounded
     factors (merged equals per-row)."""
-    torch.manual_seed(0)
-    base = Proj()
-    ref = Proj()
-    ref.load_state_dict(base.state_dict())
-    serving = ServingModel(base, max_slots=3, policy=ServingPolicy(factor_dtype=torch.bfloat16))
-    adapters = [linear_adapter(4, seed=0), linear_adapter(8, seed=1)]
-    for slot, mods in enumerate(adapters):
-        serving.load_modules(slot, mods)
+    serving, ref, adapters = served_proj(ServingPolicy(factor_dtype=torch.bfloat16))
     assert serving._wrapped["q"].bank.b.dtype == torch.bfloat16
     rounded = [tuple(t.bfloat16().float() for t in fold_two_mode(a["q"])) for a in adapters]
 

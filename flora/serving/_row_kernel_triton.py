@@ -1,0 +1,85 @@
+"""Triton body of ``flora.serving.gpu_kernel`` (imported only through it, where triton is
+installed): a per-row low-rank update in one launch, SGMV/BGMV style.
+
+Every batch row is a segment of ``tokens`` consecutive rows of ``x`` that share one slot.
+A program takes a tile of one segment's tokens and a tile of the outputs: it computes
+``h = x @ A_s`` for its tokens (``tl.dot`` over ``n_in`` in ``BLOCK_K`` steps, float32
+accumulation) and adds ``h @ B_s`` into its tile of ``y``. The programs of one row's output
+tiles each redo the small shrink (rank <= 64: a few KB of factors from cache), which buys
+one launch per projection instead of two and no ``h`` buffer. Factors are read in place
+from the bank, only up to the slot's own rank (masked loads), and a row without a slot
+(rank 0) does nothing. Decode is one token per segment (BGMV); prefill tiles a segment's
+tokens (SGMV).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_update(  # pragma: no cover (compiled)
+    x,  # [N, n_in], unit stride along n_in
+    a,  # bank A: [S, n_in, R] (any strides)
+    b,  # bank B: [S, R, n_out] (any strides)
+    slots,  # [B] int32, -1 = no adapter
+    ranks,  # [S] int32, 0 = slot not loaded here
+    y,  # [N, n_out], unit stride along n_out: (x @ A_s) @ B_s is added in place
+    tokens,
+    n_in,
+    n_out,
+    stride_xn,
+    stride_as,
+    stride_ak,
+    stride_ar,
+    stride_bs,
+    stride_br,
+    stride_bo,
+    stride_yn,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
+):
+    row = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    o = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.load(slots + row)
+    rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
+    if rank > 0:
+        s = slot.to(tl.int64)
+        r = tl.arange(0, BLOCK_R)
+        n = row.to(tl.int64) * tokens + t
+        live_t = t < tokens
+        # tl.full, not tl.zeros: builtins only (no triton.language.standard helpers, which
+        # are compiled when triton is imported, so Triton's interpreter, which the CPU
+        # tests use, could not run them if triton was imported before it was switched on)
+        h = tl.full((BLOCK_T, BLOCK_R), 0.0, tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xs = tl.load(
+                x + n[:, None] * stride_xn + k[None, :],
+                mask=live_t[:, None] & (k < n_in)[None, :],
+                other=0.0,
+            )
+            fs = tl.load(
+                a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
+                mask=(k < n_in)[:, None] & (r < rank)[None, :],
+                other=0.0,
+            ).to(xs.dtype)
+            if IEEE:
+                h += tl.dot(xs, fs, input_precision="ieee")
+            else:
+                h += tl.dot(xs, fs)
+        fb = tl.load(
+            b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
+            mask=(r < rank)[:, None] & (o < n_out)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        delta = tl.dot(h, fb, input_precision="ieee")
+        where = y + n[:, None] * stride_yn + o[None, :]
+        live = live_t[:, None] & (o < n_out)[None, :]
+        out = tl.load(where, mask=live, other=0.0)
+        tl.store(where, (out.to(tl.float32) + delta).to(out.dtype), mask=live)

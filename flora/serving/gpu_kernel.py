@@ -1,0 +1,139 @@
+"""Triton per-row low-rank kernels for CUDA serving (SGMV/BGMV style), behind a
+capability check.
+
+Why: on a GPU the torch "rows" path gathers every row's factors into a contiguous copy
+once per routing and runs two batched matmuls over ranks padded to the batch's largest.
+The Triton kernel (``_row_kernel_triton``) reads each row's slot in place from the bank
+and only up to that slot's own rank, and a row without an adapter costs nothing: one
+launch per projection (after the base GEMM) whatever the mix of adapters and ranks, where
+"rows" makes two.
+
+``gpu_kernel_for()`` / ``triton_row_kernel()`` are the capability check: ``None`` (the
+torch paths then serve, and they stay the reference the kernels are tested against)
+unless triton imports, the module is on a CUDA device, and a self-test of both kernels on
+that device matches the torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from types import ModuleType
+
+import torch
+
+__all__ = ["TritonRowKernel", "gpu_kernel_for", "triton_row_kernel"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class TritonRowKernel:
+    """``kernel(y, x, slots, ranks, a, b, block_r)``: ``y[n] += (x[n] @ A[s]) @ B[s]`` with
+    ``s = slots[n // tokens]`` for the ``B = len(slots)`` batch rows of ``tokens`` rows of
+    ``x`` each; rows with slot -1, or a slot of rank 0 in ``ranks``, are left as they are.
+
+    ``y: [N, out]`` and ``x: [N, in]`` on one device with unit stride along the last
+    dimension; ``slots: [B]`` and ``ranks: [S]`` int32 on that device; ``a: [S, in, R]``
+    and ``b: [S, R, out]`` a ``DeviceSlotBank``'s tensors, in any layout; ``block_r`` a
+    power of two >= 16 and >= every rank the routing uses (``block_rank``).
+    """
+
+    block_t = 16  # tokens per program (tl.dot's minimum tile)
+    block_k = 64
+    block_n = 64
+
+    def __init__(self, kernels: ModuleType) -> None:
+        self._k = kernels
+
+    def __call__(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        slots: torch.Tensor,
+        ranks: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        block_r: int,
+    ) -> None:
+        rows, (n, n_in), n_out = slots.shape[0], x.shape, y.shape[1]
+        tokens = n // rows
+        grid = (rows, -(-tokens // self.block_t), -(-n_out // self.block_n))
+        self._k.row_update[grid](
+            x, a, b, slots, ranks, y, tokens, n_in, n_out,
+            x.stride(0), a.stride(0), a.stride(1), a.stride(2),
+            b.stride(0), b.stride(1), b.stride(2), y.stride(0),
+            BLOCK_T=self.block_t, BLOCK_R=block_r, BLOCK_K=self.block_k,
+            BLOCK_N=self.block_n, IEEE=x.dtype == torch.float32,
+        )  # fmt: skip
+
+
+def block_rank(rank: int) -> int:
+    """The kernels' rank tile for ranks up to ``rank``: a power of two, at least 16."""
+    return max(16, 1 << max(0, rank - 1).bit_length())
+
+
+def reference(
+    x: torch.Tensor, slots: list[int], ranks: list[int], a: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """The update the kernels add, per row in float64 (for tests and the self-test)."""
+    tokens = x.shape[0] // len(slots)
+    out = torch.zeros(x.shape[0], b.shape[2], dtype=torch.float64, device=x.device)
+    for row, s in enumerate(slots):
+        if s >= 0 and ranks[s] > 0:
+            r, span = ranks[s], slice(row * tokens, (row + 1) * tokens)
+            out[span] = x[span].double() @ a[s, :, :r].double() @ b[s, :r].double()
+    return out
+
+
+def self_test(kernel: TritonRowKernel, device: torch.device, dtype: torch.dtype) -> None:
+    """Run the kernel on a small mixed routing (two ranks, a row without an adapter, a
+    slot of rank 0, two tokens per row) on ``device`` and compare with ``reference``;
+    raises ``AssertionError`` on a mismatch."""
+    gen = torch.Generator().manual_seed(0)
+    ranks, slots = [4, 0, 9], [0, -1, 2, 1]
+    a = torch.randn(3, 40, 9, generator=gen).to(device, dtype)
+    b = torch.randn(3, 9, 70, generator=gen).to(device, dtype)
+    x = torch.randn(8, 40, generator=gen).to(device, dtype)
+    y = torch.randn(8, 70, generator=gen).to(device, dtype)
+    expected = y.double() + reference(x, slots, ranks, a, b)
+    as_device = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    kernel(y, x, as_device(slots), as_device(ranks), a, b, block_rank(max(ranks)))
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * 10)
+
+
+@functools.cache
+def triton_row_kernel(device: torch.device, dtype: torch.dtype) -> TritonRowKernel | None:
+    """The kernels for ``dtype`` modules on ``device`` after a self-test there, or ``None``
+    (triton missing, or it fails to compile or to match the reference on this device:
+    logged once, and the torch paths serve). ``FLORA_TRITON=0`` turns them off."""
+    if os.environ.get("FLORA_TRITON", "1") == "0":
+        return None
+    try:
+        from flora.serving import _row_kernel_triton
+
+        kernel = TritonRowKernel(_row_kernel_triton)
+        self_test(kernel, device, dtype)
+    except ImportError:
+        return None
+    except Exception as exc:  # a compiler or driver error, or a wrong result
+        log.warning("triton row kernels disabled on %s (%s): %s", device, dtype, exc)
+        return None
+    return kernel
+
+
+def gpu_kernel_for(
+    enabled: bool, device: torch.device, dtype: torch.dtype
+) -> TritonRowKernel | None:
+    """The kernels for a module of ``dtype`` on ``device`` when the policy ``enabled``
+    them: CUDA only, and only where ``triton_row_kernel()`` passes."""
+    if (
+        enabled
+        and device.type == "cuda"
+        and dtype in (torch.float32, torch.float16, torch.bfloat16)
+    ):
+        return triton_row_kernel(device, dtype)
+    return None

@@ -1,0 +1,147 @@
+"""The Triton row kernel (CUDA serving) against a plain per-row float64 reference, and its
+capability check. Without a GPU, Triton's interpreter runs the kernel on the CPU; on a
+CUDA machine the same tests run the compiled kernel there."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+from flora.serving import ServingModel, ServingPolicy, reference_forward
+from flora.serving import gpu_kernel as gk
+from tests.unit.test_cpu_kernel import Proj, served_proj
+
+MODULE = "flora.serving._row_kernel_triton"
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def kernel(monkeypatch):  # type: ignore[no-untyped-def]
+    """The kernel, compiled on a CUDA machine, else as Triton's interpreter runs it
+    (``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates, so the module is imported
+    afresh with it set, and dropped afterwards)."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.delitem(sys.modules, MODULE, raising=False)
+    yield gk.TritonRowKernel(importlib.import_module(MODULE))
+    if DEVICE.type == "cpu":
+        sys.modules.pop(MODULE, None)
+
+
+def bank(gen, n_in: int, n_out: int, ranks: list[int], rank_major: bool):  # type: ignore[no-untyped-def]
+    """``A: [S, in, R]``, ``B: [S, R, out]`` with NaN beyond each slot's rank (reading it
+    would show); ``rank_major`` stores ``A`` as the CPU kernel's ``[S, R, in]``, viewed."""
+    cap = max(ranks)
+    a = torch.randn(len(ranks), n_in, cap, generator=gen)
+    b = torch.randn(len(ranks), cap, n_out, generator=gen)
+    for s, r in enumerate(ranks):
+        a[s, :, r:] = float("nan")
+        b[s, r:] = float("nan")
+    if rank_major:
+        a = a.transpose(1, 2).contiguous().transpose(1, 2)
+    return a, b
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 20])  # decode; short rows; two token tiles
+@pytest.mark.parametrize("rank_major", [False, True])
+def test_mixed_ranks_and_base_rows_match_reference(kernel, tokens: int, rank_major: bool) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(tokens)
+    ranks = [4, 0, 19, 1]  # slot 1 not loaded here; 19 needs the 32-wide rank tile
+    slots = [0, -1, 2, 3, 1, 0]
+    a, b = (t.to(DEVICE) for t in bank(gen, 100, 70, ranks, rank_major))  # odd widths
+    x = torch.randn(len(slots) * tokens, 100, generator=gen).to(DEVICE)
+    y0 = torch.randn(x.shape[0], 70, generator=gen).to(DEVICE)
+    y = y0.clone()
+    as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    kernel(y, x, as_int(slots), as_int(ranks), a, b, gk.block_rank(max(ranks)))
+    want = y0.double() + gk.reference(x, slots, ranks, a, b)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    untouched = torch.tensor([ranks[s] == 0 if s >= 0 else True for s in slots])
+    untouched = untouched.repeat_interleave(tokens).to(DEVICE)
+    assert torch.equal(y[untouched], y0[untouched])  # bit for bit
+    assert not torch.equal(y[~untouched], y0[~untouched])
+
+
+def test_half_precision_accumulates_in_float32(kernel) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(1)
+    ranks, slots = [8, 16], [1, 0, -1]
+    a, b = (t.to(DEVICE, torch.float16) for t in bank(gen, 64, 48, ranks, rank_major=False))
+    x = torch.randn(3, 64, generator=gen).to(DEVICE, torch.float16)
+    y = torch.zeros(3, 48, dtype=torch.float16, device=DEVICE)
+    as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    kernel(y, x, as_int(slots), as_int(ranks), a, b, gk.block_rank(16))
+    want = gk.reference(x, slots, ranks, a, b)
+    torch.testing.assert_close(y.double(), want, rtol=2e-3, atol=2e-2)
+
+
+def test_block_rank() -> None:
+    assert [gk.block_rank(r) for r in (1, 8, 16, 17, 32, 33, 64)] == [16, 16, 16, 32, 32, 64, 64]
+
+
+def test_self_test_passes_and_catches_a_wrong_kernel(kernel) -> None:  # type: ignore[no-untyped-def]
+    gk.self_test(kernel, DEVICE, torch.float32)
+
+    class Skips(gk.TritonRowKernel):  # adds nothing
+        def __call__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    with pytest.raises(AssertionError):
+        gk.self_test(Skips(kernel._k), DEVICE, torch.float32)
+
+
+def test_capability_check(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    cpu = torch.device("cpu")
+    assert gk.gpu_kernel_for(True, cpu, torch.float32) is None  # CUDA only
+    cuda = torch.device("cuda")
+    assert gk.gpu_kernel_for(False, cuda, torch.float32) is None  # the policy's switch
+    assert gk.gpu_kernel_for(True, cuda, torch.int8) is None
+    gk.triton_row_kernel.cache_clear()
+    try:
+        monkeypatch.setenv("FLORA_TRITON", "0")
+        assert gk.triton_row_kernel(cpu, torch.float32) is None
+        monkeypatch.setenv("FLORA_TRITON", "1")
+        gk.triton_row_kernel.cache_clear()
+
+        def fails(*args) -> None:  # type: ignore[no-untyped-def]
+            raise RuntimeError("no kernel image is available for execution on the device")
+
+        monkeypatch.setattr(gk, "self_test", fails)
+        with caplog.at_level("WARNING"):
+            assert gk.triton_row_kernel(cpu, torch.float32) is None
+        assert "triton row kernels disabled" in caplog.text and "no kernel image" in caplog.text
+    finally:
+        gk.triton_row_kernel.cache_clear()
+
+
+def test_served_linear_uses_the_kernels_and_falls_back_under_autograd(kernel, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from flora.serving import linear
+
+    monkeypatch.setattr(linear, "gpu_kernel_for", lambda enabled, *a: kernel if enabled else None)
+    serving, ref, adapters = served_proj(ServingPolicy(cpu_kernel=False), DEVICE)
+    routing = [1, None, 0, 1]
+    serving.set_routing(routing)
+    plan = serving.routing.plans[0]
+    assert type(plan).__name__ == "_TritonPlan"
+    slots = {k: a["q"] for k, a in enumerate(adapters)}
+    for t in (1, 17):
+        x = torch.randn(4, 24, t, device=DEVICE).transpose(1, 2)  # non-contiguous
+        with torch.no_grad():
+            got = serving.model.q(x)
+        torch.testing.assert_close(got, reference_forward(ref.q, x, routing, slots))
+    assert plan.torch_path is None
+    x = torch.randn(4, 2, 24, device=DEVICE, requires_grad=True)
+    got = serving.model.q(x)
+    got.sum().backward()
+    assert plan.torch_path is not None and x.grad is not None
+    torch.testing.assert_close(got, reference_forward(ref.q, x, routing, slots))
+    off = ServingModel(
+        Proj(), max_slots=1, policy=ServingPolicy(cpu_kernel=False, gpu_kernel=False)
+    )
+    off.load_modules(0, adapters[0])
+    off.set_routing([0, None])
+    assert type(off.routing.plans[0]).__name__ != "_TritonPlan"
