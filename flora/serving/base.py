@@ -43,8 +43,8 @@ class ServingPolicy:
     sibling projections, each row's own rank of work) when numba is importable; the torch
     kernels above are then the fallback (autograd, other dtypes) and the reference.
     ``gpu_kernel``: Linear/Conv1D on a CUDA device run every per-row routing through the
-    Triton kernels of ``flora.serving.gpu_kernel`` (SGMV/BGMV style: each row's slot read
-    in place up to its own rank) when triton is installed and their self-test passes on
+    Triton kernel of ``flora.serving.gpu_kernel`` (SGMV/BGMV style: each row's slot read
+    in place up to its own rank) when triton is installed and its self-test passes on
     that device; the torch kernels are then the fallback (autograd) and the reference.
     ``factor_dtype``: storage of those modules' factor banks when the kernel serves them
     (``None``: the model's dtype). ``torch.bfloat16`` halves the bytes each distinct

@@ -1,4 +1,4 @@
-"""Triton per-row low-rank kernels for CUDA serving (SGMV/BGMV style), behind a
+"""A Triton per-row low-rank kernel for CUDA serving (SGMV/BGMV style), behind a
 capability check.
 
 Why: on a GPU the torch "rows" path gathers every row's factors into a contiguous copy
@@ -9,9 +9,9 @@ launch per projection (after the base GEMM) whatever the mix of adapters and ran
 "rows" makes two.
 
 ``gpu_kernel_for()`` / ``triton_row_kernel()`` are the capability check: ``None`` (the
-torch paths then serve, and they stay the reference the kernels are tested against)
-unless triton imports, the module is on a CUDA device, and a self-test of both kernels on
-that device matches the torch reference.
+torch paths then serve, and they stay the reference the kernel is tested against)
+unless triton imports, the module is on a CUDA device, and a self-test of the kernel on
+that device matches the float64 reference.
 """
 
 from __future__ import annotations
@@ -71,14 +71,14 @@ class TritonRowKernel:
 
 
 def block_rank(rank: int) -> int:
-    """The kernels' rank tile for ranks up to ``rank``: a power of two, at least 16."""
+    """The kernel's rank tile for ranks up to ``rank``: a power of two, at least 16."""
     return max(16, 1 << max(0, rank - 1).bit_length())
 
 
 def reference(
     x: torch.Tensor, slots: list[int], ranks: list[int], a: torch.Tensor, b: torch.Tensor
 ) -> torch.Tensor:
-    """The update the kernels add, per row in float64 (for tests and the self-test)."""
+    """The update the kernel adds, per row in float64 (for tests and the self-test)."""
     tokens = x.shape[0] // len(slots)
     out = torch.zeros(x.shape[0], b.shape[2], dtype=torch.float64, device=x.device)
     for row, s in enumerate(slots):
@@ -107,9 +107,9 @@ def self_test(kernel: TritonRowKernel, device: torch.device, dtype: torch.dtype)
 
 @functools.cache
 def triton_row_kernel(device: torch.device, dtype: torch.dtype) -> TritonRowKernel | None:
-    """The kernels for ``dtype`` modules on ``device`` after a self-test there, or ``None``
+    """The kernel for ``dtype`` modules on ``device`` after a self-test there, or ``None``
     (triton missing, or it fails to compile or to match the reference on this device:
-    logged once, and the torch paths serve). ``FLORA_TRITON=0`` turns them off."""
+    logged once, and the torch paths serve). ``FLORA_TRITON=0`` turns it off."""
     if os.environ.get("FLORA_TRITON", "1") == "0":
         return None
     try:
@@ -120,7 +120,7 @@ def triton_row_kernel(device: torch.device, dtype: torch.dtype) -> TritonRowKern
     except ImportError:
         return None
     except Exception as exc:  # a compiler or driver error, or a wrong result
-        log.warning("triton row kernels disabled on %s (%s): %s", device, dtype, exc)
+        log.warning("triton row kernel disabled on %s (%s): %s", device, dtype, exc)
         return None
     return kernel
 
@@ -128,12 +128,8 @@ def triton_row_kernel(device: torch.device, dtype: torch.dtype) -> TritonRowKern
 def gpu_kernel_for(
     enabled: bool, device: torch.device, dtype: torch.dtype
 ) -> TritonRowKernel | None:
-    """The kernels for a module of ``dtype`` on ``device`` when the policy ``enabled``
-    them: CUDA only, and only where ``triton_row_kernel()`` passes."""
-    if (
-        enabled
-        and device.type == "cuda"
-        and dtype in (torch.float32, torch.float16, torch.bfloat16)
-    ):
+    """The kernel for a module of ``dtype`` on ``device`` when the policy ``enabled``
+    it: CUDA only, and only where ``triton_row_kernel()`` passes."""
+    if enabled and device.type == "cuda" and dtype in _DTYPES:
         return triton_row_kernel(device, dtype)
     return None

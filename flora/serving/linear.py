@@ -246,7 +246,7 @@ class _KernelPlan:
 
 
 class _TritonPlan:
-    """CUDA: ``y = base(x)``, then the Triton kernels add every row's ``(x @ A_s) @ B_s``
+    """CUDA: ``y = base(x)``, then the Triton kernel adds every row's ``(x @ A_s) @ B_s``
     in place, reading each row's slot from the bank up to its own rank
     (``flora.serving.gpu_kernel``). The routing (row slots, then every slot's rank here)
     goes to the device once, when the plan is built. ``torch_plan`` builds the torch path,
@@ -393,7 +393,7 @@ class ServedLinear(ServedTwoMode):
 
     Each slot holds the folded update ``A = U_in``, ``B = s (U_out G)^T`` (see
     ``fold_two_mode``), so serving adds a rank-``r`` update per row: the fused CPU kernel
-    (``_KernelPlan``) where ``kernel_for`` gives one, the Triton kernels (``_TritonPlan``)
+    (``_KernelPlan``) where ``kernel_for`` gives one, the Triton kernel (``_TritonPlan``)
     where ``gpu_kernel_for`` does, else two small matmuls ("wide" or "rows").
     """
 

@@ -126,7 +126,7 @@ class ServingModel:
             # 150 MiB of resident memory (numba and LLVM), a fixed cost of the process. A
             # model with no linear layer (a conv body) never needs it.
             kernel_for(self.policy.cpu_kernel, self.device, self.dtype)
-            # On CUDA: compile the Triton kernels and self-test them now (a few seconds).
+            # On CUDA: compile the Triton kernel and self-test it now (a few seconds).
             gpu_kernel_for(self.policy.gpu_kernel, self.device, self.dtype)
         self.routing = RoutingState()
         self._wrapped: dict[str, ServedModule] = {}

@@ -113,12 +113,14 @@ def test_capability_check(monkeypatch, caplog) -> None:  # type: ignore[no-untyp
         monkeypatch.setattr(gk, "self_test", fails)
         with caplog.at_level("WARNING"):
             assert gk.triton_row_kernel(cpu, torch.float32) is None
-        assert "triton row kernels disabled" in caplog.text and "no kernel image" in caplog.text
+        assert "triton row kernel disabled" in caplog.text and "no kernel image" in caplog.text
     finally:
         gk.triton_row_kernel.cache_clear()
 
 
-def test_served_linear_uses_the_kernels_and_falls_back_under_autograd(kernel, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_served_linear_uses_the_kernel_and_falls_back_under_autograd_on_the_gpu_path(
+    kernel, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     from flora.serving import linear
 
     monkeypatch.setattr(linear, "gpu_kernel_for", lambda enabled, *a: kernel if enabled else None)
