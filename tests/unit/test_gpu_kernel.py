@@ -4,6 +4,7 @@ CUDA machine the same tests run the compiled kernel there."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import sys
 
@@ -18,6 +19,7 @@ MODULE = "flora.serving._row_kernel_triton"
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+GPU_POLICY = ServingPolicy(cpu_kernel=False)  # the numba kernel off: the CPU runs the GPU path
 
 
 @pytest.fixture
@@ -147,3 +149,39 @@ def test_served_linear_uses_the_kernel_and_falls_back_under_autograd_on_the_gpu_
     off.load_modules(0, adapters[0])
     off.set_routing([0, None])
     assert type(off.routing.plans[0]).__name__ != "_TritonPlan"
+
+
+def test_a_mixed_llama_batch_through_the_kernel_matches_each_row_alone(kernel, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """End to end on a tiny llama: three adapters (one with per-module ranks, one also on
+    the embeddings) and a base row in one batch, prefill then a cached decode step, every
+    projection through the Triton kernel; each row equals the model run alone with its
+    adapter applied by ``flora.apply_adapter``."""
+    from flora.serving import linear
+    from tests.unit.test_serving_llama import (
+        CACHE_KWARG,
+        CONFIGS,
+        alone,
+        make_adapter,
+        tiny_llama,
+    )
+
+    monkeypatch.setattr(linear, "gpu_kernel_for", lambda enabled, *a: kernel if enabled else None)
+    torch.manual_seed(0)
+    base = tiny_llama()
+    adapters = [make_adapter(base, c, seed=i) for i, c in enumerate(CONFIGS)]
+    serving = ServingModel(copy.deepcopy(base).to(DEVICE), max_slots=4, policy=GPU_POLICY)
+    for slot, adapter in enumerate(adapters):
+        serving.load(slot, adapter)
+    rows = [0, 1, None, 2, 1, 0]
+    ids = torch.randint(0, 100, (len(rows), 7), generator=torch.Generator().manual_seed(1))
+    serving.set_routing(rows)
+    kinds = {type(p).__name__ for p in serving.routing.plans if p is not None}
+    assert "_TritonPlan" in kinds and "_KernelPlan" not in kinds
+    with torch.no_grad():
+        prefill = serving(ids[:, :6].to(DEVICE), use_cache=True)
+        cache = {CACHE_KWARG: prefill.past_key_values}
+        decode = serving(ids[:, 6:].to(DEVICE), **cache)
+    for b, slot in enumerate(rows):
+        want = alone(base, None if slot is None else adapters[slot], ids[b : b + 1])
+        torch.testing.assert_close(prefill.logits[b].cpu(), want[0, :6], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decode.logits[b].cpu(), want[0, 6:], atol=1e-5, rtol=1e-5)

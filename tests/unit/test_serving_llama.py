@@ -25,6 +25,14 @@ CONFIGS = [
 ]
 
 
+# transformers renamed past_key_values -> cache (5.2x); accept either
+CACHE_KWARG = (
+    "cache"
+    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    else "past_key_values"
+)
+
+
 def tiny_llama() -> LlamaForCausalLM:
     cfg = LlamaConfig(
         vocab_size=100,
@@ -79,13 +87,7 @@ def test_mixed_batch_prefill_and_decode_match_each_row_alone(setup) -> None:
     serving.set_routing(rows)
     with torch.no_grad():
         prefill = serving(ids[:, :6], use_cache=True)
-        # transformers renamed past_key_values -> cache (5.2x); accept either
-        key = (
-            "cache"
-            if "cache" in inspect.signature(base.forward).parameters
-            else ("past_key_values")
-        )
-        decode = serving(ids[:, 6:], **{key: prefill.past_key_values}).logits
+        decode = serving(ids[:, 6:], **{CACHE_KWARG: prefill.past_key_values}).logits
     for b, slot in enumerate(rows):
         want = alone(base, None if slot is None else adapters[slot], ids[b : b + 1])
         torch.testing.assert_close(prefill.logits[b], want[0, :6], atol=1e-5, rtol=1e-5)
