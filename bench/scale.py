@@ -26,9 +26,7 @@ time after a few warm-up calls; p50/p99 and the response size.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,13 +159,8 @@ def run(cfg: ScaleConfig, log: Any = print) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick-run", action="store_true", help="a smoke test: 100 adapters")
-    parser.add_argument("--model", default=sb.DEFAULT_MODEL, help="zoo name or model directory")
-    args = parser.parse_args(argv)
-    cfg = quick_config(args.model) if args.quick_run else ScaleConfig(model=args.model)
-    print(json.dumps(run(cfg), indent=2, default=float))
-    return 0
+    full = lambda model: ScaleConfig(model=model)  # noqa: E731
+    return sb.cli(__doc__, run, quick_config, full, "a smoke test: 100 adapters", argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ ends first, then waits at most ``drain_s`` for stragglers (cancelled ones count 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -224,13 +223,8 @@ def run(cfg: LoadConfig, log: Any = print) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick-run", action="store_true", help="a smoke test: few requests")
-    parser.add_argument("--model", default=sb.DEFAULT_MODEL, help="zoo name or model directory")
-    args = parser.parse_args(argv)
-    cfg = quick_config(args.model) if args.quick_run else LoadConfig(model=args.model)
-    print(json.dumps(run(cfg), indent=2, default=float))
-    return 0
+    full = lambda model: LoadConfig(model=model)  # noqa: E731
+    return sb.cli(__doc__, run, quick_config, full, "a smoke test: few requests", argv)
 
 
 if __name__ == "__main__":

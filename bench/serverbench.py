@@ -8,8 +8,10 @@ the server loads (so the saved fingerprint matches), random non-zero cores, and
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import socket
@@ -18,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -178,3 +181,22 @@ async def upload_all(
 
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+def cli(
+    doc: str,
+    run: Callable[[Any], dict],
+    quick: Callable[[str], Any],
+    full: Callable[[str], Any],
+    quick_help: str,
+    argv: list[str] | None = None,
+) -> int:
+    """The command line of a server-level bench item: ``--quick-run`` (``quick(model)``,
+    a smoke test) or the full config ``full(model)``; prints ``run(config)`` as JSON."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick-run", action="store_true", help=quick_help)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="zoo name or model directory")
+    args = parser.parse_args(argv)
+    cfg = quick(args.model) if args.quick_run else full(args.model)
+    print(json.dumps(run(cfg), indent=2, default=float))
+    return 0

@@ -27,6 +27,18 @@ def load_base(settings: Settings) -> Any:
     return models.load(settings.model, device=device, dtype=dtype, home=settings.home)
 
 
+def _engine_settings(settings: Settings, metrics: ServerMetrics) -> dict[str, Any]:
+    """The keyword arguments every engine takes from the server's settings."""
+    return {
+        "max_batch_size": settings.max_batch_size,
+        "max_queue": settings.max_queue,
+        "max_slots": settings.max_slots,
+        "host_cache_bytes": settings.host_cache_bytes,
+        "adapter_dtype": settings.adapter_dtype,
+        "metrics": metrics,
+    }
+
+
 def llm_engine(
     loaded: Any, settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
 ) -> Any:
@@ -35,13 +47,8 @@ def llm_engine(
     return LLMEngine(
         loaded,
         registry,
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        max_slots=settings.max_slots,
-        host_cache_bytes=settings.host_cache_bytes,
         max_new_tokens_cap=settings.max_new_tokens,
-        adapter_dtype=settings.adapter_dtype,
-        metrics=metrics,
+        **_engine_settings(settings, metrics),
     )
 
 
@@ -56,13 +63,8 @@ def batch_engine(
     return engine_class(
         loaded,
         registry,
-        adapter_dtype=settings.adapter_dtype,
-        max_slots=settings.max_slots,
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        host_cache_bytes=settings.host_cache_bytes,
         max_wait=settings.batch_wait_ms / 1000,
-        metrics=metrics,
+        **_engine_settings(settings, metrics),
     )
 
 
