@@ -13,6 +13,11 @@ uvicorn's own handler would close the listener at once and, since 0.29, re-raise
 after shutting down (exit status 143); `DrainingServer` keeps the first SIGTERM to itself.
 A second SIGTERM or a SIGINT takes uvicorn's usual path.
 
+Connections: a request head must arrive within `--header-timeout` and a kept-alive connection
+idles at most `--keep-alive-timeout` (`flora_server.connections`). With `--probe-port`, a
+second listener in the same event loop serves `/health` and `/ready` only; it stops with the
+main server.
+
 If the engine worker dies (`engine.healthy` turns False) `/health` answers 503, and the
 watchdog shuts the server down with exit status `ENGINE_DEAD_EXIT` so that a supervisor
 (Kubernetes, systemd) restarts it even without a liveness probe.
@@ -20,6 +25,7 @@ watchdog shuts the server down with exit status `ENGINE_DEAD_EXIT` so that a sup
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -28,6 +34,8 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+
+from flora_server.connections import PROBE_MAX_CONNECTIONS, ProbeOnlyApp, header_timeout_protocol
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +55,16 @@ def in_flight(app: Any) -> int:
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server with a draining SIGTERM and an engine-death watchdog."""
 
-    def __init__(self, config: uvicorn.Config, app: Any, shutdown_timeout: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: Any,
+        shutdown_timeout: float,
+        probe_config: uvicorn.Config | None = None,
+    ) -> None:
         super().__init__(config)
         self.flora_app = app
+        self.probe = None if probe_config is None else uvicorn.Server(probe_config)
         self.shutdown_timeout = shutdown_timeout
         self.exit_code = 0
         self._draining = threading.Event()
@@ -90,6 +105,18 @@ class DrainingServer(uvicorn.Server):
                 self.should_exit = True
                 return
 
+    async def serve(self, sockets: Any = None) -> None:
+        probe_task = None
+        if self.probe is not None:
+            # Its own `_serve`: the signal handlers belong to the main server alone.
+            probe_task = asyncio.create_task(self.probe._serve())
+        try:
+            await super().serve(sockets)
+        finally:
+            if probe_task is not None:
+                self.probe.should_exit = True
+                await probe_task
+
     def run(self, sockets: Any = None) -> None:
         try:
             super().run(sockets)
@@ -99,22 +126,33 @@ class DrainingServer(uvicorn.Server):
 
 def serve(app: Any, settings: Any) -> int:
     """Run `app` under uvicorn with flora's limits and lifecycle; returns the exit status."""
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        # h11 enforces a cap on the request line + headers (431 past it); httptools has no
-        # such knob, so the parser is pinned. The body is capped by RequestGuardMiddleware.
-        http="h11",
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        # Connections beyond this get 503 from uvicorn itself, before any app code runs.
-        limit_concurrency=settings.max_connections,
-        # After the drain, what is left gets only a short grace before it is cancelled.
-        timeout_graceful_shutdown=2,
-        timeout_keep_alive=5,
-    )
-    server = DrainingServer(config, app, settings.shutdown_timeout)
+    config = _config(app, settings, settings.port, settings.max_connections, lifespan="on")
+    probe = None
+    if settings.probe_port is not None:
+        probe = _config(ProbeOnlyApp(app), settings, settings.probe_port, PROBE_MAX_CONNECTIONS)
+    server = DrainingServer(config, app, settings.shutdown_timeout, probe)
     server.watch_engine()
     server.run()
     return server.exit_code
+
+
+def _config(
+    app: Any, settings: Any, port: int, max_connections: int, lifespan: str = "off"
+) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=port,
+        log_level=settings.log_level,
+        lifespan=lifespan,
+        # h11 enforces a cap on the request line + headers (431 past it); httptools has no
+        # such knob, so the parser is pinned. The body is capped by RequestGuardMiddleware.
+        # The protocol adds the head timeout uvicorn lacks (slowloris).
+        http=header_timeout_protocol(settings.header_timeout),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        # Connections beyond this get 503 from uvicorn itself, before any app code runs.
+        limit_concurrency=max_connections,
+        # After the drain, what is left gets only a short grace before it is cancelled.
+        timeout_graceful_shutdown=2,
+        timeout_keep_alive=settings.keep_alive_timeout,
+    )

@@ -80,7 +80,15 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Bearer keys for /v1/adapters (also inference), KEY or KEY:TENANT",
     )
-    metrics_public: bool = Field(True, description="serve /metrics without a key")
+    metrics_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer keys that may read /metrics and nothing else (for Prometheus)",
+    )
+    metrics_public: bool = Field(
+        False,
+        description="serve /metrics without a key even when keys are configured (refused "
+        "when a key is bound to a tenant: the labels name every tenant's adapters)",
+    )
     shutdown_timeout: float = Field(30.0, gt=0, description="seconds to drain on shutdown")
     request_timeout: float = Field(300.0, gt=0, description="seconds before a request is dropped")
     max_upload_bytes: int = Field(
@@ -95,6 +103,36 @@ class Settings(BaseSettings):
     max_header_count: int = Field(100, ge=8, description="most HTTP headers in one request")
     max_connections: int = Field(
         1024, ge=1, description="open HTTP connections before uvicorn answers 503 itself"
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="seconds a client has to send a request line and headers, from connect "
+        "or from the first byte of the next request on a kept-alive connection; then the "
+        "connection is closed (slowloris)",
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, le=3600, description="seconds an idle kept-alive connection stays open"
+    )
+    probe_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="a second listener on this port that serves only /health and /ready, with "
+        "its own connection cap, so probes answer while the main port is saturated",
+    )
+    max_staging_bytes: int = Field(
+        1024 * 1024 * 1024,
+        gt=0,
+        description="bytes that uploads being received may hold in the staging directory "
+        "at once; past it an upload answers 507 with Retry-After",
+    )
+    staging_stale_seconds: float = Field(
+        3600.0,
+        ge=1,
+        description="staged upload parts and temp files untouched this long are leftovers of "
+        "a crash: removed at start and by a sweep every stale/4 seconds (at most 5 min)",
     )
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     max_batch_size: int = Field(32, ge=1, description="rows in the running batch")
@@ -129,7 +167,7 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 
-    @field_validator("adapters", "api_keys", "admin_keys", mode="before")
+    @field_validator("adapters", "api_keys", "admin_keys", "metrics_keys", mode="before")
     @classmethod
     def _lists_from_csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -175,9 +213,19 @@ class Settings(BaseSettings):
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
         from flora_server.auth import parse_keys
 
-        keys = parse_keys(self.api_keys, self.admin_keys)  # ValueError on a bad KEY:TENANT
+        # ValueError on a bad KEY:TENANT (or a tenant on a metrics key)
+        keys = parse_keys(self.api_keys, self.admin_keys, self.metrics_keys)
         if len({k.key for k in keys}) != len(keys):
-            raise ValueError("a key is listed twice (or is both an inference and an admin key)")
+            raise ValueError("a key is listed twice (or is listed as two kinds of key)")
+        if self.metrics_public and any(k.tenant is not None for k in keys):
+            raise ValueError(
+                "metrics_public cannot be on while a key is bound to a tenant: /metrics labels "
+                "name every tenant's adapters (give Prometheus a metrics key instead)"
+            )
+        if self.probe_port is not None and self.probe_port != 0 and self.probe_port == self.port:
+            raise ValueError("probe_port must differ from port")
+        if self.max_staging_bytes < self.max_upload_bytes:
+            raise ValueError("max_staging_bytes must be at least max_upload_bytes")
         return self
 
     @property
