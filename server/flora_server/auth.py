@@ -1,7 +1,8 @@
 """API keys, roles and tenants.
 
 `FLORA_API_KEYS` (inference) and `FLORA_ADMIN_KEYS` (adapter management, also inference) are
-comma-separated lists; an entry `KEY:TENANT` binds the key to a tenant. A tenant owns the
+comma-separated lists; an entry `KEY:TENANT` binds the key to a tenant. `FLORA_METRICS_KEYS`
+may read `/metrics` and nothing else (a scraper's token; never bound to a tenant). A tenant owns the
 adapters whose id starts with `TENANT.` (ids cannot contain `/`, so the namespace is a
 prefix): a tenant-bound key sees and uses only those, and every other adapter answers 404 as
 if it did not exist. A key without a tenant sees every adapter.
@@ -24,7 +25,7 @@ from typing import Literal
 TENANT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _TENANT_RE = re.compile(TENANT_PATTERN)
 
-Role = Literal["inference", "admin"]
+Role = Literal["inference", "admin", "metrics"]
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,25 @@ def parse_key(entry: str, role: Role) -> ApiKey:
         raise ValueError(f"empty key in {role} key entry")
     if sep and not _TENANT_RE.fullmatch(tenant):
         raise ValueError(f"tenant of a {role} key must match {TENANT_PATTERN}")
+    if sep and role == "metrics":
+        raise ValueError("a metrics key cannot be bound to a tenant (it reads every label)")
     return ApiKey(key, role, tenant or None)
 
 
-def parse_keys(api_keys: list[str], admin_keys: list[str]) -> list[ApiKey]:
+def parse_keys(
+    api_keys: list[str], admin_keys: list[str], metrics_keys: list[str] | tuple[str, ...] = ()
+) -> list[ApiKey]:
     """Every configured key with its role and tenant (admin entries first)."""
     keys = [parse_key(e, "admin") for e in admin_keys]
     keys += [parse_key(e, "inference") for e in api_keys]
+    keys += [parse_key(e, "metrics") for e in metrics_keys]
     return keys
+
+
+def may_read_metrics(key: ApiKey) -> bool:
+    """`/metrics` labels name every tenant's adapters: only a metrics key or an admin key
+    bound to no tenant may read them."""
+    return key.role == "metrics" or (key.role == "admin" and key.tenant is None)
 
 
 def identify(presented: str, keys: list[ApiKey]) -> ApiKey | None:

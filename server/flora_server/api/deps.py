@@ -63,8 +63,10 @@ CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)
 
 
 @functools.lru_cache(maxsize=8)
-def _keys(api_keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> list[auth.ApiKey]:
-    return auth.parse_keys(list(api_keys), list(admin_keys))
+def _keys(
+    api_keys: tuple[str, ...], admin_keys: tuple[str, ...], metrics_keys: tuple[str, ...]
+) -> list[auth.ApiKey]:
+    return auth.parse_keys(list(api_keys), list(admin_keys), metrics_keys)
 
 
 def _presented_key(
@@ -76,9 +78,8 @@ def _presented_key(
             "missing API key (Authorization: Bearer ...)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    key = auth.identify(
-        credentials.credentials, _keys(tuple(settings.api_keys), tuple(settings.admin_keys))
-    )
+    keys = _keys(tuple(settings.api_keys), tuple(settings.admin_keys), tuple(settings.metrics_keys))
+    key = auth.identify(credentials.credentials, keys)
     if key is None:
         raise APIError(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
     return key
@@ -90,6 +91,8 @@ async def require_inference_key(settings: SettingsDep, credentials: CredentialsD
     """Inference routes: any inference or admin key when keys are configured."""
     if settings.auth_enabled:
         key = _presented_key(settings, credentials)
+        if key.role == "metrics":
+            raise APIError(403, "a metrics key may only read /metrics")
         auth.set_principal(auth.Principal(key.role, key.tenant))
     else:
         auth.set_principal(auth.OPEN)
@@ -107,8 +110,17 @@ async def require_admin_key(settings: SettingsDep, credentials: CredentialsDep) 
 
 
 async def require_metrics_access(settings: SettingsDep, credentials: CredentialsDep) -> None:
-    if settings.auth_enabled and not settings.metrics_public:
-        _presented_key(settings, credentials)
+    """`/metrics`: open on a server without keys (or with `metrics_public`, which settings
+    refuse while tenants exist); else a metrics key or an admin key without a tenant."""
+    if settings.metrics_public or not (settings.auth_enabled or settings.metrics_keys):
+        return
+    key = _presented_key(settings, credentials)
+    if not auth.may_read_metrics(key):
+        raise APIError(
+            403,
+            "/metrics needs a metrics key or an admin key bound to no tenant "
+            "(its labels name every tenant's adapters)",
+        )
 
 
 def require_kind(*kinds: str, neutral_paths: frozenset[str] = frozenset()) -> Callable[..., None]:

@@ -127,7 +127,9 @@ def test_auth_inference_admin_and_open_routes(keyed):
     assert r.status_code == 403
     assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
     assert client.get("/metrics").status_code == 401
-    assert client.get("/metrics", headers=inf).status_code == 200
+    # Metrics labels name every adapter: an inference key may not read them, an admin may.
+    assert client.get("/metrics", headers=inf).status_code == 403
+    assert client.get("/metrics", headers=adm).status_code == 200
 
 
 def test_metrics_expose_latency_by_adapter_and_lora_info(tmp_path):
