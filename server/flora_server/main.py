@@ -16,12 +16,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI
+from starlette.requests import ClientDisconnect
 
 from flora_server.adapters.freshness import StoreRechecker
 from flora_server.adapters.registry import (
     AdapterRegistry,
     AdapterValidator,
 )
+from flora_server.adapters.staging import UPLOADS_DIR, StagingBudget, StagingJanitor
 from flora_server.adapters.stores import open_store
 from flora_server.api import adapters, classify, embeddings, generate, health, openai
 from flora_server.api.deps import require_inference_key, require_kind
@@ -105,11 +107,16 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Leftovers of a crash (staged uploads, temp files) go before anything is served.
+        janitor = StagingJanitor(settings.adapter_store_dir, settings.staging_stale_seconds)
+        await asyncio.to_thread(janitor.sweep)
+        janitor.start()
         task = asyncio.create_task(_start_engine(app, factory))
         app.state.startup_task = task
         try:
             yield
         finally:
+            janitor.stop()
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -134,8 +141,9 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     # answers for a fraction of the recheck bound. A directory is asked every time.
     exists_ttl = 0.0 if settings.adapter_store_url is None else settings.store_recheck_seconds / 2
     app.state.registry = AdapterRegistry(
-        store, settings.adapter_store_dir / ".uploads", exists_ttl=exists_ttl
+        store, settings.adapter_store_dir / UPLOADS_DIR, exists_ttl=exists_ttl
     )
+    app.state.staging_budget = StagingBudget(settings.max_staging_bytes)
     app.state.rechecker = None
     app.state.engine = None
     app.state.warmed = False
@@ -164,8 +172,12 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
 
 
 class RequestMetricsMiddleware:
-    """Counts requests by route template and status (pure ASGI, so streaming and client
-    disconnects pass through untouched)."""
+    """Counts requests by route template and status (pure ASGI, so streaming passes through
+    untouched).
+
+    A client that goes away while its body is read (an abandoned upload) is not a server
+    error: it is logged in one line, counted in `flora_client_disconnects_total{route}` and
+    not in the status counts; no answer can reach it anyway."""
 
     def __init__(self, app: Any, metrics: ServerMetrics) -> None:
         self.app = app
@@ -184,10 +196,22 @@ class RequestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        # The route template, not the raw path: ids in paths must not become labels.
         try:
             await self.app(scope, receive, send_wrapper)
-        finally:
-            # The route template, not the raw path: ids in paths must not become labels.
+        except ClientDisconnect:
             path = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.http_requests.labels(path, scope["method"], str(status)).inc()
-            self.metrics.http_latency.labels(path).observe(time.monotonic() - start)
+            logger.info(
+                "client disconnected during %s %s: request abandoned", scope["method"], path
+            )
+            self.metrics.client_disconnects.labels(path).inc()
+            return
+        except BaseException:
+            self._count(scope, status, start)  # 500 unless the response had started
+            raise
+        self._count(scope, status, start)
+
+    def _count(self, scope: Any, status: int, start: float) -> None:
+        path = getattr(scope.get("route"), "path", "unmatched")
+        self.metrics.http_requests.labels(path, scope["method"], str(status)).inc()
+        self.metrics.http_latency.labels(path).observe(time.monotonic() - start)

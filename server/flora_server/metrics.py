@@ -116,6 +116,12 @@ class ServerMetrics:
             ["route", "method", "status"],
             registry=r,
         )
+        self.client_disconnects = Counter(
+            "flora_client_disconnects",
+            "Requests whose client went away before the request body was read (not errors)",
+            ["route"],
+            registry=r,
+        )
         self.http_latency = Histogram(
             "flora_http_request_seconds",
             "HTTP request duration by route",

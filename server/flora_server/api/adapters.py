@@ -27,6 +27,7 @@ from flora_server.adapters.registry import (
     StagedUpload,
     UploadDigestError,
 )
+from flora_server.adapters.staging import StagingBudget, StagingFullError
 from flora_server.adapters.store import StoredAdapter, StoredAdapterMissingError
 from flora_server.api.deps import MaybeEngineDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_admin_key as _auth
@@ -194,6 +195,13 @@ async def _read_form(
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes")
+    budget: StagingBudget = request.app.state.staging_budget
+    if declared is not None and declared.isdigit() and int(declared) > budget.limit:
+        raise APIError(
+            413, f"upload of {declared} bytes exceeds the staging space of {budget.limit}"
+        )
+    hold = budget.hold()
+    stack.callback(hold.release)  # after the staged files (entered later) are removed
     form = _StreamingForm(registry, stack)
     parser = MultipartParser(options[b"boundary"], form.callbacks())
     received = 0
@@ -202,6 +210,12 @@ async def _read_form(
             received += len(chunk)
             if received > limit:
                 raise APIError(413, f"upload exceeds the limit of {limit} bytes")
+            try:
+                hold.add(len(chunk))
+            except StagingFullError as exc:
+                raise APIError(
+                    507, str(exc), type="insufficient_storage", headers={"Retry-After": "5"}
+                ) from None
             # File writes happen in the callbacks: keep them off the event loop.
             await asyncio.to_thread(parser.write, chunk)
         parser.finalize()
