@@ -73,6 +73,15 @@ SERVICE_MONITOR = _resource(
                         "scheme": {"enum": ["http", "https"]},
                         "interval": _DURATION,
                         "scrapeTimeout": _DURATION,
+                        "authorization": _strict(
+                            {
+                                "type": _STRING,
+                                "credentials": _strict(
+                                    {"name": _STRING, "key": _STRING},
+                                    ["name", "key"],
+                                ),
+                            }
+                        ),
                     },
                     ["port"],
                 ),

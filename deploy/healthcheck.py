@@ -1,7 +1,8 @@
 """Container health probe for Docker's HEALTHCHECK: exit 0 when `/health` answers 200.
 
 Kubernetes does not use this (the Deployment has its own probes). Standard library only, so
-it runs in the image without curl. The port comes from `FLORA_PORT`, as the server's does.
+it runs in the image without curl. The port is `FLORA_PROBE_PORT` when set (the probe
+listener answers while the main port is saturated), else `FLORA_PORT`, as the server's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def probe(url: str, timeout: float = 4.0) -> bool:
 
 def health_url(environ: Mapping[str, str]) -> str:
     """The liveness URL of the server in this container."""
-    port = environ.get("FLORA_PORT", "8000")
+    port = environ.get("FLORA_PROBE_PORT") or environ.get("FLORA_PORT", "8000")
     return f"http://127.0.0.1:{port}/health"
 
 

@@ -275,9 +275,23 @@ def overlay_problems(docs: list[Manifest], image_uid: int | None = None) -> list
             f"+ FLORA_SHUTDOWN_TIMEOUT {drain} s"
         )
     container_port = str(container["ports"][0]["containerPort"])
-    if config_data(docs, deployment).get("FLORA_PORT") != container_port:
+    config = config_data(docs, deployment)
+    if config.get("FLORA_PORT") != container_port:
         problems.append("FLORA_PORT differs from the container port")
+    problems += _probe_port_problems(container, config.get("FLORA_PROBE_PORT"))
     return problems
+
+
+def _probe_port_problems(container: Manifest, probe_port: str | None) -> Iterator[str]:
+    """With FLORA_PROBE_PORT, every probe targets the container port of that number (the
+    main port answers 503 once its connections are exhausted)."""
+    if probe_port is None:
+        return
+    numbers = {p["name"]: str(p["containerPort"]) for p in container["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        port = container.get(probe, {}).get("httpGet", {}).get("port")
+        if numbers.get(port) != probe_port:
+            yield f"{probe} must use the probe port {probe_port} (FLORA_PROBE_PORT), not {port!r}"
 
 
 def adapter_rule_problems(config_yaml: dict[str, Any], helm_values: dict[str, Any]) -> list[str]:

@@ -15,7 +15,12 @@ from pydantic import ValidationError
 from flora_server.settings import Settings
 
 # Flags whose name differs from the field (the field is a list, the flag is singular).
-_FLAG_NAMES = {"adapters": "adapter", "api_keys": "api-key", "admin_keys": "admin-key"}
+_FLAG_NAMES = {
+    "adapters": "adapter",
+    "api_keys": "api-key",
+    "admin_keys": "admin-key",
+    "metrics_keys": "metrics-key",
+}
 
 
 def _is_list(annotation: Any) -> bool:

@@ -87,6 +87,20 @@ def test_probes_and_security_context(rendered: dict[str, Docs]) -> None:
     assert container["startupProbe"]["httpGet"]["path"] == "/ready"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    # Probes use the probe listener (FLORA_PROBE_PORT), which the Service does not expose.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "probe": 8001}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "probe"
+    assert one(rendered["cpu"], "ConfigMap")["data"]["FLORA_PROBE_PORT"] == "8001"
+    assert {p["targetPort"] for p in one(rendered["cpu"], "Service")["spec"]["ports"]} == {"http"}
+    # Prometheus scrapes with a bearer token that the server reads as its metrics key.
+    endpoint = one(rendered["cpu"], "ServiceMonitor")["spec"]["endpoints"][0]
+    token = endpoint["authorization"]["credentials"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FLORA_METRICS_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == token["name"]
+    assert token["name"] in {d["metadata"]["name"] for d in of_kind(rendered["cpu"], "Secret")}
+    assert one(rendered["cpu"], "ConfigMap")["data"]["FLORA_METRICS_PUBLIC"] == "false"
     # 60 x 5 s: five minutes for the model load before liveness starts.
     assert container["startupProbe"]["failureThreshold"] * 5 == 300
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -156,7 +170,7 @@ def test_invariants_catch_broken_manifests(rendered: dict[str, Docs]) -> None:
     assert overlay_problems(rendered["cpu"], 10001) == []
     docs = copy.deepcopy(rendered["cpu"])
     one(docs, "ConfigMap")["data"]["FLORA_SHUTDOWN_TIMEOUT"] = "55"  # 10 + 55 > 60
-    secret = one(docs, "Secret")
+    secret = next(d for d in of_kind(docs, "Secret") if "FLORA_API_KEYS" in d["data"])
     secret["data"]["FLORA_API_KEYS"] = base64.b64encode(b"sk-real-looking-key").decode()
     server_container(one(docs, "Deployment"))["livenessProbe"]["httpGet"]["path"] = "/ready"
     docs.append(copy.deepcopy(one(rendered["keda"], "ScaledObject")))
@@ -165,6 +179,11 @@ def test_invariants_catch_broken_manifests(rendered: dict[str, Docs]) -> None:
     assert "key FLORA_API_KEYS is not a placeholder" in problems
     assert "livenessProbe must GET /health" in problems
     assert "more than one autoscaler" in problems
+    probe_moved = copy.deepcopy(rendered["cpu"])
+    server_container(one(probe_moved, "Deployment"))["readinessProbe"]["httpGet"]["port"] = "http"
+    assert overlay_problems(probe_moved, 10001) == [
+        "readinessProbe must use the probe port 8001 (FLORA_PROBE_PORT), not 'http'"
+    ]
     gpu = copy.deepcopy(rendered["gpu"])
     server_container(one(gpu, "Deployment"))["image"] = "ghcr.io/flora-serve/flora-serve:0.1.0"
     assert overlay_problems(gpu, 10001) == [
@@ -281,6 +300,8 @@ def test_healthcheck_follows_health_status(
     port, status = health_server
     monkeypatch.setenv("FLORA_PORT", str(port))
     assert healthcheck.health_url({"FLORA_PORT": str(port)}) == f"http://127.0.0.1:{port}/health"
+    both = {"FLORA_PORT": "8000", "FLORA_PROBE_PORT": "8001"}
+    assert healthcheck.health_url(both) == "http://127.0.0.1:8001/health"
     assert healthcheck.main() == 0
     status[0] = 503
     assert healthcheck.main() == 1
