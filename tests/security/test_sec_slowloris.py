@@ -6,6 +6,7 @@ closed; with more slow sockets than `--max-connections`, `/health` and `/ready` 
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 HEADER_TIMEOUT = 2.0
 KEEP_ALIVE = 1.0
 MAX_CONNECTIONS = 16
+SLACK = 3.0  # event-loop delay on a loaded CI machine; the head would need ~35 s to finish
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,6 @@ def server(tmp_path_factory):
     with running_server(model_dir, work / "store", *flags) as srv:
         srv.probe_url = f"http://127.0.0.1:{probe_port}"
         yield srv
-        assert srv.proc.poll() is None, "the server died\n" + srv.log()
 
 
 def _connect(url: str) -> socket.socket:
@@ -87,8 +88,8 @@ def _seconds_until_closed(sock: socket.socket, trickle: bytes = b"", limit: floa
 def test_head_sent_one_byte_a_second_is_closed_with_408(server):
     with _connect(server.url) as sock:
         took, answer = _seconds_until_closed(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-    # Three or so bytes made it in the 2 s; without the timeout the head completes in ~35 s.
-    assert HEADER_TIMEOUT - 0.2 <= took <= HEADER_TIMEOUT + 1.5, took
+    # Two or three bytes made it in; without the timeout the head would complete.
+    assert HEADER_TIMEOUT - 0.2 <= took <= HEADER_TIMEOUT + SLACK, took
     assert answer.startswith(b"HTTP/1.1 408 "), answer
 
 
@@ -96,12 +97,12 @@ def test_idle_connections_are_closed(server):
     # Connected, nothing sent: closed at the head timeout, without an answer.
     with _connect(server.url) as sock:
         took, answer = _seconds_until_closed(sock)
-    assert HEADER_TIMEOUT - 0.2 <= took <= HEADER_TIMEOUT + 1.5 and answer == b"", (took, answer)
+    assert HEADER_TIMEOUT - 0.2 <= took <= HEADER_TIMEOUT + SLACK and answer == b"", (took, answer)
     # After one answered request, an idle kept-alive connection: the keep-alive timeout.
     with _connect(server.url) as sock:
         _get_ok(sock, "/health")
         took, answer = _seconds_until_closed(sock)
-    assert took <= KEEP_ALIVE + 1.5 and answer == b"", (took, answer)
+    assert took <= KEEP_ALIVE + SLACK and answer == b"", (took, answer)
 
 
 def test_slow_second_head_on_a_kept_alive_connection_is_closed(server):
@@ -110,7 +111,7 @@ def test_slow_second_head_on_a_kept_alive_connection_is_closed(server):
     with _connect(server.url) as sock:
         _get_ok(sock, "/health")
         took, answer = _seconds_until_closed(sock, b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert HEADER_TIMEOUT - 0.2 <= took <= HEADER_TIMEOUT + 1.5, took
+    assert HEADER_TIMEOUT - 0.2 <= took <= HEADER_TIMEOUT + SLACK, took
     assert answer.startswith(b"HTTP/1.1 408 "), answer
 
 
@@ -150,3 +151,14 @@ def test_probes_answer_on_the_probe_port_while_the_main_port_is_exhausted(server
         sender.join()
         for sock in socks:
             sock.close()
+    assert server.proc.poll() is None, server.log()
+
+
+def test_sigterm_stops_both_listeners_with_status_0(server):
+    # Runs last: the probe listener must not keep the process alive after the main one.
+    assert httpx.get(f"{server.probe_url}/health", timeout=5).status_code == 200
+    server.signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0, server.log()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.probe_url}/health", timeout=2)
+    assert "Traceback" not in server.log(), server.log()
