@@ -195,11 +195,8 @@ async def _read_form(
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes")
+    # Settings keep the staging space >= max_upload_bytes: a lone upload always fits.
     budget: StagingBudget = request.app.state.staging_budget
-    if declared is not None and declared.isdigit() and int(declared) > budget.limit:
-        raise APIError(
-            413, f"upload of {declared} bytes exceeds the staging space of {budget.limit}"
-        )
     hold = budget.hold()
     stack.callback(hold.release)  # after the staged files (entered later) are removed
     form = _StreamingForm(registry, stack)
