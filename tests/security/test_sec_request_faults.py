@@ -230,3 +230,54 @@ def test_a_failed_batch_forward_of_the_encoder_fails_only_its_request(tmp_path, 
             r = client.post("/v1/embeddings", content=json.dumps(body), headers=JSON)
             assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
         assert client.get("/health").status_code == 200
+
+
+def test_a_failed_decode_fails_its_rows_and_the_newly_admitted_row_still_runs(monkeypatch):
+    """A decode forward that raises (simulated) leaves the culprit unknown: the running row
+    fails, while the request admitted in that same iteration is prefilled on its own and
+    returns its exact tokens, and the worker keeps serving."""
+    from flora_server.engine.batch import CausalBatch
+
+    class FlakyDecode(CausalBatch):
+        armed = False
+
+        def decode(self, model):  # type: ignore[override]
+            if FlakyDecode.armed:
+                FlakyDecode.armed = False
+                raise RuntimeError("simulated: the decode forward fails")
+            return super().decode(model)
+
+    real_step = stepper.Stepper.step
+    fired: list[bool] = []
+
+    def step(self, admitted, waiting):  # type: ignore[no-untyped-def]
+        # Fail the decode of exactly the step that also admits row-new.
+        new = any(r.request.request_id == "row-new" for r in admitted)
+        if self.batch is not None and new and not fired:
+            fired.append(True)
+            FlakyDecode.armed = True
+        return real_step(self, admitted, waiting)
+
+    monkeypatch.setattr(stepper, "CausalBatch", FlakyDecode)
+    monkeypatch.setattr(stepper.Stepper, "step", step)
+    torch.manual_seed(0)
+    engine = start_engine({})
+    try:
+
+        async def main():
+            running = asyncio.ensure_future(outcome(engine, request("row-run", [5, 17], None, 250)))
+            deadline = time.monotonic() + 20
+            while engine.stats().running != 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+            new = await outcome(engine, request("row-new", [9, 70, 3, 12], None, STEPS))
+            after = await outcome(engine, request("row-after", [40, 41, 42, 43], None, STEPS))
+            return await running, new, after
+
+        failed, new, after = asyncio.run(main())
+        assert fired, "row-new was not admitted while row-run was running"
+        assert isinstance(failed, RequestFailedError) and "decode forward fails" in str(failed)
+        assert new == _reference([9, 70, 3, 12]) and after == _reference([40, 41, 42, 43])
+        assert engine.healthy
+    finally:
+        asyncio.run(engine.shutdown(5))

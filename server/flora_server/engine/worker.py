@@ -243,18 +243,31 @@ class LLMEngine(WorkerThreadMixin):
         self._expire_waiting(waiting)
         admitted = self._admit(waiting)
         if self._stepper.batch is not None or admitted:
-            try:
-                self._stepper.step(admitted, [h.request.adapter_id for h in waiting])
-            except Exception as exc:
-                # A batched forward failed and the culprit row is unknown (a failing
-                # prefill is already retried row by row inside `step`): the rows of this
-                # step fail, the worker keeps serving the queue.
-                log.exception("decode step failed; failing the running requests")
-                self._stepper.fail_all(exc)
-                self._stepper.fail(admitted, exc)
+            self._step(admitted, [h.request.adapter_id for h in waiting])
         else:
             self._stepper.mode = "idle"
         self._publish_stats(waiting)
+
+    def _step(self, admitted: list[RowState], waiting: list[str | None]) -> None:
+        """`Stepper.step`, with failures kept to the rows they belong to. A failing prefill
+        is already retried row by row inside `step`. A decode forward that raises leaves
+        the culprit unknown and the shared KV cache half-extended: the running rows fail;
+        the rows admitted in this iteration, not yet run, are prefilled on their own."""
+        try:
+            self._stepper.step(admitted, waiting)
+            return
+        except Exception as exc:
+            log.exception("decode step failed; failing the running requests")
+            self._stepper.fail_all(exc)
+        fresh = [row for row in admitted if row.finished is None]
+        if not fresh:
+            return
+        try:
+            self._stepper.step(fresh, waiting)
+        except Exception as exc:
+            log.exception("prefill after a failed decode step failed")
+            self._stepper.fail_all(exc)
+            self._stepper.fail(fresh, exc)
 
     def _drain_inbox(self, waiting: deque[RequestHandle], block: bool, timeout: float) -> None:
         items = []
