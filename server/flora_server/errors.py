@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -109,10 +110,49 @@ def engine_error_to_api(exc: EngineError) -> APIError:
     return APIError(500, str(exc) or type(exc).__name__, type="server_error")
 
 
+_LOC_ROOTS = ("body", "query", "path", "header")
+# Types a malformed body can fail with while FastAPI parses it (before any validation).
+_BODY_PARSE_ERRORS = (UnicodeDecodeError, RecursionError)
+
+
+def _is_union_member(part: Any) -> bool:
+    # pydantic names the member of a union in the location: "str", "list[ContentPart]",
+    # "function-before[valid_unicode(), str]", "list[constrained-int]"; no field does.
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
 def _field_name(loc: tuple[Any, ...]) -> str:
     # ("body", "parameters", "max_new_tokens") -> "parameters.max_new_tokens"
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [str(p) for p in loc if p not in _LOC_ROOTS and not _is_union_member(p)]
     return ".".join(parts) or "body"
+
+
+def _validation_errors(errors: Sequence[Any]) -> list[tuple[str, str]]:
+    """(field, message) pairs, one per field. A union field fails once per member: where
+    one member said what is wrong with the value, the other members' "not a string"-style
+    type errors under the same top-level field are noise and dropped. Invalid JSON names the
+    body and where it broke (not the position as a field)."""
+    found: list[tuple[str, str, str]] = []  # (field, type, message)
+    for e in errors:
+        kind = str(e.get("type", ""))
+        if kind == "json_invalid":
+            loc = tuple(e.get("loc", ()))
+            where = f" at position {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+            reason = (e.get("ctx") or {}).get("error", "")
+            found.append(("body", kind, f"invalid JSON{where}: {reason}".rstrip(": ")))
+            continue
+        message = str(e.get("msg", "")).removeprefix("Value error, ")
+        found.append((_field_name(tuple(e.get("loc", ()))), kind, message))
+    specific = {f.split(".")[0] for f, kind, _ in found if not kind.endswith("_type")}
+
+    def noise(field: str, kind: str) -> bool:
+        return kind.endswith("_type") and field.split(".")[0] in specific
+
+    out: dict[str, str] = {}
+    for field, kind, message in found:
+        if not noise(field, kind):
+            out.setdefault(field, message)
+    return list(out.items())
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -131,18 +171,24 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, _BODY_PARSE_ERRORS):
+            # FastAPI answers 400 when the JSON parser itself raised: bytes that are not
+            # UTF-8, or nesting deeper than the parser's recursion limit. Like any other
+            # malformed body, that is a 422 on the body.
+            reason = (
+                "not valid UTF-8"
+                if isinstance(exc.__cause__, UnicodeDecodeError)
+                else "nested too deeply"
+            )
+            return _response(APIError(422, f"body: invalid JSON: {reason}", param="body"))
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return _response(APIError(exc.status_code, message, headers=exc.headers))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        param = _field_name(tuple(first.get("loc", ())))
-        messages = "; ".join(
-            f"{_field_name(tuple(e.get('loc', ())))}: {e.get('msg', '')}" for e in errors
-        )
-        return _response(APIError(422, messages, param=param))
+        errors = _validation_errors(exc.errors()) or [("body", "invalid request")]
+        messages = "; ".join(f"{name}: {msg}" for name, msg in errors)
+        return _response(APIError(422, messages, param=errors[0][0]))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -5,7 +5,10 @@ SIGTERM (Kubernetes deleting the pod):
    the Service), `/health` stays 200, new inference requests answer 503 with Retry-After;
 2. the listener stays open while running and queued requests finish, for up to
    `FLORA_SHUTDOWN_TIMEOUT` seconds;
-3. then uvicorn shuts down: whatever still runs is cancelled (the handler's task is
+3. then the engine ends what is left with an error (`fail_in_flight`): a stream gets a final
+   error event (and `data: [DONE]` in the OpenAI shape) and its body ends cleanly; a
+   non-streaming request gets a 503;
+4. then uvicorn shuts down: whatever still runs is cancelled (the handler's task is
    cancelled, which closes its event stream, which cancels the engine row), the lifespan
    stops the engine, and the process exits 0.
 
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_DEAD_EXIT = 3
 _POLL_SECONDS = 0.05
+_FINAL_EVENT_SECONDS = 1.0  # after the shutdown timeout: for the engine to fail the rest
 
 
 def in_flight(app: Any) -> int:
@@ -89,8 +93,22 @@ class DrainingServer(uvicorn.Server):
             time.sleep(_POLL_SECONDS)
         left = in_flight(self.flora_app)
         if left:
-            log.warning("shutdown timeout: cancelling %d requests", left)
+            log.warning("shutdown timeout: ending %d requests with an error", left)
+            self._fail_in_flight()
         self.should_exit = True
+
+    def _fail_in_flight(self) -> None:
+        """Have the engine end what still runs with an error (streams get a final error
+        event and close cleanly), and give the handlers a moment to write it. Engines
+        without `fail_in_flight` (non-streaming batch engines) are cancelled as before."""
+        fail = getattr(getattr(self.flora_app.state, "engine", None), "fail_in_flight", None)
+        if fail is None:
+            return
+        fail("the server is shutting down (FLORA_SHUTDOWN_TIMEOUT expired)")
+        deadline = time.monotonic() + _FINAL_EVENT_SECONDS
+        while time.monotonic() < deadline and in_flight(self.flora_app) > 0:
+            time.sleep(_POLL_SECONDS)
+        time.sleep(_POLL_SECONDS)  # the handlers write their final event on the loop
 
     def watch_engine(self) -> None:
         """Start the watchdog thread (call before `run`)."""

@@ -40,7 +40,7 @@ from flora_server.schemas.adapters import (
     AdapterList,
     AdapterUploadResponse,
 )
-from flora_server.schemas.common import ERROR_RESPONSES
+from flora_server.schemas.common import ERROR_RESPONSES, UPLOAD_ERROR_RESPONSES
 from flora_server.settings import is_valid_adapter_id
 
 router = APIRouter(
@@ -274,7 +274,10 @@ def _check_visible(adapter_id: str) -> None:
     response_model=AdapterUploadResponse,
     summary="Upload an adapter (validated against the loaded base before it is stored)",
     openapi_extra=_UPLOAD_SCHEMA,
-    responses={200: {"model": AdapterUploadResponse, "description": "unchanged or replaced"}},
+    responses={
+        200: {"model": AdapterUploadResponse, "description": "unchanged or replaced"},
+        **UPLOAD_ERROR_RESPONSES,
+    },
 )
 async def upload_adapter(
     request: Request,

@@ -15,11 +15,16 @@ from flora_server.api.deps import (
     require_metrics_access,
 )
 from flora_server.errors import error_body
+from flora_server.schemas.common import PROBE_503_RESPONSES
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", summary="Liveness: the process and its engine thread are alive")
+@router.get(
+    "/health",
+    summary="Liveness: the process and its engine thread are alive",
+    responses=PROBE_503_RESPONSES,
+)
 async def health(engine: MaybeEngineDep) -> JSONResponse:
     # Never waits on the engine: a busy engine is alive. Only a dead worker thread is not.
     if engine is not None and not engine.healthy:
@@ -27,7 +32,11 @@ async def health(engine: MaybeEngineDep) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready", summary="Readiness: 503 until the base model is loaded and warmed")
+@router.get(
+    "/ready",
+    summary="Readiness: 503 until the base model is loaded and warmed",
+    responses=PROBE_503_RESPONSES,
+)
 async def ready(request: Request, engine: MaybeEngineDep) -> JSONResponse:
     state = request.app.state
     if is_draining(request):

@@ -134,7 +134,9 @@ async def _stream(
 ) -> StreamingResponse:
     """Start `request` (errors before the first event are a status code) and stream its
     chunks as SSE: the opening chunk if `chunk(None, None)` gives one, a chunk per token
-    with text, the finish chunk, a usage chunk when `stream_options.include_usage`, [DONE]."""
+    with text, the finish chunk, a usage chunk when `stream_options.include_usage`, [DONE].
+    A failure after the first event (the request's own, or the server shutting down) is an
+    error object followed by [DONE]."""
     first, stream = await sampling.open_stream(engine, request, metrics)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
@@ -157,7 +159,10 @@ async def _stream(
                 event = await anext(stream)
         except Exception as exc:
             logger.warning("stream %s failed: %s", request.request_id, exc)
+            # An error object, then [DONE] as after any stream, so that clients reading
+            # up to [DONE] (vLLM's shape) stop there.
             yield sampling.sse_error(exc)
+            yield sampling.sse("[DONE]")
         finally:
             await stream.aclose()
 

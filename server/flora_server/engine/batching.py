@@ -8,7 +8,8 @@ Worker loop, one iteration:
 3. resolve each request's adapter to a device slot (`AdapterCache.lookup`, as the LLM engine
    does; a miss starts a background load and only that request waits) and pin it;
 4. `run_batch`: one forward over every admitted row with per-row routing through
-   `flora.serving`, then hand each request its result (or its own error).
+   `flora.serving`, then hand each request its result (or its own error). A forward that
+   raises is retried one request at a time, so only the request that causes it fails.
 
 Subclasses implement `run_batch` and `warm_up`; they run on the worker thread only.
 """
@@ -275,9 +276,13 @@ class BatchEngine(WorkerThreadMixin):
             if job.adapter_id is not None:
                 try:
                     slot = self.cache.lookup(job.adapter_id)
-                except EngineError as exc:
+                except Exception as exc:
+                    # This request's failure (its adapter cannot load), not the worker's.
                     pending.remove(job)
                     self._done_waiting()
+                    if not isinstance(exc, EngineError):
+                        log.exception("admitting a request for %s failed", job.adapter_id)
+                        exc = RequestFailedError(f"{type(exc).__name__}: {exc}")
                     job.resolve(exc)
                     continue
                 if slot is None:
@@ -304,10 +309,7 @@ class BatchEngine(WorkerThreadMixin):
         rows = sum(len(job.inputs) for job in batch)
         mode = "batched" if any(job.slot is not None for job in batch) else "base"
         try:
-            results = self.run_batch(batch)
-        except Exception as exc:
-            log.exception("batch forward failed")
-            results = [RequestFailedError(f"the forward failed: {exc}")] * len(batch)
+            results = self._run_isolated(batch)
         finally:
             for job in batch:
                 if job.slot is not None:
@@ -325,6 +327,20 @@ class BatchEngine(WorkerThreadMixin):
             self._stats = EngineStats(
                 rows, self._stats.waiting, self._adapters(batch), (), self.max_slots, mode
             )
+
+    def _run_isolated(self, batch: list[BatchJob]) -> list[Any]:
+        """`run_batch(batch)`; if the batched forward raises, each request runs alone so
+        that the failure stays with the request that causes it."""
+        try:
+            results = self.run_batch(batch)
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for {len(batch)} requests")
+            return results
+        except Exception as exc:
+            log.exception("batch forward failed")
+            if len(batch) == 1:
+                return [RequestFailedError(f"the forward failed: {exc}")]
+        return [self._run_isolated([job])[0] for job in batch]
 
     @staticmethod
     def _adapters(jobs: Any) -> tuple[str, ...]:

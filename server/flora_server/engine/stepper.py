@@ -18,6 +18,7 @@ from flora_server.engine.batch import CausalBatch
 from flora_server.engine.metrics import EngineMetrics
 from flora_server.engine.policy import Mode, choose_mode, update_streak
 from flora_server.engine.protocol import (
+    EngineError,
     FinishEvent,
     FinishReason,
     RequestFailedError,
@@ -136,14 +137,6 @@ class Stepper:
     def _sample(self, rows: Sequence[RowState], logits: torch.Tensor) -> torch.Tensor:
         """logits: [B, V] float32 -> tokens [B]; records and emits each row's token."""
         params = [r.request.params for r in rows]
-        tensors = SamplingTensors.from_params(params, logits.device)
-        seen = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            lists = [
-                r.seen if p.repetition_penalty != 1.0 else []
-                for r, p in zip(rows, params, strict=True)
-            ]
-            seen = seen_mask(lists, logits.shape[-1], logits.device)
         # A row whose logits are not finite (an adapter that overflows) fails alone; its
         # logits are zeroed so sampling the others is unaffected, and it leaves the batch
         # at the next drop_finished.
@@ -152,8 +145,7 @@ class Stepper:
             bad = [r for r, ok in zip(rows, finite.tolist(), strict=True) if not ok]
             self.fail(bad, FloatingPointError("the model produced non-finite logits"))
             logits = torch.where(finite.unsqueeze(1), logits, torch.zeros_like(logits))
-        processed = process_logits(logits, tensors, seen)
-        tokens = select_tokens(processed, tensors.do_sample, [r.generator for r in rows])
+        tokens = self._select_each(rows, logits)
         logprobs = None
         if any(p.logprobs for p in params):
             logprobs = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
@@ -161,6 +153,25 @@ class Stepper:
             if row.finished is not None:
                 continue
             self._advance(row, token, logprobs[i] if logprobs and params[i].logprobs else None)
+        return tokens
+
+    def _select_each(self, rows: Sequence[RowState], logits: torch.Tensor) -> torch.Tensor:
+        """Tokens [B] for `rows`. If the batched processing raises, each row is sampled
+        alone and a row that still raises fails by itself (its token is a placeholder
+        that is never emitted); a single row's failure propagates to the caller."""
+        try:
+            return _select(rows, logits)
+        except Exception:
+            if len(rows) == 1:
+                raise
+        tokens = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+        for i, row in enumerate(rows):
+            if row.finished is not None:
+                continue
+            try:
+                tokens[i] = _select([row], logits[i : i + 1])[0]
+            except Exception as exc:
+                self.fail([row], exc)
         return tokens
 
     def _advance(self, row: RowState, token: int, logprob: float | None) -> None:
@@ -215,11 +226,14 @@ class Stepper:
         for row in rows:
             if row.finished is None:
                 row.finished = "error"
-                row.handle.emit(
-                    RequestFailedError(
+                # An EngineError already says what the client gets (the server stopping:
+                # 503); anything else is this request's server error.
+                error = exc
+                if not isinstance(exc, EngineError):
+                    error = RequestFailedError(
                         f"request {row.request.request_id} failed: {type(exc).__name__}: {exc}"
                     )
-                )
+                row.handle.emit(error)
                 if row.slot is not None:
                     self.cache.unpin(row.slot)
 
@@ -251,3 +265,17 @@ class Stepper:
         batch, _ = CausalBatch.prefill(self.model, [[token_id]], [None])
         self.runtime.set_routing([None])
         batch.decode(self.model)
+
+
+def _select(rows: Sequence[RowState], logits: torch.Tensor) -> torch.Tensor:
+    """Process `logits` [B, V] with each row's sampling parameters and pick its token [B]."""
+    params = [r.request.params for r in rows]
+    tensors = SamplingTensors.from_params(params, logits.device)
+    seen = None
+    if any(p.repetition_penalty != 1.0 for p in params):
+        lists = [
+            r.seen if p.repetition_penalty != 1.0 else [] for r, p in zip(rows, params, strict=True)
+        ]
+        seen = seen_mask(lists, logits.shape[-1], logits.device)
+    processed = process_logits(logits, tensors, seen)
+    return select_tokens(processed, tensors.do_sample, [r.generator for r in rows])

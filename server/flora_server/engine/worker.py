@@ -112,6 +112,7 @@ class LLMEngine(WorkerThreadMixin):
         self._stats = EngineStats(0, 0, (), (), max_slots, "idle")
         self._init_worker("flora-engine")
         self._abort = False
+        self._fail_reason: str | None = None  # set by fail_in_flight
 
     # -- GenerationEngine ------------------------------------------------------------
 
@@ -168,6 +169,14 @@ class LLMEngine(WorkerThreadMixin):
                 self._wake()
                 await asyncio.to_thread(self._thread.join, 5.0)
         self.cache.close()
+
+    def fail_in_flight(self, reason: str) -> None:
+        """End every running and queued request now with an `EngineNotReadyError(reason)`
+        (a 503, or a final error event in a stream that already began), and any that
+        arrive later. The server calls it when its shutdown timeout expires, so that
+        streams still running end with an error event instead of being cut off."""
+        self._fail_reason = reason
+        self._wake()
 
     # -- helpers for the event-loop side -----------------------------------------------
 
@@ -228,18 +237,37 @@ class LLMEngine(WorkerThreadMixin):
     def _iterate(self, waiting: deque[RequestHandle]) -> None:
         idle = self._stepper.batch is None
         self._drain_inbox(waiting, block=idle, timeout=0.5 if not waiting else 0.02)
+        if self._fail_reason is not None:
+            self._fail_everything(waiting, EngineNotReadyError(self._fail_reason))
         self.cache.apply_invalidations()
         self._expire_waiting(waiting)
         admitted = self._admit(waiting)
         if self._stepper.batch is not None or admitted:
-            try:
-                self._stepper.step(admitted, [h.request.adapter_id for h in waiting])
-            except Exception as exc:
-                log.exception("decode step failed; failing the running requests")
-                self._stepper.fail_all(exc)
+            self._step(admitted, [h.request.adapter_id for h in waiting])
         else:
             self._stepper.mode = "idle"
         self._publish_stats(waiting)
+
+    def _step(self, admitted: list[RowState], waiting: list[str | None]) -> None:
+        """`Stepper.step`, with failures kept to the rows they belong to. A failing prefill
+        is already retried row by row inside `step`. A decode forward that raises leaves
+        the culprit unknown and the shared KV cache half-extended: the running rows fail;
+        the rows admitted in this iteration, not yet run, are prefilled on their own."""
+        try:
+            self._stepper.step(admitted, waiting)
+            return
+        except Exception as exc:
+            log.exception("decode step failed; failing the running requests")
+            self._stepper.fail_all(exc)
+        fresh = [row for row in admitted if row.finished is None]
+        if not fresh:
+            return
+        try:
+            self._stepper.step(fresh, waiting)
+        except Exception as exc:
+            log.exception("prefill after a failed decode step failed")
+            self._stepper.fail_all(exc)
+            self._stepper.fail(fresh, exc)
 
     def _drain_inbox(self, waiting: deque[RequestHandle], block: bool, timeout: float) -> None:
         items = []
@@ -254,6 +282,13 @@ class LLMEngine(WorkerThreadMixin):
             except queue.Empty:
                 break
         waiting.extend(item for item in items if item is not _WAKE)
+
+    def _fail_everything(self, waiting: deque[RequestHandle], exc: EngineError) -> None:
+        self._stepper.fail_all(exc)
+        for handle in waiting:
+            self._finish_waiting(handle, "error")
+            handle.emit(exc)
+        waiting.clear()
 
     def _finish_waiting(self, handle: RequestHandle, reason: str) -> None:
         with self._lock:
@@ -280,24 +315,43 @@ class LLMEngine(WorkerThreadMixin):
         for handle in list(waiting):
             if len(admitted) >= room:
                 break
-            adapter_id = handle.request.adapter_id
-            slot = None
-            if adapter_id is not None:
-                try:
-                    slot = self.cache.lookup(adapter_id)
-                except EngineError as exc:
-                    waiting.remove(handle)
-                    self._finish_waiting(handle, "error")
-                    handle.emit(exc)
-                    continue
-                if slot is None:
-                    continue
-                self.cache.pin(slot)
+            try:
+                row = self._admit_one(handle)
+            except Exception as exc:
+                # Whatever admitting this one request raised (an adapter that fails to
+                # load, a parameter torch refuses) is its own failure, not the worker's.
+                waiting.remove(handle)
+                self._finish_waiting(handle, "error")
+                if not isinstance(exc, EngineError):
+                    log.exception("admitting %s failed", handle.request.request_id)
+                    exc = RequestFailedError(
+                        f"request {handle.request.request_id} failed: {type(exc).__name__}: {exc}"
+                    )
+                handle.emit(exc)
+                continue
+            if row is None:
+                continue  # its adapter is still loading
             waiting.remove(handle)
             with self._lock:
                 self._waiting_count -= 1
-            admitted.append(self._row(handle, slot))
+            admitted.append(row)
         return admitted
+
+    def _admit_one(self, handle: RequestHandle) -> RowState | None:
+        """The request's row, its adapter pinned on a slot; None while the adapter loads."""
+        adapter_id = handle.request.adapter_id
+        slot = None
+        if adapter_id is not None:
+            slot = self.cache.lookup(adapter_id)
+            if slot is None:
+                return None
+            self.cache.pin(slot)
+        try:
+            return self._row(handle, slot)
+        except BaseException:
+            if slot is not None:
+                self.cache.unpin(slot)
+            raise
 
     def _row(self, handle: RequestHandle, slot: int | None) -> RowState:
         params = handle.request.params

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flora_server.schemas.limits import ValidText
+
 
 class ClassifyRequest(BaseModel):
     """JSON body. Image servers: `inputs` are base64 images (JPEG, PNG or WebP; a
@@ -11,8 +13,8 @@ class ClassifyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[str] = Field(min_length=1, description="base64 images or texts")
-    adapter_id: str | None = Field(None, description="adapter to use; none: the base model")
+    inputs: list[ValidText] = Field(min_length=1, description="base64 images or texts")
+    adapter_id: ValidText | None = Field(None, description="adapter to use; none: the base model")
     top_k: int = Field(5, ge=1, le=1000, description="labels per input, best first")
 
 

@@ -28,3 +28,21 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         503: "the model is not loaded yet",
     }.items()
 }
+
+
+def _responses(texts: dict[int, str]) -> dict[int | str, dict[str, object]]:
+    return {status: {"model": ErrorResponse, "description": text} for status, text in texts.items()}
+
+
+UPLOAD_ERROR_RESPONSES = _responses(
+    {
+        400: "malformed multipart body, or the sha256 field does not match the bytes",
+        409: "the id exists with other bytes (pass overwrite=true), or a concurrent upload won",
+        413: "the upload exceeds FLORA_MAX_UPLOAD_BYTES",
+        415: "not multipart/form-data",
+    }
+)
+
+PROBE_503_RESPONSES = _responses(
+    {503: "/health: the engine worker stopped; /ready: loading, start-up failed or draining"}
+)

@@ -6,15 +6,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flora_server.schemas.limits import PositiveCount, ValidText
+
 
 class EmbeddingRequest(BaseModel):
     # OpenAI clients send `user` and sometimes `dimensions`; unknown fields are ignored.
     model_config = ConfigDict(extra="ignore")
 
-    input: str | list[str] = Field(description="a text or a list of texts")
-    model: str | None = Field(None, description="an adapter id, or the base model's name")
+    input: ValidText | list[ValidText] = Field(description="a text or a list of texts")
+    model: ValidText | None = Field(None, description="an adapter id, or the base model's name")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, description="not supported: must be the model's own")
+    dimensions: PositiveCount | None = Field(
+        None, description="not supported: must be the model's own"
+    )
     user: str | None = None
 
 

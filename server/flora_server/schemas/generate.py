@@ -6,33 +6,43 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flora_server.schemas.limits import (
+    Count,
+    Penalty,
+    PositiveCount,
+    Probability,
+    Seed,
+    Temperature,
+    ValidText,
+)
+
 
 class GenerateParameters(BaseModel):
     # TGI/LoRAX clients send fields we do not use (adapter_source, api_token, ...): ignore
     # those; fields we cannot honour are rejected by the router with a 422 naming them.
     model_config = ConfigDict(extra="ignore")
 
-    adapter_id: str | None = Field(None, description="adapter to apply; null for the base")
-    max_new_tokens: int | None = Field(None, ge=1)
+    adapter_id: ValidText | None = Field(None, description="adapter to apply; null for the base")
+    max_new_tokens: PositiveCount | None = None
     do_sample: bool = False
-    temperature: float | None = Field(None, gt=0)
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0)
-    stop: list[str] = Field(default_factory=list)
-    repetition_penalty: float | None = Field(None, gt=0)
+    temperature: Temperature | None = None
+    top_k: PositiveCount | None = None
+    top_p: Probability | None = None
+    seed: Seed | None = None
+    stop: list[ValidText] = Field(default_factory=list)
+    repetition_penalty: Penalty | None = None
     details: bool = False
     decoder_input_details: bool = False
     return_full_text: bool = False
-    best_of: int | None = Field(None, ge=1)
-    top_n_tokens: int | None = Field(None, ge=0)
-    typical_p: float | None = Field(None, gt=0, lt=1)
+    best_of: PositiveCount | None = None
+    top_n_tokens: Count | None = None
+    typical_p: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
     watermark: bool = False
-    truncate: int | None = None
+    truncate: Count | None = None
 
 
 class GenerateRequest(BaseModel):
-    inputs: str = Field(min_length=1)
+    inputs: ValidText = Field(min_length=1)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False
 

@@ -6,6 +6,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flora_server.schemas.limits import (
+    Count,
+    Penalty,
+    PositiveCount,
+    Probability,
+    Seed,
+    TokenId,
+    ValidText,
+)
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -14,51 +24,51 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, description="an adapter id, or the base model's name")
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = 1
+    model: ValidText = Field(min_length=1, description="an adapter id, or the base model's name")
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: Probability | None = None
+    n: PositiveCount = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stop: ValidText | list[ValidText] | None = None
+    seed: Seed | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM-style extras (openai clients send them through `extra_body`).
-    top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    top_k: PositiveCount | None = None
+    repetition_penalty: Penalty | None = None
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(None, ge=1)
-    logprobs: int | None = Field(None, ge=0)
+    prompt: ValidText | list[ValidText] | list[TokenId]
+    max_tokens: PositiveCount | None = None
+    logprobs: Count | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: PositiveCount | None = None
 
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: str
-    text: str | None = None
+    text: ValidText | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: ValidText | list[ContentPart] | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: PositiveCount | None = None
+    max_completion_tokens: PositiveCount | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: Count | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
