@@ -116,7 +116,8 @@ def test_generate_stream_format_and_equals_non_streaming(app):
         assert set(e) == {"index", "token", "top_tokens", "generated_text", "details"}
         assert e["index"] == i and e["top_tokens"] is None
         assert e["generated_text"] is None and e["details"] is None
-        assert set(e["token"]) == {"id", "text", "logprob", "special", "skipped", "alternative_tokens"}
+        token_fields = {"id", "text", "logprob", "special", "skipped", "alternative_tokens"}
+        assert set(e["token"]) == token_fields
         assert isinstance(e["token"]["logprob"], float)
     last = events[-1]
     assert last["generated_text"] == full["generated_text"] == "stream"
