@@ -13,8 +13,8 @@ from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDe
 from flora_server.api.deps import require_inference_key as _auth
 from flora_server.engine.protocol import FinishEvent, FinishReason, Logprob, TokenEvent
 from flora_server.errors import invalid_field
-from flora_server.schemas.common import ERROR_RESPONSES
 from flora_server.schemas.generate import (
+    TGI_ERROR_RESPONSES,
     AlternativeToken,
     Details,
     FinishReasonTGI,
@@ -28,7 +28,7 @@ from flora_server.schemas.generate import (
 )
 
 logger = logging.getLogger(__name__)
-router = APIRouter(tags=["generate"], dependencies=[Depends(_auth)], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["generate"], dependencies=[Depends(_auth)], responses=TGI_ERROR_RESPONSES)
 
 _TGI_REASON: dict[FinishReason, FinishReasonTGI] = {
     "length": "length",

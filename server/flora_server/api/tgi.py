@@ -10,10 +10,14 @@ from fastapi import APIRouter, Depends, Request
 from flora_server.api import generate
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
-from flora_server.schemas.common import ERROR_RESPONSES
-from flora_server.schemas.generate import GenerateRequest, GenerateResponse, Info
+from flora_server.schemas.generate import (
+    TGI_ERROR_RESPONSES,
+    GenerateRequest,
+    GenerateResponse,
+    Info,
+)
 
-router = APIRouter(tags=["generate"], dependencies=[Depends(_auth)], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["generate"], dependencies=[Depends(_auth)], responses=TGI_ERROR_RESPONSES)
 
 
 @router.post(

@@ -18,17 +18,15 @@ from flora_server.errors import APIError, engine_error_to_api
 
 TGI_PATHS = frozenset({"/", "/generate", "/generate_stream", "/info"})
 
+# TGI's error types; other statuses keep this API's type (authentication_error,
+# not_found_error, payload_too_large, timeout_error, ...) and clients fall back on the status.
 _ERROR_TYPE_BY_STATUS = {
     400: "validation",
-    413: "validation",
-    415: "validation",
     422: "validation",
-    431: "validation",
     429: "overloaded",
     503: "overloaded",
     499: "incomplete_generation",
     500: "generation",
-    504: "generation",
 }
 
 

@@ -138,7 +138,10 @@ class Stepper:
         self.runtime.set_routing(self._routing(rows))
         prompts = [r.request.prompt_ids for r in rows]
         scored = rows[0].request.params.prompt_logprobs
-        new, logits = CausalBatch.prefill(self.model, prompts, rows, all_logits=scored)
+        if scored:
+            new, logits = CausalBatch.prefill(self.model, prompts, rows, all_logits=True)
+        else:
+            new, logits = CausalBatch.prefill(self.model, prompts, rows)
         if scored:  # one unpadded row: logits [1, L, V]
             rows[0].prompt_logprobs = self._prompt_logprobs(rows[0], logits[0])
             logits = logits[:, -1, :]

@@ -133,6 +133,27 @@ class StreamResponse(BaseModel):
     details: StreamDetails | None = None
 
 
+class TGIError(BaseModel):
+    """TGI's flat error body, what the TGI routes answer (api/tgi_errors.py)."""
+
+    error: str
+    error_type: str
+    param: str | None = None
+
+
+TGI_ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": TGIError, "description": text}
+    for status, text in {
+        401: "missing or unknown API key",
+        403: "the key may not use this route",
+        404: "unknown adapter",
+        422: "a field is invalid or unknown (error_type validation; param names it)",
+        429: "the queue is full (error_type overloaded; see Retry-After)",
+        503: "the model is not loaded yet (error_type overloaded)",
+    }.items()
+}
+
+
 class Info(BaseModel):
     """`GET /info`: TGI's `Info` fields (what `huggingface_hub`'s `get_endpoint_info`
     returns), plus LoRAX's adapter count."""

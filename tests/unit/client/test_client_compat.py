@@ -147,3 +147,29 @@ def test_cli_temperature_zero_is_greedy(stub, stub_url) -> None:
     assert result.exit_code == 0, result.output
     params = stub.last_json["parameters"]
     assert params["do_sample"] is False and "temperature" not in params
+
+
+def test_flat_tgi_errors_become_typed_errors() -> None:
+    from flora_client import NotFound, ValidationError
+
+    answers = {
+        404: {"error": "adapter 'x' not found", "error_type": "not_found_error"},
+        422: {
+            "error": "parameters.top_p: must be <= 1",
+            "error_type": "validation",
+            "param": "parameters.top_p",
+        },
+    }
+    status = iter([404, 422])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        code = next(status)
+        return httpx.Response(code, json=answers[code])
+
+    client = Client("http://flora.test", transport=httpx.MockTransport(handler), max_retries=0)
+    with pytest.raises(NotFound) as missing:
+        client.generate("hi", adapter_id="x")
+    assert missing.value.error_type == "not_found_error" and "'x'" in str(missing.value)
+    with pytest.raises(ValidationError) as invalid:
+        client.generate("hi", top_p=2.0)
+    assert invalid.value.field == "parameters.top_p" and invalid.value.error_type == "validation"
