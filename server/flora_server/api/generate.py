@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from flora_server.api import sampling, tgi_errors
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
-from flora_server.engine.protocol import FinishEvent, FinishReason, Logprob, TokenEvent
+from flora_server.engine.protocol import FinishEvent, FinishReason, TokenEvent
 from flora_server.errors import invalid_field
 from flora_server.schemas.generate import (
     TGI_ERROR_RESPONSES,
@@ -97,26 +97,34 @@ async def _prepare(
     )
 
 
-def _token(event: TokenEvent | Logprob, p: GenerateParameters) -> Token:
-    top = event.top_logprobs if isinstance(event, TokenEvent) else event.top
+def _token(event: TokenEvent, p: GenerateParameters) -> Token:
     k = p.return_k_alternatives
+    alternatives = None
+    if k:
+        alternatives = [
+            AlternativeToken(id=t.token_id, text=t.text, logprob=_number(t.logprob))
+            for t in event.top_logprobs[:k]
+        ]
     return Token(
         id=event.token_id,
         text=event.text,
-        logprob=event.logprob if event.logprob is not None else 0.0,
-        special=getattr(event, "special", False),
-        alternative_tokens=[
-            AlternativeToken(id=t.token_id, text=t.text, logprob=t.logprob or 0.0) for t in top[:k]
-        ]
-        if k
-        else None,
+        logprob=_number(event.logprob),
+        special=event.special,
+        alternative_tokens=alternatives,
     )
 
 
 def _top_tokens(event: TokenEvent, p: GenerateParameters) -> list[Token] | None:
+    """TGI's top_tokens for one position: the `top_n_tokens` most likely, best first."""
     if not p.top_n_tokens:
         return None
-    return [_token(t, p) for t in event.top_logprobs[: p.top_n_tokens]]
+    top = event.top_logprobs[: p.top_n_tokens]
+    return [Token(id=t.token_id, text=t.text, logprob=_number(t.logprob)) for t in top]
+
+
+def _number(logprob: float | None) -> float:
+    # The engine reports a logprob for every token of these routes (logprobs=True).
+    return 0.0 if logprob is None else logprob
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text (TGI shape)")
