@@ -9,13 +9,14 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from flora_server import auth
+from flora_server.api import openai_conventions as conventions
 from flora_server.api import sampling
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
@@ -57,43 +58,6 @@ def _reason(reason: FinishReason) -> str:
     return "length" if reason in ("length", "deadline") else "stop"
 
 
-def _adapter_for(model: str, engine: GenerationEngine) -> str | None:
-    """`model` names the base, an adapter, or `<base>:<adapter>` (as SGLang and Ray Serve
-    name an adapter on a base)."""
-    if model == engine.model_name:
-        return None
-    base, sep, adapter = model.partition(":")
-    if sep and base == engine.model_name and adapter:
-        return adapter
-    return model
-
-
-def _openai_error(exc: APIError, model: str) -> APIError:
-    """What OpenAI (and vLLM) answer for the errors its clients key on: 404
-    `model_not_found` for an unknown model, 400 `context_length_exceeded` with the
-    "maximum context length is N tokens" message (LangChain's and LiteLLM's fallbacks)."""
-    if isinstance(exc, sampling.ContextLengthError):
-        total = exc.n_prompt + exc.max_new
-        return APIError(
-            400,
-            f"This model's maximum context length is {exc.context_length} tokens. However, you "
-            f"requested {total} tokens ({exc.n_prompt} in the messages, {exc.max_new} in the "
-            "completion). Please reduce the length of the messages or completion.",
-            type="invalid_request_error",
-            param=exc.param,
-            code="context_length_exceeded",
-        )
-    if exc.status == 404 and exc.param == "model":
-        return APIError(
-            404,
-            f"The model `{model}` does not exist or you do not have access to it.",
-            type="invalid_request_error",
-            param="model",
-            code="model_not_found",
-        )
-    return exc
-
-
 def _check_common(body: SamplingFields) -> None:
     if body.n != 1:
         raise invalid_field("n", "only n=1 is supported")
@@ -133,7 +97,7 @@ async def _request(
     names: sampling.FieldNames,
     prefix: str,
 ) -> GenerationRequest:
-    adapter_id = _adapter_for(body.model, engine)
+    adapter_id = conventions.adapter_for(body.model, engine)
     try:
         await sampling.check_adapter(registry, adapter_id, "model")
         return sampling.build_request(
@@ -146,7 +110,7 @@ async def _request(
             request_id=sampling.new_request_id(prefix),
         )
     except APIError as exc:
-        raise _openai_error(exc, body.model) from None
+        raise conventions.openai_error(exc, body.model) from None
 
 
 def _usage(finish: FinishEvent) -> Usage:
@@ -220,7 +184,7 @@ async def completions(
         raise invalid_field("echo", "is not supported with stream=true")
     if body.max_tokens == 0 and not body.echo:
         raise invalid_field("max_tokens", "0 is only meaningful with echo=true")
-    prompt_ids, prompt_text = await _completion_prompt(body, engine)
+    prompt_ids, prompt_text = await conventions.completion_prompt(body, engine)
     want_logprobs = body.logprobs is not None
     # max_tokens=0 with echo scores the prompt only: one token runs and is not reported.
     score_only = body.max_tokens == 0
@@ -258,7 +222,9 @@ async def completions(
                 choice["logprobs"] = {
                     "tokens": [tok.text],
                     "token_logprobs": [tok.logprob],
-                    "top_logprobs": [_top_logprob(tok.text, tok.logprob, tok.top_logprobs)],
+                    "top_logprobs": [
+                        conventions.top_logprob(tok.text, tok.logprob, tok.top_logprobs)
+                    ],
                     "text_offset": [0],
                 }
             return {**envelope, "choices": [choice]}
@@ -283,7 +249,7 @@ async def completions(
         logprobs = CompletionLogprobs(
             tokens=[t.text for t in scored],
             token_logprobs=[t.logprob for t in scored],
-            top_logprobs=[_top_logprob(t.text, t.logprob, t.top) for t in scored]
+            top_logprobs=[conventions.top_logprob(t.text, t.logprob, t.top) for t in scored]
             if body.logprobs
             else None,
             text_offset=offsets,
@@ -306,34 +272,6 @@ async def completions(
         ],
         usage=usage,
     )
-
-
-async def _completion_prompt(
-    body: CompletionRequest, engine: GenerationEngine
-) -> tuple[list[int], str | None]:
-    """The prompt's token ids and its text (None for token ids). One prompt per request: a
-    string, token ids, or a list holding one of those (lm-eval sends `[[ids]]`)."""
-    prompt: Any = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise invalid_field("prompt", "only one prompt per request is supported")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return await engine.tokenize(prompt), prompt
-    return [int(t) for t in prompt], None
-
-
-def _top_logprob(
-    text: str, logprob: float | None, top: Sequence[Logprob]
-) -> dict[str, float] | None:
-    """One `top_logprobs` entry: the most likely alternatives and the token itself (as vLLM
-    reports them); null where there is no logprob (the first prompt token), so the list
-    stays aligned with `tokens`."""
-    if logprob is None:
-        return None
-    entry = {t.text: t.logprob for t in top if t.logprob is not None}
-    entry.setdefault(text, logprob)
-    return entry
 
 
 def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
@@ -473,9 +411,9 @@ async def models(engine: EngineDep, registry: RegistryDep) -> ModelList:
 
 @router.get("/models/{model:path}", response_model=ModelCard, summary="One model or adapter")
 async def model(model: str, engine: EngineDep, registry: RegistryDep) -> ModelCard:
-    adapter_id = _adapter_for(model, engine)
+    adapter_id = conventions.adapter_for(model, engine)
     try:
         await sampling.check_adapter(registry, adapter_id, "model", count=False)
     except APIError as exc:
-        raise _openai_error(exc, model) from None
+        raise conventions.openai_error(exc, model) from None
     return _card(engine, adapter_id, _loaded(engine))
