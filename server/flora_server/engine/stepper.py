@@ -137,14 +137,12 @@ class Stepper:
         started = time.monotonic()
         self.runtime.set_routing(self._routing(rows))
         prompts = [r.request.prompt_ids for r in rows]
-        scored = rows[0].request.params.prompt_logprobs
-        if scored:
+        if rows[0].request.params.prompt_logprobs:  # one unpadded row: logits [1, L, V]
             new, logits = CausalBatch.prefill(self.model, prompts, rows, all_logits=True)
-        else:
-            new, logits = CausalBatch.prefill(self.model, prompts, rows)
-        if scored:  # one unpadded row: logits [1, L, V]
             rows[0].prompt_logprobs = self._prompt_logprobs(rows[0], logits[0])
             logits = logits[:, -1, :]
+        else:
+            new, logits = CausalBatch.prefill(self.model, prompts, rows)
         new.next_tokens = self._sample(rows, logits)
         self.metrics.on_step(self.mode, len(rows), time.monotonic() - started)
         self.metrics.on_tokens(len(rows))
