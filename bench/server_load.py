@@ -104,7 +104,9 @@ async def one_request(
                 if "error" in event:
                     out.status = "stream_error"
                     err = event["error"]
-                    out.error_type = err.get("type") if isinstance(err, dict) else str(err)
+                    # Nested, or TGI's flat shape on /generate_stream.
+                    flat = event.get("error_type", str(err))
+                    out.error_type = err.get("type") if isinstance(err, dict) else flat
                     break
                 if out.ttft_s is None and event.get("token") is not None:
                     out.ttft_s = time.perf_counter() - start

@@ -55,6 +55,7 @@ class APIError(Exception):
         type: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -62,6 +63,7 @@ class APIError(Exception):
         self.type = type or _TYPE_BY_STATUS.get(status, "server_error")
         self.param = param
         self.headers = headers
+        self.code = code  # OpenAI's machine-readable code (`context_length_exceeded`, ...)
 
 
 def invalid_field(param: str, message: str) -> APIError:
@@ -69,16 +71,22 @@ def invalid_field(param: str, message: str) -> APIError:
     return APIError(422, f"{param}: {message}", param=param)
 
 
-def error_body(type_: str, message: str, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    type_: str, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     error: dict[str, Any] = {"type": type_, "message": message}
     if param is not None:
         error["param"] = param
+    if code is not None:
+        error["code"] = code
     return {"error": error}
 
 
 def _response(err: APIError) -> JSONResponse:
     return JSONResponse(
-        error_body(err.type, err.message, err.param), status_code=err.status, headers=err.headers
+        error_body(err.type, err.message, err.param, err.code),
+        status_code=err.status,
+        headers=err.headers,
     )
 
 

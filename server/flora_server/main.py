@@ -25,8 +25,9 @@ from flora_server.adapters.registry import (
 )
 from flora_server.adapters.staging import UPLOADS_DIR, StagingBudget, StagingJanitor
 from flora_server.adapters.stores import open_store
-from flora_server.api import adapters, classify, embeddings, generate, health, openai
+from flora_server.api import adapters, classify, embeddings, generate, health, openai, tgi
 from flora_server.api.deps import require_inference_key, require_kind
+from flora_server.api.tgi_errors import FlatErrorMiddleware
 from flora_server.engine.protocol import GenerationEngine, GenerationRequest, SamplingParams
 from flora_server.engines import build_engine
 from flora_server.errors import install_error_handlers
@@ -50,6 +51,8 @@ async def _start_engine(app: FastAPI, factory: EngineFactory) -> None:
         engine, validator = await asyncio.to_thread(
             factory, settings, state.registry, state.metrics
         )
+        if settings.served_model_name:  # the name clients use for the base (vLLM's flag)
+            engine.model_name = settings.served_model_name
         state.registry.set_validator(validator)
         for spec in settings.adapters:
             adapter_id, directory = parse_adapter_spec(spec)
@@ -152,6 +155,7 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     install_error_handlers(app)
     # Outermost last: metrics also count the guard's 401/413 answers.
     app.add_middleware(RequestGuardMiddleware, settings=settings)
+    app.add_middleware(FlatErrorMiddleware)  # TGI routes' error shape, guards' answers too
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     for module in (health, adapters):
         app.include_router(module.router)
@@ -165,6 +169,7 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
 
     lm = kind("causal-lm", neutral_paths=frozenset({"/v1/models"}))
     app.include_router(generate.router, dependencies=lm)
+    app.include_router(tgi.router, dependencies=lm)
     app.include_router(openai.router, dependencies=lm)
     app.include_router(embeddings.router, dependencies=kind("text-encoder"))
     app.include_router(classify.router, dependencies=kind("image-classifier", "text-encoder"))

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLORA_", extra="ignore", validate_default=True)
 
     model: str = Field("smollm2-135m-instruct", description="zoo name or model directory")
+    served_model_name: str | None = Field(
+        None, description="name of the base model in the API (default: the model's own name)"
+    )
     device: str = Field("cpu", description=DEVICE_FORMS)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="weights dtype; auto = bfloat16 on CUDA, float32 on CPU and MPS"

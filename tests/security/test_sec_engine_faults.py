@@ -316,9 +316,9 @@ def test_dead_engine_fails_in_flight_requests_and_health_turns_503(tmp_path):
         kill_worker(engine)
         r = pending.result(30)
         assert r.status_code == 500, r.text
-        error = r.json()["error"]
-        assert error["type"] == "server_error"
-        assert re.search(r"request gen-[0-9a-f]{32} failed", error["message"]), error
+        error = r.json()  # TGI's flat shape on /generate
+        assert error["error_type"] == "generation"
+        assert re.search(r"request gen-[0-9a-f]{32} failed", error["error"]), error
         health = client.get("/health")
         assert health.status_code == 503 and health.json()["error"]["type"] == "engine_dead"
         assert client.get("/ready").status_code == 503

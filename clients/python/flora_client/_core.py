@@ -33,8 +33,11 @@ from flora_client.types import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-# Generation can take a while on a CPU; connecting should not.
-DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
+# Read timeout: a little over the server's default FLORA_REQUEST_TIMEOUT (300 s, queueing
+# plus generation), so a slow answer ends with the server's own 504, not a client timeout.
+# Connecting should be quick.
+SERVER_REQUEST_TIMEOUT = 300.0
+DEFAULT_TIMEOUT = httpx.Timeout(SERVER_REQUEST_TIMEOUT + 15.0, connect=5.0)
 ENV_URL = "FLORA_URL"
 ENV_API_KEY = "FLORA_API_KEY"
 
@@ -84,6 +87,17 @@ class Call:
     params: dict[str, Any] | None = None
     data: dict[str, str] | None = None
     files: list[tuple[str, tuple[str, Any, str]]] | None = None
+    timeout: float | httpx.Timeout | None = None  # None: the client's default
+    headers: Mapping[str, str] | None = None  # added to the client's own headers
+
+
+def with_options(
+    call: Call, timeout: float | httpx.Timeout | None, extra_headers: Mapping[str, str] | None
+) -> Call:
+    """``call`` with a per-call timeout and extra headers (as the openai client names them)."""
+    call.timeout = timeout
+    call.headers = dict(extra_headers) if extra_headers else None
+    return call
 
 
 def drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,8 +106,19 @@ def drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_request(http: httpx.Client | httpx.AsyncClient, call: Call) -> httpx.Request:
     """The httpx request for ``call``; built afresh for every attempt (a body is single-use)."""
+    options: dict[str, Any] = {}
+    if call.timeout is not None:
+        options["timeout"] = as_timeout(call.timeout)
+    if call.headers:
+        options["headers"] = call.headers
     return http.build_request(
-        call.method, call.path, json=call.json, params=call.params, data=call.data, files=call.files
+        call.method,
+        call.path,
+        json=call.json,
+        params=call.params,
+        data=call.data,
+        files=call.files,
+        **options,
     )
 
 

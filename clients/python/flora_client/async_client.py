@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal, overload
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, Unpack, overload
 
 import httpx
 
@@ -23,7 +23,9 @@ from flora_client.errors import (
     NotReady,
     error_from_response,
 )
+from flora_client.params import ChatParams, CompletionParams, GenerateParams, check
 from flora_client.retry import RetryKind, RetryPolicy
+from flora_client.streams import AsyncStream
 from flora_client.types import (
     AdapterInfo,
     AdapterList,
@@ -155,11 +157,11 @@ class AsyncClient:
             await self._sleep(delay)
             attempt += 1
 
-    async def _stream(self, call: Call) -> AsyncIterator[dict[str, Any]]:
+    async def _stream(self, call: Call) -> AsyncGenerator[dict[str, Any], None]:
         response = await self._send(call, stream=True)
         return self._events(response)
 
-    async def _events(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
         decoder = _core.SSEDecoder()
         try:
             async for line in response.aiter_lines():
@@ -190,33 +192,71 @@ class AsyncClient:
     # --- inference ---------------------------------------------------------------------
 
     async def generate(
-        self, prompt: str, adapter_id: str | None = None, **params: Any
+        self,
+        prompt: str,
+        adapter_id: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        **params: Unpack[GenerateParams],
     ) -> GenerateResponse:
-        call = _core.generate_call(prompt, adapter_id, params, stream=False)
+        checked = check("generate", params, GenerateParams)
+        call = _core.generate_call(prompt, adapter_id, checked, stream=False)
+        call = _core.with_options(call, timeout, extra_headers)
         return GenerateResponse.model_validate((await self._send(call)).json())
 
     async def generate_stream(
-        self, prompt: str, adapter_id: str | None = None, **params: Any
-    ) -> AsyncIterator[StreamResponse]:
-        call = _core.generate_call(prompt, adapter_id, params, stream=True)
-        events = await self._stream(call)
-        return (StreamResponse.model_validate(e) async for e in events)
+        self,
+        prompt: str,
+        adapter_id: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        **params: Unpack[GenerateParams],
+    ) -> AsyncStream[StreamResponse]:
+        checked = check("generate_stream", params, GenerateParams)
+        call = _core.generate_call(prompt, adapter_id, checked, stream=True)
+        call = _core.with_options(call, timeout, extra_headers)
+        return AsyncStream(await self._stream(call), StreamResponse.model_validate)
 
     @overload
     async def complete(
-        self, prompt: str, adapter_id: str | None = ..., stream: Literal[False] = ..., **params: Any
+        self,
+        prompt: str,
+        adapter_id: str | None = ...,
+        stream: Literal[False] = ...,
+        *,
+        timeout: float | httpx.Timeout | None = ...,
+        extra_headers: Mapping[str, str] | None = ...,
+        **params: Unpack[CompletionParams],
     ) -> Completion: ...
     @overload
     async def complete(
-        self, prompt: str, adapter_id: str | None = ..., *, stream: Literal[True], **params: Any
-    ) -> AsyncIterator[Completion]: ...
+        self,
+        prompt: str,
+        adapter_id: str | None = ...,
+        *,
+        stream: Literal[True],
+        timeout: float | httpx.Timeout | None = ...,
+        extra_headers: Mapping[str, str] | None = ...,
+        **params: Unpack[CompletionParams],
+    ) -> AsyncStream[Completion]: ...
     async def complete(
-        self, prompt: str, adapter_id: str | None = None, stream: bool = False, **params: Any
-    ) -> Completion | AsyncIterator[Completion]:
-        call = _core.completion_call(await self._model(adapter_id), prompt, params, stream=stream)
+        self,
+        prompt: str,
+        adapter_id: str | None = None,
+        stream: bool = False,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        **params: Unpack[CompletionParams],
+    ) -> Completion | AsyncStream[Completion]:
+        checked = check("complete", params, CompletionParams)
+        model = await self._model(adapter_id)
+        call = _core.completion_call(model, prompt, checked, stream=stream)
+        call = _core.with_options(call, timeout, extra_headers)
         if stream:
-            events = await self._stream(call)
-            return (Completion.model_validate(e) async for e in events)
+            return AsyncStream(await self._stream(call), Completion.model_validate)
         return Completion.model_validate((await self._send(call)).json())
 
     @overload
@@ -225,7 +265,10 @@ class AsyncClient:
         messages: Sequence[ChatMessage | Mapping[str, Any]],
         adapter_id: str | None = ...,
         stream: Literal[False] = ...,
-        **params: Any,
+        *,
+        timeout: float | httpx.Timeout | None = ...,
+        extra_headers: Mapping[str, str] | None = ...,
+        **params: Unpack[ChatParams],
     ) -> ChatCompletion: ...
     @overload
     async def chat(
@@ -234,19 +277,26 @@ class AsyncClient:
         adapter_id: str | None = ...,
         *,
         stream: Literal[True],
-        **params: Any,
-    ) -> AsyncIterator[ChatCompletionChunk]: ...
+        timeout: float | httpx.Timeout | None = ...,
+        extra_headers: Mapping[str, str] | None = ...,
+        **params: Unpack[ChatParams],
+    ) -> AsyncStream[ChatCompletionChunk]: ...
     async def chat(
         self,
         messages: Sequence[ChatMessage | Mapping[str, Any]],
         adapter_id: str | None = None,
         stream: bool = False,
-        **params: Any,
-    ) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
-        call = _core.chat_call(await self._model(adapter_id), messages, params, stream=stream)
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        **params: Unpack[ChatParams],
+    ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
+        checked = check("chat", params, ChatParams)
+        model = await self._model(adapter_id)
+        call = _core.chat_call(model, messages, checked, stream=stream)
+        call = _core.with_options(call, timeout, extra_headers)
         if stream:
-            events = await self._stream(call)
-            return (ChatCompletionChunk.model_validate(e) async for e in events)
+            return AsyncStream(await self._stream(call), ChatCompletionChunk.model_validate)
         return ChatCompletion.model_validate((await self._send(call)).json())
 
     async def embed(

@@ -232,7 +232,12 @@ def _sampling(
     top_k: int | None,
     seed: int | None,
     stop: list[str] | None,
+    *,
+    openai: bool = False,
 ) -> dict[str, Any]:
+    """Keyword parameters for the SDK, None values left out. Temperature 0 means greedy:
+    TGI's /generate says it with do_sample=false (its temperature must be > 0), the
+    OpenAI routes with temperature 0."""
     params: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "top_p": top_p,
@@ -241,9 +246,14 @@ def _sampling(
         "stop": stop or None,
     }
     if temperature is not None:
-        params["temperature"] = temperature
-        params["do_sample"] = temperature > 0
-    return params
+        if openai:
+            params["temperature"] = temperature
+        elif temperature > 0:
+            params["temperature"] = temperature
+            params["do_sample"] = True
+        else:
+            params["do_sample"] = False
+    return {k: v for k, v in params.items() if v is not None}
 
 
 MaxTokOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Token limit.")]
@@ -303,7 +313,7 @@ def chat(
 ) -> None:
     """Interactive chat with history. /reset forgets it; /exit or Ctrl-D quits."""
     opts = _options(ctx, url, api_key, json_out)
-    params = _sampling(max_new_tokens, temperature, None, None, seed, None)
+    params = _sampling(max_new_tokens, temperature, None, None, seed, None, openai=True)
     first: list[ChatMessage] = [ChatMessage(role="system", content=system)] if system else []
     history = list(first)
     with _client(opts) as client:

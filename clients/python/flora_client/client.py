@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, overload
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from typing import Any, Literal, Unpack, overload
 
 import httpx
 
@@ -18,7 +18,9 @@ from flora_client.errors import (
     NotReady,
     error_from_response,
 )
+from flora_client.params import ChatParams, CompletionParams, GenerateParams, check
 from flora_client.retry import RetryPolicy
+from flora_client.streams import Stream
 from flora_client.types import (
     AdapterInfo,
     AdapterList,
@@ -166,12 +168,12 @@ class Client:
             self._sleep(delay)
             attempt += 1
 
-    def _stream(self, call: Call) -> Iterator[dict[str, Any]]:
+    def _stream(self, call: Call) -> Generator[dict[str, Any], None, None]:
         """Send now (so HTTP errors raise here), then iterate the SSE events lazily."""
         response = self._send(call, stream=True)
         return self._events(response)
 
-    def _events(self, response: httpx.Response) -> Iterator[dict[str, Any]]:
+    def _events(self, response: httpx.Response) -> Generator[dict[str, Any], None, None]:
         decoder = _core.SSEDecoder()
         try:
             for line in response.iter_lines():
@@ -202,37 +204,77 @@ class Client:
     # --- inference ---------------------------------------------------------------------
 
     def generate(
-        self, prompt: str, adapter_id: str | None = None, **params: Any
+        self,
+        prompt: str,
+        adapter_id: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        **params: Unpack[GenerateParams],
     ) -> GenerateResponse:
-        """``POST /generate``. ``params``: max_new_tokens, do_sample, temperature, top_k,
-        top_p, seed, stop, repetition_penalty (None values are left out)."""
-        call = _core.generate_call(prompt, adapter_id, params, stream=False)
+        """``POST /generate``. ``params``: see `GenerateParams` (an unknown name is a
+        TypeError). ``timeout`` and ``extra_headers`` apply to this call only."""
+        checked = check("generate", params, GenerateParams)
+        call = _core.generate_call(prompt, adapter_id, checked, stream=False)
+        call = _core.with_options(call, timeout, extra_headers)
         return GenerateResponse.model_validate(self._send(call).json())
 
     def generate_stream(
-        self, prompt: str, adapter_id: str | None = None, **params: Any
-    ) -> Iterator[StreamResponse]:
+        self,
+        prompt: str,
+        adapter_id: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        **params: Unpack[GenerateParams],
+    ) -> Stream[StreamResponse]:
         """``POST /generate_stream``: one StreamResponse per token; the last also carries
-        ``generated_text`` and ``details``."""
-        call = _core.generate_call(prompt, adapter_id, params, stream=True)
-        return (StreamResponse.model_validate(e) for e in self._stream(call))
+        ``generated_text`` and ``details``. Use it in ``with`` (or call ``close()``) to stop
+        early."""
+        checked = check("generate_stream", params, GenerateParams)
+        call = _core.generate_call(prompt, adapter_id, checked, stream=True)
+        call = _core.with_options(call, timeout, extra_headers)
+        return Stream(self._stream(call), StreamResponse.model_validate)
 
     @overload
     def complete(
-        self, prompt: str, adapter_id: str | None = ..., stream: Literal[False] = ..., **params: Any
+        self,
+        prompt: str,
+        adapter_id: str | None = ...,
+        stream: Literal[False] = ...,
+        *,
+        timeout: float | httpx.Timeout | None = ...,
+        extra_headers: Mapping[str, str] | None = ...,
+        **params: Unpack[CompletionParams],
     ) -> Completion: ...
     @overload
     def complete(
-        self, prompt: str, adapter_id: str | None = ..., *, stream: Literal[True], **params: Any
-    ) -> Iterator[Completion]: ...
+        self,
+        prompt: str,
+        adapter_id: str | None = ...,
+        *,
+        stream: Literal[True],
+        timeout: float | httpx.Timeout | None = ...,
+        extra_headers: Mapping[str, str] | None = ...,
+        **params: Unpack[CompletionParams],
+    ) -> Stream[Completion]: ...
     def complete(
-        self, prompt: str, adapter_id: str | None = None, stream: bool = False, **params: Any
-    ) -> Completion | Iterator[Completion]:
-        """``POST /v1/completions`` with ``model`` = the adapter (or the base). ``params`` in
-        OpenAI names (max_tokens, temperature, top_p, stop, seed); max_new_tokens works too."""
-        call = _core.completion_call(self._model(adapter_id), prompt, params, stream=stream)
+        self,
+        prompt: str,
+        adapter_id: str | None = None,
+        stream: bool = False,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        **params: Unpack[CompletionParams],
+    ) -> Completion | Stream[Completion]:
+        """``POST /v1/completions`` with ``model`` = the adapter (or the base). ``params``:
+        see `CompletionParams` (OpenAI names; max_new_tokens works too)."""
+        checked = check("complete", params, CompletionParams)
+        call = _core.completion_call(self._model(adapter_id), prompt, checked, stream=stream)
+        call = _core.with_options(call, timeout, extra_headers)
         if stream:
-            return (Completion.model_validate(e) for e in self._stream(call))
+            return Stream(self._stream(call), Completion.model_validate)
         return Completion.model_validate(self._send(call).json())
 
     @overload
@@ -241,7 +283,10 @@ class Client:
         messages: Sequence[ChatMessage | Mapping[str, Any]],
         adapter_id: str | None = ...,
         stream: Literal[False] = ...,
-        **params: Any,
+        *,
+        timeout: float | httpx.Timeout | None = ...,
+        extra_headers: Mapping[str, str] | None = ...,
+        **params: Unpack[ChatParams],
     ) -> ChatCompletion: ...
     @overload
     def chat(
@@ -250,19 +295,27 @@ class Client:
         adapter_id: str | None = ...,
         *,
         stream: Literal[True],
-        **params: Any,
-    ) -> Iterator[ChatCompletionChunk]: ...
+        timeout: float | httpx.Timeout | None = ...,
+        extra_headers: Mapping[str, str] | None = ...,
+        **params: Unpack[ChatParams],
+    ) -> Stream[ChatCompletionChunk]: ...
     def chat(
         self,
         messages: Sequence[ChatMessage | Mapping[str, Any]],
         adapter_id: str | None = None,
         stream: bool = False,
-        **params: Any,
-    ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
-        """``POST /v1/chat/completions``; ``messages`` are ChatMessage or {"role", "content"}."""
-        call = _core.chat_call(self._model(adapter_id), messages, params, stream=stream)
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        **params: Unpack[ChatParams],
+    ) -> ChatCompletion | Stream[ChatCompletionChunk]:
+        """``POST /v1/chat/completions``; ``messages`` are ChatMessage or {"role", "content"};
+        ``params``: see `ChatParams`."""
+        checked = check("chat", params, ChatParams)
+        call = _core.chat_call(self._model(adapter_id), messages, checked, stream=stream)
+        call = _core.with_options(call, timeout, extra_headers)
         if stream:
-            return (ChatCompletionChunk.model_validate(e) for e in self._stream(call))
+            return Stream(self._stream(call), ChatCompletionChunk.model_validate)
         return ChatCompletion.model_validate(self._send(call).json())
 
     def embed(self, texts: str | Sequence[str], adapter_id: str | None = None) -> EmbeddingResponse:

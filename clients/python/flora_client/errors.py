@@ -216,8 +216,9 @@ def _decode(response: httpx.Response) -> tuple[Any, dict[str, Any], str]:
     if isinstance(error, dict):
         message = str(error.get("message") or error.get("type") or "error")
         return body, error, message
-    if isinstance(error, str):
-        return body, {}, error
+    if isinstance(error, str):  # TGI's flat shape (the TGI routes)
+        flat = {"type": body.get("error_type"), "param": body.get("param")}
+        return body, {k: v for k, v in flat.items() if v is not None}, error
     detail = body.get("detail") if isinstance(body, dict) else None
     if isinstance(detail, str):
         return body, {}, detail

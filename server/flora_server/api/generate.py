@@ -8,45 +8,53 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from flora_server.api import sampling
+from flora_server.api import sampling, tgi_errors
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
 from flora_server.engine.protocol import FinishEvent, FinishReason, TokenEvent
 from flora_server.errors import invalid_field
-from flora_server.schemas.common import ERROR_RESPONSES
 from flora_server.schemas.generate import (
+    TGI_ERROR_RESPONSES,
+    AlternativeToken,
     Details,
     FinishReasonTGI,
     GenerateParameters,
     GenerateRequest,
     GenerateResponse,
+    InputToken,
     StreamDetails,
     StreamResponse,
     Token,
 )
 
 logger = logging.getLogger(__name__)
-router = APIRouter(tags=["generate"], dependencies=[Depends(_auth)], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["generate"], dependencies=[Depends(_auth)], responses=TGI_ERROR_RESPONSES)
 
 _TGI_REASON: dict[FinishReason, FinishReasonTGI] = {
     "length": "length",
     "eos": "eos_token",
     "stop": "stop_sequence",
-    "cancelled": "cancelled",
-    "deadline": "deadline",
+    "cancelled": "length",
+    "deadline": "length",
 }
+
+# Declared in the schema (clients send them) but not honoured yet: refused here, only here.
+_NOT_YET = ("response_format", "merged_adapters", "adapter_source", "adapter_parameters")
 
 
 def _decoding(p: GenerateParameters) -> sampling.Decoding:
-    for name, unsupported in (
-        ("best_of", p.best_of is not None and p.best_of > 1),
-        ("top_n_tokens", bool(p.top_n_tokens)),
-        ("typical_p", p.typical_p is not None),
-        ("watermark", p.watermark),
-        ("decoder_input_details", p.decoder_input_details),
+    for name in _NOT_YET:
+        if getattr(p, name) is not None:
+            raise invalid_field(f"parameters.{name}", "is not supported yet by this server")
+    for name, unsupported, why in (
+        ("best_of", p.best_of is not None and p.best_of > 1, "only best_of=1"),
+        ("typical_p", p.typical_p is not None, "typical decoding is not implemented"),
+        ("watermark", p.watermark, "watermarking is not implemented"),
+        ("grammar", p.grammar is not None, "use response_format"),
+        ("frequency_penalty", p.frequency_penalty is not None, "use repetition_penalty"),
     ):
         if unsupported:
-            raise invalid_field(f"parameters.{name}", "is not supported by this server")
+            raise invalid_field(f"parameters.{name}", f"is not supported ({why})")
     # As in TGI, setting a sampling warper turns sampling on.
     warped = (
         (p.temperature is not None and p.temperature != 1.0)
@@ -62,7 +70,10 @@ def _decoding(p: GenerateParameters) -> sampling.Decoding:
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         seed=p.seed,
         stop=p.stop,
-        logprobs=p.details,
+        logprobs=True,  # TGI's Token.logprob is a number in every answer
+        top_logprobs=max(p.top_n_tokens or 0, p.return_k_alternatives or 0),
+        prompt_logprobs=p.decoder_input_details,
+        ignore_eos=p.ignore_eos_token,
     )
 
 
@@ -73,6 +84,8 @@ async def _prepare(
     decoding = _decoding(p)
     await sampling.check_adapter(registry, p.adapter_id, "parameters.adapter_id")
     prompt_ids = await engine.tokenize(body.inputs)
+    if p.truncate is not None:
+        prompt_ids = prompt_ids[-p.truncate :]  # TGI keeps the last `truncate` tokens
     return sampling.build_request(
         prompt_ids=prompt_ids,
         adapter_id=p.adapter_id,
@@ -84,8 +97,34 @@ async def _prepare(
     )
 
 
-def _token(event: TokenEvent) -> Token:
-    return Token(id=event.token_id, text=event.text, logprob=event.logprob, special=False)
+def _token(event: TokenEvent, p: GenerateParameters) -> Token:
+    k = p.return_k_alternatives
+    alternatives = None
+    if k:
+        alternatives = [
+            AlternativeToken(id=t.token_id, text=t.text, logprob=_number(t.logprob))
+            for t in event.top_logprobs[:k]
+        ]
+    return Token(
+        id=event.token_id,
+        text=event.text,
+        logprob=_number(event.logprob),
+        special=event.special,
+        alternative_tokens=alternatives,
+    )
+
+
+def _top_tokens(event: TokenEvent, p: GenerateParameters) -> list[Token] | None:
+    """TGI's top_tokens for one position: the `top_n_tokens` most likely, best first."""
+    if not p.top_n_tokens:
+        return None
+    top = event.top_logprobs[: p.top_n_tokens]
+    return [Token(id=t.token_id, text=t.text, logprob=_number(t.logprob)) for t in top]
+
+
+def _number(logprob: float | None) -> float:
+    # The engine reports a logprob for every token of these routes (logprobs=True).
+    return 0.0 if logprob is None else logprob
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text (TGI shape)")
@@ -100,16 +139,23 @@ async def generate(
     request = await _prepare(body, engine, settings, registry)
     out = await sampling.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
+    p = body.parameters
     text = out.finish.generated_text
-    if body.parameters.return_full_text:
+    if p.return_full_text:
         text = body.inputs + text
+    prefill = [
+        InputToken(id=t.token_id, text=t.text, logprob=t.logprob)
+        for t in out.finish.prompt_logprobs
+    ]
     details = Details(
         finish_reason=_TGI_REASON[out.finish.reason],
         generated_tokens=out.finish.generated_tokens,
         prompt_tokens=out.finish.prompt_tokens,
         seed=request.params.seed,
         adapter_id=request.adapter_id,
-        tokens=[_token(t) for t in out.tokens] if body.parameters.details else None,
+        prefill=prefill,
+        tokens=[_token(t, p) for t in out.tokens],
+        top_tokens=[_top_tokens(t, p) or [] for t in out.tokens] if p.top_n_tokens else None,
     )
     return GenerateResponse(generated_text=text, details=details)
 
@@ -129,38 +175,50 @@ async def generate_stream(
 ) -> StreamingResponse:
     request = await _prepare(body, engine, settings, registry)
     first, stream = await sampling.open_stream(engine, request, metrics)
-    prefix = body.inputs if body.parameters.return_full_text else ""
+    p = body.parameters
+    prefix = body.inputs if p.return_full_text else ""
+
+    def event_for(token: TokenEvent, index: int, **final: object) -> bytes:
+        response = StreamResponse(
+            index=index, token=_token(token, p), top_tokens=_top_tokens(token, p), **final
+        )
+        return sampling.sse(response.model_dump(mode="json"))
 
     async def body_events() -> AsyncIterator[bytes]:
         # TGI puts the last token in the final event together with generated_text and
         # details, so each token is held until the next event says whether it was last.
+        # A request that ends before its first token (cancelled while queued) has no token
+        # to carry the final event: TGI's types require one, so it ends without one.
         held: TokenEvent | None = None
+        index = 0
         event = first
         try:
             while True:
                 if isinstance(event, FinishEvent):
-                    final = StreamResponse(
-                        token=_token(held) if held is not None else None,
-                        generated_text=prefix + event.generated_text,
-                        details=StreamDetails(
-                            finish_reason=_TGI_REASON[event.reason],
-                            generated_tokens=event.generated_tokens,
-                            prompt_tokens=event.prompt_tokens,
-                            seed=request.params.seed,
-                            adapter_id=request.adapter_id,
-                        ),
+                    if held is None:
+                        return
+                    details = StreamDetails(
+                        finish_reason=_TGI_REASON[event.reason],
+                        generated_tokens=event.generated_tokens,
+                        prompt_tokens=event.prompt_tokens,
+                        input_length=event.prompt_tokens,
+                        seed=request.params.seed,
+                        adapter_id=request.adapter_id,
                     )
-                    yield sampling.sse(final.model_dump(mode="json"))
+                    yield event_for(
+                        held, index, generated_text=prefix + event.generated_text, details=details
+                    )
                     return
                 if held is not None:
-                    yield sampling.sse(StreamResponse(token=_token(held)).model_dump(mode="json"))
+                    yield event_for(held, index)
+                    index += 1
                 held = event
                 event = await anext(stream)
         except StopAsyncIteration:
-            yield sampling.sse_error(RuntimeError("stream ended without a finish event"))
+            yield tgi_errors.sse_error(RuntimeError("stream ended without a finish event"))
         except Exception as exc:
             logger.warning("stream %s failed: %s", request.request_id, exc)
-            yield sampling.sse_error(exc)
+            yield tgi_errors.sse_error(exc)
         finally:
             await stream.aclose()
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from flora_server import auth
+from flora_server.api import openai_conventions as conventions
 from flora_server.api import sampling
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
@@ -23,9 +25,10 @@ from flora_server.engine.protocol import (
     FinishReason,
     GenerationEngine,
     GenerationRequest,
+    Logprob,
     TokenEvent,
 )
-from flora_server.errors import invalid_field
+from flora_server.errors import APIError, invalid_field
 from flora_server.metrics import ServerMetrics
 from flora_server.schemas.common import ERROR_RESPONSES
 from flora_server.schemas.openai import (
@@ -53,10 +56,6 @@ router = APIRouter(
 
 def _reason(reason: FinishReason) -> str:
     return "length" if reason in ("length", "deadline") else "stop"
-
-
-def _adapter_for(model: str, engine: GenerationEngine) -> str | None:
-    return None if model == engine.model_name else model
 
 
 def _check_common(body: SamplingFields) -> None:
@@ -98,17 +97,20 @@ async def _request(
     names: sampling.FieldNames,
     prefix: str,
 ) -> GenerationRequest:
-    adapter_id = _adapter_for(body.model, engine)
-    await sampling.check_adapter(registry, adapter_id, "model")
-    return sampling.build_request(
-        prompt_ids=prompt_ids,
-        adapter_id=adapter_id,
-        decoding=decoding,
-        settings=settings,
-        context_length=engine.context_length,
-        names=names,
-        request_id=sampling.new_request_id(prefix),
-    )
+    adapter_id = conventions.adapter_for(body.model, engine)
+    try:
+        await sampling.check_adapter(registry, adapter_id, "model")
+        return sampling.build_request(
+            prompt_ids=prompt_ids,
+            adapter_id=adapter_id,
+            decoding=decoding,
+            settings=settings,
+            context_length=engine.context_length,
+            names=names,
+            request_id=sampling.new_request_id(prefix),
+        )
+    except APIError as exc:
+        raise conventions.openai_error(exc, body.model) from None
 
 
 def _usage(finish: FinishEvent) -> Usage:
@@ -179,27 +181,28 @@ async def completions(
     metrics: MetricsDep,
 ) -> Any:
     _check_common(body)
-    if body.echo:
-        raise invalid_field("echo", "is not supported")
     if body.suffix:
         raise invalid_field("suffix", "is not supported")
     if body.best_of not in (None, 1):
         raise invalid_field("best_of", "only best_of=1 is supported")
-    if body.logprobs is not None and body.logprobs > 1:
-        raise invalid_field("logprobs", "at most 1 (the sampled token's logprob) is supported")
-    if isinstance(body.prompt, str):
-        prompt_ids = await engine.tokenize(body.prompt)
-    elif body.prompt and all(isinstance(p, str) for p in body.prompt):
-        if len(body.prompt) != 1:
-            raise invalid_field("prompt", "only one prompt per request is supported")
-        prompt_ids = await engine.tokenize(str(body.prompt[0]))
-    else:
-        prompt_ids = [int(t) for t in body.prompt]
+    if body.echo and body.stream:
+        raise invalid_field("echo", "is not supported with stream=true")
+    if body.max_tokens == 0 and not body.echo:
+        raise invalid_field("max_tokens", "0 is only meaningful with echo=true")
+    prompt_ids, prompt_text = await conventions.completion_prompt(body, engine)
     want_logprobs = body.logprobs is not None
+    # max_tokens=0 with echo scores the prompt only: one token runs and is not reported.
+    score_only = body.max_tokens == 0
+    decoding = dataclasses.replace(
+        _decoding(body, 1 if score_only else body.max_tokens, want_logprobs),
+        top_logprobs=body.logprobs or 0,
+        # Echoing token ids needs their text: the prompt tokens come back decoded.
+        prompt_logprobs=body.echo and (want_logprobs or prompt_text is None),
+    )
     request = await _request(
         body=body,
         prompt_ids=prompt_ids,
-        decoding=_decoding(body, body.max_tokens, want_logprobs),
+        decoding=decoding,
         engine=engine,
         settings=settings,
         registry=registry,
@@ -224,7 +227,9 @@ async def completions(
                 choice["logprobs"] = {
                     "tokens": [tok.text],
                     "token_logprobs": [tok.logprob],
-                    "top_logprobs": [_top_logprob(tok)],
+                    "top_logprobs": [
+                        conventions.top_logprob(tok.text, tok.logprob, tok.top_logprobs)
+                    ],
                     "text_offset": [0],
                 }
             return {**envelope, "choices": [choice]}
@@ -233,17 +238,31 @@ async def completions(
 
     out = await sampling.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
+    tokens = [] if score_only else out.tokens
+    text = "" if score_only else out.finish.generated_text
+    scored: list[Logprob] = list(out.finish.prompt_logprobs) if body.echo else []
+    scored += [Logprob(t.token_id, t.text, t.logprob, t.top_logprobs) for t in tokens]
+    if body.echo:
+        echoed = "".join(t.text for t in out.finish.prompt_logprobs)
+        text = (echoed if prompt_text is None else prompt_text) + text
     logprobs = None
     if want_logprobs:
         offsets, pos = [], 0
-        for t in out.tokens:
+        for t in scored:
             offsets.append(pos)
             pos += len(t.text)
         logprobs = CompletionLogprobs(
-            tokens=[t.text for t in out.tokens],
-            token_logprobs=[t.logprob for t in out.tokens],
-            top_logprobs=[_top_logprob(t) for t in out.tokens] if body.logprobs else None,
+            tokens=[t.text for t in scored],
+            token_logprobs=[t.logprob for t in scored],
+            top_logprobs=[conventions.top_logprob(t.text, t.logprob, t.top) for t in scored]
+            if body.logprobs
+            else None,
             text_offset=offsets,
+        )
+    usage = _usage(out.finish)
+    if score_only:
+        usage = Usage(
+            prompt_tokens=usage.prompt_tokens, completion_tokens=0, total_tokens=usage.prompt_tokens
         )
     return CompletionResponse(
         id=request.request_id,
@@ -251,19 +270,13 @@ async def completions(
         model=body.model,
         choices=[
             CompletionChoice(
-                text=out.finish.generated_text,
+                text=text,
                 finish_reason=_reason(out.finish.reason),  # type: ignore[arg-type]
                 logprobs=logprobs,
             )
         ],
-        usage=_usage(out.finish),
+        usage=usage,
     )
-
-
-def _top_logprob(token: TokenEvent) -> dict[str, float] | None:
-    """One `top_logprobs` entry per token: null where the engine gave no logprob, so the
-    list stays aligned with `tokens`."""
-    return None if token.logprob is None else {token.text: token.logprob}
 
 
 def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
@@ -296,8 +309,6 @@ async def chat_completions(
         raise invalid_field("tools", "tool calls are not supported")
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise invalid_field("response_format", "only text is supported")
-    if body.top_logprobs:
-        raise invalid_field("top_logprobs", "only 0 is supported (the sampled token's logprob)")
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid_field("top_logprobs", "needs logprobs=true")
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -307,7 +318,9 @@ async def chat_completions(
     request = await _request(
         body=body,
         prompt_ids=prompt_ids,
-        decoding=_decoding(body, max_tokens, body.logprobs),
+        decoding=dataclasses.replace(
+            _decoding(body, max_tokens, body.logprobs), top_logprobs=body.top_logprobs or 0
+        ),
         engine=engine,
         settings=settings,
         registry=registry,
@@ -317,7 +330,13 @@ async def chat_completions(
     created = int(time.time())
 
     def token_logprob(t: TokenEvent) -> ChatTokenLogprob:
-        return ChatTokenLogprob(token=t.text, logprob=t.logprob or 0.0, bytes=list(t.text.encode()))
+        top = [
+            {"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode())}
+            for a in t.top_logprobs
+        ]
+        return ChatTokenLogprob(
+            token=t.text, logprob=t.logprob or 0.0, bytes=list(t.text.encode()), top_logprobs=top
+        )
 
     if body.stream:
         envelope = _envelope(request, "chat.completion.chunk", created, body.model)
@@ -358,14 +377,11 @@ async def chat_completions(
     )
 
 
-@router.get("/models", response_model=ModelList, summary="The base model and every adapter")
-async def models(engine: EngineDep, registry: RegistryDep) -> ModelList:
-    ids = await asyncio.to_thread(registry.list_ids)
-    stats = engine.stats()
-    loaded = set(stats.loaded_adapters) | set(stats.running_adapters)
+def _card(engine: GenerationEngine, adapter_id: str | None, loaded: set[str]) -> ModelCard:
+    """The base (adapter_id None) or one adapter, as `/v1/models` lists it."""
     now = int(time.time())
-    cards = [
-        ModelCard(
+    if adapter_id is None:
+        return ModelCard(
             id=engine.model_name,
             created=now,
             root=engine.model_name,
@@ -373,17 +389,36 @@ async def models(engine: EngineDep, registry: RegistryDep) -> ModelList:
             loaded=True,
             max_model_len=engine.context_length,
         )
-    ]
-    for adapter_id in filter(auth.visible, ids):
-        cards.append(
-            ModelCard(
-                id=adapter_id,
-                created=now,
-                root=engine.model_name,
-                parent=engine.model_name,
-                status="loaded" if adapter_id in loaded else "stored",
-                loaded=adapter_id in loaded,
-                max_model_len=engine.context_length,
-            )
-        )
+    return ModelCard(
+        id=adapter_id,
+        created=now,
+        root=engine.model_name,
+        parent=engine.model_name,
+        status="loaded" if adapter_id in loaded else "stored",
+        loaded=adapter_id in loaded,
+        max_model_len=engine.context_length,
+    )
+
+
+def _loaded(engine: GenerationEngine) -> set[str]:
+    stats = engine.stats()
+    return set(stats.loaded_adapters) | set(stats.running_adapters)
+
+
+@router.get("/models", response_model=ModelList, summary="The base model and every adapter")
+async def models(engine: EngineDep, registry: RegistryDep) -> ModelList:
+    ids = await asyncio.to_thread(registry.list_ids)
+    loaded = _loaded(engine)
+    cards = [_card(engine, None, loaded)]
+    cards += [_card(engine, a, loaded) for a in filter(auth.visible, ids)]
     return ModelList(data=cards)
+
+
+@router.get("/models/{model:path}", response_model=ModelCard, summary="One model or adapter")
+async def model(model: str, engine: EngineDep, registry: RegistryDep) -> ModelCard:
+    adapter_id = conventions.adapter_for(model, engine)
+    try:
+        await sampling.check_adapter(registry, adapter_id, "model", count=False)
+    except APIError as exc:
+        raise conventions.openai_error(exc, model) from None
+    return _card(engine, adapter_id, _loaded(engine))

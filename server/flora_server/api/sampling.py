@@ -43,6 +43,9 @@ class Decoding:
     seed: int | None = None
     stop: Sequence[str] = ()
     logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,17 @@ class FieldNames:
 class Collected:
     tokens: list[TokenEvent] = field(default_factory=list)
     finish: FinishEvent | None = None
+
+
+class ContextLengthError(APIError):
+    """Prompt + completion do not fit the context: a 422 naming the field here; the OpenAI
+    routes answer it as OpenAI does (400, code `context_length_exceeded`)."""
+
+    def __init__(self, param: str, message: str, *, n_prompt: int, max_new: int, context: int):
+        super().__init__(422, f"{param}: {message}", param=param, code="context_length_exceeded")
+        self.n_prompt = n_prompt
+        self.max_new = max_new
+        self.context_length = context
 
 
 def new_request_id(prefix: str) -> str:
@@ -77,14 +91,18 @@ def check_stop(stop: Sequence[str], settings: Settings, param: str) -> tuple[str
     return tuple(stop)
 
 
-async def check_adapter(registry: AdapterRegistry, adapter_id: str | None, param: str) -> None:
-    """404 up front for an unknown adapter (the engine would also say so, later)."""
+async def check_adapter(
+    registry: AdapterRegistry, adapter_id: str | None, param: str, *, count: bool = True
+) -> None:
+    """404 up front for an unknown adapter (the engine would also say so, later);
+    `count` records a request for it."""
     if adapter_id is None:
         return
     # Another tenant's adapter answers exactly like a missing one: existence is not revealed.
     if not auth.visible(adapter_id) or not await asyncio.to_thread(registry.exists, adapter_id):
         raise APIError(404, f"adapter {adapter_id!r} not found", param=param)
-    registry.count_request(adapter_id)
+    if count:
+        registry.count_request(adapter_id)
 
 
 def build_request(
@@ -106,9 +124,12 @@ def build_request(
     if n_prompt == 0:
         raise invalid_field(names.prompt, "the prompt is empty")
     if n_prompt >= context_length:
-        raise invalid_field(
+        raise ContextLengthError(
             names.prompt,
             f"{n_prompt} prompt tokens leave no room in the context of {context_length}",
+            n_prompt=n_prompt,
+            max_new=decoding.max_new_tokens or 0,
+            context=context_length,
         )
     room = context_length - n_prompt
     if decoding.max_new_tokens is None:
@@ -118,10 +139,13 @@ def build_request(
         if max_new > settings.max_new_tokens:
             raise invalid_field(names.max_new_tokens, f"must be <= {settings.max_new_tokens}")
         if max_new > room:
-            raise invalid_field(
+            raise ContextLengthError(
                 names.max_new_tokens,
                 f"{n_prompt} prompt tokens + {max_new} new tokens exceed the context length "
                 f"{context_length}",
+                n_prompt=n_prompt,
+                max_new=max_new,
+                context=context_length,
             )
     stop = check_stop(decoding.stop, settings, names.stop)
     seed = decoding.seed
@@ -138,6 +162,9 @@ def build_request(
         seed=seed,
         stop=stop,
         logprobs=decoding.logprobs,
+        top_logprobs=decoding.top_logprobs,
+        prompt_logprobs=decoding.prompt_logprobs,
+        ignore_eos=decoding.ignore_eos,
     )
     return GenerationRequest(
         request_id=request_id,

@@ -81,11 +81,16 @@ class CausalBatch:
     @classmethod
     @torch.inference_mode()
     def prefill(
-        cls, model: torch.nn.Module, prompts: Sequence[Sequence[int]], rows: list[Any]
+        cls,
+        model: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        rows: list[Any],
+        *,
+        all_logits: bool = False,
     ) -> tuple[CausalBatch, torch.Tensor]:
         """Run the prompts as one left-padded batch. Returns the batch (its `next_tokens`
         still to be set by the caller from the sampled tokens) and the last-position logits
-        [B, V] in float32."""
+        [B, V] in float32, or with `all_logits` every position's [B, L, V]."""
         device = next(model.parameters()).device
         ids, mask = left_pad(prompts)
         ids, mask = ids.to(device), mask.to(device)
@@ -95,7 +100,7 @@ class CausalBatch:
             attention_mask=mask,
             position_ids=positions_from_mask(mask),
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if all_logits else 1,
             **{CACHE_KWARG: cache},
         )
         batch = cls(
@@ -105,7 +110,7 @@ class CausalBatch:
             next_positions=mask.sum(dim=-1),
             rows=list(rows),
         )
-        return batch, out.logits[:, -1, :].float()
+        return batch, out.logits.float() if all_logits else out.logits[:, -1, :].float()
 
     @torch.inference_mode()
     def decode(self, model: torch.nn.Module) -> torch.Tensor:

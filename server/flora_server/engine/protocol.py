@@ -30,6 +30,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    # Alternatives reported per generated token (TGI top_n_tokens, OpenAI top_logprobs).
+    top_logprobs: int = 0
+    # Report the logprob of every prompt token (TGI decoder_input_details, OpenAI echo).
+    prompt_logprobs: bool = False
+    ignore_eos: bool = False  # generate through EOS until max_new_tokens or a stop
 
 
 @dataclass
@@ -42,6 +47,18 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A token with its log-probability under the model's (unprocessed) distribution.
+    `text` is the token decoded alone; `logprob` is None for the first prompt token (no
+    context predicts it); `top` lists the most likely alternatives at that position."""
+
+    token_id: int
+    text: str
+    logprob: float | None
+    top: tuple[Logprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token. `text` is the new text it adds (held back while it could still
     be the start of a stop sequence, so the concatenation of all `text` equals the final
@@ -50,6 +67,8 @@ class TokenEvent:
     token_id: int
     text: str
     logprob: float | None = None
+    special: bool = False  # an EOS or other special token (no text of its own)
+    top_logprobs: tuple[Logprob, ...] = ()  # `params.top_logprobs` alternatives, best first
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,7 @@ class FinishEvent:
     prompt_tokens: int
     generated_tokens: int
     token_ids: tuple[int, ...] = ()
+    prompt_logprobs: tuple[Logprob, ...] = ()  # one per prompt token with `prompt_logprobs`
 
 
 GenerationEvent = TokenEvent | FinishEvent

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flora_server.engine.protocol import FinishEvent, GenerationEvent, GenerationRequest
+from flora_server.engine.protocol import (
+    FinishEvent,
+    GenerationEvent,
+    GenerationRequest,
+    Logprob,
+)
 from flora_server.engine.text import TextStream
 
 
@@ -94,6 +99,7 @@ class RowState:
     generated: list[int] = field(default_factory=list)  # EOS included
     first_token_at: float | None = None
     finished: str | None = None  # the finish reason ("error" on failure) once done
+    prompt_logprobs: tuple[Logprob, ...] = ()  # filled at prefill when the request asks
 
     @property
     def request(self) -> GenerationRequest:

@@ -137,3 +137,31 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     else:
         gen.manual_seed(seed)
     return gen
+
+
+# -- log-probabilities reported to the client (not used for choosing tokens) ----------
+
+
+def chosen_and_top(
+    logprobs: torch.Tensor, tokens: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logprob of each row's token and the row's `n` most likely tokens.
+
+    logprobs: [B, V] (log_softmax of the raw logits); tokens: [B] int64.
+    Returns (chosen [B], top_values [B, n], top_ids [B, n]), best first.
+    """
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    top = logprobs.topk(min(n, logprobs.shape[-1]), dim=-1)
+    return chosen, top.values, top.indices
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, prompt: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logprob of every prompt token after the first given the ones before it.
+
+    logits: [L, V] (all positions of one unpadded prompt); prompt: [L] int64.
+    Returns (chosen [L-1], top_values [L-1, n], top_ids [L-1, n]) for tokens 1..L-1.
+    """
+    logprobs = logits[:-1].float().log_softmax(dim=-1)  # position t predicts token t+1
+    return chosen_and_top(logprobs, prompt[1:], n)

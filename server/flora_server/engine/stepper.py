@@ -21,6 +21,7 @@ from flora_server.engine.protocol import (
     EngineError,
     FinishEvent,
     FinishReason,
+    Logprob,
     RequestFailedError,
     TokenEvent,
 )
@@ -28,7 +29,9 @@ from flora_server.engine.requests import RowState
 from flora_server.engine.runtime import AdapterRuntime
 from flora_server.engine.sampling import (
     SamplingTensors,
+    chosen_and_top,
     process_logits,
+    prompt_logprobs,
     seen_mask,
     select_tokens,
 )
@@ -124,10 +127,23 @@ class Stepper:
         self.metrics.on_tokens(len(self.batch))
 
     def _prefill(self, rows: list[RowState]) -> None:
+        # Prompt logprobs need every position's logits: such rows run alone, so at most
+        # one [L, V] block is held at a time.
+        plain = [r for r in rows if not r.request.params.prompt_logprobs]
+        scored = [[r] for r in rows if r.request.params.prompt_logprobs]
+        for group in ([plain] if plain else []) + scored:
+            self._prefill_group(group)
+
+    def _prefill_group(self, rows: list[RowState]) -> None:
         started = time.monotonic()
         self.runtime.set_routing(self._routing(rows))
         prompts = [r.request.prompt_ids for r in rows]
-        new, logits = CausalBatch.prefill(self.model, prompts, rows)
+        if rows[0].request.params.prompt_logprobs:  # one unpadded row: logits [1, L, V]
+            new, logits = CausalBatch.prefill(self.model, prompts, rows, all_logits=True)
+            rows[0].prompt_logprobs = self._prompt_logprobs(rows[0], logits[0])
+            logits = logits[:, -1, :]
+        else:
+            new, logits = CausalBatch.prefill(self.model, prompts, rows)
         new.next_tokens = self._sample(rows, logits)
         self.metrics.on_step(self.mode, len(rows), time.monotonic() - started)
         self.metrics.on_tokens(len(rows))
@@ -146,13 +162,23 @@ class Stepper:
             self.fail(bad, FloatingPointError("the model produced non-finite logits"))
             logits = torch.where(finite.unsqueeze(1), logits, torch.zeros_like(logits))
         tokens = self._select_each(rows, logits)
-        logprobs = None
-        if any(p.logprobs for p in params):
-            logprobs = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        chosen: list[float] = []
+        top_values: list[list[float]] = []
+        top_ids: list[list[int]] = []
+        if any(p.logprobs or p.top_logprobs for p in params):
+            n = max(1, max(p.top_logprobs for p in params))
+            c, v, i = chosen_and_top(logits.log_softmax(-1), tokens, n)
+            chosen, top_values, top_ids = c.tolist(), v.tolist(), i.tolist()
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             if row.finished is not None:
                 continue
-            self._advance(row, token, logprobs[i] if logprobs and params[i].logprobs else None)
+            p = params[i]
+            logprob = chosen[i] if chosen and p.logprobs else None
+            top = ()
+            if p.top_logprobs:
+                pairs = zip(top_ids[i][: p.top_logprobs], top_values[i], strict=False)
+                top = tuple(Logprob(t, row.text.decode([t]), lp) for t, lp in pairs)
+            self._advance(row, token, logprob, top)
         return tokens
 
     def _select_each(self, rows: Sequence[RowState], logits: torch.Tensor) -> torch.Tensor:
@@ -174,7 +200,27 @@ class Stepper:
                 self.fail([row], exc)
         return tokens
 
-    def _advance(self, row: RowState, token: int, logprob: float | None) -> None:
+    @staticmethod
+    def _prompt_logprobs(row: RowState, logits: torch.Tensor) -> tuple[Logprob, ...]:
+        """Every prompt token with its logprob (None for the first) and its alternatives.
+        logits: [L, V] for the row's L prompt tokens."""
+        ids = row.request.prompt_ids
+        n = row.request.params.top_logprobs
+        chosen, values, top_ids = prompt_logprobs(
+            logits, torch.tensor(ids, device=logits.device), max(n, 1)
+        )
+        decode = row.text.decode
+        out = [Logprob(ids[0], decode(ids[:1]), None)]
+        for t, lp, vs, ts in zip(
+            ids[1:], chosen.tolist(), values.tolist(), top_ids.tolist(), strict=True
+        ):
+            top = tuple(Logprob(a, decode([a]), b) for a, b in zip(ts[:n], vs, strict=False))
+            out.append(Logprob(t, decode([t]), lp, top))
+        return tuple(out)
+
+    def _advance(
+        self, row: RowState, token: int, logprob: float | None, top: tuple[Logprob, ...] = ()
+    ) -> None:
         """Record one token for a row, emit its TokenEvent, and finish the row if done."""
         now = time.monotonic()
         if row.first_token_at is None:
@@ -184,7 +230,8 @@ class Stepper:
         row.seen.append(token)
         full = len(row.generated) >= row.handle.max_new_tokens
         reason: FinishReason | None = None
-        if token in self.eos_ids:
+        special = token in self.eos_ids
+        if special and not row.request.params.ignore_eos:
             piece, reason = row.text.push(None, final=True), "eos"
         else:
             piece = row.text.push(token, final=full)
@@ -192,7 +239,8 @@ class Stepper:
                 reason = "stop"
             elif full:
                 reason = "length"
-        row.handle.emit(TokenEvent(token_id=token, text=piece, logprob=logprob))
+        event = TokenEvent(token, piece, logprob, special=special, top_logprobs=top)
+        row.handle.emit(event)
         if reason is not None:
             self.finish(row, reason)
 
@@ -209,6 +257,7 @@ class Stepper:
                 prompt_tokens=len(request.prompt_ids),
                 generated_tokens=len(row.generated),
                 token_ids=tuple(row.generated),
+                prompt_logprobs=row.prompt_logprobs,
             )
         )
         if row.slot is not None:

@@ -16,6 +16,8 @@ from flora_server.schemas.limits import (
     ValidText,
 )
 
+MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -42,9 +44,9 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: ValidText | list[ValidText] | list[TokenId]
-    max_tokens: PositiveCount | None = None
-    logprobs: Count | None = None
+    prompt: ValidText | list[ValidText] | list[TokenId] | list[list[TokenId]]
+    max_tokens: Count | None = Field(None, description="0 with echo: score the prompt only")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: PositiveCount | None = None
@@ -68,7 +70,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: PositiveCount | None = None
     max_completion_tokens: PositiveCount | None = None
     logprobs: bool = False
-    top_logprobs: Count | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 

@@ -94,6 +94,6 @@ def test_float_and_base64_formats_over_http(url: str) -> None:
 def test_other_kind_routes_say_which_model_is_loaded(url: str) -> None:
     r = httpx.post(f"{url}/generate", json={"inputs": "hi"}, timeout=T)
     assert r.status_code == 404
-    assert "text-encoder" in r.json()["error"]["message"]
+    assert "text-encoder" in r.json()["error"]  # TGI's flat shape on /generate
     r = httpx.post(f"{url}/v1/classify", json={"inputs": ["hi"]}, timeout=T)
     assert r.status_code == 422 and "no classification head" in r.json()["error"]["message"]

@@ -183,7 +183,7 @@ def _exercise(a: str, b: str, adapters: dict[str, Path]) -> None:
         assert r.status_code == 200 and r.json()["generated_text"] == v2, r.text
         assert time.monotonic() - deleted_at < RECHECK + SLACK, "B kept serving a deleted adapter"
         time.sleep(0.1)
-    assert r.json()["error"]["type"] == "not_found_error"
+    assert r.json()["error_type"] == "not_found_error"  # TGI's flat shape on /generate
     assert httpx.get(f"{b}/v1/adapters/shared", timeout=T).status_code == 404
 
 

@@ -123,7 +123,7 @@ def test_upload_generate_delete_404(server):
         json={"inputs": PROMPT, "parameters": {"adapter_id": "alpha"}},
         timeout=T,
     )
-    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    assert r.status_code == 404 and r.json()["error_type"] == "not_found_error"  # TGI's shape
 
 
 def test_archive_upload_with_digest_and_wrong_base_refused(server, tmp_path):

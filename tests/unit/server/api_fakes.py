@@ -2,7 +2,8 @@
 
 Tokens are the prompt's UTF-8 bytes. Generation echoes the prompt byte by byte; with an
 adapter every byte is shifted by `len(adapter_id)` (so two adapters give different text).
-Token i has logprob -(i + 1) / 10.
+Token i has logprob -(i + 1) / 10; with `top_logprobs` its alternatives are itself and the
+next byte (logprob - 1). With `prompt_logprobs`, prompt token j > 0 has logprob -j / 100.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from flora_server.engine.protocol import (
     FinishEvent,
     GenerationEvent,
     GenerationRequest,
+    Logprob,
     QueueFullError,
     TokenEvent,
 )
@@ -126,8 +128,17 @@ class FakeEngine:
                 text += piece
                 n += 1
                 logprob = -(i + 1) / 10 if request.params.logprobs else None
-                yield TokenEvent(tok, piece, logprob)
-            yield FinishEvent(reason, text, len(ids), n)
+                lp = -(i + 1) / 10
+                top = (Logprob(tok, piece, lp), Logprob(tok + 1, chr(tok + 1), lp - 1))
+                yield TokenEvent(
+                    tok, piece, logprob, top_logprobs=top[: request.params.top_logprobs]
+                )
+            prompt = ()
+            if request.params.prompt_logprobs:
+                prompt = tuple(
+                    Logprob(t, chr(t), -j / 100 if j else None) for j, t in enumerate(ids)
+                )
+            yield FinishEvent(reason, text, len(ids), n, prompt_logprobs=prompt)
         finally:
             if adapter is not None:
                 self.running.remove(adapter)

@@ -33,11 +33,15 @@ def test_generate_base_exact_text_and_details(app):
         "finish_reason": "length",
         "generated_tokens": 7,
         "prompt_tokens": 5,
+        "skipped_tokens": 0,
         "seed": None,
         "adapter_id": None,
-        "tokens": None,
+        "tokens": body["details"]["tokens"],
         "prefill": [],
+        "top_tokens": None,
+        "best_of_sequences": None,
     }
+    assert "".join(t["text"] for t in body["details"]["tokens"]) == "hellohe"
     req = engine.requests[-1]
     assert req.params.max_new_tokens == 7 and req.params.do_sample is False
     assert req.adapter_id is None and req.prompt_ids == list(b"hello")
@@ -108,10 +112,13 @@ def test_generate_stream_format_and_equals_non_streaming(app):
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     assert len(events) == 6  # one per token; the last carries the text and details
-    for e in events[:-1]:
-        assert set(e) == {"token", "generated_text", "details"}
+    for i, e in enumerate(events[:-1]):
+        assert set(e) == {"index", "token", "top_tokens", "generated_text", "details"}
+        assert e["index"] == i and e["top_tokens"] is None
         assert e["generated_text"] is None and e["details"] is None
-        assert set(e["token"]) == {"id", "text", "logprob", "special"}
+        token_fields = {"id", "text", "logprob", "special", "skipped", "alternative_tokens"}
+        assert set(e["token"]) == token_fields
+        assert isinstance(e["token"]["logprob"], float)
     last = events[-1]
     assert last["generated_text"] == full["generated_text"] == "stream"
     assert "".join(e["token"]["text"] for e in events) == "stream"
@@ -125,8 +132,8 @@ def test_unknown_adapter_is_404_both_routes(app):
     for route in ("/generate", "/generate_stream"):
         r = client.post(route, json=body)
         assert r.status_code == 404
-        assert r.json()["error"]["type"] == "not_found_error"
-        assert "nope" in r.json()["error"]["message"]
+        assert r.json()["error_type"] == "not_found_error"  # TGI's flat shape
+        assert "nope" in r.json()["error"]
 
 
 def test_queue_full_is_429_with_retry_after(app):
@@ -136,7 +143,7 @@ def test_queue_full_is_429_with_retry_after(app):
         r = client.post(route, json={"inputs": "hi"})
         assert r.status_code == 429
         assert r.headers["retry-after"] == "3"  # ceil(2.5)
-        assert r.json()["error"]["type"] == "rate_limit_error"
+        assert r.json()["error_type"] == "overloaded"
 
 
 @pytest.mark.parametrize(
@@ -150,7 +157,8 @@ def test_queue_full_is_429_with_retry_after(app):
         ({"temperature": -1}, "parameters.temperature"),
         ({"top_p": 1.5}, "parameters.top_p"),
         ({"best_of": 2}, "parameters.best_of"),
-        ({"decoder_input_details": True}, "parameters.decoder_input_details"),
+        ({"typical_p": 0.5}, "parameters.typical_p"),
+        ({"max_token": 5}, "parameters.max_token"),  # a typo is never ignored
     ],
 )
 def test_caps_are_422_naming_the_field(app, params, field):
@@ -158,14 +166,14 @@ def test_caps_are_422_naming_the_field(app, params, field):
     n = len(engine.requests)
     r = client.post("/generate", json={"inputs": "abc", "parameters": params})
     assert r.status_code == 422, r.text
-    assert r.json()["error"]["message"].startswith(field)
+    assert r.json()["error"].startswith(field) and r.json()["error_type"] == "validation"
     assert len(engine.requests) == n  # nothing reached the engine
 
 
 def test_prompt_longer_than_context_is_422(app):
     client, _ = app
     r = client.post("/generate", json={"inputs": "x" * 64})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "inputs"
+    assert r.status_code == 422 and r.json()["param"] == "inputs"
 
 
 def test_default_max_new_tokens_shrinks_to_fit(app):
@@ -178,9 +186,9 @@ def test_malformed_json_is_422_not_500(app):
     client, _ = app
     r = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
-    assert set(r.json()["error"]) >= {"type", "message"}
+    assert r.json()["error_type"] == "validation" and r.json()["error"]
     r = client.post("/generate", json={"parameters": {}})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "inputs"
+    assert r.status_code == 422 and r.json()["param"] == "inputs"
 
 
 def test_engine_invalid_request_is_422(app):

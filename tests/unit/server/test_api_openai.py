@@ -122,20 +122,24 @@ def test_models_lists_base_and_adapters_with_parent_and_status(app, oai):
 def test_unknown_model_is_404_via_client(app, oai):
     with pytest.raises(openai.NotFoundError) as info:
         oai.completions.create(model="missing", prompt="x", max_tokens=1)
-    assert info.value.body["type"] == "not_found_error"
+    # OpenAI's own shape: type invalid_request_error, code model_not_found.
+    assert info.value.body["code"] == "model_not_found"
+    assert info.value.body["message"] == (
+        "The model `missing` does not exist or you do not have access to it."
+    )
 
 
 @pytest.mark.parametrize(
     ("route", "extra", "field"),
     [
         ("/v1/completions", {"n": 2}, "n"),
-        ("/v1/completions", {"logprobs": 5}, "logprobs"),
-        ("/v1/completions", {"echo": True}, "echo"),
+        ("/v1/completions", {"logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"echo": True, "stream": True}, "echo"),
+        ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
         ("/v1/completions", {"max_tokens": 100000}, "max_tokens"),
         ("/v1/completions", {"stop": ["a"] * 9}, "stop"),
         ("/v1/chat/completions", {"n": 3}, "n"),
-        ("/v1/chat/completions", {"max_completion_tokens": 63}, "max_completion_tokens"),
-        ("/v1/chat/completions", {"top_logprobs": 3, "logprobs": True}, "top_logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),
         ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools"),
         ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
     ],
