@@ -11,6 +11,7 @@ import json
 
 import pytest
 from api_fakes import expected_text, running_app
+from tiny import api_error
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,7 +56,7 @@ def test_lone_surrogates_are_422_naming_the_field(tmp_path):
         for path, body, param in SURROGATES:
             r = client.post(path, content=json.dumps(body), headers=JSON)
             assert r.status_code == 422, (path, body, r.text)
-            error = r.json()["error"]
+            error = api_error(r)
             assert error["param"] == param, (path, error)
             surrogate, index = ("DFFF", 0) if param == "stop.1" else ("D800", 1)
             assert error["message"] == (
@@ -92,8 +93,8 @@ def test_malformed_bodies_are_422_on_body(tmp_path, path):
         for raw, message in MALFORMED:
             r = client.post(path, content=raw, headers=JSON)
             assert r.status_code == 422, (raw[:40], r.text)
-            assert r.json()["error"] == {
-                "type": "invalid_request_error",
+            assert api_error(r) == {
+                "type": "validation" if path == "/generate" else "invalid_request_error",
                 "message": message,
                 "param": "body",
             }, raw[:40]

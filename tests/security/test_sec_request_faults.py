@@ -26,7 +26,7 @@ from test_sec_engine_faults import (
     tiny_engine_factory,
     together,
 )
-from tiny import server_fixtures
+from tiny import api_error, server_fixtures
 
 from flora_server.engine import stepper
 from flora_server.engine.protocol import GenerationRequest, RequestFailedError, SamplingParams
@@ -85,7 +85,7 @@ def test_out_of_range_numbers_are_422_naming_the_field_before_queueing(tmp_path)
             raw = json.dumps(body)  # inf/nan become the Infinity/NaN literals
             r = client.post(path, content=raw, headers=JSON)
             assert r.status_code == 422, (path, body, r.text)
-            error = r.json()["error"]
+            error = api_error(r)
             assert error["param"] == param, (path, body, error)
             assert error["message"].startswith(f"{param}: "), error
         assert engine.requests == []  # nothing reached the engine

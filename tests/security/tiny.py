@@ -120,3 +120,12 @@ def running_server(model_dir: Path, store: Path, *flags: str, **kw) -> Iterator[
         if server.proc.poll() is None:
             server.signal(signal.SIGKILL)
             server.proc.wait(10)
+
+
+def api_error(response) -> dict:
+    """The error of either shape as ``{"type", "message", "param"}``: the project's nested
+    one, or TGI's flat one on the TGI routes (``{"error", "error_type", "param"}``)."""
+    body = response.json()
+    if isinstance(body["error"], str):
+        return {"type": body["error_type"], "message": body["error"], "param": body.get("param")}
+    return body["error"]
