@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from flora_server.api import sampling
@@ -91,6 +91,7 @@ def _token(event: TokenEvent) -> Token:
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text (TGI shape)")
 async def generate(
     http: Request,
+    response: Response,
     body: GenerateRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -109,8 +110,10 @@ async def generate(
         prompt_tokens=out.finish.prompt_tokens,
         seed=request.params.seed,
         adapter_id=request.adapter_id,
+        adapter_sha256=out.finish.adapter_sha256,
         tokens=[_token(t) for t in out.tokens] if body.parameters.details else None,
     )
+    response.headers.update(sampling.adapter_headers(out.finish.adapter_sha256))
     return GenerateResponse(generated_text=text, details=details)
 
 
@@ -148,6 +151,7 @@ async def generate_stream(
                             prompt_tokens=event.prompt_tokens,
                             seed=request.params.seed,
                             adapter_id=request.adapter_id,
+                            adapter_sha256=event.adapter_sha256,
                         ),
                     )
                     yield sampling.sse(final.model_dump(mode="json"))
@@ -164,4 +168,5 @@ async def generate_stream(
         finally:
             await stream.aclose()
 
-    return StreamingResponse(body_events(), media_type="text/event-stream")
+    headers = sampling.adapter_headers(first.adapter_sha256)
+    return StreamingResponse(body_events(), media_type="text/event-stream", headers=headers)

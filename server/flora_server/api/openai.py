@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from flora_server import auth
@@ -136,6 +136,8 @@ async def _stream(
     chunks as SSE: the opening chunk if `chunk(None, None)` gives one, a chunk per token
     with text, the finish chunk, a usage chunk when `stream_options.include_usage`, [DONE]."""
     first, stream = await sampling.open_stream(engine, request, metrics)
+    if first.adapter_sha256:  # flora extension, in every chunk as in the header
+        envelope["adapter_sha256"] = first.adapter_sha256
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
     async def events() -> AsyncIterator[bytes]:
@@ -161,12 +163,14 @@ async def _stream(
         finally:
             await stream.aclose()
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    headers = sampling.adapter_headers(first.adapter_sha256)
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 @router.post("/completions", response_model=CompletionResponse, summary="Text completion")
 async def completions(
     http: Request,
+    response: Response,
     body: CompletionRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -228,6 +232,7 @@ async def completions(
 
     out = await sampling.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
+    response.headers.update(sampling.adapter_headers(out.finish.adapter_sha256))
     logprobs = None
     if want_logprobs:
         offsets, pos = [], 0
@@ -252,6 +257,7 @@ async def completions(
             )
         ],
         usage=_usage(out.finish),
+        adapter_sha256=out.finish.adapter_sha256,
     )
 
 
@@ -280,6 +286,7 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
 @router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion")
 async def chat_completions(
     http: Request,
+    response: Response,
     body: ChatCompletionRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -336,6 +343,7 @@ async def chat_completions(
 
     out = await sampling.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
+    response.headers.update(sampling.adapter_headers(out.finish.adapter_sha256))
     return ChatCompletionResponse(
         id=request.request_id,
         created=created,
@@ -350,6 +358,7 @@ async def chat_completions(
             )
         ],
         usage=_usage(out.finish),
+        adapter_sha256=out.finish.adapter_sha256,
     )
 
 

@@ -94,6 +94,7 @@ class RowState:
     generated: list[int] = field(default_factory=list)  # EOS included
     first_token_at: float | None = None
     finished: str | None = None  # the finish reason ("error" on failure) once done
+    adapter_sha256: str | None = None  # of the stored bytes on the row's slot at admission
 
     @property
     def request(self) -> GenerationRequest:

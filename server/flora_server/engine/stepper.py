@@ -181,7 +181,11 @@ class Stepper:
                 reason = "stop"
             elif full:
                 reason = "length"
-        row.handle.emit(TokenEvent(token_id=token, text=piece, logprob=logprob))
+        row.handle.emit(
+            TokenEvent(
+                token_id=token, text=piece, logprob=logprob, adapter_sha256=row.adapter_sha256
+            )
+        )
         if reason is not None:
             self.finish(row, reason)
 
@@ -198,6 +202,7 @@ class Stepper:
                 prompt_tokens=len(request.prompt_ids),
                 generated_tokens=len(row.generated),
                 token_ids=tuple(row.generated),
+                adapter_sha256=row.adapter_sha256,
             )
         )
         if row.slot is not None:

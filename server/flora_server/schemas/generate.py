@@ -53,6 +53,9 @@ class Details(BaseModel):
     prompt_tokens: int
     seed: int | None = None
     adapter_id: str | None = None
+    adapter_sha256: str | None = Field(
+        None, description="sha256 of the stored adapter bytes that served this; null for the base"
+    )
     tokens: list[Token] | None = None
     prefill: list[Token] = Field(default_factory=list)
 
@@ -68,6 +71,9 @@ class StreamDetails(BaseModel):
     prompt_tokens: int
     seed: int | None = None
     adapter_id: str | None = None
+    adapter_sha256: str | None = Field(
+        None, description="sha256 of the stored adapter bytes that served this; null for the base"
+    )
 
 
 class StreamResponse(BaseModel):

@@ -102,11 +102,12 @@ class FakeEngine:
         return self._run(request)
 
     async def _run(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        adapter = request.adapter_id
+        adapter, sha256 = request.adapter_id, None
         if adapter is not None:
             if not self.source.exists(adapter):
                 raise AdapterNotFoundError(adapter)
-            self.source.load(adapter)
+            loaded = self.source.load(adapter)
+            sha256 = getattr(loaded, "sha256", None)
             self.loaded.add(adapter)
             self.running.append(adapter)
         try:
@@ -126,8 +127,8 @@ class FakeEngine:
                 text += piece
                 n += 1
                 logprob = -(i + 1) / 10 if request.params.logprobs else None
-                yield TokenEvent(tok, piece, logprob)
-            yield FinishEvent(reason, text, len(ids), n)
+                yield TokenEvent(tok, piece, logprob, adapter_sha256=sha256)
+            yield FinishEvent(reason, text, len(ids), n, adapter_sha256=sha256)
         finally:
             if adapter is not None:
                 self.running.remove(adapter)

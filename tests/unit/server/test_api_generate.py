@@ -35,6 +35,7 @@ def test_generate_base_exact_text_and_details(app):
         "prompt_tokens": 5,
         "seed": None,
         "adapter_id": None,
+        "adapter_sha256": None,
         "tokens": None,
         "prefill": [],
     }
