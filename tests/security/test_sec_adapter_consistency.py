@@ -374,3 +374,31 @@ def test_s3_crash_windows_and_org_name_keys(tmp_path, monkeypatch):
         store.delete("org")  # must not touch objects/org/name/...
         assert store.list() == ["a", "org/name"] and store.get_bytes("org/name") == b"nested"
         assert store.read_prefix("org/name", 3) == (hashlib.sha256(b"nested").hexdigest(), b"nes")
+
+
+def test_batch_engine_routes_report_the_sha256_from_the_engine(tmp_path):
+    """Embeddings and text classification on a real (tiny) EncoderEngine: the digest comes
+    from the copy on the job's slot, through `BatchEngine.serve`."""
+    from test_encoder_engine import _factory, make_text_adapter
+
+    from flora.adapter import encode_adapter
+
+    app = create_app(Settings(home=tmp_path / "h"), engine_factory=_factory)
+    with TestClient(app) as client:
+        for _ in range(300):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.01)
+        archive, _ = encode_adapter(make_text_adapter(True), archive=True)
+        r = client.post(
+            "/v1/adapters", data={"adapter_id": "team/senti"}, files={"archive": ("a", archive)}
+        )
+        assert r.status_code == 201, r.text
+        want = hashlib.sha256(archive).hexdigest()
+        assert r.json()["sha256"] == want
+        r = client.post("/v1/embeddings", json={"input": ["a b"], "model": "team/senti"})
+        assert r.status_code == 200 and r.headers["x-adapter-sha256"] == want
+        r = client.post("/v1/classify", json={"inputs": ["a b"], "adapter_id": "team/senti"})
+        assert r.status_code == 200 and r.headers["x-adapter-sha256"] == want
+        r = client.post("/v1/embeddings", json={"input": ["a b"]})
+        assert r.status_code == 200 and "x-adapter-sha256" not in r.headers
