@@ -403,15 +403,20 @@ class AdapterRegistry:
                 )
             self._validate(path)
             with self._lock:
-                if self.store.exists(adapter_id):
-                    self.require(adapter_id)  # another base's adapter is never replaced
-                    if self.store.digest(adapter_id) == digest:
-                        return PutResult(self.store.stat(adapter_id), "unchanged")
-                    if not overwrite:
-                        raise AdapterConflictError(adapter_id)
-                    status: Literal["created", "replaced"] = "replaced"
-                else:
-                    status = "created"
+                try:
+                    other = self.foreign_base(adapter_id)
+                    current: str | None = self.store.digest(adapter_id)
+                except StoredAdapterMissingError:
+                    other, current = None, None
+                if other is not None:  # another base's adapter is never replaced
+                    raise AdapterOfOtherBaseError(adapter_id, other, self._base_name())
+                if current == digest:
+                    return PutResult(self.store.stat(adapter_id), "unchanged")
+                if current is not None and not overwrite:
+                    raise AdapterConflictError(adapter_id)
+                status: Literal["created", "replaced"] = (
+                    "created" if current is None else "replaced"
+                )
                 with path.open("rb") as f:
                     stored = self.store.put(adapter_id, f, sha256=digest)
                 # The caller invalidates its caches; `_served` keeps the old digest so the
