@@ -402,3 +402,40 @@ def test_batch_engine_routes_report_the_sha256_from_the_engine(tmp_path):
         assert r.status_code == 200 and r.headers["x-adapter-sha256"] == want
         r = client.post("/v1/embeddings", json={"input": ["a b"]})
         assert r.status_code == 200 and "x-adapter-sha256" not in r.headers
+
+
+def test_real_validators_of_two_bases_split_a_shared_store(tmp_path):
+    """The real `BaseValidator.foreign_base` on two tiny Llamas (different weights, so
+    different fingerprints) reading real adapter files from one directory store."""
+    from tiny_engine import TinyLoaded, make_char_tokenizer, make_tiny_llama
+
+    import flora
+    from flora.adapter import save_adapter
+    from flora.fingerprint import base_fingerprint, describe_base
+    from flora_server.adapters.registry import AdapterRegistry, StagedUpload
+    from flora_server.adapters.validator import BaseValidator
+    from flora_server.engine.protocol import AdapterOfOtherBaseError
+
+    registries = []
+    for seed, name in ((0, "llama-a"), (1, "llama-b")):
+        model = make_tiny_llama(seed=seed)
+        loaded = TinyLoaded(
+            model, make_char_tokenizer(), name=name, fingerprint=base_fingerprint(model)
+        )
+        reg = AdapterRegistry(LocalAdapterStore(tmp_path / "store"), tmp_path / f"staging-{name}")
+        reg.set_validator(BaseValidator(describe_base(model), loaded.fingerprint, loaded))
+        flora.inject(model, flora.FloraConfig(target_modules=["q_proj"], rank=2))
+        path = save_adapter(model, tmp_path / f"ad-{name}", base_model_id=name, archive=True)
+        upload = StagedUpload(
+            archive=path, archive_sha256=hashlib.sha256(path.read_bytes()).hexdigest()
+        )
+        assert reg.put(f"for-{name}", upload).status == "created"
+        registries.append(reg)
+    a, b = registries
+    assert a.list_ids() == ["for-llama-a"] and b.list_ids() == ["for-llama-b"]
+    assert a.exists("for-llama-a") and not a.exists("for-llama-b")
+    with pytest.raises(AdapterOfOtherBaseError, match=r"'llama-b'.*'llama-a'"):
+        a.load("for-llama-b")
+    with pytest.raises(AdapterOfOtherBaseError):
+        a.delete("for-llama-b")
+    assert b.load("for-llama-b").sha256 == b.store.digest("for-llama-b")
