@@ -439,3 +439,24 @@ def test_real_validators_of_two_bases_split_a_shared_store(tmp_path):
     with pytest.raises(AdapterOfOtherBaseError):
         a.delete("for-llama-b")
     assert b.load("for-llama-b").sha256 == b.store.digest("for-llama-b")
+
+
+def test_recheck_revisits_an_id_after_this_replicas_own_overwrite(tmp_path):
+    """A load racing this replica's own overwrite may have cached the old bytes; the store
+    recheck must still look at the id afterwards (on main the put forgot it for good)."""
+    from flora_server.adapters.registry import AdapterRegistry, StagedUpload
+
+    reg = AdapterRegistry(LocalAdapterStore(tmp_path / "store"), tmp_path / "staging")
+    reg.set_validator(lambda path: path.read_bytes())
+
+    def staged(data: bytes) -> StagedUpload:
+        path = tmp_path / hashlib.sha256(data).hexdigest()
+        path.write_bytes(data)
+        return StagedUpload(archive=path, archive_sha256=hashlib.sha256(data).hexdigest())
+
+    v1, v2 = make_archive(b"\x01" * 16), make_archive(b"\x02" * 16)
+    reg.put("x", staged(v1))
+    assert reg.load("x").sha256 == hashlib.sha256(v1).hexdigest()
+    reg.put("x", staged(v2), overwrite=True)
+    assert reg.stale_ids() == ["x"] and reg.stale_ids() == []
+    assert reg.load("x").sha256 == hashlib.sha256(v2).hexdigest() and reg.stale_ids() == []
