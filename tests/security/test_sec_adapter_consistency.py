@@ -460,3 +460,19 @@ def test_recheck_revisits_an_id_after_this_replicas_own_overwrite(tmp_path):
     reg.put("x", staged(v2), overwrite=True)
     assert reg.stale_ids() == ["x"] and reg.stale_ids() == []
     assert reg.load("x").sha256 == hashlib.sha256(v2).hexdigest() and reg.stale_ids() == []
+
+
+def test_a_delete_racing_path_resolution_is_missing_not_an_error(tmp_path, monkeypatch):
+    """os.path.realpath lstat()s a link, then readlink()s it: a delete in between made
+    `exists` raise FileNotFoundError (a 500 on a generation request during the soak)."""
+    store = LocalAdapterStore(tmp_path)
+    store.put("a", io.BytesIO(b"x"))
+    readlink = os.readlink
+
+    def deleted_meanwhile(path, *args, **kwargs):
+        if str(path).endswith("a.flora"):
+            (tmp_path / "a.flora").unlink(missing_ok=True)  # the DELETE lands here
+        return readlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "readlink", deleted_meanwhile)
+    assert store.exists("a") is False

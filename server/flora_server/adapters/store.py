@@ -224,7 +224,13 @@ class LocalAdapterStore:
     # -- paths ---------------------------------------------------------------------------
     def _inside(self, path: Path) -> Path:
         # resolve() follows symlinks: a link (or an org directory) pointing outside is refused.
-        if not path.resolve().is_relative_to(self.root):
+        try:
+            resolved = path.resolve()
+        except FileNotFoundError:
+            # realpath races with a concurrent delete (lstat saw the link, readlink did
+            # not): the entry is gone, and a missing entry points nowhere.
+            resolved = path.parent.resolve() / path.name
+        if not resolved.is_relative_to(self.root):
             raise UnsafePathError(f"{path} resolves outside the adapter store")
         return path
 
