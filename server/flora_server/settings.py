@@ -13,16 +13,13 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# Shared with the adapter store: ids become file names, so the pattern is strict.
-ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_ADAPTER_ID_RE = re.compile(ADAPTER_ID_PATTERN)
+# The id rule lives in flora_server.ids; re-exported for the modules that import it here.
+from flora_server.ids import ADAPTER_ID_PATTERN as ADAPTER_ID_PATTERN
+from flora_server.ids import is_valid_adapter_id as is_valid_adapter_id
+from flora_server.ids import parse_s3_url
+
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
 DEVICE_FORMS = "cpu, cuda, cuda:N or mps"  # what _DEVICE_RE accepts, for messages and help
-
-
-def is_valid_adapter_id(adapter_id: str) -> bool:
-    """True when `adapter_id` matches the id pattern and contains no `..`."""
-    return bool(_ADAPTER_ID_RE.fullmatch(adapter_id)) and ".." not in adapter_id
 
 
 def _split_csv(value: object) -> object:
@@ -193,8 +190,6 @@ class Settings(BaseSettings):
         if value is None or not value.strip():
             return None
         if value.startswith("s3://"):
-            from flora_server.adapters.s3_store import parse_s3_url
-
             parse_s3_url(value)  # ValueError -> a validation error naming the field
             return value
         if "://" in value:

@@ -150,7 +150,7 @@ def test_sigkill_mid_upload_then_restart_serves_complete_adapters(model, tmp_pat
         server.signal(signal.SIGKILL)
         server.proc.wait(10)
     visible = sorted(p.name for p in store.iterdir() if not p.name.startswith("."))
-    assert visible == ["good.flora", "good.flora.sha256"]
+    assert visible == ["good.flora"]  # a link to .objects/good/<sha256>.flora
     with running_server(model_dir, store) as server:
         listed = httpx.get(f"{server.url}/v1/adapters", timeout=10).json()
         assert [a["id"] for a in listed["data"]] == ["good"]

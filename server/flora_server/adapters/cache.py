@@ -10,6 +10,14 @@ run on a small loader pool and only hand the result over; `invalidate` and the r
 views may be called from any thread. A miss therefore never blocks the running batch: the
 worker keeps stepping and retries `lookup` for the requests that wait on the adapter.
 
+Freshness: `invalidate` (after a delete or an overwrite answers) bumps the id's generation.
+Every cached copy remembers the generation it was loaded under, and a copy of an older
+generation is never handed to a request admitted afterwards: device slots of an older
+generation are not found by `lookup`, a load that finishes after an invalidation is
+dropped, and an adapter taken from the host cache is checked again, under the lock, after it
+is placed on a slot (the invalidation can land while the worker places it). Each copy also
+carries the sha256 of the stored bytes it came from (`slot_sha256`), reported with results.
+
 Eviction: a device slot is reused least-recently-used first among slots that no running
 request has pinned; the host LRU drops least-recently-used adapters beyond its byte budget
 (an adapter on a device slot may leave the host cache; it is re-read from the store if it is
@@ -26,7 +34,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flora_server.engine.metrics import EngineMetrics, NullEngineMetrics
-from flora_server.engine.protocol import AdapterLoadError, AdapterSource, EngineError
+from flora_server.engine.protocol import (
+    AdapterLoadError,
+    AdapterSource,
+    EngineError,
+    LoadedAdapter,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -63,6 +76,17 @@ class _Slot:
     pins: int = 0
     last_used: int = 0
     stale: bool = False  # invalidated while pinned: unload when the last pin goes
+    generation: int = 0  # the id's generation when its copy was loaded
+    sha256: str | None = None  # of the stored bytes the copy came from
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """A loaded adapter off the device: the generation it was loaded under and its digest."""
+
+    adapter: Any
+    generation: int
+    sha256: str | None
 
 
 class AdapterCache:
@@ -96,8 +120,8 @@ class AdapterCache:
         self._slots = [_Slot() for _ in range(max_slots)]
         self._clock = 0
         self._lock = threading.Lock()
-        self._host: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # id -> (adapter, bytes)
-        self._staged: dict[str, Any] = {}  # loaded, not yet placed on a slot
+        self._host: OrderedDict[str, tuple[_Copy, int]] = OrderedDict()  # id -> (copy, bytes)
+        self._staged: dict[str, _Copy] = {}  # loaded, not yet placed on a slot
         self._inflight: set[str] = set()
         self._failed: dict[str, tuple[float, EngineError]] = {}
         self._generation: dict[str, int] = {}
@@ -128,12 +152,12 @@ class AdapterCache:
             failure = self._failed.get(adapter_id)
             if failure is not None and time.monotonic() - failure[0] < self._failure_ttl:
                 raise failure[1]
-            adapter = self._staged.get(adapter_id)
-            from_host = adapter is None and adapter_id in self._host
+            copy = self._staged.get(adapter_id)
+            from_host = copy is None and adapter_id in self._host
             if from_host:
-                adapter = self._host[adapter_id][0]
+                copy = self._host[adapter_id][0]
                 self._host.move_to_end(adapter_id)
-            if adapter is None:
+            if copy is None:
                 if adapter_id not in self._inflight:
                     self._start_load(adapter_id)
                 return None
@@ -144,7 +168,7 @@ class AdapterCache:
             self.counters.host_hits += 1
             self._metrics.on_cache_hit("host")
         try:
-            self._place(slot, adapter_id, adapter)
+            self._place(slot, adapter_id, copy)
         except Exception as exc:  # shapes the runtime refuses (rank above its maximum, ...)
             error = AdapterLoadError(f"adapter {adapter_id!r} cannot be served: {exc}")
             with self._lock:
@@ -153,9 +177,20 @@ class AdapterCache:
                 self._failed[adapter_id] = (time.monotonic(), error)
             raise error from exc
         with self._lock:
-            self._staged.pop(adapter_id, None)
-            self._host_insert(adapter_id, adapter)
+            current = self._generation.get(adapter_id, 0) == copy.generation
+            if current:
+                self._staged.pop(adapter_id, None)
+                self._host_insert(adapter_id, copy)
+        if not current:
+            # Invalidated while it was being placed: the copy is of replaced (or deleted)
+            # bytes. Nobody pinned the slot yet; free it and let the next lookup reload.
+            self._unload(slot)
+            return None
         return slot
+
+    def slot_sha256(self, slot: int) -> str | None:
+        """sha256 of the stored bytes on `slot` (None when the source gave no digest)."""
+        return self._slots[slot].sha256
 
     def pin(self, slot: int) -> None:
         """A running request uses `slot`: it must not be evicted."""
@@ -173,9 +208,11 @@ class AdapterCache:
         now; pinned ones once their running requests finish)."""
         with self._lock:
             pending, self._pending_invalidations = self._pending_invalidations, set()
+            generations = {a: self._generation.get(a, 0) for a in pending}
         for adapter_id in pending:
             for index, entry in enumerate(self._slots):
-                if entry.adapter_id == adapter_id and not entry.stale:
+                old = entry.generation < generations[adapter_id]
+                if entry.adapter_id == adapter_id and not entry.stale and old:
                     entry.stale = True
                     if entry.pins == 0:
                         self._unload(index)
@@ -213,8 +250,12 @@ class AdapterCache:
     # -- internals -------------------------------------------------------------------
 
     def _device_slot(self, adapter_id: str) -> int | None:
+        """The slot holding the current generation of `adapter_id`. A copy of an older
+        generation is skipped even before `apply_invalidations` marks it stale."""
+        generation = self._generation.get(adapter_id, 0)
         for index, entry in enumerate(self._slots):
-            if entry.adapter_id == adapter_id and not entry.stale:
+            current = entry.generation == generation
+            if entry.adapter_id == adapter_id and not entry.stale and current:
                 return index
         return None
 
@@ -236,10 +277,9 @@ class AdapterCache:
         self._metrics.on_cache_eviction("device")
         return victim
 
-    def _place(self, slot: int, adapter_id: str, adapter: Any) -> None:
-        self._runtime.load(slot, adapter)
-        entry = self._slots[slot]
-        entry.adapter_id, entry.pins, entry.stale = adapter_id, 0, False
+    def _place(self, slot: int, adapter_id: str, copy: _Copy) -> None:
+        self._runtime.load(slot, copy.adapter)
+        self._slots[slot] = _Slot(adapter_id, generation=copy.generation, sha256=copy.sha256)
         self._touch(slot)
 
     def _unload(self, slot: int) -> None:
@@ -248,10 +288,10 @@ class AdapterCache:
         self._runtime.unload(slot)
         self._slots[slot] = _Slot()
 
-    def _host_insert(self, adapter_id: str, adapter: Any) -> None:
+    def _host_insert(self, adapter_id: str, copy: _Copy) -> None:
         """Caller holds the lock. Insert as most recent, then evict beyond the budget
         (the newest entry stays even when it alone exceeds the budget)."""
-        self._host[adapter_id] = (adapter, adapter_nbytes(adapter))
+        self._host[adapter_id] = (copy, adapter_nbytes(copy.adapter))
         self._host.move_to_end(adapter_id)
         total = sum(size for _, size in self._host.values())
         while total > self._host_bytes and len(self._host) > 1:
@@ -270,9 +310,11 @@ class AdapterCache:
 
     def _load(self, adapter_id: str, generation: int) -> None:
         started = time.monotonic()
-        adapter, error = None, None
+        adapter, sha256, error = None, None, None
         try:
             adapter = self._source.load(adapter_id)
+            if isinstance(adapter, LoadedAdapter):
+                adapter, sha256 = adapter.adapter, adapter.sha256
             if self._check is not None:
                 self._check(adapter)
         except EngineError as exc:
@@ -287,7 +329,7 @@ class AdapterCache:
                 self.counters.loads += 1
                 self.counters.load_seconds += seconds
                 if error is None:
-                    self._staged[adapter_id] = adapter
+                    self._staged[adapter_id] = _Copy(adapter, generation, sha256)
                     self._failed.pop(adapter_id, None)
                 else:
                     self.counters.load_failures += 1

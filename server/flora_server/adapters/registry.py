@@ -9,6 +9,14 @@ Uploads come in two forms and are stored in one, the single-file form: a safeten
 whose `__metadata__["adapter_config"]` holds the config JSON. A two-file upload (config +
 weights) is packed into that form by rewriting only the safetensors header; tensor bytes
 are copied as they are, so the same two files always give the same stored bytes.
+
+One store may be shared by servers of different base models (the default store is
+`$FLORA_HOME/adapters` for every model). Each server sees only the adapters of its own base:
+whether a stored adapter belongs to it is decided from the fingerprint in the adapter's own
+header (the validator's `foreign_base`), read once per stored digest and remembered. Another
+base's adapter is left out of listings, and a lookup, delete or overwrite of it raises
+`AdapterOfOtherBaseError`, which names the base it was trained for. Nothing is moved or
+rewritten, so existing stores, local or S3, need no migration.
 """
 
 from __future__ import annotations
@@ -36,7 +44,12 @@ from flora_server.adapters.store import (
     StoreError,
     sha256_file,
 )
-from flora_server.engine.protocol import AdapterLoadError, AdapterNotFoundError
+from flora_server.engine.protocol import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    AdapterOfOtherBaseError,
+    LoadedAdapter,
+)
 
 if TYPE_CHECKING:
     from flora.adapter import Adapter
@@ -50,7 +63,17 @@ CONFIG_KEY = "adapter_config"
 
 AdapterValidator = Callable[[Path], "Adapter"]
 """Reads the single-file adapter at a path and validates it against the loaded base;
-raises `AdapterValidationError` when it does not fit."""
+raises `AdapterValidationError` when it does not fit. A validator that also has
+`foreign_base(config) -> str | None` and `base_name` (as `BaseValidator`) lets the registry
+tell adapters of other bases apart in a shared store; without them every adapter is taken
+as this base's."""
+# Bytes read to find an adapter's config in its header; a longer header is read whole.
+_HEADER_PROBE = 64 * 1024
+_MAX_VERDICTS = 65536
+
+
+class BaseNotLoadedError(Exception):
+    """Which adapters belong to this server is known once its base model is loaded."""
 
 
 class AdapterValidationError(Exception):
@@ -110,6 +133,29 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
 def read_adapter_config(path: Path) -> dict[str, Any]:
     """The config JSON embedded in a single-file adapter."""
     header, _ = read_safetensors_header(path)
+    return _config_of(header)
+
+
+def _header_from_prefix(data: bytes) -> dict[str, Any] | int:
+    """The safetensors header in the first bytes of a file, or the byte count needed to
+    read it whole when `data` is too short."""
+    if len(data) < 8:
+        raise AdapterValidationError("not a safetensors file: shorter than 8 bytes")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > MAX_HEADER_BYTES:
+        raise AdapterValidationError(f"safetensors header of {length} bytes is too large")
+    if len(data) < 8 + length:
+        return 8 + length
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterValidationError(f"safetensors header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise AdapterValidationError("safetensors header is not a JSON object")
+    return header
+
+
+def _config_of(header: dict[str, Any]) -> dict[str, Any]:
     meta = header.get("__metadata__") or {}
     text = meta.get(CONFIG_KEY) if isinstance(meta, dict) else None
     if not isinstance(text, str):
@@ -175,6 +221,8 @@ class AdapterRegistry:
         self.staging_dir = staging_dir
         staging_dir.mkdir(parents=True, exist_ok=True)
         self._validator: AdapterValidator | None = None
+        # sha256 of stored bytes -> the base they were trained for (None: this server's).
+        self._verdicts: dict[str, str | None] = {}
         # One lock for writes and digest-checked reads: a load never sees the data file and
         # its digest out of step. Adapters are small; contention is not a concern.
         self._lock = threading.RLock()
@@ -195,23 +243,81 @@ class AdapterRegistry:
             raise RuntimeError("no validator: the base model is not loaded yet")
         return self._validator(path)
 
+    # -- bases --------------------------------------------------------------------------
+    def foreign_base(self, adapter_id: str) -> str | None:
+        """The base model the stored `adapter_id` was trained for when that is not this
+        server's base, else None. Raises `StoredAdapterMissingError` when it is not stored
+        and `BaseNotLoadedError` before the base is known."""
+        if self._validator is None:
+            raise BaseNotLoadedError("the base model is still loading")
+        judge = getattr(self._validator, "foreign_base", None)
+        if judge is None:
+            return None
+        digest = self.store.digest(adapter_id)
+        if digest in self._verdicts:
+            return self._verdicts[digest]
+        digest, head = self.store.read_prefix(adapter_id, _HEADER_PROBE)
+        try:
+            header = _header_from_prefix(head)
+            if isinstance(header, int):
+                digest, head = self.store.read_prefix(adapter_id, header)
+                header = _header_from_prefix(head)
+            verdict = None if isinstance(header, int) else judge(_config_of(header))
+        except AdapterValidationError:
+            verdict = None  # unreadable: left to validation, which names the problem
+        if len(self._verdicts) >= _MAX_VERDICTS:
+            self._verdicts.clear()
+        self._verdicts[digest] = verdict
+        return verdict
+
+    def require(self, adapter_id: str) -> None:
+        """Raise `AdapterNotFoundError` unless `adapter_id` is stored for this base
+        (`AdapterOfOtherBaseError` when it is stored for another)."""
+        try:
+            other = self.foreign_base(adapter_id)
+        except StoredAdapterMissingError:
+            raise AdapterNotFoundError(adapter_id) from None
+        if other is not None:
+            raise AdapterOfOtherBaseError(adapter_id, other, self._base_name())
+
+    def not_found(self, adapter_id: str) -> AdapterNotFoundError:
+        """The error for an id that `exists` denied: `AdapterOfOtherBaseError` naming the
+        base when another base's adapter holds the id, else `AdapterNotFoundError`."""
+        try:
+            self.require(adapter_id)
+        except AdapterNotFoundError as exc:
+            return exc
+        except (BaseNotLoadedError, StoreError, OSError):
+            pass
+        return AdapterNotFoundError(adapter_id)
+
+    def _base_name(self) -> str:
+        return str(getattr(self._validator, "base_name", None) or "this base")
+
     # -- AdapterSource ------------------------------------------------------------------
     def exists(self, adapter_id: str) -> bool:
+        """Stored and of this server's base (before the base is loaded: stored)."""
         if self.exists_ttl > 0:
             cached = self._exists_cache.get(adapter_id)
             if cached is not None and time.monotonic() - cached[0] < self.exists_ttl:
                 return cached[1]
         found = self.store.exists(adapter_id)
+        if found and self._validator is not None:
+            try:
+                found = self.foreign_base(adapter_id) is None
+            except StoredAdapterMissingError:
+                found = False
         if self.exists_ttl > 0 and found:
             self._exists_cache[adapter_id] = (time.monotonic(), True)
         else:
             self._exists_cache.pop(adapter_id, None)
         return found
 
-    def load(self, adapter_id: str) -> Adapter:
+    def load(self, adapter_id: str) -> LoadedAdapter:
         """Read, digest-check and validate the stored adapter (engine loader thread). The
-        digest of the validated bytes is remembered for `stale_ids`."""
+        digest of the validated bytes comes with it, and is remembered for `stale_ids`."""
         with self._lock:
+            self.require(adapter_id)
             try:
                 with self.store.checkout(adapter_id) as copy:
                     adapter = self._validate(copy.path)
@@ -221,12 +327,15 @@ class AdapterRegistry:
                 raise AdapterLoadError(f"adapter {adapter_id!r}: {exc}") from exc
             self._served[adapter_id] = copy.sha256
         self._loads[adapter_id] += 1
-        return adapter
+        return LoadedAdapter(adapter, copy.sha256)
 
     def stale_ids(self) -> list[str]:
         """Ids this replica loaded whose store entry has since been deleted or replaced
         (possibly through another replica). Each is forgotten here once reported, so the
-        caller invalidates it once; its next `load` records the new digest.
+        caller invalidates it once; its next `load` records the new digest. This
+        replica's own puts and deletes leave the record in place, so the next pass
+        invalidates once more: a copy of the old bytes that a racing load cached is dropped
+        within the bound even then.
 
         Cost: one `store.digest` per loaded id (a small file read, or one GET of the S3
         manifest). A store error counts as stale: when the store cannot vouch for the
@@ -294,17 +403,24 @@ class AdapterRegistry:
                 )
             self._validate(path)
             with self._lock:
-                if self.store.exists(adapter_id):
-                    if self.store.digest(adapter_id) == digest:
-                        return PutResult(self.store.stat(adapter_id), "unchanged")
-                    if not overwrite:
-                        raise AdapterConflictError(adapter_id)
-                    status: Literal["created", "replaced"] = "replaced"
-                else:
-                    status = "created"
+                try:
+                    other = self.foreign_base(adapter_id)
+                    current: str | None = self.store.digest(adapter_id)
+                except StoredAdapterMissingError:
+                    other, current = None, None
+                if other is not None:  # another base's adapter is never replaced
+                    raise AdapterOfOtherBaseError(adapter_id, other, self._base_name())
+                if current == digest:
+                    return PutResult(self.store.stat(adapter_id), "unchanged")
+                if current is not None and not overwrite:
+                    raise AdapterConflictError(adapter_id)
+                status: Literal["created", "replaced"] = (
+                    "created" if current is None else "replaced"
+                )
                 with path.open("rb") as f:
                     stored = self.store.put(adapter_id, f, sha256=digest)
-                self._served.pop(adapter_id, None)  # the caller invalidates its caches
+                # The caller invalidates its caches; `_served` keeps the old digest so the
+                # next recheck pass invalidates once more (see `stale_ids`).
                 self._exists_cache.pop(adapter_id, None)
         logger.info("adapter %s %s (sha256 %s)", adapter_id, status, digest)
         return PutResult(stored, status)
@@ -325,20 +441,44 @@ class AdapterRegistry:
 
     # -- reads --------------------------------------------------------------------------
     def delete(self, adapter_id: str) -> bool:
+        """Delete this base's `adapter_id`; False when it is not stored. Another base's
+        adapter raises `AdapterOfOtherBaseError` and stays."""
         with self._lock:
-            self._served.pop(adapter_id, None)
+            try:
+                self.require(adapter_id)
+            except AdapterOfOtherBaseError:
+                raise
+            except AdapterNotFoundError:
+                return False
             self._exists_cache.pop(adapter_id, None)
             return self.store.delete(adapter_id)
 
     def list_ids(self) -> list[str]:
-        return self.store.list()
+        """This base's stored ids, sorted (`BaseNotLoadedError` before the base is known)."""
+        ids = []
+        for adapter_id in self.store.list():
+            try:
+                if self.foreign_base(adapter_id) is None:
+                    ids.append(adapter_id)
+            except StoredAdapterMissingError:  # deleted meanwhile
+                continue
+        return ids
 
     def stat(self, adapter_id: str) -> StoredAdapter:
-        return self.store.stat(adapter_id)
+        """Raises `AdapterNotFoundError` (or `AdapterOfOtherBaseError`)."""
+        self.require(adapter_id)
+        try:
+            return self.store.stat(adapter_id)
+        except StoredAdapterMissingError:  # deleted meanwhile
+            raise AdapterNotFoundError(adapter_id) from None
 
     def config(self, adapter_id: str) -> dict[str, Any]:
-        with self.store.local_path(adapter_id) as path:
-            return read_adapter_config(path)
+        self.require(adapter_id)
+        try:
+            with self.store.local_path(adapter_id) as path:
+                return read_adapter_config(path)
+        except StoredAdapterMissingError:
+            raise AdapterNotFoundError(adapter_id) from None
 
     def count_request(self, adapter_id: str) -> None:
         self._requests[adapter_id] += 1

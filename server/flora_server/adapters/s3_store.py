@@ -15,8 +15,12 @@ re-reads the manifest (`_ATTEMPTS` times). A delete removes the manifest first (
 gone at that instant), then the objects. Every read checks the object's sha256 against the
 manifest, so a torn or tampered object is refused, never served.
 
-A writer that dies between the two PUTs leaves an orphan object and no manifest: invisible to
-readers, removed by the next put or delete of that id.
+A writer that dies between the two PUTs leaves an orphan object and the old manifest: readers
+see the old adapter, whole; the orphan is removed by the next put or delete of that id. One
+that dies after the manifest PUT leaves the old object behind, removed the same way. An id
+`org/name` is the key path `manifests/org/name.json`, its objects `objects/org/name/`; the
+objects of an id are the keys directly under its folder, so those of `org` never include
+those of `org/name`.
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ from flora_server.adapters.store import (
     StoredCopy,
     StoreError,
     copy_hashing,
+    crash_point,
 )
-from flora_server.settings import is_valid_adapter_id
+from flora_server.ids import is_valid_adapter_id, parse_s3_url
+
+__all__ = ["S3AdapterStore", "S3StoreError", "make_s3_client", "parse_s3_url"]
 
 _ATTEMPTS = 3
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -51,21 +58,6 @@ _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 class S3StoreError(StoreError):
     """The bucket answered with something other than the object or 'not found'."""
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix/"); the prefix is "" or ends in /.
-
-    Bucket names follow the S3 rules (3-63 chars of a-z, 0-9, '.', '-')."""
-    if not url.startswith("s3://"):
-        raise ValueError(f"not an s3:// url: {url!r}")
-    bucket, _, prefix = url[len("s3://") :].partition("/")
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-        raise ValueError(f"bad S3 bucket name {bucket!r} in {url!r}")
-    prefix = prefix.strip("/")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise ValueError(f"bad S3 prefix {prefix!r} in {url!r}")
-    return bucket, f"{prefix}/" if prefix else ""
 
 
 def make_s3_client(endpoint_url: str | None = None) -> Any:
@@ -189,6 +181,7 @@ class S3AdapterStore:
             object_key = self._object_key(adapter_id, digest)
             # 1. the weights, under a key no committed manifest names yet
             self.client.upload_file(str(path), self.bucket, object_key)
+        crash_point("object-written")
         manifest = {"id": adapter_id, "sha256": digest, "size_bytes": size, "created": time.time()}
         # 2. the commit: one small PUT, atomic for readers
         self.client.put_object(
@@ -197,9 +190,31 @@ class S3AdapterStore:
             Body=json.dumps(manifest, sort_keys=True).encode(),
             ContentType="application/json",
         )
-        # 3. the old weights (and orphans of crashed writers) are no longer reachable
-        self._delete_objects(adapter_id, keep=object_key)
+        crash_point("committed")
+        # 3. the old weights (and orphans of crashed writers) are no longer reachable; the
+        # manifest is read again so that a concurrent writer's newer commit keeps its object
+        current = self._manifest(adapter_id)
+        keep = {object_key}
+        if current is not None:
+            keep.add(self._object_key(adapter_id, current["sha256"]))
+        self._delete_objects(adapter_id, keep=keep)
         return self._stored(manifest)
+
+    def read_prefix(self, adapter_id: str, nbytes: int) -> tuple[str, bytes]:
+        for _ in range(_ATTEMPTS):
+            digest = self._required(adapter_id)["sha256"]
+            try:
+                response = self.client.get_object(
+                    Bucket=self.bucket,
+                    Key=self._object_key(adapter_id, digest),
+                    Range=f"bytes=0-{max(nbytes, 1) - 1}",
+                )
+            except Exception as exc:
+                if _is_missing(exc):
+                    continue  # replaced meanwhile: read the manifest again
+                raise S3StoreError(f"reading {adapter_id!r}: {exc}") from exc
+            return digest, response["Body"].read(nbytes)
+        raise StoredAdapterMissingError(adapter_id)
 
     @contextlib.contextmanager
     def checkout(self, adapter_id: str) -> Iterator[StoredCopy]:
@@ -222,7 +237,7 @@ class S3AdapterStore:
         existed = self._manifest(adapter_id) is not None
         # The manifest first: from this instant no reader can find the adapter.
         self.client.delete_object(Bucket=self.bucket, Key=self._manifest_key(adapter_id))
-        self._delete_objects(adapter_id, keep=None)
+        self._delete_objects(adapter_id, keep=set())
         return existed
 
     def list(self) -> list[str]:
@@ -231,7 +246,7 @@ class S3AdapterStore:
         ids = []
         for key in self._keys(start):
             name = key[len(start) :]
-            if "/" in name or not name.endswith(".json"):
+            if not name.endswith(".json"):
                 continue
             adapter_id = name[: -len(".json")]
             if is_valid_adapter_id(adapter_id):
@@ -260,10 +275,11 @@ class S3AdapterStore:
             for item in page.get("Contents", []):
                 yield item["Key"]
 
-    def _delete_objects(self, adapter_id: str, keep: str | None) -> None:
+    def _delete_objects(self, adapter_id: str, keep: set[str]) -> None:
         prefix = f"{self.prefix}{_OBJECTS}{self._check(adapter_id)}/"
         for key in list(self._keys(prefix)):
-            if key != keep:
+            # Only the id's own objects: `objects/org/x.flora`, not `objects/org/name/...`.
+            if key not in keep and "/" not in key[len(prefix) :]:
                 self.client.delete_object(Bucket=self.bucket, Key=key)
 
     @contextlib.contextmanager

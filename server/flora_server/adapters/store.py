@@ -4,27 +4,41 @@ A store keeps one object per adapter id: the single-file form (a safetensors fil
 `__metadata__["adapter_config"]` holds the config JSON, see docs/architecture.md) and its
 sha256. Layout of `LocalAdapterStore`:
 
-    <root>/<id>.flora          the adapter
-    <root>/<id>.flora.sha256   its hex digest, checked on every read
-    <root>/.tmp-*              writes in progress (same directory, so rename is atomic) and
-                               private copies being read (`checkout`)
+    <root>/<id>.flora                          a symlink to the committed object: the commit
+    <root>/.objects/<id>/<sha256>.flora        immutable objects, named by their digest
+    <root>/.tmp-*                              writes in progress and private read copies
 
-Several processes may share the directory (replicas on a ReadWriteMany volume). A put renames
-the data file, then its digest file: a reader in another process can fall between the two
-renames and see new bytes with the old digest. `checkout` therefore reads the digest first,
-copies the bytes to a private file while hashing them, and retries a few times on a
-mismatch; the copy, not the live path, is what callers read, so a rename during their read
-cannot swap the bytes under them.
+An id `org/name` is one directory level: `<root>/org/name.flora` links to
+`<root>/.objects/org/name/<sha256>.flora`.
 
-Ids are checked against the id pattern, and resolved paths must stay under the root: a
-symlink that points outside is refused.
+Why a link: a put must be atomic as a whole, including across a crash. It writes the object
+under its digest (no reader looks there yet), fsyncs it, then swaps the link with one
+`rename`: a reader, in this process or another sharing the directory, and a server that
+restarts after a SIGKILL at any instant, sees either the old link (and the old object) or the
+new one. The digest is in the target's name, so bytes and digest can never be out of step;
+every read hashes the bytes and refuses a mismatch (on-disk corruption). Old objects are
+removed after the commit; a reader that resolved the old link just before gets
+`FileNotFoundError` and resolves again. Objects left by a writer that died before its commit
+are invisible, and removed by the next put or delete of that id, or at start once old.
+
+Stores written by earlier versions (`<id>.flora` as a regular file beside `<id>.flora.sha256`)
+are converted at start: the data file was always renamed in whole before its digest file, so
+the data file is the last complete write; when the two disagree (a crash between the two
+renames) the data's own digest is adopted and a warning logged. A regular file placed by hand
+is adopted the same way.
+
+Ids are checked against the id rule (`flora_server.ids`), and resolved paths must stay under
+the root: a symlink that points outside is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import re
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,15 +46,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from flora_server.settings import is_valid_adapter_id
+from flora_server.ids import ADAPTER_ID_RULE, is_valid_adapter_id
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
 SUFFIX = ".flora"
-DIGEST_SUFFIX = ".flora.sha256"
-# A concurrent writer's two renames are microseconds apart; 5 tries over ~0.3 s ride them out
-# and still report real corruption promptly.
+LEGACY_DIGEST_SUFFIX = ".flora.sha256"
+OBJECTS = ".objects"
+_OBJECT_RE = re.compile(r"^([0-9a-f]{64})\.flora$")
+# A reader can resolve a link just before an overwrite removes its object: resolve again.
 _READ_ATTEMPTS = 5
 _READ_RETRY_SECONDS = 0.05
+# Objects not named by a link and older than this are a dead writer's leftovers (a live
+# writer commits milliseconds after writing its object).
+ORPHAN_SECONDS = 600.0
+CRASH_ENV = "FLORA_TEST_CRASH_AT"
+"""Test hook: a put SIGKILLs its own process at the named point (`object-written`: the new
+object is on disk, the link not yet swapped; `committed`: swapped, old objects not yet
+removed). Used by the crash tests; unset in production."""
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process when `FLORA_TEST_CRASH_AT` names this point (see `CRASH_ENV`)."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StoreError(Exception):
@@ -49,10 +79,7 @@ class StoreError(Exception):
 
 class InvalidAdapterIdError(StoreError, ValueError):
     def __init__(self, adapter_id: str) -> None:
-        super().__init__(
-            f"adapter id {adapter_id!r} must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}$ "
-            "and contain no '..'"
-        )
+        super().__init__(f"adapter id {adapter_id!r} {ADAPTER_ID_RULE}")
         self.adapter_id = adapter_id
 
 
@@ -116,6 +143,11 @@ class AdapterStore(Protocol):
         """A local file holding the adapter while the context is open."""
         ...
 
+    def read_prefix(self, adapter_id: str, nbytes: int) -> tuple[str, bytes]:
+        """(sha256 of the committed object, its first `nbytes` bytes), read from that one
+        object: the bytes belong to the digest even if a put commits meanwhile."""
+        ...
+
     def delete(self, adapter_id: str) -> bool: ...
 
     def list(self) -> list[str]:
@@ -149,7 +181,7 @@ def copy_hashing(src: BinaryIO, out: BinaryIO) -> tuple[str, int]:
 
 
 def _fsync_dir(path: Path) -> None:
-    # Make the rename itself durable; not every platform allows opening a directory.
+    # Make a rename itself durable; not every platform allows opening a directory.
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -160,11 +192,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(
-    directory: Path, final: Path, data: BinaryIO, expected: str | None
-) -> tuple[str, int]:
-    """Copy `data` to a temp file in `directory` hashing as it goes, fsync, check the digest,
-    rename over `final`. Returns (sha256 hex, size)."""
+def _stage(directory: Path, data: BinaryIO, expected: str | None) -> tuple[Path, str, int]:
+    """Copy `data` to a fsynced temp file in `directory`, hashing as it goes; check the
+    digest. Returns (temp path, sha256 hex, size); the caller renames or removes it."""
     fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     tmp = Path(tmp_name)
     try:
@@ -174,40 +204,98 @@ def _write_atomic(
             os.fsync(out.fileno())
         if expected is not None and expected.lower() != actual:
             raise DigestMismatchError(expected, actual)
-        os.replace(tmp, final)
-        return actual, size
+        return tmp, actual, size
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
 class LocalAdapterStore:
-    """An `AdapterStore` on a local (or shared ReadWriteMany) directory."""
+    """An `AdapterStore` on a local (or shared ReadWriteMany) directory; see the module
+    docstring for the layout and why a put is atomic."""
 
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
+        self._objects = self.root / OBJECTS
+        self._objects.mkdir(exist_ok=True)
+        self._recover()
 
-    def _path(self, adapter_id: str, suffix: str = SUFFIX) -> Path:
-        if not is_valid_adapter_id(adapter_id):
-            raise InvalidAdapterIdError(adapter_id)
-        path = self.root / f"{adapter_id}{suffix}"
-        # resolve() follows symlinks: a link to anywhere outside the root is refused.
-        resolved = path.resolve()
+    # -- paths ---------------------------------------------------------------------------
+    def _inside(self, path: Path) -> Path:
+        # resolve() follows symlinks: a link (or an org directory) pointing outside is refused.
+        try:
+            resolved = path.resolve()
+        except FileNotFoundError:
+            # realpath races with a concurrent delete (lstat saw the link, readlink did
+            # not): the entry is gone, and a missing entry points nowhere.
+            resolved = path.parent.resolve() / path.name
         if not resolved.is_relative_to(self.root):
             raise UnsafePathError(f"{path} resolves outside the adapter store")
         return path
 
+    def _link(self, adapter_id: str) -> Path:
+        """The committed entry of `adapter_id` (which may not exist)."""
+        if not is_valid_adapter_id(adapter_id):
+            raise InvalidAdapterIdError(adapter_id)
+        return self._inside(self.root / f"{adapter_id}{SUFFIX}")
+
+    def _object_dir(self, adapter_id: str) -> Path:
+        return self._objects / adapter_id
+
+    def _resolve(self, adapter_id: str) -> tuple[str, Path]:
+        """(digest, object path) of the committed entry; StoredAdapterMissingError if none.
+        A link names its digest; a regular file (placed by hand since the start-up
+        conversion) is hashed as it is now."""
+        link = self._link(adapter_id)
+        try:
+            target = os.readlink(link)
+        except FileNotFoundError:
+            raise StoredAdapterMissingError(adapter_id) from None
+        except OSError:  # not a link
+            if not link.is_file():
+                raise StoredAdapterMissingError(adapter_id) from None
+            return sha256_file(link), link
+        match = _OBJECT_RE.fullmatch(Path(target).name)
+        path = link.parent / target
+        if match is None:
+            raise UnsafePathError(f"{link} links to {target!r}, not to a stored object")
+        return match.group(1), path
+
+    # -- AdapterStore --------------------------------------------------------------------
     def put(self, adapter_id: str, data: BinaryIO, *, sha256: str | None = None) -> StoredAdapter:
-        path = self._path(adapter_id)
-        digest_path = self._path(adapter_id, DIGEST_SUFFIX)
-        digest, size = _write_atomic(self.root, path, data, sha256)
-        # The digest file follows the data; readers in this process hold the registry lock,
-        # so they never see the two out of step.
-        with _bytes_io(f"{digest}\n".encode()) as f:
-            _write_atomic(self.root, digest_path, f, None)
-        _fsync_dir(self.root)
-        return StoredAdapter(adapter_id, digest, size, path.stat().st_mtime)
+        started = time.time()
+        link = self._link(adapter_id)
+        object_dir = self._object_dir(adapter_id)
+        tmp, digest, size = _stage(self.root, data, sha256)
+        try:
+            obj = object_dir / f"{digest}{SUFFIX}"
+            for attempt in range(_READ_ATTEMPTS):  # a concurrent delete may rmdir the dir
+                object_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(tmp, obj)
+                    break
+                except FileNotFoundError:
+                    if attempt == _READ_ATTEMPTS - 1:
+                        raise
+            _fsync_dir(object_dir)
+            crash_point("object-written")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            self._inside(link.parent)
+            tmp_link = self.root / f".tmp-link-{os.getpid()}-{time.monotonic_ns()}"
+            os.symlink(os.path.relpath(obj, link.parent), tmp_link)
+            try:
+                os.replace(tmp_link, link)  # the commit
+            except BaseException:
+                tmp_link.unlink(missing_ok=True)
+                raise
+            _fsync_dir(link.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        crash_point("committed")
+        self.root.joinpath(f"{adapter_id}{LEGACY_DIGEST_SUFFIX}").unlink(missing_ok=True)
+        self._drop_objects(adapter_id, written_before=started)
+        return StoredAdapter(adapter_id, digest, size, link.lstat().st_mtime)
 
     def get_bytes(self, adapter_id: str) -> bytes:
         with self.checkout(adapter_id) as copy:
@@ -226,17 +314,30 @@ class LocalAdapterStore:
         with self.checkout(adapter_id) as copy:
             yield copy.path
 
+    def read_prefix(self, adapter_id: str, nbytes: int) -> tuple[str, bytes]:
+        for attempt in range(_READ_ATTEMPTS):
+            digest, path = self._resolve(adapter_id)
+            try:
+                with self._inside(path).open("rb") as f:
+                    return digest, f.read(nbytes)
+            except FileNotFoundError:  # replaced meanwhile: resolve the new link
+                if attempt < _READ_ATTEMPTS - 1:
+                    time.sleep(_READ_RETRY_SECONDS)
+        raise StoredAdapterMissingError(adapter_id)
+
     def _copy_verified(self, adapter_id: str) -> StoredCopy:
         for attempt in range(_READ_ATTEMPTS):
-            expected = self.digest(adapter_id)
-            path = self._existing(adapter_id)
+            expected, path = self._resolve(adapter_id)
             fd, tmp_name = tempfile.mkstemp(prefix=".tmp-read-", dir=self.root)
             tmp = Path(tmp_name)
             try:
-                with path.open("rb") as src, os.fdopen(fd, "wb") as out:
+                with self._inside(path).open("rb") as src, os.fdopen(fd, "wb") as out:
                     actual, size = copy_hashing(src, out)
-            except FileNotFoundError:  # deleted between the digest read and the open
+            except FileNotFoundError:  # an overwrite removed the object: resolve again
                 tmp.unlink(missing_ok=True)
+                if attempt < _READ_ATTEMPTS - 1:
+                    time.sleep(_READ_RETRY_SECONDS)
+                    continue
                 raise StoredAdapterMissingError(adapter_id) from None
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -244,64 +345,114 @@ class LocalAdapterStore:
             if actual == expected:
                 return StoredCopy(tmp, actual, size)
             tmp.unlink(missing_ok=True)
-            if attempt < _READ_ATTEMPTS - 1:
-                time.sleep(_READ_RETRY_SECONDS)  # a writer in another process, mid-put
+            if path.name == f"{expected}{SUFFIX}":  # an immutable object: corruption
+                break
+            time.sleep(_READ_RETRY_SECONDS)  # a regular file being rewritten by hand
         raise DigestMismatchError(expected, actual)
 
     def delete(self, adapter_id: str) -> bool:
-        path = self._path(adapter_id)
-        existed = path.exists()
-        path.unlink(missing_ok=True)
-        self._path(adapter_id, DIGEST_SUFFIX).unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        started = time.time()
+        link = self._link(adapter_id)
+        existed = link.is_symlink() or link.is_file()
+        link.unlink(missing_ok=True)  # from this instant the adapter is gone
+        self.root.joinpath(f"{adapter_id}{LEGACY_DIGEST_SUFFIX}").unlink(missing_ok=True)
+        _fsync_dir(link.parent)
+        self._drop_objects(adapter_id, written_before=started)
         return existed
 
     def list(self) -> list[str]:
         ids = []
         for entry in self.root.iterdir():
             name = entry.name
-            if not name.endswith(SUFFIX):
+            if name.startswith("."):
                 continue
-            adapter_id = name[: -len(SUFFIX)]
-            if not is_valid_adapter_id(adapter_id):
-                continue
-            try:
-                self._path(adapter_id)
-            except UnsafePathError:
-                continue
-            ids.append(adapter_id)
-        return sorted(ids)
+            if name.endswith(SUFFIX):
+                ids.append(name[: -len(SUFFIX)])
+            elif entry.is_dir() and not entry.is_symlink():
+                ids.extend(
+                    f"{name}/{child.name[: -len(SUFFIX)]}"
+                    for child in entry.iterdir()
+                    if child.name.endswith(SUFFIX)
+                )
+        return sorted(i for i in ids if self.exists(i))
 
     def exists(self, adapter_id: str) -> bool:
         try:
-            return self._path(adapter_id).is_file()
+            return self._link(adapter_id).is_file()  # follows the link: a dangling one is no
         except (InvalidAdapterIdError, UnsafePathError):
             return False
 
     def digest(self, adapter_id: str) -> str:
-        self._existing(adapter_id)
-        digest_path = self._path(adapter_id, DIGEST_SUFFIX)
-        try:
-            return digest_path.read_text().strip()
-        except FileNotFoundError:
-            # Placed by hand (no digest file): trust the bytes as they are now.
-            return sha256_file(self._path(adapter_id))
+        return self._resolve(adapter_id)[0]
 
     def stat(self, adapter_id: str) -> StoredAdapter:
-        path = self._existing(adapter_id)
-        st = path.stat()
-        return StoredAdapter(adapter_id, self.digest(adapter_id), st.st_size, st.st_mtime)
+        for attempt in range(_READ_ATTEMPTS):
+            digest, path = self._resolve(adapter_id)
+            try:
+                size = self._inside(path).stat().st_size
+                modified = self._link(adapter_id).lstat().st_mtime
+                return StoredAdapter(adapter_id, digest, size, modified)
+            except FileNotFoundError:
+                if attempt < _READ_ATTEMPTS - 1:
+                    time.sleep(_READ_RETRY_SECONDS)
+        raise StoredAdapterMissingError(adapter_id)
 
-    def _existing(self, adapter_id: str) -> Path:
-        path = self._path(adapter_id)
-        if not path.is_file():
-            raise StoredAdapterMissingError(adapter_id)
-        return path
+    # -- upkeep --------------------------------------------------------------------------
+    def _drop_objects(self, adapter_id: str, written_before: float) -> None:
+        """Remove the objects of `adapter_id` that its link does not name and that were
+        written before `written_before` (a concurrent writer's newer object is kept)."""
+        try:
+            keep = self._resolve(adapter_id)[1].name
+        except (StoredAdapterMissingError, UnsafePathError):
+            keep = None
+        object_dir = self._object_dir(adapter_id)
+        try:
+            entries = list(object_dir.iterdir())
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.name == keep or not _OBJECT_RE.fullmatch(entry.name):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat().st_mtime < written_before:
+                    entry.unlink()
+        with contextlib.suppress(OSError):  # not empty (kept object, org sub-directory)
+            object_dir.rmdir()
 
+    def _recover(self) -> None:
+        """Start-up pass: convert entries of the earlier layout, drop dead writers' objects."""
+        for adapter_id in self._legacy_ids():
+            try:
+                self._convert_legacy(adapter_id)
+            except OSError as exc:  # another replica converting it at the same time
+                logger.warning("converting stored adapter %s failed: %s", adapter_id, exc)
+        cutoff = time.time() - ORPHAN_SECONDS
+        for object_dir in {p.parent for p in self._objects.rglob(f"*{SUFFIX}")}:
+            adapter_id = object_dir.relative_to(self._objects).as_posix()
+            if is_valid_adapter_id(adapter_id):
+                self._drop_objects(adapter_id, written_before=cutoff)
 
-@contextlib.contextmanager
-def _bytes_io(data: bytes) -> Iterator[BinaryIO]:
-    import io
+    def _legacy_ids(self) -> list[str]:
+        ids = []
+        for entry in [*self.root.glob(f"*{SUFFIX}"), *self.root.glob(f"*/*{SUFFIX}")]:
+            adapter_id = entry.relative_to(self.root).as_posix()[: -len(SUFFIX)]
+            if is_valid_adapter_id(adapter_id) and not entry.is_symlink() and entry.is_file():
+                ids.append(adapter_id)
+        return ids
 
-    with io.BytesIO(data) as f:
-        yield f
+    def _convert_legacy(self, adapter_id: str) -> None:
+        link = self._link(adapter_id)
+        digest_file = self.root / f"{adapter_id}{LEGACY_DIGEST_SUFFIX}"
+        digest = sha256_file(link)
+        with contextlib.suppress(FileNotFoundError):
+            recorded = digest_file.read_text().strip()
+            if recorded != digest:
+                logger.warning(
+                    "adapter %s: the digest file says %s, the data hashes to %s (a write "
+                    "interrupted between its two renames); keeping the data",
+                    adapter_id,
+                    recorded,
+                    digest,
+                )
+        with link.open("rb") as f:
+            self.put(adapter_id, f, sha256=digest)

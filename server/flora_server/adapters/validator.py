@@ -36,6 +36,7 @@ class BaseValidator:
 
         self.specs = specs
         self.fingerprint = fingerprint
+        self.base_name = str(getattr(loaded, "name", "") or "this base")
         self._loaded = loaded
         self._partial: dict[tuple[str, ...], str] = {}
         # `engine_check(adapter)` raises ValueError for what the engine cannot serve.
@@ -64,6 +65,26 @@ class BaseValidator:
                 {k: v for k, v in state.items() if not k.startswith(prefixes)}
             )
         return self._partial[key]
+
+    def foreign_base(self, config: dict[str, Any]) -> str | None:
+        """For a stored adapter's config JSON (`adapter_config` in its header): None when
+        it was trained for this base (its fingerprint is this base's, less the modules it
+        retrains whole), else the base it names (`base_model.id`, or its fingerprint). An
+        adapter without a fingerprint (imported) is this base's if it validates."""
+        base = config.get("base_model")
+        base = base if isinstance(base, dict) else {}
+        fingerprint = base.get("fingerprint")
+        if not isinstance(fingerprint, str):
+            return None
+        settings = config.get("config")
+        train_modules = settings.get("train_modules") if isinstance(settings, dict) else None
+        try:
+            mine = self._fingerprint_for(train_modules or [])
+        except Exception:  # patterns this base cannot resolve: not an adapter of it
+            mine = None
+        if fingerprint == mine:
+            return None
+        return str(base.get("id") or fingerprint)
 
     def __call__(self, path: Path) -> Adapter:
         from flora.adapter import load_adapter, validate_against

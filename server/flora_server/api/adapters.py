@@ -23,16 +23,22 @@ from flora_server.adapters.registry import (
     AdapterConflictError,
     AdapterRegistry,
     AdapterValidationError,
+    BaseNotLoadedError,
     PutResult,
     StagedUpload,
     UploadDigestError,
 )
 from flora_server.adapters.staging import StagingBudget, StagingFullError
-from flora_server.adapters.store import StoredAdapter, StoredAdapterMissingError
+from flora_server.adapters.store import DigestMismatchError, StoredAdapter
 from flora_server.api.deps import MaybeEngineDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_admin_key as _auth
-from flora_server.engine.protocol import GenerationEngine
+from flora_server.engine.protocol import (
+    AdapterNotFoundError,
+    AdapterOfOtherBaseError,
+    GenerationEngine,
+)
 from flora_server.errors import APIError, invalid_field
+from flora_server.ids import ADAPTER_ID_PATTERN, ADAPTER_ID_RULE, is_valid_adapter_id
 from flora_server.schemas.adapters import (
     AdapterDeleted,
     AdapterDetail,
@@ -41,7 +47,6 @@ from flora_server.schemas.adapters import (
     AdapterUploadResponse,
 )
 from flora_server.schemas.common import ERROR_RESPONSES, UPLOAD_ERROR_RESPONSES
-from flora_server.settings import is_valid_adapter_id
 
 router = APIRouter(
     prefix="/v1/adapters",
@@ -65,7 +70,7 @@ _UPLOAD_SCHEMA: dict[str, Any] = {
                     "properties": {
                         "adapter_id": {
                             "type": "string",
-                            "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                            "pattern": ADAPTER_ID_PATTERN,
                         },
                         "sha256": {
                             "type": "string",
@@ -257,9 +262,16 @@ def _info(
 
 def _check_id(adapter_id: str) -> None:
     if not is_valid_adapter_id(adapter_id):
-        raise invalid_field(
-            "adapter_id", "must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$ and contain no '..'"
-        )
+        raise invalid_field("adapter_id", ADAPTER_ID_RULE)
+
+
+def _base_loading() -> APIError:
+    # Which stored adapters are this server's is known from its base's fingerprint.
+    return APIError(
+        503,
+        "the base model is still loading; adapters are listed once it is known",
+        headers={"Retry-After": "5"},
+    )
 
 
 def _check_visible(adapter_id: str) -> None:
@@ -331,7 +343,12 @@ async def upload_adapter(
             raise APIError(400, str(exc), param="sha256") from None
         except AdapterConflictError as exc:
             raise APIError(409, str(exc), param="adapter_id") from None
-    if result.status == "replaced" and engine is not None:
+        except AdapterOfOtherBaseError as exc:
+            raise APIError(409, f"{exc}; choose another id", param="adapter_id") from None
+    if result.status != "unchanged" and engine is not None:
+        # Before answering: a request admitted after this answer runs on the new bytes.
+        # `created` too: a delete + re-create must not find the failed lookups or copies
+        # cached since the delete.
         engine.invalidate_adapter(adapter_id)
     response.status_code = 201 if result.status == "created" else 200
     return AdapterUploadResponse(**_info(result.stored, registry, engine), status=result.status)
@@ -345,7 +362,10 @@ async def list_adapters(
     after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> AdapterList:
-    ids = [i for i in await asyncio.to_thread(registry.list_ids) if auth.visible(i)]
+    try:
+        ids = [i for i in await asyncio.to_thread(registry.list_ids) if auth.visible(i)]
+    except BaseNotLoadedError:
+        raise _base_loading() from None
     total = len(ids)
     if after is not None:
         ids = [i for i in ids if i > after]
@@ -355,7 +375,7 @@ async def list_adapters(
     def stat_all() -> list[StoredAdapter]:
         out = []
         for adapter_id in page_ids:
-            with contextlib.suppress(StoredAdapterMissingError):  # deleted meanwhile
+            with contextlib.suppress(AdapterNotFoundError):  # deleted meanwhile
                 out.append(registry.stat(adapter_id))
         return out
 
@@ -369,7 +389,7 @@ async def list_adapters(
     )
 
 
-@router.get("/{adapter_id}", response_model=AdapterDetail, summary="One adapter")
+@router.get("/{adapter_id:path}", response_model=AdapterDetail, summary="One adapter")
 async def get_adapter(
     adapter_id: str, registry: RegistryDep, engine: MaybeEngineDep
 ) -> AdapterDetail:
@@ -381,9 +401,11 @@ async def get_adapter(
 
     try:
         stored, config = await asyncio.to_thread(read)
-    except StoredAdapterMissingError:
-        raise APIError(404, f"adapter {adapter_id!r} not found", param="adapter_id") from None
-    except AdapterValidationError as exc:
+    except AdapterNotFoundError as exc:  # or another base's: the message names that base
+        raise APIError(404, str(exc), param="adapter_id") from None
+    except BaseNotLoadedError:
+        raise _base_loading() from None
+    except (AdapterValidationError, DigestMismatchError) as exc:
         raise APIError(
             500, f"stored adapter is unreadable: {exc}", type="adapter_load_error"
         ) from None
@@ -392,13 +414,18 @@ async def get_adapter(
     )
 
 
-@router.delete("/{adapter_id}", response_model=AdapterDeleted, summary="Delete an adapter")
+@router.delete("/{adapter_id:path}", response_model=AdapterDeleted, summary="Delete an adapter")
 async def delete_adapter(
     adapter_id: str, registry: RegistryDep, engine: MaybeEngineDep
 ) -> AdapterDeleted:
     _check_id(adapter_id)
     _check_visible(adapter_id)
-    existed = await asyncio.to_thread(registry.delete, adapter_id)
+    try:
+        existed = await asyncio.to_thread(registry.delete, adapter_id)
+    except AdapterOfOtherBaseError as exc:  # never deleted through a server of another base
+        raise APIError(404, str(exc), param="adapter_id") from None
+    except BaseNotLoadedError:
+        raise _base_loading() from None
     if not existed:
         raise APIError(404, f"adapter {adapter_id!r} not found", param="adapter_id")
     if engine is not None:

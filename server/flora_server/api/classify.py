@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from flora_server.api.deps import BatchEngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
-from flora_server.api.sampling import check_adapter
+from flora_server.api.sampling import adapter_headers, check_adapter, serve_batch
 from flora_server.engine.batching import BatchEngine
 from flora_server.engine.encoder import EncoderOptions
 from flora_server.errors import APIError, invalid_field
@@ -122,6 +122,7 @@ def _adapter(body: ClassifyRequest, engine: BatchEngine) -> str | None:
 )
 async def classify(
     request: Request,
+    response: Response,
     engine: BatchEngineDep,
     settings: SettingsDep,
     metrics: MetricsDep,
@@ -160,7 +161,10 @@ async def classify(
         options: Any = body.top_k
     else:
         inputs, options = list(body.inputs), EncoderOptions("classify", body.top_k)
-    results = await engine.submit(adapter_id, inputs, options, timeout=settings.request_timeout)
+    results, adapter_sha256 = await serve_batch(
+        engine, adapter_id, inputs, options, settings.request_timeout
+    )
+    response.headers.update(adapter_headers(adapter_sha256))
     timer.finish("stop", len(inputs), 0)
     return ClassifyResponse(
         model=engine.model_name,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import base64
 
 import numpy as np
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 
 from flora_server.api.deps import BatchEngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
-from flora_server.api.sampling import check_adapter
+from flora_server.api.sampling import adapter_headers, check_adapter, serve_batch
 from flora_server.engine.encoder import EmbeddingResult, EncoderOptions
 from flora_server.errors import invalid_field
 from flora_server.metrics import RequestTimer
@@ -35,6 +35,7 @@ def encode_base64(vector: np.ndarray) -> str:
 @router.post("/embeddings", response_model=EmbeddingResponse, summary="Sentence embeddings")
 async def embeddings(
     body: EmbeddingRequest,
+    response: Response,
     engine: BatchEngineDep,
     settings: SettingsDep,
     metrics: MetricsDep,
@@ -51,9 +52,11 @@ async def embeddings(
     # Unknown and other tenants' adapters: 404 before the engine (as the generation routes).
     await check_adapter(registry, adapter_id, "model")
     timer = RequestTimer(metrics, adapter_id)
-    result: EmbeddingResult = await engine.submit(
-        adapter_id, texts, EncoderOptions("embed"), timeout=settings.request_timeout
+    result: EmbeddingResult
+    result, adapter_sha256 = await serve_batch(
+        engine, adapter_id, texts, EncoderOptions("embed"), settings.request_timeout
     )
+    response.headers.update(adapter_headers(adapter_sha256))
     vectors = result.vectors.numpy()
     if body.dimensions is not None and body.dimensions != vectors.shape[1]:
         raise invalid_field("dimensions", f"this model's embeddings have {vectors.shape[1]}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from flora_server.api import sampling, tgi_errors
@@ -130,6 +130,7 @@ def _number(logprob: float | None) -> float:
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text (TGI shape)")
 async def generate(
     http: Request,
+    response: Response,
     body: GenerateRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -156,7 +157,9 @@ async def generate(
         prefill=prefill,
         tokens=[_token(t, p) for t in out.tokens],
         top_tokens=[_top_tokens(t, p) or [] for t in out.tokens] if p.top_n_tokens else None,
+        adapter_sha256=out.finish.adapter_sha256,
     )
+    response.headers.update(sampling.adapter_headers(out.finish.adapter_sha256))
     return GenerateResponse(generated_text=text, details=details)
 
 
@@ -204,6 +207,7 @@ async def generate_stream(
                         input_length=event.prompt_tokens,
                         seed=request.params.seed,
                         adapter_id=request.adapter_id,
+                        adapter_sha256=event.adapter_sha256,
                     )
                     yield event_for(
                         held, index, generated_text=prefix + event.generated_text, details=details
@@ -222,4 +226,5 @@ async def generate_stream(
         finally:
             await stream.aclose()
 
-    return StreamingResponse(body_events(), media_type="text/event-stream")
+    headers = sampling.adapter_headers(first.adapter_sha256)
+    return StreamingResponse(body_events(), media_type="text/event-stream", headers=headers)

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from flora_server import auth
@@ -140,6 +140,8 @@ async def _stream(
     A failure after the first event (the request's own, or the server shutting down) is an
     error object followed by [DONE]."""
     first, stream = await sampling.open_stream(engine, request, metrics)
+    if first.adapter_sha256:  # flora extension, in every chunk as in the header
+        envelope["adapter_sha256"] = first.adapter_sha256
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
     async def events() -> AsyncIterator[bytes]:
@@ -168,12 +170,14 @@ async def _stream(
         finally:
             await stream.aclose()
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    headers = sampling.adapter_headers(first.adapter_sha256)
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 @router.post("/completions", response_model=CompletionResponse, summary="Text completion")
 async def completions(
     http: Request,
+    response: Response,
     body: CompletionRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -245,6 +249,7 @@ async def completions(
     if body.echo:
         echoed = "".join(t.text for t in out.finish.prompt_logprobs)
         text = (echoed if prompt_text is None else prompt_text) + text
+    response.headers.update(sampling.adapter_headers(out.finish.adapter_sha256))
     logprobs = None
     if want_logprobs:
         offsets, pos = [], 0
@@ -276,6 +281,7 @@ async def completions(
             )
         ],
         usage=usage,
+        adapter_sha256=out.finish.adapter_sha256,
     )
 
 
@@ -298,6 +304,7 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
 @router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion")
 async def chat_completions(
     http: Request,
+    response: Response,
     body: ChatCompletionRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -360,6 +367,7 @@ async def chat_completions(
 
     out = await sampling.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
+    response.headers.update(sampling.adapter_headers(out.finish.adapter_sha256))
     return ChatCompletionResponse(
         id=request.request_id,
         created=created,
@@ -374,6 +382,7 @@ async def chat_completions(
             )
         ],
         usage=_usage(out.finish),
+        adapter_sha256=out.finish.adapter_sha256,
     )
 
 

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import Receive
 
@@ -74,6 +75,27 @@ class ContextLengthError(APIError):
         self.context_length = context
 
 
+ADAPTER_SHA256_HEADER = "X-Adapter-Sha256"
+
+
+def adapter_headers(adapter_sha256: str | None) -> dict[str, str]:
+    """The header naming the stored adapter bytes (sha256) that served a result, as the
+    engine reported them; absent for the base model."""
+    return {ADAPTER_SHA256_HEADER: adapter_sha256} if adapter_sha256 else {}
+
+
+async def serve_batch(
+    engine: Any, adapter_id: str | None, inputs: list[Any], options: Any, timeout: float
+) -> tuple[Any, str | None]:
+    """A batch engine's result and the adapter sha256 that served it (`BatchEngine.serve`;
+    an engine with only `submit` reports none)."""
+    serve = getattr(engine, "serve", None)
+    if serve is None:
+        return await engine.submit(adapter_id, inputs, options, timeout=timeout), None
+    result: tuple[Any, str | None] = await serve(adapter_id, inputs, options, timeout=timeout)
+    return result
+
+
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -99,8 +121,12 @@ async def check_adapter(
     if adapter_id is None:
         return
     # Another tenant's adapter answers exactly like a missing one: existence is not revealed.
-    if not auth.visible(adapter_id) or not await asyncio.to_thread(registry.exists, adapter_id):
+    if not auth.visible(adapter_id):
         raise APIError(404, f"adapter {adapter_id!r} not found", param=param)
+    if not await asyncio.to_thread(registry.exists, adapter_id):
+        # Says so when the id is another base's adapter (a store shared by several servers).
+        error = await asyncio.to_thread(registry.not_found, adapter_id)
+        raise APIError(404, str(error), param=param)
     if count:
         registry.count_request(adapter_id)
 

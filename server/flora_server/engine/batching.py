@@ -59,6 +59,7 @@ class BatchJob:
     submitted: float = field(default_factory=time.monotonic)
     deadline: float | None = None
     slot: int | None = None
+    adapter_sha256: str | None = None  # of the stored bytes on `slot` (set at admission)
 
     def resolve(self, value: Any) -> None:
         """Hand `value` (a result or an exception) to the awaiting handler."""
@@ -129,6 +130,19 @@ class BatchEngine(WorkerThreadMixin):
     ) -> Any:
         """Queue one request and await its result. Raises `QueueFullError` at once when the
         queue is full, the request's own `EngineError` otherwise."""
+        result, _ = await self.serve(adapter_id, inputs, options, timeout=timeout)
+        return result
+
+    async def serve(
+        self,
+        adapter_id: str | None,
+        inputs: list[Any],
+        options: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[Any, str | None]:
+        """`submit`, and the sha256 of the stored adapter bytes that served the request
+        (None for the base model)."""
         if not self.ready:
             raise EngineNotReadyError("the engine is starting or shutting down")
         with self._lock:
@@ -140,7 +154,7 @@ class BatchEngine(WorkerThreadMixin):
         job = BatchJob(adapter_id, inputs, options, loop, loop.create_future(), deadline=deadline)
         self._inbox.put(job)
         try:
-            return await job.future
+            return await job.future, job.adapter_sha256
         finally:
             if not job.future.done():  # the handler was cancelled (client gone)
                 job.future.cancel()
@@ -289,6 +303,7 @@ class BatchEngine(WorkerThreadMixin):
                     continue
                 self.cache.pin(slot)  # later lookups in this batch must not evict it
                 job.slot = slot
+                job.adapter_sha256 = self.cache.slot_sha256(slot)
             pending.remove(job)
             self._done_waiting()
             if not job.inputs:  # `preload`: the adapter is on a slot now, nothing to run

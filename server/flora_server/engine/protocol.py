@@ -69,6 +69,7 @@ class TokenEvent:
     logprob: float | None = None
     special: bool = False  # an EOS or other special token (no text of its own)
     top_logprobs: tuple[Logprob, ...] = ()  # `params.top_logprobs` alternatives, best first
+    adapter_sha256: str | None = None  # as in FinishEvent (streams report it up front)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class FinishEvent:
     generated_tokens: int
     token_ids: tuple[int, ...] = ()
     prompt_logprobs: tuple[Logprob, ...] = ()  # one per prompt token with `prompt_logprobs`
+    # sha256 of the stored adapter bytes this request ran on (`LoadedAdapter.sha256`); None
+    # for the base model. The API reports it (`X-Adapter-Sha256`, `details.adapter_sha256`).
+    adapter_sha256: str | None = None
 
 
 GenerationEvent = TokenEvent | FinishEvent
@@ -105,6 +109,20 @@ class AdapterNotFoundError(EngineError):
         self.adapter_id = adapter_id
 
 
+class AdapterOfOtherBaseError(AdapterNotFoundError):
+    """The id names an adapter trained for another base model (servers of several bases
+    may share one store): not servable here, and never changed through this server."""
+
+    def __init__(self, adapter_id: str, trained_for: str, this_base: str) -> None:
+        EngineError.__init__(
+            self,
+            f"adapter {adapter_id!r} was trained for base model {trained_for!r}; this "
+            f"server serves {this_base!r}",
+        )
+        self.adapter_id = adapter_id
+        self.trained_for = trained_for
+
+
 class AdapterLoadError(EngineError):
     """The stored adapter could not be loaded (corrupt on disk, digest mismatch)."""
 
@@ -127,12 +145,23 @@ class DeadlineExceededError(RequestFailedError):
     """The request's deadline (FLORA_REQUEST_TIMEOUT) passed before it ran (a 504)."""
 
 
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A validated adapter and the sha256 of the stored bytes it was read from: the engine
+    carries the digest with the adapter onto its slot and into every `FinishEvent` it
+    serves, so a result says which bytes produced it."""
+
+    adapter: Adapter
+    sha256: str
+
+
 class AdapterSource(Protocol):
     """Where the engine gets validated adapters from (implemented by the registry)."""
 
-    def load(self, adapter_id: str) -> Adapter:
-        """Return the validated adapter or raise `AdapterNotFoundError` / `AdapterLoadError`.
-        Called on the engine's loader thread, never on the event loop."""
+    def load(self, adapter_id: str) -> LoadedAdapter | Adapter:
+        """Return the validated adapter (a bare `Adapter` from a source that knows no
+        digest) or raise `AdapterNotFoundError` / `AdapterLoadError`. Called on the
+        engine's loader thread, never on the event loop."""
         ...
 
     def exists(self, adapter_id: str) -> bool: ...

@@ -100,6 +100,7 @@ class RowState:
     first_token_at: float | None = None
     finished: str | None = None  # the finish reason ("error" on failure) once done
     prompt_logprobs: tuple[Logprob, ...] = ()  # filled at prefill when the request asks
+    adapter_sha256: str | None = None  # of the stored bytes on the row's slot at admission
 
     @property
     def request(self) -> GenerationRequest:

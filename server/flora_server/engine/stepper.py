@@ -239,7 +239,14 @@ class Stepper:
                 reason = "stop"
             elif full:
                 reason = "length"
-        event = TokenEvent(token, piece, logprob, special=special, top_logprobs=top)
+        event = TokenEvent(
+            token,
+            piece,
+            logprob,
+            special=special,
+            top_logprobs=top,
+            adapter_sha256=row.adapter_sha256,
+        )
         row.handle.emit(event)
         if reason is not None:
             self.finish(row, reason)
@@ -258,6 +265,7 @@ class Stepper:
                 generated_tokens=len(row.generated),
                 token_ids=tuple(row.generated),
                 prompt_logprobs=row.prompt_logprobs,
+                adapter_sha256=row.adapter_sha256,
             )
         )
         if row.slot is not None:

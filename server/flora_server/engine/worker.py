@@ -362,6 +362,7 @@ class LLMEngine(WorkerThreadMixin):
             text=TextStream(decode=decode, stops=tuple(s for s in params.stop if s)),
             generator=make_generator(params.seed, self._device) if params.do_sample else None,
             seen=list(handle.request.prompt_ids),
+            adapter_sha256=None if slot is None else self.cache.slot_sha256(slot),
         )
 
     def _decode_text(self, ids: list[int]) -> str:

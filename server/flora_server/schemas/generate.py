@@ -115,6 +115,9 @@ class Details(BaseModel):
     tokens: list[Token] = Field(default_factory=list)
     top_tokens: list[list[Token]] | None = None
     best_of_sequences: list[dict[str, Any]] | None = None
+    adapter_sha256: str | None = Field(
+        None, description="sha256 of the stored adapter bytes that served this; null for the base"
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -130,6 +133,9 @@ class StreamDetails(BaseModel):
     skipped_tokens: int = 0
     seed: int | None = None
     adapter_id: str | None = None
+    adapter_sha256: str | None = Field(
+        None, description="sha256 of the stored adapter bytes that served this; null for the base"
+    )
 
 
 class StreamResponse(BaseModel):

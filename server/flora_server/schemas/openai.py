@@ -103,6 +103,11 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    adapter_sha256: str | None = Field(
+        None,
+        description="flora extension: sha256 of the stored adapter bytes that served this "
+        "completion; null for the base model",
+    )
 
 
 class ChatMessageOut(BaseModel):
@@ -136,6 +141,11 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    adapter_sha256: str | None = Field(
+        None,
+        description="flora extension: sha256 of the stored adapter bytes that served this "
+        "completion; null for the base model",
+    )
 
 
 class ModelCard(BaseModel):

@@ -104,11 +104,12 @@ class FakeEngine:
         return self._run(request)
 
     async def _run(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        adapter = request.adapter_id
+        adapter, sha256 = request.adapter_id, None
         if adapter is not None:
             if not self.source.exists(adapter):
                 raise AdapterNotFoundError(adapter)
-            self.source.load(adapter)
+            loaded = self.source.load(adapter)
+            sha256 = getattr(loaded, "sha256", None)
             self.loaded.add(adapter)
             self.running.append(adapter)
         try:
@@ -131,14 +132,20 @@ class FakeEngine:
                 lp = -(i + 1) / 10
                 top = (Logprob(tok, piece, lp), Logprob(tok + 1, chr(tok + 1), lp - 1))
                 yield TokenEvent(
-                    tok, piece, logprob, top_logprobs=top[: request.params.top_logprobs]
+                    tok,
+                    piece,
+                    logprob,
+                    top_logprobs=top[: request.params.top_logprobs],
+                    adapter_sha256=sha256,
                 )
             prompt = ()
             if request.params.prompt_logprobs:
                 prompt = tuple(
                     Logprob(t, chr(t), -j / 100 if j else None) for j, t in enumerate(ids)
                 )
-            yield FinishEvent(reason, text, len(ids), n, prompt_logprobs=prompt)
+            yield FinishEvent(
+                reason, text, len(ids), n, prompt_logprobs=prompt, adapter_sha256=sha256
+            )
         finally:
             if adapter is not None:
                 self.running.remove(adapter)

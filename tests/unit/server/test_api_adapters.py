@@ -51,12 +51,12 @@ def test_upload_archive_201_then_same_200_then_conflict_409_then_overwrite(app, 
     r = post_archive(client, "a1", other)
     assert r.status_code == 409 and r.json()["error"]["type"] == "conflict_error"
     assert stored.read_bytes() == data  # nothing changed
-    assert engine.invalidated == []
+    assert engine.invalidated == ["a1"]  # by the create only
 
     r = post_archive(client, "a1", other, query="?overwrite=true")
     assert r.status_code == 200 and r.json()["status"] == "replaced"
     assert stored.read_bytes() == other
-    assert engine.invalidated == ["a1"]
+    assert engine.invalidated == ["a1", "a1"]
 
 
 def test_two_file_upload_is_packed_into_single_file(app, tmp_path):
@@ -104,10 +104,13 @@ def test_invalid_adapter_422_and_nothing_stored(app, tmp_path):
     assert client.get("/v1/adapters").json()["data"] == []
     store = tmp_path / "home" / "adapters"
     assert list((store / ".uploads").iterdir()) == []  # staged parts are cleaned up
-    assert [p.name for p in store.iterdir()] == [".uploads"]
+    assert sorted(p.name for p in store.iterdir()) == [".objects", ".uploads"]
+    assert list((store / ".objects").iterdir()) == []
 
 
-@pytest.mark.parametrize("bad_id", ["../x", ".hidden", "a..b", "a/b", "x" * 129, "-a", ""])
+@pytest.mark.parametrize(
+    "bad_id", ["../x", ".hidden", "a..b", "a/b/c", "a/../b", "/a", "a/", "x" * 129, "-a", ""]
+)
 def test_bad_ids_422(app, bad_id):
     client, _ = app
     r = post_archive(client, bad_id, make_archive())
@@ -176,7 +179,7 @@ def test_list_paging_get_and_delete(app):
 
     r = client.delete("/v1/adapters/ad2")
     assert r.status_code == 200 and r.json() == {"id": "ad2", "object": "adapter", "deleted": True}
-    assert engine.invalidated == ["ad2"]
+    assert engine.invalidated == ["ad0", "ad1", "ad2", "ad3", "ad4", "ad2"]  # 5 creates, 1 delete
     assert client.get("/v1/adapters/ad2").status_code == 404
     assert client.delete("/v1/adapters/ad2").status_code == 404
     r = client.post("/generate", json={"inputs": "hi", "parameters": {"adapter_id": "ad2"}})

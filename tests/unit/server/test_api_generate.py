@@ -36,6 +36,7 @@ def test_generate_base_exact_text_and_details(app):
         "skipped_tokens": 0,
         "seed": None,
         "adapter_id": None,
+        "adapter_sha256": None,
         "tokens": body["details"]["tokens"],
         "prefill": [],
         "top_tokens": None,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import threading
 import time
 
 import pytest
@@ -78,26 +77,31 @@ def test_bad_store_settings(kwargs):
         Settings(**kwargs)
 
 
-def test_local_checkout_rides_out_a_writer_between_renames(tmp_path):
-    """Another process renamed the new data file in but not yet its digest file: the reader
-    must retry and return the new bytes with their digest, not fail and not mix them."""
+def test_local_checkout_rides_out_an_overwrite_between_resolve_and_open(tmp_path):
+    """Another process committed an overwrite and removed the old object after this reader
+    resolved the link: the reader resolves again and returns the new bytes with their
+    digest, not an error and not a mix."""
     store = LocalAdapterStore(tmp_path)
     store.put("a", io.BytesIO(b"old bytes"))
-    (tmp_path / "a.flora").write_bytes(b"new bytes")  # the digest file still says old
+    resolve = store._resolve
+    calls = []
 
-    def finish_the_put():
-        time.sleep(0.08)
-        (tmp_path / "a.flora.sha256").write_text(hashlib.sha256(b"new bytes").hexdigest())
+    def racing_resolve(adapter_id):
+        found = resolve(adapter_id)
+        if not calls:  # the other process's put lands right after this resolve
+            LocalAdapterStore(tmp_path).put("a", io.BytesIO(b"new bytes"))
+        calls.append(found)
+        return found
 
-    writer = threading.Thread(target=finish_the_put)
-    writer.start()
+    store._resolve = racing_resolve
     with store.checkout("a") as copy:
         assert copy.path.read_bytes() == b"new bytes"
         assert copy.sha256 == hashlib.sha256(b"new bytes").hexdigest() and copy.size_bytes == 9
         # A private copy: a later put cannot change what the caller is reading.
         store.put("a", io.BytesIO(b"newer"))
         assert copy.path.read_bytes() == b"new bytes"
-    writer.join()
+    assert calls[0][0] == hashlib.sha256(b"old bytes").hexdigest()  # resolved, then gone
+    assert calls[1][0] == hashlib.sha256(b"new bytes").hexdigest()
     assert not copy.path.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
 
@@ -125,12 +129,12 @@ def test_stale_ids_after_delete_and_overwrite_elsewhere(tmp_path):
     a, b = _two_replicas(tmp_path)
     a.store.put("x", io.BytesIO(b"v1"))
     a.store.put("y", io.BytesIO(b"y1"))
-    assert b.load("x") == b"v1" and b.load("y") == b"y1"
+    assert b.load("x").adapter == b"v1" and b.load("y").adapter == b"y1"
     assert b.stale_ids() == []
     a.store.put("x", io.BytesIO(b"v2"))  # overwrite through A
     assert b.stale_ids() == ["x"]
     assert b.stale_ids() == []  # reported once
-    assert b.load("x") == b"v2" and b.stale_ids() == []
+    assert b.load("x").adapter == b"v2" and b.stale_ids() == []
     a.delete("y")
     assert b.stale_ids() == ["y"]
     # Overwritten and put back as it was: the bytes B holds are current again.
@@ -142,6 +146,7 @@ def test_stale_ids_after_delete_and_overwrite_elsewhere(tmp_path):
 def test_exists_caches_positive_answers_only_and_own_writes_are_immediate(tmp_path):
     store = LocalAdapterStore(tmp_path / "s")
     reg = AdapterRegistry(store, tmp_path / "st", exists_ttl=0.2)
+    reg.set_validator(lambda path: path.read_bytes())
     other = LocalAdapterStore(tmp_path / "s")
     assert reg.exists("x") is False
     other.put("x", io.BytesIO(b"1"))  # uploaded through another replica
