@@ -40,9 +40,11 @@ def openai_error(exc: APIError, model: str) -> APIError:
             code="context_length_exceeded",
         )
     if exc.status == 404 and exc.param == "model":
+        # Another base's adapter keeps the reason (the base it was trained for).
+        reason = f" ({exc.message})" if exc.code == "adapter_of_other_base" else ""
         return APIError(
             404,
-            f"The model `{model}` does not exist or you do not have access to it.",
+            f"The model `{model}` does not exist or you do not have access to it.{reason}",
             type="invalid_request_error",
             param="model",
             code="model_not_found",

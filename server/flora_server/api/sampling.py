@@ -18,6 +18,7 @@ from starlette.types import Receive
 from flora_server import auth
 from flora_server.adapters.registry import AdapterRegistry
 from flora_server.engine.protocol import (
+    AdapterOfOtherBaseError,
     EngineError,
     FinishEvent,
     GenerationEngine,
@@ -126,7 +127,8 @@ async def check_adapter(
     if not await asyncio.to_thread(registry.exists, adapter_id):
         # Says so when the id is another base's adapter (a store shared by several servers).
         error = await asyncio.to_thread(registry.not_found, adapter_id)
-        raise APIError(404, str(error), param=param)
+        code = "adapter_of_other_base" if isinstance(error, AdapterOfOtherBaseError) else None
+        raise APIError(404, str(error), param=param, code=code)
     if count:
         registry.count_request(adapter_id)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from flora_server.api import generate
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
@@ -28,6 +28,7 @@ router = APIRouter(tags=["generate"], dependencies=[Depends(_auth)], responses=T
 )
 async def compat_generate(
     http: Request,
+    response: Response,
     body: GenerateRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -36,7 +37,7 @@ async def compat_generate(
 ) -> Any:
     if body.stream:
         return await generate.generate_stream(body, engine, settings, registry, metrics)
-    answer = await generate.generate(http, body, engine, settings, registry, metrics)
+    answer = await generate.generate(http, response, body, engine, settings, registry, metrics)
     return [answer]
 
 
