@@ -38,7 +38,7 @@ from flora.errors import (
     RankLimitError,
     UnknownTensorError,
 )
-from flora.fingerprint import ModuleSpec
+from flora.kinds import ModuleSpec
 from flora.tucker import fold_linear, reconstruct
 
 __all__ = ["from_peft", "to_lycoris", "to_peft"]

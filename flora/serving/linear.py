@@ -10,23 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flora.kinds import is_hf_conv1d
 from flora.serving.bank import DeviceSlotBank
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServingPolicy
 from flora.serving.cpu_kernel import RowKernel, kernel_for
 from flora.serving.gpu_kernel import TritonRowKernel, block_rank, gpu_kernel_for
 from flora.serving.two_mode import ServedTwoMode
 
-__all__ = ["ServedLinear", "is_hf_conv1d", "is_linear", "share_shrinks"]
-
-
-def is_linear(module: nn.Module) -> bool:
-    """What ``ServedLinear`` wraps: ``nn.Linear`` or transformers' ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 style, weight ``(in, out)``), without importing it."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+__all__ = ["ServedLinear", "share_shrinks"]
 
 
 class _PerInput:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flora.kinds import is_conv, is_linear, is_plain_embedding
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServedModule, ServingPolicy
 from flora.serving.conv import ServedConv
 from flora.serving.cpu_kernel import kernel_for
@@ -37,15 +38,15 @@ from flora.serving.factors import (
     modules_from_adapter,
 )
 from flora.serving.gpu_kernel import gpu_kernel_for
-from flora.serving.linear import ServedLinear, is_linear, share_shrinks
+from flora.serving.linear import ServedLinear, share_shrinks
 
 __all__ = ["ServingModel", "register_wrapper"]
 
 # First match wins; extend with register_wrapper instead of an isinstance ladder.
 _WRAPPERS: list[tuple[Callable[[nn.Module], bool], type[ServedModule]]] = [
     (is_linear, ServedLinear),
-    (lambda m: isinstance(m, nn.Embedding), ServedEmbedding),
-    (lambda m: isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d), ServedConv),
+    (is_plain_embedding, ServedEmbedding),
+    (is_conv, ServedConv),
 ]
 
 
