@@ -34,6 +34,7 @@ from flora.serving.embedding import ServedEmbedding
 from flora.serving.factors import (
     ModuleFactors,
     all_finite,
+    fold_is_finite,
     fold_two_mode_many,
     modules_from_adapter,
 )
@@ -79,6 +80,11 @@ def _one_intra_op_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _folds(wrapper: ServedModule) -> bool:
+    """Two-mode wrappers (Linear, Conv1D, Embedding) hold the core folded into a factor."""
+    return hasattr(wrapper, "write_folded")
 
 
 def _wrapper_for(module: nn.Module) -> type[ServedModule]:
@@ -154,6 +160,33 @@ class ServingModel:
     def wrapped_modules(self) -> list[str]:
         return list(self._wrapped)
 
+    def check(self, adapter: Any) -> None:
+        """Raise ValueError unless ``load`` would accept ``adapter``; changes nothing.
+
+        The one owner of "can this adapter be served per row": no modules saved whole,
+        every target is a module of this base that a served wrapper takes, with shapes and
+        ranks that fit, and the update stays finite once its core is folded into the slot
+        factors. Servers call it at upload, so a misfit is refused there, not at first use.
+        """
+        self.check_modules(modules_from_adapter(adapter))
+
+    def check_modules(self, modules: Mapping[str, ModuleFactors]) -> None:
+        """``check`` for raw per-module tensors (what ``load_modules`` takes)."""
+        if not modules:
+            raise ValueError("an adapter must target at least one module")
+        for name, mf in modules.items():
+            self._target(name).check(name, mf)
+        foldable = [mf for name, mf in modules.items() if _folds(self._target(name))]
+        # A cheap bound vouches for the usual adapter; otherwise fold and name the module.
+        if fold_is_finite(foldable):
+            return
+        for name, mf in modules.items():
+            if _folds(self._target(name)) and not all_finite(fold_two_mode_many([mf])[0]):
+                raise ValueError(
+                    f"{name}: the update overflows float32 (non-finite after folding the "
+                    "core into the factors)"
+                )
+
     def load(self, slot: int, adapter: Any) -> None:
         """Copy ``adapter`` (a ``flora.Adapter``) into ``slot``, replacing what was there."""
         self.load_modules(slot, modules_from_adapter(adapter))
@@ -162,27 +195,18 @@ class ServingModel:
         """Copy raw per-module tensors into ``slot``. Everything is checked first, so a bad
         adapter changes nothing."""
         self._check_slot(slot)
-        if not modules:
-            raise ValueError("an adapter must target at least one module")
+        self.check_modules(modules)
         wrapped_before = len(self._wrapped)
-        foldable = []
-        for name, mf in modules.items():
-            target = self._target(name)
-            target.check(name, mf)
-            if hasattr(target, "write_folded"):
-                foldable.append(name)
+        foldable = [name for name in modules if _folds(self._target(name))]
         with torch.no_grad(), _one_intra_op_thread(self.device):
-            # One batched fold for all two-mode modules (a few bmm, not one matmul each),
-            # checked before anything is written: a slot never holds a non-finite factor
-            # (the "wide" kernel would turn 0 * inf into NaN on other rows).
+            # One batched fold for all two-mode modules (a few bmm, not one matmul each).
+            # What is written must be finite (a non-finite factor turns into NaN on other
+            # rows of a batched product); check_modules proved it, this guards the write.
             folded = dict(
                 zip(foldable, fold_two_mode_many([modules[n] for n in foldable]), strict=True)
             )
             if not all_finite(t for ab in folded.values() for t in ab):
-                raise ValueError(
-                    "the update overflows float32 (non-finite after folding the core into "
-                    "the factors)"
-                )
+                raise ValueError("the update overflows float32 once folded into the factors")
             previous = self._slot_modules[slot]
             if previous is not None:
                 if self._merged_slot == slot:
