@@ -21,9 +21,9 @@ class DeviceSlotBank:
     Growing reallocates once, off the hot path.
 
     ``rank_major=True`` stores ``A`` as ``at: (max_slots + 1, R, n_in)`` (each rank's
-    input weights contiguous: what ``flora.serving.cpu_kernel`` reads in place); ``a`` is
-    then a transposed view with the same logical shape, so every other path reads it the
-    same way.
+    input weights contiguous: what ``flora.serving.backends.numba_cpu`` reads in place);
+    ``a`` is then a transposed view with the same logical shape, so every other path reads
+    it the same way.
     """
 
     def __init__(

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from flora.kinds import is_conv, is_linear, is_plain_embedding
+from flora.serving.backends import Backend, select
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServedModule, ServingPolicy
 from flora.serving.conv import ServedConv
-from flora.serving.cpu_kernel import kernel_for
 from flora.serving.embedding import ServedEmbedding
 from flora.serving.factors import (
     ModuleFactors,
@@ -38,8 +38,7 @@ from flora.serving.factors import (
     fold_two_mode_many,
     modules_from_adapter,
 )
-from flora.serving.gpu_kernel import gpu_kernel_for
-from flora.serving.linear import ServedLinear, share_shrinks
+from flora.serving.linear import ServedLinear
 
 __all__ = ["ServingModel", "register_wrapper"]
 
@@ -128,13 +127,12 @@ class ServingModel:
         if factor_dtype is not None:  # shorthand for the policy field
             self.policy = dataclasses.replace(self.policy, factor_dtype=factor_dtype)
         if any(is_linear(m) for m in model.modules()):
-            # Load (or compile) the fused kernel now, not at the first adapter load: about
-            # 1.5 s from numba's disk cache (5-10 s the first time on a machine) and about
-            # 150 MiB of resident memory (numba and LLVM), a fixed cost of the process. A
-            # model with no linear layer (a conv body) never needs it.
-            kernel_for(self.policy.cpu_kernel, self.device, self.dtype)
-            # On CUDA: compile the Triton kernel and self-test it now (a few seconds).
-            gpu_kernel_for(self.policy.gpu_kernel, self.device, self.dtype)
+            # Load the kernel backend now, not at the first adapter load: on the CPU numba's
+            # kernel (about 1.5 s from its disk cache, 5-10 s the first time on a machine,
+            # and about 150 MiB of resident memory for numba and LLVM, a fixed cost of the
+            # process); on CUDA, Triton's kernel is compiled and self-tested (a few seconds).
+            # A model with no linear layer (a conv body) never needs one.
+            select(self.policy, self.device, self.dtype)
         self.routing = RoutingState()
         self._wrapped: dict[str, ServedModule] = {}
         self._slot_modules: list[frozenset[str] | None] = [None] * max_slots
@@ -261,9 +259,9 @@ class ServingModel:
         if plans is None:
             with torch.no_grad(), _one_intra_op_thread(self.device):
                 plans = [m.build_plan(slots) for m in self._wrapped.values()]
-                for group in self._shared_groups():
+                for backend, group in self._shared_groups():
                     for i, plan in zip(
-                        group, share_shrinks([plans[i] for i in group]), strict=True
+                        group, backend.share([plans[i] for i in group]), strict=True
                     ):
                         plans[i] = plan
             self._plan_cache[slots] = plans
@@ -391,10 +389,12 @@ class ServingModel:
         self.routing.plans = [*self.routing.plans, None]
         return wrapper
 
-    def _shared_groups(self) -> list[list[int]]:
+    def _shared_groups(self) -> list[tuple[Backend, list[int]]]:
         """Indices (into the plan list) of wrapped Linear siblings named in
-        ``policy.shared_inputs`` (same parent, two or more wrapped)."""
+        ``policy.shared_inputs`` (same parent, two or more wrapped), each group with the
+        backend of its first member (the one that shares their work)."""
         by_key: dict[tuple[str, int], list[int]] = {}
+        backends: dict[tuple[str, int], Backend] = {}
         for i, (name, wrapper) in enumerate(self._wrapped.items()):
             if not isinstance(wrapper, ServedLinear) or wrapper.kind != "linear":
                 continue
@@ -402,7 +402,8 @@ class ServingModel:
             for g, names in enumerate(self.policy.shared_inputs):
                 if child in names:
                     by_key.setdefault((parent, g), []).append(i)
-        return [ix for ix in by_key.values() if len(ix) > 1]
+                    backends.setdefault((parent, g), wrapper.backend)
+        return [(backends[key], ix) for key, ix in by_key.items() if len(ix) > 1]
 
     def _refresh(self, slot: int | None = None) -> None:
         """Slots, merges or the wrapped set changed: drop cached plans, rebuild the current

@@ -1,4 +1,4 @@
-"""The numba-compiled body of ``flora.serving.cpu_kernel`` (imported only through it).
+"""The numba-compiled body of ``flora.serving.backends.numba_cpu`` (imported only through it).
 
 Kept in its own module so that ``numba`` is imported lazily and the compiled function can
 be cached on disk (numba caches module-level functions only).
