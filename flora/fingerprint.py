@@ -93,5 +93,5 @@ def base_fingerprint(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]
             h.update(len(raw).to_bytes(8, "little") + raw)
         data = t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         h.update(data.nbytes.to_bytes(8, "little"))
-        h.update(data)
+        h.update(data.data)  # the array's buffer (a memoryview), no copy
     return "sha256:" + h.hexdigest()

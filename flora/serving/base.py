@@ -126,7 +126,10 @@ class ServedModule(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        weight = self.base_layer.weight
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{type(self.base_layer).__name__}.weight is not a tensor")
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.routing.plans[self.index]

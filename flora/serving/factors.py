@@ -171,7 +171,9 @@ def fold_is_finite(items: Sequence[ModuleFactors]) -> bool:
         return True
     # Per module three tiny ops (a matrix norm of the core, two min/max); the rest stacked.
     inf = float("inf")
-    core_norm, ext, scales = [], [], []
+    core_norm: list[torch.Tensor] = []
+    ext: list[torch.Tensor] = []  # min and max of each factor
+    scales: list[tuple[float, float]] = []
     for mf in items:
         u_in, u_out, c = _fold_orientation(mf)
         if c.shape[0] <= c.shape[1]:  # B = s C U_o^T (max row sum of |C|: inf-norm); A = U_in

@@ -36,7 +36,7 @@ class ServedLinear(ServedTwoMode):
         policy: ServingPolicy,
     ) -> None:
         super().__init__(base_layer, routing, index, max_slots, max_rank, policy)
-        w = base_layer.weight
+        w = self.weight
         self.kind = "hf_conv1d" if is_hf_conv1d(base_layer) else "linear"
         n_in, n_out = (
             (w.shape[0], w.shape[1]) if self.kind == "hf_conv1d" else (w.shape[1], w.shape[0])
@@ -53,7 +53,7 @@ class ServedLinear(ServedTwoMode):
         )
         self.base_forward: Plan
         if self.kind == "linear":
-            weight, bias = w, base_layer.bias
+            weight, bias = w, self.base_bias
             # F.linear directly: one module call less per projection per step.
             self.base_forward = lambda x: F.linear(x, weight, bias)
         else:

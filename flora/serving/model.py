@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from flora.serving.factors import (
     modules_from_adapter,
 )
 from flora.serving.linear import ServedLinear
+from flora.serving.two_mode import ServedTwoMode
 
 __all__ = ["ServingModel", "register_wrapper"]
 
@@ -81,9 +82,9 @@ def _one_intra_op_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _folds(wrapper: ServedModule) -> bool:
+def _folds(wrapper: ServedModule) -> TypeGuard[ServedTwoMode]:
     """Two-mode wrappers (Linear, Conv1D, Embedding) hold the core folded into a factor."""
-    return hasattr(wrapper, "write_folded")
+    return isinstance(wrapper, ServedTwoMode)
 
 
 def _wrapper_for(module: nn.Module) -> type[ServedModule]:
@@ -217,8 +218,8 @@ class ServingModel:
                 self._slot_modules[slot] = None
             for name, mf in modules.items():
                 wrapper = self._wrap(name)
-                if name in folded:
-                    wrapper.write_folded(slot, *folded[name])  # type: ignore[attr-defined]
+                if name in folded and _folds(wrapper):
+                    wrapper.write_folded(slot, *folded[name])
                 else:
                     wrapper.write_slot(slot, mf)
         self._slot_modules[slot] = frozenset(modules)
@@ -422,10 +423,11 @@ class ServingModel:
                 return
         else:
             self._plan_cache.clear()
-        valid = current is not None and all(
-            s == NO_SLOT or self._slot_modules[s] is not None for s in current
-        )
-        if valid and (self._merged_slot is None or all(s == self._merged_slot for s in current)):
+        if (
+            current is not None
+            and all(s == NO_SLOT or self._slot_modules[s] is not None for s in current)
+            and (self._merged_slot is None or all(s == self._merged_slot for s in current))
+        ):
             self.set_routing(current)
         else:
             self.clear_routing()

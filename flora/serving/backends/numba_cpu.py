@@ -89,7 +89,8 @@ def row_kernel() -> RowKernel | None:
         from flora.serving.backends._row_kernel_numba import row_deltas
     except Exception:  # ImportError, or numba failing to compile for this CPU
         return None
-    limit = numba.config.NUMBA_NUM_THREADS
+    # numba.config sets its options from the environment at import, out of its stubs' sight
+    limit = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
     kernel = RowKernel(row_deltas, lambda n: numba.set_num_threads(max(1, min(n, limit))))
     unit = np.ones((1, 1, 1), dtype=np.float32)
     kernel(
