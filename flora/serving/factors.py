@@ -126,9 +126,9 @@ def fold_two_mode_many(
     shapes (e.g. the 30 ``q_proj`` of a llama adapter), not one small matmul per module.
 
     Same maths as ``fold_two_mode`` (``bmm`` of the stacked cores and output factors, then
-    the scale). Why: loading an adapter on 210 projections spent most of its time in 210
-    tiny BLAS calls, each of which may wait for the intra-op threads on a busy machine;
-    a handful of ``bmm`` calls do the same arithmetic. Results may be views of a stacked
+    the scale). Why: one tiny BLAS call per projection made loading an adapter mostly
+    waiting, as each call may wait for the intra-op threads on a busy machine; a handful of
+    ``bmm`` calls do the same arithmetic. Results may be views of a stacked
     tensor (callers copy them into their slots).
     """
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(items)

@@ -62,9 +62,9 @@ def _one_intra_op_thread(device: torch.device) -> Iterator[None]:
 
     Loading a slot is a few thousand ops on tensors of a few thousand elements (the folds
     are ``(r, r) @ (r, n)`` matmuls). On a CPU each BLAS call may hand its work to the
-    intra-op pool and wait for it; on a busy machine that wait is a scheduler time slice
-    (about 8-15 ms per call measured on a loaded 2-core VM, 0.004 ms on one thread); the
-    same holds for the memory-bound weight updates of a merge. The setting is restored
+    intra-op pool and wait for it; on a busy machine that wait is a scheduler time slice,
+    orders of magnitude longer than the call's own work (docs/performance.md, "Cold
+    load"); the same holds for the memory-bound weight updates of a merge. The setting is restored
     afterwards; the engine calls these from its worker thread, the same thread that runs
     the forward passes, so no decode step overlaps the window.
     """
@@ -129,10 +129,10 @@ class ServingModel:
             self.policy = dataclasses.replace(self.policy, factor_dtype=factor_dtype)
         if any(is_linear(m) for m in model.modules()):
             # Load the kernel backend now, not at the first adapter load: on the CPU numba's
-            # kernel (about 1.5 s from its disk cache, 5-10 s the first time on a machine,
-            # and about 150 MiB of resident memory for numba and LLVM, a fixed cost of the
-            # process); on CUDA, Triton's kernel is compiled and self-tested (a few seconds).
-            # A model with no linear layer (a conv body) never needs one.
+            # kernel is compiled or read from its disk cache (seconds, and numba and LLVM
+            # stay resident: a fixed cost of the process); on CUDA, Triton's kernel is
+            # compiled and self-tested. A model with no linear layer (a conv body) never
+            # needs one.
             select(self.policy, self.device, self.dtype)
         self.routing = RoutingState()
         self._wrapped: dict[str, ServedModule] = {}
@@ -199,8 +199,9 @@ class ServingModel:
         foldable = [name for name in modules if _folds(self._target(name))]
         with torch.no_grad(), _one_intra_op_thread(self.device):
             # One batched fold for all two-mode modules (a few bmm, not one matmul each).
-            # What is written must be finite (a non-finite factor turns into NaN on other
-            # rows of a batched product); check_modules proved it, this guards the write.
+            # What is written must be finite: merging would write it into the base weight,
+            # and the torch "wide" fallback's row mask turns it into NaN on the other rows
+            # (0 * inf); check_modules proved it, this guards the write.
             folded = dict(
                 zip(foldable, fold_two_mode_many([modules[n] for n in foldable]), strict=True)
             )
@@ -298,8 +299,8 @@ class ServingModel:
             self.unmerge()
         done: list[str] = []
         sums: list[torch.Tensor] = []
-        # One thread: 210 memory-bound updates; on a busy CPU each parallel region waits for
-        # a time slice (merge 3.3 s on 2 threads vs 0.08 s on one, loaded 2-core VM).
+        # One thread: one memory-bound update per module; on a busy CPU each parallel
+        # region waits for a time slice (docs/performance.md, "Cold load").
         with torch.no_grad(), _one_intra_op_thread(self.device):
             # Per module: the one-time host copy of the original, then one in-place update
             # and one reduction (a finite sum proves every element finite, `all_finite`);
@@ -413,7 +414,7 @@ class ServingModel:
         ``slot``: only that slot's contents changed (load/unload, no newly wrapped module):
         plans of routings that do not use it stay valid (they hold copies of their own
         slots' factors), so only routings naming it are dropped and rebuilt. A cold load
-        then does not rebuild the running batch's plans for all 210 modules.
+        then does not rebuild the running batch's plans for every wrapped module.
         """
         current = self.routing.row_slots
         if slot is not None and self._merged_slot is None:

@@ -81,7 +81,7 @@ def row_kernel() -> RowKernel | None:
     compile here, or only numba's "workqueue" thread pool available (no OpenMP or TBB
     runtime: measured 10x slower per call than with OpenMP, see docs/performance.md).
 
-    Compiled on first use (about 5 s) and cached on disk by numba (about 1.5 s to load).
+    Compiled on first use (seconds) and cached on disk by numba, which loads it faster.
     """
     try:
         import numba
