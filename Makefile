@@ -43,6 +43,7 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 deploy-check: $(STAMP)
 	$(PY) -m deploy.check

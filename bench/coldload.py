@@ -4,7 +4,7 @@ Cold load is what the engine pays when a request names an adapter on no device s
 in no host cache: read the stored file (``LocalAdapterStore``, digest-checked), parse and
 validate it (``load_adapter`` + ``validate_against`` with the base's specs and fingerprint,
 computed once per process as the server does), check that the folded update is finite
-(``check_finite_update``, the engine cache's loader-thread check), then copy it into a
+(``ServingModel.check``, the engine cache's loader-thread check), then copy it into a
 device slot (``ServingModel.load``: fold the cores, check, write the banks).
 """
 
@@ -65,14 +65,13 @@ def cold_load_suite(serving: ServingModel, fx: StoredFixture, repeats: int, slot
     """Median and p90 store -> usable time (ms) over ``repeats`` loads into ``slot``, and
     the merge / unmerge times of that slot."""
     from flora.adapter import load_adapter, validate_against
-    from flora_server.engine.runtime import check_finite_update
 
     loads = []
     for _ in range(repeats):
         start = time.perf_counter()
         adapter = load_adapter(fx.store.get_bytes(fx.adapter_id))
         validate_against(adapter, fx.specs, fx.fingerprint)
-        check_finite_update(adapter)
+        serving.check(adapter)
         serving.load(slot, adapter)
         loads.append(time.perf_counter() - start)
     merges, unmerges = [], []

@@ -10,7 +10,7 @@ median of per-round ratios):
 - prefill, 8 x 512 tokens, K = 8 vs base;
 
 each through both per-row paths on CUDA: "triton" (the default where its self-test passes,
-``flora.serving.gpu_kernel``) and "torch" (``ServingPolicy(gpu_kernel=False)``). Then it
+``flora.serving.backends.triton_gpu``) and "torch" (``ServingPolicy(gpu_kernel=False)``). Then it
 checks each path against the plain reference (fp32 logits of a mixed batch with ranks 4,
 8, 16 and a base row, each row vs the model with that adapter's ``W + dW`` computed by
 ``flora.serving.reference``).
@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's `flora`
 
 from flora.serving import ModuleFactors, ServingModel, ServingPolicy
-from flora.serving.gpu_kernel import triton_row_kernel
+from flora.serving.backends.triton_gpu import triton_row_kernel
 from flora.serving.reference import reference_model_weights
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

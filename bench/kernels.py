@@ -8,7 +8,7 @@ of them, K = 1, 4, 32 distinct adapters in the batch. Methods:
 - naive:  per projection and step, gather every row's factors then bmm (A[slot_of_row]);
 - wide / rows: flora.serving with that torch kernel forced (``cpu_kernel=False``);
 - auto: the default ServingPolicy (on a float32 CPU: the fused row kernel of
-  ``flora.serving.cpu_kernel``; on CUDA: "rows");
+  ``flora.serving.backends.numba_cpu``; on CUDA: "rows");
 - merged: K = 1 only, the adapter folded into the weights.
 
 Also a conv section (EfficientNet-like depthwise + pointwise convs, batch 8): segments vs

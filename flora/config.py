@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from flora.fingerprint import ModuleSpec
+    from flora.kinds import ModuleSpec
 
 __all__ = ["FloraConfig", "name_matches"]
 

@@ -8,65 +8,22 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
-__all__ = ["ModuleKind", "ModuleSpec", "base_fingerprint", "base_state_items", "describe_base"]
+from flora.kinds import MODULE_KINDS, ModuleKind, ModuleSpec
+from flora.layers import FloraLayer, module_spec
 
-ModuleKind = Literal["linear", "conv1d", "conv2d", "conv3d", "embedding", "hf_conv1d"]
-MODULE_KINDS: tuple[str, ...] = get_args(ModuleKind)
-
-
-@dataclass(frozen=True)
-class ModuleSpec:
-    """One adaptable module of a base.
-
-    ``weight_shape`` is the base weight's own layout, which is also the mode order of the
-    adapter: Linear ``(out, in)``; ConvNd ``(out, in/groups, k_1..k_m)``; Embedding
-    ``(num, dim)``; transformers ``Conv1D`` ``(in, out)``.
-    """
-
-    kind: ModuleKind
-    weight_shape: tuple[int, ...]
-    groups: int = 1
-
-    def __post_init__(self) -> None:
-        if self.kind not in MODULE_KINDS:
-            raise ValueError(f"unknown module kind {self.kind!r}; expected one of {MODULE_KINDS}")
-        shape = tuple(self.weight_shape)
-        if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-            raise ValueError(f"weight_shape must be positive integers, got {self.weight_shape!r}")
-        expected = {"conv1d": 3, "conv2d": 4, "conv3d": 5}.get(self.kind, 2)
-        if len(shape) != expected:
-            raise ValueError(f"{self.kind} weight needs {expected} modes, got shape {shape}")
-        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
-            raise ValueError(f"groups must be an integer >= 1, got {self.groups!r}")
-        if self.groups != 1 and not self.kind.startswith("conv"):
-            raise ValueError(f"groups={self.groups} only makes sense for convs, not {self.kind}")
-        object.__setattr__(self, "weight_shape", shape)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``{"kind", "weight_shape": [..], "groups"}``."""
-        return {"kind": self.kind, "weight_shape": list(self.weight_shape), "groups": self.groups}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModuleSpec:
-        """Inverse of ``to_dict``; ValueError on missing/unknown keys or bad values.
-
-        Extra keys used by the adapter format next to a spec (``ranks``) are ignored.
-        """
-        if not isinstance(d, Mapping):
-            raise ValueError(f"ModuleSpec needs a mapping, got {type(d).__name__}")
-        missing = {"kind", "weight_shape"} - set(d)
-        if missing:
-            raise ValueError(f"ModuleSpec is missing {', '.join(sorted(missing))}")
-        shape = d["weight_shape"]
-        if not isinstance(shape, list | tuple):
-            raise ValueError(f"weight_shape must be a list, got {shape!r}")
-        return cls(kind=d["kind"], weight_shape=tuple(shape), groups=d.get("groups", 1))
+# ModuleKind and ModuleSpec live in flora.kinds; they stay importable from here.
+__all__ = [
+    "MODULE_KINDS",
+    "ModuleKind",
+    "ModuleSpec",
+    "base_fingerprint",
+    "base_state_items",
+    "describe_base",
+]
 
 
 def describe_base(model: nn.Module) -> dict[str, ModuleSpec]:
@@ -76,8 +33,6 @@ def describe_base(model: nn.Module) -> dict[str, ModuleSpec]:
     (the name the module had in the original model), and nothing inside a wrapper is
     listed separately.
     """
-    from flora.layers import FloraLayer, module_spec
-
     out: dict[str, ModuleSpec] = {}
     inside: list[str] = []
     for name, module in model.named_modules():
@@ -100,8 +55,6 @@ def base_state_items(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     a merged layer reports its saved original weight, so the result is the state dict
     of the model as it was before ``inject``.
     """
-    from flora.layers import FloraLayer
-
     layers = {n + ".": m for n, m in model.named_modules() if isinstance(m, FloraLayer)}
     for key, value in model.state_dict().items():
         prefix = next((p for p in layers if key.startswith(p)), None)
@@ -140,5 +93,5 @@ def base_fingerprint(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]
             h.update(len(raw).to_bytes(8, "little") + raw)
         data = t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         h.update(data.nbytes.to_bytes(8, "little"))
-        h.update(data)
+        h.update(data.data)  # the array's buffer (a memoryview), no copy
     return "sha256:" + h.hexdigest()

@@ -38,7 +38,7 @@ from flora.errors import (
     RankLimitError,
     UnknownTensorError,
 )
-from flora.fingerprint import ModuleSpec
+from flora.kinds import ModuleKind, ModuleSpec
 from flora.tucker import fold_linear, reconstruct
 
 __all__ = ["from_peft", "to_lycoris", "to_peft"]
@@ -109,6 +109,7 @@ def from_peft(
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     out_tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, AdapterModule] = {}
+    kind: ModuleKind
     for name, (a, b, embedding) in sorted(pairs.items()):
         r = a.shape[0]
         if b.shape[1] != r:
@@ -257,7 +258,7 @@ def to_peft(
         b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1) if pad else b
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.to(dtype).contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.to(dtype).contiguous()
-    config = {
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if adapter.task == "causal-lm" else None,
         "base_model_name_or_path": base_model_name_or_path or adapter.base_model_id,

@@ -13,7 +13,7 @@ from typing import Any
 
 from flora.config import FloraConfig
 from flora.errors import AdapterConfigError, RankLimitError
-from flora.fingerprint import ModuleSpec
+from flora.kinds import ModuleSpec
 
 FORMAT_VERSION = 1
 METHOD = "flora"

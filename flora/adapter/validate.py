@@ -18,7 +18,7 @@ from flora.errors import (
     UnknownModuleError,
     UnknownTensorError,
 )
-from flora.fingerprint import ModuleSpec
+from flora.kinds import ModuleSpec
 
 
 def expected_shapes(header: AdapterHeader) -> dict[str, tuple[int, ...]]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from flora.errors import NonFiniteError
-from flora.fingerprint import ModuleKind, ModuleSpec
+from flora.kinds import ModuleKind, ModuleSpec
 from flora.tucker import reconstruct
 
 __all__ = ["FloraLayer"]

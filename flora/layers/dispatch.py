@@ -1,13 +1,10 @@
-"""Which wrapper class adapts which module: a short list, first match wins."""
+"""Which wrapper class adapts which module: one wrapper per module kind."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-
 from torch import nn
 
-from flora.fingerprint import ModuleSpec
+from flora.kinds import ModuleKind, ModuleSpec, module_kind
 from flora.layers.base import FloraLayer
 from flora.layers.conv import FloraConv
 from flora.layers.embedding import FloraEmbedding
@@ -17,30 +14,23 @@ from flora.layers.linear import FloraLinear
 __all__ = ["WRAPPERS", "module_spec", "wrapper_for"]
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    # transformers is optional: if it was never imported, no module can be its Conv1D.
-    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
-    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
-
-
-def _is_plain_embedding(module: nn.Module) -> bool:
-    # max_norm renormalises the weight in place on every lookup; W + dW would not hold.
-    return isinstance(module, nn.Embedding) and module.max_norm is None
-
-
-WRAPPERS: tuple[tuple[Callable[[nn.Module], bool], type[FloraLayer]], ...] = (
-    (lambda m: isinstance(m, nn.Linear), FloraLinear),
-    (lambda m: isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d), FloraConv),
-    (_is_plain_embedding, FloraEmbedding),
-    (_is_hf_conv1d, FloraHFConv1D),
-)
+# One wrapper per module kind; which kind a module is, is flora.kinds' to say.
+WRAPPERS: dict[ModuleKind, type[FloraLayer]] = {
+    "linear": FloraLinear,
+    "conv1d": FloraConv,
+    "conv2d": FloraConv,
+    "conv3d": FloraConv,
+    "embedding": FloraEmbedding,
+    "hf_conv1d": FloraHFConv1D,
+}
 
 
 def wrapper_for(module: nn.Module) -> type[FloraLayer] | None:
     """The wrapper class for ``module``, or None if FLoRA cannot adapt it."""
     if isinstance(module, FloraLayer):
         return None
-    return next((cls for accepts, cls in WRAPPERS if accepts(module)), None)
+    kind = module_kind(module)
+    return None if kind is None else WRAPPERS[kind]
 
 
 def module_spec(module: nn.Module) -> ModuleSpec | None:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora.fingerprint import ModuleSpec
+from flora.kinds import ModuleSpec
 from flora.layers.base import FloraLayer
 
 __all__ = ["FloraEmbedding"]

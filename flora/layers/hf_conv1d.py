@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flora.fingerprint import ModuleSpec
+from flora.kinds import ModuleSpec
 from flora.layers.base import FloraLayer
 from flora.tucker import fold_linear
 

@@ -15,7 +15,7 @@ from torch import nn
 from flora.models.errors import UnsupportedModelError
 from flora.models.registry import LoadRequest
 from flora.models.storage import read_json
-from flora.models.types import LoadedModel, ModelKind, Pooling
+from flora.models.types import LoadedModel, ModelKind, Pooling, PoolingMode
 
 # Tokenizers report this sentinel (int(1e30)) when the limit is unknown.
 _HUGE = 10**9
@@ -74,6 +74,7 @@ def read_pooling(directory: Path) -> Pooling:
     named = cfg.get("pooling_mode")
     if isinstance(named, str) and not flags:
         flags = {f"pooling_mode_{named}"}
+    mode: PoolingMode
     if flags in ({"pooling_mode_mean_tokens"}, {"pooling_mode_mean"}):
         mode = "mean"
     elif flags in ({"pooling_mode_cls_token"}, {"pooling_mode_cls"}):
@@ -130,7 +131,7 @@ def _refuse_random_weights(model: nn.Module, missing: set[str], kind: str, where
     Anything else missing is refused."""
     only_pooler = bool(missing) and all(k.startswith("pooler.") for k in missing)
     if kind == "text-encoder" and only_pooler and getattr(model, "pooler", None) is not None:
-        model.pooler = None
+        model.register_module("pooler", None)  # as `model.pooler = None` does
         return
     if missing:
         shown = ", ".join(sorted(missing)[:5])

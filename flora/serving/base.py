@@ -38,12 +38,14 @@ class ServingPolicy:
     bench/kernels.py measures the trade-offs these defaults come from; ``shared_inputs``
     cuts the per-step op count for llama-style blocks (see its note).
 
+    Which backend serves a module is ``flora.serving.backends.select``'s choice, from
+    the two switches below, the module's device and its dtype.
     ``cpu_kernel``: float32 Linear/Conv1D on the CPU run every per-row routing through
-    the fused row kernel of ``flora.serving.cpu_kernel`` (one kernel call per group of
+    the fused row kernel of ``flora.serving.backends.numba_cpu`` (one kernel call per group of
     sibling projections, each row's own rank of work) when numba is importable; the torch
     kernels above are then the fallback (autograd, other dtypes) and the reference.
     ``gpu_kernel``: Linear/Conv1D on a CUDA device run every per-row routing through the
-    Triton kernel of ``flora.serving.gpu_kernel`` (SGMV/BGMV style: each row's slot read
+    Triton kernel of ``flora.serving.backends.triton_gpu`` (SGMV/BGMV style: each row's slot read
     in place up to its own rank) when triton is installed and its self-test passes on
     that device; the torch kernels are then the fallback (autograd) and the reference.
     ``factor_dtype``: storage of those modules' factor banks when the kernel serves them
@@ -124,7 +126,10 @@ class ServedModule(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        weight = self.base_layer.weight
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{type(self.base_layer).__name__}.weight is not a tensor")
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.routing.plans[self.index]

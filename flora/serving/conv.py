@@ -14,7 +14,7 @@ plus the update with the group structure kept. Two kernels, picked per routing b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,19 +33,23 @@ class _SegmentsPlan:
 
     __slots__ = ("conv", "segments")
 
-    def __init__(self, conv, segments) -> None:  # type: ignore[no-untyped-def]
-        # segments: list of (row index [n_k] or None for "all rows", weight)
+    def __init__(
+        self,
+        conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        segments: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        # segments: (row index [n_k], weight) per group; a single group takes every row
         self.conv, self.segments = conv, segments
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.segments) == 1:
             return self.conv(x, self.segments[0][1])
-        out = None
-        for idx, w in self.segments:
-            part = self.conv(x.index_select(0, idx), w)
-            if out is None:
-                out = part.new_empty((x.shape[0], *part.shape[1:]))
-            out.index_copy_(0, idx, part)
+        (idx, w), *rest = self.segments
+        part = self.conv(x.index_select(0, idx), w)
+        out = part.new_empty((x.shape[0], *part.shape[1:]))
+        out.index_copy_(0, idx, part)
+        for idx, w in rest:
+            out.index_copy_(0, idx, self.conv(x.index_select(0, idx), w))
         return out
 
 
@@ -54,7 +58,14 @@ class _RowsPlan:
 
     __slots__ = ("bias", "fn", "groups", "kwargs", "weight")
 
-    def __init__(self, fn, weight, bias, groups, kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        groups: int,
+        kwargs: Mapping[str, object],
+    ) -> None:
         self.fn, self.weight, self.bias, self.groups, self.kwargs = (
             fn,
             weight,
@@ -88,7 +99,7 @@ class ServedConv(ServedModule):
         policy: ServingPolicy,
     ) -> None:
         super().__init__(base_layer, routing, index, max_slots, max_rank, policy)
-        self.spatial = base_layer.weight.dim() - 2
+        self.spatial = self.weight.dim() - 2
         self.kind = f"conv{self.spatial}d"
         # Slots hold the (small) Tucker tensors; W + dW_k is built on the first routing
         # that needs slot k and kept until the slot or the base weight changes, so a
@@ -138,12 +149,18 @@ class ServedConv(ServedModule):
             self._merged_cache[slot] = merged
         return merged
 
+    def _base_conv(self) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+        conv = self.base_layer
+        if not isinstance(conv, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            raise TypeError(f"{type(conv).__name__} is not a Conv1d/2d/3d")
+        return conv
+
     def build_plan(self, row_slots: Sequence[int]) -> Plan | None:
         rows = self.row_targets(row_slots)
         groups = sorted(set(rows))
         if groups == [NO_SLOT]:
             return None
-        base = self.base_layer
+        base = self._base_conv()
         weights = {s: self._merged(s) for s in groups}
         numel = len(rows) * self.weight.numel()
         use_rows = (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,13 @@ class _EmbeddingRowsPlan:
 
     __slots__ = ("b", "base", "offset", "table")
 
-    def __init__(self, base, table, offset, b) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        base: Callable[[torch.Tensor], torch.Tensor],
+        table: torch.Tensor,
+        offset: torch.Tensor,
+        b: torch.Tensor,
+    ) -> None:
         self.base, self.table, self.offset, self.b = base, table, offset, b
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -53,7 +59,7 @@ class ServedEmbedding(ServedTwoMode):
         policy: ServingPolicy,
     ) -> None:
         super().__init__(base_layer, routing, index, max_slots, max_rank, policy)
-        w = base_layer.weight
+        w = self.weight
         self.kind = "embedding"
         self.bank = DeviceSlotBank(w.shape[0], w.shape[1], max_slots, max_rank, w.device, w.dtype)
 

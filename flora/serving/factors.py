@@ -126,9 +126,9 @@ def fold_two_mode_many(
     shapes (e.g. the 30 ``q_proj`` of a llama adapter), not one small matmul per module.
 
     Same maths as ``fold_two_mode`` (``bmm`` of the stacked cores and output factors, then
-    the scale). Why: loading an adapter on 210 projections spent most of its time in 210
-    tiny BLAS calls, each of which may wait for the intra-op threads on a busy machine;
-    a handful of ``bmm`` calls do the same arithmetic. Results may be views of a stacked
+    the scale). Why: one tiny BLAS call per projection made loading an adapter mostly
+    waiting, as each call may wait for the intra-op threads on a busy machine; a handful of
+    ``bmm`` calls do the same arithmetic. Results may be views of a stacked
     tensor (callers copy them into their slots).
     """
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(items)
@@ -171,7 +171,9 @@ def fold_is_finite(items: Sequence[ModuleFactors]) -> bool:
         return True
     # Per module three tiny ops (a matrix norm of the core, two min/max); the rest stacked.
     inf = float("inf")
-    core_norm, ext, scales = [], [], []
+    core_norm: list[torch.Tensor] = []
+    ext: list[torch.Tensor] = []  # min and max of each factor
+    scales: list[tuple[float, float]] = []
     for mf in items:
         u_in, u_out, c = _fold_orientation(mf)
         if c.shape[0] <= c.shape[1]:  # B = s C U_o^T (max row sum of |C|: inf-norm); A = U_in

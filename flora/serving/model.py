@@ -21,31 +21,33 @@ import contextlib
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
 
+from flora.kinds import is_conv, is_linear, is_plain_embedding
+from flora.serving.backends import Backend, select
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServedModule, ServingPolicy
 from flora.serving.conv import ServedConv
-from flora.serving.cpu_kernel import kernel_for
 from flora.serving.embedding import ServedEmbedding
 from flora.serving.factors import (
     ModuleFactors,
     all_finite,
+    fold_is_finite,
     fold_two_mode_many,
     modules_from_adapter,
 )
-from flora.serving.gpu_kernel import gpu_kernel_for
-from flora.serving.linear import ServedLinear, is_linear, share_shrinks
+from flora.serving.linear import ServedLinear
+from flora.serving.two_mode import ServedTwoMode
 
 __all__ = ["ServingModel", "register_wrapper"]
 
 # First match wins; extend with register_wrapper instead of an isinstance ladder.
 _WRAPPERS: list[tuple[Callable[[nn.Module], bool], type[ServedModule]]] = [
     (is_linear, ServedLinear),
-    (lambda m: isinstance(m, nn.Embedding), ServedEmbedding),
-    (lambda m: isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d), ServedConv),
+    (is_plain_embedding, ServedEmbedding),
+    (is_conv, ServedConv),
 ]
 
 
@@ -60,9 +62,9 @@ def _one_intra_op_thread(device: torch.device) -> Iterator[None]:
 
     Loading a slot is a few thousand ops on tensors of a few thousand elements (the folds
     are ``(r, r) @ (r, n)`` matmuls). On a CPU each BLAS call may hand its work to the
-    intra-op pool and wait for it; on a busy machine that wait is a scheduler time slice
-    (about 8-15 ms per call measured on a loaded 2-core VM, 0.004 ms on one thread); the
-    same holds for the memory-bound weight updates of a merge. The setting is restored
+    intra-op pool and wait for it; on a busy machine that wait is a scheduler time slice,
+    orders of magnitude longer than the call's own work (docs/performance.md, "Cold
+    load"); the same holds for the memory-bound weight updates of a merge. The setting is restored
     afterwards; the engine calls these from its worker thread, the same thread that runs
     the forward passes, so no decode step overlaps the window.
     """
@@ -78,6 +80,11 @@ def _one_intra_op_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _folds(wrapper: ServedModule) -> TypeGuard[ServedTwoMode]:
+    """Two-mode wrappers (Linear, Conv1D, Embedding) hold the core folded into a factor."""
+    return isinstance(wrapper, ServedTwoMode)
 
 
 def _wrapper_for(module: nn.Module) -> type[ServedModule]:
@@ -121,13 +128,12 @@ class ServingModel:
         if factor_dtype is not None:  # shorthand for the policy field
             self.policy = dataclasses.replace(self.policy, factor_dtype=factor_dtype)
         if any(is_linear(m) for m in model.modules()):
-            # Load (or compile) the fused kernel now, not at the first adapter load: about
-            # 1.5 s from numba's disk cache (5-10 s the first time on a machine) and about
-            # 150 MiB of resident memory (numba and LLVM), a fixed cost of the process. A
-            # model with no linear layer (a conv body) never needs it.
-            kernel_for(self.policy.cpu_kernel, self.device, self.dtype)
-            # On CUDA: compile the Triton kernel and self-test it now (a few seconds).
-            gpu_kernel_for(self.policy.gpu_kernel, self.device, self.dtype)
+            # Load the kernel backend now, not at the first adapter load: on the CPU numba's
+            # kernel is compiled or read from its disk cache (seconds, and numba and LLVM
+            # stay resident: a fixed cost of the process); on CUDA, Triton's kernel is
+            # compiled and self-tested. A model with no linear layer (a conv body) never
+            # needs one.
+            select(self.policy, self.device, self.dtype)
         self.routing = RoutingState()
         self._wrapped: dict[str, ServedModule] = {}
         self._slot_modules: list[frozenset[str] | None] = [None] * max_slots
@@ -153,6 +159,33 @@ class ServingModel:
     def wrapped_modules(self) -> list[str]:
         return list(self._wrapped)
 
+    def check(self, adapter: Any) -> None:
+        """Raise ValueError unless ``load`` would accept ``adapter``; changes nothing.
+
+        The one owner of "can this adapter be served per row": no modules saved whole,
+        every target is a module of this base that a served wrapper takes, with shapes and
+        ranks that fit, and the update stays finite once its core is folded into the slot
+        factors. Servers call it at upload, so a misfit is refused there, not at first use.
+        """
+        self.check_modules(modules_from_adapter(adapter))
+
+    def check_modules(self, modules: Mapping[str, ModuleFactors]) -> None:
+        """``check`` for raw per-module tensors (what ``load_modules`` takes)."""
+        if not modules:
+            raise ValueError("an adapter must target at least one module")
+        for name, mf in modules.items():
+            self._target(name).check(name, mf)
+        foldable = [mf for name, mf in modules.items() if _folds(self._target(name))]
+        # A cheap bound vouches for the usual adapter; otherwise fold and name the module.
+        if fold_is_finite(foldable):
+            return
+        for name, mf in modules.items():
+            if _folds(self._target(name)) and not all_finite(fold_two_mode_many([mf])[0]):
+                raise ValueError(
+                    f"{name}: the update overflows float32 (non-finite after folding the "
+                    "core into the factors)"
+                )
+
     def load(self, slot: int, adapter: Any) -> None:
         """Copy ``adapter`` (a ``flora.Adapter``) into ``slot``, replacing what was there."""
         self.load_modules(slot, modules_from_adapter(adapter))
@@ -161,27 +194,19 @@ class ServingModel:
         """Copy raw per-module tensors into ``slot``. Everything is checked first, so a bad
         adapter changes nothing."""
         self._check_slot(slot)
-        if not modules:
-            raise ValueError("an adapter must target at least one module")
+        self.check_modules(modules)
         wrapped_before = len(self._wrapped)
-        foldable = []
-        for name, mf in modules.items():
-            target = self._target(name)
-            target.check(name, mf)
-            if hasattr(target, "write_folded"):
-                foldable.append(name)
+        foldable = [name for name in modules if _folds(self._target(name))]
         with torch.no_grad(), _one_intra_op_thread(self.device):
-            # One batched fold for all two-mode modules (a few bmm, not one matmul each),
-            # checked before anything is written: a slot never holds a non-finite factor
-            # (the "wide" kernel would turn 0 * inf into NaN on other rows).
+            # One batched fold for all two-mode modules (a few bmm, not one matmul each).
+            # What is written must be finite: merging would write it into the base weight,
+            # and the torch "wide" fallback's row mask turns it into NaN on the other rows
+            # (0 * inf); check_modules proved it, this guards the write.
             folded = dict(
                 zip(foldable, fold_two_mode_many([modules[n] for n in foldable]), strict=True)
             )
             if not all_finite(t for ab in folded.values() for t in ab):
-                raise ValueError(
-                    "the update overflows float32 (non-finite after folding the core into "
-                    "the factors)"
-                )
+                raise ValueError("the update overflows float32 once folded into the factors")
             previous = self._slot_modules[slot]
             if previous is not None:
                 if self._merged_slot == slot:
@@ -194,8 +219,8 @@ class ServingModel:
                 self._slot_modules[slot] = None
             for name, mf in modules.items():
                 wrapper = self._wrap(name)
-                if name in folded:
-                    wrapper.write_folded(slot, *folded[name])  # type: ignore[attr-defined]
+                if name in folded and _folds(wrapper):
+                    wrapper.write_folded(slot, *folded[name])
                 else:
                     wrapper.write_slot(slot, mf)
         self._slot_modules[slot] = frozenset(modules)
@@ -236,9 +261,9 @@ class ServingModel:
         if plans is None:
             with torch.no_grad(), _one_intra_op_thread(self.device):
                 plans = [m.build_plan(slots) for m in self._wrapped.values()]
-                for group in self._shared_groups():
+                for backend, group in self._shared_groups():
                     for i, plan in zip(
-                        group, share_shrinks([plans[i] for i in group]), strict=True
+                        group, backend.share([plans[i] for i in group]), strict=True
                     ):
                         plans[i] = plan
             self._plan_cache[slots] = plans
@@ -274,8 +299,8 @@ class ServingModel:
             self.unmerge()
         done: list[str] = []
         sums: list[torch.Tensor] = []
-        # One thread: 210 memory-bound updates; on a busy CPU each parallel region waits for
-        # a time slice (merge 3.3 s on 2 threads vs 0.08 s on one, loaded 2-core VM).
+        # One thread: one memory-bound update per module; on a busy CPU each parallel
+        # region waits for a time slice (docs/performance.md, "Cold load").
         with torch.no_grad(), _one_intra_op_thread(self.device):
             # Per module: the one-time host copy of the original, then one in-place update
             # and one reduction (a finite sum proves every element finite, `all_finite`);
@@ -366,10 +391,12 @@ class ServingModel:
         self.routing.plans = [*self.routing.plans, None]
         return wrapper
 
-    def _shared_groups(self) -> list[list[int]]:
+    def _shared_groups(self) -> list[tuple[Backend, list[int]]]:
         """Indices (into the plan list) of wrapped Linear siblings named in
-        ``policy.shared_inputs`` (same parent, two or more wrapped)."""
+        ``policy.shared_inputs`` (same parent, two or more wrapped), each group with the
+        backend of its first member (the one that shares their work)."""
         by_key: dict[tuple[str, int], list[int]] = {}
+        backends: dict[tuple[str, int], Backend] = {}
         for i, (name, wrapper) in enumerate(self._wrapped.items()):
             if not isinstance(wrapper, ServedLinear) or wrapper.kind != "linear":
                 continue
@@ -377,7 +404,8 @@ class ServingModel:
             for g, names in enumerate(self.policy.shared_inputs):
                 if child in names:
                     by_key.setdefault((parent, g), []).append(i)
-        return [ix for ix in by_key.values() if len(ix) > 1]
+                    backends.setdefault((parent, g), wrapper.backend)
+        return [(backends[key], ix) for key, ix in by_key.items() if len(ix) > 1]
 
     def _refresh(self, slot: int | None = None) -> None:
         """Slots, merges or the wrapped set changed: drop cached plans, rebuild the current
@@ -386,7 +414,7 @@ class ServingModel:
         ``slot``: only that slot's contents changed (load/unload, no newly wrapped module):
         plans of routings that do not use it stay valid (they hold copies of their own
         slots' factors), so only routings naming it are dropped and rebuilt. A cold load
-        then does not rebuild the running batch's plans for all 210 modules.
+        then does not rebuild the running batch's plans for every wrapped module.
         """
         current = self.routing.row_slots
         if slot is not None and self._merged_slot is None:
@@ -396,10 +424,11 @@ class ServingModel:
                 return
         else:
             self._plan_cache.clear()
-        valid = current is not None and all(
-            s == NO_SLOT or self._slot_modules[s] is not None for s in current
-        )
-        if valid and (self._merged_slot is None or all(s == self._merged_slot for s in current)):
+        if (
+            current is not None
+            and all(s == NO_SLOT or self._slot_modules[s] is not None for s in current)
+            and (self._merged_slot is None or all(s == self._merged_slot for s in current))
+        ):
             self.set_routing(current)
         else:
             self.clear_routing()

@@ -29,6 +29,13 @@ def reference_delta(mf: ModuleFactors) -> torch.Tensor:
     return (mf.scale * full).float()
 
 
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    value = getattr(module, name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"reference: {type(module).__name__}.{name} is not a tensor")
+    return value
+
+
 def _row_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``module`` on one row (``x`` with a leading batch dim of 1) with ``weight``."""
     if isinstance(module, nn.Linear):
@@ -38,7 +45,7 @@ def _row_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> to
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return module._conv_forward(x, weight, module.bias)
     if type(module).__name__ == "Conv1D":  # transformers Conv1D: y = x @ W + b, W (in, out)
-        return x @ weight + module.bias
+        return x @ weight + _tensor(module, "bias")
     raise TypeError(f"reference: unsupported module {type(module).__name__}")
 
 
@@ -50,7 +57,7 @@ def reference_forward(
 ) -> torch.Tensor:
     """Run each row ``b`` of ``x`` through ``module`` with ``W + dW(slots[row_slots[b]])``
     (the base weight when the row's slot is ``None``/-1 or does not target the module)."""
-    w = module.weight.detach()
+    w = _tensor(module, "weight").detach()
     outs = []
     for b, s in enumerate(row_slots):
         mf = slots.get(s) if s is not None and s >= 0 else None
@@ -66,6 +73,6 @@ def reference_model_weights(
     model with one adapter applied, to run single rows through."""
     out = {}
     for name, mf in modules.items():
-        w = model.get_submodule(name).weight.detach()
+        w = _tensor(model.get_submodule(name), "weight").detach()
         out[f"{name}.weight"] = (w.float() + reference_delta(mf).to(w.device)).to(w.dtype)
     return out

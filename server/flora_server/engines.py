@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flora_server.adapters.registry import AdapterRegistry, AdapterValidator
-from flora_server.adapters.validator import BaseValidator, per_row_servable
+from flora_server.adapters.validator import BaseSnapshot, BaseValidator
 from flora_server.engine.protocol import GenerationEngine
 from flora_server.metrics import ServerMetrics
 from flora_server.settings import Settings
@@ -80,7 +80,6 @@ def build_engine(
     settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
 ) -> tuple[GenerationEngine, AdapterValidator]:
     """The real engine for the kind of `settings.model` (the default factory)."""
-    from flora.fingerprint import describe_base
 
     loaded = load_base(settings)
     builder = ENGINE_BUILDERS.get(loaded.kind)
@@ -89,9 +88,7 @@ def build_engine(
             f"{settings.model} is a {loaded.kind} model; this server serves "
             f"{', '.join(ENGINE_BUILDERS)}"
         )
-    # Computed once, before the engine can merge an adapter into the weights or swap heads.
-    validator = BaseValidator(describe_base(loaded.model), loaded.fingerprint, loaded)
+    base = BaseSnapshot.of(loaded)  # before the engine can merge an adapter or swap a head
     engine = builder(loaded, settings, registry, metrics)
-    # What the engine itself can serve (heads, whole-saved modules) is checked at upload too.
-    validator.engine_check = getattr(engine, "check_adapter", None) or per_row_servable
-    return engine, validator
+    # What the engine can serve (heads, folded updates) is checked at upload too.
+    return engine, BaseValidator(base, engine.check_adapter)

@@ -104,7 +104,8 @@ async def _preload(engine: GenerationEngine, registry: AdapterRegistry) -> None:
 
 
 def create_app(settings: Settings, *, engine_factory: EngineFactory | None = None) -> FastAPI:
-    """Build the app for `settings`. `engine_factory` defaults to the real LLM engine; tests
+    """Build the app for `settings`. `engine_factory` defaults to `build_engine`, which
+    builds the engine for the base's kind (LLM, text encoder or image classifier); tests
     pass a fake one."""
     factory = engine_factory or build_engine
 

@@ -411,9 +411,10 @@ def test_real_validators_of_two_bases_split_a_shared_store(tmp_path):
 
     import flora
     from flora.adapter import save_adapter
-    from flora.fingerprint import base_fingerprint, describe_base
+    from flora.fingerprint import base_fingerprint
+    from flora.serving import ServingModel
     from flora_server.adapters.registry import AdapterRegistry, StagedUpload
-    from flora_server.adapters.validator import BaseValidator
+    from flora_server.adapters.validator import BaseSnapshot, BaseValidator
     from flora_server.engine.protocol import AdapterOfOtherBaseError
 
     registries = []
@@ -423,7 +424,8 @@ def test_real_validators_of_two_bases_split_a_shared_store(tmp_path):
             model, make_char_tokenizer(), name=name, fingerprint=base_fingerprint(model)
         )
         reg = AdapterRegistry(LocalAdapterStore(tmp_path / "store"), tmp_path / f"staging-{name}")
-        reg.set_validator(BaseValidator(describe_base(model), loaded.fingerprint, loaded))
+        serving = ServingModel(make_tiny_llama(seed=seed), max_slots=1)  # the engine's rule
+        reg.set_validator(BaseValidator(BaseSnapshot.of(loaded), serving.check))
         flora.inject(model, flora.FloraConfig(target_modules=["q_proj"], rank=2))
         path = save_adapter(model, tmp_path / f"ad-{name}", base_model_id=name, archive=True)
         upload = StagedUpload(

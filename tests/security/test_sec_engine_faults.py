@@ -197,15 +197,17 @@ def test_non_finite_logits_fail_only_their_row(adapters):
 
 
 def test_update_that_overflows_when_folded_never_reaches_a_slot(adapters):
-    """3e38 folds to inf: in the batched kernel 0 * inf = NaN would poison every other row
-    of the batch, so the adapter is refused (upload: 422 via the same check; here: its
+    """3e38 folds to inf: a merge would write it into the base weight, and in the row mask
+    of the torch "wide" fallback 0 * inf = NaN would poison every other row of the batch,
+    so the adapter is refused (upload: 422 via the same check; here: its
     request fails with the load error) and the other rows are exact."""
-    from flora_server.engine.runtime import check_finite_update
+    from flora.serving import ServingModel
 
     sources, expected = adapters
-    check_finite_update(sources["bad"])  # finite once folded: served, fails per row
+    serving = ServingModel(server_fixtures().make_tiny_llama(), max_slots=1)  # the rule alone
+    serving.check(sources["bad"])  # finite once folded: served, fails per row
     with pytest.raises(ValueError, match="overflows float32"):
-        check_finite_update(sources["huge"])
+        serving.check(sources["huge"])
     torch.manual_seed(0)
     engine = start_engine(sources)
     try:

@@ -13,7 +13,7 @@ from flora.serving import (
     fold_two_mode,
     reference_forward,
 )
-from flora.serving.cpu_kernel import row_kernel
+from flora.serving.backends.numba_cpu import row_kernel
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_capability_check_refuses_numbas_workqueue_pool(monkeypatch) -> None:  #
     slower per call: the kernel is then reported unavailable."""
     import numba
 
-    from flora.serving import cpu_kernel
+    from flora.serving.backends import numba_cpu as cpu_kernel
 
     monkeypatch.setattr(numba, "threading_layer", lambda: "workqueue")
     cpu_kernel.row_kernel.cache_clear()
@@ -187,9 +187,9 @@ def test_capability_check_refuses_numbas_workqueue_pool(monkeypatch) -> None:  #
 
 
 def test_without_the_kernel_the_torch_paths_serve(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from flora.serving import linear
+    from flora.serving.backends import numba_cpu
 
-    monkeypatch.setattr(linear, "kernel_for", lambda *args: None)
+    monkeypatch.setattr(numba_cpu, "kernel_for", lambda *args: None)
     torch.manual_seed(0)
     base = Proj()
     ref = Proj()

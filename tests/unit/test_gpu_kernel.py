@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from flora.serving import ServingModel, ServingPolicy, reference_forward
-from flora.serving import gpu_kernel as gk
+from flora.serving.backends import triton_gpu as gk
 from tests.unit.test_cpu_kernel import Proj, served_proj
 
-MODULE = "flora.serving._row_kernel_triton"
+MODULE = "flora.serving.backends._row_kernel_triton"
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,9 +123,7 @@ def test_capability_check(monkeypatch, caplog) -> None:  # type: ignore[no-untyp
 def test_served_linear_uses_the_kernel_and_falls_back_under_autograd_on_the_gpu_path(
     kernel, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    from flora.serving import linear
-
-    monkeypatch.setattr(linear, "gpu_kernel_for", lambda enabled, *a: kernel if enabled else None)
+    monkeypatch.setattr(gk, "gpu_kernel_for", lambda enabled, *a: kernel if enabled else None)
     serving, ref, adapters = served_proj(ServingPolicy(cpu_kernel=False), DEVICE)
     routing = [1, None, 0, 1]
     serving.set_routing(routing)
@@ -156,7 +154,6 @@ def test_a_mixed_llama_batch_through_the_kernel_matches_each_row_alone(kernel, m
     the embeddings) and a base row in one batch, prefill then a cached decode step, every
     projection through the Triton kernel; each row equals the model run alone with its
     adapter applied by ``flora.apply_adapter``."""
-    from flora.serving import linear
     from tests.unit.test_serving_llama import (
         CACHE_KWARG,
         CONFIGS,
@@ -165,7 +162,7 @@ def test_a_mixed_llama_batch_through_the_kernel_matches_each_row_alone(kernel, m
         tiny_llama,
     )
 
-    monkeypatch.setattr(linear, "gpu_kernel_for", lambda enabled, *a: kernel if enabled else None)
+    monkeypatch.setattr(gk, "gpu_kernel_for", lambda enabled, *a: kernel if enabled else None)
     torch.manual_seed(0)
     base = tiny_llama()
     adapters = [make_adapter(base, c, seed=i) for i, c in enumerate(CONFIGS)]

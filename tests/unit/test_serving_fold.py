@@ -16,7 +16,6 @@ from flora.serving.factors import (
     fold_two_mode_many,
     tucker_full,
 )
-from flora_server.engine.runtime import check_finite_update
 
 
 def mixed_items(seed: int = 0) -> list[ModuleFactors]:
@@ -100,14 +99,20 @@ class _FakeAdapter:
         return self._m[name].factors
 
 
-def test_check_finite_update_names_the_overflowing_module() -> None:
+def test_check_names_the_module_whose_folded_update_overflows() -> None:
     gen = torch.Generator().manual_seed(2)
     good = {f"l{i}": make_factors("linear", (12, 16), (2, 6), 1.0, gen) for i in range(3)}
-    check_finite_update(_FakeAdapter(good))
+    serving = ServingModel(
+        nn.ModuleDict({f"l{i}": nn.Linear(16, 12) for i in range(3)}), max_slots=1
+    )
+    serving.check(_FakeAdapter(good))
     bad = dict(good)
     bad["l1"] = _huge(good["l1"])
     with pytest.raises(ValueError, match="l1: the update overflows"):
-        check_finite_update(_FakeAdapter(bad))
+        serving.check(_FakeAdapter(bad))
+    with pytest.raises(ValueError, match="overflows"):  # load refuses what check refuses
+        serving.load(0, _FakeAdapter(bad))
+    assert serving.slot_modules(0) is None
 
 
 class Two(nn.Module):

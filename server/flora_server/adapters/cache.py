@@ -104,7 +104,6 @@ class AdapterCache:
         failure_ttl: float = 1.0,
         metrics: EngineMetrics | None = None,
         on_loaded: Callable[[], None] | None = None,
-        check: Callable[[Any], None] | None = None,
     ) -> None:
         if max_slots < 1:
             raise ValueError("max_slots must be >= 1")
@@ -112,9 +111,6 @@ class AdapterCache:
         self._runtime = runtime
         self._metrics = metrics or NullEngineMetrics()
         self._on_loaded = on_loaded
-        # `check(adapter)` raises ValueError for an adapter this engine must not place on a
-        # slot; it runs on the loader thread, off the worker's hot path.
-        self._check = check
         self._host_bytes = host_bytes
         self._failure_ttl = failure_ttl
         self._slots = [_Slot() for _ in range(max_slots)]
@@ -315,8 +311,9 @@ class AdapterCache:
             adapter = self._source.load(adapter_id)
             if isinstance(adapter, LoadedAdapter):
                 adapter, sha256 = adapter.adapter, adapter.sha256
-            if self._check is not None:
-                self._check(adapter)
+            # What the runtime would refuse is refused here, on the loader thread, off the
+            # worker's hot path (upload validation ran the same check).
+            self._runtime.check(adapter)
         except EngineError as exc:
             error = exc
         except Exception as exc:  # a broken store must fail the request, not the worker

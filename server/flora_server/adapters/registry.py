@@ -1,9 +1,9 @@
 """The adapter registry: validated uploads into the store, validated loads out of it.
 
 The registry is the engine's `AdapterSource` and the adapter API's back end. It never
-touches the model: validation is a callable built once the base is loaded (see
-`flora_server.main`), which reads an adapter file and checks it against the base's module
-table and fingerprint.
+touches the model: validation is a callable built once the base is loaded (by the engine
+builders of `flora_server.engines`, handed over in `flora_server.main`), which reads an
+adapter file and checks it against the base's module table and fingerprint.
 
 Uploads come in two forms and are stored in one, the single-file form: a safetensors file
 whose `__metadata__["adapter_config"]` holds the config JSON. A two-file upload (config +

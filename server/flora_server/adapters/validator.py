@@ -4,6 +4,7 @@ table and fingerprint, whole-saved modules that must fit, and what the engine ca
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,54 +14,61 @@ if TYPE_CHECKING:
     from flora.adapter import Adapter
 
 
-def per_row_servable(adapter: Adapter) -> None:
-    """The LLM engine's rules (flora.serving): no modules saved whole, and an update that
-    stays finite once folded into the slot factors (ValueError)."""
-    from flora_server.engine.runtime import check_finite_update
+@dataclass(frozen=True)
+class BaseSnapshot:
+    """The base as uploads are checked against, taken before the engine runs (an engine may
+    merge an adapter into the weights or swap a head later)."""
 
-    check_finite_update(adapter)  # reads the modules (refusing whole-saved ones) first
+    loaded: Any  # flora.models.LoadedModel
+    specs: dict[str, Any]  # describe_base: module name -> ModuleSpec
+    fingerprint: str
+    shapes: dict[str, tuple[int, ...]]  # state-dict key -> shape
+    linear: frozenset[str]  # names of nn.Linear modules
+
+    @classmethod
+    def of(cls, loaded: Any) -> BaseSnapshot:
+        from torch import nn
+
+        from flora.fingerprint import describe_base
+
+        return cls(
+            loaded=loaded,
+            specs=describe_base(loaded.model),
+            fingerprint=loaded.fingerprint,
+            shapes={k: tuple(v.shape) for k, v in loaded.model.state_dict().items()},
+            linear=frozenset(
+                n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)
+            ),
+        )
 
 
 class BaseValidator:
     """Reads an adapter file with `flora.load_adapter` and checks it against the base's module
-    table and fingerprint (flora errors become `AdapterValidationError`)."""
+    table and fingerprint, then asks the engine whether it can serve it (`engine_check`,
+    ValueError when not). flora errors and ValueErrors become `AdapterValidationError`."""
 
-    def __init__(
-        self,
-        specs: dict[str, Any],
-        fingerprint: str,
-        loaded: Any,
-        engine_check: Callable[[Adapter], None] | None = None,
-    ) -> None:
-        from torch import nn
-
-        self.specs = specs
-        self.fingerprint = fingerprint
-        self.base_name = str(getattr(loaded, "name", "") or "this base")
-        self._loaded = loaded
-        self._partial: dict[tuple[str, ...], str] = {}
-        # `engine_check(adapter)` raises ValueError for what the engine cannot serve.
+    def __init__(self, base: BaseSnapshot, engine_check: Callable[[Adapter], None]) -> None:
+        self.base = base
+        self.base_name = str(getattr(base.loaded, "name", "") or "this base")
         self.engine_check = engine_check
-        # Snapshot of the pristine base (engines may swap modules, e.g. the vision head).
-        self._shapes = {k: tuple(v.shape) for k, v in loaded.model.state_dict().items()}
-        self._linear = {n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)}
+        self._partial: dict[tuple[str, ...], str] = {}
 
     def _fingerprint_for(self, train_modules: list[str] | str) -> str:
         # An adapter that retrains whole modules carries the fingerprint of the base minus
         # those modules; compute it from the pristine weights file (never from the live
         # model, whose weights may have an adapter merged in).
         if not train_modules:
-            return self.fingerprint
+            return self.base.fingerprint
         key = (train_modules,) if isinstance(train_modules, str) else tuple(train_modules)
         if key not in self._partial:
             from flora.adapter.io import trained_module_names
             from flora.fingerprint import base_fingerprint
             from flora.models import canonical_state_dict
 
-            names = trained_module_names(self._loaded.model, train_modules)
+            names = trained_module_names(self.base.loaded.model, train_modules)
             prefixes = tuple(n + "." for n in names)
             # keyed like the live model, tied copies (lm_head) filled in, as training hashes it
-            state = canonical_state_dict(self._loaded)
+            state = canonical_state_dict(self.base.loaded)
             self._partial[key] = base_fingerprint(
                 {k: v for k, v in state.items() if not k.startswith(prefixes)}
             )
@@ -95,10 +103,9 @@ class BaseValidator:
             # Whole-saved modules first: the fingerprint leaves them out, and the message
             # names the module and shapes.
             self.check_full_shapes(adapter)
-            if self.engine_check is not None:
-                self.engine_check(adapter)
+            self.engine_check(adapter)
             validate_against(
-                adapter, self.specs, self._fingerprint_for(adapter.config.train_modules)
+                adapter, self.base.specs, self._fingerprint_for(adapter.config.train_modules)
             )
         except (AdapterError, ValueError) as exc:
             raise AdapterValidationError(str(exc)) from exc
@@ -112,7 +119,9 @@ class BaseValidator:
         The fingerprint leaves these modules out, so nothing else catches a misfit."""
         for module in adapter.full_modules():
             prefix = module + "."
-            base = {k[len(prefix) :]: v for k, v in self._shapes.items() if k.startswith(prefix)}
+            base = {
+                k[len(prefix) :]: v for k, v in self.base.shapes.items() if k.startswith(prefix)
+            }
             if not base:
                 continue
             state = adapter.full_state(module)
@@ -121,7 +130,7 @@ class BaseValidator:
                 shape = tuple(tensor.shape)
                 if param not in base:
                     raise ValueError(f"{where}: the base's {module!r} has no parameter {param!r}")
-                if module in self._linear and param in ("weight", "bias"):
+                if module in self.base.linear and param in ("weight", "bias"):
                     outputs = state["weight"].shape[0] if "weight" in state else base["weight"][0]
                     want = (outputs, base["weight"][1]) if param == "weight" else (outputs,)
                 else:
@@ -132,7 +141,7 @@ class BaseValidator:
                         f"{list(want)}"
                         + (
                             " (only the number of outputs may differ)"
-                            if module in self._linear
+                            if module in self.base.linear
                             else ""
                         )
                     )

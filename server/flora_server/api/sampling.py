@@ -203,10 +203,6 @@ def build_request(
     )
 
 
-async def tokenize(engine: GenerationEngine, text: str) -> list[int]:
-    return await engine.tokenize(text)
-
-
 async def events(
     engine: GenerationEngine, request: GenerationRequest, metrics: ServerMetrics
 ) -> AsyncIterator[GenerationEvent]:

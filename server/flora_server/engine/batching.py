@@ -177,11 +177,9 @@ class BatchEngine(WorkerThreadMixin):
         )
 
     def check_adapter(self, adapter: Any) -> None:
-        """Raise ValueError unless this engine can serve `adapter` (its heads and whole-saved
-        modules; called at upload, so a misfit is a 4xx there rather than a 500 later)."""
-        check = getattr(self.runtime, "check", None)
-        if check is not None:
-            check(adapter)
+        """Raise ValueError unless this engine can serve `adapter` (called at upload, so a
+        misfit is a 4xx there rather than a 500 at first use)."""
+        self.runtime.check(adapter)
 
     def invalidate_adapter(self, adapter_id: str) -> None:
         self.cache.invalidate(adapter_id)

@@ -131,9 +131,10 @@ class HeadedRuntime:
         return self.serving.merged_slot
 
     def check(self, adapter: Any) -> None:
-        """Raise ValueError unless `load` would accept `adapter` (heads; body shapes are the
-        base validator's)."""
+        """Raise ValueError unless `load` would accept `adapter`: its head, then its body
+        layers (the serving model's rule)."""
         check_head(adapter, self.in_features)
+        self.serving.check_modules(factors_without_heads(adapter))
 
     def load(self, slot: int, adapter: Any) -> None:
         head = read_head(adapter, self.in_features, self.serving.device, self.serving.dtype)

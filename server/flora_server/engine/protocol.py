@@ -190,6 +190,10 @@ class GenerationEngine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def check_adapter(self, adapter: Adapter) -> None:
+        """Raise ValueError unless this engine can serve `adapter` (run at upload: 422)."""
+        ...
+
     def invalidate_adapter(self, adapter_id: str) -> None:
         """Forget cached copies (after delete or overwrite); running requests finish."""
         ...

@@ -24,6 +24,11 @@ class AdapterRuntime(Protocol):
         """The slot whose adapter is folded into the weights, or None."""
         ...
 
+    def check(self, adapter: Adapter) -> None:
+        """Raise ValueError unless `load` would accept `adapter`; changes nothing. The one
+        servability rule, run at upload (422) and on the cache's loader thread."""
+        ...
+
     def load(self, slot: int, adapter: Adapter) -> None:
         """Copy the adapter's factors into `slot` on the device (core folded for linear)."""
         ...
@@ -42,38 +47,6 @@ class AdapterRuntime(Protocol):
     def unmerge(self) -> None:
         """Restore the base weights bitwise."""
         ...
-
-
-def check_finite_update(adapter: Adapter) -> None:
-    """Raise ValueError when an adapter's per-row update is not finite once its core is
-    folded into the factors (what the device slots hold), e.g. a finite core of 3e38.
-
-    `flora.load_adapter` checks that every stored value is finite, but a slot holds
-    ``A = U_in``, ``B = s * C U_out^T`` (or ``A = U_in C``): that product can overflow.
-    An infinite factor must never reach a slot: the batched ("wide") kernel multiplies every
-    row by every slot's columns under a 0/1 mask, and ``0 * inf = NaN`` would poison the
-    other rows of the batch. Finite factors whose activations overflow are caught per row
-    instead (non-finite logits fail that row alone, `Stepper._sample`).
-    """
-    from flora.serving.factors import all_finite, fold_is_finite, modules_from_adapter
-    from flora.serving.factors import fold_two_mode_many as fold_many
-
-    # A cheap bound proves the usual adapter finite without folding (this runs on every
-    # cold load, on a loader thread beside the decode loop); only an adapter the bound
-    # cannot vouch for is folded, module by module, to name the culprit.
-    modules = {
-        name: mf
-        for name, mf in modules_from_adapter(adapter).items()
-        if mf.kind in ("linear", "hf_conv1d", "embedding")  # others: refused by the runtime
-    }
-    if fold_is_finite(list(modules.values())):
-        return
-    for name, ab in zip(modules, fold_many(list(modules.values())), strict=True):
-        if not all_finite(ab):
-            raise ValueError(
-                f"{name}: the update overflows float32 (non-finite after folding the "
-                "core into the factors)"
-            )
 
 
 def factor_dtype(adapter_dtype: str) -> torch.dtype | None:

@@ -41,7 +41,6 @@ from flora_server.engine.requests import EventStream, RequestHandle, RowState
 from flora_server.engine.runtime import (
     AdapterRuntime,
     build_serving_runtime,
-    check_finite_update,
 )
 from flora_server.engine.sampling import make_generator
 from flora_server.engine.stepper import Stepper
@@ -96,7 +95,6 @@ class LLMEngine(WorkerThreadMixin):
             loader_threads=loader_threads,
             metrics=self._metrics,
             on_loaded=self._wake,
-            check=check_finite_update,
         )
         self._stepper = Stepper(
             self._model,
@@ -151,6 +149,9 @@ class LLMEngine(WorkerThreadMixin):
             mode=stats.mode,
             loaded_adapters=self.cache.device_adapters(),
         )
+
+    def check_adapter(self, adapter: Any) -> None:
+        self._runtime.check(adapter)
 
     def invalidate_adapter(self, adapter_id: str) -> None:
         self.cache.invalidate(adapter_id)

@@ -18,6 +18,11 @@ class FakeRuntime:
         self.slots: list[str | None] = [None] * slots
         self.merged_slot: int | None = None
         self.calls: list[tuple] = []
+        self.refuse: set[str] = set()
+
+    def check(self, adapter):
+        if adapter.name in self.refuse:
+            raise ValueError(f"{adapter.name}: not servable")
 
     def load(self, slot, adapter):
         self.calls.append(("load", slot, adapter.name))
@@ -128,6 +133,20 @@ def test_failures_are_reported_and_retried_after_ttl() -> None:
     while source.loads.count("missing") < 2:
         assert time.monotonic() < deadline
         time.sleep(0.005)
+    cache.close()
+
+
+def test_what_the_runtime_refuses_never_reaches_a_slot() -> None:
+    cache, runtime, _ = make(["a", "bad"])
+    runtime.refuse.add("bad")
+    assert cache.lookup("bad") is None
+    deadline = time.monotonic() + 5
+    with pytest.raises(AdapterLoadError, match="bad: not servable"):
+        while time.monotonic() < deadline:
+            cache.lookup("bad")
+            time.sleep(0.005)
+    assert place(cache, "a") in (0, 1)
+    assert [c for c in runtime.calls if c[0] == "load"] == [("load", 0, "a")]
     cache.close()
 
 

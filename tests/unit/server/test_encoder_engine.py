@@ -147,3 +147,42 @@ def test_text_classify_needs_a_head(client: TestClient) -> None:
         bad = client.post("/v1/classify", json={"inputs": TEXTS, "adapter_id": adapter_id})
         assert bad.status_code == 422 and "no classification head" in bad.text
     assert client.post("/generate", json={"inputs": "x"}).status_code == 404
+
+
+def test_encoder_adapter_whose_update_overflows_is_refused_at_upload(tmp_path) -> None:
+    """One servability rule (ServingModel.check, through the engine) runs at upload: an
+    encoder adapter whose finite core overflows once folded is a 422 there, not a 500 at
+    its first request."""
+    from flora.fingerprint import base_fingerprint
+    from flora_server.adapters.validator import BaseSnapshot, BaseValidator
+
+    def factory(settings, registry, metrics):  # type: ignore[no-untyped-def]
+        bert = make_bert()
+        loaded = TinyEncoderLoaded(bert, make_char_tokenizer(), fingerprint=base_fingerprint(bert))
+        base = BaseSnapshot.of(loaded)
+        engine = EncoderEngine(loaded, registry, max_slots=2, max_wait=0.02)
+        return engine, BaseValidator(base, engine.check_adapter)
+
+    huge = make_text_adapter(False)
+    name = "encoder.layer.1.attention.self.value"
+    huge.core(name).fill_(3e38)  # finite as stored; its fold overflows float32
+    app = create_app(Settings(home=tmp_path / "h"), engine_factory=factory)
+    with TestClient(app) as c:
+        for _ in range(3000):
+            if c.get("/ready").status_code == 200:
+                break
+            time.sleep(0.01)
+        for adapter_id, adapter, status in (
+            ("ok", make_text_adapter(False), 201),
+            ("huge", huge, 422),
+        ):
+            archive, _ = encode_adapter(adapter, archive=True)
+            r = c.post(
+                "/v1/adapters", data={"adapter_id": adapter_id}, files={"archive": ("a", archive)}
+            )
+            assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_adapter"
+        assert f"{name}: the update overflows float32" in error["message"]
+        assert c.get("/v1/adapters/huge").status_code == 404  # nothing was stored
+        assert c.post("/v1/embeddings", json={"model": "ok", "input": ["a"]}).status_code == 200

@@ -18,9 +18,10 @@ from vision_fixtures import make_base, make_loaded, png_bytes, random_image
 
 import flora
 from flora.adapter.io import adapter_from_model, encode_adapter
-from flora.fingerprint import base_fingerprint, describe_base
+from flora.fingerprint import base_fingerprint
+from flora.serving import ServingModel
 from flora_server.adapters.registry import AdapterValidationError
-from flora_server.adapters.validator import BaseValidator, per_row_servable
+from flora_server.adapters.validator import BaseSnapshot, BaseValidator
 from flora_server.engine.vision import VisionEngine
 from flora_server.main import create_app
 from flora_server.settings import Settings
@@ -61,10 +62,9 @@ def _adapter(
 @pytest.fixture()
 def validator(tmp_path: Path) -> BaseValidator:
     loaded = _loaded(tmp_path)
-    validator = BaseValidator(describe_base(loaded.model), loaded.fingerprint, loaded)
+    base = BaseSnapshot.of(loaded)
     engine = VisionEngine(loaded, _NoSource(), max_slots=2)  # swaps the live head out
-    validator.engine_check = engine.check_adapter
-    return validator
+    return BaseValidator(base, engine.check_adapter)
 
 
 class _NoSource:
@@ -124,9 +124,8 @@ def test_whole_body_module_the_engine_cannot_serve_is_refused(
 
 def test_llm_rule_refuses_any_whole_module(tmp_path: Path) -> None:
     loaded = _loaded(tmp_path)
-    validator = BaseValidator(
-        describe_base(loaded.model), loaded.fingerprint, loaded, per_row_servable
-    )
+    serving = ServingModel(loaded.model, max_slots=1)  # the LLM engine's runtime
+    validator = BaseValidator(BaseSnapshot.of(loaded), serving.check)
     adapter = _adapter(head=nn.Linear(16, 3), train=["classifier"], labels=3)
     with pytest.raises(AdapterValidationError, match="replaces whole modules"):
         validator(_save(adapter, tmp_path))
@@ -137,10 +136,9 @@ def test_llm_rule_refuses_any_whole_module(tmp_path: Path) -> None:
 def client(tmp_path: Path) -> Iterator[TestClient]:
     def factory(settings, registry, metrics):  # type: ignore[no-untyped-def]
         loaded = _loaded(tmp_path)
-        validator = BaseValidator(describe_base(loaded.model), loaded.fingerprint, loaded)
+        base = BaseSnapshot.of(loaded)
         engine = VisionEngine(loaded, registry, max_slots=2, max_wait=0.0, metrics=metrics)
-        validator.engine_check = engine.check_adapter
-        return engine, validator
+        return engine, BaseValidator(base, engine.check_adapter)
 
     app = create_app(Settings(home=tmp_path / "home"), engine_factory=factory)
     with TestClient(app) as c:

@@ -1,4 +1,4 @@
-"""Triton body of ``flora.serving.gpu_kernel`` (imported only through it, where triton is
+"""Triton body of ``flora.serving.backends.triton_gpu`` (imported only through it, where triton is
 installed): a per-row low-rank update in one launch, SGMV/BGMV style.
 
 Every batch row is a segment of ``tokens`` consecutive rows of ``x`` that share one slot.

@@ -11,7 +11,8 @@ launch per projection (after the base GEMM) whatever the mix of adapters and ran
 ``gpu_kernel_for()`` / ``triton_row_kernel()`` are the capability check: ``None`` (the
 torch paths then serve, and they stay the reference the kernel is tested against)
 unless triton imports, the module is on a CUDA device, and a self-test of the kernel on
-that device matches the float64 reference.
+that device matches the float64 reference. ``TritonBackend`` serves a module through it
+(``_TritonPlan`` per routing).
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
-__all__ = ["TritonRowKernel", "gpu_kernel_for", "triton_row_kernel"]
+from flora.serving.backends.base import Backend, RowTarget
+from flora.serving.backends.torch_paths import torch_plan
+from flora.serving.base import NO_SLOT, Plan, ServingPolicy
+
+__all__ = ["TritonBackend", "TritonRowKernel", "gpu_kernel_for", "triton_row_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +119,7 @@ def triton_row_kernel(device: torch.device, dtype: torch.dtype) -> TritonRowKern
     if os.environ.get("FLORA_TRITON", "1") == "0":
         return None
     try:
-        from flora.serving import _row_kernel_triton
+        from flora.serving.backends import _row_kernel_triton
 
         kernel = TritonRowKernel(_row_kernel_triton)
         self_test(kernel, device, dtype)
@@ -133,3 +139,72 @@ def gpu_kernel_for(
     if enabled and device.type == "cuda" and dtype in _DTYPES:
         return triton_row_kernel(device, dtype)
     return None
+
+
+class _TritonPlan:
+    """CUDA: ``y = base(x)``, then the Triton kernel adds every row's ``(x @ A_s) @ B_s``
+    in place, reading each row's slot from the bank up to its own rank. The routing (row
+    slots, then every slot's rank here) goes to the device once, when the plan is built.
+    ``torch_plan`` builds the torch path, used instead when autograd is recording.
+    """
+
+    __slots__ = (
+        "a",
+        "b",
+        "base",
+        "block_r",
+        "kernel",
+        "ranks",
+        "slots",
+        "torch_path",
+        "torch_plan",
+    )
+
+    def __init__(
+        self,
+        target: RowTarget,
+        kernel: TritonRowKernel,
+        rows: list[int],
+        torch_plan: Callable[[], Plan],
+    ) -> None:
+        bank = target.bank
+        self.base, self.kernel, self.a, self.b = target.base_forward, kernel, bank.a, bank.b
+        ranks = [*target.slot_rank, 0]
+        meta = torch.tensor([*rows, *ranks], dtype=torch.int32, device=bank.device)
+        self.slots, self.ranks = meta[: len(rows)], meta[len(rows) :]
+        self.block_r = block_rank(max(ranks[s] for s in rows if s != NO_SLOT))
+        self.torch_plan = torch_plan
+        self.torch_path: Plan | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            if self.torch_path is None:
+                self.torch_path = self.torch_plan()
+            return self.torch_path(x)
+        y = self.base(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        self.kernel(
+            y.view(-1, y.shape[-1]), x2, self.slots, self.ranks, self.a, self.b, self.block_r
+        )
+        return y
+
+
+class TritonBackend(Backend):
+    """CUDA, where the Triton kernel passes its self-test (``gpu_kernel_for``)."""
+
+    name = "triton"
+
+    def __init__(self, kernel: TritonRowKernel) -> None:
+        self.kernel = kernel
+
+    @classmethod
+    def load(
+        cls, policy: ServingPolicy, device: torch.device, dtype: torch.dtype
+    ) -> TritonBackend | None:
+        kernel = gpu_kernel_for(policy.gpu_kernel, device, dtype)
+        return None if kernel is None else cls(kernel)
+
+    def build_plan(self, target: RowTarget, rows: list[int]) -> Plan:
+        return _TritonPlan(target, self.kernel, rows, lambda: torch_plan(target, rows))

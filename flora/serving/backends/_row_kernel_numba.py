@@ -1,4 +1,4 @@
-"""The numba-compiled body of ``flora.serving.cpu_kernel`` (imported only through it).
+"""The numba-compiled body of ``flora.serving.backends.numba_cpu`` (imported only through it).
 
 Kept in its own module so that ``numba`` is imported lazily and the compiled function can
 be cached on disk (numba caches module-level functions only).
@@ -14,14 +14,14 @@ from numba.extending import intrinsic
 
 
 @intrinsic
-def _widen(typingctx, v):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+def _widen(typingctx, v):  # pragma: no cover (compiled)
     """A factor element as float32: float32 as is; int16 holds bfloat16 bits (the high
     half of a float32), widened exactly by a shift (vectorised by LLVM)."""
     if v == types.float32:
         return types.float32(v), lambda context, builder, sig, args: args[0]
     if v == types.int16:
 
-        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, sig, args):
             wide = builder.zext(args[0], ir.IntType(32))
             bits = builder.shl(wide, ir.Constant(ir.IntType(32), 16))
             return builder.bitcast(bits, ir.FloatType())

@@ -1,0 +1,109 @@
+"""The interface every kernel backend implements, and what it reads from a served module.
+
+A backend adds the per-row low-rank update ``y[n] += (x[n] @ A_s) @ B_s`` (``s``: row
+``n``'s slot) to a two-mode module's base output (Linear, transformers Conv1D). It owns
+three things: the capability check (``load``: may it serve modules of this dtype on this
+device under this policy, self-test included), the plan for one routing (``build_plan``)
+and, optionally, sharing work between sibling projections that read the same input
+(``share``: one shrink for q/k/v, one for gate/up).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from flora.serving.bank import DeviceSlotBank
+from flora.serving.base import Plan, ServingPolicy
+
+__all__ = ["Backend", "PerInput", "RowTarget"]
+
+
+class RowTarget(Protocol):
+    """What a backend reads from the served module it builds plans for (``ServedLinear``)."""
+
+    bank: DeviceSlotBank  # the slots' folded factors
+    slot_rank: list[int]  # per slot, the rank of its update here (0: not targeted)
+    policy: ServingPolicy
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = base(x)``, shaped like ``x`` but ``out`` wide."""
+        ...
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+    @property
+    def weight_t(self) -> torch.Tensor:
+        """The base weight as ``[in, out]`` (a view)."""
+        ...
+
+    @property
+    def base_bias(self) -> torch.Tensor | None: ...
+
+
+class Backend(ABC):
+    """One way to apply per-row updates; ``flora.serving.backends.select`` picks one per
+    module (first in ``BACKENDS`` whose ``load`` gives an instance)."""
+
+    name: ClassVar[str]
+    rank_major: ClassVar[bool] = False
+    """The bank layout it reads in place: ``A`` stored as ``(S + 1, R, n_in)``."""
+    narrow_factors: ClassVar[bool] = False
+    """Whether it reads factors stored as ``policy.factor_dtype`` (widening as it reads)."""
+
+    @classmethod
+    @abstractmethod
+    def load(
+        cls, policy: ServingPolicy, device: torch.device, dtype: torch.dtype
+    ) -> Backend | None:
+        """The capability check: an instance for modules of ``dtype`` on ``device`` when
+        ``policy`` allows this backend and it works there (self-test included), else
+        ``None``. Called once per module: expensive checks are cached by the backend."""
+
+    @abstractmethod
+    def build_plan(self, target: RowTarget, rows: list[int]) -> Plan:
+        """The forward of ``target`` for one routing: ``rows`` holds each batch row's slot,
+        or ``NO_SLOT`` (at least one row has a slot)."""
+
+    def share(self, plans: Sequence[Plan | None]) -> list[Plan | None]:
+        """The plans of one group of sibling modules (same parent, same input; ``None``
+        where no row uses an adapter that targets the member) turned into members of one
+        shared computation, where this backend can share; else unchanged."""
+        return list(plans)
+
+    def factor_dtype(self, policy: ServingPolicy, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the factor bank of a module of ``dtype`` served by this backend."""
+        if self.narrow_factors and policy.factor_dtype is not None:
+            return policy.factor_dtype
+        return dtype
+
+
+class PerInput:
+    """A value computed from one input for a group of sibling members (q/k/v, gate/up) and
+    handed to each member once: the first member to run on an input computes it; it is
+    reused only for the same tensor object, and by each member once, so when every member
+    took it (or a member comes back with the same tensor) it is computed afresh and a later
+    pass that refills the same input buffer is not served an old value. Assumed: the input
+    is not modified in place between the sibling calls of one pass (true of llama-style
+    blocks, which feed one normalised hidden state to q, k and v, and to gate and up)."""
+
+    __slots__ = ("members", "pending", "value", "x")
+
+    def __init__(self, members: int) -> None:
+        self.members = members
+        self.x: torch.Tensor | None = None
+        self.value: Any = None
+        self.pending: set[int] = set()
+
+    def take(self, x: torch.Tensor, member: int, compute: Callable[[], Any]) -> Any:
+        if self.x is not x or member not in self.pending:
+            self.x, self.value, self.pending = x, compute(), set(range(self.members))
+        self.pending.discard(member)
+        value = self.value
+        if not self.pending:  # every member served: drop the references
+            self.x = self.value = None
+        return value
