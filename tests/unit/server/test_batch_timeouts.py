@@ -37,7 +37,7 @@ def _vision(settings, registry, metrics):  # type: ignore[no-untyped-def]
 def _client(tmp_path, factory) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
     settings = Settings(home=tmp_path / "home", request_timeout=TIMEOUT)
     with TestClient(create_app(settings, engine_factory=factory)) as client:
-        for _ in range(300):
+        for _ in range(3000):  # up to 30 s on a loaded machine
             if client.get("/ready").status_code == 200:
                 break
             time.sleep(0.01)

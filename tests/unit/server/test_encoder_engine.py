@@ -97,7 +97,7 @@ def _factory(settings, registry, metrics):  # type: ignore[no-untyped-def]
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     app = create_app(Settings(home=tmp_path_factory.mktemp("h")), engine_factory=_factory)
     with TestClient(app) as c:
-        for _ in range(300):
+        for _ in range(3000):  # up to 30 s on a loaded machine
             if c.get("/ready").status_code == 200:
                 break
             time.sleep(0.01)

@@ -57,7 +57,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     settings = Settings(home=home, max_inputs_per_request=3, max_image_pixels=64 * 64)
     app = create_app(settings, engine_factory=_factory)
     with TestClient(app) as c:
-        for _ in range(300):
+        for _ in range(3000):  # up to 30 s on a loaded machine
             if c.get("/ready").status_code == 200:
                 break
             time.sleep(0.01)
