@@ -104,6 +104,10 @@ def serve(app: Any, settings: Any) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # Logging is flora's (observability.configure_logging: text or JSON, request ids);
+        # its access log replaces uvicorn's.
+        log_config=None,
+        access_log=False,
         # h11 enforces a cap on the request line + headers (431 past it); httptools has no
         # such knob, so the parser is pinned. The body is capped by RequestGuardMiddleware.
         http="h11",

@@ -149,6 +149,7 @@ class LLMEngine(WorkerThreadMixin):
             max_slots=self.max_slots,
             mode=stats.mode,
             loaded_adapters=self.cache.device_adapters(),
+            host_adapters=self.cache.host_adapters(),
         )
 
     def invalidate_adapter(self, adapter_id: str) -> None:
@@ -300,6 +301,7 @@ class LLMEngine(WorkerThreadMixin):
         return admitted
 
     def _row(self, handle: RequestHandle, slot: int | None) -> RowState:
+        handle.request.admitted_at = time.monotonic()  # the end of its queueing
         params = handle.request.params
         decode = self._decode_text
         return RowState(
