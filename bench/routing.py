@@ -15,15 +15,19 @@ Policies:
 - ``round_robin``: request k goes to replica k mod 3;
 - ``affinity``: scores every replica from its latest /metrics scrape the way the endpoint
   picker's scorers in deploy/k8s/components/inference-pool/epp-config.yaml do, same weights
-  (LoRA affinity 3, queue 2, running 0.5, KV-cache 1), highest score wins, ties at random:
+  (LoRA affinity 4, queue 0.5, running 0.5, KV-cache 1), highest score wins, ties at random:
   queue score (max q - q) / (max q - min q) over the replicas (1 when all equal), running
   likewise over the running batches; KV score 1 - usage; LoRA score 1.0 when the adapter
   runs there (`vllm:lora_requests_info` running_lora_adapters), 0.8 when running + waiting
   adapters are fewer than max_lora, 0.6 when it is waiting there, else 0 (the upstream
   lora-affinity-scorer, v1.5.0) - raised to 1.0 when
   `flora_lora_adapter_loaded` shows it on a device slot and 0.9 in the host cache, the
-  residency signal flora adds so idle-but-loaded adapters still attract their traffic.
-  ``affinity_stock`` (optional) leaves the residency signal out.
+  residency signal flora adds so idle-but-loaded adapters still attract their traffic -
+  and, for an adapter no replica holds, a "home" term (weight 0.6) for the replica a
+  rendezvous hash of (adapter, replica) ranks first, so it goes back to the same replica
+  instead of a random one (the stateless consistent-hash idea in docs/deploy.md, as a
+  score so that load can still override it). ``affinity_stock`` (optional) is the
+  upstream scorers alone.
 
 Every policy scrapes every replica each ``scrape_interval_s`` (as Prometheus or the picker
 would), so the scrape load is the same for all. Cold loads are the replicas' own count of
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -54,7 +59,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import serverbench as sb
 
-WEIGHTS = {"lora": 3.0, "queue": 2.0, "running": 0.5, "kv": 1.0}  # as in epp-config.yaml
+WEIGHTS = {"lora": 4.0, "queue": 0.5, "running": 0.5, "kv": 1.0}  # as in epp-config.yaml
+HOME_WEIGHT = 0.6  # flora's extension, for an adapter no replica holds
 PROMPTS = (
     "The capital of France is",
     "Write one sentence about the sea.",
@@ -154,10 +160,21 @@ def lora_score(snap: Snapshot, adapter: str, residency: bool) -> float:
     return score
 
 
+def home_replica(adapter: str, replicas: int) -> int:
+    """Rendezvous hashing: the replica with the highest hash of (adapter, replica)."""
+    return max(
+        range(replicas),
+        key=lambda i: hashlib.blake2b(f"{adapter}/{i}".encode(), digest_size=8).digest(),
+    )
+
+
 def pick(snaps: list[Snapshot], adapter: str, residency: bool, rng: random.Random) -> int:
-    """The replica with the highest weighted score (ties at random)."""
+    """The replica with the highest weighted score (ties at random). `residency` adds
+    flora's signals: the residency gauge and the adapter's home replica."""
     queue = _spread_scores([s.queue for s in snaps])
     running = _spread_scores([s.running for s in snaps])
+    loaded = any(adapter in s.device | s.host | s.running_adapters for s in snaps)
+    home = home_replica(adapter, len(snaps)) if residency and not loaded else -1
     scores = []
     for i, s in enumerate(snaps):
         total = (
@@ -165,6 +182,7 @@ def pick(snaps: list[Snapshot], adapter: str, residency: bool, rng: random.Rando
             + WEIGHTS["queue"] * queue[i]
             + WEIGHTS["running"] * running[i]
             + WEIGHTS["kv"] * (1.0 - s.kv)
+            + (HOME_WEIGHT if i == home else 0.0)
         )
         scores.append(total)
     best = max(scores)

@@ -11,6 +11,7 @@ import yaml
 from bench.routing import (
     WEIGHTS,
     Snapshot,
+    home_replica,
     lora_score,
     parse_metrics,
     pick,
@@ -48,15 +49,32 @@ def test_lora_score_follows_the_upstream_scorer_and_residency_raises_it() -> Non
     assert lora_score(resident, "z", residency=False) == 0.8
 
 
-def test_pick_prefers_residency_unless_a_queue_forms() -> None:
+def test_pick_prefers_residency_unless_that_replica_is_the_most_loaded() -> None:
     rng = random.Random(0)
     idle = [Snapshot(max_lora=4) for _ in range(3)]
     idle[2] = Snapshot(max_lora=4, device=frozenset({"hot"}), running=2)
-    # 3*1.0 + 2*1 + 0.5*0 + 1 = 6.0 beats 3*0.8 + 2 + 0.5 + 1 = 5.9: the loaded replica wins
+    # 4*1.0 + 0.5*1 + 0.5*0 + 1 = 5.5 beats 4*0.8 + 0.5 + 0.5 + 1 = 5.2: the holder wins
     assert {pick(idle, "hot", True, rng) for _ in range(20)} == {2}
     assert {pick(idle, "hot", False, rng) for _ in range(50)} == {0, 1}  # stock: least busy
     queued = [*idle[:2], Snapshot(max_lora=4, device=frozenset({"hot"}), queue=3)]
-    assert {pick(queued, "hot", True, rng) for _ in range(50)} == {0, 1}
+    assert {pick(queued, "hot", True, rng) for _ in range(20)} == {2}  # 5.5 > 5.2
+    worst = [*idle[:2], Snapshot(max_lora=4, device=frozenset({"hot"}), queue=3, running=2)]
+    assert {pick(worst, "hot", True, rng) for _ in range(50)} == {0, 1}  # 5.0 < 5.2
+
+
+def test_an_adapter_loaded_nowhere_goes_home() -> None:
+    rng = random.Random(0)
+    idle = [Snapshot(max_lora=4) for _ in range(3)]
+    for adapter in ("a", "b", "c", "d", "e"):
+        home = home_replica(adapter, 3)
+        assert {pick(idle, adapter, True, rng) for _ in range(10)} == {home}
+        # a copy anywhere turns the home term off, and the holder wins
+        other = (home + 1) % 3
+        held = [Snapshot(max_lora=4, host=frozenset({adapter})) if i == other else s
+                for i, s in enumerate(idle)]  # fmt: skip
+        assert pick(held, adapter, True, rng) == other
+    assert {home_replica(f"r{i:03d}", 3) for i in range(50)} == {0, 1, 2}
+    assert home_replica("a", 3) == home_replica("a", 3)
 
 
 def test_parse_metrics_reads_what_the_server_renders() -> None:
