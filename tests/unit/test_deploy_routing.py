@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy.check import find_tool, render, repo_root, run_schema_lint, schema_problems
+from deploy.check import (
+    doc_examples,
+    find_tool,
+    render,
+    repo_root,
+    run_schema_lint,
+    schema_problems,
+)
 from deploy.crds import (
     SCHEMA_DIR,
     crd_to_schemas,
@@ -193,3 +200,17 @@ def test_workflow_and_compose_lint(tmp_path: Path) -> None:
     replicas = [s for s in shipped["services"].values() if "flora-serve" in s.get("image", "")]
     assert len(replicas) == 2
     assert {v for s in replicas for v in s["volumes"]} == {"adapters:/var/lib/flora/adapters"}
+
+
+def test_docs_show_the_shipped_extractor_config() -> None:
+    examples = doc_examples((ROOT / "docs" / "deploy.md").read_text())
+    shown = next(
+        p
+        for d in examples
+        if isinstance(d, dict) and "plugins" in d and "kind" not in d
+        for p in d["plugins"]
+        if p["type"] == "core-metrics-extractor"
+    )
+    path = ROOT / "deploy" / "k8s" / "components" / "inference-pool" / "epp-config.yaml"
+    shipped = yaml.safe_load(path.read_text())["plugins"]
+    assert shown == next(p for p in shipped if p["type"] == "core-metrics-extractor")
