@@ -12,7 +12,11 @@ Steps, each reported with its time (`make deploy-check` and tests/unit/test_depl
 5. checkov on the rendered overlays (skips and their reasons: deploy/checkov.yaml). checkov's
    dependencies conflict with the project's, so it lives in its own venv,
    .venv/tools/checkov, created here with pip on first use; later runs need no network.
-6. deploy.invariants on every overlay, and the YAML examples in docs/deploy.md.
+6. deploy.invariants and deploy.routing on every overlay (the inference-pool overlay's
+   endpoint-picker configuration is schema-checked there), and the YAML examples in
+   docs/deploy.md.
+7. The CI workflows under .github/workflows/ and docker-compose.yml against the GitHub
+   workflow and Compose schemas that check-jsonschema ships (offline), jobs with timeouts.
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ from kubernetes_validate.utils import SchemaNotFoundError
 from deploy.crds import validate_custom_resource
 from deploy.dockerfile import check_dockerfile, prepare_module, runtime_uid
 from deploy.invariants import adapter_rule_problems, overlay_problems
+from deploy.routing import routing_problems
 
 Manifest = dict[str, Any]
 
-OVERLAYS = ("cpu", "gpu", "dev", "s3", "keda")
+OVERLAYS = ("cpu", "gpu", "dev", "s3", "keda", "inference-pool")
 # Oldest Kubernetes minor we support (exec preStop, autoscaling/v2, policy/v1 all exist) and
 # the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
@@ -178,6 +183,30 @@ def run_checkov(root: Path, rendered: Path) -> list[str]:
     return problems
 
 
+def run_schema_lint(root: Path) -> list[str]:
+    """check-jsonschema's built-in GitHub-workflow (plus: every job has a timeout) and
+    Compose schemas over .github/workflows/*.yml and docker-compose.yml."""
+    tool = find_tool("check-jsonschema")
+    if tool is None:
+        return ["check-jsonschema not found (pip install check-jsonschema)"]
+    workflows = sorted((root / ".github" / "workflows").glob("*.y*ml"))
+    if not workflows:
+        return [".github/workflows has no workflow"]
+    targets = [
+        ("vendor.github-workflows", workflows),
+        ("custom.github-workflows-require-timeout", workflows),
+        ("vendor.compose-spec", [root / "docker-compose.yml"]),
+    ]
+    problems = []
+    for schema, files in targets:
+        command = [tool, "--builtin-schema", schema, "-o", "text", *map(str, files)]
+        out = subprocess.run(command, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            problems += [f"{schema}: {line}" for line in out.stdout.splitlines() if line.strip()]
+            problems += [f"{schema}: {line}" for line in out.stderr.splitlines() if line.strip()]
+    return problems
+
+
 def doc_examples(markdown: str) -> list[Manifest]:
     """The objects in the ```yaml blocks of a Markdown page."""
     blocks = re.findall(r"```yaml\n(.*?)```", markdown, flags=re.DOTALL)
@@ -247,6 +276,7 @@ def run_all(
 
     def invariants() -> list[str]:
         problems = [f"{n}: {p}" for n in OVERLAYS for p in overlay_problems(rendered[n], uid)]
+        problems += [f"{n}: {p}" for n in OVERLAYS for p in routing_problems(rendered[n])]
         adapter = root / "deploy" / "k8s" / "prometheus-adapter"
         config = yaml.safe_load(rendered["prometheus-adapter"][0]["data"]["config.yaml"])
         values = yaml.safe_load((adapter / "values.yaml").read_text())
@@ -254,6 +284,7 @@ def run_all(
 
     results.append(_timed("invariants", invariants))
     results.append(_timed("docs", lambda: docs_problems(root)))
+    results.append(_timed("workflows", lambda: run_schema_lint(root)))
 
     with tempfile.TemporaryDirectory(prefix="flora-deploy-") as tmp:
         out_dir = keep or Path(tmp)

@@ -17,6 +17,8 @@ Manifest = dict[str, Any]
 NAMESPACE = "flora"
 PLACEHOLDER_PREFIX = "replace-me"
 QUEUE_METRIC = "flora_queue_length"
+EPP_NAME = "flora-epp"
+ROUTING_KINDS = frozenset({"InferencePool", "HTTPRoute"})
 
 
 def of_kind(docs: list[Manifest], kind: str) -> list[Manifest]:
@@ -36,6 +38,17 @@ def server_container(deployment: Manifest) -> Manifest:
     """The flora-serve container of the Deployment's pod template."""
     containers = deployment["spec"]["template"]["spec"]["containers"]
     return next(c for c in containers if c["name"] == "flora-serve")
+
+
+def serving(docs: list[Manifest]) -> list[Manifest]:
+    """The flora-serve objects of an overlay: everything but the routing layer (the endpoint
+    picker's objects, the InferencePool and the HTTPRoute; deploy.routing checks those)."""
+    return [
+        d
+        for d in docs
+        if d.get("kind") not in ROUTING_KINDS
+        and d.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/name") != EPP_NAME
+    ]
 
 
 def config_data(docs: list[Manifest], deployment: Manifest) -> dict[str, str]:
@@ -70,6 +83,7 @@ def drain_budget(docs: list[Manifest]) -> tuple[int, float, int]:
     counted from the start of preStop: the drain is cut short unless
     grace > preStop + shutdown_timeout.
     """
+    docs = serving(docs)
     deployment = one(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     drain = float(config_data(docs, deployment).get("FLORA_SHUTDOWN_TIMEOUT", "30"))
@@ -249,7 +263,9 @@ def _gpu_problems(docs: list[Manifest], deployment: Manifest) -> Iterator[str]:
 
 
 def overlay_problems(docs: list[Manifest], image_uid: int | None = None) -> list[str]:
-    """Every invariant violation of one rendered overlay (the serving Deployment and friends)."""
+    """Every invariant violation of one rendered overlay (the serving Deployment and friends;
+    the routing layer, when there is one, is deploy.routing's)."""
+    everything, docs = docs, serving(docs)
     deployment = one(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     container = server_container(deployment)
@@ -261,7 +277,7 @@ def overlay_problems(docs: list[Manifest], image_uid: int | None = None) -> list
     problems += _store_problems(docs, deployment)
     problems += _autoscaling_problems(docs, deployment)
     problems += _selector_problems(docs, deployment)
-    problems += _reference_problems(docs, deployment)
+    problems += _reference_problems(everything, deployment)
     problems += _secret_problems(docs)
     problems += _gpu_problems(docs, deployment)
     for kind in ("requests", "limits"):

@@ -71,12 +71,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             field = ".".join(str(p) for p in err["loc"])
             print(f"flora-serve: --{field.replace('_', '-')}: {err['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     from flora_server.auth import startup_warnings
     from flora_server.lifecycle import serve
     from flora_server.main import create_app
+    from flora_server.observability import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
 
     for warning in startup_warnings(settings.api_keys, settings.admin_keys, settings.host):
         logging.getLogger("flora_server").warning(warning)

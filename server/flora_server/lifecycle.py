@@ -162,6 +162,10 @@ def _config(
         host=settings.host,
         port=port,
         log_level=settings.log_level,
+        # Logging is flora's (observability.configure_logging: text or JSON, request ids);
+        # its access log replaces uvicorn's.
+        log_config=None,
+        access_log=False,
         lifespan=lifespan,
         # h11 enforces a cap on the request line + headers (431 past it); httptools has no
         # such knob, so the parser is pinned. The body is capped by RequestGuardMiddleware.

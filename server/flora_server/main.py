@@ -33,7 +33,9 @@ from flora_server.engines import build_engine
 from flora_server.errors import install_error_handlers
 from flora_server.guards import RequestGuardMiddleware
 from flora_server.metrics import ServerMetrics
+from flora_server.observability import RequestContextMiddleware
 from flora_server.settings import Settings, parse_adapter_spec
+from flora_server.tracing import build_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ async def _start_engine(app: FastAPI, factory: EngineFactory) -> None:
             state.registry, settings.store_recheck_seconds, engine.invalidate_adapter
         )
         state.rechecker.start()
-        state.metrics.bind_engine_stats(engine.stats)
+        state.metrics.bind_engine_stats(engine.stats, engine.model_name)
         while not engine.ready:  # the worker warms up before it reports ready
             if not engine.healthy:
                 raise RuntimeError("the engine stopped during warm-up")
@@ -152,12 +154,15 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.state.engine = None
     app.state.warmed = False
     app.state.startup_error = None
+    app.state.tracing = build_tracing(settings.otel_endpoint)
 
     install_error_handlers(app)
     # Outermost last: metrics also count the guard's 401/413 answers.
     app.add_middleware(RequestGuardMiddleware, settings=settings)
     app.add_middleware(FlatErrorMiddleware)  # TGI routes' error shape, guards' answers too
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    # Outermost: every answer carries X-Request-Id, and the access log sees every request.
+    app.add_middleware(RequestContextMiddleware)
     for module in (health, adapters):
         app.include_router(module.router)
 

@@ -2,9 +2,11 @@
 
 Latency histograms are labelled by adapter with bounded cardinality: an adapter gets its own
 label value while it is among the top N by traffic, everything else is `other`, and requests
-without an adapter are `base`. Engine gauges (queue length, running batch, the
-`vllm:lora_requests_info` gauge the Gateway API Inference Extension reads) are computed from
-`engine.stats()` at scrape time, so they are never stale.
+without an adapter are `base`. Engine gauges (queue length, running batch, KV-cache usage,
+adapter residency, the `vllm:lora_requests_info` gauge the Gateway API Inference Extension
+reads) are computed from `engine.stats()` at scrape time, so they are never stale. The routing
+signals the endpoint picker reads are listed in docs/deploy.md (deploy/k8s/components/
+inference-pool names them); process and platform metrics come from prometheus_client.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ import time
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -71,11 +81,15 @@ class AdapterLabeler:
 class _EngineStatsCollector(Collector):
     """Scrape-time gauges from `engine.stats()`."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(
+        self, stats: Callable[[], EngineStats | None], model_name: Callable[[], str]
+    ) -> None:
         self._stats = stats
+        self._model_name = model_name
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         stats = self._stats()
+        yield from self._placement(stats, self._model_name())
         queue = GaugeMetricFamily("flora_queue_length", "Requests waiting for a batch row")
         running = GaugeMetricFamily("flora_running_batch_size", "Rows in the running batch")
         slots = GaugeMetricFamily("flora_adapter_slots", "Adapter slots on the device")
@@ -101,6 +115,43 @@ class _EngineStatsCollector(Collector):
                 # vLLM reports the time of the update as the value; routers read the labels.
                 family.add_metric(values, time.time())
         yield from (queue, running, slots, loaded, *info)
+
+    @staticmethod
+    def _placement(stats: EngineStats | None, model: str) -> Iterator[GaugeMetricFamily]:
+        """Routing signals labelled `model_name` as vLLM labels them: KV-cache usage, the
+        vLLM-named queue/running/KV gauges (so an endpoint picker left on its built-in `vllm`
+        metric names still reads this server), and per-adapter residency by tier, so a
+        loaded-but-idle adapter still attracts its traffic (like vLLM's proposed
+        `vllm:lora_adapter_loaded`). Residency series are bounded by the slots plus the
+        adapters the host cache holds."""
+        kv = GaugeMetricFamily(
+            "flora_kv_cache_usage_perc",
+            "Fraction (0..1) of the KV-cache pool in use (0: no fixed pool)",
+            labels=["model_name"],
+        )
+        aliases = [
+            GaugeMetricFamily(name, doc, labels=["model_name"])
+            for name, doc in (
+                ("vllm:num_requests_waiting", "Requests waiting (vLLM name)"),
+                ("vllm:num_requests_running", "Requests running (vLLM name)"),
+                ("vllm:kv_cache_usage_perc", "KV-cache usage 0..1 (vLLM name)"),
+            )
+        ]
+        resident = GaugeMetricFamily(
+            "flora_lora_adapter_loaded",
+            "1 for each adapter resident in a tier (device slot or host cache)",
+            labels=["model_name", "adapter", "tier"],
+        )
+        if stats is not None:
+            kv.add_metric([model], stats.kv_cache_usage)
+            for family, value in zip(
+                aliases, (stats.waiting, stats.running, stats.kv_cache_usage), strict=True
+            ):
+                family.add_metric([model], value)
+            for tier, ids in (("device", stats.loaded_adapters), ("host", stats.host_adapters)):
+                for adapter_id in sorted(set(ids)):
+                    resident.add_metric([model, adapter_id, tier], 1)
+        yield from (kv, *aliases, resident)
 
 
 class ServerMetrics:
@@ -211,11 +262,20 @@ class ServerMetrics:
             "flora_engine_merge_switches", "Times the merged adapter changed", registry=r
         )
         self._stats_source: Callable[[], EngineStats | None] = lambda: None
-        r.register(_EngineStatsCollector(lambda: self._stats_source()))
+        self._model_name = ""
+        r.register(_EngineStatsCollector(lambda: self._stats_source(), lambda: self._model_name))
+        # process_* (CPU, RSS, open fds), python_info and python_gc_* on this app's registry.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
-    def bind_engine_stats(self, stats: Callable[[], EngineStats | None]) -> None:
-        """Read queue/batch/adapter gauges from this callable at scrape time."""
+    def bind_engine_stats(
+        self, stats: Callable[[], EngineStats | None], model_name: str = ""
+    ) -> None:
+        """Read queue/batch/adapter gauges from this callable at scrape time; `model_name`
+        labels the routing gauges."""
         self._stats_source = stats
+        self._model_name = model_name
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -166,6 +166,14 @@ class Settings(BaseSettings):
         20, ge=0, description="adapters with their own metric label; the rest are `other`"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text or one JSON object each (with the request id)"
+    )
+    otel_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); unset: "
+        "no tracing. Needs the [otel] extra",
+    )
 
     @field_validator("adapters", "api_keys", "admin_keys", "metrics_keys", mode="before")
     @classmethod

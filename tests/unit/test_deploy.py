@@ -30,7 +30,15 @@ from deploy.check import (
 )
 from deploy.crds import validate_custom_resource
 from deploy.dockerfile import check_dockerfile, copy_sources, is_ignored, parse_dockerfile
-from deploy.invariants import drain_budget, of_kind, one, overlay_problems, server_container
+from deploy.invariants import (
+    config_data,
+    drain_budget,
+    of_kind,
+    one,
+    overlay_problems,
+    server_container,
+    serving,
+)
 
 ROOT = repo_root()
 Docs = list[dict[str, Any]]
@@ -63,6 +71,7 @@ def test_full_check_passes_every_step(check_run: tuple[list[Any], Path]) -> None
         "yamllint",
         "invariants",
         "docs",
+        "workflows",
         "checkov",
     ]
 
@@ -111,7 +120,9 @@ def test_probes_and_security_context(rendered: dict[str, Docs]) -> None:
     empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts["/tmp"] in empty_dirs and mounts["/home/flora/.cache"] in empty_dirs
-    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # one replica on RWO
+    scaled_out = one(rendered["s3"], "Deployment")["spec"]["strategy"]
+    assert scaled_out["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
 
 
 def test_gpu_overlay_requests_a_gpu(rendered: dict[str, Docs]) -> None:
@@ -130,8 +141,20 @@ def test_gpu_overlay_requests_a_gpu(rendered: dict[str, Docs]) -> None:
 
 
 def test_store_and_autoscaler_variants(rendered: dict[str, Docs]) -> None:
-    claim = one(rendered["cpu"], "PersistentVolumeClaim")
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    # The default overlay runs on any cluster's default storage class: one replica, RWO.
+    cpu = rendered["cpu"]
+    assert one(cpu, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert one(cpu, "Deployment")["spec"]["replicas"] == 1
+    assert of_kind(cpu, "HorizontalPodAutoscaler") == []
+    assert one(rendered["base"], "PersistentVolumeClaim")["spec"]["accessModes"] == [
+        "ReadWriteMany"
+    ]
+    # More than one replica: the store is in S3 (s3, keda, gpu, inference-pool).
+    for name in ("s3", "keda", "gpu", "inference-pool"):
+        assert of_kind(rendered[name], "PersistentVolumeClaim") == [], name
+        deployment = one(serving(rendered[name]), "Deployment")
+        store = config_data(rendered[name], deployment)["FLORA_ADAPTER_STORE"]
+        assert store.startswith("s3://"), name
     s3 = rendered["s3"]
     assert of_kind(s3, "PersistentVolumeClaim") == []
     assert one(s3, "ConfigMap")["data"]["FLORA_ADAPTER_STORE"].startswith("s3://")
@@ -144,7 +167,7 @@ def test_store_and_autoscaler_variants(rendered: dict[str, Docs]) -> None:
     assert {
         p["port"] for rule in one(s3, "NetworkPolicy")["spec"]["egress"] for p in rule["ports"]
     } == {53, 443}
-    hpa = one(rendered["cpu"], "HorizontalPodAutoscaler")
+    hpa = one(rendered["s3"], "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "flora_queue_length"
     assert of_kind(rendered["keda"], "HorizontalPodAutoscaler") == []
@@ -168,9 +191,12 @@ def test_only_placeholder_secrets_and_one_namespace(rendered: dict[str, Docs]) -
 
 def test_invariants_catch_broken_manifests(rendered: dict[str, Docs]) -> None:
     assert overlay_problems(rendered["cpu"], 10001) == []
-    docs = copy.deepcopy(rendered["cpu"])
+    assert overlay_problems(rendered["s3"], 10001) == []
+    docs = copy.deepcopy(rendered["s3"])
     one(docs, "ConfigMap")["data"]["FLORA_SHUTDOWN_TIMEOUT"] = "55"  # 10 + 55 > 60
-    secret = next(d for d in of_kind(docs, "Secret") if "FLORA_API_KEYS" in d["data"])
+    secret = next(
+        d for d in of_kind(docs, "Secret") if d["metadata"]["name"].startswith("flora-api-keys")
+    )
     secret["data"]["FLORA_API_KEYS"] = base64.b64encode(b"sk-real-looking-key").decode()
     server_container(one(docs, "Deployment"))["livenessProbe"]["httpGet"]["path"] = "/ready"
     docs.append(copy.deepcopy(one(rendered["keda"], "ScaledObject")))
@@ -264,7 +290,9 @@ def test_configmap_values_are_valid_server_settings(
     for name in ("cpu", "gpu", "dev"):
         data = one(rendered[name], "ConfigMap")["data"]
         fields = set(settings_module.Settings.model_fields)
-        assert {k.removeprefix("FLORA_").lower() for k in data} <= fields, name
+        flora_keys = {k for k in data if k.startswith("FLORA_")}
+        assert set(data) - flora_keys <= {"AWS_DEFAULT_REGION"}, name  # read by boto3
+        assert {k.removeprefix("FLORA_").lower() for k in flora_keys} <= fields, name
         for key, value in data.items():
             monkeypatch.setenv(key, value)
         settings = settings_module.Settings()

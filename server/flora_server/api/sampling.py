@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import Receive
 
-from flora_server import auth
+from flora_server import auth, observability
 from flora_server.adapters.registry import AdapterRegistry
 from flora_server.engine.protocol import (
     AdapterOfOtherBaseError,
@@ -98,7 +98,8 @@ async def serve_batch(
 
 
 def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """`PREFIX-<the request's X-Request-Id>` (a fresh uuid outside a request)."""
+    return f"{prefix}-{observability.current_request_id() or uuid.uuid4().hex}"
 
 
 def check_stop(stop: Sequence[str], settings: Settings, param: str) -> tuple[str, ...]:
@@ -209,13 +210,16 @@ async def events(
     """The engine's events for `request`, timed. Closing this closes the engine's iterator,
     which cancels the request (the client went away)."""
     timer = RequestTimer(metrics, request.adapter_id)
+    observer = observability.GenerationObserver(request, engine.stats().loaded_adapters)
     stream = engine.generate(request)
     try:
         async for event in stream:
             if isinstance(event, TokenEvent):
                 timer.token()
+                observer.token()
             else:
                 timer.finish(event.reason, event.prompt_tokens, event.generated_tokens)
+                observer.finish(event)
                 if event.reason == "deadline" and event.generated_tokens == 0:
                     # Expired before its first token (queue wait, adapter load): nothing to
                     # return, so a 504. With tokens, the partial answer is a 200 whose

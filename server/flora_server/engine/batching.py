@@ -174,6 +174,7 @@ class BatchEngine(WorkerThreadMixin):
             max_slots=self.max_slots,
             mode=stats.mode,
             loaded_adapters=self.cache.device_adapters(),
+            host_adapters=self.cache.host_adapters(),
         )
 
     def check_adapter(self, adapter: Any) -> None:

@@ -44,6 +44,9 @@ class GenerationRequest:
     params: SamplingParams
     adapter_id: str | None = None  # None: the base model
     deadline: float | None = None  # time.monotonic() after which the request is abandoned
+    # Set by the engine (time.monotonic()) when the request gets a batch row: the access log
+    # and tracing split queueing from prefill with it. None while waiting or when untracked.
+    admitted_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,11 @@ class EngineStats:
     waiting_adapters: tuple[str, ...]
     max_slots: int
     mode: Literal["idle", "base", "merged", "batched"]
-    loaded_adapters: tuple[str, ...] = field(default=())
+    loaded_adapters: tuple[str, ...] = field(default=())  # on device slots
+    host_adapters: tuple[str, ...] = field(default=())  # validated copies in the host cache
+    # Fraction (0..1) of the KV-cache pool in use. 0.0 for engines without a fixed pool (the
+    # v1 engine allocates each batch's cache on demand, so there is no fraction to report).
+    kv_cache_usage: float = 0.0
 
 
 class EngineError(Exception):

@@ -148,6 +148,7 @@ class LLMEngine(WorkerThreadMixin):
             max_slots=self.max_slots,
             mode=stats.mode,
             loaded_adapters=self.cache.device_adapters(),
+            host_adapters=self.cache.host_adapters(),
         )
 
     def check_adapter(self, adapter: Any) -> None:
@@ -355,6 +356,7 @@ class LLMEngine(WorkerThreadMixin):
             raise
 
     def _row(self, handle: RequestHandle, slot: int | None) -> RowState:
+        handle.request.admitted_at = time.monotonic()  # the end of its queueing
         params = handle.request.params
         decode = self._decode_text
         return RowState(
