@@ -23,7 +23,15 @@ from flora_server.adapters.registry import (
     AdapterValidator,
 )
 from flora_server.adapters.stores import open_store
-from flora_server.api import adapters, classify, embeddings, generate, health, openai
+from flora_server.api import (
+    adapters,
+    classify,
+    embeddings,
+    generate,
+    health,
+    lora_admin,
+    openai,
+)
 from flora_server.api.deps import require_inference_key, require_kind
 from flora_server.engine.protocol import GenerationEngine, GenerationRequest, SamplingParams
 from flora_server.engines import build_engine
@@ -145,7 +153,7 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     # Outermost last: metrics also count the guard's 401/413 answers.
     app.add_middleware(RequestGuardMiddleware, settings=settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
-    for module in (health, adapters):
+    for module in (health, adapters, lora_admin):
         app.include_router(module.router)
 
     # Inference routes answer 404 naming the loaded kind when they belong to another kind,

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from flora_server import auth
-from flora_server.api import sampling
+from flora_server.api import sampling, structured
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
 from flora_server.engine.protocol import (
@@ -100,7 +100,7 @@ async def _request(
 ) -> GenerationRequest:
     adapter_id = _adapter_for(body.model, engine)
     await sampling.check_adapter(registry, adapter_id, "model")
-    return sampling.build_request(
+    request = sampling.build_request(
         prompt_ids=prompt_ids,
         adapter_id=adapter_id,
         decoding=decoding,
@@ -109,6 +109,9 @@ async def _request(
         names=names,
         request_id=sampling.new_request_id(prefix),
     )
+    spec = structured.from_openai(body.response_format)
+    await structured.attach(engine, request, spec, "response_format")
+    return request
 
 
 def _usage(finish: FinishEvent) -> Usage:
@@ -289,8 +292,6 @@ async def chat_completions(
     _check_common(body)
     if body.tools:
         raise invalid_field("tools", "tool calls are not supported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise invalid_field("response_format", "only text is supported")
     if body.top_logprobs:
         raise invalid_field("top_logprobs", "only 0 is supported (the sampled token's logprob)")
     if body.top_logprobs is not None and not body.logprobs:

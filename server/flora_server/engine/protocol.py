@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from flora.adapter import Adapter
+    from flora_server.engine.constraints import TokenConstraint
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "deadline"]
 
@@ -39,6 +40,8 @@ class GenerationRequest:
     params: SamplingParams
     adapter_id: str | None = None  # None: the base model
     deadline: float | None = None  # time.monotonic() after which the request is abandoned
+    # Structured output: this row's grammar (stateful, one per request); None = free text.
+    constraint: TokenConstraint | None = None
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,8 @@ from flora_server.engine.requests import RowState
 from flora_server.engine.runtime import AdapterRuntime
 from flora_server.engine.sampling import (
     SamplingTensors,
-    process_logits,
+    sample_tokens,
     seen_mask,
-    select_tokens,
 )
 
 
@@ -152,8 +151,16 @@ class Stepper:
             bad = [r for r, ok in zip(rows, finite.tolist(), strict=True) if not ok]
             self.fail(bad, FloatingPointError("the model produced non-finite logits"))
             logits = torch.where(finite.unsqueeze(1), logits, torch.zeros_like(logits))
-        processed = process_logits(logits, tensors, seen)
-        tokens = select_tokens(processed, tensors.do_sample, [r.generator for r in rows])
+        constraints = [r.request.constraint for r in rows]
+        tokens, refused = sample_tokens(
+            logits,
+            tensors,
+            seen,
+            [r.generator for r in rows],
+            constraints if any(c is not None for c in constraints) else None,
+        )
+        if refused:
+            self.fail([rows[i] for i in refused], ValueError("the output grammar refused a token"))
         logprobs = None
         if any(p.logprobs for p in params):
             logprobs = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flora_server.schemas.structured import LoraxResponseFormat, MergedAdapters
+
 
 class GenerateParameters(BaseModel):
     # TGI/LoRAX clients send fields we do not use (adapter_source, api_token, ...): ignore
@@ -29,6 +31,13 @@ class GenerateParameters(BaseModel):
     typical_p: float | None = Field(None, gt=0, lt=1)
     watermark: bool = False
     truncate: int | None = None
+    # LoRAX: structured output, where `adapter_id` comes from, and per-request merges.
+    response_format: LoraxResponseFormat | None = None
+    adapter_source: Literal["local", "s3", "hub", "pbase"] | None = None
+    merged_adapters: MergedAdapters | None = None
+    adapter_parameters: MergedAdapters | None = Field(
+        None, description="the name LoRAX's router uses for merged_adapters"
+    )
 
 
 class GenerateRequest(BaseModel):

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flora_server.schemas.structured import OpenAIResponseFormat
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -29,6 +31,7 @@ class _SamplingFields(BaseModel):
     # vLLM-style extras (openai clients send them through `extra_body`).
     top_k: int | None = Field(None, ge=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    response_format: OpenAIResponseFormat | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -60,7 +63,6 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 class Usage(BaseModel):
