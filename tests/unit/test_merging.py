@@ -47,7 +47,11 @@ def test_linear_merge_is_the_weighted_sum_of_dense_updates_linear_and_conv() -> 
     weights = [0.7, -1.3, 0.4]
     merged = merge_adapters([a, b, c], weights)
     for name in ("proj", "conv"):
-        want = sum(w * _delta(x, name) for x, w in zip((a, b, c), weights) if name in x.modules)
+        want = sum(
+            w * _delta(x, name)
+            for x, w in zip((a, b, c), weights, strict=True)
+            if name in x.modules
+        )
         got = _delta(merged, name)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # proj: 3 + 3 + 3 = 9 > 6 inputs and > 5 outputs: compressed exactly to the mode sizes.
@@ -72,7 +76,11 @@ def _ties_reference(deltas, weights, density, method):
             elected = 1.0 if sum(vals) >= 0 else -1.0
         else:
             elected = 1.0 if sum((v > 0) - (v < 0) for v in vals) >= 0 else -1.0
-        agree = [(w * v) for v, w in zip(vals, weights) if v != 0 and (v > 0) == (elected > 0)]
+        agree = [
+            (w * v)
+            for v, w in zip(vals, weights, strict=True)
+            if v != 0 and (v > 0) == (elected > 0)
+        ]
         out[i] = sum(agree) / max(len(agree), 1)
     return out.reshape(deltas[0].shape)
 
