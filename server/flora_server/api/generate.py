@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from flora_server.api import sampling
+from flora_server.api import sampling, structured
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
+from flora_server.api.lorax_adapters import resolve_adapter
 from flora_server.engine.protocol import FinishEvent, FinishReason, TokenEvent
 from flora_server.errors import invalid_field
 from flora_server.schemas.common import ERROR_RESPONSES
@@ -71,17 +72,20 @@ async def _prepare(
 ) -> sampling.GenerationRequest:
     p = body.parameters
     decoding = _decoding(p)
-    await sampling.check_adapter(registry, p.adapter_id, "parameters.adapter_id")
+    adapter_id = await resolve_adapter(p, registry, settings)
     prompt_ids = await engine.tokenize(body.inputs)
-    return sampling.build_request(
+    request = sampling.build_request(
         prompt_ids=prompt_ids,
-        adapter_id=p.adapter_id,
+        adapter_id=adapter_id,
         decoding=decoding,
         settings=settings,
         context_length=engine.context_length,
         names=sampling.FieldNames(),
         request_id=sampling.new_request_id("gen"),
     )
+    spec = structured.from_lorax(p.response_format)
+    await structured.attach(engine, request, spec, "parameters.response_format")
+    return request
 
 
 def _token(event: TokenEvent) -> Token:
