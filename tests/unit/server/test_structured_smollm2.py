@@ -87,7 +87,7 @@ def test_json_schema_rows_validate_in_mixed_adapter_batches(tmp_path) -> None:
     # plus 4 free rows whose output must not change when batched with them.
     jobs = []
     for i in range(50):
-        adapter = (ADAPTERS + [None])[i % 4]
+        adapter = [*ADAPTERS, None][i % 4]
         jobs.append((f"c{i}", QUESTIONS[i % len(QUESTIONS)], adapter, SCHEMAS[i % 3]))
     free = [(f"f{i}", QUESTIONS[i], ADAPTERS[i % 3], None) for i in range(4)]
 
@@ -96,7 +96,9 @@ def test_json_schema_rows_validate_in_mixed_adapter_batches(tmp_path) -> None:
             await asyncio.sleep(0.05)
 
         async def one(rid, text, adapter, schema):
-            req = GenerationRequest(rid, prompt(text), SamplingParams(max_new_tokens=24 if schema else 8), adapter)
+            req = GenerationRequest(
+                rid, prompt(text), SamplingParams(max_new_tokens=24 if schema else 8), adapter
+            )
             if schema is not None:
                 req.constraint = await engine.compile_constraint(
                     ConstraintSpec("json_schema", schema)
