@@ -69,6 +69,10 @@ class _XgrammarConstraint:
     def is_terminated(self) -> bool:
         return bool(self._matcher.is_terminated())
 
+    def reset(self) -> None:
+        """Back to the start of the grammar (benchmarks reuse one matcher)."""
+        self._matcher.reset()
+
 
 class GrammarCompiler:
     """Compiles `ConstraintSpec`s into fresh per-request constraints for one tokenizer.
