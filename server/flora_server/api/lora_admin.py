@@ -22,10 +22,15 @@ from flora_server.adapters.registry import AdapterConflictError, AdapterValidati
 from flora_server.api.deps import MaybeEngineDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_admin_key as _auth
 from flora_server.errors import APIError
-from flora_server.schemas.common import ERROR_RESPONSES
+from flora_server.schemas.common import ERROR_RESPONSES, ErrorResponse
 from flora_server.settings import is_valid_adapter_id
 
 router = APIRouter(prefix="/v1", tags=["adapters"], dependencies=[Depends(_auth)])
+_RESPONSES = {
+    **ERROR_RESPONSES,
+    400: {"model": ErrorResponse, "description": "a bad path or name, or already loaded"},
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "done"},
+}
 
 
 class LoadLoRAAdapterRequest(BaseModel):
@@ -58,9 +63,8 @@ def _check_name(name: str) -> None:
 
 @router.post(
     "/load_lora_adapter",
-    response_class=PlainTextResponse,
     summary="Load a LoRA (PEFT or FLoRA) from an allowed server directory (vLLM shape)",
-    responses=ERROR_RESPONSES,
+    responses=_RESPONSES,
 )
 async def load_lora_adapter(
     body: LoadLoRAAdapterRequest,
@@ -96,9 +100,8 @@ async def load_lora_adapter(
 
 @router.post(
     "/unload_lora_adapter",
-    response_class=PlainTextResponse,
     summary="Remove a LoRA adapter (vLLM shape)",
-    responses=ERROR_RESPONSES,
+    responses=_RESPONSES,
 )
 async def unload_lora_adapter(
     body: UnloadLoRAAdapterRequest, registry: RegistryDep, engine: MaybeEngineDep
