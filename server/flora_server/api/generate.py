@@ -83,8 +83,11 @@ async def _prepare(
         names=sampling.FieldNames(),
         request_id=sampling.new_request_id("gen"),
     )
-    spec = structured.from_lorax(p.response_format)
-    await structured.attach(engine, request, spec, "parameters.response_format")
+    if p.response_format is not None and p.grammar is not None:
+        raise invalid_field("parameters.grammar", "give response_format or grammar, not both")
+    spec = structured.from_lorax(p.response_format) or structured.from_tgi(p.grammar)
+    param = "parameters.grammar" if p.grammar is not None else "parameters.response_format"
+    await structured.attach(engine, request, spec, param)
     return request
 
 

@@ -8,7 +8,11 @@ import json
 from flora_server.engine.constraints import ConstraintError, ConstraintSpec
 from flora_server.engine.protocol import GenerationEngine, GenerationRequest
 from flora_server.errors import invalid_field
-from flora_server.schemas.structured import LoraxResponseFormat, OpenAIResponseFormat
+from flora_server.schemas.structured import (
+    LoraxResponseFormat,
+    OpenAIResponseFormat,
+    TGIGrammar,
+)
 
 # A schema is compiled before the request is queued; keep hostile ones small.
 MAX_SCHEMA_CHARS = 32 * 1024
@@ -29,6 +33,18 @@ def from_lorax(fmt: LoraxResponseFormat | None) -> ConstraintSpec | None:
     if fmt.schema_:
         return ConstraintSpec("json_schema", fmt.schema_)
     return ConstraintSpec("json_object")
+
+
+def from_tgi(grammar: TGIGrammar | None) -> ConstraintSpec | None:
+    if grammar is None:
+        return None
+    if grammar.type == "regex":
+        assert isinstance(grammar.value, str)  # the model's validator
+        if len(grammar.value) > MAX_SCHEMA_CHARS:
+            raise invalid_field("parameters.grammar", f"longer than {MAX_SCHEMA_CHARS} chars")
+        return ConstraintSpec("regex", pattern=grammar.value)
+    assert isinstance(grammar.value, dict)
+    return ConstraintSpec("json_schema", grammar.value) if grammar.value else None
 
 
 async def attach(

@@ -46,10 +46,12 @@ class TokenConstraint(Protocol):
 
 @dataclass(frozen=True)
 class ConstraintSpec:
-    """What a request asked for: any JSON object, or JSON matching `schema`."""
+    """What a request asked for: any JSON object, JSON matching `schema`, or text matching
+    the regular expression `pattern` (TGI's `grammar` of type `regex`)."""
 
-    kind: Literal["json_object", "json_schema"]
+    kind: Literal["json_object", "json_schema", "regex"]
     schema: dict[str, Any] | None = None
+    pattern: str | None = None
 
 
 class ConstraintError(ValueError):
@@ -96,15 +98,21 @@ class GrammarCompiler:
     def compile(self, spec: ConstraintSpec) -> TokenConstraint:
         """A new constraint at the start of the grammar (blocking: call off the event loop).
         Raises ConstraintError for a schema xgrammar cannot compile."""
-        schema = spec.schema if spec.kind == "json_schema" else {"type": "object"}
-        text = json.dumps(schema, sort_keys=True)
         try:
             with self._lock:
-                grammar = self._compiler.compile_json_schema(
-                    text, any_whitespace=False, separators=_SEPARATORS, strict_mode=True
-                )
+                if spec.kind == "regex":
+                    grammar = self._compiler.compile_regex(spec.pattern or "")
+                else:
+                    schema = spec.schema if spec.kind == "json_schema" else {"type": "object"}
+                    grammar = self._compiler.compile_json_schema(
+                        json.dumps(schema, sort_keys=True),
+                        any_whitespace=False,
+                        separators=_SEPARATORS,
+                        strict_mode=True,
+                    )
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise ConstraintError(f"cannot compile the JSON schema: {exc}") from None
+            what = "regular expression" if spec.kind == "regex" else "JSON schema"
+            raise ConstraintError(f"cannot compile the {what}: {exc}") from None
         return _XgrammarConstraint(self._xgr.GrammarMatcher(grammar))
 
 

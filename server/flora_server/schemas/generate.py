@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flora_server.schemas.structured import LoraxResponseFormat, MergedAdapters
+from flora_server.schemas.structured import LoraxResponseFormat, MergedAdapters, TGIGrammar
 
 
 class GenerateParameters(BaseModel):
@@ -33,6 +33,7 @@ class GenerateParameters(BaseModel):
     truncate: int | None = None
     # LoRAX: structured output, where `adapter_id` comes from, and per-request merges.
     response_format: LoraxResponseFormat | None = None
+    grammar: TGIGrammar | None = Field(None, description="TGI: JSON schema or regex")
     adapter_source: Literal["local", "s3", "hub", "pbase"] | None = None
     merged_adapters: MergedAdapters | None = None
     adapter_parameters: MergedAdapters | None = Field(

@@ -64,3 +64,21 @@ class MergedAdapters(BaseModel):
         if len(set(self.ids)) != len(self.ids):
             raise ValueError("ids must be distinct")
         return self
+
+
+class TGIGrammar(BaseModel):
+    """TGI's `parameters.grammar`: `{"type": "json", "value": <JSON schema>}` or
+    `{"type": "regex", "value": "<pattern>"}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json", "json_object", "regex"]
+    value: dict[str, Any] | str
+
+    @model_validator(mode="after")
+    def _value_matches_type(self) -> TGIGrammar:
+        if self.type == "regex" and not isinstance(self.value, str):
+            raise ValueError("a regex grammar's value is the pattern string")
+        if self.type != "regex" and not isinstance(self.value, dict):
+            raise ValueError("a json grammar's value is a JSON schema object")
+        return self

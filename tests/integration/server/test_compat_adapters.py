@@ -9,6 +9,7 @@ PEFT itself generates greedily for the same base and prompt.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -250,6 +251,13 @@ def test_response_format_over_http(client) -> None:
     )
     assert r.status_code == 200, r.text
     jsonschema.validate(json.loads(r.json()["generated_text"]), schema)
+    grammar = {"type": "regex", "value": "(Paris|Lyon), [0-9]{4}"}
+    r = client.post(
+        "/generate",
+        json={"inputs": PROMPT, "parameters": {"max_new_tokens": 20, "grammar": grammar}},
+    )
+    assert r.status_code == 200, r.text
+    assert re.fullmatch("(Paris|Lyon), [0-9]{4}", r.json()["generated_text"]), r.text
     r = client.post(
         "/v1/chat/completions",
         json={

@@ -63,6 +63,13 @@ def test_structured_output_needs_an_engine_with_grammars_and_a_schema(app):
     assert r.status_code == 422 and "json_schema.schema" in r.text
     r = _generate(client, response_format={"type": "regex", "schema": {}})
     assert r.status_code == 422
+    r = _generate(client, grammar={"type": "regex", "value": "a+"})
+    assert r.status_code == 422 and "parameters.grammar" in r.text
+    r = _generate(client, grammar={"type": "regex", "value": {"a": 1}})
+    assert r.status_code == 422 and "pattern string" in r.text
+    both = {"grammar": {"type": "regex", "value": "a"}, "response_format": {"type": "json_object"}}
+    r = _generate(client, **both)
+    assert r.status_code == 422 and "not both" in r.text
     ok = client.post(
         "/v1/completions",
         json={"model": "fake-base", "prompt": "x", "response_format": {"type": "text"}},

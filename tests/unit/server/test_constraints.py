@@ -111,3 +111,24 @@ def test_a_schema_xgrammar_cannot_compile_is_a_constraint_error(char_tokenizer) 
     compiler = GrammarCompiler(char_tokenizer, len(char_tokenizer), [0])
     with pytest.raises(ConstraintError, match="JSON schema"):
         compiler.compile(ConstraintSpec("json_schema", {"type": "no-such-type"}))
+
+
+def test_regex_grammar_walk_on_a_char_tokenizer(char_tokenizer) -> None:
+    import re
+
+    vocab = len(char_tokenizer)
+    eos = char_tokenizer.eos_token_id
+    constraint = GrammarCompiler(char_tokenizer, vocab, [eos]).compile(
+        ConstraintSpec("regex", pattern="(ab|ba)c{2,3}")
+    )
+    params = SamplingTensors.from_params([SamplingParams()])
+    gen = torch.Generator().manual_seed(1)
+    out: list[int] = []
+    for _ in range(10):
+        tokens, _ = sample_tokens(
+            torch.randn(1, vocab, generator=gen), params, None, [None], [constraint]
+        )
+        if int(tokens[0]) == eos:
+            break
+        out.append(int(tokens[0]))
+    assert re.fullmatch("(ab|ba)c{2,3}", char_tokenizer.decode(out))
