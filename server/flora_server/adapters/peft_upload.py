@@ -52,10 +52,6 @@ def _read_config(config_path: Path) -> dict:
     return config
 
 
-def is_peft_dir(directory: Path) -> bool:
-    return (directory / PEFT_CONFIG).is_file() and (directory / PEFT_WEIGHTS).is_file()
-
-
 def convert_peft(config_path: Path, weights_path: Path, out_path: Path) -> str:
     """Convert a PEFT LoRA pair into the single-file FLoRA form at `out_path`; returns its
     sha256. Raises AdapterValidationError for what has no exact FLoRA equivalent (DoRA,

@@ -107,6 +107,8 @@ def test_peft_upload_generates_exactly_what_peft_generates(client, peft_dirs) ->
     assert _ids(base) != want  # the LoRA changes the answer
     r = _upload(client, "peft-plain", plain)
     assert r.status_code == 201, r.text
+    again = _upload(client, "peft-plain", plain)  # the conversion is deterministic
+    assert again.status_code == 200 and again.json()["status"] == "unchanged"
     assert _ids(_generate(client, adapter_id="peft-plain")) == want
     assert _upload(client, "peft-rs", rs).status_code == 201
     assert _ids(_generate(client, adapter_id="peft-rs")) == want_rs
