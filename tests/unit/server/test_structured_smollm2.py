@@ -32,7 +32,7 @@ SCHEMAS = [
     },
     {
         "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 8}},
+        "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"}},
         "required": ["name"],
         "additionalProperties": False,
     },
@@ -50,6 +50,10 @@ QUESTIONS = [
     "Say something.",
 ]
 ADAPTERS = ["a1", "a2", "a3"]
+# The longest answer the schemas allow (`{"color": "green", "n": 9}`, 26 ASCII characters;
+# the name pattern keeps strings to 8 ASCII letters, so no escapes or multi-byte characters)
+# and every token is at least one character: with one more for EOS no row runs out of room.
+MAX_JSON_CHARS = 27
 
 
 def _random_adapter(model, seed: int, tmp_path):
@@ -97,7 +101,10 @@ def test_json_schema_rows_validate_in_mixed_adapter_batches(tmp_path) -> None:
 
         async def one(rid, text, adapter, schema):
             req = GenerationRequest(
-                rid, prompt(text), SamplingParams(max_new_tokens=24 if schema else 8), adapter
+                rid,
+                prompt(text),
+                SamplingParams(max_new_tokens=MAX_JSON_CHARS + 1 if schema else 8),
+                adapter,
             )
             if schema is not None:
                 req.constraint = await engine.compile_constraint(
@@ -115,7 +122,8 @@ def test_json_schema_rows_validate_in_mixed_adapter_batches(tmp_path) -> None:
         asyncio.run(engine.shutdown(5))
     for rid, _, _, schema in jobs:
         finish = mixed[rid]
-        assert finish.reason == "eos", (rid, finish.reason, finish.generated_text)
+        pieces = [tok.decode([t]) for t in finish.token_ids]
+        assert finish.reason == "eos", (rid, finish.reason, finish.generated_text, pieces)
         jsonschema.validate(json.loads(finish.generated_text), schema)
     for rid, *_ in free:
         assert mixed[rid].token_ids == alone[rid].token_ids, rid
