@@ -281,3 +281,36 @@ def test_response_format_over_http(client) -> None:
               "response_format": {"type": "json_schema", "json_schema": {"name": "c"}}},
     )  # fmt: skip
     assert r.status_code == 422 and "schema" in r.text
+
+
+def test_tool_calls_with_the_openai_client(client) -> None:
+    """tool_choice "required" / a named function: the answer is a call whose arguments
+    validate against the tool's parameters, parsed by the official client."""
+    import jsonschema
+    from openai import OpenAI
+
+    params = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": params}}
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": params}}
+    oai = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    for choice, names in (
+        ("required", {"get_weather", "get_time"}),
+        ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+    ):
+        out = oai.chat.completions.create(
+            model=BASE,
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            tools=[weather, clock],
+            tool_choice=choice,
+            max_tokens=60,
+            temperature=0,
+        )
+        assert out.choices[0].finish_reason == "tool_calls"
+        call = out.choices[0].message.tool_calls[0]
+        assert call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), params)

@@ -142,3 +142,46 @@ def test_lora_routes_need_the_admin_key(tmp_path, lora_root):
         assert client.post("/v1/load_lora_adapter", json=body, headers=inf).status_code == 403
         adm = {"Authorization": "Bearer adm-key"}
         assert client.post("/v1/load_lora_adapter", json=body, headers=adm).status_code == 200
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({}, "tool_choice"),  # auto: the model has no tool-call format
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required", "stream": True}, "stream"),
+        (
+            {"tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+    ],
+)
+def test_tool_call_requests_that_cannot_be_served_are_422(app, extra, param):
+    client, _ = app
+    body = {"model": "fake-base", "messages": [{"role": "user", "content": "x"}]}
+    r = client.post("/v1/chat/completions", json={**body, "tools": [WEATHER], **extra})
+    assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+
+
+def test_tool_choice_none_generates_text_and_bad_tools_are_422(app):
+    client, _ = app
+    body = {"model": "fake-base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    r = client.post(
+        "/v1/chat/completions", json={**body, "tools": [WEATHER], "tool_choice": "none"}
+    )
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    bad = {"type": "function", "function": {"name": "has space"}}
+    r = client.post(
+        "/v1/chat/completions", json={**body, "tools": [bad], "tool_choice": "required"}
+    )
+    assert r.status_code == 422 and "tools.0.function.name" in r.text
