@@ -25,7 +25,16 @@ from flora_server.adapters.registry import (
 )
 from flora_server.adapters.staging import UPLOADS_DIR, StagingBudget, StagingJanitor
 from flora_server.adapters.stores import open_store
-from flora_server.api import adapters, classify, embeddings, generate, health, openai, tgi
+from flora_server.api import (
+    adapters,
+    classify,
+    embeddings,
+    generate,
+    health,
+    lora_admin,
+    openai,
+    tgi,
+)
 from flora_server.api.deps import require_inference_key, require_kind
 from flora_server.api.tgi_errors import FlatErrorMiddleware
 from flora_server.engine.protocol import GenerationEngine, GenerationRequest, SamplingParams
@@ -163,7 +172,7 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     # Outermost: every answer carries X-Request-Id, and the access log sees every request.
     app.add_middleware(RequestContextMiddleware)
-    for module in (health, adapters):
+    for module in (health, adapters, lora_admin):
         app.include_router(module.router)
 
     # Inference routes answer 404 naming the loaded kind when they belong to another kind,

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         description="adapter directories to register at start: DIR or NAME=DIR (repeatable)",
     )
     preload: bool = Field(False, description="load every stored adapter into the caches at start")
+    lora_dirs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="directories whose adapters (FLoRA or PEFT LoRA) /v1/load_lora_adapter "
+        "and adapter_source=local may read (repeatable; empty: none)",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Bearer keys for inference routes, KEY or KEY:TENANT (empty: open)",
@@ -175,7 +180,9 @@ class Settings(BaseSettings):
         "no tracing. Needs the [otel] extra",
     )
 
-    @field_validator("adapters", "api_keys", "admin_keys", "metrics_keys", mode="before")
+    @field_validator(
+        "adapters", "api_keys", "admin_keys", "metrics_keys", "lora_dirs", mode="before"
+    )
     @classmethod
     def _lists_from_csv(cls, value: object) -> object:
         return _split_csv(value)

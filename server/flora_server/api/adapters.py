@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from flora_server import auth
+from flora_server.adapters.peft_upload import as_flora_upload
 from flora_server.adapters.registry import (
     AdapterConflictError,
     AdapterRegistry,
@@ -79,12 +80,13 @@ _UPLOAD_SCHEMA: dict[str, Any] = {
                         "config": {
                             "type": "string",
                             "format": "binary",
-                            "description": "adapter_config.json",
+                            "description": "adapter_config.json (FLoRA, or PEFT LoRA)",
                         },
                         "weights": {
                             "type": "string",
                             "format": "binary",
-                            "description": "adapter.safetensors",
+                            "description": "adapter.safetensors (or PEFT's "
+                            "adapter_model.safetensors)",
                         },
                         "archive": {
                             "type": "string",
@@ -328,7 +330,10 @@ async def upload_adapter(
             raise invalid_field(missing, "field required (or send a single `archive` file)")
         expected = form.text("sha256") or None
         upload = StagedUpload(archive, archive_sha, config, weights, weights_sha)
+        staging = stack.enter_context(registry.staging_file("peft"))
         try:
+            # A PEFT LoRA (config with `peft_type`) is converted exactly to FLoRA first.
+            upload, expected = await asyncio.to_thread(as_flora_upload, upload, expected, staging)
             result: PutResult = await asyncio.to_thread(
                 registry.put, adapter_id, upload, overwrite=overwrite, expected_sha256=expected
             )

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from flora_server.api import sampling, tgi_errors
+from flora_server.api import sampling, structured, tgi_errors
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
+from flora_server.api.lorax_adapters import resolve_adapter
 from flora_server.engine.protocol import FinishEvent, FinishReason, TokenEvent
 from flora_server.errors import invalid_field
 from flora_server.schemas.generate import (
@@ -38,19 +39,12 @@ _TGI_REASON: dict[FinishReason, FinishReasonTGI] = {
     "deadline": "length",
 }
 
-# Declared in the schema (clients send them) but not honoured yet: refused here, only here.
-_NOT_YET = ("response_format", "merged_adapters", "adapter_source", "adapter_parameters")
-
 
 def _decoding(p: GenerateParameters) -> sampling.Decoding:
-    for name in _NOT_YET:
-        if getattr(p, name) is not None:
-            raise invalid_field(f"parameters.{name}", "is not supported yet by this server")
     for name, unsupported, why in (
         ("best_of", p.best_of is not None and p.best_of > 1, "only best_of=1"),
         ("typical_p", p.typical_p is not None, "typical decoding is not implemented"),
         ("watermark", p.watermark, "watermarking is not implemented"),
-        ("grammar", p.grammar is not None, "use response_format"),
         ("frequency_penalty", p.frequency_penalty is not None, "use repetition_penalty"),
     ):
         if unsupported:
@@ -82,19 +76,25 @@ async def _prepare(
 ) -> sampling.GenerationRequest:
     p = body.parameters
     decoding = _decoding(p)
-    await sampling.check_adapter(registry, p.adapter_id, "parameters.adapter_id")
+    adapter_id = await resolve_adapter(p, registry, settings)
     prompt_ids = await engine.tokenize(body.inputs)
     if p.truncate is not None:
         prompt_ids = prompt_ids[-p.truncate :]  # TGI keeps the last `truncate` tokens
-    return sampling.build_request(
+    request = sampling.build_request(
         prompt_ids=prompt_ids,
-        adapter_id=p.adapter_id,
+        adapter_id=adapter_id,
         decoding=decoding,
         settings=settings,
         context_length=engine.context_length,
         names=sampling.FieldNames(),
         request_id=sampling.new_request_id("gen"),
     )
+    if p.response_format is not None and p.grammar is not None:
+        raise invalid_field("parameters.grammar", "give response_format or grammar, not both")
+    spec = structured.from_lorax(p.response_format) or structured.from_tgi(p.grammar)
+    param = "parameters.grammar" if p.grammar is not None else "parameters.response_format"
+    await structured.attach(engine, request, spec, param)
+    return request
 
 
 def _token(event: TokenEvent, p: GenerateParameters) -> Token:

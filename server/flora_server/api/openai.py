@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from flora_server import auth
 from flora_server.api import openai_conventions as conventions
-from flora_server.api import sampling
+from flora_server.api import sampling, structured, tools
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
 from flora_server.engine.protocol import (
@@ -100,7 +100,7 @@ async def _request(
     adapter_id = conventions.adapter_for(body.model, engine)
     try:
         await sampling.check_adapter(registry, adapter_id, "model")
-        return sampling.build_request(
+        request = sampling.build_request(
             prompt_ids=prompt_ids,
             adapter_id=adapter_id,
             decoding=decoding,
@@ -111,6 +111,9 @@ async def _request(
         )
     except APIError as exc:
         raise conventions.openai_error(exc, body.model) from None
+    spec = structured.from_openai(body.response_format)
+    await structured.attach(engine, request, spec, "response_format")
+    return request
 
 
 def _usage(finish: FinishEvent) -> Usage:
@@ -312,15 +315,19 @@ async def chat_completions(
     metrics: MetricsDep,
 ) -> Any:
     _check_common(body)
-    if body.tools:
-        raise invalid_field("tools", "tool calls are not supported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise invalid_field("response_format", "only text is supported")
+    tool_plan = tools.plan(body.tools, body.tool_choice)
+    if tool_plan is not None and body.stream:
+        raise invalid_field("stream", "tool calls are not streamed; send stream: false")
+    if tool_plan is not None and structured.from_openai(body.response_format) is not None:
+        raise invalid_field("response_format", "give tools or a JSON response_format, not both")
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid_field("top_logprobs", "needs logprobs=true")
     max_tokens = body.max_completion_tokens or body.max_tokens
     max_name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    prompt = await engine.render_chat(_messages(body))
+    messages = _messages(body)
+    if tool_plan is not None:
+        messages = [{"role": "system", "content": tool_plan.system}, *messages]
+    prompt = await engine.render_chat(messages)
     prompt_ids = await engine.tokenize(prompt)
     request = await _request(
         body=body,
@@ -334,6 +341,8 @@ async def chat_completions(
         names=sampling.FieldNames("messages", max_name, "stop"),
         prefix="chatcmpl",
     )
+    if tool_plan is not None:
+        await structured.attach(engine, request, tool_plan.spec, "tools")
     created = int(time.time())
 
     def token_logprob(t: TokenEvent) -> ChatTokenLogprob:
@@ -368,14 +377,19 @@ async def chat_completions(
     out = await sampling.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
     response.headers.update(sampling.adapter_headers(out.finish.adapter_sha256))
+    message = ChatMessageOut(content=out.finish.generated_text)
+    finish_reason = _reason(out.finish.reason)
+    calls = None if tool_plan is None else tools.tool_calls(out.finish.generated_text)
+    if calls is not None and out.finish.reason == "eos":
+        message, finish_reason = ChatMessageOut(content=None, tool_calls=calls), "tool_calls"
     return ChatCompletionResponse(
         id=request.request_id,
         created=created,
         model=body.model,
         choices=[
             ChatChoice(
-                message=ChatMessageOut(content=out.finish.generated_text),
-                finish_reason=_reason(out.finish.reason),  # type: ignore[arg-type]
+                message=message,
+                finish_reason=finish_reason,  # type: ignore[arg-type]
                 logprobs=ChatLogprobs(content=[token_logprob(t) for t in out.tokens])
                 if body.logprobs
                 else None,

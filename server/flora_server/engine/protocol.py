@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from flora.adapter import Adapter
+    from flora_server.engine.constraints import TokenConstraint
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "deadline"]
 
@@ -47,6 +48,8 @@ class GenerationRequest:
     # Set by the engine (time.monotonic()) when the request gets a batch row: the access log
     # and tracing split queueing from prefill with it. None while waiting or when untracked.
     admitted_at: float | None = None
+    # Structured output: this row's grammar (stateful, one per request); None = free text.
+    constraint: TokenConstraint | None = None
 
 
 @dataclass(frozen=True)

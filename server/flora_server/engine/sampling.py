@@ -6,7 +6,9 @@ for different settings. A neutral value switches a processor off for its row (te
 1, top_k 0, top_p 1, repetition_penalty 1).
 
 The order is the one of transformers' `generate`: repetition penalty, temperature, top-k,
-top-p, then sample (or argmax for greedy rows).
+top-p, then sample (or argmax for greedy rows). A row with a `TokenConstraint` (structured
+output) has the tokens its grammar forbids masked to -inf first, and its constraint advanced
+past the chosen token: `sample_tokens` does all of it, and is what engines call.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flora_server.engine.constraints import TokenConstraint, allocate_bitmask, unpack_bitmask
 from flora_server.engine.protocol import SamplingParams
 
 
@@ -127,6 +130,45 @@ def select_tokens(
         for i, row in enumerate(rows):
             tokens[row] = torch.multinomial(probs[i], 1, generator=generators[row])[0]
     return tokens
+
+
+def apply_constraints(
+    logits: torch.Tensor, constraints: Sequence[TokenConstraint | None]
+) -> torch.Tensor:
+    """Mask, per constrained row, the tokens its grammar does not allow next to -inf.
+    logits: [B, V]; constraints: one per row (None = free). Free rows are unchanged."""
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    bitmask = allocate_bitmask(len(constraints), vocab, "cpu")  # matchers write host memory
+    for i in rows:
+        constraints[i].fill_bitmask(bitmask, i)  # type: ignore[union-attr]
+    allowed = unpack_bitmask(bitmask, vocab).to(logits.device)  # [B, V]
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    params: SamplingTensors,
+    seen: torch.Tensor | None,
+    generators: Sequence[torch.Generator | None],
+    constraints: Sequence[TokenConstraint | None] | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Constrain, process and select one token per row, then advance each row's constraint
+    past its token. logits: [B, V] float32 (raw). Returns the tokens [B] int64 and the rows
+    whose grammar refused their token (the mask makes that impossible short of a matcher
+    bug; the engine fails those requests alone)."""
+    if constraints is not None:
+        logits = apply_constraints(logits, constraints)
+    tokens = select_tokens(process_logits(logits, params, seen), params.do_sample, generators)
+    refused = []
+    if constraints is not None:
+        for row, (constraint, token) in enumerate(zip(constraints, tokens.tolist(), strict=True)):
+            live = constraint is not None and not constraint.is_terminated()
+            if live and not constraint.accept(token):  # type: ignore[union-attr]
+                refused.append(row)
+    return tokens, refused
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:

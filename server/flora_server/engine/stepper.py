@@ -30,10 +30,9 @@ from flora_server.engine.runtime import AdapterRuntime
 from flora_server.engine.sampling import (
     SamplingTensors,
     chosen_and_top,
-    process_logits,
     prompt_logprobs,
+    sample_tokens,
     seen_mask,
-    select_tokens,
 )
 
 
@@ -184,20 +183,26 @@ class Stepper:
     def _select_each(self, rows: Sequence[RowState], logits: torch.Tensor) -> torch.Tensor:
         """Tokens [B] for `rows`. If the batched processing raises, each row is sampled
         alone and a row that still raises fails by itself (its token is a placeholder
-        that is never emitted); a single row's failure propagates to the caller."""
+        that is never emitted); a single row's failure propagates to the caller. A row
+        whose output grammar refused its token fails alone too."""
         try:
-            return _select(rows, logits)
+            tokens, refused = _select(rows, logits)
         except Exception:
             if len(rows) == 1:
                 raise
-        tokens = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
-        for i, row in enumerate(rows):
-            if row.finished is not None:
-                continue
-            try:
-                tokens[i] = _select([row], logits[i : i + 1])[0]
-            except Exception as exc:
-                self.fail([row], exc)
+            tokens, refused = torch.zeros(len(rows), dtype=torch.long, device=logits.device), []
+            for i, row in enumerate(rows):
+                if row.finished is not None:
+                    continue
+                try:
+                    one, bad = _select([row], logits[i : i + 1])
+                except Exception as exc:
+                    self.fail([row], exc)
+                    continue
+                tokens[i] = one[0]
+                refused += [i] if bad else []
+        if refused:
+            self.fail([rows[i] for i in refused], ValueError("the output grammar refused a token"))
         return tokens
 
     @staticmethod
@@ -324,8 +329,9 @@ class Stepper:
         batch.decode(self.model)
 
 
-def _select(rows: Sequence[RowState], logits: torch.Tensor) -> torch.Tensor:
-    """Process `logits` [B, V] with each row's sampling parameters and pick its token [B]."""
+def _select(rows: Sequence[RowState], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Constrain and process `logits` [B, V] with each row's parameters and grammar, and pick
+    its token [B]; also the rows whose grammar refused their token."""
     params = [r.request.params for r in rows]
     tensors = SamplingTensors.from_params(params, logits.device)
     seen = None
@@ -334,5 +340,11 @@ def _select(rows: Sequence[RowState], logits: torch.Tensor) -> torch.Tensor:
             r.seen if p.repetition_penalty != 1.0 else [] for r, p in zip(rows, params, strict=True)
         ]
         seen = seen_mask(lists, logits.shape[-1], logits.device)
-    processed = process_logits(logits, tensors, seen)
-    return select_tokens(processed, tensors.do_sample, [r.generator for r in rows])
+    constraints = [r.request.constraint for r in rows]
+    return sample_tokens(
+        logits,
+        tensors,
+        seen,
+        [r.generator for r in rows],
+        constraints if any(c is not None for c in constraints) else None,
+    )

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from flora_server.adapters.cache import AdapterCache
+from flora_server.engine.constraints import ConstraintSpec, GrammarCompiler, TokenConstraint
 from flora_server.engine.metrics import EngineMetrics, NullEngineMetrics
 from flora_server.engine.protocol import (
     AdapterSource,
@@ -108,6 +109,8 @@ class LLMEngine(WorkerThreadMixin):
         self._lock = threading.Lock()
         self._waiting_count = 0  # inbox + worker's waiting list
         self._stats = EngineStats(0, 0, (), (), max_slots, "idle")
+        self._grammar_compiler: GrammarCompiler | None = None  # built on first use
+        self._grammar_lock = threading.Lock()
         self._init_worker("flora-engine")
         self._abort = False
         self._fail_reason: str | None = None  # set by fail_in_flight
@@ -136,6 +139,20 @@ class LLMEngine(WorkerThreadMixin):
             tokenize=False,
             add_generation_prompt=True,
         )
+
+    async def compile_constraint(self, spec: ConstraintSpec) -> TokenConstraint:
+        """A fresh structured-output constraint for one request (compiled off the event
+        loop; ConstraintError for a schema that cannot be compiled)."""
+        return await asyncio.to_thread(self._grammar().compile, spec)
+
+    def _grammar(self) -> GrammarCompiler:
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                vocab = self._model.get_output_embeddings().weight.shape[0]
+                self._grammar_compiler = GrammarCompiler(
+                    self._tokenizer, vocab, self._stepper.eos_ids
+                )
+            return self._grammar_compiler
 
     def stats(self) -> EngineStats:
         with self._lock:

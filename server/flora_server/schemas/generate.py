@@ -21,6 +21,7 @@ from flora_server.schemas.limits import (
     Temperature,
     ValidText,
 )
+from flora_server.schemas.structured import LoraxResponseFormat, MergedAdapters, TGIGrammar
 
 # Most alternatives one request may ask for per position (vLLM's default max_logprobs).
 MAX_TOP_N = 20
@@ -30,9 +31,6 @@ class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapter_id: ValidText | None = Field(None, description="adapter to apply; null for the base")
-    adapter_source: str | None = Field(None, description="LoRAX: where adapter_id lives")
-    adapter_parameters: dict[str, Any] | None = Field(None, description="LoRAX adapter merge")
-    merged_adapters: dict[str, Any] | None = Field(None, description="LoRAX adapter merge")
     api_token: str | None = Field(None, description="LoRAX: hub token (unused: no network)")
     max_new_tokens: PositiveCount | None = None
     do_sample: bool = False
@@ -53,8 +51,14 @@ class GenerateParameters(BaseModel):
     watermark: bool = False
     truncate: PositiveCount | None = Field(None, description="keep only the last N prompt tokens")
     ignore_eos_token: bool = False
-    grammar: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    # LoRAX: structured output, where `adapter_id` comes from, and per-request merges.
+    response_format: LoraxResponseFormat | None = None
+    grammar: TGIGrammar | None = Field(None, description="TGI: JSON schema or regex")
+    adapter_source: Literal["local", "s3", "hub", "pbase"] | None = None
+    merged_adapters: MergedAdapters | None = None
+    adapter_parameters: MergedAdapters | None = Field(
+        None, description="the name LoRAX's router uses for merged_adapters"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

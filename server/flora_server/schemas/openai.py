@@ -15,6 +15,7 @@ from flora_server.schemas.limits import (
     TokenId,
     ValidText,
 )
+from flora_server.schemas.structured import OpenAIResponseFormat
 
 MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
 
@@ -41,6 +42,7 @@ class _SamplingFields(BaseModel):
     # vLLM-style extras (openai clients send them through `extra_body`).
     top_k: PositiveCount | None = None
     repetition_penalty: Penalty | None = None
+    response_format: OpenAIResponseFormat | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -72,7 +74,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
 
 
 class Usage(BaseModel):
@@ -112,7 +114,8 @@ class CompletionResponse(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatTokenLogprob(BaseModel):
@@ -129,7 +132,7 @@ class ChatLogprobs(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
     logprobs: ChatLogprobs | None = None
 
 

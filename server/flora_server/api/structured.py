@@ -1,0 +1,69 @@
+"""Structured output for the generation routes: `response_format` (OpenAI and LoRAX shapes)
+becomes a per-request `TokenConstraint` that the engine applies to that row only."""
+
+from __future__ import annotations
+
+import json
+
+from flora_server.engine.constraints import ConstraintError, ConstraintSpec
+from flora_server.engine.protocol import GenerationEngine, GenerationRequest
+from flora_server.errors import invalid_field
+from flora_server.schemas.structured import (
+    LoraxResponseFormat,
+    OpenAIResponseFormat,
+    TGIGrammar,
+)
+
+# A schema is compiled before the request is queued; keep hostile ones small.
+MAX_SCHEMA_CHARS = 32 * 1024
+
+
+def from_openai(fmt: OpenAIResponseFormat | None) -> ConstraintSpec | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return ConstraintSpec("json_object")
+    assert fmt.json_schema is not None  # the model's validator
+    return ConstraintSpec("json_schema", fmt.json_schema.schema_)
+
+
+def from_lorax(fmt: LoraxResponseFormat | None) -> ConstraintSpec | None:
+    if fmt is None:
+        return None
+    if fmt.schema_:
+        return ConstraintSpec("json_schema", fmt.schema_)
+    return ConstraintSpec("json_object")
+
+
+def from_tgi(grammar: TGIGrammar | None) -> ConstraintSpec | None:
+    if grammar is None:
+        return None
+    if grammar.type == "regex":
+        assert isinstance(grammar.value, str)  # the model's validator
+        if len(grammar.value) > MAX_SCHEMA_CHARS:
+            raise invalid_field("parameters.grammar", f"longer than {MAX_SCHEMA_CHARS} chars")
+        return ConstraintSpec("regex", pattern=grammar.value)
+    assert isinstance(grammar.value, dict)
+    return ConstraintSpec("json_schema", grammar.value) if grammar.value else None
+
+
+async def attach(
+    engine: GenerationEngine,
+    request: GenerationRequest,
+    spec: ConstraintSpec | None,
+    param: str,
+) -> None:
+    """Compile `spec` for `engine`'s tokenizer into `request.constraint` (422 naming
+    `param` when the schema is too large, cannot be compiled, or the engine has no
+    grammar support)."""
+    if spec is None:
+        return
+    if spec.schema is not None and len(json.dumps(spec.schema)) > MAX_SCHEMA_CHARS:
+        raise invalid_field(param, f"the schema is larger than {MAX_SCHEMA_CHARS} characters")
+    compile_constraint = getattr(engine, "compile_constraint", None)
+    if compile_constraint is None:
+        raise invalid_field(param, "structured output is not supported by this engine")
+    try:
+        request.constraint = await compile_constraint(spec)
+    except ConstraintError as exc:
+        raise invalid_field(param, str(exc)) from None
