@@ -81,12 +81,13 @@ def build_engine(
 ) -> tuple[GenerationEngine, AdapterValidator]:
     """The real engine for the kind of `settings.model` (the default factory)."""
     from flora.fingerprint import describe_base
+    from flora.models.types import a_kind
 
     loaded = load_base(settings)
     builder = ENGINE_BUILDERS.get(loaded.kind)
     if builder is None:
         raise RuntimeError(
-            f"{settings.model} is a {loaded.kind} model; this server serves "
+            f"{settings.model} is {a_kind(loaded.kind)} model; this server serves "
             f"{', '.join(ENGINE_BUILDERS)}"
         )
     # Computed once, before the engine can merge an adapter into the weights or swap heads.

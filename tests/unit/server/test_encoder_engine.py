@@ -97,7 +97,7 @@ def _factory(settings, registry, metrics):  # type: ignore[no-untyped-def]
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     app = create_app(Settings(home=tmp_path_factory.mktemp("h")), engine_factory=_factory)
     with TestClient(app) as c:
-        for _ in range(300):
+        for _ in range(3000):  # up to 30 s on a loaded machine
             if c.get("/ready").status_code == 200:
                 break
             time.sleep(0.01)
@@ -146,4 +146,8 @@ def test_text_classify_needs_a_head(client: TestClient) -> None:
     for adapter_id in ("plain", None):
         bad = client.post("/v1/classify", json={"inputs": TEXTS, "adapter_id": adapter_id})
         assert bad.status_code == 422 and "no classification head" in bad.text
-    assert client.post("/generate", json={"inputs": "x"}).status_code == 404
+        # The field to change is the adapter (there is no "prompt" on this route).
+        assert bad.json()["error"]["param"] == "adapter_id"
+    wrong_route = client.post("/generate", json={"inputs": "x"})
+    assert wrong_route.status_code == 404
+    assert "is a text-encoder model (this route needs a causal-lm model)" in wrong_route.text
