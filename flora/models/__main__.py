@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from flora.models.catalog import embedded_models
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare", help="convert embedded models once into FLORA_HOME")
     prep.add_argument("names", nargs="+", metavar="NAME", help="model name, or 'all'")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     registry = embedded_models()
     if args.command == "list":

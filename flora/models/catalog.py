@@ -18,6 +18,7 @@ def embedded_models() -> ModelRegistry:
             description="SmolLM2-135M-Instruct chat LLM (Llama, 30 layers, hidden 576)",
             convert=smollm2.convert,
             load=hf_loaders.load_causal_lm,
+            prepare_seconds=25,
         )
     )
     registry.register(
@@ -29,6 +30,7 @@ def embedded_models() -> ModelRegistry:
             description="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384-dim, mean+L2)",
             convert=minilm.convert,
             load=hf_loaders.load_text_encoder,
+            prepare_seconds=5,
         )
     )
     registry.register(
@@ -40,6 +42,7 @@ def embedded_models() -> ModelRegistry:
             description="EfficientNet-Lite0 ImageNet classifier (49 Conv2d, 4.65M params)",
             convert=efficientnet_lite0.convert,
             load=efficientnet_lite0.load,
+            prepare_seconds=2,
         )
     )
     return registry

@@ -49,6 +49,8 @@ class EmbeddedModel:
     convert: ConvertFn
     load: LoadFn
     format_version: int = 1
+    # Typical one-time conversion on 2 CPU cores, for the log line that announces it.
+    prepare_seconds: float = 30.0
 
 
 class ModelRegistry:

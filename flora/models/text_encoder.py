@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from flora.models.types import LoadedModel, Pooling
+from flora.models.types import LoadedModel, Pooling, a_kind
 
 _EPS = 1e-9  # sentence-transformers clamps the token count at 1e-9
 _NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
@@ -54,7 +54,7 @@ def encode(loaded: LoadedModel, texts: Sequence[str], *, batch_size: int = 32) -
     context length), forward, pool, normalise. Returns fp32 [n, dim] on the model's device.
     """
     if loaded.kind != "text-encoder" or loaded.pooling is None:
-        raise ValueError(f"{loaded.name} is a {loaded.kind}, not a text encoder")
+        raise ValueError(f"{loaded.name} is {a_kind(loaded.kind)}, not a text encoder")
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
     device = next(loaded.model.parameters()).device

@@ -11,6 +11,12 @@ from torch import nn
 ModelKind = Literal["causal-lm", "text-encoder", "image-classifier", "text-classifier"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 
+
+def a_kind(kind: str) -> str:
+    """The kind with its indefinite article, for messages: "an image-classifier"."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
 # Text-encoder pooling modes (sentence-transformers names them the same way).
 PoolingMode = Literal["mean", "cls"]
 

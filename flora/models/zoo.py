@@ -10,7 +10,9 @@ fingerprint is computed at conversion from the fp32 weights and stored in
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +34,8 @@ from flora.models.storage import (
     home as resolve_home,
 )
 from flora.models.types import LoadedModel
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "flora_model.json"
 FINGERPRINT = "fingerprint.json"
@@ -96,7 +100,15 @@ def prepare(
     with conversion_lock(final):
         if not _is_complete(final, spec):  # another process may have finished meanwhile
             remove_stale_temporaries(final)
+            log.info(
+                "preparing %s once into %s; about %.0f s on 2 CPU cores",
+                spec.name,
+                final,
+                spec.prepare_seconds,
+            )
+            started = time.perf_counter()
             _convert(spec, final)
+            log.info("prepared %s in %.1f s", spec.name, time.perf_counter() - started)
     return final
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from flora.config import FloraConfig
 from flora.model import inject
-from flora.models.types import LoadedModel
+from flora.models.types import LoadedModel, a_kind
 from flora.train.chat_tokens import ChatTokens, pad_left, pad_right, prompt_ids, tokenize_chat
 from flora.train.errors import TrainError
 from flora.train.options import RecipeDefaults, TrainOptions
@@ -43,7 +43,7 @@ class CausalLMRecipe:
 
     def prepare(self, options: TrainOptions, loaded: LoadedModel) -> TrainTask:
         if loaded.kind != "causal-lm":
-            raise TrainError(f"{loaded.name} is a {loaded.kind}; causal-lm needs a causal LM")
+            raise TrainError(f"{loaded.name} is {a_kind(loaded.kind)}; causal-lm needs a causal LM")
         tokenizer = loaded.preprocessor
         train_chats, eval_chats = chat_data(options)
         max_length = min(options.max_length, loaded.context_length or options.max_length)

@@ -20,7 +20,7 @@ from torch import nn
 from flora.config import FloraConfig
 from flora.model import inject
 from flora.models.image_transform import ImageTransform
-from flora.models.types import LoadedModel
+from flora.models.types import LoadedModel, a_kind
 from flora.train.data import load_image_labels
 from flora.train.errors import TrainError
 from flora.train.heads import HEAD_NAME, accuracy, adaptable_names, freeze_batchnorm, replace_head
@@ -44,7 +44,8 @@ class ImageClassificationRecipe:
     def prepare(self, options: TrainOptions, loaded: LoadedModel) -> TrainTask:
         if loaded.kind != "image-classifier":
             raise TrainError(
-                f"{loaded.name} is a {loaded.kind}; image-classification needs an image classifier"
+                f"{loaded.name} is {a_kind(loaded.kind)}; "
+                "image-classification needs an image classifier"
             )
         data = labelled_data(options, "image", load_image_labels)
         model = loaded.model

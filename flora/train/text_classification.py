@@ -23,7 +23,7 @@ from torch import nn
 from flora.config import FloraConfig
 from flora.model import inject, set_enabled
 from flora.models.text_encoder import pool
-from flora.models.types import LoadedModel, Pooling
+from flora.models.types import LoadedModel, Pooling, a_kind
 from flora.train.data import load_text_labels
 from flora.train.errors import TrainError
 from flora.train.heads import HEAD_NAME, accuracy, adaptable_names, attach_head
@@ -61,7 +61,7 @@ class TextClassificationRecipe:
     def prepare(self, options: TrainOptions, loaded: LoadedModel) -> TrainTask:
         if loaded.kind != "text-encoder" or loaded.pooling is None:
             raise TrainError(
-                f"{loaded.name} is a {loaded.kind}; text-classification needs a text encoder"
+                f"{loaded.name} is {a_kind(loaded.kind)}; text-classification needs a text encoder"
             )
         data = labelled_data(options, "text", load_text_labels)
         model, tokenizer, pooling = loaded.model, loaded.preprocessor, loaded.pooling

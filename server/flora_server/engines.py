@@ -80,12 +80,13 @@ def build_engine(
     settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
 ) -> tuple[GenerationEngine, AdapterValidator]:
     """The real engine for the kind of `settings.model` (the default factory)."""
+    from flora.models.types import a_kind
 
     loaded = load_base(settings)
     builder = ENGINE_BUILDERS.get(loaded.kind)
     if builder is None:
         raise RuntimeError(
-            f"{settings.model} is a {loaded.kind} model; this server serves "
+            f"{settings.model} is {a_kind(loaded.kind)} model; this server serves "
             f"{', '.join(ENGINE_BUILDERS)}"
         )
     base = BaseSnapshot.of(loaded)  # before the engine can merge an adapter or swap a head

@@ -22,6 +22,7 @@ from flora_server.engine.protocol import (
     DeadlineExceededError,
     EngineError,
     EngineNotReadyError,
+    InvalidRequestError,
     QueueFullError,
     RequestFailedError,
 )
@@ -99,10 +100,9 @@ def engine_error_to_api(exc: EngineError) -> APIError:
         return APIError(429, str(exc), headers={"Retry-After": str(retry)})
     if isinstance(exc, EngineNotReadyError):
         return APIError(503, str(exc) or "the model is not ready", headers={"Retry-After": "1"})
-    if isinstance(exc, ValueError):
-        # The engine's InvalidRequestError (EngineError + ValueError): the request itself is
-        # unusable (empty prompt, token ids outside the vocabulary), a client mistake.
-        return APIError(422, str(exc), param="prompt")
+    if isinstance(exc, InvalidRequestError):
+        # The request itself is unusable (empty prompt, ids outside the vocabulary, no head).
+        return APIError(422, str(exc), param=exc.param)
     if isinstance(exc, AdapterLoadError):
         # The stored bytes are bad (not the client's request): the adapter is unusable.
         return APIError(500, f"adapter could not be loaded: {exc}", type="adapter_load_error")

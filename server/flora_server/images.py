@@ -104,4 +104,10 @@ def decode_base64(text: str, *, max_bytes: int, name: str = "image") -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageRejected(422, f"{name}: not valid base64") from None
+        pass
+    what = "text" if any(c.isspace() for c in text.strip()) else "not valid base64"
+    raise ImageRejected(
+        422,
+        f"{name}: {what}; this server classifies images, so each input is a base64-encoded "
+        "JPEG, PNG or WebP file (a data:image/...;base64, URL works too)",
+    )

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from flora_server.adapters.freshness import StoreRechecker
 from flora_server.adapters.registry import (
@@ -191,6 +192,17 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     return app
 
 
+def route_template(scope: Any) -> str:
+    """The route's path template, never the raw path (ids in paths must not become labels).
+    FastAPI's own routes record themselves in the scope; Starlette routes such as
+    /openapi.json, /docs and /redoc do not, so they are matched against the app's routes."""
+    route = scope.get("route")
+    if route is None:
+        routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())
+        route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
+    return getattr(route, "path", "unmatched")
+
+
 class RequestMetricsMiddleware:
     """Counts requests by route template and status (pure ASGI, so streaming passes through
     untouched).
@@ -220,7 +232,7 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         except ClientDisconnect:
-            path = getattr(scope.get("route"), "path", "unmatched")
+            path = route_template(scope)
             logger.info(
                 "client disconnected during %s %s: request abandoned", scope["method"], path
             )
@@ -232,6 +244,6 @@ class RequestMetricsMiddleware:
         self._count(scope, status, start)
 
     def _count(self, scope: Any, status: int, start: float) -> None:
-        path = getattr(scope.get("route"), "path", "unmatched")
+        path = route_template(scope)
         self.metrics.http_requests.labels(path, scope["method"], str(status)).inc()
         self.metrics.http_latency.labels(path).observe(time.monotonic() - start)

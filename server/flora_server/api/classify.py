@@ -142,7 +142,7 @@ async def classify(
         if images:
             try:
                 blobs = [
-                    decode_base64(text, max_bytes=settings.max_image_bytes, name=f"image {i}")
+                    decode_base64(text, max_bytes=settings.max_image_bytes, name=f"inputs[{i}]")
                     for i, text in enumerate(body.inputs)
                 ]
             except ImageRejected as exc:

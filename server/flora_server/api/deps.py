@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from flora.models.types import a_kind
 from flora_server import auth
 from flora_server.adapters.registry import AdapterRegistry
 from flora_server.engine.batching import BatchEngine
@@ -138,7 +139,8 @@ def require_kind(*kinds: str, neutral_paths: frozenset[str] = frozenset()) -> Ca
         raise APIError(
             404,
             f"{request.url.path} is not served here: the loaded model {engine.model_name!r} is "
-            f"a {engine.kind} model (this route needs a {' or '.join(kinds)} model)",
+            f"{a_kind(engine.kind)} model "
+            f"(this route needs {' or '.join(map(a_kind, kinds))} model)",
         )
 
     return check

@@ -23,10 +23,9 @@ from flora.models.types import Pooling
 from flora.serving.model import ServingModel
 from flora_server.engine.batching import BatchEngine, BatchJob
 from flora_server.engine.heads import HeadedRuntime, apply_heads
-from flora_server.engine.protocol import AdapterSource
+from flora_server.engine.protocol import AdapterSource, InvalidRequestError
 from flora_server.engine.runtime import factor_dtype
 from flora_server.engine.vision import top_predictions
-from flora_server.engine.worker import InvalidRequestError
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,10 @@ class EncoderEngine(BatchEngine):
             info = self.heads.info(job.slot)
             if options.task == "classify" and (info is None or info.head is None):
                 who = f"adapter {job.adapter_id!r}" if job.adapter_id else "the base model"
-                results[j] = InvalidRequestError(f"{who} has no classification head")
+                results[j] = InvalidRequestError(
+                    f"{who} has no classification head; name an adapter trained with one",
+                    param="adapter_id",
+                )
             else:
                 live.append(j)
         if not live:

@@ -147,6 +147,16 @@ class EngineNotReadyError(EngineError):
     """The engine is starting or draining for shutdown."""
 
 
+class InvalidRequestError(EngineError, ValueError):
+    """The request cannot be served as given (a 422): empty prompt, prompt too long, ids
+    outside the vocabulary, a classify call on a model without a head. ``param`` names the
+    request field to change."""
+
+    def __init__(self, message: str, *, param: str = "prompt") -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class RequestFailedError(EngineError):
     """This request failed inside the engine; other requests are unaffected."""
 

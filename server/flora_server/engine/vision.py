@@ -22,9 +22,8 @@ from flora.serving.base import ServingPolicy
 from flora.serving.model import ServingModel
 from flora_server.engine.batching import BatchEngine, BatchJob
 from flora_server.engine.heads import HEAD_NAME, HeadedRuntime, LinearHead, apply_heads
-from flora_server.engine.protocol import AdapterSource
+from flora_server.engine.protocol import AdapterSource, InvalidRequestError
 from flora_server.engine.runtime import factor_dtype
-from flora_server.engine.worker import InvalidRequestError
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,9 @@ class VisionEngine(BatchEngine):
                     else adapter_transform(self.transform, info.metadata)
                 )
             except (TypeError, ValueError) as exc:
-                results[j] = InvalidRequestError(f"the adapter's image_transform is invalid: {exc}")
+                results[j] = InvalidRequestError(
+                    f"the adapter's image_transform is invalid: {exc}", param="adapter_id"
+                )
                 continue
             groups.setdefault(transform, []).extend((j, i) for i in range(len(job.inputs)))
         for transform, members in groups.items():

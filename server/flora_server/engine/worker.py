@@ -35,6 +35,7 @@ from flora_server.engine.protocol import (
     FinishEvent,
     GenerationEvent,
     GenerationRequest,
+    InvalidRequestError,
     QueueFullError,
     RequestFailedError,
 )
@@ -50,10 +51,6 @@ from flora_server.engine.worker_thread import WorkerThreadMixin
 
 log = logging.getLogger(__name__)
 _WAKE = object()
-
-
-class InvalidRequestError(EngineError, ValueError):
-    """The request cannot be served as given (empty prompt, prompt too long, bad ids)."""
 
 
 class LLMEngine(WorkerThreadMixin):

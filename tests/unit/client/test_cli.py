@@ -66,7 +66,11 @@ def test_adapters_upload_list_show_delete(
 
     (adapter_dir / "adapter.safetensors").write_bytes(b"changed")
     result = flora(runner, stub_url, "adapters", "upload", str(adapter_dir), "--id", "ad1")
-    assert_one_line_error(result, "409 conflict_error: adapter 'ad1' exists with other bytes")
+    assert_one_line_error(
+        result,
+        "409 conflict_error: adapter 'ad1' already exists with other bytes; "
+        "pass --overwrite to replace it",
+    )
     result = flora(
         runner, stub_url, "adapters", "upload", str(adapter_dir), "--id", "ad1", "--overwrite"
     )

@@ -197,3 +197,18 @@ def test_engine_hooks_feed_metrics(tmp_path):
         assert s[("flora_adapter_cache_misses_total", ())] == 1
         assert s[("flora_adapter_cache_evictions_total", (("tier", "device"),))] == 1
         assert s[("flora_adapter_load_seconds_sum", (("result", "ok"),))] == pytest.approx(0.2)
+
+
+def test_docs_routes_are_counted_under_their_own_route(tmp_path):
+    with running_app(tmp_path) as (client, _):
+        for path in ("/openapi.json", "/docs", "/redoc", "/no-such-route"):
+            client.get(path)
+        s = metric_samples(client.get("/metrics").text)
+        routes = {
+            dict(labels)["route"]
+            for (name, labels) in s
+            if name == "flora_http_requests_total" and dict(labels)["method"] == "GET"
+        }
+        assert {"/openapi.json", "/docs", "/redoc", "unmatched"} <= routes
+        unmatched = (("method", "GET"), ("route", "unmatched"), ("status", "404"))
+        assert s[("flora_http_requests_total", unmatched)] == 1  # only /no-such-route

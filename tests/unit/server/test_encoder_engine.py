@@ -146,7 +146,11 @@ def test_text_classify_needs_a_head(client: TestClient) -> None:
     for adapter_id in ("plain", None):
         bad = client.post("/v1/classify", json={"inputs": TEXTS, "adapter_id": adapter_id})
         assert bad.status_code == 422 and "no classification head" in bad.text
-    assert client.post("/generate", json={"inputs": "x"}).status_code == 404
+        # The field to change is the adapter (there is no "prompt" on this route).
+        assert bad.json()["error"]["param"] == "adapter_id"
+    wrong_route = client.post("/generate", json={"inputs": "x"})
+    assert wrong_route.status_code == 404
+    assert "is a text-encoder model (this route needs a causal-lm model)" in wrong_route.text
 
 
 def test_encoder_adapter_whose_update_overflows_is_refused_at_upload(tmp_path) -> None:

@@ -16,10 +16,10 @@ from flora_server.engine.protocol import (
     AdapterNotFoundError,
     FinishEvent,
     GenerationRequest,
+    InvalidRequestError,
     QueueFullError,
     SamplingParams,
 )
-from flora_server.engine.worker import InvalidRequestError
 
 pytestmark = pytest.mark.timeout(120)
 PROMPT = [5, 17, 33, 60, 8]

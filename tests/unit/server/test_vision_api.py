@@ -151,6 +151,17 @@ def test_bad_images_get_4xx(client: TestClient, payload: bytes, status: int) -> 
     assert m.status_code == status, m.text
 
 
+def test_text_sent_to_the_image_server_is_named_as_text(client: TestClient) -> None:
+    r = client.post("/v1/classify", json={"inputs": ["a photo of a cat"]})
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["param"] == "inputs"
+    assert error["message"].startswith("inputs[0]: text; this server classifies images")
+    wrong_route = client.post("/v1/embeddings", json={"input": "x", "model": "m"})
+    assert wrong_route.status_code == 404
+    assert "is an image-classifier model" in wrong_route.json()["error"]["message"]
+
+
 def test_request_limits_and_bad_fields(client: TestClient) -> None:
     data = _b64(png_bytes(random_image(1)))
     too_many = client.post("/v1/classify", json={"inputs": [data] * 4})
