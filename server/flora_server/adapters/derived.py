@@ -76,11 +76,12 @@ def build_merge(
     from flora.adapter import encode_adapter
     from flora.merging import merge_adapters
 
-    adapters = [registry.load(i) for i in ids]
-    if [registry.stat(i).sha256 for i in ids] != shas:
+    loaded = [registry.load(i) for i in ids]
+    # The bytes merged are the ones the key names: the digest comes with each load.
+    if [one.sha256 for one in loaded] != shas:
         raise InputChangedError("an input adapter was replaced during the merge; retry")
     merged = merge_adapters(
-        adapters,
+        [one.adapter for one in loaded],
         weights,
         strategy=strategy,  # type: ignore[arg-type]
         density=density,

@@ -193,10 +193,7 @@ def test_malformed_json_is_422_not_500(app):
 
 
 def test_engine_invalid_request_is_422(app):
-    from flora_server.engine.protocol import EngineError
-
-    class InvalidRequestError(EngineError, ValueError):
-        pass
+    from flora_server.engine.protocol import InvalidRequestError
 
     client, engine = app
 
