@@ -73,6 +73,10 @@ class EngineStats:
     max_slots: int
     mode: Literal["idle", "base", "merged", "batched"]
     loaded_adapters: tuple[str, ...] = field(default=())
+    # Paged engine (v2) only; v1 reports zeros.
+    kv_cache_usage: float = 0.0  # fraction of the KV block pool in use, 0..1
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (counter)
+    prefix_cache_hits: int = 0  # of those, tokens found cached (counter)
 
 
 class EngineError(Exception):

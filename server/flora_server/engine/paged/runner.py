@@ -1,0 +1,219 @@
+"""Runs one packed step of a Hugging Face causal LM over the paged KV pool.
+
+Packing: the step's chunks (decode tokens and prefill chunks of several sequences) are laid
+out as T rows of one token each, `input_ids [T, 1]`, `position_ids [T, 1]`. Every layer of
+the model other than attention acts on each token alone, so this layout lets the
+`flora.serving` per-row routing apply each token's adapter (rows = tokens) without any
+change to the serving layers; attention is the one place where tokens meet, and it is
+replaced here:
+
+- `PagedStep.update` (called by each attention layer as its cache) writes the new keys and
+  values of the T tokens into their slots of the pool (`slot = block * block_size + offset`);
+- `paged_attention` (registered with transformers' `AttentionInterface` as "flora_paged")
+  gathers each sequence's keys and values from the pool by its block table and runs
+  `scaled_dot_product_attention` per sequence: no mask for a decode token, `is_causal` for
+  a chunk that starts at position 0, else an explicit causal mask offset by the positions
+  already cached. Registering an attention function without a mask function makes
+  transformers skip building its own mask (`masking_utils._preprocess_mask_arguments`).
+
+Full-attention decoders only (Llama, Qwen2, Mistral without a sliding window, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flora_server.engine.batch import CACHE_KWARG
+
+ATTENTION_NAME = "flora_paged"
+
+
+@dataclass(frozen=True)
+class ChunkInput:
+    """What the runner needs of one scheduled chunk."""
+
+    token_ids: Sequence[int]  # the chunk's tokens
+    start: int  # position of its first token
+    blocks: Sequence[int]  # the sequence's block table (covers start + len(token_ids))
+
+
+class KVTensors:
+    """The KV pool's storage, allocated once: per layer, keys and values of shape
+    [num_blocks * block_size, kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_blocks * block_size, kv_heads, head_dim)
+        self.block_size = block_size
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+        """Key + value bytes one token position costs over all layers."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values])
+
+
+class PagedStep:
+    """One forward's view of the pool: the cache object the attention layers update, and
+    the per-sequence gather indices `paged_attention` reads."""
+
+    def __init__(self, kv: KVTensors, chunks: Sequence[ChunkInput], device: torch.device) -> None:
+        bs = kv.block_size
+        self.kv = kv
+        write: list[int] = []
+        self.spans: list[tuple[int, int, int]] = []  # (first packed row, rows, start position)
+        self.reads: list[torch.Tensor] = []  # slot indices of positions 0..end per sequence
+        self.masks: list[torch.Tensor | None] = []
+        row = 0
+        for chunk in chunks:
+            n, start = len(chunk.token_ids), chunk.start
+            end = start + n
+            slots = [chunk.blocks[p // bs] * bs + p % bs for p in range(end)]
+            write.extend(slots[start:])
+            self.reads.append(torch.tensor(slots, dtype=torch.long, device=device))
+            self.spans.append((row, n, start))
+            self.masks.append(_chunk_mask(n, start, device))
+            row += n
+        self.write = torch.tensor(write, dtype=torch.long, device=device)
+
+    # transformers calls `cache.update(k, v, layer_idx, kwargs=...)`; k, v: [T, H_kv, 1, D].
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kv.keys[layer_idx].index_copy_(0, self.write, key.squeeze(2).to(self.kv.keys[0]))
+        self.kv.values[layer_idx].index_copy_(0, self.write, value.squeeze(2).to(self.kv.values[0]))
+        return key, value
+
+    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """query: [T, H, 1, D] -> attention output [T, 1, H, D]."""
+        keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        q = query.squeeze(2)  # [T, H, D]
+        out = torch.empty_like(q)
+        gqa = q.shape[1] != keys.shape[1]
+        for (row, n, start), read, mask in zip(self.spans, self.reads, self.masks, strict=True):
+            k = keys.index_select(0, read).transpose(0, 1).unsqueeze(0)  # [1, H_kv, L, D]
+            v = values.index_select(0, read).transpose(0, 1).unsqueeze(0)
+            qi = q[row : row + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            oi = F.scaled_dot_product_attention(
+                qi,
+                k.to(q.dtype),
+                v.to(q.dtype),
+                attn_mask=mask,
+                is_causal=start == 0 and n > 1,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            out[row : row + n] = oi[0].transpose(0, 1)
+        return out.unsqueeze(1)
+
+
+def _chunk_mask(n: int, start: int, device: torch.device) -> torch.Tensor | None:
+    """Causal mask of a chunk of n queries at positions start.. over keys 0..start+n-1
+    (None where SDPA needs none: one query sees every key; a chunk at 0 uses is_causal)."""
+    if n == 1 or start == 0:
+        return None
+    q_pos = torch.arange(start, start + n, device=device).unsqueeze(1)
+    return torch.arange(start + n, device=device).unsqueeze(0) <= q_pos  # [n, L] bool
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: the paged path when the forward carries a
+    `flora_paged` step, else plain SDPA (a forward that did not come from the runner)."""
+    step = kwargs.pop("flora_paged", None)
+    if step is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    return step.attend(module.layer_idx, query, scaling), None
+
+
+def install_paged_attention(model: torch.nn.Module) -> None:
+    """Register `paged_attention` with transformers and select it for `model`."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    model.config._attn_implementation = ATTENTION_NAME
+
+
+def check_full_attention(config: Any) -> None:
+    """Raise ValueError for models the paged runner cannot serve."""
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise ValueError("engine v2 serves full-attention models only (this one slides)")
+    types = getattr(config, "layer_types", None)
+    if types and any(t != "full_attention" for t in types):
+        raise ValueError(f"engine v2 serves full-attention layers only, not {set(types)}")
+
+
+class PagedRunner:
+    """Runs a packed step: the decoder over all the step's tokens, then the LM head on the
+    rows whose logits are sampled. `route(slots)` sets the per-row adapter routing."""
+
+    def __init__(self, model: torch.nn.Module, kv: KVTensors) -> None:
+        check_full_attention(model.config)
+        install_paged_attention(model)
+        self.model = model
+        self.kv = kv
+        self.device = next(model.parameters()).device
+        self._decoder = model.get_decoder()
+        self._head = model.get_output_embeddings()
+
+    @torch.inference_mode()
+    def run(
+        self,
+        chunks: Sequence[ChunkInput],
+        token_slots: Sequence[int | None],
+        sample_rows: Sequence[int],
+        route: Any,
+    ) -> torch.Tensor:
+        """Forward the chunks (packed in order); returns float32 logits [S, V] of the
+        packed rows `sample_rows`. `token_slots`: the adapter slot of every packed token."""
+        step = PagedStep(self.kv, chunks, self.device)
+        ids = [t for c in chunks for t in c.token_ids]
+        pos = [c.start + i for c in chunks for i in range(len(c.token_ids))]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(1)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device).unsqueeze(1)
+        route(token_slots)
+        out = self._decoder(
+            input_ids=input_ids,
+            position_ids=positions,
+            use_cache=True,
+            flora_paged=step,
+            **{CACHE_KWARG: step},
+        )
+        rows = torch.tensor(list(sample_rows), dtype=torch.long, device=self.device)
+        hidden = out.last_hidden_state.index_select(0, rows)  # [S, 1, H]
+        route([token_slots[i] for i in sample_rows])
+        return self._head(hidden)[:, -1, :].float()
