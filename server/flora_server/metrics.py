@@ -15,7 +15,7 @@ from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flora_server.engine.protocol import EngineStats
@@ -101,6 +101,25 @@ class _EngineStatsCollector(Collector):
                 # vLLM reports the time of the update as the value; routers read the labels.
                 family.add_metric(values, time.time())
         yield from (queue, running, slots, loaded, *info)
+
+
+class _PrefixCacheCollector(Collector):
+    """Scrape-time prefix-cache counters from `engine.stats()` (engine v2; v1 reports 0):
+    prompt tokens looked up, and those found cached."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self._stats()
+        queries = CounterMetricFamily(
+            "flora_prefix_cache_queries", "Prompt tokens looked up in the prefix cache"
+        )
+        hits = CounterMetricFamily("flora_prefix_cache_hits", "Prompt tokens found cached")
+        if stats is not None:
+            queries.add_metric([], stats.prefix_cache_queries)
+            hits.add_metric([], stats.prefix_cache_hits)
+        yield from (queries, hits)
 
 
 class ServerMetrics:
@@ -206,6 +225,7 @@ class ServerMetrics:
         )
         self._stats_source: Callable[[], EngineStats | None] = lambda: None
         r.register(_EngineStatsCollector(lambda: self._stats_source()))
+        r.register(_PrefixCacheCollector(lambda: self._stats_source()))
 
     def bind_engine_stats(self, stats: Callable[[], EngineStats | None]) -> None:
         """Read queue/batch/adapter gauges from this callable at scrape time."""

@@ -26,7 +26,7 @@ def test_prefix_match_reuses_full_blocks_of_the_same_adapter_content_only() -> N
     assert pool.cached_blocks() == 2
 
     same = BlockTable("sha256:aaa")
-    assert pool.match_prefix(same, prompt + [7]) == 8
+    assert pool.match_prefix(same, [*prompt, 7]) == 8
     assert same.blocks == first.blocks[:2]
     other = BlockTable("sha256:bbb")  # same id elsewhere, different content: no reuse
     assert pool.match_prefix(other, prompt) == 0

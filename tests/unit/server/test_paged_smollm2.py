@@ -83,6 +83,7 @@ def make_engine(adapters, **kwargs):
     from flora.models import load
     from flora_server.engine.paged.engine import PagedLLMEngine
 
+    kwargs = {"kv_cache_bytes": 64 << 20, **kwargs}
     engine = PagedLLMEngine(load("smollm2-135m-instruct"), DictSource(adapters), **kwargs)
     engine.start()
     return engine
