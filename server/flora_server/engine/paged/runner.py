@@ -11,9 +11,10 @@ replaced here:
   values of the T tokens into their slots of the pool (`slot = block * block_size + offset`);
 - `paged_attention` (registered with transformers' `AttentionInterface` as "flora_paged")
   gathers each sequence's keys and values from the pool by its block table and runs
-  `scaled_dot_product_attention` per sequence: no mask for a decode token, `is_causal` for
-  a chunk that starts at position 0, else an explicit causal mask offset by the positions
-  already cached. Registering an attention function without a mask function makes
+  `scaled_dot_product_attention`: the step's decode tokens together, as one batch padded to
+  the longest context with a key mask; each prefill chunk alone, with `is_causal` when it
+  starts at position 0, else an explicit causal mask offset by the positions already cached
+  (docs/engine.md has the measurements behind this split). Registering an attention function without a mask function makes
   transformers skip building its own mask (`masking_utils._preprocess_mask_arguments`).
 
 Full-attention decoders only (Llama, Qwen2, Mistral without a sliding window, ...).
@@ -86,17 +87,35 @@ class PagedStep:
         self.spans: list[tuple[int, int, int]] = []  # (first packed row, rows, start position)
         self.reads: list[torch.Tensor] = []  # slot indices of positions 0..end per sequence
         self.masks: list[torch.Tensor | None] = []
+        decode_rows: list[int] = []
+        decode_slots: list[list[int]] = []
         row = 0
         for chunk in chunks:
             n, start = len(chunk.token_ids), chunk.start
             end = start + n
             slots = [chunk.blocks[p // bs] * bs + p % bs for p in range(end)]
             write.extend(slots[start:])
-            self.reads.append(torch.tensor(slots, dtype=torch.long, device=device))
-            self.spans.append((row, n, start))
-            self.masks.append(_chunk_mask(n, start, device))
+            if n == 1:  # decode tokens go together in one padded SDPA call
+                decode_rows.append(row)
+                decode_slots.append(slots)
+            else:
+                self.reads.append(torch.tensor(slots, dtype=torch.long, device=device))
+                self.spans.append((row, n, start))
+                self.masks.append(_chunk_mask(n, start, device))
             row += n
         self.write = torch.tensor(write, dtype=torch.long, device=device)
+        # Decode group: keys gathered into [B, L_max] (padding reads slot 0, masked out).
+        self.decode_rows: torch.Tensor | None = None
+        if decode_rows:
+            longest = max(len(s) for s in decode_slots)
+            gather = torch.zeros(len(decode_rows), longest, dtype=torch.long)
+            mask = torch.zeros(len(decode_rows), 1, 1, longest, dtype=torch.bool)
+            for i, slots in enumerate(decode_slots):
+                gather[i, : len(slots)] = torch.tensor(slots, dtype=torch.long)
+                mask[i, :, :, : len(slots)] = True
+            self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
+            self.decode_gather = gather.to(device)
+            self.decode_mask = mask.to(device)
 
     # transformers calls `cache.update(k, v, layer_idx, kwargs=...)`; k, v: [T, H_kv, 1, D].
     def update(
@@ -112,6 +131,19 @@ class PagedStep:
         q = query.squeeze(2)  # [T, H, D]
         out = torch.empty_like(q)
         gqa = q.shape[1] != keys.shape[1]
+        if self.decode_rows is not None:
+            k = keys[self.decode_gather].transpose(1, 2)  # [B, H_kv, L_max, D]
+            v = values[self.decode_gather].transpose(1, 2)
+            qd = q.index_select(0, self.decode_rows).unsqueeze(2)  # [B, H, 1, D]
+            od = F.scaled_dot_product_attention(
+                qd,
+                k.to(q.dtype),
+                v.to(q.dtype),
+                attn_mask=self.decode_mask,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            out.index_copy_(0, self.decode_rows, od.squeeze(2))
         for (row, n, start), read, mask in zip(self.spans, self.reads, self.masks, strict=True):
             k = keys.index_select(0, read).transpose(0, 1).unsqueeze(0)  # [1, H_kv, L, D]
             v = values.index_select(0, read).transpose(0, 1).unsqueeze(0)
