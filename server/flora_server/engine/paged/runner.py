@@ -14,8 +14,9 @@ replaced here:
   `scaled_dot_product_attention`: the step's decode tokens together, as one batch padded to
   the longest context with a key mask; each prefill chunk alone, with `is_causal` when it
   starts at position 0, else an explicit causal mask offset by the positions already cached
-  (docs/engine.md has the measurements behind this split). Registering an attention function without a mask function makes
-  transformers skip building its own mask (`masking_utils._preprocess_mask_arguments`).
+  (docs/engine.md has the measurements behind this split). Registering an attention
+  function without a mask function makes transformers skip building its own mask
+  (`masking_utils._preprocess_mask_arguments`).
 
 Full-attention decoders only (Llama, Qwen2, Mistral without a sliding window, ...).
 """
