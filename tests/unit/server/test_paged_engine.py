@@ -157,3 +157,15 @@ def test_engine_setting_selects_v2(adapters) -> None:
     assert engine.pool.block_size == 8
     assert engine.pool.num_blocks == (1 << 20) // (8 * 2 * 2 * 2 * 16 * 4)
     assert Settings().engine == "v1"
+
+
+def test_prefix_cache_counters_are_exported() -> None:
+    from flora_server.engine.protocol import EngineStats
+    from flora_server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    stats = EngineStats(1, 0, (), (), 8, "base", prefix_cache_queries=120, prefix_cache_hits=48)
+    metrics.bind_engine_stats(lambda: stats)
+    text = metrics.render().decode()
+    assert "flora_prefix_cache_queries_total 120.0" in text
+    assert "flora_prefix_cache_hits_total 48.0" in text
