@@ -136,14 +136,22 @@ def start_engine(kind: str, cfg: EngineBenchConfig, adapters: dict, metrics: Any
     return engine
 
 
-async def timed(engine: Any, prompt: list[int], adapter: str | None, max_new: int) -> list[float]:
-    """Submit one greedy request; returns [submit time, time of each token...]."""
+async def timed(
+    engine: Any,
+    prompt: list[int],
+    adapter: str | None,
+    max_new: int,
+    times: list[float] | None = None,
+) -> list[float]:
+    """Submit one greedy request; returns [submit time, time of each token...] (also
+    filled into `times` as they come, so a cancelled caller keeps what it got)."""
     from flora_server.engine.protocol import GenerationRequest, SamplingParams, TokenEvent
 
     req = GenerationRequest(
         str(random.random()), prompt, SamplingParams(max_new_tokens=max_new), adapter
     )
-    times = [time.perf_counter()]
+    times = [] if times is None else times
+    times.append(time.perf_counter())
     async for event in engine.generate(req):
         if isinstance(event, TokenEvent):
             times.append(time.perf_counter())
@@ -247,25 +255,38 @@ def schedule(
 
 
 def open_loop(engine: Any, plan: list, cfg: EngineBenchConfig, cap_s: float) -> dict[str, Any]:
-    async def one(at: float, prompt: list[int], adapter: str, t0: float) -> float | None:
-        await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-        times = await timed(engine, prompt, adapter, cfg.max_new_tokens)
-        return times[1] - times[0] if len(times) > 1 else None
+    """Replay `plan` (arrival time, prompt, adapter); stop what is left at `cap_s`."""
+    marks: list[list[float]] = [[] for _ in plan]
 
-    async def main() -> tuple[list[Any], float]:
+    async def one(i: int, at: float, prompt: list[int], adapter: str, t0: float) -> None:
+        await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+        await timed(engine, prompt, adapter, cfg.max_new_tokens, marks[i])
+
+    async def main() -> float:
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(one(at, p, a, t0)) for at, p, a in plan]
-        done, pending = await asyncio.wait(tasks, timeout=cap_s)
+        tasks = [asyncio.create_task(one(i, *item, t0)) for i, item in enumerate(plan)]
+        _, pending = await asyncio.wait(tasks, timeout=cap_s)
         for task in pending:
             task.cancel()
-        end = time.perf_counter()
-        return [
-            t.result() if t in done and not t.exception() else None for t in tasks
-        ], end - t0 - plan[0][0]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return time.perf_counter() - t0 - plan[0][0]
 
-    ttfts, span = asyncio.run(main())
-    good = sum(1 for t in ttfts if t is not None and t < cfg.ttft_goal_s)
-    return {"good": good, "span_s": span, "goodput_rps": good / span, "ttft_s": ttfts}
+    span = asyncio.run(main())
+    ttfts = [m[1] - m[0] if len(m) > 1 else None for m in marks]
+    finished = [len(m) == cfg.max_new_tokens + 1 for m in marks]
+    good = sum(
+        1
+        for t, f in zip(ttfts, finished, strict=True)
+        if f and t is not None and t < cfg.ttft_goal_s
+    )
+    return {
+        "good": good,
+        "finished": sum(finished),
+        "span_s": span,
+        "goodput_rps": good / span,
+        "finished_rps": sum(finished) / span,
+        "ttft_s": ttfts,
+    }
 
 
 def engine_suite(
@@ -311,8 +332,12 @@ def engine_suite(
         "v1": res_v1,
         "v2": res_v2,
     }
+    # None when v1 had no request within the TTFT goal (the ratio is then unbounded).
     out["open_loop_goodput_vs_v1"] = (
         res_v2["goodput_rps"] / res_v1["goodput_rps"] if res_v1["goodput_rps"] else None
+    )
+    out["open_loop_finished_rps_vs_v1"] = (
+        res_v2["finished_rps"] / res_v1["finished_rps"] if res_v1["finished_rps"] else None
     )
     return out
 
