@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_engine_batch import greedy_alone
 from test_engine_smollm2 import random_adapter
+from test_paged_engine import settled_stats
 from tiny_engine import DictSource
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -102,7 +103,7 @@ def test_mixed_adapters_prefix_hits_and_chunks_equal_each_alone(world) -> None:
         hits_before = engine.stats().prefix_cache_hits
         keys = ["x2", "y1", "b2", "x1", "b1"]
         got = run_engine(engine, [(QUESTIONS[k][0], prompts[k]) for k in keys])
-        stats = engine.stats()
+        stats = settled_stats(engine)
     finally:
         asyncio.run(engine.shutdown(5))
     assert dict(zip(keys, got, strict=True)) == {k: want[k] for k in keys}

@@ -4,8 +4,9 @@ Packing: the step's chunks (decode tokens and prefill chunks of several sequence
 out as T rows of one token each, `input_ids [T, 1]`, `position_ids [T, 1]`. Every layer of
 the model other than attention acts on each token alone, so this layout lets the
 `flora.serving` per-row routing apply each token's adapter (rows = tokens) without any
-change to the serving layers; attention is the one place where tokens meet, and it is
-replaced here:
+change to the serving layers. A step whose tokens all use one slot (or the base) runs as
+one row `[1, T]` instead, so the serving layers take their one-row GEMM path. Attention is
+the one place where tokens meet, and it is replaced here:
 
 - `PagedStep.update` (called by each attention layer as its cache) writes the new keys and
   values of the T tokens into their slots of the pool (`slot = block * block_size + offset`);
@@ -81,9 +82,17 @@ class PagedStep:
     """One forward's view of the pool: the cache object the attention layers update, and
     the per-sequence gather indices `paged_attention` reads."""
 
-    def __init__(self, kv: KVTensors, chunks: Sequence[ChunkInput], device: torch.device) -> None:
+    def __init__(
+        self,
+        kv: KVTensors,
+        chunks: Sequence[ChunkInput],
+        device: torch.device,
+        tokens_as_rows: bool = True,
+    ) -> None:
         bs = kv.block_size
         self.kv = kv
+        # Layout of the forward: [T, 1] (a row per token) or [1, T] (one row).
+        self.tokens_as_rows = tokens_as_rows
         write: list[int] = []
         self.spans: list[tuple[int, int, int]] = []  # (first packed row, rows, start position)
         self.reads: list[torch.Tensor] = []  # slot indices of positions 0..end per sequence
@@ -118,18 +127,24 @@ class PagedStep:
             self.decode_gather = gather.to(device)
             self.decode_mask = mask.to(device)
 
-    # transformers calls `cache.update(k, v, layer_idx, kwargs=...)`; k, v: [T, H_kv, 1, D].
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, H, 1, D] or [1, H, T, D] (by layout) -> [T, H, D]."""
+        return x.squeeze(2) if self.tokens_as_rows else x[0].transpose(0, 1)
+
+    # transformers calls `cache.update(k, v, layer_idx, kwargs=...)`; k, v: [B, H_kv, L, D].
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.kv.keys[layer_idx].index_copy_(0, self.write, key.squeeze(2).to(self.kv.keys[0]))
-        self.kv.values[layer_idx].index_copy_(0, self.write, value.squeeze(2).to(self.kv.values[0]))
+        keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        keys.index_copy_(0, self.write, self._tokens(key).to(keys.dtype))
+        values.index_copy_(0, self.write, self._tokens(value).to(values.dtype))
         return key, value
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
-        """query: [T, H, 1, D] -> attention output [T, 1, H, D]."""
+        """query: [T, H, 1, D] or [1, H, T, D] -> attention output [T, 1, H, D] or
+        [1, T, H, D] (what transformers reshapes back to the hidden states)."""
         keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
-        q = query.squeeze(2)  # [T, H, D]
+        q = self._tokens(query)  # [T, H, D]
         out = torch.empty_like(q)
         gqa = q.shape[1] != keys.shape[1]
         if self.decode_rows is not None:
@@ -159,7 +174,7 @@ class PagedStep:
                 enable_gqa=gqa,
             )
             out[row : row + n] = oi[0].transpose(0, 1)
-        return out.unsqueeze(1)
+        return out.unsqueeze(1) if self.tokens_as_rows else out.unsqueeze(0)
 
 
 def _chunk_mask(n: int, start: int, device: torch.device) -> torch.Tensor | None:
@@ -232,13 +247,19 @@ class PagedRunner:
         route: Any,
     ) -> torch.Tensor:
         """Forward the chunks (packed in order); returns float32 logits [S, V] of the
-        packed rows `sample_rows`. `token_slots`: the adapter slot of every packed token."""
-        step = PagedStep(self.kv, chunks, self.device)
+        packed tokens `sample_rows`. `token_slots`: the adapter slot of every packed token.
+
+        Tokens of different adapters run as one row each ([T, 1], routed per token); when
+        every token uses the same slot (or the base) they run as one row of T tokens, which
+        lets `flora.serving` take its one-row GEMM path."""
+        as_rows = len(set(token_slots)) > 1
+        step = PagedStep(self.kv, chunks, self.device, tokens_as_rows=as_rows)
         ids = [t for c in chunks for t in c.token_ids]
         pos = [c.start + i for c in chunks for i in range(len(c.token_ids))]
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(1)
-        positions = torch.tensor(pos, dtype=torch.long, device=self.device).unsqueeze(1)
-        route(token_slots)
+        dim = 1 if as_rows else 0
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(dim)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device).unsqueeze(dim)
+        route(token_slots if as_rows else token_slots[:1])
         out = self._decoder(
             input_ids=input_ids,
             position_ids=positions,
@@ -247,6 +268,6 @@ class PagedRunner:
             **{CACHE_KWARG: step},
         )
         rows = torch.tensor(list(sample_rows), dtype=torch.long, device=self.device)
-        hidden = out.last_hidden_state.index_select(0, rows)  # [S, 1, H]
+        hidden = out.last_hidden_state.reshape(len(ids), 1, -1).index_select(0, rows)
         route([token_slots[i] for i in sample_rows])
         return self._head(hidden)[:, -1, :].float()
