@@ -1,6 +1,7 @@
 """Engine v2 on the real SmolLM2-135M-Instruct (float32, CPU): a row's greedy tokens in a
 mixed packed step (adapters, base rows, prefix-cache hits, chunked prefill, preemption)
-equal the same request alone, computed independently by full forwards without a cache."""
+equal the same request alone, computed independently by transformers' greedy `generate`
+(adapters applied and merged by flora itself)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import asyncio
 
 import pytest
 import torch
-from test_engine_batch import greedy_alone
 from test_engine_smollm2 import random_adapter
 from test_paged_engine import settled_stats
 from tiny_engine import DictSource
@@ -43,6 +43,13 @@ def world(tmp_path_factory):
         return tok.encode(chat, add_special_tokens=False)
 
     prompts = {key: encode(text) for key, (_, text) in QUESTIONS.items()}
+
+    def greedy_alone(model, prompt: list[int], steps: int) -> list[int]:
+        # transformers' own greedy generate: independent of both engines' batching.
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False
+        )
+        return out[0, len(prompt) :].tolist()
 
     def expected(adapter, prompt: list[int]) -> list[int]:
         if adapter is None:
