@@ -4,8 +4,9 @@ Writes ``bench/results/<name>.json`` (``quick`` or ``full``) and PNG plots besid
 Every number is a ratio of variants measured side by side in one run (interleaved
 rounds, median of per-round ratios); absolute times are recorded for context only.
 ``--quick`` (about 3 minutes on a quiet 2-core VM; more under a neighbour's load): decode
-K = 1/4/32, vs PEFT, vs naive hot swap, prefill, cold load. The full run repeats more and
-adds the HTTP load generator and the 1,000-adapter scale test.
+K = 1/4/32, vs PEFT, vs naive hot swap, prefill, cold load, engine v2 vs v1 (bench/engine.py;
+``--only-engine`` runs that part alone and updates its keys in the existing file). The
+full run repeats more and adds the HTTP load generator and the 1,000-adapter scale test.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 
+from bench.engine import ENGINE_GOALS_MAX, ENGINE_GOALS_MIN
+
 GOALS = {
     "decode_ratio_k1": 0.98,
     "decode_ratio_k4": 0.95,
@@ -32,6 +35,8 @@ GOALS = {
     "prefill_ratio_k8": 0.95,
 }
 COLD_LOAD_GOAL_MS = 50.0
+# Engine v2 (bench/engine.py owns them): upper bounds, and the goodput's lower bound.
+ENGINE_GOALS = {**ENGINE_GOALS_MAX, **ENGINE_GOALS_MIN}
 
 
 def machine() -> dict[str, Any]:
@@ -55,7 +60,41 @@ def verdicts(results: dict[str, Any]) -> dict[str, bool]:
         out["server_5xx"] = results["server_5xx"] == 0
     if "scale_rss_within_budget" in results:
         out["scale_rss_within_budget"] = bool(results["scale_rss_within_budget"])
+    from bench.engine import engine_verdicts
+
+    out.update(engine_verdicts(results))
     return out
+
+
+def engine_config(quick: bool) -> Any:
+    from bench.engine import EngineBenchConfig
+
+    return EngineBenchConfig(open_requests=8, prefix_rounds=2) if quick else EngineBenchConfig()
+
+
+def engine_only(args: argparse.Namespace) -> int:
+    """The engine suite alone; its keys replace those in the existing results file."""
+    from bench import engine
+
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {msg}", flush=True)
+
+    name = "quick" if args.quick else "full"
+    path = args.out / f"{name}.json"
+    report = json.loads(path.read_text()) if path.exists() else {"name": name}
+    load_at_start = os.getloadavg()
+    results = engine.engine_suite(log, engine_config(args.quick))
+    results["engine_machine"] = {**machine(), "load_average_at_start": load_at_start}
+    results["engine_seconds"] = time.perf_counter() - started
+    report.update(results)
+    report["goals"] = {**report.get("goals", {}), **ENGINE_GOALS}
+    report["meets_goal"] = {**report.get("meets_goal", {}), **engine.engine_verdicts(results)}
+    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    for key in ENGINE_GOALS:
+        print(f"  {key:26s} {results.get(key)}  goal {ENGINE_GOALS[key]}")
+    return 0
 
 
 def server_suites(log: Callable[[str], None]) -> dict[str, Any]:
@@ -89,8 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument(
+        "--only-engine",
+        action="store_true",
+        help="run only the engine v2 vs v1 suite and update its keys in the existing JSON",
+    )
     args = parser.parse_args(argv)
-    from bench import coldload, decode, plots
+    if args.only_engine:
+        return engine_only(args)
+    from bench import coldload, decode, engine, plots
     from bench.workload import load_base
     from flora.serving import ServingPolicy
 
@@ -135,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     log("decode/prefill done")
     results.update(coldload.cold_load_suite(serving, fixture, 15 if args.quick else 41, slot=31))
     log("cold load done")
+    del serving
+    results.update(engine.engine_suite(log, engine_config(args.quick)))
+    log("engine v2 vs v1 done")
     if not args.quick:
-        del serving
         results.update(server_suites(log))
     results["seconds"] = time.perf_counter() - started
     report = {
@@ -144,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**machine(), "load_average_at_start": load_at_start},
         "config": cfg.__dict__,
         **results,
-        "goals": {**GOALS, "cold_load_ms_p50": COLD_LOAD_GOAL_MS, "server_5xx": 0},
+        "goals": {**GOALS, **ENGINE_GOALS, "cold_load_ms_p50": COLD_LOAD_GOAL_MS, "server_5xx": 0},
         "meets_goal": verdicts(results),
     }
     args.out.mkdir(parents=True, exist_ok=True)

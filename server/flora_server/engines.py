@@ -44,12 +44,20 @@ def llm_engine(
 ) -> Any:
     from flora_server.engine.worker import LLMEngine
 
-    return LLMEngine(
-        loaded,
-        registry,
-        max_new_tokens_cap=settings.max_new_tokens,
-        **_engine_settings(settings, metrics),
-    )
+    common = {"max_new_tokens_cap": settings.max_new_tokens, **_engine_settings(settings, metrics)}
+    if settings.engine == "v2":
+        from flora_server.engine.paged.engine import PagedLLMEngine
+
+        return PagedLLMEngine(
+            loaded,
+            registry,
+            kv_cache_bytes=settings.kv_cache_bytes,
+            kv_block_size=settings.kv_block_size,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            prefix_caching=settings.prefix_caching,
+            **common,
+        )
+    return LLMEngine(loaded, registry, **common)
 
 
 def batch_engine(

@@ -25,7 +25,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flora_server.engine.protocol import EngineStats
@@ -154,6 +154,25 @@ class _EngineStatsCollector(Collector):
         yield from (kv, *aliases, resident)
 
 
+class _PrefixCacheCollector(Collector):
+    """Scrape-time prefix-cache counters from `engine.stats()` (engine v2; v1 reports 0):
+    prompt tokens looked up, and those found cached."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self._stats()
+        queries = CounterMetricFamily(
+            "flora_prefix_cache_queries", "Prompt tokens looked up in the prefix cache"
+        )
+        hits = CounterMetricFamily("flora_prefix_cache_hits", "Prompt tokens found cached")
+        if stats is not None:
+            queries.add_metric([], stats.prefix_cache_queries)
+            hits.add_metric([], stats.prefix_cache_hits)
+        yield from (queries, hits)
+
+
 class ServerMetrics:
     """All metrics of one app, plus the engine's metric hooks."""
 
@@ -264,6 +283,7 @@ class ServerMetrics:
         self._stats_source: Callable[[], EngineStats | None] = lambda: None
         self._model_name = ""
         r.register(_EngineStatsCollector(lambda: self._stats_source(), lambda: self._model_name))
+        r.register(_PrefixCacheCollector(lambda: self._stats_source()))
         # process_* (CPU, RSS, open fds), python_info and python_gc_* on this app's registry.
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)

@@ -170,6 +170,24 @@ class Settings(BaseSettings):
     metrics_top_adapters: int = Field(
         20, ge=0, description="adapters with their own metric label; the rest are `other`"
     )
+    engine: Literal["v1", "v2"] = Field(
+        "v1",
+        description="text-generation engine: v1 = left-padded batch; v2 = paged KV cache, "
+        "chunked prefill, prefix caching by adapter content (docs/engine.md)",
+    )
+    kv_cache_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=1,
+        description="engine v2: bytes of the KV block pool (keys and values of every layer), "
+        "allocated once at start",
+    )
+    kv_block_size: int = Field(16, ge=1, le=1024, description="engine v2: tokens per KV block")
+    max_num_batched_tokens: int = Field(
+        512, ge=1, description="engine v2: most tokens (decode + prefill chunks) in one step"
+    )
+    prefix_caching: bool = Field(
+        True, description="engine v2: reuse KV blocks of identical prompt prefixes"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text or one JSON object each (with the request id)"

@@ -104,9 +104,10 @@ class EngineStats:
     mode: Literal["idle", "base", "merged", "batched"]
     loaded_adapters: tuple[str, ...] = field(default=())  # on device slots
     host_adapters: tuple[str, ...] = field(default=())  # validated copies in the host cache
-    # Fraction (0..1) of the KV-cache pool in use. 0.0 for engines without a fixed pool (the
-    # v1 engine allocates each batch's cache on demand, so there is no fraction to report).
-    kv_cache_usage: float = 0.0
+    # Paged engine (v2) only; v1 allocates each batch's cache on demand and reports zeros.
+    kv_cache_usage: float = 0.0  # fraction of the KV block pool in use, 0..1
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (counter)
+    prefix_cache_hits: int = 0  # of those, tokens found cached (counter)
 
 
 class EngineError(Exception):

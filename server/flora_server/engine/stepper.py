@@ -60,6 +60,11 @@ class Stepper:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
 
     @property
+    def busy(self) -> bool:
+        """Whether any request is in the engine's hands (a step is due)."""
+        return self.batch is not None
+
+    @property
     def rows(self) -> list[RowState]:
         return [] if self.batch is None else list(self.batch.rows)
 

@@ -14,6 +14,7 @@ Worker loop, one iteration:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -94,13 +95,8 @@ class LLMEngine(WorkerThreadMixin):
             metrics=self._metrics,
             on_loaded=self._wake,
         )
-        self._stepper = Stepper(
-            self._model,
-            self._runtime,
-            self.cache,
-            eos_token_ids(self._model, self._tokenizer),
-            self._metrics,
-            merge_after_steps,
+        self._stepper = self._make_stepper(
+            eos_token_ids(self._model, self._tokenizer), merge_after_steps
         )
         self._device = next(self._model.parameters()).device
         self._lock = threading.Lock()
@@ -111,6 +107,12 @@ class LLMEngine(WorkerThreadMixin):
         self._init_worker("flora-engine")
         self._abort = False
         self._fail_reason: str | None = None  # set by fail_in_flight
+
+    def _make_stepper(self, eos_ids: set[int], merge_after_steps: int | None) -> Stepper:
+        """The object that runs the steps (engine v2 substitutes its paged one)."""
+        return Stepper(
+            self._model, self._runtime, self.cache, eos_ids, self._metrics, merge_after_steps
+        )
 
     # -- GenerationEngine ------------------------------------------------------------
 
@@ -154,13 +156,10 @@ class LLMEngine(WorkerThreadMixin):
     def stats(self) -> EngineStats:
         with self._lock:
             stats, waiting = self._stats, self._waiting_count
-        return EngineStats(
-            running=stats.running,
+        return dataclasses.replace(
+            stats,
             waiting=waiting,
-            running_adapters=stats.running_adapters,
-            waiting_adapters=stats.waiting_adapters,
             max_slots=self.max_slots,
-            mode=stats.mode,
             loaded_adapters=self.cache.device_adapters(),
             host_adapters=self.cache.host_adapters(),
         )
@@ -248,17 +247,17 @@ class LLMEngine(WorkerThreadMixin):
                 self._stepper.finish(row, "cancelled")
             self._stepper.drop_finished()
             return True
-        return self._stopping and not waiting and self._stepper.batch is None
+        return self._stopping and not waiting and not self._stepper.busy
 
     def _iterate(self, waiting: deque[RequestHandle]) -> None:
-        idle = self._stepper.batch is None
+        idle = not self._stepper.busy
         self._drain_inbox(waiting, block=idle, timeout=0.5 if not waiting else 0.02)
         if self._fail_reason is not None:
             self._fail_everything(waiting, EngineNotReadyError(self._fail_reason))
         self.cache.apply_invalidations()
         self._expire_waiting(waiting)
         admitted = self._admit(waiting)
-        if self._stepper.batch is not None or admitted:
+        if self._stepper.busy or admitted:
             self._step(admitted, [h.request.adapter_id for h in waiting])
         else:
             self._stepper.mode = "idle"

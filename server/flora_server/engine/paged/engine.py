@@ -1,0 +1,167 @@
+"""`PagedLLMEngine` (engine v2): `LLMEngine`'s worker, queueing, admission of adapters and
+request plumbing, with the paged stepper (`paged.stepper`) in place of the left-padded
+batch. Selected by the setting `engine = "v2"` (docs/engine.md).
+
+The KV pool is sized once from `kv_cache_bytes` (keys + values of every layer, in the
+model's dtype); a prompt that cannot fit the whole pool is refused as an invalid request
+(a 4xx, like a prompt beyond the context length), and `max_new_tokens` is capped so that
+every admitted request fits the pool alone: preemption can then always make progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Any
+
+from flora_server.engine.paged.kv_cache import BASE_KEY, BlockPool
+from flora_server.engine.paged.runner import KVTensors, PagedRunner
+from flora_server.engine.paged.scheduler import PagedScheduler
+from flora_server.engine.paged.stepper import PagedStepper
+from flora_server.engine.protocol import AdapterSource, EngineStats, GenerationRequest
+from flora_server.engine.requests import RequestHandle
+from flora_server.engine.runtime import AdapterRuntime, build_serving_runtime
+from flora_server.engine.stepper import Stepper
+from flora_server.engine.worker import InvalidRequestError, LLMEngine
+
+
+class SlotDigests:
+    """An `AdapterRuntime` that remembers the content sha256 of the adapter on each slot
+    (the prefix-cache key), delegating everything to the wrapped runtime."""
+
+    def __init__(self, inner: AdapterRuntime) -> None:
+        self._inner = inner
+        self.digests: dict[int, str] = {}
+
+    def load(self, slot: int, adapter: Any) -> None:
+        from flora.adapter import adapter_sha256
+
+        self.digests.pop(slot, None)
+        self._inner.load(slot, adapter)
+        self.digests[slot] = adapter_sha256(adapter)
+
+    def unload(self, slot: int) -> None:
+        self.digests.pop(slot, None)
+        self._inner.unload(slot)
+
+    def key(self, slot: int | None) -> str:
+        return BASE_KEY if slot is None else self.digests[slot]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class PagedLLMEngine(LLMEngine):
+    """Engine v2; same constructor as `LLMEngine` plus the pool and step settings."""
+
+    def __init__(
+        self,
+        loaded: Any,
+        source: AdapterSource,
+        *,
+        kv_cache_bytes: int = 1 << 30,
+        kv_block_size: int = 16,
+        max_num_batched_tokens: int = 512,
+        prefix_caching: bool = True,
+        max_slots: int = 8,
+        adapter_dtype: str = "auto",
+        runtime: AdapterRuntime | None = None,
+        **kwargs: Any,
+    ) -> None:
+        model = loaded.model
+        self._digests = SlotDigests(
+            runtime or build_serving_runtime(model, max_slots, adapter_dtype)
+        )
+        dtype = next(model.parameters()).dtype
+        per_token = KVTensors.bytes_per_token(model.config, dtype)
+        num_blocks = kv_cache_bytes // (per_token * kv_block_size)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_bytes={kv_cache_bytes} holds no block of {kv_block_size} tokens "
+                f"({per_token} bytes per token)"
+            )
+        self._pool = BlockPool(num_blocks, kv_block_size, prefix_caching)
+        self._kv_dtype = dtype
+        self._token_budget = max_num_batched_tokens
+        self._sched_waiting = 0
+        super().__init__(
+            loaded,
+            source,
+            max_slots=max_slots,
+            adapter_dtype=adapter_dtype,
+            runtime=self._digests,  # type: ignore[arg-type]
+            **kwargs,
+        )
+
+    @property
+    def pool(self) -> BlockPool:
+        return self._pool
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return KVTensors.bytes_per_token(self._model.config, self._kv_dtype)
+
+    def _make_stepper(self, eos_ids: set[int], merge_after_steps: int | None) -> Stepper:
+        config = self._model.config
+        heads = config.num_attention_heads
+        kv = KVTensors(
+            config.num_hidden_layers,
+            self._pool.num_blocks,
+            self._pool.block_size,
+            getattr(config, "num_key_value_heads", None) or heads,
+            getattr(config, "head_dim", None) or config.hidden_size // heads,
+            self._kv_dtype,
+            next(self._model.parameters()).device,
+        )
+        return PagedStepper(
+            self._model,
+            self._runtime,
+            self.cache,
+            eos_ids,
+            self._metrics,
+            merge_after_steps,
+            runner=PagedRunner(self._model, kv),
+            scheduler=PagedScheduler(self._pool, self._token_budget, self._max_batch_size),
+            adapter_key=self._digests.key,
+        )
+
+    def _max_new_tokens(self, request: GenerationRequest) -> int:
+        max_new = super()._max_new_tokens(request)
+        capacity = self._pool.num_blocks * self._pool.block_size
+        n_prompt = len(request.prompt_ids)
+        if n_prompt >= capacity:
+            raise InvalidRequestError(
+                f"the prompt has {n_prompt} tokens; the KV cache holds {capacity} "
+                "(raise FLORA_KV_CACHE_BYTES)"
+            )
+        return min(max_new, capacity - n_prompt)
+
+    def stats(self) -> EngineStats:
+        stats = super().stats()
+        return dataclasses.replace(stats, waiting=stats.waiting + self._sched_waiting)
+
+    def _publish_stats(self, waiting: deque[RequestHandle]) -> None:
+        scheduler = self._stepper.scheduler  # type: ignore[attr-defined]
+        rows = [seq.row for seq in scheduler.running]
+        pending = [seq.row for seq in scheduler.waiting]
+        stats = EngineStats(
+            running=len(rows),
+            waiting=len(waiting) + len(pending),
+            running_adapters=tuple(sorted({r.adapter_id for r in rows if r.adapter_id})),
+            waiting_adapters=tuple(
+                sorted(
+                    {h.request.adapter_id for h in waiting if h.request.adapter_id}
+                    | {r.adapter_id for r in pending if r.adapter_id}
+                )
+            ),
+            max_slots=self.max_slots,
+            mode=self._stepper.mode if rows else "idle",
+            kv_cache_usage=self._pool.usage,
+            prefix_cache_queries=self._pool.queries,
+            prefix_cache_hits=self._pool.hits,
+        )
+        with self._lock:
+            self._stats = stats
+            self._sched_waiting = len(pending)
+            waiting_total = self._waiting_count + len(pending)
+        self._metrics.on_queue(waiting_total, len(rows))

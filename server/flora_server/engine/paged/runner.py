@@ -1,0 +1,273 @@
+"""Runs one packed step of a Hugging Face causal LM over the paged KV pool.
+
+Packing: the step's chunks (decode tokens and prefill chunks of several sequences) are laid
+out as T rows of one token each, `input_ids [T, 1]`, `position_ids [T, 1]`. Every layer of
+the model other than attention acts on each token alone, so this layout lets the
+`flora.serving` per-row routing apply each token's adapter (rows = tokens) without any
+change to the serving layers. A step whose tokens all use one slot (or the base) runs as
+one row `[1, T]` instead, so the serving layers take their one-row GEMM path. Attention is
+the one place where tokens meet, and it is replaced here:
+
+- `PagedStep.update` (called by each attention layer as its cache) writes the new keys and
+  values of the T tokens into their slots of the pool (`slot = block * block_size + offset`);
+- `paged_attention` (registered with transformers' `AttentionInterface` as "flora_paged")
+  gathers each sequence's keys and values from the pool by its block table and runs
+  `scaled_dot_product_attention`: the step's decode tokens together, as one batch padded to
+  the longest context with a key mask; each prefill chunk alone, with `is_causal` when it
+  starts at position 0, else an explicit causal mask offset by the positions already cached
+  (docs/engine.md has the measurements behind this split). Registering an attention
+  function without a mask function makes transformers skip building its own mask
+  (`masking_utils._preprocess_mask_arguments`).
+
+Full-attention decoders only (Llama, Qwen2, Mistral without a sliding window, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flora_server.engine.batch import CACHE_KWARG
+
+ATTENTION_NAME = "flora_paged"
+
+
+@dataclass(frozen=True)
+class ChunkInput:
+    """What the runner needs of one scheduled chunk."""
+
+    token_ids: Sequence[int]  # the chunk's tokens
+    start: int  # position of its first token
+    blocks: Sequence[int]  # the sequence's block table (covers start + len(token_ids))
+
+
+class KVTensors:
+    """The KV pool's storage, allocated once: per layer, keys and values of shape
+    [num_blocks * block_size, kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_blocks * block_size, kv_heads, head_dim)
+        self.block_size = block_size
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+        """Key + value bytes one token position costs over all layers."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values])
+
+
+class PagedStep:
+    """One forward's view of the pool: the cache object the attention layers update, and
+    the per-sequence gather indices `paged_attention` reads."""
+
+    def __init__(
+        self,
+        kv: KVTensors,
+        chunks: Sequence[ChunkInput],
+        device: torch.device,
+        tokens_as_rows: bool = True,
+    ) -> None:
+        bs = kv.block_size
+        self.kv = kv
+        # Layout of the forward: [T, 1] (a row per token) or [1, T] (one row).
+        self.tokens_as_rows = tokens_as_rows
+        write: list[int] = []
+        self.spans: list[tuple[int, int, int]] = []  # (first packed row, rows, start position)
+        self.reads: list[torch.Tensor] = []  # slot indices of positions 0..end per sequence
+        self.masks: list[torch.Tensor | None] = []
+        decode_rows: list[int] = []
+        decode_slots: list[list[int]] = []
+        row = 0
+        for chunk in chunks:
+            n, start = len(chunk.token_ids), chunk.start
+            end = start + n
+            slots = [chunk.blocks[p // bs] * bs + p % bs for p in range(end)]
+            write.extend(slots[start:])
+            if n == 1:  # decode tokens go together in one padded SDPA call
+                decode_rows.append(row)
+                decode_slots.append(slots)
+            else:
+                self.reads.append(torch.tensor(slots, dtype=torch.long, device=device))
+                self.spans.append((row, n, start))
+                self.masks.append(_chunk_mask(n, start, device))
+            row += n
+        self.write = torch.tensor(write, dtype=torch.long, device=device)
+        # Decode group: keys gathered into [B, L_max] (padding reads slot 0, masked out).
+        self.decode_rows: torch.Tensor | None = None
+        if decode_rows:
+            longest = max(len(s) for s in decode_slots)
+            gather = torch.zeros(len(decode_rows), longest, dtype=torch.long)
+            mask = torch.zeros(len(decode_rows), 1, 1, longest, dtype=torch.bool)
+            for i, slots in enumerate(decode_slots):
+                gather[i, : len(slots)] = torch.tensor(slots, dtype=torch.long)
+                mask[i, :, :, : len(slots)] = True
+            self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
+            self.decode_gather = gather.to(device)
+            self.decode_mask = mask.to(device)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, H, 1, D] or [1, H, T, D] (by layout) -> [T, H, D]."""
+        return x.squeeze(2) if self.tokens_as_rows else x[0].transpose(0, 1)
+
+    # transformers calls `cache.update(k, v, layer_idx, kwargs=...)`; k, v: [B, H_kv, L, D].
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        keys.index_copy_(0, self.write, self._tokens(key).to(keys.dtype))
+        values.index_copy_(0, self.write, self._tokens(value).to(values.dtype))
+        return key, value
+
+    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """query: [T, H, 1, D] or [1, H, T, D] -> attention output [T, 1, H, D] or
+        [1, T, H, D] (what transformers reshapes back to the hidden states)."""
+        keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        q = self._tokens(query)  # [T, H, D]
+        out = torch.empty_like(q)
+        gqa = q.shape[1] != keys.shape[1]
+        if self.decode_rows is not None:
+            k = keys[self.decode_gather].transpose(1, 2)  # [B, H_kv, L_max, D]
+            v = values[self.decode_gather].transpose(1, 2)
+            qd = q.index_select(0, self.decode_rows).unsqueeze(2)  # [B, H, 1, D]
+            od = F.scaled_dot_product_attention(
+                qd,
+                k.to(q.dtype),
+                v.to(q.dtype),
+                attn_mask=self.decode_mask,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            out.index_copy_(0, self.decode_rows, od.squeeze(2))
+        for (row, n, start), read, mask in zip(self.spans, self.reads, self.masks, strict=True):
+            k = keys.index_select(0, read).transpose(0, 1).unsqueeze(0)  # [1, H_kv, L, D]
+            v = values.index_select(0, read).transpose(0, 1).unsqueeze(0)
+            qi = q[row : row + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            oi = F.scaled_dot_product_attention(
+                qi,
+                k.to(q.dtype),
+                v.to(q.dtype),
+                attn_mask=mask,
+                is_causal=start == 0 and n > 1,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            out[row : row + n] = oi[0].transpose(0, 1)
+        return out.unsqueeze(1) if self.tokens_as_rows else out.unsqueeze(0)
+
+
+def _chunk_mask(n: int, start: int, device: torch.device) -> torch.Tensor | None:
+    """Causal mask of a chunk of n queries at positions start.. over keys 0..start+n-1
+    (None where SDPA needs none: one query sees every key; a chunk at 0 uses is_causal)."""
+    if n == 1 or start == 0:
+        return None
+    q_pos = torch.arange(start, start + n, device=device).unsqueeze(1)
+    return torch.arange(start + n, device=device).unsqueeze(0) <= q_pos  # [n, L] bool
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: the paged path when the forward carries a
+    `flora_paged` step, else plain SDPA (a forward that did not come from the runner)."""
+    step = kwargs.pop("flora_paged", None)
+    if step is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    return step.attend(module.layer_idx, query, scaling), None
+
+
+def install_paged_attention(model: torch.nn.Module) -> None:
+    """Register `paged_attention` with transformers and select it for `model`."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    model.config._attn_implementation = ATTENTION_NAME
+
+
+def check_full_attention(config: Any) -> None:
+    """Raise ValueError for models the paged runner cannot serve."""
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise ValueError("engine v2 serves full-attention models only (this one slides)")
+    types = getattr(config, "layer_types", None)
+    if types and any(t != "full_attention" for t in types):
+        raise ValueError(f"engine v2 serves full-attention layers only, not {set(types)}")
+
+
+class PagedRunner:
+    """Runs a packed step: the decoder over all the step's tokens, then the LM head on the
+    rows whose logits are sampled. `route(slots)` sets the per-row adapter routing."""
+
+    def __init__(self, model: torch.nn.Module, kv: KVTensors) -> None:
+        check_full_attention(model.config)
+        install_paged_attention(model)
+        self.model = model
+        self.kv = kv
+        self.device = next(model.parameters()).device
+        self._decoder = model.get_decoder()
+        self._head = model.get_output_embeddings()
+
+    @torch.inference_mode()
+    def run(
+        self,
+        chunks: Sequence[ChunkInput],
+        token_slots: Sequence[int | None],
+        sample_rows: Sequence[int],
+        route: Any,
+    ) -> torch.Tensor:
+        """Forward the chunks (packed in order); returns float32 logits [S, V] of the
+        packed tokens `sample_rows`. `token_slots`: the adapter slot of every packed token.
+
+        Tokens of different adapters run as one row each ([T, 1], routed per token); when
+        every token uses the same slot (or the base) they run as one row of T tokens, which
+        lets `flora.serving` take its one-row GEMM path."""
+        as_rows = len(set(token_slots)) > 1
+        step = PagedStep(self.kv, chunks, self.device, tokens_as_rows=as_rows)
+        ids = [t for c in chunks for t in c.token_ids]
+        pos = [c.start + i for c in chunks for i in range(len(c.token_ids))]
+        dim = 1 if as_rows else 0
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(dim)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device).unsqueeze(dim)
+        route(token_slots if as_rows else token_slots[:1])
+        out = self._decoder(
+            input_ids=input_ids,
+            position_ids=positions,
+            use_cache=True,
+            flora_paged=step,
+            **{CACHE_KWARG: step},
+        )
+        rows = torch.tensor(list(sample_rows), dtype=torch.long, device=self.device)
+        hidden = out.last_hidden_state.reshape(len(ids), 1, -1).index_select(0, rows)
+        route([token_slots[i] for i in sample_rows])
+        return self._head(hidden)[:, -1, :].float()

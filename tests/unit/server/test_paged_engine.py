@@ -1,0 +1,171 @@
+"""Engine v2 (`PagedLLMEngine`) end to end on the tiny random Llama with real flora
+adapters: exactness against independent references, merged mode, cancellation, deadlines,
+the pool's 4xx and stats, and its selection by the `engine` setting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from test_engine import ADAPTER_OF, PROMPTS, collect, greedy, run
+from test_engine_batch import greedy_alone
+from tiny_engine import (
+    DictSource,
+    TinyLoaded,
+    make_char_tokenizer,
+    make_flora_adapter,
+    make_tiny_llama,
+    merged_reference_model,
+)
+
+from flora_server.engine.paged.engine import PagedLLMEngine
+from flora_server.engine.protocol import FinishEvent, GenerationRequest
+from flora_server.engine.worker import InvalidRequestError
+
+pytestmark = pytest.mark.timeout(120)
+SHARED = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]  # a "system prompt": 3 blocks of 4
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adapters")
+    return {"x": make_flora_adapter(1, tmp), "y": make_flora_adapter(2, tmp)}
+
+
+@pytest.fixture(scope="module")
+def refs(adapters):
+    return {
+        "x": merged_reference_model(adapters["x"]),
+        "y": merged_reference_model(adapters["y"]),
+        None: make_tiny_llama(),
+    }
+
+
+def make_engine(adapters, **kwargs) -> PagedLLMEngine:
+    torch.manual_seed(0)
+    loaded = TinyLoaded(model=make_tiny_llama(), preprocessor=make_char_tokenizer())
+    kwargs = {"kv_block_size": 4, "max_num_batched_tokens": 8, "kv_cache_bytes": 1 << 20, **kwargs}
+    engine = PagedLLMEngine(loaded, DictSource(adapters), **kwargs)
+    engine.start()
+    deadline = time.monotonic() + 30
+    while not engine.ready:
+        assert time.monotonic() < deadline, "engine did not become ready"
+        time.sleep(0.01)
+    return engine
+
+
+def settled_stats(engine):
+    """Stats once the worker has published the step that finished the last request."""
+    for _ in range(200):
+        stats = engine.stats()
+        if stats.running == 0 and stats.kv_cache_usage == 0.0:
+            break
+        time.sleep(0.01)
+    return stats
+
+
+@pytest.mark.parametrize("merge_after_steps", [None, 2])
+def test_mixed_prefix_hits_and_chunks_match_independent_references(
+    adapters, refs, merge_after_steps
+) -> None:
+    steps = 8
+    engine = make_engine(adapters, merge_after_steps=merge_after_steps)
+    prompts = {k: SHARED + p for k, p in PROMPTS.items()}  # all longer than the budget of 8
+
+    async def mixed():
+        async def one(key, delay):
+            await asyncio.sleep(delay)
+            req = GenerationRequest(key, prompts[key], greedy(steps), ADAPTER_OF[key])
+            return key, await collect(engine, req)
+
+        first = await one("x1", 0)  # warms x's and nothing else's prefix blocks
+        delays = {"y1": 0, "b1": 0, "x2": 0.02, "b2": 0.04, "x1": 0.06}
+        return first, dict(await asyncio.gather(*(one(k, d) for k, d in delays.items())))
+
+    try:
+        (_, first), results = run(mixed())
+        stats = settled_stats(engine)
+    finally:
+        run(engine.shutdown(5))
+    for key, events in [("x1", first), *results.items()]:
+        expected = greedy_alone(refs[ADAPTER_OF[key]], prompts[key], steps)
+        assert list(events[-1].token_ids) == expected, key
+    # x2 and the second x1 reuse x's 3 shared blocks (b1, b2 may reuse each other's).
+    assert stats.prefix_cache_hits >= 2 * len(SHARED)
+    assert stats.prefix_cache_queries == sum(len(p) for p in prompts.values()) + len(prompts["x1"])
+    assert stats.kv_cache_usage == 0.0 and stats.running == 0
+
+
+def test_cancel_and_deadline_release_blocks(adapters) -> None:
+    engine = make_engine(adapters)
+
+    async def main():
+        long = GenerationRequest("c", PROMPTS["b1"], greedy(200), None)
+        stream = engine.generate(long)
+        await stream.__anext__()  # first token: the row holds blocks now
+        assert engine.pool.num_used > 0  # read directly: stats are published after the step
+        await stream.aclose()
+        expired = GenerationRequest("d", PROMPTS["x1"], greedy(200), "x", time.monotonic() + 0.05)
+        events = [e async for e in engine.generate(expired)]
+        return events
+
+    try:
+        events = run(main())
+        usage = settled_stats(engine).kv_cache_usage
+    finally:
+        run(engine.shutdown(5))
+    assert isinstance(events[-1], FinishEvent) and events[-1].reason == "deadline"
+    assert usage == 0.0
+
+
+def test_prompt_beyond_the_pool_is_an_invalid_request_and_max_new_is_capped(adapters) -> None:
+    # 4 blocks of 4 tokens: 16 positions in all.
+    loaded = TinyLoaded(model=make_tiny_llama(), preprocessor=make_char_tokenizer())
+    bytes_per_token = 2 * 2 * 2 * 16 * 4  # K+V, 2 layers, 2 KV heads, head dim 16, float32
+    engine = PagedLLMEngine(
+        loaded, DictSource(adapters), kv_block_size=4, kv_cache_bytes=16 * bytes_per_token
+    )
+    engine.start()
+    try:
+
+        async def main():
+            while not engine.ready:
+                await asyncio.sleep(0.01)
+            with pytest.raises(InvalidRequestError, match="KV cache holds 16"):
+                engine.generate(GenerationRequest("a", list(range(3, 19)), greedy(4)))
+            req = GenerationRequest("b", list(range(3, 13)), greedy(50))
+            return [e async for e in engine.generate(req)]
+
+        events = run(main())
+    finally:
+        run(engine.shutdown(5))
+    assert engine.pool.num_blocks == 4
+    assert events[-1].generated_tokens == 6 and events[-1].reason == "length"
+
+
+def test_engine_setting_selects_v2(adapters) -> None:
+    from flora_server.engines import llm_engine
+    from flora_server.metrics import ServerMetrics
+    from flora_server.settings import Settings
+
+    loaded = TinyLoaded(model=make_tiny_llama(), preprocessor=make_char_tokenizer())
+    settings = Settings(engine="v2", kv_cache_bytes=1 << 20, kv_block_size=8)
+    engine = llm_engine(loaded, settings, DictSource(adapters), ServerMetrics())
+    assert isinstance(engine, PagedLLMEngine)
+    assert engine.pool.block_size == 8
+    assert engine.pool.num_blocks == (1 << 20) // (8 * 2 * 2 * 2 * 16 * 4)
+    assert Settings().engine == "v1"
+
+
+def test_prefix_cache_counters_are_exported() -> None:
+    from flora_server.engine.protocol import EngineStats
+    from flora_server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    stats = EngineStats(1, 0, (), (), 8, "base", prefix_cache_queries=120, prefix_cache_hits=48)
+    metrics.bind_engine_stats(lambda: stats)
+    text = metrics.render().decode()
+    assert "flora_prefix_cache_queries_total 120.0" in text
+    assert "flora_prefix_cache_hits_total 48.0" in text
