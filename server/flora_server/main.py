@@ -17,7 +17,6 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from starlette.requests import ClientDisconnect
-from starlette.routing import Match
 
 from flora_server.adapters.freshness import StoreRechecker
 from flora_server.adapters.registry import (
@@ -43,7 +42,7 @@ from flora_server.engines import build_engine
 from flora_server.errors import install_error_handlers
 from flora_server.guards import RequestGuardMiddleware
 from flora_server.metrics import ServerMetrics
-from flora_server.observability import RequestContextMiddleware
+from flora_server.observability import RequestContextMiddleware, route_template
 from flora_server.settings import Settings, parse_adapter_spec
 from flora_server.tracing import build_tracing
 
@@ -190,17 +189,6 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.include_router(embeddings.router, dependencies=kind("text-encoder"))
     app.include_router(classify.router, dependencies=kind("image-classifier", "text-encoder"))
     return app
-
-
-def route_template(scope: Any) -> str:
-    """The route's path template, never the raw path (ids in paths must not become labels).
-    FastAPI's own routes record themselves in the scope; Starlette routes such as
-    /openapi.json, /docs and /redoc do not, so they are matched against the app's routes."""
-    route = scope.get("route")
-    if route is None:
-        routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())
-        route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
-    return getattr(route, "path", "unmatched")
 
 
 class RequestMetricsMiddleware:

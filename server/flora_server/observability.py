@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
+from starlette.routing import Match
 
 from flora_server import auth
 from flora_server.engine.protocol import FinishEvent, GenerationRequest
@@ -54,6 +55,17 @@ def tenant_hash(tenant: str | None) -> str | None:
     if tenant is None:
         return None
     return hashlib.sha256(tenant.encode()).hexdigest()[:12]
+
+
+def route_template(scope: Any) -> str:
+    """The route's path template, never the raw path (ids in paths must not become labels).
+    FastAPI's own routes record themselves in the scope; Starlette routes such as
+    /openapi.json, /docs and /redoc do not, so they are matched against the app's routes."""
+    route = scope.get("route")
+    if route is None:
+        routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())
+        route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
+    return getattr(route, "path", "unmatched")
 
 
 @dataclass
@@ -164,7 +176,7 @@ class RequestContextMiddleware:
                 raise
             await _send_500(send_with_id)
         finally:
-            record.route = getattr(scope.get("route"), "path", "unmatched")
+            record.route = route_template(scope)
             end = time.monotonic()
             if tracing is not None:
                 tracing.end_request(record, end)

@@ -33,9 +33,9 @@ from api_fakes import (
 from fastapi.testclient import TestClient
 
 from flora_server.adapters import store as store_module
-from flora_server.adapters.cache import AdapterCache
 from flora_server.adapters.registry import AdapterValidationError
 from flora_server.adapters.store import LocalAdapterStore
+from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.protocol import LoadedAdapter
 from flora_server.main import create_app
 from flora_server.settings import Settings

@@ -239,9 +239,7 @@ def _location(engine: GenerationEngine | None, adapter_id: str) -> tuple[str, in
     waiting = stats.waiting_adapters.count(adapter_id)
     if adapter_id in stats.loaded_adapters or running:
         return "device", running, waiting
-    # The host tier is not in the protocol; LLMEngine exposes its AdapterCache.
-    host_adapters = getattr(getattr(engine, "cache", None), "host_adapters", None)
-    if callable(host_adapters) and adapter_id in host_adapters():
+    if adapter_id in stats.host_adapters:
         return "host", running, waiting
     return "stored", running, waiting
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from flora_server.adapters.cache import AdapterCache
+from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.metrics import EngineMetrics, NullEngineMetrics
 from flora_server.engine.protocol import (
     AdapterSource,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flora_server.adapters.cache import AdapterCache
+from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.batch import CausalBatch
 from flora_server.engine.metrics import EngineMetrics
 from flora_server.engine.policy import Mode, choose_mode, update_streak

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from flora_server.adapters.cache import AdapterCache
+from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.constraints import ConstraintSpec, GrammarCompiler, TokenConstraint
 from flora_server.engine.metrics import EngineMetrics, NullEngineMetrics
 from flora_server.engine.protocol import (

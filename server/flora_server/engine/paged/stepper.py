@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from flora_server.adapters.cache import AdapterCache
+from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.metrics import EngineMetrics
 from flora_server.engine.paged.kv_cache import BlockTable
 from flora_server.engine.paged.runner import ChunkInput, PagedRunner

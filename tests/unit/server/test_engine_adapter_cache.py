@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flora_server.adapters.cache import AdapterCache, adapter_nbytes
+from flora_server.engine.adapter_cache import AdapterCache, adapter_nbytes
 from flora_server.engine.protocol import AdapterLoadError, AdapterNotFoundError
 
 
