@@ -110,7 +110,8 @@ class DictSource:
         self.loads: list[str] = []
 
     def load(self, adapter_id: str):
-        from flora_server.engine.protocol import AdapterNotFoundError
+        from flora.adapter import adapter_sha256
+        from flora_server.engine.protocol import AdapterNotFoundError, LoadedAdapter
 
         gate = self.gates.get(adapter_id)
         if gate is not None:
@@ -118,7 +119,9 @@ class DictSource:
         self.loads.append(adapter_id)
         if adapter_id not in self.adapters:
             raise AdapterNotFoundError(adapter_id)
-        return self.adapters[adapter_id]
+        adapter = self.adapters[adapter_id]
+        # As the registry does: the adapter with the digest of its content.
+        return LoadedAdapter(adapter, adapter_sha256(adapter))
 
     def exists(self, adapter_id: str) -> bool:
         return adapter_id in self.adapters

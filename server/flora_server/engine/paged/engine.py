@@ -14,7 +14,7 @@ import dataclasses
 from collections import deque
 from typing import Any
 
-from flora_server.engine.paged.kv_cache import BASE_KEY, BlockPool
+from flora_server.engine.paged.kv_cache import BlockPool
 from flora_server.engine.paged.runner import KVTensors, PagedRunner
 from flora_server.engine.paged.scheduler import PagedScheduler
 from flora_server.engine.paged.stepper import PagedStepper
@@ -23,32 +23,6 @@ from flora_server.engine.requests import RequestHandle
 from flora_server.engine.runtime import AdapterRuntime, build_serving_runtime
 from flora_server.engine.stepper import Stepper
 from flora_server.engine.worker import InvalidRequestError, LLMEngine
-
-
-class SlotDigests:
-    """An `AdapterRuntime` that remembers the content sha256 of the adapter on each slot
-    (the prefix-cache key), delegating everything to the wrapped runtime."""
-
-    def __init__(self, inner: AdapterRuntime) -> None:
-        self._inner = inner
-        self.digests: dict[int, str] = {}
-
-    def load(self, slot: int, adapter: Any) -> None:
-        from flora.adapter import adapter_sha256
-
-        self.digests.pop(slot, None)
-        self._inner.load(slot, adapter)
-        self.digests[slot] = adapter_sha256(adapter)
-
-    def unload(self, slot: int) -> None:
-        self.digests.pop(slot, None)
-        self._inner.unload(slot)
-
-    def key(self, slot: int | None) -> str:
-        return BASE_KEY if slot is None else self.digests[slot]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 class PagedLLMEngine(LLMEngine):
@@ -69,9 +43,6 @@ class PagedLLMEngine(LLMEngine):
         **kwargs: Any,
     ) -> None:
         model = loaded.model
-        self._digests = SlotDigests(
-            runtime or build_serving_runtime(model, max_slots, adapter_dtype)
-        )
         dtype = next(model.parameters()).dtype
         per_token = KVTensors.bytes_per_token(model.config, dtype)
         num_blocks = kv_cache_bytes // (per_token * kv_block_size)
@@ -89,7 +60,7 @@ class PagedLLMEngine(LLMEngine):
             source,
             max_slots=max_slots,
             adapter_dtype=adapter_dtype,
-            runtime=self._digests,  # type: ignore[arg-type]
+            runtime=runtime or build_serving_runtime(model, max_slots, adapter_dtype),
             **kwargs,
         )
 
@@ -122,7 +93,6 @@ class PagedLLMEngine(LLMEngine):
             merge_after_steps,
             runner=PagedRunner(self._model, kv),
             scheduler=PagedScheduler(self._pool, self._token_budget, self._max_batch_size),
-            adapter_key=self._digests.key,
         )
 
     def _max_new_tokens(self, request: GenerationRequest) -> int:

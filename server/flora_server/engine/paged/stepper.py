@@ -10,13 +10,13 @@ rows whose chunk reached their last token, and releases the blocks of finished r
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.metrics import EngineMetrics
-from flora_server.engine.paged.kv_cache import BlockTable
+from flora_server.engine.paged.kv_cache import BASE_KEY, BlockTable
 from flora_server.engine.paged.runner import ChunkInput, PagedRunner
 from flora_server.engine.paged.scheduler import PagedScheduler, SequenceState, StepPlan
 from flora_server.engine.policy import choose_mode, update_streak
@@ -37,12 +37,10 @@ class PagedStepper(Stepper):
         *,
         runner: PagedRunner,
         scheduler: PagedScheduler,
-        adapter_key: Callable[[int | None], str],
     ) -> None:
         super().__init__(model, runtime, cache, eos_ids, metrics, merge_after_steps)
         self.runner = runner
         self.scheduler = scheduler
-        self._adapter_key = adapter_key  # slot -> content key of the adapter on it
         self.preemptions = 0
 
     @property
@@ -55,7 +53,7 @@ class PagedStepper(Stepper):
 
     def step(self, admitted: Sequence[RowState], waiting: Sequence[str | None]) -> None:
         for row in admitted:
-            self.scheduler.add(row, row.request.prompt_ids, self._adapter_key(row.slot))
+            self.scheduler.add(row, row.request.prompt_ids, prefix_key(row))
         running = [r.adapter_id for r in self.rows]
         self._streak_adapter, self._streak = update_streak(
             self._streak_adapter, self._streak, running
@@ -124,3 +122,13 @@ class PagedStepper(Stepper):
 
     def sequence_of(self, row: RowState) -> SequenceState | None:
         return next((s for s in self.scheduler.sequences if s.row is row), None)
+
+
+def prefix_key(row: RowState) -> str:
+    """What a row's KV blocks are keyed by besides its tokens: the content of its adapter
+    (the sha256 of the stored bytes its slot holds, set at admission), never the adapter's
+    name, so an adapter overwritten under the same id never reuses the old blocks. A row
+    whose source reported no digest shares no blocks."""
+    if row.slot is None:
+        return BASE_KEY
+    return row.adapter_sha256 or f"unkeyed:{row.request.request_id}"
