@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 
@@ -124,15 +124,15 @@ class DrainingServer(uvicorn.Server):
                 return
 
     async def serve(self, sockets: Any = None) -> None:
-        probe_task = None
-        if self.probe is not None:
+        probe, probe_task = self.probe, None
+        if probe is not None:
             # Its own `_serve`: the signal handlers belong to the main server alone.
-            probe_task = asyncio.create_task(self.probe._serve())
+            probe_task = asyncio.create_task(probe._serve())
         try:
             await super().serve(sockets)
         finally:
-            if probe_task is not None:
-                self.probe.should_exit = True
+            if probe is not None and probe_task is not None:
+                probe.should_exit = True
                 await probe_task
 
     def run(self, sockets: Any = None) -> None:
@@ -155,7 +155,11 @@ def serve(app: Any, settings: Any) -> int:
 
 
 def _config(
-    app: Any, settings: Any, port: int, max_connections: int, lifespan: str = "off"
+    app: Any,
+    settings: Any,
+    port: int,
+    max_connections: int,
+    lifespan: Literal["auto", "on", "off"] = "off",
 ) -> uvicorn.Config:
     return uvicorn.Config(
         app,

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flora_server.observability import RequestRecord
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,9 @@ class Tracing:
         self._trace = trace
         self._propagate = propagate
 
-    def start_request(self, record: RequestRecord, raw_headers: Iterable[tuple[bytes, bytes]]):
+    def start_request(
+        self, record: RequestRecord, raw_headers: Iterable[tuple[bytes, bytes]]
+    ) -> Span:
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
         parent = self._propagate.extract(carrier)
         return self._tracer.start_span(

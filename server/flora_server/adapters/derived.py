@@ -14,11 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flora_server.adapters.local_source import FLORA_WEIGHTS, stage_local
 from flora_server.adapters.peft_upload import PEFT_CONFIG, PEFT_WEIGHTS
 from flora_server.adapters.registry import AdapterRegistry, StagedUpload
 from flora_server.adapters.store import sha256_file
+
+if TYPE_CHECKING:
+    from flora.merging import MergeStrategy, SignMethod
 
 _SOURCE_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, FLORA_WEIGHTS)  # what stage_local reads
 
@@ -66,9 +70,9 @@ def build_merge(
     ids: list[str],
     shas: list[str],
     weights: list[float],
-    strategy: str,
+    strategy: MergeStrategy,
     density: float,
-    majority_sign_method: str,
+    majority_sign_method: SignMethod,
 ) -> None:
     """Load the inputs, merge them and store the result under `adapter_id` through the
     validator (blocking). Raises flora's AdapterError for a merge that cannot be made,
@@ -83,9 +87,9 @@ def build_merge(
     merged = merge_adapters(
         [one.adapter for one in loaded],
         weights,
-        strategy=strategy,  # type: ignore[arg-type]
+        strategy=strategy,
         density=density,
-        majority_sign_method=majority_sign_method,  # type: ignore[arg-type]
+        majority_sign_method=majority_sign_method,
         seed=int(adapter_id.rsplit("-", 1)[1][:8], 16),
         max_rank=SERVING_MAX_RANK,
     )

@@ -33,6 +33,7 @@ the root: a symlink that points outside is refused.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import logging
@@ -432,7 +433,7 @@ class LocalAdapterStore:
             if is_valid_adapter_id(adapter_id):
                 self._drop_objects(adapter_id, written_before=cutoff)
 
-    def _legacy_ids(self) -> list[str]:
+    def _legacy_ids(self) -> builtins.list[str]:  # `list` here is the method above
         ids = []
         for entry in [*self.root.glob(f"*{SUFFIX}"), *self.root.glob(f"*/*{SUFFIX}")]:
             adapter_id = entry.relative_to(self.root).as_posix()[: -len(SUFFIX)]

@@ -130,6 +130,7 @@ class BaseValidator:
                 shape = tuple(tensor.shape)
                 if param not in base:
                     raise ValueError(f"{where}: the base's {module!r} has no parameter {param!r}")
+                want: tuple[int, ...]
                 if module in self.base.linear and param in ("weight", "bias"):
                     outputs = state["weight"].shape[0] if "weight" in state else base["weight"][0]
                     want = (outputs, base["weight"][1]) if param == "weight" else (outputs,)

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -48,6 +48,9 @@ from flora_server.schemas.adapters import (
     AdapterUploadResponse,
 )
 from flora_server.schemas.common import ERROR_RESPONSES, UPLOAD_ERROR_RESPONSES
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 router = APIRouter(
     prefix="/v1/adapters",
@@ -123,7 +126,7 @@ class _StreamingForm:
         self._headers: dict[str, bytes] = {}
         self.error: APIError | None = None
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._begin,
             "on_header_field": lambda d, s, e: self._header_field.extend(d[s:e]),

@@ -181,9 +181,18 @@ async def generate_stream(
     p = body.parameters
     prefix = body.inputs if p.return_full_text else ""
 
-    def event_for(token: TokenEvent, index: int, **final: object) -> bytes:
+    def event_for(
+        token: TokenEvent,
+        index: int,
+        generated_text: str | None = None,
+        details: StreamDetails | None = None,
+    ) -> bytes:
         response = StreamResponse(
-            index=index, token=_token(token, p), top_tokens=_top_tokens(token, p), **final
+            index=index,
+            token=_token(token, p),
+            top_tokens=_top_tokens(token, p),
+            generated_text=generated_text,
+            details=details,
         )
         return sampling.sse(response.model_dump(mode="json"))
 

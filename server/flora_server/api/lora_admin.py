@@ -26,7 +26,7 @@ from flora_server.schemas.common import ERROR_RESPONSES, ErrorResponse
 from flora_server.settings import is_valid_adapter_id
 
 router = APIRouter(prefix="/v1", tags=["adapters"], dependencies=[Depends(_auth)])
-_RESPONSES = {
+_RESPONSES: dict[int | str, dict[str, object]] = {
     **ERROR_RESPONSES,
     400: {"model": ErrorResponse, "description": "a bad path or name, or already loaded"},
     200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "done"},

@@ -23,6 +23,7 @@ from flora_server.adapters.store import StoredAdapterMissingError
 from flora_server.api import sampling
 from flora_server.errors import APIError, invalid_field
 from flora_server.schemas.generate import GenerateParameters
+from flora_server.schemas.structured import MergedAdapters
 from flora_server.settings import Settings
 
 _P = "parameters."
@@ -74,7 +75,7 @@ async def _local(path: str, registry: AdapterRegistry, settings: Settings) -> st
         ) from None
 
 
-async def _merged(merge, registry: AdapterRegistry) -> str:
+async def _merged(merge: MergedAdapters, registry: AdapterRegistry) -> str:
     from flora.errors import AdapterError
 
     param = _P + "merged_adapters"

@@ -9,7 +9,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,7 +206,7 @@ def build_request(
 
 async def events(
     engine: GenerationEngine, request: GenerationRequest, metrics: ServerMetrics
-) -> AsyncIterator[GenerationEvent]:
+) -> AsyncGenerator[GenerationEvent, None]:
     """The engine's events for `request`, timed. Closing this closes the engine's iterator,
     which cancels the request (the client went away)."""
     timer = RequestTimer(metrics, request.adapter_id)
@@ -286,7 +286,7 @@ async def _collect(
 
 async def open_stream(
     engine: GenerationEngine, request: GenerationRequest, metrics: ServerMetrics
-) -> tuple[GenerationEvent, AsyncIterator[GenerationEvent]]:
+) -> tuple[GenerationEvent, AsyncGenerator[GenerationEvent, None]]:
     """Start generating and wait for the first event, so that errors (unknown adapter, full
     queue) become a status code instead of an error inside a 200 stream."""
     stream = events(engine, request, metrics)

@@ -308,9 +308,11 @@ class AdapterCache:
         started = time.monotonic()
         adapter, sha256, error = None, None, None
         try:
-            adapter = self._source.load(adapter_id)
-            if isinstance(adapter, LoadedAdapter):
-                adapter, sha256 = adapter.adapter, adapter.sha256
+            loaded = self._source.load(adapter_id)
+            if isinstance(loaded, LoadedAdapter):
+                adapter, sha256 = loaded.adapter, loaded.sha256
+            else:
+                adapter = loaded
             # What the runtime would refuse is refused here, on the loader thread, off the
             # worker's hot path (upload validation ran the same check).
             self._runtime.check(adapter)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers import __version__ as transformers_version
+from transformers.cache_utils import CacheLayerMixin
 
 # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes away).
 # The cache object is updated in place, so the engine keeps its own reference either way.
@@ -131,10 +132,9 @@ class CausalBatch:
         """Keep only the rows at indices `keep` (in that order), then drop padding columns
         no remaining row needs."""
         index = torch.tensor(list(keep), dtype=torch.long, device=self.attention_mask.device)
-        for layer in self.cache.layers:
-            if layer.keys is not None and layer.keys.numel():
-                layer.keys = layer.keys.index_select(0, index)
-                layer.values = layer.values.index_select(0, index)
+        for layer, keys, values in _filled_layers(self.cache):
+            layer.keys = keys.index_select(0, index)
+            layer.values = values.index_select(0, index)
         self.attention_mask = self.attention_mask.index_select(0, index)
         self.next_tokens = self.next_tokens.index_select(0, index)
         self.next_positions = self.next_positions.index_select(0, index)
@@ -146,10 +146,9 @@ class CausalBatch:
         drop = leading_padding(self.attention_mask)
         if drop == 0 or drop == self.kv_length:
             return
-        for layer in self.cache.layers:
-            if layer.keys is not None and layer.keys.numel():
-                layer.keys = layer.keys[:, :, drop:, :]
-                layer.values = layer.values[:, :, drop:, :]
+        for layer, keys, values in _filled_layers(self.cache):
+            layer.keys = keys[:, :, drop:, :]
+            layer.values = values[:, :, drop:, :]
         self.attention_mask = self.attention_mask[:, drop:]
 
     @classmethod
@@ -162,8 +161,9 @@ class CausalBatch:
         n_layers = len(batches[0].cache.layers)
         cache = DynamicCache()
         for layer_idx in range(n_layers):
-            keys = [_pad_kv(b.cache.layers[layer_idx].keys, length) for b in batches]
-            values = [_pad_kv(b.cache.layers[layer_idx].values, length) for b in batches]
+            kvs = [_kv(b.cache.layers[layer_idx]) for b in batches]
+            keys = [_pad_kv(k, length) for k, _ in kvs]
+            values = [_pad_kv(v, length) for _, v in kvs]
             cache.update(torch.cat(keys, dim=0), torch.cat(values, dim=0), layer_idx)
         mask = torch.cat([F.pad(b.attention_mask, (length - b.kv_length, 0)) for b in batches])
         return cls(
@@ -173,6 +173,27 @@ class CausalBatch:
             next_positions=torch.cat([b.next_positions for b in batches]),
             rows=[r for b in batches for r in b.rows],
         )
+
+
+def _filled_layers(
+    cache: DynamicCache,
+) -> list[tuple[CacheLayerMixin, torch.Tensor, torch.Tensor]]:
+    """Each layer of `cache` that holds keys and values, with them ([B, H_kv, T, D] each).
+    A layer holding none (nothing cached yet, or no attention) has no rows to select or
+    columns to drop."""
+    filled = []
+    for layer in cache.layers:
+        if isinstance(layer, CacheLayerMixin) and layer.keys is not None and layer.keys.numel():
+            keys, values = _kv(layer)
+            filled.append((layer, keys, values))
+    return filled
+
+
+def _kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache layer's keys and values, each [B, H_kv, T, D]."""
+    if isinstance(layer, CacheLayerMixin) and layer.keys is not None and layer.values is not None:
+        return layer.keys, layer.values
+    raise TypeError(f"{type(layer).__name__} holds no keys and values to batch")
 
 
 def _pad_kv(kv: torch.Tensor, length: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 
 from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.metrics import EngineMetrics, NullEngineMetrics
+from flora_server.engine.policy import Mode
 from flora_server.engine.protocol import (
     AdapterSource,
     DeadlineExceededError,
@@ -321,7 +322,7 @@ class BatchEngine(WorkerThreadMixin):
     def _forward(self, batch: list[BatchJob]) -> None:
         started = time.monotonic()
         rows = sum(len(job.inputs) for job in batch)
-        mode = "batched" if any(job.slot is not None for job in batch) else "base"
+        mode: Mode = "batched" if any(job.slot is not None for job in batch) else "base"
         try:
             results = self._run_isolated(batch)
         finally:

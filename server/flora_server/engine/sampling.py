@@ -61,7 +61,9 @@ def apply_repetition_penalty(
     return torch.where(seen, penalised, logits)
 
 
-def seen_mask(token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str):
+def seen_mask(
+    token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str
+) -> torch.Tensor:
     """[B, V] bool: True where the row's token list contains the token."""
     mask = torch.zeros(len(token_ids), vocab_size, dtype=torch.bool, device=device)
     for row, ids in enumerate(token_ids):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,11 +36,14 @@ from flora_server.engine.sampling import (
     seen_mask,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 class Stepper:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         runtime: AdapterRuntime,
         cache: AdapterCache,
         eos_ids: set[int],
@@ -109,7 +113,8 @@ class Stepper:
         if target is None:
             self.runtime.unmerge()
         else:
-            slot = next(r.slot for r in [*self.rows, *admitted] if r.adapter_id == target)
+            rows = [*self.rows, *admitted]
+            slot = next(r.slot for r in rows if r.adapter_id == target and r.slot is not None)
             self.runtime.merge(slot)
         self.merged = target
         self.metrics.on_mode_switch(old, target)
@@ -171,14 +176,14 @@ class Stepper:
         top_ids: list[list[int]] = []
         if any(p.logprobs or p.top_logprobs for p in params):
             n = max(1, max(p.top_logprobs for p in params))
-            c, v, i = chosen_and_top(logits.log_softmax(-1), tokens, n)
-            chosen, top_values, top_ids = c.tolist(), v.tolist(), i.tolist()
+            c, v, ids = chosen_and_top(logits.log_softmax(-1), tokens, n)
+            chosen, top_values, top_ids = c.tolist(), v.tolist(), ids.tolist()
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             if row.finished is not None:
                 continue
             p = params[i]
             logprob = chosen[i] if chosen and p.logprobs else None
-            top = ()
+            top: tuple[Logprob, ...] = ()
             if p.top_logprobs:
                 pairs = zip(top_ids[i][: p.top_logprobs], top_values[i], strict=False)
                 top = tuple(Logprob(t, row.text.decode([t]), lp) for t, lp in pairs)
