@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ import torch.nn.functional as F
 from flora_server.engine.batch import CACHE_KWARG
 
 ATTENTION_NAME = "flora_paged"
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,7 @@ def paged_attention(
     return step.attend(module.layer_idx, query, scaling), None
 
 
-def install_paged_attention(model: torch.nn.Module) -> None:
+def install_paged_attention(model: PreTrainedModel) -> None:
     """Register `paged_attention` with transformers and select it for `model`."""
     from transformers import AttentionInterface
 
@@ -229,7 +232,7 @@ class PagedRunner:
     """Runs a packed step: the decoder over all the step's tokens, then the LM head on the
     rows whose logits are sampled. `route(slots)` sets the per-row adapter routing."""
 
-    def __init__(self, model: torch.nn.Module, kv: KVTensors) -> None:
+    def __init__(self, model: PreTrainedModel, kv: KVTensors) -> None:
         check_full_attention(model.config)
         install_paged_attention(model)
         self.model = model

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.metrics import EngineMetrics
@@ -24,11 +23,14 @@ from flora_server.engine.requests import RowState
 from flora_server.engine.runtime import AdapterRuntime
 from flora_server.engine.stepper import Stepper
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 class PagedStepper(Stepper):
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         runtime: AdapterRuntime,
         cache: AdapterCache,
         eos_ids: set[int],
@@ -87,8 +89,8 @@ class PagedStepper(Stepper):
         for chunk in plan.chunks:
             self.scheduler.computed(chunk)
         if sampled:
-            tokens = self._sample([s.row for s in sampled], logits)
-            for seq, token in zip(sampled, tokens.tolist(), strict=True):
+            picked = self._sample([s.row for s in sampled], logits)  # [len(sampled)]
+            for seq, token in zip(sampled, picked.tolist(), strict=True):
                 seq.token_ids.append(token)
         self.metrics.on_step(self.mode, len(plan.chunks), time.monotonic() - started)
         self.metrics.on_tokens(len(sampled))
