@@ -99,12 +99,11 @@ class DrainingServer(uvicorn.Server):
 
     def _fail_in_flight(self) -> None:
         """Have the engine end what still runs with an error (streams get a final error
-        event and close cleanly), and give the handlers a moment to write it. Engines
-        without `fail_in_flight` (non-streaming batch engines) are cancelled as before."""
-        fail = getattr(getattr(self.flora_app.state, "engine", None), "fail_in_flight", None)
-        if fail is None:
+        event and close cleanly), and give the handlers a moment to write it."""
+        engine = getattr(self.flora_app.state, "engine", None)
+        if engine is None:  # the model never finished loading: nothing runs
             return
-        fail("the server is shutting down (FLORA_SHUTDOWN_TIMEOUT expired)")
+        engine.fail_in_flight("the server is shutting down (FLORA_SHUTDOWN_TIMEOUT expired)")
         deadline = time.monotonic() + _FINAL_EVENT_SECONDS
         while time.monotonic() < deadline and in_flight(self.flora_app) > 0:
             time.sleep(_POLL_SECONDS)

@@ -215,12 +215,14 @@ class FakeEncoderEngine:
     def invalidate_adapter(self, adapter_id: str) -> None:
         pass
 
-    async def submit(self, adapter_id, inputs, options=None, *, timeout=None):  # type: ignore[no-untyped-def]
+    async def serve(self, adapter_id, inputs, options=None, *, timeout=None):  # type: ignore[no-untyped-def]
+        """As BatchEngine.serve: the result and the served adapter's digest."""
         self.submitted.append((adapter_id, list(inputs)))
+        sha256 = None if adapter_id is None else "0" * 64
         if options.task == "embed":
             rows = [[float(len(t)), float(len(adapter_id or ""))] for t in inputs]
-            return EmbeddingResult(torch.tensor(rows), sum(len(t) for t in inputs))
-        return [[Prediction(f"label-{adapter_id}", 0, 1.0)] for _ in inputs]
+            return EmbeddingResult(torch.tensor(rows), sum(len(t) for t in inputs)), sha256
+        return [[Prediction(f"label-{adapter_id}", 0, 1.0)] for _ in inputs], sha256
 
 
 @pytest.fixture

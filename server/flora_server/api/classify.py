@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 
 from flora_server.api.deps import BatchEngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
-from flora_server.api.sampling import adapter_headers, check_adapter, serve_batch
+from flora_server.api.sampling import adapter_headers, check_adapter
 from flora_server.engine.batching import BatchEngine
 from flora_server.engine.encoder import EncoderOptions
 from flora_server.errors import APIError, invalid_field
@@ -161,8 +161,8 @@ async def classify(
         options: Any = body.top_k
     else:
         inputs, options = list(body.inputs), EncoderOptions("classify", body.top_k)
-    results, adapter_sha256 = await serve_batch(
-        engine, adapter_id, inputs, options, settings.request_timeout
+    results, adapter_sha256 = await engine.serve(
+        adapter_id, inputs, options, timeout=settings.request_timeout
     )
     response.headers.update(adapter_headers(adapter_sha256))
     timer.finish("stop", len(inputs), 0)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Response
 
 from flora_server.api.deps import BatchEngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
-from flora_server.api.sampling import adapter_headers, check_adapter, serve_batch
+from flora_server.api.sampling import adapter_headers, check_adapter
 from flora_server.engine.encoder import EmbeddingResult, EncoderOptions
 from flora_server.errors import invalid_field
 from flora_server.metrics import RequestTimer
@@ -53,8 +53,8 @@ async def embeddings(
     await check_adapter(registry, adapter_id, "model")
     timer = RequestTimer(metrics, adapter_id)
     result: EmbeddingResult
-    result, adapter_sha256 = await serve_batch(
-        engine, adapter_id, texts, EncoderOptions("embed"), settings.request_timeout
+    result, adapter_sha256 = await engine.serve(
+        adapter_id, texts, EncoderOptions("embed"), timeout=settings.request_timeout
     )
     response.headers.update(adapter_headers(adapter_sha256))
     vectors = result.vectors.numpy()

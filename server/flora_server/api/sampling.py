@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from starlette.types import Receive
 
@@ -83,18 +82,6 @@ def adapter_headers(adapter_sha256: str | None) -> dict[str, str]:
     """The header naming the stored adapter bytes (sha256) that served a result, as the
     engine reported them; absent for the base model."""
     return {ADAPTER_SHA256_HEADER: adapter_sha256} if adapter_sha256 else {}
-
-
-async def serve_batch(
-    engine: Any, adapter_id: str | None, inputs: list[Any], options: Any, timeout: float
-) -> tuple[Any, str | None]:
-    """A batch engine's result and the adapter sha256 that served it (`BatchEngine.serve`;
-    an engine with only `submit` reports none)."""
-    serve = getattr(engine, "serve", None)
-    if serve is None:
-        return await engine.submit(adapter_id, inputs, options, timeout=timeout), None
-    result: tuple[Any, str | None] = await serve(adapter_id, inputs, options, timeout=timeout)
-    return result
 
 
 def new_request_id(prefix: str) -> str:

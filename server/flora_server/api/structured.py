@@ -60,10 +60,7 @@ async def attach(
         return
     if spec.schema is not None and len(json.dumps(spec.schema)) > MAX_SCHEMA_CHARS:
         raise invalid_field(param, f"the schema is larger than {MAX_SCHEMA_CHARS} characters")
-    compile_constraint = getattr(engine, "compile_constraint", None)
-    if compile_constraint is None:
-        raise invalid_field(param, "structured output is not supported by this engine")
     try:
-        request.constraint = await compile_constraint(spec)
+        request.constraint = await engine.compile_constraint(spec)
     except ConstraintError as exc:
         raise invalid_field(param, str(exc)) from None

@@ -187,6 +187,10 @@ class BatchEngine(WorkerThreadMixin):
         self.cache.invalidate(adapter_id)
         self._wake()
 
+    def fail_in_flight(self, reason: str) -> None:
+        """Nothing to do: batch requests do not stream, so the server's own shutdown answers
+        or cancels what is still waiting (there is no half-written body to end)."""
+
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting; queued requests are still answered for up to `timeout` seconds."""
         self._accepting = False

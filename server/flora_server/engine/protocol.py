@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from flora.adapter import Adapter
-    from flora_server.engine.constraints import TokenConstraint
+    from flora_server.engine.constraints import ConstraintSpec, TokenConstraint
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "deadline"]
 
@@ -213,6 +213,17 @@ class GenerationEngine(Protocol):
 
     def check_adapter(self, adapter: Adapter) -> None:
         """Raise ValueError unless this engine can serve `adapter` (run at upload: 422)."""
+        ...
+
+    async def compile_constraint(self, spec: ConstraintSpec) -> TokenConstraint:
+        """A fresh per-request constraint for `spec` over this engine's tokenizer;
+        `ConstraintError` (a 422) when it cannot be compiled or the engine has no grammar
+        support."""
+        ...
+
+    def fail_in_flight(self, reason: str) -> None:
+        """End every running and queued request now with a 503 (a final error event in a
+        stream that already began): the server's shutdown timeout expired."""
         ...
 
     def invalidate_adapter(self, adapter_id: str) -> None:

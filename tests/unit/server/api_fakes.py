@@ -97,6 +97,14 @@ class FakeEngine:
         self.invalidated.append(adapter_id)
         self.loaded.discard(adapter_id)
 
+    async def compile_constraint(self, spec):  # type: ignore[no-untyped-def]
+        from flora_server.engine.constraints import ConstraintError
+
+        raise ConstraintError("structured output is not supported by this engine")
+
+    def fail_in_flight(self, reason: str) -> None:
+        self.failed_with = reason
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if self.queue_full:
             raise QueueFullError(2.5)

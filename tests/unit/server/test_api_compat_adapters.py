@@ -49,7 +49,7 @@ def test_confined_path_follows_symlinks_and_dotdot_before_comparing(tmp_path, lo
 
 def test_structured_output_needs_an_engine_with_grammars_and_a_schema(app):
     client, _ = app
-    # the fake engine has no compile_constraint: a clear 422, never unconstrained text
+    # the fake engine compiles no grammar: a clear 422, never unconstrained text
     r = _generate(client, response_format={"type": "json_object"})
     assert r.status_code == 422 and "parameters.response_format" in r.text
     r = client.post(
