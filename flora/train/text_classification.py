@@ -24,6 +24,7 @@ from flora.config import FloraConfig
 from flora.model import inject, set_enabled
 from flora.models.text_encoder import pool
 from flora.models.types import LoadedModel, Pooling
+from flora.train.batches import eval_chunks, on_device
 from flora.train.data import load_text_labels
 from flora.train.errors import TrainError
 from flora.train.heads import HEAD_NAME, accuracy, adaptable_names, attach_head
@@ -86,7 +87,7 @@ class TextClassificationRecipe:
             raise TrainError(f"--targets: {exc}") from None
         max_length = min(options.max_length, loaded.context_length or options.max_length)
 
-        def collate(examples: list[tuple[Any, int]]) -> Batch:
+        def collate_cpu(examples: list[tuple[Any, int]]) -> Batch:
             enc = tokenizer(
                 [t for t, _ in examples],
                 padding=True,
@@ -100,17 +101,26 @@ class TextClassificationRecipe:
                 "labels": torch.tensor([y for _, y in examples]),  # [B]
             }
 
+        collate = on_device(collate_cpu, torch.device(options.device))
+        progress = options.progress
+
         def loss(m: nn.Module, batch: Batch) -> torch.Tensor:
             return F.cross_entropy(sentence_logits(m, batch, pooling), batch["labels"])
 
         def evaluate(m: nn.Module, examples: Sequence[Any]) -> dict[str, float]:
-            logits, labels = _predict(m, examples, collate, pooling)
+            logits, labels = _predict(m, examples, collate, pooling, progress)
             return {"eval_accuracy": accuracy(logits, labels)}
 
-        def probe() -> dict[str, float]:
+        def probe(eval_examples: Sequence[Any]) -> dict[str, float]:
             return {
                 "linear_probe_eval_accuracy": linear_probe(
-                    model, data.train, data.eval, collate, pooling, len(data.labels), options.seed
+                    model,
+                    data.train,
+                    eval_examples,
+                    collate,
+                    pooling,
+                    len(data.labels),
+                    options.seed,
                 )
             }
 
@@ -130,6 +140,7 @@ class TextClassificationRecipe:
                 "head": HEAD_NAME,
             },
             extra_metrics=probe,
+            eval_key=lambda item: str(item[1]),
             # The head sees unit-norm embeddings (entries ~ 1/sqrt(D)): with the adapters'
             # learning rate its logits would grow far too slowly.
             lr_scale={HEAD_NAME: HEAD_LR_SCALE},
@@ -137,12 +148,12 @@ class TextClassificationRecipe:
 
 
 def _predict(
-    model: nn.Module, examples: Sequence[Any], collate: Any, pooling: Pooling
+    model: nn.Module, examples: Sequence[Any], collate: Any, pooling: Pooling, progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits, labels = [], []
-    for start in range(0, len(examples), EVAL_BATCH):
-        batch = collate(list(examples[start : start + EVAL_BATCH]))
-        logits.append(sentence_logits(model, batch, pooling))
+    for chunk in eval_chunks(examples, EVAL_BATCH, progress):
+        batch = collate(chunk)
+        logits.append(sentence_logits(model, batch, pooling).float())
         labels.append(batch["labels"])
     return torch.cat(logits), torch.cat(labels)
 
@@ -155,7 +166,7 @@ def _embeddings(
     for start in range(0, len(examples), EVAL_BATCH):
         batch = collate(list(examples[start : start + EVAL_BATCH]))
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        embs.append(pool(out.last_hidden_state, batch["attention_mask"], pooling))
+        embs.append(pool(out.last_hidden_state, batch["attention_mask"], pooling).float())
         labels.append(batch["labels"])
     return torch.cat(embs), torch.cat(labels)
 
@@ -183,12 +194,12 @@ def linear_probe(
         set_enabled(model, True)
         model.train(was_training)
     gen = torch.Generator().manual_seed(seed)
-    head = nn.Linear(x_train.shape[1], num_labels)
+    head = nn.Linear(x_train.shape[1], num_labels, device=x_train.device)
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
         head.bias.zero_()
     opt = torch.optim.Adam(head.parameters(), lr=PROBE_LR)
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(x_train.device.type, enabled=False):
         for _ in range(PROBE_STEPS):
             opt.zero_grad()
             F.cross_entropy(head(x_train), y_train).backward()
