@@ -219,9 +219,7 @@ def test_bad_device_is_one_line(tmp_path, capsys, monkeypatch):
     from flora.train import api
 
     monkeypatch.setattr(api, "_load_base", lambda name: tiny_encoder())
-    code = cli.main(
-        ["text-classification", "--base", "x", "--data", _csv(tmp_path), "--out", "o"]
-        + ["--device", "tpu", "--quiet"]
-    )
+    argv = ["text-classification", "--base", "x", "--data", _csv(tmp_path), "--out", "o"]
+    code = cli.main([*argv, "--device", "tpu", "--quiet"])
     assert code == 2
     assert "--device: unknown device 'tpu'" in capsys.readouterr().err
