@@ -14,8 +14,12 @@ scikit-learn's bundled 8x8 digits (written as an image folder), MiniLM-L6 on
 builtin:chatterbot-topics (with the linear probe on the same eval set), SmolLM2-135M on
 builtin:synthetic-instruct.
 
-    python bench/quality.py --quick   # bench/results/quality_quick.json (+ .png)
-    python bench/quality.py           # bench/results/quality.json (+ .png)
+    python -m bench.quality --quick   # bench/results/quality_quick.json (+ .png)
+    python -m bench.quality           # bench/results/quality.json (+ .png)
+
+Run it as a module from the repository root: as a file, its folder would go first on the
+import path and ``bench/kernels.py`` would shadow the ``kernels`` package transformers
+imports.
 """
 
 from __future__ import annotations
@@ -321,6 +325,54 @@ def _short(result: dict[str, Any], metric: str) -> str:
     )
 
 
+LAYER_CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    # EfficientNet-Lite0-like shapes at 32 px, batch 32; MiniLM-like linear, 16 x 64 tokens
+    "conv1x1": (lambda: nn.Conv2d(96, 24, 1), (32, 96, 8, 8)),
+    "conv1x1_wide": (lambda: nn.Conv2d(320, 1280, 1), (32, 320, 1, 1)),
+    "conv3x3_stem": (lambda: nn.Conv2d(3, 32, 3, stride=2, padding=1), (32, 3, 32, 32)),
+    "conv3x3": (lambda: nn.Conv2d(64, 64, 3, padding=1), (32, 64, 8, 8)),
+    "linear": (lambda: nn.Linear(384, 384), (16, 64, 384)),
+}
+
+
+def layer_profile(repeats: int) -> dict[str, Any]:
+    """Forward + backward (adapter parameters' gradients) of one adapted layer: FLoRA
+    rank 8 vs PEFT LoRA at the rank closest in parameters; median seconds, interleaved."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    out = {}
+    for kind, (make, shape) in LAYER_CASES.items():
+        torch.manual_seed(0)
+        f_model = nn.Sequential(make())
+        flora.inject(f_model, flora.FloraConfig(["0"], rank=8))
+        n_flora = sum(p.numel() for p in f_model.parameters() if p.requires_grad)
+        l_model = nn.Sequential(make())
+        rank = min(
+            range(1, 65), key=lambda r: abs(_peft_count(l_model, ["0"], r, "lora") - n_flora)
+        )
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]), l_model)
+        x = torch.randn(shape)
+        times: dict[str, list[float]] = {"flora": [], "lora": []}
+        for i in range(repeats + 3):
+            for name, model in (("flora", f_model), ("lora", l_model)):
+                began = time.perf_counter()
+                model(x).square().mean().backward()
+                if i >= 3:
+                    times[name].append(time.perf_counter() - began)
+                model.zero_grad(set_to_none=True)
+        f, lo = statistics.median(times["flora"]), statistics.median(times["lora"])
+        out[kind] = {
+            "flora_path": getattr(f_model[0], "path", "linear"),
+            "flora_params": n_flora,
+            "lora_rank": rank,
+            "lora_params": sum(p.numel() for p in l_model.parameters() if p.requires_grad),
+            "flora_ms": round(f * 1e3, 3),
+            "lora_ms": round(lo * 1e3, 3),
+            "ratio": round(f / lo, 3),
+        }
+    return out
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """One panel per task: mean +- std of each method's metric."""
     import matplotlib
@@ -353,10 +405,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer steps (under 15 min, 2 cores)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--tasks", help="comma-separated task names (default: all)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy CPU")
     p.add_argument("--out", type=Path)
+    p.add_argument("--layers-only", action="store_true", help="only the per-layer profile")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    layers = layer_profile(repeats=20 if args.quick else 100)
+    print(json.dumps(layers, indent=2), flush=True)
+    if args.layers_only:
+        return
     out = args.out or Path(
         "bench/results/quality_quick.json" if args.quick else "bench/results/quality.json"
     )
@@ -378,6 +435,7 @@ def main() -> None:
             r["task"]: r["train_step_ratio_vs_lora"] for r in results
         },
         "goal_train_step_ratio": 1.2,
+        "layer_step_ratio_vs_lora": layers,
         "wall_seconds": round(time.perf_counter() - began, 1),
         "tasks": results,
     }

@@ -96,7 +96,9 @@ class FloraConv(FloraLayer):
         """``G x_3 U_k1 ... x_N U_km``: shape ``(r_out, r_in, k_1..k_m)``."""
         kernel = self.core
         for mode in range(2, self.core.dim()):
-            kernel = mode_product(kernel, self.factors[mode], mode)
+            u = self.factors[mode]
+            # a 1 x 1 factor (a kernel mode of size 1) scales the core: skip the tensordot
+            kernel = kernel * u.reshape(()) if u.numel() == 1 else mode_product(kernel, u, mode)
         return kernel
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,13 +113,24 @@ class FloraConv(FloraLayer):
     def _expand(self, h: torch.Tensor) -> torch.Tensor:
         # out channel o (group o // (out/g)) mixes its group's r_out channels, times s.
         u_out, nd = self.factors[0], self.core.dim() - 2
-        weight = (u_out * self.scale).reshape(*u_out.shape, *(1,) * nd)
+        if self.scale != 1.0:
+            u_out = u_out * self.scale
+        weight = u_out.reshape(*u_out.shape, *(1,) * nd)  # [out, r_out, 1..]
         return _CONV_FN[nd](h, weight, groups=self.spec.groups)
 
     def _folded(self, x: torch.Tensor) -> torch.Tensor:
         g, nd = self.spec.groups, self.core.dim() - 2
-        # (r_out, in/g, k...): the core kernel with U_in applied on its input mode.
-        reduce_w = mode_product(self.core_kernel(), self.factors[1], 1)
+        # (r_out, in/g, k...): the core kernel with U_in applied on its input mode, as one
+        # matmul (r_out*k.., r_in) @ (r_in, in/g), made contiguous for the conv kernels.
+        kernel, u_in = self.core_kernel(), self.factors[1]
+        rest = kernel.shape[2:]
+        if all(d == 1 for d in rest):  # 1x1 conv: a plain (r_out, r_in) @ (r_in, in/g)
+            flat = kernel.reshape(kernel.shape[0], kernel.shape[1])
+            reduce_w = (flat @ u_in.T).reshape(kernel.shape[0], u_in.shape[0], *rest)
+        else:
+            flat = kernel.movedim(1, -1).reshape(-1, kernel.shape[1])  # [r_out*k.., r_in]
+            reduce_w = (flat @ u_in.T).reshape(kernel.shape[0], *rest, u_in.shape[0])
+            reduce_w = reduce_w.movedim(-1, 1).contiguous()  # [r_out, in/g, k..]
         if g > 1:
             reduce_w = reduce_w.repeat(g, *(1,) * (nd + 1))
         # the base's _conv_forward brings stride, padding, dilation, padding_mode, groups

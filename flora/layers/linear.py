@@ -49,7 +49,7 @@ def factored_matmul(
     r_out = core.shape[0]
     three = rows * (d_in * r_in + r_in * r_out)
     folded = d_in * r_in * r_out + rows * d_in * r_out
-    expand = (u_out * scale).T  # [r_out, out]
+    expand = (u_out * scale).T if scale != 1.0 else u_out.T  # [r_out, out]
     if folded < three:
         return (x @ (u_in @ core.T)) @ expand
     return ((x @ u_in) @ core.T) @ expand
