@@ -5,7 +5,7 @@ held-out digits, and writes time and accuracy as JSON. Meant to take well under 
 on one CUDA GPU; ``--device cpu --max-steps 2`` is the smoke path that runs anywhere.
 
     python bench/train_gpu.py                                  # bench/results/train_gpu.json
-    python bench/train_gpu.py --device cpu --max-steps 2 --out /tmp/smoke.json
+    python bench/train_gpu.py --device cpu --max-steps 2 --eval-limit 20 --out /tmp/smoke.json
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--eval-limit", type=int, default=0, help="0: all 1,000 held-out digits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/train_gpu.json"))
     args = p.parse_args()
@@ -49,7 +50,7 @@ def main() -> None:
             batch_size=args.batch_size,
             lr=args.lr,
             image_size=args.image_size,
-            eval_limit=0,  # all 1,000 held-out digits
+            eval_limit=args.eval_limit,
             seed=args.seed,
             progress=True,
         )

@@ -95,10 +95,12 @@ class FloraConv(FloraLayer):
     def core_kernel(self) -> torch.Tensor:
         """``G x_3 U_k1 ... x_N U_km``: shape ``(r_out, r_in, k_1..k_m)``."""
         kernel = self.core
-        for mode in range(2, self.core.dim()):
-            u = self.factors[mode]
-            # a 1 x 1 factor (a kernel mode of size 1) scales the core: skip the tensordot
-            kernel = kernel * u.reshape(()) if u.numel() == 1 else mode_product(kernel, u, mode)
+        with self.factor_precision():
+            for mode in range(2, self.core.dim()):
+                u = self.factors[mode]
+                # a 1 x 1 factor (a kernel mode of size 1) scales the core: no tensordot
+                scaled = u.numel() == 1
+                kernel = kernel * u.reshape(()) if scaled else mode_product(kernel, u, mode)
         return kernel
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,13 +126,14 @@ class FloraConv(FloraLayer):
         # matmul (r_out*k.., r_in) @ (r_in, in/g), made contiguous for the conv kernels.
         kernel, u_in = self.core_kernel(), self.factors[1]
         rest = kernel.shape[2:]
-        if all(d == 1 for d in rest):  # 1x1 conv: a plain (r_out, r_in) @ (r_in, in/g)
-            flat = kernel.reshape(kernel.shape[0], kernel.shape[1])
-            reduce_w = (flat @ u_in.T).reshape(kernel.shape[0], u_in.shape[0], *rest)
-        else:
-            flat = kernel.movedim(1, -1).reshape(-1, kernel.shape[1])  # [r_out*k.., r_in]
-            reduce_w = (flat @ u_in.T).reshape(kernel.shape[0], *rest, u_in.shape[0])
-            reduce_w = reduce_w.movedim(-1, 1).contiguous()  # [r_out, in/g, k..]
+        with self.factor_precision():
+            if all(d == 1 for d in rest):  # 1x1 conv: a plain (r_out, r_in) @ (r_in, in/g)
+                flat = kernel.reshape(kernel.shape[0], kernel.shape[1])
+                reduce_w = (flat @ u_in.T).reshape(kernel.shape[0], u_in.shape[0], *rest)
+            else:
+                flat = kernel.movedim(1, -1).reshape(-1, kernel.shape[1])  # [r_out*k.., r_in]
+                reduce_w = (flat @ u_in.T).reshape(kernel.shape[0], *rest, u_in.shape[0])
+                reduce_w = reduce_w.movedim(-1, 1).contiguous()  # [r_out, in/g, k..]
         if g > 1:
             reduce_w = reduce_w.repeat(g, *(1,) * (nd + 1))
         # the base's _conv_forward brings stride, padding, dilation, padding_mode, groups

@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from train_tiny import tiny_encoder, tiny_llama
+from PIL import Image
+from train_tiny import tiny_effnet, tiny_encoder, tiny_llama
 
 import flora
 from flora.train import cli, train
@@ -88,6 +89,40 @@ def test_bf16_on_cpu_saves_a_float32_adapter_the_server_accepts(tmp_path):
         torch.testing.assert_close(
             fresh.model(ids).logits, loaded.model(ids).logits, rtol=0, atol=0
         )
+
+
+def test_bf16_image_classification_trains_every_conv_path(tmp_path):
+    # tiny EfficientNet: a 3x3 stem (folded, two kernel factors), depthwise (direct) and
+    # 1x1 convs under CPU bf16 autocast; the adapter stays float32
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (12, 12), (200 * (cls == "a"), 40 * i, 90)).save(
+                tmp_path / "imgs" / cls / f"{i}.png"
+            )
+    loaded = tiny_effnet()
+    paths = set()
+    metrics = train(
+        "image-classification",
+        base="tiny",
+        data=str(tmp_path / "imgs"),
+        out=tmp_path / "out",
+        loaded=loaded,
+        max_steps=2,
+        batch_size=4,
+        eval_split="0.25",
+        image_size=32,
+        precision="bf16",
+        device="cpu",
+        progress=False,
+        threads=1,
+    )
+    for _, layer in flora.adapter_layers(loaded.model):
+        paths.add(getattr(layer, "path", None))
+    assert {"folded", "direct"} <= paths
+    assert metrics["precision"] == "bf16" and metrics["final_loss"] is not None
+    adapter = flora.load_adapter(tmp_path / "out")
+    assert {t.dtype for t in adapter.tensors.values()} == {torch.float32}
 
 
 def test_grad_accum_equals_one_big_batch(tmp_path):
