@@ -267,7 +267,12 @@ def run(task: TrainTask, probe: bool = True) -> dict[str, Any]:
     }
 
 
-def study(spec: TaskSpec, seeds: list[int], log: Callable[[str], None]) -> dict[str, Any]:
+def study(
+    spec: TaskSpec,
+    seeds: list[int],
+    log: Callable[[str], None],
+    methods: tuple[str, ...] = METHODS,
+) -> dict[str, Any]:
     """Every method (and FLoRA kernel rank) over ``seeds``, interleaved per seed."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
@@ -280,14 +285,18 @@ def study(spec: TaskSpec, seeds: list[int], log: Callable[[str], None]) -> dict[
             log(f"{spec.name} seed {seed} {key}: {_short(result, spec.metric)}")
             if kr is not None:
                 continue
-            for method in METHODS[1:]:
+            for method in [m for m in methods if m != "flora"]:
                 task = prepare(spec, seed, None, inject=peft_inject(method, n_flora))
                 result = run(task, probe=False)
                 result["rank"] = task.model.peft_rank
                 runs.setdefault(method, []).append({"seed": seed, **result})
                 log(f"{spec.name} seed {seed} {method}: {_short(result, spec.metric)}")
     summary = {name: _summarise(rs, spec.metric) for name, rs in runs.items()}
-    ratio = summary["flora"]["step_seconds"] / summary["lora"]["step_seconds"]
+    ratio = (
+        summary["flora"]["step_seconds"] / summary["lora"]["step_seconds"]
+        if "lora" in summary
+        else None
+    )
     return {
         "task": spec.name,
         "base": spec.base,
@@ -295,7 +304,7 @@ def study(spec: TaskSpec, seeds: list[int], log: Callable[[str], None]) -> dict[
         "metric": spec.metric,
         "steps": spec.steps,
         "options": spec.options,
-        "train_step_ratio_vs_lora": round(ratio, 3),
+        "train_step_ratio_vs_lora": None if ratio is None else round(ratio, 3),
         "summary": summary,
         "runs": runs,
     }
@@ -319,9 +328,11 @@ def _summarise(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
 
 
 def _short(result: dict[str, Any], metric: str) -> str:
+    probe = result.get("linear_probe_eval_accuracy")
     return (
         f"{metric}={result[metric]:.4f} params={result['trainable_params']} "
         f"step={result['step_seconds_median']:.3f}s"
+        + ("" if probe is None else f" linear_probe={probe:.4f}")
     )
 
 
@@ -412,6 +423,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy CPU")
     p.add_argument("--out", type=Path)
     p.add_argument("--layers-only", action="store_true", help="only the per-layer profile")
+    p.add_argument("--methods", default=",".join(METHODS), help="subset of flora,lora,loha")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     layers = layer_profile(repeats=20 if args.quick else 100)
@@ -427,7 +439,11 @@ def main() -> None:
         if args.tasks:
             wanted = set(args.tasks.split(","))
             specs = [s for s in specs if s.name in wanted]
-        results = [study(s, list(range(args.seeds)), lambda m: print(m, flush=True)) for s in specs]
+        methods = tuple(m for m in args.methods.split(",") if m)
+        results = [
+            study(s, list(range(args.seeds)), lambda m: print(m, flush=True), methods)
+            for s in specs
+        ]
     conv = next((r for r in results if r["task"].startswith("mnist5k")), results[0])
     report = {
         "quick": args.quick,
