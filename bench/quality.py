@@ -310,6 +310,41 @@ def study(
     }
 
 
+def paired_step_ratio(spec: TaskSpec, steps: int, seed: int = 0) -> dict[str, Any]:
+    """FLoRA and PEFT LoRA models of ``spec`` trained step by step in alternation on the
+    same batches: the median of the paired steps' time ratios (FLoRA / LoRA), robust to a
+    shared machine's load changing during the run."""
+    f_task = prepare(spec, seed, None)
+    l_task = prepare(spec, seed, None, inject=peft_inject("lora", adapter_params(f_task)))
+    opts: TrainOptions = f_task.options  # type: ignore[attr-defined]
+    assert opts.lr is not None and opts.batch_size is not None
+    pairs = []
+    optims = {}
+    for name, task in (("flora", f_task), ("lora", l_task)):
+        named = trainable_parameters(task.model)
+        optims[name] = torch.optim.AdamW(param_groups(named, task.lr_scale), lr=opts.lr)
+        task.train_mode(task.model)
+    for step in range(steps):
+        idx = batch_indices(len(f_task.train_examples), opts.batch_size, opts.seed, step)
+        batch = f_task.collate([f_task.train_examples[i] for i in idx])
+        took = {}
+        for name, task in (("flora", f_task), ("lora", l_task)):
+            began = time.perf_counter()
+            loss = task.loss(task.model, batch)
+            optims[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optims[name].step()
+            took[name] = time.perf_counter() - began
+        if step >= 2:
+            pairs.append(took["flora"] / took["lora"])
+    return {
+        "task": spec.name,
+        "steps": steps,
+        "ratio_median": round(statistics.median(pairs), 3),
+        "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(pairs, n=4)],
+    }
+
+
 def _summarise(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     values = [r[metric] for r in runs]
     out = {
@@ -424,6 +459,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--layers-only", action="store_true", help="only the per-layer profile")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of flora,lora,loha")
+    p.add_argument("--ratio-only", action="store_true", help="only the paired step ratio")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     layers = layer_profile(repeats=20 if args.quick else 100)
@@ -439,6 +475,10 @@ def main() -> None:
         if args.tasks:
             wanted = set(args.tasks.split(","))
             specs = [s for s in specs if s.name in wanted]
+        paired = [paired_step_ratio(s, 12 if args.quick else 40) for s in specs[:2]]
+        print(json.dumps(paired, indent=2), flush=True)
+        if args.ratio_only:
+            return
         methods = tuple(m for m in args.methods.split(",") if m)
         results = [
             study(s, list(range(args.seeds)), lambda m: print(m, flush=True), methods)
@@ -449,7 +489,10 @@ def main() -> None:
         "quick": args.quick,
         "seeds": args.seeds,
         "threads": args.threads,
-        "train_step_ratio_vs_lora": conv["train_step_ratio_vs_lora"],
+        # FLoRA / LoRA step time, the median of paired steps on the conv task
+        "train_step_ratio_vs_lora": paired[0]["ratio_median"],
+        "paired_step_ratio": paired,
+        "train_step_ratio_of_run_medians": conv["train_step_ratio_vs_lora"],
         "train_step_ratio_vs_lora_task": conv["task"],
         "train_step_ratio_vs_lora_by_task": {
             r["task"]: r["train_step_ratio_vs_lora"] for r in results

@@ -37,7 +37,7 @@ AUTO = "auto"  # every Linear of the encoder except the head and the (unused) po
 EVAL_BATCH = 64
 PROBE_STEPS = 300
 PROBE_LR = 0.05
-HEAD_LR_SCALE = 25.0
+HEAD_LR_SCALE = 1.0
 
 
 def attach_text_head(model: nn.Module, num_labels: int) -> nn.Linear:
