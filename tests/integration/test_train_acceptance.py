@@ -77,7 +77,9 @@ def test_causal_lm_acceptance(tmp_path):
 
 def test_mnist_sampled_eval_matches_all_held_out_digits(tmp_path):
     """builtin:mnist5k is sorted by class: the reported eval_accuracy (a stratified sample
-    of 200) must be within 3 points of the adapter's accuracy on all 1,000 test digits."""
+    of 500) must be within 3 points of the adapter's accuracy on all 1,000 test digits.
+    (The first 500 digits are only 0-4. A sample of 200 has a standard error of about 2.5
+    points at this accuracy, too close to 3 for a test that must not flake.)"""
     import torch
 
     from flora.models import load
@@ -93,12 +95,12 @@ def test_mnist_sampled_eval_matches_all_held_out_digits(tmp_path):
         data="builtin:mnist5k",
         out=tmp_path / "mnist",
         max_steps=25,
-        eval_limit=200,
+        eval_limit=500,
         lr=2e-3,
         progress=False,
         threads=2,
     )
-    assert metrics["eval_examples"] == 200 and metrics["eval_pool"] == 1000
+    assert metrics["eval_examples"] == 500 and metrics["eval_pool"] == 1000
     loaded = load("efficientnet-lite0")
     replace_head(loaded.model, 10)
     flora.apply_adapter(loaded.model, flora.load_adapter(tmp_path / "mnist"))
