@@ -83,7 +83,15 @@ class FloraLayer(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``dW = s * G x_1 U_1 ... x_N U_N``, shaped like the base weight."""
-        return reconstruct(self.core, list(self.factors), self.scale)
+        with self.factor_precision():
+            return reconstruct(self.core, list(self.factors), self.scale)
+
+    def factor_precision(self) -> torch.autocast:
+        """Autocast off for products of the adapter's own small tensors (core, factors):
+        under a bf16/fp16 autocast, a chain of mode products would otherwise mix dtypes
+        (each matmul's output in low precision, the next factor in float32), and rounding
+        the folded weights costs precision for no speed."""
+        return torch.autocast(self.core.device.type, enabled=False)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable adapter tensors: core then factors in mode order."""

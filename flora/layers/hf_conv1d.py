@@ -7,6 +7,7 @@ from torch import nn
 
 from flora.kinds import ModuleSpec
 from flora.layers.base import FloraLayer
+from flora.layers.linear import factored_matmul
 from flora.tucker import fold_linear
 
 __all__ = ["FloraHFConv1D"]
@@ -25,8 +26,8 @@ class FloraHFConv1D(FloraLayer):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out];  x dW = s * ((x U_in) G) U_out^T
         u_in, u_out = self.factors
-        h = self.dropout(x.to(self.core.dtype)) @ u_in  # [..., r_in]
-        return ((h @ self.core) @ u_out.T) * self.scale
+        x = self.dropout(x.to(self.core.dtype))
+        return factored_matmul(x, u_in, self.core.T, u_out, self.scale)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lora_A (r, in), lora_B (out, r))`` for the equivalent ``nn.Linear`` weight

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from flora.models.types import LoadedModel
+from flora.train.device import Precision, resolve_device
 from flora.train.errors import TrainError
 from flora.train.options import TrainOptions
 from flora.train.recipe import RecipeRegistry, default_recipes
@@ -49,6 +50,9 @@ def train(
         raise TrainError(f"unknown recipe {recipe!r}; recipes: {', '.join(registry.names())}")
     opts = TrainOptions(recipe=recipe, base=str(base), data=data, out=Path(out), **options)
     opts = opts.resolved(chosen.defaults)
+    device = resolve_device(opts.device)
+    opts.device = str(device)
+    Precision(device, opts.precision)  # fails early on an unsupported combination
     threads_before = torch.get_num_threads()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
@@ -56,6 +60,9 @@ def train(
         if loaded is None:
             loaded = _load_base(opts.base)
         seed_everything(opts.seed)
+        # Adapters and new heads are created beside the base weights, so move the base
+        # first; its weights stay float32 (bf16/fp16 apply through autocast).
+        loaded.model.to(device)
         task = chosen.prepare(opts, loaded)
         return run(task, opts)
     finally:

@@ -64,7 +64,10 @@ def load_checkpoint(
             prefix = f"opt.{name}."
             entry = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
             if entry:
-                optimizer.state[p] = entry
+                # AdamW keeps its step count on the CPU and its moments beside the parameter.
+                optimizer.state[p] = {
+                    k: v if k == "step" else v.to(p.device) for k, v in entry.items()
+                }
     torch.set_rng_state(saved[_RNG_KEY])
     return json.loads((directory / STATE_JSON).read_text())
 
@@ -87,3 +90,34 @@ def _copy_adapter(model: nn.Module, adapter: flora.Adapter) -> None:
                 if target is None or target.shape != value.shape:
                     raise TrainError(f"--resume: {key} does not fit this run's model")
                 target.copy_(value)
+
+
+STEP_PREFIX = "step-"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """``root/step-NNNNNN``: the checkpoint of ``step`` (zero-padded, so names sort)."""
+    return root / f"{STEP_PREFIX}{step:06d}"
+
+
+def step_checkpoints(root: Path) -> list[Path]:
+    """Complete step checkpoints under ``root``, oldest first (a directory without its
+    trainer state, e.g. one cut off while being written, is skipped)."""
+    if not root.is_dir():
+        return []
+    found = [
+        d
+        for d in root.iterdir()
+        if d.is_dir() and d.name.startswith(STEP_PREFIX) and (d / STATE_JSON).is_file()
+    ]
+    return sorted(found, key=lambda d: d.name)
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest step checkpoints; returns the deleted ones."""
+    import shutil
+
+    old = step_checkpoints(root)[:-keep] if keep > 0 else []
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return old

@@ -40,43 +40,118 @@ def _existing(path: str | Path) -> Path:
     return p
 
 
-def _rows(path: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows of a CSV (header row) or JSONL file, each with at least ``columns``."""
+Columns = dict[str, str]
+"""Column mapping: role (``text``, ``label``, ``image``, ...) -> the column holding it."""
+
+
+def _rows(
+    path: Path,
+    columns: Sequence[str],
+    mapping: Columns | None = None,
+    split: str = "train",
+) -> list[dict[str, Any]] | None:
+    """Rows of a CSV/TSV (header row), a JSON array of objects, JSON Lines, or a Hugging
+    Face dataset (``save_to_disk`` directory, Parquet/Arrow file), each with at least
+    ``columns`` once ``mapping`` renamed them. ``split="eval"`` asks for the source's own
+    eval split: only a Hugging Face DatasetDict has one, every other source gives None."""
+    from flora.train.hf_data import is_hf_source, train_and_eval_rows
+
     suffix = path.suffix.lower()
-    rows: list[dict[str, Any]] = []
-    if suffix in {".jsonl", ".json"}:
-        for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+    if is_hf_source(path):
+        train, eval_ = train_and_eval_rows(path)
+        rows = train if split == "train" else eval_
+        if rows is None:
+            return None
+        rows = [_mapped(r, mapping) for r in rows]
+        _check_columns(rows, columns, path)
+    elif split != "train":
+        return None
+    elif suffix in {".jsonl", ".json"}:
+        rows = _json_rows(path, columns, mapping)
+    elif suffix in {".csv", ".tsv"}:
+        rows = _csv_rows(path, columns, mapping)
+    else:
+        raise DataError(
+            f"{path}: unsupported file type {suffix or '(none)'}; "
+            "use .csv, .jsonl, .json, .parquet or a datasets directory"
+        )
+    if not rows:
+        raise DataError(f"{path}: no examples (empty data set)")
+    return rows
+
+
+def _mapped(row: dict[str, Any], mapping: Columns | None) -> dict[str, Any]:
+    if not mapping:
+        return row
+    out = dict(row)
+    for role, column in mapping.items():
+        if column in row:
+            out[role] = row[column]
+    return out
+
+
+def _check_columns(rows: list[dict[str, Any]], columns: Sequence[str], path: Path) -> None:
+    if not rows:
+        return
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        found = ", ".join(k for k in rows[0] if k not in columns) or "none"
+        raise DataError(
+            f"{path}: wrong columns: need {', '.join(missing)} (found {found}; "
+            "map them with --text-column / --label-column / ...)"
+        )
+
+
+def _json_rows(path: Path, columns: Sequence[str], mapping: Columns | None) -> list[dict]:
+    """A JSON array of objects, or JSON Lines (one object per line)."""
+    text = _read_text(path)
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        numbered = list(enumerate(items, 1))
+        where = "item"
+    else:
+        numbered = []
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                numbered.append((lineno, json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: each line must be a JSON object")
-            missing = [c for c in columns if c not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
-    elif suffix in {".csv", ".tsv"}:
-        reader = csv.DictReader(
-            _read_text(path).splitlines(), delimiter="\t" if suffix == ".tsv" else ","
-        )
-        header = reader.fieldnames or []
-        missing = [c for c in columns if c not in header]
+        where = "line"
+    rows = []
+    for n, row in numbered:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: each {where} must be a JSON object")
+        row = _mapped(row, mapping)
+        missing = [c for c in columns if c not in row]
         if missing:
-            raise DataError(
-                f"{path}: wrong columns: need {', '.join(columns)}, "
-                f"found {', '.join(header) or 'none'}"
-            )
-        for lineno, row in enumerate(reader, 2):
-            if any(row.get(c) is None for c in columns):
-                raise DataError(f"{path}:{lineno}: row has too few columns")
-            rows.append(row)
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv or .jsonl")
-    if not rows:
-        raise DataError(f"{path}: no examples (empty data set)")
+            raise DataError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
+        rows.append(row)
+    return rows
+
+
+def _csv_rows(path: Path, columns: Sequence[str], mapping: Columns | None) -> list[dict]:
+    suffix = path.suffix.lower()
+    reader = csv.DictReader(
+        _read_text(path).splitlines(), delimiter="\t" if suffix == ".tsv" else ","
+    )
+    header = reader.fieldnames or []
+    renamed = {role for role, column in (mapping or {}).items() if column in header}
+    missing = [c for c in columns if c not in header and c not in renamed]
+    if missing:
+        raise DataError(
+            f"{path}: wrong columns: need {', '.join(columns)}, found {', '.join(header) or 'none'}"
+        )
+    rows = []
+    for lineno, row in enumerate(reader, 2):
+        row = _mapped(row, mapping)
+        if any(row.get(c) is None for c in columns):
+            raise DataError(f"{path}:{lineno}: row has too few columns")
+        rows.append(row)
     return rows
 
 
@@ -89,12 +164,18 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: is a directory, expected a .csv or .jsonl file") from None
 
 
-def load_text_labels(path: str | Path) -> list[tuple[str, str]]:
-    """``(text, label)`` pairs from a CSV with columns ``text,label`` or JSONL objects
-    with fields ``text`` and ``label``."""
+def load_text_labels(
+    path: str | Path, columns: Columns | None = None, split: str = "train"
+) -> list[tuple[str, str]] | None:
+    """``(text, label)`` pairs from rows with ``text`` and ``label`` (CSV, JSON, JSONL,
+    a Hugging Face dataset; ``columns`` maps other column names). None when ``split`` is
+    ``eval`` and the source has no eval split."""
     p = _existing(path)
+    rows = _rows(p, ("text", "label"), columns, split)
+    if rows is None:
+        return None
     out = []
-    for row in _rows(p, ("text", "label")):
+    for row in rows:
         text, label = row["text"], row["label"]
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{p}: every text must be a non-empty string")
@@ -104,12 +185,19 @@ def load_text_labels(path: str | Path) -> list[tuple[str, str]]:
     return out
 
 
-def load_image_labels(path: str | Path) -> list[tuple[Image.Image, str]]:
-    """``(RGB image, label)`` pairs from a folder with one sub-folder per class, or a CSV
-    with columns ``path,label`` (relative paths are relative to the CSV). Every image is
-    decoded here, so an unreadable file fails before training starts."""
+def load_image_labels(
+    path: str | Path, columns: Columns | None = None, split: str = "train"
+) -> list[tuple[Image.Image, str]] | None:
+    """``(RGB image, label)`` pairs from a folder with one sub-folder per class, a CSV or
+    JSON(L) file with ``path,label`` (relative paths are relative to the file), or a
+    Hugging Face dataset with ``image`` (decoded images) and ``label`` columns. Every image
+    is decoded here, so an unreadable file fails before training starts."""
     p = _existing(path)
-    if p.is_dir():
+    from flora.train.hf_data import is_hf_source
+
+    if p.is_dir() and not is_hf_source(p):
+        if split != "train":
+            return None
         items = [
             (f, d.name)
             for d in sorted(q for q in p.iterdir() if q.is_dir())
@@ -118,9 +206,40 @@ def load_image_labels(path: str | Path) -> list[tuple[Image.Image, str]]:
         ]
         if not items:
             raise DataError(f"{p}: no images (expected one sub-folder of images per class)")
-    else:
-        items = [(p.parent / str(r["path"]), str(r["label"])) for r in _rows(p, ("path", "label"))]
-    return [(read_image(f), label) for f, label in items]
+        return [(read_image(f), label) for f, label in items]
+    hf = is_hf_source(p)
+    rows = _rows(p, ("image" if hf else "path", "label"), columns, split)
+    if rows is None:
+        return None
+    if hf:
+        return [(_as_image(r["image"], p), _label_name(r["label"])) for r in rows]
+    return [(read_image(p.parent / str(r["path"])), str(r["label"])) for r in rows]
+
+
+def _label_name(label: Any) -> str:
+    # datasets' ClassLabel columns hold ints; name the class by its number
+    if isinstance(label, int | float) and not isinstance(label, bool):
+        return str(int(label))
+    return str(label)
+
+
+def _as_image(value: Any, where: Path) -> Image.Image:
+    """A datasets image cell (a PIL image, ``{"bytes", "path"}`` or a path) as RGB."""
+    import io
+
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict) and value.get("bytes"):
+        try:
+            with Image.open(io.BytesIO(value["bytes"])) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"{where}: unreadable image bytes: {exc}") from None
+    if isinstance(value, dict) and value.get("path"):
+        return read_image(Path(value["path"]))
+    if isinstance(value, str):
+        return read_image(Path(value))
+    raise DataError(f"{where}: the image column holds {type(value).__name__}, not an image")
 
 
 def read_image(path: Path) -> Image.Image:
@@ -134,18 +253,26 @@ def read_image(path: Path) -> Image.Image:
         raise DataError(f"unreadable image {path}: {exc}") from None
 
 
-def load_chats(path: str | Path) -> list[list[Message]]:
-    """Conversations from JSONL: ``{"messages": [{"role", "content"}, ...]}`` or
-    ``{"prompt", "completion"}`` (a user turn and an assistant turn). The last message of
-    each conversation must be the assistant's (that is what the loss is on)."""
+def load_chats(
+    path: str | Path, columns: Columns | None = None, split: str = "train"
+) -> list[list[Message]] | None:
+    """Conversations from JSON(L) or a Hugging Face dataset: ``{"messages": [{"role",
+    "content"}, ...]}`` or ``{"prompt", "completion"}`` (a user turn and an assistant
+    turn). The last message of each conversation must be the assistant's (that is what the
+    loss is on)."""
     p = _existing(path)
-    if p.suffix.lower() not in {".jsonl", ".json"}:
-        raise DataError(f"{p}: chat data must be JSONL (.jsonl)")
+    from flora.train.hf_data import is_hf_source
+
+    if p.suffix.lower() not in {".jsonl", ".json"} and not is_hf_source(p):
+        raise DataError(f"{p}: chat data must be JSON Lines, a JSON array or a datasets dir")
+    rows = _rows(p, (), columns, split)
+    if rows is None:
+        return None
     chats: list[list[Message]] = []
-    for i, row in enumerate(_rows(p, ()), 1):
-        if "messages" in row:
+    for i, row in enumerate(rows, 1):
+        if row.get("messages") is not None:
             messages = row["messages"]
-        elif "prompt" in row and "completion" in row:
+        elif row.get("prompt") is not None and row.get("completion") is not None:
             messages = [
                 {"role": "user", "content": row["prompt"]},
                 {"role": "assistant", "content": row["completion"]},
@@ -229,3 +356,30 @@ def parse_eval_split(value: str | None) -> float | str | None:
         return float(value)
     except ValueError:
         return value
+
+
+def stratified_sample(
+    items: Sequence[T], k: int, key: Callable[[T], str] | None, seed: int
+) -> list[T]:
+    """A seeded random sample of ``k`` items (all when ``k`` is 0 or >= len), in their
+    original order. With ``key``, every class gets its proportional share (largest
+    remainders round; ties broken by the seeded RNG), so a class-sorted data set gives a
+    sample with the data's class mix, not its first classes."""
+    n = len(items)
+    if k == 0 or k >= n:
+        return list(items)
+    rng = random.Random(seed)
+    if key is None:
+        return [items[i] for i in sorted(rng.sample(range(n), k))]
+    by_class: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_class.setdefault(key(item), []).append(i)
+    classes = list(by_class)
+    quota = {c: k * len(by_class[c]) / n for c in classes}
+    take = {c: int(quota[c]) for c in classes}
+    spare = k - sum(take.values())
+    order = sorted(classes, key=lambda c: (-(quota[c] - take[c]), rng.random()))
+    for c in order[:spare]:
+        take[c] += 1
+    chosen = [i for c in classes for i in rng.sample(by_class[c], take[c])]
+    return [items[i] for i in sorted(chosen)]

@@ -21,6 +21,7 @@ from flora.config import FloraConfig
 from flora.model import inject
 from flora.models.image_transform import ImageTransform
 from flora.models.types import LoadedModel, a_kind
+from flora.train.batches import eval_chunks, on_device
 from flora.train.data import load_image_labels
 from flora.train.errors import TrainError
 from flora.train.heads import HEAD_NAME, accuracy, adaptable_names, freeze_batchnorm, replace_head
@@ -73,11 +74,14 @@ class ImageClassificationRecipe:
         size = options.image_size or int(data.hints.get("image_size", base_transform.size))
         transform = base_transform.with_size(size)
 
-        def collate(examples: list[tuple[Any, int]]) -> Batch:
+        def collate_cpu(examples: list[tuple[Any, int]]) -> Batch:
             return {
                 "pixel_values": transform.batch([im for im, _ in examples]),  # [B, 3, S, S]
                 "labels": torch.tensor([y for _, y in examples]),  # [B]
             }
+
+        collate = on_device(collate_cpu, torch.device(options.device))
+        progress = options.progress
 
         return TrainTask(
             model=model,
@@ -88,8 +92,9 @@ class ImageClassificationRecipe:
             eval_examples=data.eval,
             collate=collate,
             loss=classification_loss,
-            evaluate=lambda m, ex: {"eval_accuracy": evaluate_images(m, ex, collate)},
+            evaluate=lambda m, ex: {"eval_accuracy": evaluate_images(m, ex, collate, progress)},
             train_mode=freeze_batchnorm,
+            eval_key=lambda item: str(item[1]),
             metadata={"image_size": size, "image_transform": transform.to_dict()},
         )
 
@@ -100,18 +105,20 @@ def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def predict_logits(
-    model: nn.Module, examples: Sequence[Any], collate: Any
+    model: nn.Module, examples: Sequence[Any], collate: Any, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, C] and labels [N] of ``examples``, in batches of EVAL_BATCH."""
     logits, labels = [], []
-    for start in range(0, len(examples), EVAL_BATCH):
-        batch = collate(list(examples[start : start + EVAL_BATCH]))
-        logits.append(model(batch["pixel_values"]))
+    for chunk in eval_chunks(examples, EVAL_BATCH, progress):
+        batch = collate(chunk)
+        logits.append(model(batch["pixel_values"]).float())
         labels.append(batch["labels"])
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate_images(model: nn.Module, examples: Sequence[Any], collate: Any) -> float:
+def evaluate_images(
+    model: nn.Module, examples: Sequence[Any], collate: Any, progress: bool = False
+) -> float:
     """Top-1 accuracy on ``examples``."""
-    logits, labels = predict_logits(model, examples, collate)
+    logits, labels = predict_logits(model, examples, collate, progress)
     return accuracy(logits, labels)

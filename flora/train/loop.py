@@ -1,10 +1,15 @@
 """The training loop shared by every recipe.
 
 AdamW on the trainable parameters (adapter cores/factors and ``train_modules``), linear
-warm-up then cosine decay, a tqdm bar with loss and samples/s, evaluation of the base
-(before the first step: FLoRA cores start at zero, so the injected model *is* the base)
-and of the adapter (after the last), checkpoints with ``--resume``, and the outputs in
-``--out``: the adapter (format v1), ``metrics.json`` and ``loss.png``.
+warm-up then cosine decay, optional gradient accumulation and clipping, autocast in bf16
+or fp16 (with a gradient scaler), a tqdm bar with loss, learning rate and samples/s.
+
+Evaluation runs on one eval set chosen once per run (a seeded, stratified sample of at
+most ``eval_limit`` examples): the base before the first step (FLoRA cores start at zero,
+so the injected model *is* the base), every ``eval_every`` steps (the best adapter goes
+to ``OUT/best``) and the adapter after the last step. Checkpoints support ``--resume``
+(a directory or ``latest``) and ``--keep-checkpoints``. Outputs in ``--out``: the adapter
+(format v1), ``metrics.json`` and ``loss.png``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ import torch
 from tqdm import tqdm
 
 import flora
-from flora.train.checkpoint import load_checkpoint, save_checkpoint
+from flora.train.checkpoint import (
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    step_checkpoints,
+    step_dir,
+)
+from flora.train.data import stratified_sample
+from flora.train.device import Precision, to_device
 from flora.train.errors import TrainError
 from flora.train.options import TrainOptions
 from flora.train.plot import plot_loss
@@ -28,8 +41,10 @@ from flora.train.recipe import TrainTask
 from flora.train.schedule import batch_indices, lr_at, total_steps
 
 CHECKPOINTS = "checkpoints"
+BEST = "best"
 METRICS = "metrics.json"
 LOSS_PNG = "loss.png"
+PEFT_DIR = "peft"
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -49,14 +64,53 @@ def param_groups(
     return [{"params": ps, "lr_scale": s} for s, ps in groups.items()]
 
 
-def evaluate_prefixed(task: TrainTask, prefix: str, limit: int) -> dict[str, float]:
-    """Run ``task.evaluate`` on the first ``limit`` eval examples (0 = all), in eval mode
-    and without gradients; keys get ``prefix``."""
-    examples = task.eval_examples if limit == 0 else task.eval_examples[:limit]
+def eval_set(task: TrainTask, limit: int, seed: int) -> list[Any]:
+    """The run's eval examples: all (``limit`` 0), or a seeded sample of ``limit``,
+    stratified by ``task.eval_key`` when the task has classes."""
+    return stratified_sample(task.eval_examples, limit, task.eval_key, seed)
+
+
+def evaluate_prefixed(
+    task: TrainTask, examples: list[Any], prefix: str, precision: Precision
+) -> dict[str, float]:
+    """``task.evaluate`` on ``examples`` in eval mode, without gradients, under the run's
+    autocast; keys get ``prefix``."""
     task.model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), precision.autocast():
         metrics = task.evaluate(task.model, examples)
     return {prefix + k: v for k, v in metrics.items()}
+
+
+def resolve_resume(resume: Path | str | None, out: Path) -> Path | None:
+    """The checkpoint to resume from: ``latest`` is the newest complete one under
+    ``OUT/checkpoints`` (None when there is none: a fresh start)."""
+    if resume is None:
+        return None
+    if str(resume) == "latest":
+        found = step_checkpoints(out / CHECKPOINTS)
+        return found[-1] if found else None
+    return Path(resume)
+
+
+class _Best:
+    """The best value of one metric seen so far and its step."""
+
+    def __init__(self, name: str, greater: bool, state: dict[str, Any] | None = None) -> None:
+        self.name, self.greater = name, greater
+        self.value: float | None = None if not state else state.get("value")
+        self.step: int | None = None if not state else state.get("step")
+
+    def offer(self, metrics: dict[str, float], step: int) -> bool:
+        value = metrics.get(self.name)
+        if value is None:
+            raise TrainError(f"the recipe reports no {self.name!r} to pick the best adapter by")
+        better = self.value is None or (value > self.value if self.greater else value < self.value)
+        if better:
+            self.value, self.step = float(value), step
+        return better
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.name, "value": self.value, "step": self.step}
 
 
 def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
@@ -66,15 +120,18 @@ def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
     model = task.model
+    precision = Precision(torch.device(options.device), options.precision)
     named = trainable_parameters(model)
     if not named:
         raise TrainError("nothing to train: no parameter requires grad")
     optimizer = torch.optim.AdamW(
         param_groups(named, task.lr_scale), lr=options.lr, weight_decay=options.weight_decay
     )
+    scaler = precision.scaler()
     n_train = len(task.train_examples)
-    steps = total_steps(n_train, options.batch_size, options.epochs, options.max_steps)
-    limit = int(options.eval_limit or 0)
+    per_step = options.batch_size * options.grad_accum
+    steps = total_steps(n_train, per_step, options.epochs, options.max_steps)
+    examples = eval_set(task, int(options.eval_limit or 0), options.seed)
     adapter_kwargs = {
         "base_model_id": task.base_model_id,
         "task": task.task,
@@ -84,18 +141,34 @@ def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
 
     start_step, losses, seconds_before = 0, [], 0.0
     base_metrics: dict[str, float] = {}
-    if options.resume is not None:
-        state = load_checkpoint(options.resume, model, optimizer)
+    best = _Best(*task.best_metric)
+    resume = resolve_resume(options.resume, out)
+    if resume is not None:
+        state = load_checkpoint(resume, model, optimizer)
         start_step, losses = int(state["step"]), list(state["losses"])
         seconds_before = float(state.get("train_seconds", 0.0))
         base_metrics = dict(state.get("base_metrics", {}))
+        best = _Best(*task.best_metric, state=state.get("best"))
         if start_step > steps:
             raise TrainError(
                 f"--resume: checkpoint is at step {start_step}, past the {steps} asked"
             )
+        _log(f"resumed from {resume} (step {start_step})", options)
     if not base_metrics:
-        base_metrics = evaluate_prefixed(task, "base_", limit)
+        base_metrics = evaluate_prefixed(task, examples, "base_", precision)
         _log(f"base: {_fmt(base_metrics)}", options)
+
+    def checkpoint(step: int, seconds: float) -> None:
+        state = {
+            "step": step,
+            "losses": losses,
+            "train_seconds": seconds,
+            "base_metrics": base_metrics,
+            "best": best.to_json(),
+        }
+        save_checkpoint(step_dir(out / CHECKPOINTS, step), model, optimizer, state, adapter_kwargs)
+        if options.keep_checkpoints:
+            prune_checkpoints(out / CHECKPOINTS, options.keep_checkpoints)
 
     task.train_mode(model)
     bar = tqdm(
@@ -109,76 +182,118 @@ def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
     began = time.perf_counter()
     samples = 0
     for step in range(start_step, steps):
+        lr = lr_at(step, steps, options.lr, options.warmup)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, options.lr, options.warmup) * group["lr_scale"]
-        idx = batch_indices(n_train, options.batch_size, options.seed, step)
-        batch = task.collate([task.train_examples[i] for i in idx])
-        loss = task.loss(model, batch)
-        if not math.isfinite(loss.item()):
-            raise TrainError(f"loss became {loss.item()} at step {step}; lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.item()))
+            group["lr"] = lr * group["lr_scale"]
+        idx = batch_indices(n_train, per_step, options.seed, step)
+        loss_value = _step(task, options, precision, optimizer, scaler, idx, step)
+        losses.append(loss_value)
         samples += len(idx)
         elapsed = time.perf_counter() - began
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.1f}")
+        bar.set_postfix(
+            loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples / elapsed:.1f}"
+        )
         bar.update(1)
         done = step + 1
+        if options.eval_every and done % options.eval_every == 0 and done < steps:
+            metrics = evaluate_prefixed(task, examples, "", precision)
+            if best.offer(metrics, done):
+                flora.save_adapter(model, out / BEST, **adapter_kwargs)
+            if options.progress:
+                bar.write(f"step {done}: {_fmt(metrics)}", file=sys.stderr)
+            task.train_mode(model)
         if options.save_every and done % options.save_every == 0 and done < steps:
-            _checkpoint(
-                task,
-                optimizer,
-                out,
-                done,
-                losses,
-                seconds_before + elapsed,
-                base_metrics,
-                adapter_kwargs,
-            )
+            checkpoint(done, seconds_before + elapsed)
             task.train_mode(model)
     bar.close()
     train_seconds = seconds_before + (time.perf_counter() - began)
 
-    _checkpoint(task, optimizer, out, steps, losses, train_seconds, base_metrics, adapter_kwargs)
     flora.save_adapter(model, out, **adapter_kwargs)
-    eval_metrics = evaluate_prefixed(task, "", limit)
+    eval_metrics = evaluate_prefixed(task, examples, "", precision)
     _log(f"adapter: {_fmt(eval_metrics)}", options)
+    if options.eval_every and best.offer(eval_metrics, steps):
+        flora.save_adapter(model, out / BEST, **adapter_kwargs)
+    checkpoint(steps, train_seconds)
+    if options.export == "peft":
+        _export_peft(out)
+    extra = {}
+    if task.extra_metrics:
+        with precision.autocast():
+            extra = task.extra_metrics(examples)
     metrics: dict[str, Any] = {
         **eval_metrics,
         **base_metrics,
-        **(task.extra_metrics() if task.extra_metrics else {}),
+        **extra,
+        # every eval_* metric above was computed on these examples
+        "eval_examples": len(examples),
+        "eval_pool": len(task.eval_examples),
+        "eval_sampling": "all"
+        if len(examples) == len(task.eval_examples)
+        else f"{'stratified ' if task.eval_key else ''}random, seed {options.seed}",
         "trainable_params": sum(p.numel() for _, p in named),
         "train_seconds": round(train_seconds, 2),
         "steps": steps,
         "train_examples": n_train,
-        "eval_examples": len(task.eval_examples)
-        if limit == 0
-        else min(limit, len(task.eval_examples)),
         "final_loss": _tail_mean(losses),
         "task": task.task,
         "labels": task.labels,
+        "device": options.device,
+        "precision": options.precision,
         "options": options.to_json(),
     }
+    if options.eval_every:
+        metrics["best"] = best.to_json()
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     if losses:
         plot_loss(losses, out / LOSS_PNG, f"{options.recipe}: {options.base} on {options.data}")
     return metrics
 
 
-def _checkpoint(
+def _step(
     task: TrainTask,
+    options: TrainOptions,
+    precision: Precision,
     optimizer: torch.optim.Optimizer,
-    out: Path,
+    scaler: Any,
+    idx: list[int],
     step: int,
-    losses: list[float],
-    seconds: float,
-    base_metrics: dict[str, float],
-    adapter_kwargs: dict[str, Any],
-) -> None:
-    directory = out / CHECKPOINTS / f"step-{step:06d}"
-    state = {"step": step, "losses": losses, "train_seconds": seconds, "base_metrics": base_metrics}
-    save_checkpoint(directory, task.model, optimizer, state, adapter_kwargs)
+) -> float:
+    """One optimizer step over ``idx``, in micro-batches of ``batch_size``; each
+    micro-batch's mean loss is weighted by its share of the examples, so the gradient is
+    that of the mean over ``idx``. Returns that mean loss."""
+    device = torch.device(options.device)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    size = options.batch_size
+    assert size is not None
+    for start in range(0, len(idx), size):
+        chunk = idx[start : start + size]
+        batch = to_device(task.collate([task.train_examples[i] for i in chunk]), device)
+        with precision.autocast():
+            loss = task.loss(task.model, batch)
+        value = float(loss.item())
+        if not math.isfinite(value):
+            raise TrainError(f"loss became {value} at step {step}; lower --lr")
+        weight = len(chunk) / len(idx)
+        scaler.scale(loss.float() * weight).backward()
+        total += value * weight
+    if options.max_grad_norm:
+        scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return total
+
+
+def _export_peft(out: Path) -> None:
+    from flora.errors import AdapterError
+    from flora.interop import to_peft
+
+    try:
+        to_peft(flora.load_adapter(out), out / PEFT_DIR)
+    except AdapterError as exc:
+        raise TrainError(f"--export peft: {exc}") from None
 
 
 def _tail_mean(losses: list[float], n: int = 20) -> float | None:

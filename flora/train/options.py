@@ -42,7 +42,9 @@ class TrainOptions:
     eval_limit: int | None = None
     """Evaluate on at most this many eval examples (0 = all)."""
     seed: int = 0
-    resume: Path | None = None
+    resume: Path | str | None = None
+    """A checkpoint directory, or ``latest``: the newest under ``OUT/checkpoints`` (a fresh
+    start when there is none yet)."""
     image_size: int | None = None
     max_length: int = 256
     warmup: float = 0.05
@@ -53,14 +55,31 @@ class TrainOptions:
     threads: int | None = None
     """torch CPU threads (None: torch's default). On a shared, busy CPU, 1 thread avoids
     oversubscription and can be several times faster."""
+    device: str = "auto"
+    """``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda[:N]`` or ``mps``."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 with a gradient scaler)."""
+    grad_accum: int = 1
+    """Micro-batches of ``batch_size`` per optimizer step (effective batch = product)."""
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    eval_every: int = 0
+    """Evaluate every N steps and keep the best adapter in ``OUT/best`` (0: off)."""
+    keep_checkpoints: int | None = None
+    """Keep only the K newest step checkpoints (None: keep all)."""
+    export: str | None = None
+    """``peft``: also write the adapter as PEFT LoRA to ``OUT/peft`` (linear adapters)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping for file and ``datasets`` inputs: role (text, label, image, path,
+    messages, prompt, completion) -> the column that holds it."""
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if self.resume is not None:
+        if self.resume is not None and str(self.resume) != "latest":
             self.resume = Path(self.resume)
-        for name in ("rank", "batch_size", "max_steps", "threads"):
+        for name in ("rank", "batch_size", "max_steps", "threads", "grad_accum"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -72,6 +91,17 @@ class TrainOptions:
             raise TrainError(f"--epochs must be > 0, got {self.epochs}")
         if self.eval_limit is not None and self.eval_limit < 0:
             raise TrainError(f"--eval-limit must be >= 0, got {self.eval_limit}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise TrainError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise TrainError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.export not in (None, "peft"):
+            raise TrainError(f"--export: unknown format {self.export!r}; use peft")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise TrainError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if not 0.0 <= self.warmup < 1.0:
             raise TrainError(f"--warmup must be in [0, 1), got {self.warmup}")
 

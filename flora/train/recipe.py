@@ -35,8 +35,12 @@ class TrainTask:
         evaluate: (model, examples) -> metrics such as ``{"eval_accuracy": 0.97}``.
         train_mode: puts the model in training mode (e.g. with frozen batch-norm stats).
         metadata: JSON-able facts saved in the adapter (image size, pooling, ...).
-        extra_metrics: optional; more metrics computed once (e.g. a linear probe).
+        extra_metrics: optional; more metrics computed once on the same eval examples
+            (e.g. a linear probe).
         lr_scale: optional learning-rate multipliers by module name.
+        eval_key: optional; the class of an eval example, so eval subsets are stratified.
+        best_metric: the metric ``--eval-every`` keeps the best adapter by, and whether
+            greater is better.
     """
 
     model: nn.Module
@@ -50,10 +54,12 @@ class TrainTask:
     evaluate: Callable[[nn.Module, Sequence[Any]], dict[str, float]]
     train_mode: Callable[[nn.Module], None]
     metadata: dict[str, Any] = field(default_factory=dict)
-    extra_metrics: Callable[[], dict[str, float]] | None = None
+    extra_metrics: Callable[[Sequence[Any]], dict[str, float]] | None = None
     lr_scale: dict[str, float] = field(default_factory=dict)
     """Learning-rate multipliers by module name (a parameter under ``name.`` gets
     ``lr * scale``), e.g. a head on L2-normalised features needs a larger step."""
+    eval_key: Callable[[Any], str] | None = None
+    best_metric: tuple[str, bool] = ("eval_accuracy", True)
 
 
 class Recipe(Protocol):

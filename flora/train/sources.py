@@ -24,8 +24,13 @@ class LabelledData:
     hints: dict[str, Any] = field(default_factory=dict)
 
 
+Loader = Callable[..., list[Any] | None]
+"""``(spec, columns, split="train"|"eval") -> examples`` (None: the source has no eval
+split of its own)."""
+
+
 def _raw(
-    options: TrainOptions, kind: builtin.DataKind, load_file: Callable[[str], list[Any]]
+    options: TrainOptions, kind: builtin.DataKind, load_file: Loader
 ) -> tuple[Splits, dict[str, Any]]:
     eval_split = parse_eval_split(options.eval_split)
     if builtin.is_builtin(options.data):
@@ -36,9 +41,12 @@ def _raw(
             )
         splits, hints = dataset.load(options.seed), dict(dataset.hints or {})
     else:
-        splits, hints = Splits(train=load_file(options.data)), {}
+        train = load_file(options.data, options.columns)
+        assert train is not None
+        own_eval = load_file(options.data, options.columns, "eval")
+        splits, hints = Splits(train=train, eval=own_eval), {}
     if isinstance(eval_split, str):
-        splits.eval = load_file(eval_split)
+        splits.eval = load_file(eval_split, options.columns)
     elif eval_split is not None or splits.eval is None:
         fraction = DEFAULT_EVAL_FRACTION if eval_split is None else eval_split
         key = (lambda item: item[1]) if kind != "chat" else (lambda item: "")
@@ -46,9 +54,7 @@ def _raw(
     return splits, hints
 
 
-def labelled_data(
-    options: TrainOptions, kind: builtin.DataKind, load_file: Callable[[str], list[Any]]
-) -> LabelledData:
+def labelled_data(options: TrainOptions, kind: builtin.DataKind, load_file: Loader) -> LabelledData:
     """Train/eval ``(x, class_id)`` for a classification recipe (builtin or files)."""
     splits, hints = _raw(options, kind, load_file)
     assert splits.eval is not None

@@ -6,9 +6,10 @@ added to the bare encoder as submodule ``classifier`` and saved whole with the a
 (``train_modules``); to use the adapter on a fresh base, attach the same placeholder
 first (:func:`attach_text_head`), then ``flora.apply_adapter`` puts the trained head in.
 
-``extra_metrics`` also reports ``linear_probe_eval_accuracy``: a logistic-regression head
-trained on the frozen base embeddings (adapters switched off), the baseline the adapter
-has to beat.
+The head is trained first: a softmax regression on the frozen base's embeddings (the
+linear probe) initialises it, then head and adapters train together. ``extra_metrics``
+reports that probe's accuracy, ``linear_probe_eval_accuracy``, on the same eval examples:
+the baseline the adapter has to beat.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from flora.config import FloraConfig
 from flora.model import inject, set_enabled
 from flora.models.text_encoder import pool
 from flora.models.types import LoadedModel, Pooling, a_kind
+from flora.train.batches import eval_chunks, on_device
 from flora.train.data import load_text_labels
 from flora.train.errors import TrainError
 from flora.train.heads import HEAD_NAME, accuracy, adaptable_names, attach_head
@@ -35,7 +37,6 @@ AUTO = "auto"  # every Linear of the encoder except the head and the (unused) po
 EVAL_BATCH = 64
 PROBE_STEPS = 300
 PROBE_LR = 0.05
-HEAD_LR_SCALE = 25.0
 
 
 def attach_text_head(model: nn.Module, num_labels: int) -> nn.Linear:
@@ -66,6 +67,33 @@ class TextClassificationRecipe:
         data = labelled_data(options, "text", load_text_labels)
         model, tokenizer, pooling = loaded.model, loaded.preprocessor, loaded.pooling
         attach_text_head(model, len(data.labels))
+        max_length = min(options.max_length, loaded.context_length or options.max_length)
+
+        def collate_cpu(examples: list[tuple[Any, int]]) -> Batch:
+            enc = tokenizer(
+                [t for t, _ in examples],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            return {
+                "input_ids": enc["input_ids"],  # [B, T]
+                "attention_mask": enc["attention_mask"],  # [B, T]
+                "labels": torch.tensor([y for _, y in examples]),  # [B]
+            }
+
+        collate = on_device(collate_cpu, torch.device(options.device))
+        # Train the head first: a softmax regression on the frozen base's embeddings
+        # (the linear probe) becomes the head's starting point, so the adapter starts
+        # where the probe ends and the joint training only has to improve on it.
+        probe_head = fit_probe(
+            model, data.train, collate, pooling, len(data.labels), options.seed, options.progress
+        )
+        with torch.no_grad():
+            head = model.get_submodule(HEAD_NAME)
+            head.weight.copy_(probe_head.weight)
+            head.bias.copy_(probe_head.bias)
         targets = options.targets
         if targets == AUTO:
             targets = [
@@ -84,33 +112,19 @@ class TextClassificationRecipe:
             )
         except ValueError as exc:
             raise TrainError(f"--targets: {exc}") from None
-        max_length = min(options.max_length, loaded.context_length or options.max_length)
-
-        def collate(examples: list[tuple[Any, int]]) -> Batch:
-            enc = tokenizer(
-                [t for t, _ in examples],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            return {
-                "input_ids": enc["input_ids"],  # [B, T]
-                "attention_mask": enc["attention_mask"],  # [B, T]
-                "labels": torch.tensor([y for _, y in examples]),  # [B]
-            }
+        progress = options.progress
 
         def loss(m: nn.Module, batch: Batch) -> torch.Tensor:
             return F.cross_entropy(sentence_logits(m, batch, pooling), batch["labels"])
 
         def evaluate(m: nn.Module, examples: Sequence[Any]) -> dict[str, float]:
-            logits, labels = _predict(m, examples, collate, pooling)
+            logits, labels = _predict(m, examples, collate, pooling, progress)
             return {"eval_accuracy": accuracy(logits, labels)}
 
-        def probe() -> dict[str, float]:
+        def probe(eval_examples: Sequence[Any]) -> dict[str, float]:
             return {
-                "linear_probe_eval_accuracy": linear_probe(
-                    model, data.train, data.eval, collate, pooling, len(data.labels), options.seed
+                "linear_probe_eval_accuracy": probe_accuracy(
+                    model, probe_head, eval_examples, collate, pooling
                 )
             }
 
@@ -130,68 +144,82 @@ class TextClassificationRecipe:
                 "head": HEAD_NAME,
             },
             extra_metrics=probe,
-            # The head sees unit-norm embeddings (entries ~ 1/sqrt(D)): with the adapters'
-            # learning rate its logits would grow far too slowly.
-            lr_scale={HEAD_NAME: HEAD_LR_SCALE},
+            eval_key=lambda item: str(item[1]),
+            # No larger step for the head: it starts from the probe's solution (a randomly
+            # initialised head on unit-norm embeddings needed 25x the adapters' rate, and
+            # that step pushed a fitted head away from the probe's accuracy).
         )
 
 
 def _predict(
-    model: nn.Module, examples: Sequence[Any], collate: Any, pooling: Pooling
+    model: nn.Module, examples: Sequence[Any], collate: Any, pooling: Pooling, progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits, labels = [], []
-    for start in range(0, len(examples), EVAL_BATCH):
-        batch = collate(list(examples[start : start + EVAL_BATCH]))
-        logits.append(sentence_logits(model, batch, pooling))
+    for chunk in eval_chunks(examples, EVAL_BATCH, progress):
+        batch = collate(chunk)
+        logits.append(sentence_logits(model, batch, pooling).float())
         labels.append(batch["labels"])
     return torch.cat(logits), torch.cat(labels)
 
 
 @torch.no_grad()
 def _embeddings(
-    model: nn.Module, examples: Sequence[Any], collate: Any, pooling: Pooling
+    model: nn.Module, examples: Sequence[Any], collate: Any, pooling: Pooling, progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     embs, labels = [], []
-    for start in range(0, len(examples), EVAL_BATCH):
-        batch = collate(list(examples[start : start + EVAL_BATCH]))
+    for chunk in eval_chunks(examples, EVAL_BATCH, progress, "embed"):
+        batch = collate(chunk)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        embs.append(pool(out.last_hidden_state, batch["attention_mask"], pooling))
+        embs.append(pool(out.last_hidden_state, batch["attention_mask"], pooling).float())
         labels.append(batch["labels"])
     return torch.cat(embs), torch.cat(labels)
 
 
-def linear_probe(
+def fit_probe(
     model: nn.Module,
     train: Sequence[Any],
-    eval_: Sequence[Any],
     collate: Any,
     pooling: Pooling,
     num_labels: int,
     seed: int,
-) -> float:
-    """Eval accuracy of softmax regression on frozen base embeddings.
+    progress: bool = False,
+) -> nn.Linear:
+    """The linear probe: softmax regression on frozen base embeddings.
 
     Embeddings come from the model with its adapters switched off (the base); the head
     minimises mean cross-entropy by full-batch Adam for PROBE_STEPS steps."""
-    was_training = model.training
-    model.eval()
-    set_enabled(model, False)
-    try:
-        x_train, y_train = _embeddings(model, train, collate, pooling)
-        x_eval, y_eval = _embeddings(model, eval_, collate, pooling)
-    finally:
-        set_enabled(model, True)
-        model.train(was_training)
+    x_train, y_train = _base_embeddings(model, train, collate, pooling, progress)
     gen = torch.Generator().manual_seed(seed)
-    head = nn.Linear(x_train.shape[1], num_labels)
+    head = nn.Linear(x_train.shape[1], num_labels, device=x_train.device)
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
         head.bias.zero_()
     opt = torch.optim.Adam(head.parameters(), lr=PROBE_LR)
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(x_train.device.type, enabled=False):
         for _ in range(PROBE_STEPS):
             opt.zero_grad()
             F.cross_entropy(head(x_train), y_train).backward()
             opt.step()
-    with torch.no_grad():
+    return head.requires_grad_(False)
+
+
+def probe_accuracy(
+    model: nn.Module, head: nn.Linear, eval_: Sequence[Any], collate: Any, pooling: Pooling
+) -> float:
+    """Accuracy of the probe ``head`` on the base's embeddings of ``eval_``."""
+    x_eval, y_eval = _base_embeddings(model, eval_, collate, pooling)
+    with torch.no_grad(), torch.autocast(x_eval.device.type, enabled=False):
         return accuracy(head(x_eval), y_eval)
+
+
+def _base_embeddings(
+    model: nn.Module, examples: Sequence[Any], collate: Any, pooling: Pooling, progress=False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    set_enabled(model, False)
+    try:
+        return _embeddings(model, examples, collate, pooling, progress)
+    finally:
+        set_enabled(model, True)
+        model.train(was_training)

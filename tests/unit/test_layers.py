@@ -133,6 +133,48 @@ def test_conv_path_choice():
     assert not big.use_direct and depthwise.use_direct
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].startswith("conv")], ids=lambda c: c[0])
+def test_folded_conv_path_matches_and_trains_the_same(case):
+    # the folded (LoRA-shaped) path: same output and same gradients as the three-conv form
+    model, layer, x = make(case)
+    dw = einsum_delta(layer.core.detach(), [u.detach() for u in layer.factors], layer.scale)
+    grads = {}
+    for path in ("folded", "three"):
+        layer.path = path
+        layer.zero_grad(set_to_none=True)
+        out = model(x)
+        if path == "folded":
+            with torch.no_grad():
+                want = functional(layer.base_layer, x, layer.base_layer.weight + dw)
+            assert rel_err(out.detach(), want) < 1e-5
+        out.square().sum().backward()
+        grads[path] = [p.grad.clone() for p in layer.adapter_parameters()]
+    for g_folded, g_three in zip(grads["folded"], grads["three"], strict=True):
+        assert rel_err(g_folded, g_three) < 1e-4
+
+
+def test_conv_paths_chosen_by_cost():
+    pointwise = FloraConv(nn.Conv2d(96, 24, 1), ranks=(8, 8, 1, 1))
+    stem = FloraConv(nn.Conv2d(3, 32, 3, stride=2), ranks=(8, 3, 3, 3))
+    assert pointwise.path == "folded" and stem.path == "folded"
+    assert FloraConv(nn.Conv2d(64, 64, 3), ranks=(8, 8, 3, 3)).path == "three"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 64])
+def test_factored_matmul_orders_agree(rows):
+    from flora.layers.linear import factored_matmul
+
+    torch.manual_seed(0)
+    x, u_in, core, u_out = (
+        torch.randn(rows, 16),
+        torch.randn(16, 4),
+        torch.randn(3, 4),
+        torch.randn(10, 3),
+    )
+    want = 0.5 * (x @ (u_out @ core @ u_in.T).T)
+    torch.testing.assert_close(factored_matmul(x, u_in, core, u_out, 0.5), want)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_merged_forward_equals_unmerged(case):
     model, layer, x = make(case)
