@@ -43,7 +43,8 @@ import flora
 from flora.models import load
 from flora.train.loop import param_groups, trainable_parameters
 from flora.train.options import TrainOptions
-from flora.train.recipe import TrainTask, default_recipes
+from flora.train.recipe import TrainTask
+from flora.train.recipes import default_recipes
 from flora.train.schedule import batch_indices, lr_at
 
 RECIPE_MODULES = (

@@ -8,7 +8,8 @@ or from Python: ``flora.train.train("image-classification", base=..., data=..., 
 from flora.train.api import train
 from flora.train.errors import DataError, TrainError
 from flora.train.options import RecipeDefaults, TrainOptions
-from flora.train.recipe import Recipe, RecipeRegistry, TrainTask, default_recipes
+from flora.train.recipe import Recipe, RecipeRegistry, TrainTask
+from flora.train.recipes import default_recipes
 
 __all__ = [
     "DataError",

@@ -12,7 +12,8 @@ from flora.models.types import LoadedModel
 from flora.train.device import Precision, resolve_device
 from flora.train.errors import TrainError
 from flora.train.options import TrainOptions
-from flora.train.recipe import RecipeRegistry, default_recipes
+from flora.train.recipe import RecipeRegistry
+from flora.train.recipes import default_recipes
 
 
 def seed_everything(seed: int) -> None:

@@ -3,7 +3,9 @@
 A recipe turns ``TrainOptions`` into a :class:`TrainTask`: an injected model (adapters,
 plus any new head in ``train_modules``), train and eval examples, and four callables the
 loop uses (collate, loss, evaluate, train mode). The registry is filled by explicit
-``register`` calls in :func:`default_recipes`; nothing is registered at import time.
+``register`` calls in :func:`flora.train.recipes.default_recipes` (the composition root,
+kept apart so that this contract module imports no recipe); nothing is registered at
+import time.
 """
 
 from __future__ import annotations
@@ -96,16 +98,3 @@ class RecipeRegistry:
 
     def __iter__(self) -> Iterator[Recipe]:
         return iter(self._recipes.values())
-
-
-def default_recipes() -> RecipeRegistry:
-    """A fresh registry holding the built-in recipes."""
-    from flora.train.causal_lm import CausalLMRecipe
-    from flora.train.image_classification import ImageClassificationRecipe
-    from flora.train.text_classification import TextClassificationRecipe
-
-    registry = RecipeRegistry()
-    registry.register(CausalLMRecipe())
-    registry.register(TextClassificationRecipe())
-    registry.register(ImageClassificationRecipe())
-    return registry
