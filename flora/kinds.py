@@ -9,17 +9,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+import torch
 from torch import nn
 
 __all__ = [
     "MODULE_KINDS",
     "ModuleKind",
     "ModuleSpec",
+    "as_conv",
     "is_conv",
     "is_hf_conv1d",
     "is_linear",
     "is_plain_embedding",
     "module_kind",
+    "weight_of",
 ]
 
 ModuleKind = Literal["linear", "conv1d", "conv2d", "conv3d", "embedding", "hf_conv1d"]
@@ -73,6 +76,24 @@ class ModuleSpec:
         if not isinstance(shape, list | tuple):
             raise ValueError(f"weight_shape must be a list, got {shape!r}")
         return cls(kind=d["kind"], weight_shape=tuple(shape), groups=d.get("groups", 1))
+
+
+ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """An adaptable module's weight, typed (``nn.Module`` attributes are dynamic)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    return weight
+
+
+def as_conv(module: nn.Module) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+    """``module`` as the ConvNd it must be (TypeError otherwise)."""
+    if not isinstance(module, ConvNd):
+        raise TypeError(f"expected a Conv1d/2d/3d, got {type(module).__name__}")
+    return module
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from flora.errors import NonFiniteError
-from flora.kinds import ModuleKind, ModuleSpec
+from flora.kinds import ModuleKind, ModuleSpec, weight_of
 from flora.tucker import reconstruct
 
 __all__ = ["FloraLayer"]
@@ -47,10 +48,10 @@ class FloraLayer(nn.Module):
             raise ValueError(f"ranks {ranks} do not fit a {self.kind} weight of shape {shape}")
         weight = self.base_weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        factory = {"device": weight.device, "dtype": dtype}
-        self.core = nn.Parameter(torch.zeros(ranks, **factory))
+        self.core = nn.Parameter(torch.zeros(ranks, device=weight.device, dtype=dtype))
         self.factors = nn.ParameterList(
-            nn.Parameter(torch.empty(d, r, **factory)) for d, r in zip(shape, ranks, strict=True)
+            nn.Parameter(torch.empty(d, r, device=weight.device, dtype=dtype))
+            for d, r in zip(shape, ranks, strict=True)
         )
         for u in self.factors:
             nn.init.kaiming_normal_(u)
@@ -75,7 +76,7 @@ class FloraLayer(nn.Module):
 
     @property
     def base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return weight_of(self.base_layer)
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -97,7 +98,7 @@ class FloraLayer(nn.Module):
         """The trainable adapter tensors: core then factors in mode order."""
         return [self.core, *self.factors]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.merged or not self.enabled:
             return out

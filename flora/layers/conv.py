@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora.kinds import ModuleSpec
+from flora.kinds import ModuleSpec, as_conv, module_kind
 from flora.layers.base import FloraLayer
 from flora.tucker import mode_product
 
@@ -62,7 +62,10 @@ class FloraConv(FloraLayer):
         scale: float = 1.0,
         dropout: float = 0.0,
     ) -> None:
-        self.kind = {1: "conv1d", 2: "conv2d", 3: "conv3d"}[base_layer.weight.dim() - 2]
+        kind = module_kind(base_layer)
+        if kind not in ("conv1d", "conv2d", "conv3d"):
+            raise TypeError(f"FloraConv wraps Conv1d/2d/3d, not {type(base_layer).__name__}")
+        self.kind = kind
         super().__init__(base_layer, ranks, scale, dropout)
         out_ch, in_per_group, *kernel = self.spec.weight_shape
         g = self.spec.groups
@@ -88,13 +91,14 @@ class FloraConv(FloraLayer):
 
     @classmethod
     def spec_of(cls, module: nn.Module) -> ModuleSpec:
-        shape = tuple(module.weight.shape)
-        kind = {3: "conv1d", 4: "conv2d", 5: "conv3d"}[len(shape)]
-        return ModuleSpec(kind, shape, groups=int(module.groups))
+        conv = as_conv(module)
+        kind = module_kind(conv)
+        assert kind is not None  # a ConvNd always has a kind
+        return ModuleSpec(kind, tuple(conv.weight.shape), groups=conv.groups)
 
     def core_kernel(self) -> torch.Tensor:
         """``G x_3 U_k1 ... x_N U_km``: shape ``(r_out, r_in, k_1..k_m)``."""
-        kernel = self.core
+        kernel: torch.Tensor = self.core
         with self.factor_precision():
             for mode in range(2, self.core.dim()):
                 u = self.factors[mode]
@@ -107,7 +111,7 @@ class FloraConv(FloraLayer):
         # x: [B, in, *spatial] (or unbatched [in, *spatial]) -> [B, out, *spatial_out]
         x = self.dropout(x.to(self.core.dtype))
         if self.path == "direct":
-            return self.base_layer._conv_forward(x, self.delta_weight(), None)
+            return as_conv(self.base_layer)._conv_forward(x, self.delta_weight(), None)
         if self.path == "folded":
             return self._folded(x)
         return self._three_conv(x)
@@ -137,7 +141,7 @@ class FloraConv(FloraLayer):
         if g > 1:
             reduce_w = reduce_w.repeat(g, *(1,) * (nd + 1))
         # the base's _conv_forward brings stride, padding, dilation, padding_mode, groups
-        return self._expand(self.base_layer._conv_forward(x, reduce_w, None))
+        return self._expand(as_conv(self.base_layer)._conv_forward(x, reduce_w, None))
 
     def _three_conv(self, x: torch.Tensor) -> torch.Tensor:
         g = self.spec.groups
@@ -151,5 +155,5 @@ class FloraConv(FloraLayer):
         # core: per group r_in -> r_out; the base's _conv_forward brings its stride,
         # padding, dilation, padding_mode and groups (= g, matching our channel blocks).
         core_w = self.core_kernel().repeat(g, *(1,) * (nd + 1))
-        h = self.base_layer._conv_forward(h, core_w, None)
+        h = as_conv(self.base_layer)._conv_forward(h, core_w, None)
         return self._expand(h)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora.kinds import ModuleSpec
+from flora.kinds import ModuleSpec, weight_of
 from flora.layers.base import FloraLayer
 
 __all__ = ["FloraEmbedding"]
@@ -25,7 +25,7 @@ class FloraEmbedding(FloraLayer):
 
     @classmethod
     def spec_of(cls, module: nn.Module) -> ModuleSpec:
-        return ModuleSpec("embedding", tuple(module.weight.shape))
+        return ModuleSpec("embedding", tuple(weight_of(module).shape))
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         # ids: [...] -> [..., dim]

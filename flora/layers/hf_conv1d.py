@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flora.kinds import ModuleSpec
+from flora.kinds import ModuleSpec, weight_of
 from flora.layers.base import FloraLayer
 from flora.layers.linear import factored_matmul
 from flora.tucker import fold_linear
@@ -21,7 +21,7 @@ class FloraHFConv1D(FloraLayer):
 
     @classmethod
     def spec_of(cls, module: nn.Module) -> ModuleSpec:
-        return ModuleSpec("hf_conv1d", tuple(module.weight.shape))
+        return ModuleSpec("hf_conv1d", tuple(weight_of(module).shape))
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out];  x dW = s * ((x U_in) G) U_out^T

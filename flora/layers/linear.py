@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flora.kinds import ModuleSpec
+from flora.kinds import ModuleSpec, weight_of
 from flora.layers.base import FloraLayer
 from flora.tucker import fold_linear
 
@@ -20,7 +20,7 @@ class FloraLinear(FloraLayer):
 
     @classmethod
     def spec_of(cls, module: nn.Module) -> ModuleSpec:
-        return ModuleSpec("linear", tuple(module.weight.shape))
+        return ModuleSpec("linear", tuple(weight_of(module).shape))
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out];  x dW^T = s * ((x U_in) G^T) U_out^T

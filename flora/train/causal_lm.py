@@ -114,7 +114,7 @@ def greedy_answers(
     ids, mask = pad_left(prompts, pad_id)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    out = model.generate(
+    out = model.generate(  # type: ignore[operator]  # a transformers model: nn.Module has no generate
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=max_new_tokens,

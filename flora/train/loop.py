@@ -196,11 +196,11 @@ def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
         bar.update(1)
         done = step + 1
         if options.eval_every and done % options.eval_every == 0 and done < steps:
-            metrics = evaluate_prefixed(task, examples, "", precision)
-            if best.offer(metrics, done):
+            periodic = evaluate_prefixed(task, examples, "", precision)
+            if best.offer(periodic, done):
                 flora.save_adapter(model, out / BEST, **adapter_kwargs)
             if options.progress:
-                bar.write(f"step {done}: {_fmt(metrics)}", file=sys.stderr)
+                bar.write(f"step {done}: {_fmt(periodic)}", file=sys.stderr)
             task.train_mode(model)
         if options.save_every and done % options.save_every == 0 and done < steps:
             checkpoint(done, seconds_before + elapsed)

@@ -54,7 +54,7 @@ class TrainTask:
     collate: Callable[[list[Any]], Batch]
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     evaluate: Callable[[nn.Module, Sequence[Any]], dict[str, float]]
-    train_mode: Callable[[nn.Module], None]
+    train_mode: Callable[[nn.Module], object]
     metadata: dict[str, Any] = field(default_factory=dict)
     extra_metrics: Callable[[Sequence[Any]], dict[str, float]] | None = None
     lr_scale: dict[str, float] = field(default_factory=dict)

@@ -41,7 +41,7 @@ PROBE_LR = 0.05
 
 def attach_text_head(model: nn.Module, num_labels: int) -> nn.Linear:
     """Add the placeholder head ``classifier`` (hidden -> num_labels) to a bare encoder."""
-    hidden = int(model.config.hidden_size)
+    hidden = int(getattr(model, "config").hidden_size)  # noqa: B009 (a transformers model)
     return attach_head(model, hidden, num_labels)
 
 
@@ -92,6 +92,7 @@ class TextClassificationRecipe:
         )
         with torch.no_grad():
             head = model.get_submodule(HEAD_NAME)
+            assert isinstance(head, nn.Linear)  # attach_text_head put it there
             head.weight.copy_(probe_head.weight)
             head.bias.copy_(probe_head.bias)
         targets = options.targets
@@ -213,7 +214,11 @@ def probe_accuracy(
 
 
 def _base_embeddings(
-    model: nn.Module, examples: Sequence[Any], collate: Any, pooling: Pooling, progress=False
+    model: nn.Module,
+    examples: Sequence[Any],
+    collate: Any,
+    pooling: Pooling,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     was_training = model.training
     model.eval()

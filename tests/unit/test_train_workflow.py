@@ -54,7 +54,8 @@ def _train_text(tmp_path, data: str, name: str = "out", dropout: bool = True, **
 
 
 def test_bf16_on_cpu_saves_a_float32_adapter_the_server_accepts(tmp_path):
-    from flora_server.adapters.validator import BaseValidator, per_row_servable
+    from flora.serving import ServingModel
+    from flora_server.adapters.validator import BaseSnapshot, BaseValidator
 
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in CHATS) + "\n")
     loaded = tiny_llama()
@@ -75,9 +76,9 @@ def test_bf16_on_cpu_saves_a_float32_adapter_the_server_accepts(tmp_path):
     )
     assert metrics["device"] == "cpu" and metrics["precision"] == "bf16"
     fresh = tiny_llama()
-    validate = BaseValidator(
-        flora.describe_base(fresh.model), fresh.fingerprint, fresh, per_row_servable
-    )
+    # The LLM server's validator: the base checks, then its engine's servability rule.
+    serving = ServingModel(tiny_llama().model, max_slots=1)
+    validate = BaseValidator(BaseSnapshot.of(fresh), serving.check)
     adapter = validate(tmp_path / "out")
     assert {t.dtype for t in adapter.tensors.values()} == {torch.float32}
     assert any(float(adapter.core(n).abs().sum()) > 0 for n in adapter.layer_names())

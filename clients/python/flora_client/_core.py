@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeGuard, cast
 
 import httpx
 
@@ -244,7 +244,7 @@ def embed_call(model: str, texts: str | Sequence[str]) -> Call:
     return Call("POST", "/v1/embeddings", RetryKind.REJECTED_ONLY, json=body)
 
 
-def _is_image(item: Any) -> bool:
+def _is_image(item: Any) -> TypeGuard[ImageInput]:
     return isinstance(item, Path | bytes | bytearray) or hasattr(item, "read")
 
 
@@ -266,15 +266,18 @@ def classify_call(
 ) -> Call:
     """Images (``Path``, bytes, binary file objects) go as multipart ``files``; strings go
     as JSON texts. A ``str`` is always text: wrap a file name in ``Path`` to send the image."""
-    items = [inputs] if isinstance(inputs, str) or _is_image(inputs) else list(inputs)  # type: ignore[arg-type]
+    if isinstance(inputs, str) or _is_image(inputs):
+        items: list[str | ImageInput] = [inputs]
+    else:  # a sequence of inputs (TypeGuard narrows only the positive branch)
+        items = list(cast(Sequence[str | ImageInput], inputs))
     if not items:
         raise ValueError("classify needs at least one input")
-    images = [_is_image(item) for item in items]
-    if all(images):
-        files = [("files", _image_part(i, item)) for i, item in enumerate(items)]
+    pictures = [item for item in items if _is_image(item)]
+    if len(pictures) == len(items):
+        files = [("files", _image_part(i, item)) for i, item in enumerate(pictures)]
         data = drop_none({"adapter_id": adapter_id, "top_k": str(top_k)})
         return Call("POST", "/v1/classify", RetryKind.REJECTED_ONLY, data=data, files=files)
-    if any(images):
+    if pictures:
         raise ValueError("classify takes either images (Path/bytes/file) or texts (str), not both")
     body = drop_none({"inputs": items, "adapter_id": adapter_id, "top_k": top_k})
     return Call("POST", "/v1/classify", RetryKind.REJECTED_ONLY, json=body)
