@@ -43,6 +43,7 @@ PAGES = (
     "docs/training.md",
     "docs/server.md",
     "docs/clients.md",
+    "docs/compat.md",
     "docs/flora.md",
     "docs/models.md",
     "docs/performance.md",
@@ -52,7 +53,7 @@ PAGES = (
 )
 RUNNABLE = {"bash", "sh", "console", "python"}
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+)(?P<lang>[\w+-]*)\s*$")
-MARK = re.compile(r"^<!--\s*(?P<kind>illustrative|output)\b:?\s*(?P<reason>.*?)\s*-->\s*$")
+MARK = re.compile(r"^\s*<!--\s*(?P<kind>illustrative|output)\b:?\s*(?P<reason>.*?)\s*-->\s*$")
 SERVER = re.compile(r"^<!--\s*docs-test:\s*server\s+(?P<model>\S+)\s*-->\s*$")
 BLOCK_TIMEOUT = 900  # seconds: the quick-start training is the longest block
 

@@ -18,6 +18,14 @@ def test_every_block_runs_or_says_why_not(page: str) -> None:
     assert problems(parse(page)) == []
 
 
+def test_a_marker_inside_a_list_item_is_read() -> None:
+    page = parse("x.md", "- a file:\n  <!-- illustrative: an excerpt -->\n  ```json\n  {}\n  ```\n")
+    assert [(b.lang, b.mark, b.reason) for b in page.blocks] == [
+        ("json", "illustrative", "an excerpt")
+    ]
+    assert problems(page) == []
+
+
 def test_markers_languages_and_servers_are_read() -> None:
     page = parse(
         "x.md",
