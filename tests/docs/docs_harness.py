@@ -198,18 +198,22 @@ def run_block(block: Block, workdir: Path, servers: Servers) -> Result:
     url = servers.url(block.server) if block.server else None
     argv, _ = _script(block, url)
     env = {**os.environ, "PATH": f"{workdir / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"}
+    # Output as a terminal shows it (stderr in its place), without the progress bars of
+    # Hugging Face's loaders, whose rates would change every regenerated output.
+    env |= {"PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if url is not None:
         env |= {"URL": url, "FLORA_URL": url}
     proc = subprocess.run(
         argv,
         cwd=workdir,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         timeout=BLOCK_TIMEOUT,
         check=False,
     )
-    return Result(block, proc.returncode, proc.stdout + proc.stderr)
+    return Result(block, proc.returncode, proc.stdout)
 
 
 @contextlib.contextmanager

@@ -73,3 +73,9 @@ def test_every_runnable_block_runs_against_real_servers() -> None:
         if r.returncode != 0
     ]
     assert not failures, "\n\n".join(failures)
+
+
+def test_output_keeps_stderr_in_its_place(tmp_path: Path) -> None:
+    (tmp_path / ".venv").mkdir()
+    block = Block(page="x.md", line=1, lang="bash", text="echo a\necho b >&2\necho c\n")
+    assert run_block(block, tmp_path, Servers(tmp_path)).output == "a\nb\nc\n"
