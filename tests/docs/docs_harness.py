@@ -43,6 +43,7 @@ PAGES = (
     "docs/training.md",
     "docs/server.md",
     "docs/clients.md",
+    "docs/compat.md",
     "docs/flora.md",
     "docs/models.md",
     "docs/performance.md",
@@ -52,7 +53,7 @@ PAGES = (
 )
 RUNNABLE = {"bash", "sh", "console", "python"}
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+)(?P<lang>[\w+-]*)\s*$")
-MARK = re.compile(r"^<!--\s*(?P<kind>illustrative|output)\b:?\s*(?P<reason>.*?)\s*-->\s*$")
+MARK = re.compile(r"^\s*<!--\s*(?P<kind>illustrative|output)\b:?\s*(?P<reason>.*?)\s*-->\s*$")
 SERVER = re.compile(r"^<!--\s*docs-test:\s*server\s+(?P<model>\S+)\s*-->\s*$")
 BLOCK_TIMEOUT = 900  # seconds: the quick-start training is the longest block
 
@@ -197,18 +198,22 @@ def run_block(block: Block, workdir: Path, servers: Servers) -> Result:
     url = servers.url(block.server) if block.server else None
     argv, _ = _script(block, url)
     env = {**os.environ, "PATH": f"{workdir / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"}
+    # Output as a terminal shows it (stderr in its place), without the progress bars of
+    # Hugging Face's loaders, whose rates would change every regenerated output.
+    env |= {"PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if url is not None:
         env |= {"URL": url, "FLORA_URL": url}
     proc = subprocess.run(
         argv,
         cwd=workdir,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         timeout=BLOCK_TIMEOUT,
         check=False,
     )
-    return Result(block, proc.returncode, proc.stdout + proc.stderr)
+    return Result(block, proc.returncode, proc.stdout)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,14 @@ def test_every_block_runs_or_says_why_not(page: str) -> None:
     assert problems(parse(page)) == []
 
 
+def test_a_marker_inside_a_list_item_is_read() -> None:
+    page = parse("x.md", "- a file:\n  <!-- illustrative: an excerpt -->\n  ```json\n  {}\n  ```\n")
+    assert [(b.lang, b.mark, b.reason) for b in page.blocks] == [
+        ("json", "illustrative", "an excerpt")
+    ]
+    assert problems(page) == []
+
+
 def test_markers_languages_and_servers_are_read() -> None:
     page = parse(
         "x.md",
@@ -65,3 +73,9 @@ def test_every_runnable_block_runs_against_real_servers() -> None:
         if r.returncode != 0
     ]
     assert not failures, "\n\n".join(failures)
+
+
+def test_output_keeps_stderr_in_its_place(tmp_path: Path) -> None:
+    (tmp_path / ".venv").mkdir()
+    block = Block(page="x.md", line=1, lang="bash", text="echo a\necho b >&2\necho c\n")
+    assert run_block(block, tmp_path, Servers(tmp_path)).output == "a\nb\nc\n"
