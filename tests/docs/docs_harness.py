@@ -46,6 +46,7 @@ PAGES = (
     "docs/compat.md",
     "docs/flora.md",
     "docs/models.md",
+    "docs/engine.md",
     "docs/performance.md",
     "docs/security.md",
     "docs/deploy.md",

@@ -34,12 +34,13 @@ def _peft_lora(out: Path, seed: int, **config) -> tuple[Path, list[int]]:
     loaded = zoo.load(BASE)
     tok = loaded.preprocessor
     cfg = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], **config}
+    torch.manual_seed(seed)  # PEFT draws lora_A from the global generator
     model = get_peft_model(loaded.model, LoraConfig(**cfg))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
     model.eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
