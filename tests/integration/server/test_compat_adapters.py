@@ -40,7 +40,7 @@ def _peft_lora(out: Path, seed: int, **config) -> tuple[Path, list[int]]:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
     model.eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
