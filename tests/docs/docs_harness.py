@@ -199,8 +199,8 @@ def run_block(block: Block, workdir: Path, servers: Servers) -> Result:
     url = servers.url(block.server) if block.server else None
     argv, _ = _script(block, url)
     env = {**os.environ, "PATH": f"{workdir / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"}
-    # Output as a terminal shows it (stderr in its place), without the progress bars of
-    # Hugging Face's loaders, whose rates would change every regenerated output.
+    # Output as a terminal shows it (stderr in its place), without the loaders' progress
+    # bars, whose rates would change every regenerated output.
     env |= {"PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if url is not None:
         env |= {"URL": url, "FLORA_URL": url}
@@ -210,11 +210,17 @@ def run_block(block: Block, workdir: Path, servers: Servers) -> Result:
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
         timeout=BLOCK_TIMEOUT,
         check=False,
     )
-    return Result(block, proc.returncode, proc.stdout)
+    return Result(block, proc.returncode, as_terminal_shows(proc.stdout))
+
+
+def as_terminal_shows(raw: bytes) -> str:
+    """Captured output as a terminal leaves it: a line redrawn with carriage returns (a
+    progress bar) keeps only its last drawing."""
+    text = raw.decode("utf-8", errors="replace")
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
 @contextlib.contextmanager

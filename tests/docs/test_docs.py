@@ -5,7 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from docs_harness import PAGES, ROOT, Block, Servers, parse, problems, run_block, run_pages
+from docs_harness import (
+    PAGES,
+    ROOT,
+    Block,
+    Servers,
+    as_terminal_shows,
+    parse,
+    problems,
+    run_block,
+    run_pages,
+)
 
 
 def test_the_harness_reads_every_page_of_the_docs() -> None:
@@ -79,3 +89,8 @@ def test_output_keeps_stderr_in_its_place(tmp_path: Path) -> None:
     (tmp_path / ".venv").mkdir()
     block = Block(page="x.md", line=1, lang="bash", text="echo a\necho b >&2\necho c\n")
     assert run_block(block, tmp_path, Servers(tmp_path)).output == "a\nb\nc\n"
+
+
+def test_a_redrawn_progress_line_keeps_its_last_drawing() -> None:
+    raw = b"eval:   0%|\reval:  50%|\reval: 100%|\nadapter: 0.88\n"
+    assert as_terminal_shows(raw) == "eval: 100%|\nadapter: 0.88\n"
