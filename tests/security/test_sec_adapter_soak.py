@@ -18,33 +18,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tiny import make_model_dir, running_server, upload_files
+from tiny import make_adapter_dirs, make_model_dir, running_server, upload_files
 
 from flora_server.adapters.registry import pack_single_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SOAK_SECONDS = 30.0
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _adapters(model_dir: Path, out: Path, seeds: list[int]) -> list[Path]:
-    import torch
-
-    from flora import FloraConfig, adapter_layers, inject
-    from flora import models as zoo
-    from flora.adapter import save_adapter
-
-    loaded = zoo.load(str(model_dir))
-    model = inject(loaded.model, FloraConfig(target_modules=PROJECTIONS, rank=16))
-    dirs = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for _, layer in adapter_layers(model):
-                layer.core.normal_(0.0, 0.5)
-        dirs.append(save_adapter(model, out / f"big-{seed}", base_model_id="tiny"))
-    return dirs
+    """Large adapters: rank 16 on every projection, so a load is not instant."""
+    return make_adapter_dirs(model_dir, out, seeds, rank=16, targets=PROJECTIONS, prefix="big")
 
 
 @dataclass

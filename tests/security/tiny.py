@@ -33,7 +33,14 @@ def make_model_dir(path: Path) -> Path:
     return path
 
 
-def make_adapter_dirs(model_dir: Path, out: Path, seeds: list[int], rank: int = 2) -> list[Path]:
+def make_adapter_dirs(
+    model_dir: Path,
+    out: Path,
+    seeds: list[int],
+    rank: int = 2,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    prefix: str = "adapter",
+) -> list[Path]:
     """FLoRA adapters for the model in `model_dir` (fingerprint from the saved weights, as the
     server computes it), with random non-zero cores so they change the output."""
     import torch
@@ -43,14 +50,14 @@ def make_adapter_dirs(model_dir: Path, out: Path, seeds: list[int], rank: int = 
     from flora.adapter import save_adapter
 
     loaded = zoo.load(str(model_dir))
-    model = inject(loaded.model, FloraConfig(target_modules=["q_proj", "v_proj"], rank=rank))
+    model = inject(loaded.model, FloraConfig(target_modules=list(targets), rank=rank))
     dirs = []
     for seed in seeds:
         torch.manual_seed(seed)
         with torch.no_grad():
             for _, layer in adapter_layers(model):
                 layer.core.normal_(0.0, 0.5)
-        dirs.append(save_adapter(model, out / f"adapter-{seed}", base_model_id="tiny"))
+        dirs.append(save_adapter(model, out / f"{prefix}-{seed}", base_model_id="tiny"))
     return dirs
 
 
