@@ -142,7 +142,7 @@ def swap_suite(model: nn.Module, serving: ServingModel, cfg: DecodeConfig, log: 
     """Naive hot swap (one request at a time, merge/unmerge) vs flora's batch of the same
     requests: 32 clients over 32 adapters. Seconds per generated token, whole requests
     (merge + prefill + decode + unmerge vs routing + prefill + decode)."""
-    from flora_server.engine.batch import CausalBatch
+    from flora_server.engine.causal_batch import CausalBatch
 
     n = cfg.request_tokens
     text = prompts(cfg.batch, cfg.prompt_len, seed=1)
@@ -184,7 +184,7 @@ def swap_suite(model: nn.Module, serving: ServingModel, cfg: DecodeConfig, log: 
 def prefill_suite(model: nn.Module, serving: ServingModel, cfg: DecodeConfig, log: Any) -> dict:
     """Prefill of ``prefill_batch`` prompts of ``prefill_len`` tokens, K = batch distinct
     adapters vs base; seconds per prompt token."""
-    from flora_server.engine.batch import CausalBatch
+    from flora_server.engine.causal_batch import CausalBatch
 
     b = cfg.prefill_batch
     text = prompts(b, cfg.prefill_len, seed=2)

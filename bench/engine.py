@@ -114,8 +114,8 @@ def make_adapters(n: int, seed: int) -> dict[str, Any]:
 
 def start_engine(kind: str, cfg: EngineBenchConfig, adapters: dict, metrics: Any = None) -> Any:
     from flora.models import load
+    from flora_server.engine.llm_engine import LLMEngine
     from flora_server.engine.paged.engine import PagedLLMEngine
-    from flora_server.engine.worker import LLMEngine
 
     loaded = load(MODEL)
     if kind == "v1":

@@ -111,9 +111,9 @@ def in_engine(loaded: Any, batch: int, repeats: int) -> dict[str, float]:
     constrained, and what constraining every row adds to it (`apply_constraints`: each
     row's mask filled, unpacked and applied; plus each row's accept)."""
     from flora_server.engine.constraints import ConstraintSpec, GrammarCompiler
+    from flora_server.engine.llm_engine import eos_token_ids
     from flora_server.engine.protocol import SamplingParams
     from flora_server.engine.sampling import SamplingTensors, apply_constraints, sample_tokens
-    from flora_server.engine.worker import eos_token_ids
 
     model, tok = loaded.model, loaded.preprocessor
     vocab = model.get_output_embeddings().weight.shape[0]

@@ -30,7 +30,7 @@ import flora
 from flora import models
 from flora.adapter.io import adapter_from_model
 from flora.serving.base import ServingPolicy
-from flora_server.engine.batching import BatchJob
+from flora_server.engine.batch_engine import BatchJob
 from flora_server.engine.vision import VisionEngine
 
 BATCH = 16

@@ -77,7 +77,7 @@ def decode_sample(
     variants sampled the same number of times see the same KV lengths. ``before`` and
     ``after`` (untimed) set the routing / merge the variant needs.
     """
-    from flora_server.engine.batch import CausalBatch
+    from flora_server.engine.causal_batch import CausalBatch
 
     state: dict[str, Any] = {}
 

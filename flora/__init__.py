@@ -9,8 +9,8 @@ from flora.adapter import Adapter, apply_adapter, load_adapter, remove_adapter, 
 from flora.config import FloraConfig
 from flora.errors import AdapterError, NonFiniteError
 from flora.fingerprint import ModuleKind, ModuleSpec, base_fingerprint, describe_base
+from flora.injection import adapter_layers, eject, get_config, inject, merge, set_enabled, unmerge
 from flora.layers import FloraLayer
-from flora.model import adapter_layers, eject, get_config, inject, merge, set_enabled, unmerge
 
 __version__ = "0.1.0"
 

@@ -29,7 +29,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter, *, check_fingerprint: bool
         AdapterError: model already has an adapter, or a subclass from validation.
     """
     from flora.fingerprint import describe_base
-    from flora.model import adapter_layers, inject
+    from flora.injection import adapter_layers, inject
 
     if any(True for _ in adapter_layers(model)) or hasattr(model, _STATE_ATTR):
         raise AdapterError("model already has an adapter; call remove_adapter first")
@@ -64,7 +64,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter, *, check_fingerprint: bool
 def remove_adapter(model: nn.Module) -> None:
     """Undo ``apply_adapter``: base layers and original trained modules back in place,
     ``requires_grad`` flags as they were. A no-op on a model without an adapter."""
-    from flora.model import eject
+    from flora.injection import eject
 
     eject(model)
     state = model.__dict__.pop(_STATE_ATTR, None)

@@ -63,7 +63,7 @@ def adapter_from_model(
     The fingerprint is the base's (``flora.base_fingerprint``), with the parameters of
     ``train_modules`` left out: training changes them, and the adapter replaces them.
     """
-    from flora.model import adapter_layers, get_config
+    from flora.injection import adapter_layers, get_config
 
     config = get_config(model)
     layers = list(adapter_layers(model))

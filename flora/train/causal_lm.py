@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from flora.config import FloraConfig
-from flora.model import inject
+from flora.injection import inject
 from flora.models.types import LoadedModel, a_kind
 from flora.train.batches import eval_chunks
 from flora.train.chat_tokens import ChatTokens, pad_left, pad_right, prompt_ids, tokenize_chat

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flora.config import FloraConfig
-from flora.model import inject
+from flora.injection import inject
 from flora.models.image_transform import ImageTransform
 from flora.models.types import LoadedModel, a_kind
 from flora.train.batches import eval_chunks, on_device

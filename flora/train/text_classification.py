@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flora.config import FloraConfig
-from flora.model import inject, set_enabled
+from flora.injection import inject, set_enabled
 from flora.models.text_encoder import pool
 from flora.models.types import LoadedModel, Pooling, a_kind
 from flora.train.batches import eval_chunks, on_device

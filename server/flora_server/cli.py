@@ -22,6 +22,9 @@ _FLAG_NAMES = {
     "metrics_keys": "metrics-key",
 }
 
+# Older flag names still accepted (hidden from --help).
+_OLD_FLAGS = {"factor_dtype": "--adapter-dtype"}
+
 
 def _is_list(annotation: Any) -> bool:
     if typing.get_origin(annotation) is typing.Annotated:
@@ -52,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=name, action="append", default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=name, default=None, help=help_text)
+    for name, old in _OLD_FLAGS.items():
+        parser.add_argument(old, dest=name, default=None, help=argparse.SUPPRESS)
     return parser
 
 

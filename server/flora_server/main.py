@@ -19,12 +19,12 @@ from fastapi import Depends, FastAPI
 from starlette.requests import ClientDisconnect
 
 from flora_server.adapters.freshness import StoreRechecker
+from flora_server.adapters.open_store import open_store
 from flora_server.adapters.registry import (
     AdapterRegistry,
     AdapterValidator,
 )
 from flora_server.adapters.staging import UPLOADS_DIR, StagingBudget, StagingJanitor
-from flora_server.adapters.stores import open_store
 from flora_server.api import (
     adapters,
     classify,
@@ -37,8 +37,8 @@ from flora_server.api import (
 )
 from flora_server.api.deps import require_inference_key, require_kind
 from flora_server.api.tgi_errors import FlatErrorMiddleware
+from flora_server.bootstrap import build_engine
 from flora_server.engine.protocol import GenerationEngine, GenerationRequest, SamplingParams
-from flora_server.engines import build_engine
 from flora_server.errors import install_error_handlers
 from flora_server.guards import RequestGuardMiddleware
 from flora_server.metrics import ServerMetrics

@@ -300,7 +300,7 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    # -- the engine's metric hooks (flora_server.engine.metrics.EngineMetrics) ----------
+    # -- the engine's metric hooks (flora_server.engine.hooks.EngineMetrics) ----------
     # Called on the worker and loader threads; prometheus-client metrics are thread-safe.
     # Per-request latencies are measured by the API layer (RequestTimer), as the client sees
     # them, so on_first_token/on_finish/on_tokens/on_queue only feed engine-side counters.

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The id rule lives in flora_server.ids; re-exported for the modules that import it here.
@@ -37,7 +37,9 @@ def _split_csv(value: object) -> object:
 class Settings(BaseSettings):
     """Everything `flora-serve` can be told. Env `FLORA_<NAME>`, flag `--<name-with-dashes>`."""
 
-    model_config = SettingsConfigDict(env_prefix="FLORA_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FLORA_", extra="ignore", validate_default=True, populate_by_name=True
+    )
 
     model: str = Field("smollm2-135m-instruct", description="zoo name or model directory")
     served_model_name: str | None = Field(
@@ -142,8 +144,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="waiting requests before 429")
     max_batch_size: int = Field(32, ge=1, description="rows in the running batch")
     max_slots: int = Field(8, ge=1, description="adapters resident on the device at once")
-    adapter_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    factor_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
+        # FLORA_ADAPTER_DTYPE (and the CLI's --adapter-dtype) still set it for older deployments.
+        validation_alias=AliasChoices("flora_factor_dtype", "flora_adapter_dtype"),
         description="storage of adapter factors for linear layers served per row on a "
         "float32 CPU model: auto = the model's dtype; bfloat16 halves the bytes each "
         "distinct adapter in a batch costs per step (rounds the factors once)",

@@ -23,8 +23,9 @@ from tiny import free_port, server_fixtures
 
 from flora_server import lifecycle
 from flora_server.engine import stepper
-from flora_server.engine.batch import CausalBatch
-from flora_server.engine.metrics import NullEngineMetrics
+from flora_server.engine.causal_batch import CausalBatch
+from flora_server.engine.hooks import NullEngineMetrics
+from flora_server.engine.llm_engine import LLMEngine
 from flora_server.engine.protocol import (
     AdapterLoadError,
     FinishEvent,
@@ -33,7 +34,6 @@ from flora_server.engine.protocol import (
     SamplingParams,
     TokenEvent,
 )
-from flora_server.engine.worker import LLMEngine
 from flora_server.main import create_app
 from flora_server.settings import Settings
 

@@ -236,7 +236,7 @@ def test_a_failed_decode_fails_its_rows_and_the_newly_admitted_row_still_runs(mo
     """A decode forward that raises (simulated) leaves the culprit unknown: the running row
     fails, while the request admitted in that same iteration is prefilled on its own and
     returns its exact tokens, and the worker keeps serving."""
-    from flora_server.engine.batch import CausalBatch
+    from flora_server.engine.causal_batch import CausalBatch
 
     class FlakyDecode(CausalBatch):
         armed = False

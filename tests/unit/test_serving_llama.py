@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from flora import FloraConfig, apply_adapter, inject, remove_adapter
 from flora.adapter.io import adapter_from_model
-from flora.model import adapter_layers
+from flora.injection import adapter_layers
 from flora.serving import ServingModel
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

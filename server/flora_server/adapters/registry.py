@@ -2,7 +2,7 @@
 
 The registry is the engine's `AdapterSource` and the adapter API's back end. It never
 touches the model: validation is a callable built once the base is loaded (by the engine
-builders of `flora_server.engines`, handed over in `flora_server.main`), which reads an
+builders of `flora_server.bootstrap`, handed over in `flora_server.main`), which reads an
 adapter file and checks it against the base's module table and fingerprint.
 
 Uploads come in two forms and are stored in one, the single-file form: a safetensors file

@@ -124,7 +124,7 @@ class StoredCopy:
 class AdapterStore(Protocol):
     """Adapter bytes by id. Implementations: `LocalAdapterStore` (a directory, possibly shared
     by replicas) and `S3AdapterStore` (`flora_server.adapters.s3_store`); `open_store` in
-    `flora_server.adapters.stores` picks one from the settings."""
+    `flora_server.adapters.open_store` picks one from the settings."""
 
     def put(self, adapter_id: str, data: BinaryIO, *, sha256: str | None = None) -> StoredAdapter:
         """Store `data` atomically under `adapter_id`, replacing any previous object. When

@@ -18,8 +18,8 @@ from starlette.datastructures import UploadFile
 
 from flora_server.api.deps import BatchEngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
-from flora_server.api.sampling import adapter_headers, check_adapter
-from flora_server.engine.batching import BatchEngine
+from flora_server.api.engine_requests import adapter_headers, check_adapter
+from flora_server.engine.batch_engine import BatchEngine
 from flora_server.engine.encoder import EncoderOptions
 from flora_server.errors import APIError, invalid_field
 from flora_server.images import ImageRejected, decode_base64, decode_image

@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from flora.models.types import a_kind
 from flora_server import auth
 from flora_server.adapters.registry import AdapterRegistry
-from flora_server.engine.batching import BatchEngine
+from flora_server.engine.batch_engine import BatchEngine
 from flora_server.engine.protocol import EngineNotReadyError, GenerationEngine
 from flora_server.errors import APIError
 from flora_server.metrics import ServerMetrics

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Response
 
 from flora_server.api.deps import BatchEngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
-from flora_server.api.sampling import adapter_headers, check_adapter
+from flora_server.api.engine_requests import adapter_headers, check_adapter
 from flora_server.engine.encoder import EmbeddingResult, EncoderOptions
 from flora_server.errors import invalid_field
 from flora_server.metrics import RequestTimer

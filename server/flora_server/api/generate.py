@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from flora_server.api import sampling, structured, tgi_errors
+from flora_server.api import engine_requests, structured, tgi_errors
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
 from flora_server.api.lorax_adapters import resolve_adapter
@@ -40,7 +40,7 @@ _TGI_REASON: dict[FinishReason, FinishReasonTGI] = {
 }
 
 
-def _decoding(p: GenerateParameters) -> sampling.Decoding:
+def _decoding(p: GenerateParameters) -> engine_requests.Decoding:
     for name, unsupported, why in (
         ("best_of", p.best_of is not None and p.best_of > 1, "only best_of=1"),
         ("typical_p", p.typical_p is not None, "typical decoding is not implemented"),
@@ -55,7 +55,7 @@ def _decoding(p: GenerateParameters) -> sampling.Decoding:
         or p.top_k is not None
         or (p.top_p is not None and p.top_p < 1.0)
     )
-    return sampling.Decoding(
+    return engine_requests.Decoding(
         max_new_tokens=p.max_new_tokens,
         do_sample=p.do_sample or warped,
         temperature=p.temperature if p.temperature is not None else 1.0,
@@ -73,21 +73,21 @@ def _decoding(p: GenerateParameters) -> sampling.Decoding:
 
 async def _prepare(
     body: GenerateRequest, engine: EngineDep, settings: SettingsDep, registry: RegistryDep
-) -> sampling.GenerationRequest:
+) -> engine_requests.GenerationRequest:
     p = body.parameters
     decoding = _decoding(p)
     adapter_id = await resolve_adapter(p, registry, settings)
     prompt_ids = await engine.tokenize(body.inputs)
     if p.truncate is not None:
         prompt_ids = prompt_ids[-p.truncate :]  # TGI keeps the last `truncate` tokens
-    request = sampling.build_request(
+    request = engine_requests.build_request(
         prompt_ids=prompt_ids,
         adapter_id=adapter_id,
         decoding=decoding,
         settings=settings,
         context_length=engine.context_length,
-        names=sampling.FieldNames(),
-        request_id=sampling.new_request_id("gen"),
+        names=engine_requests.FieldNames(),
+        request_id=engine_requests.new_request_id("gen"),
     )
     if p.response_format is not None and p.grammar is not None:
         raise invalid_field("parameters.grammar", "give response_format or grammar, not both")
@@ -138,7 +138,7 @@ async def generate(
     metrics: MetricsDep,
 ) -> GenerateResponse:
     request = await _prepare(body, engine, settings, registry)
-    out = await sampling.collect(engine, request, metrics, http.receive)
+    out = await engine_requests.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
     p = body.parameters
     text = out.finish.generated_text
@@ -159,7 +159,7 @@ async def generate(
         top_tokens=[_top_tokens(t, p) or [] for t in out.tokens] if p.top_n_tokens else None,
         adapter_sha256=out.finish.adapter_sha256,
     )
-    response.headers.update(sampling.adapter_headers(out.finish.adapter_sha256))
+    response.headers.update(engine_requests.adapter_headers(out.finish.adapter_sha256))
     return GenerateResponse(generated_text=text, details=details)
 
 
@@ -177,7 +177,7 @@ async def generate_stream(
     metrics: MetricsDep,
 ) -> StreamingResponse:
     request = await _prepare(body, engine, settings, registry)
-    first, stream = await sampling.open_stream(engine, request, metrics)
+    first, stream = await engine_requests.open_stream(engine, request, metrics)
     p = body.parameters
     prefix = body.inputs if p.return_full_text else ""
 
@@ -194,7 +194,7 @@ async def generate_stream(
             generated_text=generated_text,
             details=details,
         )
-        return sampling.sse(response.model_dump(mode="json"))
+        return engine_requests.sse(response.model_dump(mode="json"))
 
     async def body_events() -> AsyncIterator[bytes]:
         # TGI puts the last token in the final event together with generated_text and
@@ -235,5 +235,5 @@ async def generate_stream(
         finally:
             await stream.aclose()
 
-    headers = sampling.adapter_headers(first.adapter_sha256)
+    headers = engine_requests.adapter_headers(first.adapter_sha256)
     return StreamingResponse(body_events(), media_type="text/event-stream", headers=headers)

@@ -20,7 +20,7 @@ from flora_server.adapters.registry import (
     AdapterValidationError,
 )
 from flora_server.adapters.store import StoredAdapterMissingError
-from flora_server.api import sampling
+from flora_server.api import engine_requests
 from flora_server.errors import APIError, invalid_field
 from flora_server.schemas.generate import GenerateParameters
 from flora_server.schemas.structured import MergedAdapters
@@ -58,7 +58,7 @@ async def resolve_adapter(
             raise invalid_field(_P + "adapter_id", "adapter_source 'local' needs a path")
         return await _local(p.adapter_id, registry, settings)
     # None or "s3": the adapter store (a directory or S3) resolves the id.
-    await sampling.check_adapter(registry, p.adapter_id, _P + "adapter_id")
+    await engine_requests.check_adapter(registry, p.adapter_id, _P + "adapter_id")
     return p.adapter_id
 
 
@@ -80,7 +80,7 @@ async def _merged(merge: MergedAdapters, registry: AdapterRegistry) -> str:
 
     param = _P + "merged_adapters"
     for adapter_id in merge.ids:
-        await sampling.check_adapter(registry, adapter_id, param + ".ids")
+        await engine_requests.check_adapter(registry, adapter_id, param + ".ids")
     args = (merge.merge_strategy, merge.density, merge.majority_sign_method)
     try:
         adapter_id, shas = await asyncio.to_thread(

@@ -16,8 +16,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from flora_server import auth
+from flora_server.api import engine_requests, structured, tools
 from flora_server.api import openai_conventions as conventions
-from flora_server.api import sampling, structured, tools
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
 from flora_server.engine.protocol import (
@@ -69,11 +69,13 @@ def _check_common(body: SamplingFields) -> None:
         raise invalid_field("logit_bias", "is not supported")
 
 
-def _decoding(body: SamplingFields, max_tokens: int | None, logprobs: bool) -> sampling.Decoding:
+def _decoding(
+    body: SamplingFields, max_tokens: int | None, logprobs: bool
+) -> engine_requests.Decoding:
     # OpenAI semantics: temperature defaults to 1 (sampling); 0 means greedy.
     temperature = 1.0 if body.temperature is None else body.temperature
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return sampling.Decoding(
+    return engine_requests.Decoding(
         max_new_tokens=max_tokens,
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else 1.0,
@@ -90,24 +92,24 @@ async def _request(
     *,
     body: SamplingFields,
     prompt_ids: list[int],
-    decoding: sampling.Decoding,
+    decoding: engine_requests.Decoding,
     engine: GenerationEngine,
     settings: SettingsDep,
     registry: RegistryDep,
-    names: sampling.FieldNames,
+    names: engine_requests.FieldNames,
     prefix: str,
 ) -> GenerationRequest:
     adapter_id = conventions.adapter_for(body.model, engine)
     try:
-        await sampling.check_adapter(registry, adapter_id, "model")
-        request = sampling.build_request(
+        await engine_requests.check_adapter(registry, adapter_id, "model")
+        request = engine_requests.build_request(
             prompt_ids=prompt_ids,
             adapter_id=adapter_id,
             decoding=decoding,
             settings=settings,
             context_length=engine.context_length,
             names=names,
-            request_id=sampling.new_request_id(prefix),
+            request_id=engine_requests.new_request_id(prefix),
         )
     except APIError as exc:
         raise conventions.openai_error(exc, body.model) from None
@@ -142,7 +144,7 @@ async def _stream(
     with text, the finish chunk, a usage chunk when `stream_options.include_usage`, [DONE].
     A failure after the first event (the request's own, or the server shutting down) is an
     error object followed by [DONE]."""
-    first, stream = await sampling.open_stream(engine, request, metrics)
+    first, stream = await engine_requests.open_stream(engine, request, metrics)
     if first.adapter_sha256:  # flora extension, in every chunk as in the header
         envelope["adapter_sha256"] = first.adapter_sha256
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -152,28 +154,28 @@ async def _stream(
         try:
             opening = chunk(None, None)
             if opening is not None:
-                yield sampling.sse(opening)
+                yield engine_requests.sse(opening)
             while True:
                 if isinstance(event, FinishEvent):
-                    yield sampling.sse(chunk(None, event))
+                    yield engine_requests.sse(chunk(None, event))
                     if include_usage:
                         usage = _usage(event).model_dump()
-                        yield sampling.sse({**envelope, "choices": [], "usage": usage})
-                    yield sampling.sse("[DONE]")
+                        yield engine_requests.sse({**envelope, "choices": [], "usage": usage})
+                    yield engine_requests.sse("[DONE]")
                     return
                 if event.text:
-                    yield sampling.sse(chunk(event, None))
+                    yield engine_requests.sse(chunk(event, None))
                 event = await anext(stream)
         except Exception as exc:
             logger.warning("stream %s failed: %s", request.request_id, exc)
             # An error object, then [DONE] as after any stream, so that clients reading
             # up to [DONE] (vLLM's shape) stop there.
-            yield sampling.sse_error(exc)
-            yield sampling.sse("[DONE]")
+            yield engine_requests.sse_error(exc)
+            yield engine_requests.sse("[DONE]")
         finally:
             await stream.aclose()
 
-    headers = sampling.adapter_headers(first.adapter_sha256)
+    headers = engine_requests.adapter_headers(first.adapter_sha256)
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
@@ -213,7 +215,7 @@ async def completions(
         engine=engine,
         settings=settings,
         registry=registry,
-        names=sampling.FieldNames("prompt", "max_tokens", "stop"),
+        names=engine_requests.FieldNames("prompt", "max_tokens", "stop"),
         prefix="cmpl",
     )
     created = int(time.time())
@@ -243,7 +245,7 @@ async def completions(
 
         return await _stream(body, engine, request, metrics, envelope, chunk)
 
-    out = await sampling.collect(engine, request, metrics, http.receive)
+    out = await engine_requests.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
     tokens = [] if score_only else out.tokens
     text = "" if score_only else out.finish.generated_text
@@ -252,7 +254,7 @@ async def completions(
     if body.echo:
         echoed = "".join(t.text for t in out.finish.prompt_logprobs)
         text = (echoed if prompt_text is None else prompt_text) + text
-    response.headers.update(sampling.adapter_headers(out.finish.adapter_sha256))
+    response.headers.update(engine_requests.adapter_headers(out.finish.adapter_sha256))
     logprobs = None
     if want_logprobs:
         offsets, pos = [], 0
@@ -338,7 +340,7 @@ async def chat_completions(
         engine=engine,
         settings=settings,
         registry=registry,
-        names=sampling.FieldNames("messages", max_name, "stop"),
+        names=engine_requests.FieldNames("messages", max_name, "stop"),
         prefix="chatcmpl",
     )
     if tool_plan is not None:
@@ -374,9 +376,9 @@ async def chat_completions(
 
         return await _stream(body, engine, request, metrics, envelope, chunk)
 
-    out = await sampling.collect(engine, request, metrics, http.receive)
+    out = await engine_requests.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
-    response.headers.update(sampling.adapter_headers(out.finish.adapter_sha256))
+    response.headers.update(engine_requests.adapter_headers(out.finish.adapter_sha256))
     message = ChatMessageOut(content=out.finish.generated_text)
     finish_reason = _reason(out.finish.reason)
     calls = None if tool_plan is None else tools.tool_calls(out.finish.generated_text)
@@ -441,7 +443,7 @@ async def models(engine: EngineDep, registry: RegistryDep) -> ModelList:
 async def model(model: str, engine: EngineDep, registry: RegistryDep) -> ModelCard:
     adapter_id = conventions.adapter_for(model, engine)
     try:
-        await sampling.check_adapter(registry, adapter_id, "model", count=False)
+        await engine_requests.check_adapter(registry, adapter_id, "model", count=False)
     except APIError as exc:
         raise conventions.openai_error(exc, model) from None
     return _card(engine, adapter_id, _loaded(engine))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from flora_server.api import sampling
+from flora_server.api import engine_requests
 from flora_server.engine.protocol import GenerationEngine, Logprob
 from flora_server.errors import APIError, invalid_field
 from flora_server.schemas.openai import CompletionRequest
@@ -28,7 +28,7 @@ def openai_error(exc: APIError, model: str) -> APIError:
     """What OpenAI (and vLLM) answer for the errors its clients key on: 404
     `model_not_found` for an unknown model, 400 `context_length_exceeded` with the
     "maximum context length is N tokens" message (LangChain's and LiteLLM's fallbacks)."""
-    if isinstance(exc, sampling.ContextLengthError):
+    if isinstance(exc, engine_requests.ContextLengthError):
         total = exc.n_prompt + exc.max_new
         return APIError(
             400,

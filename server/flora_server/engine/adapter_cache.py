@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flora_server.engine.metrics import EngineMetrics, NullEngineMetrics
+from flora_server.engine.hooks import EngineMetrics, NullEngineMetrics
 from flora_server.engine.protocol import (
     AdapterLoadError,
     AdapterSource,

@@ -21,10 +21,10 @@ import torch
 from flora.models.text_encoder import pool
 from flora.models.types import Pooling
 from flora.serving.model import ServingModel
-from flora_server.engine.batching import BatchEngine, BatchJob
+from flora_server.engine.batch_engine import BatchEngine, BatchJob
 from flora_server.engine.heads import HeadedRuntime, apply_heads
 from flora_server.engine.protocol import AdapterSource, InvalidRequestError
-from flora_server.engine.runtime import factor_dtype
+from flora_server.engine.runtime import torch_factor_dtype
 from flora_server.engine.vision import top_predictions
 
 
@@ -64,7 +64,7 @@ class EncoderEngine(BatchEngine):
         source: AdapterSource,
         *,
         max_slots: int = 8,
-        adapter_dtype: str = "auto",
+        factor_dtype: str = "auto",
         **kwargs: Any,
     ) -> None:
         self.model = loaded.model.eval()
@@ -72,7 +72,7 @@ class EncoderEngine(BatchEngine):
         self.pooling: Pooling = loaded.pooling or Pooling()
         hidden = int(self.model.config.hidden_size)
         serving = ServingModel(
-            self.model, max_slots=max_slots, factor_dtype=factor_dtype(adapter_dtype)
+            self.model, max_slots=max_slots, factor_dtype=torch_factor_dtype(factor_dtype)
         )
         self.device = serving.device
         super().__init__(

@@ -49,17 +49,17 @@ class AdapterRuntime(Protocol):
         ...
 
 
-def factor_dtype(adapter_dtype: str) -> torch.dtype | None:
-    """The `adapter_dtype` setting as `ServingModel(factor_dtype=...)` (auto: None)."""
+def torch_factor_dtype(setting: str) -> torch.dtype | None:
+    """The `factor_dtype` setting as `ServingModel(factor_dtype=...)` (auto: None)."""
     import torch
 
-    return None if adapter_dtype == "auto" else getattr(torch, adapter_dtype)
+    return None if setting == "auto" else getattr(torch, setting)
 
 
 def build_serving_runtime(
-    model: torch.nn.Module, max_slots: int, adapter_dtype: str = "auto"
+    model: torch.nn.Module, max_slots: int, factor_dtype: str = "auto"
 ) -> AdapterRuntime:
     """Wrap `model` with `flora.serving` for `max_slots` device slots."""
     from flora.serving.model import ServingModel
 
-    return ServingModel(model, max_slots=max_slots, factor_dtype=factor_dtype(adapter_dtype))
+    return ServingModel(model, max_slots=max_slots, factor_dtype=torch_factor_dtype(factor_dtype))

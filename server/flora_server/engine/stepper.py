@@ -3,7 +3,7 @@
 `Stepper` owns the running `CausalBatch` and applies the mode decision: it merges or
 unmerges through the runtime, sets the per-row routing, decodes the running rows, prefills
 the admitted ones, samples, emits events and drops finished rows. The worker thread
-(`worker.LLMEngine`) does the queueing around it.
+(`llm_engine.LLMEngine`) does the queueing around it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from flora_server.engine.adapter_cache import AdapterCache
-from flora_server.engine.batch import CausalBatch
-from flora_server.engine.metrics import EngineMetrics
+from flora_server.engine.causal_batch import CausalBatch
+from flora_server.engine.hooks import EngineMetrics
 from flora_server.engine.policy import Mode, choose_mode, update_streak
 from flora_server.engine.protocol import (
     EngineError,

@@ -20,10 +20,10 @@ from torch import nn
 from flora.models.image_transform import ImageTransform
 from flora.serving.base import ServingPolicy
 from flora.serving.model import ServingModel
-from flora_server.engine.batching import BatchEngine, BatchJob
+from flora_server.engine.batch_engine import BatchEngine, BatchJob
 from flora_server.engine.heads import HEAD_NAME, HeadedRuntime, LinearHead, apply_heads
 from flora_server.engine.protocol import AdapterSource, InvalidRequestError
-from flora_server.engine.runtime import factor_dtype
+from flora_server.engine.runtime import torch_factor_dtype
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class VisionEngine(BatchEngine):
         *,
         max_slots: int = 8,
         policy: ServingPolicy | None = None,
-        adapter_dtype: str = "auto",
+        factor_dtype: str = "auto",
         **kwargs: Any,
     ) -> None:
         model: nn.Module = loaded.model
@@ -84,7 +84,7 @@ class VisionEngine(BatchEngine):
         self.model = model.eval()
         self.transform: ImageTransform = loaded.preprocessor
         serving = ServingModel(
-            model, max_slots=max_slots, policy=policy, factor_dtype=factor_dtype(adapter_dtype)
+            model, max_slots=max_slots, policy=policy, factor_dtype=torch_factor_dtype(factor_dtype)
         )
         self.device, self.dtype = serving.device, serving.dtype
         super().__init__(

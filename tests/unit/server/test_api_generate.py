@@ -212,7 +212,7 @@ def test_client_disconnect_cancels_non_streaming_request(tmp_path):
 
     from flora_server.adapters.registry import AdapterRegistry
     from flora_server.adapters.store import LocalAdapterStore
-    from flora_server.api import sampling
+    from flora_server.api import engine_requests
     from flora_server.engine.protocol import GenerationRequest, SamplingParams
     from flora_server.errors import APIError
     from flora_server.metrics import ServerMetrics
@@ -239,7 +239,9 @@ def test_client_disconnect_cancels_non_streaming_request(tmp_path):
         request = GenerationRequest("r", list(b"abc"), SamplingParams(max_new_tokens=1000))
         started = asyncio.get_running_loop().time()
         with pytest.raises(APIError) as info:
-            await sampling.collect(engine, request, ServerMetrics(), receive_disconnect_after_50ms)
+            await engine_requests.collect(
+                engine, request, ServerMetrics(), receive_disconnect_after_50ms
+            )
         return info.value.status, asyncio.get_running_loop().time() - started
 
     status, elapsed = asyncio.run(main())

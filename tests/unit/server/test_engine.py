@@ -20,13 +20,13 @@ from tiny_engine import (
     merged_reference_model,
 )
 
+from flora_server.engine.llm_engine import LLMEngine
 from flora_server.engine.protocol import (
     FinishEvent,
     GenerationRequest,
     SamplingParams,
     TokenEvent,
 )
-from flora_server.engine.worker import LLMEngine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,11 +174,11 @@ def base_params(model) -> dict[str, torch.Tensor]:
 
 
 def test_bfloat16_adapter_banks_batched_equals_merged(adapters) -> None:
-    """adapter_dtype="bfloat16" (FLORA_ADAPTER_DTYPE): the per-row banks hold bfloat16
+    """factor_dtype="bfloat16" (FLORA_FACTOR_DTYPE): the per-row banks hold bfloat16
     factors, and a row of X in a mixed batch gets the same greedy tokens as X alone once
     the engine has merged it (both read the same rounded factors)."""
     steps = 8
-    engine = make_engine(adapters, adapter_dtype="bfloat16", merge_after_steps=1)
+    engine = make_engine(adapters, factor_dtype="bfloat16", merge_after_steps=1)
 
     async def mixed():
         reqs = [GenerationRequest(k, PROMPTS[k], greedy(steps), ADAPTER_OF[k]) for k in PROMPTS]

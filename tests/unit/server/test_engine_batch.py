@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from flora_server.engine.batch import CausalBatch, leading_padding, left_pad, positions_from_mask
+from flora_server.engine.causal_batch import (
+    CausalBatch,
+    leading_padding,
+    left_pad,
+    positions_from_mask,
+)
 
 
 def greedy_alone(model, prompt: list[int], steps: int) -> list[int]:

@@ -33,8 +33,8 @@ def test_mixed_batch_on_smollm2_matches_flora_merge(tmp_path) -> None:
     import flora
     from flora.adapter import apply_adapter, remove_adapter
     from flora.models import load
+    from flora_server.engine.llm_engine import LLMEngine
     from flora_server.engine.protocol import GenerationRequest, SamplingParams
-    from flora_server.engine.worker import LLMEngine
 
     torch.manual_seed(0)
     ref = load("smollm2-135m-instruct")

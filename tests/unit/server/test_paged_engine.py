@@ -20,9 +20,9 @@ from tiny_engine import (
     merged_reference_model,
 )
 
+from flora_server.engine.llm_engine import InvalidRequestError
 from flora_server.engine.paged.engine import PagedLLMEngine
 from flora_server.engine.protocol import FinishEvent, GenerationRequest
-from flora_server.engine.worker import InvalidRequestError
 
 pytestmark = pytest.mark.timeout(120)
 SHARED = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]  # a "system prompt": 3 blocks of 4
@@ -146,7 +146,7 @@ def test_prompt_beyond_the_pool_is_an_invalid_request_and_max_new_is_capped(adap
 
 
 def test_engine_setting_selects_v2(adapters) -> None:
-    from flora_server.engines import llm_engine
+    from flora_server.bootstrap import llm_engine
     from flora_server.metrics import ServerMetrics
     from flora_server.settings import Settings
 

@@ -13,10 +13,10 @@ import pytest
 from pydantic import ValidationError
 
 from flora_server.adapters.freshness import StoreRechecker
+from flora_server.adapters.open_store import open_store
 from flora_server.adapters.registry import AdapterRegistry
 from flora_server.adapters.s3_store import S3AdapterStore, parse_s3_url
 from flora_server.adapters.store import DigestMismatchError, LocalAdapterStore
-from flora_server.adapters.stores import open_store
 from flora_server.settings import Settings
 
 

@@ -52,6 +52,22 @@ def test_env_and_flags(monkeypatch, tmp_path):
     assert s.adapter_store_dir == tmp_path / "adapters"
 
 
+def test_factor_dtype_is_also_read_under_its_older_names(monkeypatch):
+    monkeypatch.delenv("FLORA_FACTOR_DTYPE", raising=False)
+    monkeypatch.setenv("FLORA_ADAPTER_DTYPE", "bfloat16")
+    assert Settings().factor_dtype == "bfloat16"
+    monkeypatch.setenv("FLORA_FACTOR_DTYPE", "float32")  # the current name wins
+    assert Settings().factor_dtype == "float32"
+    monkeypatch.delenv("FLORA_ADAPTER_DTYPE")
+    monkeypatch.delenv("FLORA_FACTOR_DTYPE")
+    monkeypatch.setenv("FACTOR_DTYPE", "bfloat16")  # no prefix: not ours
+    assert Settings().factor_dtype == "auto"
+    assert parse_settings(["--adapter-dtype", "bfloat16"]).factor_dtype == "bfloat16"
+    assert parse_settings(["--factor-dtype", "float32"]).factor_dtype == "float32"
+    assert Settings(factor_dtype="float32").factor_dtype == "float32"
+    assert "--adapter-dtype" not in build_parser().format_help()
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

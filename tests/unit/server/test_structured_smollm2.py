@@ -73,8 +73,8 @@ def _random_adapter(model, seed: int, tmp_path):
 def test_json_schema_rows_validate_in_mixed_adapter_batches(tmp_path) -> None:
     from flora.models import load
     from flora_server.engine.constraints import ConstraintSpec
+    from flora_server.engine.llm_engine import LLMEngine
     from flora_server.engine.protocol import GenerationRequest, SamplingParams
-    from flora_server.engine.worker import LLMEngine
 
     loaded = load("smollm2-135m-instruct")
     tok = loaded.preprocessor

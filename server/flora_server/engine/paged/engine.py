@@ -14,6 +14,7 @@ import dataclasses
 from collections import deque
 from typing import Any
 
+from flora_server.engine.llm_engine import InvalidRequestError, LLMEngine
 from flora_server.engine.paged.kv_cache import BlockPool
 from flora_server.engine.paged.runner import KVTensors, PagedRunner
 from flora_server.engine.paged.scheduler import PagedScheduler
@@ -22,7 +23,6 @@ from flora_server.engine.protocol import AdapterSource, EngineStats, GenerationR
 from flora_server.engine.requests import RequestHandle
 from flora_server.engine.runtime import AdapterRuntime, build_serving_runtime
 from flora_server.engine.stepper import Stepper
-from flora_server.engine.worker import InvalidRequestError, LLMEngine
 
 
 class PagedLLMEngine(LLMEngine):
@@ -38,7 +38,7 @@ class PagedLLMEngine(LLMEngine):
         max_num_batched_tokens: int = 512,
         prefix_caching: bool = True,
         max_slots: int = 8,
-        adapter_dtype: str = "auto",
+        factor_dtype: str = "auto",
         runtime: AdapterRuntime | None = None,
         **kwargs: Any,
     ) -> None:
@@ -59,8 +59,8 @@ class PagedLLMEngine(LLMEngine):
             loaded,
             source,
             max_slots=max_slots,
-            adapter_dtype=adapter_dtype,
-            runtime=runtime or build_serving_runtime(model, max_slots, adapter_dtype),
+            factor_dtype=factor_dtype,
+            runtime=runtime or build_serving_runtime(model, max_slots, factor_dtype),
             **kwargs,
         )
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from flora_server.engine.batch import CACHE_KWARG
+from flora_server.engine.causal_batch import CACHE_KWARG
 
 ATTENTION_NAME = "flora_paged"
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from flora_server.engine.adapter_cache import AdapterCache
-from flora_server.engine.metrics import EngineMetrics
+from flora_server.engine.hooks import EngineMetrics
 from flora_server.engine.paged.kv_cache import BASE_KEY, BlockTable
 from flora_server.engine.paged.runner import ChunkInput, PagedRunner
 from flora_server.engine.paged.scheduler import PagedScheduler, SequenceState, StepPlan

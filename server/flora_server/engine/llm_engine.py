@@ -27,7 +27,7 @@ import torch
 
 from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.constraints import ConstraintSpec, GrammarCompiler, TokenConstraint
-from flora_server.engine.metrics import EngineMetrics, NullEngineMetrics
+from flora_server.engine.hooks import EngineMetrics, NullEngineMetrics
 from flora_server.engine.protocol import (
     AdapterSource,
     EngineError,
@@ -71,7 +71,7 @@ class LLMEngine(WorkerThreadMixin):
         max_new_tokens_cap: int = 1024,
         merge_after_steps: int | None = 4,
         loader_threads: int = 2,
-        adapter_dtype: str = "auto",
+        factor_dtype: str = "auto",
         runtime: AdapterRuntime | None = None,
         metrics: EngineMetrics | None = None,
     ) -> None:
@@ -84,7 +84,7 @@ class LLMEngine(WorkerThreadMixin):
         self._max_queue = max_queue
         self._max_new_tokens_cap = max_new_tokens_cap
         self._metrics = metrics or NullEngineMetrics()
-        self._runtime = runtime or build_serving_runtime(self._model, max_slots, adapter_dtype)
+        self._runtime = runtime or build_serving_runtime(self._model, max_slots, factor_dtype)
         self._inbox: queue.Queue = queue.Queue()
         self.cache = AdapterCache(
             source,

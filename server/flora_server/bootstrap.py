@@ -34,7 +34,7 @@ def _engine_settings(settings: Settings, metrics: ServerMetrics) -> dict[str, An
         "max_queue": settings.max_queue,
         "max_slots": settings.max_slots,
         "host_cache_bytes": settings.host_cache_bytes,
-        "adapter_dtype": settings.adapter_dtype,
+        "factor_dtype": settings.factor_dtype,
         "metrics": metrics,
     }
 
@@ -42,7 +42,7 @@ def _engine_settings(settings: Settings, metrics: ServerMetrics) -> dict[str, An
 def llm_engine(
     loaded: Any, settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
 ) -> Any:
-    from flora_server.engine.worker import LLMEngine
+    from flora_server.engine.llm_engine import LLMEngine
 
     common = {"max_new_tokens_cap": settings.max_new_tokens, **_engine_settings(settings, metrics)}
     if settings.engine == "v2":

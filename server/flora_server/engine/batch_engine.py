@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from flora_server.engine.adapter_cache import AdapterCache
-from flora_server.engine.metrics import EngineMetrics, NullEngineMetrics
+from flora_server.engine.hooks import EngineMetrics, NullEngineMetrics
 from flora_server.engine.policy import Mode
 from flora_server.engine.protocol import (
     AdapterSource,
