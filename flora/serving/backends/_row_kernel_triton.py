@@ -9,7 +9,8 @@ tiles each redo the small shrink (rank <= 64: a few KB of factors from cache), w
 one launch per projection instead of two and no ``h`` buffer. Factors are read in place
 from the bank, only up to the slot's own rank (masked loads), and a row without a slot
 (rank 0) does nothing. Decode is one token per segment (BGMV); prefill tiles a segment's
-tokens (SGMV).
+tokens (SGMV). ``segment_update`` is the same computation over tiles of token segments
+of any lengths (a packed step), each tile with its own slot.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ projection, each row reads its own slot's factors in place (``A`` stored transpo
 does not apply or would not pay (the torch paths then serve every routing, and they stay
 the reference the kernel is tested against). ``NumbaBackend`` serves a module through it:
 ``_KernelPlan`` per routing, one kernel call per sibling group (``_RowDeltas``) for
-decode-sized inputs, per-row BLAS (``_PrefillShrink``) for prefill-sized ones.
+decode-sized inputs, per-row BLAS (``_PrefillShrink``) for prefill-sized ones; a segment
+routing through ``numba_segments.SegmentKernelPlan`` (the kernel's segment entry point,
+``RowKernel.segments``).
 """
 
 from __future__ import annotations
