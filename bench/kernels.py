@@ -331,13 +331,17 @@ def bench_segments(args: argparse.Namespace, device: torch.device, dtype: torch.
     # > 1: the segment path is faster than the per-token row path
     res["tokens_over_segments"] = t["tokens"] / t["segments"]
     res["tokens_over_segments_cached"] = t["tokens_cached"] / t["segments_cached"]
+    # the adapters' own cost (time over base), cached plans: noisier, but what SGMV changes
+    over_base = (t["tokens_cached"] - t["base"], t["segments_cached"] - t["base"])
+    res["adapter_ms_cached"] = {"tokens": 1e3 * over_base[0], "segments": 1e3 * over_base[1]}
     print(
         f"packed step: prefill {args.prefill} + decode {args.decode} tokens, {k} adapters, "
         f"base {1e3 * t['base']:7.2f} ms | ratio vs base (plans built per step / cached): "
         f"segments {t['base'] / t['segments']:5.3f} / {t['base'] / t['segments_cached']:5.3f}  "
         f"tokens {t['base'] / t['tokens']:5.3f} / {t['base'] / t['tokens_cached']:5.3f} | "
         f"per-token time / segment time {t['tokens'] / t['segments']:5.2f}x / "
-        f"{t['tokens_cached'] / t['segments_cached']:5.2f}x",
+        f"{t['tokens_cached'] / t['segments_cached']:5.2f}x | adapter time over base "
+        f"(cached): tokens {1e3 * over_base[0]:.2f} ms, segments {1e3 * over_base[1]:.2f} ms",
         flush=True,
     )
     return res
