@@ -19,7 +19,9 @@ tokens plus ``--decode`` decode tokens over ``--segment-adapters`` adapters in o
 ``[1, T]``, adapters applied per token segment (``Segments``, SGMV: the chunk one segment,
 each decode token one) against the per-token row path (the same tokens laid out ``[T, 1]``,
 a row per token, each token's factors read as a row of its own); the routing is built once
-per step, as the engine does. ``--only-segments`` runs only this section.
+per step, as the engine does. ``--only-segments`` runs only this section; ``--threads 1``
+times it on one thread (on a loaded machine, multi-threaded ops each wait for a time slice
+per thread, which swamps the difference being measured).
 
 Prints time per step and the ratio base_time / method_time (1.0 = free). Methods are
 interleaved round-robin in short samples and the fastest sample of each kept, because the
@@ -315,6 +317,8 @@ def bench_segments(args: argparse.Namespace, device: torch.device, dtype: torch.
         return step
 
     planned, cached = model(0), model(2)  # 0: every set_routing builds the plans
+    if args.threads:  # after the models: loading numba's kernel resets the OpenMP setting
+        torch.set_num_threads(args.threads)
     fns: dict[str, Callable[[], object]] = {
         "base": bind(base, x),
         "segments": routed(planned, segments, x),
@@ -336,6 +340,7 @@ def bench_segments(args: argparse.Namespace, device: torch.device, dtype: torch.
     res["adapter_ms_cached"] = {"tokens": 1e3 * over_base[0], "segments": 1e3 * over_base[1]}
     print(
         f"packed step: prefill {args.prefill} + decode {args.decode} tokens, {k} adapters, "
+        f"threads {torch.get_num_threads()}, "
         f"base {1e3 * t['base']:7.2f} ms | ratio vs base (plans built per step / cached): "
         f"segments {t['base'] / t['segments']:5.3f} / {t['base'] / t['segments_cached']:5.3f}  "
         f"tokens {t['base'] / t['tokens']:5.3f} / {t['base'] / t['tokens_cached']:5.3f} | "
@@ -367,6 +372,12 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=31, help="packed step: decode tokens")
     p.add_argument("--segment-adapters", type=int, default=8, help="packed step: adapters")
     p.add_argument("--only-segments", action="store_true", help="run only the packed-step section")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="packed step: intra-op threads (0: as configured); 1 is steadier on a loaded machine",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     torch.manual_seed(0)
