@@ -317,7 +317,7 @@ def bench_segments(args: argparse.Namespace, device: torch.device, dtype: torch.
         return step
 
     planned, cached = model(0), model(2)  # 0: every set_routing builds the plans
-    if args.threads:  # after the models: loading numba's kernel resets the OpenMP setting
+    if args.threads:  # explicit and after the models (numba's pool start can change it)
         torch.set_num_threads(args.threads)
     fns: dict[str, Callable[[], object]] = {
         "base": bind(base, x),
