@@ -6,6 +6,7 @@ kernel runs under Triton's interpreter on the CPU (on a CUDA machine, compiled).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import sys
 
@@ -303,6 +304,26 @@ def test_bfloat16_segments_match_the_float32_reference(backend: str) -> None:
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.float(), w, rtol=3e-2, atol=6e-2)
+
+
+def test_bfloat16_factor_storage_segments_match_the_row_path() -> None:
+    """The numba backend with factors stored as bfloat16 (the kernel widens the bits, the
+    long segments' GEMMs a widened copy): the same rounded factors as the per-token path,
+    so the two agree to float32 rounding; both stay near the float32 reference."""
+    policy = dataclasses.replace(POLICIES["numba"], factor_dtype=torch.bfloat16)
+    serving, ref = served_block(policy)
+    seg = Segments.from_lengths(LENGTHS, SLOTS)
+    ids = torch.randint(0, 50, (1, seg.total), generator=torch.Generator().manual_seed(9))
+    serving.set_routing(seg)
+    assert "SegmentKernelPlan" in {type(p).__name__ for p in serving.routing.plans}
+    with torch.no_grad():
+        got = serving(ids)
+        serving.set_routing(seg.token_slots())
+        rows = serving(ids.reshape(-1, 1))
+    want = reference_outputs(ref, ids, seg.token_slots())
+    for g, r, w in zip(got, rows, want, strict=True):
+        torch.testing.assert_close(g, r.reshape(g.shape), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
 
 
 def test_one_adapter_everywhere_takes_the_row_plan_and_base_takes_none() -> None:
