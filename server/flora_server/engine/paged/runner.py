@@ -248,7 +248,8 @@ def packed_segments(chunks: Sequence[ChunkInput], token_slots: Sequence[int | No
 
 class PagedRunner:
     """Runs a packed step: the decoder over all the step's tokens, then the LM head on the
-    rows whose logits are sampled. `route(slots)` sets the per-row adapter routing."""
+    rows whose logits are sampled. `route(routing)` sets the adapter routing
+    (`ServingModel.set_routing`: the step's `Segments`, then the sampled rows' slots)."""
 
     def __init__(self, model: PreTrainedModel, kv: KVTensors) -> None:
         check_full_attention(model.config)
