@@ -275,7 +275,8 @@ def test_served_modules_routed_by_segments_match_each_token_alone(backend: str) 
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     if backend == "numba":  # q/k/v: one shared kernel call per input
         plans = dict(zip(serving.wrapped_modules(), serving.routing.plans, strict=True))
-        assert plans["q_proj"].deltas is plans["k_proj"].deltas is plans["v_proj"].deltas
+        shared = plans["q_proj"].deltas
+        assert shared is not None and plans["k_proj"].deltas is shared is plans["v_proj"].deltas
         h = got[0].detach().requires_grad_()  # autograd: the torch form serves
         q = serving.model.q_proj(h)
         q.sum().backward()

@@ -99,6 +99,7 @@ class SegmentKernelPlan:
         "deltas",
         "member",
         "ranks",
+        "run",
         "segments",
         "torch_path",
         "torch_plan",
@@ -118,8 +119,10 @@ class SegmentKernelPlan:
         self.bias = target.base_bias
         self.at, self.b = banks  # numpy views of the bank: [S+1, R, in], [S+1, R, out]
         self.ranks = np.asarray([*target.slot_rank, 0], dtype=np.int32)  # [S + 1]
-        self.segments = segments
-        self.deltas, self.member = _SegmentDeltas(run, segments, [self]), 0
+        self.run, self.segments = run, segments
+        # built on first use unless share_segments gives the plan a shared one first
+        self.deltas: _SegmentDeltas | None = None
+        self.member = 0
         self.torch_plan = torch_plan
         self.torch_path: Plan | None = None
 
@@ -136,6 +139,8 @@ class SegmentKernelPlan:
             if self.torch_path is None:
                 self.torch_path = self.torch_plan()
             return self.torch_path(x)
+        if self.deltas is None:
+            self.deltas = _SegmentDeltas(self.run, self.segments, [self])
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [N, in]
         d = self.deltas.get(x, x2, self.member)  # [N, out]
         if self.bias is not None:
