@@ -37,7 +37,9 @@ class ServingPolicy:
     cuts the per-step op count for llama-style blocks (see its note).
 
     Which backend serves a module is ``flora.serving.backends.select``'s choice, from
-    the two switches below, the module's device and its dtype.
+    the two switches below, the module's device and its dtype; the same backend serves
+    segment routings (``Segments``) with its segment form (the kernel switches below
+    cover both forms; "wide"/"rows" are per-row only).
     ``cpu_kernel``: float32 Linear/Conv1D on the CPU run every per-row routing through
     the fused row kernel of ``flora.serving.backends.numba_cpu`` (one kernel call per group of
     sibling projections, each row's own rank of work) when numba is importable; the torch
