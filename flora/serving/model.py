@@ -39,6 +39,7 @@ from flora.serving.factors import (
     modules_from_adapter,
 )
 from flora.serving.linear import ServedLinear
+from flora.serving.segments import Segments
 from flora.serving.two_mode import ServedTwoMode
 
 __all__ = ["ServingModel", "register_wrapper"]
@@ -85,6 +86,11 @@ def _one_intra_op_thread(device: torch.device) -> Iterator[None]:
 def _folds(wrapper: ServedModule) -> TypeGuard[ServedTwoMode]:
     """Two-mode wrappers (Linear, Conv1D, Embedding) hold the core folded into a factor."""
     return isinstance(wrapper, ServedTwoMode)
+
+
+def _slots_of(routing: tuple[int, ...] | Segments) -> tuple[int, ...]:
+    """The slots a routing names (per row, or per segment)."""
+    return routing.slots if isinstance(routing, Segments) else routing
 
 
 def _wrapper_for(module: nn.Module) -> type[ServedModule]:
@@ -140,7 +146,7 @@ class ServingModel:
         self._merged_slot: int | None = None
         self._merged_names: list[str] = []
         self._host_weights: dict[str, torch.Tensor] = {}
-        self._plan_cache: OrderedDict[tuple[int, ...], list[Plan | None]] = OrderedDict()
+        self._plan_cache: OrderedDict[tuple[int, ...] | Segments, list[Plan | None]] = OrderedDict()
         self._cache_size = routing_cache_size
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -240,13 +246,21 @@ class ServingModel:
         self._refresh(slot)
 
     # -- routing --------------------------------------------------------------------------
-    def set_routing(self, row_slots: Sequence[int | None]) -> None:
-        """Which slot each row of the next forward calls uses (``None``/-1: base only).
+    def set_routing(self, routing: Sequence[int | None] | Segments) -> None:
+        """Which slot each row of the next forward calls uses (``None``/-1: base only), or,
+        for a packed forward, each token segment (``Segments``, SGMV).
 
-        Inputs must then have ``len(row_slots)`` rows: ``[B, T, D]`` (prefill, padded) or
-        ``[B, 1, D]`` (decode); ids ``[B, T]``; images ``[B, C, H, W]``.
+        Per row: inputs must then have ``len(routing)`` rows: ``[B, T, D]`` (prefill,
+        padded) or ``[B, 1, D]`` (decode); ids ``[B, T]``; images ``[B, C, H, W]``.
+        Segments: inputs hold ``routing.total`` tokens in any leading shape (``[1, T, D]``
+        for a packed step), the segments tiling them in order; Linear, Conv1D and
+        Embedding modules apply each segment's adapter to its tokens at once; conv
+        modules refuse segments.
         """
-        slots = tuple(NO_SLOT if s is None else int(s) for s in row_slots)
+        if isinstance(routing, Segments):
+            slots = routing.slots
+        else:
+            slots = tuple(NO_SLOT if s is None else int(s) for s in routing)
         for s in slots:
             if s != NO_SLOT and (not 0 <= s < self.max_slots or self._slot_modules[s] is None):
                 raise ValueError(f"slot {s} is not loaded")
@@ -257,29 +271,40 @@ class ServingModel:
                 )
             # The merged weights already carry the adapter: run every row as base.
             slots = (NO_SLOT,) * len(slots)
-        plans = self._plan_cache.get(slots)
+        key: tuple[int, ...] | Segments = slots
+        if isinstance(routing, Segments):
+            key = routing.with_slots(slots)
+        plans = self._plan_cache.get(key)
         if plans is None:
             with torch.no_grad(), _one_intra_op_thread(self.device):
-                plans = [m.build_plan(slots) for m in self._wrapped.values()]
+                if isinstance(key, Segments):
+                    plans = [m.build_segment_plan(key) for m in self._wrapped.values()]
+                else:
+                    plans = [m.build_plan(key) for m in self._wrapped.values()]
                 for backend, group in self._shared_groups():
                     for i, plan in zip(
                         group, backend.share([plans[i] for i in group]), strict=True
                     ):
                         plans[i] = plan
-            self._plan_cache[slots] = plans
+            self._plan_cache[key] = plans
             while len(self._plan_cache) > self._cache_size:
                 self._plan_cache.popitem(last=False)
         else:
-            self._plan_cache.move_to_end(slots)
+            self._plan_cache.move_to_end(key)
         self.routing.plans = plans
-        self.routing.rows = len(slots)
-        self.routing.row_slots = tuple(NO_SLOT if s is None else int(s) for s in row_slots)
+        if isinstance(routing, Segments):
+            self.routing.rows, self.routing.tokens = None, routing.total
+            self.routing.routed = routing
+        else:
+            self.routing.rows, self.routing.tokens = len(slots), None
+            self.routing.routed = tuple(NO_SLOT if s is None else int(s) for s in routing)
 
     def clear_routing(self) -> None:
         """Every row base only (no adapter path anywhere)."""
         self.routing.plans = [None] * len(self._wrapped)
         self.routing.rows = None
-        self.routing.row_slots = None
+        self.routing.tokens = None
+        self.routing.routed = None
 
     # -- merged mode ----------------------------------------------------------------------
     def merge(self, slot: int) -> None:
@@ -416,18 +441,19 @@ class ServingModel:
         slots' factors), so only routings naming it are dropped and rebuilt. A cold load
         then does not rebuild the running batch's plans for every wrapped module.
         """
-        current = self.routing.row_slots
+        current = self.routing.routed
+        used = _slots_of(current) if current is not None else ()
         if slot is not None and self._merged_slot is None:
-            for key in [k for k in self._plan_cache if slot in k]:
+            for key in [k for k in self._plan_cache if slot in _slots_of(k)]:
                 del self._plan_cache[key]
-            if current is None or slot not in current:
+            if current is None or slot not in used:
                 return
         else:
             self._plan_cache.clear()
         if (
             current is not None
-            and all(s == NO_SLOT or self._slot_modules[s] is not None for s in current)
-            and (self._merged_slot is None or all(s == self._merged_slot for s in current))
+            and all(s == NO_SLOT or self._slot_modules[s] is not None for s in used)
+            and (self._merged_slot is None or all(s == self._merged_slot for s in used))
         ):
             self.set_routing(current)
         else:

@@ -1,11 +1,13 @@
 """The interface every kernel backend implements, and what it reads from a served module.
 
 A backend adds the per-row low-rank update ``y[n] += (x[n] @ A_s) @ B_s`` (``s``: row
-``n``'s slot) to a two-mode module's base output (Linear, transformers Conv1D). It owns
-three things: the capability check (``load``: may it serve modules of this dtype on this
-device under this policy, self-test included), the plan for one routing (``build_plan``)
-and, optionally, sharing work between sibling projections that read the same input
-(``share``: one shrink for q/k/v, one for gate/up).
+``n``'s slot) to a two-mode module's base output (Linear, transformers Conv1D), or the same
+update per token segment of a packed forward (``Segments``: each contiguous range of
+tokens with its slot, SGMV). It owns four things: the capability check (``load``: may it
+serve modules of this dtype on this device under this policy, self-test included), the
+plan for one per-row routing (``build_plan``), the plan for one segment routing
+(``build_segment_plan``) and, optionally, sharing work between sibling projections that
+read the same input (``share``: one shrink for q/k/v, one for gate/up).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from flora.serving.bank import DeviceSlotBank
 from flora.serving.base import Plan, ServingPolicy
+from flora.serving.segments import Segments
 
 __all__ = ["Backend", "PerInput", "RowTarget"]
 
@@ -68,6 +71,13 @@ class Backend(ABC):
     def build_plan(self, target: RowTarget, rows: list[int]) -> Plan:
         """The forward of ``target`` for one routing: ``rows`` holds each batch row's slot,
         or ``NO_SLOT`` (at least one row has a slot)."""
+
+    @abstractmethod
+    def build_segment_plan(self, target: RowTarget, segments: Segments) -> Plan:
+        """The forward of ``target`` for one packed routing: the input's flattened tokens
+        (``x.reshape(-1, in)``) are ``segments.total`` rows, and each segment's tokens use
+        its slot (``NO_SLOT``, or a slot of rank > 0 here; at least two distinct slots,
+        base included, or the caller would have used ``build_plan`` with one row)."""
 
     def share(self, plans: Sequence[Plan | None]) -> list[Plan | None]:
         """The plans of one group of sibling modules (same parent, same input; ``None``

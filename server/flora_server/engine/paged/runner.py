@@ -1,11 +1,12 @@
 """Runs one packed step of a Hugging Face causal LM over the paged KV pool.
 
 Packing: the step's chunks (decode tokens and prefill chunks of several sequences) are laid
-out as T rows of one token each, `input_ids [T, 1]`, `position_ids [T, 1]`. Every layer of
-the model other than attention acts on each token alone, so this layout lets the
-`flora.serving` per-row routing apply each token's adapter (rows = tokens) without any
-change to the serving layers. A step whose tokens all use one slot (or the base) runs as
-one row `[1, T]` instead, so the serving layers take their one-row GEMM path. Attention is
+out one after the other as one row of T tokens, `input_ids [1, T]`, `position_ids [1, T]`.
+Every layer of the model other than attention acts on each token alone, and a chunk's
+tokens use one adapter, so the adapters are routed per segment (`flora.serving.Segments`,
+`packed_segments`: a chunk is one segment, a decode token a segment of one): each served
+projection applies a chunk's adapter to its tokens at once (SGMV), and a step whose tokens
+all use one slot (or the base) takes the serving layers' one-row GEMM path. Attention is
 the one place where tokens meet, and it is replaced here:
 
 - `PagedStep.update` (called by each attention layer as its cache) writes the new keys and
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from flora.serving.segments import Segments
 from flora_server.engine.causal_batch import CACHE_KWARG
 
 ATTENTION_NAME = "flora_paged"
@@ -228,9 +230,26 @@ def check_full_attention(config: Any) -> None:
         raise ValueError(f"engine v2 serves full-attention layers only, not {set(types)}")
 
 
+def packed_segments(chunks: Sequence[ChunkInput], token_slots: Sequence[int | None]) -> Segments:
+    """The adapter routing of a packed step: each chunk (a prefill chunk, or a decode
+    token) is one segment with its tokens' slot (None: base)."""
+    lengths = [len(c.token_ids) for c in chunks]
+    slots, first = [], 0
+    for n in lengths:
+        chunk_slots = set(token_slots[first : first + n])
+        if len(chunk_slots) != 1:
+            raise ValueError(f"the tokens of one chunk use slots {chunk_slots}, not one")
+        slots.append(chunk_slots.pop())
+        first += n
+    if first != len(token_slots):
+        raise ValueError(f"{len(token_slots)} token slots for {first} packed tokens")
+    return Segments.from_lengths(lengths, slots)
+
+
 class PagedRunner:
     """Runs a packed step: the decoder over all the step's tokens, then the LM head on the
-    rows whose logits are sampled. `route(slots)` sets the per-row adapter routing."""
+    rows whose logits are sampled. `route(routing)` sets the adapter routing
+    (`ServingModel.set_routing`: the step's `Segments`, then the sampled rows' slots)."""
 
     def __init__(self, model: PreTrainedModel, kv: KVTensors) -> None:
         check_full_attention(model.config)
@@ -249,20 +268,16 @@ class PagedRunner:
         sample_rows: Sequence[int],
         route: Any,
     ) -> torch.Tensor:
-        """Forward the chunks (packed in order); returns float32 logits [S, V] of the
-        packed tokens `sample_rows`. `token_slots`: the adapter slot of every packed token.
-
-        Tokens of different adapters run as one row each ([T, 1], routed per token); when
-        every token uses the same slot (or the base) they run as one row of T tokens, which
-        lets `flora.serving` take its one-row GEMM path."""
-        as_rows = len(set(token_slots)) > 1
-        step = PagedStep(self.kv, chunks, self.device, tokens_as_rows=as_rows)
+        """Forward the chunks (packed in order, one row of T tokens); returns float32
+        logits [S, V] of the packed tokens `sample_rows`. `token_slots`: the adapter slot of
+        every packed token (one per chunk, repeated over its tokens); `route` takes the
+        step's `Segments`, then the sampled rows' slots for the LM head."""
+        step = PagedStep(self.kv, chunks, self.device, tokens_as_rows=False)
         ids = [t for c in chunks for t in c.token_ids]
         pos = [c.start + i for c in chunks for i in range(len(c.token_ids))]
-        dim = 1 if as_rows else 0
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(dim)
-        positions = torch.tensor(pos, dtype=torch.long, device=self.device).unsqueeze(dim)
-        route(token_slots if as_rows else token_slots[:1])
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device).unsqueeze(0)
+        route(packed_segments(chunks, token_slots))
         out = self._decoder(
             input_ids=input_ids,
             position_ids=positions,
