@@ -96,3 +96,8 @@ class ServedLinear(ServedTwoMode):
         if all(s == NO_SLOT for s in rows):
             return None
         return self.backend.build_plan(self, rows)
+
+    def build_graph_plan(self, slots: torch.Tensor) -> Plan | None:
+        if not any(self.slot_rank):
+            return None
+        return self.backend.build_graph_plan(self, slots)
