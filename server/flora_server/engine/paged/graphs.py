@@ -179,6 +179,7 @@ class GraphedPagedRunner(PagedRunner):
         self._no_adapter_graphs = False  # a wrapped module has no graph plan
         self._failed = False
 
+    @torch.inference_mode()
     def run(
         self,
         chunks: Sequence[ChunkInput],
