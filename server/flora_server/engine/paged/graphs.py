@@ -73,10 +73,12 @@ class CudaGraphCapture:
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
-            forward()  # lazy initialisation (cuBLAS workspaces, Triton compiles) outside
+            for _ in range(2):  # lazy initialisation (cuBLAS workspaces, Triton compiles)
+                forward()
         current.wait_stream(self._stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: only this (the worker) thread's calls must be capture-safe.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             forward()
         if self._pool is None:
             self._pool = graph.pool()
