@@ -210,9 +210,10 @@ class GraphedPagedRunner(PagedRunner):
         if any(len(c.token_ids) != 1 for c in chunks) or list(sample_rows) != list(range(n)):
             return None
         blocks = max(c.start // self.kv.block_size + 1 for c in chunks)
-        width = 1 << (blocks - 1).bit_length()  # blocks per row, a power of two
-        if width > self.max_blocks:
+        if blocks > self.max_blocks:
             return None
+        # blocks per row: a power of two, or the model's whole context
+        width = min(1 << (blocks - 1).bit_length(), self.max_blocks)
         merged = self.runtime.merged_slot
         adapters = any(s is not None and s != merged for s in token_slots)
         if adapters and merged is not None:
@@ -235,9 +236,10 @@ class GraphedPagedRunner(PagedRunner):
     # -- recording ------------------------------------------------------------------------
     def _record(self, batch: int, width: int, adapters: bool) -> _DecodeGraph | None:
         device, bs = self.device, self.kv.block_size
-        meta = torch.empty(batch, 2 + width, dtype=torch.long, device=device)
+        # Recorded with every row padding: the warm-up passes write the scratch block only.
+        meta = torch.full((batch, 2 + width), self.scratch_block, dtype=torch.long, device=device)
+        meta[:, :2] = 0  # token 0 at position 0
         slots = torch.full((batch,), -1, dtype=torch.int32, device=device)
-        self._pad(meta, slots, 0)
         span = width * bs
         offsets = torch.arange(span, device=device)
         block_of, offset = offsets // bs, offsets % bs  # [L]: table column and offset
@@ -285,16 +287,11 @@ class GraphedPagedRunner(PagedRunner):
         return _DecodeGraph(meta, slots, logits, adapters, replay)
 
     # -- per step -------------------------------------------------------------------------
-    def _pad(self, meta: torch.Tensor, slots: torch.Tensor, first: int) -> None:
-        """Rows `first`.. : token 0 at position 0 in the scratch block, base routing."""
-        meta[first:, :2] = 0
-        meta[first:, 2:] = self.scratch_block
-        slots[first:] = -1
-
     def _fill(
         self, graph: _DecodeGraph, chunks: Sequence[ChunkInput], token_slots: Sequence[int | None]
     ) -> int:
-        """Copy the step's rows (and padding) into the graph's buffers; returns n."""
+        """Copy the step's rows into the graph's buffers, padding rows as recorded (token 0
+        at position 0 in the scratch block, base routing); returns the real rows."""
         batch, cols = graph.meta.shape
         width, scratch = cols - 2, self.scratch_block
         merged = self.runtime.merged_slot
