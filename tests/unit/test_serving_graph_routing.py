@@ -54,3 +54,29 @@ def test_layout_version_changes_when_a_bank_grows_and_merged_mode_refuses() -> N
     serving.unmerge()
     with pytest.raises(ValueError, match="int32"):
         serving.set_graph_routing(torch.zeros(2, dtype=torch.int64))
+
+
+def test_triton_graph_plan_reads_the_buffer_and_full_capacity() -> None:
+    """`_TritonGraphPlan` on the CPU with the kernel's float64 reference in place of the
+    Triton launch: it hands the kernel the caller's slot buffer (refilled between calls)
+    and every slot at the bank's capacity, which equals each slot's own rank because the
+    bank's padding is zero."""
+    from flora.serving.backends import triton_gpu
+
+    def kernel(y, x, slots, ranks, a, b, block_r) -> None:  # type: ignore[no-untyped-def]
+        assert block_r >= int(ranks.max()) and slots.dtype == torch.int32
+        y += triton_gpu.reference(x, slots.tolist(), ranks.tolist(), a, b).to(y.dtype)
+
+    torch.manual_seed(0)
+    serving = ServingModel(Proj(), max_slots=3, policy=ServingPolicy(cpu_kernel=False))
+    serving.load_modules(0, linear_adapter(4, seed=0))
+    serving.load_modules(1, linear_adapter(8, seed=1))
+    target = dict(serving.named_wrappers())["q"]
+    slots = torch.full((4,), -1, dtype=torch.int32)
+    plan = triton_gpu._TritonGraphPlan(target, kernel, slots)  # type: ignore[arg-type]
+    x = torch.randn(4, 1, 24)
+    for routing in ([0, 1, None, 0], [1, 1, 1, 1], [None] * 4):
+        slots.copy_(torch.tensor([-1 if s is None else s for s in routing], dtype=torch.int32))
+        got = plan(x)
+        serving.set_routing(routing)
+        torch.testing.assert_close(got, serving.model.q(x), rtol=1e-5, atol=1e-5)
