@@ -10,11 +10,14 @@ q,k,v,o,gate,up,down, token ids fed directly (a stand-in tokenizer only detokeni
 Requests ignore EOS so every stream runs its full length. Keys:
 
 - ``base_decode_tok_s``: per batch size (32 and 128), tokens per second over the window
-  where every stream is decoding (from the last stream's first token to the first
-  stream's last token), median over rounds; ``eager_base_decode_tok_s`` the same at the
-  first batch size with ``cuda_graphs=off``, and ``graph_speedup`` their ratio.
+  where every stream is decoding (from the point every stream has its first few tokens
+  to the first stream's last token), median over rounds; ``eager_base_decode_tok_s`` the
+  same at the first batch size with ``cuda_graphs=off``, and ``graph_speedup`` their
+  ratio.
 - ``decode_ratio_k``: batch 32 with every row on its own adapter (K = 32) over base;
-  ``decode_ratio_merged``: every row on one adapter (the engine merges it) over base.
+  ``decode_ratio_merged``: every row on one adapter (the engine merges it) over base;
+  both the median over rounds of per-round ratios, the variants run in rotated order
+  each round (``decode_tok_s_rounds`` keeps every sample).
 - ``ttft_prefix_hit_ratio``: TTFT of a prompt whose 600-token prefix is cached over the
   same prompt cold (``ttft_cold_ms``, ``ttft_hit_ms``).
 - ``goals``: base decode at batch 32 >= 10x the 1,189 tok/s the old engine measured on
@@ -84,8 +87,8 @@ DRY = Sizes(
     adapters=4,
     rank=4,
     prompt=8,
-    new_tokens=8,
-    rounds=1,
+    new_tokens=24,
+    rounds=2,
     prefix=40,
     question=4,
     prefix_rounds=1,
@@ -222,20 +225,38 @@ def decode_tok_s(
         return list(await asyncio.gather(*jobs))
 
     marks = asyncio.run(main())
-    start = max(m[1] for m in marks)  # every stream has its first token
-    end = min(m[-1] for m in marks)  # no stream has finished
-    tokens = sum(1 for m in marks for t in m[2:] if start < t <= end)
+    # From the point every stream has its first few tokens (past a merge the engine may
+    # make after its first steps) to the first stream's last token.
+    skip = max(1, sizes.new_tokens // 16)
+    start = max(m[skip] for m in marks)
+    end = min(m[-1] for m in marks)
+    tokens = sum(1 for m in marks for t in m[skip + 1 :] if start < t <= end)
     if end <= start or tokens == 0:
         raise RuntimeError(f"no window where all {batch} streams decode")
     return tokens / (end - start)
 
 
-def measure_decode(engine: Any, sizes: Sizes, batch: int, adapters: list[str | None]) -> float:
-    rng = random.Random(batch)
-    decode_tok_s(engine, sizes, batch, adapters, rng)  # warm-up: loads, graphs, allocator
-    return statistics.median(
-        decode_tok_s(engine, sizes, batch, adapters, rng) for _ in range(sizes.rounds)
-    )
+def race(
+    engine: Any, sizes: Sizes, variants: dict[str, tuple[int, list[str | None]]]
+) -> dict[str, list[float]]:
+    """Each variant (batch, adapters of the rows) once as a warm-up (adapter loads, graph
+    recordings, the allocator), then `sizes.rounds` rounds of all of them, in an order
+    rotated each round; returns each variant's tok/s per round."""
+    rng = random.Random(0)
+    for batch, adapters in variants.values():
+        decode_tok_s(engine, sizes, batch, adapters, rng)
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(sizes.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            batch, adapters = variants[name]
+            times[name].append(decode_tok_s(engine, sizes, batch, adapters, rng))
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of the per-round ratio (a drift of the machine hits both)."""
+    return round(statistics.median(a / b for a, b in zip(times[num], times[den], strict=True)), 4)
 
 
 def prefix_ttft(engine: Any, sizes: Sizes) -> dict[str, float]:
@@ -280,27 +301,35 @@ def run(dry: bool) -> dict[str, Any]:
     from transformers import __version__ as transformers_version
 
     result["transformers"] = transformers_version
+    # The eager engine serves base rows only: the model's modules stay unwrapped for the
+    # graphed engine's own ServingModel (one ServingModel may wrap a model).
     engine = start_engine(model, adapters, sizes, "off", dry)
     try:
-        result["eager_base_decode_tok_s"] = round(measure_decode(engine, sizes, first, [None]), 1)
+        eager = race(engine, sizes, {"base": (first, [None])})
     finally:
         asyncio.run(engine.shutdown(30))
     engine = start_engine(model, adapters, sizes, "auto", dry)
     runner = engine._stepper.runner
+    variants: dict[str, tuple[int, list[str | None]]] = {
+        "k": (first, names),  # first: its warm-up loads every adapter (wraps the modules)
+        "merged": (first, names[:1]),
+        **{f"base{b}": (b, [None]) for b in sizes.batches},
+    }
     try:
-        base = {b: measure_decode(engine, sizes, b, [None]) for b in sizes.batches}
-        k = measure_decode(engine, sizes, first, names)
-        merged = measure_decode(engine, sizes, first, names[:1])
+        times = race(engine, sizes, variants)
         result.update(prefix_ttft(engine, sizes))
     finally:
         asyncio.run(engine.shutdown(30))
+    base = {b: statistics.median(times[f"base{b}"]) for b in sizes.batches}
     result["runner"] = type(runner).__name__
     result["graphs_recorded"] = len(getattr(runner, "graphs", {}))
     result["graph_replays"] = getattr(runner, "replays", 0)
+    result["eager_base_decode_tok_s"] = round(statistics.median(eager["base"]), 1)
     result["base_decode_tok_s"] = {str(b): round(v, 1) for b, v in base.items()}
-    result["decode_ratio_k"] = round(k / base[first], 4)
-    result["decode_ratio_merged"] = round(merged / base[first], 4)
+    result["decode_ratio_k"] = median_ratio(times, "k", f"base{first}")
+    result["decode_ratio_merged"] = median_ratio(times, "merged", f"base{first}")
     result["graph_speedup"] = round(base[first] / result["eager_base_decode_tok_s"], 3)
+    result["decode_tok_s_rounds"] = {k: [round(v, 1) for v in t] for k, t in times.items()}
     vs_old = base[first] / OLD_ENGINE_BASE_TOK_S
     result["goals"] = {
         "base_decode_vs_old_engine": round(vs_old, 2),
