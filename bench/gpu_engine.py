@@ -20,6 +20,9 @@ Requests ignore EOS so every stream runs its full length. Keys:
   each round (``decode_tok_s_rounds`` keeps every sample).
 - ``ttft_prefix_hit_ratio``: TTFT of a prompt whose 600-token prefix is cached over the
   same prompt cold (``ttft_cold_ms``, ``ttft_hit_ms``).
+- ``graph_check_*``: recorded decode against the eager runner in float32 on two layers
+  (adapters, padding rows, a load between replays, merged mode): largest relative logits
+  error, replays, ok.
 - ``goals``: base decode at batch 32 >= 10x the 1,189 tok/s the old engine measured on
   the H200, and ``decode_ratio_k`` >= 0.95.
 
@@ -276,6 +279,72 @@ def prefix_ttft(engine: Any, sizes: Sizes) -> dict[str, float]:
     }
 
 
+def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) -> dict[str, Any]:
+    """Recorded decode against the eager runner on `device`, in float32 on the first two
+    layers' shapes: three sequences (two adapters and a base row, so the bucket of 4 pads
+    one row), an adapter loaded into a new slot between replays, a merge; returns the
+    largest logits error relative to the logits' scale, and whether it is within 1e-3."""
+    import copy
+
+    from flora.serving import ServingModel
+    from flora_server.engine.paged.graphs import (
+        CudaGraphCapture,
+        GraphedPagedRunner,
+        RecordedCapture,
+    )
+    from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner
+
+    small = copy.deepcopy(model).float()
+    small.model.layers = small.model.layers[:2]
+    small.config.num_hidden_layers = 2
+    small = small.to(device)
+    serving = ServingModel(small, max_slots=4)
+    names = list(adapters)
+    serving.load(0, adapters[names[0]])
+    serving.load(1, adapters[names[1 % len(names)]])
+    c, blocks, bs = small.config, 64, 16
+
+    def kv(n: int) -> KVTensors:
+        head_dim = c.hidden_size // c.num_attention_heads
+        return KVTensors(2, n, bs, c.num_key_value_heads, head_dim, torch.float32, device)
+
+    capture = RecordedCapture() if dry else CudaGraphCapture(torch.device(device))
+    eager = PagedRunner(small, kv(blocks))
+    graphed = GraphedPagedRunner(small, kv(blocks + 1), serving, capture, scratch_block=blocks)
+    rng = random.Random(3)
+    seqs = [([rng.randrange(3, c.vocab_size) for _ in range(n)], [i * 8 + j for j in range(8)], s)
+            for i, (n, s) in enumerate([(20, 0), (5, None), (33, 1)])]  # fmt: skip
+    worst = 0.0
+
+    def both(chunks: list, slots: list, sample: list) -> torch.Tensor:
+        nonlocal worst
+        want = eager.run(chunks, slots, sample, serving.set_routing)
+        got = graphed.run(chunks, slots, sample, serving.set_routing)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+        return want
+
+    for tokens, table, slot in seqs:
+        logits = both([ChunkInput(tokens, 0, table)], [slot] * len(tokens), [len(tokens) - 1])
+        tokens.append(int(logits.argmax(-1)))
+    for step in range(12):
+        if step == 4:  # a load between replays: read in place
+            serving.load(2, adapters[names[-1]])
+            seqs[1] = (seqs[1][0], seqs[1][1], 2)
+        live = seqs if step < 8 else seqs[:1]
+        if step == 8:
+            serving.merge(0)  # one row on the merged slot: the base graph
+        chunks = [ChunkInput(t[-1:], len(t) - 1, table) for t, table, _ in live]
+        logits = both(chunks, [s for _, _, s in live], list(range(len(live))))
+        for (t, _, _), token in zip(live, logits.argmax(-1).tolist(), strict=True):
+            t.append(token)
+    serving.unwrap()
+    return {
+        "graph_check_max_rel_err": worst,
+        "graph_check_replays": graphed.replays,
+        "graph_check_ok": bool(worst < 1e-3 and graphed.replays == 12),
+    }
+
+
 def run(dry: bool) -> dict[str, Any]:
     started = time.perf_counter()
     sizes = DRY if dry else Sizes()
@@ -285,6 +354,7 @@ def run(dry: bool) -> dict[str, Any]:
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     model = build_model(sizes)
     adapters = make_adapters(model, sizes)
+    check = graph_check(model, adapters, device, dry)
     model = model.to(device=device, dtype=dtype)
     names: list[str | None] = list(adapters)
     first = sizes.batches[0]
@@ -297,6 +367,7 @@ def run(dry: bool) -> dict[str, Any]:
         "adapters": sizes.adapters,
         "prompt_tokens": sizes.prompt,
         "new_tokens": sizes.new_tokens,
+        **check,
     }
     from transformers import __version__ as transformers_version
 

@@ -26,6 +26,8 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_engine_dry_run.json").read_text())
     assert result["runner"] == "GraphedPagedRunner"
+    assert result["graph_check_ok"] and result["graph_check_replays"] == 12
+    assert result["graph_check_max_rel_err"] < 1e-3
     assert result["batches"] == [4, 8] and result["adapters"] == 4
     # every decode step of the timed runs replays a graph (two shapes per batch and kind)
     assert result["graph_replays"] >= 4 * result["new_tokens"]
