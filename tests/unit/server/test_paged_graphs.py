@@ -7,6 +7,8 @@ references."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from test_engine import ADAPTER_OF, PROMPTS, collect, greedy, run
@@ -278,3 +280,20 @@ def test_graph_logits_match_eager_on_smollm2(tmp_path) -> None:
     pair.serving.unmerge()
     pair.decode(["a", "d", "c"])
     pair.used_kv_equal()
+
+
+def test_the_cache_kwarg_is_read_from_the_decoder_signature() -> None:
+    from flora_server.engine.paged.runner import cache_kwarg_of
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    assert cache_kwarg_of(Old()) == "past_key_values"
+    assert cache_kwarg_of(New()) == "cache"
+    # the installed transformers: the name its Llama decoder really takes
+    decoder = make_tiny_llama().get_decoder()
+    forward = inspect.unwrap(decoder.forward)
+    assert cache_kwarg_of(decoder) in forward.__code__.co_varnames
