@@ -184,6 +184,12 @@ class ServedModule(nn.Module):
             "with one slot per row"
         )
 
+    def build_graph_plan(self, slots: torch.Tensor) -> Plan | None:
+        """The forward for rows whose slots are read from ``slots`` (``[B]`` int32 on the
+        device) at call time (``Backend.build_graph_plan``), or ``None`` when no slot
+        targets this module. Raises ``NotImplementedError`` for wrappers without one."""
+        raise NotImplementedError(f"{type(self).__name__} has no graph plan")
+
     def invalidate(self) -> None:
         """The base weight changed (merge/unmerge): drop anything derived from it."""
 

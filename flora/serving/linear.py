@@ -109,3 +109,8 @@ class ServedLinear(ServedTwoMode):
         if uniform is not None:
             return self.backend.build_plan(self, [uniform])
         return self.backend.build_segment_plan(self, routed)
+
+    def build_graph_plan(self, slots: torch.Tensor) -> Plan | None:
+        if not any(self.slot_rank):
+            return None
+        return self.backend.build_graph_plan(self, slots)

@@ -93,6 +93,12 @@ def _slots_of(routing: tuple[int, ...] | Segments) -> tuple[int, ...]:
     return routing.slots if isinstance(routing, Segments) else routing
 
 
+def _bank_ptrs(wrapper: ServedModule) -> tuple[int, int] | None:
+    """Where a two-mode wrapper's factor bank lives (changes when the bank grows)."""
+    bank = getattr(wrapper, "bank", None)
+    return None if bank is None else (bank.a.data_ptr(), bank.b.data_ptr())
+
+
 def _wrapper_for(module: nn.Module) -> type[ServedModule]:
     for matches, cls in _WRAPPERS:
         if matches(module):
@@ -148,6 +154,7 @@ class ServingModel:
         self._host_weights: dict[str, torch.Tensor] = {}
         self._plan_cache: OrderedDict[tuple[int, ...] | Segments, list[Plan | None]] = OrderedDict()
         self._cache_size = routing_cache_size
+        self._layout_version = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -157,6 +164,13 @@ class ServingModel:
     def merged_slot(self) -> int | None:
         """The slot folded into the base weights, or ``None``."""
         return self._merged_slot
+
+    @property
+    def layout_version(self) -> int:
+        """Changes whenever a tensor that a graph plan reads is re-bound: a module newly
+        wrapped (or unwrapped), a slot bank grown to a larger rank capacity. Loading,
+        clearing, merging and unmerging write into the existing tensors and leave it."""
+        return self._layout_version
 
     def slot_modules(self, slot: int) -> frozenset[str] | None:
         """Names of the modules ``slot`` targets, ``None`` when the slot is empty."""
@@ -202,6 +216,7 @@ class ServingModel:
         self._check_slot(slot)
         self.check_modules(modules)
         wrapped_before = len(self._wrapped)
+        banks_before = {n: _bank_ptrs(self._wrapped[n]) for n in modules if n in self._wrapped}
         foldable = [name for name in modules if _folds(self._target(name))]
         with torch.no_grad(), _one_intra_op_thread(self.device):
             # One batched fold for all two-mode modules (a few bmm, not one matmul each).
@@ -230,6 +245,10 @@ class ServingModel:
                 else:
                     wrapper.write_slot(slot, mf)
         self._slot_modules[slot] = frozenset(modules)
+        if len(self._wrapped) != wrapped_before or any(
+            _bank_ptrs(self._wrapped[n]) != ptrs for n, ptrs in banks_before.items()
+        ):
+            self._layout_version += 1
         self._refresh(slot if len(self._wrapped) == wrapped_before else None)
 
     def unload(self, slot: int) -> None:
@@ -298,6 +317,23 @@ class ServingModel:
         else:
             self.routing.rows, self.routing.tokens = len(slots), None
             self.routing.routed = tuple(NO_SLOT if s is None else int(s) for s in routing)
+
+    def set_graph_routing(self, slots: torch.Tensor) -> None:
+        """Route ``len(slots)`` rows by the slot ids in ``slots`` (``[B]`` int32 on the
+        device, -1: base), read when the forward runs rather than now, so a CUDA graph
+        captured after this call serves any routing of ``B`` rows: the caller fills
+        ``slots`` in place before each replay, with loaded, unmerged slots only (nothing
+        here can check values it has not seen). Such a graph stays valid until
+        ``layout_version`` changes. Raises ``ValueError`` while a slot is merged (every row
+        then runs the base path: route with ``set_routing``) and ``NotImplementedError``
+        when a wrapped module has no graph plan (see ``ServedModule.build_graph_plan``)."""
+        if self._merged_slot is not None:
+            raise ValueError(f"slot {self._merged_slot} is merged: graph routing needs none")
+        if slots.dtype != torch.int32 or slots.dim() != 1 or slots.device != self.device:
+            raise ValueError(f"slots must be [B] int32 on {self.device}")
+        self.routing.plans = [m.build_graph_plan(slots) for m in self._wrapped.values()]
+        self.routing.rows, self.routing.tokens = int(slots.shape[0]), None
+        self.routing.routed = None  # nothing to rebuild on a load: the plans read slots
 
     def clear_routing(self) -> None:
         """Every row base only (no adapter path anywhere)."""
@@ -377,6 +413,7 @@ class ServingModel:
                 wrapper.base_layer,
             )
         self._wrapped.clear()
+        self._layout_version += 1
         self._slot_modules = [None] * self.max_slots
         self._plan_cache.clear()
         self.clear_routing()

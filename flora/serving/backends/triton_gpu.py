@@ -293,6 +293,34 @@ class _TritonSegmentPlan:
         return y
 
 
+class _TritonGraphPlan:
+    """``_TritonPlan`` for CUDA graphs: the row slots are read from the caller's buffer
+    (refilled in place between replays) and every slot counts as the bank's full rank
+    capacity (its padding is zero, so the result is exact, and a slot loaded later needs
+    no new plan as long as the bank is not re-allocated)."""
+
+    __slots__ = ("a", "b", "base", "block_r", "kernel", "ranks", "slots")
+
+    def __init__(self, target: RowTarget, kernel: TritonRowKernel, slots: torch.Tensor) -> None:
+        bank = target.bank
+        self.base, self.kernel, self.a, self.b = target.base_forward, kernel, bank.a, bank.b
+        self.slots = slots
+        self.ranks = torch.full(
+            (bank.max_slots + 1,), bank.capacity, dtype=torch.int32, device=bank.device
+        )
+        self.block_r = block_rank(bank.capacity)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        self.kernel(
+            y.view(-1, y.shape[-1]), x2, self.slots, self.ranks, self.a, self.b, self.block_r
+        )
+        return y
+
+
 class TritonBackend(Backend):
     """CUDA, where the Triton kernel passes its self-test (``gpu_kernel_for``)."""
 
@@ -315,3 +343,6 @@ class TritonBackend(Backend):
         return _TritonSegmentPlan(
             target, self.kernel, segments, lambda: torch_segment_plan(target, segments)
         )
+
+    def build_graph_plan(self, target: RowTarget, slots: torch.Tensor) -> Plan:
+        return _TritonGraphPlan(target, self.kernel, slots)

@@ -25,6 +25,7 @@ Full-attention decoders only (Llama, Qwen2, Mistral without a sliding window, ..
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from flora.serving.segments import Segments
-from flora_server.engine.causal_batch import CACHE_KWARG
 
 ATTENTION_NAME = "flora_paged"
 
@@ -132,6 +132,24 @@ class PagedStep:
             self.decode_gather = gather.to(device)
             self.decode_mask = mask.to(device)
 
+    @classmethod
+    def decode_only(
+        cls, kv: KVTensors, write: torch.Tensor, gather: torch.Tensor, mask: torch.Tensor
+    ) -> PagedStep:
+        """A step of B decode tokens (layout [B, 1]) over index tensors the caller owns and
+        refills, as a CUDA graph replays it: `write` [B] (each token's pool slot),
+        `gather` [B, L] (slots of each sequence's positions), `mask` [B, 1, 1, L] bool."""
+        step = cls(kv, [], write.device)
+        step.write = write
+        step.decode_rows = torch.arange(write.shape[0], device=write.device)
+        step.decode_gather, step.decode_mask = gather, mask
+        return step
+
+    # Older transformers ask the cache for its length when building positions; the runner
+    # always passes positions, so any value serves.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H, 1, D] or [1, H, T, D] (by layout) -> [T, H, D]."""
         return x.squeeze(2) if self.tokens_as_rows else x[0].transpose(0, 1)
@@ -221,6 +239,13 @@ def install_paged_attention(model: PreTrainedModel) -> None:
     model.config._attn_implementation = ATTENTION_NAME
 
 
+def cache_kwarg_of(decoder: torch.nn.Module) -> str:
+    """The name the decoder's forward takes its cache by: `cache` in newer transformers,
+    `past_key_values` before (read from the signature, not from the version)."""
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def check_full_attention(config: Any) -> None:
     """Raise ValueError for models the paged runner cannot serve."""
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
@@ -259,6 +284,7 @@ class PagedRunner:
         self.device = next(model.parameters()).device
         self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
+        self._cache_kwarg = cache_kwarg_of(self._decoder)
 
     @torch.inference_mode()
     def run(
@@ -283,7 +309,7 @@ class PagedRunner:
             position_ids=positions,
             use_cache=True,
             flora_paged=step,
-            **{CACHE_KWARG: step},
+            **{self._cache_kwarg: step},
         )
         rows = torch.tensor(list(sample_rows), dtype=torch.long, device=self.device)
         hidden = out.last_hidden_state.reshape(len(ids), 1, -1).index_select(0, rows)
