@@ -50,10 +50,32 @@ class Snapshot:
     load_seconds: float = 0.0  # flora_adapter_load_seconds_sum{result="ok"}
 
 
+# The samples the picker and the bench read. Only their lines are parsed: a replica's page
+# is mostly latency histograms, and parsing all of it ten times a second per replica would
+# take CPU from the replicas under test.
+_READ = (
+    "flora_queue_length",
+    "flora_running_batch_size",
+    "flora_kv_cache_usage_perc",
+    "vllm:lora_requests_info",
+    "flora_lora_adapter_loaded",
+    "flora_adapter_cache_misses_total",
+    "flora_adapter_cache_hits_total",
+    "flora_adapter_load_seconds_sum",
+)
+
+
+def _wanted(line: str) -> bool:
+    name = line.split("{", 1)[0].split(" ", 1)[0]
+    return name in _READ
+
+
 def parse_metrics(text: str) -> Snapshot:
+    """What the picker reads from a Prometheus text page (other samples are skipped)."""
     snap = Snapshot()
     device, host = set(), set()
-    for family in text_string_to_metric_families(text):
+    kept = "\n".join(line for line in text.splitlines() if _wanted(line))
+    for family in text_string_to_metric_families(kept + "\n"):
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, sample.value
             if name == "flora_queue_length":

@@ -132,6 +132,9 @@ def test_parse_metrics_reads_what_the_server_renders() -> None:
     assert snap.running_adapters == {"a"} and snap.waiting_adapters == {"b"}
     assert snap.device == {"a", "c"} and snap.host == {"d"}
     assert (snap.store_loads, snap.host_hits, snap.load_seconds) == (2, 1, 0.75)
+    # only the named samples are read, by exact name
+    other = parse_metrics('flora_queue_length 3\nflora_queue_length_peak 9\nx{a="b"} 1\n')
+    assert other.queue == 3 and other.running == 0
 
 
 def test_zipf_sequence_is_seeded_and_skewed() -> None:
