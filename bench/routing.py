@@ -13,12 +13,16 @@ send back to back (closed loop).
 
 Phases, the same seeded adapter sequence for every policy:
 
-- warm-up: ``warmup_requests`` through each policy, not measured (the first loads of the
-  working set, which no policy avoids);
+- warm-up: ``warmup_requests`` through each policy, of ``warmup_new_tokens`` each, not
+  measured (the first loads of the working set, which no policy avoids);
 - measured: blocks of ``block_requests``, run in pairs with the policy order alternating
   (A B, B A, A B, ...), so a change in the machine's load hits every policy alike; pairs
   continue until ``budget_s`` from the start would be passed (at least ``min_block_pairs``,
   at most ``max_block_pairs``). Each policy's TTFTs and cold loads are pooled over its blocks.
+
+Policies: ``round_robin`` (request k of a block to replica k mod replicas), ``affinity``
+(the picker's scorers plus flora's residency and home signals, bench/routing_policy.py) and,
+with ``--policies``, ``affinity_stock`` (the picker's scorers alone).
 
 While a block runs, its replica set is scraped every ``scrape_interval_s`` (as Prometheus or
 the picker would), whatever the policy, so the scrape load is the same. Cold loads are the
