@@ -1,38 +1,34 @@
-"""Routing simulation: adapter affinity versus round robin over 3 real flora-serve replicas.
+"""Routing simulation: adapter affinity versus round robin over real flora-serve replicas.
 
-No cluster runs here, so the endpoint picker's decision is replayed by this client. Three
-`flora-serve` processes on 127.0.0.1 share one adapter store (a directory) and have small
-caches (``max_slots`` device slots, a host cache of about ``host_cache_adapters`` adapters),
-so an adapter that lands on a replica that does not hold it is loaded from the store: a
-cold load. ``adapters`` random rank-8 FLoRA adapters are uploaded once; each request names
-adapter i with Zipf probability p_i = i^-s / sum_j j^-s, streams ``max_new_tokens`` greedy
-tokens from ``POST /v1/completions``, and TTFT is send -> first chunk with text.
-``concurrency`` clients send back to back (closed loop); the same seeded adapter sequence is
-replayed for every policy, and each policy starts from freshly started (cold) replicas.
+No cluster runs here, so the endpoint picker's decision is replayed by this client
+(bench/routing_policy.py). Each policy gets its own set of ``replicas`` flora-serve
+processes on 127.0.0.1 (engine v2), all sets sharing one adapter store (a directory);
+``adapters`` random rank-``rank`` FLoRA adapters on all 7 llama projections are uploaded
+once. A replica holds ``max_slots`` adapters on device slots and about
+``host_cache_adapters`` in its host cache, fewer than ``adapters``, so an adapter that lands
+on a replica without it is loaded from the store: a cold load. Each request names adapter i
+with Zipf probability p_i = i^-s / sum_j j^-s and streams ``max_new_tokens`` greedy tokens
+from ``POST /v1/completions``; TTFT is send -> first chunk with text. ``concurrency`` clients
+send back to back (closed loop).
 
-Policies:
+Phases, the same seeded adapter sequence for every policy:
 
-- ``round_robin``: request k goes to replica k mod 3;
-- ``affinity``: scores every replica from its latest /metrics scrape the way the endpoint
-  picker's scorers in deploy/k8s/components/inference-pool/epp-config.yaml do, same weights
-  (LoRA affinity 4, queue 0.5, running 0.5, KV-cache 1), highest score wins, ties at random:
-  queue score (max q - q) / (max q - min q) over the replicas (1 when all equal), running
-  likewise over the running batches; KV score 1 - usage; LoRA score 1.0 when the adapter
-  runs there (`vllm:lora_requests_info` running_lora_adapters), 0.8 when running + waiting
-  adapters are fewer than max_lora, 0.6 when it is waiting there, else 0 (the upstream
-  lora-affinity-scorer, v1.5.0) - raised to 1.0 when
-  `flora_lora_adapter_loaded` shows it on a device slot and 0.9 in the host cache, the
-  residency signal flora adds so idle-but-loaded adapters still attract their traffic -
-  and, for an adapter no replica holds, a "home" term (weight 0.6) for the replica a
-  rendezvous hash of (adapter, replica) ranks first, so it goes back to the same replica
-  instead of a random one (the stateless consistent-hash idea in docs/deploy.md, as a
-  score so that load can still override it). ``affinity_stock`` (optional) is the
-  upstream scorers alone.
+- warm-up: ``warmup_requests`` through each policy, of ``warmup_new_tokens`` each, not
+  measured (the first loads of the working set, which no policy avoids);
+- measured: blocks of ``block_requests``, run in pairs with the policy order alternating
+  (A B, B A, A B, ...), so a change in the machine's load hits every policy alike; pairs
+  continue until ``budget_s`` from the start would be passed (at least ``min_block_pairs``,
+  at most ``max_block_pairs``). Each policy's TTFTs and cold loads are pooled over its blocks.
 
-Every policy scrapes every replica each ``scrape_interval_s`` (as Prometheus or the picker
-would), so the scrape load is the same for all. Cold loads are the replicas' own count of
-loads from the store (`flora_adapter_cache_misses_total`); host-cache promotions are
-reported apart. Writes bench/results/routing_quick.json (``--quick``) or routing.json.
+Policies: ``round_robin`` (request k of a block to replica k mod replicas), ``affinity``
+(the picker's scorers plus flora's residency and home signals, bench/routing_policy.py) and,
+with ``--policies``, ``affinity_stock`` (the picker's scorers alone).
+
+While a block runs, its replica set is scraped every ``scrape_interval_s`` (as Prometheus or
+the picker would), whatever the policy, so the scrape load is the same. Cold loads are the
+replicas' own count of loads from the store (`flora_adapter_cache_misses_total`);
+host-cache promotions are reported apart. Writes bench/results/routing_quick.json
+(``--quick``) or routing.json.
 
 ``python -m bench.routing --quick`` (goal: under 10 minutes on 2 cores).
 """
@@ -42,31 +38,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
+import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench import serverbench as sb
+from bench.routing_policy import Snapshot, parse_metrics, pick, zipf_sequence
+from bench.workload import PROJECTIONS
 
-WEIGHTS = {"lora": 4.0, "queue": 0.5, "running": 0.5, "kv": 1.0}  # as in epp-config.yaml
-HOME_WEIGHT = 0.6  # flora's extension, for an adapter no replica holds
 PROMPTS = (
     "The capital of France is",
     "Write one sentence about the sea.",
     "List three colours:",
     "Once upon a time",
 )
+POLICIES = ("round_robin", "affinity", "affinity_stock")
 
 
 @dataclass
@@ -75,154 +72,101 @@ class RoutingConfig:
     replicas: int = 3
     adapters: int = 50
     zipf_s: float = 1.1
-    requests: int = 600
+    rank: int = 16
+    targets: tuple[str, ...] = PROJECTIONS
+    warmup_requests: int = 240
+    warmup_new_tokens: int = 1
+    block_requests: int = 40
+    min_block_pairs: int = 2
+    max_block_pairs: int = 30
+    budget_s: float = 1500.0
     concurrency: int = 6
     max_new_tokens: int = 4
-    max_slots: int = 4
-    host_cache_adapters: int = 4
+    max_slots: int = 8
+    host_cache_adapters: int = 20
+    engine: str = "v2"
+    kv_cache_bytes: int = 64 * 1024 * 1024
     scrape_interval_s: float = 0.1
     policies: tuple[str, ...] = ("round_robin", "affinity")
     seed: int = 0
     threads_per_replica: int = 1
+    notes: str = ""
 
 
 def quick_config(model: str = sb.DEFAULT_MODEL) -> RoutingConfig:
-    return RoutingConfig(model=model, requests=240)
+    return RoutingConfig(model=model, max_block_pairs=15, budget_s=420.0)
 
 
-def zipf_sequence(n_adapters: int, s: float, n: int, seed: int) -> list[int]:
-    """`n` adapter indices (0-based) drawn with p_i proportional to (i + 1)^-s."""
-    weights = [(i + 1) ** -s for i in range(n_adapters)]
-    return random.Random(seed).choices(range(n_adapters), weights=weights, k=n)
+def block_order(policies: Sequence[str], pair: int) -> list[str]:
+    """The policies in order for block pair `pair`: as given, then reversed, alternating."""
+    return list(policies) if pair % 2 == 0 else list(reversed(policies))
+
+
+def nearest_rank(values: Sequence[float], q: float) -> float:
+    """The q-quantile by nearest rank: the ceil(q n)-th smallest value."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def ttft_summary(values: Sequence[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None, "max": None}
+    return {
+        "n": len(values),
+        **{f"p{round(q * 100)}": nearest_rank(values, q) for q in (0.5, 0.9, 0.99)},
+        "mean": statistics.fmean(values),
+        "max": max(values),
+    }
 
 
 @dataclass
-class Snapshot:
-    """What the picker knows about one replica from its last scrape."""
+class PolicyState:
+    """One policy's replica set and what its picker and the bench have seen so far."""
 
-    queue: float = 0.0
-    running: float = 0.0
-    kv: float = 0.0
-    max_lora: int = 0
-    running_adapters: frozenset[str] = frozenset()
-    waiting_adapters: frozenset[str] = frozenset()
-    device: frozenset[str] = frozenset()
-    host: frozenset[str] = frozenset()
-    store_loads: float = 0.0
-    host_hits: float = 0.0
+    name: str
+    urls: list[str]
+    rng: random.Random
+    snaps: list[Snapshot]
+    results: list[dict] = field(default_factory=list)  # measured requests
+    requests: list[int] = field(default_factory=list)  # per replica, measured
+    adapters: list[set[str]] = field(default_factory=list)  # per replica, measured
+    wall_s: float = 0.0  # measured blocks
+    warm: list[Snapshot] = field(default_factory=list)  # after the warm-up
 
-
-def parse_metrics(text: str) -> Snapshot:
-    snap = Snapshot()
-    device, host = set(), set()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name, labels, value = sample.name, sample.labels, sample.value
-            if name == "flora_queue_length":
-                snap.queue = value
-            elif name == "flora_running_batch_size":
-                snap.running = value
-            elif name == "flora_kv_cache_usage_perc":
-                snap.kv = value
-            elif name == "vllm:lora_requests_info":
-                snap.max_lora = int(labels.get("max_lora", "0") or 0)
-                snap.running_adapters = frozenset(_split(labels.get("running_lora_adapters")))
-                snap.waiting_adapters = frozenset(_split(labels.get("waiting_lora_adapters")))
-            elif name == "flora_lora_adapter_loaded" and value > 0:
-                (device if labels.get("tier") == "device" else host).add(labels["adapter"])
-            elif name == "flora_adapter_cache_misses_total":
-                snap.store_loads = value
-            elif name == "flora_adapter_cache_hits_total" and labels.get("tier") == "host":
-                snap.host_hits = value
-    snap.device, snap.host = frozenset(device), frozenset(host)
-    return snap
-
-
-def _split(value: str | None) -> list[str]:
-    return [v for v in (value or "").split(",") if v]
-
-
-def lora_score(snap: Snapshot, adapter: str, residency: bool) -> float:
-    """The upstream lora-affinity-scorer, optionally raised by flora's residency gauge."""
-    if adapter in snap.running_adapters:
-        score = 1.0
-    elif len(snap.running_adapters) + len(snap.waiting_adapters) < snap.max_lora:
-        score = 0.8
-    elif adapter in snap.waiting_adapters:
-        score = 0.6
-    else:
-        score = 0.0
-    if residency:
-        if adapter in snap.device:
-            score = max(score, 1.0)
-        elif adapter in snap.host:
-            score = max(score, 0.9)
-    return score
-
-
-def home_replica(adapter: str, replicas: int) -> int:
-    """Rendezvous hashing: the replica with the highest hash of (adapter, replica)."""
-    return max(
-        range(replicas),
-        key=lambda i: hashlib.blake2b(f"{adapter}/{i}".encode(), digest_size=8).digest(),
-    )
-
-
-def pick(snaps: list[Snapshot], adapter: str, residency: bool, rng: random.Random) -> int:
-    """The replica with the highest weighted score (ties at random). `residency` adds
-    flora's signals: the residency gauge and the adapter's home replica."""
-    queue = _spread_scores([s.queue for s in snaps])
-    running = _spread_scores([s.running for s in snaps])
-    loaded = any(adapter in s.device | s.host | s.running_adapters for s in snaps)
-    home = home_replica(adapter, len(snaps)) if residency and not loaded else -1
-    scores = []
-    for i, s in enumerate(snaps):
-        total = (
-            WEIGHTS["lora"] * lora_score(s, adapter, residency)
-            + WEIGHTS["queue"] * queue[i]
-            + WEIGHTS["running"] * running[i]
-            + WEIGHTS["kv"] * (1.0 - s.kv)
-            + (HOME_WEIGHT if i == home else 0.0)
-        )
-        scores.append(total)
-    best = max(scores)
-    return rng.choice([i for i, v in enumerate(scores) if v >= best - 1e-9])
-
-
-def _spread_scores(values: list[float]) -> list[float]:
-    """(max - v) / (max - min) for each value, 1 for all when they are equal (the upstream
-    queue-scorer and running-requests-size-scorer)."""
-    low, high = min(values), max(values)
-    return [1.0 if high == low else (high - v) / (high - low) for v in values]
+    def __post_init__(self) -> None:
+        self.requests = [0] * len(self.urls)
+        self.adapters = [set() for _ in self.urls]
 
 
 @contextlib.contextmanager
-def replicas(cfg: RoutingConfig, workdir: Path, tag: str) -> Iterator[list[sb.Server]]:
-    """`cfg.replicas` flora-serve processes sharing workdir/store, started together."""
+def replica_sets(cfg: RoutingConfig, workdir: Path) -> Iterator[list[list[sb.Server]]]:
+    """One set of `cfg.replicas` flora-serve processes per policy, all sharing
+    workdir/store, started together."""
     host_bytes = cfg.host_cache_adapters * adapter_bytes(workdir)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(cfg.threads_per_replica),
-        "NUMBA_NUM_THREADS": str(cfg.threads_per_replica),
-    }
-    servers = []
+    threads = str(cfg.threads_per_replica)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "NUMBA_NUM_THREADS": threads}
+    sets: list[list[sb.Server]] = []
     try:
-        for i in range(cfg.replicas):
-            port = sb.free_port()
-            log_path = workdir / f"{tag}-replica{i}.log"
-            cmd = [
-                sys.executable, "-m", "flora_server.cli", "--model", cfg.model,
-                "--host", "127.0.0.1", "--port", str(port),
-                "--adapter-store", str(workdir / "store"), "--log-level", "warning",
-                "--max-slots", str(cfg.max_slots), "--host-cache-bytes", str(host_bytes),
-                "--max-new-tokens", str(max(16, cfg.max_new_tokens)),
-                "--default-max-new-tokens", str(cfg.max_new_tokens),
-            ]  # fmt: skip
-            with log_path.open("wb") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            servers.append(sb.Server(proc, f"http://127.0.0.1:{port}", log_path))
+        for policy in cfg.policies:
+            servers = []
+            for i in range(cfg.replicas):
+                port = sb.free_port()
+                log_path = workdir / f"{policy}-replica{i}.log"
+                cmd = [
+                    sys.executable, "-m", "flora_server.cli", "--model", cfg.model,
+                    "--host", "127.0.0.1", "--port", str(port),
+                    "--adapter-store", str(workdir / "store"), "--log-level", "warning",
+                    "--engine", cfg.engine, "--kv-cache-bytes", str(cfg.kv_cache_bytes),
+                    "--max-slots", str(cfg.max_slots), "--host-cache-bytes", str(host_bytes),
+                    "--max-new-tokens", str(max(16, cfg.max_new_tokens)),
+                    "--default-max-new-tokens", str(cfg.max_new_tokens),
+                ]  # fmt: skip
+                with log_path.open("wb") as log:
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                servers.append(sb.Server(proc, f"http://127.0.0.1:{port}", log_path))
+            sets.append(servers)
         deadline = time.monotonic() + 600
-        for server in servers:
+        for server in (s for servers in sets for s in servers):
             while True:
                 if server.proc.poll() is not None:
                     raise RuntimeError(f"replica exited: {server.log_tail()}")
@@ -232,12 +176,13 @@ def replicas(cfg: RoutingConfig, workdir: Path, tag: str) -> Iterator[list[sb.Se
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"not ready: {server.log_tail()}")
                 time.sleep(0.5)
-        yield servers
+        yield sets
     finally:
-        for server in servers:
+        everyone = [s for servers in sets for s in servers]
+        for server in everyone:
             if server.proc.poll() is None:
                 server.proc.terminate()
-        for server in servers:
+        for server in everyone:
             try:
                 server.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -249,13 +194,22 @@ def adapter_bytes(workdir: Path) -> int:
     return next((workdir / "archives").glob("*.flora")).stat().st_size
 
 
-async def _scrape_loop(
-    client: httpx.AsyncClient, urls: list[str], snaps: list[Snapshot], interval: float
-) -> None:
+def _client(cfg: RoutingConfig, replicas: int) -> httpx.AsyncClient:
+    # Idle connections are dropped before the server's 5 s keep-alive timeout closes them,
+    # so a request never goes out on a connection the server is closing.
+    limits = httpx.Limits(max_connections=cfg.concurrency + 2 * replicas, keepalive_expiry=2.0)
+    return httpx.AsyncClient(timeout=sb.HTTP_TIMEOUT, limits=limits)
+
+
+async def _scrape(client: httpx.AsyncClient, urls: list[str]) -> list[Snapshot]:
+    return [parse_metrics((await client.get(f"{u}/metrics")).text) for u in urls]
+
+
+async def _scrape_loop(client: httpx.AsyncClient, state: PolicyState, interval: float) -> None:
     while True:
-        for i, url in enumerate(urls):
+        for i, url in enumerate(state.urls):
             with contextlib.suppress(httpx.HTTPError):
-                snaps[i] = parse_metrics((await client.get(f"{url}/metrics")).text)
+                state.snaps[i] = parse_metrics((await client.get(f"{url}/metrics")).text)
         await asyncio.sleep(interval)
 
 
@@ -276,132 +230,211 @@ async def _one(client: httpx.AsyncClient, url: str, adapter: str, prompt: str, n
     return {"status": status, "ttft": ttft, "total": time.monotonic() - start}
 
 
-async def drive(
-    cfg: RoutingConfig, urls: list[str], ids: list[str], sequence: list[int], policy: str
-) -> dict[str, Any]:
-    """Send the sequence through `policy`; per-request results and per-replica counts."""
-    rng = random.Random(cfg.seed + 1)
-    snaps = [Snapshot() for _ in urls]
-    results: list[dict] = []
-    per_replica: list[dict[str, Any]] = [{"requests": 0, "adapters": set()} for _ in urls]
+async def run_block(
+    cfg: RoutingConfig,
+    state: PolicyState,
+    ids: list[str],
+    sequence: list[int],
+    block: int | None,
+) -> None:
+    """Send `sequence` (adapter indices; k counts from 0 in every block) through the
+    policy; append the results to `state` unless `block` is None (the warm-up, whose
+    requests generate ``warmup_new_tokens``)."""
+    measured = block is not None
+    tokens = cfg.max_new_tokens if measured else cfg.warmup_new_tokens
     order = iter(enumerate(sequence))
-    limits = httpx.Limits(max_connections=cfg.concurrency + 2 * len(urls))
-    async with httpx.AsyncClient(timeout=sb.HTTP_TIMEOUT, limits=limits) as client:
-        for i, url in enumerate(urls):  # a first scrape before any decision
-            snaps[i] = parse_metrics((await client.get(f"{url}/metrics")).text)
-        before = [(s.store_loads, s.host_hits) for s in snaps]
-        scraper = asyncio.create_task(_scrape_loop(client, urls, snaps, cfg.scrape_interval_s))
+    async with _client(cfg, len(state.urls)) as client:
+        state.snaps = await _scrape(client, state.urls)  # a fresh scrape before any decision
+        scraper = asyncio.create_task(_scrape_loop(client, state, cfg.scrape_interval_s))
 
         async def worker() -> None:
             for k, index in order:
                 adapter = ids[index]
-                if policy == "round_robin":
-                    replica = k % len(urls)
+                if state.name == "round_robin":
+                    replica = k % len(state.urls)
                 else:
-                    replica = pick(snaps, adapter, policy == "affinity", rng)
-                per_replica[replica]["requests"] += 1
-                per_replica[replica]["adapters"].add(adapter)
+                    replica = pick(state.snaps, adapter, state.name == "affinity", state.rng)
                 prompt = PROMPTS[k % len(PROMPTS)]
-                out = await _one(client, urls[replica], adapter, prompt, cfg.max_new_tokens)
-                results.append({**out, "replica": replica, "adapter": adapter})
+                out = await _one(client, state.urls[replica], adapter, prompt, tokens)
+                if measured:
+                    state.requests[replica] += 1
+                    state.adapters[replica].add(adapter)
+                    record = {**out, "block": block, "replica": replica, "adapter": adapter}
+                    state.results.append(record)
 
         start = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
-        wall = time.monotonic() - start
-        scraper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await scraper
-        after = [parse_metrics((await client.get(f"{u}/metrics")).text) for u in urls]
-    loads = [a.store_loads - b[0] for a, b in zip(after, before, strict=True)]
-    promotions = [a.host_hits - b[1] for a, b in zip(after, before, strict=True)]
-    ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
-    n = len(results)
+        try:
+            await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
+        finally:
+            scraper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scraper
+        if measured:
+            state.wall_s += time.monotonic() - start
+
+
+async def scrape_all(cfg: RoutingConfig, urls: list[str]) -> list[Snapshot]:
+    async with _client(cfg, len(urls)) as client:
+        return await _scrape(client, urls)
+
+
+def run(cfg: RoutingConfig, workdir: Path, raw: Path | None = None) -> dict[str, Any]:
+    """The whole bench in `workdir`; `raw` (optional) receives every measured request
+    as a JSON line (policy, block, replica, adapter, status, ttft, total)."""
+    started = time.monotonic()
+    load_start = list(os.getloadavg())
+    timing: dict[str, Any] = {}
+
+    def mark(step: str) -> None:
+        timing[f"{step}_s"] = round(time.monotonic() - started - sum(timing.values()), 1)
+        print(f"{step}: {timing[f'{step}_s']} s", file=sys.stderr)
+
+    paths = sb.make_adapters(
+        cfg.model, workdir / "archives", cfg.adapters, rank=cfg.rank, targets=cfg.targets,
+        seed=cfg.seed,
+    )  # fmt: skip
+    mark("make_adapters")
+    ids = [f"r{i:03d}" for i in range(cfg.adapters)]
+    total = cfg.warmup_requests + cfg.max_block_pairs * cfg.block_requests
+    sequence = zipf_sequence(cfg.adapters, cfg.zipf_s, total, cfg.seed)
+    warmup, measured = sequence[: cfg.warmup_requests], sequence[cfg.warmup_requests :]
+    with replica_sets(cfg, workdir) as sets:
+        mark("start_replicas")
+        counts = asyncio.run(sb.upload_all(sets[0][0].url, ids, paths))
+        if counts != {"201": cfg.adapters}:
+            raise RuntimeError(f"uploads: {counts}")
+        mark("upload")
+        states = {
+            name: PolicyState(name, [s.url for s in servers], random.Random(cfg.seed + 1), [])
+            for name, servers in zip(cfg.policies, sets, strict=True)
+        }
+        for state in states.values():
+            asyncio.run(run_block(cfg, state, ids, warmup, None))
+            state.warm = asyncio.run(scrape_all(cfg, state.urls))
+        mark("warmup")
+        pairs, pair_s = 0, 0.0
+        while pairs < cfg.max_block_pairs:
+            elapsed = time.monotonic() - started
+            if pairs >= cfg.min_block_pairs and elapsed + pair_s > cfg.budget_s:
+                break
+            pair_start = time.monotonic()
+            block = measured[pairs * cfg.block_requests : (pairs + 1) * cfg.block_requests]
+            for name in block_order(cfg.policies, pairs):
+                asyncio.run(run_block(cfg, states[name], ids, block, pairs))
+            pair_s = time.monotonic() - pair_start
+            pairs += 1
+            print(f"block pair {pairs} done in {pair_s:.0f} s", file=sys.stderr)
+        mark("measured")
+        policies = {
+            name: policy_result(state, asyncio.run(scrape_all(cfg, state.urls)))
+            for name, state in states.items()
+        }
+    for name, result in policies.items():
+        print(f"{name}: {json.dumps(result)}", file=sys.stderr)
+    if raw is not None:
+        with raw.open("w") as f:
+            for name, state in states.items():
+                for record in state.results:
+                    f.write(json.dumps({"policy": name, **record}) + "\n")
+    machine = {
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": load_start,
+        "loadavg_at_end": list(os.getloadavg()),
+    }
+    timing["block_pairs"] = pairs
+    return summarize(cfg, policies, time.monotonic() - started, machine, timing)
+
+
+def policy_result(state: PolicyState, end: list[Snapshot]) -> dict[str, Any]:
+    """A policy's measured-phase numbers: `state.warm` and `end` are its replicas' scrapes
+    after the warm-up and at the end."""
+    loads = [e.store_loads - w.store_loads for e, w in zip(end, state.warm, strict=True)]
+    promotions = [e.host_hits - w.host_hits for e, w in zip(end, state.warm, strict=True)]
+    load_s = sum(e.load_seconds - w.load_seconds for e, w in zip(end, state.warm, strict=True))
+    n = len(state.results)
+    ttfts = [r["ttft"] for r in state.results if r["ttft"] is not None]
     return {
         "requests": n,
-        "ok": sum(1 for r in results if r["status"] == 200),
-        "statuses": _count(str(r["status"]) for r in results),
-        "wall_s": round(wall, 2),
+        "ok": sum(1 for r in state.results if r["status"] == 200),
+        "statuses": _count(str(r["status"]) for r in state.results),
+        "wall_s": round(state.wall_s, 2),
+        "warmup_cold_loads": int(sum(w.store_loads for w in state.warm)),
         "cold_loads": int(sum(loads)),
         "cold_loads_per_1k": round(1000 * sum(loads) / max(n, 1), 1),
         "host_promotions_per_1k": round(1000 * sum(promotions) / max(n, 1), 1),
-        "ttft_s": sb.percentiles(ttfts),
+        "mean_cold_load_ms": round(1000 * load_s / sum(loads), 1) if sum(loads) else None,
+        "ttft_s": ttft_summary(ttfts),
         "per_replica": [
-            {
-                "requests": rep["requests"],
-                "distinct_adapters": len(rep["adapters"]),
-                "cold_loads": int(loads[i]),
-            }
-            for i, rep in enumerate(per_replica)
+            {"requests": r, "distinct_adapters": len(a), "cold_loads": int(c)}
+            for r, a, c in zip(state.requests, state.adapters, loads, strict=True)
         ],
     }
 
 
-def _count(values: Iterator[str] | Any) -> dict[str, int]:
+def _count(values: Iterable[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for v in values:
         out[v] = out.get(v, 0) + 1
     return out
 
 
-def run(cfg: RoutingConfig, workdir: Path) -> dict[str, Any]:
-    started = time.monotonic()
-    paths = sb.make_adapters(cfg.model, workdir / "archives", cfg.adapters, seed=cfg.seed)
-    ids = [f"r{i:03d}" for i in range(cfg.adapters)]
-    sequence = zipf_sequence(cfg.adapters, cfg.zipf_s, cfg.requests, cfg.seed)
-    policies: dict[str, Any] = {}
-    uploaded = False
-    for policy in cfg.policies:
-        with replicas(cfg, workdir, policy) as servers:
-            if not uploaded:
-                counts = asyncio.run(sb.upload_all(servers[0].url, ids, paths))
-                if counts != {"201": cfg.adapters}:
-                    raise RuntimeError(f"uploads: {counts}")
-                uploaded = True
-            urls = [s.url for s in servers]
-            policies[policy] = asyncio.run(drive(cfg, urls, ids, sequence, policy))
-        print(f"{policy}: {json.dumps(policies[policy])}", file=sys.stderr)
-    return summarize(cfg, policies, time.monotonic() - started)
-
-
-def summarize(cfg: RoutingConfig, policies: dict[str, Any], seconds: float) -> dict[str, Any]:
+def summarize(
+    cfg: RoutingConfig,
+    policies: dict[str, Any],
+    seconds: float,
+    machine: dict[str, Any],
+    timing: dict[str, Any],
+) -> dict[str, Any]:
+    """The result file: config, per-policy numbers, and the issue's two ratios with their
+    goals (affinity cold loads <= 0.5x round robin's; TTFT p99 ratio <= 0.8)."""
     out: dict[str, Any] = {"config": asdict(cfg), "policies": policies}
     rr, aff = policies.get("round_robin"), policies.get("affinity")
     if rr and aff:
-        out["cold_loads_per_1k_round_robin"] = rr["cold_loads_per_1k"]
-        out["cold_loads_per_1k_affinity"] = aff["cold_loads_per_1k"]
-        rr_p99, aff_p99 = rr["ttft_s"]["p99"], aff["ttft_s"]["p99"]
-        out["ttft_p99_affinity_ratio"] = round(aff_p99 / rr_p99, 3) if rr_p99 else None
+        rr_loads, aff_loads = rr["cold_loads_per_1k"], aff["cold_loads_per_1k"]
+        out["cold_loads_per_1k_round_robin"] = rr_loads
+        out["cold_loads_per_1k_affinity"] = aff_loads
+        out["cold_loads_affinity_ratio"] = round(aff_loads / rr_loads, 3) if rr_loads else None
         for name, p in (("round_robin", rr), ("affinity", aff)):
             out[f"ttft_p50_s_{name}"] = p["ttft_s"]["p50"]
             out[f"ttft_p99_s_{name}"] = p["ttft_s"]["p99"]
+        rr_p99, aff_p99 = rr["ttft_s"]["p99"], aff["ttft_s"]["p99"]
+        ratio = round(aff_p99 / rr_p99, 3) if rr_p99 and aff_p99 is not None else None
+        out["ttft_p99_affinity_ratio"] = ratio
         out["goals"] = {
-            "cold_loads_affinity_le_half_round_robin": aff["cold_loads_per_1k"]
-            <= 0.5 * rr["cold_loads_per_1k"],
-            "ttft_p99_ratio_le_0.8": out["ttft_p99_affinity_ratio"] is not None
-            and out["ttft_p99_affinity_ratio"] <= 0.8,
+            "cold_loads_affinity_le_half_round_robin": aff_loads <= 0.5 * rr_loads,
+            "ttft_p99_ratio_le_0.8": ratio is not None and ratio <= 0.8,
         }
-    out["machine"] = {"cpus": os.cpu_count(), "loadavg_at_end": list(os.getloadavg())}
+    out["machine"] = machine
+    out["timing"] = timing
     out["wall_s"] = round(seconds, 1)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="240 requests per policy")
+    parser.add_argument(
+        "--quick", action="store_true", help="no block pair starts after 7 minutes (budget 420 s)"
+    )
     parser.add_argument("--model", default=sb.DEFAULT_MODEL)
-    parser.add_argument("--requests", type=int, help="override the request count")
-    parser.add_argument("--policies", help="comma-separated: round_robin, affinity, affinity_stock")
+    parser.add_argument("--budget-s", type=float, help="stop starting block pairs after this")
+    parser.add_argument("--policies", help=f"comma-separated, of: {', '.join(POLICIES)}")
+    parser.add_argument("--notes", default="", help="recorded in the result (e.g. the load)")
     parser.add_argument("--out", type=Path, help="result file (default bench/results/...)")
+    parser.add_argument("--raw", type=Path, help="also write every measured request (JSON lines)")
     args = parser.parse_args(argv)
     cfg = quick_config(args.model) if args.quick else RoutingConfig(model=args.model)
-    if args.requests:
-        cfg.requests = args.requests
+    if args.budget_s:
+        cfg.budget_s = args.budget_s
     if args.policies:
         cfg.policies = tuple(p.strip() for p in args.policies.split(","))
+        unknown = set(cfg.policies) - set(POLICIES)
+        if unknown or len(cfg.policies) < 2:
+            parser.error(f"--policies: two or more of {', '.join(POLICIES)}")
+    cfg.notes = args.notes
     results = Path(__file__).resolve().parent / "results"
     out = args.out or results / ("routing_quick.json" if args.quick else "routing.json")
     with sb.scratch_dir("flora-routing-") as tmp:
-        result = run(cfg, Path(tmp))
+        result = run(cfg, Path(tmp), args.raw)
     out.write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "policies"}, indent=2))
     return 0
@@ -411,4 +444,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["RoutingConfig", "lora_score", "parse_metrics", "pick", "run"]
+__all__ = ["RoutingConfig", "block_order", "nearest_rank", "run", "summarize", "ttft_summary"]

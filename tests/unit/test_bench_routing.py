@@ -1,20 +1,33 @@
-"""bench/routing.py's picker replays the endpoint picker's scorers: exact scores on hand-made
-snapshots, the metrics parser on a real ServerMetrics rendering, and the Zipf sequence."""
+"""bench/routing_policy.py replays the endpoint picker's scorers: exact scores on hand-made
+snapshots, the metrics parser on a real ServerMetrics rendering, and the Zipf sequence;
+bench/routing.py's block order and summary maths on hand-made numbers."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
 
+import pytest
 import yaml
 
 from bench.routing import (
+    PolicyState,
+    RoutingConfig,
+    block_order,
+    nearest_rank,
+    policy_result,
+    summarize,
+    ttft_summary,
+)
+from bench.routing_policy import (
     WEIGHTS,
     Snapshot,
     home_replica,
     lora_score,
     parse_metrics,
     pick,
+    scores,
+    spread_scores,
     zipf_sequence,
 )
 from deploy.check import repo_root
@@ -39,7 +52,9 @@ def test_lora_score_follows_the_upstream_scorer_and_residency_raises_it() -> Non
     full = Snapshot(max_lora=2, running_adapters=frozenset({"a", "b"}))
     assert lora_score(full, "a", residency=False) == 1.0
     assert lora_score(full, "c", residency=False) == 0.0
-    waiting = Snapshot(max_lora=2, running_adapters=frozenset({"a"}), waiting_adapters={"c"})
+    waiting = Snapshot(
+        max_lora=2, running_adapters=frozenset({"a"}), waiting_adapters=frozenset({"c"})
+    )
     assert lora_score(waiting, "c", residency=False) == 0.6  # 1 + 1 adapters: at capacity
     roomy = Snapshot(max_lora=4, running_adapters=frozenset({"a"}))
     assert lora_score(roomy, "z", residency=False) == 0.8
@@ -47,6 +62,31 @@ def test_lora_score_follows_the_upstream_scorer_and_residency_raises_it() -> Non
     assert lora_score(resident, "z", residency=True) == 1.0
     assert lora_score(resident, "y", residency=True) == 0.9
     assert lora_score(resident, "z", residency=False) == 0.8
+
+
+def test_spread_scores_normalise_over_the_replicas() -> None:
+    assert spread_scores([0.0, 2.0, 4.0]) == [1.0, 0.5, 0.0]
+    assert spread_scores([3.0, 3.0, 3.0]) == [1.0, 1.0, 1.0]
+    assert spread_scores([5.0, 1.0]) == [0.0, 1.0]
+
+
+def test_scores_are_the_weighted_sums() -> None:
+    snaps = [
+        Snapshot(max_lora=4, queue=2, running=1, kv=0.25, device=frozenset({"a"})),
+        Snapshot(max_lora=4, queue=0, running=3, kv=0.5),
+        Snapshot(max_lora=1, queue=1, running=1, kv=0.0, running_adapters=frozenset({"b"})),
+    ]
+    # queue scores 0, 1, 0.5; running 1, 0, 1; LoRA (stock) 0.8, 0.8, 0 (slots full)
+    assert scores(snaps, "a", residency=False) == pytest.approx(
+        [4 * 0.8 + 0 + 0.5 + 0.75, 4 * 0.8 + 0.5 + 0 + 0.5, 0 + 0.25 + 0.5 + 1.0]
+    )
+    # residency: "a" on a device slot raises replica 0 to 1.0; no home term (it is held)
+    assert scores(snaps, "a", residency=True)[0] == pytest.approx(4 + 0.5 + 0.75)
+    # an adapter held nowhere: the home replica gets 0.6 more than the stock score
+    home = home_replica("c", 3)
+    stock, flora = scores(snaps, "c", False), scores(snaps, "c", True)
+    diff = [f - s for f, s in zip(flora, stock, strict=True)]
+    assert diff == pytest.approx([0.6 if i == home else 0.0 for i in range(3)])
 
 
 def test_pick_prefers_residency_unless_that_replica_is_the_most_loaded() -> None:
@@ -84,11 +124,17 @@ def test_parse_metrics_reads_what_the_server_renders() -> None:
     metrics.on_cache_miss()
     metrics.on_cache_miss()
     metrics.on_cache_hit("host")
+    metrics.on_adapter_load("a", 0.25, ok=True)
+    metrics.on_adapter_load("c", 0.5, ok=True)
+    metrics.on_adapter_load("x", 4.0, ok=False)  # failed loads are not load time
     snap = parse_metrics(metrics.render().decode())
     assert (snap.queue, snap.running, snap.kv, snap.max_lora) == (2, 1, 0.5, 4)
     assert snap.running_adapters == {"a"} and snap.waiting_adapters == {"b"}
     assert snap.device == {"a", "c"} and snap.host == {"d"}
-    assert (snap.store_loads, snap.host_hits) == (2, 1)
+    assert (snap.store_loads, snap.host_hits, snap.load_seconds) == (2, 1, 0.75)
+    # only the named samples are read, by exact name
+    other = parse_metrics('flora_queue_length 3\nflora_queue_length_peak 9\nx{a="b"} 1\n')
+    assert other.queue == 3 and other.running == 0
 
 
 def test_zipf_sequence_is_seeded_and_skewed() -> None:
@@ -99,3 +145,74 @@ def test_zipf_sequence_is_seeded_and_skewed() -> None:
     assert abs(counts[0] / 5000 - 0.2612) < 0.02
     assert 1.8 < counts[0] / counts[1] < 2.5
     assert set(seq) <= set(range(50))
+
+
+def test_block_order_alternates() -> None:
+    assert [block_order(["a", "b"], p) for p in range(4)] == [
+        ["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]
+    ]  # fmt: skip
+    assert block_order(["a", "b", "c"], 1) == ["c", "b", "a"]
+
+
+def test_nearest_rank_and_ttft_summary() -> None:
+    values = [float(v) for v in range(100, 0, -1)]  # 1..100, unsorted
+    assert (nearest_rank(values, 0.5), nearest_rank(values, 0.99)) == (50.0, 99.0)
+    assert nearest_rank([3.0], 0.99) == 3.0
+    summary = ttft_summary([4.0, 1.0, 3.0, 2.0])
+    # ranks ceil(0.5*4)=2, ceil(0.9*4)=4, ceil(0.99*4)=4
+    assert summary == {"n": 4, "p50": 2.0, "p90": 4.0, "p99": 4.0, "mean": 2.5, "max": 4.0}
+    assert ttft_summary([])["p99"] is None
+
+
+def test_policy_result_counts_only_the_measured_phase() -> None:
+    state = PolicyState("affinity", ["u0", "u1"], random.Random(0), [])
+    state.warm = [Snapshot(store_loads=10, host_hits=1, load_seconds=2.0),
+                  Snapshot(store_loads=12, host_hits=0, load_seconds=3.0)]  # fmt: skip
+    end = [Snapshot(store_loads=13, host_hits=2, load_seconds=2.6),
+           Snapshot(store_loads=13, host_hits=1, load_seconds=3.2)]  # fmt: skip
+    state.results = [{"status": 200, "ttft": 0.1 * (i + 1)} for i in range(7)]
+    state.results.append({"status": "ReadError", "ttft": None})
+    state.requests, state.adapters = [5, 3], [{"a", "b"}, {"c"}]
+    out = policy_result(state, end)
+    assert (out["requests"], out["ok"], out["statuses"]) == (8, 7, {"200": 7, "ReadError": 1})
+    assert (out["warmup_cold_loads"], out["cold_loads"]) == (22, 4)
+    assert (out["cold_loads_per_1k"], out["host_promotions_per_1k"]) == (500.0, 250.0)
+    assert out["mean_cold_load_ms"] == 200.0  # (0.6 + 0.2) s / 4 loads
+    assert out["ttft_s"]["n"] == 7 and out["ttft_s"]["p50"] == pytest.approx(0.4)
+    assert out["per_replica"] == [
+        {"requests": 5, "distinct_adapters": 2, "cold_loads": 3},
+        {"requests": 3, "distinct_adapters": 1, "cold_loads": 1},
+    ]
+
+
+def test_summarize_ratios_and_goals() -> None:
+    def policy(loads: float, p50: float, p99: float) -> dict:
+        return {"cold_loads_per_1k": loads, "ttft_s": {"p50": p50, "p99": p99}}
+
+    out = summarize(
+        RoutingConfig(),
+        {"round_robin": policy(200.0, 0.3, 2.0), "affinity": policy(80.0, 0.2, 1.5)},
+        12.34,
+        {"cpus": 2},
+        {"block_pairs": 3},
+    )
+    assert out["cold_loads_affinity_ratio"] == 0.4
+    assert out["ttft_p99_affinity_ratio"] == 0.75
+    assert (out["ttft_p99_s_round_robin"], out["ttft_p50_s_affinity"]) == (2.0, 0.2)
+    assert out["goals"] == {
+        "cold_loads_affinity_le_half_round_robin": True,
+        "ttft_p99_ratio_le_0.8": True,
+    }
+    assert out["wall_s"] == 12.3 and out["timing"] == {"block_pairs": 3}
+    worse = summarize(
+        RoutingConfig(),
+        {"round_robin": policy(200.0, 0.3, 2.0), "affinity": policy(101.0, 0.2, 1.7)},
+        1.0,
+        {},
+        {},
+    )
+    assert worse["goals"] == {
+        "cold_loads_affinity_le_half_round_robin": False,
+        "ttft_p99_ratio_le_0.8": False,
+    }
+    assert worse["ttft_p99_affinity_ratio"] == 0.85

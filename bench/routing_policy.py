@@ -1,0 +1,181 @@
+"""The endpoint picker's decision, replayed by bench/routing.py: parse a replica's /metrics
+into what the picker knows, score the replicas as the scorers of
+deploy/k8s/components/inference-pool/epp-config.yaml do, pick the best; and the Zipf
+adapter sequence the bench sends.
+
+Scores (same weights as the EPP configuration: LoRA affinity 4, queue 0.5, running 0.5,
+KV cache 1; highest total wins, ties at random):
+
+- queue: (max q - q) / (max q - min q) over the replicas, 1 for all when they are equal
+  (the upstream queue-scorer); running: the same over the running batches
+  (running-requests-size-scorer); KV: 1 - usage (kv-cache-utilization-scorer);
+- LoRA (the upstream lora-affinity-scorer, v1.5.0): 1.0 when the adapter runs there
+  (`vllm:lora_requests_info` running_lora_adapters), 0.8 when running + waiting adapters
+  are fewer than max_lora, 0.6 when it waits there, else 0;
+- flora's signals (``residency=True``): raised to 1.0 when `flora_lora_adapter_loaded`
+  shows the adapter on a device slot and 0.9 in the host cache, so idle-but-loaded
+  adapters still attract their traffic; and for an adapter no replica holds, a "home"
+  term (weight 0.6) for the replica a rendezvous hash of (adapter, replica) ranks first,
+  so it goes back to the same replica instead of a random one (the stateless
+  consistent-hash idea of docs/deploy.md, as a score so that load can still override it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+WEIGHTS = {"lora": 4.0, "queue": 0.5, "running": 0.5, "kv": 1.0}  # as in epp-config.yaml
+HOME_WEIGHT = 0.6  # flora's extension, for an adapter no replica holds
+
+
+@dataclass
+class Snapshot:
+    """What the picker knows about one replica from its last scrape, and the replica's
+    cache counters (read by the bench, not by the picker)."""
+
+    queue: float = 0.0
+    running: float = 0.0
+    kv: float = 0.0
+    max_lora: int = 0
+    running_adapters: frozenset[str] = frozenset()
+    waiting_adapters: frozenset[str] = frozenset()
+    device: frozenset[str] = frozenset()
+    host: frozenset[str] = frozenset()
+    store_loads: float = 0.0  # flora_adapter_cache_misses_total
+    host_hits: float = 0.0  # flora_adapter_cache_hits_total{tier="host"}
+    load_seconds: float = 0.0  # flora_adapter_load_seconds_sum{result="ok"}
+
+
+# The samples the picker and the bench read. Only their lines are parsed: a replica's page
+# is mostly latency histograms, and parsing all of it ten times a second per replica would
+# take CPU from the replicas under test.
+_READ = (
+    "flora_queue_length",
+    "flora_running_batch_size",
+    "flora_kv_cache_usage_perc",
+    "vllm:lora_requests_info",
+    "flora_lora_adapter_loaded",
+    "flora_adapter_cache_misses_total",
+    "flora_adapter_cache_hits_total",
+    "flora_adapter_load_seconds_sum",
+)
+
+
+def _wanted(line: str) -> bool:
+    name = line.split("{", 1)[0].split(" ", 1)[0]
+    return name in _READ
+
+
+def parse_metrics(text: str) -> Snapshot:
+    """What the picker reads from a Prometheus text page (other samples are skipped)."""
+    snap = Snapshot()
+    device, host = set(), set()
+    kept = "\n".join(line for line in text.splitlines() if _wanted(line))
+    for family in text_string_to_metric_families(kept + "\n"):
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "flora_queue_length":
+                snap.queue = value
+            elif name == "flora_running_batch_size":
+                snap.running = value
+            elif name == "flora_kv_cache_usage_perc":
+                snap.kv = value
+            elif name == "vllm:lora_requests_info":
+                snap.max_lora = int(labels.get("max_lora", "0") or 0)
+                snap.running_adapters = frozenset(_split(labels.get("running_lora_adapters")))
+                snap.waiting_adapters = frozenset(_split(labels.get("waiting_lora_adapters")))
+            elif name == "flora_lora_adapter_loaded" and value > 0:
+                (device if labels.get("tier") == "device" else host).add(labels["adapter"])
+            elif name == "flora_adapter_cache_misses_total":
+                snap.store_loads = value
+            elif name == "flora_adapter_cache_hits_total" and labels.get("tier") == "host":
+                snap.host_hits = value
+            elif name == "flora_adapter_load_seconds_sum" and labels.get("result") == "ok":
+                snap.load_seconds = value
+    snap.device, snap.host = frozenset(device), frozenset(host)
+    return snap
+
+
+def _split(value: str | None) -> list[str]:
+    return [v for v in (value or "").split(",") if v]
+
+
+def lora_score(snap: Snapshot, adapter: str, residency: bool) -> float:
+    """The upstream lora-affinity-scorer, optionally raised by flora's residency gauge."""
+    if adapter in snap.running_adapters:
+        score = 1.0
+    elif len(snap.running_adapters) + len(snap.waiting_adapters) < snap.max_lora:
+        score = 0.8
+    elif adapter in snap.waiting_adapters:
+        score = 0.6
+    else:
+        score = 0.0
+    if residency:
+        if adapter in snap.device:
+            score = max(score, 1.0)
+        elif adapter in snap.host:
+            score = max(score, 0.9)
+    return score
+
+
+def home_replica(adapter: str, replicas: int) -> int:
+    """Rendezvous hashing: the replica with the highest hash of (adapter, replica)."""
+    return max(
+        range(replicas),
+        key=lambda i: hashlib.blake2b(f"{adapter}/{i}".encode(), digest_size=8).digest(),
+    )
+
+
+def scores(snaps: list[Snapshot], adapter: str, residency: bool) -> list[float]:
+    """Each replica's weighted total. `residency` adds flora's signals: the residency
+    gauge and the adapter's home replica."""
+    queue = spread_scores([s.queue for s in snaps])
+    running = spread_scores([s.running for s in snaps])
+    loaded = any(adapter in s.device | s.host | s.running_adapters for s in snaps)
+    home = home_replica(adapter, len(snaps)) if residency and not loaded else -1
+    return [
+        WEIGHTS["lora"] * lora_score(s, adapter, residency)
+        + WEIGHTS["queue"] * queue[i]
+        + WEIGHTS["running"] * running[i]
+        + WEIGHTS["kv"] * (1.0 - s.kv)
+        + (HOME_WEIGHT if i == home else 0.0)
+        for i, s in enumerate(snaps)
+    ]
+
+
+def pick(snaps: list[Snapshot], adapter: str, residency: bool, rng: random.Random) -> int:
+    """The replica with the highest score (ties at random, as the max-score-picker)."""
+    totals = scores(snaps, adapter, residency)
+    best = max(totals)
+    return rng.choice([i for i, v in enumerate(totals) if v >= best - 1e-9])
+
+
+def spread_scores(values: list[float]) -> list[float]:
+    """(max - v) / (max - min) for each value, 1 for all when they are equal (the upstream
+    queue-scorer and running-requests-size-scorer)."""
+    low, high = min(values), max(values)
+    return [1.0 if high == low else (high - v) / (high - low) for v in values]
+
+
+def zipf_sequence(n_adapters: int, s: float, n: int, seed: int) -> list[int]:
+    """`n` adapter indices (0-based) drawn with p_i proportional to (i + 1)^-s."""
+    weights = [(i + 1) ** -s for i in range(n_adapters)]
+    return random.Random(seed).choices(range(n_adapters), weights=weights, k=n)
+
+
+__all__ = [
+    "HOME_WEIGHT",
+    "WEIGHTS",
+    "Snapshot",
+    "home_replica",
+    "lora_score",
+    "parse_metrics",
+    "pick",
+    "scores",
+    "spread_scores",
+    "zipf_sequence",
+]
