@@ -98,6 +98,40 @@ def test_mixed_prefix_hits_and_chunks_match_independent_references(
     assert stats.kv_cache_usage == 0.0 and stats.running == 0
 
 
+def test_prompt_logprobs_compute_every_position_and_still_fill_the_cache(adapters, refs) -> None:
+    """A request asking for prompt logprobs reads no cached block (each prompt position
+    needs its logits) but caches the blocks it computes; its values equal a full forward
+    of the merged reference, whether the cache held its prefix or not."""
+    from flora_server.engine.protocol import SamplingParams
+
+    prompt = SHARED + PROMPTS["x1"]  # 17 tokens: 3 prefill chunks at a budget of 8
+    scored = SamplingParams(max_new_tokens=3, prompt_logprobs=True, top_logprobs=2)
+    engine = make_engine(adapters, merge_after_steps=None)
+    try:
+        first = run(collect(engine, GenerationRequest("s1", prompt, scored, "x")))
+        after_first = settled_stats(engine)
+        second = run(collect(engine, GenerationRequest("s2", prompt, scored, "x")))
+        after_second = settled_stats(engine)
+        plain = run(collect(engine, GenerationRequest("p", prompt, greedy(3), "x")))
+        after_plain = settled_stats(engine)
+    finally:
+        run(engine.shutdown(5))
+    assert after_first.prefix_cache_hits == after_second.prefix_cache_hits == 0
+    # The plain request reuses the 4 full blocks the scored ones wrote.
+    assert after_plain.prefix_cache_hits == 16
+    with torch.no_grad():
+        ref = refs["x"](torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
+    want = ref.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+    for events in (first, second):
+        entries = events[-1].prompt_logprobs
+        assert [e.token_id for e in entries] == prompt and entries[0].logprob is None
+        got = torch.tensor([e.logprob for e in entries[1:]])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert [[t.token_id for t in e.top] for e in entries[1:]] == ref.topk(2).indices.tolist()
+    assert first[-1].token_ids == second[-1].token_ids == plain[-1].token_ids
+    assert plain[-1].prompt_logprobs == ()
+
+
 def test_cancel_and_deadline_release_blocks(adapters) -> None:
     engine = make_engine(adapters)
 

@@ -50,7 +50,7 @@ class ChunkInput:
 
 class KVTensors:
     """The KV pool's storage, allocated once: per layer, keys and values of shape
-    [num_blocks * block_size, kv_heads, head_dim]."""
+    [num_blocks * block_size + 1, kv_heads, head_dim] (the last slot is the zero pad)."""
 
     def __init__(
         self,
@@ -62,7 +62,10 @@ class KVTensors:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_blocks * block_size, kv_heads, head_dim)
+        # One slot past the blocks stays zero: padding reads it, so a non-finite value in
+        # one sequence's keys (an adapter that overflows) never reaches another's output.
+        self.pad_slot = num_blocks * block_size
+        shape = (self.pad_slot + 1, kv_heads, head_dim)
         self.block_size = block_size
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -117,11 +120,12 @@ class PagedStep:
                 self.masks.append(_chunk_mask(n, start, device))
             row += n
         self.write = torch.tensor(write, dtype=torch.long, device=device)
-        # Decode group: keys gathered into [B, L_max] (padding reads slot 0, masked out).
+        # Decode group: keys gathered into [B, L_max] (padding reads the zero pad slot,
+        # masked out).
         self.decode_rows: torch.Tensor | None = None
         if decode_rows:
             longest = max(len(s) for s in decode_slots)
-            gather = torch.zeros(len(decode_rows), longest, dtype=torch.long)
+            gather = torch.full((len(decode_rows), longest), kv.pad_slot, dtype=torch.long)
             mask = torch.zeros(len(decode_rows), 1, 1, longest, dtype=torch.bool)
             for i, slots in enumerate(decode_slots):
                 gather[i, : len(slots)] = torch.tensor(slots, dtype=torch.long)
