@@ -203,3 +203,30 @@ def test_prefix_cache_counters_are_exported() -> None:
     text = metrics.render().decode()
     assert "flora_prefix_cache_queries_total 120.0" in text
     assert "flora_prefix_cache_hits_total 48.0" in text
+
+
+def test_decode_padding_never_reads_another_sequences_kv() -> None:
+    """Decode rows are padded to the longest context; the padding reads the pool's zero pad
+    slot, so a non-finite value in a block of some other sequence (an adapter that
+    overflowed) cannot reach a row's output through 0 * NaN."""
+    from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner
+
+    model = make_tiny_llama()
+    kv = KVTensors(2, 4, 4, 2, 16, torch.float32, "cpu")  # 4 blocks of 4
+    runner = PagedRunner(model, kv)
+
+    def no_routing(slots):
+        return None
+
+    short, long = [5, 17, 33], [40, 41, 42, 43, 44, 45, 46]
+    runner.run([ChunkInput(short, 0, [1])], [None] * 3, [2], no_routing)
+    runner.run([ChunkInput(long, 0, [2, 3])], [None] * 7, [6], no_routing)
+    for layer in range(2):  # block 0: another sequence's NaN keys and values
+        kv.keys[layer][:4] = float("nan")
+        kv.values[layer][:4] = float("nan")
+    alone = runner.run([ChunkInput([60], 3, [1])], [None], [0], no_routing)
+    both = runner.run(
+        [ChunkInput([60], 3, [1]), ChunkInput([61], 7, [2, 3])], [None, None], [0, 1], no_routing
+    )
+    assert torch.isfinite(both).all()
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=0)
