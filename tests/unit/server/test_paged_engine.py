@@ -190,7 +190,34 @@ def test_engine_setting_selects_v2(adapters) -> None:
     assert isinstance(engine, PagedLLMEngine)
     assert engine.pool.block_size == 8
     assert engine.pool.num_blocks == (1 << 20) // (8 * 2 * 2 * 2 * 16 * 4)
-    assert Settings().engine == "v1"
+    assert Settings().engine == "v2"  # the default
+
+
+def test_a_sliding_window_model_falls_back_to_v1_unless_v2_was_asked_for(caplog) -> None:
+    from transformers import MistralConfig
+
+    from flora_server.bootstrap import text_engine
+    from flora_server.settings import Settings
+
+    config = MistralConfig(
+        vocab_size=98,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+    )
+    sliding = TinyLoaded(model=type("M", (), {"config": config})(), preprocessor=None)
+    full = TinyLoaded(model=make_tiny_llama(), preprocessor=None)
+    with caplog.at_level("INFO", logger="flora_server.bootstrap"):
+        assert text_engine(sliding, Settings()) == "v1"
+    assert "serving it with engine v1" in caplog.text and "slides" in caplog.text
+    with pytest.raises(ValueError, match=r"full-attention models only.*--engine v1"):
+        text_engine(sliding, Settings(engine="v2"))
+    assert text_engine(sliding, Settings(engine="v1")) == "v1"
+    assert text_engine(full, Settings()) == "v2"
+    assert text_engine(full, Settings(engine="v1")) == "v1"
 
 
 def test_prefix_cache_counters_are_exported() -> None:

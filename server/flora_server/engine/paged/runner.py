@@ -67,8 +67,12 @@ class KVTensors:
         self.pad_slot = num_blocks * block_size
         shape = (self.pad_slot + 1, kv_heads, head_dim)
         self.block_size = block_size
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # torch.empty, not zeros: attention reads only positions already written (and the
+        # pad slot), and on the CPU the pages of blocks never used are not made resident.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for tensor in [*self.keys, *self.values]:
+            tensor[self.pad_slot].zero_()
 
     @staticmethod
     def bytes_per_token(config: Any, dtype: torch.dtype) -> int:
