@@ -17,6 +17,7 @@ checks each path against the plain reference (fp32 logits of a mixed batch with 
 
     python bench/gpu.py            # on the CUDA machine, < 4 minutes
     python bench/gpu.py --tiny     # a 2-layer smoke run (CPU is fine)
+    python bench/gpu.py --engine   # engine v2 end to end with CUDA graphs (bench/gpu_engine.py)
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's `flora`
+# Run as a script, bench/ leads sys.path, and bench/kernels.py would shadow the `kernels`
+# package transformers looks for: the repo root goes there instead (the repo's `flora`).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-from flora.serving import ModuleFactors, ServingModel, ServingPolicy
-from flora.serving.backends.triton_gpu import triton_row_kernel
-from flora.serving.reference import reference_model_weights
+from flora.serving import ModuleFactors, ServingModel, ServingPolicy  # noqa: E402
+from flora.serving.backends.triton_gpu import triton_row_kernel  # noqa: E402
+from flora.serving.reference import reference_model_weights  # noqa: E402
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -232,6 +237,10 @@ def verify(device: str, layers: int, policy: ServingPolicy) -> dict:
 
 
 def main() -> int:
+    if "--engine" in sys.argv[1:]:
+        from bench import gpu_engine
+
+        return gpu_engine.main(sys.argv[1:])
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--rounds", type=int, default=7)

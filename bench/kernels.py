@@ -14,11 +14,20 @@ of them, K = 1, 4, 32 distinct adapters in the batch. Methods:
 Also a conv section (EfficientNet-like depthwise + pointwise convs, batch 8): segments vs
 rows, routing built per batch (vision requests are one forward each).
 
+And a packed-step section (engine v2's ragged step): one prefill chunk of ``--prefill``
+tokens plus ``--decode`` decode tokens over ``--segment-adapters`` adapters in one forward
+``[1, T]``, adapters applied per token segment (``Segments``, SGMV: the chunk one segment,
+each decode token one) against the per-token row path (the same tokens laid out ``[T, 1]``,
+a row per token, each token's factors read as a row of its own); the routing is built once
+per step, as the engine does. ``--only-segments`` runs only this section; ``--threads 1``
+times it on one thread (on a loaded machine, multi-threaded ops each wait for a time slice
+per thread, which swamps the difference being measured).
+
 Prints time per step and the ratio base_time / method_time (1.0 = free). Methods are
 interleaved round-robin in short samples and the fastest sample of each kept, because the
 machines are shared and noisy (interference only ever adds time).
 
-    .venv/bin/python bench/kernels.py [--device cuda] [--layers 4] [--reps 7]
+    .venv/bin/python bench/kernels.py [--device cuda] [--layers 4] [--reps 7] [--only-segments]
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora.serving import ModuleFactors, ServingModel, ServingPolicy
+from flora.serving import ModuleFactors, Segments, ServingModel, ServingPolicy
 
 HIDDEN, INTER, KV = 576, 1536, 192
 PROJ = {
@@ -276,6 +285,73 @@ def bench_conv(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     return results
 
 
+def bench_segments(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """A packed step: segment routing vs per-token row routing on one served model, with
+    the plans built every step (as the engine's steps change shape) and cached."""
+    gen = torch.Generator().manual_seed(0)
+    base = Stack(args.layers).to(device=device, dtype=dtype).eval()
+    k = args.segment_adapters
+    adapters = [adapter(args.layers, args.rank, gen) for _ in range(k)]
+    lengths = [args.prefill] + [1] * args.decode
+    slots = [0] + [(i + 1) % k for i in range(args.decode)]  # every adapter used
+    segments = Segments.from_lengths(lengths, slots)
+    tokens = segments.token_slots()
+    x = torch.randn(1, segments.total, HIDDEN, device=device, dtype=dtype)
+    x_rows = x.reshape(-1, 1, HIDDEN)  # the same tokens, a row each
+
+    def model(cache: int) -> ServingModel:
+        serving = ServingModel(
+            copy.deepcopy(base), max_slots=k, max_rank=64, routing_cache_size=cache
+        )
+        for slot, modules in enumerate(adapters):
+            serving.load_modules(slot, modules)
+        return serving
+
+    def routed(
+        serving: ServingModel, routing: Segments | list[int], inp: torch.Tensor
+    ) -> Callable[[], object]:
+        def step() -> object:
+            serving.set_routing(routing)
+            return serving(inp)
+
+        return step
+
+    planned, cached = model(0), model(2)  # 0: every set_routing builds the plans
+    if args.threads:  # explicit and after the models (numba's pool start can change it)
+        torch.set_num_threads(args.threads)
+    fns: dict[str, Callable[[], object]] = {
+        "base": bind(base, x),
+        "segments": routed(planned, segments, x),
+        "tokens": routed(planned, tokens, x_rows),
+        "segments_cached": routed(cached, segments, x),
+        "tokens_cached": routed(cached, tokens, x_rows),
+    }
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            fns["segments"]().reshape(-1), fns["tokens"]().reshape(-1), rtol=1e-3, atol=1e-3
+        )
+        t = race(fns, args.steps, args.reps, device)
+    res: dict[str, object] = {m: {"ms": 1e3 * v, "ratio": t["base"] / v} for m, v in t.items()}
+    # > 1: the segment path is faster than the per-token row path
+    res["tokens_over_segments"] = t["tokens"] / t["segments"]
+    res["tokens_over_segments_cached"] = t["tokens_cached"] / t["segments_cached"]
+    # the adapters' own cost (time over base), cached plans: noisier, but what SGMV changes
+    over_base = (t["tokens_cached"] - t["base"], t["segments_cached"] - t["base"])
+    res["adapter_ms_cached"] = {"tokens": 1e3 * over_base[0], "segments": 1e3 * over_base[1]}
+    print(
+        f"packed step: prefill {args.prefill} + decode {args.decode} tokens, {k} adapters, "
+        f"threads {torch.get_num_threads()}, "
+        f"base {1e3 * t['base']:7.2f} ms | ratio vs base (plans built per step / cached): "
+        f"segments {t['base'] / t['segments']:5.3f} / {t['base'] / t['segments_cached']:5.3f}  "
+        f"tokens {t['base'] / t['tokens']:5.3f} / {t['base'] / t['tokens_cached']:5.3f} | "
+        f"per-token time / segment time {t['tokens'] / t['segments']:5.2f}x / "
+        f"{t['tokens_cached'] / t['segments_cached']:5.2f}x | adapter time over base "
+        f"(cached): tokens {1e3 * over_base[0]:.2f} ms, segments {1e3 * over_base[1]:.2f} ms",
+        flush=True,
+    )
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -292,6 +368,16 @@ def main() -> None:
         action="store_true",
         help="time CUDA-graph replays of each decode step (linear section)",
     )
+    p.add_argument("--prefill", type=int, default=512, help="packed step: prefill tokens")
+    p.add_argument("--decode", type=int, default=31, help="packed step: decode tokens")
+    p.add_argument("--segment-adapters", type=int, default=8, help="packed step: adapters")
+    p.add_argument("--only-segments", action="store_true", help="run only the packed-step section")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="packed step: intra-op threads (0: as configured); 1 is steadier on a loaded machine",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -307,10 +393,12 @@ def main() -> None:
         "layers": args.layers,
         "batch": args.batch,
         "rank": args.rank,
-        "linear": bench_linear(args, device, dtype),
     }
-    if not args.no_conv:
-        res["conv"] = bench_conv(args, device, dtype)
+    if not args.only_segments:
+        res["linear"] = bench_linear(args, device, dtype)
+        if not args.no_conv:
+            res["conv"] = bench_conv(args, device, dtype)
+    res["segments"] = bench_segments(args, device, dtype)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)

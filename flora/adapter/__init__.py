@@ -3,6 +3,7 @@ docs/architecture.md, section "Adapter format v1")."""
 
 from flora.adapter.adapter import Adapter, adapter_sha256, core_key, factor_key
 from flora.adapter.apply import apply_adapter, remove_adapter
+from flora.adapter.archive import pack_single_file, read_embedded_config
 from flora.adapter.container import ALLOWED_DTYPES, DEFAULT_MAX_HEADER_BYTES
 from flora.adapter.io import (
     ARCHIVE_SUFFIX,
@@ -37,6 +38,8 @@ __all__ = [
     "load_adapter",
     "load_adapter_bytes",
     "load_archive_bytes",
+    "pack_single_file",
+    "read_embedded_config",
     "remove_adapter",
     "save_adapter",
     "validate_against",

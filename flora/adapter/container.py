@@ -39,6 +39,8 @@ _NUMPY_FLOAT = {"F16": "<f2", "F32": "<f4"}
 
 # The first bytes of a pickle (protocol 2+ starts with PROTO 0x80) or a torch zip archive.
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+# The header length and the first byte of the JSON: enough to tell safetensors from a pickle.
+_MIN_PREFIX = 9
 
 
 def strict_json_loads(text: str | bytes, what: str) -> Any:
@@ -86,25 +88,10 @@ def read_header(
         AdapterFormatError: truncated file, pickle bytes, bad JSON, bad offsets.
         TensorDtypeError: a tensor is not F16/BF16/F32.
     """
-    # A safetensors header is JSON, so byte 8 is "{"; the magic bytes alone could also be
-    # a legitimate little-endian header length (0x0280 = 640 starts with 80 02).
-    looks_pickled = data[:2] in _PICKLE_MAGIC or data[:4] in _PICKLE_MAGIC
-    if looks_pickled and data[8:9] != b"{":
-        raise AdapterFormatError(f"{what}: this is a pickle/torch archive, not safetensors")
-    if len(data) < 8:
-        raise AdapterFormatError(f"{what}: truncated ({len(data)} bytes, no header length)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > max_header_bytes:
-        raise HeaderTooLargeError(
-            f"{what}: header length {header_len} exceeds the cap of {max_header_bytes} bytes"
-        )
+    header_len = _declared_length(data, max_header_bytes, what)
     if header_len > len(data) - 8:
-        raise AdapterFormatError(
-            f"{what}: truncated (header says {header_len} bytes, {len(data) - 8} present)"
-        )
-    header = strict_json_loads(data[8 : 8 + header_len], f"{what} header")
-    if not isinstance(header, dict):
-        raise AdapterFormatError(f"{what}: header is not a JSON object")
+        raise _truncated(data, header_len, what)
+    header = _header_object(data[8 : 8 + header_len], what)
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
@@ -127,6 +114,104 @@ def read_header(
             f"{what}: data section is {data_len} bytes but tensors cover {cursor} (truncated?)"
         )
     return metadata, header
+
+
+def header_from_prefix(
+    prefix: bytes, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, what: str = "adapter"
+) -> dict[str, Any] | int:
+    """The JSON header of a safetensors file from its first bytes, or, when ``prefix`` is
+    too short to hold it, the number of leading bytes that do (read that many, call again).
+
+    The length cap and the strict JSON are :func:`read_header`'s; the tensor entries are not
+    checked (that needs the data section) and ``__metadata__`` stays in the dict as it is.
+
+    Raises:
+        HeaderTooLargeError: the declared header length exceeds ``max_header_bytes``.
+        AdapterFormatError: pickle bytes, a header that is not strict JSON or not an object.
+    """
+    if len(prefix) < _MIN_PREFIX:
+        return _MIN_PREFIX
+    header_len = _declared_length(prefix, max_header_bytes, what)
+    if len(prefix) < 8 + header_len:
+        return 8 + header_len
+    return _header_object(prefix[8 : 8 + header_len], what)
+
+
+def read_file_header(
+    path: str | os.PathLike[str],
+    *,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    what: str = "adapter",
+) -> tuple[dict[str, Any], int]:
+    """``(header, data start)`` of the safetensors file at ``path``, reading only its header
+    (see :func:`header_from_prefix`; a file too short to hold it is truncated).
+
+    Raises:
+        HeaderTooLargeError, AdapterFormatError: as :func:`header_from_prefix`, and a
+        truncated file.
+    """
+    with Path(path).open("rb") as fh:
+        prefix = fh.read(_MIN_PREFIX)
+        found = header_from_prefix(prefix, max_header_bytes=max_header_bytes, what=what)
+        if isinstance(found, int) and len(prefix) == _MIN_PREFIX:
+            prefix += fh.read(found - len(prefix))
+            found = header_from_prefix(prefix, max_header_bytes=max_header_bytes, what=what)
+    if isinstance(found, int):
+        raise _truncated(prefix, _declared_length(prefix, max_header_bytes, what), what)
+    return found, 8 + int.from_bytes(prefix[:8], "little")
+
+
+def read_json_object(
+    path: str | os.PathLike[str],
+    *,
+    max_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    what: str = "config",
+) -> dict[str, Any]:
+    """The strict JSON object in the file at ``path`` (a config), read only up to its cap.
+
+    Raises:
+        HeaderTooLargeError: the file is larger than ``max_bytes``.
+        AdapterFormatError: not strict JSON (:func:`strict_json_loads`) or not an object.
+    """
+    with Path(path).open("rb") as fh:
+        raw = fh.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise HeaderTooLargeError(f"{what}: larger than the cap of {max_bytes} bytes")
+    value = strict_json_loads(raw, what)
+    if not isinstance(value, dict):
+        raise AdapterFormatError(f"{what}: must be a JSON object")
+    return value
+
+
+def _declared_length(data: bytes, max_header_bytes: int, what: str) -> int:
+    """The header length in the first 8 bytes, once they are known not to be a pickle's
+    and the length is within the cap (before any JSON is looked at)."""
+    # A safetensors header is JSON, so byte 8 is "{"; the magic bytes alone could also be
+    # a legitimate little-endian header length (0x0280 = 640 starts with 80 02).
+    looks_pickled = data[:2] in _PICKLE_MAGIC or data[:4] in _PICKLE_MAGIC
+    if looks_pickled and data[8:9] != b"{":
+        raise AdapterFormatError(f"{what}: this is a pickle/torch archive, not safetensors")
+    if len(data) < 8:
+        raise AdapterFormatError(f"{what}: truncated ({len(data)} bytes, no header length)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > max_header_bytes:
+        raise HeaderTooLargeError(
+            f"{what}: header length {header_len} exceeds the cap of {max_header_bytes} bytes"
+        )
+    return int(header_len)
+
+
+def _truncated(data: bytes, header_len: int, what: str) -> AdapterFormatError:
+    return AdapterFormatError(
+        f"{what}: truncated (header says {header_len} bytes, {len(data) - 8} present)"
+    )
+
+
+def _header_object(raw: bytes, what: str) -> dict[str, Any]:
+    header = strict_json_loads(raw, f"{what} header")
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{what}: header is not a JSON object")
+    return header
 
 
 def _check_entry(name: str, entry: Any, what: str) -> tuple[int, int, str]:

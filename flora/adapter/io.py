@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from flora.adapter.adapter import FULL_PREFIX, Adapter, core_key, factor_key
+from flora.adapter.archive import ARCHIVE_META_KEY, embedded_config_text
 from flora.adapter.container import (
     DEFAULT_MAX_HEADER_BYTES,
     all_finite,
@@ -33,7 +34,6 @@ from flora.errors import AdapterError, AdapterFormatError, HeaderTooLargeError, 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 ARCHIVE_SUFFIX = ".flora"
-ARCHIVE_META_KEY = "adapter_config"
 # Metadata keys a weights file may carry: safetensors' own "format" and our config.
 _ALLOWED_META = {"format", ARCHIVE_META_KEY}
 
@@ -219,13 +219,8 @@ def load_archive_bytes(
 ) -> Adapter:
     """Load the single-file form from bytes (config in ``__metadata__``)."""
     parsed = read_header(data, max_header_bytes=max_header_bytes, what="adapter archive")
-    metadata = parsed[0]
-    if ARCHIVE_META_KEY not in metadata:
-        raise AdapterFormatError(
-            "adapter archive: __metadata__ has no 'adapter_config' (is this a bare weights "
-            "file? upload the directory's two files, or save with archive=True)"
-        )
-    return _load(metadata[ARCHIVE_META_KEY], data, max_rank, max_header_bytes, parsed)
+    config_text = embedded_config_text(parsed[0], "adapter archive")
+    return _load(config_text, data, max_rank, max_header_bytes, parsed)
 
 
 def load_adapter_bytes(

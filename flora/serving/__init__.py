@@ -1,7 +1,8 @@
 """Multi-adapter inference: per-row batched and merged FLoRA adapters over one base model.
 
 ``ServingModel`` wraps a base model's modules lazily with served wrappers holding device
-slot banks; ``set_routing`` says which slot each batch row uses; ``merge``/``unmerge``
+slot banks; ``set_routing`` says which slot each batch row uses, or each token segment of
+a packed forward (``Segments``, SGMV); ``merge``/``unmerge``
 fold one adapter into the weights (exactly restorable). ``flora.serving.reference`` is the
 plain per-row implementation the fast paths are tested against.
 """
@@ -14,12 +15,14 @@ from flora.serving.factors import ModuleFactors, fold_two_mode, modules_from_ada
 from flora.serving.linear import ServedLinear
 from flora.serving.model import ServingModel, register_wrapper
 from flora.serving.reference import reference_delta, reference_forward
+from flora.serving.segments import Segments, segment_delta
 
 __all__ = [
     "NO_SLOT",
     "DeviceSlotBank",
     "ModuleFactors",
     "RoutingState",
+    "Segments",
     "ServedConv",
     "ServedEmbedding",
     "ServedLinear",
@@ -31,4 +34,5 @@ __all__ = [
     "reference_delta",
     "reference_forward",
     "register_wrapper",
+    "segment_delta",
 ]

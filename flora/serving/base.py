@@ -9,11 +9,9 @@ import torch
 from torch import nn
 
 from flora.serving.factors import ModuleFactors
+from flora.serving.segments import NO_SLOT, Segments
 
 __all__ = ["NO_SLOT", "Plan", "RoutingState", "ServedModule", "ServingPolicy"]
-
-NO_SLOT = -1
-"""Row slot meaning "base model only"."""
 
 Plan = Callable[[torch.Tensor], torch.Tensor]
 """A module's forward for one routing: everything that depends only on the routing
@@ -39,7 +37,9 @@ class ServingPolicy:
     cuts the per-step op count for llama-style blocks (see its note).
 
     Which backend serves a module is ``flora.serving.backends.select``'s choice, from
-    the two switches below, the module's device and its dtype.
+    the two switches below, the module's device and its dtype; the same backend serves
+    segment routings (``Segments``) with its segment form (the kernel switches below
+    cover both forms; "wide"/"rows" are per-row only).
     ``cpu_kernel``: float32 Linear/Conv1D on the CPU run every per-row routing through
     the fused row kernel of ``flora.serving.backends.numba_cpu`` (one kernel call per group of
     sibling projections, each row's own rank of work) when numba is importable; the torch
@@ -84,15 +84,18 @@ class RoutingState:
 
     ``plans[i]`` is wrapped module ``i``'s plan for the current routing, or ``None`` when
     no row of the batch uses an adapter that targets it (that module then costs only a
-    list lookup on top of its base layer). ``rows`` is the batch size the plans expect.
+    list lookup on top of its base layer). ``rows`` is the batch size the plans expect
+    (per-row routing), ``tokens`` the flattened token count (segment routing); ``routed``
+    is the routing as set (row slots, or the ``Segments``).
     """
 
-    __slots__ = ("plans", "row_slots", "rows")
+    __slots__ = ("plans", "routed", "rows", "tokens")
 
     def __init__(self) -> None:
         self.plans: list[Plan | None] = []
         self.rows: int | None = None
-        self.row_slots: tuple[int, ...] | None = None
+        self.tokens: int | None = None
+        self.routed: tuple[int, ...] | Segments | None = None
 
 
 class ServedModule(nn.Module):
@@ -135,12 +138,22 @@ class ServedModule(nn.Module):
         plan = self.routing.plans[self.index]
         if plan is None:
             return self.base_layer(x)
-        if x.shape[0] != self.routing.rows:
+        if self.routing.tokens is not None:
+            if self.token_count(x) != self.routing.tokens:
+                raise ValueError(
+                    f"input has {self.token_count(x)} tokens, the segments cover "
+                    f"{self.routing.tokens}: call set_routing for this batch"
+                )
+        elif x.shape[0] != self.routing.rows:
             raise ValueError(
                 f"input has {x.shape[0]} rows, the routing has {self.routing.rows}: "
                 "call set_routing for this batch"
             )
         return plan(x)
+
+    def token_count(self, x: torch.Tensor) -> int:
+        """The flattened token count of an input (``[..., in]`` features per token)."""
+        return x.numel() // x.shape[-1]
 
     def targets(self, slot: int) -> bool:
         return 0 <= slot < self.max_slots and self.slot_rank[slot] > 0
@@ -162,6 +175,20 @@ class ServedModule(nn.Module):
 
     def build_plan(self, row_slots: Sequence[int]) -> Plan | None:
         raise NotImplementedError
+
+    def build_segment_plan(self, segments: Segments) -> Plan | None:
+        """The plan for a packed forward whose tokens are ``segments`` (SGMV); modules
+        whose inputs are not token sequences (convolutions) refuse it."""
+        raise ValueError(
+            f"{type(self).__name__} routes whole rows, not token segments: call set_routing "
+            "with one slot per row"
+        )
+
+    def build_graph_plan(self, slots: torch.Tensor) -> Plan | None:
+        """The forward for rows whose slots are read from ``slots`` (``[B]`` int32 on the
+        device) at call time (``Backend.build_graph_plan``), or ``None`` when no slot
+        targets this module. Raises ``NotImplementedError`` for wrappers without one."""
+        raise NotImplementedError(f"{type(self).__name__} has no graph plan")
 
     def invalidate(self) -> None:
         """The base weight changed (merge/unmerge): drop anything derived from it."""

@@ -1,4 +1,5 @@
-"""Served Embedding: ``y = base(ids) + U_num[slot][ids] @ (s G U_dim^T)`` per row."""
+"""Served Embedding: ``y = base(ids) + U_num[slot][ids] @ (s G U_dim^T)`` per row or per
+token segment."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from flora.serving.bank import DeviceSlotBank
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServingPolicy
+from flora.serving.segments import Segments, slot_groups
 from flora.serving.two_mode import ServedTwoMode
 
 __all__ = ["ServedEmbedding"]
@@ -38,6 +40,35 @@ class _EmbeddingRowsPlan:
         y = self.base(ids)  # [B, T, dim]
         u = F.embedding(ids.reshape(ids.shape[0], -1) + self.offset, self.table)  # [B, T, R]
         y.view(y.shape[0], -1, y.shape[-1]).baddbmm_(u, self.b)
+        return y
+
+
+class _EmbeddingSegmentsPlan:
+    """Token segments: ``u = U_flat[ids + offset_token]`` (one lookup, each token's own
+    slot: a gather per token is what an embedding does anyway, and it reads only the rows
+    of the ids in the step), then per distinct adapter ``y[idx_k] += u[idx_k, :r_k] @ B_k``
+    with its tokens grouped as ``slot_groups`` does (no per-token copy of ``B``)."""
+
+    __slots__ = ("base", "groups", "offset", "table")
+
+    def __init__(
+        self,
+        base: Callable[[torch.Tensor], torch.Tensor],
+        table: torch.Tensor,
+        offset: torch.Tensor,
+        groups: list[tuple[slice | torch.Tensor, int, torch.Tensor]],
+    ) -> None:
+        self.base, self.table, self.offset, self.groups = base, table, offset, groups
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base(ids)  # [..., dim]
+        u = F.embedding(ids.reshape(-1) + self.offset, self.table)  # [N, R]
+        y2 = y.view(-1, y.shape[-1])  # [N, dim]
+        for where, r, b in self.groups:
+            if isinstance(where, slice):
+                y2[where].addmm_(u[where, :r], b)
+            else:
+                y2.index_add_(0, where, u.index_select(0, where)[:, :r] @ b)
         return y
 
 
@@ -78,3 +109,20 @@ class ServedEmbedding(ServedTwoMode):
         offset = (index * bank.n_in).unsqueeze(1)  # [B, 1]
         b = bank.b.index_select(0, index).contiguous()  # [B, R, dim]
         return _EmbeddingRowsPlan(self.base_layer, table, offset, b)
+
+    def token_count(self, x: torch.Tensor) -> int:
+        return x.numel()  # ids: one per token
+
+    def build_segment_plan(self, segments: Segments) -> Plan | None:
+        routed = segments.with_slots(self.row_targets(segments.slots))
+        if not routed.live_slots():
+            return None
+        bank = self.bank
+        token_slots = [bank.null_slot if s == NO_SLOT else s for s in routed.token_slots()]
+        offset = torch.tensor(token_slots, device=bank.device) * bank.n_in  # [N]
+        table = bank.a.view(-1, bank.capacity)  # [(S + 1) * num, R]
+        groups = [
+            (where, self.slot_rank[s], bank.b[s, : self.slot_rank[s]])
+            for s, where in slot_groups(routed, bank.device)
+        ]
+        return _EmbeddingSegmentsPlan(self.base_layer, table, offset, groups)

@@ -1,4 +1,5 @@
-"""Served Linear and transformers Conv1D: ``y = base(x) + (x @ A_slot) @ B_slot`` per row."""
+"""Served Linear and transformers Conv1D: ``y = base(x) + (x @ A_slot) @ B_slot`` per row
+or per token segment."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flora.kinds import is_hf_conv1d
 from flora.serving.backends import Backend, select
 from flora.serving.bank import DeviceSlotBank
 from flora.serving.base import NO_SLOT, Plan, RoutingState, ServingPolicy
+from flora.serving.segments import Segments
 from flora.serving.two_mode import ServedTwoMode
 
 __all__ = ["ServedLinear"]
@@ -96,3 +98,19 @@ class ServedLinear(ServedTwoMode):
         if all(s == NO_SLOT for s in rows):
             return None
         return self.backend.build_plan(self, rows)
+
+    def build_segment_plan(self, segments: Segments) -> Plan | None:
+        """The backend's segment form; a routing whose every token uses one adapter here
+        takes the one-row plan instead (its GEMM path, whatever the input's shape)."""
+        routed = segments.with_slots(self.row_targets(segments.slots))
+        uniform = routed.uniform_slot()
+        if uniform == NO_SLOT or not routed.live_slots():
+            return None
+        if uniform is not None:
+            return self.backend.build_plan(self, [uniform])
+        return self.backend.build_segment_plan(self, routed)
+
+    def build_graph_plan(self, slots: torch.Tensor) -> Plan | None:
+        if not any(self.slot_rank):
+            return None
+        return self.backend.build_graph_plan(self, slots)

@@ -39,6 +39,7 @@ from flora.serving.factors import (
     modules_from_adapter,
 )
 from flora.serving.linear import ServedLinear
+from flora.serving.segments import Segments
 from flora.serving.two_mode import ServedTwoMode
 
 __all__ = ["ServingModel", "register_wrapper"]
@@ -85,6 +86,17 @@ def _one_intra_op_thread(device: torch.device) -> Iterator[None]:
 def _folds(wrapper: ServedModule) -> TypeGuard[ServedTwoMode]:
     """Two-mode wrappers (Linear, Conv1D, Embedding) hold the core folded into a factor."""
     return isinstance(wrapper, ServedTwoMode)
+
+
+def _slots_of(routing: tuple[int, ...] | Segments) -> tuple[int, ...]:
+    """The slots a routing names (per row, or per segment)."""
+    return routing.slots if isinstance(routing, Segments) else routing
+
+
+def _bank_ptrs(wrapper: ServedModule) -> tuple[int, int] | None:
+    """Where a two-mode wrapper's factor bank lives (changes when the bank grows)."""
+    bank = getattr(wrapper, "bank", None)
+    return None if bank is None else (bank.a.data_ptr(), bank.b.data_ptr())
 
 
 def _wrapper_for(module: nn.Module) -> type[ServedModule]:
@@ -140,8 +152,9 @@ class ServingModel:
         self._merged_slot: int | None = None
         self._merged_names: list[str] = []
         self._host_weights: dict[str, torch.Tensor] = {}
-        self._plan_cache: OrderedDict[tuple[int, ...], list[Plan | None]] = OrderedDict()
+        self._plan_cache: OrderedDict[tuple[int, ...] | Segments, list[Plan | None]] = OrderedDict()
         self._cache_size = routing_cache_size
+        self._layout_version = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -151,6 +164,13 @@ class ServingModel:
     def merged_slot(self) -> int | None:
         """The slot folded into the base weights, or ``None``."""
         return self._merged_slot
+
+    @property
+    def layout_version(self) -> int:
+        """Changes whenever a tensor that a graph plan reads is re-bound: a module newly
+        wrapped (or unwrapped), a slot bank grown to a larger rank capacity. Loading,
+        clearing, merging and unmerging write into the existing tensors and leave it."""
+        return self._layout_version
 
     def slot_modules(self, slot: int) -> frozenset[str] | None:
         """Names of the modules ``slot`` targets, ``None`` when the slot is empty."""
@@ -196,6 +216,7 @@ class ServingModel:
         self._check_slot(slot)
         self.check_modules(modules)
         wrapped_before = len(self._wrapped)
+        banks_before = {n: _bank_ptrs(self._wrapped[n]) for n in modules if n in self._wrapped}
         foldable = [name for name in modules if _folds(self._target(name))]
         with torch.no_grad(), _one_intra_op_thread(self.device):
             # One batched fold for all two-mode modules (a few bmm, not one matmul each).
@@ -224,6 +245,10 @@ class ServingModel:
                 else:
                     wrapper.write_slot(slot, mf)
         self._slot_modules[slot] = frozenset(modules)
+        if len(self._wrapped) != wrapped_before or any(
+            _bank_ptrs(self._wrapped[n]) != ptrs for n, ptrs in banks_before.items()
+        ):
+            self._layout_version += 1
         self._refresh(slot if len(self._wrapped) == wrapped_before else None)
 
     def unload(self, slot: int) -> None:
@@ -240,13 +265,21 @@ class ServingModel:
         self._refresh(slot)
 
     # -- routing --------------------------------------------------------------------------
-    def set_routing(self, row_slots: Sequence[int | None]) -> None:
-        """Which slot each row of the next forward calls uses (``None``/-1: base only).
+    def set_routing(self, routing: Sequence[int | None] | Segments) -> None:
+        """Which slot each row of the next forward calls uses (``None``/-1: base only), or,
+        for a packed forward, each token segment (``Segments``, SGMV).
 
-        Inputs must then have ``len(row_slots)`` rows: ``[B, T, D]`` (prefill, padded) or
-        ``[B, 1, D]`` (decode); ids ``[B, T]``; images ``[B, C, H, W]``.
+        Per row: inputs must then have ``len(routing)`` rows: ``[B, T, D]`` (prefill,
+        padded) or ``[B, 1, D]`` (decode); ids ``[B, T]``; images ``[B, C, H, W]``.
+        Segments: inputs hold ``routing.total`` tokens in any leading shape (``[1, T, D]``
+        for a packed step), the segments tiling them in order; Linear, Conv1D and
+        Embedding modules apply each segment's adapter to its tokens at once; conv
+        modules refuse segments.
         """
-        slots = tuple(NO_SLOT if s is None else int(s) for s in row_slots)
+        if isinstance(routing, Segments):
+            slots = routing.slots
+        else:
+            slots = tuple(NO_SLOT if s is None else int(s) for s in routing)
         for s in slots:
             if s != NO_SLOT and (not 0 <= s < self.max_slots or self._slot_modules[s] is None):
                 raise ValueError(f"slot {s} is not loaded")
@@ -257,29 +290,57 @@ class ServingModel:
                 )
             # The merged weights already carry the adapter: run every row as base.
             slots = (NO_SLOT,) * len(slots)
-        plans = self._plan_cache.get(slots)
+        key: tuple[int, ...] | Segments = slots
+        if isinstance(routing, Segments):
+            key = routing.with_slots(slots)
+        plans = self._plan_cache.get(key)
         if plans is None:
             with torch.no_grad(), _one_intra_op_thread(self.device):
-                plans = [m.build_plan(slots) for m in self._wrapped.values()]
+                if isinstance(key, Segments):
+                    plans = [m.build_segment_plan(key) for m in self._wrapped.values()]
+                else:
+                    plans = [m.build_plan(key) for m in self._wrapped.values()]
                 for backend, group in self._shared_groups():
                     for i, plan in zip(
                         group, backend.share([plans[i] for i in group]), strict=True
                     ):
                         plans[i] = plan
-            self._plan_cache[slots] = plans
+            self._plan_cache[key] = plans
             while len(self._plan_cache) > self._cache_size:
                 self._plan_cache.popitem(last=False)
         else:
-            self._plan_cache.move_to_end(slots)
+            self._plan_cache.move_to_end(key)
         self.routing.plans = plans
-        self.routing.rows = len(slots)
-        self.routing.row_slots = tuple(NO_SLOT if s is None else int(s) for s in row_slots)
+        if isinstance(routing, Segments):
+            self.routing.rows, self.routing.tokens = None, routing.total
+            self.routing.routed = routing
+        else:
+            self.routing.rows, self.routing.tokens = len(slots), None
+            self.routing.routed = tuple(NO_SLOT if s is None else int(s) for s in routing)
+
+    def set_graph_routing(self, slots: torch.Tensor) -> None:
+        """Route ``len(slots)`` rows by the slot ids in ``slots`` (``[B]`` int32 on the
+        device, -1: base), read when the forward runs rather than now, so a CUDA graph
+        captured after this call serves any routing of ``B`` rows: the caller fills
+        ``slots`` in place before each replay, with loaded, unmerged slots only (nothing
+        here can check values it has not seen). Such a graph stays valid until
+        ``layout_version`` changes. Raises ``ValueError`` while a slot is merged (every row
+        then runs the base path: route with ``set_routing``) and ``NotImplementedError``
+        when a wrapped module has no graph plan (see ``ServedModule.build_graph_plan``)."""
+        if self._merged_slot is not None:
+            raise ValueError(f"slot {self._merged_slot} is merged: graph routing needs none")
+        if slots.dtype != torch.int32 or slots.dim() != 1 or slots.device != self.device:
+            raise ValueError(f"slots must be [B] int32 on {self.device}")
+        self.routing.plans = [m.build_graph_plan(slots) for m in self._wrapped.values()]
+        self.routing.rows, self.routing.tokens = int(slots.shape[0]), None
+        self.routing.routed = None  # nothing to rebuild on a load: the plans read slots
 
     def clear_routing(self) -> None:
         """Every row base only (no adapter path anywhere)."""
         self.routing.plans = [None] * len(self._wrapped)
         self.routing.rows = None
-        self.routing.row_slots = None
+        self.routing.tokens = None
+        self.routing.routed = None
 
     # -- merged mode ----------------------------------------------------------------------
     def merge(self, slot: int) -> None:
@@ -352,6 +413,7 @@ class ServingModel:
                 wrapper.base_layer,
             )
         self._wrapped.clear()
+        self._layout_version += 1
         self._slot_modules = [None] * self.max_slots
         self._plan_cache.clear()
         self.clear_routing()
@@ -416,18 +478,19 @@ class ServingModel:
         slots' factors), so only routings naming it are dropped and rebuilt. A cold load
         then does not rebuild the running batch's plans for every wrapped module.
         """
-        current = self.routing.row_slots
+        current = self.routing.routed
+        used = _slots_of(current) if current is not None else ()
         if slot is not None and self._merged_slot is None:
-            for key in [k for k in self._plan_cache if slot in k]:
+            for key in [k for k in self._plan_cache if slot in _slots_of(k)]:
                 del self._plan_cache[key]
-            if current is None or slot not in current:
+            if current is None or slot not in used:
                 return
         else:
             self._plan_cache.clear()
         if (
             current is not None
-            and all(s == NO_SLOT or self._slot_modules[s] is not None for s in current)
-            and (self._merged_slot is None or all(s == self._merged_slot for s in current))
+            and all(s == NO_SLOT or self._slot_modules[s] is not None for s in used)
+            and (self._merged_slot is None or all(s == self._merged_slot for s in used))
         ):
             self.set_routing(current)
         else:

@@ -76,6 +76,7 @@ def llm_engine(
             kv_block_size=settings.kv_block_size,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             prefix_caching=settings.prefix_caching,
+            cuda_graphs=settings.cuda_graphs,
             **common,
         )
     return LLMEngine(loaded, registry, **common)

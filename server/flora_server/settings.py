@@ -193,6 +193,11 @@ class Settings(BaseSettings):
     prefix_caching: bool = Field(
         True, description="engine v2: reuse KV blocks of identical prompt prefixes"
     )
+    cuda_graphs: Literal["auto", "off"] = Field(
+        "auto",
+        description="engine v2: replay recorded CUDA graphs for decode steps (auto: on a CUDA "
+        "device where a test graph replays; never on the CPU)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text or one JSON object each (with the request id)"

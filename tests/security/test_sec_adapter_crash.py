@@ -13,7 +13,7 @@ import httpx
 import pytest
 from tiny import make_adapter_dirs, make_model_dir, running_server, start_server, upload_files
 
-from flora_server.adapters.registry import pack_single_file
+from flora.adapter import pack_single_file
 from flora_server.adapters.store import CRASH_ENV, LocalAdapterStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

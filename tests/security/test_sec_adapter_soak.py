@@ -20,7 +20,7 @@ import httpx
 import pytest
 from tiny import make_adapter_dirs, make_model_dir, running_server, upload_files
 
-from flora_server.adapters.registry import pack_single_file
+from flora.adapter import pack_single_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

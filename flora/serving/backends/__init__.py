@@ -1,12 +1,14 @@
-"""Kernel backends for per-row adapter updates, behind one ``select``.
+"""Kernel backends for per-row and per-segment adapter updates, behind one ``select``.
 
 Each backend is one module implementing ``Backend`` (``base.py``): the capability check
-(``load``, self-test included), the plan for one routing (``build_plan``) and sharing work
-between sibling projections (``share``). ``select`` returns the first of ``BACKENDS`` that
+(``load``, self-test included), the plan for one routing (``build_plan``), the plan for
+one token-segment routing (``build_segment_plan``, SGMV) and sharing work between sibling
+projections (``share``). ``select`` returns the first of ``BACKENDS`` that
 loads for a module's device and dtype under the policy; the torch backend, last, serves
 everything. A new backend is one module here and one entry in ``BACKENDS``.
 
-- ``numba_cpu``: float32 on the CPU, the fused numba row kernel (BGMV style).
+- ``numba_cpu``: float32 on the CPU, the fused numba row kernel (BGMV style); its
+  segment form in ``numba_segments``.
 - ``triton_gpu``: CUDA, the Triton row kernel (SGMV/BGMV style), after a self-test.
 - ``torch_paths``: two small matmuls ("wide" or "rows"); the fallback (autograd, other
   dtypes) and the reference the kernels are tested against.

@@ -83,3 +83,64 @@ def row_deltas(x, row_slots, tokens, ats, bs, ranks, ds):  # pragma: no cover (c
                 hr = h[r]
                 for o in range(n_out):
                     d[n, o] += hr * _widen(b[s, r, o])
+
+
+_SEGMENT_SIGNATURES = [
+    nb.void(
+        _F2,  # x: [N, n_in]
+        _I1,  # item_lo: [W] first token of each work item
+        _I1,  # item_hi: [W] end token (exclusive)
+        _I1,  # item_slot: [W] the item's segment's slot, -1 = none
+        nb.types.UniTuple(factor[:, :, ::1], m),  # at per member: [S, R, n_in] (A^T)
+        nb.types.UniTuple(factor[:, :, ::1], m),  # b per member: [S, R, n_out]
+        nb.types.UniTuple(_I1, m),  # ranks per member: [S]
+        nb.types.UniTuple(_F2, m),  # d per member: [N, n_out], written on the items' rows
+    )
+    for factor in (nb.float32, nb.int16)
+    for m in (1, 2, 3)
+]
+
+
+@nb.njit(
+    _SEGMENT_SIGNATURES, parallel=True, fastmath=True, nogil=True, cache=True, boundscheck=False
+)
+def segment_deltas(x, item_lo, item_hi, item_slot, ats, bs, ranks, ds):  # pragma: no cover
+    """``d_j[t] = (x[t] @ A_j[s]) @ B_j[s]`` for the tokens ``t`` of every work item (a
+    piece of one segment, slot ``s``) and every member ``j``, items in parallel; items
+    without a slot get zeros; rows of ``d`` outside every item are not touched.
+
+    Per item, the shrink runs rank by rank over the item's tokens, so each row of ``A_s``
+    (contiguous, ``n_in`` long) is read once per item and stays in cache while every token
+    takes its dot product with it; the expand then adds ``h[t, r] * B_s[r]`` rows. Float32
+    accumulation whatever the factor storage.
+    """
+    n_in = x.shape[1]
+    cap = 1
+    longest = 1
+    for i in range(item_lo.shape[0]):
+        longest = max(longest, item_hi[i] - item_lo[i])
+    for j in range(len(ats)):
+        cap = max(cap, ats[j].shape[1])
+    for i in nb.prange(item_lo.shape[0]):
+        lo, hi, s = item_lo[i], item_hi[i], item_slot[i]
+        h = np.empty((longest, cap), dtype=np.float32)
+        for j in range(len(ats)):
+            at, b, d = ats[j], bs[j], ds[j]
+            n_out = d.shape[1]
+            for t in range(lo, hi):
+                for o in range(n_out):
+                    d[t, o] = 0.0
+            if s < 0:
+                continue
+            rank = ranks[j][s]
+            for r in range(rank):
+                for t in range(lo, hi):
+                    acc = np.float32(0.0)
+                    for k in range(n_in):
+                        acc += x[t, k] * _widen(at[s, r, k])
+                    h[t - lo, r] = acc
+            for t in range(lo, hi):
+                for r in range(rank):
+                    hr = h[t - lo, r]
+                    for o in range(n_out):
+                        d[t, o] += hr * _widen(b[s, r, o])

@@ -9,7 +9,8 @@ tiles each redo the small shrink (rank <= 64: a few KB of factors from cache), w
 one launch per projection instead of two and no ``h`` buffer. Factors are read in place
 from the bank, only up to the slot's own rank (masked loads), and a row without a slot
 (rank 0) does nothing. Decode is one token per segment (BGMV); prefill tiles a segment's
-tokens (SGMV).
+tokens (SGMV). ``segment_update`` is the same computation over tiles of token segments
+of any lengths (a packed step), each tile with its own slot.
 """
 
 from __future__ import annotations
@@ -83,3 +84,71 @@ def row_update(  # pragma: no cover (compiled)
         live = live_t[:, None] & (o < n_out)[None, :]
         out = tl.load(where, mask=live, other=0.0)
         tl.store(where, (out.to(tl.float32) + delta).to(out.dtype), mask=live)
+
+
+@triton.jit
+def segment_update(  # pragma: no cover (compiled)
+    x,  # [N, n_in], unit stride along n_in
+    a,  # bank A: [S, n_in, R] (any strides)
+    b,  # bank B: [S, R, n_out] (any strides)
+    tiles,  # [3, P] int32: per program row, first token, end token, slot (>= 0)
+    ranks,  # [S] int32 (> 0 for every slot in tiles)
+    y,  # [N, n_out], unit stride along n_out: (x @ A_s) @ B_s is added in place
+    n_tiles,
+    n_in,
+    n_out,
+    stride_xn,
+    stride_as,
+    stride_ak,
+    stride_ar,
+    stride_bs,
+    stride_br,
+    stride_bo,
+    stride_yn,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """The segment form (SGMV): program ``(p, j)`` takes tile ``p``, up to ``BLOCK_T``
+    consecutive tokens of one segment (``tiles`` cuts every adapted segment into such
+    tiles when the routing is planned; base segments have none), and output tile ``j``:
+    ``h = x[lo:hi] @ A_s`` then ``y[lo:hi, j] += h @ B_s``, as ``row_update`` does for a
+    row. A prefill chunk is ``ceil(L / BLOCK_T)`` tiles, a decode token one."""
+    p = tl.program_id(0)
+    o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    lo = tl.load(tiles + p)
+    hi = tl.load(tiles + n_tiles + p)
+    s = tl.load(tiles + 2 * n_tiles + p).to(tl.int64)
+    rank = tl.load(ranks + s)
+    r = tl.arange(0, BLOCK_R)
+    n = lo.to(tl.int64) + tl.arange(0, BLOCK_T)
+    live_t = n < hi
+    h = tl.full((BLOCK_T, BLOCK_R), 0.0, tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        xs = tl.load(
+            x + n[:, None] * stride_xn + k[None, :],
+            mask=live_t[:, None] & (k < n_in)[None, :],
+            other=0.0,
+        )
+        fs = tl.load(
+            a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
+            mask=(k < n_in)[:, None] & (r < rank)[None, :],
+            other=0.0,
+        ).to(xs.dtype)
+        if IEEE:
+            h += tl.dot(xs, fs, input_precision="ieee")
+        else:
+            h += tl.dot(xs, fs)
+    fb = tl.load(
+        b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
+        mask=(r < rank)[:, None] & (o < n_out)[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    delta = tl.dot(h, fb, input_precision="ieee")
+    where = y + n[:, None] * stride_yn + o[None, :]
+    live = live_t[:, None] & (o < n_out)[None, :]
+    out = tl.load(where, mask=live, other=0.0)
+    tl.store(where, (out.to(tl.float32) + delta).to(out.dtype), mask=live)

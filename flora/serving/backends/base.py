@@ -1,11 +1,13 @@
 """The interface every kernel backend implements, and what it reads from a served module.
 
 A backend adds the per-row low-rank update ``y[n] += (x[n] @ A_s) @ B_s`` (``s``: row
-``n``'s slot) to a two-mode module's base output (Linear, transformers Conv1D). It owns
-three things: the capability check (``load``: may it serve modules of this dtype on this
-device under this policy, self-test included), the plan for one routing (``build_plan``)
-and, optionally, sharing work between sibling projections that read the same input
-(``share``: one shrink for q/k/v, one for gate/up).
+``n``'s slot) to a two-mode module's base output (Linear, transformers Conv1D), or the same
+update per token segment of a packed forward (``Segments``: each contiguous range of
+tokens with its slot, SGMV). It owns four things: the capability check (``load``: may it
+serve modules of this dtype on this device under this policy, self-test included), the
+plan for one per-row routing (``build_plan``), the plan for one segment routing
+(``build_segment_plan``) and, optionally, sharing work between sibling projections that
+read the same input (``share``: one shrink for q/k/v, one for gate/up).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from flora.serving.bank import DeviceSlotBank
 from flora.serving.base import Plan, ServingPolicy
+from flora.serving.segments import Segments
 
 __all__ = ["Backend", "PerInput", "RowTarget"]
 
@@ -69,6 +72,22 @@ class Backend(ABC):
         """The forward of ``target`` for one routing: ``rows`` holds each batch row's slot,
         or ``NO_SLOT`` (at least one row has a slot)."""
 
+    @abstractmethod
+    def build_segment_plan(self, target: RowTarget, segments: Segments) -> Plan:
+        """The forward of ``target`` for one packed routing: the input's flattened tokens
+        (``x.reshape(-1, in)``) are ``segments.total`` rows, and each segment's tokens use
+        its slot (``NO_SLOT``, or a slot of rank > 0 here; at least two distinct slots,
+        base included, or the caller would have used ``build_plan`` with one row)."""
+
+    def build_graph_plan(self, target: RowTarget, slots: torch.Tensor) -> Plan:
+        """The forward of ``target`` that reads each row's slot from ``slots`` (``[B]``
+        int32 on the device, ``NO_SLOT`` for a base row) when it runs, not when it is
+        built: a CUDA graph captured once then serves every routing of ``B`` rows, the
+        caller refilling ``slots`` in place before each replay. A row whose slot does not
+        target the module reads that slot's zeroed bank entry. Default: torch ops that
+        gather each row's factors on every call (any device and dtype)."""
+        return _GatherPlan(target, slots)
+
     def share(self, plans: Sequence[Plan | None]) -> list[Plan | None]:
         """The plans of one group of sibling modules (same parent, same input; ``None``
         where no row uses an adapter that targets the member) turned into members of one
@@ -107,3 +126,27 @@ class PerInput:
         if not self.pending:  # every member served: drop the references
             self.x = self.value = None
         return value
+
+
+class _GatherPlan:
+    """Graph-safe "rows": every call gathers each row's factors from the bank by the slot
+    ids in ``slots`` (a device buffer the caller refills between calls), so nothing of a
+    routing is baked in: ``y += bmm(bmm(x, A[s]), B[s])`` over the bank's full rank
+    capacity (its padding is zero, so the result is exact)."""
+
+    __slots__ = ("a", "b", "base", "dtype", "null", "slots")
+
+    def __init__(self, target: RowTarget, slots: torch.Tensor) -> None:
+        bank = target.bank
+        self.base, self.a, self.b, self.slots = target.base_forward, bank.a, bank.b, slots
+        self.null = torch.tensor(bank.null_slot, dtype=slots.dtype, device=slots.device)
+        self.dtype = target.weight.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        index = torch.where(self.slots < 0, self.null, self.slots)  # base rows: zero slot
+        a = self.a.index_select(0, index).to(self.dtype)  # [B, in, R]
+        b = self.b.index_select(0, index).to(self.dtype)  # [B, R, out]
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        y.view(y.shape[0], -1, y.shape[-1]).baddbmm_(torch.bmm(x3, a), b)
+        return y

@@ -14,7 +14,9 @@ projection, each row reads its own slot's factors in place (``A`` stored transpo
 does not apply or would not pay (the torch paths then serve every routing, and they stay
 the reference the kernel is tested against). ``NumbaBackend`` serves a module through it:
 ``_KernelPlan`` per routing, one kernel call per sibling group (``_RowDeltas``) for
-decode-sized inputs, per-row BLAS (``_PrefillShrink``) for prefill-sized ones.
+decode-sized inputs, per-row BLAS (``_PrefillShrink``) for prefill-sized ones; a segment
+routing through ``numba_segments.SegmentKernelPlan`` (the kernel's segment entry point,
+``RowKernel.segments``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import numpy as np
 import torch
 
 from flora.serving.backends.base import Backend, PerInput, RowTarget
-from flora.serving.backends.torch_paths import torch_plan
+from flora.serving.backends.numba_segments import SegmentKernelPlan, share_segments
+from flora.serving.backends.torch_paths import torch_plan, torch_segment_plan
 from flora.serving.base import Plan, ServingPolicy
+from flora.serving.segments import Segments
 
 __all__ = ["NumbaBackend", "RowKernel", "kernel_for", "row_kernel"]
 
@@ -50,11 +54,23 @@ class RowKernel:
     its own worker thread) would otherwise each start a team of threads on the same cores.
     """
 
-    def __init__(self, fn: Callable[..., None], set_threads: Callable[[int], object]) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., None],
+        set_threads: Callable[[int], object],
+        segment_fn: Callable[..., None],
+    ) -> None:
         self._fn = fn
+        self._segment_fn = segment_fn
         self._set_threads = set_threads
         self._lock = threading.Lock()
         self._local = threading.local()  # numba's thread count is per calling thread
+
+    def _follow_torch_threads(self) -> None:
+        threads = torch.get_num_threads()  # follow torch's intra-op setting
+        if getattr(self._local, "threads", None) != threads:
+            self._set_threads(threads)
+            self._local.threads = threads
 
     def __call__(
         self,
@@ -65,14 +81,28 @@ class RowKernel:
         ranks: tuple[np.ndarray, ...],
         ds: tuple[torch.Tensor, ...],
     ) -> None:
-        threads = torch.get_num_threads()  # follow torch's intra-op setting
-        if getattr(self._local, "threads", None) != threads:
-            self._set_threads(threads)
-            self._local.threads = threads
+        self._follow_torch_threads()
         tokens = x.shape[0] // row_slots.shape[0]
         outs = tuple(d.numpy() for d in ds)
         with self._lock:
             self._fn(x.numpy(), row_slots, tokens, ats, bs, ranks, outs)
+
+    def segments(
+        self,
+        x: torch.Tensor,
+        items: np.ndarray,
+        ats: tuple[np.ndarray, ...],
+        bs: tuple[np.ndarray, ...],
+        ranks: tuple[np.ndarray, ...],
+        ds: tuple[torch.Tensor, ...],
+    ) -> None:
+        """The segment form: ``items: [3, W]`` int32 (first token, end token, slot of each
+        piece of a segment); ``d_j`` rows of the items' tokens are written, other rows are
+        left as they are. Same ``x``, factors and ``d`` conventions as ``__call__``."""
+        self._follow_torch_threads()
+        outs = tuple(d.numpy() for d in ds)
+        with self._lock:
+            self._segment_fn(x.numpy(), items[0], items[1], items[2], ats, bs, ranks, outs)
 
 
 @functools.cache
@@ -86,12 +116,14 @@ def row_kernel() -> RowKernel | None:
     try:
         import numba
 
-        from flora.serving.backends._row_kernel_numba import row_deltas
+        from flora.serving.backends._row_kernel_numba import row_deltas, segment_deltas
     except Exception:  # ImportError, or numba failing to compile for this CPU
         return None
     # numba.config sets its options from the environment at import, out of its stubs' sight
     limit = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    kernel = RowKernel(row_deltas, lambda n: numba.set_num_threads(max(1, min(n, limit))))
+    kernel = RowKernel(
+        row_deltas, lambda n: numba.set_num_threads(max(1, min(n, limit))), segment_deltas
+    )
     unit = np.ones((1, 1, 1), dtype=np.float32)
     kernel(
         torch.ones(1, 1),
@@ -290,11 +322,26 @@ class NumbaBackend(Backend):
             target, self.kernel, np.asarray(rows, dtype=np.int32), lambda: torch_plan(target, rows)
         )
 
+    def build_segment_plan(self, target: RowTarget, segments: Segments) -> Plan:
+        return SegmentKernelPlan(
+            target,
+            self.kernel.segments,
+            (_numpy_bank(target.bank.at), _numpy_bank(target.bank.b)),
+            segments,
+            lambda: torch_segment_plan(target, segments),
+        )
+
     def share(self, plans: Sequence[Plan | None]) -> list[Plan | None]:
         """Up to 3 ``_KernelPlan`` siblings of one input width get one ``_RowDeltas`` (one
-        kernel call per input for all of them) and one ``_PrefillShrink``."""
+        kernel call per input for all of them) and one ``_PrefillShrink``; up to 3
+        ``SegmentKernelPlan`` siblings one shared segment call (``share_segments``)."""
+        present = sum(p is not None for p in plans)
+        segment_plans = [p for p in plans if isinstance(p, SegmentKernelPlan)]
+        if len(segment_plans) == present:
+            share_segments(self.kernel.segments, segment_plans)
+            return list(plans)
         live = [p for p in plans if isinstance(p, _KernelPlan)]
-        if len(live) < 2 or len(live) != sum(p is not None for p in plans):
+        if len(live) < 2 or len(live) != present:
             return list(plans)
         if len(live) <= 3 and len({p.at.shape[2] for p in live}) == 1:  # the kernel's limit
             # A row's slot, if any member is adapted by it (a member whose adapter does not

@@ -1,6 +1,7 @@
 """The torch backend: two small matmuls per projection, "wide" or "rows" (see
-``ServingPolicy``). It serves every device and dtype and runs under autograd, so it is the
-fallback of the fused kernels and the reference they are tested against.
+``ServingPolicy``), and per adapter for token segments (``torch_segment_plan``). It serves
+every device and dtype and runs under autograd, so it is the fallback of the fused kernels
+and the reference they are tested against.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import torch
 
 from flora.serving.backends.base import Backend, PerInput, RowTarget
 from flora.serving.base import NO_SLOT, Plan, ServingPolicy
+from flora.serving.segments import Segments, slot_groups
 
-__all__ = ["TorchBackend", "torch_plan"]
+__all__ = ["TorchBackend", "torch_plan", "torch_segment_plan"]
 
 
 class _WidePlan:
@@ -131,6 +133,48 @@ def torch_plan(target: RowTarget, rows: list[int]) -> Plan:
     return _RowsPlan(target.base_forward, a.to(dtype), b.to(dtype))
 
 
+class _SegmentGroupsPlan:
+    """Token segments grouped by adapter: for each distinct slot ``k``, its tokens ``idx_k``
+    (every segment that uses it) get ``y[idx_k] += (x[idx_k] @ A_k) @ B_k``; a slot used
+    by one segment reads and writes that range in place (slices, no index copies).
+
+    Each adapter's factors are read once per step and every token does only its own
+    adapter's rank of work: what ``segment_delta`` defines, with same-slot segments
+    merged into one matmul pair. Two matmuls and at most three copies per distinct adapter.
+    """
+
+    __slots__ = ("base", "groups")
+
+    def __init__(
+        self,
+        base: Plan,
+        groups: list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.base = base
+        self.groups = groups  # (token slice or index [n_k], A_k [in, r_k], B_k [r_k, out])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        y2 = y.view(-1, y.shape[-1])  # [N, out]
+        for where, a, b in self.groups:
+            if isinstance(where, slice):
+                y2[where].addmm_(torch.mm(x2[where], a), b)
+            else:
+                y2.index_add_(0, where, torch.mm(torch.mm(x2.index_select(0, where), a), b))
+        return y
+
+
+def torch_segment_plan(target: RowTarget, segments: Segments) -> Plan:
+    """The torch form of a segment routing (``_SegmentGroupsPlan``)."""
+    bank, dtype = target.bank, target.weight.dtype
+    groups = []
+    for s, where in slot_groups(segments, bank.device):
+        r = target.slot_rank[s]
+        groups.append((where, bank.a[s, :, :r].to(dtype), bank.b[s, :r].to(dtype)))
+    return _SegmentGroupsPlan(target.base_forward, groups)
+
+
 def _cumsum(values: list[int]) -> list[int]:
     out, total = [], 0
     for v in values:
@@ -193,6 +237,9 @@ class TorchBackend(Backend):
 
     def build_plan(self, target: RowTarget, rows: list[int]) -> Plan:
         return torch_plan(target, rows)
+
+    def build_segment_plan(self, target: RowTarget, segments: Segments) -> Plan:
+        return torch_segment_plan(target, segments)
 
     def share(self, plans: Sequence[Plan | None]) -> list[Plan | None]:
         return share_wide_or_rows(plans)

@@ -20,16 +20,23 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
 
 from flora.serving.backends.base import Backend, RowTarget
-from flora.serving.backends.torch_paths import torch_plan
+from flora.serving.backends.torch_paths import torch_plan, torch_segment_plan
 from flora.serving.base import NO_SLOT, Plan, ServingPolicy
+from flora.serving.segments import Segments, segment_delta
 
-__all__ = ["TritonBackend", "TritonRowKernel", "gpu_kernel_for", "triton_row_kernel"]
+__all__ = [
+    "TritonBackend",
+    "TritonRowKernel",
+    "gpu_kernel_for",
+    "segment_tiles",
+    "triton_row_kernel",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +82,39 @@ class TritonRowKernel:
             BLOCK_N=self.block_n, IEEE=x.dtype == torch.float32,
         )  # fmt: skip
 
+    def segments(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        tiles: torch.Tensor,
+        ranks: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        block_r: int,
+    ) -> None:
+        """The segment form: ``y[lo:hi] += (x[lo:hi] @ A[s]) @ B[s]`` for every tile
+        ``(lo, hi, s)`` of ``tiles: [3, P]`` int32 on the device (``segment_tiles``: at
+        most ``block_t`` tokens each, slots of rank > 0); other rows are left as they are.
+        ``y``, ``x``, ``ranks``, ``a``, ``b`` and ``block_r`` as for a call."""
+        n_tiles, (n_in, n_out) = tiles.shape[1], (x.shape[1], y.shape[1])
+        if n_tiles == 0:
+            return
+        grid = (n_tiles, -(-n_out // self.block_n))
+        self._k.segment_update[grid](
+            x, a, b, tiles, ranks, y, n_tiles, n_in, n_out,
+            x.stride(0), a.stride(0), a.stride(1), a.stride(2),
+            b.stride(0), b.stride(1), b.stride(2), y.stride(0),
+            BLOCK_T=self.block_t, BLOCK_R=block_r, BLOCK_K=self.block_k,
+            BLOCK_N=self.block_n, IEEE=x.dtype == torch.float32,
+        )  # fmt: skip
+
+
+def segment_tiles(segments: Segments, ranks: Sequence[int], block_t: int) -> list[list[int]]:
+    """The kernel's tiles for a segment routing: every segment whose slot has rank > 0 in
+    ``ranks`` cut into pieces of at most ``block_t`` tokens, as ``[firsts, ends, slots]``."""
+    pieces = [p for p in segments.pieces(block_t) if p[2] != NO_SLOT and ranks[p[2]] > 0]
+    return [[p[i] for p in pieces] for i in range(3)]
+
 
 def block_rank(rank: int) -> int:
     """The kernel's rank tile for ranks up to ``rank``: a power of two, at least 16."""
@@ -96,8 +136,9 @@ def reference(
 
 def self_test(kernel: TritonRowKernel, device: torch.device, dtype: torch.dtype) -> None:
     """Run the kernel on a small mixed routing (two ranks, a row without an adapter, a
-    slot of rank 0, two tokens per row) on ``device`` and compare with ``reference``;
-    raises ``AssertionError`` on a mismatch."""
+    slot of rank 0, two tokens per row) on ``device`` and compare with ``reference``, and
+    its segment form on mixed segments against ``segment_delta``; raises
+    ``AssertionError`` on a mismatch."""
     gen = torch.Generator().manual_seed(0)
     ranks, slots = [4, 0, 9], [0, -1, 2, 1]
     a = torch.randn(3, 40, 9, generator=gen).to(device, dtype)
@@ -108,6 +149,15 @@ def self_test(kernel: TritonRowKernel, device: torch.device, dtype: torch.dtype)
     as_device = functools.partial(torch.tensor, dtype=torch.int32, device=device)
     kernel(y, x, as_device(slots), as_device(ranks), a, b, block_rank(max(ranks)))
     tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * 10)
+    # the segment form on the same bank: a 19-token segment (two tiles), a base segment,
+    # an empty one, a slot of rank 0 and a 1-token segment
+    segments = Segments.from_lengths([19, 2, 0, 3, 1], [2, -1, 0, 1, 0])
+    x = torch.randn(segments.total, 40, generator=gen).to(device, dtype)
+    y = torch.randn(segments.total, 70, generator=gen).to(device, dtype)
+    expected = y.double() + segment_delta(x, segments, a, b, ranks)
+    tiles = as_device(segment_tiles(segments, ranks, kernel.block_t))
+    kernel.segments(y, x, tiles, as_device(ranks), a, b, block_rank(max(ranks)))
     torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * 10)
 
 
@@ -191,6 +241,86 @@ class _TritonPlan:
         return y
 
 
+class _TritonSegmentPlan:
+    """CUDA, a segment routing: ``y = base(x)``, then one launch of the segment kernel adds
+    every adapted segment's ``(x_seg @ A_s) @ B_s`` in place (a program per tile of up to
+    ``block_t`` tokens of one segment and per output tile: a prefill chunk's factors are
+    read by its few tiles, not gathered per token). The tiles and the ranks go to the
+    device once, when the plan is built; ``torch_plan`` serves under autograd."""
+
+    __slots__ = (
+        "a",
+        "b",
+        "base",
+        "block_r",
+        "kernel",
+        "ranks",
+        "tiles",
+        "torch_path",
+        "torch_plan",
+    )
+
+    def __init__(
+        self,
+        target: RowTarget,
+        kernel: TritonRowKernel,
+        segments: Segments,
+        torch_plan: Callable[[], Plan],
+    ) -> None:
+        bank = target.bank
+        self.base, self.kernel, self.a, self.b = target.base_forward, kernel, bank.a, bank.b
+        ranks = [*target.slot_rank, 0]
+        firsts, ends, slots = segment_tiles(segments, ranks, kernel.block_t)
+        meta = torch.tensor([*firsts, *ends, *slots, *ranks], dtype=torch.int32, device=bank.device)
+        self.tiles = meta[: 3 * len(slots)].view(3, len(slots))
+        self.ranks = meta[3 * len(slots) :]
+        self.block_r = block_rank(max((ranks[s] for s in slots), default=1))
+        self.torch_plan = torch_plan
+        self.torch_path: Plan | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            if self.torch_path is None:
+                self.torch_path = self.torch_plan()
+            return self.torch_path(x)
+        y = self.base(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        self.kernel.segments(
+            y.view(-1, y.shape[-1]), x2, self.tiles, self.ranks, self.a, self.b, self.block_r
+        )
+        return y
+
+
+class _TritonGraphPlan:
+    """``_TritonPlan`` for CUDA graphs: the row slots are read from the caller's buffer
+    (refilled in place between replays) and every slot counts as the bank's full rank
+    capacity (its padding is zero, so the result is exact, and a slot loaded later needs
+    no new plan as long as the bank is not re-allocated)."""
+
+    __slots__ = ("a", "b", "base", "block_r", "kernel", "ranks", "slots")
+
+    def __init__(self, target: RowTarget, kernel: TritonRowKernel, slots: torch.Tensor) -> None:
+        bank = target.bank
+        self.base, self.kernel, self.a, self.b = target.base_forward, kernel, bank.a, bank.b
+        self.slots = slots
+        self.ranks = torch.full(
+            (bank.max_slots + 1,), bank.capacity, dtype=torch.int32, device=bank.device
+        )
+        self.block_r = block_rank(bank.capacity)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        self.kernel(
+            y.view(-1, y.shape[-1]), x2, self.slots, self.ranks, self.a, self.b, self.block_r
+        )
+        return y
+
+
 class TritonBackend(Backend):
     """CUDA, where the Triton kernel passes its self-test (``gpu_kernel_for``)."""
 
@@ -208,3 +338,11 @@ class TritonBackend(Backend):
 
     def build_plan(self, target: RowTarget, rows: list[int]) -> Plan:
         return _TritonPlan(target, self.kernel, rows, lambda: torch_plan(target, rows))
+
+    def build_segment_plan(self, target: RowTarget, segments: Segments) -> Plan:
+        return _TritonSegmentPlan(
+            target, self.kernel, segments, lambda: torch_segment_plan(target, segments)
+        )
+
+    def build_graph_plan(self, target: RowTarget, slots: torch.Tensor) -> Plan:
+        return _TritonGraphPlan(target, self.kernel, slots)

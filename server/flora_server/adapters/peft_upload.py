@@ -11,21 +11,21 @@ them to the base, and the stored adapter's fingerprint is null.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
+from flora.adapter.container import read_file_header, read_json_object
 from flora_server.adapters.registry import (
     AdapterValidationError,
     StagedUpload,
     UploadDigestError,
-    read_safetensors_header,
+    library_errors,
 )
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-_MAX_CONFIG_BYTES = 1024 * 1024
 
 
 # PEFT options outside what from_peft checks that change the network beyond B @ A.
@@ -38,18 +38,11 @@ def peft_type(config_path: Path) -> str | None:
     return None if value is None else str(value)
 
 
-def _read_config(config_path: Path) -> dict:
-    with config_path.open("rb") as f:
-        raw = f.read(_MAX_CONFIG_BYTES + 1)
-    if len(raw) > _MAX_CONFIG_BYTES:
-        raise AdapterValidationError(f"config is larger than {_MAX_CONFIG_BYTES} bytes")
-    try:
-        config = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterValidationError(f"config: not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterValidationError("config: must be a JSON object")
-    return config
+def _read_config(config_path: Path) -> dict[str, Any]:
+    """The config as strict JSON, under the library's cap (any two-file upload's config
+    passes here: a FLoRA one is told apart by having no `peft_type`)."""
+    with library_errors():
+        return read_json_object(config_path, what="config")
 
 
 def convert_peft(config_path: Path, weights_path: Path, out_path: Path) -> str:
@@ -72,7 +65,8 @@ def convert_peft(config_path: Path, weights_path: Path, out_path: Path) -> str:
             raise AdapterValidationError(
                 f"PEFT option {option}={config[option]!r} has no exact FLoRA equivalent"
             )
-    header, _ = read_safetensors_header(weights_path)
+    with library_errors():
+        header, _ = read_file_header(weights_path, what="weights")
     saved_base = sorted(k for k in header if k.endswith(".base_layer.weight"))
     if saved_base:
         # from_peft without the base would drop these copies unchecked; the live base may

@@ -5,16 +5,16 @@ touches the model: validation is a callable built once the base is loaded (by th
 builders of `flora_server.bootstrap`, handed over in `flora_server.main`), which reads an
 adapter file and checks it against the base's module table and fingerprint.
 
-Uploads come in two forms and are stored in one, the single-file form: a safetensors file
-whose `__metadata__["adapter_config"]` holds the config JSON. A two-file upload (config +
-weights) is packed into that form by rewriting only the safetensors header; tensor bytes
-are copied as they are, so the same two files always give the same stored bytes.
+Uploads come in two forms and are stored in one, the single-file form of
+`flora.adapter.archive`: a two-file upload (config + weights) is packed into it by
+`pack_single_file`, so the same two files always give the same stored bytes. The library
+owns the format (header cap, strict JSON); its `AdapterError`s reach callers as
+`AdapterValidationError`.
 
 One store may be shared by servers of different base models (the default store is
-`$FLORA_HOME/adapters` for every model). Each server sees only the adapters of its own base:
-whether a stored adapter belongs to it is decided from the fingerprint in the adapter's own
-header (the validator's `foreign_base`), read once per stored digest and remembered. Another
-base's adapter is left out of listings, and a lookup, delete or overwrite of it raises
+`$FLORA_HOME/adapters` for every model). Each server sees only the adapters of its own base,
+as `ownership.BaseOwnership` decides from each adapter's own header. Another base's adapter
+is left out of listings, and a lookup, delete or overwrite of it raises
 `AdapterOfOtherBaseError`, which names the base it was trained for. Nothing is moved or
 rewritten, so existing stores, local or S3, need no migration.
 """
@@ -22,11 +22,8 @@ rewritten, so existing stores, local or S3, need no migration.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import struct
 import tempfile
 import threading
 import time
@@ -36,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from flora.adapter.archive import pack_single_file, read_embedded_config
+from flora.errors import AdapterError
+from flora_server.adapters.ownership import BaseOwnership
 from flora_server.adapters.store import (
     AdapterStore,
     DigestMismatchError,
@@ -56,20 +56,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A safetensors header is JSON describing tensors; ours is ~100 bytes per tensor. The cap
-# keeps a hostile length field from making us allocate gigabytes before parsing.
-MAX_HEADER_BYTES = 16 * 1024 * 1024
-CONFIG_KEY = "adapter_config"
-
 AdapterValidator = Callable[[Path], "Adapter"]
 """Reads the single-file adapter at a path and validates it against the loaded base;
 raises `AdapterValidationError` when it does not fit. A validator that also has
 `foreign_base(config) -> str | None` and `base_name` (as `BaseValidator`) lets the registry
 tell adapters of other bases apart in a shared store; without them every adapter is taken
 as this base's."""
-# Bytes read to find an adapter's config in its header; a longer header is read whole.
-_HEADER_PROBE = 64 * 1024
-_MAX_VERDICTS = 65536
 
 
 class BaseNotLoadedError(Exception):
@@ -109,99 +101,14 @@ class PutResult:
     status: Literal["created", "unchanged", "replaced"]
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Return (header dict, offset where tensor data starts), with the header length capped."""
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise AdapterValidationError("not a safetensors file: shorter than 8 bytes")
-        (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER_BYTES:
-            raise AdapterValidationError(f"safetensors header of {length} bytes is too large")
-        raw = f.read(length)
-    if len(raw) != length:
-        raise AdapterValidationError("not a safetensors file: truncated header")
+@contextlib.contextmanager
+def library_errors() -> Iterator[None]:
+    """Re-raise the library's `AdapterError` (a file that breaks the format: the header
+    cap, strict JSON, a missing config) as `AdapterValidationError`, with its message."""
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterValidationError(f"safetensors header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise AdapterValidationError("safetensors header is not a JSON object")
-    return header, 8 + length
-
-
-def read_adapter_config(path: Path) -> dict[str, Any]:
-    """The config JSON embedded in a single-file adapter."""
-    header, _ = read_safetensors_header(path)
-    return _config_of(header)
-
-
-def _header_from_prefix(data: bytes) -> dict[str, Any] | int:
-    """The safetensors header in the first bytes of a file, or the byte count needed to
-    read it whole when `data` is too short."""
-    if len(data) < 8:
-        raise AdapterValidationError("not a safetensors file: shorter than 8 bytes")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > MAX_HEADER_BYTES:
-        raise AdapterValidationError(f"safetensors header of {length} bytes is too large")
-    if len(data) < 8 + length:
-        return 8 + length
-    try:
-        header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterValidationError(f"safetensors header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise AdapterValidationError("safetensors header is not a JSON object")
-    return header
-
-
-def _config_of(header: dict[str, Any]) -> dict[str, Any]:
-    meta = header.get("__metadata__") or {}
-    text = meta.get(CONFIG_KEY) if isinstance(meta, dict) else None
-    if not isinstance(text, str):
-        raise AdapterValidationError(f"no __metadata__[{CONFIG_KEY!r}] in the adapter file")
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AdapterValidationError(f"adapter_config is not JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterValidationError("adapter_config is not a JSON object")
-    return config
-
-
-def pack_single_file(config_path: Path, weights_path: Path, out_path: Path) -> str:
-    """Write the single-file form of (adapter_config.json, adapter.safetensors) to `out_path`.
-
-    The config JSON is canonicalised (sorted keys, no spaces) and put in the weights header's
-    `__metadata__`; the header is padded with spaces to 8 bytes as safetensors does; tensor
-    bytes are copied unchanged (their offsets are relative to the data start). Returns the
-    sha256 of what was written.
-    """
-    try:
-        config = json.loads(config_path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterValidationError(f"config: not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterValidationError("config: must be a JSON object")
-    header, data_start = read_safetensors_header(weights_path)
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise AdapterValidationError("weights: __metadata__ must be an object")
-    meta = {str(k): str(v) for k, v in meta.items()}
-    meta[CONFIG_KEY] = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    header = {"__metadata__": meta, **{k: v for k, v in header.items() if k != "__metadata__"}}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    h = hashlib.sha256()
-    with out_path.open("wb") as out, weights_path.open("rb") as src:
-        for chunk in (struct.pack("<Q", len(raw)), raw):
-            h.update(chunk)
-            out.write(chunk)
-        src.seek(data_start)
-        while chunk := src.read(1024 * 1024):
-            h.update(chunk)
-            out.write(chunk)
-    return h.hexdigest()
+        yield
+    except AdapterError as exc:
+        raise AdapterValidationError(str(exc)) from exc
 
 
 class AdapterRegistry:
@@ -221,8 +128,7 @@ class AdapterRegistry:
         self.staging_dir = staging_dir
         staging_dir.mkdir(parents=True, exist_ok=True)
         self._validator: AdapterValidator | None = None
-        # sha256 of stored bytes -> the base they were trained for (None: this server's).
-        self._verdicts: dict[str, str | None] = {}
+        self._ownership: BaseOwnership | None = None
         # One lock for writes and digest-checked reads: a load never sees the data file and
         # its digest out of step. Adapters are small; contention is not a concern.
         self._lock = threading.RLock()
@@ -232,6 +138,8 @@ class AdapterRegistry:
     # -- set up -----------------------------------------------------------------------
     def set_validator(self, validator: AdapterValidator) -> None:
         """Install the validator once the base model is known."""
+        judge = getattr(validator, "foreign_base", None)
+        self._ownership = None if judge is None else BaseOwnership(self.store, judge)
         self._validator = validator
 
     @property
@@ -250,25 +158,9 @@ class AdapterRegistry:
         and `BaseNotLoadedError` before the base is known."""
         if self._validator is None:
             raise BaseNotLoadedError("the base model is still loading")
-        judge = getattr(self._validator, "foreign_base", None)
-        if judge is None:
+        if self._ownership is None:
             return None
-        digest = self.store.digest(adapter_id)
-        if digest in self._verdicts:
-            return self._verdicts[digest]
-        digest, head = self.store.read_prefix(adapter_id, _HEADER_PROBE)
-        try:
-            header = _header_from_prefix(head)
-            if isinstance(header, int):
-                digest, head = self.store.read_prefix(adapter_id, header)
-                header = _header_from_prefix(head)
-            verdict = None if isinstance(header, int) else judge(_config_of(header))
-        except AdapterValidationError:
-            verdict = None  # unreadable: left to validation, which names the problem
-        if len(self._verdicts) >= _MAX_VERDICTS:
-            self._verdicts.clear()
-        self._verdicts[digest] = verdict
-        return verdict
+        return self._ownership.foreign_base(adapter_id)
 
     def require(self, adapter_id: str) -> None:
         """Raise `AdapterNotFoundError` unless `adapter_id` is stored for this base
@@ -393,7 +285,8 @@ class AdapterRegistry:
             elif upload.config is not None and upload.weights is not None:
                 path = stack.enter_context(self.staging_file("packed"))
                 client_digest_of = upload.weights_sha256 or ""
-                digest = pack_single_file(upload.config, upload.weights, path)
+                with library_errors():
+                    digest = pack_single_file(upload.config, upload.weights, path)
             else:
                 raise AdapterValidationError("send either `archive` or both `config` and `weights`")
             if expected_sha256 is not None and expected_sha256.lower() != client_digest_of:
@@ -475,8 +368,8 @@ class AdapterRegistry:
     def config(self, adapter_id: str) -> dict[str, Any]:
         self.require(adapter_id)
         try:
-            with self.store.local_path(adapter_id) as path:
-                return read_adapter_config(path)
+            with self.store.local_path(adapter_id) as path, library_errors():
+                return read_embedded_config(path)
         except StoredAdapterMissingError:
             raise AdapterNotFoundError(adapter_id) from None
 

@@ -18,6 +18,7 @@ import torch
 
 from flora.serving.factors import ModuleFactors
 from flora.serving.model import ServingModel
+from flora.serving.segments import Segments
 
 HEAD_NAME = "classifier"  # flora.train's head name (flora.train.heads.HEAD_NAME)
 
@@ -149,10 +150,12 @@ class HeadedRuntime:
         self.serving.unload(slot)
         self.slots[slot] = None
 
-    def set_routing(self, row_slots: Sequence[int | None]) -> None:
-        """Route rows of head-only adapters to the base body."""
+    def set_routing(self, row_slots: Sequence[int | None] | Segments) -> None:
+        """Route rows (or token segments) of head-only adapters to the base body."""
+        slots = row_slots.slots if isinstance(row_slots, Segments) else row_slots
+        body = [s if s is not None and s >= 0 and self._info(s).has_layers else -1 for s in slots]
         self.serving.set_routing(
-            [s if s is not None and self._info(s).has_layers else None for s in row_slots]
+            row_slots.with_slots(body) if isinstance(row_slots, Segments) else body
         )
 
     def merge(self, slot: int) -> None:

@@ -1,7 +1,8 @@
 """What the engine needs from the multi-adapter layers of `flora.serving`.
 
 The engine drives one object that wraps the base model: a bank of `max_slots` device slots
-per adapted module, a per-row routing for the next forward, and merged mode. The engine
+per adapted module, a per-row (or per token segment) routing for the next forward, and
+merged mode. The engine
 owns the only reference and calls it from the worker thread only.
 """
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from flora.adapter import Adapter
+    from flora.serving.segments import Segments
 
 
 class AdapterRuntime(Protocol):
@@ -35,9 +37,10 @@ class AdapterRuntime(Protocol):
 
     def unload(self, slot: int) -> None: ...
 
-    def set_routing(self, row_slots: Sequence[int | None]) -> None:
-        """The slot each row of the next forward uses (None = base only). While a slot is
-        merged every row must name it (those rows then take the base path)."""
+    def set_routing(self, row_slots: Sequence[int | None] | Segments) -> None:
+        """The slot each row of the next forward uses (None = base only), or each token
+        segment of a packed forward (`Segments`, engine v2). While a slot is merged every
+        row (segment) must name it (those rows then take the base path)."""
         ...
 
     def merge(self, slot: int) -> None:

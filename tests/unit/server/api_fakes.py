@@ -14,13 +14,15 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 
+from flora.adapter import read_embedded_config
 from flora_server.adapters.registry import (
     AdapterRegistry,
     AdapterValidationError,
-    read_adapter_config,
+    library_errors,
 )
 from flora_server.engine.protocol import (
     AdapterNotFoundError,
@@ -157,6 +159,12 @@ class FakeEngine:
         finally:
             if adapter is not None:
                 self.running.remove(adapter)
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    """The config embedded in an archive, format errors reported as a validator does."""
+    with library_errors():
+        return read_embedded_config(path)
 
 
 def fake_validator(path: Path) -> object:

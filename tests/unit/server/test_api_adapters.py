@@ -15,7 +15,7 @@ from api_fakes import (
     running_app,
 )
 
-from flora_server.adapters.registry import read_adapter_config
+from flora.adapter import read_embedded_config
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_two_file_upload_is_packed_into_single_file(app, tmp_path):
     )
     assert r.status_code == 201, r.text
     stored = tmp_path / "home" / "adapters" / "two.flora"
-    assert read_adapter_config(stored) == json.loads(config)
+    assert read_embedded_config(stored) == json.loads(config)
     blob = stored.read_bytes()
     assert blob.endswith(b"\x02" * 16)  # tensor bytes copied unchanged
     assert r.json()["sha256"] == hashlib.sha256(blob).hexdigest()
@@ -100,12 +100,73 @@ def test_invalid_adapter_422_and_nothing_stored(app, tmp_path):
     r = post_archive(client, "bad", b"not safetensors at all")
     assert r.status_code == 422
     r = post_archive(client, "bad", (2**40).to_bytes(8, "little") + b"{}")  # huge header length
-    assert r.status_code == 422 and "too large" in r.json()["error"]["message"]
+    assert (
+        r.status_code == 422 and "exceeds the cap of 16777216 bytes" in r.json()["error"]["message"]
+    )
     assert client.get("/v1/adapters").json()["data"] == []
     store = tmp_path / "home" / "adapters"
     assert list((store / ".uploads").iterdir()) == []  # staged parts are cleaned up
     assert sorted(p.name for p in store.iterdir()) == [".objects", ".uploads"]
     assert list((store / ".objects").iterdir()) == []
+
+
+def _non_strict(text: bytes, old: bytes, new: bytes) -> bytes:
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def _with_length(header: bytes, data: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header + data
+
+
+@pytest.mark.parametrize(
+    ("config", "weights", "message"),
+    [
+        (  # a duplicate key: json.loads would keep the last value and store the pair
+            _non_strict(make_config(), b'{"rank": 4}', b'{"rank": 4, "rank": 64}'),
+            make_weights(),
+            "config: not valid JSON (duplicate key 'rank')",
+        ),
+        (
+            _non_strict(make_config(), b'{"rank": 4}', b'{"rank": 4, "scale": NaN}'),
+            make_weights(),
+            "config: not valid JSON (non-standard JSON constant NaN)",
+        ),
+        (
+            make_config(),
+            _with_length(
+                b'{"a": 1, "a": 2, "flora.x.core": '
+                b'{"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}',
+                b"\x00" * 16,
+            ),
+            "weights header: not valid JSON (duplicate key 'a')",
+        ),
+        (
+            make_config(),
+            (2**30).to_bytes(8, "little") + b"{}",
+            "weights: header length 1073741824 exceeds the cap of 16777216 bytes",
+        ),
+    ],
+)
+def test_two_file_upload_that_is_not_strict_json_is_422_and_nothing_stored(
+    app, tmp_path, config, weights, message
+):
+    client, engine = app
+    r = client.post(
+        "/v1/adapters",
+        data={"adapter_id": "strict"},
+        files={
+            "config": ("adapter_config.json", io.BytesIO(config)),
+            "weights": ("adapter.safetensors", io.BytesIO(weights)),
+        },
+    )
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_adapter" and error["message"] == f"invalid adapter: {message}"
+    assert client.get("/v1/adapters").json()["data"] == []
+    store = tmp_path / "home" / "adapters"
+    assert list((store / ".objects").iterdir()) == [] and list((store / ".uploads").iterdir()) == []
+    assert engine.invalidated == []
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,12 @@ import os
 import pytest
 from api_fakes import make_archive, make_config, make_weights
 
+from flora.adapter import pack_single_file, read_embedded_config
 from flora_server.adapters.registry import (
     AdapterConflictError,
     AdapterRegistry,
     AdapterValidationError,
     StagedUpload,
-    pack_single_file,
-    read_adapter_config,
 )
 from flora_server.adapters.store import (
     DigestMismatchError,
@@ -91,7 +90,7 @@ def test_pack_single_file_round_trip(tmp_path):
     assert digest == hashlib.sha256(blob).hexdigest()
     header_len = int.from_bytes(blob[:8], "little")
     assert header_len % 8 == 0 and blob[8 + header_len :] == b"\x07" * 16
-    assert read_adapter_config(out)["config"] == {"rank": 3}
+    assert read_embedded_config(out)["config"] == {"rank": 3}
     # The result is what the single-file form of the same adapter looks like.
     from safetensors import safe_open
 
@@ -104,7 +103,7 @@ def _registry(tmp_path):
     reg = AdapterRegistry(LocalAdapterStore(tmp_path / "store"), tmp_path / "staging")
 
     def validator(path):
-        if read_adapter_config(path)["config"]["rank"] > 8:
+        if read_embedded_config(path)["config"]["rank"] > 8:
             raise AdapterValidationError("rank too large")
         return path.read_bytes()
 

@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any
 
 from flora_server.engine.llm_engine import InvalidRequestError, LLMEngine
+from flora_server.engine.paged.graphs import GraphCapture, GraphedPagedRunner, graph_capture_for
 from flora_server.engine.paged.kv_cache import BlockPool
 from flora_server.engine.paged.runner import KVTensors, PagedRunner
 from flora_server.engine.paged.scheduler import PagedScheduler
@@ -39,6 +40,8 @@ class PagedLLMEngine(LLMEngine):
         prefix_caching: bool = True,
         max_slots: int = 8,
         factor_dtype: str = "auto",
+        cuda_graphs: str = "auto",
+        graph_capture: GraphCapture | None = None,
         runtime: AdapterRuntime | None = None,
         **kwargs: Any,
     ) -> None:
@@ -54,6 +57,10 @@ class PagedLLMEngine(LLMEngine):
         self._pool = BlockPool(num_blocks, kv_block_size, prefix_caching)
         self._kv_dtype = dtype
         self._token_budget = max_num_batched_tokens
+        # `graph_capture` overrides the setting (tests and the CPU dry run of the GPU bench).
+        self._graph_capture = graph_capture or graph_capture_for(
+            cuda_graphs, next(model.parameters()).device
+        )
         self._sched_waiting = 0
         super().__init__(
             loaded,
@@ -75,9 +82,12 @@ class PagedLLMEngine(LLMEngine):
     def _make_stepper(self, eos_ids: set[int], merge_after_steps: int | None) -> Stepper:
         config = self._model.config
         heads = config.num_attention_heads
+        capture = self._graph_capture
+        if not hasattr(self._runtime, "set_graph_routing"):
+            capture = None  # a runtime other than flora.serving's cannot route a graph
         kv = KVTensors(
             config.num_hidden_layers,
-            self._pool.num_blocks,
+            self._pool.num_blocks + (capture is not None),  # + the graphs' scratch block
             self._pool.block_size,
             getattr(config, "num_key_value_heads", None) or heads,
             getattr(config, "head_dim", None) or config.hidden_size // heads,
@@ -91,7 +101,15 @@ class PagedLLMEngine(LLMEngine):
             eos_ids,
             self._metrics,
             merge_after_steps,
-            runner=PagedRunner(self._model, kv),
+            runner=PagedRunner(self._model, kv)
+            if capture is None
+            else GraphedPagedRunner(
+                self._model,
+                kv,
+                self._runtime,  # type: ignore[arg-type]
+                capture,
+                scratch_block=self._pool.num_blocks,
+            ),
             scheduler=PagedScheduler(self._pool, self._token_budget, self._max_batch_size),
         )
 

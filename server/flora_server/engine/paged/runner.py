@@ -1,11 +1,12 @@
 """Runs one packed step of a Hugging Face causal LM over the paged KV pool.
 
 Packing: the step's chunks (decode tokens and prefill chunks of several sequences) are laid
-out as T rows of one token each, `input_ids [T, 1]`, `position_ids [T, 1]`. Every layer of
-the model other than attention acts on each token alone, so this layout lets the
-`flora.serving` per-row routing apply each token's adapter (rows = tokens) without any
-change to the serving layers. A step whose tokens all use one slot (or the base) runs as
-one row `[1, T]` instead, so the serving layers take their one-row GEMM path. Attention is
+out one after the other as one row of T tokens, `input_ids [1, T]`, `position_ids [1, T]`.
+Every layer of the model other than attention acts on each token alone, and a chunk's
+tokens use one adapter, so the adapters are routed per segment (`flora.serving.Segments`,
+`packed_segments`: a chunk is one segment, a decode token a segment of one): each served
+projection applies a chunk's adapter to its tokens at once (SGMV), and a step whose tokens
+all use one slot (or the base) takes the serving layers' one-row GEMM path. Attention is
 the one place where tokens meet, and it is replaced here:
 
 - `PagedStep.update` (called by each attention layer as its cache) writes the new keys and
@@ -24,6 +25,8 @@ Full-attention decoders only (Llama, Qwen2, Mistral without a sliding window, ..
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from flora_server.engine.causal_batch import CACHE_KWARG
+from flora.serving.segments import Segments
 
 ATTENTION_NAME = "flora_paged"
 
@@ -67,12 +70,8 @@ class KVTensors:
         self.pad_slot = num_blocks * block_size
         shape = (self.pad_slot + 1, kv_heads, head_dim)
         self.block_size = block_size
-        # torch.empty, not zeros: attention reads only positions already written (and the
-        # pad slot), and on the CPU the pages of blocks never used are not made resident.
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        for tensor in [*self.keys, *self.values]:
-            tensor[self.pad_slot].zero_()
+        self.keys = [_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.values = [_zeros(shape, dtype, device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -86,6 +85,19 @@ class KVTensors:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values])
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor. On the CPU its memory comes from calloc (numpy), whose large blocks the
+    kernel maps zero-filled on first touch: the pages of KV blocks never used are not
+    resident, so a server holds what its pool has used, not `kv_cache_bytes` at start. The
+    pool stays all zeros where unwritten (the decode graphs read whole blocks, masked)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class PagedStep:
@@ -137,6 +149,24 @@ class PagedStep:
             self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
             self.decode_gather = gather.to(device)
             self.decode_mask = mask.to(device)
+
+    @classmethod
+    def decode_only(
+        cls, kv: KVTensors, write: torch.Tensor, gather: torch.Tensor, mask: torch.Tensor
+    ) -> PagedStep:
+        """A step of B decode tokens (layout [B, 1]) over index tensors the caller owns and
+        refills, as a CUDA graph replays it: `write` [B] (each token's pool slot),
+        `gather` [B, L] (slots of each sequence's positions), `mask` [B, 1, 1, L] bool."""
+        step = cls(kv, [], write.device)
+        step.write = write
+        step.decode_rows = torch.arange(write.shape[0], device=write.device)
+        step.decode_gather, step.decode_mask = gather, mask
+        return step
+
+    # Older transformers ask the cache for its length when building positions; the runner
+    # always passes positions, so any value serves.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H, 1, D] or [1, H, T, D] (by layout) -> [T, H, D]."""
@@ -227,6 +257,13 @@ def install_paged_attention(model: PreTrainedModel) -> None:
     model.config._attn_implementation = ATTENTION_NAME
 
 
+def cache_kwarg_of(decoder: torch.nn.Module) -> str:
+    """The name the decoder's forward takes its cache by: `cache` in newer transformers,
+    `past_key_values` before (read from the signature, not from the version)."""
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def check_full_attention(config: Any) -> None:
     """Raise ValueError for models the paged runner cannot serve."""
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
@@ -236,9 +273,26 @@ def check_full_attention(config: Any) -> None:
         raise ValueError(f"engine v2 serves full-attention layers only, not {set(types)}")
 
 
+def packed_segments(chunks: Sequence[ChunkInput], token_slots: Sequence[int | None]) -> Segments:
+    """The adapter routing of a packed step: each chunk (a prefill chunk, or a decode
+    token) is one segment with its tokens' slot (None: base)."""
+    lengths = [len(c.token_ids) for c in chunks]
+    slots, first = [], 0
+    for n in lengths:
+        chunk_slots = set(token_slots[first : first + n])
+        if len(chunk_slots) != 1:
+            raise ValueError(f"the tokens of one chunk use slots {chunk_slots}, not one")
+        slots.append(chunk_slots.pop())
+        first += n
+    if first != len(token_slots):
+        raise ValueError(f"{len(token_slots)} token slots for {first} packed tokens")
+    return Segments.from_lengths(lengths, slots)
+
+
 class PagedRunner:
     """Runs a packed step: the decoder over all the step's tokens, then the LM head on the
-    rows whose logits are sampled. `route(slots)` sets the per-row adapter routing."""
+    rows whose logits are sampled. `route(routing)` sets the adapter routing
+    (`ServingModel.set_routing`: the step's `Segments`, then the sampled rows' slots)."""
 
     def __init__(self, model: PreTrainedModel, kv: KVTensors) -> None:
         check_full_attention(model.config)
@@ -248,6 +302,7 @@ class PagedRunner:
         self.device = next(model.parameters()).device
         self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
+        self._cache_kwarg = cache_kwarg_of(self._decoder)
 
     @torch.inference_mode()
     def run(
@@ -257,26 +312,22 @@ class PagedRunner:
         sample_rows: Sequence[int],
         route: Any,
     ) -> torch.Tensor:
-        """Forward the chunks (packed in order); returns float32 logits [S, V] of the
-        packed tokens `sample_rows`. `token_slots`: the adapter slot of every packed token.
-
-        Tokens of different adapters run as one row each ([T, 1], routed per token); when
-        every token uses the same slot (or the base) they run as one row of T tokens, which
-        lets `flora.serving` take its one-row GEMM path."""
-        as_rows = len(set(token_slots)) > 1
-        step = PagedStep(self.kv, chunks, self.device, tokens_as_rows=as_rows)
+        """Forward the chunks (packed in order, one row of T tokens); returns float32
+        logits [S, V] of the packed tokens `sample_rows`. `token_slots`: the adapter slot of
+        every packed token (one per chunk, repeated over its tokens); `route` takes the
+        step's `Segments`, then the sampled rows' slots for the LM head."""
+        step = PagedStep(self.kv, chunks, self.device, tokens_as_rows=False)
         ids = [t for c in chunks for t in c.token_ids]
         pos = [c.start + i for c in chunks for i in range(len(c.token_ids))]
-        dim = 1 if as_rows else 0
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(dim)
-        positions = torch.tensor(pos, dtype=torch.long, device=self.device).unsqueeze(dim)
-        route(token_slots if as_rows else token_slots[:1])
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device).unsqueeze(0)
+        route(packed_segments(chunks, token_slots))
         out = self._decoder(
             input_ids=input_ids,
             position_ids=positions,
             use_cache=True,
             flora_paged=step,
-            **{CACHE_KWARG: step},
+            **{self._cache_kwarg: step},
         )
         rows = torch.tensor(list(sample_rows), dtype=torch.long, device=self.device)
         hidden = out.last_hidden_state.reshape(len(ids), 1, -1).index_select(0, rows)

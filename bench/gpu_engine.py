@@ -1,0 +1,429 @@
+"""Engine v2 end to end on CUDA with decode graphs (issue 16 item 5); writes one JSON file.
+
+    python bench/gpu.py --engine            # on the CUDA machine, bf16, under 8 minutes
+    python bench/gpu.py --engine --dry-run  # the same path on the CPU, tiny sizes, seconds
+
+The real `PagedLLMEngine` (worker thread, scheduler, paged KV pool, sampler, events) over
+`LlamaForCausalLM` with SmolLM2-135M's shapes and random weights (as `bench/gpu.py`: no
+weight files travel to the GPU machine), `K` random rank-8 FLoRA adapters on
+q,k,v,o,gate,up,down, token ids fed directly (a stand-in tokenizer only detokenizes).
+Requests ignore EOS so every stream runs its full length. Keys:
+
+- ``base_decode_tok_s``: per batch size (32 and 128), tokens per second over the window
+  where every stream is decoding (from the point every stream has its first few tokens
+  to the first stream's last token), median over rounds; ``eager_base_decode_tok_s`` the
+  same at the first batch size with ``cuda_graphs=off``, and ``graph_speedup`` their
+  ratio.
+- ``decode_ratio_k``: batch 32 with every row on its own adapter (K = 32) over base;
+  ``decode_ratio_merged``: every row on one adapter (the engine merges it) over base;
+  both the median over rounds of per-round ratios, the variants run in rotated order
+  each round (``decode_tok_s_rounds`` keeps every sample).
+- ``ttft_prefix_hit_ratio``: TTFT of a prompt whose 600-token prefix is cached over the
+  same prompt cold (``ttft_cold_ms``, ``ttft_hit_ms``).
+- ``graph_check_*``: recorded decode against the eager runner in float32 on two layers
+  (adapters, padding rows, a load between replays, merged mode): largest relative logits
+  error, replays, ok.
+- ``goals``: base decode at batch 32 >= 10x the 1,189 tok/s the old engine measured on
+  the H200, and ``decode_ratio_k`` >= 0.95.
+
+The dry run uses `RecordedCapture` (the recorded Python re-runs on replay) in place of
+CUDA graphs, a 2-layer model and batches of 4 and 8: every part but the CUDA call runs.
+Output: ``$OUT/gpu_engine.json`` (``gpu_engine_dry_run.json`` for a dry run), ``$OUT``
+defaulting to ``bench/results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "server"):  # the repo's `flora` and `flora_server`
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import torch  # noqa: E402
+
+OLD_ENGINE_BASE_TOK_S = 1189.0  # the old engine's base decode at batch 32 on the H200
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Sizes:
+    layers: int = 30
+    hidden: int = 576
+    intermediate: int = 1536
+    heads: int = 9
+    kv_heads: int = 3
+    vocab: int = 49152
+    batches: tuple[int, ...] = (32, 128)
+    adapters: int = 32
+    rank: int = 8
+    prompt: int = 128
+    new_tokens: int = 128
+    rounds: int = 3
+    prefix: int = 600
+    question: int = 24
+    prefix_rounds: int = 3
+    kv_cache_bytes: int = 4 << 30
+    token_budget: int = 2048
+
+
+DRY = Sizes(
+    layers=2,
+    hidden=64,
+    intermediate=128,
+    heads=4,
+    kv_heads=2,
+    vocab=512,
+    batches=(4, 8),
+    adapters=4,
+    rank=4,
+    prompt=8,
+    new_tokens=24,
+    rounds=2,
+    prefix=40,
+    question=4,
+    prefix_rounds=1,
+    kv_cache_bytes=16 << 20,
+    token_budget=64,
+)
+
+
+class IdTokenizer:
+    """What the engine asks of a tokenizer when ids come in directly: EOS and text."""
+
+    eos_token_id = 2
+    bos_token = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
+@dataclass
+class Loaded:
+    model: Any
+    name: str = "smollm2-135m-shapes-random"
+    context_length: int = 8192
+    preprocessor: Any = field(default_factory=IdTokenizer)
+
+
+def build_model(sizes: Sizes) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=sizes.vocab,
+        hidden_size=sizes.hidden,
+        intermediate_size=sizes.intermediate,
+        num_hidden_layers=sizes.layers,
+        num_attention_heads=sizes.heads,
+        num_key_value_heads=sizes.kv_heads,
+        head_dim=sizes.hidden // sizes.heads,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_adapters(model: Any, sizes: Sizes) -> dict[str, Any]:
+    """`sizes.adapters` random FLoRA adapters (inject, random cores, save, load back)."""
+    import flora
+    from flora.adapter import load_adapter, save_adapter
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(sizes.adapters):
+            flora.inject(model, flora.FloraConfig(target_modules=PROJ, rank=sizes.rank))
+            gen = torch.Generator().manual_seed(1000 + i)
+            with torch.no_grad():
+                for _, layer in flora.adapter_layers(model):
+                    layer.core.copy_(torch.randn(layer.core.shape, generator=gen) * 0.05)
+            path = save_adapter(model, Path(tmp) / f"a{i}", base_model_id="random")
+            flora.eject(model)
+            out[f"a{i}"] = load_adapter(path)
+    return out
+
+
+class Source:
+    """AdapterSource over a dict of loaded adapters."""
+
+    def __init__(self, adapters: dict[str, Any]) -> None:
+        self.adapters = adapters
+
+    def load(self, adapter_id: str) -> Any:
+        return self.adapters[adapter_id]
+
+    def exists(self, adapter_id: str) -> bool:
+        return adapter_id in self.adapters
+
+
+def start_engine(model: Any, adapters: dict, sizes: Sizes, graphs: str, dry: bool) -> Any:
+    from flora_server.engine.paged.engine import PagedLLMEngine
+    from flora_server.engine.paged.graphs import RecordedCapture
+
+    engine = PagedLLMEngine(
+        Loaded(model),
+        Source(adapters),
+        kv_cache_bytes=sizes.kv_cache_bytes,
+        kv_block_size=16,
+        max_num_batched_tokens=sizes.token_budget,
+        max_batch_size=max(sizes.batches),
+        max_queue=4 * max(sizes.batches),
+        max_slots=sizes.adapters,
+        max_new_tokens_cap=sizes.new_tokens + sizes.prefix,
+        cuda_graphs=graphs,
+        graph_capture=RecordedCapture() if dry and graphs == "auto" else None,
+    )
+    engine.start()
+    deadline = time.monotonic() + 300
+    while not engine.ready:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the engine did not become ready")
+        time.sleep(0.05)
+    return engine
+
+
+async def stream(engine: Any, prompt: list[int], adapter: str | None, new: int) -> list[float]:
+    """One greedy request through EOS; returns [submit time, each token's time...]."""
+    from flora_server.engine.protocol import GenerationRequest, SamplingParams, TokenEvent
+
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    req = GenerationRequest(f"r{random.random()}", prompt, params, adapter)
+    times = [time.perf_counter()]
+    async for event in engine.generate(req):
+        if isinstance(event, TokenEvent):
+            times.append(time.perf_counter())
+    return times
+
+
+def decode_tok_s(
+    engine: Any, sizes: Sizes, batch: int, adapters: list[str | None], rng: random.Random
+) -> float:
+    """Tokens per second while all `batch` streams decode (see the module docstring)."""
+
+    async def main() -> list[list[float]]:
+        prompts = [
+            [rng.randrange(3, sizes.vocab) for _ in range(sizes.prompt)] for _ in range(batch)
+        ]
+        jobs = [
+            stream(engine, p, adapters[i % len(adapters)], sizes.new_tokens)
+            for i, p in enumerate(prompts)
+        ]
+        return list(await asyncio.gather(*jobs))
+
+    marks = asyncio.run(main())
+    # From the point every stream has its first few tokens (past a merge the engine may
+    # make after its first steps) to the first stream's last token.
+    skip = max(1, sizes.new_tokens // 16)
+    start = max(m[skip] for m in marks)
+    end = min(m[-1] for m in marks)
+    tokens = sum(1 for m in marks for t in m[skip + 1 :] if start < t <= end)
+    if end <= start or tokens == 0:
+        raise RuntimeError(f"no window where all {batch} streams decode")
+    return tokens / (end - start)
+
+
+def race(
+    engine: Any, sizes: Sizes, variants: dict[str, tuple[int, list[str | None]]]
+) -> dict[str, list[float]]:
+    """Each variant (batch, adapters of the rows) once as a warm-up (adapter loads, graph
+    recordings, the allocator), then `sizes.rounds` rounds of all of them, in an order
+    rotated each round; returns each variant's tok/s per round."""
+    rng = random.Random(0)
+    for batch, adapters in variants.values():
+        decode_tok_s(engine, sizes, batch, adapters, rng)
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(sizes.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            batch, adapters = variants[name]
+            times[name].append(decode_tok_s(engine, sizes, batch, adapters, rng))
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of the per-round ratio (a drift of the machine hits both)."""
+    return round(statistics.median(a / b for a, b in zip(times[num], times[den], strict=True)), 4)
+
+
+def prefix_ttft(engine: Any, sizes: Sizes) -> dict[str, float]:
+    rng = random.Random(7)
+    cold, hit = [], []
+    for _ in range(sizes.prefix_rounds + 1):  # the first round warms the shapes
+        prompt = [rng.randrange(3, sizes.vocab) for _ in range(sizes.prefix + sizes.question)]
+        a = asyncio.run(stream(engine, prompt, None, 1))
+        b = asyncio.run(stream(engine, prompt, None, 1))
+        cold.append(a[1] - a[0])
+        hit.append(b[1] - b[0])
+    cold_s, hit_s = statistics.median(cold[1:]), statistics.median(hit[1:])
+    return {
+        "ttft_cold_ms": round(1000 * cold_s, 2),
+        "ttft_hit_ms": round(1000 * hit_s, 2),
+        "ttft_prefix_hit_ratio": round(hit_s / cold_s, 4),
+    }
+
+
+def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) -> dict[str, Any]:
+    """Recorded decode against the eager runner on `device`, in float32 on the first two
+    layers' shapes: three sequences (two adapters and a base row, so the bucket of 4 pads
+    one row), an adapter loaded into a new slot between replays, a merge; returns the
+    largest logits error relative to the logits' scale, and whether it is within 1e-3."""
+    import copy
+
+    from flora.serving import ServingModel
+    from flora_server.engine.paged.graphs import (
+        CudaGraphCapture,
+        GraphedPagedRunner,
+        RecordedCapture,
+    )
+    from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner
+
+    small = copy.deepcopy(model).float()
+    small.model.layers = small.model.layers[:2]
+    small.config.num_hidden_layers = 2
+    small = small.to(device)
+    serving = ServingModel(small, max_slots=4)
+    names = list(adapters)
+    serving.load(0, adapters[names[0]])
+    serving.load(1, adapters[names[1 % len(names)]])
+    c, blocks, bs = small.config, 64, 16
+
+    def kv(n: int) -> KVTensors:
+        head_dim = c.hidden_size // c.num_attention_heads
+        return KVTensors(2, n, bs, c.num_key_value_heads, head_dim, torch.float32, device)
+
+    capture = RecordedCapture() if dry else CudaGraphCapture(torch.device(device))
+    eager = PagedRunner(small, kv(blocks))
+    graphed = GraphedPagedRunner(small, kv(blocks + 1), serving, capture, scratch_block=blocks)
+    rng = random.Random(3)
+    seqs = [([rng.randrange(3, c.vocab_size) for _ in range(n)], [i * 8 + j for j in range(8)], s)
+            for i, (n, s) in enumerate([(20, 0), (5, None), (33, 1)])]  # fmt: skip
+    worst = 0.0
+
+    def both(chunks: list, slots: list, sample: list) -> torch.Tensor:
+        nonlocal worst
+        want = eager.run(chunks, slots, sample, serving.set_routing)
+        got = graphed.run(chunks, slots, sample, serving.set_routing)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+        return want
+
+    for tokens, table, slot in seqs:
+        logits = both([ChunkInput(tokens, 0, table)], [slot] * len(tokens), [len(tokens) - 1])
+        tokens.append(int(logits.argmax(-1)))
+    for step in range(12):
+        if step == 4:  # a load between replays: read in place
+            serving.load(2, adapters[names[-1]])
+            seqs[1] = (seqs[1][0], seqs[1][1], 2)
+        live = seqs if step < 8 else seqs[:1]
+        if step == 8:
+            serving.merge(0)  # one row on the merged slot: the base graph
+        chunks = [ChunkInput(t[-1:], len(t) - 1, table) for t, table, _ in live]
+        logits = both(chunks, [s for _, _, s in live], list(range(len(live))))
+        for (t, _, _), token in zip(live, logits.argmax(-1).tolist(), strict=True):
+            t.append(token)
+    serving.unwrap()
+    return {
+        "graph_check_max_rel_err": worst,
+        "graph_check_replays": graphed.replays,
+        "graph_check_ok": bool(worst < 1e-3 and graphed.replays == 12),
+    }
+
+
+def run(dry: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    sizes = DRY if dry else Sizes()
+    cuda = not dry and torch.cuda.is_available()
+    if not dry and not cuda:
+        raise SystemExit("no CUDA device: run with --dry-run for the CPU check")
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    model = build_model(sizes)
+    adapters = make_adapters(model, sizes)
+    check = graph_check(model, adapters, device, dry)
+    model = model.to(device=device, dtype=dtype)
+    names: list[str | None] = list(adapters)
+    first = sizes.batches[0]
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "layers": sizes.layers,
+        "batches": list(sizes.batches),
+        "adapters": sizes.adapters,
+        "prompt_tokens": sizes.prompt,
+        "new_tokens": sizes.new_tokens,
+        **check,
+    }
+    from transformers import __version__ as transformers_version
+
+    result["transformers"] = transformers_version
+    # The eager engine serves base rows only: the model's modules stay unwrapped for the
+    # graphed engine's own ServingModel (one ServingModel may wrap a model).
+    engine = start_engine(model, adapters, sizes, "off", dry)
+    try:
+        eager = race(engine, sizes, {"base": (first, [None])})
+    finally:
+        asyncio.run(engine.shutdown(30))
+    engine = start_engine(model, adapters, sizes, "auto", dry)
+    runner = engine._stepper.runner
+    variants: dict[str, tuple[int, list[str | None]]] = {
+        "k": (first, names),  # first: its warm-up loads every adapter (wraps the modules)
+        "merged": (first, names[:1]),
+        **{f"base{b}": (b, [None]) for b in sizes.batches},
+    }
+    try:
+        times = race(engine, sizes, variants)
+        result.update(prefix_ttft(engine, sizes))
+    finally:
+        asyncio.run(engine.shutdown(30))
+    base = {b: statistics.median(times[f"base{b}"]) for b in sizes.batches}
+    result["runner"] = type(runner).__name__
+    result["graphs_recorded"] = len(getattr(runner, "graphs", {}))
+    result["graph_replays"] = getattr(runner, "replays", 0)
+    result["eager_base_decode_tok_s"] = round(statistics.median(eager["base"]), 1)
+    result["base_decode_tok_s"] = {str(b): round(v, 1) for b, v in base.items()}
+    result["decode_ratio_k"] = median_ratio(times, "k", f"base{first}")
+    result["decode_ratio_merged"] = median_ratio(times, "merged", f"base{first}")
+    result["graph_speedup"] = round(base[first] / result["eager_base_decode_tok_s"], 3)
+    result["decode_tok_s_rounds"] = {k: [round(v, 1) for v in t] for k, t in times.items()}
+    vs_old = base[first] / OLD_ENGINE_BASE_TOK_S
+    result["goals"] = {
+        "base_decode_vs_old_engine": round(vs_old, 2),
+        "base_decode_goal_10x": bool(vs_old >= 10),
+        "k_ratio_goal_0_95": bool(result["decode_ratio_k"] >= 0.95),
+    }
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--engine", action="store_true", help="(what bench/gpu.py passes on)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, seconds")
+    args = parser.parse_args(argv)
+    result = run(args.dry_run)
+    out = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    name = "gpu_engine_dry_run.json" if args.dry_run else "gpu_engine.json"
+    (out / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

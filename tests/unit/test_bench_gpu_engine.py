@@ -1,0 +1,46 @@
+"""`python bench/gpu.py --engine --dry-run`: the GPU engine bench's whole path on the CPU
+(engine v2 with the recorded-graph runner) writes its JSON with sane values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(300)
+def test_engine_dry_run_writes_every_key(tmp_path) -> None:
+    env = {"OUT": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--engine", "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_engine_dry_run.json").read_text())
+    assert result["runner"] == "GraphedPagedRunner"
+    assert result["graph_check_ok"] and result["graph_check_replays"] == 12
+    assert result["graph_check_max_rel_err"] < 1e-3
+    assert result["batches"] == [4, 8] and result["adapters"] == 4
+    # every decode step of the timed runs replays a graph (two shapes per batch and kind)
+    assert result["graph_replays"] >= 4 * result["new_tokens"]
+    assert 2 <= result["graphs_recorded"] <= 12
+    assert set(result["base_decode_tok_s"]) == {"4", "8"}
+    assert all(v > 0 for v in result["base_decode_tok_s"].values())
+    assert result["eager_base_decode_tok_s"] > 0
+    for key in ("decode_ratio_k", "decode_ratio_merged", "graph_speedup"):
+        assert 0.05 < result[key] < 20, key
+    assert result["ttft_hit_ms"] > 0 and result["ttft_cold_ms"] > 0
+    assert 0 < result["ttft_prefix_hit_ratio"] < 5
+    assert set(result["goals"]) == {
+        "base_decode_vs_old_engine",
+        "base_decode_goal_10x",
+        "k_ratio_goal_0_95",
+    }
