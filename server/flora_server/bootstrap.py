@@ -3,6 +3,7 @@ serves it and the validator that checks uploads against it."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,8 @@ from flora_server.adapters.validator import BaseSnapshot, BaseValidator
 from flora_server.engine.protocol import GenerationEngine
 from flora_server.metrics import ServerMetrics
 from flora_server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def load_base(settings: Settings) -> Any:
@@ -39,13 +42,31 @@ def _engine_settings(settings: Settings, metrics: ServerMetrics) -> dict[str, An
     }
 
 
+def text_engine(loaded: Any, settings: Settings) -> str:
+    """The text engine to build: `settings.engine`, except that a model engine v2 cannot
+    serve (sliding-window or hybrid attention) falls back to v1 when the engine was left at
+    its default; asking for v2 explicitly on such a model is a start-up error."""
+    if settings.engine != "v2":
+        return settings.engine
+    from flora_server.engine.paged.runner import check_full_attention
+
+    try:
+        check_full_attention(loaded.model.config)
+    except ValueError as exc:
+        if "engine" in settings.model_fields_set:  # --engine v2 or FLORA_ENGINE=v2
+            raise ValueError(f"{exc}; serve {loaded.name} with --engine v1") from exc
+        log.info("%s: %s; serving it with engine v1", loaded.name, exc)
+        return "v1"
+    return "v2"
+
+
 def llm_engine(
     loaded: Any, settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics
 ) -> Any:
     from flora_server.engine.llm_engine import LLMEngine
 
     common = {"max_new_tokens_cap": settings.max_new_tokens, **_engine_settings(settings, metrics)}
-    if settings.engine == "v2":
+    if text_engine(loaded, settings) == "v2":
         from flora_server.engine.paged.engine import PagedLLMEngine
 
         return PagedLLMEngine(

@@ -175,15 +175,16 @@ class Settings(BaseSettings):
         20, ge=0, description="adapters with their own metric label; the rest are `other`"
     )
     engine: Literal["v1", "v2"] = Field(
-        "v1",
-        description="text-generation engine: v1 = left-padded batch; v2 = paged KV cache, "
-        "chunked prefill, prefix caching by adapter content (docs/engine.md)",
+        "v2",
+        description="text-generation engine: v2 = paged KV cache, chunked prefill, prefix "
+        "caching by adapter content; v1 = left-padded batch. A model v2 cannot serve "
+        "(sliding-window attention) gets v1 unless v2 was asked for (docs/engine.md)",
     )
     kv_cache_bytes: int = Field(
         1024 * 1024 * 1024,
         ge=1,
         description="engine v2: bytes of the KV block pool (keys and values of every layer), "
-        "allocated once at start",
+        "reserved at start; on the CPU only the blocks in use become resident",
     )
     kv_block_size: int = Field(16, ge=1, le=1024, description="engine v2: tokens per KV block")
     max_num_batched_tokens: int = Field(

@@ -26,6 +26,7 @@ from flora_server.engine import stepper
 from flora_server.engine.causal_batch import CausalBatch
 from flora_server.engine.hooks import NullEngineMetrics
 from flora_server.engine.llm_engine import LLMEngine
+from flora_server.engine.paged.engine import PagedLLMEngine
 from flora_server.engine.protocol import (
     AdapterLoadError,
     FinishEvent,
@@ -73,10 +74,16 @@ def overflowing_adapter(tmp_path, scale: float, name: str):
     return load_adapter(save_adapter(model, tmp_path / name, base_model_id="tiny-llama"))
 
 
-def start_engine(adapters: dict, metrics=None) -> LLMEngine:
+def start_engine(adapters: dict, metrics=None, kind: str = "v1") -> LLMEngine:
+    """v1 (`LLMEngine`) or v2 (`PagedLLMEngine`, a small pool) on the tiny Llama."""
     fx = server_fixtures()
     loaded = fx.TinyLoaded(model=fx.make_tiny_llama(), preprocessor=fx.make_char_tokenizer())
-    engine = LLMEngine(loaded, fx.DictSource(adapters), metrics=metrics)
+    if kind == "v2":
+        engine: LLMEngine = PagedLLMEngine(
+            loaded, fx.DictSource(adapters), metrics=metrics, kv_cache_bytes=1 << 20
+        )
+    else:
+        engine = LLMEngine(loaded, fx.DictSource(adapters), metrics=metrics)
     engine.start()
     deadline = time.monotonic() + 30
     while not engine.ready:
@@ -157,11 +164,12 @@ def adapters(tmp_path_factory):
     return {"good": good, "bad": bad, "huge": huge}, references(good)
 
 
-def test_non_finite_logits_fail_only_their_row(adapters):
+@pytest.mark.parametrize("kind", ["v1", "v2"])
+def test_non_finite_logits_fail_only_their_row(adapters, kind):
     torch.manual_seed(0)
     sources, expected = adapters
     steps = StepRecorder()
-    engine = start_engine(sources, metrics=steps)
+    engine = start_engine(sources, metrics=steps, kind=kind)
     try:
 
         async def main():
@@ -182,7 +190,8 @@ def test_non_finite_logits_fail_only_their_row(adapters):
         assert "row-bad" in str(bad) and "non-finite logits" in str(bad)
         assert good == expected["good"]
         assert base == expected["base"]
-        # One prefill of all three rows (the bad one included), then two-row decodes.
+        # One prefill of all three rows (the bad one included; v2: one packed step of
+        # three chunks), then two-row decodes.
         # A step is recorded after its tokens are emitted, so the warm-up's step may land
         # just after the clear and the last decode just after the answers: wait, then read
         # the tail.
@@ -243,6 +252,50 @@ class FlakyBatch(CausalBatch):
         if prompts[0][0] == 77:
             raise RuntimeError("simulated: this prompt breaks the forward")
         return super().prefill(model, prompts, rows)
+
+
+def test_failed_packed_step_is_retried_chunk_by_chunk(adapters):
+    """Engine v2: a packed step whose forward raises runs each chunk alone; only the
+    request whose chunk still fails alone is failed, the others finish exactly."""
+    torch.manual_seed(0)
+    sources, expected = adapters
+    engine = start_engine({"good": sources["good"]}, kind="v2")
+    runner = engine._stepper.runner  # type: ignore[attr-defined]
+    real_run, sizes = runner.run, []
+
+    def flaky_run(chunks, *args):
+        sizes.append(len(chunks))
+        if len(chunks) > 1 and any(c.start == 0 for c in chunks):  # a step with a prefill
+            raise torch.OutOfMemoryError("simulated: out of memory in a packed step")
+        if chunks[0].start == 0 and chunks[0].token_ids[0] == 77:
+            raise RuntimeError("simulated: this prompt breaks the forward")
+        return real_run(chunks, *args)
+
+    try:
+        reqs = [
+            request("row-good", PROMPTS["good"], "good", STEPS),
+            request("row-poison", [77, 1, 2], None, STEPS),
+            request("row-base", PROMPTS["base"], None, STEPS),
+        ]
+
+        async def main():
+            await together(engine, [request("w", [5], "good", 1)])  # slot loaded
+            runner.run = flaky_run
+            return await together(engine, reqs)
+
+        good, poison, base = asyncio.run(main())
+        assert sizes[:4] == [3, 1, 1, 1]  # the packed step failed, then each chunk alone
+        assert sizes[4:] == [2] * (STEPS - 1)  # the two survivors decode packed
+        assert good == expected["good"] and base == expected["base"]
+        assert isinstance(poison, RequestFailedError)
+        assert "row-poison" in str(poison) and "breaks the forward" in str(poison)
+        assert engine.healthy
+        deadline = time.monotonic() + 10  # the blocks are released after the last event
+        while engine.pool.num_used and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+        assert engine.pool.num_used == 0  # type: ignore[attr-defined]
+    finally:
+        asyncio.run(engine.shutdown(5))
 
 
 def test_failed_batched_prefill_is_retried_row_by_row(adapters, monkeypatch):

@@ -13,13 +13,13 @@ past the chosen token: `sample_tokens` does all of it, and is what engines call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from flora_server.engine.constraints import TokenConstraint, allocate_bitmask, unpack_bitmask
-from flora_server.engine.protocol import SamplingParams
+from flora_server.engine.protocol import Logprob, SamplingParams
 
 
 @dataclass
@@ -209,3 +209,20 @@ def prompt_logprobs(
     """
     logprobs = logits[:-1].float().log_softmax(dim=-1)  # position t predicts token t+1
     return chosen_and_top(logprobs, prompt[1:], n)
+
+
+def prompt_logprob_entries(
+    ids: Sequence[int],
+    chosen: Sequence[float],
+    top_values: Sequence[Sequence[float]],
+    top_ids: Sequence[Sequence[int]],
+    n: int,
+    decode: Callable[[list[int]], str],
+) -> tuple[Logprob, ...]:
+    """What the client gets for a prompt: every token with its text, its logprob (None for
+    the first) and its `n` most likely alternatives. chosen / top_*: for tokens 1..L-1."""
+    out = [Logprob(ids[0], decode(list(ids[:1])), None)]
+    for t, lp, vs, ts in zip(ids[1:], chosen, top_values, top_ids, strict=True):
+        top = tuple(Logprob(a, decode([a]), b) for a, b in zip(ts[:n], vs, strict=False))
+        out.append(Logprob(t, decode([t]), lp, top))
+    return tuple(out)

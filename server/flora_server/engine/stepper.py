@@ -31,6 +31,7 @@ from flora_server.engine.runtime import AdapterRuntime
 from flora_server.engine.sampling import (
     SamplingTensors,
     chosen_and_top,
+    prompt_logprob_entries,
     prompt_logprobs,
     sample_tokens,
     seen_mask,
@@ -224,14 +225,9 @@ class Stepper:
         chosen, values, top_ids = prompt_logprobs(
             logits, torch.tensor(ids, device=logits.device), max(n, 1)
         )
-        decode = row.text.decode
-        out = [Logprob(ids[0], decode(ids[:1]), None)]
-        for t, lp, vs, ts in zip(
-            ids[1:], chosen.tolist(), values.tolist(), top_ids.tolist(), strict=True
-        ):
-            top = tuple(Logprob(a, decode([a]), b) for a, b in zip(ts[:n], vs, strict=False))
-            out.append(Logprob(t, decode([t]), lp, top))
-        return tuple(out)
+        return prompt_logprob_entries(
+            ids, chosen.tolist(), values.tolist(), top_ids.tolist(), n, row.text.decode
+        )
 
     def _advance(
         self, row: RowState, token: int, logprob: float | None, top: tuple[Logprob, ...] = ()

@@ -15,3 +15,10 @@ def tiny_model() -> LlamaForCausalLM:
 @pytest.fixture
 def char_tokenizer() -> PreTrainedTokenizerFast:
     return make_char_tokenizer()
+
+
+@pytest.fixture(params=["v1", "v2"])
+def engine_kind(request) -> str:
+    """Both text engines, for the tests of behaviour they must share (test_engine.make_engine
+    builds either)."""
+    return request.param

@@ -21,6 +21,7 @@ from tiny_engine import (
 )
 
 from flora_server.engine.llm_engine import LLMEngine
+from flora_server.engine.paged.engine import PagedLLMEngine
 from flora_server.engine.protocol import (
     FinishEvent,
     GenerationRequest,
@@ -37,10 +38,21 @@ def adapters(tmp_path_factory):
     return {"x": make_flora_adapter(1, tmp), "y": make_flora_adapter(2, tmp)}
 
 
-def make_engine(adapters, gates=None, **kwargs) -> LLMEngine:
+# Engine v2 on the tiny model: blocks of 4 and a step budget of 8 tokens, so prompts are
+# chunked and sequences span several blocks.
+PAGED_TINY = {"kv_block_size": 4, "max_num_batched_tokens": 8, "kv_cache_bytes": 1 << 20}
+
+
+def make_engine(adapters, gates=None, kind: str = "v1", **kwargs) -> LLMEngine:
+    """A started engine on the tiny Llama: v1 (`LLMEngine`) or v2 (`PagedLLMEngine`)."""
     torch.manual_seed(0)
     loaded = TinyLoaded(model=make_tiny_llama(), preprocessor=make_char_tokenizer())
-    engine = LLMEngine(loaded, DictSource(adapters, gates), **kwargs)
+    if kind == "v2":
+        engine: LLMEngine = PagedLLMEngine(
+            loaded, DictSource(adapters, gates), **{**PAGED_TINY, **kwargs}
+        )
+    else:
+        engine = LLMEngine(loaded, DictSource(adapters, gates), **kwargs)
     engine.start()
     deadline = time.monotonic() + 30
     while not engine.ready:
@@ -74,11 +86,11 @@ PROMPTS = {
 ADAPTER_OF = {"x1": "x", "y1": "y", "b1": None, "x2": "x", "b2": None}
 
 
-def test_mixed_batch_matches_solo_and_flora_merge(adapters) -> None:
+def test_mixed_batch_matches_solo_and_flora_merge(adapters, engine_kind) -> None:
     """Greedy tokens of X rows in a concurrent X/Y/base batch equal X alone in the engine
     and flora.merge(X) run directly; base rows equal the base model."""
     steps = 10
-    engine = make_engine(adapters, merge_after_steps=None)
+    engine = make_engine(adapters, kind=engine_kind, merge_after_steps=None)
 
     async def mixed():
         async def one(key, delay):
@@ -107,7 +119,7 @@ def test_mixed_batch_matches_solo_and_flora_merge(adapters) -> None:
     assert list(results["x1"][-1].token_ids) != greedy_alone(refs[None], PROMPTS["x1"], steps)
 
 
-def test_merged_mode_output_and_switches(adapters) -> None:
+def test_merged_mode_output_and_switches(adapters, engine_kind) -> None:
     """A homogeneous X batch goes merged after the hysteresis and still equals the
     reference; a base request afterwards runs on bitwise-restored weights."""
     switches = []
@@ -118,7 +130,7 @@ def test_merged_mode_output_and_switches(adapters) -> None:
                 return lambda old, new: switches.append((old, new))
             return lambda *a, **k: None
 
-    engine = make_engine(adapters, merge_after_steps=2, metrics=Recorder())
+    engine = make_engine(adapters, kind=engine_kind, merge_after_steps=2, metrics=Recorder())
     base_state = {k: v.clone() for k, v in engine._model.state_dict().items()}
     try:
         x = run(collect(engine, GenerationRequest("a", PROMPTS["x1"], greedy(12), "x")))

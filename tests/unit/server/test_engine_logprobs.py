@@ -16,7 +16,8 @@ from flora_server.engine.protocol import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
 
-PROMPT = [5, 17, 33, 60, 8, 44]
+# 13 tokens: engine v2 (step budget 8) scores it over two prefill chunks.
+PROMPT = [5, 17, 33, 60, 8, 44, 71, 12, 90, 3, 27, 64, 50]
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +31,13 @@ def reference_logprobs(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
 
 
-def test_prompt_and_top_logprobs_match_a_full_forward(adapter) -> None:
-    engine = make_engine({"x": adapter}, merge_after_steps=None)
+def test_prompt_and_top_logprobs_match_a_full_forward(adapter, engine_kind) -> None:
+    engine = make_engine({"x": adapter}, kind=engine_kind, merge_after_steps=None)
     params = SamplingParams(max_new_tokens=5, logprobs=True, top_logprobs=3, prompt_logprobs=True)
 
     async def both():
-        # A plain base row is admitted with the scored row: they prefill separately.
+        # A plain base row is admitted with the scored row (v1 prefills them separately,
+        # v2 packs their chunks into the same steps).
         scored = GenerationRequest("s", PROMPT, params, "x")
         plain = GenerationRequest("p", [9, 70, 3], SamplingParams(max_new_tokens=5), None)
         return await asyncio.gather(collect(engine, scored), collect(engine, plain))
@@ -70,8 +72,8 @@ def test_prompt_and_top_logprobs_match_a_full_forward(adapter) -> None:
     assert reference_logprobs(greedy_base, ids)[2:].argmax(-1).tolist() == ids[3:]
 
 
-def test_ignore_eos_generates_through_eos(adapter) -> None:
-    engine = make_engine({"x": adapter})
+def test_ignore_eos_generates_through_eos(adapter, engine_kind) -> None:
+    engine = make_engine({"x": adapter}, kind=engine_kind)
     try:
         first = run(collect(engine, GenerationRequest("a", PROMPT, SamplingParams(1))))
         eos = first[-1].token_ids[0]

@@ -1,5 +1,6 @@
-"""LLMEngine request lifecycle: stops, limits, queue, cancellation, deadlines, adapter
-misses and failures, invalidation, seeded sampling across batch compositions."""
+"""Request lifecycle on both text engines (v1 and v2, the `engine_kind` fixture): stops,
+limits, queue, cancellation, deadlines, adapter misses and failures, invalidation, seeded
+sampling across batch compositions."""
 
 from __future__ import annotations
 
@@ -45,8 +46,10 @@ class RecordingMetrics:
 
 
 @pytest.fixture
-def engine(adapters):
-    eng = make_engine(adapters, max_queue=8, max_new_tokens_cap=20, metrics=RecordingMetrics())
+def engine(adapters, engine_kind):
+    eng = make_engine(
+        adapters, kind=engine_kind, max_queue=8, max_new_tokens_cap=20, metrics=RecordingMetrics()
+    )
     yield eng
     run(eng.shutdown(5))
 
@@ -88,9 +91,9 @@ def test_invalid_prompts_rejected(engine) -> None:
             run(submit(ids))
 
 
-def test_queue_full_raises_at_once(adapters) -> None:
+def test_queue_full_raises_at_once(adapters, engine_kind) -> None:
     gate = threading.Event()
-    eng = make_engine(adapters, gates={"x": gate}, max_queue=2)
+    eng = make_engine(adapters, gates={"x": gate}, max_queue=2, kind=engine_kind)
     try:
 
         async def flood():
@@ -111,9 +114,9 @@ def test_queue_full_raises_at_once(adapters) -> None:
         run(eng.shutdown(5))
 
 
-def test_adapter_miss_delays_only_its_requests(adapters) -> None:
+def test_adapter_miss_delays_only_its_requests(adapters, engine_kind) -> None:
     gate = threading.Event()
-    eng = make_engine(adapters, gates={"y": gate})
+    eng = make_engine(adapters, gates={"y": gate}, kind=engine_kind)
     try:
 
         async def scenario():
@@ -161,9 +164,9 @@ def test_cancel_and_deadline(engine) -> None:
     assert events[-1].reason == "deadline" and events[-1].generated_tokens == 0
 
 
-def test_invalidate_reloads(adapters) -> None:
+def test_invalidate_reloads(adapters, engine_kind) -> None:
     source_adapters = dict(adapters)
-    eng = make_engine(source_adapters)
+    eng = make_engine(source_adapters, kind=engine_kind)
     try:
         source = eng.cache._source
         first = run(collect(eng, GenerationRequest("a", PROMPT, greedy(5), "x")))
@@ -208,8 +211,8 @@ def test_seeded_sampling_independent_of_batch(engine) -> None:
     assert isinstance(alone[-1], FinishEvent)
 
 
-def test_ready_healthy_and_shutdown(adapters) -> None:
-    eng = make_engine(adapters)
+def test_ready_healthy_and_shutdown(adapters, engine_kind) -> None:
+    eng = make_engine(adapters, kind=engine_kind)
     assert eng.ready and eng.healthy and eng.stats().mode == "idle"
     run(eng.shutdown(5))
     assert not eng.ready and not eng._thread.is_alive()

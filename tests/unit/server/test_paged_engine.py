@@ -98,6 +98,40 @@ def test_mixed_prefix_hits_and_chunks_match_independent_references(
     assert stats.kv_cache_usage == 0.0 and stats.running == 0
 
 
+def test_prompt_logprobs_compute_every_position_and_still_fill_the_cache(adapters, refs) -> None:
+    """A request asking for prompt logprobs reads no cached block (each prompt position
+    needs its logits) but caches the blocks it computes; its values equal a full forward
+    of the merged reference, whether the cache held its prefix or not."""
+    from flora_server.engine.protocol import SamplingParams
+
+    prompt = SHARED + PROMPTS["x1"]  # 17 tokens: 3 prefill chunks at a budget of 8
+    scored = SamplingParams(max_new_tokens=3, prompt_logprobs=True, top_logprobs=2)
+    engine = make_engine(adapters, merge_after_steps=None)
+    try:
+        first = run(collect(engine, GenerationRequest("s1", prompt, scored, "x")))
+        after_first = settled_stats(engine)
+        second = run(collect(engine, GenerationRequest("s2", prompt, scored, "x")))
+        after_second = settled_stats(engine)
+        plain = run(collect(engine, GenerationRequest("p", prompt, greedy(3), "x")))
+        after_plain = settled_stats(engine)
+    finally:
+        run(engine.shutdown(5))
+    assert after_first.prefix_cache_hits == after_second.prefix_cache_hits == 0
+    # The plain request reuses the 4 full blocks the scored ones wrote.
+    assert after_plain.prefix_cache_hits == 16
+    with torch.no_grad():
+        ref = refs["x"](torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
+    want = ref.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+    for events in (first, second):
+        entries = events[-1].prompt_logprobs
+        assert [e.token_id for e in entries] == prompt and entries[0].logprob is None
+        got = torch.tensor([e.logprob for e in entries[1:]])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert [[t.token_id for t in e.top] for e in entries[1:]] == ref.topk(2).indices.tolist()
+    assert first[-1].token_ids == second[-1].token_ids == plain[-1].token_ids
+    assert plain[-1].prompt_logprobs == ()
+
+
 def test_cancel_and_deadline_release_blocks(adapters) -> None:
     engine = make_engine(adapters)
 
@@ -156,7 +190,34 @@ def test_engine_setting_selects_v2(adapters) -> None:
     assert isinstance(engine, PagedLLMEngine)
     assert engine.pool.block_size == 8
     assert engine.pool.num_blocks == (1 << 20) // (8 * 2 * 2 * 2 * 16 * 4)
-    assert Settings().engine == "v1"
+    assert Settings().engine == "v2"  # the default
+
+
+def test_a_sliding_window_model_falls_back_to_v1_unless_v2_was_asked_for(caplog) -> None:
+    from transformers import MistralConfig
+
+    from flora_server.bootstrap import text_engine
+    from flora_server.settings import Settings
+
+    config = MistralConfig(
+        vocab_size=98,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+    )
+    sliding = TinyLoaded(model=type("M", (), {"config": config})(), preprocessor=None)
+    full = TinyLoaded(model=make_tiny_llama(), preprocessor=None)
+    with caplog.at_level("INFO", logger="flora_server.bootstrap"):
+        assert text_engine(sliding, Settings()) == "v1"
+    assert "serving it with engine v1" in caplog.text and "slides" in caplog.text
+    with pytest.raises(ValueError, match=r"full-attention models only.*--engine v1"):
+        text_engine(sliding, Settings(engine="v2"))
+    assert text_engine(sliding, Settings(engine="v1")) == "v1"
+    assert text_engine(full, Settings()) == "v2"
+    assert text_engine(full, Settings(engine="v1")) == "v1"
 
 
 def test_prefix_cache_counters_are_exported() -> None:
@@ -169,3 +230,30 @@ def test_prefix_cache_counters_are_exported() -> None:
     text = metrics.render().decode()
     assert "flora_prefix_cache_queries_total 120.0" in text
     assert "flora_prefix_cache_hits_total 48.0" in text
+
+
+def test_decode_padding_never_reads_another_sequences_kv() -> None:
+    """Decode rows are padded to the longest context; the padding reads the pool's zero pad
+    slot, so a non-finite value in a block of some other sequence (an adapter that
+    overflowed) cannot reach a row's output through 0 * NaN."""
+    from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner
+
+    model = make_tiny_llama()
+    kv = KVTensors(2, 4, 4, 2, 16, torch.float32, "cpu")  # 4 blocks of 4
+    runner = PagedRunner(model, kv)
+
+    def no_routing(slots):
+        return None
+
+    short, long = [5, 17, 33], [40, 41, 42, 43, 44, 45, 46]
+    runner.run([ChunkInput(short, 0, [1])], [None] * 3, [2], no_routing)
+    runner.run([ChunkInput(long, 0, [2, 3])], [None] * 7, [6], no_routing)
+    for layer in range(2):  # block 0: another sequence's NaN keys and values
+        kv.keys[layer][:4] = float("nan")
+        kv.values[layer][:4] = float("nan")
+    alone = runner.run([ChunkInput([60], 3, [1])], [None], [0], no_routing)
+    both = runner.run(
+        [ChunkInput([60], 3, [1]), ChunkInput([61], 7, [2, 3])], [None, None], [0, 1], no_routing
+    )
+    assert torch.isfinite(both).all()
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=0)

@@ -64,7 +64,26 @@ def world(tmp_path_factory):
     want = {
         k: expected(adapters.get(a) if a else None, prompts[k]) for k, (a, _) in QUESTIONS.items()
     }
-    return {"adapters": adapters, "prompts": prompts, "want": want, "expected": expected}
+
+    def logprobs(adapter, ids: list[int]) -> torch.Tensor:
+        """[len(ids) - 1, V]: one full forward, no cache (adapter merged by flora)."""
+        if adapter is not None:
+            apply_adapter(ref.model, adapter)
+            flora.merge(ref.model)
+        try:
+            with torch.no_grad():
+                return ref.model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+        finally:
+            if adapter is not None:
+                remove_adapter(ref.model)
+
+    return {
+        "adapters": adapters,
+        "prompts": prompts,
+        "want": want,
+        "expected": expected,
+        "logprobs": logprobs,
+    }
 
 
 def run_engine(engine, jobs):
@@ -172,3 +191,41 @@ def test_pool_exhaustion_waits_or_preempts_and_finishes_exactly(world) -> None:
     assert engine.pool.num_blocks == blocks
     assert dict(zip(keys, got, strict=True)) == {k: want[k] for k in keys}
     assert preemptions >= 1
+
+
+def test_prompt_logprobs_over_chunks_equal_a_full_forward(world) -> None:
+    """Prompt logprobs (echo / decoder_input_details) gathered from 16-token prefill chunks
+    packed beside another adapter's request equal one full forward of the prompt."""
+    from flora_server.engine.protocol import GenerationRequest, SamplingParams
+
+    adapters, prompts, want = world["adapters"], world["prompts"], world["want"]
+    engine = make_engine(
+        adapters, kv_block_size=4, max_num_batched_tokens=16, merge_after_steps=None
+    )
+    params = SamplingParams(max_new_tokens=STEPS, prompt_logprobs=True, top_logprobs=3)
+
+    async def main():
+        while not engine.ready:
+            await asyncio.sleep(0.05)
+
+        async def one(req):
+            return [e async for e in engine.generate(req)]
+
+        scored = GenerationRequest("s", prompts["x1"], params, "x")
+        other = GenerationRequest("o", prompts["y1"], SamplingParams(max_new_tokens=STEPS), "y")
+        return await asyncio.gather(one(scored), one(other))
+
+    try:
+        scored, other = asyncio.run(main())
+    finally:
+        asyncio.run(engine.shutdown(5))
+    prompt = prompts["x1"]
+    assert list(scored[-1].token_ids) == want["x1"]
+    assert list(other[-1].token_ids) == want["y1"]
+    ref = world["logprobs"](adapters["x"], prompt)
+    entries = scored[-1].prompt_logprobs
+    assert [e.token_id for e in entries] == prompt and entries[0].logprob is None
+    got = torch.tensor([e.logprob for e in entries[1:]])
+    want_lp = ref.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(got, want_lp, atol=1e-4, rtol=0)
+    assert [[t.token_id for t in e.top] for e in entries[1:]] == ref.topk(3).indices.tolist()

@@ -26,6 +26,7 @@ Full-attention decoders only (Llama, Qwen2, Mistral without a sliding window, ..
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,7 @@ class ChunkInput:
 
 class KVTensors:
     """The KV pool's storage, allocated once: per layer, keys and values of shape
-    [num_blocks * block_size, kv_heads, head_dim]."""
+    [num_blocks * block_size + 1, kv_heads, head_dim] (the last slot is the zero pad)."""
 
     def __init__(
         self,
@@ -64,10 +65,13 @@ class KVTensors:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_blocks * block_size, kv_heads, head_dim)
+        # One slot past the blocks stays zero: padding reads it, so a non-finite value in
+        # one sequence's keys (an adapter that overflows) never reaches another's output.
+        self.pad_slot = num_blocks * block_size
+        shape = (self.pad_slot + 1, kv_heads, head_dim)
         self.block_size = block_size
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys = [_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.values = [_zeros(shape, dtype, device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -81,6 +85,19 @@ class KVTensors:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values])
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor. On the CPU its memory comes from calloc (numpy), whose large blocks the
+    kernel maps zero-filled on first touch: the pages of KV blocks never used are not
+    resident, so a server holds what its pool has used, not `kv_cache_bytes` at start. The
+    pool stays all zeros where unwritten (the decode graphs read whole blocks, masked)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class PagedStep:
@@ -119,11 +136,12 @@ class PagedStep:
                 self.masks.append(_chunk_mask(n, start, device))
             row += n
         self.write = torch.tensor(write, dtype=torch.long, device=device)
-        # Decode group: keys gathered into [B, L_max] (padding reads slot 0, masked out).
+        # Decode group: keys gathered into [B, L_max] (padding reads the zero pad slot,
+        # masked out).
         self.decode_rows: torch.Tensor | None = None
         if decode_rows:
             longest = max(len(s) for s in decode_slots)
-            gather = torch.zeros(len(decode_rows), longest, dtype=torch.long)
+            gather = torch.full((len(decode_rows), longest), kv.pad_slot, dtype=torch.long)
             mask = torch.zeros(len(decode_rows), 1, 1, longest, dtype=torch.bool)
             for i, slots in enumerate(decode_slots):
                 gather[i, : len(slots)] = torch.tensor(slots, dtype=torch.long)

@@ -9,7 +9,8 @@ Each step (as vLLM's scheduler does):
    chunk as long as the budget left allows (chunked prefill: a long prompt goes in
    pieces interleaved with the decode steps of the others).
 3. Waiting sequences start in FIFO order while the budget, `max_running` and the pool
-   allow: first the longest cached prefix is attached (`BlockPool.match_prefix`), then
+   allow: first the longest cached prefix is attached (`BlockPool.match_prefix`; not for
+   a sequence that asked for prompt logprobs, which computes every position), then
    blocks for the first chunk are allocated. A sequence whose first chunk does not fit
    waits (and keeps its place at the head: later ones do not overtake it).
 
@@ -41,6 +42,9 @@ class SequenceState:
     arrival: int = 0
     preemptions: int = 0
     looked_up: bool = False  # counted in the prefix-cache queries since (re)starting
+    # False while the sequence needs the logits of every prompt position (prompt logprobs):
+    # it then computes its whole prompt, though the blocks it fills are still cached.
+    reads_prefix_cache: bool = True
 
     @property
     def num_computed(self) -> int:
@@ -87,8 +91,16 @@ class PagedScheduler:
         self.running: list[SequenceState] = []  # in start order
         self._arrivals = 0
 
-    def add(self, row: Any, prompt: Sequence[int], adapter_key: str) -> SequenceState:
-        seq = SequenceState(row, list(prompt), BlockTable(adapter_key), arrival=self._arrivals)
+    def add(
+        self, row: Any, prompt: Sequence[int], adapter_key: str, reads_prefix_cache: bool = True
+    ) -> SequenceState:
+        seq = SequenceState(
+            row,
+            list(prompt),
+            BlockTable(adapter_key),
+            arrival=self._arrivals,
+            reads_prefix_cache=reads_prefix_cache,
+        )
         self._arrivals += 1
         self.waiting.append(seq)
         return seq
@@ -131,7 +143,8 @@ class PagedScheduler:
         # 3. start waiting sequences (FIFO; the head is never overtaken).
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            self.pool.match_prefix(seq.table, seq.token_ids, count=not seq.looked_up)
+            if seq.reads_prefix_cache:
+                self.pool.match_prefix(seq.table, seq.token_ids, count=not seq.looked_up)
             seq.looked_up = True
             count = min(seq.remaining, budget)
             if not self.pool.grow(seq.table, seq.num_computed + count):

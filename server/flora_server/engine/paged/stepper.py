@@ -5,19 +5,26 @@ handling, finishing and failing rows are inherited unchanged) and replaces what 
 runs: admitted rows join the `PagedScheduler`; each step runs the token plan it returns
 (decode tokens and prefill chunks packed into one forward by `PagedRunner`), samples the
 rows whose chunk reached their last token, and releases the blocks of finished rows.
+Prompt logprobs are gathered from the prefill chunks' logits (`prompt_scores`). A packed
+forward that raises is retried chunk by chunk, so only the request whose chunk fails alone
+is failed (v1 does the same for its batched prefill).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
+
 from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.hooks import EngineMetrics
 from flora_server.engine.paged.kv_cache import BASE_KEY, BlockTable
+from flora_server.engine.paged.prompt_scores import PromptScores
 from flora_server.engine.paged.runner import ChunkInput, PagedRunner
-from flora_server.engine.paged.scheduler import PagedScheduler, SequenceState, StepPlan
+from flora_server.engine.paged.scheduler import PagedScheduler, ScheduledChunk, SequenceState
 from flora_server.engine.policy import choose_mode, update_streak
 from flora_server.engine.requests import RowState
 from flora_server.engine.runtime import AdapterRuntime
@@ -25,6 +32,8 @@ from flora_server.engine.stepper import Stepper
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 
 class PagedStepper(Stepper):
@@ -44,6 +53,7 @@ class PagedStepper(Stepper):
         self.runner = runner
         self.scheduler = scheduler
         self.preemptions = 0
+        self._scores: dict[SequenceState, PromptScores] = {}  # prompts still being scored
 
     @property
     def busy(self) -> bool:
@@ -55,7 +65,13 @@ class PagedStepper(Stepper):
 
     def step(self, admitted: Sequence[RowState], waiting: Sequence[str | None]) -> None:
         for row in admitted:
-            self.scheduler.add(row, row.request.prompt_ids, prefix_key(row))
+            scored = row.request.params.prompt_logprobs
+            seq = self.scheduler.add(
+                row, row.request.prompt_ids, prefix_key(row), reads_prefix_cache=not scored
+            )
+            if scored:
+                n = row.request.params.top_logprobs
+                self._scores[seq] = PromptScores(row.request.prompt_ids, n, self.runner.device)
         running = [r.adapter_id for r in self.rows]
         self._streak_adapter, self._streak = update_streak(
             self._streak_adapter, self._streak, running
@@ -68,31 +84,84 @@ class PagedStepper(Stepper):
         plan = self.scheduler.schedule()
         self.preemptions += len(plan.preempted)
         if plan.chunks:
-            try:
-                self._run(plan)
-            except Exception as exc:
-                self.fail([c.seq.row for c in plan.chunks], exc)
+            started = time.monotonic()
+            for chunks, logits in self._forward_isolated(plan.chunks):
+                try:
+                    self._finish_chunks(chunks, logits)
+                except Exception as exc:
+                    self.fail([c.seq.row for c in chunks], exc)
+            self.metrics.on_step(self.mode, len(plan.chunks), time.monotonic() - started)
         self.drop_finished()
 
-    def _run(self, plan: StepPlan) -> None:
-        started = time.monotonic()
-        chunks, slots, sample_rows, sampled = [], [], [], []
-        for chunk in plan.chunks:
+    def _forward_isolated(
+        self, chunks: list[ScheduledChunk]
+    ) -> list[tuple[list[ScheduledChunk], torch.Tensor]]:
+        """The step's forward, packed. If it raises (out of memory, a kernel refusing one
+        row's input), each chunk is run again alone so that only the request whose chunk
+        still fails is failed. A failed forward wrote only the positions it was computing
+        (num_computed has not moved), so running them again is exact."""
+        try:
+            return [(chunks, self._forward(chunks))]
+        except Exception as exc:
+            if len(chunks) == 1:
+                self.fail([chunks[0].seq.row], exc)
+                return []
+            log.warning(
+                "a packed step of %d chunks failed (%s); retrying each alone", len(chunks), exc
+            )
+        done = []
+        for chunk in chunks:
+            try:
+                done.append(([chunk], self._forward([chunk])))
+            except Exception as exc:
+                self.fail([chunk.seq.row], exc)
+        return done
+
+    def _forward(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        """Run `chunks` packed; float32 logits [S + P, V]: first the S chunks that sample
+        (in order), then every position scored for prompt logprobs (in order)."""
+        inputs: list[ChunkInput] = []
+        slots: list[int | None] = []  # the adapter slot of each packed token
+        sample_rows: list[int] = []
+        score_rows: list[int] = []
+        for chunk in chunks:
             seq = chunk.seq
+            first = len(slots)
             tokens = seq.token_ids[chunk.start : chunk.start + chunk.count]
-            chunks.append(ChunkInput(tokens, chunk.start, seq.table.blocks))
+            inputs.append(ChunkInput(tokens, chunk.start, seq.table.blocks))
             slots.extend([seq.row.slot] * chunk.count)
             if chunk.sample:
                 sample_rows.append(len(slots) - 1)
-                sampled.append(seq)
-        logits = self.runner.run(chunks, slots, sample_rows, self.runtime.set_routing)
-        for chunk in plan.chunks:
+            scores = self._scores.get(seq)
+            if scores is not None:
+                score_rows.extend(
+                    first + p - chunk.start for p in scores.positions(chunk.start, chunk.count)
+                )
+        return self.runner.run(inputs, slots, sample_rows + score_rows, self.runtime.set_routing)
+
+    def _finish_chunks(self, chunks: Sequence[ScheduledChunk], logits: torch.Tensor) -> None:
+        """Record what `chunks` computed, their prompt scores, then sample the rows whose
+        chunk reached the sequence's last token."""
+        sampled = [c.seq for c in chunks if c.sample]
+        offset = len(sampled)
+        for chunk in chunks:
             self.scheduler.computed(chunk)
+            seq = chunk.seq
+            scores = self._scores.get(seq)
+            if scores is None:
+                continue
+            positions = scores.positions(chunk.start, chunk.count)
+            if positions:
+                scores.add(chunk.start, logits[offset : offset + len(positions)])
+                offset += len(positions)
+            if scores.complete:
+                seq.row.prompt_logprobs = scores.entries(seq.row.text.decode)
+                seq.reads_prefix_cache = True
+                del self._scores[seq]
         if sampled:
-            picked = self._sample([s.row for s in sampled], logits)  # [len(sampled)]
+            picked = self._sample([s.row for s in sampled], logits[: len(sampled)])
             for seq, token in zip(sampled, picked.tolist(), strict=True):
                 seq.token_ids.append(token)
-        self.metrics.on_step(self.mode, len(plan.chunks), time.monotonic() - started)
         self.metrics.on_tokens(len(sampled))
 
     def drop_finished(self) -> None:
@@ -105,11 +174,13 @@ class PagedStepper(Stepper):
                 self.finish(row, "deadline")
             if row.finished is not None:
                 self.scheduler.finish(seq)
+                self._scores.pop(seq, None)
 
     def fail_all(self, exc: BaseException) -> None:
         self.fail(self.rows, exc)
         for seq in self.scheduler.sequences:
             self.scheduler.finish(seq)
+        self._scores.clear()
 
     def warm_up(self, token_id: int) -> None:
         """One single-token forward on the base model through the pool, discarded."""
