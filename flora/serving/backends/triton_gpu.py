@@ -191,6 +191,12 @@ def gpu_kernel_for(
     return None
 
 
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[tokens, in]`` with unit stride on the last dim (what the kernels read)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 class _TritonPlan:
     """CUDA: ``y = base(x)``, then the Triton kernel adds every row's ``(x @ A_s) @ B_s``
     in place, reading each row's slot from the bank up to its own rank. The routing (row
@@ -232,9 +238,7 @@ class _TritonPlan:
                 self.torch_path = self.torch_plan()
             return self.torch_path(x)
         y = self.base(x)
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2 = _token_rows(x)
         self.kernel(
             y.view(-1, y.shape[-1]), x2, self.slots, self.ranks, self.a, self.b, self.block_r
         )
@@ -284,9 +288,7 @@ class _TritonSegmentPlan:
                 self.torch_path = self.torch_plan()
             return self.torch_path(x)
         y = self.base(x)
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2 = _token_rows(x)
         self.kernel.segments(
             y.view(-1, y.shape[-1]), x2, self.tiles, self.ranks, self.a, self.b, self.block_r
         )
@@ -312,9 +314,7 @@ class _TritonGraphPlan:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2 = _token_rows(x)
         self.kernel(
             y.view(-1, y.shape[-1]), x2, self.slots, self.ranks, self.a, self.b, self.block_r
         )
