@@ -2,13 +2,15 @@
 
 ``<dir>/adapter_config.json`` + ``adapter.safetensors`` are a normal adapter (loadable with
 ``flora.load_adapter``); ``trainer_state.safetensors`` holds the AdamW moments (keyed by
-parameter name) and the torch RNG state; ``trainer_state.json`` the step and loss history.
+parameter name) and the torch RNG state; ``trainer_state.json`` the step and loss history,
+and in fp16 runs the gradient scaler's state (its scale and growth counter: a few numbers).
 No pickle anywhere.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,10 @@ from flora.train.errors import TrainError
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 _RNG_KEY = "rng.torch"
+SCALER_KEY = "grad_scaler"
+# GradScaler.state_dict() of an enabled scaler: which entries are counters, which factors.
+_SCALER_INTS = ("growth_interval", "_growth_tracker")
+_SCALER_FLOATS = ("scale", "growth_factor", "backoff_factor")
 
 
 def save_checkpoint(
@@ -31,8 +37,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     adapter_kwargs: dict[str, Any],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Write adapter + optimizer moments + RNG + ``state`` (step, losses, ...)."""
+    """Write adapter + optimizer moments + RNG + ``state`` (step, losses, ...), plus the
+    state of ``scaler`` when it is enabled (fp16; other runs' checkpoints have none)."""
     flora.save_adapter(model, directory, **adapter_kwargs)
     names = {id(p): n for n, p in model.named_parameters()}
     tensors: dict[str, torch.Tensor] = {_RNG_KEY: torch.get_rng_state()}
@@ -41,6 +49,8 @@ def save_checkpoint(
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"opt.{names[id(p)]}.{key}"] = value.detach().cpu().reshape(value.shape)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / STATE_TENSORS))
+    if scaler is not None and scaler.is_enabled():
+        state = {**state, SCALER_KEY: scaler.state_dict()}
     (directory / STATE_JSON).write_text(json.dumps(state, indent=1))
 
 
@@ -70,6 +80,33 @@ def load_checkpoint(
                 }
     torch.set_rng_state(saved[_RNG_KEY])
     return json.loads((directory / STATE_JSON).read_text())
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> bool:
+    """Load the scaler state saved in ``state`` (a checkpoint's JSON) into an enabled
+    ``scaler``. False when the scaler is enabled but the checkpoint has no state for it
+    (one written before scalers were saved, or by a bf16/fp32 run): it stays fresh.
+    TrainError when the saved state is malformed."""
+    if not scaler.is_enabled():
+        return True
+    saved = state.get(SCALER_KEY)
+    if saved is None:
+        return False
+    if not _valid_scaler_state(saved):
+        raise TrainError(f"--resume: {SCALER_KEY} in {STATE_JSON} is malformed: {saved!r}")
+    scaler.load_state_dict(saved)
+    return True
+
+
+def _valid_scaler_state(saved: Any) -> bool:
+    if not isinstance(saved, dict) or set(saved) != {*_SCALER_INTS, *_SCALER_FLOATS}:
+        return False
+    ints = all(type(saved[k]) is int and saved[k] >= 0 for k in _SCALER_INTS)
+    floats = all(
+        type(saved[k]) in (int, float) and math.isfinite(saved[k]) and saved[k] > 0
+        for k in _SCALER_FLOATS
+    )
+    return ints and floats and saved["growth_interval"] > 0
 
 
 def _copy_adapter(model: nn.Module, adapter: flora.Adapter) -> None:

@@ -87,7 +87,7 @@ class Precision:
         with torch.autocast(device_type=self.device.type, dtype=self.dtype):
             yield
 
-    def scaler(self) -> Any:
+    def scaler(self) -> torch.amp.GradScaler:
         """A ``torch.amp.GradScaler`` for fp16 (a disabled one otherwise)."""
         enabled = self.name == "fp16"
         return torch.amp.GradScaler(self.device.type, enabled=enabled)

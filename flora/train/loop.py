@@ -28,6 +28,7 @@ import flora
 from flora.train.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
+    restore_scaler,
     save_checkpoint,
     step_checkpoints,
     step_dir,
@@ -145,6 +146,12 @@ def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
     resume = resolve_resume(options.resume, out)
     if resume is not None:
         state = load_checkpoint(resume, model, optimizer)
+        if not restore_scaler(scaler, state):
+            _log(
+                f"note: {resume} holds no gradient-scaler state (written by an older "
+                "version or a bf16/fp32 run); fp16 continues with a fresh scaler",
+                options,
+            )
         start_step, losses = int(state["step"]), list(state["losses"])
         seconds_before = float(state.get("train_seconds", 0.0))
         base_metrics = dict(state.get("base_metrics", {}))
@@ -166,7 +173,8 @@ def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
             "base_metrics": base_metrics,
             "best": best.to_json(),
         }
-        save_checkpoint(step_dir(out / CHECKPOINTS, step), model, optimizer, state, adapter_kwargs)
+        directory = step_dir(out / CHECKPOINTS, step)
+        save_checkpoint(directory, model, optimizer, state, adapter_kwargs, scaler)
         if options.keep_checkpoints:
             prune_checkpoints(out / CHECKPOINTS, options.keep_checkpoints)
 

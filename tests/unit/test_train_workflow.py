@@ -12,6 +12,7 @@ from train_tiny import tiny_effnet, tiny_encoder, tiny_llama
 
 import flora
 from flora.train import cli, train
+from flora.train.checkpoint import SCALER_KEY
 from flora.train.data import stratified_sample
 
 TEXTS = [(f"good great fine film {i % 3}", "pos") for i in range(12)] + [
@@ -40,14 +41,13 @@ def _train_text(tmp_path, data: str, name: str = "out", dropout: bool = True, **
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     opts = {"max_steps": 4, "lr": 4e-3, "batch_size": 8, "eval_split": "0.25", "threads": 1}
-    opts.update(kw)
+    opts.update({"progress": False, **kw})
     metrics = train(
         "text-classification",
         base="tiny",
         data=data,
         out=tmp_path / name,
         loaded=loaded,
-        progress=False,
         **opts,
     )
     return metrics, loaded
@@ -149,9 +149,91 @@ def test_resume_latest_gives_the_uninterrupted_weights(tmp_path):
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-000006")
     metrics, resumed = _train_text(tmp_path, data, "cut", max_steps=6, resume="latest")
     assert metrics["steps"] == 6
+    # fp32 checkpoints carry no gradient-scaler state.
+    state = json.loads((tmp_path / "cut/checkpoints/step-000003/trainer_state.json").read_text())
+    assert SCALER_KEY not in state
     want, got = _state(whole.model), _state(resumed.model)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
+INIT_SCALE = 2.0**20
+
+
+class _TracedScaler(torch.amp.GradScaler):
+    """A GradScaler that records the scale each optimizer step runs with. It starts above
+    what the tiny model's fp16 gradients fit, so the run skips a step and backs off early,
+    as a real fp16 run does in its first steps (the default 2**16 never overflows here)."""
+
+    def __init__(self, device: str, enabled: bool) -> None:
+        super().__init__(device, init_scale=INIT_SCALE, enabled=enabled)
+        self.used: list[float] = []
+
+    def step(self, optimizer, *args, **kwargs):
+        self.used.append(self.get_scale())
+        return super().step(optimizer, *args, **kwargs)
+
+
+def test_fp16_resume_latest_restores_the_gradient_scaler(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from flora.train.device import Precision
+
+    made: list[_TracedScaler] = []
+
+    def traced(self):
+        made.append(_TracedScaler(self.device.type, enabled=self.name == "fp16"))
+        return made[-1]
+
+    monkeypatch.setattr(Precision, "scaler", traced)
+    data = _csv(tmp_path)
+    fp16 = {"max_steps": 6, "precision": "fp16", "device": "cpu"}
+    _, whole = _train_text(tmp_path, data, "whole", **fp16)
+    used = made[-1].used
+    # The scale backed off before the cut, so a fresh scaler after it would differ.
+    assert len(used) == 6 and used[3] < INIT_SCALE
+    _train_text(tmp_path, data, "cut", save_every=3, **fp16)
+    state = json.loads((tmp_path / "cut/checkpoints/step-000003/trainer_state.json").read_text())
+    assert state[SCALER_KEY]["scale"] == used[3]
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-000006")
+    _, resumed = _train_text(tmp_path, data, "cut", resume="latest", **fp16)
+    assert made[-1].used == used[3:]
+    want, got = _state(whole.model), _state(resumed.model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+    # A checkpoint without scaler state (an older one) still resumes, with a fresh scaler
+    # and a note.
+    del state[SCALER_KEY]
+    (tmp_path / "cut/checkpoints/step-000003/trainer_state.json").write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-000006")
+    capsys.readouterr()
+    _train_text(tmp_path, data, "cut", resume="latest", progress=True, **fp16)
+    assert "fresh scaler" in capsys.readouterr().err
+    assert made[-1].used[0] == INIT_SCALE
+
+
+def test_restore_scaler_rejects_malformed_state_and_ignores_it_when_disabled():
+    from flora.train.checkpoint import restore_scaler
+    from flora.train.errors import TrainError
+
+    good = torch.amp.GradScaler("cpu", init_scale=8.0).state_dict()
+    for bad in [
+        {**good, "scale": float("nan")},
+        {**good, "scale": "8"},
+        {**good, "_growth_tracker": 1.5},
+        {**good, "growth_interval": 0},
+        {k: v for k, v in good.items() if k != "backoff_factor"},
+        [8.0],
+    ]:
+        with pytest.raises(TrainError, match=r"grad_scaler .* is malformed"):
+            restore_scaler(torch.amp.GradScaler("cpu"), {SCALER_KEY: bad})
+    scaler = torch.amp.GradScaler("cpu")
+    assert restore_scaler(scaler, {SCALER_KEY: {**good, "_growth_tracker": 3}})
+    assert scaler.get_scale() == 8.0 and scaler.state_dict()["_growth_tracker"] == 3
+    assert not restore_scaler(torch.amp.GradScaler("cpu"), {"step": 3})
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    assert restore_scaler(disabled, {SCALER_KEY: good}) and not disabled.is_enabled()
 
 
 def test_keep_checkpoints_prunes_the_oldest(tmp_path):
