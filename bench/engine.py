@@ -61,19 +61,6 @@ class EngineBenchConfig:
     seed: int = 0
 
 
-class _Source:
-    """AdapterSource over a dict of loaded adapters."""
-
-    def __init__(self, adapters: dict[str, Any]) -> None:
-        self.adapters = adapters
-
-    def load(self, adapter_id: str) -> Any:
-        return self.adapters[adapter_id]
-
-    def exists(self, adapter_id: str) -> bool:
-        return adapter_id in self.adapters
-
-
 class _StepProbe:
     """EngineMetrics that calls `probe()` on the worker thread after every step."""
 
@@ -118,12 +105,13 @@ def start_engine(kind: str, cfg: EngineBenchConfig, adapters: dict, metrics: Any
     from flora.models import load
     from flora_server.engine.llm_engine import LLMEngine
     from flora_server.engine.paged.engine import PagedLLMEngine
+    from flora_server.engine.protocol import InMemorySource
 
     loaded = load(MODEL)
     if kind == "v1":
         engine = LLMEngine(
             loaded,
-            _Source(adapters),
+            InMemorySource(adapters),
             metrics=metrics,
             max_new_tokens_cap=4096,
             max_batch_size=cfg.max_batch_size,
@@ -131,7 +119,7 @@ def start_engine(kind: str, cfg: EngineBenchConfig, adapters: dict, metrics: Any
     else:
         engine = PagedLLMEngine(
             loaded,
-            _Source(adapters),
+            InMemorySource(adapters),
             metrics=metrics,
             max_new_tokens_cap=4096,
             max_batch_size=cfg.max_batch_size,

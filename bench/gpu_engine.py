@@ -160,26 +160,14 @@ def make_adapters(model: Any, sizes: Sizes) -> dict[str, Any]:
     return out
 
 
-class Source:
-    """AdapterSource over a dict of loaded adapters."""
-
-    def __init__(self, adapters: dict[str, Any]) -> None:
-        self.adapters = adapters
-
-    def load(self, adapter_id: str) -> Any:
-        return self.adapters[adapter_id]
-
-    def exists(self, adapter_id: str) -> bool:
-        return adapter_id in self.adapters
-
-
 def start_engine(model: Any, adapters: dict, sizes: Sizes, graphs: str, dry: bool) -> Any:
     from flora_server.engine.paged.engine import PagedLLMEngine
     from flora_server.engine.paged.graphs import RecordedCapture
+    from flora_server.engine.protocol import InMemorySource
 
     engine = PagedLLMEngine(
         Loaded(model),
-        Source(adapters),
+        InMemorySource(adapters),
         kv_cache_bytes=sizes.kv_cache_bytes,
         kv_block_size=16,
         max_num_batched_tokens=sizes.token_budget,

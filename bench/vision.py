@@ -31,20 +31,10 @@ from flora import models
 from flora.adapter.io import adapter_from_model
 from flora.serving.base import ServingPolicy
 from flora_server.engine.batch_engine import BatchJob
+from flora_server.engine.protocol import InMemorySource
 from flora_server.engine.vision import VisionEngine
 
 BATCH = 16
-
-
-class _Source:
-    def __init__(self, adapters: dict[str, Any]) -> None:
-        self.adapters = adapters
-
-    def load(self, adapter_id: str) -> Any:
-        return self.adapters[adapter_id]
-
-    def exists(self, adapter_id: str) -> bool:
-        return adapter_id in self.adapters
 
 
 def make_adapters(n: int, rank: int, size: int) -> dict[str, Any]:
@@ -108,7 +98,7 @@ def main() -> None:
     engines = {}
     for name, policy in policies.items():
         loaded = models.load("efficientnet-lite0")
-        engine = VisionEngine(loaded, _Source(adapters), max_slots=BATCH, policy=policy)
+        engine = VisionEngine(loaded, InMemorySource(adapters), max_slots=BATCH, policy=policy)
         # Load every adapter onto a device slot (the cache loads in the background).
         for adapter_id in adapters:
             while engine.cache.lookup(adapter_id) is None:

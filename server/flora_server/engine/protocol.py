@@ -188,6 +188,23 @@ class AdapterSource(Protocol):
     def exists(self, adapter_id: str) -> bool: ...
 
 
+class InMemorySource:
+    """An `AdapterSource` over adapters already in memory (benchmarks and embedding the
+    engine without a store): `adapters` maps an id to its `Adapter` or `LoadedAdapter`."""
+
+    def __init__(self, adapters: dict[str, LoadedAdapter | Adapter]) -> None:
+        self.adapters = adapters
+
+    def load(self, adapter_id: str) -> LoadedAdapter | Adapter:
+        try:
+            return self.adapters[adapter_id]
+        except KeyError:
+            raise AdapterNotFoundError(adapter_id) from None
+
+    def exists(self, adapter_id: str) -> bool:
+        return adapter_id in self.adapters
+
+
 class GenerationEngine(Protocol):
     kind: str  # "causal-lm"
     model_name: str

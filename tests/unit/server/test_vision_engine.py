@@ -7,7 +7,6 @@ import asyncio
 import pytest
 import torch
 from vision_fixtures import (
-    DictSource,
     make_conv_adapter,
     make_loaded,
     random_image,
@@ -15,7 +14,7 @@ from vision_fixtures import (
 )
 
 from flora.models.image_transform import ImageTransform
-from flora_server.engine.protocol import AdapterNotFoundError
+from flora_server.engine.protocol import AdapterNotFoundError, InMemorySource
 from flora_server.engine.vision import VisionEngine, adapter_transform
 
 TOL = 1e-5
@@ -46,7 +45,7 @@ def test_mixed_batch_equals_offline_reference_and_single_requests(adapters: dict
     plan = [(None, 0), ("a", 1), ("b", 2), ("c", 3), ("a", 0), (None, 3)]
 
     async def main() -> tuple[list, list, dict]:
-        engine = VisionEngine(make_loaded(), DictSource(adapters), max_slots=4, max_wait=0.05)
+        engine = VisionEngine(make_loaded(), InMemorySource(adapters), max_slots=4, max_wait=0.05)
         await _start(engine)
         mixed = await asyncio.gather(*[engine.submit(a, [images[i]], 100) for a, i in plan])
         alone = [await engine.submit(a, [images[i]], 100) for a, i in plan]
@@ -76,7 +75,7 @@ def test_adapters_change_the_answer_and_top_k_is_respected(adapters: dict) -> No
     image = random_image(7)
 
     async def main() -> tuple[list, list]:
-        engine = VisionEngine(make_loaded(), DictSource(adapters), max_slots=2)
+        engine = VisionEngine(make_loaded(), InMemorySource(adapters), max_slots=2)
         await _start(engine)
         base = await engine.submit(None, [image, image], 2)
         conv_only = await engine.submit("c", [image], 7)
@@ -105,7 +104,7 @@ def test_unknown_adapter_fails_only_its_request(adapters: dict) -> None:
     image = random_image(1)
 
     async def main() -> list:
-        engine = VisionEngine(make_loaded(), DictSource(adapters), max_slots=2, max_wait=0.05)
+        engine = VisionEngine(make_loaded(), InMemorySource(adapters), max_slots=2, max_wait=0.05)
         await _start(engine)
         out = await asyncio.gather(
             engine.submit("nope", [image], 3),

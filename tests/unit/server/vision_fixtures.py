@@ -89,23 +89,6 @@ def make_conv_adapter(seed: int, num_labels: int | None, image_size: int | None 
     )
 
 
-class DictSource:
-    """AdapterSource over a dict."""
-
-    def __init__(self, adapters: dict[str, Any]) -> None:
-        self.adapters = adapters
-
-    def load(self, adapter_id: str) -> Any:
-        from flora_server.engine.protocol import AdapterNotFoundError
-
-        if adapter_id not in self.adapters:
-            raise AdapterNotFoundError(adapter_id)
-        return self.adapters[adapter_id]
-
-    def exists(self, adapter_id: str) -> bool:
-        return adapter_id in self.adapters
-
-
 def reference_logits(
     adapter: Any | None, image: Image.Image, transform: ImageTransform
 ) -> torch.Tensor:
