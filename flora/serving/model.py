@@ -179,6 +179,24 @@ class ServingModel:
     def wrapped_modules(self) -> list[str]:
         return list(self._wrapped)
 
+    def merge_cost(self, slot: int) -> tuple[int, int]:
+        """Multiply-adds of merging ``slot`` (every targeted weight gains a rank-r product:
+        ``out * in * r``) and of applying it to one token on the per-row path (shrink and
+        expand: ``(in + out) * r``), summed over its modules. Their ratio is how many
+        row-tokens of per-row work one merge costs, whatever the rank (the engine's
+        merge policy reads it)."""
+        names = self._slot_modules[self._check_slot(slot)]
+        if names is None:
+            raise ValueError(f"slot {slot} is not loaded")
+        merge = per_token = 0
+        for name in names:
+            wrapper = self._wrapped[name]
+            rank = wrapper.slot_rank[slot]
+            shape = wrapper.weight.shape
+            merge += wrapper.weight.numel() * rank
+            per_token += (shape[0] + shape[1]) * rank
+        return merge, per_token
+
     def check(self, adapter: Any) -> None:
         """Raise ValueError unless ``load`` would accept ``adapter``; changes nothing.
 

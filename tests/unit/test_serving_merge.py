@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_serving_layers import DEVICES, SHAPES, Toy, inputs, make_adapters
+from test_serving_layers import DEVICES, SHAPES, Toy, inputs, make_adapters, make_factors
 
 from flora.serving import ServingModel
 
@@ -99,3 +99,20 @@ def test_non_finite_merge_raises_and_changes_nothing() -> None:
     assert serving.merged_slot is None
     for name, w in base_weights(serving).items():
         assert torch.equal(w, before[name]), name
+
+
+def test_merge_cost_counts_the_rank_r_update_and_the_per_token_work() -> None:
+    """Linear (12 x 16) and Conv1D (16 -> 10) at rank 3: merging is out * in * r per module,
+    the per-row path (in + out) * r per token; hand-computed."""
+    gen = torch.Generator().manual_seed(0)
+    serving = ServingModel(Toy(), max_slots=2)
+    serving.load_modules(
+        1,
+        {
+            "lin": make_factors("linear", (12, 16), (3, 3), scale=1.0, gen=gen),
+            "c1d": make_factors("hf_conv1d", (16, 10), (3, 3), scale=1.0, gen=gen),
+        },
+    )
+    assert serving.merge_cost(1) == (12 * 16 * 3 + 16 * 10 * 3, (12 + 16) * 3 + (16 + 10) * 3)
+    with pytest.raises(ValueError, match="slot 0 is not loaded"):
+        serving.merge_cost(0)

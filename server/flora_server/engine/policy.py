@@ -15,18 +15,24 @@ Policy (evaluated by the worker before every step, after new requests were admit
         steps (hysteresis: a stream of alternating short requests keeps running batched
         instead of merging and unmerging every few tokens);
      b. no waiting request that could join next step needs anything other than X (it
-        would force an unmerge right away).
+        would force an unmerge right away);
+     c. the merge pays for itself (`merge_pays`): the per-row work it would save over the
+        running rows' remaining token budgets is at least its own work.
      Until then: "batched".
    `merge_after_steps=None` disables merging altogether.
 
-Merging costs one weight update per adapted module and unmerging restores the base bitwise
-from a host copy, each about the cost of a few decode steps on a small model; the streak
-requirement bounds the number of switches to one per `merge_after_steps` steps.
+Merging costs one rank-r update of every adapted weight (`out * in * r` multiply-adds per
+module) and unmerging restores the base bitwise from a host copy; the per-row path costs
+`(in + out) * r` per token. So one merge costs as much as about `out * in / (out + in)`
+row-tokens of per-row work (348 for SmolLM2-135M with all seven projections adapted): a
+batch of short requests would pay for a merge it never recovers, and with one thread per
+replica a merge stalls every running row for over a second (docs/performance.md). The
+streak requirement bounds the number of switches to one per `merge_after_steps` steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,6 +67,15 @@ def update_streak(
     return current, 1
 
 
+def merge_pays(remaining_tokens: Sequence[int], cost: tuple[int, int]) -> bool:
+    """Whether merging pays for itself: `cost` is the adapter's (merge, per-token)
+    multiply-adds (`AdapterRuntime.merge_cost`); merged mode saves the per-token work on
+    every token the running rows may still generate (`remaining_tokens`, their budgets:
+    an upper bound, a row can stop early)."""
+    merge, per_token = cost
+    return per_token * sum(max(0, n) for n in remaining_tokens) >= merge
+
+
 def choose_mode(
     running: Sequence[str | None],
     waiting: Sequence[str | None],
@@ -68,13 +83,15 @@ def choose_mode(
     streak: int,
     *,
     merge_after_steps: int | None = 4,
+    pays: Callable[[str], bool] = lambda adapter: True,
 ) -> ModeDecision:
     """Decide the mode for the next step (see the module docstring for the policy).
 
     running: the adapter of each row in the next step (None = base); waiting: adapters of
     requests that could be admitted next; merged: the adapter currently merged into the
     weights; streak: consecutive steps the running rows have been homogeneous on
-    `homogeneous_adapter(running)` (this step included).
+    `homogeneous_adapter(running)` (this step included); pays: whether merging that
+    adapter now pays for itself (rule 4c, asked last: it is the one that costs work).
     """
     if not running:
         return ModeDecision("idle", merged)
@@ -88,5 +105,7 @@ def choose_mode(
     if merge_after_steps is None or streak < merge_after_steps:
         return ModeDecision("batched", None)
     if any(a != only for a in waiting):
+        return ModeDecision("batched", None)
+    if not pays(only):
         return ModeDecision("batched", None)
     return ModeDecision("merged", only)

@@ -51,6 +51,10 @@ class AdapterRuntime(Protocol):
         """Restore the base weights bitwise."""
         ...
 
+    def merge_cost(self, slot: int) -> tuple[int, int]:
+        """Multiply-adds of merging `slot`, and of applying it to one token per row."""
+        ...
+
 
 def torch_factor_dtype(setting: str) -> torch.dtype | None:
     """The `factor_dtype` setting as `ServingModel(factor_dtype=...)` (auto: None)."""

@@ -17,7 +17,7 @@ import torch
 from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.causal_batch import CausalBatch
 from flora_server.engine.hooks import EngineMetrics
-from flora_server.engine.policy import Mode, choose_mode, update_streak
+from flora_server.engine.policy import Mode, choose_mode, merge_pays, update_streak
 from flora_server.engine.protocol import (
     EngineError,
     FinishEvent,
@@ -80,7 +80,12 @@ class Stepper:
             self._streak_adapter, self._streak, running
         )
         decision = choose_mode(
-            running, waiting, self.merged, self._streak, merge_after_steps=self.merge_after_steps
+            running,
+            waiting,
+            self.merged,
+            self._streak,
+            merge_after_steps=self.merge_after_steps,
+            pays=lambda adapter: self._merge_pays(adapter, [*self.rows, *admitted]),
         )
         self._set_merged(decision.merge, admitted)
         self.mode = decision.mode
@@ -106,6 +111,12 @@ class Stepper:
                 self._prefill([row])
             except Exception as row_exc:
                 self.fail([row], row_exc)
+
+    def _merge_pays(self, adapter: str, rows: Sequence[RowState]) -> bool:
+        """Policy rule 4c for `adapter`, which every row of `rows` uses."""
+        slot = next(r.slot for r in rows if r.slot is not None)
+        remaining = [r.handle.max_new_tokens - len(r.generated) for r in rows]
+        return merge_pays(remaining, self.runtime.merge_cost(slot))
 
     def _set_merged(self, target: str | None, admitted: Sequence[RowState]) -> None:
         if target == self.merged:

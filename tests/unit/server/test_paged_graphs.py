@@ -224,17 +224,20 @@ def test_engine_v2_with_graphs_matches_independent_references(adapters) -> None:
     try:
         results = run(main())
         alone = run(one_more(engine))
+        merged = engine._runtime.merged_slot
     finally:
         run(engine.shutdown(5))
     for key, events in results.items():
         assert list(events[-1].token_ids) == greedy_alone(refs[ADAPTER_OF[key]], PROMPTS[key], 10)
-    assert list(alone[-1].token_ids) == greedy_alone(refs["x"], PROMPTS["x1"], 10)
+    assert list(alone[-1].token_ids) == greedy_alone(refs["x"], PROMPTS["x1"], 48)
+    assert merged is not None  # the lone x request ran merged, through the graphs
     assert runner.replays > 10 and capture.captures >= 2
 
 
 async def one_more(engine):
-    """One request alone: its decode runs on the merged slot after 3 steps."""
-    return await collect(engine, GenerationRequest("x1", PROMPTS["x1"], greedy(10), "x"))
+    """One request alone: its decode runs on the merged slot after 3 steps (its 48-token
+    budget pays for the merge)."""
+    return await collect(engine, GenerationRequest("x1", PROMPTS["x1"], greedy(48), "x"))
 
 
 async def asyncio_gather(*aws):

@@ -77,7 +77,12 @@ class PagedStepper(Stepper):
             self._streak_adapter, self._streak, running
         )
         decision = choose_mode(
-            running, waiting, self.merged, self._streak, merge_after_steps=self.merge_after_steps
+            running,
+            waiting,
+            self.merged,
+            self._streak,
+            merge_after_steps=self.merge_after_steps,
+            pays=lambda adapter: self._merge_pays(adapter, self.rows),
         )
         self._set_merged(decision.merge, admitted)
         self.mode = decision.mode
