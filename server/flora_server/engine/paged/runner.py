@@ -191,7 +191,7 @@ class PagedStep:
     ) -> None:
         """The decode batch's keys per window kind (full attention: all L positions)."""
         self.decode = {None: _Keys(gather, mask)}
-        for w in set(self.windows) - {None}:
+        for w in {w for w in self.windows if w is not None}:
             self.decode[w] = _window_keys(gather, mask, positions, w, self.kv.pad_slot)
 
     # Older transformers ask the cache for its length when building positions; the runner

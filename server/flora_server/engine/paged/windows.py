@@ -28,7 +28,7 @@ LAYER_WINDOWS = {"full_attention", "sliding_attention"}
 def attention_windows(model: torch.nn.Module) -> tuple[int | None, ...]:
     """Each decoder layer's sliding window (None: full attention), indexed by layer; raises
     ValueError naming what engine v2 cannot serve."""
-    config = model.config
+    config: Any = model.config
     for name, what in (
         ("attn_logit_softcapping", "attention logit soft-capping (SDPA cannot apply it)"),
         ("final_logit_softcapping", "final logit soft-capping (the LM head runs alone)"),
@@ -38,7 +38,7 @@ def attention_windows(model: torch.nn.Module) -> tuple[int | None, ...]:
             raise ValueError(f"engine v2 does not serve {what}: config.{name} is set")
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError("engine v2 serves causal attention only: use_bidirectional_attention")
-    layers = config.num_hidden_layers
+    layers: int = config.num_hidden_layers
     window = getattr(config, "sliding_window", None) or None
     if not getattr(config, "use_sliding_window", True):
         window = None
