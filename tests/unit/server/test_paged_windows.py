@@ -143,6 +143,8 @@ def _with_config(**config) -> torch.nn.Module:
             r"not \['chunked_attention'\]",
         ),
         (lambda: _with_config(attention_chunk_size=64), "chunked attention"),
+        (lambda: _with_config(logit_scale=0.0625), r"scaled final logits.*logit_scale"),
+        (lambda: _with_config(logits_scaling=8.0), r"scaled final logits.*logits_scaling"),
         (
             lambda: _with_config(layer_types=["sliding_attention"] * 2, sliding_window=None),
             "sliding_attention layers without a sliding_window",

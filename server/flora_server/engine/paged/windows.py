@@ -13,7 +13,7 @@ Everything else the paged attention or the runner cannot reproduce is refused he
 start-up, with the reason: other layer types (linear attention, mamba, chunked), attention
 logit soft-capping (Gemma2: SDPA applies no tanh to the scores), attention sinks (GPT-OSS:
 a learned per-head logit joins every softmax), bidirectional attention, and final logit
-soft-capping (the runner applies the LM head alone).
+soft-capping or scaling (the runner applies the LM head alone).
 """
 
 from __future__ import annotations
@@ -36,6 +36,12 @@ def attention_windows(model: torch.nn.Module) -> tuple[int | None, ...]:
     ):
         if getattr(config, name, None) is not None:
             raise ValueError(f"engine v2 does not serve {what}: config.{name} is set")
+    for name in ("logit_scale", "logits_scaling"):  # Cohere multiplies, Granite divides
+        if getattr(config, name, 1.0) not in (None, 1, 1.0):
+            raise ValueError(
+                f"engine v2 does not serve scaled final logits (the LM head runs alone): "
+                f"config.{name} = {getattr(config, name)}"
+            )
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError("engine v2 serves causal attention only: use_bidirectional_attention")
     layers: int = config.num_hidden_layers
