@@ -247,6 +247,7 @@ class GraphedPagedRunner(PagedRunner):
         write = torch.empty(batch, dtype=torch.long, device=device)
         gather = torch.empty(batch, span, dtype=torch.long, device=device)
         mask = torch.empty(batch, 1, 1, span, dtype=torch.bool, device=device)
+        step = PagedStep.decode_only(self.kv, write, self.windows)
         vocab = self._head.weight.shape[0]
         logits = torch.empty(batch, vocab, dtype=torch.float32, device=device)
         try:
@@ -279,8 +280,7 @@ class GraphedPagedRunner(PagedRunner):
             gather.copy_(tables[:, block_of] * bs + offset)
             mask.copy_((offsets <= positions).view(batch, 1, 1, span))
             write.copy_(gather.gather(1, positions).squeeze(1))
-            # Built inside the recording: a sliding layer's keys derive from the buffers.
-            step = PagedStep.decode_only(self.kv, write, gather, mask, positions, self.windows)
+            step.set_decode(gather, mask, positions)  # sliding layers' keys, recorded too
             out = self._decoder(
                 input_ids=ids,
                 position_ids=positions,

@@ -163,33 +163,24 @@ class PagedStep:
                 mask[i, :, :, : len(slots)] = True
             positions = torch.tensor([[len(s) - 1] for s in decode_slots], dtype=torch.long)
             self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-            self._set_decode(gather.to(device), mask.to(device), positions.to(device))
+            self.set_decode(gather.to(device), mask.to(device), positions.to(device))
 
     @classmethod
     def decode_only(
-        cls,
-        kv: KVTensors,
-        write: torch.Tensor,
-        gather: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        windows: Sequence[int | None] = (),
+        cls, kv: KVTensors, write: torch.Tensor, windows: Sequence[int | None] = ()
     ) -> PagedStep:
         """A step of B decode tokens (layout [B, 1]) over index tensors the caller owns and
-        refills, as a CUDA graph replays it: `write` [B] (each token's pool slot),
-        `gather` [B, L] (slots of each sequence's positions 0..L-1), `mask` [B, 1, 1, L]
-        bool, `positions` [B, 1] (each token's position). The windowed keys are derived
-        here, so a graph records their derivation with the forward."""
+        refills, as a CUDA graph replays it: `write` [B] (each token's pool slot), then
+        `set_decode` with the keys' buffers after every refill."""
         step = cls(kv, [], write.device, windows=windows)
         step.write = write
         step.decode_rows = torch.arange(write.shape[0], device=write.device)
-        step._set_decode(gather, mask, positions)
         return step
 
-    def _set_decode(
-        self, gather: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
-    ) -> None:
-        """The decode batch's keys per window kind (full attention: all L positions)."""
+    def set_decode(self, gather: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """The decode batch's keys per window kind. gather [B, L]: slots of each row's
+        positions 0..L-1; mask [B, 1, 1, L] bool; positions [B, 1]: each row's query
+        position. Tensor work only, so a graph records it with the forward that reads it."""
         self.decode = {None: _Keys(gather, mask)}
         for w in {w for w in self.windows if w is not None}:
             self.decode[w] = _window_keys(gather, mask, positions, w, self.kv.pad_slot)
