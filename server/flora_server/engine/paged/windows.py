@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-LAYER_WINDOWS = {"full_attention", "sliding_attention"}
+SERVED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
 def attention_windows(model: torch.nn.Module) -> tuple[int | None, ...]:
@@ -50,7 +50,7 @@ def attention_windows(model: torch.nn.Module) -> tuple[int | None, ...]:
         window = None
     types = getattr(config, "layer_types", None)
     if types:
-        other = set(types) - LAYER_WINDOWS
+        other = set(types) - SERVED_LAYER_TYPES
         if other:
             raise ValueError(
                 f"engine v2 serves full and sliding attention layers only, not {sorted(other)}"
