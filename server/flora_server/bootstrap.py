@@ -44,14 +44,15 @@ def _engine_settings(settings: Settings, metrics: ServerMetrics) -> dict[str, An
 
 def text_engine(loaded: Any, settings: Settings) -> str:
     """The text engine to build: `settings.engine`, except that a model engine v2 cannot
-    serve (sliding-window or hybrid attention) falls back to v1 when the engine was left at
-    its default; asking for v2 explicitly on such a model is a start-up error."""
+    serve (`paged.windows.attention_windows`: e.g. linear-attention layers, attention
+    soft-capping or sinks) falls back to v1 when the engine was left at its default; asking
+    for v2 explicitly on such a model is a start-up error."""
     if settings.engine != "v2":
         return settings.engine
-    from flora_server.engine.paged.runner import check_full_attention
+    from flora_server.engine.paged.windows import attention_windows
 
     try:
-        check_full_attention(loaded.model.config)
+        attention_windows(loaded.model)
     except ValueError as exc:
         if "engine" in settings.model_fields_set:  # --engine v2 or FLORA_ENGINE=v2
             raise ValueError(f"{exc}; serve {loaded.name} with --engine v1") from exc

@@ -178,7 +178,8 @@ class Settings(BaseSettings):
         "v2",
         description="text-generation engine: v2 = paged KV cache, chunked prefill, prefix "
         "caching by adapter content; v1 = left-padded batch. A model v2 cannot serve "
-        "(sliding-window attention) gets v1 unless v2 was asked for (docs/engine.md)",
+        "(full and sliding-window attention are served; e.g. attention soft-capping is not) "
+        "gets v1 unless v2 was asked for (docs/engine.md)",
     )
     kv_cache_bytes: int = Field(
         1024 * 1024 * 1024,

@@ -43,9 +43,12 @@ def refs(adapters):
     }
 
 
-def make_engine(adapters, **kwargs) -> PagedLLMEngine:
+def make_engine(adapters, model=None, **kwargs) -> PagedLLMEngine:
+    """A started engine v2 over `model` (default: the tiny Llama), blocks of 4, a step
+    budget of 8 tokens."""
     torch.manual_seed(0)
-    loaded = TinyLoaded(model=make_tiny_llama(), preprocessor=make_char_tokenizer())
+    model = make_tiny_llama() if model is None else model
+    loaded = TinyLoaded(model=model, preprocessor=make_char_tokenizer())
     kwargs = {"kv_block_size": 4, "max_num_batched_tokens": 8, "kv_cache_bytes": 1 << 20, **kwargs}
     engine = PagedLLMEngine(loaded, DictSource(adapters), **kwargs)
     engine.start()
@@ -193,29 +196,37 @@ def test_engine_setting_selects_v2(adapters) -> None:
     assert Settings().engine == "v2"  # the default
 
 
-def test_a_sliding_window_model_falls_back_to_v1_unless_v2_was_asked_for(caplog) -> None:
-    from transformers import MistralConfig
+def test_a_model_v2_cannot_serve_falls_back_to_v1_unless_v2_was_asked_for(caplog) -> None:
+    """Sliding-window models are served by v2; one with attention logit soft-capping
+    (Gemma2) is not (`attention_windows`), and goes to v1 under the default setting."""
+    from transformers import Gemma2Config, MistralConfig, MistralForCausalLM
 
     from flora_server.bootstrap import text_engine
     from flora_server.settings import Settings
 
-    config = MistralConfig(
-        vocab_size=98,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=16,
+    dims = {
+        "vocab_size": 98,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    sliding = TinyLoaded(
+        model=MistralForCausalLM(MistralConfig(sliding_window=16, **dims)), preprocessor=None
     )
-    sliding = TinyLoaded(model=type("M", (), {"config": config})(), preprocessor=None)
+    softcapped = torch.nn.Module()
+    softcapped.config = Gemma2Config(head_dim=16, **dims)
+    capped = TinyLoaded(model=softcapped, preprocessor=None, name="tiny-gemma2")
     full = TinyLoaded(model=make_tiny_llama(), preprocessor=None)
     with caplog.at_level("INFO", logger="flora_server.bootstrap"):
-        assert text_engine(sliding, Settings()) == "v1"
-    assert "serving it with engine v1" in caplog.text and "slides" in caplog.text
-    with pytest.raises(ValueError, match=r"full-attention models only.*--engine v1"):
-        text_engine(sliding, Settings(engine="v2"))
-    assert text_engine(sliding, Settings(engine="v1")) == "v1"
+        assert text_engine(capped, Settings()) == "v1"
+    assert "serving it with engine v1" in caplog.text and "soft-capping" in caplog.text
+    with pytest.raises(ValueError, match=r"attention logit soft-capping.*--engine v1"):
+        text_engine(capped, Settings(engine="v2"))
+    assert text_engine(capped, Settings(engine="v1")) == "v1"
+    assert text_engine(sliding, Settings()) == "v2"
+    assert text_engine(sliding, Settings(engine="v2")) == "v2"
     assert text_engine(full, Settings()) == "v2"
     assert text_engine(full, Settings(engine="v1")) == "v1"
 

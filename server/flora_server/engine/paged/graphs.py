@@ -13,7 +13,8 @@ per shape and replays it with one launch:
   (each row's token id, position and block table, one host-to-device copy per step) and
   `slots` [B] int32 (each row's adapter slot, -1 for base rows; read in place by the
   adapter kernels through `ServingModel.set_graph_routing`). The pool slots a token writes,
-  the gather index and the key mask are computed inside the graph from them.
+  the gather index and the key mask (and, for sliding-window layers, each row's keys
+  within its window) are computed inside the graph from them.
 - **Padding rows** (n < B) get token 0 at position 0 with a block table of the scratch block
   only (an extra block of the KV storage that the block pool never hands out) and slot -1:
   they write and read the scratch block, never a real sequence's KV.
@@ -246,7 +247,7 @@ class GraphedPagedRunner(PagedRunner):
         write = torch.empty(batch, dtype=torch.long, device=device)
         gather = torch.empty(batch, span, dtype=torch.long, device=device)
         mask = torch.empty(batch, 1, 1, span, dtype=torch.bool, device=device)
-        step = PagedStep.decode_only(self.kv, write, gather, mask)
+        step = PagedStep.decode_only(self.kv, write, self.windows)
         vocab = self._head.weight.shape[0]
         logits = torch.empty(batch, vocab, dtype=torch.float32, device=device)
         try:
@@ -279,6 +280,7 @@ class GraphedPagedRunner(PagedRunner):
             gather.copy_(tables[:, block_of] * bs + offset)
             mask.copy_((offsets <= positions).view(batch, 1, 1, span))
             write.copy_(gather.gather(1, positions).squeeze(1))
+            step.set_decode(gather, mask, positions)  # sliding layers' keys, recorded too
             out = self._decoder(
                 input_ids=ids,
                 position_ids=positions,

@@ -19,8 +19,9 @@ the one place where tokens meet, and it is replaced here:
   (docs/engine.md has the measurements behind this split). Registering an attention
   function without a mask function makes transformers skip building its own mask
   (`masking_utils._preprocess_mask_arguments`).
-
-Full-attention decoders only (Llama, Qwen2, Mistral without a sliding window, ...).
+- A sliding-window layer (its window from `windows.attention_windows`, the rule of what
+  engine v2 serves) adds transformers' window to both paths: a query at position q sees
+  keys at k with q - window < k <= q, and keys before every query's window are not read.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from flora.serving.segments import Segments
+from flora_server.engine.paged.windows import attention_windows
 
 ATTENTION_NAME = "flora_paged"
 
@@ -100,9 +102,19 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
+@dataclass(frozen=True)
+class _Keys:
+    """What one group of queries reads under one window: pool slots and the mask."""
+
+    read: torch.Tensor  # prefill chunk: [L] slots; decode batch: [B, L]
+    mask: torch.Tensor | None  # prefill: [n, L] bool; decode: [B, 1, 1, L] bool
+    is_causal: bool = False  # a prefill chunk at position 0 that needs no explicit mask
+
+
 class PagedStep:
     """One forward's view of the pool: the cache object the attention layers update, and
-    the per-sequence gather indices `paged_attention` reads."""
+    the per-sequence gather indices `paged_attention` reads. `windows[layer]` is that
+    layer's sliding window (None: full attention; `windows.attention_windows`)."""
 
     def __init__(
         self,
@@ -110,15 +122,17 @@ class PagedStep:
         chunks: Sequence[ChunkInput],
         device: torch.device,
         tokens_as_rows: bool = True,
+        windows: Sequence[int | None] = (),
     ) -> None:
         bs = kv.block_size
         self.kv = kv
         # Layout of the forward: [T, 1] (a row per token) or [1, T] (one row).
         self.tokens_as_rows = tokens_as_rows
+        self.windows = tuple(windows)
+        kinds = {None, *self.windows}
         write: list[int] = []
-        self.spans: list[tuple[int, int, int]] = []  # (first packed row, rows, start position)
-        self.reads: list[torch.Tensor] = []  # slot indices of positions 0..end per sequence
-        self.masks: list[torch.Tensor | None] = []
+        # (first packed row, rows, the keys of each window kind)
+        self.prefills: list[tuple[int, int, dict[int | None, _Keys]]] = []
         decode_rows: list[int] = []
         decode_slots: list[list[int]] = []
         row = 0
@@ -131,14 +145,15 @@ class PagedStep:
                 decode_rows.append(row)
                 decode_slots.append(slots)
             else:
-                self.reads.append(torch.tensor(slots, dtype=torch.long, device=device))
-                self.spans.append((row, n, start))
-                self.masks.append(_chunk_mask(n, start, device))
+                read = torch.tensor(slots, dtype=torch.long, device=device)
+                keys = {w: _chunk_keys(read, n, start, w) for w in kinds}
+                self.prefills.append((row, n, keys))
             row += n
         self.write = torch.tensor(write, dtype=torch.long, device=device)
         # Decode group: keys gathered into [B, L_max] (padding reads the zero pad slot,
         # masked out).
         self.decode_rows: torch.Tensor | None = None
+        self.decode: dict[int | None, _Keys] = {}
         if decode_rows:
             longest = max(len(s) for s in decode_slots)
             gather = torch.full((len(decode_rows), longest), kv.pad_slot, dtype=torch.long)
@@ -146,22 +161,29 @@ class PagedStep:
             for i, slots in enumerate(decode_slots):
                 gather[i, : len(slots)] = torch.tensor(slots, dtype=torch.long)
                 mask[i, :, :, : len(slots)] = True
+            positions = torch.tensor([[len(s) - 1] for s in decode_slots], dtype=torch.long)
             self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-            self.decode_gather = gather.to(device)
-            self.decode_mask = mask.to(device)
+            self.set_decode(gather.to(device), mask.to(device), positions.to(device))
 
     @classmethod
     def decode_only(
-        cls, kv: KVTensors, write: torch.Tensor, gather: torch.Tensor, mask: torch.Tensor
+        cls, kv: KVTensors, write: torch.Tensor, windows: Sequence[int | None] = ()
     ) -> PagedStep:
         """A step of B decode tokens (layout [B, 1]) over index tensors the caller owns and
-        refills, as a CUDA graph replays it: `write` [B] (each token's pool slot),
-        `gather` [B, L] (slots of each sequence's positions), `mask` [B, 1, 1, L] bool."""
-        step = cls(kv, [], write.device)
+        refills, as a CUDA graph replays it: `write` [B] (each token's pool slot), then
+        `set_decode` with the keys' buffers after every refill."""
+        step = cls(kv, [], write.device, windows=windows)
         step.write = write
         step.decode_rows = torch.arange(write.shape[0], device=write.device)
-        step.decode_gather, step.decode_mask = gather, mask
         return step
+
+    def set_decode(self, gather: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """The decode batch's keys per window kind. gather [B, L]: slots of each row's
+        positions 0..L-1; mask [B, 1, 1, L] bool; positions [B, 1]: each row's query
+        position. Tensor work only, so a graph records it with the forward that reads it."""
+        self.decode = {None: _Keys(gather, mask)}
+        for w in {w for w in self.windows if w is not None}:
+            self.decode[w] = _window_keys(gather, mask, positions, w, self.kv.pad_slot)
 
     # Older transformers ask the cache for its length when building positions; the runner
     # always passes positions, so any value serves.
@@ -185,32 +207,35 @@ class PagedStep:
         """query: [T, H, 1, D] or [1, H, T, D] -> attention output [T, 1, H, D] or
         [1, T, H, D] (what transformers reshapes back to the hidden states)."""
         keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        window = self.windows[layer_idx] if self.windows else None
         q = self._tokens(query)  # [T, H, D]
         out = torch.empty_like(q)
         gqa = q.shape[1] != keys.shape[1]
         if self.decode_rows is not None:
-            k = keys[self.decode_gather].transpose(1, 2)  # [B, H_kv, L_max, D]
-            v = values[self.decode_gather].transpose(1, 2)
+            view = self.decode[window]
+            k = keys[view.read].transpose(1, 2)  # [B, H_kv, L, D]
+            v = values[view.read].transpose(1, 2)
             qd = q.index_select(0, self.decode_rows).unsqueeze(2)  # [B, H, 1, D]
             od = F.scaled_dot_product_attention(
                 qd,
                 k.to(q.dtype),
                 v.to(q.dtype),
-                attn_mask=self.decode_mask,
+                attn_mask=view.mask,
                 scale=scaling,
                 enable_gqa=gqa,
             )
             out.index_copy_(0, self.decode_rows, od.squeeze(2))
-        for (row, n, start), read, mask in zip(self.spans, self.reads, self.masks, strict=True):
-            k = keys.index_select(0, read).transpose(0, 1).unsqueeze(0)  # [1, H_kv, L, D]
-            v = values.index_select(0, read).transpose(0, 1).unsqueeze(0)
+        for row, n, chunk_keys in self.prefills:
+            view = chunk_keys[window]
+            k = keys.index_select(0, view.read).transpose(0, 1).unsqueeze(0)  # [1, H_kv, L, D]
+            v = values.index_select(0, view.read).transpose(0, 1).unsqueeze(0)
             qi = q[row : row + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             oi = F.scaled_dot_product_attention(
                 qi,
                 k.to(q.dtype),
                 v.to(q.dtype),
-                attn_mask=mask,
-                is_causal=start == 0 and n > 1,
+                attn_mask=view.mask,
+                is_causal=view.is_causal,
                 scale=scaling,
                 enable_gqa=gqa,
             )
@@ -218,13 +243,40 @@ class PagedStep:
         return out.unsqueeze(1) if self.tokens_as_rows else out.unsqueeze(0)
 
 
-def _chunk_mask(n: int, start: int, device: torch.device) -> torch.Tensor | None:
-    """Causal mask of a chunk of n queries at positions start.. over keys 0..start+n-1
-    (None where SDPA needs none: one query sees every key; a chunk at 0 uses is_causal)."""
-    if n == 1 or start == 0:
-        return None
-    q_pos = torch.arange(start, start + n, device=device).unsqueeze(1)
-    return torch.arange(start + n, device=device).unsqueeze(0) <= q_pos  # [n, L] bool
+def _chunk_keys(read: torch.Tensor, n: int, start: int, window: int | None) -> _Keys:
+    """The keys of a prefill chunk of n > 1 queries at positions start..start+n-1 under
+    `window` (None: full attention). `read` [start + n]: the slots of positions 0.. .
+
+    The rule is transformers' (`masking_utils.sliding_window_causal_mask_function`): query
+    position q sees key position k iff k <= q and k > q - window. Keys before the first
+    query's window are not read at all; a chunk at position 0 that no window cuts takes
+    SDPA's `is_causal` instead of a mask."""
+    first = 0 if window is None else max(0, start - window + 1)
+    if start == 0 and (window is None or n <= window):
+        return _Keys(read, None, is_causal=True)
+    q = torch.arange(start, start + n, device=read.device).unsqueeze(1)  # [n, 1]
+    k = torch.arange(first, start + n, device=read.device).unsqueeze(0)  # [1, L]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return _Keys(read[first:], mask)
+
+
+def _window_keys(
+    gather: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, window: int, pad: int
+) -> _Keys:
+    """The decode batch's keys under a sliding window (the rule of `_chunk_keys`): each row
+    reads only its last `window` positions, [B, min(L, window)], instead of all L.
+    gather [B, L]: slots of positions 0..L-1; mask [B, 1, 1, L]; positions [B, 1]: each
+    row's query position. Pure tensor work, so a CUDA graph records it."""
+    batch, span = gather.shape
+    if span <= window:  # every key a row may see is within its window
+        return _Keys(gather, mask)
+    first = (positions - window + 1).clamp(min=0)  # [B, 1]
+    cols = first + torch.arange(window, device=gather.device)  # [B, W] key positions
+    valid = cols <= positions
+    read = gather.gather(1, cols.clamp(max=span - 1)).masked_fill(~valid, pad)
+    return _Keys(read, valid.view(batch, 1, 1, window))
 
 
 def paged_attention(
@@ -264,15 +316,6 @@ def cache_kwarg_of(decoder: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def check_full_attention(config: Any) -> None:
-    """Raise ValueError for models the paged runner cannot serve."""
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        raise ValueError("engine v2 serves full-attention models only (this one slides)")
-    types = getattr(config, "layer_types", None)
-    if types and any(t != "full_attention" for t in types):
-        raise ValueError(f"engine v2 serves full-attention layers only, not {set(types)}")
-
-
 def packed_segments(chunks: Sequence[ChunkInput], token_slots: Sequence[int | None]) -> Segments:
     """The adapter routing of a packed step: each chunk (a prefill chunk, or a decode
     token) is one segment with its tokens' slot (None: base)."""
@@ -295,7 +338,7 @@ class PagedRunner:
     (`ServingModel.set_routing`: the step's `Segments`, then the sampled rows' slots)."""
 
     def __init__(self, model: PreTrainedModel, kv: KVTensors) -> None:
-        check_full_attention(model.config)
+        self.windows = attention_windows(model)
         install_paged_attention(model)
         self.model = model
         self.kv = kv
@@ -316,7 +359,7 @@ class PagedRunner:
         logits [S, V] of the packed tokens `sample_rows`. `token_slots`: the adapter slot of
         every packed token (one per chunk, repeated over its tokens); `route` takes the
         step's `Segments`, then the sampled rows' slots for the LM head."""
-        step = PagedStep(self.kv, chunks, self.device, tokens_as_rows=False)
+        step = PagedStep(self.kv, chunks, self.device, tokens_as_rows=False, windows=self.windows)
         ids = [t for c in chunks for t in c.token_ids]
         pos = [c.start + i for c in chunks for i in range(len(c.token_ids))]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0)
