@@ -164,6 +164,9 @@ class HeadedRuntime:
     def unmerge(self) -> None:
         self.serving.unmerge()
 
+    def merge_cost(self, slot: int) -> tuple[int, int]:
+        return self.serving.merge_cost(slot)
+
     def info(self, slot: int | None) -> SlotInfo | None:
         return None if slot is None else self._info(slot)
 
