@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import random
 import statistics
@@ -54,7 +53,14 @@ from typing import Any
 import httpx
 
 from bench import serverbench as sb
-from bench.routing_policy import Snapshot, parse_metrics, pick, zipf_sequence
+from bench.routing_policy import Snapshot, estimate_tokens, parse_metrics, pick, zipf_sequence
+from bench.routing_report import (
+    access_lines,
+    engine_steps,
+    join_access,
+    nearest_rank,
+    tail_breakdown,
+)
 from bench.workload import PROJECTIONS
 
 PROMPTS = (
@@ -102,12 +108,6 @@ def block_order(policies: Sequence[str], pair: int) -> list[str]:
     return list(policies) if pair % 2 == 0 else list(reversed(policies))
 
 
-def nearest_rank(values: Sequence[float], q: float) -> float:
-    """The q-quantile by nearest rank: the ceil(q n)-th smallest value."""
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
-
-
 def ttft_summary(values: Sequence[float]) -> dict[str, Any]:
     if not values:
         return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None, "max": None}
@@ -132,9 +132,13 @@ class PolicyState:
     adapters: list[set[str]] = field(default_factory=list)  # per replica, measured
     wall_s: float = 0.0  # measured blocks
     warm: list[Snapshot] = field(default_factory=list)  # after the warm-up
+    in_flight: list[int] = field(default_factory=list)  # requests per replica, now
+    in_flight_tokens: list[int] = field(default_factory=list)  # their estimated tokens
 
     def __post_init__(self) -> None:
         self.requests = [0] * len(self.urls)
+        self.in_flight = [0] * len(self.urls)
+        self.in_flight_tokens = [0] * len(self.urls)
         self.adapters = [set() for _ in self.urls]
 
 
@@ -155,7 +159,8 @@ def replica_sets(cfg: RoutingConfig, workdir: Path) -> Iterator[list[list[sb.Ser
                 cmd = [
                     sys.executable, "-m", "flora_server.cli", "--model", cfg.model,
                     "--host", "127.0.0.1", "--port", str(port),
-                    "--adapter-store", str(workdir / "store"), "--log-level", "warning",
+                    "--adapter-store", str(workdir / "store"), "--log-level", "info",
+                    "--log-format", "json",
                     "--engine", cfg.engine, "--kv-cache-bytes", str(cfg.kv_cache_bytes),
                     "--max-slots", str(cfg.max_slots), "--host-cache-bytes", str(host_bytes),
                     "--max-new-tokens", str(max(16, cfg.max_new_tokens)),
@@ -213,12 +218,21 @@ async def _scrape_loop(client: httpx.AsyncClient, state: PolicyState, interval: 
         await asyncio.sleep(interval)
 
 
-async def _one(client: httpx.AsyncClient, url: str, adapter: str, prompt: str, n: int) -> dict:
+def request_body(adapter: str, prompt: str, n: int) -> bytes:
+    """The completion request's JSON body, as sent (its size is what the picker's token
+    estimate reads)."""
     body = {"model": adapter, "prompt": prompt, "max_tokens": n, "stream": True}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: bytes, request_id: str) -> dict:
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
     start = time.monotonic()
     ttft = None
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        async with client.stream(
+            "POST", f"{url}/v1/completions", content=body, headers=headers
+        ) as r:
             status = r.status_code
             async for line in r.aiter_lines():
                 if ttft is None and line.startswith("data: {"):
@@ -250,16 +264,30 @@ async def run_block(
         async def worker() -> None:
             for k, index in order:
                 adapter = ids[index]
+                body = request_body(adapter, PROMPTS[k % len(PROMPTS)], tokens)
                 if state.name == "round_robin":
                     replica = k % len(state.urls)
                 else:
-                    replica = pick(state.snaps, adapter, state.name == "affinity", state.rng)
-                prompt = PROMPTS[k % len(PROMPTS)]
-                out = await _one(client, state.urls[replica], adapter, prompt, tokens)
+                    residency = state.name == "affinity"
+                    replica = pick(
+                        state.snaps, adapter, residency, state.rng, state.in_flight_tokens
+                    )
+                request_id = f"{state.name}-{'w' if block is None else block}-{k}"
+                # The picker's in-flight accounting (inflight-load-producer): added when the
+                # request is sent, removed when its response ends. Kept for every policy.
+                in_flight, estimate = state.in_flight[replica], estimate_tokens(len(body))
+                state.in_flight[replica] += 1
+                state.in_flight_tokens[replica] += estimate
+                try:
+                    out = await _one(client, state.urls[replica], body, request_id)
+                finally:
+                    state.in_flight[replica] -= 1
+                    state.in_flight_tokens[replica] -= estimate
                 if measured:
                     state.requests[replica] += 1
                     state.adapters[replica].add(adapter)
-                    record = {**out, "block": block, "replica": replica, "adapter": adapter}
+                    record = {**out, "block": block, "replica": replica, "adapter": adapter,
+                              "request_id": request_id, "in_flight": in_flight}  # fmt: skip
                     state.results.append(record)
 
         start = time.monotonic()
@@ -325,10 +353,11 @@ def run(cfg: RoutingConfig, workdir: Path, raw: Path | None = None) -> dict[str,
             pairs += 1
             print(f"block pair {pairs} done in {pair_s:.0f} s", file=sys.stderr)
         mark("measured")
-        policies = {
-            name: policy_result(state, asyncio.run(scrape_all(cfg, state.urls)))
-            for name, state in states.items()
-        }
+        ends = {name: asyncio.run(scrape_all(cfg, state.urls)) for name, state in states.items()}
+    lines = access_lines(s.log_path for servers in sets for s in servers)
+    for state in states.values():
+        join_access(state.results, lines)
+    policies = {name: policy_result(state, ends[name]) for name, state in states.items()}
     for name, result in policies.items():
         print(f"{name}: {json.dumps(result)}", file=sys.stderr)
     if raw is not None:
@@ -368,6 +397,8 @@ def policy_result(state: PolicyState, end: list[Snapshot]) -> dict[str, Any]:
             {"requests": r, "distinct_adapters": len(a), "cold_loads": int(c)}
             for r, a, c in zip(state.requests, state.adapters, loads, strict=True)
         ],
+        "engine": engine_steps(state.warm, end),
+        "tail": tail_breakdown(state.results, len(state.urls)),
     }
 
 
