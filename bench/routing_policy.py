@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 # As in epp-config.yaml (scorer weights, and the token-load-scorer's queueThresholdTokens).
 WEIGHTS = {"lora": 4.0, "queue": 0.5, "running": 0.5, "kv": 1.0, "token_load": 4.0}
-TOKEN_LOAD_THRESHOLD = 512
+TOKEN_LOAD_THRESHOLD = 1024
 HOME_WEIGHT = 0.6  # flora's extension, for an adapter no replica holds
 
 

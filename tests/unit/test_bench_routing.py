@@ -92,8 +92,8 @@ def test_scores_are_the_weighted_sums() -> None:
     )
     # residency: "a" on a device slot raises replica 0 to 1.0; no home term (it is held)
     assert scores(snaps, "a", residency=True)[0] == pytest.approx(4 + 0.5 + 0.75 + 4)
-    # in-flight tokens 128, 0, 600 (T = 512): token scores 0.75, 1, 0 (capped)
-    loaded = scores(snaps, "a", residency=False, in_flight_tokens=[128, 0, 600])
+    # in-flight tokens 256, 0, 1500 (T = 1024): token scores 0.75, 1, 0 (capped)
+    loaded = scores(snaps, "a", residency=False, in_flight_tokens=[256, 0, 1500])
     assert loaded == pytest.approx(
         [4 * 0.8 + 0 + 0.5 + 0.75 + 3, 4 * 0.8 + 0.5 + 0 + 0.5 + 4, 0 + 0.25 + 0.5 + 1.0 + 0]
     )
@@ -112,24 +112,24 @@ def test_estimate_tokens_is_the_upstream_simple_estimator() -> None:
     assert estimate_tokens(3) == 1 + 2  # 1.5 -> 2
     assert estimate_tokens(0) == 0
     assert token_load_score(0) == 1.0
-    assert token_load_score(128) == 0.75
+    assert token_load_score(256) == 0.75  # T = 1024
     assert token_load_score(10_000) == 0.0
     assert token_load_score(50, threshold=200) == 0.75
 
 
 def test_token_load_bounds_how_far_affinity_piles_onto_the_holder() -> None:
     """Replica 0 holds the adapter (running, score 1.0); 1 and 2 have free slots (0.8).
-    Scrapes equal (queue and running scores tie at 1). With about two 50-token requests
-    more in flight than the others, the holder still wins; with three it loses."""
+    Scrapes equal (queue and running scores tie at 1). The holder keeps the request until it
+    has 0.2 T = 204.8 more tokens in flight (about four 50-token requests)."""
     snaps = [Snapshot(max_lora=8, running_adapters=frozenset({"hot"}))]
     snaps += [Snapshot(max_lora=8) for _ in range(2)]
     rng = random.Random(0)
-    assert pick(snaps, "hot", False, rng, [100, 0, 0]) == 0  # 4 + 4 x 0.805 vs 3.2 + 4
-    assert pick(snaps, "hot", False, rng, [150, 0, 0]) in (1, 2)  # 4 + 4 x 0.707 < 7.2
-    assert pick(snaps, "hot", False, rng, [150, 0, 50]) == 1  # the least loaded of the rest
-    # exact totals: 4 x 1.0 + 0.5 + 0.5 + 1 + 4 x (1 - 150 / 512) vs 4 x 0.8 + 2 + 4
-    totals = scores(snaps, "hot", False, [150, 0, 0])
-    assert totals == pytest.approx([6 + 4 * (1 - 150 / 512), 9.2, 9.2])
+    assert pick(snaps, "hot", False, rng, [200, 0, 0]) == 0  # 4 + 4 x 0.805 > 3.2 + 4
+    assert pick(snaps, "hot", False, rng, [250, 0, 0]) in (1, 2)  # 4 + 4 x 0.756 < 7.2
+    assert pick(snaps, "hot", False, rng, [250, 0, 50]) == 1  # the least loaded of the rest
+    # exact totals: 4 x 1.0 + 0.5 + 0.5 + 1 + 4 x (1 - 250 / 1024) vs 4 x 0.8 + 2 + 4
+    totals = scores(snaps, "hot", False, [250, 0, 0])
+    assert totals == pytest.approx([6 + 4 * (1 - 250 / 1024), 9.2, 9.2])
 
 
 def test_pick_prefers_residency_unless_that_replica_is_the_most_loaded() -> None:
