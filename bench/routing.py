@@ -27,7 +27,10 @@ with ``--policies``, ``affinity_stock`` (the picker's scorers alone).
 While a block runs, its replica set is scraped every ``scrape_interval_s`` (as Prometheus or
 the picker would), whatever the policy, so the scrape load is the same. Cold loads are the
 replicas' own count of loads from the store (`flora_adapter_cache_misses_total`);
-host-cache promotions are reported apart. Writes bench/results/routing_quick.json
+host-cache promotions are reported apart. Each request carries an `X-Request-Id`; the
+replicas write JSON logs, and each measured request is joined with its access line (cold
+or warm, queue time, the server's TTFT) to break the tail down (bench/routing_report.py),
+next to each replica's engine step times. Writes bench/results/routing_quick.json
 (``--quick``) or routing.json.
 
 ``python -m bench.routing --quick`` (goal: under 10 minutes on 2 cores).
