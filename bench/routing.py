@@ -243,8 +243,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: bytes, request_id: str
                     if chunk.get("choices") and chunk["choices"][0].get("text"):
                         ttft = time.monotonic() - start
     except httpx.HTTPError as exc:
-        return {"status": type(exc).__name__, "ttft": None}
-    return {"status": status, "ttft": ttft, "total": time.monotonic() - start}
+        return {"status": type(exc).__name__, "ttft": None, "sent": start}
+    return {"status": status, "ttft": ttft, "total": time.monotonic() - start, "sent": start}
 
 
 async def run_block(
@@ -311,7 +311,9 @@ async def scrape_all(cfg: RoutingConfig, urls: list[str]) -> list[Snapshot]:
 
 def run(cfg: RoutingConfig, workdir: Path, raw: Path | None = None) -> dict[str, Any]:
     """The whole bench in `workdir`; `raw` (optional) receives every measured request
-    as a JSON line (policy, block, replica, adapter, status, ttft, total)."""
+    as a JSON line (policy, block, replica, adapter, status, ttft, total, sent: the
+    monotonic clock at sending, request_id, in_flight, and the access line's cold, queue_s,
+    server_ttft_s)."""
     started = time.monotonic()
     load_start = list(os.getloadavg())
     timing: dict[str, Any] = {}

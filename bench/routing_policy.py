@@ -63,6 +63,7 @@ class Snapshot:
     steps: float = 0.0  # flora_engine_step_seconds_count, all modes
     step_seconds: float = 0.0  # flora_engine_step_seconds_sum
     slow_steps: float = 0.0  # steps over 0.32 s (the histogram's bucket bound)
+    stuck_steps: float = 0.0  # steps over 2.56 s (its last finite bound)
     merge_switches: float = 0.0  # flora_engine_merge_switches_total
 
 
@@ -83,7 +84,7 @@ _READ = (
     "flora_engine_step_seconds_bucket",
     "flora_engine_merge_switches_total",
 )
-SLOW_STEP_S = "0.32"
+SLOW_STEP_S, STUCK_STEP_S = "0.32", "2.56"
 
 
 def _wanted(line: str) -> bool:
@@ -120,10 +121,13 @@ def parse_metrics(text: str) -> Snapshot:
             elif name == "flora_engine_step_seconds_count":
                 snap.steps += value
                 snap.slow_steps += value
+                snap.stuck_steps += value
             elif name == "flora_engine_step_seconds_sum":
                 snap.step_seconds += value
             elif name == "flora_engine_step_seconds_bucket" and labels.get("le") == SLOW_STEP_S:
                 snap.slow_steps -= value
+            elif name == "flora_engine_step_seconds_bucket" and labels.get("le") == STUCK_STEP_S:
+                snap.stuck_steps -= value
             elif name == "flora_engine_merge_switches_total":
                 snap.merge_switches = value
     snap.device, snap.host = frozenset(device), frozenset(host)

@@ -54,8 +54,9 @@ def join_access(results: list[dict[str, Any]], lines: dict[str, dict[str, Any]])
 
 def engine_steps(warm: Sequence[Any], end: Sequence[Any]) -> list[dict[str, Any]]:
     """Per replica, its engine steps over the measured phase (two `Snapshot`s apart): how
-    many, their mean and how many took over 0.32 s (a step blocks every running row of the
-    replica), and merged-adapter switches."""
+    many, their mean and how many took over 0.32 s and over 2.56 s (a step blocks every
+    running row of the replica), and merged-adapter switches (done between steps, outside
+    the step times)."""
     out = []
     for w, e in zip(warm, end, strict=True):
         steps = e.steps - w.steps
@@ -66,6 +67,7 @@ def engine_steps(warm: Sequence[Any], end: Sequence[Any]) -> list[dict[str, Any]
                 if steps
                 else None,
                 "steps_over_0.32s": int(e.slow_steps - w.slow_steps),
+                "steps_over_2.56s": int(e.stuck_steps - w.stuck_steps),
                 "merge_switches": int(e.merge_switches - w.merge_switches),
             }
         )

@@ -177,10 +177,12 @@ def test_parse_metrics_reads_what_the_server_renders() -> None:
     assert (snap.store_loads, snap.host_hits, snap.load_seconds) == (2, 1, 0.75)
     for mode, seconds in (("batched", 0.01), ("batched", 0.5), ("merged", 2.0), ("base", 0.3)):
         metrics.step_seconds.labels(mode=mode).observe(seconds)
+    metrics.step_seconds.labels(mode="batched").observe(3.0)
     metrics.merge_switches.inc()
     snap = parse_metrics(metrics.render().decode())
-    assert (snap.steps, snap.slow_steps, snap.merge_switches) == (4, 2, 1)  # 0.5 s and 2 s
-    assert snap.step_seconds == pytest.approx(2.81)
+    assert (snap.steps, snap.slow_steps, snap.stuck_steps) == (5, 3, 1)  # > 0.32 s, > 2.56 s
+    assert snap.merge_switches == 1
+    assert snap.step_seconds == pytest.approx(5.81)
     # only the named samples are read, by exact name
     other = parse_metrics('flora_queue_length 3\nflora_queue_length_peak 9\nx{a="b"} 1\n')
     assert other.queue == 3 and other.running == 0

@@ -59,8 +59,11 @@ def test_tail_breakdown_splits_at_the_p90() -> None:
 
 def test_engine_steps_between_two_scrapes() -> None:
     warm = [Snapshot(steps=10, step_seconds=1.0, slow_steps=1, merge_switches=2), Snapshot()]
-    end = [Snapshot(steps=30, step_seconds=3.0, slow_steps=4, merge_switches=5), Snapshot()]
+    end = [Snapshot(steps=30, step_seconds=3.0, slow_steps=4, stuck_steps=1, merge_switches=5)]
+    end.append(Snapshot())
     assert engine_steps(warm, end) == [
-        {"steps": 20, "mean_step_ms": 100.0, "steps_over_0.32s": 3, "merge_switches": 3},
-        {"steps": 0, "mean_step_ms": None, "steps_over_0.32s": 0, "merge_switches": 0},
-    ]
+        {"steps": 20, "mean_step_ms": 100.0, "steps_over_0.32s": 3, "steps_over_2.56s": 1,
+         "merge_switches": 3},
+        {"steps": 0, "mean_step_ms": None, "steps_over_0.32s": 0, "steps_over_2.56s": 0,
+         "merge_switches": 0},
+    ]  # fmt: skip
