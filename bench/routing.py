@@ -13,6 +13,11 @@ send back to back (closed loop).
 
 Phases, the same seeded adapter sequence for every policy:
 
+- engine warm-up: each replica serves two requests of ``engine_warmup_new_tokens`` tokens
+  one after the other (adapters 0 then 1): its first decode steps and its first merge and
+  unmerge of an adapter cost much more than later ones (first use), and the 1-token
+  warm-up below never decodes or merges, so without this they land in the first measured
+  blocks;
 - warm-up: ``warmup_requests`` through each policy, of ``warmup_new_tokens`` each, not
   measured (the first loads of the working set, which no policy avoids);
 - measured: blocks of ``block_requests``, run in pairs with the policy order alternating
@@ -44,11 +49,11 @@ import contextlib
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,7 @@ from bench.routing_report import (
     join_access,
     nearest_rank,
     tail_breakdown,
+    ttft_summary,
 )
 from bench.workload import PROJECTIONS
 
@@ -85,6 +91,8 @@ class RoutingConfig:
     targets: tuple[str, ...] = PROJECTIONS
     warmup_requests: int = 240
     warmup_new_tokens: int = 1
+    # More than the engine's default merge_after_steps (4): merge, then unmerge for the next.
+    engine_warmup_new_tokens: int = 8
     block_requests: int = 40
     min_block_pairs: int = 2
     max_block_pairs: int = 30
@@ -109,17 +117,6 @@ def quick_config(model: str = sb.DEFAULT_MODEL) -> RoutingConfig:
 def block_order(policies: Sequence[str], pair: int) -> list[str]:
     """The policies in order for block pair `pair`: as given, then reversed, alternating."""
     return list(policies) if pair % 2 == 0 else list(reversed(policies))
-
-
-def ttft_summary(values: Sequence[float]) -> dict[str, Any]:
-    if not values:
-        return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None, "max": None}
-    return {
-        "n": len(values),
-        **{f"p{round(q * 100)}": nearest_rank(values, q) for q in (0.5, 0.9, 0.99)},
-        "mean": statistics.fmean(values),
-        "max": max(values),
-    }
 
 
 @dataclass
@@ -304,6 +301,20 @@ async def run_block(
             state.wall_s += time.monotonic() - start
 
 
+async def engine_warmup(cfg: RoutingConfig, urls: list[str], ids: list[str]) -> None:
+    """Every replica at once: adapter 0's request, then adapter 1's (see the module doc)."""
+    async with _client(cfg, len(urls)) as client:
+
+        async def one_replica(i: int, url: str) -> None:
+            for k, adapter in enumerate(ids[:2]):
+                body = request_body(adapter, PROMPTS[k], cfg.engine_warmup_new_tokens)
+                out = await _one(client, url, body, f"engine-warmup-{i}-{k}")
+                if out["status"] != 200:
+                    raise RuntimeError(f"engine warm-up on {url}: {out['status']}")
+
+        await asyncio.gather(*(one_replica(i, u) for i, u in enumerate(urls)))
+
+
 async def scrape_all(cfg: RoutingConfig, urls: list[str]) -> list[Snapshot]:
     async with _client(cfg, len(urls)) as client:
         return await _scrape(client, urls)
@@ -337,6 +348,8 @@ def run(cfg: RoutingConfig, workdir: Path, raw: Path | None = None) -> dict[str,
         if counts != {"201": cfg.adapters}:
             raise RuntimeError(f"uploads: {counts}")
         mark("upload")
+        asyncio.run(engine_warmup(cfg, [s.url for servers in sets for s in servers], ids))
+        mark("engine_warmup")
         states = {
             name: PolicyState(name, [s.url for s in servers], random.Random(cfg.seed + 1), [])
             for name, servers in zip(cfg.policies, sets, strict=True)
@@ -390,7 +403,7 @@ def policy_result(state: PolicyState, end: list[Snapshot]) -> dict[str, Any]:
     return {
         "requests": n,
         "ok": sum(1 for r in state.results if r["status"] == 200),
-        "statuses": _count(str(r["status"]) for r in state.results),
+        "statuses": dict(Counter(str(r["status"]) for r in state.results)),
         "wall_s": round(state.wall_s, 2),
         "warmup_cold_loads": int(sum(w.store_loads for w in state.warm)),
         "cold_loads": int(sum(loads)),
@@ -405,13 +418,6 @@ def policy_result(state: PolicyState, end: list[Snapshot]) -> dict[str, Any]:
         "engine": engine_steps(state.warm, end),
         "tail": tail_breakdown(state.results, len(state.urls)),
     }
-
-
-def _count(values: Iterable[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 def summarize(

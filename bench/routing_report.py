@@ -25,6 +25,18 @@ def nearest_rank(values: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
+def ttft_summary(values: Sequence[float]) -> dict[str, Any]:
+    """Count, nearest-rank p50 / p90 / p99, mean and max of `values`."""
+    if not values:
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None, "max": None}
+    return {
+        "n": len(values),
+        **{f"p{round(q * 100)}": nearest_rank(values, q) for q in (0.5, 0.9, 0.99)},
+        "mean": statistics.fmean(values),
+        "max": max(values),
+    }
+
+
 def access_lines(paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
     """{request id: access fields} from replica logs written with `--log-format json`
     (lines that are not access lines are skipped)."""
@@ -120,4 +132,11 @@ def tail_breakdown(results: list[dict[str, Any]], replicas: int) -> dict[str, An
     }
 
 
-__all__ = ["access_lines", "engine_steps", "join_access", "nearest_rank", "tail_breakdown"]
+__all__ = [
+    "access_lines",
+    "engine_steps",
+    "join_access",
+    "nearest_rank",
+    "tail_breakdown",
+    "ttft_summary",
+]
