@@ -13,6 +13,11 @@ send back to back (closed loop).
 
 Phases, the same seeded adapter sequence for every policy:
 
+- engine warm-up: each replica serves two requests of ``engine_warmup_new_tokens`` tokens
+  one after the other (adapters 0 then 1): its first decode steps and its first merge and
+  unmerge of an adapter cost much more than later ones (first use), and the 1-token
+  warm-up below never decodes or merges, so without this they land in the first measured
+  blocks;
 - warm-up: ``warmup_requests`` through each policy, of ``warmup_new_tokens`` each, not
   measured (the first loads of the working set, which no policy avoids);
 - measured: blocks of ``block_requests``, run in pairs with the policy order alternating
@@ -27,7 +32,10 @@ with ``--policies``, ``affinity_stock`` (the picker's scorers alone).
 While a block runs, its replica set is scraped every ``scrape_interval_s`` (as Prometheus or
 the picker would), whatever the policy, so the scrape load is the same. Cold loads are the
 replicas' own count of loads from the store (`flora_adapter_cache_misses_total`);
-host-cache promotions are reported apart. Writes bench/results/routing_quick.json
+host-cache promotions are reported apart. Each request carries an `X-Request-Id`; the
+replicas write JSON logs, and each measured request is joined with its access line (cold
+or warm, queue time, the server's TTFT) to break the tail down (bench/routing_report.py),
+next to each replica's engine step times. Writes bench/results/routing_quick.json
 (``--quick``) or routing.json.
 
 ``python -m bench.routing --quick`` (goal: under 10 minutes on 2 cores).
@@ -39,14 +47,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +61,15 @@ from typing import Any
 import httpx
 
 from bench import serverbench as sb
-from bench.routing_policy import Snapshot, parse_metrics, pick, zipf_sequence
+from bench.routing_policy import Snapshot, estimate_tokens, parse_metrics, pick, zipf_sequence
+from bench.routing_report import (
+    access_lines,
+    engine_steps,
+    join_access,
+    nearest_rank,
+    tail_breakdown,
+    ttft_summary,
+)
 from bench.workload import PROJECTIONS
 
 PROMPTS = (
@@ -76,6 +91,8 @@ class RoutingConfig:
     targets: tuple[str, ...] = PROJECTIONS
     warmup_requests: int = 240
     warmup_new_tokens: int = 1
+    # More than the engine's default merge_after_steps (4): merge, then unmerge for the next.
+    engine_warmup_new_tokens: int = 8
     block_requests: int = 40
     min_block_pairs: int = 2
     max_block_pairs: int = 30
@@ -102,23 +119,6 @@ def block_order(policies: Sequence[str], pair: int) -> list[str]:
     return list(policies) if pair % 2 == 0 else list(reversed(policies))
 
 
-def nearest_rank(values: Sequence[float], q: float) -> float:
-    """The q-quantile by nearest rank: the ceil(q n)-th smallest value."""
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
-
-
-def ttft_summary(values: Sequence[float]) -> dict[str, Any]:
-    if not values:
-        return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None, "max": None}
-    return {
-        "n": len(values),
-        **{f"p{round(q * 100)}": nearest_rank(values, q) for q in (0.5, 0.9, 0.99)},
-        "mean": statistics.fmean(values),
-        "max": max(values),
-    }
-
-
 @dataclass
 class PolicyState:
     """One policy's replica set and what its picker and the bench have seen so far."""
@@ -132,9 +132,13 @@ class PolicyState:
     adapters: list[set[str]] = field(default_factory=list)  # per replica, measured
     wall_s: float = 0.0  # measured blocks
     warm: list[Snapshot] = field(default_factory=list)  # after the warm-up
+    in_flight: list[int] = field(default_factory=list)  # requests per replica, now
+    in_flight_tokens: list[int] = field(default_factory=list)  # their estimated tokens
 
     def __post_init__(self) -> None:
         self.requests = [0] * len(self.urls)
+        self.in_flight = [0] * len(self.urls)
+        self.in_flight_tokens = [0] * len(self.urls)
         self.adapters = [set() for _ in self.urls]
 
 
@@ -155,7 +159,8 @@ def replica_sets(cfg: RoutingConfig, workdir: Path) -> Iterator[list[list[sb.Ser
                 cmd = [
                     sys.executable, "-m", "flora_server.cli", "--model", cfg.model,
                     "--host", "127.0.0.1", "--port", str(port),
-                    "--adapter-store", str(workdir / "store"), "--log-level", "warning",
+                    "--adapter-store", str(workdir / "store"), "--log-level", "info",
+                    "--log-format", "json",
                     "--engine", cfg.engine, "--kv-cache-bytes", str(cfg.kv_cache_bytes),
                     "--max-slots", str(cfg.max_slots), "--host-cache-bytes", str(host_bytes),
                     "--max-new-tokens", str(max(16, cfg.max_new_tokens)),
@@ -213,12 +218,21 @@ async def _scrape_loop(client: httpx.AsyncClient, state: PolicyState, interval: 
         await asyncio.sleep(interval)
 
 
-async def _one(client: httpx.AsyncClient, url: str, adapter: str, prompt: str, n: int) -> dict:
+def request_body(adapter: str, prompt: str, n: int) -> bytes:
+    """The completion request's JSON body, as sent (its size is what the picker's token
+    estimate reads)."""
     body = {"model": adapter, "prompt": prompt, "max_tokens": n, "stream": True}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: bytes, request_id: str) -> dict:
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
     start = time.monotonic()
     ttft = None
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        async with client.stream(
+            "POST", f"{url}/v1/completions", content=body, headers=headers
+        ) as r:
             status = r.status_code
             async for line in r.aiter_lines():
                 if ttft is None and line.startswith("data: {"):
@@ -226,8 +240,8 @@ async def _one(client: httpx.AsyncClient, url: str, adapter: str, prompt: str, n
                     if chunk.get("choices") and chunk["choices"][0].get("text"):
                         ttft = time.monotonic() - start
     except httpx.HTTPError as exc:
-        return {"status": type(exc).__name__, "ttft": None}
-    return {"status": status, "ttft": ttft, "total": time.monotonic() - start}
+        return {"status": type(exc).__name__, "ttft": None, "sent": start}
+    return {"status": status, "ttft": ttft, "total": time.monotonic() - start, "sent": start}
 
 
 async def run_block(
@@ -250,16 +264,30 @@ async def run_block(
         async def worker() -> None:
             for k, index in order:
                 adapter = ids[index]
+                body = request_body(adapter, PROMPTS[k % len(PROMPTS)], tokens)
                 if state.name == "round_robin":
                     replica = k % len(state.urls)
                 else:
-                    replica = pick(state.snaps, adapter, state.name == "affinity", state.rng)
-                prompt = PROMPTS[k % len(PROMPTS)]
-                out = await _one(client, state.urls[replica], adapter, prompt, tokens)
+                    residency = state.name == "affinity"
+                    replica = pick(
+                        state.snaps, adapter, residency, state.rng, state.in_flight_tokens
+                    )
+                request_id = f"{state.name}-{'w' if block is None else block}-{k}"
+                # The picker's in-flight accounting (inflight-load-producer): added when the
+                # request is sent, removed when its response ends. Kept for every policy.
+                in_flight, estimate = state.in_flight[replica], estimate_tokens(len(body))
+                state.in_flight[replica] += 1
+                state.in_flight_tokens[replica] += estimate
+                try:
+                    out = await _one(client, state.urls[replica], body, request_id)
+                finally:
+                    state.in_flight[replica] -= 1
+                    state.in_flight_tokens[replica] -= estimate
                 if measured:
                     state.requests[replica] += 1
                     state.adapters[replica].add(adapter)
-                    record = {**out, "block": block, "replica": replica, "adapter": adapter}
+                    record = {**out, "block": block, "replica": replica, "adapter": adapter,
+                              "request_id": request_id, "in_flight": in_flight}  # fmt: skip
                     state.results.append(record)
 
         start = time.monotonic()
@@ -273,6 +301,20 @@ async def run_block(
             state.wall_s += time.monotonic() - start
 
 
+async def engine_warmup(cfg: RoutingConfig, urls: list[str], ids: list[str]) -> None:
+    """Every replica at once: adapter 0's request, then adapter 1's (see the module doc)."""
+    async with _client(cfg, len(urls)) as client:
+
+        async def one_replica(i: int, url: str) -> None:
+            for k, adapter in enumerate(ids[:2]):
+                body = request_body(adapter, PROMPTS[k], cfg.engine_warmup_new_tokens)
+                out = await _one(client, url, body, f"engine-warmup-{i}-{k}")
+                if out["status"] != 200:
+                    raise RuntimeError(f"engine warm-up on {url}: {out['status']}")
+
+        await asyncio.gather(*(one_replica(i, u) for i, u in enumerate(urls)))
+
+
 async def scrape_all(cfg: RoutingConfig, urls: list[str]) -> list[Snapshot]:
     async with _client(cfg, len(urls)) as client:
         return await _scrape(client, urls)
@@ -280,7 +322,9 @@ async def scrape_all(cfg: RoutingConfig, urls: list[str]) -> list[Snapshot]:
 
 def run(cfg: RoutingConfig, workdir: Path, raw: Path | None = None) -> dict[str, Any]:
     """The whole bench in `workdir`; `raw` (optional) receives every measured request
-    as a JSON line (policy, block, replica, adapter, status, ttft, total)."""
+    as a JSON line (policy, block, replica, adapter, status, ttft, total, sent: the
+    monotonic clock at sending, request_id, in_flight, and the access line's cold, queue_s,
+    server_ttft_s)."""
     started = time.monotonic()
     load_start = list(os.getloadavg())
     timing: dict[str, Any] = {}
@@ -304,6 +348,8 @@ def run(cfg: RoutingConfig, workdir: Path, raw: Path | None = None) -> dict[str,
         if counts != {"201": cfg.adapters}:
             raise RuntimeError(f"uploads: {counts}")
         mark("upload")
+        asyncio.run(engine_warmup(cfg, [s.url for servers in sets for s in servers], ids))
+        mark("engine_warmup")
         states = {
             name: PolicyState(name, [s.url for s in servers], random.Random(cfg.seed + 1), [])
             for name, servers in zip(cfg.policies, sets, strict=True)
@@ -325,10 +371,11 @@ def run(cfg: RoutingConfig, workdir: Path, raw: Path | None = None) -> dict[str,
             pairs += 1
             print(f"block pair {pairs} done in {pair_s:.0f} s", file=sys.stderr)
         mark("measured")
-        policies = {
-            name: policy_result(state, asyncio.run(scrape_all(cfg, state.urls)))
-            for name, state in states.items()
-        }
+        ends = {name: asyncio.run(scrape_all(cfg, state.urls)) for name, state in states.items()}
+    lines = access_lines(s.log_path for servers in sets for s in servers)
+    for state in states.values():
+        join_access(state.results, lines)
+    policies = {name: policy_result(state, ends[name]) for name, state in states.items()}
     for name, result in policies.items():
         print(f"{name}: {json.dumps(result)}", file=sys.stderr)
     if raw is not None:
@@ -356,7 +403,7 @@ def policy_result(state: PolicyState, end: list[Snapshot]) -> dict[str, Any]:
     return {
         "requests": n,
         "ok": sum(1 for r in state.results if r["status"] == 200),
-        "statuses": _count(str(r["status"]) for r in state.results),
+        "statuses": dict(Counter(str(r["status"]) for r in state.results)),
         "wall_s": round(state.wall_s, 2),
         "warmup_cold_loads": int(sum(w.store_loads for w in state.warm)),
         "cold_loads": int(sum(loads)),
@@ -368,14 +415,9 @@ def policy_result(state: PolicyState, end: list[Snapshot]) -> dict[str, Any]:
             {"requests": r, "distinct_adapters": len(a), "cold_loads": int(c)}
             for r, a, c in zip(state.requests, state.adapters, loads, strict=True)
         ],
+        "engine": engine_steps(state.warm, end),
+        "tail": tail_breakdown(state.results, len(state.urls)),
     }
-
-
-def _count(values: Iterable[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 def summarize(

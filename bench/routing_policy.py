@@ -4,7 +4,7 @@ deploy/k8s/components/inference-pool/epp-config.yaml do, pick the best; and the 
 adapter sequence the bench sends.
 
 Scores (same weights as the EPP configuration: LoRA affinity 4, queue 0.5, running 0.5,
-KV cache 1; highest total wins, ties at random):
+KV cache 1, token load 4; highest total wins, ties at random):
 
 - queue: (max q - q) / (max q - min q) over the replicas, 1 for all when they are equal
   (the upstream queue-scorer); running: the same over the running batches
@@ -17,18 +17,30 @@ KV cache 1; highest total wins, ties at random):
   adapters still attract their traffic; and for an adapter no replica holds, a "home"
   term (weight 0.6) for the replica a rendezvous hash of (adapter, replica) ranks first,
   so it goes back to the same replica instead of a random one (the stateless
-  consistent-hash idea of docs/deploy.md, as a score so that load can still override it).
+  consistent-hash idea of docs/deploy.md, as a score so that load can still override it);
+- token load (the upstream token-load-scorer fed by the inflight-load-producer, v1.5.0):
+  1 - min(tokens, T) / T, where tokens is the picker's own estimate of the work it has sent
+  to the replica and not yet seen finish (`estimate_tokens` of each request body, added when
+  the request is sent, removed at the end of its response) and T = `queueThresholdTokens`.
+  Unlike the scraped queue and running gauges it is never stale and it is absolute, not
+  normalised over the replicas: it bounds the imbalance affinity may cause (a replica
+  holding the adapter loses it to one with a free slot once it has about
+  (4 x 0.2) x T / 4 = 0.2 T more tokens in flight).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-WEIGHTS = {"lora": 4.0, "queue": 0.5, "running": 0.5, "kv": 1.0}  # as in epp-config.yaml
+# As in epp-config.yaml (scorer weights, and the token-load-scorer's queueThresholdTokens).
+WEIGHTS = {"lora": 4.0, "queue": 0.5, "running": 0.5, "kv": 1.0, "token_load": 4.0}
+TOKEN_LOAD_THRESHOLD = 1024
 HOME_WEIGHT = 0.6  # flora's extension, for an adapter no replica holds
 
 
@@ -48,6 +60,11 @@ class Snapshot:
     store_loads: float = 0.0  # flora_adapter_cache_misses_total
     host_hits: float = 0.0  # flora_adapter_cache_hits_total{tier="host"}
     load_seconds: float = 0.0  # flora_adapter_load_seconds_sum{result="ok"}
+    steps: float = 0.0  # flora_engine_step_seconds_count, all modes
+    step_seconds: float = 0.0  # flora_engine_step_seconds_sum
+    slow_steps: float = 0.0  # steps over 0.32 s (the histogram's bucket bound)
+    stuck_steps: float = 0.0  # steps over 2.56 s (its last finite bound)
+    merge_switches: float = 0.0  # flora_engine_merge_switches_total
 
 
 # The samples the picker and the bench read. Only their lines are parsed: a replica's page
@@ -62,7 +79,12 @@ _READ = (
     "flora_adapter_cache_misses_total",
     "flora_adapter_cache_hits_total",
     "flora_adapter_load_seconds_sum",
+    "flora_engine_step_seconds_count",
+    "flora_engine_step_seconds_sum",
+    "flora_engine_step_seconds_bucket",
+    "flora_engine_merge_switches_total",
 )
+SLOW_STEP_S, STUCK_STEP_S = "0.32", "2.56"
 
 
 def _wanted(line: str) -> bool:
@@ -96,6 +118,18 @@ def parse_metrics(text: str) -> Snapshot:
                 snap.host_hits = value
             elif name == "flora_adapter_load_seconds_sum" and labels.get("result") == "ok":
                 snap.load_seconds = value
+            elif name == "flora_engine_step_seconds_count":
+                snap.steps += value
+                snap.slow_steps += value
+                snap.stuck_steps += value
+            elif name == "flora_engine_step_seconds_sum":
+                snap.step_seconds += value
+            elif name == "flora_engine_step_seconds_bucket" and labels.get("le") == SLOW_STEP_S:
+                snap.slow_steps -= value
+            elif name == "flora_engine_step_seconds_bucket" and labels.get("le") == STUCK_STEP_S:
+                snap.stuck_steps -= value
+            elif name == "flora_engine_merge_switches_total":
+                snap.merge_switches = value
     snap.device, snap.host = frozenset(device), frozenset(host)
     return snap
 
@@ -130,9 +164,31 @@ def home_replica(adapter: str, replicas: int) -> int:
     )
 
 
-def scores(snaps: list[Snapshot], adapter: str, residency: bool) -> list[float]:
+def estimate_tokens(body_bytes: int) -> int:
+    """The inflight-load-producer's estimate of a request (SimpleTokenEstimator with the
+    request's size): input = max(bytes // 4, 1), output = round(1.5 input) (Go's
+    math.Round, half away from zero); 0 for an empty body."""
+    if body_bytes <= 0:
+        return 0
+    inputs = max(body_bytes // 4, 1)
+    return inputs + math.floor(inputs * 1.5 + 0.5)
+
+
+def token_load_score(tokens: float, threshold: float = TOKEN_LOAD_THRESHOLD) -> float:
+    """The upstream token-load-scorer: 1 - min(tokens, threshold) / threshold."""
+    return 1.0 if tokens <= 0 else 1.0 - min(tokens, threshold) / threshold
+
+
+def scores(
+    snaps: list[Snapshot],
+    adapter: str,
+    residency: bool,
+    in_flight_tokens: Sequence[float] | None = None,
+) -> list[float]:
     """Each replica's weighted total. `residency` adds flora's signals: the residency
-    gauge and the adapter's home replica."""
+    gauge and the adapter's home replica. `in_flight_tokens` is the picker's estimate of
+    each replica's in-flight work (None: nothing in flight)."""
+    tokens = in_flight_tokens if in_flight_tokens is not None else [0.0] * len(snaps)
     queue = spread_scores([s.queue for s in snaps])
     running = spread_scores([s.running for s in snaps])
     loaded = any(adapter in s.device | s.host | s.running_adapters for s in snaps)
@@ -142,14 +198,21 @@ def scores(snaps: list[Snapshot], adapter: str, residency: bool) -> list[float]:
         + WEIGHTS["queue"] * queue[i]
         + WEIGHTS["running"] * running[i]
         + WEIGHTS["kv"] * (1.0 - s.kv)
+        + WEIGHTS["token_load"] * token_load_score(tokens[i])
         + (HOME_WEIGHT if i == home else 0.0)
         for i, s in enumerate(snaps)
     ]
 
 
-def pick(snaps: list[Snapshot], adapter: str, residency: bool, rng: random.Random) -> int:
+def pick(
+    snaps: list[Snapshot],
+    adapter: str,
+    residency: bool,
+    rng: random.Random,
+    in_flight_tokens: Sequence[float] | None = None,
+) -> int:
     """The replica with the highest score (ties at random, as the max-score-picker)."""
-    totals = scores(snaps, adapter, residency)
+    totals = scores(snaps, adapter, residency, in_flight_tokens)
     best = max(totals)
     return rng.choice([i for i, v in enumerate(totals) if v >= best - 1e-9])
 
@@ -169,13 +232,16 @@ def zipf_sequence(n_adapters: int, s: float, n: int, seed: int) -> list[int]:
 
 __all__ = [
     "HOME_WEIGHT",
+    "TOKEN_LOAD_THRESHOLD",
     "WEIGHTS",
     "Snapshot",
+    "estimate_tokens",
     "home_replica",
     "lora_score",
     "parse_metrics",
     "pick",
     "scores",
     "spread_scores",
+    "token_load_score",
     "zipf_sequence",
 ]

@@ -288,7 +288,42 @@ PLUGIN_PARAMETERS: dict[str, Schema] = {
     "metrics-data-source": _strict(
         {"scheme": {"enum": ["http", "https"]}, "path": _STRING, "insecureSkipVerify": _BOOL}
     ),
+    # tokenload.Config: a value <= 0 would silently fall back to the 4Mi-token default.
+    "token-load-scorer": _strict({"queueThresholdTokens": {"type": "integer", "minimum": 1}}),
 }
+# Scheduling, request-data and data-layer plugin types GAIE v1.5.0's EPP registers
+# (cmd/epp/runner/runner.go, registerInTreePlugins): a type outside it fails the picker's
+# start. (Its filters are prefix-cache-affinity-filter and testing ones: the older
+# low-queue, least-queue, lora-affinity and decision-tree filters are gone.)
+EPP_PLUGIN_TYPES = frozenset(
+    {
+        "prefix-cache-scorer",
+        "max-score-picker",
+        "random-picker",
+        "weighted-random-picker",
+        "single-profile-handler",
+        "kv-cache-utilization-scorer",
+        "queue-scorer",
+        "running-requests-size-scorer",
+        "lora-affinity-scorer",
+        "token-load-scorer",
+        "approx-prefix-cache-producer",
+        "predicted-latency-scorer",
+        "predicted-latency-producer",
+        "latency-slo-admitter",
+        "prefix-cache-affinity-filter",
+        "latency-scorer",
+        "inflight-load-producer",
+        "metrics-data-source",
+        "core-metrics-extractor",
+        "request-attribute-reporter",
+        "openai-parser",
+        "vllmgrpc-parser",
+        "passthrough-parser",
+        "concurrency-detector",
+        "utilization-detector",
+    }
+)
 ENDPOINT_PICKER_CONFIG: Schema = _strict(
     {
         "apiVersion": {"const": "inference.networking.x-k8s.io/v1alpha1"},
@@ -354,6 +389,8 @@ def endpoint_picker_config_problems(config: dict[str, Any]) -> list[str]:
     names = set()
     for plugin in config["plugins"]:
         names.add(plugin.get("name") or plugin["type"])
+        if plugin["type"] not in EPP_PLUGIN_TYPES:
+            problems.append(f"plugin type {plugin['type']!r} is not one GAIE v1.5.0 registers")
         schema = PLUGIN_PARAMETERS.get(plugin["type"])
         if schema is not None and "parameters" in plugin:
             for e in jsonschema.Draft202012Validator(schema).iter_errors(plugin["parameters"]):

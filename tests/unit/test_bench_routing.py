@@ -20,14 +20,17 @@ from bench.routing import (
     ttft_summary,
 )
 from bench.routing_policy import (
+    TOKEN_LOAD_THRESHOLD,
     WEIGHTS,
     Snapshot,
+    estimate_tokens,
     home_replica,
     lora_score,
     parse_metrics,
     pick,
     scores,
     spread_scores,
+    token_load_score,
     zipf_sequence,
 )
 from deploy.check import repo_root
@@ -44,8 +47,14 @@ def test_weights_are_the_epp_config_weights() -> None:
         "queue-scorer": WEIGHTS["queue"],
         "running-requests-size-scorer": WEIGHTS["running"],
         "kv-cache-utilization-scorer": WEIGHTS["kv"],
+        "token-load-scorer": WEIGHTS["token_load"],
         "max-score-picker": None,
     }
+    by_type = {p["type"]: p for p in config["plugins"]}
+    assert by_type["token-load-scorer"]["parameters"] == {
+        "queueThresholdTokens": TOKEN_LOAD_THRESHOLD
+    }
+    assert "inflight-load-producer" in by_type  # what feeds the token-load scorer
 
 
 def test_lora_score_follows_the_upstream_scorer_and_residency_raises_it() -> None:
@@ -76,17 +85,51 @@ def test_scores_are_the_weighted_sums() -> None:
         Snapshot(max_lora=4, queue=0, running=3, kv=0.5),
         Snapshot(max_lora=1, queue=1, running=1, kv=0.0, running_adapters=frozenset({"b"})),
     ]
-    # queue scores 0, 1, 0.5; running 1, 0, 1; LoRA (stock) 0.8, 0.8, 0 (slots full)
+    # queue scores 0, 1, 0.5; running 1, 0, 1; LoRA (stock) 0.8, 0.8, 0 (slots full);
+    # token load 1 everywhere (nothing in flight): + 4
     assert scores(snaps, "a", residency=False) == pytest.approx(
-        [4 * 0.8 + 0 + 0.5 + 0.75, 4 * 0.8 + 0.5 + 0 + 0.5, 0 + 0.25 + 0.5 + 1.0]
+        [4 * 0.8 + 0 + 0.5 + 0.75 + 4, 4 * 0.8 + 0.5 + 0 + 0.5 + 4, 0 + 0.25 + 0.5 + 1.0 + 4]
     )
     # residency: "a" on a device slot raises replica 0 to 1.0; no home term (it is held)
-    assert scores(snaps, "a", residency=True)[0] == pytest.approx(4 + 0.5 + 0.75)
+    assert scores(snaps, "a", residency=True)[0] == pytest.approx(4 + 0.5 + 0.75 + 4)
+    # in-flight tokens 256, 0, 1500 (T = 1024): token scores 0.75, 1, 0 (capped)
+    loaded = scores(snaps, "a", residency=False, in_flight_tokens=[256, 0, 1500])
+    assert loaded == pytest.approx(
+        [4 * 0.8 + 0 + 0.5 + 0.75 + 3, 4 * 0.8 + 0.5 + 0 + 0.5 + 4, 0 + 0.25 + 0.5 + 1.0 + 0]
+    )
     # an adapter held nowhere: the home replica gets 0.6 more than the stock score
     home = home_replica("c", 3)
     stock, flora = scores(snaps, "c", False), scores(snaps, "c", True)
     diff = [f - s for f, s in zip(flora, stock, strict=True)]
     assert diff == pytest.approx([0.6 if i == home else 0.0 for i in range(3)])
+
+
+def test_estimate_tokens_is_the_upstream_simple_estimator() -> None:
+    # input = bytes // 4 (at least 1), output = round(1.5 input), half away from zero
+    assert estimate_tokens(81) == 20 + 30
+    assert estimate_tokens(90) == 22 + 33
+    assert estimate_tokens(12) == 3 + 5  # 4.5 rounds up, as Go's math.Round
+    assert estimate_tokens(3) == 1 + 2  # 1.5 -> 2
+    assert estimate_tokens(0) == 0
+    assert token_load_score(0) == 1.0
+    assert token_load_score(256) == 0.75  # T = 1024
+    assert token_load_score(10_000) == 0.0
+    assert token_load_score(50, threshold=200) == 0.75
+
+
+def test_token_load_bounds_how_far_affinity_piles_onto_the_holder() -> None:
+    """Replica 0 holds the adapter (running, score 1.0); 1 and 2 have free slots (0.8).
+    Scrapes equal (queue and running scores tie at 1). The holder keeps the request until it
+    has 0.2 T = 204.8 more tokens in flight (about four 50-token requests)."""
+    snaps = [Snapshot(max_lora=8, running_adapters=frozenset({"hot"}))]
+    snaps += [Snapshot(max_lora=8) for _ in range(2)]
+    rng = random.Random(0)
+    assert pick(snaps, "hot", False, rng, [200, 0, 0]) == 0  # 4 + 4 x 0.805 > 3.2 + 4
+    assert pick(snaps, "hot", False, rng, [250, 0, 0]) in (1, 2)  # 4 + 4 x 0.756 < 7.2
+    assert pick(snaps, "hot", False, rng, [250, 0, 50]) == 1  # the least loaded of the rest
+    # exact totals: 4 x 1.0 + 0.5 + 0.5 + 1 + 4 x (1 - 250 / 1024) vs 4 x 0.8 + 2 + 4
+    totals = scores(snaps, "hot", False, [250, 0, 0])
+    assert totals == pytest.approx([6 + 4 * (1 - 250 / 1024), 9.2, 9.2])
 
 
 def test_pick_prefers_residency_unless_that_replica_is_the_most_loaded() -> None:
@@ -132,6 +175,14 @@ def test_parse_metrics_reads_what_the_server_renders() -> None:
     assert snap.running_adapters == {"a"} and snap.waiting_adapters == {"b"}
     assert snap.device == {"a", "c"} and snap.host == {"d"}
     assert (snap.store_loads, snap.host_hits, snap.load_seconds) == (2, 1, 0.75)
+    for mode, seconds in (("batched", 0.01), ("batched", 0.5), ("merged", 2.0), ("base", 0.3)):
+        metrics.step_seconds.labels(mode=mode).observe(seconds)
+    metrics.step_seconds.labels(mode="batched").observe(3.0)
+    metrics.merge_switches.inc()
+    snap = parse_metrics(metrics.render().decode())
+    assert (snap.steps, snap.slow_steps, snap.stuck_steps) == (5, 3, 1)  # > 0.32 s, > 2.56 s
+    assert snap.merge_switches == 1
+    assert snap.step_seconds == pytest.approx(5.81)
     # only the named samples are read, by exact name
     other = parse_metrics('flora_queue_length 3\nflora_queue_length_peak 9\nx{a="b"} 1\n')
     assert other.queue == 3 and other.running == 0

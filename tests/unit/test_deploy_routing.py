@@ -109,6 +109,15 @@ def test_endpoint_picker_config_schema_is_strict(pool_overlay: Docs) -> None:
     assert endpoint_picker_config_problems({**config, "schedulingProfile": []})[0].startswith(
         "EndpointPickerConfig: <root>: Additional properties"
     )
+    loads = copy.deepcopy(config)
+    loads["plugins"].append({"type": "low-queue-filter", "parameters": {"threshold": 8}})
+    scorer = next(p for p in loads["plugins"] if p["type"] == "token-load-scorer")
+    scorer["parameters"]["queueThresholdTokens"] = 0  # the scorer would take its default
+    assert endpoint_picker_config_problems(loads) == [
+        "plugin token-load-scorer: parameters.queueThresholdTokens: "
+        "0 is less than the minimum of 1",
+        "plugin type 'low-queue-filter' is not one GAIE v1.5.0 registers",
+    ]
 
 
 def test_vendored_crd_schemas_are_strict_and_traceable(pool_overlay: Docs) -> None:
