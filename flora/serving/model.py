@@ -149,6 +149,8 @@ class ServingModel:
         self.routing = RoutingState()
         self._wrapped: dict[str, ServedModule] = {}
         self._slot_modules: list[frozenset[str] | None] = [None] * max_slots
+        # merge_cost of each slot, computed when it is loaded (read only while it is)
+        self._merge_costs: list[tuple[int, int]] = [(0, 0)] * max_slots
         self._merged_slot: int | None = None
         self._merged_names: list[str] = []
         self._host_weights: dict[str, torch.Tensor] = {}
@@ -184,10 +186,12 @@ class ServingModel:
         ``out * in * r``) and of applying it to one token on the per-row path (shrink and
         expand: ``(in + out) * r``), summed over its modules. Their ratio is how many
         row-tokens of per-row work one merge costs, whatever the rank (the engine's
-        merge policy reads it)."""
-        names = self._slot_modules[self._check_slot(slot)]
-        if names is None:
+        merge policy reads it every step, so it is counted once, at load)."""
+        if self._slot_modules[self._check_slot(slot)] is None:
             raise ValueError(f"slot {slot} is not loaded")
+        return self._merge_costs[slot]
+
+    def _count_merge_cost(self, slot: int, names: Iterable[str]) -> tuple[int, int]:
         merge = per_token = 0
         for name in names:
             wrapper = self._wrapped[name]
@@ -263,6 +267,7 @@ class ServingModel:
                 else:
                     wrapper.write_slot(slot, mf)
         self._slot_modules[slot] = frozenset(modules)
+        self._merge_costs[slot] = self._count_merge_cost(slot, modules)
         if len(self._wrapped) != wrapped_before or any(
             _bank_ptrs(self._wrapped[n]) != ptrs for n, ptrs in banks_before.items()
         ):

@@ -114,7 +114,7 @@ class Stepper:
 
     def _merge_pays(self, adapter: str, rows: Sequence[RowState]) -> bool:
         """Policy rule 4c for `adapter`, which every row of `rows` uses."""
-        slot = next(r.slot for r in rows if r.slot is not None)
+        slot = next(r.slot for r in rows if r.adapter_id == adapter and r.slot is not None)
         remaining = [r.handle.max_new_tokens - len(r.generated) for r in rows]
         return merge_pays(remaining, self.runtime.merge_cost(slot))
 

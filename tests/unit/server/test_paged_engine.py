@@ -199,24 +199,17 @@ def test_engine_setting_selects_v2(adapters) -> None:
 def test_a_model_v2_cannot_serve_falls_back_to_v1_unless_v2_was_asked_for(caplog) -> None:
     """Sliding-window models are served by v2; one with attention logit soft-capping
     (Gemma2) is not (`attention_windows`), and goes to v1 under the default setting."""
+    from test_paged_windows import DIMS as dims
     from transformers import Gemma2Config, MistralConfig, MistralForCausalLM
 
     from flora_server.bootstrap import text_engine
     from flora_server.settings import Settings
 
-    dims = {
-        "vocab_size": 98,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    }
     sliding = TinyLoaded(
         model=MistralForCausalLM(MistralConfig(sliding_window=16, **dims)), preprocessor=None
     )
     softcapped = torch.nn.Module()
-    softcapped.config = Gemma2Config(head_dim=16, **dims)
+    softcapped.config = Gemma2Config(**dims)
     capped = TinyLoaded(model=softcapped, preprocessor=None, name="tiny-gemma2")
     full = TinyLoaded(model=make_tiny_llama(), preprocessor=None)
     with caplog.at_level("INFO", logger="flora_server.bootstrap"):
