@@ -7,7 +7,10 @@ references."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import inspect
+import weakref
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from tiny_engine import make_flora_adapter, make_tiny_llama, merged_reference_mo
 
 from flora.serving import ServingModel
 from flora_server.engine.paged.graphs import (
+    CudaGraphCapture,
     GraphedPagedRunner,
     RecordedCapture,
     graph_capture_for,
@@ -41,29 +45,30 @@ def adapters(tmp_path_factory):
     }
 
 
-def kv_for(model, blocks: int) -> KVTensors:
+def kv_for(model, blocks: int, device: str = "cpu") -> KVTensors:
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return KVTensors(
-        c.num_hidden_layers, blocks, BS, c.num_key_value_heads, head_dim, torch.float32, "cpu"
+        c.num_hidden_layers, blocks, BS, c.num_key_value_heads, head_dim, torch.float32, device
     )
 
 
 class Pair:
     """The same steps through an eager runner and a graphed one, each with its own pool
-    (same block ids), one served model."""
+    (same block ids), one served model; on "cuda" the graphs are real CUDA graphs."""
 
-    def __init__(self, adapters, model=None, tol: float = 1e-4) -> None:
-        self.model = make_tiny_llama() if model is None else model
+    def __init__(self, adapters, model=None, tol: float = 1e-4, device: str = "cpu") -> None:
+        self.model = (make_tiny_llama() if model is None else model).to(device)
         self.tol = tol
         self.serving = ServingModel(self.model, max_slots=4)
         self.serving.load(0, adapters["x"])
         self.serving.load(1, adapters["y"])
-        self.capture = RecordedCapture()
-        self.eager = PagedRunner(self.model, kv_for(self.model, BLOCKS))
+        cuda = device == "cuda"
+        self.capture = CudaGraphCapture(torch.device(device)) if cuda else RecordedCapture()
+        self.eager = PagedRunner(self.model, kv_for(self.model, BLOCKS, device))
         self.graphed = GraphedPagedRunner(
             self.model,
-            kv_for(self.model, BLOCKS + 1),
+            kv_for(self.model, BLOCKS + 1, device),
             self.serving,
             self.capture,
             scratch_block=BLOCKS,
@@ -111,8 +116,13 @@ class Pair:
             torch.testing.assert_close(b[:n], a[:n], rtol=1e-3, atol=1e-3)
 
 
-def test_graph_logits_match_eager_across_buckets_loads_and_merges(adapters) -> None:
-    pair = Pair(adapters)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_logits_match_eager_across_buckets_loads_and_merges(adapters, device) -> None:
+    pair = Pair(adapters, device=device)
     prompts = {"a": [5, 6, 7], "b": [9, 10, 11, 12, 13], "c": [20] * 7, "d": [3, 4], "e": [8, 2]}
     slots = {"a": 0, "b": 1, "c": None, "d": 0, "e": None}
     for name, prompt in prompts.items():
@@ -139,8 +149,9 @@ def test_graph_logits_match_eager_across_buckets_loads_and_merges(adapters) -> N
     pair.used_kv_equal()
 
 
-def test_bank_growth_drops_the_graphs_and_records_again(adapters) -> None:
-    pair = Pair(adapters)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_growth_drops_the_graphs_and_records_again(adapters, device) -> None:
+    pair = Pair(adapters, device=device)
     pair.add("a", [5, 6, 7], 0)
     pair.add("b", [9, 10], 1)
     pair.decode(["a", "b"])
@@ -194,6 +205,85 @@ def test_mixed_prefill_steps_and_large_batches_run_eagerly(adapters) -> None:
     got = pair.graphed.run(three, [0, 1, None], [0, 1, 2], pair.serving.set_routing)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert pair.graphed.replays == replays  # 3 rows > the largest bucket (2): eager
+
+
+class FakeCudaGraph:
+    """`torch.cuda.CUDAGraph` as `CudaGraphCapture` uses it: the pool it was recorded into."""
+
+    def __init__(self) -> None:
+        self.recorded_into, self.replays = "never", 0
+
+    def pool(self) -> tuple[str, int]:
+        return ("pool", id(self))
+
+    def replay(self) -> None:
+        self.replays += 1
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch) -> list[FakeCudaGraph]:
+    """Just enough of `torch.cuda` for `CudaGraphCapture` on the CPU; the graphs made."""
+    graphs: list[FakeCudaGraph] = []
+
+    class Stream:
+        def wait_stream(self, other) -> None:
+            pass
+
+    def make_graph() -> FakeCudaGraph:
+        graphs.append(FakeCudaGraph())
+        return graphs[-1]
+
+    @contextlib.contextmanager
+    def record(graph, pool=None, capture_error_mode=None):  # type: ignore[no-untyped-def]
+        graph.recorded_into = pool
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", make_graph)
+    monkeypatch.setattr(torch.cuda, "graph", record)
+    return graphs
+
+
+def test_a_cuda_replay_keeps_the_tensors_of_the_recorded_forward_alive(fake_cuda) -> None:
+    """A graph replays raw addresses: a buffer only the forward's closure holds (the
+    runner's gather index, mask, step) must live as long as the replay, or the allocator
+    hands its memory to other tensors (on an H200: index out of bounds at the first
+    replay)."""
+    capture = CudaGraphCapture(torch.device("cuda"))
+
+    def make_forward():  # type: ignore[no-untyped-def]
+        index = torch.zeros(3)  # held by the closure alone
+
+        def forward() -> None:
+            index.add_(1)
+
+        return forward, weakref.ref(index)
+
+    forward, index = make_forward()
+    replay = capture.capture(forward)
+    del forward
+    gc.collect()
+    assert index() is not None
+    replay()
+    assert fake_cuda[0].replays == 1
+    del replay
+    gc.collect()
+    assert index() is None  # and no longer than that
+
+
+def test_graphs_share_a_pool_until_reset_drops_it(fake_cuda) -> None:
+    """Graphs share one memory pool; once the runner drops its graphs the pool dies with
+    them and recording into its id fails inside the allocator, so `reset` starts anew."""
+    capture = CudaGraphCapture(torch.device("cuda"))
+    for _ in range(2):
+        capture.capture(lambda: None)
+    capture.reset()
+    capture.capture(lambda: None)
+    first_pool = fake_cuda[0].pool()
+    assert [g.recorded_into for g in fake_cuda] == [None, first_pool, None]
+    assert capture.captures == 3
 
 
 def test_the_capability_check_keeps_the_cpu_eager() -> None:

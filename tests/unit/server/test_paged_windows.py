@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_engine import greedy, run
 from test_paged_engine import make_engine, settled_stats
-from test_paged_graphs import Pair
+from test_paged_graphs import DEVICES, Pair
 from tiny_engine import make_flora_adapter
 from transformers import (
     Gemma2Config,
@@ -284,12 +284,13 @@ def adapters(tmp_path_factory):
     return {"x": make_flora_adapter(1, tmp), "y": make_flora_adapter(2, tmp)}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
-def test_graph_decode_matches_eager_past_the_window(adapters, kind) -> None:
-    """Recorded decode (`RecordedCapture`) of a hybrid model equals the eager runner step by
-    step, spans within and past the window, adapters on some rows; the base row's tokens
-    equal transformers' greedy tokens."""
-    pair = Pair(adapters, model=tiny(kind))
+def test_graph_decode_matches_eager_past_the_window(adapters, kind, device) -> None:
+    """Recorded decode (`RecordedCapture` on the CPU, `torch.cuda.CUDAGraph` on CUDA) of a
+    hybrid model equals the eager runner step by step, spans within and past the window,
+    adapters on some rows; the base row's tokens equal transformers' greedy tokens."""
+    pair = Pair(adapters, model=tiny(kind), device=device)
     prompts = {"a": tokens(20, 10), "b": tokens(21, 3), "c": tokens(22, 12)}
     pair.add("a", prompts["a"], 0)
     pair.add("b", prompts["b"], None)

@@ -57,8 +57,26 @@ class GraphCapture(Protocol):
     """Records a forward that reads and writes only tensors outliving it."""
 
     def capture(self, forward: Callable[[], None]) -> Callable[[], None]:
-        """Record `forward`; returns what replays it."""
+        """Record `forward`; returns what replays it (and keeps `forward` alive with it)."""
         ...
+
+    def reset(self) -> None:
+        """Every graph recorded so far has been dropped (the runner's graphs were cleared)."""
+        ...
+
+
+@dataclass(frozen=True)
+class _CudaReplay:
+    """A recorded graph with the forward it recorded. A graph reads and writes raw device
+    addresses: the tensors the forward's closure holds (index buffers, masks, the step's
+    view of the pool) must live as long as the graph, or the caching allocator hands their
+    memory to other tensors and a replay reads whatever is there."""
+
+    graph: torch.cuda.CUDAGraph
+    forward: Callable[[], None]
+
+    def __call__(self) -> None:
+        self.graph.replay()
 
 
 class CudaGraphCapture:
@@ -67,6 +85,7 @@ class CudaGraphCapture:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.captures = 0  # graphs recorded
         self._pool: Any = None
         self._stream = torch.cuda.Stream(device)
 
@@ -83,7 +102,13 @@ class CudaGraphCapture:
             forward()
         if self._pool is None:
             self._pool = graph.pool()
-        return graph.replay
+        self.captures += 1
+        return _CudaReplay(graph, forward)
+
+    def reset(self) -> None:
+        # The shared pool dies with the last graph that used it; recording into its id
+        # afterwards fails inside the allocator, so the next graph starts a new pool.
+        self._pool = None
 
 
 class RecordedCapture:
@@ -97,6 +122,9 @@ class RecordedCapture:
         self.captures += 1
         forward()
         return forward
+
+    def reset(self) -> None:
+        pass
 
 
 @functools.cache
@@ -221,6 +249,7 @@ class GraphedPagedRunner(PagedRunner):
             return None  # the mode policy never mixes these; eager raises the error
         if self.runtime.layout_version != self._layout:
             self.graphs.clear()  # tensors the graphs read were re-bound
+            self.capture.reset()
             self._layout = self.runtime.layout_version
             self._no_adapter_graphs = False
         if adapters and self._no_adapter_graphs:
