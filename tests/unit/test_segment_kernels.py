@@ -215,11 +215,14 @@ ADAPTERS = [  # different targets and ranks: each module sees some slots at rank
 ]
 
 
-def served_block(policy: ServingPolicy, dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
+def served_block(  # type: ignore[no-untyped-def]
+    policy: ServingPolicy, dtype: torch.dtype = torch.float32, device: str = "cpu"
+):
+    """The served block on `device` and its float32 reference on the CPU."""
     torch.manual_seed(0)
     base = Block()
     ref = copy.deepcopy(base)
-    serving = ServingModel(base, max_slots=4, policy=policy, dtype=dtype)
+    serving = ServingModel(base.to(device), max_slots=4, policy=policy, dtype=dtype)
     for slot, mods in enumerate(ADAPTERS):
         serving.load_modules(slot, mods)
     return serving, ref
@@ -261,15 +264,22 @@ def backend(request, monkeypatch) -> str:  # type: ignore[no-untyped-def]
     return name
 
 
+def device_of(backend: str) -> str:
+    """Where a backend's served block runs: Triton on the test device (compiled on CUDA,
+    interpreted on the CPU), the others on the CPU."""
+    return DEVICE.type if backend == "triton" else "cpu"
+
+
 def test_served_modules_routed_by_segments_match_each_token_alone(backend: str) -> None:
-    serving, ref = served_block(POLICIES[backend])
+    device = device_of(backend)
+    serving, ref = served_block(POLICIES[backend], device=device)
     seg = Segments.from_lengths(LENGTHS, SLOTS)
     ids = torch.randint(0, 50, (1, seg.total), generator=torch.Generator().manual_seed(5))
     serving.set_routing(seg)
     kinds = {type(p).__name__ for p in serving.routing.plans if p is not None}
     assert PLAN_NAMES[backend] in kinds
     with torch.no_grad():
-        got = serving(ids)
+        got = [g.cpu() for g in serving(ids.to(device))]
     want = reference_outputs(ref, ids, seg.token_slots())
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -285,9 +295,9 @@ def test_served_modules_routed_by_segments_match_each_token_alone(backend: str) 
     # the per-token row path on the same model: the layout engine v2 used before segments
     serving.set_routing(seg.token_slots())
     with torch.no_grad():
-        rows = serving(ids.reshape(-1, 1))
+        rows = serving(ids.reshape(-1, 1).to(device))
     for g, r in zip(got, rows, strict=True):
-        torch.testing.assert_close(g, r.reshape(g.shape), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, r.cpu().reshape(g.shape), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_segments_match_the_float32_reference(backend: str) -> None:
@@ -295,12 +305,13 @@ def test_bfloat16_segments_match_the_float32_reference(backend: str) -> None:
         pytest.skip("the numba kernel serves float32 modules")
     if backend == "triton" and DEVICE.type == "cpu":
         pytest.skip("Triton's interpreter mishandles bfloat16; compiled on CUDA it is tested")
-    serving, ref = served_block(POLICIES[backend], dtype=torch.bfloat16)
+    device = device_of(backend)
+    serving, ref = served_block(POLICIES[backend], dtype=torch.bfloat16, device=device)
     seg = Segments.from_lengths(LENGTHS, SLOTS)
     ids = torch.randint(0, 50, (1, seg.total), generator=torch.Generator().manual_seed(6))
     serving.set_routing(seg)
     with torch.no_grad():
-        got = serving(ids)
+        got = [g.cpu() for g in serving(ids.to(device))]
     want = reference_outputs(ref, ids, seg.token_slots())  # the float32 model
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.bfloat16
