@@ -31,6 +31,13 @@ class SamplingTensors:
     top_k: torch.Tensor  # [B] int64, 0 = off
     top_p: torch.Tensor  # [B] float32, 1.0 = off
     repetition_penalty: torch.Tensor  # [B] float32, 1.0 = off
+    # Which processors some sampling row switches on, known on the host: a batch of greedy
+    # rows is an argmax, not two sorts of the vocabulary per step (an off processor is the
+    # identity, so skipping it changes no value).
+    sampling: bool = True
+    temperature_on: bool = True
+    top_k_on: bool = True
+    top_p_on: bool = True
 
     @classmethod
     def from_params(
@@ -39,12 +46,17 @@ class SamplingTensors:
         def col(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
+        sampled = [p for p in params if p.do_sample]
         return cls(
             do_sample=col([p.do_sample for p in params], torch.bool),
             temperature=col([max(p.temperature, 1e-5) for p in params], torch.float32),
             top_k=col([p.top_k or 0 for p in params], torch.int64),
             top_p=col([1.0 if p.top_p is None else p.top_p for p in params], torch.float32),
             repetition_penalty=col([p.repetition_penalty for p in params], torch.float32),
+            sampling=bool(sampled),
+            temperature_on=any(max(p.temperature, 1e-5) != 1.0 for p in sampled),
+            top_k_on=any((p.top_k or 0) > 0 for p in sampled),
+            top_p_on=any(p.top_p is not None and p.top_p < 1.0 for p in sampled),
         )
 
 
@@ -112,20 +124,28 @@ def process_logits(
     be None when no row uses a repetition penalty."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    logits = apply_temperature(logits, torch.where(params.do_sample, params.temperature, 1.0))
-    logits = apply_top_k(logits, torch.where(params.do_sample, params.top_k, 0))
-    return apply_top_p(logits, torch.where(params.do_sample, params.top_p, 1.0))
+    if params.temperature_on:
+        logits = apply_temperature(logits, torch.where(params.do_sample, params.temperature, 1.0))
+    if params.top_k_on:
+        logits = apply_top_k(logits, torch.where(params.do_sample, params.top_k, 0))
+    if params.top_p_on:
+        logits = apply_top_p(logits, torch.where(params.do_sample, params.top_p, 1.0))
+    return logits
 
 
 def select_tokens(
     logits: torch.Tensor,
     do_sample: torch.Tensor,
     generators: Sequence[torch.Generator | None],
+    sampling: bool = True,
 ) -> torch.Tensor:
     """Pick one token per row: argmax for greedy rows, a draw from softmax(logits) for
     sampling rows using the row's own generator (so a seeded request reproduces its output
-    whatever else is in the batch). logits: [B, V] (processed); returns [B] int64."""
+    whatever else is in the batch). logits: [B, V] (processed); returns [B] int64.
+    `sampling` False says no row samples (no look at `do_sample`, no device sync)."""
     tokens = logits.argmax(dim=-1)
+    if not sampling:
+        return tokens
     rows = do_sample.nonzero().flatten().tolist()
     if rows:
         probs = logits[rows].float().softmax(dim=-1)  # [S, V]
@@ -163,7 +183,8 @@ def sample_tokens(
     bug; the engine fails those requests alone)."""
     if constraints is not None:
         logits = apply_constraints(logits, constraints)
-    tokens = select_tokens(process_logits(logits, params, seen), params.do_sample, generators)
+    processed = process_logits(logits, params, seen)
+    tokens = select_tokens(processed, params.do_sample, generators, params.sampling)
     refused = []
     if constraints is not None:
         for row, (constraint, token) in enumerate(zip(constraints, tokens.tolist(), strict=True)):

@@ -3,6 +3,8 @@ implementation), per-row parameters, seeded reproducibility, and stop-sequence h
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -157,3 +159,27 @@ def test_text_stream_holds_incomplete_utf8() -> None:
     assert stream.push(data[0]) == ""
     assert stream.push(data[1]) == "é"
     assert stream.push(data[2]) == "!"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [SamplingParams(), SamplingParams(top_k=5, top_p=0.5, temperature=0.3)],  # greedy
+        [SamplingParams(), SamplingParams(do_sample=True, temperature=0.5)],
+        [SamplingParams(top_k=3), SamplingParams(do_sample=True, top_k=7)],
+        [SamplingParams(do_sample=True, top_p=0.6), SamplingParams(top_p=0.1)],
+        [SamplingParams(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)],
+    ],
+)
+def test_processors_no_row_switches_on_are_skipped_without_changing_a_value(logits, params) -> None:
+    """The host flags skip a processor only where it is the identity for every row: the
+    result equals running all of them."""
+    tensors = SamplingTensors.from_params(params)
+    every = dataclasses.replace(tensors, temperature_on=True, top_k_on=True, top_p_on=True)
+    rows = logits[: len(params)]
+    assert torch.equal(process_logits(rows, tensors, None), process_logits(rows, every, None))
+    sampled = [p for p in params if p.do_sample]
+    assert tensors.sampling == bool(sampled)
+    assert tensors.top_k_on == any(p.top_k for p in sampled)
+    assert tensors.top_p_on == any(p.top_p is not None and p.top_p < 1 for p in sampled)
+    assert tensors.temperature_on == any(p.temperature != 1.0 for p in sampled)
