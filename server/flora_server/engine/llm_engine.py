@@ -40,7 +40,7 @@ from flora_server.engine.protocol import (
     QueueFullError,
     RequestFailedError,
 )
-from flora_server.engine.requests import EventStream, RequestHandle, RowState
+from flora_server.engine.requests import EventStream, Outbox, RequestHandle, RowState
 from flora_server.engine.runtime import (
     AdapterRuntime,
     build_serving_runtime,
@@ -100,6 +100,7 @@ class LLMEngine(WorkerThreadMixin):
         )
         self._device = next(self._model.parameters()).device
         self._lock = threading.Lock()
+        self._outbox = Outbox()  # the worker's events, handed over once per iteration
         self._waiting_count = 0  # inbox + worker's waiting list
         self._stats = EngineStats(0, 0, (), (), max_slots, "idle")
         self._grammar_compiler: GrammarCompiler | None = None  # built on first use
@@ -124,7 +125,9 @@ class LLMEngine(WorkerThreadMixin):
             if self._waiting_count >= self._max_queue:
                 raise QueueFullError(retry_after=1.0)
             self._waiting_count += 1
-        handle = RequestHandle(request, asyncio.get_running_loop(), asyncio.Queue(), max_new)
+        handle = RequestHandle(
+            request, asyncio.get_running_loop(), asyncio.Queue(), max_new, outbox=self._outbox
+        )
         self._inbox.put(handle)
         return EventStream(handle, self._wake)
 
@@ -228,6 +231,7 @@ class LLMEngine(WorkerThreadMixin):
                 self._ready = True
                 while not self._finished(waiting):
                     self._iterate(waiting)
+                    self._outbox.flush()
         except BaseException:
             log.exception("engine worker died")
             self._crashed = True
@@ -236,6 +240,7 @@ class LLMEngine(WorkerThreadMixin):
                 handle.emit(RequestFailedError("engine worker died"))
             raise
         finally:
+            self._outbox.flush()  # the last iteration's, the abort's or the failures'
             self._ready = False
 
     def _finished(self, waiting: deque[RequestHandle]) -> bool:
