@@ -99,3 +99,20 @@ def test_minilm_paraphrase_closer_than_unrelated(minilm):
     one_by_one = torch.cat([fm.encode(minilm, [t]) for t in texts])
     torch.testing.assert_close(emb, one_by_one, atol=1e-5, rtol=1e-5)
     assert minilm.context_length == 256 and minilm.pooling == fm.Pooling("mean", True)
+
+
+def test_smollm2_streamed_text_equals_its_full_decode(smollm2):
+    """Incremental detokenisation (`engine/text.py`) with the real byte-level BPE: every
+    piece released in order is the full decode, accents, emoji and spaces included."""
+    from flora_server.engine.text import TextStream
+
+    tok = smollm2.preprocessor
+    ids = tok.encode("Ça coûte 3 €, dit-il 😀 — naïve  spaces\n\tand 日本語 text.")
+
+    def decode(chunk: list[int]) -> str:
+        return tok.decode(chunk, skip_special_tokens=True)
+
+    stream = TextStream(decode)
+    pieces = [stream.push(t) for t in ids] + [stream.push(None, final=True)]
+    assert "".join(pieces) == decode(ids)
+    assert sum(1 for p in pieces if p) > len(ids) // 2  # released as it goes, not at the end

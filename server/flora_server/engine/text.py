@@ -1,10 +1,16 @@
 """Incremental detokenisation with stop sequences and hold-back.
 
-Each step decodes the row's generated ids and releases only text that can no longer change:
-text ending in an incomplete UTF-8 sequence (U+FFFD) is held back, and so is any suffix that
-could still grow into a stop sequence. When a stop sequence appears, the text before it is
-released and the row ends with reason "stop". The concatenation of everything released
-equals the final `generated_text` (the stop sequence itself is not included).
+Each step decodes only a window of the newest ids, as TGI and vLLM do: the ids from the
+previous step's read point (`prefix`) on, minus what those context ids alone decode to, is
+the new text. The context keeps what a token's text depends on its left neighbour for
+(SentencePiece's leading space, a multi-byte character split over tokens); decoding every
+generated id each step cost O(n) per token, a third of a millisecond at 2,000 ids. A window
+that ends in an incomplete UTF-8 sequence (U+FFFD) adds nothing until a later token
+completes it. The final push decodes all ids once. Released is only text that can no
+longer change: a suffix that could still grow into a stop sequence is held back. When a
+stop sequence appears, the text before it is released and the row ends with reason "stop".
+The concatenation of everything released equals the final `generated_text` (the stop
+sequence itself is not included).
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ class TextStream:
     token_ids: list[int] = field(default_factory=list)
     released: str = ""
     stopped: bool = False
+    text: str = ""  # the ids decoded so far, up to `_read`
+    _prefix: int = 0  # first id of the context window
+    _read: int = 0  # ids before this are in `text`
 
     def push(self, token_id: int | None, final: bool = False) -> str:
         """Add a token (None: none, e.g. EOS which is not text) and return the newly released
@@ -49,7 +58,7 @@ class TextStream:
         appeared; the returned text then ends just before it."""
         if token_id is not None:
             self.token_ids.append(token_id)
-        text = self.decode(self.token_ids)
+        text = self.decode(self.token_ids) if final else self._decode_new()
         if not text.startswith(self.released):
             # A tokenizer whose decoding of a longer list rewrites earlier characters
             # (rare: clean-up of spaces): keep what was released and append the new tail.
@@ -69,3 +78,16 @@ class TextStream:
         piece = text[len(self.released) : end]
         self.released += piece
         return piece
+
+    def _decode_new(self) -> str:
+        """`text` extended by the window's new text, once the window decodes to complete
+        characters beyond its context."""
+        ids = self.token_ids
+        if self._read == len(ids):
+            return self.text
+        context = self.decode(ids[self._prefix : self._read]) if self._read > self._prefix else ""
+        window = self.decode(ids[self._prefix :])
+        if len(window) > len(context) and not window.endswith(REPLACEMENT_CHAR):
+            self.text += window[len(context) :]
+            self._prefix, self._read = self._read, len(ids)
+        return self.text
