@@ -134,36 +134,40 @@ class PagedStep:
         # (first packed row, rows, the keys of each window kind)
         self.prefills: list[tuple[int, int, dict[int | None, _Keys]]] = []
         decode_rows: list[int] = []
-        decode_slots: list[list[int]] = []
+        decode_tables: list[list[int]] = []  # the blocks each decode row reads
+        decode_lengths: list[int] = []
         row = 0
         for chunk in chunks:
             n, start = len(chunk.token_ids), chunk.start
             end = start + n
-            slots = [chunk.blocks[p // bs] * bs + p % bs for p in range(end)]
-            write.extend(slots[start:])
             if n == 1:  # decode tokens go together in one padded SDPA call
+                write.append(chunk.blocks[start // bs] * bs + start % bs)
                 decode_rows.append(row)
-                decode_slots.append(slots)
+                decode_tables.append(list(chunk.blocks[: start // bs + 1]))
+                decode_lengths.append(end)
             else:
+                slots = [chunk.blocks[p // bs] * bs + p % bs for p in range(end)]
+                write.extend(slots[start:])
                 read = torch.tensor(slots, dtype=torch.long, device=device)
                 keys = {w: _chunk_keys(read, n, start, w) for w in kinds}
                 self.prefills.append((row, n, keys))
             row += n
         self.write = torch.tensor(write, dtype=torch.long, device=device)
         # Decode group: keys gathered into [B, L_max] (padding reads the zero pad slot,
-        # masked out).
+        # masked out), from the block tables by tensor arithmetic (a row's slots one by
+        # one in Python cost more than the forward at 128 rows).
         self.decode_rows: torch.Tensor | None = None
         self.decode: dict[int | None, _Keys] = {}
         if decode_rows:
-            longest = max(len(s) for s in decode_slots)
-            gather = torch.full((len(decode_rows), longest), kv.pad_slot, dtype=torch.long)
-            mask = torch.zeros(len(decode_rows), 1, 1, longest, dtype=torch.bool)
-            for i, slots in enumerate(decode_slots):
-                gather[i, : len(slots)] = torch.tensor(slots, dtype=torch.long)
-                mask[i, :, :, : len(slots)] = True
-            positions = torch.tensor([[len(s) - 1] for s in decode_slots], dtype=torch.long)
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
+            lengths = torch.tensor(decode_lengths).unsqueeze(1)  # [B, 1]
+            offsets = torch.arange(max(decode_lengths))  # [L]
+            mask = offsets < lengths  # [B, L]
+            gather = (tables[:, offsets // bs] * bs + offsets % bs).masked_fill(~mask, kv.pad_slot)
+            mask = mask.view(len(decode_rows), 1, 1, -1)
             self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-            self.set_decode(gather.to(device), mask.to(device), positions.to(device))
+            self.set_decode(gather.to(device), mask.to(device), (lengths - 1).to(device))
 
     @classmethod
     def decode_only(
