@@ -387,3 +387,38 @@ def test_segment_routing_errors_name_the_problem() -> None:
     conv.load_modules(0, {"0": ModuleFactors("conv2d", torch.randn(2, 2, 2, 2), factors, 1.0)})
     with pytest.raises(ValueError, match="routes whole rows, not token segments"):
         conv.set_routing(Segments.from_lengths([1], [0]))
+
+
+def test_projections_with_the_same_ranks_share_one_uploaded_routing_table(
+    triton_kernel, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """One host-to-device copy per distinct routing table, not one per projection: q and v
+    carry the same slot ranks and read one table; k's ranks differ."""
+    monkeypatch.setattr(
+        gk, "gpu_kernel_for", lambda enabled, *a: triton_kernel if enabled else None
+    )
+    torch.manual_seed(0)
+    serving = ServingModel(Block().to(DEVICE), max_slots=2, policy=POLICIES["triton"])
+    serving.load_modules(0, adapter({"q_proj": 4, "v_proj": 4}, seed=0))
+    serving.load_modules(1, adapter({"q_proj": 8, "v_proj": 8, "k_proj": 2}, seed=1))
+    seg = Segments.from_lengths([5, 1, 1], [0, 1, -1])
+    serving.set_routing(seg)
+    plans = dict(zip(serving.wrapped_modules(), serving.routing.plans, strict=True))
+    ptr = {
+        name: plans[name].tiles.untyped_storage().data_ptr()
+        for name in ("q_proj", "k_proj", "v_proj")
+    }
+    assert ptr["q_proj"] == ptr["v_proj"] != ptr["k_proj"]
+    serving.set_routing(Segments.from_lengths([4, 2, 1], [0, 1, -1]))  # another step: new tables
+    again = dict(zip(serving.wrapped_modules(), serving.routing.plans, strict=True))
+    assert again["q_proj"].tiles.untyped_storage().data_ptr() != ptr["q_proj"]
+    assert again["q_proj"].tiles.tolist() == [[0, 4], [4, 6], [0, 1]]  # firsts, ends, slots
+
+
+def test_the_routing_table_cache_keeps_the_newest(triton_kernel) -> None:  # type: ignore[no-untyped-def]
+    device = torch.device(DEVICE)
+    first = triton_kernel.table("a", lambda: [1, 2], device)
+    assert triton_kernel.table("a", lambda: [9, 9], device) is first  # by key, no upload
+    for i in range(triton_kernel.tables_kept):
+        triton_kernel.table(i, lambda i=i: [i], device)
+    assert triton_kernel.table("a", lambda: [3], device).tolist() == [3]  # evicted: uploaded
