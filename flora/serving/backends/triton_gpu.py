@@ -72,7 +72,7 @@ class TritonRowKernel:
         """The int32 routing table ``values()`` on ``device``, uploaded once per ``key``
         (the last ``tables_kept`` are kept). The plans of one routing, one per adapted
         projection, mostly carry the same table: one host-to-device copy per step instead
-        of one per projection (each about 90 us on an H200 host, more than the launch).
+        of one per projection (each copy costs the host more than a kernel launch).
         Plans only read their tables."""
         with self._tables_lock:
             found = self._tables.get((key, device))

@@ -29,9 +29,8 @@ class Outbox:
     """The events the worker emits in one iteration, handed to each event loop at once.
 
     Every `call_soon_threadsafe` writes to the loop's self-pipe to wake it: one per token
-    was a system call per row per step (a sixth of a 128-row step's host time). The worker
-    calls `flush` after each iteration; events reach the handlers in the order emitted.
-    Worker thread only."""
+    was a system call per row per step. The worker calls `flush` after each iteration;
+    events reach the handlers in the order emitted. Worker thread only."""
 
     def __init__(self) -> None:
         self._pending: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Any]]] = {}

@@ -4,7 +4,7 @@ Each step decodes only a window of the newest ids, as TGI and vLLM do: the ids f
 previous step's read point (`prefix`) on, minus what those context ids alone decode to, is
 the new text. The context keeps what a token's text depends on its left neighbour for
 (SentencePiece's leading space, a multi-byte character split over tokens); decoding every
-generated id each step cost O(n) per token, a third of a millisecond at 2,000 ids. A window
+generated id each step made a request's detokenisation quadratic in its length. A window
 that ends in an incomplete UTF-8 sequence (U+FFFD) adds nothing until a later token
 completes it. The final push decodes all ids once. Released is only text that can no
 longer change: a suffix that could still grow into a stop sequence is held back. When a
@@ -48,9 +48,9 @@ class TextStream:
     token_ids: list[int] = field(default_factory=list)
     released: str = ""
     stopped: bool = False
-    text: str = ""  # the ids decoded so far, up to `_read`
-    _prefix: int = 0  # first id of the context window
-    _read: int = 0  # ids before this are in `text`
+    text: str = field(default="", init=False)  # the ids decoded so far, up to `_read`
+    _prefix: int = field(default=0, init=False, repr=False)  # first id of the context window
+    _read: int = field(default=0, init=False, repr=False)  # ids before this are in `text`
 
     def push(self, token_id: int | None, final: bool = False) -> str:
         """Add a token (None: none, e.g. EOS which is not text) and return the newly released
