@@ -20,6 +20,10 @@ Requests ignore EOS so every stream runs its full length. Keys:
   each round (``decode_tok_s_rounds`` keeps every sample).
 - ``ttft_prefix_hit_ratio``: TTFT of a prompt whose 600-token prefix is cached over the
   same prompt cold (``ttft_cold_ms``, ``ttft_hit_ms``).
+- ``graph_replay_ms``: one replay of the widest graph recorded at the first batch size
+  (base rows, and with the adapters of ``k``), timed alone; ``step_ms`` the engine's step
+  at those settings (from the tok/s) and ``host_share`` 1 - replay / step, the part of a
+  step spent outside the GPU (in a dry run the "replay" re-runs the recorded Python).
 - ``graph_check_*``: recorded decode against the eager runner in float32 on two layers
   (adapters, padding rows, a load between replays, merged mode): largest relative logits
   error, replays, ok.
@@ -248,6 +252,28 @@ def race(
     return times
 
 
+def replay_ms(runner: Any, batch: int, adapters: bool, reps: int = 20) -> float | None:
+    """Milliseconds of one replay of the widest graph recorded for `batch` rows (with or
+    without adapter kernels), alone: the device time of a graphed decode step, against
+    which the engine's whole step shows its host time. None if no such graph."""
+    graphs = {k: g for k, g in getattr(runner, "graphs", {}).items() if k[0] == batch}
+    keys = sorted((k for k in graphs if k[2] == adapters), key=lambda k: k[1])
+    if not keys:
+        return None
+    replay = graphs[keys[-1]].replay
+    cuda = torch.cuda.is_available()
+    for _ in range(3):
+        replay()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        replay()
+    if cuda:
+        torch.cuda.synchronize()
+    return round(1000 * (time.perf_counter() - start) / reps, 3)
+
+
 def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """Median over rounds of the per-round ratio (a drift of the machine hits both)."""
     return round(statistics.median(a / b for a, b in zip(times[num], times[den], strict=True)), 4)
@@ -400,6 +426,16 @@ def run(sizes: Sizes, dry: bool, save: Callable[[dict[str, Any]], None]) -> dict
     result["decode_ratio_merged"] = median_ratio(times, "merged", f"base{first}")
     result["graph_speedup"] = round(base[first] / result["eager_base_decode_tok_s"], 3)
     result["decode_tok_s_rounds"] = {k: [round(v, 1) for v in t] for k, t in times.items()}
+    # The engine's step against the bare replay of its graph: what is left is host time.
+    with torch.inference_mode():
+        replays = {kind: replay_ms(runner, first, kind == "k") for kind in ("base", "k")}
+    steps = {"base": 1000 * first / base[first], "k": 1000 * first / statistics.median(times["k"])}
+    result["graph_replay_ms"] = replays
+    result["step_ms"] = {kind: round(v, 3) for kind, v in steps.items()}
+    result["host_share"] = {
+        kind: None if replays[kind] is None else round(1 - replays[kind] / steps[kind], 3)
+        for kind in steps
+    }
     vs_old = base[first] / OLD_ENGINE_BASE_TOK_S
     result["goals"] = {
         "base_decode_vs_old_engine": round(vs_old, 2),

@@ -38,6 +38,10 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
     for key in ("decode_ratio_k", "decode_ratio_merged", "graph_speedup"):
         assert 0.05 < result[key] < 20, key
     assert result["ttft_hit_ms"] > 0 and result["ttft_cold_ms"] > 0
+    for kind in ("base", "k"):  # a graph of each kind at the first batch size, replayed alone
+        replay, step = result["graph_replay_ms"][kind], result["step_ms"][kind]
+        assert replay > 0 and step > 0
+        assert result["host_share"][kind] == round(1 - replay / step, 3)
     assert 0 < result["ttft_prefix_hit_ratio"] < 5
     assert set(result["goals"]) == {
         "base_decode_vs_old_engine",
