@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.serverbench import nearest_rank
+
 ENGINE_GOALS_MAX = {
     "ttft_prefix_hit_ratio": 0.30,
     "prefill_stall_ratio": 0.30,
@@ -291,8 +293,7 @@ def open_loop(engine: Any, plan: list, cfg: EngineBenchConfig, cap_s: float) -> 
 def percentile(values: list[float | None], q: float) -> float | None:
     """Nearest-rank percentile where None (no first token by the cap) counts as infinite;
     None when the percentile falls on one of those."""
-    ranked = sorted(math.inf if v is None else v for v in values)
-    value = ranked[min(len(ranked) - 1, max(0, math.ceil(q * len(ranked)) - 1))]
+    value = nearest_rank([math.inf if v is None else v for v in values], q)
     return None if math.isinf(value) else value
 
 

@@ -300,7 +300,8 @@ def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) ->
     """Recorded decode against the eager runner on `device`, in float32 on the first two
     layers' shapes: three sequences (two adapters and a base row, so the bucket of 4 pads
     one row), an adapter loaded into a new slot between replays, a merge; returns the
-    largest logits error relative to the logits' scale, and whether it is within 1e-3."""
+    largest logits error relative to the logits' scale, and whether it is within 1e-3.
+    `model` (the float32 model before any wrapping) is cut to its first two layers here."""
     from flora.serving import ServingModel
     from flora.serving.factors import modules_from_adapter
     from flora_server.engine.paged.graphs import (
@@ -310,7 +311,7 @@ def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) ->
     )
     from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner
 
-    small = copy.deepcopy(model).float()
+    small = model.float()
     small.model.layers = small.model.layers[:2]
     small.config.num_hidden_layers = 2
     small = small.to(device)
@@ -378,7 +379,7 @@ def run(sizes: Sizes, dry: bool, save: Callable[[dict[str, Any]], None]) -> dict
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     model = build_model(sizes)
     adapters = make_adapters(model, sizes)
-    reference = copy.deepcopy(model)  # for graph_check: float32, never wrapped
+    reference = copy.deepcopy(model)  # graph_check's: float32, never wrapped
     model = model.to(device=device, dtype=dtype)
     names: list[str | None] = list(adapters)
     first = sizes.batches[0]

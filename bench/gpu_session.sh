@@ -67,45 +67,44 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 # Fail in seconds, not after the first step's minutes, when an import is missing.
 "$PY" -c "import flora_server.engine.paged.engine, flora.train, flora.train.builtin as b; b.mnist5k_arrays" || exit 1
 
+# The same steps either way; a dry run at smoke sizes, on the CPU (graph tests through the
+# recorded stand-in, so not filtered to their CUDA cases).
 if [ "$DRY" = 1 ]; then
-    want engine && { step "engine (dry run)"; timeout 220 "$PY" bench/gpu.py --engine --dry-run; }
-    want tests && { step "tests (CPU)"; timeout 150 "$PY" -m pytest -q -p no:cacheprovider \
-        tests/unit/test_gpu_kernel.py tests/unit/test_segment_kernels.py \
-        tests/unit/server/test_paged_graphs.py tests/unit/server/test_paged_windows.py 2>&1 | tail -5; }
-    want kernels && { step "segment kernels (CPU)"; timeout 120 "$PY" bench/kernels.py --only-segments \
-        --reps 1 --layers 1 --out "$OUT/kernels_segments_fp32.json" | tail -3; }
-    want train && { step "train (CPU, 2 steps)"; timeout 120 "$PY" bench/train_gpu.py --device cpu \
-        --max-steps 2 --eval-limit 20 --out "$OUT/train_gpu.json" | tail -3; }
-    step "done"; exit 0
+    ENGINE=(--dry-run) KERNELS=(--reps 1 --layers 1) DTYPES="float32:fp32" GRAPH_TESTS=()
+    TRAIN=(--device cpu --max-steps 2 --eval-limit 20)
+else
+    ENGINE=() KERNELS=(--device cuda) DTYPES="bfloat16:bf16 float32:fp32" GRAPH_TESTS=(-k cuda)
+    TRAIN=()
 fi
 
 if want tests; then
     # One process per group: a CUDA error poisons its process's context, not the next
     # group's; the graph tests launch synchronously so a device-side error names its op.
-    step "CUDA tests: Triton row and segment kernels"
+    step "tests: Triton row and segment kernels"
     timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_gpu_kernel.py \
         tests/unit/test_segment_kernels.py >>"$OUT/pytest_cuda.log" 2>&1
     tail -4 "$OUT/pytest_cuda.log"
     for file in test_paged_graphs test_paged_windows; do
-        step "CUDA tests: $file under real CUDA graphs"
-        CUDA_LAUNCH_BLOCKING=1 timeout 90 "$PY" -m pytest -q -p no:cacheprovider -k cuda \
-            "tests/unit/server/$file.py" >>"$OUT/pytest_cuda.log" 2>&1
+        step "tests: $file (decode graphs)"
+        CUDA_LAUNCH_BLOCKING=1 timeout 90 "$PY" -m pytest -q -p no:cacheprovider \
+            "${GRAPH_TESTS[@]}" "tests/unit/server/$file.py" >>"$OUT/pytest_cuda.log" 2>&1
         tail -4 "$OUT/pytest_cuda.log"
     done
 fi
 if want engine; then
-    step "engine v2 + CUDA graphs"
-    timeout 240 "$PY" bench/gpu.py --engine | tail -c 3000
+    step "engine v2 with decode graphs"
+    timeout 240 "$PY" bench/gpu.py --engine "${ENGINE[@]}" | tail -c 3000
 fi
 if want kernels; then
-    step "segment kernels"
-    timeout 40 "$PY" bench/kernels.py --device cuda --dtype bfloat16 --only-segments \
-        --out "$OUT/kernels_segments_bf16.json" | tail -8
-    timeout 40 "$PY" bench/kernels.py --device cuda --only-segments \
-        --out "$OUT/kernels_segments_fp32.json" | tail -8
+    for pair in $DTYPES; do
+        step "segment kernels, ${pair%%:*}"
+        timeout 40 "$PY" bench/kernels.py --only-segments --dtype "${pair%%:*}" "${KERNELS[@]}" \
+            --out "$OUT/kernels_segments_${pair##*:}.json" | tail -8
+    done
 fi
 if want train; then
-    step "flora-train on CUDA"
-    timeout 120 "$PY" bench/train_gpu.py --out "$OUT/train_gpu.json" 2>&1 | grep -v "it/s" | tail -25
+    step "flora-train"
+    timeout 120 "$PY" bench/train_gpu.py --out "$OUT/train_gpu.json" "${TRAIN[@]}" 2>&1 \
+        | grep -v "it/s" | tail -25
 fi
 step "done"

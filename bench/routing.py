@@ -62,16 +62,10 @@ import httpx
 
 from bench import serverbench as sb
 from bench.routing_policy import Snapshot, estimate_tokens, parse_metrics, pick, zipf_sequence
-from bench.routing_report import (
-    access_lines,
-    engine_steps,
-    join_access,
-    nearest_rank,
-    tail_breakdown,
-    ttft_summary,
-)
+from bench.routing_report import access_lines, engine_steps, join_access, tail_breakdown
 from bench.workload import PROJECTIONS
 
+TTFT_QUANTILES = (0.50, 0.90, 0.99)  # the policies' TTFT summary
 PROMPTS = (
     "The capital of France is",
     "Write one sentence about the sea.",
@@ -410,7 +404,7 @@ def policy_result(state: PolicyState, end: list[Snapshot]) -> dict[str, Any]:
         "cold_loads_per_1k": round(1000 * sum(loads) / max(n, 1), 1),
         "host_promotions_per_1k": round(1000 * sum(promotions) / max(n, 1), 1),
         "mean_cold_load_ms": round(1000 * load_s / sum(loads), 1) if sum(loads) else None,
-        "ttft_s": ttft_summary(ttfts),
+        "ttft_s": sb.percentiles(ttfts, TTFT_QUANTILES),
         "per_replica": [
             {"requests": r, "distinct_adapters": len(a), "cold_loads": int(c)}
             for r, a, c in zip(state.requests, state.adapters, loads, strict=True)
@@ -486,4 +480,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["RoutingConfig", "block_order", "nearest_rank", "run", "summarize", "ttft_summary"]
+__all__ = ["TTFT_QUANTILES", "RoutingConfig", "block_order", "run", "summarize"]

@@ -176,7 +176,7 @@ def estimate_tokens(body_bytes: int) -> int:
 
 def token_load_score(tokens: float, threshold: float = TOKEN_LOAD_THRESHOLD) -> float:
     """The upstream token-load-scorer: 1 - min(tokens, threshold) / threshold."""
-    return 1.0 if tokens <= 0 else 1.0 - min(tokens, threshold) / threshold
+    return 1.0 - min(max(tokens, 0.0), threshold) / threshold
 
 
 def scores(

@@ -12,29 +12,12 @@ outside the handler (connection, event loop, the stream's first write).
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def nearest_rank(values: Sequence[float], q: float) -> float:
-    """The q-quantile by nearest rank: the ceil(q n)-th smallest value."""
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
-
-
-def ttft_summary(values: Sequence[float]) -> dict[str, Any]:
-    """Count, nearest-rank p50 / p90 / p99, mean and max of `values`."""
-    if not values:
-        return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None, "max": None}
-    return {
-        "n": len(values),
-        **{f"p{round(q * 100)}": nearest_rank(values, q) for q in (0.5, 0.9, 0.99)},
-        "mean": statistics.fmean(values),
-        "max": max(values),
-    }
+from bench.serverbench import nearest_rank
 
 
 def access_lines(paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
@@ -136,7 +119,5 @@ __all__ = [
     "access_lines",
     "engine_steps",
     "join_access",
-    "nearest_rank",
     "tail_breakdown",
-    "ttft_summary",
 ]

@@ -49,17 +49,22 @@ def rss_bytes(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float | int | None]:
-    """p50 / p99 (nearest rank on the sorted sample), mean and count; None when empty."""
-    if not values:
-        return {"n": 0, "p50": None, "p99": None, "mean": None, "max": None}
+def nearest_rank(values: Sequence[float], q: float) -> float:
+    """The q-quantile by nearest rank: the ceil(q n)-th smallest value."""
     s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
-    def rank(q: float) -> float:
-        return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
-    return {"n": len(s), "p50": rank(0.50), "p99": rank(0.99), "mean": statistics.fmean(s),
-            "max": s[-1]}  # fmt: skip
+def percentiles(
+    values: Sequence[float], qs: Sequence[float] = (0.50, 0.99)
+) -> dict[str, float | int | None]:
+    """Count, the nearest-rank quantiles `qs` (keys p50, p99, ...), mean and max; None
+    when empty."""
+    keys = [f"p{round(q * 100)}" for q in qs]
+    if not values:
+        return {"n": 0, **dict.fromkeys(keys), "mean": None, "max": None}
+    quantiles = {k: nearest_rank(values, q) for k, q in zip(keys, qs, strict=True)}
+    return {"n": len(values), **quantiles, "mean": statistics.fmean(values), "max": max(values)}
 
 
 @dataclass

@@ -11,13 +11,12 @@ import pytest
 import yaml
 
 from bench.routing import (
+    TTFT_QUANTILES,
     PolicyState,
     RoutingConfig,
     block_order,
-    nearest_rank,
     policy_result,
     summarize,
-    ttft_summary,
 )
 from bench.routing_policy import (
     TOKEN_LOAD_THRESHOLD,
@@ -33,6 +32,7 @@ from bench.routing_policy import (
     token_load_score,
     zipf_sequence,
 )
+from bench.serverbench import nearest_rank, percentiles
 from deploy.check import repo_root
 from flora_server.engine.protocol import EngineStats
 from flora_server.metrics import ServerMetrics
@@ -205,14 +205,14 @@ def test_block_order_alternates() -> None:
     assert block_order(["a", "b", "c"], 1) == ["c", "b", "a"]
 
 
-def test_nearest_rank_and_ttft_summary() -> None:
+def test_nearest_rank_and_the_ttft_summary() -> None:
     values = [float(v) for v in range(100, 0, -1)]  # 1..100, unsorted
     assert (nearest_rank(values, 0.5), nearest_rank(values, 0.99)) == (50.0, 99.0)
     assert nearest_rank([3.0], 0.99) == 3.0
-    summary = ttft_summary([4.0, 1.0, 3.0, 2.0])
+    summary = percentiles([4.0, 1.0, 3.0, 2.0], TTFT_QUANTILES)
     # ranks ceil(0.5*4)=2, ceil(0.9*4)=4, ceil(0.99*4)=4
     assert summary == {"n": 4, "p50": 2.0, "p90": 4.0, "p99": 4.0, "mean": 2.5, "max": 4.0}
-    assert ttft_summary([])["p99"] is None
+    assert percentiles([], TTFT_QUANTILES)["p99"] is None
 
 
 def test_policy_result_counts_only_the_measured_phase() -> None:

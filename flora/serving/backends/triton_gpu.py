@@ -299,13 +299,17 @@ class _TritonSegmentPlan:
     ) -> None:
         bank = target.bank
         self.base, self.kernel, self.a, self.b = target.base_forward, kernel, bank.a, bank.b
-        ranks = [*target.slot_rank, 0]
-        firsts, ends, slots = segment_tiles(segments, ranks, kernel.block_t)
-        key = ("segments", segments, tuple(ranks))
-        meta = kernel.table(key, lambda: [*firsts, *ends, *slots, *ranks], bank.device)
-        self.tiles = meta[: 3 * len(slots)].view(3, len(slots))
-        self.ranks = meta[3 * len(slots) :]
-        self.block_r = block_rank(max((ranks[s] for s in slots), default=1))
+        ranks = [*target.slot_rank, 0]  # ranks[NO_SLOT] is 0
+
+        def table() -> list[int]:  # cut only when no projection of this step did it yet
+            firsts, ends, slots = segment_tiles(segments, ranks, kernel.block_t)
+            return [*firsts, *ends, *slots, *ranks]
+
+        meta = kernel.table(("segments", segments, tuple(ranks)), table, bank.device)
+        n_tiles = (meta.shape[0] - len(ranks)) // 3
+        self.tiles = meta[: 3 * n_tiles].view(3, n_tiles)
+        self.ranks = meta[3 * n_tiles :]
+        self.block_r = block_rank(max((ranks[s] for s in segments.slots), default=0))
         self.torch_plan = torch_plan
         self.torch_path: Plan | None = None
 

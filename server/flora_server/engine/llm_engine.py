@@ -126,7 +126,7 @@ class LLMEngine(WorkerThreadMixin):
                 raise QueueFullError(retry_after=1.0)
             self._waiting_count += 1
         handle = RequestHandle(
-            request, asyncio.get_running_loop(), asyncio.Queue(), max_new, outbox=self._outbox
+            request, asyncio.get_running_loop(), asyncio.Queue(), max_new, self._outbox
         )
         self._inbox.put(handle)
         return EventStream(handle, self._wake)

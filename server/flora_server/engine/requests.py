@@ -1,9 +1,10 @@
 """Per-request plumbing between the event loop and the worker thread.
 
-`RequestHandle` is shared by both threads: the worker emits events through
-`loop.call_soon_threadsafe` into the handle's asyncio.Queue; the handler side sets
-`cancelled`. `EventStream` is what `generate()` returns. `RowState` is the worker's own
-per-row state (never touched by the event loop).
+`RequestHandle` is shared by both threads: the worker emits events into its `Outbox`, which
+hands each event loop an iteration's events with one `loop.call_soon_threadsafe` into the
+handles' asyncio.Queues; the handler side sets `cancelled`. `EventStream` is what
+`generate()` returns. `RowState` is the worker's own per-row state (never touched by the
+event loop).
 """
 
 from __future__ import annotations
@@ -59,19 +60,13 @@ class RequestHandle:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     max_new_tokens: int
+    outbox: Outbox  # the worker's: events reach `queue` when it flushes
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the handler side; a plain bool store is atomic
-    outbox: Outbox | None = None  # the worker's; None: each event is handed over at once
 
     def emit(self, item: GenerationEvent | BaseException) -> None:
         """Deliver an event or an error to the handler (worker thread)."""
-        if self.outbox is not None:
-            self.outbox.add(self, item)
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled = True
+        self.outbox.add(self, item)
 
     def expired(self, now: float) -> bool:
         deadline = self.request.deadline

@@ -75,20 +75,7 @@ class Stepper:
 
     def step(self, admitted: Sequence[RowState], waiting: Sequence[str | None]) -> None:
         """Decode the running rows, prefill `admitted`, then drop finished rows."""
-        running = [r.adapter_id for r in self.rows] + [r.adapter_id for r in admitted]
-        self._streak_adapter, self._streak = update_streak(
-            self._streak_adapter, self._streak, running
-        )
-        decision = choose_mode(
-            running,
-            waiting,
-            self.merged,
-            self._streak,
-            merge_after_steps=self.merge_after_steps,
-            pays=lambda adapter: self._merge_pays(adapter, [*self.rows, *admitted]),
-        )
-        self._set_merged(decision.merge, admitted)
-        self.mode = decision.mode
+        self._decide_mode([*self.rows, *admitted], waiting, admitted)
         if self.batch is not None:
             self._decode()
         if admitted:
@@ -111,6 +98,26 @@ class Stepper:
                 self._prefill([row])
             except Exception as row_exc:
                 self.fail([row], row_exc)
+
+    def _decide_mode(
+        self, rows: Sequence[RowState], waiting: Sequence[str | None], admitted: Sequence[RowState]
+    ) -> None:
+        """The policy's mode for a step over `rows` (engine/policy.py), merging or
+        unmerging as it says; `admitted` are the rows among them not yet prefilled."""
+        running = [r.adapter_id for r in rows]
+        self._streak_adapter, self._streak = update_streak(
+            self._streak_adapter, self._streak, running
+        )
+        decision = choose_mode(
+            running,
+            waiting,
+            self.merged,
+            self._streak,
+            merge_after_steps=self.merge_after_steps,
+            pays=lambda adapter: self._merge_pays(adapter, rows),
+        )
+        self._set_merged(decision.merge, admitted)
+        self.mode = decision.mode
 
     def _merge_pays(self, adapter: str, rows: Sequence[RowState]) -> bool:
         """Policy rule 4c for `adapter`, which every row of `rows` uses."""

@@ -25,7 +25,7 @@ class CountingLoop:
 
 def handle(loop: CountingLoop, outbox: Outbox, name: str) -> RequestHandle:
     request = GenerationRequest(name, [1, 2], SamplingParams(), None)
-    return RequestHandle(request, loop, asyncio.Queue(), 4, outbox=outbox)  # type: ignore[arg-type]
+    return RequestHandle(request, loop, asyncio.Queue(), 4, outbox)  # type: ignore[arg-type]
 
 
 def test_one_hand_over_per_loop_per_flush_in_emit_order() -> None:

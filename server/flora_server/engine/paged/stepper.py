@@ -25,7 +25,6 @@ from flora_server.engine.paged.kv_cache import BASE_KEY, BlockTable
 from flora_server.engine.paged.prompt_scores import PromptScores
 from flora_server.engine.paged.runner import ChunkInput, PagedRunner
 from flora_server.engine.paged.scheduler import PagedScheduler, ScheduledChunk, SequenceState
-from flora_server.engine.policy import choose_mode, update_streak
 from flora_server.engine.requests import RowState
 from flora_server.engine.runtime import AdapterRuntime
 from flora_server.engine.stepper import Stepper
@@ -72,20 +71,7 @@ class PagedStepper(Stepper):
             if scored:
                 n = row.request.params.top_logprobs
                 self._scores[seq] = PromptScores(row.request.prompt_ids, n, self.runner.device)
-        running = [r.adapter_id for r in self.rows]
-        self._streak_adapter, self._streak = update_streak(
-            self._streak_adapter, self._streak, running
-        )
-        decision = choose_mode(
-            running,
-            waiting,
-            self.merged,
-            self._streak,
-            merge_after_steps=self.merge_after_steps,
-            pays=lambda adapter: self._merge_pays(adapter, self.rows),
-        )
-        self._set_merged(decision.merge, admitted)
-        self.mode = decision.mode
+        self._decide_mode(self.rows, waiting, admitted)  # the admitted rows are in the scheduler
         plan = self.scheduler.schedule()
         self.preemptions += len(plan.preempted)
         if plan.chunks:
