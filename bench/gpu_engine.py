@@ -24,9 +24,16 @@ Requests ignore EOS so every stream runs its full length. Keys:
   (base rows, and with the adapters of ``k``), timed alone; ``step_ms`` the engine's step
   at those settings (from the tok/s) and ``host_share`` 1 - replay / step, the part of a
   step spent outside the GPU (in a dry run the "replay" re-runs the recorded Python).
+- ``replay_kernels`` (CUDA): that replay's kernels from torch.profiler: how many, their
+  GPU time, the longest by name; ``fused_kernels``: whether the engine ran the fused
+  decode attention and RMSNorm (``flora_server.engine.paged.fused``).
 - ``graph_check_*``: recorded decode against the eager runner in float32 on two layers
   (adapters, padding rows, a load between replays, merged mode): largest relative logits
   error, replays, ok.
+- ``profiles`` (with ``--profile``): for base rows and for ``k`` at the first batch size,
+  py-spy samples the process (every thread, raw folded stacks) for a few seconds while
+  the engine decodes, into ``$OUT/pyspy_<kind>.txt``: where the host's share of a step
+  goes. Needs the ``py-spy`` program on PATH; missing, the key says so.
 - ``goals``: base decode at batch 32 >= 10x the 1,189 tok/s the old engine measured on
   the H200, and ``decode_ratio_k`` >= 0.95.
 
@@ -45,7 +52,9 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -274,6 +283,53 @@ def replay_ms(runner: Any, batch: int, adapters: bool, reps: int = 20) -> float 
     return round(1000 * (time.perf_counter() - start) / reps, 3)
 
 
+def profile(
+    engine: Any, sizes: Sizes, batch: int, adapters: list[str | None], out: Path, seconds: int
+) -> dict[str, Any]:
+    """py-spy records this process for `seconds` while `batch` streams decode over and
+    over (every thread, raw folded stacks, 200 samples a second) into `out`."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return {"error": "py-spy is not on PATH"}
+    cmd = [spy, "record", "-p", str(os.getpid()), "-d", str(seconds), "-r", "200",
+           "--threads", "-f", "raw", "-o", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rng, runs = random.Random(5), 0
+    while proc.poll() is None and runs < 200:
+        decode_tok_s(engine, sizes, batch, adapters, rng)
+        runs += 1
+    log, _ = proc.communicate(timeout=60)
+    return {"file": out.name, "decode_runs": runs, "rc": proc.returncode, "log": log[-400:]}
+
+
+def replay_kernels(runner: Any, batch: int, adapters: bool, reps: int = 5) -> dict | None:
+    """The kernels of one replay of the graph `replay_ms` times (torch.profiler, CUDA
+    only): how many, the GPU time of their sum, and the 12 longest by name, per replay."""
+    graphs = {k: g for k, g in getattr(runner, "graphs", {}).items() if k[0] == batch}
+    keys = sorted((k for k in graphs if k[2] == adapters), key=lambda k: k[1])
+    if not keys or not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    replay = graphs[keys[-1]].replay
+    replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            replay()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda e: -e.device_time_total)
+    return {
+        "kernels": round(sum(e.count for e in rows) / reps, 1),
+        "device_us": round(sum(e.device_time_total for e in rows) / reps, 1),
+        "top_us": [
+            [e.key[:80], round(e.device_time_total / reps, 1), round(e.count / reps, 1)]
+            for e in rows[:12]
+        ],
+    }
+
+
 def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """Median over rounds of the per-round ratio (a drift of the machine hits both)."""
     return round(statistics.median(a / b for a, b in zip(times[num], times[den], strict=True)), 4)
@@ -304,6 +360,7 @@ def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) ->
     `model` (the float32 model before any wrapping) is cut to its first two layers here."""
     from flora.serving import ServingModel
     from flora.serving.factors import modules_from_adapter
+    from flora_server.engine.paged.fused import fused_kernels
     from flora_server.engine.paged.graphs import (
         CudaGraphCapture,
         GraphedPagedRunner,
@@ -332,8 +389,11 @@ def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) ->
         return KVTensors(2, n, bs, c.num_key_value_heads, head_dim, torch.float32, device)
 
     capture = RecordedCapture() if dry else CudaGraphCapture(torch.device(device))
-    eager = PagedRunner(small, kv(blocks))
-    graphed = GraphedPagedRunner(small, kv(blocks + 1), serving, capture, scratch_block=blocks)
+    fused = fused_kernels(torch.device(device), torch.float32)  # as the engine takes them
+    eager = PagedRunner(small, kv(blocks), fused)
+    graphed = GraphedPagedRunner(
+        small, kv(blocks + 1), serving, capture, scratch_block=blocks, fused=fused
+    )
     rng = random.Random(3)
     seqs = [([rng.randrange(3, c.vocab_size) for _ in range(n)], [i * 8 + j for j in range(8)], s)
             for i, (n, s) in enumerate([(20, 0), (5, None), (33, 1)])]  # fmt: skip
@@ -368,7 +428,12 @@ def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) ->
     }
 
 
-def run(sizes: Sizes, dry: bool, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def run(
+    sizes: Sizes,
+    dry: bool,
+    save: Callable[[dict[str, Any]], None],
+    profile_dir: Path | None = None,
+) -> dict[str, Any]:
     """The measurements, then the graph check; `save` gets the result after each stage, so
     a stage that kills the process (a CUDA error poisons the context) keeps the earlier
     ones' numbers."""
@@ -416,6 +481,14 @@ def run(sizes: Sizes, dry: bool, save: Callable[[dict[str, Any]], None]) -> dict
     try:
         times = race(engine, sizes, variants)
         result.update(prefix_ttft(engine, sizes))
+        if profile_dir is not None:
+            seconds = 2 if dry else 8
+            result["profiles"] = {
+                kind: profile(
+                    engine, sizes, first, rows, profile_dir / f"pyspy_{kind}.txt", seconds
+                )
+                for kind, rows in (("base", [None]), ("k", names))
+            }
     finally:
         asyncio.run(engine.shutdown(30))
     base = {b: statistics.median(times[f"base{b}"]) for b in sizes.batches}
@@ -436,6 +509,11 @@ def run(sizes: Sizes, dry: bool, save: Callable[[dict[str, Any]], None]) -> dict
         for kind, tok_s in (("base", base[first]), ("k", statistics.median(times["k"])))
     }
     result["graph_replay_ms"] = replays
+    with torch.inference_mode():
+        result["replay_kernels"] = {
+            kind: replay_kernels(runner, first, kind == "k") for kind in ("base", "k")
+        }
+    result["fused_kernels"] = getattr(runner, "fused", None) is not None
     result["step_ms"] = steps
     result["host_share"] = {
         kind: None if replays[kind] is None else round(1 - replays[kind] / steps[kind], 3)
@@ -458,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", action="store_true", help="(what bench/gpu.py passes on)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, seconds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3)")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy stacks of decode into $OUT (see profiles)"
+    )
     args = parser.parse_args(argv)
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
@@ -469,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = DRY if args.dry_run else Sizes()
     if args.rounds is not None:
         sizes = dataclasses.replace(sizes, rounds=args.rounds)
-    result = run(sizes, args.dry_run, save)
+    result = run(sizes, args.dry_run, save, out if args.profile else None)
     save(result)
     print(json.dumps(result))
     return 0

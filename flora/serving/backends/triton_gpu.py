@@ -59,6 +59,8 @@ class TritonRowKernel:
     block_t = 16  # tokens per program (tl.dot's minimum tile)
     block_k = 64
     block_n = 64
+    decode_block_k = 256  # inputs per step of a decode row's shrink (`row_decode`)
+    decode_block_n = 128  # outputs per decode program
     tables_kept = 64
 
     def __init__(self, kernels: ModuleType) -> None:
@@ -98,6 +100,14 @@ class TritonRowKernel:
     ) -> None:
         rows, (n, n_in), n_out = slots.shape[0], x.shape, y.shape[1]
         tokens = n // rows
+        if tokens == 1:  # decode: the kernel made for one token per row
+            self._k.row_decode[(rows, -(-n_out // self.decode_block_n))](
+                x, a, b, slots, ranks, y, n_in, n_out,
+                x.stride(0), a.stride(0), a.stride(1), a.stride(2),
+                b.stride(0), b.stride(1), b.stride(2), y.stride(0),
+                BLOCK_R=block_r, BLOCK_K=self.decode_block_k, BLOCK_N=self.decode_block_n,
+            )  # fmt: skip
+            return
         grid = (rows, -(-tokens // self.block_t), -(-n_out // self.block_n))
         self._k.row_update[grid](
             x, a, b, slots, ranks, y, tokens, n_in, n_out,

@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any
 
 from flora_server.engine.llm_engine import InvalidRequestError, LLMEngine
+from flora_server.engine.paged.fused import fused_kernels
 from flora_server.engine.paged.graphs import GraphCapture, GraphedPagedRunner, graph_capture_for
 from flora_server.engine.paged.kv_cache import BlockPool
 from flora_server.engine.paged.runner import KVTensors, PagedRunner
@@ -85,6 +86,8 @@ class PagedLLMEngine(LLMEngine):
         capture = self._graph_capture
         if not hasattr(self._runtime, "set_graph_routing"):
             capture = None  # a runtime other than flora.serving's cannot route a graph
+        device = next(self._model.parameters()).device
+        fused = fused_kernels(device, next(self._model.parameters()).dtype)
         kv = KVTensors(
             config.num_hidden_layers,
             self._pool.num_blocks + (capture is not None),  # + the graphs' scratch block
@@ -92,7 +95,7 @@ class PagedLLMEngine(LLMEngine):
             getattr(config, "num_key_value_heads", None) or heads,
             getattr(config, "head_dim", None) or config.hidden_size // heads,
             self._kv_dtype,
-            next(self._model.parameters()).device,
+            device,
         )
         return PagedStepper(
             self._model,
@@ -101,7 +104,7 @@ class PagedLLMEngine(LLMEngine):
             eos_ids,
             self._metrics,
             merge_after_steps,
-            runner=PagedRunner(self._model, kv)
+            runner=PagedRunner(self._model, kv, fused)
             if capture is None
             else GraphedPagedRunner(
                 self._model,
@@ -109,6 +112,7 @@ class PagedLLMEngine(LLMEngine):
                 self._runtime,  # type: ignore[arg-type]
                 capture,
                 scratch_block=self._pool.num_blocks,
+                fused=fused,
             ),
             scheduler=PagedScheduler(self._pool, self._token_budget, self._max_batch_size),
         )

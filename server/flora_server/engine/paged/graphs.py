@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from flora_server.engine.paged.fused import FusedKernels
 from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner, PagedStep
 
 if TYPE_CHECKING:
@@ -194,8 +195,9 @@ class GraphedPagedRunner(PagedRunner):
         capture: GraphCapture,
         scratch_block: int,
         buckets: Sequence[int] = BATCH_BUCKETS,
+        fused: FusedKernels | None = None,
     ) -> None:
-        super().__init__(model, kv)
+        super().__init__(model, kv, fused)
         if not kv.keys or (scratch_block + 1) * kv.block_size > kv.keys[0].shape[0]:
             raise ValueError(f"scratch block {scratch_block} is outside the KV storage")
         self.runtime = runtime
@@ -276,7 +278,7 @@ class GraphedPagedRunner(PagedRunner):
         write = torch.empty(batch, dtype=torch.long, device=device)
         gather = torch.empty(batch, span, dtype=torch.long, device=device)
         mask = torch.empty(batch, 1, 1, span, dtype=torch.bool, device=device)
-        step = PagedStep.decode_only(self.kv, write, self.windows)
+        step = PagedStep.decode_only(self.kv, write, self.windows, self.fused)
         vocab = self._head.weight.shape[0]
         logits = torch.empty(batch, vocab, dtype=torch.float32, device=device)
         try:

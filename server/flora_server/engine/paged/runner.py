@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from flora.serving.segments import Segments
+from flora_server.engine.paged.fused import FusedKernels, install_rms_norms
 from flora_server.engine.paged.windows import attention_windows
 
 ATTENTION_NAME = "flora_paged"
@@ -109,6 +110,9 @@ class _Keys:
     read: torch.Tensor  # prefill chunk: [L] slots; decode batch: [B, L]
     mask: torch.Tensor | None  # prefill: [n, L] bool; decode: [B, 1, 1, L] bool
     is_causal: bool = False  # a prefill chunk at position 0 that needs no explicit mask
+    # decode: [B] int32, how many of a row's `read` columns it sees (the mask is always a
+    # prefix of the columns); what the fused kernel reads in place of the mask
+    lengths: torch.Tensor | None = None
 
 
 class PagedStep:
@@ -123,9 +127,11 @@ class PagedStep:
         device: torch.device,
         tokens_as_rows: bool = True,
         windows: Sequence[int | None] = (),
+        fused: FusedKernels | None = None,
     ) -> None:
         bs = kv.block_size
         self.kv = kv
+        self.fused = fused  # CUDA: decode attention in one kernel (`fused`), else SDPA
         # Layout of the forward: [T, 1] (a row per token) or [1, T] (one row).
         self.tokens_as_rows = tokens_as_rows
         self.windows = tuple(windows)
@@ -171,12 +177,16 @@ class PagedStep:
 
     @classmethod
     def decode_only(
-        cls, kv: KVTensors, write: torch.Tensor, windows: Sequence[int | None] = ()
+        cls,
+        kv: KVTensors,
+        write: torch.Tensor,
+        windows: Sequence[int | None] = (),
+        fused: FusedKernels | None = None,
     ) -> PagedStep:
         """A step of B decode tokens (layout [B, 1]) over index tensors the caller owns and
         refills, as a CUDA graph replays it: `write` [B] (each token's pool slot), then
         `set_decode` with the keys' buffers after every refill."""
-        step = cls(kv, [], write.device, windows=windows)
+        step = cls(kv, [], write.device, windows=windows, fused=fused)
         step.write = write
         step.decode_rows = torch.arange(write.shape[0], device=write.device)
         return step
@@ -185,7 +195,8 @@ class PagedStep:
         """The decode batch's keys per window kind. gather [B, L]: slots of each row's
         positions 0..L-1; mask [B, 1, 1, L] bool; positions [B, 1]: each row's query
         position. Tensor work only, so a graph records it with the forward that reads it."""
-        self.decode = {None: _Keys(gather, mask)}
+        lengths = (positions.view(-1) + 1).to(torch.int32)
+        self.decode = {None: _Keys(gather, mask, lengths=lengths)}
         for w in {w for w in self.windows if w is not None}:
             self.decode[w] = _window_keys(gather, mask, positions, w, self.kv.pad_slot)
 
@@ -213,9 +224,18 @@ class PagedStep:
         keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
         window = self.windows[layer_idx] if self.windows else None
         q = self._tokens(query)  # [T, H, D]
+        if self.fused is not None and q.stride(-1) != 1:
+            q = q.contiguous()
         out = torch.empty_like(q)
         gqa = q.shape[1] != keys.shape[1]
-        if self.decode_rows is not None:
+        if self.decode_rows is not None and self.fused is not None:
+            view = self.decode[window]
+            assert view.lengths is not None
+            scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+            self.fused.decode_attention(
+                q, keys, values, view.read, view.lengths, self.decode_rows, out, scale
+            )
+        elif self.decode_rows is not None:
             view = self.decode[window]
             k = keys[view.read].transpose(1, 2)  # [B, H_kv, L, D]
             v = values[view.read].transpose(1, 2)
@@ -275,12 +295,13 @@ def _window_keys(
     row's query position. Pure tensor work, so a CUDA graph records it."""
     batch, span = gather.shape
     if span <= window:  # every key a row may see is within its window
-        return _Keys(gather, mask)
+        return _Keys(gather, mask, lengths=(positions.view(-1) + 1).to(torch.int32))
     first = (positions - window + 1).clamp(min=0)  # [B, 1]
     cols = first + torch.arange(window, device=gather.device)  # [B, W] key positions
     valid = cols <= positions
     read = gather.gather(1, cols.clamp(max=span - 1)).masked_fill(~valid, pad)
-    return _Keys(read, valid.view(batch, 1, 1, window))
+    lengths = (positions.view(-1) - first.view(-1) + 1).to(torch.int32)
+    return _Keys(read, valid.view(batch, 1, 1, window), lengths=lengths)
 
 
 def paged_attention(
@@ -341,12 +362,18 @@ class PagedRunner:
     rows whose logits are sampled. `route(routing)` sets the adapter routing
     (`ServingModel.set_routing`: the step's `Segments`, then the sampled rows' slots)."""
 
-    def __init__(self, model: PreTrainedModel, kv: KVTensors) -> None:
+    def __init__(
+        self, model: PreTrainedModel, kv: KVTensors, fused: FusedKernels | None = None
+    ) -> None:
         self.windows = attention_windows(model)
         install_paged_attention(model)
         self.model = model
         self.kv = kv
         self.device = next(model.parameters()).device
+        # Decode attention and RMSNorm in one kernel each (`fused_kernels`: CUDA), else torch.
+        self.fused = fused
+        if fused is not None:
+            install_rms_norms(model, fused)
         self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
         self._cache_kwarg = cache_kwarg_of(self._decoder)
@@ -363,7 +390,14 @@ class PagedRunner:
         logits [S, V] of the packed tokens `sample_rows`. `token_slots`: the adapter slot of
         every packed token (one per chunk, repeated over its tokens); `route` takes the
         step's `Segments`, then the sampled rows' slots for the LM head."""
-        step = PagedStep(self.kv, chunks, self.device, tokens_as_rows=False, windows=self.windows)
+        step = PagedStep(
+            self.kv,
+            chunks,
+            self.device,
+            tokens_as_rows=False,
+            windows=self.windows,
+            fused=self.fused,
+        )
         ids = [t for c in chunks for t in c.token_ids]
         pos = [c.start + i for c in chunks for i in range(len(c.token_ids))]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0)

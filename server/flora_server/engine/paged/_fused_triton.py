@@ -1,0 +1,123 @@
+"""Triton bodies of ``flora_server.engine.paged.fused`` (imported only through it, where
+triton is installed): the decode step's attention over the paged pool, and RMSNorm, each
+one launch where the eager modules take several.
+
+Only builtins of ``triton.language`` are used, plus this module's own jitted combine
+functions for the reductions: the helpers of ``triton.language.standard`` (``tl.sum``,
+``tl.max``) are compiled when triton is imported, so Triton's interpreter, which the CPU
+tests use, could not run them if triton was imported before it was switched on.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add(a, b):  # pragma: no cover (compiled)
+    return a + b
+
+
+@triton.jit
+def _max(a, b):  # pragma: no cover (compiled)
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def paged_decode(  # pragma: no cover (compiled)
+    q,  # [T, H, D] (any strides but unit along D): the step's queries
+    keys,  # pool keys of one layer: [slots, H_kv, D], unit stride along D
+    values,  # pool values of one layer, as keys
+    read,  # [B, L] int64: the pool slot of each row's key positions 0..L-1
+    lengths,  # [B] int32: how many of a row's positions it attends to (>= 1)
+    rows,  # [B] int64: the packed token (row of q and out) of each decode row
+    out,  # [T, H, D] (unit stride along D): written at `rows`
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_rb,
+    stride_ot,
+    stride_oh,
+    scale,
+    group,  # query heads per key head (GQA)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
+):
+    """Program ``(b, h)``: decode row ``b``'s query heads that share key head ``h``,
+    against the row's first ``lengths[b]`` key positions, read from the pool through
+    ``read`` in tiles of ``BLOCK_L`` with an online softmax (flash decoding without the
+    split: one program per row and key head). Only the real positions are read, not the
+    batch's padded width."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    row = tl.load(rows + b)
+    n = tl.load(lengths + b)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = h * group + g
+    live_qd = (g < group)[:, None] & (d < HEAD_DIM)[None, :]
+    qs = tl.load(q + row * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=live_qd)
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    total = tl.full((BLOCK_G,), 0.0, tl.float32)
+    acc = tl.full((BLOCK_G, BLOCK_D), 0.0, tl.float32)
+    for start in range(0, n, BLOCK_L):
+        p = start + tl.arange(0, BLOCK_L)
+        live = p < n
+        slot = tl.load(read + b * stride_rb + p, mask=live, other=0)
+        live_kd = live[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(
+            keys + slot[:, None] * stride_ks + h * stride_kh + d[None, :], mask=live_kd, other=0.0
+        ).to(qs.dtype)
+        if IEEE:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
+            s = tl.dot(qs, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(qs, tl.trans(k))
+        s = tl.where(live[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.reduce(s, 1, _max))
+        alpha = tl.exp(m - m_new)
+        prob = tl.exp(s - m_new[:, None])
+        total = total * alpha + tl.reduce(prob, 1, _add)
+        v = tl.load(
+            values + slot[:, None] * stride_vs + h * stride_vh + d[None, :], mask=live_kd, other=0.0
+        ).to(qs.dtype)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(prob, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
+        m = m_new
+    o = acc / total[:, None]
+    where = out + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    tl.store(where, o.to(out.dtype.element_ty), mask=live_qd)
+
+
+@triton.jit
+def rms_norm(  # pragma: no cover (compiled)
+    x,  # [N, C], unit stride along C
+    w,  # [C]
+    y,  # [N, C], unit stride along C
+    n_cols,
+    stride_x,
+    stride_y,
+    eps,
+    BLOCK: tl.constexpr,
+):
+    """Row ``r``: ``y = w * (x * rsqrt(mean(x^2) + eps)).to(x's dtype)``, in float32 up to
+    that cast, the product rounded to ``y``'s dtype: the Llama / Mistral / Qwen RMSNorm
+    step by step (``fused.FusedKernels.rms_norm`` checks a module against it)."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    live = c < n_cols
+    xs = tl.load(x + r * stride_x + c, mask=live, other=0.0)
+    xf = xs.to(tl.float32)
+    var = tl.reduce(xf * xf, 0, _add) / n_cols
+    normed = (xf * tl.rsqrt(var + eps)).to(xs.dtype)
+    ws = tl.load(w + c, mask=live, other=0.0)
+    out = ws.to(tl.float32) * normed.to(tl.float32)
+    tl.store(y + r * stride_y + c, out.to(y.dtype.element_ty), mask=live)

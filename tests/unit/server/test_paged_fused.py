@@ -1,0 +1,214 @@
+"""The fused decode kernels (`paged/fused.py`): paged decode attention against a float64
+SDPA reference per row, RMSNorm against transformers' own module, their installation on a
+model (only where a module gives the same result: Gemma's `1 + weight` norm is left alone),
+and the runners with the kernels against the runners without them, eager and graphed,
+with full and sliding-window attention. Triton's interpreter runs the kernels on the CPU
+(bfloat16 only compiled, on CUDA: the interpreter mishandles it)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import sys
+
+import pytest
+import torch
+from test_paged_graphs import kv_for
+from test_paged_windows import tiny, tokens
+from tiny_engine import make_tiny_llama
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from flora.serving import ServingModel
+from flora_server.engine.paged.fused import (
+    FusedKernels,
+    install_rms_norms,
+    reference_decode_attention,
+)
+from flora_server.engine.paged.graphs import GraphedPagedRunner, RecordedCapture
+from flora_server.engine.paged.runner import ChunkInput, PagedRunner
+
+pytestmark = pytest.mark.timeout(300)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+MODULE = "flora_server.engine.paged._fused_triton"
+BF16 = pytest.param(
+    torch.bfloat16,
+    marks=pytest.mark.skipif(DEVICE.type == "cpu", reason="the interpreter mishandles bf16"),
+)
+
+
+@pytest.fixture
+def kernels(monkeypatch):  # type: ignore[no-untyped-def]
+    """Compiled on CUDA, else under the interpreter (read when `triton.jit` decorates,
+    so the module is imported afresh with it switched on)."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.delitem(sys.modules, MODULE, raising=False)
+    yield FusedKernels(importlib.import_module(MODULE))
+    if DEVICE.type == "cpu":
+        sys.modules.pop(MODULE, None)
+
+
+class Counted:
+    """`FusedKernels` that counts its calls (a runner that silently skipped the kernels
+    would match the torch path trivially)."""
+
+    def __init__(self, inner: FusedKernels) -> None:
+        self.inner, self.attention, self.norms = inner, 0, 0
+
+    def decode_attention(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.attention += 1
+        return self.inner.decode_attention(*args, **kwargs)
+
+    def rms_norm(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.norms += 1
+        return self.inner.rms_norm(*args, **kwargs)
+
+
+# -- the kernels ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
+def test_decode_attention_matches_sdpa_per_row(kernels, dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    slots, kv_heads, heads, dim = 400, 3, 9, 64  # SmolLM2's grouping: 3 queries per key head
+    keys = torch.randn(slots, kv_heads, dim, generator=gen).to(DEVICE, dtype)
+    values = torch.randn(slots, kv_heads, dim, generator=gen).to(DEVICE, dtype)
+    q = torch.randn(8, heads, dim, generator=gen).to(DEVICE, dtype)
+    # Rows of one key, of exactly one and just over one tile, of several; every column past
+    # a row's length points at real, random keys, so reading past `lengths` would show.
+    lengths = torch.tensor([1, 64, 65, 130, 17], dtype=torch.int32)
+    read = torch.stack([torch.randperm(slots, generator=gen)[:140] for _ in lengths])
+    rows = torch.tensor([6, 0, 3, 7, 1])  # decode rows among 8 packed tokens, out of order
+    out = torch.full_like(q, 7.0)
+    args = (read.to(DEVICE), lengths.to(DEVICE), rows.to(DEVICE))
+    kernels.decode_attention(q, keys, values, *args, out, 0.125)
+    want = reference_decode_attention(q, keys, values, *args, 0.125)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out[rows.to(DEVICE)].double(), want, rtol=tol, atol=tol)
+    untouched = [i for i in range(8) if i not in rows.tolist()]
+    assert bool((out[untouched] == 7.0).all())  # rows that are not decode rows keep theirs
+    # the same call with one row's length cut by one gives a different row (lengths read)
+    short = lengths.clone()
+    short[3] -= 1
+    kernels.decode_attention(
+        q, keys, values, read.to(DEVICE), short.to(DEVICE), args[2], out, 0.125
+    )
+    assert not torch.allclose(out[7].double(), want[3], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
+def test_rms_norm_matches_the_transformers_module(kernels, dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    module = LlamaRMSNorm(96, eps=1e-5).to(DEVICE)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(96, generator=gen))
+    module = module.to(dtype)
+    x = (torch.randn(2, 96, 5, generator=gen) * 4).to(DEVICE, dtype).transpose(1, 2)  # strided
+    got = kernels.rms_norm(x, module.weight, 1e-5)
+    want = module(x)
+    assert got.shape == want.shape == (2, 5, 96) and got.dtype == want.dtype
+    # float32: the statistics differ by summation order only; halves: within one rounding
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_install_serves_llama_norms_and_leaves_gemma_alone(kernels) -> None:
+    model = make_tiny_llama().to(DEVICE)
+    reference = copy.deepcopy(model)
+    counted = Counted(kernels)
+    assert install_rms_norms(model, counted) == 2 * 2 + 1  # two per layer and the final one
+    assert install_rms_norms(model, counted) == 0  # already served
+    ids = torch.tensor([[5, 9, 14, 3, 77, 20]], device=DEVICE)
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+    assert counted.norms == 1 + (2 * 2 + 1)  # the probe of the class, then each norm once
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    gemma = tiny("gemma3").to(DEVICE)  # (1 + weight): the probe differs, nothing installed
+    assert install_rms_norms(gemma, counted) == 0
+    assert not any("forward" in vars(m) for m in gemma.modules())
+
+
+# -- the runners --------------------------------------------------------------------------------
+
+
+def runners(model: torch.nn.Module, kernels: FusedKernels | None, graphed: bool):
+    blocks = 64
+    if not graphed:
+        return PagedRunner(model, kv_for(model, blocks, DEVICE.type), kernels), None
+    serving = ServingModel(model, max_slots=2)
+    runner = GraphedPagedRunner(
+        model,
+        kv_for(model, blocks + 1, DEVICE.type),
+        serving,
+        RecordedCapture() if DEVICE.type == "cpu" else _cuda_capture(),
+        scratch_block=blocks,
+        fused=kernels,
+    )
+    return runner, serving
+
+
+def _cuda_capture():  # type: ignore[no-untyped-def]
+    from flora_server.engine.paged.graphs import CudaGraphCapture
+
+    return CudaGraphCapture(DEVICE)
+
+
+def steps(runner, route, n_decode: int) -> list[torch.Tensor]:
+    """Three prompts (one past the window) prefilled, the third in two chunks, the second
+    chunk packed with decode tokens of the others; then decode steps of all three. Greedy;
+    returns every step's logits."""
+    seqs = [tokens(11, 13), tokens(12, 6), tokens(13, 9)]
+    tables = [list(range(i * 16, i * 16 + 16)) for i in range(3)]
+    out = []
+
+    def run(chunks, sample):  # type: ignore[no-untyped-def]
+        slots = [None] * sum(len(c.token_ids) for c in chunks)
+        logits = runner.run(chunks, slots, sample, route)
+        out.append(logits)
+        return logits.argmax(-1).tolist()
+
+    firsts = run([ChunkInput(seqs[0], 0, tables[0]), ChunkInput(seqs[1], 0, tables[1])], [12, 18])
+    seqs[0].append(firsts[0])
+    seqs[1].append(firsts[1])
+    run([ChunkInput(seqs[2][:5], 0, tables[2])], [4])
+    mixed = [ChunkInput(seqs[0][-1:], len(seqs[0]) - 1, tables[0]),
+             ChunkInput(seqs[2][5:], 5, tables[2]),
+             ChunkInput(seqs[1][-1:], len(seqs[1]) - 1, tables[1])]  # fmt: skip
+    picked = run(mixed, [0, 4, 5])
+    for seq, token in zip((seqs[0], seqs[2], seqs[1]), picked, strict=True):
+        seq.append(token)
+    for _ in range(n_decode):
+        chunks = [ChunkInput(s[-1:], len(s) - 1, t) for s, t in zip(seqs, tables, strict=True)]
+        for seq, token in zip(seqs, run(chunks, [0, 1, 2]), strict=True):
+            seq.append(token)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("graphed", [False, True])
+def test_runner_with_fused_kernels_matches_torch_path(kernels, kind, graphed) -> None:
+    """Prefill chunks, a mixed step and decode steps past the sliding window (Mistral, W=8):
+    the same logits with the kernels as with SDPA and transformers' norms."""
+    model = (make_tiny_llama() if kind == "llama" else tiny("mistral")).to(DEVICE)
+    torch_runner, torch_serving = runners(copy.deepcopy(model), None, graphed)
+    counted = Counted(kernels)
+    fused_runner, fused_serving = runners(model, counted, graphed)  # type: ignore[arg-type]
+    route_t = torch_serving.set_routing if torch_serving else (lambda routing: None)
+    route_f = fused_serving.set_routing if fused_serving else (lambda routing: None)
+    want = steps(torch_runner, route_t, 6)
+    got = steps(fused_runner, route_f, 6)
+    layers = model.config.num_hidden_layers
+    # the mixed step and the six decode steps run decode attention in every layer; a graphed
+    # runner also records it (a CPU replay re-runs the recorded Python, a CUDA one does not)
+    if not graphed:
+        assert counted.attention == 7 * layers
+    elif DEVICE.type == "cpu":
+        assert counted.attention >= 7 * layers + layers
+    else:
+        assert counted.attention >= 2 * layers
+    assert counted.norms > 0
+    if graphed:
+        assert fused_runner.replays == torch_runner.replays == 6
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
