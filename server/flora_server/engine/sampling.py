@@ -13,8 +13,8 @@ past the chosen token: `sample_tokens` does all of it, and is what engines call.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -22,42 +22,54 @@ from flora_server.engine.constraints import TokenConstraint, allocate_bitmask, u
 from flora_server.engine.protocol import Logprob, SamplingParams
 
 
-@dataclass
 class SamplingTensors:
-    """The sampling parameters of a batch, one entry per row (all on the logits' device)."""
+    """The sampling parameters of a batch, one entry per row, on the logits' device.
 
-    do_sample: torch.Tensor  # [B] bool
-    temperature: torch.Tensor  # [B] float32, > 0
-    top_k: torch.Tensor  # [B] int64, 0 = off
-    top_p: torch.Tensor  # [B] float32, 1.0 = off
-    repetition_penalty: torch.Tensor  # [B] float32, 1.0 = off
-    # Which processors some sampling row switches on, known on the host: a batch of greedy
-    # rows is an argmax, not two sorts of the vocabulary per step (an off processor is the
-    # identity, so skipping it changes no value).
-    sampling: bool = True
-    temperature_on: bool = True
-    top_k_on: bool = True
-    top_p_on: bool = True
+    Which processors some sampling row switches on is known on the host (`sampling`,
+    `*_on`): a batch of greedy rows is an argmax, not two sorts of the vocabulary per
+    step (an off processor is the identity, so skipping it changes no value). Each
+    tensor is built on first use, so such a batch copies none of them to the device
+    (each is a host-to-device copy per step)."""
+
+    def __init__(
+        self, params: Sequence[SamplingParams], device: torch.device | str = "cpu"
+    ) -> None:
+        self._params = list(params)
+        self._device = device
+        sampled = [p for p in self._params if p.do_sample]
+        self.sampling = bool(sampled)
+        self.temperature_on = any(max(p.temperature, 1e-5) != 1.0 for p in sampled)
+        self.top_k_on = any((p.top_k or 0) > 0 for p in sampled)
+        self.top_p_on = any(p.top_p is not None and p.top_p < 1.0 for p in sampled)
 
     @classmethod
     def from_params(
         cls, params: Sequence[SamplingParams], device: torch.device | str = "cpu"
     ) -> SamplingTensors:
-        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+        return cls(params, device)
 
-        sampled = [p for p in params if p.do_sample]
-        return cls(
-            do_sample=col([p.do_sample for p in params], torch.bool),
-            temperature=col([max(p.temperature, 1e-5) for p in params], torch.float32),
-            top_k=col([p.top_k or 0 for p in params], torch.int64),
-            top_p=col([1.0 if p.top_p is None else p.top_p for p in params], torch.float32),
-            repetition_penalty=col([p.repetition_penalty for p in params], torch.float32),
-            sampling=bool(sampled),
-            temperature_on=any(max(p.temperature, 1e-5) != 1.0 for p in sampled),
-            top_k_on=any((p.top_k or 0) > 0 for p in sampled),
-            top_p_on=any(p.top_p is not None and p.top_p < 1.0 for p in sampled),
-        )
+    def _col(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self._device)
+
+    @functools.cached_property
+    def do_sample(self) -> torch.Tensor:  # [B] bool
+        return self._col([p.do_sample for p in self._params], torch.bool)
+
+    @functools.cached_property
+    def temperature(self) -> torch.Tensor:  # [B] float32, > 0
+        return self._col([max(p.temperature, 1e-5) for p in self._params], torch.float32)
+
+    @functools.cached_property
+    def top_k(self) -> torch.Tensor:  # [B] int64, 0 = off
+        return self._col([p.top_k or 0 for p in self._params], torch.int64)
+
+    @functools.cached_property
+    def top_p(self) -> torch.Tensor:  # [B] float32, 1.0 = off
+        return self._col([1.0 if p.top_p is None else p.top_p for p in self._params], torch.float32)
+
+    @functools.cached_property
+    def repetition_penalty(self) -> torch.Tensor:  # [B] float32, 1.0 = off
+        return self._col([p.repetition_penalty for p in self._params], torch.float32)
 
 
 def apply_repetition_penalty(
@@ -135,16 +147,15 @@ def process_logits(
 
 def select_tokens(
     logits: torch.Tensor,
-    do_sample: torch.Tensor,
+    do_sample: torch.Tensor | None,
     generators: Sequence[torch.Generator | None],
-    sampling: bool = True,
 ) -> torch.Tensor:
     """Pick one token per row: argmax for greedy rows, a draw from softmax(logits) for
     sampling rows using the row's own generator (so a seeded request reproduces its output
     whatever else is in the batch). logits: [B, V] (processed); returns [B] int64.
-    `sampling` False says no row samples (no look at `do_sample`, no device sync)."""
+    `do_sample` None says no row samples (no device sync)."""
     tokens = logits.argmax(dim=-1)
-    if not sampling:
+    if do_sample is None:
         return tokens
     rows = do_sample.nonzero().flatten().tolist()
     if rows:
@@ -184,7 +195,7 @@ def sample_tokens(
     if constraints is not None:
         logits = apply_constraints(logits, constraints)
     processed = process_logits(logits, params, seen)
-    tokens = select_tokens(processed, params.do_sample, generators, params.sampling)
+    tokens = select_tokens(processed, params.do_sample if params.sampling else None, generators)
     refused = []
     if constraints is not None:
         for row, (constraint, token) in enumerate(zip(constraints, tokens.tolist(), strict=True)):

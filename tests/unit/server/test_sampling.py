@@ -3,8 +3,6 @@ implementation), per-row parameters, seeded reproducibility, and stop-sequence h
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -22,6 +20,7 @@ from flora_server.engine.sampling import (
     apply_top_p,
     make_generator,
     process_logits,
+    sample_tokens,
     seen_mask,
     select_tokens,
 )
@@ -175,7 +174,8 @@ def test_processors_no_row_switches_on_are_skipped_without_changing_a_value(logi
     """The host flags skip a processor only where it is the identity for every row: the
     result equals running all of them."""
     tensors = SamplingTensors.from_params(params)
-    every = dataclasses.replace(tensors, temperature_on=True, top_k_on=True, top_p_on=True)
+    every = SamplingTensors.from_params(params)
+    every.temperature_on = every.top_k_on = every.top_p_on = True
     rows = logits[: len(params)]
     assert torch.equal(process_logits(rows, tensors, None), process_logits(rows, every, None))
     sampled = [p for p in params if p.do_sample]
@@ -183,3 +183,17 @@ def test_processors_no_row_switches_on_are_skipped_without_changing_a_value(logi
     assert tensors.top_k_on == any(p.top_k for p in sampled)
     assert tensors.top_p_on == any(p.top_p is not None and p.top_p < 1 for p in sampled)
     assert tensors.temperature_on == any(p.temperature != 1.0 for p in sampled)
+
+
+def test_a_greedy_batch_copies_no_parameter_to_the_device() -> None:
+    """An all-greedy batch without penalties is an argmax: none of the per-row tensors is
+    built (each would be a host-to-device copy per step); a sampling row builds them."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    greedy = SamplingTensors.from_params([SamplingParams()] * 3)
+    tokens, _ = sample_tokens(logits, greedy, None, [None] * 3)
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    built = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty"}
+    assert not built & set(vars(greedy))
+    mixed = SamplingTensors.from_params([SamplingParams(), SamplingParams(do_sample=True, seed=3)])
+    sample_tokens(logits[:2], mixed, None, [None, torch.Generator().manual_seed(3)])
+    assert "do_sample" in vars(mixed)
