@@ -20,8 +20,8 @@ Requests ignore EOS so every stream runs its full length. Keys:
   each round (``decode_tok_s_rounds`` keeps every sample).
 - ``ttft_prefix_hit_ratio``: TTFT of a prompt whose 600-token prefix is cached over the
   same prompt cold (``ttft_cold_ms``, ``ttft_hit_ms``).
-- ``graph_replay_ms``: one replay of the widest graph recorded at the first batch size
-  (base rows, and with the adapters of ``k``), timed alone; ``step_ms`` the engine's step
+- ``graph_replay_ms``: one replay of the graph the engine replayed most at the first batch
+  size (base rows, and with the adapters of ``k``), timed alone; ``step_ms`` the engine's step
   at those settings (from the tok/s) and ``host_share`` 1 - replay / step, the part of a
   step spent outside the GPU (in a dry run the "replay" re-runs the recorded Python).
 - ``replay_kernels`` (CUDA): that replay's kernels from torch.profiler: how many, their
@@ -261,15 +261,24 @@ def race(
     return times
 
 
+def busiest_graph(runner: Any, batch: int, adapters: bool) -> Any:
+    """The graph for `batch` rows (with or without adapter kernels) the engine replayed
+    most: the width the timed decode ran at (a wider one, recorded for a long prompt,
+    would time attention over more padding than those steps read). None if none."""
+    graphs = [
+        g for k, g in getattr(runner, "graphs", {}).items() if k[0] == batch and k[2] == adapters
+    ]
+    return max(graphs, key=lambda g: g.replays, default=None)
+
+
 def replay_ms(runner: Any, batch: int, adapters: bool, reps: int = 20) -> float | None:
-    """Milliseconds of one replay of the widest graph recorded for `batch` rows (with or
-    without adapter kernels), alone: the device time of a graphed decode step, against
-    which the engine's whole step shows its host time. None if no such graph."""
-    graphs = {k: g for k, g in getattr(runner, "graphs", {}).items() if k[0] == batch}
-    keys = sorted((k for k in graphs if k[2] == adapters), key=lambda k: k[1])
-    if not keys:
+    """Milliseconds of one replay of `busiest_graph`, alone: the device time of a graphed
+    decode step, against which the engine's whole step shows its host time. None if no
+    such graph. The replay reads the buffers as the engine's last step left them."""
+    graph = busiest_graph(runner, batch, adapters)
+    if graph is None:
         return None
-    replay = graphs[keys[-1]].replay
+    replay = graph.replay
     cuda = torch.cuda.is_available()
     for _ in range(3):
         replay()
@@ -305,13 +314,12 @@ def profile(
 def replay_kernels(runner: Any, batch: int, adapters: bool, reps: int = 5) -> dict | None:
     """The kernels of one replay of the graph `replay_ms` times (torch.profiler, CUDA
     only): how many, the GPU time of their sum, and the 12 longest by name, per replay."""
-    graphs = {k: g for k, g in getattr(runner, "graphs", {}).items() if k[0] == batch}
-    keys = sorted((k for k in graphs if k[2] == adapters), key=lambda k: k[1])
-    if not keys or not torch.cuda.is_available():
+    graph = busiest_graph(runner, batch, adapters)
+    if graph is None or not torch.cuda.is_available():
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    replay = graphs[keys[-1]].replay
+    replay = graph.replay
     replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -390,7 +398,7 @@ def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) ->
 
     capture = RecordedCapture() if dry else CudaGraphCapture(torch.device(device))
     fused = fused_kernels(torch.device(device), torch.float32)  # as the engine takes them
-    eager = PagedRunner(small, kv(blocks), fused)
+    eager = PagedRunner(small, kv(blocks))
     graphed = GraphedPagedRunner(
         small, kv(blocks + 1), serving, capture, scratch_block=blocks, fused=fused
     )

@@ -1,9 +1,9 @@
 """The fused decode kernels (`paged/fused.py`): paged decode attention against a float64
 SDPA reference per row, RMSNorm against transformers' own module, their installation on a
-model (only where a module gives the same result: Gemma's `1 + weight` norm is left alone),
-and the runners with the kernels against the runners without them, eager and graphed,
-with full and sliding-window attention. Triton's interpreter runs the kernels on the CPU
-(bfloat16 only compiled, on CUDA: the interpreter mishandles it)."""
+model (only where a module gives the same result: Gemma's `1 + weight` norm is left alone;
+the kernel only inside a recording), and recorded decode graphs with the kernels against
+graphs without them, with full and sliding-window attention. Triton's interpreter runs the
+kernels on the CPU (bfloat16 only compiled, on CUDA: the interpreter mishandles it)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,12 @@ from flora_server.engine.paged.fused import (
     install_rms_norms,
     reference_decode_attention,
 )
-from flora_server.engine.paged.graphs import GraphedPagedRunner, RecordedCapture
-from flora_server.engine.paged.runner import ChunkInput, PagedRunner
+from flora_server.engine.paged.graphs import (
+    CudaGraphCapture,
+    GraphedPagedRunner,
+    RecordedCapture,
+)
+from flora_server.engine.paged.runner import ChunkInput
 
 pytestmark = pytest.mark.timeout(300)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,6 +66,9 @@ class Counted:
     def rms_norm(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         self.norms += 1
         return self.inner.rms_norm(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.inner, name)  # recording(), active
 
 
 # -- the kernels ------------------------------------------------------------------------------
@@ -120,8 +127,13 @@ def test_install_serves_llama_norms_and_leaves_gemma_alone(kernels) -> None:
     assert install_rms_norms(model, counted) == 0  # already served
     ids = torch.tensor([[5, 9, 14, 3, 77, 20]], device=DEVICE)
     with torch.no_grad():
-        got, want = model(ids).logits, reference(ids).logits
-    assert counted.norms == 1 + (2 * 2 + 1)  # the probe of the class, then each norm once
+        want = reference(ids).logits
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-4)
+        assert counted.norms == 1  # the probe of the class; outside a recording: torch
+        with counted.recording():
+            got = model(ids).logits
+        assert not counted.active
+    assert counted.norms == 1 + (2 * 2 + 1)  # inside: each norm through the kernel
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     gemma = tiny("gemma3").to(DEVICE)  # (1 + weight): the probe differs, nothing installed
     assert install_rms_norms(gemma, counted) == 0
@@ -131,32 +143,25 @@ def test_install_serves_llama_norms_and_leaves_gemma_alone(kernels) -> None:
 # -- the runners --------------------------------------------------------------------------------
 
 
-def runners(model: torch.nn.Module, kernels: FusedKernels | None, graphed: bool):
+def graphed_runner(model: torch.nn.Module, kernels: FusedKernels | None):
     blocks = 64
-    if not graphed:
-        return PagedRunner(model, kv_for(model, blocks, DEVICE.type), kernels), None
     serving = ServingModel(model, max_slots=2)
+    capture = RecordedCapture() if DEVICE.type == "cpu" else CudaGraphCapture(DEVICE)
     runner = GraphedPagedRunner(
         model,
         kv_for(model, blocks + 1, DEVICE.type),
         serving,
-        RecordedCapture() if DEVICE.type == "cpu" else _cuda_capture(),
+        capture,
         scratch_block=blocks,
         fused=kernels,
     )
-    return runner, serving
-
-
-def _cuda_capture():  # type: ignore[no-untyped-def]
-    from flora_server.engine.paged.graphs import CudaGraphCapture
-
-    return CudaGraphCapture(DEVICE)
+    return runner, serving.set_routing
 
 
 def steps(runner, route, n_decode: int) -> list[torch.Tensor]:
     """Three prompts (one past the window) prefilled, the third in two chunks, the second
-    chunk packed with decode tokens of the others; then decode steps of all three. Greedy;
-    returns every step's logits."""
+    chunk packed with decode tokens of the others (eager steps); then decode steps of all
+    three (replayed). Greedy; returns every step's logits."""
     seqs = [tokens(11, 13), tokens(12, 6), tokens(13, 9)]
     tables = [list(range(i * 16, i * 16 + 16)) for i in range(3)]
     out = []
@@ -185,30 +190,24 @@ def steps(runner, route, n_decode: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-@pytest.mark.parametrize("graphed", [False, True])
-def test_runner_with_fused_kernels_matches_torch_path(kernels, kind, graphed) -> None:
-    """Prefill chunks, a mixed step and decode steps past the sliding window (Mistral, W=8):
-    the same logits with the kernels as with SDPA and transformers' norms."""
+def test_recorded_decode_with_fused_kernels_matches_the_torch_graphs(kernels, kind) -> None:
+    """Prefill chunks and a mixed step (eager: torch ops), then decode steps replayed past
+    the sliding window (Mistral, W=8): the same logits with the kernels in the graphs as
+    with SDPA and transformers' norms there, and the kernels run in recordings only."""
     model = (make_tiny_llama() if kind == "llama" else tiny("mistral")).to(DEVICE)
-    torch_runner, torch_serving = runners(copy.deepcopy(model), None, graphed)
+    torch_runner, torch_route = graphed_runner(copy.deepcopy(model), None)
     counted = Counted(kernels)
-    fused_runner, fused_serving = runners(model, counted, graphed)  # type: ignore[arg-type]
-    route_t = torch_serving.set_routing if torch_serving else (lambda routing: None)
-    route_f = fused_serving.set_routing if fused_serving else (lambda routing: None)
-    want = steps(torch_runner, route_t, 6)
-    got = steps(fused_runner, route_f, 6)
+    fused_runner, fused_route = graphed_runner(model, counted)  # type: ignore[arg-type]
+    want = steps(torch_runner, torch_route, 6)
+    got = steps(fused_runner, fused_route, 6)
+    assert fused_runner.replays == torch_runner.replays == 6
+    # Every run of the recorded Python (on the CPU each replay re-runs it; on CUDA two
+    # warm-ups and the capture per graph) and nothing else: the eager steps kept torch.
+    captures = fused_runner.capture.captures
+    runs = fused_runner.replays + captures if DEVICE.type == "cpu" else 3 * captures
     layers = model.config.num_hidden_layers
-    # the mixed step and the six decode steps run decode attention in every layer; a graphed
-    # runner also records it (a CPU replay re-runs the recorded Python, a CUDA one does not)
-    if not graphed:
-        assert counted.attention == 7 * layers
-    elif DEVICE.type == "cpu":
-        assert counted.attention >= 7 * layers + layers
-    else:
-        assert counted.attention >= 2 * layers
-    assert counted.norms > 0
-    if graphed:
-        assert fused_runner.replays == torch_runner.replays == 6
+    assert counted.attention == layers * runs
+    assert counted.norms == 1 + (2 * layers + 1) * runs  # the install's probe, then each run
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()

@@ -87,7 +87,6 @@ class PagedLLMEngine(LLMEngine):
         if not hasattr(self._runtime, "set_graph_routing"):
             capture = None  # a runtime other than flora.serving's cannot route a graph
         device = next(self._model.parameters()).device
-        fused = fused_kernels(device, next(self._model.parameters()).dtype)
         kv = KVTensors(
             config.num_hidden_layers,
             self._pool.num_blocks + (capture is not None),  # + the graphs' scratch block
@@ -104,7 +103,7 @@ class PagedLLMEngine(LLMEngine):
             eos_ids,
             self._metrics,
             merge_after_steps,
-            runner=PagedRunner(self._model, kv, fused)
+            runner=PagedRunner(self._model, kv)
             if capture is None
             else GraphedPagedRunner(
                 self._model,
@@ -112,7 +111,7 @@ class PagedLLMEngine(LLMEngine):
                 self._runtime,  # type: ignore[arg-type]
                 capture,
                 scratch_block=self._pool.num_blocks,
-                fused=fused,
+                fused=fused_kernels(device, next(self._model.parameters()).dtype),
             ),
             scheduler=PagedScheduler(self._pool, self._token_budget, self._max_batch_size),
         )

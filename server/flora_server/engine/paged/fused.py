@@ -14,6 +14,11 @@ SDPA, the copies in and out) about ten. Here each is one launch:
   by ``install_rms_norms`` only where the module's own forward gives the same result on a
   probe input (Gemma's ``1 + weight`` form, say, is left alone).
 
+They serve recorded decode graphs only (``graphs.GraphedPagedRunner``: its decode step
+calls the attention kernel, and the norms run it inside ``FusedKernels.recording()``):
+a graph launches them at no host cost, while in an eager step each Triton launch costs
+the host more than the torch ops it replaces (docs/engine.md has the numbers).
+
 ``fused_kernels(device, dtype)`` is the capability check, as
 ``flora.serving.backends.triton_gpu.triton_row_kernel`` is for the adapter kernel: ``None``
 (the torch paths serve) unless triton imports, the device is CUDA and a self-test of each
@@ -24,10 +29,12 @@ under Triton's interpreter).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+import threading
 import types
 from typing import Any
 
@@ -46,12 +53,25 @@ def _pow2(n: int, least: int = 16) -> int:
 
 
 class FusedKernels:
-    """The kernels of one Triton module (``_fused_triton``, compiled or interpreted)."""
+    """The kernels of one Triton module (``_fused_triton``, compiled or interpreted).
+
+    ``recording()`` is the context (reusable, per thread) inside which the RMSNorm modules
+    ``install_rms_norms`` served run the kernel; outside it they run their own forward."""
 
     block_l = 64  # key positions per tile of decode attention
 
     def __init__(self, kernels: types.ModuleType) -> None:
         self._k = kernels
+        self._local = threading.local()
+        self._recording = _Recording(self._local)
+
+    @property
+    def active(self) -> bool:
+        """Whether this thread is inside ``recording()``."""
+        return getattr(self._local, "depth", 0) > 0
+
+    def recording(self) -> contextlib.AbstractContextManager[None]:
+        return self._recording
 
     def decode_attention(
         self,
@@ -95,6 +115,30 @@ class FusedKernels:
                 x2, weight, y, cols, x2.stride(0), y.stride(0), eps, BLOCK=_pow2(cols)
             )
         return y.view(shape)
+
+
+class _Recording:
+    def __init__(self, local: threading.local) -> None:
+        self._local = local
+
+    def __enter__(self) -> None:
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._local.depth -= 1
+
+
+class _GraphNorm:
+    """An RMSNorm module's forward: the kernel inside ``kernels.recording()``, else the
+    module's own forward."""
+
+    def __init__(self, kernels: FusedKernels, weight: torch.Tensor, eps: float, own: Any) -> None:
+        self.kernels, self.weight, self.eps, self.own = kernels, weight, eps, own
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels.active:
+            return self.kernels.rms_norm(x, self.weight, self.eps)
+        return self.own(x)
 
 
 def reference_decode_attention(
@@ -165,10 +209,11 @@ def fused_kernels(device: torch.device, dtype: torch.dtype) -> FusedKernels | No
 
 
 def install_rms_norms(model: torch.nn.Module, kernels: FusedKernels) -> int:
-    """Serve every RMSNorm module of ``model`` through ``kernels.rms_norm`` where that
-    gives what the module's own forward gives on a probe input (the same values in its
-    dtype, to a rounding of the float32 statistics); returns how many. Idempotent: a
-    module already served keeps its kernel forward."""
+    """Serve every RMSNorm module of ``model`` through ``kernels.rms_norm`` inside
+    ``kernels.recording()``, where the kernel gives what the module's own forward gives
+    on a probe input (the same values in its dtype, to a rounding of the float32
+    statistics); returns how many. Idempotent: a module already served keeps its
+    forward."""
     installed = 0
     checked: dict[type, bool] = {}
     for module in model.modules():
@@ -184,7 +229,7 @@ def install_rms_norms(model: torch.nn.Module, kernels: FusedKernels) -> int:
             if not checked[kind]:
                 log.info("%s keeps its own forward: the fused RMSNorm differs", kind.__name__)
         if checked[kind]:
-            module.forward = functools.partial(kernels.rms_norm, weight=weight, eps=eps)
+            module.forward = _GraphNorm(kernels, weight, eps, module.forward)
             installed += 1
     return installed
 

@@ -34,6 +34,7 @@ exercise everything but the CUDA call itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from flora_server.engine.paged.fused import FusedKernels
+from flora_server.engine.paged.fused import FusedKernels, install_rms_norms
 from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner, PagedStep
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ class _DecodeGraph:
     adapters: bool  # recorded with the adapter kernels (reads `slots`)
     replay: Callable[[], None]
     inputs: _HostInputs
+    replays: int = 0
 
 
 class _HostInputs:
@@ -224,7 +226,12 @@ class GraphedPagedRunner(PagedRunner):
         buckets: Sequence[int] = BATCH_BUCKETS,
         fused: FusedKernels | None = None,
     ) -> None:
-        super().__init__(model, kv, fused)
+        super().__init__(model, kv)
+        # What the recorded graphs run in one kernel each (`fused`): decode attention and
+        # RMSNorm; eager steps keep the torch ops.
+        self.fused = fused
+        if fused is not None:
+            install_rms_norms(model, fused)
         if not kv.keys or (scratch_block + 1) * kv.block_size > kv.keys[0].shape[0]:
             raise ValueError(f"scratch block {scratch_block} is outside the KV storage")
         self.runtime = runtime
@@ -252,6 +259,7 @@ class GraphedPagedRunner(PagedRunner):
             return super().run(chunks, token_slots, sample_rows, route)
         rows = self._fill(graph, chunks, token_slots)
         graph.replay()
+        graph.replays += 1
         self.replays += 1
         return graph.logits[:rows].clone()
 
@@ -324,6 +332,7 @@ class GraphedPagedRunner(PagedRunner):
             routing.tokens,
             routing.routed,
         )
+        fused_norms = self.fused.recording() if self.fused else contextlib.nullcontext()
         ids, positions = meta[:, 0:1], meta[:, 1:2]  # [B, 1] each
         tables = meta[:, 2:]  # [B, width]
 
@@ -339,13 +348,14 @@ class GraphedPagedRunner(PagedRunner):
             mask.copy_((offsets <= positions).view(batch, 1, 1, span))
             write.copy_(gather.gather(1, positions).squeeze(1))
             step.set_decode(gather, mask, positions)  # sliding layers' keys, recorded too
-            out = self._decoder(
-                input_ids=ids,
-                position_ids=positions,
-                use_cache=True,
-                flora_paged=step,
-                **{self._cache_kwarg: step},
-            )
+            with fused_norms:  # the norms' kernel, for this recording only
+                out = self._decoder(
+                    input_ids=ids,
+                    position_ids=positions,
+                    use_cache=True,
+                    flora_paged=step,
+                    **{self._cache_kwarg: step},
+                )
             logits.copy_(self._head(out.last_hidden_state)[:, -1, :].float())
 
         try:

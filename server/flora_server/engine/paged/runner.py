@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from flora.serving.segments import Segments
-from flora_server.engine.paged.fused import FusedKernels, install_rms_norms
+from flora_server.engine.paged.fused import FusedKernels
 from flora_server.engine.paged.windows import attention_windows
 
 ATTENTION_NAME = "flora_paged"
@@ -131,7 +131,7 @@ class PagedStep:
     ) -> None:
         bs = kv.block_size
         self.kv = kv
-        self.fused = fused  # CUDA: decode attention in one kernel (`fused`), else SDPA
+        self.fused = fused  # decode attention in one kernel (recorded graphs), else SDPA
         # Layout of the forward: [T, 1] (a row per token) or [1, T] (one row).
         self.tokens_as_rows = tokens_as_rows
         self.windows = tuple(windows)
@@ -362,18 +362,12 @@ class PagedRunner:
     rows whose logits are sampled. `route(routing)` sets the adapter routing
     (`ServingModel.set_routing`: the step's `Segments`, then the sampled rows' slots)."""
 
-    def __init__(
-        self, model: PreTrainedModel, kv: KVTensors, fused: FusedKernels | None = None
-    ) -> None:
+    def __init__(self, model: PreTrainedModel, kv: KVTensors) -> None:
         self.windows = attention_windows(model)
         install_paged_attention(model)
         self.model = model
         self.kv = kv
         self.device = next(model.parameters()).device
-        # Decode attention and RMSNorm in one kernel each (`fused_kernels`: CUDA), else torch.
-        self.fused = fused
-        if fused is not None:
-            install_rms_norms(model, fused)
         self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
         self._cache_kwarg = cache_kwarg_of(self._decoder)
@@ -396,7 +390,6 @@ class PagedRunner:
             self.device,
             tokens_as_rows=False,
             windows=self.windows,
-            fused=self.fused,
         )
         ids = [t for c in chunks for t in c.token_ids]
         pos = [c.start + i for c in chunks for i in range(len(c.token_ids))]
