@@ -83,6 +83,12 @@ def _one_intra_op_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _overflow(name: str) -> ValueError:
+    return ValueError(
+        f"{name}: the update overflows float32 (non-finite after folding the core into the factors)"
+    )
+
+
 def _folds(wrapper: ServedModule) -> TypeGuard[ServedTwoMode]:
     """Two-mode wrappers (Linear, Conv1D, Embedding) hold the core folded into a factor."""
     return isinstance(wrapper, ServedTwoMode)
@@ -213,20 +219,21 @@ class ServingModel:
 
     def check_modules(self, modules: Mapping[str, ModuleFactors]) -> None:
         """``check`` for raw per-module tensors (what ``load_modules`` takes)."""
-        if not modules:
-            raise ValueError("an adapter must target at least one module")
-        for name, mf in modules.items():
-            self._target(name).check(name, mf)
+        self._check_fit(modules)
         foldable = [mf for name, mf in modules.items() if _folds(self._target(name))]
         # A cheap bound vouches for the usual adapter; otherwise fold and name the module.
         if fold_is_finite(foldable):
             return
         for name, mf in modules.items():
             if _folds(self._target(name)) and not all_finite(fold_two_mode_many([mf])[0]):
-                raise ValueError(
-                    f"{name}: the update overflows float32 (non-finite after folding the "
-                    "core into the factors)"
-                )
+                raise _overflow(name)
+
+    def _check_fit(self, modules: Mapping[str, ModuleFactors]) -> None:
+        """Every module a target a served wrapper takes, with shapes and ranks that fit."""
+        if not modules:
+            raise ValueError("an adapter must target at least one module")
+        for name, mf in modules.items():
+            self._target(name).check(name, mf)
 
     def load(self, slot: int, adapter: Any) -> None:
         """Copy ``adapter`` (a ``flora.Adapter``) into ``slot``, replacing what was there."""
@@ -234,9 +241,10 @@ class ServingModel:
 
     def load_modules(self, slot: int, modules: Mapping[str, ModuleFactors]) -> None:
         """Copy raw per-module tensors into ``slot``. Everything is checked first, so a bad
-        adapter changes nothing."""
+        adapter changes nothing: the fit here, finiteness on the folded factors below
+        (exact, where ``check`` first tries a bound that spares the folds)."""
         self._check_slot(slot)
-        self.check_modules(modules)
+        self._check_fit(modules)
         wrapped_before = len(self._wrapped)
         banks_before = {n: _bank_ptrs(self._wrapped[n]) for n in modules if n in self._wrapped}
         foldable = [name for name in modules if _folds(self._target(name))]
@@ -244,12 +252,12 @@ class ServingModel:
             # One batched fold for all two-mode modules (a few bmm, not one matmul each).
             # What is written must be finite: merging would write it into the base weight,
             # and the torch "wide" fallback's row mask turns it into NaN on the other rows
-            # (0 * inf); check_modules proved it, this guards the write.
+            # (0 * inf).
             folded = dict(
                 zip(foldable, fold_two_mode_many([modules[n] for n in foldable]), strict=True)
             )
             if not all_finite(t for ab in folded.values() for t in ab):
-                raise ValueError("the update overflows float32 once folded into the factors")
+                raise _overflow(next(n for n, ab in folded.items() if not all_finite(ab)))
             previous = self._slot_modules[slot]
             if previous is not None:
                 if self._merged_slot == slot:
