@@ -16,12 +16,13 @@ import torch
 from test_paged_graphs import kv_for
 from test_paged_windows import tiny, tokens
 from tiny_engine import make_tiny_llama
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from flora.serving import ServingModel
 from flora_server.engine.paged.fused import (
     FusedKernels,
     install_rms_norms,
+    install_rope,
     reference_decode_attention,
 )
 from flora_server.engine.paged.graphs import (
@@ -57,7 +58,11 @@ class Counted:
     would match the torch path trivially)."""
 
     def __init__(self, inner: FusedKernels) -> None:
-        self.inner, self.attention, self.norms = inner, 0, 0
+        self.inner, self.attention, self.norms, self.ropes = inner, 0, 0, 0
+
+    def rope(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.ropes += 1
+        return self.inner.rope(*args, **kwargs)
 
     def decode_attention(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         self.attention += 1
@@ -117,6 +122,44 @@ def test_rms_norm_matches_the_transformers_module(kernels, dtype) -> None:
     # float32: the statistics differ by summation order only; halves: within one rounding
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
+def test_rope_matches_transformers(kernels, dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    # the query as attention makes it: a transposed view of [B, T, H, D]
+    q = torch.randn(2, 5, 4, 64, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    k = torch.randn(2, 2, 5, 64, generator=gen).to(DEVICE, dtype)
+    angles = torch.rand(2, 5, 64, generator=gen) * 20
+    cos, sin = (f(angles).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    assert kernels.rope_fits(q, k, cos, sin)
+    got = kernels.rope(q, k, cos, sin)
+    want = apply_rotary_pos_emb(q, k, cos, sin)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # halves: each product rounded alike
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype and g.stride() == w.stride()
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    # a rotation by the wrong half would differ: the kernel is not the identity on sin
+    assert not torch.allclose(got[0], q * cos.unsqueeze(1))
+    assert not kernels.rope_fits(q, k, cos[:, :3], sin[:, :3])  # tokens differ: refused
+
+
+def test_install_rope_through_the_attention_hook(kernels) -> None:
+    model = make_tiny_llama().to(DEVICE)
+    reference = copy.deepcopy(model)
+    counted = Counted(kernels)
+    assert install_rope(model, counted) == 2  # one per attention module
+    assert install_rope(model, counted) == 0
+    assert counted.ropes == 1  # the probe
+    ids = torch.tensor([[5, 9, 14, 3, 77, 20]], device=DEVICE)
+    with torch.no_grad():
+        want = reference(ids).logits
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-4)
+        assert counted.ropes == 1  # outside a recording: transformers' own
+        with counted.recording():
+            got = model(ids).logits
+    assert counted.ropes == 1 + 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_install_serves_llama_norms_and_leaves_gemma_alone(kernels) -> None:
@@ -208,6 +251,7 @@ def test_recorded_decode_with_fused_kernels_matches_the_torch_graphs(kernels, ki
     layers = model.config.num_hidden_layers
     assert counted.attention == layers * runs
     assert counted.norms == 1 + (2 * layers + 1) * runs  # the install's probe, then each run
+    assert counted.ropes == 1 + layers * runs
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()

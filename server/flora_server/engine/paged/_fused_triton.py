@@ -121,3 +121,69 @@ def rms_norm(  # pragma: no cover (compiled)
     ws = tl.load(w + c, mask=live, other=0.0)
     out = ws.to(tl.float32) * normed.to(tl.float32)
     tl.store(y + r * stride_y + c, out.to(y.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _rotate_half_into(  # pragma: no cover (compiled)
+    src, dst, c1, c2, s1, s2, d, live, HALF: tl.constexpr
+):
+    """``dst = src * cos + rotate_half(src) * sin`` for one head's vector, each product
+    rounded to the tensors' dtype before the sum, as torch computes it."""
+    x1 = tl.load(src + d, mask=live)
+    x2 = tl.load(src + HALF + d, mask=live)
+    kind = x1.dtype
+    lo = (x1 * c1).to(kind).to(tl.float32) + (-x2 * s1).to(kind).to(tl.float32)
+    hi = (x2 * c2).to(kind).to(tl.float32) + (x1 * s2).to(kind).to(tl.float32)
+    tl.store(dst + d, lo.to(kind), mask=live)
+    tl.store(dst + HALF + d, hi.to(kind), mask=live)
+
+
+@triton.jit
+def rope(  # pragma: no cover (compiled)
+    q,  # [B, H, T, D] (any strides but unit along D)
+    k,  # [B, H_kv, T, D]
+    cos,  # [B, T, D], unit stride along D
+    sin,  # [B, T, D], as cos
+    q_out,  # as q
+    k_out,  # as k
+    tokens,  # T
+    heads,  # H
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_cb,
+    stride_ct,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_pb,
+    stride_ph,
+    stride_pt,
+    HALF: tl.constexpr,  # D / 2
+    BLOCK: tl.constexpr,  # a power of two >= HALF
+):
+    """Program ``(b * T + t, j)``: transformers' ``apply_rotary_pos_emb`` for position
+    ``t`` of batch row ``b`` on query head ``j`` (``j < H``) or key head ``j - H``."""
+    n = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    b = n // tokens
+    t = n % tokens
+    d = tl.arange(0, BLOCK)
+    live = d < HALF
+    at = b * stride_cb + t * stride_ct
+    c1 = tl.load(cos + at + d, mask=live)
+    c2 = tl.load(cos + at + HALF + d, mask=live)
+    s1 = tl.load(sin + at + d, mask=live)
+    s2 = tl.load(sin + at + HALF + d, mask=live)
+    if j < heads:
+        src = q + b * stride_qb + j * stride_qh + t * stride_qt
+        dst = q_out + b * stride_ob + j * stride_oh + t * stride_ot
+        _rotate_half_into(src, dst, c1, c2, s1, s2, d, live, HALF)
+    else:
+        h = j - heads
+        src = k + b * stride_kb + h * stride_kh + t * stride_kt
+        dst = k_out + b * stride_pb + h * stride_ph + t * stride_pt
+        _rotate_half_into(src, dst, c1, c2, s1, s2, d, live, HALF)

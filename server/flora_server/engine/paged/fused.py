@@ -3,19 +3,23 @@
 Why: a decode step of a small model is bound by how many kernels it launches, not by its
 arithmetic. On the H200, SmolLM2-135M's recorded batch-32 decode graph took 3.8 ms of GPU
 time for 30 layers, about 48 kernels per layer, most of them a few microseconds of
-elementwise work: RMSNorm is six kernels in transformers' eager module, the paged decode
-attention (a gather of every row's keys and values to the batch's padded width, a masked
-SDPA, the copies in and out) about ten. Here each is one launch:
+elementwise work: RMSNorm is six kernels in transformers' eager module, the rotary
+embedding ten, the paged decode attention (a gather of every row's keys and values to the
+batch's padded width, a masked SDPA, the copies in and out) about ten. Here each is one
+launch:
 
 - ``decode_attention``: each decode row's query heads against its own key positions, read
   from the pool through the row's slots (no gather, only the real positions, GQA by
   sharing a key head's loads among its query heads), online softmax in float32;
 - ``rms_norm``: the Llama / Mistral / Qwen RMSNorm, installed on a model's RMSNorm modules
   by ``install_rms_norms`` only where the module's own forward gives the same result on a
-  probe input (Gemma's ``1 + weight`` form, say, is left alone).
+  probe input (Gemma's ``1 + weight`` form, say, is left alone);
+- ``rope``: transformers' rotary embedding of queries and keys, installed by
+  ``install_rope`` through transformers' per-module kernel hook, with the same probe.
 
 They serve recorded decode graphs only (``graphs.GraphedPagedRunner``: its decode step
-calls the attention kernel, and the norms run it inside ``FusedKernels.recording()``):
+calls the attention kernel, and the norms and rotary embeddings run theirs inside
+``FusedKernels.recording()``):
 a graph launches them at no host cost, while in an eager step each Triton launch costs
 the host more than the torch ops it replaces (docs/engine.md has the numbers).
 
@@ -41,11 +45,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FusedKernels", "fused_kernels", "install_rms_norms", "reference_decode_attention"]
+__all__ = [
+    "ROTARY_KERNEL_NAME",
+    "FusedKernels",
+    "fused_kernels",
+    "install_rms_norms",
+    "install_rope",
+    "reference_decode_attention",
+]
 
 log = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The hub-kernel layer name transformers gives `apply_rotary_pos_emb`
+# (`use_kernel_forward_from_hub("rotary_pos_emb")`), which keys an attention module's
+# private wrapper of it.
+ROTARY_KERNEL_NAME = "rotary_pos_emb"
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -102,6 +117,44 @@ class FusedKernels:
             IEEE=q.dtype == torch.float32,
         )  # fmt: skip
 
+    def rope(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` (``unsqueeze_dim=1``):
+        ``x * cos + rotate_half(x) * sin`` for ``q: [B, H, T, D]`` and ``k: [B, H_kv, T, D]``
+        with ``cos``, ``sin``: [B, T, D], each product rounded to the inputs' dtype before
+        the sum as torch rounds it. Results keep ``q``'s and ``k``'s strides."""
+        (batch, heads, tokens, dim), kv_heads = q.shape, k.shape[1]
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        half = dim // 2
+        self._k.rope[(batch * tokens, heads + kv_heads)](
+            q, k, cos, sin, q_out, k_out, tokens, heads,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            cos.stride(0), cos.stride(1),
+            q_out.stride(0), q_out.stride(1), q_out.stride(2),
+            k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            HALF=half, BLOCK=_pow2(half, least=1),
+        )  # fmt: skip
+        return q_out, k_out
+
+    def rope_fits(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> bool:
+        """Whether ``rope`` takes these inputs (else the caller's own function serves)."""
+        dim = q.shape[-1]
+        return (
+            q.dim() == k.dim() == 4
+            and cos.dim() == sin.dim() == 3
+            and dim % 2 == 0
+            and k.shape[-1] == dim
+            and q.shape[0] == k.shape[0] == cos.shape[0]
+            and q.shape[2] == k.shape[2] == cos.shape[1]
+            and cos.shape == sin.shape
+            and cos.shape[-1] == dim
+            and q.dtype == k.dtype == cos.dtype == sin.dtype
+            and all(t.stride(-1) == 1 for t in (q, k, cos, sin))
+        )
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """``weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype)``, the statistics in
         float32; the result in the promoted dtype of ``weight`` and ``x``."""
@@ -139,6 +192,24 @@ class _GraphNorm:
         if self.kernels.active:
             return self.kernels.rms_norm(x, self.weight, self.eps)
         return self.own(x)
+
+
+def _graph_rope(
+    wrapper: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of an attention module's rotary-embedding wrapper (transformers'
+    per-module kernel hook, ``install_rope``; bound to the wrapper, as the hook calls
+    ``forward.__func__`` under a compiler): the kernel inside ``kernels.recording()``
+    where it takes the inputs, else the module's own function."""
+    kernels, own = wrapper._flora_rope
+    if kernels.active and unsqueeze_dim == 1 and kernels.rope_fits(q, k, cos, sin):
+        return kernels.rope(q, k, cos, sin)
+    return own(q, k, cos, sin, unsqueeze_dim)
 
 
 def reference_decode_attention(
@@ -242,6 +313,41 @@ def _eps_of(module: torch.nn.Module) -> float | None:
     return None
 
 
+def install_rope(model: torch.nn.Module, kernels: FusedKernels) -> int:
+    """Serve the rotary embedding of every attention module of ``model`` through
+    ``kernels.rope`` inside ``kernels.recording()``, where the kernel gives what the
+    module's own ``apply_rotary_pos_emb`` gives on a probe input; returns how many.
+
+    The hook is transformers' own: an attention class decorated with
+    ``use_kernelized_func(apply_rotary_pos_emb)`` keeps a private wrapper of the function
+    per instance (``_kernel_funcs[ROTARY_KERNEL_NAME]``, with the ``kernels`` package
+    installed) and routes
+    its forward's call of the module-level function through it; its ``forward`` is what
+    ``kernels.kernelize`` replaces, and what this replaces. Modules without the hook keep
+    their rotary embedding. Idempotent."""
+    installed = 0
+    checked: dict[type, bool] = {}
+    for module in model.modules():
+        funcs = vars(module).get("_kernel_funcs")
+        wrapper = funcs.get(ROTARY_KERNEL_NAME) if isinstance(funcs, dict) else None
+        dim = getattr(module, "head_dim", None)
+        if wrapper is None or not isinstance(dim, int) or "forward" in vars(wrapper):
+            continue
+        kind = type(module)
+        weight = next(module.parameters(), None)
+        if kind not in checked:
+            checked[kind] = weight is not None and _rope_matches(
+                wrapper.forward, kernels, dim, weight
+            )
+            if not checked[kind]:
+                log.info("%s keeps its own rotary embedding: the fused one differs", kind.__name__)
+        if checked[kind]:
+            wrapper._flora_rope = (kernels, wrapper.forward)
+            wrapper.forward = types.MethodType(_graph_rope, wrapper)
+            installed += 1
+    return installed
+
+
 @torch.inference_mode()
 def _same_as_module(
     module: torch.nn.Module, kernels: FusedKernels, weight: torch.Tensor, eps: float
@@ -249,8 +355,32 @@ def _same_as_module(
     gen = torch.Generator().manual_seed(0)
     probe = (torch.randn(4, weight.shape[0], generator=gen) * 3).to(weight.device, weight.dtype)
     want: Any = module(probe)
-    got = kernels.rms_norm(probe, weight, eps)
+    return _close(kernels.rms_norm(probe, weight, eps), want)
+
+
+@torch.inference_mode()
+def _rope_matches(own: Any, kernels: FusedKernels, dim: int, like: torch.Tensor) -> bool:
+    """The kernel against a module's own rotary embedding on random queries, keys and
+    angles in the module's dtype, on its device (2 query heads, 1 key head, 3 tokens)."""
+    if dim % 2:
+        return False
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(like.device, like.dtype)
+
+    q, k = rand(1, 2, 3, dim), rand(1, 1, 3, dim)
+    angles = torch.rand(1, 3, dim, generator=gen) * 6.3
+    cos, sin = (f(angles).to(like.device, like.dtype) for f in (torch.cos, torch.sin))
+    want: Any = own(q, k, cos, sin)
+    got = kernels.rope(q, k, cos, sin)
+    return isinstance(want, tuple) and len(want) == 2 and all(map(_close, got, want))
+
+
+def _close(got: torch.Tensor, want: Any) -> bool:
+    """``got`` is what a module's own forward gave (``want``): same shape and dtype, values
+    to float32 rounding (float32) or one rounding of the half type."""
     if not isinstance(want, torch.Tensor) or want.shape != got.shape or want.dtype != got.dtype:
         return False
-    tol = 1e-5 if weight.dtype == torch.float32 else 1e-2
+    tol = 1e-5 if want.dtype == torch.float32 else 1e-2
     return bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol))

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from flora_server.engine.paged.fused import FusedKernels, install_rms_norms
+from flora_server.engine.paged.fused import FusedKernels, install_rms_norms, install_rope
 from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner, PagedStep
 
 if TYPE_CHECKING:
@@ -227,11 +227,12 @@ class GraphedPagedRunner(PagedRunner):
         fused: FusedKernels | None = None,
     ) -> None:
         super().__init__(model, kv)
-        # What the recorded graphs run in one kernel each (`fused`): decode attention and
-        # RMSNorm; eager steps keep the torch ops.
+        # What the recorded graphs run in one kernel each (`fused`): decode attention,
+        # RMSNorm and the rotary embedding; eager steps keep the torch ops.
         self.fused = fused
         if fused is not None:
             install_rms_norms(model, fused)
+            install_rope(model, fused)
         if not kv.keys or (scratch_block + 1) * kv.block_size > kv.keys[0].shape[0]:
             raise ValueError(f"scratch block {scratch_block} is outside the KV storage")
         self.runtime = runtime
@@ -348,7 +349,7 @@ class GraphedPagedRunner(PagedRunner):
             mask.copy_((offsets <= positions).view(batch, 1, 1, span))
             write.copy_(gather.gather(1, positions).squeeze(1))
             step.set_decode(gather, mask, positions)  # sliding layers' keys, recorded too
-            with fused_norms:  # the norms' kernel, for this recording only
+            with fused_norms:  # the norms' and rotary kernels, for this recording only
                 out = self._decoder(
                     input_ids=ids,
                     position_ids=positions,
