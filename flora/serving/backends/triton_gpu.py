@@ -24,6 +24,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 
@@ -37,10 +38,12 @@ __all__ = [
     "TritonRowKernel",
     "gpu_kernel_for",
     "segment_tiles",
+    "self_tested",
     "triton_row_kernel",
 ]
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -196,24 +199,37 @@ def self_test(kernel: TritonRowKernel, device: torch.device, dtype: torch.dtype)
     torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * 10)
 
 
-@functools.cache
-def triton_row_kernel(device: torch.device, dtype: torch.dtype) -> TritonRowKernel | None:
-    """The kernel for ``dtype`` modules on ``device`` after a self-test there, or ``None``
-    (triton missing, or it fails to compile or to match the reference on this device:
-    logged once, and the torch paths serve). ``FLORA_TRITON=0`` turns it off."""
+def self_tested(
+    what: str, make: Callable[[], K], device: torch.device, dtype: torch.dtype
+) -> K | None:
+    """The one capability rule of the project's Triton kernels: ``make()`` (imports the
+    Triton module, builds the kernels and runs their self-test on ``device``), or ``None``
+    when ``FLORA_TRITON=0``, triton is missing, or it fails to compile or to match its
+    reference there (logged; callers cache the answer, so once)."""
     if os.environ.get("FLORA_TRITON", "1") == "0":
         return None
     try:
+        return make()
+    except ImportError:
+        return None
+    except Exception as exc:  # a compiler or driver error, or a wrong result
+        log.warning("%s disabled on %s (%s): %s", what, device, dtype, exc)
+        return None
+
+
+@functools.cache
+def triton_row_kernel(device: torch.device, dtype: torch.dtype) -> TritonRowKernel | None:
+    """The kernel for ``dtype`` modules on ``device`` after a self-test there, or ``None``
+    (``self_tested``: the torch paths then serve)."""
+
+    def make() -> TritonRowKernel:
         from flora.serving.backends import _row_kernel_triton
 
         kernel = TritonRowKernel(_row_kernel_triton)
         self_test(kernel, device, dtype)
-    except ImportError:
-        return None
-    except Exception as exc:  # a compiler or driver error, or a wrong result
-        log.warning("triton row kernel disabled on %s (%s): %s", device, dtype, exc)
-        return None
-    return kernel
+        return kernel
+
+    return self_tested("triton row kernel", make, device, dtype)
 
 
 def gpu_kernel_for(

@@ -21,9 +21,11 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from flora.serving import ServingModel
 from flora_server.engine.paged.fused import (
     FusedKernels,
+    fused_kernels,
     install_rms_norms,
     install_rope,
     reference_decode_attention,
+    self_test,
 )
 from flora_server.engine.paged.graphs import (
     CudaGraphCapture,
@@ -181,6 +183,18 @@ def test_install_serves_llama_norms_and_leaves_gemma_alone(kernels) -> None:
     gemma = tiny("gemma3").to(DEVICE)  # (1 + weight): the probe differs, nothing installed
     assert install_rms_norms(gemma, counted) == 0
     assert not any("forward" in vars(m) for m in gemma.modules())
+
+
+def test_self_test_passes_and_catches_a_wrong_kernel(kernels) -> None:
+    self_test(kernels, DEVICE, torch.float32)
+
+    class NoRotation(Counted):
+        def rope(self, q, k, cos, sin):  # type: ignore[no-untyped-def]
+            return q.clone(), k.clone()
+
+    with pytest.raises(AssertionError):
+        self_test(NoRotation(kernels), DEVICE, torch.float32)  # type: ignore[arg-type]
+    assert fused_kernels(torch.device("cpu"), torch.float32) is None  # CUDA only
 
 
 # -- the runners --------------------------------------------------------------------------------

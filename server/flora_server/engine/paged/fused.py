@@ -37,13 +37,14 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import threading
 import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from flora.serving.backends.triton_gpu import self_tested
 
 __all__ = [
     "ROTARY_KERNEL_NAME",
@@ -235,9 +236,9 @@ def reference_decode_attention(
 
 
 def self_test(kernels: FusedKernels, device: torch.device, dtype: torch.dtype) -> None:
-    """Both kernels on small inputs on ``device`` (GQA, rows of 1 and of more than one
-    tile of keys, decode rows that are not the first packed tokens) against the torch
-    references; raises ``AssertionError`` on a mismatch."""
+    """The kernels on small inputs on ``device`` (attention: GQA, rows of 1 and of more
+    than one tile of keys, decode rows that are not the first packed tokens; RMSNorm;
+    RoPE) against the torch references; raises ``AssertionError`` on a mismatch."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -257,6 +258,14 @@ def self_test(kernels: FusedKernels, device: torch.device, dtype: torch.dtype) -
     xf = x.float()
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
     torch.testing.assert_close(got, w * normed, rtol=tol, atol=tol)
+    q, k, cos, sin = rand(2, 4, 3, 16), rand(2, 2, 3, 16), rand(2, 3, 16), rand(2, 3, 16)
+
+    def rotated(x: torch.Tensor) -> torch.Tensor:  # transformers' formula
+        half = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
+        return x * cos.unsqueeze(1) + half * sin.unsqueeze(1)
+
+    for got_x, x in zip(kernels.rope(q, k, cos, sin), (q, k), strict=True):
+        torch.testing.assert_close(got_x, rotated(x), rtol=tol, atol=tol)
 
 
 @functools.cache
@@ -264,19 +273,17 @@ def fused_kernels(device: torch.device, dtype: torch.dtype) -> FusedKernels | No
     """The kernels for ``dtype`` on ``device`` after a self-test there, or ``None`` (not
     CUDA, triton missing, ``FLORA_TRITON=0``, or it fails to compile or to match: logged
     once, and the torch paths serve)."""
-    if device.type != "cuda" or dtype not in _DTYPES or os.environ.get("FLORA_TRITON", "1") == "0":
+    if device.type != "cuda" or dtype not in _DTYPES:
         return None
-    try:
+
+    def make() -> FusedKernels:
         from flora_server.engine.paged import _fused_triton
 
         kernels = FusedKernels(_fused_triton)
         self_test(kernels, device, dtype)
-    except ImportError:
-        return None
-    except Exception as exc:  # a compiler or driver error, or a wrong result
-        log.warning("fused decode kernels disabled on %s (%s): %s", device, dtype, exc)
-        return None
-    return kernels
+        return kernels
+
+    return self_tested("fused decode kernels", make, device, dtype)
 
 
 def install_rms_norms(model: torch.nn.Module, kernels: FusedKernels) -> int:
