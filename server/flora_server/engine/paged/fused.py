@@ -19,9 +19,10 @@ launch:
 
 They serve recorded decode graphs only (``graphs.GraphedPagedRunner``: its decode step
 calls the attention kernel, and the norms and rotary embeddings run theirs inside
-``FusedKernels.recording()``):
-a graph launches them at no host cost, while in an eager step each Triton launch costs
-the host more than the torch ops it replaces (docs/engine.md has the numbers).
+``FusedKernels.recording()``). A graph launches them at no host cost; an eager step would
+launch each through Triton's Python launcher, and with the kernels in eager steps too
+the day's eager numbers were lower (docs/engine.md; not settled), so eager steps keep the
+torch ops.
 
 ``fused_kernels(device, dtype)`` is the capability check, as
 ``flora.serving.backends.triton_gpu.triton_row_kernel`` is for the adapter kernel: ``None``
