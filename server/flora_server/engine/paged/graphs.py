@@ -196,14 +196,15 @@ class _HostInputs:
         self.meta = torch.empty(meta.shape, dtype=meta.dtype, pin_memory=pin)
         self.slots = torch.empty(slots.shape, dtype=slots.dtype, pin_memory=pin)
         self.meta_np, self.slots_np = self.meta.numpy(), self.slots.numpy()
+        self.device = meta.device
         self.event = torch.cuda.Event() if pin else None
 
     def send(self, meta: torch.Tensor, slots: torch.Tensor | None) -> None:
         meta.copy_(self.meta, non_blocking=True)
         if slots is not None:
             slots.copy_(self.slots, non_blocking=True)
-        if self.event is not None:
-            self.event.record()
+        if self.event is not None:  # on the stream the copies (and the replay) run on
+            self.event.record(torch.cuda.current_stream(self.device))
 
     def wait(self) -> None:
         if self.event is not None:
