@@ -16,7 +16,9 @@ the one place where tokens meet, and it is replaced here:
   `scaled_dot_product_attention`: the step's decode tokens together, as one batch padded to
   the longest context with a key mask; each prefill chunk alone, with `is_causal` when it
   starts at position 0, else an explicit causal mask offset by the positions already cached
-  (docs/engine.md has the measurements behind this split). Registering an attention
+  (docs/engine.md has the measurements behind this split). In a recorded CUDA decode
+  graph the decode tokens' attention is one Triton kernel instead, reading each row's
+  keys through its slots (`fused.py`). Registering an attention
   function without a mask function makes transformers skip building its own mask
   (`masking_utils._preprocess_mask_arguments`).
 - A sliding-window layer (its window from `windows.attention_windows`, the rule of what
@@ -384,13 +386,7 @@ class PagedRunner:
         logits [S, V] of the packed tokens `sample_rows`. `token_slots`: the adapter slot of
         every packed token (one per chunk, repeated over its tokens); `route` takes the
         step's `Segments`, then the sampled rows' slots for the LM head."""
-        step = PagedStep(
-            self.kv,
-            chunks,
-            self.device,
-            tokens_as_rows=False,
-            windows=self.windows,
-        )
+        step = PagedStep(self.kv, chunks, self.device, tokens_as_rows=False, windows=self.windows)
         ids = [t for c in chunks for t in c.token_ids]
         pos = [c.start + i for c in chunks for i in range(len(c.token_ids))]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0)
