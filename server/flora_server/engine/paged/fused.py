@@ -1,12 +1,11 @@
 """Fused CUDA kernels for engine v2's steps (Triton), behind a capability check.
 
-Why: a decode step of a small model is bound by how many kernels it launches, not by its
-arithmetic. On the H200, SmolLM2-135M's recorded batch-32 decode graph took 3.8 ms of GPU
-time for 30 layers, about 48 kernels per layer, most of them a few microseconds of
-elementwise work: RMSNorm is six kernels in transformers' eager module, the rotary
-embedding ten, the paged decode attention (a gather of every row's keys and values to the
-batch's padded width, a masked SDPA, the copies in and out) about ten. Here each is one
-launch:
+Why: a recorded decode step of a small model is bound by how many kernels it launches, not
+by its arithmetic, and most of them are a few microseconds of elementwise work: RMSNorm is
+six kernels in transformers' eager module, the rotary embedding ten, the paged decode
+attention (a gather of every row's keys and values to the batch's padded width, a masked
+SDPA, the copies in and out) about ten. Here each is one launch (docs/engine.md has the
+measurements):
 
 - ``decode_attention``: each decode row's query heads against its own key positions, read
   from the pool through the row's slots (no gather, only the real positions, GQA by
