@@ -182,9 +182,9 @@ def fold_is_finite(items: Sequence[ModuleFactors]) -> bool:
         folded_with.append(u_out if core_first else u_in)
         stored.append(u_in if core_first else u_out)
     n = len(items)
-    scale = torch.tensor([abs(mf.scale) for mf in items], dtype=torch.float32)
-    core_sum = torch.stack(torch._foreach_norm(cores, 1)).cpu()
-    peaks = torch.stack(torch._foreach_max(torch._foreach_abs(folded_with + stored))).cpu()
+    scale = torch.tensor([abs(mf.scale) for mf in items], device=cores[0].device)
+    core_sum = torch.stack(torch._foreach_norm(cores, 1))
+    peaks = torch.stack(torch._foreach_max(torch._foreach_abs(folded_with + stored)))
     bound = torch.cat([core_sum * peaks[:n] * scale, peaks[n:] * scale])
     if bool((bound < 1e38).all()):  # False for NaN too
         return True

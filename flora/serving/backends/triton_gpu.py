@@ -39,6 +39,7 @@ __all__ = [
     "gpu_kernel_for",
     "segment_tiles",
     "self_tested",
+    "triton_applies",
     "triton_row_kernel",
 ]
 
@@ -199,6 +200,12 @@ def self_test(kernel: TritonRowKernel, device: torch.device, dtype: torch.dtype)
     torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * 10)
 
 
+def triton_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Where the project's Triton kernels may serve at all: a CUDA device and a float dtype
+    they are written for (``self_tested`` then decides)."""
+    return device.type == "cuda" and dtype in _DTYPES
+
+
 def self_tested(
     what: str, make: Callable[[], K], device: torch.device, dtype: torch.dtype
 ) -> K | None:
@@ -237,7 +244,7 @@ def gpu_kernel_for(
 ) -> TritonRowKernel | None:
     """The kernel for a module of ``dtype`` on ``device`` when the policy ``enabled``
     it: CUDA only, and only where ``triton_row_kernel()`` passes."""
-    if enabled and device.type == "cuda" and dtype in _DTYPES:
+    if enabled and triton_applies(device, dtype):
         return triton_row_kernel(device, dtype)
     return None
 

@@ -38,7 +38,7 @@ class SamplingTensors:
         self._device = device
         sampled = [p for p in self._params if p.do_sample]
         self.sampling = bool(sampled)
-        self.temperature_on = any(max(p.temperature, 1e-5) != 1.0 for p in sampled)
+        self.temperature_on = any(_temperature(p) != 1.0 for p in sampled)
         self.top_k_on = any((p.top_k or 0) > 0 for p in sampled)
         self.top_p_on = any(p.top_p is not None and p.top_p < 1.0 for p in sampled)
 
@@ -57,7 +57,7 @@ class SamplingTensors:
 
     @functools.cached_property
     def temperature(self) -> torch.Tensor:  # [B] float32, > 0
-        return self._col([max(p.temperature, 1e-5) for p in self._params], torch.float32)
+        return self._col([_temperature(p) for p in self._params], torch.float32)
 
     @functools.cached_property
     def top_k(self) -> torch.Tensor:  # [B] int64, 0 = off
@@ -70,6 +70,11 @@ class SamplingTensors:
     @functools.cached_property
     def repetition_penalty(self) -> torch.Tensor:  # [B] float32, 1.0 = off
         return self._col([p.repetition_penalty for p in self._params], torch.float32)
+
+
+def _temperature(p: SamplingParams) -> float:
+    """A row's temperature as the processors divide by it (kept above 0)."""
+    return max(p.temperature, 1e-5)
 
 
 def apply_repetition_penalty(

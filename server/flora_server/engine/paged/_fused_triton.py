@@ -88,7 +88,7 @@ def paged_decode(  # pragma: no cover (compiled)
             values + slot[:, None] * stride_vs + h * stride_vh + d[None, :], mask=live_kd, other=0.0
         ).to(qs.dtype)
         if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(prob, v.to(tl.float32), input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(prob, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
         m = m_new

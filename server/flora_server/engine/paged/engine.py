@@ -86,7 +86,7 @@ class PagedLLMEngine(LLMEngine):
         capture = self._graph_capture
         if not hasattr(self._runtime, "set_graph_routing"):
             capture = None  # a runtime other than flora.serving's cannot route a graph
-        device = next(self._model.parameters()).device
+        weight = next(self._model.parameters())
         kv = KVTensors(
             config.num_hidden_layers,
             self._pool.num_blocks + (capture is not None),  # + the graphs' scratch block
@@ -94,7 +94,7 @@ class PagedLLMEngine(LLMEngine):
             getattr(config, "num_key_value_heads", None) or heads,
             getattr(config, "head_dim", None) or config.hidden_size // heads,
             self._kv_dtype,
-            device,
+            weight.device,
         )
         return PagedStepper(
             self._model,
@@ -111,7 +111,7 @@ class PagedLLMEngine(LLMEngine):
                 self._runtime,  # type: ignore[arg-type]
                 capture,
                 scratch_block=self._pool.num_blocks,
-                fused=fused_kernels(device, next(self._model.parameters()).dtype),
+                fused=fused_kernels(weight.device, weight.dtype),
             ),
             scheduler=PagedScheduler(self._pool, self._token_budget, self._max_batch_size),
         )

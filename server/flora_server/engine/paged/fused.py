@@ -39,12 +39,13 @@ import logging
 import math
 import threading
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from flora.serving.backends.triton_gpu import self_tested
+from flora.serving.backends.triton_gpu import self_tested, triton_applies
 
 __all__ = [
     "ROTARY_KERNEL_NAME",
@@ -56,8 +57,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The hub-kernel layer name transformers gives `apply_rotary_pos_emb`
 # (`use_kernel_forward_from_hub("rotary_pos_emb")`), which keys an attention module's
 # private wrapper of it.
@@ -273,7 +274,7 @@ def fused_kernels(device: torch.device, dtype: torch.dtype) -> FusedKernels | No
     """The kernels for ``dtype`` on ``device`` after a self-test there, or ``None`` (not
     CUDA, triton missing, ``FLORA_TRITON=0``, or it fails to compile or to match: logged
     once, and the torch paths serve)."""
-    if device.type != "cuda" or dtype not in _DTYPES:
+    if not triton_applies(device, dtype):
         return None
 
     def make() -> FusedKernels:
@@ -292,24 +293,21 @@ def install_rms_norms(model: torch.nn.Module, kernels: FusedKernels) -> int:
     on a probe input (the same values in its dtype, to a rounding of the float32
     statistics); returns how many. Idempotent: a module already served keeps its
     forward."""
-    installed = 0
-    checked: dict[type, bool] = {}
-    for module in model.modules():
+
+    def find(module: torch.nn.Module) -> tuple[torch.Tensor, float] | None:
         if not type(module).__name__.endswith("RMSNorm") or "forward" in vars(module):
-            continue
-        eps = _eps_of(module)
-        weight = getattr(module, "weight", None)
+            return None
+        eps, weight = _eps_of(module), getattr(module, "weight", None)
         if eps is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
-            continue
-        kind = type(module)
-        if kind not in checked:
-            checked[kind] = _same_as_module(module, kernels, weight, eps)
-            if not checked[kind]:
-                log.info("%s keeps its own forward: the fused RMSNorm differs", kind.__name__)
-        if checked[kind]:
-            module.forward = _GraphNorm(kernels, weight, eps, module.forward)
-            installed += 1
-    return installed
+            return None
+        return weight, eps
+
+    def serve(module: torch.nn.Module, found: tuple[torch.Tensor, float]) -> None:
+        module.forward = _GraphNorm(kernels, *found, module.forward)
+
+    return _serve_where_same(
+        model, "RMSNorm", find, lambda m, f: _same_as_module(m, kernels, *f), serve
+    )
 
 
 def _eps_of(module: torch.nn.Module) -> float | None:
@@ -328,31 +326,57 @@ def install_rope(model: torch.nn.Module, kernels: FusedKernels) -> int:
     The hook is transformers' own: an attention class decorated with
     ``use_kernelized_func(apply_rotary_pos_emb)`` keeps a private wrapper of the function
     per instance (``_kernel_funcs[ROTARY_KERNEL_NAME]``, with the ``kernels`` package
-    installed) and routes
-    its forward's call of the module-level function through it; its ``forward`` is what
-    ``kernels.kernelize`` replaces, and what this replaces. Modules without the hook keep
-    their rotary embedding. Idempotent."""
-    installed = 0
-    checked: dict[type, bool] = {}
-    for module in model.modules():
+    installed) and routes its forward's call of the module-level function through it; its
+    ``forward`` is what ``kernels.kernelize`` replaces, and what this replaces. Modules
+    without the hook keep their rotary embedding. Idempotent."""
+
+    def find(module: torch.nn.Module) -> tuple[Any, int, torch.Tensor] | None:
         funcs = vars(module).get("_kernel_funcs")
         wrapper = funcs.get(ROTARY_KERNEL_NAME) if isinstance(funcs, dict) else None
-        dim = getattr(module, "head_dim", None)
-        if wrapper is None or not isinstance(dim, int) or "forward" in vars(wrapper):
+        dim, weight = getattr(module, "head_dim", None), next(module.parameters(), None)
+        if wrapper is None or "forward" in vars(wrapper):
+            return None
+        if not isinstance(dim, int) or weight is None:
+            return None
+        return wrapper, dim, weight
+
+    def matches(module: torch.nn.Module, found: tuple[Any, int, torch.Tensor]) -> bool:
+        wrapper, dim, weight = found
+        return _rope_matches(wrapper.forward, kernels, dim, weight)
+
+    def serve(module: torch.nn.Module, found: tuple[Any, int, torch.Tensor]) -> None:
+        wrapper = found[0]
+        wrapper._flora_rope = (kernels, wrapper.forward)
+        wrapper.forward = types.MethodType(_graph_rope, wrapper)
+
+    return _serve_where_same(model, "rotary embedding", find, matches, serve)
+
+
+def _serve_where_same(
+    model: torch.nn.Module,
+    what: str,
+    find: Callable[[torch.nn.Module], T | None],
+    matches: Callable[[torch.nn.Module, T], bool],
+    serve: Callable[[torch.nn.Module, T], None],
+) -> int:
+    """``serve`` every module of ``model`` that ``find`` takes (with what it found), where
+    ``matches`` (the kernel against the module's own computation on a probe, run once per
+    module class) holds; returns how many were served."""
+    served = 0
+    checked: dict[type, bool] = {}
+    for module in model.modules():
+        found = find(module)
+        if found is None:
             continue
         kind = type(module)
-        weight = next(module.parameters(), None)
         if kind not in checked:
-            checked[kind] = weight is not None and _rope_matches(
-                wrapper.forward, kernels, dim, weight
-            )
+            checked[kind] = matches(module, found)
             if not checked[kind]:
-                log.info("%s keeps its own rotary embedding: the fused one differs", kind.__name__)
+                log.info("%s keeps its own %s: the fused one differs", kind.__name__, what)
         if checked[kind]:
-            wrapper._flora_rope = (kernels, wrapper.forward)
-            wrapper.forward = types.MethodType(_graph_rope, wrapper)
-            installed += 1
-    return installed
+            serve(module, found)
+            served += 1
+    return served
 
 
 @torch.inference_mode()

@@ -129,11 +129,11 @@ class PagedStep:
         device: torch.device,
         tokens_as_rows: bool = True,
         windows: Sequence[int | None] = (),
-        fused: FusedKernels | None = None,
     ) -> None:
         bs = kv.block_size
         self.kv = kv
-        self.fused = fused  # decode attention in one kernel (recorded graphs), else SDPA
+        # decode attention in one kernel (a recorded graph's step, `decode_only`), else SDPA
+        self.fused: FusedKernels | None = None
         # Layout of the forward: [T, 1] (a row per token) or [1, T] (one row).
         self.tokens_as_rows = tokens_as_rows
         self.windows = tuple(windows)
@@ -188,7 +188,8 @@ class PagedStep:
         """A step of B decode tokens (layout [B, 1]) over index tensors the caller owns and
         refills, as a CUDA graph replays it: `write` [B] (each token's pool slot), then
         `set_decode` with the keys' buffers after every refill."""
-        step = cls(kv, [], write.device, windows=windows, fused=fused)
+        step = cls(kv, [], write.device, windows=windows)
+        step.fused = fused
         step.write = write
         step.decode_rows = torch.arange(write.shape[0], device=write.device)
         return step
