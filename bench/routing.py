@@ -26,7 +26,7 @@ Phases, the same seeded adapter sequence for every policy:
   at most ``max_block_pairs``). Each policy's TTFTs and cold loads are pooled over its blocks.
 
 Policies: ``round_robin`` (request k of a block to replica k mod replicas), ``affinity``
-(the picker's scorers plus flora's residency and home signals, bench/routing_policy.py) and,
+(the picker's scorers plus flora's residency scorer, bench/routing_policy.py) and,
 with ``--policies``, ``affinity_stock`` (the picker's scorers alone).
 
 While a block runs, its replica set is scraped every ``scrape_interval_s`` (as Prometheus or
@@ -262,10 +262,8 @@ async def run_block(
                 if state.name == "round_robin":
                     replica = k % len(state.urls)
                 else:
-                    residency = state.name == "affinity"
-                    replica = pick(
-                        state.snaps, adapter, residency, state.rng, state.in_flight_tokens
-                    )
+                    flora = state.name == "affinity"
+                    replica = pick(state.snaps, adapter, flora, state.rng, state.in_flight_tokens)
                 request_id = f"{state.name}-{'w' if block is None else block}-{k}"
                 # The picker's in-flight accounting (inflight-load-producer): added when the
                 # request is sent, removed when its response ends. Kept for every policy.

@@ -3,8 +3,8 @@ into what the picker knows, score the replicas as the scorers of
 deploy/k8s/components/inference-pool/epp-config.yaml do, pick the best; and the Zipf
 adapter sequence the bench sends.
 
-Scores (same weights as the EPP configuration: LoRA affinity 4, queue 0.5, running 0.5,
-KV cache 1, token load 4; highest total wins, ties at random):
+Scores (the EPP configuration's scorers and weights: LoRA affinity 4, queue 0.5, running
+0.5, KV cache 1, token load 4; highest total wins, ties at random):
 
 - queue: (max q - q) / (max q - min q) over the replicas, 1 for all when they are equal
   (the upstream queue-scorer); running: the same over the running batches
@@ -12,20 +12,29 @@ KV cache 1, token load 4; highest total wins, ties at random):
 - LoRA (the upstream lora-affinity-scorer, v1.5.0): 1.0 when the adapter runs there
   (`vllm:lora_requests_info` running_lora_adapters), 0.8 when running + waiting adapters
   are fewer than max_lora, 0.6 when it waits there, else 0;
-- flora's signals (``residency=True``): raised to 1.0 when `flora_lora_adapter_loaded`
-  shows the adapter on a device slot and 0.9 in the host cache, so idle-but-loaded
-  adapters still attract their traffic; and for an adapter no replica holds, a "home"
-  term (weight 0.6) for the replica a rendezvous hash of (adapter, replica) ranks first,
-  so it goes back to the same replica instead of a random one (the stateless
-  consistent-hash idea of docs/deploy.md, as a score so that load can still override it);
 - token load (the upstream token-load-scorer fed by the inflight-load-producer, v1.5.0):
   1 - min(tokens, T) / T, where tokens is the picker's own estimate of the work it has sent
   to the replica and not yet seen finish (`estimate_tokens` of each request body, added when
   the request is sent, removed at the end of its response) and T = `queueThresholdTokens`.
   Unlike the scraped queue and running gauges it is never stale and it is absolute, not
-  normalised over the replicas: it bounds the imbalance affinity may cause (a replica
-  holding the adapter loses it to one with a free slot once it has about
-  (4 x 0.2) x T / 4 = 0.2 T more tokens in flight).
+  normalised over the replicas.
+
+With ``flora=True`` (the bench's ``affinity`` policy) one more scorer, what a custom EPP
+scorer plugin reading flora's residency gauge would add, weight ``WEIGHTS["residency"]``:
+1.0 where `flora_lora_adapter_loaded` shows the adapter on a device slot, 0.8 where it is
+in the host cache, 0 elsewhere; for an adapter no replica holds, 1.0 at its "home", the
+replica a rendezvous hash of (adapter, replica) ranks first (the stateless consistent-hash
+idea of docs/deploy.md, as a score so that load can still override it). The upstream
+LoRA scorer alone cannot keep an adapter in place: it scores a replica where the adapter
+runs 1.0 and any replica with a free slot 0.8 (0.8 points apart at weight 4, less than
+one request's difference in the queue and running gauges), and one where it is loaded but
+idle as any other, so each adapter drifts over every replica and is loaded on each. With
+the residency scorer a holder leads a replica without the adapter by 2.0 points (device
+slot; 2.8 while the adapter runs there) or 1.6 (host cache), and loses the request only
+when the load terms differ by more: with equal gauges, about 10 (device) or 8 (host) more
+requests of the bench's size in flight (about 50 estimated tokens, 0.2 points each); with
+the queue and running gauges at their worst (1 point), 5 or 3. docs/deploy.md has the
+measurements.
 """
 
 from __future__ import annotations
@@ -38,10 +47,18 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-# As in epp-config.yaml (scorer weights, and the token-load-scorer's queueThresholdTokens).
-WEIGHTS = {"lora": 4.0, "queue": 0.5, "running": 0.5, "kv": 1.0, "token_load": 4.0}
+# As in epp-config.yaml (scorer weights, and the token-load-scorer's queueThresholdTokens),
+# plus flora's residency scorer (a custom plugin; not in the shipped configuration).
+WEIGHTS = {
+    "lora": 4.0,
+    "queue": 0.5,
+    "running": 0.5,
+    "kv": 1.0,
+    "token_load": 4.0,
+    "residency": 2.0,
+}
 TOKEN_LOAD_THRESHOLD = 1024
-HOME_WEIGHT = 0.6  # flora's extension, for an adapter no replica holds
+HOST_RESIDENCY = 0.8  # the residency score of an adapter in the host cache
 
 
 @dataclass
@@ -138,22 +155,25 @@ def _split(value: str | None) -> list[str]:
     return [v for v in (value or "").split(",") if v]
 
 
-def lora_score(snap: Snapshot, adapter: str, residency: bool) -> float:
-    """The upstream lora-affinity-scorer, optionally raised by flora's residency gauge."""
+def lora_score(snap: Snapshot, adapter: str) -> float:
+    """The upstream lora-affinity-scorer."""
     if adapter in snap.running_adapters:
-        score = 1.0
-    elif len(snap.running_adapters) + len(snap.waiting_adapters) < snap.max_lora:
-        score = 0.8
-    elif adapter in snap.waiting_adapters:
-        score = 0.6
-    else:
-        score = 0.0
-    if residency:
-        if adapter in snap.device:
-            score = max(score, 1.0)
-        elif adapter in snap.host:
-            score = max(score, 0.9)
-    return score
+        return 1.0
+    if len(snap.running_adapters) + len(snap.waiting_adapters) < snap.max_lora:
+        return 0.8
+    if adapter in snap.waiting_adapters:
+        return 0.6
+    return 0.0
+
+
+def residency_score(snap: Snapshot, adapter: str, home: bool) -> float:
+    """flora's residency scorer: where the adapter is loaded, or, for an adapter that no
+    replica holds (the caller knows), whether this replica is its home."""
+    if adapter in snap.device:
+        return 1.0
+    if adapter in snap.host:
+        return HOST_RESIDENCY
+    return 1.0 if home else 0.0
 
 
 def home_replica(adapter: str, replicas: int) -> int:
@@ -182,37 +202,40 @@ def token_load_score(tokens: float, threshold: float = TOKEN_LOAD_THRESHOLD) -> 
 def scores(
     snaps: list[Snapshot],
     adapter: str,
-    residency: bool,
+    flora: bool,
     in_flight_tokens: Sequence[float] | None = None,
 ) -> list[float]:
-    """Each replica's weighted total. `residency` adds flora's signals: the residency
-    gauge and the adapter's home replica. `in_flight_tokens` is the picker's estimate of
-    each replica's in-flight work (None: nothing in flight)."""
+    """Each replica's weighted total. `flora` adds the residency scorer (module doc);
+    `in_flight_tokens` is the picker's estimate of each replica's in-flight work (None:
+    nothing in flight)."""
     tokens = in_flight_tokens if in_flight_tokens is not None else [0.0] * len(snaps)
     queue = spread_scores([s.queue for s in snaps])
     running = spread_scores([s.running for s in snaps])
-    loaded = any(adapter in s.device | s.host | s.running_adapters for s in snaps)
-    home = home_replica(adapter, len(snaps)) if residency and not loaded else -1
-    return [
-        WEIGHTS["lora"] * lora_score(s, adapter, residency)
+    totals = [
+        WEIGHTS["lora"] * lora_score(s, adapter)
         + WEIGHTS["queue"] * queue[i]
         + WEIGHTS["running"] * running[i]
         + WEIGHTS["kv"] * (1.0 - s.kv)
         + WEIGHTS["token_load"] * token_load_score(tokens[i])
-        + (HOME_WEIGHT if i == home else 0.0)
         for i, s in enumerate(snaps)
     ]
+    if flora:
+        held = any(adapter in s.device | s.host | s.running_adapters for s in snaps)
+        home = -1 if held else home_replica(adapter, len(snaps))
+        for i, s in enumerate(snaps):
+            totals[i] += WEIGHTS["residency"] * residency_score(s, adapter, i == home)
+    return totals
 
 
 def pick(
     snaps: list[Snapshot],
     adapter: str,
-    residency: bool,
+    flora: bool,
     rng: random.Random,
     in_flight_tokens: Sequence[float] | None = None,
 ) -> int:
     """The replica with the highest score (ties at random, as the max-score-picker)."""
-    totals = scores(snaps, adapter, residency, in_flight_tokens)
+    totals = scores(snaps, adapter, flora, in_flight_tokens)
     best = max(totals)
     return rng.choice([i for i, v in enumerate(totals) if v >= best - 1e-9])
 
@@ -231,7 +254,7 @@ def zipf_sequence(n_adapters: int, s: float, n: int, seed: int) -> list[int]:
 
 
 __all__ = [
-    "HOME_WEIGHT",
+    "HOST_RESIDENCY",
     "TOKEN_LOAD_THRESHOLD",
     "WEIGHTS",
     "Snapshot",
@@ -240,6 +263,7 @@ __all__ = [
     "lora_score",
     "parse_metrics",
     "pick",
+    "residency_score",
     "scores",
     "spread_scores",
     "token_load_score",

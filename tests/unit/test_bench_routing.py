@@ -27,6 +27,7 @@ from bench.routing_policy import (
     lora_score,
     parse_metrics,
     pick,
+    residency_score,
     scores,
     spread_scores,
     token_load_score,
@@ -50,6 +51,7 @@ def test_weights_are_the_epp_config_weights() -> None:
         "token-load-scorer": WEIGHTS["token_load"],
         "max-score-picker": None,
     }
+    assert set(WEIGHTS) - {"lora", "queue", "running", "kv", "token_load"} == {"residency"}
     by_type = {p["type"]: p for p in config["plugins"]}
     assert by_type["token-load-scorer"]["parameters"] == {
         "queueThresholdTokens": TOKEN_LOAD_THRESHOLD
@@ -57,20 +59,27 @@ def test_weights_are_the_epp_config_weights() -> None:
     assert "inflight-load-producer" in by_type  # what feeds the token-load scorer
 
 
-def test_lora_score_follows_the_upstream_scorer_and_residency_raises_it() -> None:
+def test_lora_score_is_the_upstream_scorer() -> None:
     full = Snapshot(max_lora=2, running_adapters=frozenset({"a", "b"}))
-    assert lora_score(full, "a", residency=False) == 1.0
-    assert lora_score(full, "c", residency=False) == 0.0
+    assert lora_score(full, "a") == 1.0
+    assert lora_score(full, "c") == 0.0
     waiting = Snapshot(
         max_lora=2, running_adapters=frozenset({"a"}), waiting_adapters=frozenset({"c"})
     )
-    assert lora_score(waiting, "c", residency=False) == 0.6  # 1 + 1 adapters: at capacity
+    assert lora_score(waiting, "c") == 0.6  # 1 + 1 adapters: at capacity
     roomy = Snapshot(max_lora=4, running_adapters=frozenset({"a"}))
-    assert lora_score(roomy, "z", residency=False) == 0.8
+    assert lora_score(roomy, "z") == 0.8
+    # loaded but idle: the upstream scorer does not see it
     resident = Snapshot(max_lora=4, device=frozenset({"z"}), host=frozenset({"y"}))
-    assert lora_score(resident, "z", residency=True) == 1.0
-    assert lora_score(resident, "y", residency=True) == 0.9
-    assert lora_score(resident, "z", residency=False) == 0.8
+    assert lora_score(resident, "z") == lora_score(resident, "y") == 0.8
+
+
+def test_residency_score_reads_the_gauge_then_the_home() -> None:
+    resident = Snapshot(max_lora=4, device=frozenset({"z"}), host=frozenset({"y"}))
+    assert residency_score(resident, "z", home=False) == 1.0
+    assert residency_score(resident, "y", home=False) == 0.8
+    assert residency_score(resident, "x", home=True) == 1.0
+    assert residency_score(resident, "x", home=False) == 0.0
 
 
 def test_spread_scores_normalise_over_the_replicas() -> None:
@@ -87,21 +96,23 @@ def test_scores_are_the_weighted_sums() -> None:
     ]
     # queue scores 0, 1, 0.5; running 1, 0, 1; LoRA (stock) 0.8, 0.8, 0 (slots full);
     # token load 1 everywhere (nothing in flight): + 4
-    assert scores(snaps, "a", residency=False) == pytest.approx(
+    assert scores(snaps, "a", False) == pytest.approx(
         [4 * 0.8 + 0 + 0.5 + 0.75 + 4, 4 * 0.8 + 0.5 + 0 + 0.5 + 4, 0 + 0.25 + 0.5 + 1.0 + 4]
     )
-    # residency: "a" on a device slot raises replica 0 to 1.0; no home term (it is held)
-    assert scores(snaps, "a", residency=True)[0] == pytest.approx(4 + 0.5 + 0.75 + 4)
+    # flora: + 2 x residency, "a" on a device slot of replica 0 (no home term: it is held)
+    assert scores(snaps, "a", True) == pytest.approx(
+        [4 * 0.8 + 0 + 0.5 + 0.75 + 4 + 2, 4 * 0.8 + 0.5 + 0 + 0.5 + 4, 0 + 0.25 + 0.5 + 1.0 + 4]
+    )
     # in-flight tokens 256, 0, 1500 (T = 1024): token scores 0.75, 1, 0 (capped)
-    loaded = scores(snaps, "a", residency=False, in_flight_tokens=[256, 0, 1500])
+    loaded = scores(snaps, "a", False, in_flight_tokens=[256, 0, 1500])
     assert loaded == pytest.approx(
         [4 * 0.8 + 0 + 0.5 + 0.75 + 3, 4 * 0.8 + 0.5 + 0 + 0.5 + 4, 0 + 0.25 + 0.5 + 1.0 + 0]
     )
-    # an adapter held nowhere: the home replica gets 0.6 more than the stock score
+    # an adapter held nowhere: the home replica gets 2 more than the stock score
     home = home_replica("c", 3)
     stock, flora = scores(snaps, "c", False), scores(snaps, "c", True)
     diff = [f - s for f, s in zip(flora, stock, strict=True)]
-    assert diff == pytest.approx([0.6 if i == home else 0.0 for i in range(3)])
+    assert diff == pytest.approx([2.0 if i == home else 0.0 for i in range(3)])
 
 
 def test_estimate_tokens_is_the_upstream_simple_estimator() -> None:
@@ -132,17 +143,25 @@ def test_token_load_bounds_how_far_affinity_piles_onto_the_holder() -> None:
     assert totals == pytest.approx([6 + 4 * (1 - 250 / 1024), 9.2, 9.2])
 
 
-def test_pick_prefers_residency_unless_that_replica_is_the_most_loaded() -> None:
+def test_residency_holds_until_the_load_terms_outweigh_it() -> None:
+    """Replica 2 holds "hot" on a device slot, idle; 0 and 1 have free slots. Each bench
+    request is about 50 estimated tokens (0.195 points at weight 4, T = 1024)."""
     rng = random.Random(0)
-    idle = [Snapshot(max_lora=4) for _ in range(3)]
-    idle[2] = Snapshot(max_lora=4, device=frozenset({"hot"}), running=2)
-    # 4*1.0 + 0.5*1 + 0.5*0 + 1 = 5.5 beats 4*0.8 + 0.5 + 0.5 + 1 = 5.2: the holder wins
-    assert {pick(idle, "hot", True, rng) for _ in range(20)} == {2}
-    assert {pick(idle, "hot", False, rng) for _ in range(50)} == {0, 1}  # stock: least busy
-    queued = [*idle[:2], Snapshot(max_lora=4, device=frozenset({"hot"}), queue=3)]
-    assert {pick(queued, "hot", True, rng) for _ in range(20)} == {2}  # 5.5 > 5.2
-    worst = [*idle[:2], Snapshot(max_lora=4, device=frozenset({"hot"}), queue=3, running=2)]
-    assert {pick(worst, "hot", True, rng) for _ in range(50)} == {0, 1}  # 5.0 < 5.2
+    idle = [Snapshot(max_lora=4) for _ in range(2)]
+    holder = Snapshot(max_lora=4, device=frozenset({"hot"}))
+    # stock: the loaded-but-idle holder is one of three equals
+    assert {pick([*idle, holder], "hot", False, rng) for _ in range(60)} == {0, 1, 2}
+    # flora: 2 points ahead; the gauges at their worst (queue and running: -1) leave 1.0
+    worst = Snapshot(max_lora=4, device=frozenset({"hot"}), queue=3, running=2)
+    assert {pick([*idle, worst], "hot", True, rng) for _ in range(20)} == {2}
+    # ... which 5 requests of 50 tokens in flight (4 x 250 / 1024 = 0.98) do not outweigh,
+    assert pick([*idle, worst], "hot", True, rng, [0, 0, 250]) == 2
+    # and 6 (300 tokens: 1.17 points) do
+    assert pick([*idle, worst], "hot", True, rng, [0, 50, 300]) == 0
+    # in the host cache: 1.6 points ahead
+    cached = Snapshot(max_lora=4, host=frozenset({"hot"}))
+    assert pick([*idle, cached], "hot", True, rng, [0, 0, 400]) == 2  # 1.56 < 1.6
+    assert pick([*idle, cached], "hot", True, rng, [0, 0, 450]) in (0, 1)  # 1.76 > 1.6
 
 
 def test_an_adapter_loaded_nowhere_goes_home() -> None:
