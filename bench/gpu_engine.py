@@ -27,6 +27,9 @@ Requests ignore EOS so every stream runs its full length. Keys:
 - ``replay_kernels`` (CUDA): that replay's kernels from torch.profiler: how many, their
   GPU time, the longest by name; ``fused_kernels``: whether the engine ran the fused
   decode attention and RMSNorm (``flora_server.engine.paged.fused``).
+- ``steps_ahead``: decode steps launched before the previous step's tokens reached the
+  host, and how many of them the engine adopted (``flora_server.engine.paged.ahead``: the
+  host's work of step n overlaps the device's of step n + 1).
 - ``graph_check_*``: recorded decode against the eager runner in float32 on two layers
   (adapters, padding rows, a load between replays, merged mode): largest relative logits
   error, replays, ok.
@@ -503,6 +506,11 @@ def run(
     result["runner"] = type(runner).__name__
     result["graphs_recorded"] = len(getattr(runner, "graphs", {}))
     result["graph_replays"] = getattr(runner, "replays", 0)
+    stepper = engine._stepper
+    result["steps_ahead"] = {
+        "launched": getattr(stepper, "ahead_launched", 0),
+        "adopted": getattr(stepper, "ahead_adopted", 0),
+    }
     result["base_decode_tok_s"] = {str(b): round(v, 1) for b, v in base.items()}
     result["decode_ratio_k"] = median_ratio(times, "k", f"base{first}")
     result["decode_ratio_merged"] = median_ratio(times, "merged", f"base{first}")

@@ -3,7 +3,8 @@
 # time limit so a hang costs only its own step (under 8 minutes in all):
 #
 #   tests    the CUDA tests: Triton row and segment kernels compiled for the device, decode
-#            (full and sliding-window attention) under real CUDA graphs -> $OUT/pytest_cuda.log
+#            (full and sliding-window attention) under real CUDA graphs, decoding one step
+#            ahead -> $OUT/pytest_cuda.log
 #   engine   engine v2 end to end with CUDA graphs -> $OUT/gpu_engine.json (bench/gpu_engine.py),
 #            with py-spy's stacks of decode -> $OUT/pyspy_{base,k}.txt
 #   kernels  the packed-step segment kernels, bf16 and fp32 -> $OUT/kernels_segments_*.json
@@ -93,6 +94,11 @@ if want tests; then
             "${GRAPH_TESTS[@]}" "tests/unit/server/$file.py" >>"$OUT/pytest_cuda.log" 2>&1
         tail -4 "$OUT/pytest_cuda.log"
     done
+    # Not launch-blocking: the step launched ahead must overlap the host's work for real.
+    step "tests: test_paged_ahead (decode one step ahead)"
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider "${GRAPH_TESTS[@]}" \
+        tests/unit/server/test_paged_ahead.py >>"$OUT/pytest_cuda.log" 2>&1
+    tail -4 "$OUT/pytest_cuda.log"
 fi
 if want engine; then
     step "engine v2 with decode graphs"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import re
-import threading
 import time
 from typing import ClassVar
 
@@ -110,34 +109,8 @@ async def outcome(engine: LLMEngine, req: GenerationRequest) -> list[int] | Exce
     return tokens
 
 
-class Held:
-    """Holds the worker thread inside one iteration so that requests submitted meanwhile
-    are admitted together, into one batched prefill."""
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self._apply = engine.cache.apply_invalidations
-        engine.cache.apply_invalidations = self._hold  # type: ignore[method-assign]
-
-    def _hold(self) -> None:
-        self.engine.cache.apply_invalidations = self._apply  # once
-        self.entered.set()
-        assert self.release.wait(30)
-        self._apply()
-
-    def __enter__(self) -> Held:
-        self.engine._wake()
-        assert self.entered.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-
-
 async def together(engine: LLMEngine, reqs: list[GenerationRequest]) -> list:
-    with Held(engine):
+    with server_fixtures().Held(engine):
         tasks = [asyncio.ensure_future(outcome(engine, r)) for r in reqs]
         await asyncio.sleep(0)  # every task has called generate(): all are in the inbox
     return await asyncio.gather(*tasks)

@@ -32,6 +32,9 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
     # every decode step of the timed runs replays a graph (two shapes per batch and kind)
     assert result["graph_replays"] >= 4 * result["new_tokens"]
     assert 2 <= result["graphs_recorded"] <= 12
+    # greedy streams: most decode steps were launched ahead and adopted
+    ahead = result["steps_ahead"]
+    assert ahead["launched"] >= ahead["adopted"] >= 2 * result["new_tokens"]
     assert set(result["base_decode_tok_s"]) == {"4", "8"}
     assert all(v > 0 for v in result["base_decode_tok_s"].values())
     assert result["eager_base_decode_tok_s"] > 0

@@ -186,8 +186,7 @@ class Stepper:
         # at the next drop_finished.
         finite = torch.isfinite(logits).all(dim=-1)  # [B]
         if not bool(finite.all()):
-            bad = [r for r, ok in zip(rows, finite.tolist(), strict=True) if not ok]
-            self.fail(bad, FloatingPointError("the model produced non-finite logits"))
+            self.fail_non_finite([r for r, ok in zip(rows, finite.tolist(), strict=True) if not ok])
             logits = torch.where(finite.unsqueeze(1), logits, torch.zeros_like(logits))
         tokens = self._select_each(rows, logits)
         chosen: list[float] = []
@@ -322,6 +321,11 @@ class Stepper:
                 row.handle.emit(error)
                 if row.slot is not None:
                     self.cache.unpin(row.slot)
+
+    def fail_non_finite(self, rows: Sequence[RowState]) -> None:
+        """Fail the rows whose logits were not finite (an adapter that overflows)."""
+        if rows:
+            self.fail(rows, FloatingPointError("the model produced non-finite logits"))
 
     def drop_finished(self) -> None:
         """Remove finished rows from the batch (and cancelled or expired ones, finishing

@@ -3,6 +3,7 @@ in-memory AdapterSource (no downloads). Fixtures wrapping them live in conftest.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,3 +126,29 @@ class DictSource:
 
     def exists(self, adapter_id: str) -> bool:
         return adapter_id in self.adapters
+
+
+class Held:
+    """Holds the worker thread inside one iteration so that requests submitted meanwhile
+    are admitted together, into one batched prefill."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._apply = engine.cache.apply_invalidations
+        engine.cache.apply_invalidations = self._hold  # type: ignore[method-assign]
+
+    def _hold(self) -> None:
+        self.engine.cache.apply_invalidations = self._apply  # once
+        self.entered.set()
+        assert self.release.wait(30)
+        self._apply()
+
+    def __enter__(self) -> Held:
+        self.engine._wake()
+        assert self.entered.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()

@@ -256,26 +256,45 @@ class GraphedPagedRunner(PagedRunner):
         sample_rows: Sequence[int],
         route: Any,
     ) -> torch.Tensor:
-        graph = self._graph_for(chunks, token_slots, sample_rows)
-        if graph is None:
+        logits = None
+        if list(sample_rows) == list(range(len(chunks))):
+            logits = self.decode_on_device(chunks, token_slots)
+        if logits is None:
             return super().run(chunks, token_slots, sample_rows, route)
-        rows = self._fill(graph, chunks, token_slots)
-        graph.replay()
-        graph.replays += 1
-        self.replays += 1
-        return graph.logits[:rows].clone()
+        return logits.clone()
 
-    # -- which graph ------------------------------------------------------------------------
-    def _graph_for(
+    @torch.inference_mode()
+    def decode_on_device(
         self,
         chunks: Sequence[ChunkInput],
         token_slots: Sequence[int | None],
-        sample_rows: Sequence[int],
+        tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The float32 logits [n, V] of a step of n decode tokens through its recorded
+        graph, or None when no graph serves it (the caller runs it eagerly). `tokens` [n]
+        int64 on the device, when given, are the rows' input tokens in place of the
+        chunks' `token_ids` (a step launched before the previous step's tokens reached the
+        host, `paged.ahead`). The logits are the graph's own buffer: the next replay of
+        the graph overwrites them, so read them (on the device's stream) before that."""
+        graph = self._graph_for(chunks, token_slots)
+        if graph is None:
+            return None
+        rows = self._fill(graph, chunks, token_slots)
+        if tokens is not None:
+            graph.meta[:rows, 0].copy_(tokens)
+        graph.replay()
+        graph.replays += 1
+        self.replays += 1
+        return graph.logits[:rows]
+
+    # -- which graph ------------------------------------------------------------------------
+    def _graph_for(
+        self, chunks: Sequence[ChunkInput], token_slots: Sequence[int | None]
     ) -> _DecodeGraph | None:
         n = len(chunks)
         if self._failed or n == 0 or n > self.buckets[-1]:
             return None
-        if any(len(c.token_ids) != 1 for c in chunks) or list(sample_rows) != list(range(n)):
+        if any(len(c.token_ids) != 1 for c in chunks):
             return None
         blocks = max(c.start // self.kv.block_size + 1 for c in chunks)
         if blocks > self.max_blocks:

@@ -21,6 +21,8 @@ import torch
 
 from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.hooks import EngineMetrics
+from flora_server.engine.paged.ahead import Ahead, DeviceTokens, pipelines
+from flora_server.engine.paged.graphs import GraphedPagedRunner
 from flora_server.engine.paged.kv_cache import BASE_KEY, BlockTable
 from flora_server.engine.paged.prompt_scores import PromptScores
 from flora_server.engine.paged.runner import ChunkInput, PagedRunner
@@ -53,6 +55,10 @@ class PagedStepper(Stepper):
         self.scheduler = scheduler
         self.preemptions = 0
         self._scores: dict[SequenceState, PromptScores] = {}  # prompts still being scored
+        self._ahead: Ahead | None = None  # the decode step launched ahead (`paged.ahead`)
+        self.decode_ahead = True  # pipeline graphed greedy decode steps where they can be
+        self.ahead_launched = 0
+        self.ahead_adopted = 0
 
     @property
     def busy(self) -> bool:
@@ -74,15 +80,113 @@ class PagedStepper(Stepper):
         self._decide_mode(self.rows, waiting, admitted)  # the admitted rows are in the scheduler
         plan = self.scheduler.schedule()
         self.preemptions += len(plan.preempted)
+        ahead, self._ahead = self._ahead, None
         if plan.chunks:
             started = time.monotonic()
-            for chunks, logits in self._forward_isolated(plan.chunks):
-                try:
-                    self._finish_chunks(chunks, logits)
-                except Exception as exc:
-                    self.fail([c.seq.row for c in chunks], exc)
+            if not self._decode_pipelined(plan.chunks, ahead):
+                for chunks, logits in self._forward_isolated(plan.chunks):
+                    try:
+                        self._finish_chunks(chunks, logits)
+                    except Exception as exc:
+                        self.fail([c.seq.row for c in chunks], exc)
             self.metrics.on_step(self.mode, len(plan.chunks), time.monotonic() - started)
         self.drop_finished()
+
+    # -- decode one step ahead (`paged.ahead`) ----------------------------------------------
+    def _decode_pipelined(self, chunks: list[ScheduledChunk], ahead: Ahead | None) -> bool:
+        """Run `chunks` as a pipelined decode step when they are one: take the tokens of
+        the step launched ahead if it computed this plan (else replay the plan's graph and
+        select on the device), launch the next step, then read and emit this step's
+        tokens. False when the plan is not such a step; nothing has run then."""
+        runner = self.runner
+        if not self.decode_ahead or not isinstance(runner, GraphedPagedRunner):
+            return False
+        if not all(c.count == 1 and c.sample and pipelines(c.seq.row) for c in chunks):
+            return False
+        order = ahead.order_for(chunks, forward_state(runner)) if ahead is not None else None
+        if ahead is not None and order is not None:
+            tokens = ahead.tokens
+            self.ahead_adopted += 1
+        else:
+            try:
+                logits = runner.decode_on_device(
+                    self._decode_inputs(chunks), [c.seq.row.slot for c in chunks]
+                )
+            except Exception as exc:  # the usual path retries it, row by row if need be
+                log.warning("a graphed decode step failed (%s); running it again", exc)
+                return False
+            if logits is None:
+                return False
+            tokens, order = DeviceTokens(logits), list(range(len(chunks)))
+        try:
+            self._ahead = self._launch_ahead(runner, chunks, tokens, order)
+        except Exception as exc:  # this step's tokens stand; the next step runs as usual
+            log.warning("launching the next decode step ahead failed: %s", exc)
+        values = tokens.host()
+        self._emit_selected(chunks, [values[i] for i in order])
+        return True
+
+    def _launch_ahead(
+        self,
+        runner: GraphedPagedRunner,
+        chunks: list[ScheduledChunk],
+        tokens: DeviceTokens,
+        order: list[int],
+    ) -> Ahead | None:
+        """Launch the step after `chunks` for their rows that go on: each row's input token
+        is its entry `order[k]` of `tokens`, still on the device. None when some row's next
+        position gets no block (the scheduler preempts at the next step) or no graph
+        serves the step."""
+        keep = [
+            k
+            for k, c in enumerate(chunks)
+            if len(c.seq.row.generated) + 1 < c.seq.row.handle.max_new_tokens
+            and not c.seq.row.handle.cancelled
+        ]
+        if not keep:
+            return None
+        kept = [chunks[k] for k in keep]
+        pool = self.scheduler.pool
+        if not all(pool.grow(c.seq.table, c.start + 2) for c in kept):
+            return None
+        index = [order[k] for k in keep]
+        device = tokens.device
+        if index != list(range(device.shape[0])):
+            device = device.index_select(0, torch.tensor(index, device=device.device))
+        inputs = [ChunkInput((0,), c.start + 1, c.seq.table.blocks) for c in kept]
+        logits = runner.decode_on_device(inputs, [c.seq.row.slot for c in kept], device)
+        if logits is None:
+            return None
+        self.ahead_launched += 1
+        return Ahead(
+            tuple(c.seq for c in kept),
+            tuple(c.start + 1 for c in kept),
+            DeviceTokens(logits),
+            forward_state(runner),
+        )
+
+    @staticmethod
+    def _decode_inputs(chunks: Sequence[ScheduledChunk]) -> list[ChunkInput]:
+        return [
+            ChunkInput(c.seq.token_ids[c.start : c.start + 1], c.start, c.seq.table.blocks)
+            for c in chunks
+        ]
+
+    def _emit_selected(self, chunks: Sequence[ScheduledChunk], tokens: Sequence[int]) -> None:
+        """Record a decode step whose tokens were selected on the device (-1: the row's
+        logits were not finite) and emit them, as `_finish_chunks` does after sampling."""
+        bad = []
+        for chunk, token in zip(chunks, tokens, strict=True):
+            self.scheduler.computed(chunk)
+            row = chunk.seq.row
+            if token < 0:
+                bad.append(row)
+                continue
+            chunk.seq.token_ids.append(token)
+            if row.finished is None:
+                self._advance(row, token, None)
+        self.fail_non_finite(bad)
+        self.metrics.on_tokens(len(chunks))
 
     def _forward_isolated(
         self, chunks: list[ScheduledChunk]
@@ -168,6 +272,7 @@ class PagedStepper(Stepper):
                 self._scores.pop(seq, None)
 
     def fail_all(self, exc: BaseException) -> None:
+        self._ahead = None
         self.fail(self.rows, exc)
         for seq in self.scheduler.sequences:
             self.scheduler.finish(seq)
@@ -186,6 +291,12 @@ class PagedStepper(Stepper):
 
     def sequence_of(self, row: RowState) -> SequenceState | None:
         return next((s for s in self.scheduler.sequences if s.row is row), None)
+
+
+def forward_state(runner: GraphedPagedRunner) -> tuple[object, ...]:
+    """What a decode forward reads that may change between two steps: the adapter merged
+    into the weights and the served modules' layout."""
+    return (runner.runtime.merged_slot, runner.runtime.layout_version)
 
 
 def prefix_key(row: RowState) -> str:
