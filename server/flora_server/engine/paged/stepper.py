@@ -152,7 +152,9 @@ class PagedStepper(Stepper):
         index = [order[k] for k in keep]
         device = tokens.device
         if index != list(range(device.shape[0])):
-            device = device.index_select(0, torch.tensor(index, device=device.device))
+            # from pinned memory: a copy from pageable memory would wait for the device
+            rows = torch.tensor(index, pin_memory=device.is_cuda)
+            device = device.index_select(0, rows.to(device.device, non_blocking=True))
         inputs = [ChunkInput((0,), c.start + 1, c.seq.table.blocks) for c in kept]
         logits = runner.decode_on_device(inputs, [c.seq.row.slot for c in kept], device)
         if logits is None:
