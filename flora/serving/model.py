@@ -331,11 +331,7 @@ class ServingModel:
                     plans = [m.build_segment_plan(key) for m in self._wrapped.values()]
                 else:
                     plans = [m.build_plan(key) for m in self._wrapped.values()]
-                for backend, group in self._shared_groups():
-                    for i, plan in zip(
-                        group, backend.share([plans[i] for i in group]), strict=True
-                    ):
-                        plans[i] = plan
+                self._share(plans)
             self._plan_cache[key] = plans
             while len(self._plan_cache) > self._cache_size:
                 self._plan_cache.popitem(last=False)
@@ -362,7 +358,9 @@ class ServingModel:
             raise ValueError(f"slot {self._merged_slot} is merged: graph routing needs none")
         if slots.dtype != torch.int32 or slots.dim() != 1 or slots.device != self.device:
             raise ValueError(f"slots must be [B] int32 on {self.device}")
-        self.routing.plans = [m.build_graph_plan(slots) for m in self._wrapped.values()]
+        plans = [m.build_graph_plan(slots) for m in self._wrapped.values()]
+        self._share(plans)
+        self.routing.plans = plans
         self.routing.rows, self.routing.tokens = int(slots.shape[0]), None
         self.routing.routed = None  # nothing to rebuild on a load: the plans read slots
 
@@ -483,6 +481,12 @@ class ServingModel:
         self._wrapped[name] = wrapper
         self.routing.plans = [*self.routing.plans, None]
         return wrapper
+
+    def _share(self, plans: list[Plan | None]) -> None:
+        """Let each group of siblings' backend share their work (``Backend.share``)."""
+        for backend, group in self._shared_groups():
+            for i, plan in zip(group, backend.share([plans[i] for i in group]), strict=True):
+                plans[i] = plan
 
     def _shared_groups(self) -> list[tuple[Backend, list[int]]]:
         """Indices (into the plan list) of wrapped Linear siblings named in

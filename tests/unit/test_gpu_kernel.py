@@ -182,3 +182,75 @@ def test_a_mixed_llama_batch_through_the_kernel_matches_each_row_alone(kernel, m
         want = alone(base, None if slot is None else adapters[slot], ids[b : b + 1])
         torch.testing.assert_close(prefill.logits[b].cpu(), want[0, :6], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(decode.logits[b].cpu(), want[0, 6:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("outs", [(24, 200), (70, 8, 136)])  # 2 and 3 members, 1-2 tiles
+def test_decode_group_writes_each_members_delta(kernel, outs) -> None:  # type: ignore[no-untyped-def]
+    """One launch for 2 or 3 siblings: each member's buffer gets its own delta (its own
+    bank, ranks and width; NaN beyond a slot's rank would show), 0 for a base row and for
+    a slot that does not target the member, and every entry is written."""
+    gen = torch.Generator().manual_seed(len(outs))
+    slots = [0, -1, 2, 1, 2, 3]
+    member_ranks = [[4, 0, 19, 1], [3, 5, 0, 8], [8, 2, 6, 0]]
+    x = torch.randn(len(slots), 40, generator=gen).to(DEVICE)
+    as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    members, want = [], []
+    for m, n_out in enumerate(outs):
+        ranks = member_ranks[m]
+        a, b = (t.to(DEVICE) for t in bank(gen, 40, n_out, ranks, rank_major=m == 1))
+        d = torch.full((len(slots), n_out), float("nan"), device=DEVICE)
+        members.append((d, as_int(ranks), a, b))
+        want.append(gk.reference(x, slots, ranks, a, b))
+    kernel.decode_group(x, as_int(slots), members, gk.block_rank(19))
+    for (d, *_), w in zip(members, want, strict=True):
+        torch.testing.assert_close(d.double(), w, rtol=1e-5, atol=1e-4)
+        assert bool((w != 0).any())
+
+
+def test_graph_routing_shares_one_launch_per_sibling_group(kernel, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`set_graph_routing` on a tiny llama through the Triton backend: q/k/v and gate/up
+    become decode groups (one launch each), o and down keep their own plan; a decode step
+    of mixed rows (three adapters and a base row) equals each row alone, and the launches
+    are counted."""
+    from flora import FloraConfig
+    from tests.unit.test_serving_llama import CACHE_KWARG, CONFIGS, alone, make_adapter, tiny_llama
+
+    monkeypatch.setattr(gk, "gpu_kernel_for", lambda enabled, *a: kernel if enabled else None)
+    torch.manual_seed(0)
+    base = tiny_llama()
+    # all seven projections; two of a group (q, v) and one of the other (up); o and down
+    configs = [
+        CONFIGS[0],
+        FloraConfig(target_modules=["q_proj", "v_proj", "up_proj"], rank=8, scale=2.0),
+        CONFIGS[2],
+    ]
+    adapters = [make_adapter(base, c, seed=i) for i, c in enumerate(configs)]
+    serving = ServingModel(copy.deepcopy(base).to(DEVICE), max_slots=4, policy=GPU_POLICY)
+    for slot, adapter in enumerate(adapters):
+        serving.load(slot, adapter)
+    rows = [0, 1, None, 2, 1, 0]
+    ids = torch.randint(0, 100, (len(rows), 7), generator=torch.Generator().manual_seed(1))
+    serving.set_routing(rows)
+    with torch.no_grad():
+        prefill = serving(ids[:, :6].to(DEVICE), use_cache=True)
+    slots = torch.tensor([-1 if s is None else s for s in rows], dtype=torch.int32, device=DEVICE)
+    serving.set_graph_routing(slots)
+    kinds = {}
+    for name, plan in zip(serving._wrapped, serving.routing.plans, strict=True):  # type: ignore[attr-defined]
+        kinds.setdefault(type(plan).__name__, set()).add(name.rsplit(".", 1)[-1])
+    assert kinds["_GroupMemberPlan"] == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    assert kinds["_TritonGraphPlan"] == {"o_proj", "down_proj"}
+    calls = {"group": 0}
+    group_call = kernel.decode_group
+
+    def counted_group(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["group"] += 1
+        return group_call(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "decode_group", counted_group)
+    with torch.no_grad():
+        decode = serving(ids[:, 6:].to(DEVICE), **{CACHE_KWARG: prefill.past_key_values})
+    assert calls["group"] == 2 * 2  # two layers, q/k/v and gate/up
+    for b, slot in enumerate(rows):
+        want = alone(base, None if slot is None else adapters[slot], ids[b : b + 1])
+        torch.testing.assert_close(decode.logits[b].cpu(), want[0, 6:], atol=1e-5, rtol=1e-5)

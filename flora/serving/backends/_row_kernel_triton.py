@@ -12,7 +12,9 @@ from the bank, only up to the slot's own rank (masked loads), and a row without 
 tokens (SGMV). ``row_decode`` is the decode case on its own (one token per row): without
 ``tl.dot``, whose tiles are at least 16 tokens, so a program does one row's shrink in a
 few wide steps instead of many narrow ones (latency, not arithmetic, bounds a decode
-step's launches). ``segment_update`` is the same computation over tiles of token
+step's launches). ``row_decode_group`` is the decode case for 2 or 3 sibling projections
+that read the same input (q/k/v, gate/up) in one launch, writing each member's delta for
+its base GEMM to add. ``segment_update`` is the same computation over tiles of token
 segments of any lengths (a packed step), each tile with its own slot.
 
 Reductions use this module's jitted ``_add`` (``tl.reduce``), not ``tl.sum``: the helpers
@@ -153,6 +155,137 @@ def row_decode(  # pragma: no cover (compiled)
         where = y + n * stride_yn + o
         out = tl.load(where, mask=live_o, other=0.0)
         tl.store(where, (out.to(tl.float32) + delta).to(out.dtype), mask=live_o)
+
+
+@triton.jit
+def _decode_delta(  # pragma: no cover (compiled)
+    x,
+    a,
+    b,
+    slots,
+    ranks,
+    d,
+    row,
+    o,
+    n_in,
+    n_out,
+    stride_xn,
+    stride_as,
+    stride_ak,
+    stride_ar,
+    stride_bs,
+    stride_br,
+    stride_bo,
+    stride_dn,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``d[row, o] = (x[row] @ A_s) @ B_s[:, o]``, as ``row_decode`` computes it, written
+    (not added): 0 for a row without a slot."""
+    slot = tl.load(slots + row)
+    rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
+    n = row.to(tl.int64)
+    live_o = o < n_out
+    delta = tl.full((BLOCK_N,), 0.0, tl.float32)
+    if rank > 0:
+        s = slot.to(tl.int64)
+        r = tl.arange(0, BLOCK_R)
+        live_r = r < rank
+        h = tl.full((BLOCK_R,), 0.0, tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            live_k = k < n_in
+            xs = tl.load(x + n * stride_xn + k, mask=live_k, other=0.0).to(tl.float32)
+            fs = tl.load(
+                a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
+                mask=live_k[:, None] & live_r[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            h += tl.reduce(xs[:, None] * fs, 0, _add)
+        fb = tl.load(
+            b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
+            mask=live_r[:, None] & live_o[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        delta = tl.reduce(h[:, None] * fb, 0, _add)
+    tl.store(d + n * stride_dn + o, delta.to(d.dtype.element_ty), mask=live_o)
+
+
+@triton.jit
+def row_decode_group(  # pragma: no cover (compiled)
+    x,  # [B, n_in], unit stride along n_in: one token per row, the members' shared input
+    slots,  # [B] int32, -1 = no adapter
+    a0,  # member 0: bank A [S, n_in, R], bank B [S, R, n_out], ranks [S], d [B, n_out]
+    b0,
+    ranks0,
+    d0,
+    n_out0,
+    sa0_s,
+    sa0_k,
+    sa0_r,
+    sb0_s,
+    sb0_r,
+    sb0_o,
+    sd0,
+    a1,  # member 1, as member 0
+    b1,
+    ranks1,
+    d1,
+    n_out1,
+    sa1_s,
+    sa1_k,
+    sa1_r,
+    sb1_s,
+    sb1_r,
+    sb1_o,
+    sd1,
+    a2,  # member 2 (MEMBERS == 3; else member 1 again, never read)
+    b2,
+    ranks2,
+    d2,
+    n_out2,
+    sa2_s,
+    sa2_k,
+    sa2_r,
+    sb2_s,
+    sb2_r,
+    sb2_o,
+    sd2,
+    n_in,
+    stride_xn,
+    tiles0,  # output tiles of member 0, then of member 1
+    tiles1,
+    MEMBERS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The decode deltas of 2 or 3 sibling projections (q/k/v, gate/up) that read the same
+    input, in one launch: program ``(row, j)`` takes output tile ``j`` of the members'
+    tiles laid end to end and writes that member's ``d[row, tile]`` (``_decode_delta``).
+    The members then add their ``d`` in their base GEMM."""
+    row = tl.program_id(0)
+    j = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_N)
+    if j < tiles0:
+        _decode_delta(
+            x, a0, b0, slots, ranks0, d0, row, j * BLOCK_N + cols, n_in, n_out0,
+            stride_xn, sa0_s, sa0_k, sa0_r, sb0_s, sb0_r, sb0_o, sd0,
+            BLOCK_R, BLOCK_K, BLOCK_N,
+        )  # fmt: skip
+    elif j < tiles0 + tiles1:
+        _decode_delta(
+            x, a1, b1, slots, ranks1, d1, row, (j - tiles0) * BLOCK_N + cols, n_in, n_out1,
+            stride_xn, sa1_s, sa1_k, sa1_r, sb1_s, sb1_r, sb1_o, sd1,
+            BLOCK_R, BLOCK_K, BLOCK_N,
+        )  # fmt: skip
+    elif MEMBERS == 3:
+        _decode_delta(
+            x, a2, b2, slots, ranks2, d2, row, (j - tiles0 - tiles1) * BLOCK_N + cols, n_in,
+            n_out2, stride_xn, sa2_s, sa2_k, sa2_r, sb2_s, sb2_r, sb2_o, sd2,
+            BLOCK_R, BLOCK_K, BLOCK_N,
+        )  # fmt: skip
 
 
 @triton.jit

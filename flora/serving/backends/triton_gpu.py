@@ -28,7 +28,7 @@ from typing import TypeVar
 
 import torch
 
-from flora.serving.backends.base import Backend, RowTarget
+from flora.serving.backends.base import Backend, PerInput, RowTarget
 from flora.serving.backends.torch_paths import torch_plan, torch_segment_plan
 from flora.serving.base import NO_SLOT, Plan, ServingPolicy
 from flora.serving.segments import Segments, segment_delta
@@ -119,6 +119,29 @@ class TritonRowKernel:
             b.stride(0), b.stride(1), b.stride(2), y.stride(0),
             BLOCK_T=self.block_t, BLOCK_R=block_r, BLOCK_K=self.block_k,
             BLOCK_N=self.block_n, IEEE=x.dtype == torch.float32,
+        )  # fmt: skip
+
+    def decode_group(
+        self,
+        x: torch.Tensor,
+        slots: torch.Tensor,
+        members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+        block_r: int,
+    ) -> None:
+        """The decode deltas of 2 or 3 sibling projections in one launch: for each member
+        ``(d, ranks, a, b)``, ``d[n] = (x[n] @ A[s]) @ B[s]`` with ``s = slots[n]`` (0 for
+        a row with slot -1 or a slot of rank 0 there). ``x: [B, in]`` one token per row,
+        ``d: [B, out]`` (each member its own ``out``), the rest as for a call."""
+        if not 2 <= len(members) <= 3:
+            raise ValueError(f"a decode group has 2 or 3 members, not {len(members)}")
+        tiles = [-(-d.shape[1] // self.decode_block_n) for d, _, _, _ in members]
+        args: list[object] = []
+        for d, ranks, a, b in [*members, members[-1]][:3]:
+            args += [a, b, ranks, d, d.shape[1], *a.stride(), *b.stride(), d.stride(0)]
+        self._k.row_decode_group[(slots.shape[0], sum(tiles))](
+            x, slots, *args, x.shape[1], x.stride(0), tiles[0], tiles[1],
+            MEMBERS=len(members), BLOCK_R=block_r, BLOCK_K=self.decode_block_k,
+            BLOCK_N=self.decode_block_n,
         )  # fmt: skip
 
     def segments(
@@ -365,12 +388,12 @@ class _TritonGraphPlan:
     capacity (its padding is zero, so the result is exact, and a slot loaded later needs
     no new plan as long as the bank is not re-allocated)."""
 
-    __slots__ = ("a", "b", "base", "block_r", "kernel", "ranks", "slots")
+    __slots__ = ("a", "b", "base", "block_r", "kernel", "ranks", "slots", "target")
 
     def __init__(self, target: RowTarget, kernel: TritonRowKernel, slots: torch.Tensor) -> None:
         bank = target.bank
         self.base, self.kernel, self.a, self.b = target.base_forward, kernel, bank.a, bank.b
-        self.slots = slots
+        self.slots, self.target = slots, target
         self.ranks = torch.full(
             (bank.max_slots + 1,), bank.capacity, dtype=torch.int32, device=bank.device
         )
@@ -383,6 +406,55 @@ class _TritonGraphPlan:
             y.view(-1, y.shape[-1]), x2, self.slots, self.ranks, self.a, self.b, self.block_r
         )
         return y
+
+
+class _DecodeGroup:
+    """2 or 3 sibling ``_TritonGraphPlan``s (same input, no bias) served by one launch per
+    decode step: the first member to run on an input writes every member's delta into its
+    buffer (``row_decode_group``), and each member's base GEMM adds its own
+    (``addmm``), so the group costs one kernel where the members cost one each. The
+    buffers are allocated once, for the graph's rows, so a CUDA graph records them."""
+
+    def __init__(self, plans: Sequence[_TritonGraphPlan], targets: Sequence[RowTarget]) -> None:
+        first = plans[0]
+        self.kernel, self.slots = first.kernel, first.slots
+        rows = first.slots.shape[0]
+        self.members = [
+            (torch.empty(rows, t.weight.shape[0], dtype=t.weight.dtype, device=p.a.device),
+             p.ranks, p.a, p.b)
+            for p, t in zip(plans, targets, strict=True)
+        ]  # fmt: skip
+        self.block_r = max(p.block_r for p in plans)
+        self.shared = PerInput(len(plans))
+
+    def delta(self, x: torch.Tensor, x2: torch.Tensor, member: int) -> torch.Tensor:
+        def launch() -> None:
+            self.kernel.decode_group(x2, self.slots, self.members, self.block_r)
+
+        self.shared.take(x, member, launch)
+        return self.members[member][0]
+
+
+class _GroupMemberPlan:
+    """A member of a ``_DecodeGroup``: ``y = x @ W^T + d`` in one GEMM, ``d`` the delta the
+    group wrote for this member. A forward of more than one token per row (not a decode
+    step) takes the member's own plan."""
+
+    __slots__ = ("alone", "group", "member", "rows", "weight_t")
+
+    def __init__(
+        self, group: _DecodeGroup, member: int, alone: _TritonGraphPlan, target: RowTarget
+    ):
+        self.group, self.member, self.alone = group, member, alone
+        self.weight_t = target.weight_t
+        self.rows = alone.slots.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _token_rows(x)
+        if x2.shape[0] != self.rows:
+            return self.alone(x)
+        d = self.group.delta(x, x2, self.member)
+        return torch.addmm(d, x2, self.weight_t).view(*x.shape[:-1], d.shape[1])
 
 
 class TritonBackend(Backend):
@@ -410,3 +482,20 @@ class TritonBackend(Backend):
 
     def build_graph_plan(self, target: RowTarget, slots: torch.Tensor) -> Plan:
         return _TritonGraphPlan(target, self.kernel, slots)
+
+    def share(self, plans: Sequence[Plan | None]) -> list[Plan | None]:
+        """2 or 3 graph plans of bias-free siblings with one input width and dtype become
+        one ``_DecodeGroup`` (one launch a decode step instead of one per member); other
+        plans are left as they are."""
+        live = [p for p in plans if isinstance(p, _TritonGraphPlan)]
+        if not 2 <= len(live) <= 3 or len(live) != len(plans):
+            return list(plans)
+        targets = [p.target for p in live]
+        same = {(t.weight.shape[1], t.weight.dtype, t.weight.device) for t in targets}
+        if len(same) != 1 or any(t.base_bias is not None for t in targets):
+            return list(plans)
+        group = _DecodeGroup(live, targets)
+        return [
+            _GroupMemberPlan(group, m, p, t)
+            for m, (p, t) in enumerate(zip(live, targets, strict=True))
+        ]
