@@ -149,6 +149,21 @@ def test_served_linear_uses_the_kernel_and_falls_back_under_autograd_on_the_gpu_
     assert type(off.routing.plans[0]).__name__ != "_TritonPlan"
 
 
+def served_llama(kernel, monkeypatch, configs):  # type: ignore[no-untyped-def]
+    """A tiny llama served through the Triton backend (``kernel``), one slot per config
+    holding a random adapter of it; returns (base, adapters, serving)."""
+    from tests.unit.test_serving_llama import make_adapter, tiny_llama
+
+    monkeypatch.setattr(gk, "gpu_kernel_for", lambda enabled, *a: kernel if enabled else None)
+    torch.manual_seed(0)
+    base = tiny_llama()
+    adapters = [make_adapter(base, c, seed=i) for i, c in enumerate(configs)]
+    serving = ServingModel(copy.deepcopy(base).to(DEVICE), max_slots=4, policy=GPU_POLICY)
+    for slot, adapter in enumerate(adapters):
+        serving.load(slot, adapter)
+    return base, adapters, serving
+
+
 def test_a_mixed_llama_batch_through_the_kernel_matches_each_row_alone(kernel, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """End to end on a tiny llama: three adapters (one with per-module ranks, one also on
     the embeddings) and a base row in one batch, prefill then a cached decode step, every
@@ -158,17 +173,9 @@ def test_a_mixed_llama_batch_through_the_kernel_matches_each_row_alone(kernel, m
         CACHE_KWARG,
         CONFIGS,
         alone,
-        make_adapter,
-        tiny_llama,
     )
 
-    monkeypatch.setattr(gk, "gpu_kernel_for", lambda enabled, *a: kernel if enabled else None)
-    torch.manual_seed(0)
-    base = tiny_llama()
-    adapters = [make_adapter(base, c, seed=i) for i, c in enumerate(CONFIGS)]
-    serving = ServingModel(copy.deepcopy(base).to(DEVICE), max_slots=4, policy=GPU_POLICY)
-    for slot, adapter in enumerate(adapters):
-        serving.load(slot, adapter)
+    base, adapters, serving = served_llama(kernel, monkeypatch, CONFIGS)
     rows = [0, 1, None, 2, 1, 0]
     ids = torch.randint(0, 100, (len(rows), 7), generator=torch.Generator().manual_seed(1))
     serving.set_routing(rows)
@@ -213,21 +220,15 @@ def test_graph_routing_shares_one_launch_per_sibling_group(kernel, monkeypatch) 
     of mixed rows (three adapters and a base row) equals each row alone, and the launches
     are counted."""
     from flora import FloraConfig
-    from tests.unit.test_serving_llama import CACHE_KWARG, CONFIGS, alone, make_adapter, tiny_llama
+    from tests.unit.test_serving_llama import CACHE_KWARG, CONFIGS, alone
 
-    monkeypatch.setattr(gk, "gpu_kernel_for", lambda enabled, *a: kernel if enabled else None)
-    torch.manual_seed(0)
-    base = tiny_llama()
     # all seven projections; two of a group (q, v) and one of the other (up); o and down
     configs = [
         CONFIGS[0],
         FloraConfig(target_modules=["q_proj", "v_proj", "up_proj"], rank=8, scale=2.0),
         CONFIGS[2],
     ]
-    adapters = [make_adapter(base, c, seed=i) for i, c in enumerate(configs)]
-    serving = ServingModel(copy.deepcopy(base).to(DEVICE), max_slots=4, policy=GPU_POLICY)
-    for slot, adapter in enumerate(adapters):
-        serving.load(slot, adapter)
+    base, adapters, serving = served_llama(kernel, monkeypatch, configs)
     rows = [0, 1, None, 2, 1, 0]
     ids = torch.randint(0, 100, (len(rows), 7), generator=torch.Generator().manual_seed(1))
     serving.set_routing(rows)

@@ -101,6 +101,51 @@ def row_update(  # pragma: no cover (compiled)
 
 
 @triton.jit
+def _row_delta(  # pragma: no cover (compiled)
+    x,
+    a,
+    b,
+    s,
+    rank,
+    n,
+    o,
+    n_in,
+    stride_xn,
+    stride_as,
+    stride_ak,
+    stride_ar,
+    stride_bs,
+    stride_br,
+    stride_bo,
+    live_o,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``(x[n] @ A_s) @ B_s[:, o]`` over the slot's first ``rank`` ranks, in float32:
+    the shrink over ``BLOCK_K`` inputs at a time (products and sums, no ``tl.dot``),
+    then the expand for the outputs ``o``."""
+    r = tl.arange(0, BLOCK_R)
+    live_r = r < rank
+    h = tl.full((BLOCK_R,), 0.0, tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        live_k = k < n_in
+        xs = tl.load(x + n * stride_xn + k, mask=live_k, other=0.0).to(tl.float32)
+        fs = tl.load(
+            a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
+            mask=live_k[:, None] & live_r[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        h += tl.reduce(xs[:, None] * fs, 0, _add)
+    fb = tl.load(
+        b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
+        mask=live_r[:, None] & live_o[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    return tl.reduce(h[:, None] * fb, 0, _add)
+
+
+@triton.jit
 def row_decode(  # pragma: no cover (compiled)
     x,  # [B, n_in], unit stride along n_in: one token per row
     a,  # bank A: [S, n_in, R] (any strides)
@@ -122,36 +167,19 @@ def row_decode(  # pragma: no cover (compiled)
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Program ``(row, j)``: ``h = x[row] @ A_s`` in float32 over ``BLOCK_K`` inputs at a
-    time (products and sums, no ``tl.dot``), then ``y[row, j] += h @ B_s`` for output
-    tile ``j``; a row without a slot (rank 0) does nothing."""
+    """Program ``(row, j)``: ``y[row, j] += (x[row] @ A_s) @ B_s`` for output tile ``j``
+    (``_row_delta``); a row without a slot (rank 0) does nothing."""
     row = tl.program_id(0)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.load(slots + row)
     rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
     if rank > 0:
-        s = slot.to(tl.int64)
         n = row.to(tl.int64)
-        r = tl.arange(0, BLOCK_R)
-        live_r = r < rank
-        h = tl.full((BLOCK_R,), 0.0, tl.float32)
-        for k0 in range(0, n_in, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            live_k = k < n_in
-            xs = tl.load(x + n * stride_xn + k, mask=live_k, other=0.0).to(tl.float32)
-            fs = tl.load(
-                a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
-                mask=live_k[:, None] & live_r[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            h += tl.reduce(xs[:, None] * fs, 0, _add)
         live_o = o < n_out
-        fb = tl.load(
-            b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
-            mask=live_r[:, None] & live_o[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        delta = tl.reduce(h[:, None] * fb, 0, _add)
+        delta = _row_delta(
+            x, a, b, slot.to(tl.int64), rank, n, o, n_in, stride_xn, stride_as, stride_ak,
+            stride_ar, stride_bs, stride_br, stride_bo, live_o, BLOCK_R, BLOCK_K,
+        )  # fmt: skip
         where = y + n * stride_yn + o
         out = tl.load(where, mask=live_o, other=0.0)
         tl.store(where, (out.to(tl.float32) + delta).to(out.dtype), mask=live_o)
@@ -181,34 +209,18 @@ def _decode_delta(  # pragma: no cover (compiled)
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """``d[row, o] = (x[row] @ A_s) @ B_s[:, o]``, as ``row_decode`` computes it, written
-    (not added): 0 for a row without a slot."""
+    """``d[row, o] = (x[row] @ A_s) @ B_s[:, o]`` (``_row_delta``), written, not added:
+    0 for a row without a slot."""
     slot = tl.load(slots + row)
     rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
     n = row.to(tl.int64)
     live_o = o < n_out
     delta = tl.full((BLOCK_N,), 0.0, tl.float32)
     if rank > 0:
-        s = slot.to(tl.int64)
-        r = tl.arange(0, BLOCK_R)
-        live_r = r < rank
-        h = tl.full((BLOCK_R,), 0.0, tl.float32)
-        for k0 in range(0, n_in, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            live_k = k < n_in
-            xs = tl.load(x + n * stride_xn + k, mask=live_k, other=0.0).to(tl.float32)
-            fs = tl.load(
-                a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
-                mask=live_k[:, None] & live_r[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            h += tl.reduce(xs[:, None] * fs, 0, _add)
-        fb = tl.load(
-            b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
-            mask=live_r[:, None] & live_o[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        delta = tl.reduce(h[:, None] * fb, 0, _add)
+        delta = _row_delta(
+            x, a, b, slot.to(tl.int64), rank, n, o, n_in, stride_xn, stride_as, stride_ak,
+            stride_ar, stride_bs, stride_br, stride_bo, live_o, BLOCK_R, BLOCK_K,
+        )  # fmt: skip
     tl.store(d + n * stride_dn + o, delta.to(d.dtype.element_ty), mask=live_o)
 
 

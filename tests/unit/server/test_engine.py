@@ -15,7 +15,6 @@ from tiny_engine import (
     DictSource,
     TinyLoaded,
     make_char_tokenizer,
-    make_flora_adapter,
     make_tiny_llama,
     merged_reference_model,
 )
@@ -30,12 +29,6 @@ from flora_server.engine.protocol import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adapters")
-    return {"x": make_flora_adapter(1, tmp), "y": make_flora_adapter(2, tmp)}
 
 
 # Engine v2 on the tiny model: blocks of 4 and a step budget of 8 tokens, so prompts are

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_engine import collect, greedy, make_engine, run
 from test_engine_batch import greedy_alone
-from tiny_engine import make_char_tokenizer, make_flora_adapter, make_tiny_llama
+from tiny_engine import make_char_tokenizer, make_tiny_llama
 
 from flora_server.engine.protocol import (
     AdapterNotFoundError,
@@ -24,12 +24,6 @@ from flora_server.engine.protocol import (
 
 pytestmark = pytest.mark.timeout(120)
 PROMPT = [5, 17, 33, 60, 8]
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adapters")
-    return {"x": make_flora_adapter(1, tmp), "y": make_flora_adapter(2, tmp)}
 
 
 class RecordingMetrics:

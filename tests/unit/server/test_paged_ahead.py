@@ -14,12 +14,7 @@ import torch
 from test_engine import ADAPTER_OF, PROMPTS, collect, greedy, run
 from test_engine_batch import greedy_alone
 from test_paged_engine import make_engine
-from tiny_engine import (
-    make_char_tokenizer,
-    make_flora_adapter,
-    make_tiny_llama,
-    merged_reference_model,
-)
+from tiny_engine import make_char_tokenizer, make_tiny_llama
 
 from flora_server.engine.paged.ahead import Ahead, DeviceTokens, pipelines
 from flora_server.engine.paged.graphs import RecordedCapture
@@ -27,21 +22,6 @@ from flora_server.engine.paged.scheduler import ScheduledChunk, SequenceState
 from flora_server.engine.protocol import FinishEvent, GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adapters")
-    return {"x": make_flora_adapter(1, tmp), "y": make_flora_adapter(2, tmp)}
-
-
-@pytest.fixture(scope="module")
-def refs(adapters):
-    return {
-        "x": merged_reference_model(adapters["x"]),
-        "y": merged_reference_model(adapters["y"]),
-        None: make_tiny_llama(),
-    }
 
 
 def graphed(adapters, **kwargs):

@@ -15,9 +15,7 @@ from tiny_engine import (
     DictSource,
     TinyLoaded,
     make_char_tokenizer,
-    make_flora_adapter,
     make_tiny_llama,
-    merged_reference_model,
 )
 
 from flora_server.engine.llm_engine import InvalidRequestError
@@ -26,21 +24,6 @@ from flora_server.engine.protocol import FinishEvent, GenerationRequest
 
 pytestmark = pytest.mark.timeout(120)
 SHARED = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]  # a "system prompt": 3 blocks of 4
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adapters")
-    return {"x": make_flora_adapter(1, tmp), "y": make_flora_adapter(2, tmp)}
-
-
-@pytest.fixture(scope="module")
-def refs(adapters):
-    return {
-        "x": merged_reference_model(adapters["x"]),
-        "y": merged_reference_model(adapters["y"]),
-        None: make_tiny_llama(),
-    }
 
 
 def make_engine(adapters, model=None, **kwargs) -> PagedLLMEngine:

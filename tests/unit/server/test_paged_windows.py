@@ -20,7 +20,6 @@ import torch
 from test_engine import greedy, run
 from test_paged_engine import make_engine, settled_stats
 from test_paged_graphs import DEVICES, Pair
-from tiny_engine import make_flora_adapter
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -276,12 +275,6 @@ def test_engine_v2_greedy_equals_transformers_generate(kind, budget) -> None:
 
 
 # -- CUDA-graph decode -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adapters")
-    return {"x": make_flora_adapter(1, tmp), "y": make_flora_adapter(2, tmp)}
 
 
 @pytest.mark.parametrize("device", DEVICES)
