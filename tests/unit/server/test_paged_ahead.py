@@ -192,7 +192,10 @@ def test_device_tokens_are_the_argmax_or_minus_one_where_not_finite() -> None:
     logits = torch.tensor(
         [[0.0, 3.0, 1.0], [float("nan"), 0.0, 1.0], [2.0, float("inf"), 0.0], [5.0, 4.0, 4.5]]
     )
-    assert DeviceTokens(logits).host() == [1, -1, -1, 0]
+    tokens = DeviceTokens(logits)
+    assert tokens.host() == [1, -1, -1, 0]
+    ids = tokens.device.tolist()  # what the next step reads: always a token id
+    assert ids[0] == 1 and ids[3] == 0 and all(0 <= t < 3 for t in ids)
 
 
 def test_pipelines_only_plain_greedy_rows() -> None:
@@ -226,10 +229,14 @@ def test_finish_event_counts_each_token_once(adapters, refs) -> None:
     assert (launched, adopted) == (8, 8)
 
 
-def test_a_row_whose_logits_turn_non_finite_fails_alone(adapters, refs, monkeypatch) -> None:
-    """The device marks a row whose logits are not finite with -1 (the fourth selection
-    on the device here, forced for its first row): that request fails with the usual
-    error; the other keeps its reference tokens."""
+def test_a_row_whose_logits_turn_non_finite_fails_alone(
+    adapters, refs, monkeypatch, caplog
+) -> None:
+    """The device marks a row whose logits are not finite with -1 for the host (the fourth
+    selection on the device here, forced for its first row): that request fails with the
+    usual error; the other keeps its reference tokens; the step launched ahead meanwhile
+    read a valid token id for the failed row (an id out of range would end the process on
+    CUDA)."""
     import flora_server.engine.paged.stepper as stepper_module
 
     made = []
@@ -268,6 +275,7 @@ def test_a_row_whose_logits_turn_non_finite_fails_alone(adapters, refs, monkeypa
     want = greedy_alone(refs[ADAPTER_OF[kept]], PROMPTS[kept], 12)
     assert list(outcomes[kept][-1].token_ids) == want
     assert healthy
+    no_fallbacks(caplog)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

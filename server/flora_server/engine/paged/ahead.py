@@ -58,19 +58,22 @@ def pipelines(row: RowState) -> bool:
 
 class DeviceTokens:
     """The tokens a decode step selected, on the device, and their copy to the host,
-    started when selected and waited for only when read (`host`)."""
+    started when selected and waited for only when read (`host`). `device` [n] int64 is
+    always a valid token id (the next step's embedding reads it: an id out of range
+    would be a device-side error that ends the process); the host's copy marks a row
+    whose logits were not finite with -1 instead."""
 
     def __init__(self, logits: torch.Tensor) -> None:
-        finite = torch.isfinite(logits).all(dim=-1)
-        self.device = torch.where(finite, logits.argmax(dim=-1), -1)  # [n] int64
+        self.device = logits.argmax(dim=-1)  # [n] int64, in [0, V)
+        marked = torch.where(torch.isfinite(logits).all(dim=-1), self.device, -1)
         self._event: torch.cuda.Event | None = None
-        if self.device.is_cuda:
-            self._host = torch.empty(self.device.shape, dtype=torch.long, pin_memory=True)
-            self._host.copy_(self.device, non_blocking=True)
+        if marked.is_cuda:
+            self._host = torch.empty(marked.shape, dtype=torch.long, pin_memory=True)
+            self._host.copy_(marked, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(self.device.device))
+            self._event.record(torch.cuda.current_stream(marked.device))
         else:
-            self._host = self.device
+            self._host = marked
 
     def host(self) -> list[int]:
         """Each row's token, -1 where the row's logits were not finite."""
