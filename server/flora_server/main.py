@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -85,11 +86,26 @@ async def _start_engine(app: FastAPI, factory: EngineFactory) -> None:
             await asyncio.sleep(0.05)
         if settings.preload:
             await _preload(engine, state.registry)
+        if settings.gc_freeze:
+            await asyncio.to_thread(freeze_startup_heap)
         state.warmed = True
         logger.info("ready: %s on %s", engine.model_name, settings.device)
     except Exception as exc:
         logger.exception("start-up failed")
         state.startup_error = f"{type(exc).__name__}: {exc}"
+
+
+def freeze_startup_heap() -> None:
+    """Take what start-up built (the model's modules and parameters, the tokenizer, the
+    imported libraries: hundreds of thousands of objects) out of the cyclic garbage
+    collector's reach (`gc.freeze`, as vLLM does once its engine is up). A full collection
+    walks every tracked object, and it stops every thread while it does, the engine's step
+    thread included: with the start-up heap in it, each one is a pause in every running
+    stream (docs/server.md, "Garbage collection"). Collected first, so nothing frozen is
+    garbage already; what requests create afterwards is collected as usual."""
+    gc.collect()
+    gc.freeze()
+    logger.info("garbage collector: %d start-up objects frozen", gc.get_freeze_count())
 
 
 async def _preload(engine: GenerationEngine, registry: AdapterRegistry) -> None:

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         description="adapter directories to register at start: DIR or NAME=DIR (repeatable)",
     )
     preload: bool = Field(False, description="load every stored adapter into the caches at start")
+    gc_freeze: bool = Field(
+        True,
+        description="once warm, freeze the start-up heap out of Python's garbage collector "
+        "(shorter collection pauses while serving)",
+    )
     lora_dirs: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="directories whose adapters (FLoRA or PEFT LoRA) /v1/load_lora_adapter "
