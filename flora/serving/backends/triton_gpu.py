@@ -415,14 +415,14 @@ class _DecodeGroup:
     (``addmm``), so the group costs one kernel where the members cost one each. The
     buffers are allocated once, for the graph's rows, so a CUDA graph records them."""
 
-    def __init__(self, plans: Sequence[_TritonGraphPlan], targets: Sequence[RowTarget]) -> None:
+    def __init__(self, plans: Sequence[_TritonGraphPlan]) -> None:
         first = plans[0]
         self.kernel, self.slots = first.kernel, first.slots
         rows = first.slots.shape[0]
         self.members = [
-            (torch.empty(rows, t.weight.shape[0], dtype=t.weight.dtype, device=p.a.device),
-             p.ranks, p.a, p.b)
-            for p, t in zip(plans, targets, strict=True)
+            (torch.empty(rows, p.target.weight.shape[0], dtype=p.target.weight.dtype,
+                         device=p.a.device), p.ranks, p.a, p.b)
+            for p in plans
         ]  # fmt: skip
         self.block_r = max(p.block_r for p in plans)
         self.shared = PerInput(len(plans))
@@ -442,11 +442,9 @@ class _GroupMemberPlan:
 
     __slots__ = ("alone", "group", "member", "rows", "weight_t")
 
-    def __init__(
-        self, group: _DecodeGroup, member: int, alone: _TritonGraphPlan, target: RowTarget
-    ):
+    def __init__(self, group: _DecodeGroup, member: int, alone: _TritonGraphPlan) -> None:
         self.group, self.member, self.alone = group, member, alone
-        self.weight_t = target.weight_t
+        self.weight_t = alone.target.weight_t
         self.rows = alone.slots.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -494,8 +492,5 @@ class TritonBackend(Backend):
         same = {(t.weight.shape[1], t.weight.dtype, t.weight.device) for t in targets}
         if len(same) != 1 or any(t.base_bias is not None for t in targets):
             return list(plans)
-        group = _DecodeGroup(live, targets)
-        return [
-            _GroupMemberPlan(group, m, p, t)
-            for m, (p, t) in enumerate(zip(live, targets, strict=True))
-        ]
+        group = _DecodeGroup(live)
+        return [_GroupMemberPlan(group, m, p) for m, p in enumerate(live)]

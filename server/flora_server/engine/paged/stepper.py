@@ -110,7 +110,7 @@ class PagedStepper(Stepper):
         else:
             try:
                 logits = runner.decode_on_device(
-                    self._decode_inputs(chunks), [c.seq.row.slot for c in chunks]
+                    [chunk_input(c) for c in chunks], [c.seq.row.slot for c in chunks]
                 )
             except Exception as exc:  # the usual path retries it, row by row if need be
                 log.warning("a graphed decode step failed (%s); running it again", exc)
@@ -167,13 +167,6 @@ class PagedStepper(Stepper):
             forward_state(runner),
         )
 
-    @staticmethod
-    def _decode_inputs(chunks: Sequence[ScheduledChunk]) -> list[ChunkInput]:
-        return [
-            ChunkInput(c.seq.token_ids[c.start : c.start + 1], c.start, c.seq.table.blocks)
-            for c in chunks
-        ]
-
     def _emit_selected(self, chunks: Sequence[ScheduledChunk], tokens: Sequence[int]) -> None:
         """Record a decode step whose tokens were selected on the device (-1: the row's
         logits were not finite) and emit them, as `_finish_chunks` does after sampling."""
@@ -224,8 +217,7 @@ class PagedStepper(Stepper):
         for chunk in chunks:
             seq = chunk.seq
             first = len(slots)
-            tokens = seq.token_ids[chunk.start : chunk.start + chunk.count]
-            inputs.append(ChunkInput(tokens, chunk.start, seq.table.blocks))
+            inputs.append(chunk_input(chunk))
             slots.extend([seq.row.slot] * chunk.count)
             if chunk.sample:
                 sample_rows.append(len(slots) - 1)
@@ -293,6 +285,14 @@ class PagedStepper(Stepper):
 
     def sequence_of(self, row: RowState) -> SequenceState | None:
         return next((s for s in self.scheduler.sequences if s.row is row), None)
+
+
+def chunk_input(chunk: ScheduledChunk) -> ChunkInput:
+    """What the runner needs of a scheduled chunk: its tokens, position and block table."""
+    seq = chunk.seq
+    return ChunkInput(
+        seq.token_ids[chunk.start : chunk.start + chunk.count], chunk.start, seq.table.blocks
+    )
 
 
 def forward_state(runner: GraphedPagedRunner) -> tuple[object, ...]:
