@@ -1,4 +1,4 @@
-"""Engine v2 end to end on CUDA with decode graphs (issue 16 item 5); writes one JSON file.
+"""Engine v2 end to end on CUDA with step graphs (issue 16 item 5); writes one JSON file.
 
     python bench/gpu.py --engine            # on the CUDA machine, bf16, under 8 minutes
     python bench/gpu.py --engine --dry-run  # the same path on the CPU, tiny sizes, seconds
@@ -19,7 +19,10 @@ Requests ignore EOS so every stream runs its full length. Keys:
   both the median over rounds of per-round ratios, the variants run in rotated order
   each round (``decode_tok_s_rounds`` keeps every sample).
 - ``ttft_prefix_hit_ratio``: TTFT of a prompt whose 600-token prefix is cached over the
-  same prompt cold (``ttft_cold_ms``, ``ttft_hit_ms``).
+  same prompt cold (``ttft_cold_ms``, ``ttft_hit_ms``); ``eager_ttft_cold_ms`` /
+  ``eager_ttft_hit_ms`` the same prompts with ``cuda_graphs=off``, and
+  ``graph_ttft_speedup`` eager cold over graphed cold (prefill steps replay graphs);
+  ``eager_steps``: the graphed engine's steps that no graph served.
 - ``graph_replay_ms``: one replay of the graph the engine replayed most at the first batch
   size (base rows, and with the adapters of ``k``), timed alone; ``step_ms`` the engine's step
   at those settings (from the tok/s) and ``host_share`` 1 - replay / step, the part of a
@@ -30,9 +33,9 @@ Requests ignore EOS so every stream runs its full length. Keys:
 - ``steps_ahead``: decode steps launched before the previous step's tokens reached the
   host, and how many of them the engine adopted (``flora_server.engine.paged.ahead``: the
   host's work of step n overlaps the device's of step n + 1).
-- ``graph_check_*``: recorded decode against the eager runner in float32 on two layers
-  (adapters, padding rows, a load between replays, merged mode): largest relative logits
-  error, replays, ok.
+- ``graph_check_*``: recorded steps against the eager runner in float32 on two layers
+  (prefills, a prefill chunk packed with decode rows, adapters, padding rows, a load
+  between replays, merged mode): largest relative logits error, replays, ok.
 - ``profiles`` (with ``--profile``): for base rows and for ``k`` at the first batch size,
   py-spy samples the process (every thread, raw folded stacks) for a few seconds while
   the engine decodes, into ``$OUT/pyspy_<kind>.txt``: where the host's share of a step
@@ -364,9 +367,10 @@ def prefix_ttft(engine: Any, sizes: Sizes) -> dict[str, float]:
 
 
 def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) -> dict[str, Any]:
-    """Recorded decode against the eager runner on `device`, in float32 on the first two
-    layers' shapes: three sequences (two adapters and a base row, so the bucket of 4 pads
-    one row), an adapter loaded into a new slot between replays, a merge; returns the
+    """Recorded steps against the eager runner on `device`, in float32 on the first two
+    layers' shapes: three prefills, then decode of three sequences (two adapters and a base
+    row, so the bucket of 4 pads one row) with a new prompt's chunk packed into one step,
+    an adapter loaded into a new slot between replays, a merge; returns the
     largest logits error relative to the logits' scale, and whether it is within 1e-3.
     `model` (the float32 model before any wrapping) is cut to its first two layers here."""
     from flora.serving import ServingModel
@@ -428,14 +432,21 @@ def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) ->
         if step == 8:
             serving.merge(0)  # one row on the merged slot: the base graph
         chunks = [ChunkInput(t[-1:], len(t) - 1, table) for t, table, _ in live]
-        logits = both(chunks, [s for _, _, s in live], list(range(len(live))))
+        slots = [s for _, _, s in live]
+        sample = list(range(len(live)))
+        if step == 6:  # a new prompt's chunk packed with the decode rows, with an adapter
+            fresh = [rng.randrange(3, c.vocab_size) for _ in range(9)]
+            chunks.append(ChunkInput(fresh, 0, [24 + j for j in range(8)]))
+            slots += [0] * len(fresh)
+        logits = both(chunks, slots, sample)
         for (t, _, _), token in zip(live, logits.argmax(-1).tolist(), strict=True):
             t.append(token)
     serving.unwrap()
+    replays = len(seqs) + 12  # the prefills, then the decode (one step with a prefill chunk)
     return {
         "graph_check_max_rel_err": worst,
         "graph_check_replays": graphed.replays,
-        "graph_check_ok": bool(worst < 1e-3 and graphed.replays == 12),
+        "graph_check_ok": bool(worst < 1e-3 and graphed.replays == replays),
     }
 
 
@@ -478,9 +489,11 @@ def run(
     engine = start_engine(model, adapters, sizes, "off", dry)
     try:
         eager = race(engine, sizes, {"base": (first, [None])})
+        eager_ttft = prefix_ttft(engine, sizes)
     finally:
         asyncio.run(engine.shutdown(30))
     result["eager_base_decode_tok_s"] = round(statistics.median(eager["base"]), 1)
+    result.update({f"eager_{k}": v for k, v in eager_ttft.items() if k.endswith("_ms")})
     save(result)
     engine = start_engine(model, adapters, sizes, "auto", dry)
     runner = engine._stepper.runner
@@ -506,6 +519,9 @@ def run(
     result["runner"] = type(runner).__name__
     result["graphs_recorded"] = len(getattr(runner, "graphs", {}))
     result["graph_replays"] = getattr(runner, "replays", 0)
+    result["eager_steps"] = getattr(runner, "eager_steps", 0)  # steps no graph served
+    # prefill steps through graphs against the same prompts' steps with graphs off
+    result["graph_ttft_speedup"] = round(result["eager_ttft_cold_ms"] / result["ttft_cold_ms"], 3)
     stepper = engine._stepper
     result["steps_ahead"] = {
         "launched": getattr(stepper, "ahead_launched", 0),

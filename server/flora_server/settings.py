@@ -201,8 +201,9 @@ class Settings(BaseSettings):
     )
     cuda_graphs: Literal["auto", "off"] = Field(
         "auto",
-        description="engine v2: replay recorded CUDA graphs for decode steps (auto: on a CUDA "
-        "device where a test graph replays; never on the CPU)",
+        description="engine v2: replay recorded CUDA graphs for every step that fits one "
+        "(decode and prefill chunks; auto: on a CUDA device where a test graph replays; "
+        "never on the CPU)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_format: Literal["text", "json"] = Field(

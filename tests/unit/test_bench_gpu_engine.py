@@ -26,7 +26,7 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_engine_dry_run.json").read_text())
     assert result["runner"] == "GraphedPagedRunner"
-    assert result["graph_check_ok"] and result["graph_check_replays"] == 12
+    assert result["graph_check_ok"] and result["graph_check_replays"] == 3 + 12
     assert result["graph_check_max_rel_err"] < 1e-3
     assert result["batches"] == [4, 8] and result["adapters"] == 4
     # every decode step of the timed runs replays a graph (two shapes per batch and kind)
@@ -38,6 +38,9 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
     assert set(result["base_decode_tok_s"]) == {"4", "8"}
     assert all(v > 0 for v in result["base_decode_tok_s"].values())
     assert result["eager_base_decode_tok_s"] > 0
+    # prefill steps replay graphs too: the prompts of the TTFT check fit the step budget
+    assert result["eager_steps"] == 0
+    assert result["eager_ttft_cold_ms"] > 0 and result["graph_ttft_speedup"] > 0
     for key in ("decode_ratio_k", "decode_ratio_merged", "graph_speedup"):
         assert 0.05 < result[key] < 20, key
     assert result["ttft_hit_ms"] > 0 and result["ttft_cold_ms"] > 0

@@ -1,8 +1,9 @@
-"""Decode graphs (`paged/graphs.py`) on the CPU through `RecordedCapture`, which re-runs the
+"""Step graphs (`paged/graphs.py`) on the CPU through `RecordedCapture`, which re-runs the
 recorded Python on replay against the same buffers: the graphed runner's logits and KV
-writes equal the eager runner's across bucket padding, changing batch sizes, adapter loads
-between replays, merged-mode switches and a bank re-allocation; the capability check keeps
-the CPU eager; engine v2 with graphs gives the same greedy tokens as independent
+writes equal the eager runner's across bucket padding, changing batch sizes, prefill chunks
+beside decode rows (at position 0 and after cached blocks, with prompt-score rows), adapter
+loads between replays, merged-mode switches and a bank re-allocation; the capability check
+keeps the CPU eager; engine v2 with graphs gives the same greedy tokens as independent
 references."""
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from tiny_engine import make_flora_adapter, make_tiny_llama, merged_reference_mo
 
 from flora.serving import ServingModel
 from flora_server.engine.paged.graphs import (
+    DECODE_BUCKETS,
     CudaGraphCapture,
     GraphedPagedRunner,
     RecordedCapture,
     graph_capture_for,
+    token_buckets,
 )
 from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner
 from flora_server.engine.protocol import GenerationRequest
@@ -77,20 +80,20 @@ class Pair:
         self.next_block = 0
 
     def add(self, name: str, prompt: list[int], slot: int | None) -> None:
-        """Prefill (eager in both) and remember the sequence; 8 blocks each."""
+        """Prefill (a graph of its own) and remember the sequence; 8 blocks each."""
         blocks = list(range(self.next_block, self.next_block + 8))
         self.next_block += 8
         self.seqs[name] = (list(prompt), blocks, slot)
         chunks = [ChunkInput(prompt, 0, blocks)]
         slots = [slot] * len(prompt)
-        logits = self.step_both(chunks, slots, [len(prompt) - 1], prefill=True)
+        logits = self.step_both(chunks, slots, [len(prompt) - 1])
         self.seqs[name][0].append(int(logits.argmax(-1)))
 
-    def step_both(self, chunks, slots, sample_rows, prefill: bool = False) -> torch.Tensor:
+    def step_both(self, chunks, slots, sample_rows, graphed: bool = True) -> torch.Tensor:
         replays = self.graphed.replays
         want = self.eager.run(chunks, slots, sample_rows, self.serving.set_routing)
         got = self.graphed.run(chunks, slots, sample_rows, self.serving.set_routing)
-        assert self.graphed.replays == replays + (0 if prefill else 1)
+        assert self.graphed.replays == replays + graphed
         torch.testing.assert_close(got, want, rtol=self.tol, atol=self.tol)
         return want
 
@@ -132,7 +135,8 @@ def test_graph_logits_match_eager_across_buckets_loads_and_merges(adapters, devi
     pair.decode(["a", "b", "c", "d", "e"])  # bucket 8: three padding rows
     pair.decode(["c"])  # bucket 1, base only
     recorded = pair.capture.captures
-    assert {k[0] for k in pair.graphed.graphs} == {1, 4, 8}
+    # decode steps of 1, 3 and 5 rows; prefills of 2, 3, 5 and 7 tokens
+    assert {k[0] for k in pair.graphed.graphs} == {1, 2, 4, 8}
     # An adapter loaded between replays (rank within the banks' capacity) is read in place.
     version = pair.serving.layout_version
     pair.serving.load(2, adapters["z"])
@@ -186,25 +190,83 @@ def test_padding_rows_write_only_the_scratch_block(adapters) -> None:
     pair.used_kv_equal()
 
 
-def test_mixed_prefill_steps_and_large_batches_run_eagerly(adapters) -> None:
+def test_prefill_chunks_beside_decode_rows_replay_one_graph(adapters) -> None:
+    """A step packing decode rows (adapters and base) with prefill chunks: one at position 0,
+    one continuing a sequence after its cached blocks (a prefix hit or an earlier chunk)
+    that spans a block boundary, with prompt-score rows sampled beside the last tokens.
+    The graph reads each token's own position and block table."""
+    pair = Pair(adapters)
+    pair.add("a", [5, 6, 7], 0)
+    pair.add("b", [9, 10], None)
+    pair.add("c", [11, 12, 13, 14, 15, 16], 1)  # its blocks hold positions 0-5
+    (ta, ba, _), (tb, bb, _), (tc, bc, _) = (pair.seqs[k] for k in "abc")
+    fresh = list(range(pair.next_block, pair.next_block + 8))
+    pair.next_block += 8
+    chunks = [
+        ChunkInput(ta[-1:], len(ta) - 1, ba),
+        ChunkInput([3, 1, 4, 1, 5], 0, fresh),  # a new prompt's first chunk, base
+        ChunkInput(tb[-1:], len(tb) - 1, bb),
+        ChunkInput([*tc[6:], 17, 18, 19], 6, bc),  # positions 6-9: crosses block 1 -> 2
+    ]
+    slots = [0, None, None, None, None, None, None, 1, 1, 1, 1]
+    # the decode rows, the chunk of c's last token; then prompt scores of the new prompt
+    sample = [0, 6, 10, 1, 2, 3]
+    pair.step_both(chunks, slots, sample)
+    tokens = pair.graphed.graphs.keys()
+    assert {(k[0], k[2]) for k in tokens} >= {(16, True)}  # 11 tokens, bucket 16
+    pair.used_kv_equal()
+    # the new prompt's next chunk reads the keys the graph wrote, beside a decode row
+    pair.step_both(
+        [ChunkInput([9, 2, 6], 5, fresh), ChunkInput(ta[-1:], len(ta) - 1, ba)],
+        [None, None, None, 0],
+        [2, 3],
+    )
+    pair.used_kv_equal()
+
+
+def test_steps_past_the_largest_bucket_run_eagerly(adapters) -> None:
     pair = Pair(adapters)
     pair.graphed.buckets = (1, 2)
-    pair.add("a", [5, 6, 7], 0)
+    pair.add("a", [5, 6], 0)
     pair.add("b", [9, 10], 1)
     pair.add("c", [11, 12], None)
-    eager = pair.eager.run
-    tokens, blocks, _ = pair.seqs["a"]
-    mixed = [ChunkInput(tokens[-1:], len(tokens) - 1, blocks), ChunkInput([4, 5], 0, [40])]
-    replays = pair.graphed.replays
-    want = eager(mixed, [0, None, None], [0, 2], pair.serving.set_routing)
-    got = pair.graphed.run(mixed, [0, None, None], [0, 2], pair.serving.set_routing)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert pair.graphed.replays == replays
+    eager_steps = pair.graphed.eager_steps
     three = [ChunkInput(s[0][-1:], len(s[0]) - 1, s[1]) for s in pair.seqs.values()]
-    want = eager(three, [0, 1, None], [0, 1, 2], pair.serving.set_routing)
-    got = pair.graphed.run(three, [0, 1, None], [0, 1, 2], pair.serving.set_routing)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert pair.graphed.replays == replays  # 3 rows > the largest bucket (2): eager
+    pair.step_both(three, [0, 1, None], [0, 1, 2], graphed=False)  # 3 rows > bucket 2
+    prefill = [ChunkInput([4, 5, 6], 0, [40])]
+    pair.step_both(prefill, [None] * 3, [2], graphed=False)  # 3 tokens > bucket 2
+    assert pair.graphed.eager_steps == eager_steps + 2
+    pair.used_kv_equal()
+
+
+def test_token_buckets_end_at_the_step_budget() -> None:
+    assert token_buckets(512) == (*DECODE_BUCKETS, 192, 256, 384, 512)
+    assert token_buckets(2048)[-5:] == (512, 768, 1024, 1536, 2048)
+    assert token_buckets(100) == (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 100)
+    assert token_buckets(128) == DECODE_BUCKETS
+    assert token_buckets(1) == (1,)
+
+
+def test_a_key_index_past_the_limit_runs_eagerly(adapters, monkeypatch) -> None:
+    """A step whose tokens x key positions exceed the gather limit runs eagerly (its
+    index would not fit the graphs' pool); without the fused attention kernel the limit
+    is the gathered keys' bytes."""
+    import flora_server.engine.paged.graphs as graphs
+
+    pair = Pair(adapters)
+    pair.add("a", [5, 6, 7], 0)
+    # 1 token x 1 block of 4 positions fits 4 entries; 2 tokens do not
+    monkeypatch.setattr(graphs, "MAX_GATHER", 4)
+    pair.step_both([ChunkInput([8, 9], 0, [50])], [None, None], [1], graphed=False)
+    monkeypatch.setattr(graphs, "MAX_GATHER", 1 << 24)
+    c = pair.model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    per_key = 2 * c.num_key_value_heads * head_dim * 4  # a key and a value, float32
+    assert pair.graphed._kv_bytes_per_key == per_key
+    monkeypatch.setattr(graphs, "MAX_GATHERED_KV_BYTES", 2 * 4 * per_key - 1)
+    pair.step_both([ChunkInput([8, 9], 0, [50])], [None, None], [1], graphed=False)
+    monkeypatch.setattr(graphs, "MAX_GATHERED_KV_BYTES", 2 * 4 * per_key)
+    pair.step_both([ChunkInput([8, 9], 0, [50])], [None, None], [1])
 
 
 class FakeCudaGraph:
@@ -313,14 +375,22 @@ def test_engine_v2_with_graphs_matches_independent_references(adapters) -> None:
 
     try:
         results = run(main())
+        hits = engine.pool.hits
+        # b1 again: its first 4 tokens' block is cached, so its prefill starts at position 4
+        again = run(collect(engine, GenerationRequest("b1", PROMPTS["b1"], greedy(10), None)))
+        assert engine.pool.hits > hits
         alone = run(one_more(engine))
         merged = engine._runtime.merged_slot
     finally:
         run(engine.shutdown(5))
     for key, events in results.items():
         assert list(events[-1].token_ids) == greedy_alone(refs[ADAPTER_OF[key]], PROMPTS[key], 10)
+    assert list(again[-1].token_ids) == greedy_alone(refs[None], PROMPTS["b1"], 10)
     assert list(alone[-1].token_ids) == greedy_alone(refs["x"], PROMPTS["x1"], 48)
     assert merged is not None  # the lone x request ran merged, through the graphs
+    # every step replayed a graph: prefill chunks (8-token budget, b1's 7-token prompt
+    # packed beside decode rows) and the prefix-hit prefill too
+    assert runner.eager_steps == 0
     assert runner.replays > 10 and capture.captures >= 2
 
 

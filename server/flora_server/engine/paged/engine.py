@@ -111,6 +111,7 @@ class PagedLLMEngine(LLMEngine):
                 self._runtime,  # type: ignore[arg-type]
                 capture,
                 scratch_block=self._pool.num_blocks,
+                budget=self._token_budget,
                 fused=fused_kernels(weight.device, weight.dtype),
             ),
             scheduler=PagedScheduler(self._pool, self._token_budget, self._max_batch_size),

@@ -7,7 +7,8 @@ attention (a gather of every row's keys and values to the batch's padded width, 
 SDPA, the copies in and out) about ten. Here each is one launch (docs/engine.md has the
 measurements):
 
-- ``decode_attention``: each decode row's query heads against its own key positions, read
+- ``decode_attention``: each row's query heads (a decode token, or one token of a prefill
+  chunk in a recorded step) against its own key positions, read
   from the pool through the row's slots (no gather, only the real positions, GQA by
   sharing a key head's loads among its query heads), online softmax in float32;
 - ``rms_norm``: the Llama / Mistral / Qwen RMSNorm, installed on a model's RMSNorm modules
@@ -16,9 +17,9 @@ measurements):
 - ``rope``: transformers' rotary embedding of queries and keys, installed by
   ``install_rope`` through transformers' per-module kernel hook, with the same probe.
 
-They serve recorded decode graphs only (``graphs.GraphedPagedRunner``: its decode step
-calls the attention kernel, and the norms and rotary embeddings run theirs inside
-``FusedKernels.recording()``). A graph launches them at no host cost; an eager step would
+They serve recorded graphs only (``graphs.GraphedPagedRunner``: its recorded step, a row
+per token, calls the attention kernel, and the norms and rotary embeddings run theirs
+inside ``FusedKernels.recording()``). A graph launches them at no host cost; an eager step would
 launch each through Triton's Python launcher, and with the kernels in eager steps too
 the day's eager numbers were lower (docs/engine.md; not settled), so eager steps keep the
 torch ops.

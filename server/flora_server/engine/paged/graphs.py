@@ -1,25 +1,37 @@
-"""CUDA graphs for engine v2's decode steps (setting `cuda_graphs`, docs/engine.md).
+"""CUDA graphs for engine v2's steps (setting `cuda_graphs`, docs/engine.md).
 
-A decode step of a small model on a GPU is bound by kernel launches, not by arithmetic:
-every layer is a few dozen small kernels and Python dispatches each. `GraphedPagedRunner`
-records the whole decode forward (decoder, paged attention, adapter kernels, LM head) once
-per shape and replays it with one launch:
+A step of a small model on a GPU is bound by kernel launches, not by arithmetic: every
+layer is a few dozen small kernels and Python dispatches each. `GraphedPagedRunner`
+records the whole forward (decoder, paged attention, adapter kernels, LM head) once per
+shape and replays it with one launch. Every step that fits a graph replays one, decode
+steps and steps with prefill chunks alike:
 
-- **Buckets.** A pure-decode step of n sequences runs as the smallest batch bucket
-  B >= n (`BATCH_BUCKETS`) and the smallest power of two of blocks per sequence that covers
-  the longest context. Steps with a prefill chunk, more rows than the largest bucket or a
-  longer context run eagerly (`PagedRunner.run`).
-- **Static buffers.** A graph reads only tensors that outlive it: `meta` [B, 2 + blocks]
-  (each row's token id, position and block table, one host-to-device copy per step) and
-  `slots` [B] int32 (each row's adapter slot, -1 for base rows; read in place by the
-  adapter kernels through `ServingModel.set_graph_routing`). The pool slots a token writes,
-  the gather index and the key mask (and, for sliding-window layers, each row's keys
-  within its window) are computed inside the graph from them.
-- **Padding rows** (n < B) get token 0 at position 0 with a block table of the scratch block
+- **A token is a row.** The recorded forward has the layout [T, 1]: each of the step's T
+  tokens is a row with its own token id, position, block table and adapter slot, as a
+  decode row is. Every layer but attention acts on each token alone; attention writes the
+  step's keys and values into the pool first, then each token reads its own sequence's
+  keys up to its position, so a prefill chunk's tokens see each other causally exactly as
+  in the eager runner's per-chunk SDPA. The fused decode attention kernel reads a row's
+  keys through its slots (`fused.py`), so a prefill token costs what a decode row of the
+  same context costs.
+- **Buckets.** A step of n tokens runs as the smallest token bucket T >= n
+  (`token_buckets`: vLLM's decode sizes up to 128, then wider ones up to the step's token
+  budget) and the smallest power of two of blocks per row that covers its longest
+  sequence. Steps over the largest bucket, past the model's context, or whose key index
+  (`_gather_fits`) would be too large run eagerly (`PagedRunner.run`).
+- **Static buffers.** A graph reads only tensors that outlive it: `meta` [T, 2 + blocks]
+  (each token's id, position and block table, one host-to-device copy per step), `slots`
+  [T] int32 (each token's adapter slot, -1 for base; read in place by the adapter kernels
+  through `ServingModel.set_graph_routing`) and `sample` [T] (the tokens whose logits the
+  step returns, padded with 0). The pool slots a token writes, the gather index and the key
+  mask (and, for sliding-window layers, each row's keys within its window) are computed
+  inside the graph from them. The logits go to one buffer all graphs share (one replays at
+  a time, and each caller reads them before the next).
+- **Padding rows** (n < T) get token 0 at position 0 with a block table of the scratch block
   only (an extra block of the KV storage that the block pool never hands out) and slot -1:
   they write and read the scratch block, never a real sequence's KV.
 - **Two graphs per shape**: base rows only (every row base or on the merged slot: no adapter
-  kernel is recorded, so merged and base decode cost the same) and with adapters.
+  kernel is recorded, so merged and base steps cost the same) and with adapters.
 - **What a graph bakes in** is the tensors it was recorded with. The slot banks are
   written in place when adapters load and the weights in place when a slot merges or
   unmerges, so both are read as they are at replay; a module newly wrapped or a bank grown
@@ -41,6 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
 from flora_server.engine.paged.fused import FusedKernels, install_rms_norms, install_rope
@@ -51,8 +64,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
-"""Decode batch sizes a graph is recorded for (vLLM's default sizes up to 128)."""
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+"""Step sizes in tokens a graph is recorded for up to 128 (vLLM's default decode sizes)."""
+
+MAX_GATHER = 1 << 24
+"""The most entries of a graph's key index (tokens x key positions): its int64 gather and
+bool mask are 144 MiB at this size, in the graphs' shared pool."""
+
+MAX_GATHERED_KV_BYTES = 1 << 28
+"""Without the fused attention kernel the recorded attention gathers every token's keys
+and values (`PagedStep.attend`'s SDPA path): steps whose gathered bytes exceed this run
+eagerly, where a prefill chunk's SDPA reads its keys once."""
+
+
+def token_buckets(budget: int) -> tuple[int, ...]:
+    """The token buckets for a step budget of `budget` tokens: `DECODE_BUCKETS` below it,
+    then 1.5x and 2x each power of two (192, 256, 384, 512, 768, ...) below it, then the
+    budget itself (no step has more tokens). A padded step computes at most half again
+    its tokens."""
+    buckets = [b for b in DECODE_BUCKETS if b < budget]
+    size = DECODE_BUCKETS[-1]
+    while size < budget:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+        if size < budget:
+            buckets.append(size)
+    return (*buckets, budget)
 
 
 class GraphCapture(Protocol):
@@ -153,7 +189,7 @@ def cuda_graphs_work(device: torch.device) -> bool:
 
 def graph_capture_for(setting: str, device: torch.device) -> GraphCapture | None:
     """The setting `cuda_graphs` ("auto" | "off") for a model on `device`: auto records
-    decode graphs on CUDA where `cuda_graphs_work`, else the runner stays eager."""
+    step graphs on CUDA where `cuda_graphs_work`, else the runner stays eager."""
     if setting not in ("auto", "off"):
         raise ValueError(f"cuda_graphs must be 'auto' or 'off', not {setting!r}")
     if setting == "auto" and cuda_graphs_work(device):
@@ -173,49 +209,80 @@ class GraphRoutable(Protocol):
     def set_graph_routing(self, slots: torch.Tensor) -> None: ...
 
 
-@dataclass
-class _DecodeGraph:
-    meta: torch.Tensor  # [B, 2 + blocks] int64: token id, position, block table
-    slots: torch.Tensor  # [B] int32: adapter slot per row, -1 = base
-    logits: torch.Tensor  # [B, V] float32, written by the replay
-    adapters: bool  # recorded with the adapter kernels (reads `slots`)
-    replay: Callable[[], None]
-    inputs: _HostInputs
-    replays: int = 0
-
-
 class _HostInputs:
-    """A graph's inputs on the host, filled in place through numpy and copied to the
+    """A shape's inputs on the host, filled in place through numpy and copied to the
     graph's buffers without blocking (from pinned memory on CUDA): building them with
     `torch.tensor` from nested lists cost more host time per step than the rest of the
     step's input work. `event` marks the last copy; the buffers are not written again
     before it has run."""
 
-    def __init__(self, meta: torch.Tensor, slots: torch.Tensor) -> None:
-        pin = meta.is_cuda
-        self.meta = torch.empty(meta.shape, dtype=meta.dtype, pin_memory=pin)
-        self.slots = torch.empty(slots.shape, dtype=slots.dtype, pin_memory=pin)
-        self.meta_np, self.slots_np = self.meta.numpy(), self.slots.numpy()
-        self.device = meta.device
-        self.event = torch.cuda.Event() if pin else None
+    def __init__(self, device: torch.device, tokens: int, width: int) -> None:
+        pin = device.type == "cuda"
 
-    def send(self, meta: torch.Tensor, slots: torch.Tensor | None) -> None:
-        meta.copy_(self.meta, non_blocking=True)
-        if slots is not None:
-            slots.copy_(self.slots, non_blocking=True)
-        if self.event is not None:  # on the stream the copies (and the replay) run on
-            self.event.record(torch.cuda.current_stream(self.device))
+        def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+        self.meta = host(tokens, 2 + width, dtype=torch.long)
+        self.slots = host(tokens, dtype=torch.int32)
+        self.sample = host(tokens, dtype=torch.long)
+        self.meta_np, self.slots_np = self.meta.numpy(), self.slots.numpy()
+        self.sample_np = self.sample.numpy()
+        self.device = device
+        self.event = torch.cuda.Event() if pin else None
 
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
 
 
+class _StepInputs:
+    """The static inputs of one shape (T tokens, `width` blocks per row), read by both its
+    graphs (with and without adapter kernels): `meta` [T, 2 + width] int64 (token id,
+    position, block table per row), `slots` [T] int32 (adapter slot per row, -1 = base),
+    `sample` [T] int64 (the rows whose logits the step returns, padded with row 0)."""
+
+    def __init__(self, device: torch.device, tokens: int, width: int, scratch: int) -> None:
+        self.meta = torch.empty((tokens, 2 + width), dtype=torch.long, device=device)
+        self.slots = torch.empty(tokens, dtype=torch.int32, device=device)
+        self.sample = torch.empty(tokens, dtype=torch.long, device=device)
+        self.scratch = scratch
+        self.host = _HostInputs(device, tokens, width)
+        self.pad()
+
+    def pad(self) -> None:
+        """Every row padding (token 0 at position 0 on the scratch block, base): what a
+        graph is recorded with, so the forwards run while recording write the scratch
+        block only, never the keys of the sequences the buffers last held."""
+        self.meta.fill_(self.scratch)
+        self.meta[:, :2] = 0
+        self.slots.fill_(-1)
+        self.sample.zero_()
+
+    def send(self, adapters: bool) -> None:
+        host = self.host
+        self.meta.copy_(host.meta, non_blocking=True)
+        self.sample.copy_(host.sample, non_blocking=True)
+        if adapters:
+            self.slots.copy_(host.slots, non_blocking=True)
+        if host.event is not None:  # on the stream the copies (and the replay) run on
+            host.event.record(torch.cuda.current_stream(host.device))
+
+
+@dataclass
+class _StepGraph:
+    inputs: _StepInputs
+    adapters: bool  # recorded with the adapter kernels (reads `inputs.slots`)
+    replay: Callable[[], None]
+    replays: int = 0
+
+
 class GraphedPagedRunner(PagedRunner):
-    """`PagedRunner` that replays recorded graphs for pure-decode steps (module docstring).
+    """`PagedRunner` that replays recorded graphs for every step that fits one (module
+    docstring).
 
     `kv` must hold one block more than the block pool hands out: `scratch_block`, where
-    padding rows write. `runtime` is the model's `ServingModel`."""
+    padding rows write. `runtime` is the model's `ServingModel`; `budget` the step's token
+    budget (`max_num_batched_tokens`), which sets the token buckets."""
 
     def __init__(
         self,
@@ -224,11 +291,12 @@ class GraphedPagedRunner(PagedRunner):
         runtime: GraphRoutable,
         capture: GraphCapture,
         scratch_block: int,
-        buckets: Sequence[int] = BATCH_BUCKETS,
+        budget: int = 512,
+        buckets: Sequence[int] | None = None,
         fused: FusedKernels | None = None,
     ) -> None:
         super().__init__(model, kv)
-        # What the recorded graphs run in one kernel each (`fused`): decode attention,
+        # What the recorded graphs run in one kernel each (`fused`): paged attention,
         # RMSNorm and the rotary embedding; eager steps keep the torch ops.
         self.fused = fused
         if fused is not None:
@@ -239,11 +307,16 @@ class GraphedPagedRunner(PagedRunner):
         self.runtime = runtime
         self.capture = capture
         self.scratch_block = scratch_block
-        self.buckets = tuple(sorted(buckets))
+        self.buckets = tuple(sorted(buckets or token_buckets(budget)))
         context = getattr(model.config, "max_position_embeddings", None) or 1 << 15
         self.max_blocks = -(-context // kv.block_size)
-        self.graphs: dict[tuple[int, int, bool], _DecodeGraph] = {}
-        self.replays = 0
+        heads = kv.keys[0].shape[1] * kv.keys[0].shape[2]
+        self._kv_bytes_per_key = 2 * heads * kv.keys[0].element_size()  # a key and a value
+        self.graphs: dict[tuple[int, int, bool], _StepGraph] = {}
+        self._inputs: dict[tuple[int, int], _StepInputs] = {}
+        self._logits: torch.Tensor | None = None  # [largest bucket, V] float32, shared
+        self.replays = 0  # steps run through a graph
+        self.eager_steps = 0  # steps no graph served
         self._layout = runtime.layout_version
         self._no_adapter_graphs = False  # a wrapped module has no graph plan
         self._failed = False
@@ -256,10 +329,9 @@ class GraphedPagedRunner(PagedRunner):
         sample_rows: Sequence[int],
         route: Any,
     ) -> torch.Tensor:
-        logits = None
-        if list(sample_rows) == list(range(len(chunks))):
-            logits = self.decode_on_device(chunks, token_slots)
+        logits = self._replay(chunks, token_slots, sample_rows)
         if logits is None:
+            self.eager_steps += 1
             return super().run(chunks, token_slots, sample_rows, route)
         return logits.clone()
 
@@ -274,33 +346,47 @@ class GraphedPagedRunner(PagedRunner):
         graph, or None when no graph serves it (the caller runs it eagerly). `tokens` [n]
         int64 on the device, when given, are the rows' input tokens in place of the
         chunks' `token_ids` (a step launched before the previous step's tokens reached the
-        host, `paged.ahead`). The logits are the graph's own buffer: the next replay of
-        the graph overwrites them, so read them (on the device's stream) before that."""
+        host, `paged.ahead`). The logits are the graphs' shared buffer: the next replay
+        overwrites them, so read them (on the device's stream) before that."""
+        if any(len(c.token_ids) != 1 for c in chunks):
+            raise ValueError("decode_on_device takes decode chunks of one token each")
+        return self._replay(chunks, token_slots, range(len(chunks)), tokens)
+
+    def _replay(
+        self,
+        chunks: Sequence[ChunkInput],
+        token_slots: Sequence[int | None],
+        sample_rows: Sequence[int],
+        tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         graph = self._graph_for(chunks, token_slots)
         if graph is None:
             return None
-        rows = self._fill(graph, chunks, token_slots)
+        self._fill(graph, chunks, token_slots, sample_rows)
         if tokens is not None:
-            graph.meta[:rows, 0].copy_(tokens)
+            graph.inputs.meta[: len(chunks), 0].copy_(tokens)
         graph.replay()
         graph.replays += 1
         self.replays += 1
-        return graph.logits[:rows]
+        assert self._logits is not None  # allocated by the first recording
+        return self._logits[: len(sample_rows)]
 
     # -- which graph ------------------------------------------------------------------------
     def _graph_for(
         self, chunks: Sequence[ChunkInput], token_slots: Sequence[int | None]
-    ) -> _DecodeGraph | None:
-        n = len(chunks)
+    ) -> _StepGraph | None:
+        n = len(token_slots)
         if self._failed or n == 0 or n > self.buckets[-1]:
             return None
-        if any(len(c.token_ids) != 1 for c in chunks):
-            return None
-        blocks = max(c.start // self.kv.block_size + 1 for c in chunks)
+        bs = self.kv.block_size
+        blocks = max((c.start + len(c.token_ids) - 1) // bs + 1 for c in chunks)
         if blocks > self.max_blocks:
             return None
         # blocks per row: a power of two, or the model's whole context
         width = min(1 << (blocks - 1).bit_length(), self.max_blocks)
+        tokens = next(b for b in self.buckets if b >= n)
+        if not self._gather_fits(tokens, width * bs):
+            return None
         merged = self.runtime.merged_slot
         adapters = any(s is not None and s != merged for s in token_slots)
         if adapters and merged is not None:
@@ -312,61 +398,74 @@ class GraphedPagedRunner(PagedRunner):
             self._no_adapter_graphs = False
         if adapters and self._no_adapter_graphs:
             return None
-        batch = next(b for b in self.buckets if b >= n)
-        key = (batch, width, adapters)
+        key = (tokens, width, adapters)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self._record(batch, width, adapters)
+            graph = self._record(tokens, width, adapters)
             if graph is not None:
                 self.graphs[key] = graph
         return graph
 
+    def _gather_fits(self, tokens: int, span: int) -> bool:
+        """Whether a graph of `tokens` rows over `span` key positions stays within the
+        index limit, and, without the fused attention kernel, the gathered keys' limit."""
+        if tokens * span > MAX_GATHER:
+            return False
+        return self.fused is not None or (
+            tokens * span * self._kv_bytes_per_key <= MAX_GATHERED_KV_BYTES
+        )
+
     # -- recording ------------------------------------------------------------------------
-    def _record(self, batch: int, width: int, adapters: bool) -> _DecodeGraph | None:
+    def _record(self, tokens: int, width: int, adapters: bool) -> _StepGraph | None:
         device, bs = self.device, self.kv.block_size
-        # Recorded with every row padding: the warm-up passes write the scratch block only.
-        meta = torch.full((batch, 2 + width), self.scratch_block, dtype=torch.long, device=device)
-        meta[:, :2] = 0  # token 0 at position 0
-        slots = torch.full((batch,), -1, dtype=torch.int32, device=device)
+        inputs = self._inputs.get((tokens, width))
+        if inputs is None:
+            inputs = self._inputs[tokens, width] = _StepInputs(
+                device, tokens, width, self.scratch_block
+            )
+        if self._logits is None:
+            vocab = self._head.weight.shape[0]
+            self._logits = torch.empty(self.buckets[-1], vocab, dtype=torch.float32, device=device)
+        logits = self._logits[:tokens]
+        inputs.pad()  # the other graph of this shape may have left a step's rows there
         span = width * bs
         offsets = torch.arange(span, device=device)
         block_of, offset = offsets // bs, offsets % bs  # [L]: table column and offset
-        write = torch.empty(batch, dtype=torch.long, device=device)
-        gather = torch.empty(batch, span, dtype=torch.long, device=device)
-        mask = torch.empty(batch, 1, 1, span, dtype=torch.bool, device=device)
+        write = torch.empty(tokens, dtype=torch.long, device=device)
+        gather = torch.empty(tokens, span, dtype=torch.long, device=device)
+        mask = torch.empty(tokens, 1, 1, span, dtype=torch.bool, device=device)
         step = PagedStep.decode_only(self.kv, write, self.windows, self.fused)
-        vocab = self._head.weight.shape[0]
-        logits = torch.empty(batch, vocab, dtype=torch.float32, device=device)
         try:
             if adapters:
-                self.runtime.set_graph_routing(slots)
+                self.runtime.set_graph_routing(inputs.slots)
             else:  # every row base (or on the merged slot, which runs as base)
-                self.runtime.set_routing([self.runtime.merged_slot] * batch)
+                self.runtime.set_routing([self.runtime.merged_slot] * tokens)
         except NotImplementedError as exc:
-            log.info("decode graphs run base rows only: %s", exc)
+            log.info("graphs run base rows only: %s", exc)
             self._no_adapter_graphs = True
             return None
         routing = self.runtime.routing
-        plans, rows, tokens, routed = (
+        plans, rows, routed_tokens, routed = (
             list(routing.plans),
             routing.rows,
             routing.tokens,
             routing.routed,
         )
         fused_norms = self.fused.recording() if self.fused else contextlib.nullcontext()
-        ids, positions = meta[:, 0:1], meta[:, 1:2]  # [B, 1] each
-        tables = meta[:, 2:]  # [B, width]
+        meta, sample = inputs.meta, inputs.sample
+        ids, positions = meta[:, 0:1], meta[:, 1:2]  # [T, 1] each
+        tables = meta[:, 2:]  # [T, width]
 
         def forward() -> None:
             # The plans this graph records (a CPU replay re-runs this Python).
             routing.plans, routing.rows, routing.tokens, routing.routed = (
                 plans,
                 rows,
-                tokens,
+                routed_tokens,
                 routed,
             )
             gather.copy_(tables[:, block_of] * bs + offset)
-            mask.copy_((offsets <= positions).view(batch, 1, 1, span))
+            mask.copy_((offsets <= positions).view(tokens, 1, 1, span))
             write.copy_(gather.gather(1, positions).squeeze(1))
             step.set_decode(gather, mask, positions)  # sliding layers' keys, recorded too
             with fused_norms:  # the norms' and rotary kernels, for this recording only
@@ -377,36 +476,50 @@ class GraphedPagedRunner(PagedRunner):
                     flora_paged=step,
                     **{self._cache_kwarg: step},
                 )
-            logits.copy_(self._head(out.last_hidden_state)[:, -1, :].float())
+            hidden = out.last_hidden_state.index_select(0, sample)  # [T, 1, H]
+            logits.copy_(self._head(hidden)[:, -1, :].float())
 
         try:
             replay = self.capture.capture(forward)
         except Exception as exc:
-            log.warning("CUDA graph recording failed, decode stays eager: %s", exc)
+            log.warning("CUDA graph recording failed, every step stays eager: %s", exc)
             self._failed = True
             return None
-        return _DecodeGraph(meta, slots, logits, adapters, replay, _HostInputs(meta, slots))
+        return _StepGraph(inputs, adapters, replay)
 
     # -- per step -------------------------------------------------------------------------
     def _fill(
-        self, graph: _DecodeGraph, chunks: Sequence[ChunkInput], token_slots: Sequence[int | None]
-    ) -> int:
-        """Copy the step's rows into the graph's buffers, padding rows as recorded (token 0
-        at position 0 in the scratch block, base routing); returns the real rows."""
-        host, bs = graph.inputs, self.kv.block_size
+        self,
+        graph: _StepGraph,
+        chunks: Sequence[ChunkInput],
+        token_slots: Sequence[int | None],
+        sample_rows: Sequence[int],
+    ) -> None:
+        """Copy the step's tokens into the graph's buffers (a row per token; padding rows
+        as recorded: token 0 at position 0 in the scratch block, base routing)."""
+        inputs, bs = graph.inputs, self.kv.block_size
+        host = inputs.host
         host.wait()
         meta = host.meta_np
         meta.fill(self.scratch_block)
         meta[:, :2] = 0
-        for i, chunk in enumerate(chunks):
-            n = chunk.start // bs + 1
-            meta[i, 0], meta[i, 1] = chunk.token_ids[0], chunk.start
-            meta[i, 2 : 2 + n] = chunk.blocks[:n]
+        row = 0
+        for chunk in chunks:
+            n, start = len(chunk.token_ids), chunk.start
+            blocks = (start + n - 1) // bs + 1
+            if n == 1:
+                meta[row, 0], meta[row, 1] = chunk.token_ids[0], start
+            else:
+                meta[row : row + n, 0] = chunk.token_ids
+                meta[row : row + n, 1] = np.arange(start, start + n)
+            meta[row : row + n, 2 : 2 + blocks] = chunk.blocks[:blocks]
+            row += n
         if graph.adapters:
             merged = self.runtime.merged_slot
             host.slots_np.fill(-1)
-            host.slots_np[: len(chunks)] = [
+            host.slots_np[: len(token_slots)] = [
                 -1 if s is None or s == merged else s for s in token_slots
             ]
-        host.send(graph.meta, graph.slots if graph.adapters else None)
-        return len(chunks)
+        host.sample_np.fill(0)
+        host.sample_np[: len(sample_rows)] = sample_rows
+        inputs.send(graph.adapters)

@@ -16,9 +16,9 @@ the one place where tokens meet, and it is replaced here:
   `scaled_dot_product_attention`: the step's decode tokens together, as one batch padded to
   the longest context with a key mask; each prefill chunk alone, with `is_causal` when it
   starts at position 0, else an explicit causal mask offset by the positions already cached
-  (docs/engine.md has the measurements behind this split). In a recorded CUDA decode
-  graph the decode tokens' attention is one Triton kernel instead, reading each row's
-  keys through its slots (`fused.py`). Registering an attention
+  (docs/engine.md has the measurements behind this split). A recorded CUDA graph
+  (`graphs.py`) runs every token as a decode row ([T, 1]), and their attention is one
+  Triton kernel, reading each row's keys through its slots (`fused.py`). Registering an attention
   function without a mask function makes transformers skip building its own mask
   (`masking_utils._preprocess_mask_arguments`).
 - A sliding-window layer (its window from `windows.attention_windows`, the rule of what
