@@ -168,14 +168,22 @@ def prefix_hit(engine: Any, cfg: EngineBenchConfig, rng: random.Random) -> dict[
     return {"ttft_prefix_hit_ratio": statistics.median(ratios), "prefix_hit_samples": samples}
 
 
-def prefill_stall(engine: Any, cfg: EngineBenchConfig, rng: random.Random) -> dict[str, Any]:
+def prefill_stall(
+    engine: Any,
+    cfg: EngineBenchConfig,
+    rng: random.Random,
+    ids: Callable[[random.Random, int], list[int]] = random_ids,
+) -> dict[str, Any]:
+    """The worst inter-token gap of `cfg.streams` decoding streams while a
+    `cfg.long_prompt_tokens` prompt prefills, over that prompt's TTFT. `ids(rng, n)`: n
+    prompt tokens of the engine's model."""
     # Each stream records its token times into a shared list (its task is cancelled).
     marks: list[list[float]] = [[] for _ in range(cfg.streams)]
 
     async def stream(i: int) -> None:
         from flora_server.engine.protocol import GenerationRequest, SamplingParams
 
-        req = GenerationRequest(f"s{i}", random_ids(rng, 32), SamplingParams(max_new_tokens=4096))
+        req = GenerationRequest(f"s{i}", ids(rng, 32), SamplingParams(max_new_tokens=4096))
         async for _ in engine.generate(req):
             marks[i].append(time.perf_counter())
 
@@ -183,7 +191,7 @@ def prefill_stall(engine: Any, cfg: EngineBenchConfig, rng: random.Random) -> di
         tasks = [asyncio.create_task(stream(i)) for i in range(cfg.streams)]
         while any(len(m) < 2 for m in marks):
             await asyncio.sleep(0.05)
-        long = await timed(engine, random_ids(rng, cfg.long_prompt_tokens), None, 1)
+        long = await timed(engine, ids(rng, cfg.long_prompt_tokens), None, 1)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

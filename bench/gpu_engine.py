@@ -23,6 +23,10 @@ Requests ignore EOS so every stream runs its full length. Keys:
   ``eager_ttft_hit_ms`` the same prompts with ``cuda_graphs=off``, and
   ``graph_ttft_speedup`` eager cold over graphed cold (prefill steps replay graphs);
   ``eager_steps``: the graphed engine's steps that no graph served.
+- ``prefill_stall_ratio``: the worst inter-token gap of 4 decoding streams while a
+  3,500-token prompt prefills, over that prompt's TTFT (``stall_worst_gap_s``,
+  ``stall_long_ttft_s``; the CPU suite's key of the same name); ``eager_`` the same with
+  ``cuda_graphs=off``.
 - ``graph_replay_ms``: one replay of the graph the engine replayed most at the first batch
   size (base rows, and with the adapters of ``k``), timed alone; ``step_ms`` the engine's step
   at those settings (from the tok/s) and ``host_share`` 1 - replay / step, the part of a
@@ -97,6 +101,7 @@ class Sizes:
     prefix: int = 600
     question: int = 24
     prefix_rounds: int = 3
+    long_prompt: int = 3500  # prefill_stall's prompt, beside 4 decoding streams
     kv_cache_bytes: int = 4 << 30
     token_budget: int = 2048
 
@@ -117,6 +122,7 @@ DRY = Sizes(
     prefix=40,
     question=4,
     prefix_rounds=1,
+    long_prompt=100,
     kv_cache_bytes=16 << 20,
     token_budget=64,
 )
@@ -228,9 +234,7 @@ def decode_tok_s(
     """Tokens per second while all `batch` streams decode (see the module docstring)."""
 
     async def main() -> list[list[float]]:
-        prompts = [
-            [rng.randrange(3, sizes.vocab) for _ in range(sizes.prompt)] for _ in range(batch)
-        ]
+        prompts = [ids(rng, sizes, sizes.prompt) for _ in range(batch)]
         jobs = [
             stream(engine, p, adapters[i % len(adapters)], sizes.new_tokens)
             for i, p in enumerate(prompts)
@@ -353,7 +357,7 @@ def prefix_ttft(engine: Any, sizes: Sizes) -> dict[str, float]:
     rng = random.Random(7)
     cold, hit = [], []
     for _ in range(sizes.prefix_rounds + 1):  # the first round warms the shapes
-        prompt = [rng.randrange(3, sizes.vocab) for _ in range(sizes.prefix + sizes.question)]
+        prompt = ids(rng, sizes, sizes.prefix + sizes.question)
         a = asyncio.run(stream(engine, prompt, None, 1))
         b = asyncio.run(stream(engine, prompt, None, 1))
         cold.append(a[1] - a[0])
@@ -364,6 +368,22 @@ def prefix_ttft(engine: Any, sizes: Sizes) -> dict[str, float]:
         "ttft_hit_ms": round(1000 * hit_s, 2),
         "ttft_prefix_hit_ratio": round(hit_s / cold_s, 4),
     }
+
+
+def stall(engine: Any, sizes: Sizes) -> dict[str, float]:
+    """`bench.engine.prefill_stall` (the CPU suite's `prefill_stall_ratio`): the worst
+    inter-token gap of 4 decoding streams while a `sizes.long_prompt` prompt prefills, over
+    that prompt's TTFT."""
+    from bench.engine import EngineBenchConfig, prefill_stall
+
+    cfg = EngineBenchConfig(long_prompt_tokens=sizes.long_prompt, streams=4)
+    result = prefill_stall(engine, cfg, random.Random(11), lambda rng, n: ids(rng, sizes, n))
+    return {k: round(v, 4 if k.endswith("ratio") else 6) for k, v in result.items()}
+
+
+def ids(rng: random.Random, sizes: Sizes, n: int) -> list[int]:
+    """n prompt tokens of the bench model (ids 0-2 are its specials)."""
+    return [rng.randrange(3, sizes.vocab) for _ in range(n)]
 
 
 def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) -> dict[str, Any]:
@@ -490,10 +510,12 @@ def run(
     try:
         eager = race(engine, sizes, {"base": (first, [None])})
         eager_ttft = prefix_ttft(engine, sizes)
+        eager_stall = stall(engine, sizes)
     finally:
         asyncio.run(engine.shutdown(30))
     result["eager_base_decode_tok_s"] = round(statistics.median(eager["base"]), 1)
     result.update({f"eager_{k}": v for k, v in eager_ttft.items() if k.endswith("_ms")})
+    result.update({f"eager_{k}": v for k, v in eager_stall.items()})
     save(result)
     engine = start_engine(model, adapters, sizes, "auto", dry)
     runner = engine._stepper.runner
@@ -505,6 +527,7 @@ def run(
     try:
         times = race(engine, sizes, variants)
         result.update(prefix_ttft(engine, sizes))
+        result.update(stall(engine, sizes))
         if profile_dir is not None:
             seconds = 2 if dry else 8
             result["profiles"] = {

@@ -29,9 +29,11 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
     assert result["graph_check_ok"] and result["graph_check_replays"] == 3 + 12
     assert result["graph_check_max_rel_err"] < 1e-3
     assert result["batches"] == [4, 8] and result["adapters"] == 4
-    # every decode step of the timed runs replays a graph (two shapes per batch and kind)
+    # every decode step of the timed runs replays a graph (two shapes per batch and kind),
+    # and so do the prefills: at most 9 token buckets (up to the budget of 64) x 4 widths
+    # (contexts under 128 positions) x 2 kinds
     assert result["graph_replays"] >= 4 * result["new_tokens"]
-    assert 2 <= result["graphs_recorded"] <= 12
+    assert 4 <= result["graphs_recorded"] <= 72
     # greedy streams: most decode steps were launched ahead and adopted
     ahead = result["steps_ahead"]
     assert ahead["launched"] >= ahead["adopted"] >= 2 * result["new_tokens"]
@@ -41,6 +43,10 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
     # prefill steps replay graphs too: the prompts of the TTFT check fit the step budget
     assert result["eager_steps"] == 0
     assert result["eager_ttft_cold_ms"] > 0 and result["graph_ttft_speedup"] > 0
+    for prefix in ("", "eager_"):  # the stall keys, with graphs and without
+        gap, ttft = result[f"{prefix}stall_worst_gap_s"], result[f"{prefix}stall_long_ttft_s"]
+        assert gap > 0 and ttft > 0
+        assert result[f"{prefix}prefill_stall_ratio"] == pytest.approx(gap / ttft, rel=1e-3)
     for key in ("decode_ratio_k", "decode_ratio_merged", "graph_speedup"):
         assert 0.05 < result[key] < 20, key
     assert result["ttft_hit_ms"] > 0 and result["ttft_cold_ms"] > 0
