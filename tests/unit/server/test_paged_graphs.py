@@ -29,7 +29,7 @@ from flora_server.engine.paged.graphs import (
     graph_capture_for,
     token_buckets,
 )
-from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner
+from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner, PagedStep
 from flora_server.engine.protocol import GenerationRequest
 
 pytestmark = pytest.mark.timeout(180)
@@ -267,6 +267,21 @@ def test_a_key_index_past_the_limit_runs_eagerly(adapters, monkeypatch) -> None:
     pair.step_both([ChunkInput([8, 9], 0, [50])], [None, None], [1], graphed=False)
     monkeypatch.setattr(graphs, "MAX_GATHERED_KV_BYTES", 2 * 4 * per_key)
     pair.step_both([ChunkInput([8, 9], 0, [50])], [None, None], [1])
+
+
+def test_a_graph_holds_no_key_index_between_replays(adapters) -> None:
+    """The gather index, mask and write slots a recorded forward computes are its
+    intermediates: after the forward nothing holds them, so in CUDA graphs their memory
+    goes back to the shared pool instead of staying reserved per graph."""
+    pair = Pair(adapters)
+    pair.add("a", [5, 6, 7], 0)
+    pair.decode(["a"])
+    assert len(pair.graphed.graphs) == 2
+    for graph in pair.graphed.graphs.values():
+        cells = [c.cell_contents for c in graph.replay.__closure__ or ()]  # type: ignore[attr-defined]
+        steps = [c for c in cells if isinstance(c, PagedStep)]
+        assert len(steps) == 1
+        assert steps[0].write is None and steps[0].decode == {}
 
 
 class FakeCudaGraph:

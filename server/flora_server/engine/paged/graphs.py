@@ -431,10 +431,7 @@ class GraphedPagedRunner(PagedRunner):
         span = width * bs
         offsets = torch.arange(span, device=device)
         block_of, offset = offsets // bs, offsets % bs  # [L]: table column and offset
-        write = torch.empty(tokens, dtype=torch.long, device=device)
-        gather = torch.empty(tokens, span, dtype=torch.long, device=device)
-        mask = torch.empty(tokens, 1, 1, span, dtype=torch.bool, device=device)
-        step = PagedStep.decode_only(self.kv, write, self.windows, self.fused)
+        step = PagedStep.decode_only(self.kv, tokens, device, self.windows, self.fused)
         try:
             if adapters:
                 self.runtime.set_graph_routing(inputs.slots)
@@ -464,9 +461,12 @@ class GraphedPagedRunner(PagedRunner):
                 routed_tokens,
                 routed,
             )
-            gather.copy_(tables[:, block_of] * bs + offset)
-            mask.copy_((offsets <= positions).view(tokens, 1, 1, span))
-            write.copy_(gather.gather(1, positions).squeeze(1))
+            # The key index is an intermediate of the recording (from the graphs' shared
+            # pool, dead between replays like the activations, `step.release`), not a
+            # tensor of its own per graph: up to 144 MiB (`MAX_GATHER`) each.
+            gather = tables[:, block_of] * bs + offset  # [T, L] pool slots
+            mask = (offsets <= positions).view(tokens, 1, 1, span)
+            step.write = gather.gather(1, positions).squeeze(1)
             step.set_decode(gather, mask, positions)  # sliding layers' keys, recorded too
             with fused_norms:  # the norms' and rotary kernels, for this recording only
                 out = self._decoder(
@@ -478,6 +478,7 @@ class GraphedPagedRunner(PagedRunner):
                 )
             hidden = out.last_hidden_state.index_select(0, sample)  # [T, 1, H]
             logits.copy_(self._head(hidden)[:, -1, :].float())
+            step.release()
 
         try:
             replay = self.capture.capture(forward)

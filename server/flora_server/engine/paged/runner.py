@@ -160,7 +160,7 @@ class PagedStep:
                 keys = {w: _chunk_keys(read, n, start, w) for w in kinds}
                 self.prefills.append((row, n, keys))
             row += n
-        self.write = torch.tensor(write, dtype=torch.long, device=device)
+        self.write: torch.Tensor | None = torch.tensor(write, dtype=torch.long, device=device)
         # Decode group: keys gathered into [B, L_max] (padding reads the zero pad slot,
         # masked out), from the block tables by tensor arithmetic (a row's slots one by
         # one in Python cost more than the forward at 128 rows).
@@ -181,17 +181,17 @@ class PagedStep:
     def decode_only(
         cls,
         kv: KVTensors,
-        write: torch.Tensor,
+        rows: int,
+        device: torch.device,
         windows: Sequence[int | None] = (),
         fused: FusedKernels | None = None,
     ) -> PagedStep:
-        """A step of B decode tokens (layout [B, 1]) over index tensors the caller owns and
-        refills, as a CUDA graph replays it: `write` [B] (each token's pool slot), then
-        `set_decode` with the keys' buffers after every refill."""
-        step = cls(kv, [], write.device, windows=windows)
+        """A step of B = `rows` tokens, each its own decode row (layout [B, 1]), whose
+        index tensors are computed by the forward that reads them, as a CUDA graph
+        replays it: before each forward, `write` (each row's pool slot) and `set_decode`."""
+        step = cls(kv, [], device, windows=windows)
         step.fused = fused
-        step.write = write
-        step.decode_rows = torch.arange(write.shape[0], device=write.device)
+        step.decode_rows = torch.arange(rows, device=device)
         return step
 
     def set_decode(self, gather: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
@@ -202,6 +202,14 @@ class PagedStep:
         self.decode = {None: _Keys(gather, mask, lengths=lengths)}
         for w in {w for w in self.windows if w is not None}:
             self.decode[w] = _window_keys(gather, mask, positions, w, self.kv.pad_slot)
+
+    def release(self) -> None:
+        """Drop the index tensors the forward computed (`write`, the decode keys). In a
+        CUDA graph they are intermediates of the recording: once nothing holds them, the
+        graphs' shared pool hands their memory to the next recording, as it does the
+        activations'."""
+        self.write = None
+        self.decode = {}
 
     # Older transformers ask the cache for its length when building positions; the runner
     # always passes positions, so any value serves.
@@ -217,6 +225,7 @@ class PagedStep:
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        assert self.write is not None, "a decode_only step's forward sets `write` first"
         keys.index_copy_(0, self.write, self._tokens(key).to(keys.dtype))
         values.index_copy_(0, self.write, self._tokens(value).to(values.dtype))
         return key, value
