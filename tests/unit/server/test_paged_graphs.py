@@ -239,6 +239,18 @@ def test_steps_past_the_largest_bucket_run_eagerly(adapters) -> None:
     pair.used_kv_equal()
 
 
+def test_steps_sampling_more_rows_than_a_graph_returns_run_eagerly(adapters) -> None:
+    """A graph returns the logits of at most `max_samples` rows (the shared buffer's);
+    a step scoring a prompt's positions past that runs eagerly, one within it replays."""
+    pair = Pair(adapters)
+    pair.graphed.max_samples = 4
+    pair.step_both([ChunkInput([4, 5, 6, 7, 8], 0, [40, 41])], [None] * 5, [4, 0, 1, 2, 3], False)
+    got = pair.step_both([ChunkInput([4, 5, 6, 7, 8], 0, [42, 43])], [0] * 5, [4, 0, 1, 2])
+    assert got.shape[0] == 4
+    assert pair.graphed._logits is not None and pair.graphed._logits.shape[0] == 4
+    pair.used_kv_equal()
+
+
 def test_token_buckets_end_at_the_step_budget() -> None:
     assert token_buckets(512) == (*DECODE_BUCKETS, 192, 256, 384, 512)
     assert token_buckets(2048)[-5:] == (512, 768, 1024, 1536, 2048)

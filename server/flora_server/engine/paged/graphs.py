@@ -17,16 +17,17 @@ steps and steps with prefill chunks alike:
 - **Buckets.** A step of n tokens runs as the smallest token bucket T >= n
   (`token_buckets`: vLLM's decode sizes up to 128, then wider ones up to the step's token
   budget) and the smallest power of two of blocks per row that covers its longest
-  sequence. Steps over the largest bucket, past the model's context, or whose key index
-  (`_gather_fits`) would be too large run eagerly (`PagedRunner.run`).
+  sequence. Steps over the largest bucket, sampling more than `MAX_SAMPLES` rows, past the
+  model's context, or whose key index (`_gather_fits`) would be too large run eagerly
+  (`PagedRunner.run`).
 - **Static buffers.** A graph reads only tensors that outlive it: `meta` [T, 2 + blocks]
   (each token's id, position and block table, one host-to-device copy per step), `slots`
   [T] int32 (each token's adapter slot, -1 for base; read in place by the adapter kernels
-  through `ServingModel.set_graph_routing`) and `sample` [T] (the tokens whose logits the
-  step returns, padded with 0). The pool slots a token writes, the gather index and the key
-  mask (and, for sliding-window layers, each row's keys within its window) are computed
-  inside the graph from them. The logits go to one buffer all graphs share (one replays at
-  a time, and each caller reads them before the next).
+  through `ServingModel.set_graph_routing`) and `sample` [min(T, MAX_SAMPLES)] (the
+  tokens whose logits the step returns, padded with 0). The pool slots a token writes,
+  the gather index and the key mask (and, for sliding-window layers, each row's keys
+  within its window) are computed inside the graph from them. The logits go to one buffer
+  all graphs share (one replays at a time, and each caller reads them before the next).
 - **Padding rows** (n < T) get token 0 at position 0 with a block table of the scratch block
   only (an extra block of the KV storage that the block pool never hands out) and slot -1:
   they write and read the scratch block, never a real sequence's KV.
@@ -70,6 +71,12 @@ DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 MAX_GATHER = 1 << 24
 """The most entries of a graph's key index (tokens x key positions): its int64 gather and
 bool mask are 144 MiB at this size, in the graphs' shared pool."""
+
+MAX_SAMPLES = 256
+"""The most rows a graph returns logits for (a decode row, the last token of a prompt, a
+position scored for prompt logprobs): the shared float32 logits buffer is this many rows
+of the vocabulary (48 MiB for SmolLM2's 49k tokens, 148 MiB for a 152k vocabulary), not
+the largest bucket's (8x that at a 2,048-token budget). A step sampling more runs eagerly."""
 
 MAX_GATHERED_KV_BYTES = 1 << 28
 """Without the fused attention kernel the recorded attention gathers every token's keys
@@ -216,7 +223,7 @@ class _HostInputs:
     step's input work. `event` marks the last copy; the buffers are not written again
     before it has run."""
 
-    def __init__(self, device: torch.device, tokens: int, width: int) -> None:
+    def __init__(self, device: torch.device, tokens: int, width: int, samples: int) -> None:
         pin = device.type == "cuda"
 
         def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -224,7 +231,7 @@ class _HostInputs:
 
         self.meta = host(tokens, 2 + width, dtype=torch.long)
         self.slots = host(tokens, dtype=torch.int32)
-        self.sample = host(tokens, dtype=torch.long)
+        self.sample = host(samples, dtype=torch.long)
         self.meta_np, self.slots_np = self.meta.numpy(), self.slots.numpy()
         self.sample_np = self.sample.numpy()
         self.device = device
@@ -239,14 +246,16 @@ class _StepInputs:
     """The static inputs of one shape (T tokens, `width` blocks per row), read by both its
     graphs (with and without adapter kernels): `meta` [T, 2 + width] int64 (token id,
     position, block table per row), `slots` [T] int32 (adapter slot per row, -1 = base),
-    `sample` [T] int64 (the rows whose logits the step returns, padded with row 0)."""
+    `sample` [S] int64 (the rows whose logits the step returns, padded with row 0)."""
 
-    def __init__(self, device: torch.device, tokens: int, width: int, scratch: int) -> None:
+    def __init__(
+        self, device: torch.device, tokens: int, width: int, samples: int, scratch: int
+    ) -> None:
         self.meta = torch.empty((tokens, 2 + width), dtype=torch.long, device=device)
         self.slots = torch.empty(tokens, dtype=torch.int32, device=device)
-        self.sample = torch.empty(tokens, dtype=torch.long, device=device)
+        self.sample = torch.empty(samples, dtype=torch.long, device=device)
         self.scratch = scratch
-        self.host = _HostInputs(device, tokens, width)
+        self.host = _HostInputs(device, tokens, width, samples)
         self.pad()
 
     def pad(self) -> None:
@@ -314,7 +323,8 @@ class GraphedPagedRunner(PagedRunner):
         self._kv_bytes_per_key = 2 * heads * kv.keys[0].element_size()  # a key and a value
         self.graphs: dict[tuple[int, int, bool], _StepGraph] = {}
         self._inputs: dict[tuple[int, int], _StepInputs] = {}
-        self._logits: torch.Tensor | None = None  # [largest bucket, V] float32, shared
+        self.max_samples = MAX_SAMPLES
+        self._logits: torch.Tensor | None = None  # [samples, V] float32, shared
         self.replays = 0  # steps run through a graph
         self.eager_steps = 0  # steps no graph served
         self._layout = runtime.layout_version
@@ -359,7 +369,7 @@ class GraphedPagedRunner(PagedRunner):
         sample_rows: Sequence[int],
         tokens: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        graph = self._graph_for(chunks, token_slots)
+        graph = self._graph_for(chunks, token_slots, len(sample_rows))
         if graph is None:
             return None
         self._fill(graph, chunks, token_slots, sample_rows)
@@ -373,10 +383,10 @@ class GraphedPagedRunner(PagedRunner):
 
     # -- which graph ------------------------------------------------------------------------
     def _graph_for(
-        self, chunks: Sequence[ChunkInput], token_slots: Sequence[int | None]
+        self, chunks: Sequence[ChunkInput], token_slots: Sequence[int | None], samples: int
     ) -> _StepGraph | None:
         n = len(token_slots)
-        if self._failed or n == 0 or n > self.buckets[-1]:
+        if self._failed or n == 0 or n > self.buckets[-1] or samples > self.max_samples:
             return None
         bs = self.kv.block_size
         blocks = max((c.start + len(c.token_ids) - 1) // bs + 1 for c in chunks)
@@ -418,15 +428,17 @@ class GraphedPagedRunner(PagedRunner):
     # -- recording ------------------------------------------------------------------------
     def _record(self, tokens: int, width: int, adapters: bool) -> _StepGraph | None:
         device, bs = self.device, self.kv.block_size
+        samples = min(tokens, self.max_samples)
         inputs = self._inputs.get((tokens, width))
         if inputs is None:
             inputs = self._inputs[tokens, width] = _StepInputs(
-                device, tokens, width, self.scratch_block
+                device, tokens, width, samples, self.scratch_block
             )
         if self._logits is None:
             vocab = self._head.weight.shape[0]
-            self._logits = torch.empty(self.buckets[-1], vocab, dtype=torch.float32, device=device)
-        logits = self._logits[:tokens]
+            rows = min(self.buckets[-1], self.max_samples)
+            self._logits = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        logits = self._logits[:samples]
         inputs.pad()  # the other graph of this shape may have left a step's rows there
         span = width * bs
         offsets = torch.arange(span, device=device)
@@ -476,7 +488,7 @@ class GraphedPagedRunner(PagedRunner):
                     flora_paged=step,
                     **{self._cache_kwarg: step},
                 )
-            hidden = out.last_hidden_state.index_select(0, sample)  # [T, 1, H]
+            hidden = out.last_hidden_state.index_select(0, sample)  # [S, 1, H]
             logits.copy_(self._head(hidden)[:, -1, :].float())
             step.release()
 
