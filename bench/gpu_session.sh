@@ -89,7 +89,7 @@ if want tests; then
         tests/unit/test_segment_kernels.py tests/unit/server/test_paged_fused.py >>"$OUT/pytest_cuda.log" 2>&1
     tail -4 "$OUT/pytest_cuda.log"
     for file in test_paged_graphs test_paged_windows; do
-        step "tests: $file (decode graphs)"
+        step "tests: $file (step graphs)"
         CUDA_LAUNCH_BLOCKING=1 timeout 90 "$PY" -m pytest -q -p no:cacheprovider \
             "${GRAPH_TESTS[@]}" "tests/unit/server/$file.py" >>"$OUT/pytest_cuda.log" 2>&1
         tail -4 "$OUT/pytest_cuda.log"
@@ -101,7 +101,7 @@ if want tests; then
     tail -4 "$OUT/pytest_cuda.log"
 fi
 if want engine; then
-    step "engine v2 with decode graphs"
+    step "engine v2 with step graphs"
     timeout 270 "$PY" bench/gpu.py --engine --profile "${ENGINE[@]}" | tail -c 3000
 fi
 if want kernels; then

@@ -190,12 +190,13 @@ def test_padding_rows_write_only_the_scratch_block(adapters) -> None:
     pair.used_kv_equal()
 
 
-def test_prefill_chunks_beside_decode_rows_replay_one_graph(adapters) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_chunks_beside_decode_rows_replay_one_graph(adapters, device) -> None:
     """A step packing decode rows (adapters and base) with prefill chunks: one at position 0,
     one continuing a sequence after its cached blocks (a prefix hit or an earlier chunk)
     that spans a block boundary, with prompt-score rows sampled beside the last tokens.
     The graph reads each token's own position and block table."""
-    pair = Pair(adapters)
+    pair = Pair(adapters, device=device)
     pair.add("a", [5, 6, 7], 0)
     pair.add("b", [9, 10], None)
     pair.add("c", [11, 12, 13, 14, 15, 16], 1)  # its blocks hold positions 0-5
