@@ -252,6 +252,13 @@ def test_graph_routing_shares_one_launch_per_sibling_group(kernel, monkeypatch) 
     with torch.no_grad():
         decode = serving(ids[:, 6:].to(DEVICE), **{CACHE_KWARG: prefill.past_key_values})
     assert calls["group"] == 2 * 2  # two layers, q/k/v and gate/up
+    # the deltas [rows, out] were the step's own: no group keeps one past it (in a CUDA
+    # graph they come from the recording's pool instead of staying reserved per graph);
+    # a group holds its members' banks (3-D) and ranks (1-D) only
+    groups = {p.group for p in serving.routing.plans if type(p).__name__ == "_GroupMemberPlan"}  # type: ignore[union-attr]
+    held = [t for g in groups for m in g.members for t in m if isinstance(t, torch.Tensor)]
+    assert len(groups) == 4 and all(g.shared.value is None for g in groups)
+    assert held and all(t.dim() != 2 for t in held)
     for b, slot in enumerate(rows):
         want = alone(base, None if slot is None else adapters[slot], ids[b : b + 1])
         torch.testing.assert_close(decode.logits[b].cpu(), want[0, 6:], atol=1e-5, rtol=1e-5)
