@@ -16,7 +16,12 @@ from typing import Any
 
 from flora_server.engine.llm_engine import InvalidRequestError, LLMEngine
 from flora_server.engine.paged.fused import fused_kernels
-from flora_server.engine.paged.graphs import GraphCapture, GraphedPagedRunner, graph_capture_for
+from flora_server.engine.paged.graphs import (
+    MAX_SAMPLES,
+    GraphCapture,
+    GraphedPagedRunner,
+    graph_capture_for,
+)
 from flora_server.engine.paged.kv_cache import BlockPool
 from flora_server.engine.paged.runner import KVTensors, PagedRunner
 from flora_server.engine.paged.scheduler import PagedScheduler
@@ -112,6 +117,7 @@ class PagedLLMEngine(LLMEngine):
                 capture,
                 scratch_block=self._pool.num_blocks,
                 budget=self._token_budget,
+                max_samples=max(self._max_batch_size, MAX_SAMPLES),
                 fused=fused_kernels(weight.device, weight.dtype),
             ),
             scheduler=PagedScheduler(self._pool, self._token_budget, self._max_batch_size),

@@ -74,9 +74,10 @@ bool mask are 144 MiB at this size, in the graphs' shared pool."""
 
 MAX_SAMPLES = 256
 """The most rows a graph returns logits for (a decode row, the last token of a prompt, a
-position scored for prompt logprobs): the shared float32 logits buffer is this many rows
-of the vocabulary (48 MiB for SmolLM2's 49k tokens, 148 MiB for a 152k vocabulary), not
-the largest bucket's (8x that at a 2,048-token budget). A step sampling more runs eagerly."""
+position scored for prompt logprobs) unless the engine's batch is larger: the shared
+float32 logits buffer is this many rows of the vocabulary (48 MiB for SmolLM2's 49k
+tokens, 148 MiB for a 152k vocabulary), not the largest bucket's (8x that at a
+2,048-token budget). A step sampling more runs eagerly."""
 
 MAX_GATHERED_KV_BYTES = 1 << 28
 """Without the fused attention kernel the recorded attention gathers every token's keys
@@ -291,7 +292,9 @@ class GraphedPagedRunner(PagedRunner):
 
     `kv` must hold one block more than the block pool hands out: `scratch_block`, where
     padding rows write. `runtime` is the model's `ServingModel`; `budget` the step's token
-    budget (`max_num_batched_tokens`), which sets the token buckets."""
+    budget (`max_num_batched_tokens`), which sets the token buckets; `max_samples` the
+    most rows a step samples from a graph (at least the engine's batch, so every decode
+    step fits)."""
 
     def __init__(
         self,
@@ -303,6 +306,7 @@ class GraphedPagedRunner(PagedRunner):
         budget: int = 512,
         buckets: Sequence[int] | None = None,
         fused: FusedKernels | None = None,
+        max_samples: int = MAX_SAMPLES,
     ) -> None:
         super().__init__(model, kv)
         # What the recorded graphs run in one kernel each (`fused`): paged attention,
@@ -323,7 +327,7 @@ class GraphedPagedRunner(PagedRunner):
         self._kv_bytes_per_key = 2 * heads * kv.keys[0].element_size()  # a key and a value
         self.graphs: dict[tuple[int, int, bool], _StepGraph] = {}
         self._inputs: dict[tuple[int, int], _StepInputs] = {}
-        self.max_samples = MAX_SAMPLES
+        self.max_samples = max_samples
         self._logits: torch.Tensor | None = None  # [samples, V] float32, shared
         self.replays = 0  # steps run through a graph
         self.eager_steps = 0  # steps no graph served
