@@ -17,13 +17,13 @@ steps and steps with prefill chunks alike:
 - **Buckets.** A step of n tokens runs as the smallest token bucket T >= n
   (`token_buckets`: vLLM's decode sizes up to 128, then wider ones up to the step's token
   budget) and the smallest power of two of blocks per row that covers its longest
-  sequence. Steps over the largest bucket, sampling more than `MAX_SAMPLES` rows, past the
+  sequence. Steps over the largest bucket, sampling more than `max_samples` rows, past the
   model's context, or whose key index (`_gather_fits`) would be too large run eagerly
   (`PagedRunner.run`).
 - **Static buffers.** A graph reads only tensors that outlive it: `meta` [T, 2 + blocks]
   (each token's id, position and block table, one host-to-device copy per step), `slots`
   [T] int32 (each token's adapter slot, -1 for base; read in place by the adapter kernels
-  through `ServingModel.set_graph_routing`) and `sample` [min(T, MAX_SAMPLES)] (the
+  through `ServingModel.set_graph_routing`) and `sample` [min(T, max_samples)] (the
   tokens whose logits the step returns, padded with 0). The pool slots a token writes,
   the gather index and the key mask (and, for sliding-window layers, each row's keys
   within its window) are computed inside the graph from them. The logits go to one buffer
