@@ -36,7 +36,9 @@ Requests ignore EOS so every stream runs its full length. Keys:
   decode attention and RMSNorm (``flora_server.engine.paged.fused``).
 - ``steps_ahead``: decode steps launched before the previous step's tokens reached the
   host, and how many of them the engine adopted (``flora_server.engine.paged.ahead``: the
-  host's work of step n overlaps the device's of step n + 1).
+  host's work of step n overlaps the device's of step n + 1); ``ahead_speedup``: base
+  decode at the first batch size over the same with ``decode_ahead`` off, raced in the
+  same rounds.
 - ``graph_check_*``: recorded steps against the eager runner in float32 on two layers
   (prefills, a prefill chunk packed with decode rows, adapters, padding rows, a load
   between replays, merged mode): largest relative logits error, replays, ok.
@@ -253,21 +255,32 @@ def decode_tok_s(
     return tokens / (end - start)
 
 
-def race(
-    engine: Any, sizes: Sizes, variants: dict[str, tuple[int, list[str | None]]]
-) -> dict[str, list[float]]:
-    """Each variant (batch, adapters of the rows) once as a warm-up (adapter loads, graph
-    recordings, the allocator), then `sizes.rounds` rounds of all of them, in an order
-    rotated each round; returns each variant's tok/s per round."""
+Variant = tuple[int, list[str | None], bool]
+"""A decode run: the batch, the adapters of its rows (cycled), and whether the engine
+decodes one step ahead (`PagedStepper.decode_ahead`)."""
+
+
+def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, list[float]]:
+    """Each variant once as a warm-up (adapter loads, graph recordings, the allocator),
+    then `sizes.rounds` rounds of all of them, in an order rotated each round; returns each
+    variant's tok/s per round."""
     rng = random.Random(0)
-    for batch, adapters in variants.values():
-        decode_tok_s(engine, sizes, batch, adapters, rng)
+
+    def one(variant: Variant) -> float:
+        batch, adapters, ahead = variant
+        engine._stepper.decode_ahead = ahead  # read by the worker per step; none in flight
+        try:
+            return decode_tok_s(engine, sizes, batch, adapters, rng)
+        finally:
+            engine._stepper.decode_ahead = True
+
+    for variant in variants.values():
+        one(variant)
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(sizes.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            batch, adapters = variants[name]
-            times[name].append(decode_tok_s(engine, sizes, batch, adapters, rng))
+            times[name].append(one(variants[name]))
     return times
 
 
@@ -508,7 +521,7 @@ def run(
     # graphed engine's own ServingModel (one ServingModel may wrap a model).
     engine = start_engine(model, adapters, sizes, "off", dry)
     try:
-        eager = race(engine, sizes, {"base": (first, [None])})
+        eager = race(engine, sizes, {"base": (first, [None], True)})
         eager_ttft = prefix_ttft(engine, sizes)
         eager_stall = stall(engine, sizes)
     finally:
@@ -519,10 +532,11 @@ def run(
     save(result)
     engine = start_engine(model, adapters, sizes, "auto", dry)
     runner = engine._stepper.runner
-    variants: dict[str, tuple[int, list[str | None]]] = {
-        "k": (first, names),  # first: its warm-up loads every adapter (wraps the modules)
-        "merged": (first, names[:1]),
-        **{f"base{b}": (b, [None]) for b in sizes.batches},
+    variants: dict[str, Variant] = {
+        "k": (first, names, True),  # first: its warm-up loads every adapter (wraps modules)
+        "merged": (first, names[:1], True),
+        **{f"base{b}": (b, [None], True) for b in sizes.batches},
+        "base_not_ahead": (first, [None], False),  # what decoding one step ahead gains
     }
     try:
         times = race(engine, sizes, variants)
@@ -553,6 +567,7 @@ def run(
     result["base_decode_tok_s"] = {str(b): round(v, 1) for b, v in base.items()}
     result["decode_ratio_k"] = median_ratio(times, "k", f"base{first}")
     result["decode_ratio_merged"] = median_ratio(times, "merged", f"base{first}")
+    result["ahead_speedup"] = median_ratio(times, f"base{first}", "base_not_ahead")
     result["graph_speedup"] = round(base[first] / result["eager_base_decode_tok_s"], 3)
     result["decode_tok_s_rounds"] = {k: [round(v, 1) for v in t] for k, t in times.items()}
     # The engine's step against the bare replay of its graph: what is left is host time.
