@@ -20,6 +20,8 @@ TEST_STAMP := $(VENV)/.test
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= smollm2-135m-instruct
+# `make test` runs pytest in two worker processes (pytest-xdist); 0 runs every test in one.
+TEST_WORKERS ?= 2
 
 .PHONY: venv serve test lint unit integration deploy-check bench bench-quick clean help
 
@@ -65,7 +67,7 @@ deploy-check: $(TEST_STAMP)
 	$(PY) -m deploy.check
 
 test: lint $(TEST_STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS)
 
 bench-quick: $(TEST_STAMP)
 	$(PY) -m bench.run --quick
