@@ -222,6 +222,8 @@ def test_prefill_chunks_beside_decode_rows_replay_one_graph(adapters, device) ->
         [None, None, None, 0],
         [2, 3],
     )
+    # a middle chunk of a long prompt alone: nothing sampled, the keys written
+    assert pair.step_both([ChunkInput([7, 7], 8, fresh)], [None, None], []).shape[0] == 0
     pair.used_kv_equal()
 
 
