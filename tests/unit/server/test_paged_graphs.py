@@ -254,6 +254,45 @@ def test_steps_sampling_more_rows_than_a_graph_returns_run_eagerly(adapters) -> 
     pair.used_kv_equal()
 
 
+class FailingCapture(RecordedCapture):
+    """`RecordedCapture` whose recordings fail while `failing` (as a wide shape out of
+    device memory would)."""
+
+    failing = False
+
+    def capture(self, forward):  # type: ignore[no-untyped-def]
+        if self.failing:
+            raise RuntimeError("out of memory (a stand-in)")
+        return super().capture(forward)
+
+
+def test_a_failed_recording_costs_its_shape_only(adapters) -> None:
+    """A recording that fails after others succeeded leaves that shape eager (tried once,
+    not again) and every other graph serving; a first recording that fails turns graphs
+    off (the model cannot be recorded there)."""
+    pair = Pair(adapters)
+    capture = pair.graphed.capture = FailingCapture()
+    pair.add("a", [5, 6, 7], 0)  # 3 tokens: bucket 4, recorded
+    eager = pair.graphed.eager_steps
+    capture.failing = True
+    pair.step_both([ChunkInput([1, 2, 3, 4, 5, 6], 0, [50, 51])], [None] * 6, [5], False)
+    capture.failing = False
+    pair.step_both([ChunkInput([1, 2, 3, 4, 5, 7], 0, [52, 53])], [None] * 6, [5], False)
+    assert pair.graphed.eager_steps == eager + 2  # bucket 8: failed once, not tried again
+    assert capture.captures == 1
+    pair.decode(["a"])  # bucket 1: recorded and replayed
+    assert capture.captures == 2
+    pair.used_kv_equal()
+
+    off = Pair(adapters)
+    capture = off.graphed.capture = FailingCapture()
+    capture.failing = True
+    off.step_both([ChunkInput([5, 6, 7], 0, [0, 1])], [0] * 3, [2], False)
+    capture.failing = False
+    off.step_both([ChunkInput([8], 3, [0, 1])], [0], [0], False)
+    assert off.graphed.eager_steps == 2 and off.graphed.graphs == {} and capture.captures == 0
+
+
 def test_token_buckets_end_at_the_step_budget() -> None:
     assert token_buckets(512) == (*DECODE_BUCKETS, 192, 256, 384, 512)
     assert token_buckets(2048)[-5:] == (512, 768, 1024, 1536, 2048)

@@ -333,7 +333,9 @@ class GraphedPagedRunner(PagedRunner):
         self.eager_steps = 0  # steps no graph served
         self._layout = runtime.layout_version
         self._no_adapter_graphs = False  # a wrapped module has no graph plan
-        self._failed = False
+        self._failed = False  # the first recording failed: this model is not recorded here
+        self._recorded = 0  # recordings that succeeded
+        self._unrecorded: set[tuple[int, int, bool]] = set()  # shapes whose recording failed
 
     @torch.inference_mode()
     def run(
@@ -414,7 +416,7 @@ class GraphedPagedRunner(PagedRunner):
             return None
         key = (tokens, width, adapters)
         graph = self.graphs.get(key)
-        if graph is None:
+        if graph is None and key not in self._unrecorded:
             graph = self._record(tokens, width, adapters)
             if graph is not None:
                 self.graphs[key] = graph
@@ -499,9 +501,19 @@ class GraphedPagedRunner(PagedRunner):
         try:
             replay = self.capture.capture(forward)
         except Exception as exc:
-            log.warning("CUDA graph recording failed, every step stays eager: %s", exc)
-            self._failed = True
+            # The first recording failing says the model cannot be recorded here; a later
+            # one (a wide shape out of memory, say) costs only its own shape.
+            if self._recorded == 0:
+                log.warning("CUDA graph recording failed, every step stays eager: %s", exc)
+                self._failed = True
+            else:
+                log.warning(
+                    "recording the graph of %d tokens x %d blocks failed, steps of that "
+                    "shape run eagerly: %s", tokens, width, exc,
+                )  # fmt: skip
+                self._unrecorded.add((tokens, width, adapters))
             return None
+        self._recorded += 1
         return _StepGraph(inputs, adapters, replay)
 
     # -- per step -------------------------------------------------------------------------
