@@ -214,6 +214,22 @@ def test_decode_group_writes_each_members_delta(kernel, outs) -> None:  # type: 
         assert bool((w != 0).any())
 
 
+def _tensors_held(obj: object) -> list[torch.Tensor]:
+    """The tensors among `obj`'s attributes, looking into lists, tuples and dicts (not into
+    other objects: a group's member plans hold the banks and the base weights)."""
+
+    def walk(value: object) -> list[torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, list | tuple):
+            return [t for v in value for t in walk(v)]
+        if isinstance(value, dict):
+            return [t for v in value.values() for t in walk(v)]
+        return []
+
+    return walk(list(vars(obj).values()))
+
+
 def test_graph_routing_shares_one_launch_per_sibling_group(kernel, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """`set_graph_routing` on a tiny llama through the Triton backend: q/k/v and gate/up
     become decode groups (one launch each), o and down keep their own plan; a decode step
@@ -254,9 +270,9 @@ def test_graph_routing_shares_one_launch_per_sibling_group(kernel, monkeypatch) 
     assert calls["group"] == 2 * 2  # two layers, q/k/v and gate/up
     # the deltas [rows, out] were the step's own: no group keeps one past it (in a CUDA
     # graph they come from the recording's pool instead of staying reserved per graph);
-    # a group holds its members' banks (3-D) and ranks (1-D) only
+    # of its own the group holds the rows' slots (1-D) and no 2-D tensor
     groups = {p.group for p in serving.routing.plans if type(p).__name__ == "_GroupMemberPlan"}  # type: ignore[union-attr]
-    held = [t for g in groups for m in g.members for t in m if isinstance(t, torch.Tensor)]
+    held = [t for g in groups for t in _tensors_held(g)]
     assert len(groups) == 4 and all(g.shared.value is None for g in groups)
     assert held and all(t.dim() != 2 for t in held)
     for b, slot in enumerate(rows):

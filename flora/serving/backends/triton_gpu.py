@@ -418,21 +418,15 @@ class _DecodeGroup:
     memory each graph keeps (at 2,048 rows, about 16 MiB per layer for SmolLM2)."""
 
     def __init__(self, plans: Sequence[_TritonGraphPlan]) -> None:
-        first = plans[0]
-        self.kernel, self.slots = first.kernel, first.slots
-        self.members = [
-            (p.target.weight.shape[0], p.target.weight.dtype, p.ranks, p.a, p.b) for p in plans
-        ]
+        self.plans = list(plans)
+        self.kernel, self.slots = plans[0].kernel, plans[0].slots
         self.block_r = max(p.block_r for p in plans)
         self.shared = PerInput(len(plans))
 
     def delta(self, x: torch.Tensor, x2: torch.Tensor, member: int) -> torch.Tensor:
         def launch() -> list[torch.Tensor]:
-            rows = x2.shape[0]
-            outs = [torch.empty(rows, n, dtype=t, device=x2.device) for n, t, *_ in self.members]
-            members = [
-                (d, ranks, a, b) for d, (_, _, ranks, a, b) in zip(outs, self.members, strict=True)
-            ]
+            outs = [x2.new_empty(x2.shape[0], p.target.weight.shape[0]) for p in self.plans]
+            members = [(d, p.ranks, p.a, p.b) for d, p in zip(outs, self.plans, strict=True)]
             self.kernel.decode_group(x2, self.slots, members, self.block_r)
             return outs
 

@@ -213,8 +213,8 @@ def test_prefill_chunks_beside_decode_rows_replay_one_graph(adapters, device) ->
     # the decode rows, the chunk of c's last token; then prompt scores of the new prompt
     sample = [0, 6, 10, 1, 2, 3]
     pair.step_both(chunks, slots, sample)
-    tokens = pair.graphed.graphs.keys()
-    assert {(k[0], k[2]) for k in tokens} >= {(16, True)}  # 11 tokens, bucket 16
+    # 11 tokens: bucket 16; c's position 9 is in its third block: 4 blocks a row
+    assert (16, 4, True) in pair.graphed.graphs
     pair.used_kv_equal()
     # the new prompt's next chunk reads the keys the graph wrote, beside a decode row
     pair.step_both(
@@ -282,6 +282,11 @@ def test_a_failed_recording_costs_its_shape_only(adapters) -> None:
     assert capture.captures == 1
     pair.decode(["a"])  # bucket 1: recorded and replayed
     assert capture.captures == 2
+    # a bank grown to a larger rank drops every graph and their pool: the failed shape is
+    # tried again, and records now
+    pair.serving.load(1, adapters["wide"])
+    pair.step_both([ChunkInput([1, 2, 3, 4, 5, 8], 0, [54, 55])], [None] * 6, [5])
+    assert capture.captures == 3
     pair.used_kv_equal()
 
     off = Pair(adapters)

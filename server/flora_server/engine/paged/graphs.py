@@ -409,7 +409,8 @@ class GraphedPagedRunner(PagedRunner):
             return None  # the mode policy never mixes these; eager raises the error
         if self.runtime.layout_version != self._layout:
             self.graphs.clear()  # tensors the graphs read were re-bound
-            self.capture.reset()
+            self.capture.reset()  # their pool goes with them: a failed shape may fit now
+            self._unrecorded.clear()
             self._layout = self.runtime.layout_version
             self._no_adapter_graphs = False
         if adapters and self._no_adapter_graphs:

@@ -18,9 +18,9 @@ the one place where tokens meet, and it is replaced here:
   starts at position 0, else an explicit causal mask offset by the positions already cached
   (docs/engine.md has the measurements behind this split). A recorded CUDA graph
   (`graphs.py`) runs every token as a decode row ([T, 1]), and their attention is one
-  Triton kernel, reading each row's keys through its slots (`fused.py`). Registering an attention
-  function without a mask function makes transformers skip building its own mask
-  (`masking_utils._preprocess_mask_arguments`).
+  Triton kernel, reading each row's keys through its slots (`fused.py`). Registering an
+  attention function without a mask function makes transformers skip building its own
+  mask (`masking_utils._preprocess_mask_arguments`).
 - A sliding-window layer (its window from `windows.attention_windows`, the rule of what
   engine v2 serves) adds transformers' window to both paths: a query at position q sees
   keys at k with q - window < k <= q, and keys before every query's window are not read.
