@@ -39,6 +39,10 @@ Requests ignore EOS so every stream runs its full length. Keys:
   host's work of step n overlaps the device's of step n + 1); ``ahead_speedup``: base
   decode at the first batch size over the same with ``decode_ahead`` off, raced in the
   same rounds.
+- ``prologue_speedup``: K decode with the adapter deltas computed inside the fused norms
+  and SiLU-multiply over the same with them in launches of their own
+  (``FusedKernels.prologues`` off), raced in the same rounds; ``None`` without the fused
+  kernels (a dry run).
 - ``graph_check_*``: recorded steps against the eager runner in float32 on two layers
   (prefills, a prefill chunk packed with decode rows, adapters, padding rows, a load
   between replays, merged mode): largest relative logits error, replays, ok.
@@ -255,24 +259,35 @@ def decode_tok_s(
     return tokens / (end - start)
 
 
-Variant = tuple[int, list[str | None], bool]
-"""A decode run: the batch, the adapters of its rows (cycled), and whether the engine
-decodes one step ahead (`PagedStepper.decode_ahead`)."""
+Variant = tuple[int, list[str | None], bool, bool]
+"""A decode run: the batch, the adapters of its rows (cycled), whether the engine decodes
+one step ahead (`PagedStepper.decode_ahead`), and whether the fused norms and
+SiLU-multiply compute the adapter deltas (`FusedKernels.prologues`; switching it drops
+the recorded graphs, recorded again in the run's first steps)."""
 
 
 def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, list[float]]:
     """Each variant once as a warm-up (adapter loads, graph recordings, the allocator),
-    then `sizes.rounds` rounds of all of them, in an order rotated each round; returns each
-    variant's tok/s per round."""
+    then `sizes.rounds` rounds of all of them, in an order rotated each round, then the
+    first once more (a variant without prologues drops the graphs: those timed alone
+    afterwards are recorded with the default settings); returns each variant's tok/s per
+    round."""
     rng = random.Random(0)
 
+    fused = getattr(engine._stepper.runner, "fused", None)
+
     def one(variant: Variant) -> float:
-        batch, adapters, ahead = variant
-        engine._stepper.decode_ahead = ahead  # read by the worker per step; none in flight
+        batch, adapters, ahead, prologues = variant
+        # read by the worker per step and per recording; no step is in flight here
+        engine._stepper.decode_ahead = ahead
+        if fused is not None:
+            fused.prologues = prologues
         try:
             return decode_tok_s(engine, sizes, batch, adapters, rng)
         finally:
             engine._stepper.decode_ahead = True
+            if fused is not None:
+                fused.prologues = True
 
     for variant in variants.values():
         one(variant)
@@ -281,6 +296,7 @@ def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, l
     for r in range(sizes.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(one(variants[name]))
+    one(variants[names[0]])  # unmeasured: the graphs left are the default settings' again
     return times
 
 
@@ -521,7 +537,7 @@ def run(
     # graphed engine's own ServingModel (one ServingModel may wrap a model).
     engine = start_engine(model, adapters, sizes, "off", dry)
     try:
-        eager = race(engine, sizes, {"base": (first, [None], True)})
+        eager = race(engine, sizes, {"base": (first, [None], True, True)})
         eager_ttft = prefix_ttft(engine, sizes)
         eager_stall = stall(engine, sizes)
     finally:
@@ -533,10 +549,11 @@ def run(
     engine = start_engine(model, adapters, sizes, "auto", dry)
     runner = engine._stepper.runner
     variants: dict[str, Variant] = {
-        "k": (first, names, True),  # first: its warm-up loads every adapter (wraps modules)
-        "merged": (first, names[:1], True),
-        **{f"base{b}": (b, [None], True) for b in sizes.batches},
-        "base_not_ahead": (first, [None], False),  # what decoding one step ahead gains
+        "k": (first, names, True, True),  # first: its warm-up loads every adapter
+        "merged": (first, names[:1], True, True),
+        **{f"base{b}": (b, [None], True, True) for b in sizes.batches},
+        "base_not_ahead": (first, [None], False, True),  # what decoding ahead gains
+        "k_no_prologues": (first, names, True, False),  # what the deltas in the norms gain
     }
     try:
         times = race(engine, sizes, variants)
@@ -568,6 +585,9 @@ def run(
     result["decode_ratio_k"] = median_ratio(times, "k", f"base{first}")
     result["decode_ratio_merged"] = median_ratio(times, "merged", f"base{first}")
     result["ahead_speedup"] = median_ratio(times, f"base{first}", "base_not_ahead")
+    result["prologue_speedup"] = (
+        median_ratio(times, "k", "k_no_prologues") if getattr(runner, "fused", None) else None
+    )
     result["graph_speedup"] = round(base[first] / result["eager_base_decode_tok_s"], 3)
     result["decode_tok_s_rounds"] = {k: [round(v, 1) for v in t] for k, t in times.items()}
     # The engine's step against the bare replay of its graph: what is left is host time.

@@ -134,6 +134,11 @@ class ServedModule(nn.Module):
             raise TypeError(f"{type(self.base_layer).__name__}.weight is not a tensor")
         return weight
 
+    @property
+    def plan(self) -> Plan | None:
+        """This module's plan for the current routing (``None``: its base layer serves)."""
+        return self.routing.plans[self.index]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.routing.plans[self.index]
         if plan is None:

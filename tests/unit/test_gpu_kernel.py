@@ -5,8 +5,6 @@ CUDA machine the same tests run the compiled kernel there."""
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
 
 import pytest
 import torch
@@ -14,9 +12,7 @@ import torch
 from flora.serving import ServingModel, ServingPolicy, reference_forward
 from flora.serving.backends import triton_gpu as gk
 from tests.unit.test_cpu_kernel import Proj, served_proj
-
-MODULE = "flora.serving.backends._row_kernel_triton"
-
+from tests.unit.triton_modules import triton_modules
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU_POLICY = ServingPolicy(cpu_kernel=False)  # the numba kernel off: the CPU runs the GPU path
@@ -24,15 +20,9 @@ GPU_POLICY = ServingPolicy(cpu_kernel=False)  # the numba kernel off: the CPU ru
 
 @pytest.fixture
 def kernel(monkeypatch):  # type: ignore[no-untyped-def]
-    """The kernel, compiled on a CUDA machine, else as Triton's interpreter runs it
-    (``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates, so the module is imported
-    afresh with it set, and dropped afterwards)."""
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.delitem(sys.modules, MODULE, raising=False)
-    yield gk.TritonRowKernel(importlib.import_module(MODULE))
-    if DEVICE.type == "cpu":
-        sys.modules.pop(MODULE, None)
+    """The kernel, compiled on a CUDA machine, else as Triton's interpreter runs it."""
+    with triton_modules(monkeypatch, DEVICE):
+        yield gk.load_row_kernel()
 
 
 def bank(gen, n_in: int, n_out: int, ranks: list[int], rank_major: bool):  # type: ignore[no-untyped-def]

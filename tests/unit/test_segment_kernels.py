@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
-import sys
 
 import numpy as np
 import pytest
@@ -18,9 +16,9 @@ from flora.serving import ModuleFactors, ServingModel, ServingPolicy, reference_
 from flora.serving.backends import triton_gpu as gk
 from flora.serving.backends.numba_cpu import row_kernel
 from flora.serving.segments import Segments, segment_delta
+from tests.unit.triton_modules import triton_modules
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TRITON_MODULE = "flora.serving.backends._row_kernel_triton"
 
 # A packed step's shape in miniature: a long prefill chunk, decode tokens, a base row, an
 # empty segment, a short chunk, a long base chunk, a second long chunk of a slot already
@@ -39,12 +37,8 @@ def numba_kernel():  # type: ignore[no-untyped-def]
 @pytest.fixture
 def triton_kernel(monkeypatch):  # type: ignore[no-untyped-def]
     """As tests/unit/test_gpu_kernel.py: compiled on CUDA, else the interpreter."""
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.delitem(sys.modules, TRITON_MODULE, raising=False)
-    yield gk.TritonRowKernel(importlib.import_module(TRITON_MODULE))
-    if DEVICE.type == "cpu":
-        sys.modules.pop(TRITON_MODULE, None)
+    with triton_modules(monkeypatch, DEVICE):
+        yield gk.load_row_kernel()
 
 
 # -- Segments ----------------------------------------------------------------------------

@@ -17,9 +17,11 @@ that read the same input (q/k/v, gate/up) in one launch, writing each member's d
 its base GEMM to add. ``segment_update`` is the same computation over tiles of token
 segments of any lengths (a packed step), each tile with its own slot.
 
-Reductions use this module's jitted ``_add`` (``tl.reduce``), not ``tl.sum``: the helpers
-of ``triton.language.standard`` are compiled when triton is imported, so Triton's
-interpreter (the CPU tests) could not run them if triton was imported before it was on.
+Reductions are ``tl.reduce`` with triton's own sum combiner (``_add``), not ``tl.sum``:
+the helpers of ``triton.language.standard`` are compiled when triton is imported, so
+Triton's interpreter (the CPU tests) could not run ``tl.sum`` if triton was imported
+before it was on; it never runs the combiner itself, it recognises it and sums in numpy
+(any other combiner it applies element by element in Python, a hundred times slower).
 """
 
 from __future__ import annotations
@@ -27,10 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _add(a, b):  # pragma: no cover (compiled)
-    return a + b
+_add = tl.standard._sum_combine  # a + b (see above)
 
 
 @triton.jit
@@ -101,6 +100,33 @@ def row_update(  # pragma: no cover (compiled)
 
 
 @triton.jit
+def _shrink(  # pragma: no cover (compiled)
+    h, xs, a, s, k, live_k, r, live_r, stride_as, stride_ak, stride_ar
+):
+    """``h + xs @ A_s[k, r]``: one step of a decode row's shrink over the inputs ``k``
+    (``xs`` float32), products and sums (no ``tl.dot``)."""
+    fs = tl.load(
+        a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
+        mask=live_k[:, None] & live_r[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    return h + tl.reduce(xs[:, None] * fs, 0, _add)
+
+
+@triton.jit
+def _expand(  # pragma: no cover (compiled)
+    h, b, s, o, r, live_r, live_o, stride_bs, stride_br, stride_bo
+):
+    """``h @ B_s[r, o]`` in float32: a decode row's expand for the outputs ``o``."""
+    fb = tl.load(
+        b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
+        mask=live_r[:, None] & live_o[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    return tl.reduce(h[:, None] * fb, 0, _add)
+
+
+@triton.jit
 def _row_delta(  # pragma: no cover (compiled)
     x,
     a,
@@ -131,18 +157,8 @@ def _row_delta(  # pragma: no cover (compiled)
         k = k0 + tl.arange(0, BLOCK_K)
         live_k = k < n_in
         xs = tl.load(x + n * stride_xn + k, mask=live_k, other=0.0).to(tl.float32)
-        fs = tl.load(
-            a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
-            mask=live_k[:, None] & live_r[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        h += tl.reduce(xs[:, None] * fs, 0, _add)
-    fb = tl.load(
-        b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
-        mask=live_r[:, None] & live_o[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    return tl.reduce(h[:, None] * fb, 0, _add)
+        h = _shrink(h, xs, a, s, k, live_k, r, live_r, stride_as, stride_ak, stride_ar)
+    return _expand(h, b, s, o, r, live_r, live_o, stride_bs, stride_br, stride_bo)
 
 
 @triton.jit

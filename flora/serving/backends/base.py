@@ -118,6 +118,19 @@ class PerInput:
         self.value: Any = None
         self.pending: set[int] = set()
 
+    def seed(self, x: torch.Tensor, value: Any) -> None:
+        """Hand ``value`` to the members for input ``x``: computed by whatever produced
+        ``x`` (a norm kernel that also computes the siblings' deltas), so no member
+        computes it."""
+        self.x, self.value, self.pending = x, value, set(range(self.members))
+
+    def seeded(self, x: torch.Tensor, member: int) -> Any:
+        """What ``seed`` handed over for ``x`` if ``member`` has not taken it yet (taking
+        it now), else ``None``."""
+        if self.x is not x or member not in self.pending:
+            return None
+        return self.take(x, member, lambda: None)
+
     def take(self, x: torch.Tensor, member: int, compute: Callable[[], Any]) -> Any:
         if self.x is not x or member not in self.pending:
             self.x, self.value, self.pending = x, compute(), set(range(self.members))

@@ -11,8 +11,11 @@ launch per projection (after the base GEMM) whatever the mix of adapters and ran
 ``gpu_kernel_for()`` / ``triton_row_kernel()`` are the capability check: ``None`` (the
 torch paths then serve, and they stay the reference the kernel is tested against)
 unless triton imports, the module is on a CUDA device, and a self-test of the kernel on
-that device matches the float64 reference. ``TritonBackend`` serves a module through it
-(``_TritonPlan`` per routing).
+that device matches the float64 reference (``triton_kernel``: the launchers, references
+and self-test). ``TritonBackend`` serves a module through it (``_TritonPlan`` per
+routing, ``_TritonSegmentPlan`` per packed step, ``_TritonGraphPlan`` and the sibling
+groups under CUDA graphs, with ``rms_norm_with_deltas`` / ``silu_mul_with_delta``: the
+decode deltas computed inside the kernel that produces the projections' input).
 """
 
 from __future__ import annotations
@@ -20,25 +23,42 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
-from types import ModuleType
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 
 from flora.serving.backends.base import Backend, PerInput, RowTarget
 from flora.serving.backends.torch_paths import torch_plan, torch_segment_plan
+from flora.serving.backends.triton_kernel import (
+    KERNEL_MODULES,
+    TritonRowKernel,
+    block_rank,
+    load_row_kernel,
+    reference,
+    reference_rms_norm,
+    reference_silu_mul,
+    segment_tiles,
+    self_test,
+)
 from flora.serving.base import NO_SLOT, Plan, ServingPolicy
-from flora.serving.segments import Segments, segment_delta
+from flora.serving.segments import Segments
 
-__all__ = [
+__all__ = [  # with the launchers, references and self-test of `triton_kernel`
+    "KERNEL_MODULES",
     "TritonBackend",
     "TritonRowKernel",
+    "block_rank",
     "gpu_kernel_for",
+    "load_row_kernel",
+    "reference",
+    "reference_rms_norm",
+    "reference_silu_mul",
+    "rms_norm_with_deltas",
     "segment_tiles",
+    "self_test",
     "self_tested",
+    "silu_mul_with_delta",
     "triton_applies",
     "triton_row_kernel",
 ]
@@ -47,180 +67,6 @@ log = logging.getLogger(__name__)
 K = TypeVar("K")
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class TritonRowKernel:
-    """``kernel(y, x, slots, ranks, a, b, block_r)``: ``y[n] += (x[n] @ A[s]) @ B[s]`` with
-    ``s = slots[n // tokens]`` for the ``B = len(slots)`` batch rows of ``tokens`` rows of
-    ``x`` each; rows with slot -1, or a slot of rank 0 in ``ranks``, are left as they are.
-
-    ``y: [N, out]`` and ``x: [N, in]`` on one device with unit stride along the last
-    dimension; ``slots: [B]`` and ``ranks: [S]`` int32 on that device; ``a: [S, in, R]``
-    and ``b: [S, R, out]`` a ``DeviceSlotBank``'s tensors, in any layout; ``block_r`` a
-    power of two >= 16 and >= every rank the routing uses (``block_rank``).
-    """
-
-    block_t = 16  # tokens per program (tl.dot's minimum tile)
-    block_k = 64
-    block_n = 64
-    decode_block_k = 256  # inputs per step of a decode row's shrink (`row_decode`)
-    decode_block_n = 128  # outputs per decode program
-    tables_kept = 64
-
-    def __init__(self, kernels: ModuleType) -> None:
-        self._k = kernels
-        self._tables: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
-        self._tables_lock = threading.Lock()
-
-    def table(
-        self, key: Hashable, values: Callable[[], Sequence[int]], device: torch.device
-    ) -> torch.Tensor:
-        """The int32 routing table ``values()`` on ``device``, uploaded once per ``key``
-        (the last ``tables_kept`` are kept). The plans of one routing, one per adapted
-        projection, mostly carry the same table: one host-to-device copy per step instead
-        of one per projection (each copy costs the host more than a kernel launch).
-        Plans only read their tables."""
-        with self._tables_lock:
-            found = self._tables.get((key, device))
-            if found is not None:
-                self._tables.move_to_end((key, device))
-                return found
-        made = torch.tensor(list(values()), dtype=torch.int32, device=device)
-        with self._tables_lock:
-            self._tables[(key, device)] = made
-            while len(self._tables) > self.tables_kept:
-                self._tables.popitem(last=False)
-        return made
-
-    def __call__(
-        self,
-        y: torch.Tensor,
-        x: torch.Tensor,
-        slots: torch.Tensor,
-        ranks: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        block_r: int,
-    ) -> None:
-        rows, (n, n_in), n_out = slots.shape[0], x.shape, y.shape[1]
-        tokens = n // rows
-        if tokens == 1:  # decode: the kernel made for one token per row
-            self._k.row_decode[(rows, -(-n_out // self.decode_block_n))](
-                x, a, b, slots, ranks, y, n_in, n_out,
-                x.stride(0), a.stride(0), a.stride(1), a.stride(2),
-                b.stride(0), b.stride(1), b.stride(2), y.stride(0),
-                BLOCK_R=block_r, BLOCK_K=self.decode_block_k, BLOCK_N=self.decode_block_n,
-            )  # fmt: skip
-            return
-        grid = (rows, -(-tokens // self.block_t), -(-n_out // self.block_n))
-        self._k.row_update[grid](
-            x, a, b, slots, ranks, y, tokens, n_in, n_out,
-            x.stride(0), a.stride(0), a.stride(1), a.stride(2),
-            b.stride(0), b.stride(1), b.stride(2), y.stride(0),
-            BLOCK_T=self.block_t, BLOCK_R=block_r, BLOCK_K=self.block_k,
-            BLOCK_N=self.block_n, IEEE=x.dtype == torch.float32,
-        )  # fmt: skip
-
-    def decode_group(
-        self,
-        x: torch.Tensor,
-        slots: torch.Tensor,
-        members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-        block_r: int,
-    ) -> None:
-        """The decode deltas of 2 or 3 sibling projections in one launch: for each member
-        ``(d, ranks, a, b)``, ``d[n] = (x[n] @ A[s]) @ B[s]`` with ``s = slots[n]`` (0 for
-        a row with slot -1 or a slot of rank 0 there). ``x: [B, in]`` one token per row,
-        ``d: [B, out]`` (each member its own ``out``), the rest as for a call."""
-        if not 2 <= len(members) <= 3:
-            raise ValueError(f"a decode group has 2 or 3 members, not {len(members)}")
-        tiles = [-(-d.shape[1] // self.decode_block_n) for d, _, _, _ in members]
-        args: list[object] = []
-        for d, ranks, a, b in [*members, members[-1]][:3]:
-            args += [a, b, ranks, d, d.shape[1], *a.stride(), *b.stride(), d.stride(0)]
-        self._k.row_decode_group[(slots.shape[0], sum(tiles))](
-            x, slots, *args, x.shape[1], x.stride(0), tiles[0], tiles[1],
-            MEMBERS=len(members), BLOCK_R=block_r, BLOCK_K=self.decode_block_k,
-            BLOCK_N=self.decode_block_n,
-        )  # fmt: skip
-
-    def segments(
-        self,
-        y: torch.Tensor,
-        x: torch.Tensor,
-        tiles: torch.Tensor,
-        ranks: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        block_r: int,
-    ) -> None:
-        """The segment form: ``y[lo:hi] += (x[lo:hi] @ A[s]) @ B[s]`` for every tile
-        ``(lo, hi, s)`` of ``tiles: [3, P]`` int32 on the device (``segment_tiles``: at
-        most ``block_t`` tokens each, slots of rank > 0); other rows are left as they are.
-        ``y``, ``x``, ``ranks``, ``a``, ``b`` and ``block_r`` as for a call."""
-        n_tiles, (n_in, n_out) = tiles.shape[1], (x.shape[1], y.shape[1])
-        if n_tiles == 0:
-            return
-        grid = (n_tiles, -(-n_out // self.block_n))
-        self._k.segment_update[grid](
-            x, a, b, tiles, ranks, y, n_tiles, n_in, n_out,
-            x.stride(0), a.stride(0), a.stride(1), a.stride(2),
-            b.stride(0), b.stride(1), b.stride(2), y.stride(0),
-            BLOCK_T=self.block_t, BLOCK_R=block_r, BLOCK_K=self.block_k,
-            BLOCK_N=self.block_n, IEEE=x.dtype == torch.float32,
-        )  # fmt: skip
-
-
-def segment_tiles(segments: Segments, ranks: Sequence[int], block_t: int) -> list[list[int]]:
-    """The kernel's tiles for a segment routing: every segment whose slot has rank > 0 in
-    ``ranks`` cut into pieces of at most ``block_t`` tokens, as ``[firsts, ends, slots]``."""
-    pieces = [p for p in segments.pieces(block_t) if p[2] != NO_SLOT and ranks[p[2]] > 0]
-    return [[p[i] for p in pieces] for i in range(3)]
-
-
-def block_rank(rank: int) -> int:
-    """The kernel's rank tile for ranks up to ``rank``: a power of two, at least 16."""
-    return max(16, 1 << max(0, rank - 1).bit_length())
-
-
-def reference(
-    x: torch.Tensor, slots: list[int], ranks: list[int], a: torch.Tensor, b: torch.Tensor
-) -> torch.Tensor:
-    """The update the kernel adds, per row in float64 (for tests and the self-test)."""
-    tokens = x.shape[0] // len(slots)
-    out = torch.zeros(x.shape[0], b.shape[2], dtype=torch.float64, device=x.device)
-    for row, s in enumerate(slots):
-        if s >= 0 and ranks[s] > 0:
-            r, span = ranks[s], slice(row * tokens, (row + 1) * tokens)
-            out[span] = x[span].double() @ a[s, :, :r].double() @ b[s, :r].double()
-    return out
-
-
-def self_test(kernel: TritonRowKernel, device: torch.device, dtype: torch.dtype) -> None:
-    """Run the kernel on a small mixed routing (two ranks, a row without an adapter, a
-    slot of rank 0, two tokens per row) on ``device`` and compare with ``reference``, and
-    its segment form on mixed segments against ``segment_delta``; raises
-    ``AssertionError`` on a mismatch."""
-    gen = torch.Generator().manual_seed(0)
-    ranks, slots = [4, 0, 9], [0, -1, 2, 1]
-    a = torch.randn(3, 40, 9, generator=gen).to(device, dtype)
-    b = torch.randn(3, 9, 70, generator=gen).to(device, dtype)
-    x = torch.randn(8, 40, generator=gen).to(device, dtype)
-    y = torch.randn(8, 70, generator=gen).to(device, dtype)
-    expected = y.double() + reference(x, slots, ranks, a, b)
-    as_device = functools.partial(torch.tensor, dtype=torch.int32, device=device)
-    kernel(y, x, as_device(slots), as_device(ranks), a, b, block_rank(max(ranks)))
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * 10)
-    # the segment form on the same bank: a 19-token segment (two tiles), a base segment,
-    # an empty one, a slot of rank 0 and a 1-token segment
-    segments = Segments.from_lengths([19, 2, 0, 3, 1], [2, -1, 0, 1, 0])
-    x = torch.randn(segments.total, 40, generator=gen).to(device, dtype)
-    y = torch.randn(segments.total, 70, generator=gen).to(device, dtype)
-    expected = y.double() + segment_delta(x, segments, a, b, ranks)
-    tiles = as_device(segment_tiles(segments, ranks, kernel.block_t))
-    kernel.segments(y, x, tiles, as_device(ranks), a, b, block_rank(max(ranks)))
-    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * 10)
 
 
 def triton_applies(device: torch.device, dtype: torch.dtype) -> bool:
@@ -253,9 +99,7 @@ def triton_row_kernel(device: torch.device, dtype: torch.dtype) -> TritonRowKern
     (``self_tested``: the torch paths then serve)."""
 
     def make() -> TritonRowKernel:
-        from flora.serving.backends import _row_kernel_triton
-
-        kernel = TritonRowKernel(_row_kernel_triton)
+        kernel = load_row_kernel()
         self_test(kernel, device, dtype)
         return kernel
 
@@ -386,9 +230,13 @@ class _TritonGraphPlan:
     """``_TritonPlan`` for CUDA graphs: the row slots are read from the caller's buffer
     (refilled in place between replays) and every slot counts as the bank's full rank
     capacity (its padding is zero, so the result is exact, and a slot loaded later needs
-    no new plan as long as the bank is not re-allocated)."""
+    no new plan as long as the bank is not re-allocated).
 
-    __slots__ = ("a", "b", "base", "block_r", "kernel", "ranks", "slots", "target")
+    ``silu_mul`` is the prologue form for a projection fed by ``SiLU(gate) * up`` (down):
+    one launch forms the product and this plan's delta of it, and the call on that very
+    product is then one ``addmm``."""
+
+    __slots__ = ("a", "b", "base", "block_r", "kernel", "prologue", "ranks", "slots", "target")
 
     def __init__(self, target: RowTarget, kernel: TritonRowKernel, slots: torch.Tensor) -> None:
         bank = target.bank
@@ -398,14 +246,42 @@ class _TritonGraphPlan:
             (bank.max_slots + 1,), bank.capacity, dtype=torch.int32, device=bank.device
         )
         self.block_r = block_rank(bank.capacity)
+        self.prologue = PerInput(1)  # the delta `silu_mul` computed, for its product
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         x2 = _token_rows(x)
+        d = self.prologue.seeded(x, 0)
+        if d is not None:
+            return torch.addmm(d, x2, self.target.weight_t).view(*x.shape[:-1], d.shape[1])
+        y = self.base(x)
         self.kernel(
             y.view(-1, y.shape[-1]), x2, self.slots, self.ranks, self.a, self.b, self.block_r
         )
         return y
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+        """``SiLU(gate) * up`` and, in the same launch, this plan's delta of it, which the
+        call on the returned tensor takes (``kernel.act_decode``); ``None`` where that
+        does not apply (not one token per routed row, a bias, another dtype or width:
+        the caller forms the product itself)."""
+        g2, u2, weight = _token_rows(gate), _token_rows(up), self.target.weight_t
+        if (
+            g2.shape != u2.shape
+            or g2.shape[0] != self.slots.shape[0]
+            or g2.shape[1] != weight.shape[0]
+            or gate.dtype != up.dtype
+            or gate.dtype != weight.dtype
+            or self.target.base_bias is not None
+        ):
+            return None
+        act = torch.empty_like(g2)
+        d = act.new_empty(act.shape[0], weight.shape[1])
+        self.kernel.act_decode(
+            g2, u2, act, self.slots, (d, self.ranks, self.a, self.b), self.block_r
+        )
+        out = act.view(gate.shape)
+        self.prologue.seed(out, d)
+        return out
 
 
 class _DecodeGroup:
@@ -422,6 +298,28 @@ class _DecodeGroup:
         self.kernel, self.slots = plans[0].kernel, plans[0].slots
         self.block_r = max(p.block_r for p in plans)
         self.shared = PerInput(len(plans))
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """``x`` through the Llama RMSNorm and, in the same launch, every member's delta of
+        the result, which the members take when called on the returned tensor
+        (``kernel.norm_decode_group``); ``None`` where that does not apply (not one token
+        per routed row, another width or dtype: the caller normalises ``x`` itself)."""
+        x2, n_in = _token_rows(x), self.plans[0].target.weight.shape[1]
+        dtype = torch.promote_types(weight.dtype, x.dtype)
+        if (
+            x2.shape[0] != self.slots.shape[0]
+            or x2.shape[1] != n_in
+            or weight.shape != (n_in,)
+            or dtype != self.plans[0].target.weight.dtype
+        ):
+            return None
+        y = torch.empty(x2.shape, dtype=dtype, device=x.device)
+        outs = [y.new_empty(y.shape[0], p.target.weight.shape[0]) for p in self.plans]
+        members = [(d, p.ranks, p.a, p.b) for d, p in zip(outs, self.plans, strict=True)]
+        self.kernel.norm_decode_group(x2, weight, eps, y, self.slots, members, self.block_r)
+        out = y.view(x.shape)
+        self.shared.seed(out, outs)
+        return out
 
     def delta(self, x: torch.Tensor, x2: torch.Tensor, member: int) -> torch.Tensor:
         def launch() -> list[torch.Tensor]:
@@ -452,6 +350,34 @@ class _GroupMemberPlan:
             return self.alone(x)
         d = self.group.delta(x, x2, self.member)
         return torch.addmm(d, x2, self.weight_t).view(*x.shape[:-1], d.shape[1])
+
+
+def rms_norm_with_deltas(
+    plans: Sequence[Plan | None], x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor | None:
+    """``x`` through the Llama RMSNorm, with the decode deltas of the sibling projections
+    that read the result computed in the same launch, where their current ``plans`` are
+    the members of one decode group (graph routing on CUDA: ``TritonBackend.share``);
+    ``None`` otherwise (the caller normalises ``x`` itself, and the members compute their
+    own deltas as usual)."""
+    members = [p for p in plans if isinstance(p, _GroupMemberPlan)]
+    if not members or len(members) != len(plans):
+        return None
+    group = members[0].group
+    if any(p.group is not group for p in members) or len(group.plans) != len(members):
+        return None
+    return group.rms_norm(x, weight, eps)
+
+
+def silu_mul_with_delta(
+    plan: Plan | None, gate: torch.Tensor, up: torch.Tensor
+) -> torch.Tensor | None:
+    """``SiLU(gate) * up`` with the decode delta of the projection that reads it (its
+    current ``plan``: a graph plan on CUDA) computed in the same launch; ``None``
+    otherwise (the caller forms the product itself)."""
+    if not isinstance(plan, _TritonGraphPlan):
+        return None
+    return plan.silu_mul(gate, up)
 
 
 class TritonBackend(Backend):

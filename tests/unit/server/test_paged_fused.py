@@ -8,8 +8,7 @@ kernels on the CPU (bfloat16 only compiled, on CUDA: the interpreter mishandles 
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
+import itertools
 
 import pytest
 import torch
@@ -22,10 +21,13 @@ from flora.serving import ServingModel
 from flora_server.engine.paged.fused import (
     FusedKernels,
     fused_kernels,
-    install_rms_norms,
-    install_rope,
     reference_decode_attention,
     self_test,
+)
+from flora_server.engine.paged.fused_install import (
+    install_rms_norms,
+    install_rope,
+    install_silu_mlps,
 )
 from flora_server.engine.paged.graphs import (
     CudaGraphCapture,
@@ -33,6 +35,7 @@ from flora_server.engine.paged.graphs import (
     RecordedCapture,
 )
 from flora_server.engine.paged.runner import ChunkInput
+from tests.unit.triton_modules import triton_modules
 
 pytestmark = pytest.mark.timeout(300)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,14 +48,9 @@ BF16 = pytest.param(
 
 @pytest.fixture
 def kernels(monkeypatch):  # type: ignore[no-untyped-def]
-    """Compiled on CUDA, else under the interpreter (read when `triton.jit` decorates,
-    so the module is imported afresh with it switched on)."""
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.delitem(sys.modules, MODULE, raising=False)
-    yield FusedKernels(importlib.import_module(MODULE))
-    if DEVICE.type == "cpu":
-        sys.modules.pop(MODULE, None)
+    """Compiled on CUDA, else under the interpreter."""
+    with triton_modules(monkeypatch, DEVICE, MODULE) as (module,):
+        yield FusedKernels(module)
 
 
 class Counted:
@@ -60,7 +58,11 @@ class Counted:
     would match the torch path trivially)."""
 
     def __init__(self, inner: FusedKernels) -> None:
-        self.inner, self.attention, self.norms, self.ropes = inner, 0, 0, 0
+        self.inner, self.attention, self.norms, self.ropes, self.mlps = inner, 0, 0, 0, 0
+
+    def silu_mul(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.mlps += 1
+        return self.inner.silu_mul(*args, **kwargs)
 
     def rope(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         self.ropes += 1
@@ -75,7 +77,7 @@ class Counted:
         return self.inner.rms_norm(*args, **kwargs)
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        return getattr(self.inner, name)  # recording(), active
+        return getattr(self.inner, name)  # recording(), active, prologues
 
 
 # -- the kernels ------------------------------------------------------------------------------
@@ -180,8 +182,33 @@ def test_install_serves_llama_norms_and_leaves_gemma_alone(kernels) -> None:
         assert not counted.active
     assert counted.norms == 1 + (2 * 2 + 1)  # inside: each norm through the kernel
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    layer = model.model.layers[1]  # each layer's norms know the projections they feed
+    assert layer.input_layernorm.forward.feeds == (layer.self_attn, ("q_proj", "k_proj", "v_proj"))
+    assert layer.post_attention_layernorm.forward.feeds == (layer.mlp, ("gate_proj", "up_proj"))
+    assert model.model.norm.forward.feeds is None
     gemma = tiny("gemma3").to(DEVICE)  # (1 + weight): the probe differs, nothing installed
     assert install_rms_norms(gemma, counted) == 0
+    assert not any("forward" in vars(m) for m in gemma.modules())
+
+
+def test_install_serves_silu_mlps_and_leaves_gelu_ones_alone(kernels) -> None:
+    model = make_tiny_llama().to(DEVICE)
+    reference = copy.deepcopy(model)
+    counted = Counted(kernels)
+    assert install_silu_mlps(model, counted) == 2  # one per layer
+    assert install_silu_mlps(model, counted) == 0  # already served
+    assert counted.mlps == 1  # the probe of the class
+    ids = torch.tensor([[5, 9, 14, 3, 77, 20]], device=DEVICE)
+    with torch.no_grad():
+        want = reference(ids).logits
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-4)
+        assert counted.mlps == 1  # outside a recording: the module's own forward
+        with counted.recording():
+            got = model(ids).logits
+    assert counted.mlps == 1 + 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    gemma = tiny("gemma3").to(DEVICE)  # the Llama MLP's code with a GELU: the probe differs
+    assert install_silu_mlps(gemma, counted) == 0
     assert not any("forward" in vars(m) for m in gemma.modules())
 
 
@@ -200,14 +227,6 @@ def test_self_test_passes_and_catches_a_wrong_kernel(kernels) -> None:
 # -- the runners --------------------------------------------------------------------------------
 
 
-# Under the interpreter a program of the attention kernel costs about 0.2 s, so on the CPU
-# only decode-sized steps replay graphs here (the prefill steps run eagerly); compiled on
-# CUDA every step does. Prefill rows in graphs are checked on the CPU through the torch
-# path (test_paged_graphs.py): the kernel reads a prefill row as it reads a decode row.
-BUCKETS = (1, 2, 4) if DEVICE.type == "cpu" else None
-GRAPHED_PREFILLS = 0 if DEVICE.type == "cpu" else 3
-
-
 def graphed_runner(model: torch.nn.Module, kernels: FusedKernels | None):
     blocks = 64
     serving = ServingModel(model, max_slots=2)
@@ -218,7 +237,6 @@ def graphed_runner(model: torch.nn.Module, kernels: FusedKernels | None):
         serving,
         capture,
         scratch_block=blocks,
-        buckets=BUCKETS,
         fused=kernels,
     )
     return runner, serving.set_routing
@@ -257,18 +275,17 @@ def steps(runner, route, n_decode: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_recorded_decode_with_fused_kernels_matches_the_torch_graphs(kernels, kind) -> None:
-    """Prefill chunks and a mixed step (replayed on CUDA, eager under the interpreter),
-    then decode steps past the sliding window (Mistral, W=8), replayed: the same logits
-    with the kernels in the graphs as with SDPA and transformers' norms there, and the
-    kernels run in recordings only."""
+    """Prefill chunks and a mixed step, then decode steps past the sliding window
+    (Mistral, W=8), all replayed: the same logits with the kernels in the graphs as with
+    SDPA and transformers' norms and MLPs there, and the kernels run in recordings only."""
     model = (make_tiny_llama() if kind == "llama" else tiny("mistral")).to(DEVICE)
     torch_runner, torch_route = graphed_runner(copy.deepcopy(model), None)
     counted = Counted(kernels)
     fused_runner, fused_route = graphed_runner(model, counted)  # type: ignore[arg-type]
     want = steps(torch_runner, torch_route, 6)
     got = steps(fused_runner, fused_route, 6)
-    assert fused_runner.replays == torch_runner.replays == GRAPHED_PREFILLS + 6
-    assert fused_runner.eager_steps == torch_runner.eager_steps == 3 - GRAPHED_PREFILLS
+    assert fused_runner.replays == torch_runner.replays == 3 + 6
+    assert fused_runner.eager_steps == torch_runner.eager_steps == 0
     # Every run of the recorded Python (on the CPU each replay re-runs it; on CUDA two
     # warm-ups and the capture per graph) and nothing else.
     captures = fused_runner.capture.captures
@@ -277,6 +294,84 @@ def test_recorded_decode_with_fused_kernels_matches_the_torch_graphs(kernels, ki
     assert counted.attention == layers * runs
     assert counted.norms == 1 + (2 * layers + 1) * runs  # the install's probe, then each run
     assert counted.ropes == 1 + layers * runs
+    assert counted.mlps == 1 + layers * runs
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
+
+
+def test_recorded_adapter_decode_computes_deltas_in_the_norm_and_mlp_kernels(
+    kernels, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Adapter rows (two adapters on every projection, and a base row) through the Triton
+    adapter kernel: with the fused kernels the norms compute q/k/v's and gate/up's deltas
+    and SiLU-multiply down's, leaving one adapter launch a layer (o's); the logits equal
+    those of graphs without the fused kernels (a group launch for q/k/v and gate/up, the
+    row kernel for o and down); with `prologues` switched off the runner records its
+    graphs again, launching as those do."""
+    from flora import FloraConfig
+    from flora.serving import ServingPolicy
+    from flora.serving.backends import triton_gpu as gk
+    from tests.unit.test_gpu_prologues import Launches
+    from tests.unit.test_serving_llama import PROJ, make_adapter
+
+    row_kernel = gk.load_row_kernel()  # as `kernels`: compiled, or interpreted
+    monkeypatch.setattr(gk, "gpu_kernel_for", lambda enabled, *a: row_kernel if enabled else None)
+    model = make_tiny_llama().to(DEVICE)
+    adapters = [make_adapter(model.cpu(), FloraConfig(target_modules=PROJ, rank=r, scale=s), seed=r)
+                for r, s in ((4, 1.0), (8, 2.0))]  # fmt: skip
+    model.to(DEVICE)
+    blocks = 64
+
+    def runner(fused):  # type: ignore[no-untyped-def]
+        served = copy.deepcopy(model)
+        serving = ServingModel(served, max_slots=2, policy=ServingPolicy(cpu_kernel=False))
+        for slot, adapter in enumerate(adapters):
+            serving.load(slot, adapter)
+        capture = RecordedCapture() if DEVICE.type == "cpu" else CudaGraphCapture(DEVICE)
+        return GraphedPagedRunner(
+            served, kv_for(served, blocks + 1, DEVICE.type), serving, capture,
+            scratch_block=blocks, buckets=(1, 2, 4), fused=fused,
+        ), serving.set_routing  # fmt: skip
+
+    slots = [0, 1, None, 0]
+
+    def decode(runner, route, n: int) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+        seqs = [tokens(i + 3, 5 + i) for i in range(4)]
+        tables = [list(range(i * 16, i * 16 + 16)) for i in range(4)]
+        chunks = [ChunkInput(s, 0, t) for s, t in zip(seqs, tables, strict=True)]
+        ends = list(itertools.accumulate(len(s) for s in seqs))
+        # an eager prefill, base rows (the adapters' segment kernel is slow interpreted)
+        out = [runner.run(chunks, [None] * ends[-1], [e - 1 for e in ends], route)]
+        for _ in range(n):
+            for seq, token in zip(seqs, out[-1].argmax(-1).tolist(), strict=True):
+                seq.append(token)
+            chunks = [ChunkInput(s[-1:], len(s) - 1, t) for s, t in zip(seqs, tables, strict=True)]
+            out.append(runner.run(chunks, slots, [0, 1, 2, 3], route))
+        return out
+
+    launches = Launches(row_kernel, monkeypatch)
+    want = decode(*runner(None), 3)
+    plain = launches.take()
+    fused_runner, fused_route = runner(kernels)
+    got = decode(fused_runner, fused_route, 3)
+    fused = launches.take()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
+    # each run of the recorded Python (CPU: the capture, then each replay; CUDA: two
+    # warm-ups and the capture), per layer
+    captures = fused_runner.capture.captures
+    runs = (fused_runner.replays + captures if DEVICE.type == "cpu" else 3 * captures) * 2
+    assert fused_runner.replays == 3 and captures == 1
+    assert {k: fused[k] for k in ("group", "norm_group", "act")} == {
+        "group": 0, "norm_group": 2 * runs, "act": runs
+    }  # fmt: skip
+    assert plain["group"] == 2 * runs and plain["norm_group"] == plain["act"] == 0
+    assert fused["row"] == runs and plain["row"] == 2 * runs  # o's launch; o's and down's
+
+    kernels.prologues = False  # the runner drops its graphs and records them again
+    off = decode(fused_runner, fused_route, 3)
+    assert launches.take() == plain and fused_runner.replays == 6
+    for a, b in zip(off, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -1,11 +1,14 @@
 """Triton bodies of ``flora_server.engine.paged.fused`` (imported only through it, where
-triton is installed): the decode step's attention over the paged pool, and RMSNorm, each
-one launch where the eager modules take several.
+triton is installed): the decode step's attention over the paged pool, RMSNorm, the
+rotary embedding and SiLU-and-multiply, each one launch where the eager modules take
+several. The norm's and SiLU-multiply's formulas are ``flora.serving.backends.
+_prologue_triton``'s, whose kernels compute adapter deltas inside them.
 
-Only builtins of ``triton.language`` are used, plus this module's own jitted combine
-functions for the reductions: the helpers of ``triton.language.standard`` (``tl.sum``,
-``tl.max``) are compiled when triton is imported, so Triton's interpreter, which the CPU
-tests use, could not run them if triton was imported before it was switched on.
+Only builtins of ``triton.language`` are used, the reductions being ``tl.reduce`` with
+triton's own combiners (``_add``, ``_max``): the helpers of ``triton.language.standard``
+(``tl.sum``, ``tl.max``) are compiled when triton is imported, so Triton's interpreter,
+which the CPU tests use, could not run them if triton was imported before it was
+switched on; it recognises these combiners without running them and reduces in numpy.
 """
 
 from __future__ import annotations
@@ -13,15 +16,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from flora.serving.backends._prologue_triton import rms_normed, rms_rstd, silu_mul
 
-@triton.jit
-def _add(a, b):  # pragma: no cover (compiled)
-    return a + b
-
-
-@triton.jit
-def _max(a, b):  # pragma: no cover (compiled)
-    return tl.maximum(a, b)
+_add = tl.standard._sum_combine  # a + b
+_max = tl.standard._elementwise_max  # tl.maximum(a, b)
 
 
 @triton.jit
@@ -110,17 +108,36 @@ def rms_norm(  # pragma: no cover (compiled)
 ):
     """Row ``r``: ``y = w * (x * rsqrt(mean(x^2) + eps)).to(x's dtype)``, in float32 up to
     that cast, the product rounded to ``y``'s dtype: the Llama / Mistral / Qwen RMSNorm
-    step by step (``fused.FusedKernels.rms_norm`` checks a module against it)."""
+    step by step (``rms_rstd``, ``rms_normed``; ``fused.FusedKernels.rms_norm`` checks a
+    module against it)."""
     r = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     live = c < n_cols
+    rstd = rms_rstd(x + r * stride_x, n_cols, eps, BLOCK)
     xs = tl.load(x + r * stride_x + c, mask=live, other=0.0)
-    xf = xs.to(tl.float32)
-    var = tl.reduce(xf * xf, 0, _add) / n_cols
-    normed = (xf * tl.rsqrt(var + eps)).to(xs.dtype)
-    ws = tl.load(w + c, mask=live, other=0.0)
-    out = ws.to(tl.float32) * normed.to(tl.float32)
+    out = rms_normed(xs, tl.load(w + c, mask=live, other=0.0), rstd)
     tl.store(y + r * stride_y + c, out.to(y.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def silu_and_mul(  # pragma: no cover (compiled)
+    gate,  # [N, C], unit stride along C
+    up,  # [N, C], unit stride along C
+    out,  # [N, C], unit stride along C
+    n_cols,
+    stride_g,
+    stride_u,
+    stride_o,
+    BLOCK: tl.constexpr,
+):
+    """Program ``(r, j)``: columns ``j * BLOCK ...`` of row ``r`` of ``SiLU(gate) * up``,
+    rounded as torch rounds ``act_fn(gate) * up`` (``silu_mul``)."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = c < n_cols
+    gs = tl.load(gate + r * stride_g + c, mask=live, other=0.0)
+    us = tl.load(up + r * stride_u + c, mask=live, other=0.0)
+    tl.store(out + r * stride_o + c, silu_mul(gs, us), mask=live)
 
 
 @triton.jit

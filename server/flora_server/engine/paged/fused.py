@@ -11,14 +11,21 @@ measurements):
   chunk in a recorded step) against its own key positions, read
   from the pool through the row's slots (no gather, only the real positions, GQA by
   sharing a key head's loads among its query heads), online softmax in float32;
-- ``rms_norm``: the Llama / Mistral / Qwen RMSNorm, installed on a model's RMSNorm modules
-  by ``install_rms_norms`` only where the module's own forward gives the same result on a
-  probe input (Gemma's ``1 + weight`` form, say, is left alone);
-- ``rope``: transformers' rotary embedding of queries and keys, installed by
-  ``install_rope`` through transformers' per-module kernel hook, with the same probe.
+- ``rms_norm``: the Llama / Mistral / Qwen RMSNorm;
+- ``rope``: transformers' rotary embedding of queries and keys;
+- ``silu_mul``: a SiLU MLP's ``act_fn(gate) * up``.
+
+``fused_install`` installs the last three on a model's modules, each only where the
+module's own computation gives the same result on a probe input.
+
+Where the projections reading a norm's or SiLU-multiply's output are served through
+the Triton adapter kernel's graph plans, that launch also computes their adapter deltas
+(``flora.serving.backends.triton_gpu.rms_norm_with_deltas`` and ``silu_mul_with_delta``):
+a decode step of a llama-style model then launches one adapter kernel a layer (o's)
+instead of four.
 
 They serve recorded graphs only (``graphs.GraphedPagedRunner``: its recorded step, a row
-per token, calls the attention kernel, and the norms and rotary embeddings run theirs
+per token, calls the attention kernel, and the norms, rotary embeddings and MLPs run theirs
 inside ``FusedKernels.recording()``). A graph launches them at no host cost; an eager step would
 launch each through Triton's Python launcher, and with the kernels in eager steps too
 the day's eager numbers were lower (docs/engine.md; not settled), so eager steps keep the
@@ -37,33 +44,28 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import threading
 import types
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from flora.serving.backends.triton_gpu import self_tested, triton_applies
+from flora.serving.backends.triton_gpu import (
+    reference_rms_norm,
+    reference_silu_mul,
+    self_tested,
+    triton_applies,
+)
 
 __all__ = [
-    "ROTARY_KERNEL_NAME",
     "FusedKernels",
     "fused_kernels",
-    "install_rms_norms",
-    "install_rope",
     "reference_decode_attention",
 ]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# The hub-kernel layer name transformers gives `apply_rotary_pos_emb`
-# (`use_kernel_forward_from_hub("rotary_pos_emb")`), which keys an attention module's
-# private wrapper of it.
-ROTARY_KERNEL_NAME = "rotary_pos_emb"
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -73,15 +75,21 @@ def _pow2(n: int, least: int = 16) -> int:
 class FusedKernels:
     """The kernels of one Triton module (``_fused_triton``, compiled or interpreted).
 
-    ``recording()`` is the context (reusable, per thread) inside which the RMSNorm modules
-    ``install_rms_norms`` served run the kernel; outside it they run their own forward."""
+    ``recording()`` is the context (reusable, per thread) inside which the modules the
+    installs served (RMSNorm, rotary embedding, SiLU MLP) run the kernels; outside it
+    they run their own forward. ``prologues``: whether a norm or SiLU-multiply in a
+    recording also computes the adapter deltas of the projections that read its output
+    (where their plans are graph plans of the Triton kernel); on by default, off to
+    measure what that saves."""
 
     block_l = 64  # key positions per tile of decode attention
+    block_c = 1024  # columns per program of SiLU-and-multiply
 
     def __init__(self, kernels: types.ModuleType) -> None:
         self._k = kernels
         self._local = threading.local()
         self._recording = _Recording(self._local)
+        self.prologues = True
 
     @property
     def active(self) -> bool:
@@ -172,6 +180,25 @@ class FusedKernels:
             )
         return y.view(shape)
 
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``act_fn(gate) * up`` of a SiLU MLP, rounded as torch rounds it (the SiLU in
+        float32, then the product); ``gate`` and ``up`` of one shape and dtype."""
+        g2, u2 = _rows(gate), _rows(up)
+        out = torch.empty_like(g2)
+        if g2.shape[0]:
+            cols = g2.shape[1]
+            block = min(self.block_c, _pow2(cols))
+            self._k.silu_and_mul[(g2.shape[0], -(-cols // block))](
+                g2, u2, out, cols, g2.stride(0), u2.stride(0), out.stride(0), BLOCK=block
+            )
+        return out.view(gate.shape)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[N, C]`` with unit stride along ``C``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
 
 class _Recording:
     def __init__(self, local: threading.local) -> None:
@@ -182,37 +209,6 @@ class _Recording:
 
     def __exit__(self, *exc: object) -> None:
         self._local.depth -= 1
-
-
-class _GraphNorm:
-    """An RMSNorm module's forward: the kernel inside ``kernels.recording()``, else the
-    module's own forward."""
-
-    def __init__(self, kernels: FusedKernels, weight: torch.Tensor, eps: float, own: Any) -> None:
-        self.kernels, self.weight, self.eps, self.own = kernels, weight, eps, own
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels.active:
-            return self.kernels.rms_norm(x, self.weight, self.eps)
-        return self.own(x)
-
-
-def _graph_rope(
-    wrapper: Any,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    unsqueeze_dim: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward of an attention module's rotary-embedding wrapper (transformers'
-    per-module kernel hook, ``install_rope``; bound to the wrapper, as the hook calls
-    ``forward.__func__`` under a compiler): the kernel inside ``kernels.recording()``
-    where it takes the inputs, else the module's own function."""
-    kernels, own = wrapper._flora_rope
-    if kernels.active and unsqueeze_dim == 1 and kernels.rope_fits(q, k, cos, sin):
-        return kernels.rope(q, k, cos, sin)
-    return own(q, k, cos, sin, unsqueeze_dim)
 
 
 def reference_decode_attention(
@@ -240,7 +236,8 @@ def reference_decode_attention(
 def self_test(kernels: FusedKernels, device: torch.device, dtype: torch.dtype) -> None:
     """The kernels on small inputs on ``device`` (attention: GQA, rows of 1 and of more
     than one tile of keys, decode rows that are not the first packed tokens; RMSNorm;
-    RoPE) against the torch references; raises ``AssertionError`` on a mismatch."""
+    SiLU-and-multiply; RoPE) against the torch references; raises ``AssertionError`` on a
+    mismatch."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -256,10 +253,13 @@ def self_test(kernels: FusedKernels, device: torch.device, dtype: torch.dtype) -
     want = reference_decode_attention(q, keys, values, read, lengths, rows, 0.25)
     torch.testing.assert_close(out[rows].double(), want, rtol=tol, atol=tol)
     x, w = rand(3, 40) * 3, rand(40)
-    got = kernels.rms_norm(x, w, 1e-5)
-    xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
-    torch.testing.assert_close(got, w * normed, rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        kernels.rms_norm(x, w, 1e-5), reference_rms_norm(x, w, 1e-5), rtol=tol, atol=tol
+    )
+    gate, up = rand(3, 1100) * 3, rand(3, 1100)  # two programs a row
+    torch.testing.assert_close(
+        kernels.silu_mul(gate, up), reference_silu_mul(gate, up), rtol=tol, atol=tol
+    )
     q, k, cos, sin = rand(2, 4, 3, 16), rand(2, 2, 3, 16), rand(2, 3, 16), rand(2, 3, 16)
 
     def rotated(x: torch.Tensor) -> torch.Tensor:  # transformers' formula
@@ -286,133 +286,3 @@ def fused_kernels(device: torch.device, dtype: torch.dtype) -> FusedKernels | No
         return kernels
 
     return self_tested("fused decode kernels", make, device, dtype)
-
-
-def install_rms_norms(model: torch.nn.Module, kernels: FusedKernels) -> int:
-    """Serve every RMSNorm module of ``model`` through ``kernels.rms_norm`` inside
-    ``kernels.recording()``, where the kernel gives what the module's own forward gives
-    on a probe input (the same values in its dtype, to a rounding of the float32
-    statistics); returns how many. Idempotent: a module already served keeps its
-    forward."""
-
-    def find(module: torch.nn.Module) -> tuple[torch.Tensor, float] | None:
-        if not type(module).__name__.endswith("RMSNorm") or "forward" in vars(module):
-            return None
-        eps, weight = _eps_of(module), getattr(module, "weight", None)
-        if eps is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
-            return None
-        return weight, eps
-
-    def serve(module: torch.nn.Module, found: tuple[torch.Tensor, float]) -> None:
-        module.forward = _GraphNorm(kernels, *found, module.forward)
-
-    return _serve_where_same(
-        model, "RMSNorm", find, lambda m, f: _same_as_module(m, kernels, *f), serve
-    )
-
-
-def _eps_of(module: torch.nn.Module) -> float | None:
-    for name in ("variance_epsilon", "eps"):
-        value = getattr(module, name, None)
-        if isinstance(value, float) and math.isfinite(value):
-            return value
-    return None
-
-
-def install_rope(model: torch.nn.Module, kernels: FusedKernels) -> int:
-    """Serve the rotary embedding of every attention module of ``model`` through
-    ``kernels.rope`` inside ``kernels.recording()``, where the kernel gives what the
-    module's own ``apply_rotary_pos_emb`` gives on a probe input; returns how many.
-
-    The hook is transformers' own: an attention class decorated with
-    ``use_kernelized_func(apply_rotary_pos_emb)`` keeps a private wrapper of the function
-    per instance (``_kernel_funcs[ROTARY_KERNEL_NAME]``, with the ``kernels`` package
-    installed) and routes its forward's call of the module-level function through it; its
-    ``forward`` is what ``kernels.kernelize`` replaces, and what this replaces. Modules
-    without the hook keep their rotary embedding. Idempotent."""
-
-    def find(module: torch.nn.Module) -> tuple[Any, int, torch.Tensor] | None:
-        funcs = vars(module).get("_kernel_funcs")
-        wrapper = funcs.get(ROTARY_KERNEL_NAME) if isinstance(funcs, dict) else None
-        dim, weight = getattr(module, "head_dim", None), next(module.parameters(), None)
-        if wrapper is None or "forward" in vars(wrapper):
-            return None
-        if not isinstance(dim, int) or weight is None:
-            return None
-        return wrapper, dim, weight
-
-    def matches(module: torch.nn.Module, found: tuple[Any, int, torch.Tensor]) -> bool:
-        wrapper, dim, weight = found
-        return _rope_matches(wrapper.forward, kernels, dim, weight)
-
-    def serve(module: torch.nn.Module, found: tuple[Any, int, torch.Tensor]) -> None:
-        wrapper = found[0]
-        wrapper._flora_rope = (kernels, wrapper.forward)
-        wrapper.forward = types.MethodType(_graph_rope, wrapper)
-
-    return _serve_where_same(model, "rotary embedding", find, matches, serve)
-
-
-def _serve_where_same(
-    model: torch.nn.Module,
-    what: str,
-    find: Callable[[torch.nn.Module], T | None],
-    matches: Callable[[torch.nn.Module, T], bool],
-    serve: Callable[[torch.nn.Module, T], None],
-) -> int:
-    """``serve`` every module of ``model`` that ``find`` takes (with what it found), where
-    ``matches`` (the kernel against the module's own computation on a probe, run once per
-    module class) holds; returns how many were served."""
-    served = 0
-    checked: dict[type, bool] = {}
-    for module in model.modules():
-        found = find(module)
-        if found is None:
-            continue
-        kind = type(module)
-        if kind not in checked:
-            checked[kind] = matches(module, found)
-            if not checked[kind]:
-                log.info("%s keeps its own %s: the fused one differs", kind.__name__, what)
-        if checked[kind]:
-            serve(module, found)
-            served += 1
-    return served
-
-
-@torch.inference_mode()
-def _same_as_module(
-    module: torch.nn.Module, kernels: FusedKernels, weight: torch.Tensor, eps: float
-) -> bool:
-    gen = torch.Generator().manual_seed(0)
-    probe = (torch.randn(4, weight.shape[0], generator=gen) * 3).to(weight.device, weight.dtype)
-    want: Any = module(probe)
-    return _close(kernels.rms_norm(probe, weight, eps), want)
-
-
-@torch.inference_mode()
-def _rope_matches(own: Any, kernels: FusedKernels, dim: int, like: torch.Tensor) -> bool:
-    """The kernel against a module's own rotary embedding on random queries, keys and
-    angles in the module's dtype, on its device (2 query heads, 1 key head, 3 tokens)."""
-    if dim % 2:
-        return False
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(like.device, like.dtype)
-
-    q, k = rand(1, 2, 3, dim), rand(1, 1, 3, dim)
-    angles = torch.rand(1, 3, dim, generator=gen) * 6.3
-    cos, sin = (f(angles).to(like.device, like.dtype) for f in (torch.cos, torch.sin))
-    want: Any = own(q, k, cos, sin)
-    got = kernels.rope(q, k, cos, sin)
-    return isinstance(want, tuple) and len(want) == 2 and all(map(_close, got, want))
-
-
-def _close(got: torch.Tensor, want: Any) -> bool:
-    """``got`` is what a module's own forward gave (``want``): same shape and dtype, values
-    to float32 rounding (float32) or one rounding of the half type."""
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape or want.dtype != got.dtype:
-        return False
-    tol = 1e-5 if want.dtype == torch.float32 else 1e-2
-    return bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol))

@@ -57,7 +57,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from flora_server.engine.paged.fused import FusedKernels, install_rms_norms, install_rope
+from flora_server.engine.paged.fused import FusedKernels
+from flora_server.engine.paged.fused_install import (
+    install_rms_norms,
+    install_rope,
+    install_silu_mlps,
+)
 from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner, PagedStep
 
 if TYPE_CHECKING:
@@ -310,11 +315,13 @@ class GraphedPagedRunner(PagedRunner):
     ) -> None:
         super().__init__(model, kv)
         # What the recorded graphs run in one kernel each (`fused`): paged attention,
-        # RMSNorm and the rotary embedding; eager steps keep the torch ops.
+        # RMSNorm, the rotary embedding and SiLU-and-multiply (the last two computing
+        # adapter deltas too, where the plans take them); eager steps keep the torch ops.
         self.fused = fused
         if fused is not None:
             install_rms_norms(model, fused)
             install_rope(model, fused)
+            install_silu_mlps(model, fused)
         if not kv.keys or (scratch_block + 1) * kv.block_size > kv.keys[0].shape[0]:
             raise ValueError(f"scratch block {scratch_block} is outside the KV storage")
         self.runtime = runtime
@@ -331,7 +338,7 @@ class GraphedPagedRunner(PagedRunner):
         self._logits: torch.Tensor | None = None  # [samples, V] float32, shared
         self.replays = 0  # steps run through a graph
         self.eager_steps = 0  # steps no graph served
-        self._layout = runtime.layout_version
+        self._layout = self._recorded_layout()
         self._no_adapter_graphs = False  # a wrapped module has no graph plan
         self._failed = False  # the first recording failed: this model is not recorded here
         self._recorded = 0  # recordings that succeeded
@@ -407,11 +414,11 @@ class GraphedPagedRunner(PagedRunner):
         adapters = any(s is not None and s != merged for s in token_slots)
         if adapters and merged is not None:
             return None  # the mode policy never mixes these; eager raises the error
-        if self.runtime.layout_version != self._layout:
+        if self._recorded_layout() != self._layout:
             self.graphs.clear()  # tensors the graphs read were re-bound
             self.capture.reset()  # their pool goes with them: a failed shape may fit now
             self._unrecorded.clear()
-            self._layout = self.runtime.layout_version
+            self._layout = self._recorded_layout()
             self._no_adapter_graphs = False
         if adapters and self._no_adapter_graphs:
             return None
@@ -422,6 +429,12 @@ class GraphedPagedRunner(PagedRunner):
             if graph is not None:
                 self.graphs[key] = graph
         return graph
+
+    def _recorded_layout(self) -> tuple[int, bool]:
+        """What recorded graphs bake in beyond their shape: the served modules' layout
+        and whether the fused norms and SiLU-multiply compute adapter deltas (switching
+        `fused.prologues` drops the graphs, recorded again on use)."""
+        return self.runtime.layout_version, self.fused is not None and self.fused.prologues
 
     def _gather_fits(self, tokens: int, span: int) -> bool:
         """Whether a graph of `tokens` rows over `span` key positions stays within the

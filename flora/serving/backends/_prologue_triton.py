@@ -1,0 +1,257 @@
+"""Triton bodies of ``flora.serving.backends.triton_gpu``'s prologue kernels (imported only
+through it, where triton is installed): a decode step's adapter deltas computed inside
+the row-wise kernel that produces the projections' input, instead of in a launch of
+their own.
+
+In a llama-style block the input of q/k/v is an RMSNorm of the hidden state, the input
+of gate/up another, and the input of down ``SiLU(gate) * up``. Each is one row-wise
+kernel of a recorded step anyway (the engine's fused norm, its fused SiLU-and-multiply),
+and a decode row's shrink needs the whole row, as the norm does:
+
+- ``norm_decode_group``: program ``(row, j)`` normalises the row (``rms_rstd``,
+  ``rms_normed``) and computes output tile ``j`` of the sibling group's deltas from it,
+  as ``row_decode_group`` does from a normalised input; tile 0's program also writes the
+  normalised row (every program computes it; only one stores it).
+- ``act_decode``: program ``(row, j)`` forms ``SiLU(gate) * up`` for the row
+  (``silu_mul``) and writes output tile ``j`` of down's delta; tile 0's program writes the
+  product, which down's GEMM reads with the delta.
+
+A decode step of a llama-style model then launches one adapter kernel a layer (o's) beside
+the base step's, where ``row_decode_group`` and ``row_decode`` take four. ``rms_rstd``,
+``rms_normed`` and ``silu_mul`` are the formulas' one owner: the engine's plain kernels
+(``flora_server.engine.paged._fused_triton``) call them too.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from flora.serving.backends._row_kernel_triton import _add, _expand, _shrink
+
+
+@triton.jit
+def rms_rstd(x_row, n_cols, eps, BLOCK: tl.constexpr):  # pragma: no cover (compiled)
+    """``rsqrt(mean(x^2) + eps)`` of the row at ``x_row`` (unit stride), in float32."""
+    c = tl.arange(0, BLOCK)
+    xf = tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
+    return tl.rsqrt(tl.reduce(xf * xf, 0, _add) / n_cols + eps)
+
+
+@triton.jit
+def rms_normed(xs, ws, rstd):  # pragma: no cover (compiled)
+    """The Llama / Mistral / Qwen RMSNorm of ``xs`` (part of a row whose ``rms_rstd`` is
+    ``rstd``) with weights ``ws``, step by step: ``(xs * rstd)`` in float32, rounded to
+    ``xs``'s dtype, times the weight in float32 (the caller rounds to the output's dtype)."""
+    normed = (xs.to(tl.float32) * rstd).to(xs.dtype)
+    return ws.to(tl.float32) * normed.to(tl.float32)
+
+
+@triton.jit
+def silu_mul(gs, us):  # pragma: no cover (compiled)
+    """``SiLU(gs) * us`` as torch computes ``act_fn(gate) * up``: the SiLU in float32
+    rounded to the inputs' dtype, then the product in float32 rounded again."""
+    g = gs.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gs.dtype)
+    return (act.to(tl.float32) * us.to(tl.float32)).to(gs.dtype)
+
+
+@triton.jit
+def _prologue_delta(  # pragma: no cover (compiled)
+    x,  # the kernel's input rows: RMSNorm's x, or SiLU-multiply's gate
+    up,  # SiLU-multiply's up (PROLOGUE == 2; else unused)
+    w,  # RMSNorm's weight (PROLOGUE == 1; else unused)
+    rstd,  # the row's rms_rstd (PROLOGUE == 1)
+    p,  # where the prologue's output rows go
+    stored,  # how many columns of row n of p this program writes (n_in or 0)
+    a,
+    b,
+    s,
+    rank,
+    n,
+    o,
+    live_o,
+    n_in,
+    stride_xn,
+    stride_un,
+    stride_pn,
+    stride_as,
+    stride_ak,
+    stride_ar,
+    stride_bs,
+    stride_br,
+    stride_bo,
+    PROLOGUE: tl.constexpr,  # 1: RMSNorm, 2: SiLU(x) * up
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``(q @ A_s) @ B_s[:, o]`` in float32 for ``q`` the prologue of row ``n`` (rounded to
+    ``p``'s dtype, as the projection reads it), over the slot's first ``rank`` ranks (none:
+    0); ``q`` is written into ``p``'s first ``stored`` columns (all or none)."""
+    r = tl.arange(0, BLOCK_R)
+    live_r = r < rank
+    h = tl.full((BLOCK_R,), 0.0, tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        live_k = k < n_in
+        xs = tl.load(x + n * stride_xn + k, mask=live_k, other=0.0)
+        if PROLOGUE == 1:
+            q = rms_normed(xs, tl.load(w + k, mask=live_k, other=0.0), rstd)
+        else:
+            q = silu_mul(xs, tl.load(up + n * stride_un + k, mask=live_k, other=0.0))
+        q = q.to(p.dtype.element_ty)
+        tl.store(p + n * stride_pn + k, q, mask=k < stored)
+        h = _shrink(
+            h, q.to(tl.float32), a, s, k, live_k, r, live_r, stride_as, stride_ak, stride_ar
+        )
+    return _expand(h, b, s, o, r, live_r, live_o, stride_bs, stride_br, stride_bo)
+
+
+@triton.jit
+def _normed_member(  # pragma: no cover (compiled)
+    x, w, rstd, y, stored, slot, ranks, a, b, d, n, o, n_in, n_out, stride_xn, stride_yn,
+    stride_as, stride_ak, stride_ar, stride_bs, stride_br, stride_bo, stride_dn,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One member's tile ``o`` of ``norm_decode_group``: ``d[n, o]`` written (0 for a row
+    without a slot or a slot this member does not hold), and ``stored`` columns of
+    ``y[n]``."""
+    rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
+    live_o = o < n_out
+    delta = _prologue_delta(
+        x, x, w, rstd, y, stored, a, b, tl.maximum(slot, 0).to(tl.int64), rank, n, o, live_o,
+        n_in, stride_xn, stride_xn, stride_yn, stride_as, stride_ak, stride_ar, stride_bs,
+        stride_br, stride_bo, 1, BLOCK_R, BLOCK_K,
+    )  # fmt: skip
+    tl.store(d + n * stride_dn + o, delta.to(d.dtype.element_ty), mask=live_o)
+
+
+@triton.jit
+def norm_decode_group(  # pragma: no cover (compiled)
+    x,  # [B, n_in], unit stride along n_in: the rows to normalise, one token per row
+    w,  # [n_in]: the norm's weight
+    y,  # [B, n_in], unit stride along n_in: the normalised rows (the members' input)
+    slots,  # [B] int32, -1 = no adapter
+    a0,  # member 0: bank A [S, n_in, R], bank B [S, R, n_out], ranks [S], d [B, n_out]
+    b0,
+    ranks0,
+    d0,
+    n_out0,
+    sa0_s,
+    sa0_k,
+    sa0_r,
+    sb0_s,
+    sb0_r,
+    sb0_o,
+    sd0,
+    a1,  # member 1, as member 0
+    b1,
+    ranks1,
+    d1,
+    n_out1,
+    sa1_s,
+    sa1_k,
+    sa1_r,
+    sb1_s,
+    sb1_r,
+    sb1_o,
+    sd1,
+    a2,  # member 2 (MEMBERS == 3; else member 1 again, never read)
+    b2,
+    ranks2,
+    d2,
+    n_out2,
+    sa2_s,
+    sa2_k,
+    sa2_r,
+    sb2_s,
+    sb2_r,
+    sb2_o,
+    sd2,
+    n_in,
+    stride_xn,
+    stride_yn,
+    eps,
+    tiles0,  # output tiles of member 0, then of member 1
+    tiles1,
+    MEMBERS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # a power of two >= n_in (the norm's statistics in one pass)
+):
+    """``y = RMSNorm(x)`` and the decode deltas of 2 or 3 sibling projections that read
+    ``y`` (q/k/v, gate/up), in one launch: program ``(row, j)`` takes output tile ``j`` of
+    the members' tiles laid end to end, as ``row_decode_group``, computing the row's norm
+    on the way; the program of tile 0 also writes ``y[row]``."""
+    row = tl.program_id(0)
+    j = tl.program_id(1)
+    n = row.to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    slot = tl.load(slots + row)
+    rstd = rms_rstd(x + n * stride_xn, n_in, eps, BLOCK_C)
+    stored = tl.where(j == 0, n_in, 0)  # tile 0's program writes y[row]
+    if j < tiles0:
+        _normed_member(
+            x, w, rstd, y, stored, slot, ranks0, a0, b0, d0, n, j * BLOCK_N + cols, n_in,
+            n_out0, stride_xn, stride_yn, sa0_s, sa0_k, sa0_r, sb0_s, sb0_r, sb0_o, sd0,
+            BLOCK_R, BLOCK_K,
+        )  # fmt: skip
+    elif j < tiles0 + tiles1:
+        _normed_member(
+            x, w, rstd, y, stored, slot, ranks1, a1, b1, d1, n, (j - tiles0) * BLOCK_N + cols,
+            n_in, n_out1, stride_xn, stride_yn, sa1_s, sa1_k, sa1_r, sb1_s, sb1_r, sb1_o, sd1,
+            BLOCK_R, BLOCK_K,
+        )  # fmt: skip
+    elif MEMBERS == 3:
+        _normed_member(
+            x, w, rstd, y, stored, slot, ranks2, a2, b2, d2, n,
+            (j - tiles0 - tiles1) * BLOCK_N + cols, n_in, n_out2, stride_xn, stride_yn,
+            sa2_s, sa2_k, sa2_r, sb2_s, sb2_r, sb2_o, sd2, BLOCK_R, BLOCK_K,
+        )  # fmt: skip
+
+
+@triton.jit
+def act_decode(  # pragma: no cover (compiled)
+    gate,  # [B, n_in], unit stride along n_in: one token per row
+    up,  # [B, n_in], as gate
+    act,  # [B, n_in], unit stride along n_in: SiLU(gate) * up, the projection's input
+    slots,  # [B] int32, -1 = no adapter
+    ranks,  # [S] int32, 0 = slot not loaded here
+    a,  # bank A: [S, n_in, R] (any strides)
+    b,  # bank B: [S, R, n_out] (any strides)
+    d,  # [B, n_out], unit stride along n_out: the delta, written
+    n_in,
+    n_out,
+    stride_gn,
+    stride_un,
+    stride_pn,
+    stride_as,
+    stride_ak,
+    stride_ar,
+    stride_bs,
+    stride_br,
+    stride_bo,
+    stride_dn,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``act = SiLU(gate) * up`` and the decode delta of the projection that reads it
+    (down), in one launch: program ``(row, j)`` writes ``d[row, tile j]`` (0 for a row
+    without a slot); the program of tile 0 also writes ``act[row]``."""
+    row = tl.program_id(0)
+    j = tl.program_id(1)
+    n = row.to(tl.int64)
+    o = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    live_o = o < n_out
+    slot = tl.load(slots + row)
+    rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
+    s = tl.maximum(slot, 0).to(tl.int64)
+    stored = tl.where(j == 0, n_in, 0)  # tile 0's program writes act[row]
+    delta = _prologue_delta(
+        gate, up, gate, 0.0, act, stored, a, b, s, rank, n, o,
+        live_o, n_in, stride_gn, stride_un, stride_pn, stride_as, stride_ak, stride_ar,
+        stride_bs, stride_br, stride_bo, 2, BLOCK_R, BLOCK_K,
+    )  # fmt: skip
+    tl.store(d + n * stride_dn + o, delta.to(d.dtype.element_ty), mask=live_o)

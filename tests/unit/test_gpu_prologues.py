@@ -1,0 +1,146 @@
+"""The prologue kernels (``_prologue_triton``): a decode step's adapter deltas computed in
+the launch that forms the projections' input (RMSNorm for q/k/v and gate/up, SiLU-and-
+multiply for down), against float64 references, and the plans that hand the deltas to
+the projections. Compiled on CUDA, else under Triton's interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flora import FloraConfig
+from flora.serving.backends import triton_gpu as gk
+from tests.unit.test_gpu_kernel import DEVICE, bank, served_llama
+from tests.unit.triton_modules import triton_modules
+
+SLOTS = [0, -1, 2, 1, 2, 3]
+MEMBER_RANKS = [[4, 0, 19, 1], [3, 5, 0, 8], [8, 2, 6, 0]]
+
+
+@pytest.fixture
+def kernel(monkeypatch):  # type: ignore[no-untyped-def]
+    with triton_modules(monkeypatch, DEVICE):
+        yield gk.load_row_kernel()
+
+
+def as_int(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+def nans(*shape: int) -> torch.Tensor:
+    return torch.full(shape, float("nan"), device=DEVICE)
+
+
+@pytest.mark.parametrize("outs", [(24, 200), (70, 8, 136)])  # 2 and 3 members, 1-2 tiles
+def test_norm_decode_group_writes_the_norm_and_each_members_delta(kernel, outs) -> None:  # type: ignore[no-untyped-def]
+    """Every row normalised (base rows too) and each member's delta computed from the
+    normalised row, 0 for a base row and for a slot the member does not hold."""
+    gen = torch.Generator().manual_seed(len(outs))
+    x = (torch.randn(len(SLOTS), 300, generator=gen) * 3).to(DEVICE)  # two input steps
+    w = torch.randn(300, generator=gen).to(DEVICE)
+    members, banks = [], []
+    for m, n_out in enumerate(outs):
+        a, b = (t.to(DEVICE) for t in bank(gen, 300, n_out, MEMBER_RANKS[m], rank_major=m == 1))
+        members.append((nans(len(SLOTS), n_out), as_int(MEMBER_RANKS[m]), a, b))
+        banks.append((a, b))
+    y = nans(len(SLOTS), 300)
+    kernel.norm_decode_group(x, w, 1e-6, y, as_int(SLOTS), members, gk.block_rank(19))
+    xd = x.double()
+    want_y = w.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
+    for m, ((d, *_), (a, b)) in enumerate(zip(members, banks, strict=True)):
+        want = gk.reference(want_y, SLOTS, MEMBER_RANKS[m], a, b)
+        torch.testing.assert_close(d.double(), want, rtol=1e-4, atol=1e-4)
+        assert bool((want != 0).any()) and not d[1].any()  # row 1 is a base row
+
+
+def test_act_decode_writes_the_product_and_its_delta(kernel) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(3)
+    ranks = MEMBER_RANKS[0]
+    gate, up = ((torch.randn(len(SLOTS), 300, generator=gen) * 4).to(DEVICE) for _ in range(2))
+    a, b = (t.to(DEVICE) for t in bank(gen, 300, 136, ranks, rank_major=False))
+    act, d = nans(len(SLOTS), 300), nans(len(SLOTS), 136)
+    kernel.act_decode(gate, up, act, as_int(SLOTS), (d, as_int(ranks), a, b), gk.block_rank(19))
+    gd = gate.double()
+    want_act = gd * torch.sigmoid(gd) * up.double()
+    torch.testing.assert_close(act.double(), want_act, rtol=1e-5, atol=1e-5)
+    want = gk.reference(want_act, SLOTS, ranks, a, b)
+    torch.testing.assert_close(d.double(), want, rtol=1e-4, atol=1e-4)
+    assert bool((want != 0).any()) and not d[1].any()
+
+
+class Launches:
+    """Counts the kernel's launches by kind (``monkeypatch``ed onto the kernel)."""
+
+    def __init__(self, kernel: gk.TritonRowKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts = {"row": 0, "group": 0, "norm_group": 0, "act": 0}
+        for kind, name in [("group", "decode_group"), ("norm_group", "norm_decode_group"),
+                           ("act", "act_decode")]:  # fmt: skip
+            monkeypatch.setattr(kernel, name, self._counted(kind, getattr(kernel, name)))
+        monkeypatch.setattr(type(kernel), "__call__", self._counted("row", type(kernel).__call__))
+
+    def _counted(self, kind: str, call):  # type: ignore[no-untyped-def]
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.counts[kind] += 1
+            return call(*args, **kwargs)
+
+        return counted
+
+    def take(self) -> dict[str, int]:
+        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
+        return counts
+
+
+def test_prologues_hand_their_deltas_to_the_projections(kernel, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On a tiny llama under graph routing (mixed adapters and a base row): the norm's
+    launch serves q/k/v and SiLU-multiply's serves down, each projection then equal to
+    the same projection computing its own delta from an equal input; no other launch.
+    Where the plans are not one group, or the rows are not the routing's, the prologue
+    declines."""
+    configs = [
+        FloraConfig(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], rank=4),
+        FloraConfig(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], rank=7, scale=2.0),
+    ]
+    _, _, serving = served_llama(kernel, monkeypatch, configs)
+    rows = [0, 1, None, 1]
+    serving.set_graph_routing(as_int([-1 if s is None else s for s in rows]))
+    layer = serving.model.model.layers[0]
+    attn, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    launches = Launches(kernel, monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(len(rows), 1, 64, generator=gen) * 2).to(DEVICE)
+    with torch.no_grad():
+        y = gk.rms_norm_with_deltas([p.plan for p in qkv], x, norm.weight, norm.variance_epsilon)
+        assert y is not None and y.shape == x.shape
+        got = [p(y) for p in qkv]
+        assert launches.take() == {"row": 0, "group": 0, "norm_group": 1, "act": 0}
+        torch.testing.assert_close(y, norm(x), rtol=1e-6, atol=1e-6)  # the module's own
+        other = y.clone()  # an equal input, another tensor: the group computes its own
+        want = [p(other) for p in qkv]
+        assert launches.take() == {"row": 0, "group": 1, "norm_group": 0, "act": 0}
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+        gate, up = (
+            (torch.randn(len(rows), 1, 128, generator=gen) * 3).to(DEVICE) for _ in range(2)
+        )
+        act = gk.silu_mul_with_delta(mlp.down_proj.plan, gate, up)
+        assert act is not None
+        torch.testing.assert_close(act, mlp.act_fn(gate) * up, rtol=1e-6, atol=1e-6)
+        got_down = mlp.down_proj(act)
+        assert launches.take() == {"row": 0, "group": 0, "norm_group": 0, "act": 1}
+        want_down = mlp.down_proj(act.clone())  # its own delta: the row kernel
+        assert launches.take() == {"row": 1, "group": 0, "norm_group": 0, "act": 0}
+        torch.testing.assert_close(got_down, want_down, rtol=1e-5, atol=1e-5)
+        assert not mlp.down_proj.plan.prologue.pending  # taken once, then dropped
+
+        # declined: a member without a plan, rows not the routing's, not a graph plan
+        assert (
+            gk.rms_norm_with_deltas([qkv[0].plan, None, qkv[2].plan], x, norm.weight, 1e-6) is None
+        )
+        assert gk.rms_norm_with_deltas([p.plan for p in qkv], x[:3], norm.weight, 1e-6) is None
+        assert gk.silu_mul_with_delta(None, gate, up) is None
+        assert gk.silu_mul_with_delta(qkv[0].plan, gate, up) is None
+        assert gk.silu_mul_with_delta(mlp.down_proj.plan, gate[:3], up[:3]) is None
+    assert launches.take() == {"row": 0, "group": 0, "norm_group": 0, "act": 0}
