@@ -143,4 +143,40 @@ def test_prologues_hand_their_deltas_to_the_projections(kernel, monkeypatch) -> 
         assert gk.silu_mul_with_delta(None, gate, up) is None
         assert gk.silu_mul_with_delta(qkv[0].plan, gate, up) is None
         assert gk.silu_mul_with_delta(mlp.down_proj.plan, gate[:3], up[:3]) is None
+        kernel.prologues = None  # their self-test failed on this device
+        assert gk.rms_norm_with_deltas([p.plan for p in qkv], x, norm.weight, 1e-6) is None
+        assert gk.silu_mul_with_delta(mlp.down_proj.plan, gate, up) is None
     assert launches.take() == {"row": 0, "group": 0, "norm_group": 0, "act": 0}
+
+
+def test_prologue_self_test_passes_and_catches_a_wrong_kernel(kernel) -> None:  # type: ignore[no-untyped-def]
+    gk.self_test_prologues(kernel, DEVICE, torch.float32)
+
+    class NoDelta(gk.TritonRowKernel):  # the product right, the delta never written
+        def act_decode(self, gate, up, act, slots, member, block_r) -> None:  # type: ignore[no-untyped-def]
+            member[0].zero_()
+            act.copy_(gk.reference_silu_mul(gate, up))
+
+    with pytest.raises(AssertionError):
+        gk.self_test_prologues(NoDelta(kernel._k, kernel.prologues), DEVICE, torch.float32)
+
+
+def test_failing_prologues_leave_the_row_kernel_serving(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The prologue kernels have a self-test of their own: where it fails, the row kernel
+    still serves, without them (the norms and SiLU-multiply then compute no deltas)."""
+
+    def fails(*args) -> None:  # type: ignore[no-untyped-def]
+        raise RuntimeError("an unsupported construct")
+
+    cpu = torch.device("cpu")
+    gk.triton_row_kernel.cache_clear()
+    try:
+        with triton_modules(monkeypatch, cpu):
+            monkeypatch.setattr(gk, "self_test", lambda *args: None)
+            monkeypatch.setattr(gk, "self_test_prologues", fails)
+            with caplog.at_level("WARNING"):
+                kernel = gk.triton_row_kernel(cpu, torch.float32)
+        assert kernel is not None and kernel.prologues is None
+        assert "prologue kernels disabled" in caplog.text and "unsupported" in caplog.text
+    finally:
+        gk.triton_row_kernel.cache_clear()

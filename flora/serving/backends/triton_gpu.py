@@ -40,6 +40,7 @@ from flora.serving.backends.triton_kernel import (
     reference_silu_mul,
     segment_tiles,
     self_test,
+    self_test_prologues,
 )
 from flora.serving.base import NO_SLOT, Plan, ServingPolicy
 from flora.serving.segments import Segments
@@ -57,6 +58,7 @@ __all__ = [  # with the launchers, references and self-test of `triton_kernel`
     "rms_norm_with_deltas",
     "segment_tiles",
     "self_test",
+    "self_test_prologues",
     "self_tested",
     "silu_mul_with_delta",
     "triton_applies",
@@ -101,6 +103,11 @@ def triton_row_kernel(device: torch.device, dtype: torch.dtype) -> TritonRowKern
     def make() -> TritonRowKernel:
         kernel = load_row_kernel()
         self_test(kernel, device, dtype)
+        try:
+            self_test_prologues(kernel, device, dtype)
+        except Exception as exc:  # the row kernels serve on; the prologues only are off
+            log.warning("triton prologue kernels disabled on %s (%s): %s", device, dtype, exc)
+            kernel.prologues = None
         return kernel
 
     return self_tested("triton row kernel", make, device, dtype)
@@ -266,7 +273,8 @@ class _TritonGraphPlan:
         the caller forms the product itself)."""
         g2, u2, weight = _token_rows(gate), _token_rows(up), self.target.weight_t
         if (
-            g2.shape != u2.shape
+            self.kernel.prologues is None
+            or g2.shape != u2.shape
             or g2.shape[0] != self.slots.shape[0]
             or g2.shape[1] != weight.shape[0]
             or gate.dtype != up.dtype
@@ -365,6 +373,8 @@ def rms_norm_with_deltas(
         return None
     group = members[0].group
     if any(p.group is not group for p in members) or len(group.plans) != len(members):
+        return None
+    if group.kernel.prologues is None:
         return None
     return group.rms_norm(x, weight, eps)
 

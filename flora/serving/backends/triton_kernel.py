@@ -31,6 +31,7 @@ __all__ = [
     "reference_silu_mul",
     "segment_tiles",
     "self_test",
+    "self_test_prologues",
 ]
 
 
@@ -54,7 +55,9 @@ class TritonRowKernel:
 
     def __init__(self, kernels: ModuleType, prologues: ModuleType | None = None) -> None:
         self._k = kernels
-        self._p = prologues  # ``_prologue_triton``: the deltas inside a norm or SiLU-multiply
+        # ``_prologue_triton`` (the deltas inside a norm or SiLU-multiply), or None where
+        # its self-test failed: the methods using it are then not available
+        self.prologues = prologues
         self._tables: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self._tables_lock = threading.Lock()
 
@@ -144,8 +147,8 @@ class TritonRowKernel:
         dtype, then the weight) and the decode deltas of ``y`` for 2 or 3 siblings, in one
         launch (``_prologue_triton.norm_decode_group``). ``x``, ``y``: ``[B, in]`` with unit
         stride along ``in``; ``weight``: ``[in]``; the rest as for ``decode_group``."""
-        if self._p is None:
-            raise RuntimeError("this kernel was built without its prologue kernels")
+        if self.prologues is None:
+            raise RuntimeError("this kernel has no prologue kernels")
         if not 2 <= len(members) <= 3:
             raise ValueError(f"a decode group has 2 or 3 members, not {len(members)}")
         tiles = [-(-d.shape[1] // self.decode_block_n) for d, _, _, _ in members]
@@ -153,7 +156,7 @@ class TritonRowKernel:
         for d, ranks, a, b in [*members, members[-1]][:3]:
             args += [a, b, ranks, d, d.shape[1], *a.stride(), *b.stride(), d.stride(0)]
         n_in = x.shape[1]
-        self._p.norm_decode_group[(slots.shape[0], sum(tiles))](
+        self.prologues.norm_decode_group[(slots.shape[0], sum(tiles))](
             x, weight, y, slots, *args, n_in, x.stride(0), y.stride(0), eps, tiles[0],
             tiles[1], MEMBERS=len(members), BLOCK_R=block_r, BLOCK_K=self.decode_block_k,
             BLOCK_N=self.decode_block_n, BLOCK_C=max(16, 1 << (n_in - 1).bit_length()),
@@ -172,11 +175,11 @@ class TritonRowKernel:
         projection that reads it, ``member = (d, ranks, a, b)``: ``d[n] = (act[n] @ A[s])
         @ B[s]`` (0 for a row without a slot), in one launch. ``gate``, ``up``, ``act``:
         ``[B, in]`` with unit stride along ``in``; the rest as for ``decode_group``."""
-        if self._p is None:
-            raise RuntimeError("this kernel was built without its prologue kernels")
+        if self.prologues is None:
+            raise RuntimeError("this kernel has no prologue kernels")
         d, ranks, a, b = member
         n_out = d.shape[1]
-        self._p.act_decode[(slots.shape[0], -(-n_out // self.decode_block_n))](
+        self.prologues.act_decode[(slots.shape[0], -(-n_out // self.decode_block_n))](
             gate, up, act, slots, ranks, a, b, d, gate.shape[1], n_out,
             gate.stride(0), up.stride(0), act.stride(0), *a.stride(), *b.stride(), d.stride(0),
             BLOCK_R=block_r, BLOCK_K=self.decode_block_k, BLOCK_N=self.decode_block_n,
@@ -271,8 +274,19 @@ def self_test(kernel: TritonRowKernel, device: torch.device, dtype: torch.dtype)
     tiles = as_device(segment_tiles(segments, ranks, kernel.block_t))
     kernel.segments(y, x, tiles, as_device(ranks), a, b, block_rank(max(ranks)))
     torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * 10)
-    # the prologue forms on the same bank: the norm's output and deltas of 2 members (the
-    # second with every rank 0), then SiLU-multiply's product and its delta
+
+
+def self_test_prologues(kernel: TritonRowKernel, device: torch.device, dtype: torch.dtype) -> None:
+    """Run the prologue kernels on ``device`` (the norm's output and the deltas of 2
+    members, the second holding no slot; SiLU-multiply's product and its delta; a row
+    without an adapter) and compare with the references; raises ``AssertionError`` on a
+    mismatch."""
+    gen = torch.Generator().manual_seed(1)
+    ranks, slots = [4, 0, 9], [0, -1, 2, 1]
+    a = torch.randn(3, 40, 9, generator=gen).to(device, dtype)
+    b = torch.randn(3, 9, 70, generator=gen).to(device, dtype)
+    as_device = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
     x, w = torch.randn(4, 40, generator=gen).to(device, dtype), a[0, :, 0] + 1
     y = torch.empty_like(x)
     members = [(torch.empty(4, 70, dtype=dtype, device=device), as_device(r), a, b)
