@@ -59,6 +59,11 @@ class Counted:
 
     def __init__(self, inner: FusedKernels) -> None:
         self.inner, self.attention, self.norms, self.ropes, self.mlps = inner, 0, 0, 0, 0
+        self.writes = 0
+
+    def write_kv(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.writes += 1
+        return self.inner.write_kv(*args, **kwargs)
 
     def silu_mul(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         self.mlps += 1
@@ -110,6 +115,24 @@ def test_decode_attention_matches_sdpa_per_row(kernels, dtype) -> None:
         q, keys, values, read.to(DEVICE), short.to(DEVICE), args[2], out, 0.125
     )
     assert not torch.allclose(out[7].double(), want[3], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("pool", [torch.float32, torch.float16])
+def test_write_kv_matches_index_copy(kernels, pool) -> None:
+    """The step's keys and values (strided views, as transformers hands them over) into
+    the pool at their slots, cast to the pool's dtype, bit for bit as `index_copy_`; other
+    slots untouched."""
+    gen = torch.Generator().manual_seed(2)
+    keys, values = (torch.randn(40, 3, 24, generator=gen).to(DEVICE, pool) for _ in range(2))
+    # [T, 1, H, D] -> [T, H, D] through a transpose, as the attention modules' views
+    k, v = (torch.randn(5, 1, 3, 24, generator=gen).to(DEVICE).transpose(1, 2)[:, :, 0]
+            for _ in range(2))  # fmt: skip
+    write = torch.tensor([9, 0, 39, 17, 18], device=DEVICE)
+    want_keys, want_values = keys.clone(), values.clone()
+    want_keys.index_copy_(0, write, k.to(pool))
+    want_values.index_copy_(0, write, v.to(pool))
+    kernels.write_kv(keys, values, write, k, v)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
@@ -291,7 +314,7 @@ def test_recorded_decode_with_fused_kernels_matches_the_torch_graphs(kernels, ki
     captures = fused_runner.capture.captures
     runs = fused_runner.replays + captures if DEVICE.type == "cpu" else 3 * captures
     layers = model.config.num_hidden_layers
-    assert counted.attention == layers * runs
+    assert counted.attention == counted.writes == layers * runs
     assert counted.norms == 1 + (2 * layers + 1) * runs  # the install's probe, then each run
     assert counted.ropes == 1 + layers * runs
     assert counted.mlps == 1 + layers * runs

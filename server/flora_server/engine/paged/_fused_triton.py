@@ -1,7 +1,7 @@
 """Triton bodies of ``flora_server.engine.paged.fused`` (imported only through it, where
-triton is installed): the decode step's attention over the paged pool, RMSNorm, the
-rotary embedding and SiLU-and-multiply, each one launch where the eager modules take
-several. The norm's and SiLU-multiply's formulas are ``flora.serving.backends.
+triton is installed): the decode step's attention over the paged pool and its writes
+into it, RMSNorm, the rotary embedding and SiLU-and-multiply, each one launch where the
+eager modules take several. The norm's and SiLU-multiply's formulas are ``flora.serving.backends.
 _prologue_triton``'s, whose kernels compute adapter deltas inside them.
 
 Only builtins of ``triton.language`` are used, the reductions being ``tl.reduce`` with
@@ -93,6 +93,39 @@ def paged_decode(  # pragma: no cover (compiled)
     o = acc / total[:, None]
     where = out + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
     tl.store(where, o.to(out.dtype.element_ty), mask=live_qd)
+
+
+@triton.jit
+def paged_write(  # pragma: no cover (compiled)
+    k,  # [T, H_kv, D] (any strides but unit along D): the step's keys
+    v,  # [T, H_kv, D], as k: the step's values
+    keys,  # pool keys of one layer: [slots, H_kv, D], unit stride along D
+    values,  # pool values of one layer, as keys
+    write,  # [T] int64: the pool slot of each token
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ks,
+    stride_kp,
+    stride_vs,
+    stride_vp,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program ``(t, h)``: token ``t``'s key and value of head ``h`` into the pool at slot
+    ``write[t]``, cast to the pool's dtype (what two ``index_copy_`` calls do)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    slot = tl.load(write + t)
+    d = tl.arange(0, BLOCK_D)
+    live = d < HEAD_DIM
+    ks = tl.load(k + t * stride_kt + h * stride_kh + d, mask=live)
+    vs = tl.load(v + t * stride_vt + h * stride_vh + d, mask=live)
+    tl.store(keys + slot * stride_ks + h * stride_kp + d, ks.to(keys.dtype.element_ty), mask=live)
+    tl.store(
+        values + slot * stride_vs + h * stride_vp + d, vs.to(values.dtype.element_ty), mask=live
+    )
 
 
 @triton.jit

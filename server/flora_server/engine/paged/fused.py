@@ -11,6 +11,7 @@ measurements):
   chunk in a recorded step) against its own key positions, read
   from the pool through the row's slots (no gather, only the real positions, GQA by
   sharing a key head's loads among its query heads), online softmax in float32;
+- ``write_kv``: the step's keys and values into the pool (two ``index_copy_`` calls);
 - ``rms_norm``: the Llama / Mistral / Qwen RMSNorm;
 - ``rope``: transformers' rotary embedding of queries and keys;
 - ``silu_mul``: a SiLU MLP's ``act_fn(gate) * up``.
@@ -128,6 +129,26 @@ class FusedKernels:
             IEEE=q.dtype == torch.float32,
         )  # fmt: skip
 
+    def write_kv(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        write: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        """``keys[write[t]] = k[t]`` and ``values[write[t]] = v[t]`` (cast to the pool's
+        dtype) in one launch, for ``k``, ``v``: [T, H_kv, D]; ``keys``, ``values``: [slots,
+        H_kv, D] with unit stride along D; ``write``: [T] int64 on their device."""
+        (tokens, heads, dim), k, v = k.shape, _unit_last(k), _unit_last(v)
+        if tokens == 0:
+            return
+        self._k.paged_write[(tokens, heads)](
+            k, v, keys, values, write, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+            HEAD_DIM=dim, BLOCK_D=_pow2(dim),
+        )  # fmt: skip
+
     def rope(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +215,10 @@ class FusedKernels:
         return out.view(gate.shape)
 
 
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``[N, C]`` with unit stride along ``C``."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -235,9 +260,9 @@ def reference_decode_attention(
 
 def self_test(kernels: FusedKernels, device: torch.device, dtype: torch.dtype) -> None:
     """The kernels on small inputs on ``device`` (attention: GQA, rows of 1 and of more
-    than one tile of keys, decode rows that are not the first packed tokens; RMSNorm;
-    SiLU-and-multiply; RoPE) against the torch references; raises ``AssertionError`` on a
-    mismatch."""
+    than one tile of keys, decode rows that are not the first packed tokens; the pool
+    writes; RMSNorm; SiLU-and-multiply; RoPE) against the torch references; raises
+    ``AssertionError`` on a mismatch."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -252,6 +277,11 @@ def self_test(kernels: FusedKernels, device: torch.device, dtype: torch.dtype) -
     kernels.decode_attention(q, keys, values, read, lengths, rows, out, 0.25)
     want = reference_decode_attention(q, keys, values, read, lengths, rows, 0.25)
     torch.testing.assert_close(out[rows].double(), want, rtol=tol, atol=tol)
+    k, v, slots = rand(3, 2, 16), rand(3, 2, 16), torch.tensor([7, 0, 150], device=device)
+    want_keys, want_values = keys.clone(), values.clone()
+    want_keys[slots], want_values[slots] = k, v
+    kernels.write_kv(keys, values, slots, k, v)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
     x, w = rand(3, 40) * 3, rand(40)
     torch.testing.assert_close(
         kernels.rms_norm(x, w, 1e-5), reference_rms_norm(x, w, 1e-5), rtol=tol, atol=tol

@@ -132,7 +132,8 @@ class PagedStep:
     ) -> None:
         bs = kv.block_size
         self.kv = kv
-        # decode attention in one kernel (a recorded graph's step, `decode_only`), else SDPA
+        # attention and the pool writes in one kernel each (a recorded graph's step,
+        # `decode_only`), else SDPA and `index_copy_`
         self.fused: FusedKernels | None = None
         # Layout of the forward: [T, 1] (a row per token) or [1, T] (one row).
         self.tokens_as_rows = tokens_as_rows
@@ -226,6 +227,9 @@ class PagedStep:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
         assert self.write is not None, "a decode_only step's forward sets `write` first"
+        if self.fused is not None:  # a recorded step: both in one kernel
+            self.fused.write_kv(keys, values, self.write, self._tokens(key), self._tokens(value))
+            return key, value
         keys.index_copy_(0, self.write, self._tokens(key).to(keys.dtype))
         values.index_copy_(0, self.write, self._tokens(value).to(values.dtype))
         return key, value
