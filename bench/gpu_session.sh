@@ -2,9 +2,9 @@
 # Every CUDA check of the project in one run on a lent GPU machine, each step under its own
 # time limit so a hang costs only its own step (under 8 minutes in all):
 #
-#   tests    the CUDA tests: Triton row and segment kernels compiled for the device, decode
-#            (full and sliding-window attention) under real CUDA graphs, decoding one step
-#            ahead -> $OUT/pytest_cuda.log
+#   tests    the CUDA tests: Triton row, segment, prologue and fused kernels compiled for
+#            the device, decode (full and sliding-window attention) under real CUDA graphs,
+#            decoding one step ahead -> $OUT/pytest_cuda.log
 #   engine   engine v2 end to end with CUDA graphs -> $OUT/gpu_engine.json (bench/gpu_engine.py),
 #            with py-spy's stacks of decode -> $OUT/pyspy_{base,k}.txt
 #   kernels  the packed-step segment kernels, bf16 and fp32 -> $OUT/kernels_segments_*.json
@@ -84,9 +84,10 @@ fi
 if want tests; then
     # One process per group: a CUDA error poisons its process's context, not the next
     # group's; the graph tests launch synchronously so a device-side error names its op.
-    step "tests: Triton row and segment kernels"
-    timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_gpu_kernel.py \
-        tests/unit/test_segment_kernels.py tests/unit/server/test_paged_fused.py >>"$OUT/pytest_cuda.log" 2>&1
+    step "tests: Triton row, segment, prologue and fused kernels"
+    timeout 210 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_gpu_kernel.py \
+        tests/unit/test_gpu_prologues.py tests/unit/test_segment_kernels.py \
+        tests/unit/server/test_paged_fused.py >>"$OUT/pytest_cuda.log" 2>&1
     tail -4 "$OUT/pytest_cuda.log"
     for file in test_paged_graphs test_paged_windows; do
         step "tests: $file (step graphs)"
