@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from flora.serving.backends._row_kernel_triton import _add, _expand, _shrink
+from flora.serving.backends._row_kernel_triton import _add, _expand, _expand_factors, _shrink
 
 
 @triton.jit
@@ -90,6 +90,7 @@ def _prologue_delta(  # pragma: no cover (compiled)
     0); ``q`` is written into ``p``'s first ``stored`` columns (all or none)."""
     r = tl.arange(0, BLOCK_R)
     live_r = r < rank
+    fb = _expand_factors(b, s, o, r, live_r, live_o, stride_bs, stride_br, stride_bo)
     h = tl.full((BLOCK_R,), 0.0, tl.float32)
     for k0 in range(0, n_in, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -104,7 +105,7 @@ def _prologue_delta(  # pragma: no cover (compiled)
         h = _shrink(
             h, q.to(tl.float32), a, s, k, live_k, r, live_r, stride_as, stride_ak, stride_ar
         )
-    return _expand(h, b, s, o, r, live_r, live_o, stride_bs, stride_br, stride_bo)
+    return _expand(h, fb)
 
 
 @triton.jit

@@ -114,15 +114,22 @@ def _shrink(  # pragma: no cover (compiled)
 
 
 @triton.jit
-def _expand(  # pragma: no cover (compiled)
-    h, b, s, o, r, live_r, live_o, stride_bs, stride_br, stride_bo
+def _expand_factors(  # pragma: no cover (compiled)
+    b, s, o, r, live_r, live_o, stride_bs, stride_br, stride_bo
 ):
-    """``h @ B_s[r, o]`` in float32: a decode row's expand for the outputs ``o``."""
-    fb = tl.load(
+    """``B_s[r, o]`` in float32, for a decode row's expand of the outputs ``o``. Loaded
+    before the shrink, which it does not depend on, so the load's latency overlaps the
+    shrink's (a decode delta is bound by its chain of loads and reductions)."""
+    return tl.load(
         b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
         mask=live_r[:, None] & live_o[None, :],
         other=0.0,
     ).to(tl.float32)
+
+
+@triton.jit
+def _expand(h, fb):  # pragma: no cover (compiled)
+    """``h @ fb``: the expand, ``fb`` from ``_expand_factors``."""
     return tl.reduce(h[:, None] * fb, 0, _add)
 
 
@@ -152,13 +159,14 @@ def _row_delta(  # pragma: no cover (compiled)
     then the expand for the outputs ``o``."""
     r = tl.arange(0, BLOCK_R)
     live_r = r < rank
+    fb = _expand_factors(b, s, o, r, live_r, live_o, stride_bs, stride_br, stride_bo)
     h = tl.full((BLOCK_R,), 0.0, tl.float32)
     for k0 in range(0, n_in, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         live_k = k < n_in
         xs = tl.load(x + n * stride_xn + k, mask=live_k, other=0.0).to(tl.float32)
         h = _shrink(h, xs, a, s, k, live_k, r, live_r, stride_as, stride_ak, stride_ar)
-    return _expand(h, b, s, o, r, live_r, live_o, stride_bs, stride_br, stride_bo)
+    return _expand(h, fb)
 
 
 @triton.jit
