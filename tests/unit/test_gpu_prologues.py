@@ -180,3 +180,48 @@ def test_failing_prologues_leave_the_row_kernel_serving(monkeypatch, caplog) -> 
         assert "prologue kernels disabled" in caplog.text and "unsupported" in caplog.text
     finally:
         gk.triton_row_kernel.cache_clear()
+
+
+def test_q_and_v_only_adapters_group_and_take_the_norms_deltas(kernel, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """PEFT's default targets (q and v; k never wrapped, or wrapped with no loaded slot
+    targeting it): q and v still form one group beside k's base layer, the norm's launch
+    serves them, and a decode step equals each row alone."""
+    from tests.unit.test_serving_llama import CACHE_KWARG, alone
+
+    configs = [
+        FloraConfig(target_modules=["q_proj", "v_proj"], rank=4),
+        FloraConfig(target_modules=["q_proj", "v_proj"], rank=6, scale=2.0),
+        FloraConfig(target_modules=["q_proj", "k_proj", "v_proj"], rank=2),
+    ]
+    base, adapters, serving = served_llama(kernel, monkeypatch, configs)
+    serving.unload(2)  # k stays wrapped, and no loaded slot targets it
+    rows = [0, 1, None, 1]
+    ids = torch.randint(0, 100, (len(rows), 7), generator=torch.Generator().manual_seed(2))
+    serving.set_routing(rows)
+    with torch.no_grad():
+        prefill = serving(ids[:, :6].to(DEVICE), use_cache=True)
+    serving.set_graph_routing(as_int([-1 if s is None else s for s in rows]))
+    attn = serving.model.model.layers[0].self_attn
+    kinds = [type(p.plan).__name__ for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert kinds == ["_GroupMemberPlan", "NoneType", "_GroupMemberPlan"]
+    launches = Launches(kernel, monkeypatch)
+    with torch.no_grad():
+        # the model's forward does not call the prologue: compute it as the engine's norm
+        # would, then check the group takes it and k reads the same normalised rows
+        x = torch.randn(len(rows), 1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        norm = serving.model.model.layers[0].input_layernorm
+        plans = [attn.q_proj.plan, None, attn.v_proj.plan]
+        y = gk.rms_norm_with_deltas(plans, x, norm.weight, norm.variance_epsilon)
+        assert y is not None
+        got = [attn.q_proj(y), attn.v_proj(y)]
+        assert launches.take() == {"row": 0, "group": 0, "norm_group": 1, "act": 0}
+        other = y.clone()
+        want = [attn.q_proj(other), attn.v_proj(other)]
+        assert launches.take() == {"row": 0, "group": 1, "norm_group": 0, "act": 0}
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        decode = serving(ids[:, 6:].to(DEVICE), **{CACHE_KWARG: prefill.past_key_values})
+    assert launches.take()["group"] == 2  # one per layer, q and v
+    for b, slot in enumerate(rows):
+        want_row = alone(base, None if slot is None else adapters[slot], ids[b : b + 1])
+        torch.testing.assert_close(decode.logits[b].cpu(), want_row[0, 6:], atol=1e-5, rtol=1e-5)

@@ -365,11 +365,13 @@ def rms_norm_with_deltas(
 ) -> torch.Tensor | None:
     """``x`` through the Llama RMSNorm, with the decode deltas of the sibling projections
     that read the result computed in the same launch, where their current ``plans`` are
-    the members of one decode group (graph routing on CUDA: ``TritonBackend.share``);
-    ``None`` otherwise (the caller normalises ``x`` itself, and the members compute their
-    own deltas as usual)."""
-    members = [p for p in plans if isinstance(p, _GroupMemberPlan)]
-    if not members or len(members) != len(plans):
+    the members of one decode group (graph routing on CUDA: ``TritonBackend.share``),
+    beside siblings without a plan (their base layer reads the result as it is); ``None``
+    otherwise (the caller normalises ``x`` itself, and the members compute their own
+    deltas as usual)."""
+    live = [p for p in plans if p is not None]
+    members = [p for p in live if isinstance(p, _GroupMemberPlan)]
+    if not members or len(members) != len(live):
         return None
     group = members[0].group
     if any(p.group is not group for p in members) or len(group.plans) != len(members):
@@ -418,14 +420,16 @@ class TritonBackend(Backend):
 
     def share(self, plans: Sequence[Plan | None]) -> list[Plan | None]:
         """2 or 3 graph plans of bias-free siblings with one input width and dtype become
-        one ``_DecodeGroup`` (one launch a decode step instead of one per member); other
-        plans are left as they are."""
+        one ``_DecodeGroup`` (one launch a decode step instead of one per member), beside
+        siblings without a plan (no loaded adapter targets them: they run their base
+        layer); any other mix is left as it is."""
         live = [p for p in plans if isinstance(p, _TritonGraphPlan)]
-        if not 2 <= len(live) <= 3 or len(live) != len(plans):
+        if not 2 <= len(live) <= 3 or len(live) != sum(p is not None for p in plans):
             return list(plans)
         targets = [p.target for p in live]
         same = {(t.weight.shape[1], t.weight.dtype, t.weight.device) for t in targets}
         if len(same) != 1 or any(t.base_bias is not None for t in targets):
             return list(plans)
         group = _DecodeGroup(live)
-        return [_GroupMemberPlan(group, m, p) for m, p in enumerate(live)]
+        members = iter(_GroupMemberPlan(group, m, p) for m, p in enumerate(live))
+        return [None if p is None else next(members) for p in plans]
