@@ -133,7 +133,7 @@ def test_prologues_hand_their_deltas_to_the_projections(kernel, monkeypatch) -> 
         want_down = mlp.down_proj(act.clone())  # its own delta: the row kernel
         assert launches.take() == {"row": 1, "group": 0, "norm_group": 0, "act": 0}
         torch.testing.assert_close(got_down, want_down, rtol=1e-5, atol=1e-5)
-        assert not mlp.down_proj.plan.prologue.pending  # taken once, then dropped
+        assert not mlp.down_proj.plan.seeded.pending  # taken once, then dropped
 
         # declined: a member without a plan, rows not the routing's, not a graph plan
         assert (

@@ -243,7 +243,7 @@ class _TritonGraphPlan:
     one launch forms the product and this plan's delta of it, and the call on that very
     product is then one ``addmm``."""
 
-    __slots__ = ("a", "b", "base", "block_r", "kernel", "prologue", "ranks", "slots", "target")
+    __slots__ = ("a", "b", "base", "block_r", "kernel", "ranks", "seeded", "slots", "target")
 
     def __init__(self, target: RowTarget, kernel: TritonRowKernel, slots: torch.Tensor) -> None:
         bank = target.bank
@@ -253,11 +253,11 @@ class _TritonGraphPlan:
             (bank.max_slots + 1,), bank.capacity, dtype=torch.int32, device=bank.device
         )
         self.block_r = block_rank(bank.capacity)
-        self.prologue = PerInput(1)  # the delta `silu_mul` computed, for its product
+        self.seeded = PerInput(1)  # the delta `silu_mul` computed, for its product
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _token_rows(x)
-        d = self.prologue.seeded(x, 0)
+        d = self.seeded.seeded(x, 0)
         if d is not None:
             return torch.addmm(d, x2, self.target.weight_t).view(*x.shape[:-1], d.shape[1])
         y = self.base(x)
@@ -288,7 +288,7 @@ class _TritonGraphPlan:
             g2, u2, act, self.slots, (d, self.ranks, self.a, self.b), self.block_r
         )
         out = act.view(gate.shape)
-        self.prologue.seed(out, d)
+        self.seeded.seed(out, d)
         return out
 
 
