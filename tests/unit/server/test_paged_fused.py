@@ -88,8 +88,9 @@ class Counted:
 # -- the kernels ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("splits", [1, 4, 9])  # 4: of 35 positions; 9: of 16, some empty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
-def test_decode_attention_matches_sdpa_per_row(kernels, dtype) -> None:
+def test_decode_attention_matches_sdpa_per_row(kernels, dtype, splits) -> None:
     gen = torch.Generator().manual_seed(0)
     slots, kv_heads, heads, dim = 400, 3, 9, 64  # SmolLM2's grouping: 3 queries per key head
     keys = torch.randn(slots, kv_heads, dim, generator=gen).to(DEVICE, dtype)
@@ -102,7 +103,7 @@ def test_decode_attention_matches_sdpa_per_row(kernels, dtype) -> None:
     rows = torch.tensor([6, 0, 3, 7, 1])  # decode rows among 8 packed tokens, out of order
     out = torch.full_like(q, 7.0)
     args = (read.to(DEVICE), lengths.to(DEVICE), rows.to(DEVICE))
-    kernels.decode_attention(q, keys, values, *args, out, 0.125)
+    kernels.decode_attention(q, keys, values, *args, out, 0.125, splits)
     want = reference_decode_attention(q, keys, values, *args, 0.125)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(out[rows.to(DEVICE)].double(), want, rtol=tol, atol=tol)
@@ -112,9 +113,20 @@ def test_decode_attention_matches_sdpa_per_row(kernels, dtype) -> None:
     short = lengths.clone()
     short[3] -= 1
     kernels.decode_attention(
-        q, keys, values, read.to(DEVICE), short.to(DEVICE), args[2], out, 0.125
+        q, keys, values, read.to(DEVICE), short.to(DEVICE), args[2], out, 0.125, splits
     )
     assert not torch.allclose(out[7].double(), want[3], rtol=tol, atol=tol)
+
+
+def test_decode_attention_splits_a_rows_keys_only_where_the_device_has_room(kernels) -> None:
+    kernels.programs_wanted, kernels.min_split, kernels.max_splits = 264, 512, 16
+    assert kernels.splits(96, 256) == 1  # one split's worth of keys
+    assert kernels.splits(96, 4096) == 2  # 32 rows x 3 key heads: room for two each
+    assert kernels.splits(12, 4096) == 8  # 4 rows: 8 splits of 512
+    assert kernels.splits(3, 65536) == 16  # at most max_splits
+    assert kernels.splits(264, 65536) == 1  # the rows fill the device
+    kernels.programs_wanted = 0  # the default: never split
+    assert kernels.splits(1, 65536) == 1
 
 
 @pytest.mark.parametrize("pool", [torch.float32, torch.float16])
@@ -296,11 +308,16 @@ def steps(runner, route, n_decode: int) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_recorded_decode_with_fused_kernels_matches_the_torch_graphs(kernels, kind) -> None:
+def test_recorded_decode_with_fused_kernels_matches_the_torch_graphs(kernels, kind, split) -> None:
     """Prefill chunks and a mixed step, then decode steps past the sliding window
     (Mistral, W=8), all replayed: the same logits with the kernels in the graphs as with
-    SDPA and transformers' norms and MLPs there, and the kernels run in recordings only."""
+    SDPA and transformers' norms and MLPs there, and the kernels run in recordings only;
+    `split`: each row's keys split across programs (flash decoding) wherever they span
+    more than one tile of positions."""
+    if split:
+        kernels.programs_wanted, kernels.min_split = 10_000, 16
     model = (make_tiny_llama() if kind == "llama" else tiny("mistral")).to(DEVICE)
     torch_runner, torch_route = graphed_runner(copy.deepcopy(model), None)
     counted = Counted(kernels)

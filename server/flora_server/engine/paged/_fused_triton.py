@@ -30,7 +30,8 @@ def paged_decode(  # pragma: no cover (compiled)
     read,  # [B, L] int64: the pool slot of each row's key positions 0..L-1
     lengths,  # [B] int32: how many of a row's positions it attends to (>= 1)
     rows,  # [B] int64: the packed token (row of q and out) of each decode row
-    out,  # [T, H, D] (unit stride along D): written at `rows`
+    out,  # [T, H, D] (unit stride along D): written at `rows` (SPLITS == 1)
+    part,  # [B, H, S, D + 2] float32: each split's acc, max and sum (SPLITS > 1)
     stride_qt,
     stride_qh,
     stride_ks,
@@ -40,23 +41,29 @@ def paged_decode(  # pragma: no cover (compiled)
     stride_rb,
     stride_ot,
     stride_oh,
+    split_len,  # key positions per split
     scale,
     group,  # query heads per key head (GQA)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    SPLITS: tl.constexpr,
     IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
 ):
-    """Program ``(b, h)``: decode row ``b``'s query heads that share key head ``h``,
-    against the row's first ``lengths[b]`` key positions, read from the pool through
-    ``read`` in tiles of ``BLOCK_L`` with an online softmax (flash decoding without the
-    split: one program per row and key head). Only the real positions are read, not the
-    batch's padded width."""
+    """Program ``(b, h, s)``: decode row ``b``'s query heads that share key head ``h``,
+    against split ``s`` of the row's first ``lengths[b]`` key positions (positions
+    ``s * split_len`` on, ``split_len`` of them), read from the pool through ``read`` in
+    tiles of ``BLOCK_L`` with an online softmax (flash decoding). Only the real positions
+    are read, not the batch's padded width. One split: the result goes to ``out``; more:
+    each split's unnormalised sum, maximum and total go to ``part`` for
+    ``paged_decode_combine``."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
     row = tl.load(rows + b)
-    n = tl.load(lengths + b)
+    lo = split * split_len
+    hi = tl.minimum(tl.load(lengths + b).to(tl.int64), lo + split_len)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     heads = h * group + g
@@ -65,9 +72,9 @@ def paged_decode(  # pragma: no cover (compiled)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     total = tl.full((BLOCK_G,), 0.0, tl.float32)
     acc = tl.full((BLOCK_G, BLOCK_D), 0.0, tl.float32)
-    for start in range(0, n, BLOCK_L):
+    for start in range(lo, hi, BLOCK_L):
         p = start + tl.arange(0, BLOCK_L)
-        live = p < n
+        live = p < hi
         slot = tl.load(read + b * stride_rb + p, mask=live, other=0)
         live_kd = live[:, None] & (d < HEAD_DIM)[None, :]
         k = tl.load(
@@ -90,9 +97,52 @@ def paged_decode(  # pragma: no cover (compiled)
         else:
             acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
         m = m_new
-    o = acc / total[:, None]
-    where = out + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
-    tl.store(where, o.to(out.dtype.element_ty), mask=live_qd)
+    if SPLITS == 1:
+        o = acc / total[:, None]
+        where = out + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(where, o.to(out.dtype.element_ty), mask=live_qd)
+    else:  # an empty split (past the row's length) leaves max -inf, total 0
+        at = part + ((b * group * tl.num_programs(1) + heads) * SPLITS + split) * (HEAD_DIM + 2)
+        tl.store(at[:, None] + d[None, :], acc, mask=live_qd)
+        tl.store(at + HEAD_DIM, m, mask=g < group)
+        tl.store(at + HEAD_DIM + 1, total, mask=g < group)
+
+
+@triton.jit
+def paged_decode_combine(  # pragma: no cover (compiled)
+    part,  # [B, H, S, D + 2] float32, as `paged_decode` wrote it
+    rows,  # [B] int64
+    out,  # [T, H, D] (unit stride along D): written at `rows`
+    heads,  # H
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    """Program ``(b, j)``: row ``b``'s query head ``j`` from its splits' partial softmax
+    sums, each rescaled to the largest maximum. Split 0 always holds a key (every row
+    has one), so the running maximum is finite from the start."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    live = d < HEAD_DIM
+    at = part + (b * heads + j) * SPLITS * (HEAD_DIM + 2)
+    acc = tl.load(at + d, mask=live, other=0.0)
+    m = tl.load(at + HEAD_DIM)
+    total = tl.load(at + HEAD_DIM + 1)
+    for split in tl.static_range(1, SPLITS):
+        here = at + split * (HEAD_DIM + 2)
+        m_s = tl.load(here + HEAD_DIM)
+        m_new = tl.maximum(m, m_s)
+        a, c = tl.exp(m - m_new), tl.exp(m_s - m_new)
+        acc = acc * a + tl.load(here + d, mask=live, other=0.0) * c
+        total = total * a + tl.load(here + HEAD_DIM + 1) * c
+        m = m_new
+    row = tl.load(rows + b)
+    tl.store(
+        out + row * stride_ot + j * stride_oh + d, (acc / total).to(out.dtype.element_ty), mask=live
+    )
 
 
 @triton.jit

@@ -84,6 +84,12 @@ class FusedKernels:
     measure what that saves."""
 
     block_l = 64  # key positions per tile of decode attention
+    # Flash decoding's split of a row's keys (`splits`): programs that fill the device
+    # (`fused_kernels` sets twice its SM count; 0 never splits), the fewest key positions
+    # a split takes, the most splits.
+    programs_wanted = 0
+    min_split = 512
+    max_splits = 16
     block_c = 1024  # columns per program of SiLU-and-multiply
 
     def __init__(self, kernels: types.ModuleType) -> None:
@@ -110,24 +116,54 @@ class FusedKernels:
         rows: torch.Tensor,
         out: torch.Tensor,
         scale: float,
+        splits: int | None = None,
     ) -> None:
         """``out[rows[b]] = softmax(q[rows[b]] k^T * scale) v`` over the keys and values
         at pool slots ``read[b, :lengths[b]]``, query head ``j`` on key head
         ``j // (H / H_kv)``. ``q``, ``out``: [T, H, D]; ``keys``, ``values``: [slots, H_kv,
         D]; ``read`` [B, L] int64; ``lengths`` [B] int32 (each >= 1); ``rows`` [B] int64.
-        Tensors with unit stride along D, on one device."""
+        Tensors with unit stride along D, on one device. ``splits``: programs per row and
+        key head (default ``self.splits``)."""
         batch, (heads, dim), kv_heads = read.shape[0], q.shape[1:], keys.shape[1]
         if batch == 0:
             return
         group = heads // kv_heads
-        self._k.paged_decode[(batch, kv_heads)](
-            q, keys, values, read, lengths, rows, out,
+        if splits is None:
+            splits = self.splits(batch * kv_heads, read.shape[1])
+        split_len = -(-read.shape[1] // splits)  # key positions per split
+        if split_len > self.block_l:  # whole tiles of keys
+            split_len = -(-split_len // self.block_l) * self.block_l
+        # each split's partial sums (one split writes `out` itself: `part` is not read)
+        part = (
+            out
+            if splits == 1
+            else out.new_empty(batch, heads, splits, dim + 2, dtype=torch.float32)
+        )
+        self._k.paged_decode[(batch, kv_heads, splits)](
+            q, keys, values, read, lengths, rows, out, part,
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
             values.stride(0), values.stride(1), read.stride(0), out.stride(0), out.stride(1),
-            scale, group,
+            split_len, scale, group,
             HEAD_DIM=dim, BLOCK_D=_pow2(dim), BLOCK_G=_pow2(group), BLOCK_L=self.block_l,
-            IEEE=q.dtype == torch.float32,
+            SPLITS=splits, IEEE=q.dtype == torch.float32,
         )  # fmt: skip
+        if splits > 1:
+            self._k.paged_decode_combine[(batch, heads)](
+                part, rows, out, heads, out.stride(0), out.stride(1),
+                HEAD_DIM=dim, BLOCK_D=_pow2(dim), SPLITS=splits,
+            )  # fmt: skip
+
+    def splits(self, programs: int, span: int) -> int:
+        """How many programs share each row's keys in ``decode_attention`` (flash
+        decoding's split), for ``programs`` (rows x key heads) over ``span`` key
+        positions: one while they fill the device (``programs_wanted``), else as many as
+        leave each at least ``min_split`` positions, up to ``max_splits`` and no more than
+        fill it. A few long rows then read their keys on many SMs instead of one each; a
+        split costs a second launch (``paged_decode_combine``)."""
+        if programs >= self.programs_wanted:
+            return 1
+        by_keys = -(-span // self.min_split)
+        return max(1, min(by_keys, self.programs_wanted // programs, self.max_splits))
 
     def write_kv(
         self,
@@ -273,10 +309,11 @@ def self_test(kernels: FusedKernels, device: torch.device, dtype: torch.dtype) -
     read = torch.randperm(200, generator=gen)[:150].view(2, 75).to(device)
     lengths = torch.tensor([75, 1], dtype=torch.int32, device=device)
     rows = torch.tensor([3, 0], device=device)
-    out = torch.zeros_like(q)
-    kernels.decode_attention(q, keys, values, read, lengths, rows, out, 0.25)
     want = reference_decode_attention(q, keys, values, read, lengths, rows, 0.25)
-    torch.testing.assert_close(out[rows].double(), want, rtol=tol, atol=tol)
+    for splits in (1, 3):  # splits of 25 positions; the 1-key row's later ones empty
+        out = torch.zeros_like(q)
+        kernels.decode_attention(q, keys, values, read, lengths, rows, out, 0.25, splits)
+        torch.testing.assert_close(out[rows].double(), want, rtol=tol, atol=tol)
     k, v, slots = rand(3, 2, 16), rand(3, 2, 16), torch.tensor([7, 0, 150], device=device)
     want_keys, want_values = keys.clone(), values.clone()
     want_keys[slots], want_values[slots] = k, v
@@ -313,6 +350,7 @@ def fused_kernels(device: torch.device, dtype: torch.dtype) -> FusedKernels | No
 
         kernels = FusedKernels(_fused_triton)
         self_test(kernels, device, dtype)
+        kernels.programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
         return kernels
 
     return self_tested("fused decode kernels", make, device, dtype)
