@@ -43,6 +43,10 @@ Requests ignore EOS so every stream runs its full length. Keys:
   and SiLU-multiply over the same with them in launches of their own
   (``FusedKernels.prologues`` off), raced in the same rounds; ``None`` without the fused
   kernels (a dry run).
+- ``long_decode_tok_s``: base decode of 4 streams after ``long_prompt``-token prompts
+  (the decode attention splits each row's keys across programs there), and
+  ``split_speedup`` over the same with the split off, raced in alternating order (None
+  without the fused kernels).
 - ``graph_check_*``: recorded steps against the eager runner in float32 on two layers
   (prefills, a prefill chunk packed with decode rows, adapters, padding rows, a load
   between replays, merged mode): largest relative logits error, replays, ok.
@@ -235,12 +239,18 @@ async def stream(engine: Any, prompt: list[int], adapter: str | None, new: int) 
 
 
 def decode_tok_s(
-    engine: Any, sizes: Sizes, batch: int, adapters: list[str | None], rng: random.Random
+    engine: Any,
+    sizes: Sizes,
+    batch: int,
+    adapters: list[str | None],
+    rng: random.Random,
+    prompt: int | None = None,
 ) -> float:
-    """Tokens per second while all `batch` streams decode (see the module docstring)."""
+    """Tokens per second while all `batch` streams decode (see the module docstring),
+    after prompts of `prompt` tokens (default `sizes.prompt`)."""
 
     async def main() -> list[list[float]]:
-        prompts = [ids(rng, sizes, sizes.prompt) for _ in range(batch)]
+        prompts = [ids(rng, sizes, prompt or sizes.prompt) for _ in range(batch)]
         jobs = [
             stream(engine, p, adapters[i % len(adapters)], sizes.new_tokens)
             for i, p in enumerate(prompts)
@@ -268,10 +278,10 @@ the recorded graphs, recorded again in the run's first steps)."""
 
 def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, list[float]]:
     """Each variant once as a warm-up (adapter loads, graph recordings, the allocator),
-    then `sizes.rounds` rounds of all of them, in an order rotated each round, then the
-    first once more (a variant without prologues drops the graphs: those timed alone
-    afterwards are recorded with the default settings); returns each variant's tok/s per
-    round."""
+    then `sizes.rounds` rounds of all of them, in an order rotated each round, then those
+    on the default settings once more where another dropped the graphs (those timed alone
+    afterwards are then recorded with the default settings); returns each variant's tok/s
+    per round."""
     rng = random.Random(0)
 
     fused = getattr(engine._stepper.runner, "fused", None)
@@ -296,8 +306,49 @@ def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, l
     for r in range(sizes.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(one(variants[name]))
-    one(variants[names[0]])  # unmeasured: the graphs left are the default settings' again
+    # Unmeasured: a variant off the default settings dropped the recorded graphs, so the
+    # default ones run again and the graphs timed alone afterwards are theirs.
+    defaults = [name for name in names if all(variants[name][2:])]
+    if len(defaults) < len(names):
+        for name in defaults:
+            one(variants[name])
     return times
+
+
+LONG_STREAMS = 4
+
+
+def long_decode(engine: Any, sizes: Sizes) -> dict[str, Any]:
+    """Base decode of `LONG_STREAMS` streams after `sizes.long_prompt`-token prompts (few
+    rows over long keys: where the decode attention splits each row's keys across
+    programs), and the same with the split off (`FusedKernels.programs_wanted = 0`; the
+    runner records its graphs again on each switch, before the timed window), raced in
+    alternating order; `split_speedup` is None without the fused kernels."""
+    fused = getattr(engine._stepper.runner, "fused", None)
+    wanted = fused.programs_wanted if fused is not None else 0
+    rng = random.Random(2)
+
+    def one(split: bool) -> float:
+        if fused is not None:
+            fused.programs_wanted = wanted if split else 0
+        try:
+            return decode_tok_s(engine, sizes, LONG_STREAMS, [None], rng, sizes.long_prompt)
+        finally:
+            if fused is not None:
+                fused.programs_wanted = wanted
+
+    kinds = (True, False) if fused is not None else (True,)
+    for split in kinds:  # warm-up: the recordings of these shapes
+        one(split)
+    times: dict[bool, list[float]] = {split: [] for split in kinds}
+    for r in range(sizes.rounds):
+        for split in kinds if r % 2 == 0 else kinds[::-1]:
+            times[split].append(one(split))
+    ratios = [a / b for a, b in zip(times[True], times.get(False, []), strict=False)]
+    return {
+        "long_decode_tok_s": round(statistics.median(times[True]), 1),
+        "split_speedup": round(statistics.median(ratios), 3) if ratios else None,
+    }
 
 
 def busiest_graph(runner: Any, batch: int, adapters: bool) -> Any:
@@ -556,6 +607,7 @@ def run(
         "k_no_prologues": (first, names, True, False),  # what the deltas in the norms gain
     }
     try:
+        result.update(long_decode(engine, sizes))  # first: the race re-records after it
         times = race(engine, sizes, variants)
         result.update(prefix_ttft(engine, sizes))
         result.update(stall(engine, sizes))

@@ -51,6 +51,7 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
         "k", "merged", "base4", "base8", "base_not_ahead", "k_no_prologues"
     }  # fmt: skip
     assert result["prologue_speedup"] is None  # no fused kernels on the CPU
+    assert result["split_speedup"] is None and result["long_decode_tok_s"] > 0
     for key in ("decode_ratio_k", "decode_ratio_merged", "graph_speedup", "ahead_speedup"):
         assert 0.05 < result[key] < 20, key
     assert result["ttft_hit_ms"] > 0 and result["ttft_cold_ms"] > 0

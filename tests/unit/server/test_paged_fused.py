@@ -415,3 +415,9 @@ def test_recorded_adapter_decode_computes_deltas_in_the_norm_and_mlp_kernels(
     assert launches.take() == plain and fused_runner.replays == 6
     for a, b in zip(off, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    recorded = fused_runner.capture.captures
+    kernels.programs_wanted, kernels.min_split = 10_000, 16  # split the keys: recorded again
+    split = decode(fused_runner, fused_route, 3)
+    assert fused_runner.capture.captures == recorded + 1
+    for a, b in zip(split, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

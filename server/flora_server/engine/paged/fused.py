@@ -99,6 +99,12 @@ class FusedKernels:
         self.prologues = True
 
     @property
+    def settings(self) -> tuple[object, ...]:
+        """What a recording bakes in of these settings (`prologues` and the split of
+        decode attention's keys): a runner records its graphs again when it changes."""
+        return self.prologues, self.programs_wanted, self.min_split, self.max_splits
+
+    @property
     def active(self) -> bool:
         """Whether this thread is inside ``recording()``."""
         return getattr(self._local, "depth", 0) > 0

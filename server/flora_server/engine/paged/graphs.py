@@ -430,11 +430,11 @@ class GraphedPagedRunner(PagedRunner):
                 self.graphs[key] = graph
         return graph
 
-    def _recorded_layout(self) -> tuple[int, bool]:
+    def _recorded_layout(self) -> tuple[int, tuple[object, ...]]:
         """What recorded graphs bake in beyond their shape: the served modules' layout
-        and whether the fused norms and SiLU-multiply compute adapter deltas (switching
-        `fused.prologues` drops the graphs, recorded again on use)."""
-        return self.runtime.layout_version, self.fused is not None and self.fused.prologues
+        and the fused kernels' settings (`FusedKernels.settings`: changing one drops the
+        graphs, recorded again on use)."""
+        return self.runtime.layout_version, () if self.fused is None else self.fused.settings
 
     def _gather_fits(self, tokens: int, span: int) -> bool:
         """Whether a graph of `tokens` rows over `span` key positions stays within the
