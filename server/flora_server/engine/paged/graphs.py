@@ -229,7 +229,9 @@ class _HostInputs:
     step's input work. `event` marks the last copy; the buffers are not written again
     before it has run."""
 
-    def __init__(self, device: torch.device, tokens: int, width: int, samples: int) -> None:
+    def __init__(
+        self, device: torch.device, tokens: int, width: int, samples: int, scratch: int
+    ) -> None:
         pin = device.type == "cuda"
 
         def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -240,12 +242,21 @@ class _HostInputs:
         self.sample = host(samples, dtype=torch.long)
         self.meta_np, self.slots_np = self.meta.numpy(), self.slots.numpy()
         self.sample_np = self.sample.numpy()
-        self.device = device
+        self.device, self.scratch = device, scratch
         self.event = torch.cuda.Event() if pin else None
 
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
+
+    def pad(self) -> None:
+        """Every row padding: token 0 at position 0 with a block table of the scratch
+        block only, base routing, sampling row 0 (once the last copy has run)."""
+        self.wait()
+        self.meta_np.fill(self.scratch)
+        self.meta_np[:, :2] = 0
+        self.slots_np.fill(-1)
+        self.sample_np.fill(0)
 
 
 class _StepInputs:
@@ -257,21 +268,19 @@ class _StepInputs:
     def __init__(
         self, device: torch.device, tokens: int, width: int, samples: int, scratch: int
     ) -> None:
-        self.meta = torch.empty((tokens, 2 + width), dtype=torch.long, device=device)
-        self.slots = torch.empty(tokens, dtype=torch.int32, device=device)
-        self.sample = torch.empty(samples, dtype=torch.long, device=device)
-        self.scratch = scratch
-        self.host = _HostInputs(device, tokens, width, samples)
+        self.host = host = _HostInputs(device, tokens, width, samples, scratch)
+        self.meta, self.slots, self.sample = (
+            torch.empty(t.shape, dtype=t.dtype, device=device)
+            for t in (host.meta, host.slots, host.sample)
+        )
         self.pad()
 
     def pad(self) -> None:
-        """Every row padding (token 0 at position 0 on the scratch block, base): what a
-        graph is recorded with, so the forwards run while recording write the scratch
-        block only, never the keys of the sequences the buffers last held."""
-        self.meta.fill_(self.scratch)
-        self.meta[:, :2] = 0
-        self.slots.fill_(-1)
-        self.sample.zero_()
+        """Every row padding (`_HostInputs.pad`): what a graph is recorded with, so the
+        forwards run while recording write the scratch block only, never the keys of the
+        sequences the buffers last held."""
+        self.host.pad()
+        self.send(adapters=True)
 
     def send(self, adapters: bool) -> None:
         host = self.host
@@ -542,10 +551,8 @@ class GraphedPagedRunner(PagedRunner):
         as recorded: token 0 at position 0 in the scratch block, base routing)."""
         inputs, bs = graph.inputs, self.kv.block_size
         host = inputs.host
-        host.wait()
+        host.pad()
         meta = host.meta_np
-        meta.fill(self.scratch_block)
-        meta[:, :2] = 0
         row = 0
         for chunk in chunks:
             n, start = len(chunk.token_ids), chunk.start
@@ -559,10 +566,8 @@ class GraphedPagedRunner(PagedRunner):
             row += n
         if graph.adapters:
             merged = self.runtime.merged_slot
-            host.slots_np.fill(-1)
             host.slots_np[: len(token_slots)] = [
                 -1 if s is None or s == merged else s for s in token_slots
             ]
-        host.sample_np.fill(0)
         host.sample_np[: len(sample_rows)] = sample_rows
         inputs.send(graph.adapters)
