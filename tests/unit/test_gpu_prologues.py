@@ -111,7 +111,10 @@ def test_prologues_hand_their_deltas_to_the_projections(kernel, monkeypatch) -> 
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(len(rows), 1, 64, generator=gen) * 2).to(DEVICE)
     with torch.no_grad():
-        y = gk.rms_norm_with_deltas([p.plan for p in qkv], x, norm.weight, norm.variance_epsilon)
+        # a plan that is no group member (down's, a `_TritonGraphPlan`) is passed over
+        plans = [p.plan for p in (*qkv, mlp.down_proj)]
+        assert type(plans[-1]).__name__ == "_TritonGraphPlan"
+        y = gk.rms_norm_with_deltas(plans, x, norm.weight, norm.variance_epsilon)
         assert y is not None and y.shape == x.shape
         got = [p(y) for p in qkv]
         assert launches.take() == {"row": 0, "group": 0, "norm_group": 1, "act": 0}

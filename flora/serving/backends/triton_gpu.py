@@ -41,6 +41,7 @@ from flora.serving.backends.triton_kernel import (
     segment_tiles,
     self_test,
     self_test_prologues,
+    token_rows,
 )
 from flora.serving.base import NO_SLOT, Plan, ServingPolicy
 from flora.serving.segments import Segments
@@ -61,6 +62,7 @@ __all__ = [  # with the launchers, references and self-test of `triton_kernel`
     "self_test_prologues",
     "self_tested",
     "silu_mul_with_delta",
+    "token_rows",
     "triton_applies",
     "triton_row_kernel",
 ]
@@ -123,12 +125,6 @@ def gpu_kernel_for(
     return None
 
 
-def _token_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``[tokens, in]`` with unit stride on the last dim (what the kernels read)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 class _TritonPlan:
     """CUDA: ``y = base(x)``, then the Triton kernel adds every row's ``(x @ A_s) @ B_s``
     in place, reading each row's slot from the bank up to its own rank. The routing (row
@@ -171,7 +167,7 @@ class _TritonPlan:
                 self.torch_path = self.torch_plan()
             return self.torch_path(x)
         y = self.base(x)
-        x2 = _token_rows(x)
+        x2 = token_rows(x)
         self.kernel(
             y.view(-1, y.shape[-1]), x2, self.slots, self.ranks, self.a, self.b, self.block_r
         )
@@ -226,7 +222,7 @@ class _TritonSegmentPlan:
                 self.torch_path = self.torch_plan()
             return self.torch_path(x)
         y = self.base(x)
-        x2 = _token_rows(x)
+        x2 = token_rows(x)
         self.kernel.segments(
             y.view(-1, y.shape[-1]), x2, self.tiles, self.ranks, self.a, self.b, self.block_r
         )
@@ -256,7 +252,7 @@ class _TritonGraphPlan:
         self.seeded = PerInput(1)  # the delta `silu_mul` computed, for its product
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _token_rows(x)
+        x2 = token_rows(x)
         d = self.seeded.seeded(x, 0)
         if d is not None:
             return torch.addmm(d, x2, self.target.weight_t).view(*x.shape[:-1], d.shape[1])
@@ -271,7 +267,7 @@ class _TritonGraphPlan:
         call on the returned tensor takes (``kernel.act_decode``); ``None`` where that
         does not apply (not one token per routed row, a bias, another dtype or width:
         the caller forms the product itself)."""
-        g2, u2, weight = _token_rows(gate), _token_rows(up), self.target.weight_t
+        g2, u2, weight = token_rows(gate), token_rows(up), self.target.weight_t
         if (
             self.kernel.prologues is None
             or g2.shape != u2.shape
@@ -312,18 +308,18 @@ class _DecodeGroup:
         the result, which the members take when called on the returned tensor
         (``kernel.norm_decode_group``); ``None`` where that does not apply (not one token
         per routed row, another width or dtype: the caller normalises ``x`` itself)."""
-        x2, n_in = _token_rows(x), self.plans[0].target.weight.shape[1]
+        x2, n_in = token_rows(x), self.plans[0].target.weight.shape[1]
         dtype = torch.promote_types(weight.dtype, x.dtype)
         if (
-            x2.shape[0] != self.slots.shape[0]
+            self.kernel.prologues is None
+            or x2.shape[0] != self.slots.shape[0]
             or x2.shape[1] != n_in
             or weight.shape != (n_in,)
             or dtype != self.plans[0].target.weight.dtype
         ):
             return None
         y = torch.empty(x2.shape, dtype=dtype, device=x.device)
-        outs = [y.new_empty(y.shape[0], p.target.weight.shape[0]) for p in self.plans]
-        members = [(d, p.ranks, p.a, p.b) for d, p in zip(outs, self.plans, strict=True)]
+        outs, members = self._members(y)
         self.kernel.norm_decode_group(x2, weight, eps, y, self.slots, members, self.block_r)
         out = y.view(x.shape)
         self.shared.seed(out, outs)
@@ -331,13 +327,22 @@ class _DecodeGroup:
 
     def delta(self, x: torch.Tensor, x2: torch.Tensor, member: int) -> torch.Tensor:
         def launch() -> list[torch.Tensor]:
-            outs = [x2.new_empty(x2.shape[0], p.target.weight.shape[0]) for p in self.plans]
-            members = [(d, p.ranks, p.a, p.b) for d, p in zip(outs, self.plans, strict=True)]
+            outs, members = self._members(x2)
             self.kernel.decode_group(x2, self.slots, members, self.block_r)
             return outs
 
         deltas: list[torch.Tensor] = self.shared.take(x, member, launch)
         return deltas[member]
+
+    def _members(
+        self, x2: torch.Tensor
+    ) -> tuple[
+        list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    ]:
+        """Each member's delta buffer for the rows of ``x2`` (the members' input), and the
+        kernel's ``(delta, ranks, a, b)`` per member."""
+        outs = [x2.new_empty(x2.shape[0], p.target.weight.shape[0]) for p in self.plans]
+        return outs, [(d, p.ranks, p.a, p.b) for d, p in zip(outs, self.plans, strict=True)]
 
 
 class _GroupMemberPlan:
@@ -353,7 +358,7 @@ class _GroupMemberPlan:
         self.rows = alone.slots.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _token_rows(x)
+        x2 = token_rows(x)
         if x2.shape[0] != self.rows:
             return self.alone(x)
         d = self.group.delta(x, x2, self.member)
@@ -363,20 +368,18 @@ class _GroupMemberPlan:
 def rms_norm_with_deltas(
     plans: Sequence[Plan | None], x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor | None:
-    """``x`` through the Llama RMSNorm, with the decode deltas of the sibling projections
-    that read the result computed in the same launch, where their current ``plans`` are
-    the members of one decode group (graph routing on CUDA: ``TritonBackend.share``),
-    beside siblings without a plan (their base layer reads the result as it is); ``None``
-    otherwise (the caller normalises ``x`` itself, and the members compute their own
-    deltas as usual)."""
-    live = [p for p in plans if p is not None]
-    members = [p for p in live if isinstance(p, _GroupMemberPlan)]
-    if not members or len(members) != len(live):
+    """``x`` through the Llama RMSNorm, with the decode deltas of the projections that
+    read the result computed in the same launch. ``plans``: the current plans of the
+    projections of the module the result goes to (a llama layer's attention or MLP);
+    where the decode-group members among them (graph routing on CUDA:
+    ``TritonBackend.share`` groups q/k/v, gate/up) are one whole group, it serves them.
+    ``None`` otherwise (the caller normalises ``x`` itself, and each member computes its
+    own delta as usual)."""
+    members = [p for p in plans if isinstance(p, _GroupMemberPlan)]
+    if not members:
         return None
     group = members[0].group
     if any(p.group is not group for p in members) or len(group.plans) != len(members):
-        return None
-    if group.kernel.prologues is None:
         return None
     return group.rms_norm(x, weight, eps)
 

@@ -32,6 +32,7 @@ __all__ = [
     "segment_tiles",
     "self_test",
     "self_test_prologues",
+    "token_rows",
 ]
 
 
@@ -121,17 +122,26 @@ class TritonRowKernel:
         ``(d, ranks, a, b)``, ``d[n] = (x[n] @ A[s]) @ B[s]`` with ``s = slots[n]`` (0 for
         a row with slot -1 or a slot of rank 0 there). ``x: [B, in]`` one token per row,
         ``d: [B, out]`` (each member its own ``out``), the rest as for a call."""
+        tiles, args = self._group_args(members)
+        self._k.row_decode_group[(slots.shape[0], sum(tiles))](
+            x, slots, *args, x.shape[1], x.stride(0), tiles[0], tiles[1],
+            MEMBERS=len(members), BLOCK_R=block_r, BLOCK_K=self.decode_block_k,
+            BLOCK_N=self.decode_block_n,
+        )  # fmt: skip
+
+    def _group_args(
+        self, members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[int], list[object]]:
+        """A group kernel's output tiles per member and its member arguments (bank A, bank
+        B, ranks, delta buffer, width, strides; a third member slot repeats the last when
+        there are two, never read)."""
         if not 2 <= len(members) <= 3:
             raise ValueError(f"a decode group has 2 or 3 members, not {len(members)}")
         tiles = [-(-d.shape[1] // self.decode_block_n) for d, _, _, _ in members]
         args: list[object] = []
         for d, ranks, a, b in [*members, members[-1]][:3]:
             args += [a, b, ranks, d, d.shape[1], *a.stride(), *b.stride(), d.stride(0)]
-        self._k.row_decode_group[(slots.shape[0], sum(tiles))](
-            x, slots, *args, x.shape[1], x.stride(0), tiles[0], tiles[1],
-            MEMBERS=len(members), BLOCK_R=block_r, BLOCK_K=self.decode_block_k,
-            BLOCK_N=self.decode_block_n,
-        )  # fmt: skip
+        return tiles, args
 
     def norm_decode_group(
         self,
@@ -149,12 +159,7 @@ class TritonRowKernel:
         stride along ``in``; ``weight``: ``[in]``; the rest as for ``decode_group``."""
         if self.prologues is None:
             raise RuntimeError("this kernel has no prologue kernels")
-        if not 2 <= len(members) <= 3:
-            raise ValueError(f"a decode group has 2 or 3 members, not {len(members)}")
-        tiles = [-(-d.shape[1] // self.decode_block_n) for d, _, _, _ in members]
-        args: list[object] = []
-        for d, ranks, a, b in [*members, members[-1]][:3]:
-            args += [a, b, ranks, d, d.shape[1], *a.stride(), *b.stride(), d.stride(0)]
+        tiles, args = self._group_args(members)
         n_in = x.shape[1]
         self.prologues.norm_decode_group[(slots.shape[0], sum(tiles))](
             x, weight, y, slots, *args, n_in, x.stride(0), y.stride(0), eps, tiles[0],
@@ -210,6 +215,12 @@ class TritonRowKernel:
             BLOCK_T=self.block_t, BLOCK_R=block_r, BLOCK_K=self.block_k,
             BLOCK_N=self.block_n, IEEE=x.dtype == torch.float32,
         )  # fmt: skip
+
+
+def token_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[tokens, in]`` with unit stride on the last dim (what the kernels read)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def segment_tiles(segments: Segments, ranks: Sequence[int], block_t: int) -> list[list[int]]:

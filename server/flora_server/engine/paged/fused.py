@@ -56,6 +56,7 @@ from flora.serving.backends.triton_gpu import (
     reference_rms_norm,
     reference_silu_mul,
     self_tested,
+    token_rows,
     triton_applies,
 )
 
@@ -232,10 +233,7 @@ class FusedKernels:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """``weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype)``, the statistics in
         float32; the result in the promoted dtype of ``weight`` and ``x``."""
-        shape, cols = x.shape, x.shape[-1]
-        x2 = x.reshape(-1, cols)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        shape, cols, x2 = x.shape, x.shape[-1], token_rows(x)
         y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
         if x2.shape[0]:
             self._k.rms_norm[(x2.shape[0],)](
@@ -246,7 +244,7 @@ class FusedKernels:
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """``act_fn(gate) * up`` of a SiLU MLP, rounded as torch rounds it (the SiLU in
         float32, then the product); ``gate`` and ``up`` of one shape and dtype."""
-        g2, u2 = _rows(gate), _rows(up)
+        g2, u2 = token_rows(gate), token_rows(up)
         out = torch.empty_like(g2)
         if g2.shape[0]:
             cols = g2.shape[1]
@@ -259,12 +257,6 @@ class FusedKernels:
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``[N, C]`` with unit stride along ``C``."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 class _Recording:

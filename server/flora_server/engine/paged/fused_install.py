@@ -4,9 +4,9 @@ the kernel gives what the module's own computation gives on a probe input, and o
 inside ``FusedKernels.recording()`` (outside it every module runs its own forward).
 
 - ``install_rms_norms``: RMSNorm modules (Gemma's ``1 + weight`` form, say, is left
-  alone); in a llama-style layer each norm also knows the sibling projections that read
-  its output (``NORM_FEEDS``), whose adapter deltas its launch then computes where their
-  plans take them (``flora.serving.backends.triton_gpu.rms_norm_with_deltas``).
+  alone); in a llama-style layer each norm also knows the module its output goes to
+  (``NORM_FEEDS``), whose sibling projections' adapter deltas its launch then computes
+  where their plans take them (``flora.serving.backends.triton_gpu.rms_norm_with_deltas``).
 - ``install_rope``: the rotary embedding, through transformers' per-module kernel hook.
 - ``install_silu_mlps``: SiLU MLPs (transformers' Llama MLP forward): SiLU-and-multiply in
   one launch, which computes down's delta too where its plan takes it
@@ -46,23 +46,21 @@ ROTARY_KERNEL_NAME = "rotary_pos_emb"
 
 class _GraphNorm:
     """An RMSNorm module's forward: the kernel inside ``kernels.recording()``, else the
-    module's own forward. ``feeds`` (``install_rms_norms``): the module holding the
-    sibling projections that read this norm's output, and their names; where their
-    plans are one decode group, the norm's launch computes their deltas too
+    module's own forward. ``feeds`` (``install_rms_norms``): the module this norm's output
+    goes to (a llama layer's attention or MLP); where the sibling projections among its
+    children are one decode group, the norm's launch computes their deltas too
     (``rms_norm_with_deltas``)."""
 
     def __init__(self, kernels: FusedKernels, weight: torch.Tensor, eps: float, own: Any) -> None:
         self.kernels, self.weight, self.eps, self.own = kernels, weight, eps, own
-        self.feeds: tuple[torch.nn.Module, tuple[str, ...]] | None = None
+        self.feeds: torch.nn.Module | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.kernels.active:
             return self.own(x)
         if self.feeds is not None and self.kernels.prologues:
-            parent, names = self.feeds
-            y = rms_norm_with_deltas(
-                [_plan(getattr(parent, n, None)) for n in names], x, self.weight, self.eps
-            )
+            plans = [_plan(m) for m in self.feeds.children()]
+            y = rms_norm_with_deltas(plans, x, self.weight, self.eps)
             if y is not None:
                 return y
         return self.kernels.rms_norm(x, self.weight, self.eps)
@@ -133,22 +131,19 @@ def install_rms_norms(model: torch.nn.Module, kernels: FusedKernels) -> int:
         model, "RMSNorm", find, lambda m, f: _same_as_module(m, kernels, *f), serve
     )
     for layer in model.modules():
-        for norm_name, (parent_name, names) in NORM_FEEDS.items():
-            norm, parent = getattr(layer, norm_name, None), getattr(layer, parent_name, None)
+        for norm_name, feeds_name in NORM_FEEDS.items():
+            norm, feeds = getattr(layer, norm_name, None), getattr(layer, feeds_name, None)
             forward = vars(norm).get("forward") if isinstance(norm, torch.nn.Module) else None
-            if isinstance(forward, _GraphNorm) and isinstance(parent, torch.nn.Module):
-                forward.feeds = (parent, names)
+            if isinstance(forward, _GraphNorm) and isinstance(feeds, torch.nn.Module):
+                forward.feeds = feeds
     return served
 
 
-# Which sibling projections read a norm's output in a llama-style decoder layer: the norm
-# (a child of the layer) -> (the layer's child holding them, their names), the sibling
-# groups of `ServingPolicy.shared_inputs`. Only a hint: the deltas a norm computes are
+# Where a norm's output goes in a llama-style decoder layer: the norm (a child of the
+# layer) -> the layer's child whose sibling projections read it (q/k/v, gate/up: the
+# groups `ServingPolicy.shared_inputs` names). Only a hint: the deltas a norm computes are
 # taken only by a projection called with that very output (`PerInput`).
-NORM_FEEDS = {
-    "input_layernorm": ("self_attn", ("q_proj", "k_proj", "v_proj")),
-    "post_attention_layernorm": ("mlp", ("gate_proj", "up_proj")),
-}
+NORM_FEEDS = {"input_layernorm": "self_attn", "post_attention_layernorm": "mlp"}
 
 
 def install_silu_mlps(model: torch.nn.Module, kernels: FusedKernels) -> int:
