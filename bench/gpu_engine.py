@@ -45,7 +45,7 @@ Requests ignore EOS so every stream runs its full length. Keys:
   kernels (a dry run).
 - ``long_decode_tok_s``: base decode of 4 streams after ``long_prompt``-token prompts
   (the decode attention splits each row's keys across programs there), and
-  ``split_speedup`` over the same with the split off, raced in alternating order (None
+  ``split_speedup`` over the same with the split off, raced in the same rounds (None
   without the fused kernels).
 - ``graph_check_*``: recorded steps against the eager runner in float32 on two layers
   (prefills, a prefill chunk packed with decode rows, adapters, padding rows, a load
@@ -81,7 +81,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "server"):  # the repo's `flora` and `flora_server`
@@ -269,11 +269,25 @@ def decode_tok_s(
     return tokens / (end - start)
 
 
-Variant = tuple[int, list[str | None], bool, bool]
-"""A decode run: the batch, the adapters of its rows (cycled), whether the engine decodes
-one step ahead (`PagedStepper.decode_ahead`), and whether the fused norms and
-SiLU-multiply compute the adapter deltas (`FusedKernels.prologues`; switching it drops
-the recorded graphs, recorded again in the run's first steps)."""
+class Variant(NamedTuple):
+    """A decode run of `batch` streams, their rows' adapters cycled, on the engine's
+    settings: `ahead` (`PagedStepper.decode_ahead`), `prologues` (`FusedKernels.prologues`,
+    the adapter deltas inside the fused norms and SiLU-multiply) and `split` (decode
+    attention may split a row's keys across programs: `FusedKernels.programs_wanted`, 0
+    when off). Changing a fused setting drops the recorded graphs, recorded again in the
+    run's first steps, before its timed window. `prompt`: tokens per prompt (default
+    `sizes.prompt`)."""
+
+    batch: int
+    adapters: list[str | None]
+    ahead: bool = True
+    prologues: bool = True
+    split: bool = True
+    prompt: int | None = None
+
+    @property
+    def default(self) -> bool:
+        return self.ahead and self.prologues and self.split
 
 
 def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, list[float]]:
@@ -283,21 +297,23 @@ def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, l
     afterwards are then recorded with the default settings); returns each variant's tok/s
     per round."""
     rng = random.Random(0)
+    stepper = engine._stepper
+    fused = getattr(stepper.runner, "fused", None)
+    wanted = fused.programs_wanted if fused is not None else 0
 
-    fused = getattr(engine._stepper.runner, "fused", None)
+    def settle(variant: Variant) -> None:
+        # read by the worker per step and per recording; no step is in flight here
+        stepper.decode_ahead = variant.ahead
+        if fused is not None:
+            fused.prologues = variant.prologues
+            fused.programs_wanted = wanted if variant.split else 0
 
     def one(variant: Variant) -> float:
-        batch, adapters, ahead, prologues = variant
-        # read by the worker per step and per recording; no step is in flight here
-        engine._stepper.decode_ahead = ahead
-        if fused is not None:
-            fused.prologues = prologues
+        settle(variant)
         try:
-            return decode_tok_s(engine, sizes, batch, adapters, rng)
+            return decode_tok_s(engine, sizes, variant.batch, variant.adapters, rng, variant.prompt)
         finally:
-            engine._stepper.decode_ahead = True
-            if fused is not None:
-                fused.prologues = True
+            settle(Variant(0, []))  # the default settings
 
     for variant in variants.values():
         one(variant)
@@ -308,47 +324,14 @@ def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, l
             times[name].append(one(variants[name]))
     # Unmeasured: a variant off the default settings dropped the recorded graphs, so the
     # default ones run again and the graphs timed alone afterwards are theirs.
-    defaults = [name for name in names if all(variants[name][2:])]
+    defaults = [name for name in names if variants[name].default]
     if len(defaults) < len(names):
         for name in defaults:
             one(variants[name])
     return times
 
 
-LONG_STREAMS = 4
-
-
-def long_decode(engine: Any, sizes: Sizes) -> dict[str, Any]:
-    """Base decode of `LONG_STREAMS` streams after `sizes.long_prompt`-token prompts (few
-    rows over long keys: where the decode attention splits each row's keys across
-    programs), and the same with the split off (`FusedKernels.programs_wanted = 0`; the
-    runner records its graphs again on each switch, before the timed window), raced in
-    alternating order; `split_speedup` is None without the fused kernels."""
-    fused = getattr(engine._stepper.runner, "fused", None)
-    wanted = fused.programs_wanted if fused is not None else 0
-    rng = random.Random(2)
-
-    def one(split: bool) -> float:
-        if fused is not None:
-            fused.programs_wanted = wanted if split else 0
-        try:
-            return decode_tok_s(engine, sizes, LONG_STREAMS, [None], rng, sizes.long_prompt)
-        finally:
-            if fused is not None:
-                fused.programs_wanted = wanted
-
-    kinds = (True, False) if fused is not None else (True,)
-    for split in kinds:  # warm-up: the recordings of these shapes
-        one(split)
-    times: dict[bool, list[float]] = {split: [] for split in kinds}
-    for r in range(sizes.rounds):
-        for split in kinds if r % 2 == 0 else kinds[::-1]:
-            times[split].append(one(split))
-    ratios = [a / b for a, b in zip(times[True], times.get(False, []), strict=False)]
-    return {
-        "long_decode_tok_s": round(statistics.median(times[True]), 1),
-        "split_speedup": round(statistics.median(ratios), 3) if ratios else None,
-    }
+LONG_STREAMS = 4  # `long_decode_tok_s`: few rows over long keys, where the keys split
 
 
 def busiest_graph(runner: Any, batch: int, adapters: bool) -> Any:
@@ -588,7 +571,7 @@ def run(
     # graphed engine's own ServingModel (one ServingModel may wrap a model).
     engine = start_engine(model, adapters, sizes, "off", dry)
     try:
-        eager = race(engine, sizes, {"base": (first, [None], True, True)})
+        eager = race(engine, sizes, {"base": Variant(first, [None])})
         eager_ttft = prefix_ttft(engine, sizes)
         eager_stall = stall(engine, sizes)
     finally:
@@ -599,15 +582,17 @@ def run(
     save(result)
     engine = start_engine(model, adapters, sizes, "auto", dry)
     runner = engine._stepper.runner
+    long = sizes.long_prompt
     variants: dict[str, Variant] = {
-        "k": (first, names, True, True),  # first: its warm-up loads every adapter
-        "merged": (first, names[:1], True, True),
-        **{f"base{b}": (b, [None], True, True) for b in sizes.batches},
-        "base_not_ahead": (first, [None], False, True),  # what decoding ahead gains
-        "k_no_prologues": (first, names, True, False),  # what the deltas in the norms gain
+        "k": Variant(first, names),  # first: its warm-up loads every adapter
+        "merged": Variant(first, names[:1]),
+        **{f"base{b}": Variant(b, [None]) for b in sizes.batches},
+        "base_not_ahead": Variant(first, [None], ahead=False),  # what decoding ahead gains
+        "k_no_prologues": Variant(first, names, prologues=False),  # the deltas in the norms
+        "long": Variant(LONG_STREAMS, [None], prompt=long),
+        "long_unsplit": Variant(LONG_STREAMS, [None], split=False, prompt=long),
     }
     try:
-        result.update(long_decode(engine, sizes))  # first: the race re-records after it
         times = race(engine, sizes, variants)
         result.update(prefix_ttft(engine, sizes))
         result.update(stall(engine, sizes))
@@ -637,9 +622,10 @@ def run(
     result["decode_ratio_k"] = median_ratio(times, "k", f"base{first}")
     result["decode_ratio_merged"] = median_ratio(times, "merged", f"base{first}")
     result["ahead_speedup"] = median_ratio(times, f"base{first}", "base_not_ahead")
-    result["prologue_speedup"] = (
-        median_ratio(times, "k", "k_no_prologues") if getattr(runner, "fused", None) else None
-    )
+    fused = getattr(runner, "fused", None) is not None  # else the variants differ in nothing
+    result["prologue_speedup"] = median_ratio(times, "k", "k_no_prologues") if fused else None
+    result["long_decode_tok_s"] = round(statistics.median(times["long"]), 1)
+    result["split_speedup"] = median_ratio(times, "long", "long_unsplit") if fused else None
     result["graph_speedup"] = round(base[first] / result["eager_base_decode_tok_s"], 3)
     result["decode_tok_s_rounds"] = {k: [round(v, 1) for v in t] for k, t in times.items()}
     # The engine's step against the bare replay of its graph: what is left is host time.
@@ -655,7 +641,7 @@ def run(
         result["replay_kernels"] = {
             kind: replay_kernels(runner, first, kind == "k") for kind in ("base", "k")
         }
-    result["fused_kernels"] = getattr(runner, "fused", None) is not None
+    result["fused_kernels"] = fused
     result["step_ms"] = steps
     result["host_share"] = {
         kind: None if replays[kind] is None else round(1 - replays[kind] / steps[kind], 3)

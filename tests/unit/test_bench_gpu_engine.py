@@ -48,7 +48,8 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
         assert gap > 0 and ttft > 0
         assert result[f"{prefix}prefill_stall_ratio"] == pytest.approx(gap / ttft, rel=1e-3)
     assert set(result["decode_tok_s_rounds"]) == {
-        "k", "merged", "base4", "base8", "base_not_ahead", "k_no_prologues"
+        "k", "merged", "base4", "base8", "base_not_ahead", "k_no_prologues", "long",
+        "long_unsplit",
     }  # fmt: skip
     assert result["prologue_speedup"] is None  # no fused kernels on the CPU
     assert result["split_speedup"] is None and result["long_decode_tok_s"] > 0
