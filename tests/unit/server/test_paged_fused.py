@@ -54,35 +54,25 @@ def kernels(monkeypatch):  # type: ignore[no-untyped-def]
 
 
 class Counted:
-    """`FusedKernels` that counts its calls (a runner that silently skipped the kernels
-    would match the torch path trivially)."""
+    """`FusedKernels` that counts the calls of its kernels (`calls`, by method name: a
+    runner that silently skipped the kernels would match the torch path trivially)."""
+
+    KERNELS = ("decode_attention", "write_kv", "rms_norm", "rope", "silu_mul")
 
     def __init__(self, inner: FusedKernels) -> None:
-        self.inner, self.attention, self.norms, self.ropes, self.mlps = inner, 0, 0, 0, 0
-        self.writes = 0
-
-    def write_kv(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.writes += 1
-        return self.inner.write_kv(*args, **kwargs)
-
-    def silu_mul(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.mlps += 1
-        return self.inner.silu_mul(*args, **kwargs)
-
-    def rope(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.ropes += 1
-        return self.inner.rope(*args, **kwargs)
-
-    def decode_attention(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.attention += 1
-        return self.inner.decode_attention(*args, **kwargs)
-
-    def rms_norm(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.norms += 1
-        return self.inner.rms_norm(*args, **kwargs)
+        self.inner = inner
+        self.calls = dict.fromkeys(self.KERNELS, 0)
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        return getattr(self.inner, name)  # recording(), active, prologues
+        found = getattr(self.inner, name)  # also recording(), active, prologues
+        if name not in self.calls:
+            return found
+
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.calls[name] += 1
+            return found(*args, **kwargs)
+
+        return counted
 
 
 # -- the kernels ------------------------------------------------------------------------------
@@ -189,15 +179,15 @@ def test_install_rope_through_the_attention_hook(kernels) -> None:
     counted = Counted(kernels)
     assert install_rope(model, counted) == 2  # one per attention module
     assert install_rope(model, counted) == 0
-    assert counted.ropes == 1  # the probe
+    assert counted.calls["rope"] == 1  # the probe
     ids = torch.tensor([[5, 9, 14, 3, 77, 20]], device=DEVICE)
     with torch.no_grad():
         want = reference(ids).logits
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-4)
-        assert counted.ropes == 1  # outside a recording: transformers' own
+        assert counted.calls["rope"] == 1  # outside a recording: transformers' own
         with counted.recording():
             got = model(ids).logits
-    assert counted.ropes == 1 + 2
+    assert counted.calls["rope"] == 1 + 2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
@@ -211,11 +201,11 @@ def test_install_serves_llama_norms_and_leaves_gemma_alone(kernels) -> None:
     with torch.no_grad():
         want = reference(ids).logits
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-4)
-        assert counted.norms == 1  # the probe of the class; outside a recording: torch
+        assert counted.calls["rms_norm"] == 1  # the probe of the class; outside a recording: torch
         with counted.recording():
             got = model(ids).logits
         assert not counted.active
-    assert counted.norms == 1 + (2 * 2 + 1)  # inside: each norm through the kernel
+    assert counted.calls["rms_norm"] == 1 + (2 * 2 + 1)  # inside: each norm through the kernel
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     layer = model.model.layers[1]  # each layer's norms know the projections they feed
     assert layer.input_layernorm.forward.feeds is layer.self_attn
@@ -232,15 +222,15 @@ def test_install_serves_silu_mlps_and_leaves_gelu_ones_alone(kernels) -> None:
     counted = Counted(kernels)
     assert install_silu_mlps(model, counted) == 2  # one per layer
     assert install_silu_mlps(model, counted) == 0  # already served
-    assert counted.mlps == 1  # the probe of the class
+    assert counted.calls["silu_mul"] == 1  # the probe of the class
     ids = torch.tensor([[5, 9, 14, 3, 77, 20]], device=DEVICE)
     with torch.no_grad():
         want = reference(ids).logits
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-4)
-        assert counted.mlps == 1  # outside a recording: the module's own forward
+        assert counted.calls["silu_mul"] == 1  # outside a recording: the module's own forward
         with counted.recording():
             got = model(ids).logits
-    assert counted.mlps == 1 + 2
+    assert counted.calls["silu_mul"] == 1 + 2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     gemma = tiny("gemma3").to(DEVICE)  # the Llama MLP's code with a GELU: the probe differs
     assert install_silu_mlps(gemma, counted) == 0
@@ -331,10 +321,12 @@ def test_recorded_decode_with_fused_kernels_matches_the_torch_graphs(kernels, ki
     captures = fused_runner.capture.captures
     runs = fused_runner.replays + captures if DEVICE.type == "cpu" else 3 * captures
     layers = model.config.num_hidden_layers
-    assert counted.attention == counted.writes == layers * runs
-    assert counted.norms == 1 + (2 * layers + 1) * runs  # the install's probe, then each run
-    assert counted.ropes == 1 + layers * runs
-    assert counted.mlps == 1 + layers * runs
+    assert counted.calls["decode_attention"] == counted.calls["write_kv"] == layers * runs
+    assert (
+        counted.calls["rms_norm"] == 1 + (2 * layers + 1) * runs
+    )  # the install's probe, then each run
+    assert counted.calls["rope"] == 1 + layers * runs
+    assert counted.calls["silu_mul"] == 1 + layers * runs
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
