@@ -146,13 +146,17 @@ class FusedKernels:
             if splits == 1
             else out.new_empty(batch, heads, splits, dim + 2, dtype=torch.float32)
         )
+        ieee = q.dtype == torch.float32
         self._k.paged_decode[(batch, kv_heads, splits)](
             q, keys, values, read, lengths, rows, out, part,
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
             values.stride(0), values.stride(1), read.stride(0), out.stride(0), out.stride(1),
             split_len, scale, group,
             HEAD_DIM=dim, BLOCK_D=_pow2(dim), BLOCK_G=_pow2(group), BLOCK_L=self.block_l,
-            SPLITS=splits, IEEE=q.dtype == torch.float32,
+            SPLITS=splits, IEEE=ieee,
+            # exact float32 products hold the key tile in registers: with four warps they
+            # spill to local memory from head_dim 128 (`bench/kernel_build.py` shows it)
+            num_warps=8 if ieee else 4,
         )  # fmt: skip
         if splits > 1:
             self._k.paged_decode_combine[(batch, heads)](
