@@ -109,20 +109,22 @@ def _prologue_delta(  # pragma: no cover (compiled)
 
 
 @triton.jit
-def _normed_member(  # pragma: no cover (compiled)
-    x, w, rstd, y, stored, slot, ranks, a, b, d, n, o, n_in, n_out, stride_xn, stride_yn,
-    stride_as, stride_ak, stride_ar, stride_bs, stride_br, stride_bo, stride_dn,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+def _prologue_member(  # pragma: no cover (compiled)
+    x, up, w, rstd, p, stored, slot, m, n, o, n_in, stride_xn, stride_un, stride_pn,
+    PROLOGUE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One member's tile ``o`` of ``norm_decode_group``: ``d[n, o]`` written (0 for a row
-    without a slot or a slot this member does not hold), and ``stored`` columns of
-    ``y[n]``."""
+    """Member ``m``'s tile ``o`` of row ``n`` (``_prologue_delta``): ``d[n, o]`` written (0
+    for a row without a slot or a slot the member does not hold), and ``stored`` columns of
+    ``p[n]``. ``m`` as ``row_decode_group``'s members: (bank A, bank B, ranks, d, n_out,
+    A's strides, B's strides, d's row stride)."""
+    a, b, ranks, d, n_out, stride_as, stride_ak, stride_ar, stride_bs, stride_br, stride_bo, \
+        stride_dn = m  # fmt: skip
     rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
     live_o = o < n_out
     delta = _prologue_delta(
-        x, x, w, rstd, y, stored, a, b, tl.maximum(slot, 0).to(tl.int64), rank, n, o, live_o,
-        n_in, stride_xn, stride_xn, stride_yn, stride_as, stride_ak, stride_ar, stride_bs,
-        stride_br, stride_bo, 1, BLOCK_R, BLOCK_K,
+        x, up, w, rstd, p, stored, a, b, tl.maximum(slot, 0).to(tl.int64), rank, n, o, live_o,
+        n_in, stride_xn, stride_un, stride_pn, stride_as, stride_ak, stride_ar, stride_bs,
+        stride_br, stride_bo, PROLOGUE, BLOCK_R, BLOCK_K,
     )  # fmt: skip
     tl.store(d + n * stride_dn + o, delta.to(d.dtype.element_ty), mask=live_o)
 
@@ -133,42 +135,9 @@ def norm_decode_group(  # pragma: no cover (compiled)
     w,  # [n_in]: the norm's weight
     y,  # [B, n_in], unit stride along n_in: the normalised rows (the members' input)
     slots,  # [B] int32, -1 = no adapter
-    a0,  # member 0: bank A [S, n_in, R], bank B [S, R, n_out], ranks [S], d [B, n_out]
-    b0,
-    ranks0,
-    d0,
-    n_out0,
-    sa0_s,
-    sa0_k,
-    sa0_r,
-    sb0_s,
-    sb0_r,
-    sb0_o,
-    sd0,
-    a1,  # member 1, as member 0
-    b1,
-    ranks1,
-    d1,
-    n_out1,
-    sa1_s,
-    sa1_k,
-    sa1_r,
-    sb1_s,
-    sb1_r,
-    sb1_o,
-    sd1,
-    a2,  # member 2 (MEMBERS == 3; else member 1 again, never read)
-    b2,
-    ranks2,
-    d2,
-    n_out2,
-    sa2_s,
-    sa2_k,
-    sa2_r,
-    sb2_s,
-    sb2_r,
-    sb2_o,
-    sd2,
+    m0,  # the members, as row_decode_group's: (bank A, bank B, ranks, d, n_out, strides)
+    m1,
+    m2,  # (MEMBERS == 3; else member 1 again, never read)
     n_in,
     stride_xn,
     stride_yn,
@@ -193,22 +162,19 @@ def norm_decode_group(  # pragma: no cover (compiled)
     rstd = rms_rstd(x + n * stride_xn, n_in, eps, BLOCK_C)
     stored = tl.where(j == 0, n_in, 0)  # tile 0's program writes y[row]
     if j < tiles0:
-        _normed_member(
-            x, w, rstd, y, stored, slot, ranks0, a0, b0, d0, n, j * BLOCK_N + cols, n_in,
-            n_out0, stride_xn, stride_yn, sa0_s, sa0_k, sa0_r, sb0_s, sb0_r, sb0_o, sd0,
-            BLOCK_R, BLOCK_K,
+        _prologue_member(
+            x, x, w, rstd, y, stored, slot, m0, n, j * BLOCK_N + cols, n_in, stride_xn,
+            stride_xn, stride_yn, 1, BLOCK_R, BLOCK_K,
         )  # fmt: skip
     elif j < tiles0 + tiles1:
-        _normed_member(
-            x, w, rstd, y, stored, slot, ranks1, a1, b1, d1, n, (j - tiles0) * BLOCK_N + cols,
-            n_in, n_out1, stride_xn, stride_yn, sa1_s, sa1_k, sa1_r, sb1_s, sb1_r, sb1_o, sd1,
-            BLOCK_R, BLOCK_K,
+        _prologue_member(
+            x, x, w, rstd, y, stored, slot, m1, n, (j - tiles0) * BLOCK_N + cols, n_in,
+            stride_xn, stride_xn, stride_yn, 1, BLOCK_R, BLOCK_K,
         )  # fmt: skip
     elif MEMBERS == 3:
-        _normed_member(
-            x, w, rstd, y, stored, slot, ranks2, a2, b2, d2, n,
-            (j - tiles0 - tiles1) * BLOCK_N + cols, n_in, n_out2, stride_xn, stride_yn,
-            sa2_s, sa2_k, sa2_r, sb2_s, sb2_r, sb2_o, sd2, BLOCK_R, BLOCK_K,
+        _prologue_member(
+            x, x, w, rstd, y, stored, slot, m2, n, (j - tiles0 - tiles1) * BLOCK_N + cols,
+            n_in, stride_xn, stride_xn, stride_yn, 1, BLOCK_R, BLOCK_K,
         )  # fmt: skip
 
 
@@ -218,22 +184,11 @@ def act_decode(  # pragma: no cover (compiled)
     up,  # [B, n_in], as gate
     act,  # [B, n_in], unit stride along n_in: SiLU(gate) * up, the projection's input
     slots,  # [B] int32, -1 = no adapter
-    ranks,  # [S] int32, 0 = slot not loaded here
-    a,  # bank A: [S, n_in, R] (any strides)
-    b,  # bank B: [S, R, n_out] (any strides)
-    d,  # [B, n_out], unit stride along n_out: the delta, written
+    m,  # the projection, as a member of row_decode_group: (bank A, bank B, ranks, d, ...)
     n_in,
-    n_out,
     stride_gn,
     stride_un,
     stride_pn,
-    stride_as,
-    stride_ak,
-    stride_ar,
-    stride_bs,
-    stride_br,
-    stride_bo,
-    stride_dn,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -243,16 +198,9 @@ def act_decode(  # pragma: no cover (compiled)
     without a slot); the program of tile 0 also writes ``act[row]``."""
     row = tl.program_id(0)
     j = tl.program_id(1)
-    n = row.to(tl.int64)
     o = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    live_o = o < n_out
-    slot = tl.load(slots + row)
-    rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
-    s = tl.maximum(slot, 0).to(tl.int64)
     stored = tl.where(j == 0, n_in, 0)  # tile 0's program writes act[row]
-    delta = _prologue_delta(
-        gate, up, gate, 0.0, act, stored, a, b, s, rank, n, o,
-        live_o, n_in, stride_gn, stride_un, stride_pn, stride_as, stride_ak, stride_ar,
-        stride_bs, stride_br, stride_bo, 2, BLOCK_R, BLOCK_K,
+    _prologue_member(
+        gate, up, gate, 0.0, act, stored, tl.load(slots + row), m, row.to(tl.int64), o, n_in,
+        stride_gn, stride_un, stride_pn, 2, BLOCK_R, BLOCK_K,
     )  # fmt: skip
-    tl.store(d + n * stride_dn + o, delta.to(d.dtype.element_ty), mask=live_o)

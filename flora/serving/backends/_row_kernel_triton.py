@@ -212,29 +212,20 @@ def row_decode(  # pragma: no cover (compiled)
 @triton.jit
 def _decode_delta(  # pragma: no cover (compiled)
     x,
-    a,
-    b,
+    m,  # the member: (a, b, ranks, d, n_out, strides of a (3), of b (3), of d's rows)
     slots,
-    ranks,
-    d,
     row,
     o,
     n_in,
-    n_out,
     stride_xn,
-    stride_as,
-    stride_ak,
-    stride_ar,
-    stride_bs,
-    stride_br,
-    stride_bo,
-    stride_dn,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """``d[row, o] = (x[row] @ A_s) @ B_s[:, o]`` (``_row_delta``), written, not added:
     0 for a row without a slot."""
+    a, b, ranks, d, n_out, stride_as, stride_ak, stride_ar, stride_bs, stride_br, stride_bo, \
+        stride_dn = m  # fmt: skip
     slot = tl.load(slots + row)
     rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
     n = row.to(tl.int64)
@@ -252,42 +243,10 @@ def _decode_delta(  # pragma: no cover (compiled)
 def row_decode_group(  # pragma: no cover (compiled)
     x,  # [B, n_in], unit stride along n_in: one token per row, the members' shared input
     slots,  # [B] int32, -1 = no adapter
-    a0,  # member 0: bank A [S, n_in, R], bank B [S, R, n_out], ranks [S], d [B, n_out]
-    b0,
-    ranks0,
-    d0,
-    n_out0,
-    sa0_s,
-    sa0_k,
-    sa0_r,
-    sb0_s,
-    sb0_r,
-    sb0_o,
-    sd0,
-    a1,  # member 1, as member 0
-    b1,
-    ranks1,
-    d1,
-    n_out1,
-    sa1_s,
-    sa1_k,
-    sa1_r,
-    sb1_s,
-    sb1_r,
-    sb1_o,
-    sd1,
-    a2,  # member 2 (MEMBERS == 3; else member 1 again, never read)
-    b2,
-    ranks2,
-    d2,
-    n_out2,
-    sa2_s,
-    sa2_k,
-    sa2_r,
-    sb2_s,
-    sb2_r,
-    sb2_o,
-    sd2,
+    m0,  # member 0: (bank A [S, n_in, R], bank B [S, R, n_out], ranks [S], d [B, n_out],
+    # n_out, A's 3 strides, B's 3 strides, d's row stride)
+    m1,  # member 1, as member 0
+    m2,  # member 2 (MEMBERS == 3; else member 1 again, never read)
     n_in,
     stride_xn,
     tiles0,  # output tiles of member 0, then of member 1
@@ -306,21 +265,17 @@ def row_decode_group(  # pragma: no cover (compiled)
     cols = tl.arange(0, BLOCK_N)
     if j < tiles0:
         _decode_delta(
-            x, a0, b0, slots, ranks0, d0, row, j * BLOCK_N + cols, n_in, n_out0,
-            stride_xn, sa0_s, sa0_k, sa0_r, sb0_s, sb0_r, sb0_o, sd0,
-            BLOCK_R, BLOCK_K, BLOCK_N,
-        )  # fmt: skip
+            x, m0, slots, row, j * BLOCK_N + cols, n_in, stride_xn, BLOCK_R, BLOCK_K, BLOCK_N
+        )
     elif j < tiles0 + tiles1:
         _decode_delta(
-            x, a1, b1, slots, ranks1, d1, row, (j - tiles0) * BLOCK_N + cols, n_in, n_out1,
-            stride_xn, sa1_s, sa1_k, sa1_r, sb1_s, sb1_r, sb1_o, sd1,
-            BLOCK_R, BLOCK_K, BLOCK_N,
+            x, m1, slots, row, (j - tiles0) * BLOCK_N + cols, n_in, stride_xn, BLOCK_R, BLOCK_K,
+            BLOCK_N,
         )  # fmt: skip
     elif MEMBERS == 3:
         _decode_delta(
-            x, a2, b2, slots, ranks2, d2, row, (j - tiles0 - tiles1) * BLOCK_N + cols, n_in,
-            n_out2, stride_xn, sa2_s, sa2_k, sa2_r, sb2_s, sb2_r, sb2_o, sd2,
-            BLOCK_R, BLOCK_K, BLOCK_N,
+            x, m2, slots, row, (j - tiles0 - tiles1) * BLOCK_N + cols, n_in, stride_xn, BLOCK_R,
+            BLOCK_K, BLOCK_N,
         )  # fmt: skip
 
 

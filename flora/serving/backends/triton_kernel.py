@@ -131,17 +131,13 @@ class TritonRowKernel:
 
     def _group_args(
         self, members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-    ) -> tuple[list[int], list[object]]:
-        """A group kernel's output tiles per member and its member arguments (bank A, bank
-        B, ranks, delta buffer, width, strides; a third member slot repeats the last when
-        there are two, never read)."""
+    ) -> tuple[list[int], list[tuple[object, ...]]]:
+        """A group kernel's output tiles per member and its three member arguments (a third
+        repeats the last when there are two, never read)."""
         if not 2 <= len(members) <= 3:
             raise ValueError(f"a decode group has 2 or 3 members, not {len(members)}")
         tiles = [-(-d.shape[1] // self.decode_block_n) for d, _, _, _ in members]
-        args: list[object] = []
-        for d, ranks, a, b in [*members, members[-1]][:3]:
-            args += [a, b, ranks, d, d.shape[1], *a.stride(), *b.stride(), d.stride(0)]
-        return tiles, args
+        return tiles, [_member(m) for m in [*members, members[-1]][:3]]
 
     def norm_decode_group(
         self,
@@ -182,11 +178,10 @@ class TritonRowKernel:
         ``[B, in]`` with unit stride along ``in``; the rest as for ``decode_group``."""
         if self.prologues is None:
             raise RuntimeError("this kernel has no prologue kernels")
-        d, ranks, a, b = member
-        n_out = d.shape[1]
-        self.prologues.act_decode[(slots.shape[0], -(-n_out // self.decode_block_n))](
-            gate, up, act, slots, ranks, a, b, d, gate.shape[1], n_out,
-            gate.stride(0), up.stride(0), act.stride(0), *a.stride(), *b.stride(), d.stride(0),
+        tiles = -(-member[0].shape[1] // self.decode_block_n)
+        self.prologues.act_decode[(slots.shape[0], tiles)](
+            gate, up, act, slots, _member(member), gate.shape[1],
+            gate.stride(0), up.stride(0), act.stride(0),
             BLOCK_R=block_r, BLOCK_K=self.decode_block_k, BLOCK_N=self.decode_block_n,
         )  # fmt: skip
 
@@ -215,6 +210,16 @@ class TritonRowKernel:
             BLOCK_T=self.block_t, BLOCK_R=block_r, BLOCK_K=self.block_k,
             BLOCK_N=self.block_n, IEEE=x.dtype == torch.float32,
         )  # fmt: skip
+
+
+def _member(
+    member: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[object, ...]:
+    """A decode kernel's argument for the projection ``member = (d, ranks, a, b)``: bank A,
+    bank B, ranks, the delta buffer, its width, A's and B's strides and ``d``'s row stride
+    (the order the kernels' ``_decode_delta`` and ``_prologue_member`` unpack)."""
+    d, ranks, a, b = member
+    return (a, b, ranks, d, d.shape[1], *a.stride(), *b.stride(), d.stride(0))
 
 
 def token_rows(x: torch.Tensor) -> torch.Tensor:
