@@ -17,11 +17,12 @@ that read the same input (q/k/v, gate/up) in one launch, writing each member's d
 its base GEMM to add. ``segment_update`` is the same computation over tiles of token
 segments of any lengths (a packed step), each tile with its own slot.
 
-Reductions are ``tl.reduce`` with triton's own sum combiner (``_add``), not ``tl.sum``:
-the helpers of ``triton.language.standard`` are compiled when triton is imported, so
-Triton's interpreter (the CPU tests) could not run ``tl.sum`` if triton was imported
-before it was on; it never runs the combiner itself, it recognises it and sums in numpy
-(any other combiner it applies element by element in Python, a hundred times slower).
+Reductions are ``tl.reduce`` with triton's own sum combiner (``_add``), not ``tl.sum``,
+and zeros ``tl.full``, not ``tl.zeros``: the helpers of ``triton.language.standard`` are
+compiled when triton is imported, so Triton's interpreter (the CPU tests) could not run
+them if triton was imported before it was on; it never runs the combiner itself, it
+recognises it and sums in numpy (any other combiner it applies element by element in
+Python, a hundred times slower).
 """
 
 from __future__ import annotations
@@ -30,6 +31,45 @@ import triton
 import triton.language as tl
 
 _add = tl.standard._sum_combine  # a + b (see above)
+
+
+@triton.jit
+def _tile_update(  # pragma: no cover (compiled)
+    x, a, b, y, s, rank, n, live_t, o, n_in, n_out, stride_xn, stride_as, stride_ak,
+    stride_ar, stride_bs, stride_br, stride_bo, stride_yn, BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """``y[n, o] += (x[n] @ A_s) @ B_s[:, o]`` for a tile of tokens ``n`` (``live_t``) of
+    one slot ``s`` of rank ``rank``: the shrink with ``tl.dot`` in ``BLOCK_K`` steps, the
+    expand, the add, in float32 (exact products for float32 inputs: ``IEEE``)."""
+    r = tl.arange(0, BLOCK_R)
+    h = tl.full((BLOCK_T, BLOCK_R), 0.0, tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        xs = tl.load(
+            x + n[:, None] * stride_xn + k[None, :],
+            mask=live_t[:, None] & (k < n_in)[None, :],
+            other=0.0,
+        )
+        fs = tl.load(
+            a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
+            mask=(k < n_in)[:, None] & (r < rank)[None, :],
+            other=0.0,
+        ).to(xs.dtype)
+        if IEEE:
+            h += tl.dot(xs, fs, input_precision="ieee")
+        else:
+            h += tl.dot(xs, fs)
+    fb = tl.load(
+        b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
+        mask=(r < rank)[:, None] & (o < n_out)[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    delta = tl.dot(h, fb, input_precision="ieee")
+    where = y + n[:, None] * stride_yn + o[None, :]
+    live = live_t[:, None] & (o < n_out)[None, :]
+    out = tl.load(where, mask=live, other=0.0)
+    tl.store(where, (out.to(tl.float32) + delta).to(out.dtype), mask=live)
 
 
 @triton.jit
@@ -64,39 +104,13 @@ def row_update(  # pragma: no cover (compiled)
     rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
     if rank > 0:
         s = slot.to(tl.int64)
-        r = tl.arange(0, BLOCK_R)
         n = row.to(tl.int64) * tokens + t
         live_t = t < tokens
-        # tl.full, not tl.zeros: builtins only (no triton.language.standard helpers, which
-        # are compiled when triton is imported, so Triton's interpreter, which the CPU
-        # tests use, could not run them if triton was imported before it was switched on)
-        h = tl.full((BLOCK_T, BLOCK_R), 0.0, tl.float32)
-        for k0 in range(0, n_in, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xs = tl.load(
-                x + n[:, None] * stride_xn + k[None, :],
-                mask=live_t[:, None] & (k < n_in)[None, :],
-                other=0.0,
-            )
-            fs = tl.load(
-                a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
-                mask=(k < n_in)[:, None] & (r < rank)[None, :],
-                other=0.0,
-            ).to(xs.dtype)
-            if IEEE:
-                h += tl.dot(xs, fs, input_precision="ieee")
-            else:
-                h += tl.dot(xs, fs)
-        fb = tl.load(
-            b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
-            mask=(r < rank)[:, None] & (o < n_out)[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        delta = tl.dot(h, fb, input_precision="ieee")
-        where = y + n[:, None] * stride_yn + o[None, :]
-        live = live_t[:, None] & (o < n_out)[None, :]
-        out = tl.load(where, mask=live, other=0.0)
-        tl.store(where, (out.to(tl.float32) + delta).to(out.dtype), mask=live)
+        _tile_update(
+            x, a, b, y, s, rank, n, live_t, o, n_in, n_out, stride_xn, stride_as, stride_ak,
+            stride_ar, stride_bs, stride_br, stride_bo, stride_yn, BLOCK_T, BLOCK_R, BLOCK_K,
+            IEEE,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -315,33 +329,9 @@ def segment_update(  # pragma: no cover (compiled)
     hi = tl.load(tiles + n_tiles + p)
     s = tl.load(tiles + 2 * n_tiles + p).to(tl.int64)
     rank = tl.load(ranks + s)
-    r = tl.arange(0, BLOCK_R)
     n = lo.to(tl.int64) + tl.arange(0, BLOCK_T)
     live_t = n < hi
-    h = tl.full((BLOCK_T, BLOCK_R), 0.0, tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        xs = tl.load(
-            x + n[:, None] * stride_xn + k[None, :],
-            mask=live_t[:, None] & (k < n_in)[None, :],
-            other=0.0,
-        )
-        fs = tl.load(
-            a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
-            mask=(k < n_in)[:, None] & (r < rank)[None, :],
-            other=0.0,
-        ).to(xs.dtype)
-        if IEEE:
-            h += tl.dot(xs, fs, input_precision="ieee")
-        else:
-            h += tl.dot(xs, fs)
-    fb = tl.load(
-        b + s * stride_bs + r[:, None] * stride_br + o[None, :] * stride_bo,
-        mask=(r < rank)[:, None] & (o < n_out)[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    delta = tl.dot(h, fb, input_precision="ieee")
-    where = y + n[:, None] * stride_yn + o[None, :]
-    live = live_t[:, None] & (o < n_out)[None, :]
-    out = tl.load(where, mask=live, other=0.0)
-    tl.store(where, (out.to(tl.float32) + delta).to(out.dtype), mask=live)
+    _tile_update(
+        x, a, b, y, s, rank, n, live_t, o, n_in, n_out, stride_xn, stride_as, stride_ak,
+        stride_ar, stride_bs, stride_br, stride_bo, stride_yn, BLOCK_T, BLOCK_R, BLOCK_K, IEEE,
+    )  # fmt: skip
