@@ -44,8 +44,8 @@ for path in (ROOT, ROOT / "server"):  # the repo's `flora` and `flora_server`
 
 import torch  # noqa: E402
 
-# compute capabilities by name: the A100, the L4 / L40S, the H100 / H200
-ARCHES = {"sm80": 80, "sm89": 89, "sm90": 90}
+# compute capabilities by name: the A100, the L4 / L40S, the H100 / H200, the B200
+ARCHES = {"sm80": 80, "sm89": 89, "sm90": 90, "sm100": 100}
 FUSED_MODULE = "flora_server.engine.paged._fused_triton"
 
 
