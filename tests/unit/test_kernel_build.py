@@ -22,6 +22,14 @@ LAUNCHED = {
 }  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _triton_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiled kernels go to a temporary cache, not the user's ``~/.triton``."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "triton"))
+
+
 def test_launched_kernels_are_the_modules_kernels_without_their_helpers() -> None:
     # rms_rstd, rms_normed, silu_mul, _shrink, _expand... are compiled into their callers
     assert kernel_build.launched_kernels() == LAUNCHED
