@@ -39,8 +39,8 @@ Requests ignore EOS so every stream runs its full length. Keys:
   host's work of step n overlaps the device's of step n + 1); ``ahead_speedup``: base
   decode at the first batch size over the same with ``decode_ahead`` off, raced in the
   same rounds.
-- ``prologue_speedup``: K decode with the adapter deltas computed inside the fused norms
-  and SiLU-multiply over the same with them in launches of their own
+- ``prologue_speedup``: K decode with the adapter deltas computed inside the fused norms,
+  SiLU-multiply and decode attention over the same with them in launches of their own
   (``FusedKernels.prologues`` off), raced in the same rounds; ``None`` without the fused
   kernels (a dry run).
 - ``long_decode_tok_s``: base decode of 4 streams after ``long_prompt``-token prompts

@@ -166,8 +166,10 @@ def launch_cases(
     """``(label, launch)`` for every kernel as a step of ``shape`` starts it: decode rows
     (``batch`` of them) for the adapter kernels' decode forms, the deltas inside the norm
     and SiLU-multiply, attention in one program a row and split; a 64-token prefill chunk
-    per row for the tile kernels. Tensors are made when a case runs, on the CPU."""
-    from flora.serving.backends.triton_kernel import block_rank, load_row_kernel
+    per row for the tile kernels; attention with o's delta. Tensors are made when a case
+    runs, on the CPU."""
+    from flora.serving.backends.triton_gpu import ODelta
+    from flora.serving.backends.triton_kernel import block_rank, load_row_kernel, member_arg
     from flora_server.engine.paged.fused import FusedKernels
 
     kernel = load_row_kernel()
@@ -206,14 +208,18 @@ def launch_cases(
         tiles = torch.tensor([[0, 16], [16, 64], [0, 1]], dtype=torch.int32)
         kernel.segments(new(tokens, q_out), new(tokens, hidden), tiles, ranks, a, b, block_r)
 
-    def attention(splits: int, length: int) -> None:
+    def attention(splits: int, length: int, o_delta: bool = False) -> None:
         heads = new(batch, shape.heads, hd)
         pool = new(batch * length, shape.kv_heads, hd)
         read = torch.arange(batch * length).view(batch, length)
         lengths = torch.full((batch,), length, dtype=torch.int32)
+        o = None
+        if o_delta:  # o's delta from the attention output (`o_epilogue`)
+            proj = member_arg(member(q_out, hidden))
+            o = ODelta(slots, proj, new(batch, kind=torch.int32), block_r)
         fused.decode_attention(
             heads, pool, pool.clone(), read, lengths, torch.arange(batch), heads.clone(),
-            hd**-0.5, splits,
+            hd**-0.5, splits, o,
         )  # fmt: skip
 
     def rope() -> None:  # transformers' layout: [B, H, T, D] views of [B, T, H, D]
@@ -241,6 +247,7 @@ def launch_cases(
         ("act_decode down", act_down),
         ("paged_decode, 256 keys a row", lambda: attention(1, 256)),
         ("paged_decode split 4, 2048 keys a row", lambda: attention(4, 2048)),
+        ("paged_decode with o's delta", lambda: attention(1, 256, o_delta=True)),
         ("rope", rope),
         ("paged_write", write_kv),
         ("rms_norm", lambda: fused.rms_norm(x, weight, 1e-5)),

@@ -228,3 +228,22 @@ def test_q_and_v_only_adapters_group_and_take_the_norms_deltas(kernel, monkeypat
     for b, slot in enumerate(rows):
         want_row = alone(base, None if slot is None else adapters[slot], ids[b : b + 1])
         torch.testing.assert_close(decode.logits[b].cpu(), want_row[0, 6:], atol=1e-5, rtol=1e-5)
+
+
+def test_a_seed_goes_to_its_input_or_a_view_of_the_same_elements_only() -> None:
+    """``PerInput``: what a kernel computed for the tensor it wrote is taken by a member
+    called on that tensor or on a contiguous view of the same elements (transformers
+    reshapes the attention output before o), never by one called on other elements."""
+    from flora.serving.backends.base import PerInput
+
+    x = torch.randn(4, 6)
+    seeds = PerInput(2)
+    seeds.seed(x, "delta")
+    assert seeds.seeded(x.clone(), 0) is None  # equal values, other memory
+    assert seeds.seeded(x[:2], 0) is None  # the same start, fewer elements
+    assert seeds.seeded(x[1:], 0) is None
+    assert seeds.seeded(x.t(), 0) is None  # the same elements in another order
+    assert seeds.seeded(x.view(2, 1, 12), 0) == "delta"
+    assert seeds.seeded(x.view(2, 1, 12), 0) is None  # member 0 took it
+    assert seeds.seeded(x, 1) == "delta"
+    assert seeds.x is None and seeds.value is None  # every member served: dropped

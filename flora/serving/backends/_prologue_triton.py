@@ -16,8 +16,14 @@ and a decode row's shrink needs the whole row, as the norm does:
   (``silu_mul``) and writes output tile ``j`` of down's delta; tile 0's program writes the
   product, which down's GEMM reads with the delta.
 
-A decode step of a llama-style model then launches one adapter kernel a layer (o's) beside
-the base step's, where ``row_decode_group`` and ``row_decode`` take four. ``rms_rstd``,
+- ``o_epilogue``: the delta of the projection that reads an attention output (o), from
+  inside the engine's decode attention kernel, whose programs each hold one key head's
+  query heads of a row: each adds its heads' part of the shrink to a per-row buffer slot
+  of its own and counts itself done; the row's last program sums the parts (in order:
+  the same result on every run) and writes the row's delta.
+
+A decode step of a llama-style model then launches no adapter kernel of its own beside
+the base step's, where ``row_decode_group`` and ``row_decode`` take four a layer. ``rms_rstd``,
 ``rms_normed`` and ``silu_mul`` are the formulas' one owner: the engine's plain kernels
 (``flora_server.engine.paged._fused_triton``) call them too.
 """
@@ -204,3 +210,68 @@ def act_decode(  # pragma: no cover (compiled)
         gate, up, gate, 0.0, act, stored, tl.load(slots + row), m, row.to(tl.int64), o, n_in,
         stride_gn, stride_un, stride_pn, 2, BLOCK_R, BLOCK_K,
     )  # fmt: skip
+
+
+@triton.jit
+def o_epilogue(  # pragma: no cover (compiled)
+    o,  # [BLOCK_G, BLOCK_D] float32: query heads h * group + g of the row's attention output
+    b,  # the decode row (of `part` and `count`)
+    row,  # its token: the row of `slots` and of the delta
+    h,  # the key head whose query heads this program holds
+    kv_heads,  # programs per row
+    group,  # query heads per key head
+    slots,  # [T] int32, -1 = no adapter
+    m,  # the projection (o), as a member of row_decode_group: (bank A, bank B, ranks, d, ...)
+    part,  # [B, kv_heads, BLOCK_R] float32: each program's part of the shrink
+    count,  # [B] int32: the row's programs done; 0 before the launch, and left 0 after
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``d[row] = (attention output row @ A_s) @ B_s`` (0 for a row without a slot) from
+    the attention program ``(b, h)``: its heads' part of the shrink to ``part[b, h]``, then
+    one count; the program that counts last (the stores of the others are ordered before
+    their counts by the atomic's acquire-release) sums the parts in order of ``h`` and
+    expands them. Input column ``(h * group + g) * HEAD_DIM + j`` of the projection is
+    ``o[g, j]``, as transformers flattens the heads."""
+    a, bb, ranks, d, n_out, stride_as, stride_ak, stride_ar, stride_bs, stride_br, stride_bo, \
+        stride_dn = m  # fmt: skip
+    slot = tl.load(slots + row)
+    rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
+    s = tl.maximum(slot, 0).to(tl.int64)
+    n = row.to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    live_r = r < rank
+    g = tl.arange(0, BLOCK_G)
+    j = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_N)
+    if rank > 0:
+        shrunk = tl.full((BLOCK_R,), 0.0, tl.float32)
+        for gg in range(0, group):
+            head = tl.reduce(tl.where(g[:, None] == gg, o, 0.0), 0, _add)  # [BLOCK_D]
+            k = (h * group + gg) * HEAD_DIM + j
+            fa = tl.load(
+                a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
+                mask=(j < HEAD_DIM)[:, None] & live_r[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            shrunk += tl.reduce(head[:, None] * fa, 0, _add)
+        tl.store(part + (b * kv_heads + h) * BLOCK_R + r, shrunk)
+        if tl.atomic_add(count + b, 1) == kv_heads - 1:  # the row's last program
+            total = tl.full((BLOCK_R,), 0.0, tl.float32)
+            for hh in range(0, kv_heads):
+                total += tl.load(part + (b * kv_heads + hh) * BLOCK_R + r, cache_modifier=".cg")
+            for o0 in range(0, n_out, BLOCK_N):
+                oc = o0 + cols
+                live_o = oc < n_out
+                fb = _expand_factors(bb, s, oc, r, live_r, live_o, stride_bs, stride_br, stride_bo)
+                delta = _expand(total, fb)
+                tl.store(d + n * stride_dn + oc, delta.to(d.dtype.element_ty), mask=live_o)
+            tl.atomic_xchg(count + b, 0)  # for the next launch
+    elif h == 0:
+        for o0 in range(0, n_out, BLOCK_N):
+            oc = o0 + cols
+            zero = tl.full((BLOCK_N,), 0.0, tl.float32)
+            tl.store(d + n * stride_dn + oc, zero.to(d.dtype.element_ty), mask=oc < n_out)

@@ -104,11 +104,13 @@ class Backend(ABC):
 class PerInput:
     """A value computed from one input for a group of sibling members (q/k/v, gate/up) and
     handed to each member once: the first member to run on an input computes it; it is
-    reused only for the same tensor object, and by each member once, so when every member
-    took it (or a member comes back with the same tensor) it is computed afresh and a later
-    pass that refills the same input buffer is not served an old value. Assumed: the input
-    is not modified in place between the sibling calls of one pass (true of llama-style
-    blocks, which feed one normalised hidden state to q, k and v, and to gate and up)."""
+    reused only for the same input (the same tensor object, or a contiguous view of the
+    same elements: transformers reshapes an attention output before o reads it), and by
+    each member once, so when every member took it (or a member comes back with the same
+    input) it is computed afresh and a later pass that refills the same input buffer is
+    not served an old value. Assumed: the input is not modified in place between the
+    sibling calls of one pass (true of llama-style blocks, which feed one normalised
+    hidden state to q, k and v, and to gate and up)."""
 
     __slots__ = ("members", "pending", "value", "x")
 
@@ -127,18 +129,34 @@ class PerInput:
     def seeded(self, x: torch.Tensor, member: int) -> Any:
         """What ``seed`` handed over for ``x`` if ``member`` has not taken it yet (taking
         it now), else ``None``."""
-        if self.x is not x or member not in self.pending:
+        if not self._holds(x) or member not in self.pending:
             return None
         return self.take(x, member, lambda: None)
 
     def take(self, x: torch.Tensor, member: int, compute: Callable[[], Any]) -> Any:
-        if self.x is not x or member not in self.pending:
+        if not self._holds(x) or member not in self.pending:
             self.x, self.value, self.pending = x, compute(), set(range(self.members))
         self.pending.discard(member)
         value = self.value
         if not self.pending:  # every member served: drop the references
             self.x = self.value = None
         return value
+
+    def _holds(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is the input held: the same object, or the same elements (same
+        start, count, dtype and device, both contiguous; the held tensor keeps its memory
+        from being reused, so a match is a view of it)."""
+        held = self.x
+        if held is None or held is x:
+            return held is x
+        return (
+            x.data_ptr() == held.data_ptr()
+            and x.numel() == held.numel()
+            and x.dtype == held.dtype
+            and x.device == held.device
+            and x.is_contiguous()
+            and held.is_contiguous()
+        )
 
 
 class _GatherPlan:

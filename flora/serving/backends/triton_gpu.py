@@ -24,7 +24,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -35,6 +35,7 @@ from flora.serving.backends.triton_kernel import (
     TritonRowKernel,
     block_rank,
     load_row_kernel,
+    member_arg,
     reference,
     reference_rms_norm,
     reference_silu_mul,
@@ -48,8 +49,10 @@ from flora.serving.segments import Segments
 
 __all__ = [  # with the launchers, references and self-test of `triton_kernel`
     "KERNEL_MODULES",
+    "ODelta",
     "TritonBackend",
     "TritonRowKernel",
+    "attention_o_delta",
     "block_rank",
     "gpu_kernel_for",
     "load_row_kernel",
@@ -229,6 +232,19 @@ class _TritonSegmentPlan:
         return y
 
 
+class ODelta(NamedTuple):
+    """What a kernel producing a projection's input needs to write that projection's
+    decode delta too (``_prologue_triton.o_epilogue``, from the engine's decode attention):
+    the rows' slots, the projection (``member_arg``: banks, ranks, the delta buffer the
+    projection's call then takes), the rows' done-counts (zeros, left zero) and the rank
+    tile."""
+
+    slots: torch.Tensor
+    proj: tuple[object, ...]
+    done: torch.Tensor
+    block_r: int
+
+
 class _TritonGraphPlan:
     """``_TritonPlan`` for CUDA graphs: the row slots are read from the caller's buffer
     (refilled in place between replays) and every slot counts as the bank's full rank
@@ -239,7 +255,9 @@ class _TritonGraphPlan:
     one launch forms the product and this plan's delta of it, and the call on that very
     product is then one ``addmm``."""
 
-    __slots__ = ("a", "b", "base", "block_r", "kernel", "ranks", "seeded", "slots", "target")
+    __slots__ = (
+        "a", "b", "base", "block_r", "done", "kernel", "ranks", "seeded", "slots", "target"
+    )  # fmt: skip
 
     def __init__(self, target: RowTarget, kernel: TritonRowKernel, slots: torch.Tensor) -> None:
         bank = target.bank
@@ -249,7 +267,8 @@ class _TritonGraphPlan:
             (bank.max_slots + 1,), bank.capacity, dtype=torch.int32, device=bank.device
         )
         self.block_r = block_rank(bank.capacity)
-        self.seeded = PerInput(1)  # the delta `silu_mul` computed, for its product
+        self.seeded = PerInput(1)  # the delta `silu_mul` or `o_delta` computed, for its input
+        self.done: torch.Tensor | None = None  # `o_delta`'s row counts, made on first use
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = token_rows(x)
@@ -286,6 +305,31 @@ class _TritonGraphPlan:
         out = act.view(gate.shape)
         self.seeded.seed(out, d)
         return out
+
+    def o_delta(self, x: torch.Tensor) -> ODelta | None:
+        """For a kernel about to write this projection's input ``x`` ([T, in], contiguous,
+        one token per routed row): the arguments with which it writes this plan's delta
+        of ``x`` too, which the call on ``x`` (or a view of its elements) then takes;
+        ``None`` where that does not apply (the caller's kernel leaves it, and the call
+        computes its own). The done-counts are made on first use, which is never inside a
+        recording: a graph is recorded after the same forward ran twice."""
+        weight = self.target.weight_t
+        if (
+            self.kernel.prologues is None
+            or x.dim() != 2
+            or x.shape[0] != self.slots.shape[0]
+            or x.shape[1] != weight.shape[0]
+            or x.dtype != weight.dtype
+            or not x.is_contiguous()
+            or self.target.base_bias is not None
+        ):
+            return None
+        if self.done is None:
+            self.done = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+        d = x.new_empty(x.shape[0], weight.shape[1])
+        self.seeded.seed(x, d)
+        proj = member_arg((d, self.ranks, self.a, self.b))
+        return ODelta(self.slots, proj, self.done, self.block_r)
 
 
 class _DecodeGroup:
@@ -393,6 +437,16 @@ def silu_mul_with_delta(
     if not isinstance(plan, _TritonGraphPlan):
         return None
     return plan.silu_mul(gate, up)
+
+
+def attention_o_delta(plan: Plan | None, x: torch.Tensor) -> ODelta | None:
+    """The arguments with which the engine's decode attention, about to write ``x``,
+    writes the decode delta of the projection that reads it (o; its current ``plan``: a
+    graph plan on CUDA) in the same launch (``_TritonGraphPlan.o_delta``); ``None``
+    otherwise (o computes its own)."""
+    if not isinstance(plan, _TritonGraphPlan):
+        return None
+    return plan.o_delta(x)
 
 
 class TritonBackend(Backend):

@@ -26,6 +26,7 @@ __all__ = [
     "TritonRowKernel",
     "block_rank",
     "load_row_kernel",
+    "member_arg",
     "reference",
     "reference_rms_norm",
     "reference_silu_mul",
@@ -137,7 +138,7 @@ class TritonRowKernel:
         if not 2 <= len(members) <= 3:
             raise ValueError(f"a decode group has 2 or 3 members, not {len(members)}")
         tiles = [-(-d.shape[1] // self.decode_block_n) for d, _, _, _ in members]
-        return tiles, [_member(m) for m in [*members, members[-1]][:3]]
+        return tiles, [member_arg(m) for m in [*members, members[-1]][:3]]
 
     def norm_decode_group(
         self,
@@ -180,7 +181,7 @@ class TritonRowKernel:
             raise RuntimeError("this kernel has no prologue kernels")
         tiles = -(-member[0].shape[1] // self.decode_block_n)
         self.prologues.act_decode[(slots.shape[0], tiles)](
-            gate, up, act, slots, _member(member), gate.shape[1],
+            gate, up, act, slots, member_arg(member), gate.shape[1],
             gate.stride(0), up.stride(0), act.stride(0),
             BLOCK_R=block_r, BLOCK_K=self.decode_block_k, BLOCK_N=self.decode_block_n,
         )  # fmt: skip
@@ -212,7 +213,7 @@ class TritonRowKernel:
         )  # fmt: skip
 
 
-def _member(
+def member_arg(
     member: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> tuple[object, ...]:
     """A decode kernel's argument for the projection ``member = (d, ranks, a, b)``: bank A,

@@ -23,6 +23,7 @@ from flora_server.engine.paged.fused import (
     fused_kernels,
     reference_decode_attention,
     self_test,
+    self_test_o_delta,
 )
 from flora_server.engine.paged.fused_install import (
     install_rms_norms,
@@ -237,6 +238,53 @@ def test_install_serves_silu_mlps_and_leaves_gelu_ones_alone(kernels) -> None:
     assert not any("forward" in vars(m) for m in gemma.modules())
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 2)])  # GQA 1:1, 3:1, 4:1
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
+def test_decode_attention_writes_os_delta_of_its_output(kernels, dtype, heads, kv_heads) -> None:
+    """o's delta from inside decode attention: each row's ``(out @ A_s) @ B_s`` over the
+    output as stored (float64 reference), 0 for a base row and a slot of rank 0 (whose
+    bank is NaN there), written at the rows' tokens; the output itself as without it; the
+    done-counts left at zero, so a second launch is right too."""
+    from flora.serving.backends import triton_gpu as gk
+    from tests.unit.test_gpu_kernel import bank
+
+    gen = torch.Generator().manual_seed(heads)
+    dim, n_out, rows_n = 16, 300, 5  # three tiles of o's expand
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    keys, values, q = rand(90, kv_heads, dim), rand(90, kv_heads, dim), rand(7, heads, dim)
+    read = torch.randperm(90, generator=gen)[:70].view(rows_n, 14).to(DEVICE)
+    lengths = torch.tensor([14, 1, 9, 5, 12], dtype=torch.int32, device=DEVICE)
+    rows = torch.tensor([6, 0, 3, 1, 4], device=DEVICE)  # tokens 2 and 5: no decode row
+    ranks, slots = [4, 0, 19, 1], [1, 2, 9, -1, 0, 9, 3]  # 9: never read
+    a, b = (t.to(DEVICE, dtype) for t in bank(gen, heads * dim, n_out, ranks, rank_major=False))
+    plain = torch.zeros_like(q)
+    kernels.decode_attention(q, keys, values, read, lengths, rows, plain, 0.3, 1)
+    done = torch.zeros(7, dtype=torch.int32, device=DEVICE)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for _ in range(2):
+        out, d = torch.zeros_like(q), torch.full((7, n_out), float("nan"), device=DEVICE)
+        proj = gk.member_arg((d.to(dtype), as_int(ranks), a, b))
+        o_delta = gk.ODelta(as_int(slots), proj, done, gk.block_rank(19))
+        kernels.decode_attention(q, keys, values, read, lengths, rows, out, 0.3, 1, o_delta)
+        assert torch.equal(out, plain)
+        got = proj[3].double()  # the delta buffer
+        decoded = rows.tolist()
+        want = gk.reference(out.view(7, -1)[decoded], [slots[r] for r in decoded], ranks, a, b)
+        torch.testing.assert_close(got[decoded], want, rtol=tol, atol=tol)
+        assert bool(want[0].any()) and not got[[0, 3]].any()  # slot 1 of rank 0; a base row
+        assert got[[2, 5]].isnan().all()  # tokens without a decode row: not written
+        assert not done.any()
+    with pytest.raises(ValueError, match="split"):
+        kernels.decode_attention(q, keys, values, read, lengths, rows, out, 0.3, 2, o_delta)
+
+
+def as_int(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
 def test_self_test_passes_and_catches_a_wrong_kernel(kernels) -> None:
     self_test(kernels, DEVICE, torch.float32)
 
@@ -247,6 +295,14 @@ def test_self_test_passes_and_catches_a_wrong_kernel(kernels) -> None:
     with pytest.raises(AssertionError):
         self_test(NoRotation(kernels), DEVICE, torch.float32)  # type: ignore[arg-type]
     assert fused_kernels(torch.device("cpu"), torch.float32) is None  # CUDA only
+    self_test_o_delta(kernels, DEVICE, torch.float32)
+
+    class NoDelta(Counted):
+        def decode_attention(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return self.inner.decode_attention(*args[:9])  # drops o_delta
+
+    with pytest.raises(AssertionError):
+        self_test_o_delta(NoDelta(kernels), DEVICE, torch.float32)  # type: ignore[arg-type]
 
 
 # -- the runners --------------------------------------------------------------------------------
@@ -336,11 +392,12 @@ def test_recorded_adapter_decode_computes_deltas_in_the_norm_and_mlp_kernels(
     kernels, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     """Adapter rows (two adapters on every projection, and a base row) through the Triton
-    adapter kernel: with the fused kernels the norms compute q/k/v's and gate/up's deltas
-    and SiLU-multiply down's, leaving one adapter launch a layer (o's); the logits equal
-    those of graphs without the fused kernels (a group launch for q/k/v and gate/up, the
-    row kernel for o and down); with `prologues` switched off the runner records its
-    graphs again, launching as those do."""
+    adapter kernel: with the fused kernels the norms compute q/k/v's and gate/up's deltas,
+    SiLU-multiply down's and decode attention o's, leaving no adapter launch of its own;
+    the logits equal those of graphs without the fused kernels (a group launch for q/k/v
+    and gate/up, the row kernel for o and down); with `prologues` switched off the runner
+    records its graphs again, launching as those do; with the keys split across programs,
+    o launches its own again."""
     from flora import FloraConfig
     from flora.serving import ServingPolicy
     from flora.serving.backends import triton_gpu as gk
@@ -400,7 +457,7 @@ def test_recorded_adapter_decode_computes_deltas_in_the_norm_and_mlp_kernels(
         "group": 0, "norm_group": 2 * runs, "act": runs
     }  # fmt: skip
     assert plain["group"] == 2 * runs and plain["norm_group"] == plain["act"] == 0
-    assert fused["row"] == runs and plain["row"] == 2 * runs  # o's launch; o's and down's
+    assert fused["row"] == 0 and plain["row"] == 2 * runs  # none; o's and down's
 
     kernels.prologues = False  # the runner drops its graphs and records them again
     off = decode(fused_runner, fused_route, 3)
@@ -408,8 +465,10 @@ def test_recorded_adapter_decode_computes_deltas_in_the_norm_and_mlp_kernels(
     for a, b in zip(off, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     recorded = fused_runner.capture.captures
-    kernels.programs_wanted, kernels.min_split = 10_000, 16  # split the keys: recorded again
+    kernels.prologues = True
+    kernels.programs_wanted, kernels.min_split = 10_000, 4  # split the keys: recorded again
     split = decode(fused_runner, fused_route, 3)
     assert fused_runner.capture.captures == recorded + 1
+    assert launches.take()["row"] == runs  # o's own launch: split keys hold no whole row
     for a, b in zip(split, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

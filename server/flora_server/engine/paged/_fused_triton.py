@@ -2,7 +2,8 @@
 triton is installed): the decode step's attention over the paged pool and its writes
 into it, RMSNorm, the rotary embedding and SiLU-and-multiply, each one launch where the
 eager modules take several. The norm's and SiLU-multiply's formulas are ``flora.serving.backends.
-_prologue_triton``'s, whose kernels compute adapter deltas inside them.
+_prologue_triton``'s, whose kernels compute adapter deltas inside them; decode attention
+computes the delta of o, the projection that reads its output, through its ``o_epilogue``.
 
 Only builtins of ``triton.language`` are used, the reductions being ``tl.reduce`` with
 triton's own combiners (``_add``, ``_max``): the helpers of ``triton.language.standard``
@@ -16,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from flora.serving.backends._prologue_triton import rms_normed, rms_rstd, silu_mul
+from flora.serving.backends._prologue_triton import o_epilogue, rms_normed, rms_rstd, silu_mul
 
 _add = tl.standard._sum_combine  # a + b
 _max = tl.standard._elementwise_max  # tl.maximum(a, b)
@@ -32,6 +33,10 @@ def paged_decode(  # pragma: no cover (compiled)
     rows,  # [B] int64: the packed token (row of q and out) of each decode row
     out,  # [T, H, D] (unit stride along D): written at `rows` (SPLITS == 1)
     part,  # [B, H, S, D + 2] float32: each split's acc, max and sum (SPLITS > 1)
+    o_slots,  # O_DELTA: o_epilogue's slots, projection, part and count (else unused)
+    o_proj,
+    o_part,
+    o_count,
     stride_qt,
     stride_qh,
     stride_ks,
@@ -50,6 +55,9 @@ def paged_decode(  # pragma: no cover (compiled)
     BLOCK_L: tl.constexpr,
     SPLITS: tl.constexpr,
     IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
+    O_DELTA: tl.constexpr,  # SPLITS == 1: also the adapter delta of the projection reading out
+    BLOCK_R: tl.constexpr,  # O_DELTA: the rank tile, and the outputs per step of its expand
+    BLOCK_N: tl.constexpr,
 ):
     """Program ``(b, h, s)``: decode row ``b``'s query heads that share key head ``h``,
     against split ``s`` of the row's first ``lengths[b]`` key positions (positions
@@ -57,7 +65,8 @@ def paged_decode(  # pragma: no cover (compiled)
     tiles of ``BLOCK_L`` with an online softmax (flash decoding). Only the real positions
     are read, not the batch's padded width. One split: the result goes to ``out``; more:
     each split's unnormalised sum, maximum and total go to ``part`` for
-    ``paged_decode_combine``."""
+    ``paged_decode_combine``. ``O_DELTA``: the row's output also goes through
+    ``o_epilogue`` (the delta of the projection that reads it, o)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
@@ -98,9 +107,14 @@ def paged_decode(  # pragma: no cover (compiled)
             acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
         m = m_new
     if SPLITS == 1:
-        o = acc / total[:, None]
+        o = (acc / total[:, None]).to(out.dtype.element_ty)
         where = out + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
-        tl.store(where, o.to(out.dtype.element_ty), mask=live_qd)
+        tl.store(where, o, mask=live_qd)
+        if O_DELTA:  # from the output as stored: what the projection reads
+            o_epilogue(
+                o.to(tl.float32), b, row, h, tl.num_programs(1), group, o_slots, o_proj,
+                o_part, o_count, HEAD_DIM, BLOCK_G, BLOCK_D, BLOCK_R, BLOCK_N,
+            )  # fmt: skip
     else:  # an empty split (past the row's length) leaves max -inf, total 0
         at = part + ((b * group * tl.num_programs(1) + heads) * SPLITS + split) * (HEAD_DIM + 2)
         tl.store(at[:, None] + d[None, :], acc, mask=live_qd)

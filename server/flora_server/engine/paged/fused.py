@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from flora.serving.backends.triton_gpu import (
+    ODelta,
     reference_rms_norm,
     reference_silu_mul,
     self_tested,
@@ -79,10 +80,10 @@ class FusedKernels:
 
     ``recording()`` is the context (reusable, per thread) inside which the modules the
     installs served (RMSNorm, rotary embedding, SiLU MLP) run the kernels; outside it
-    they run their own forward. ``prologues``: whether a norm or SiLU-multiply in a
-    recording also computes the adapter deltas of the projections that read its output
-    (where their plans are graph plans of the Triton kernel); on by default, off to
-    measure what that saves."""
+    they run their own forward. ``prologues``: whether a norm, SiLU-multiply or decode
+    attention in a recording also computes the adapter deltas of the projections that
+    read its output (where their plans are graph plans of the Triton kernel); on by
+    default, off to measure what that saves."""
 
     block_l = 64  # key positions per tile of decode attention
     # Flash decoding's split of a row's keys (`splits`): programs that fill the device
@@ -92,12 +93,16 @@ class FusedKernels:
     min_split = 512
     max_splits = 16
     block_c = 1024  # columns per program of SiLU-and-multiply
+    o_block_n = 128  # outputs per step of o's expand in decode attention (`o_delta`)
 
     def __init__(self, kernels: types.ModuleType) -> None:
         self._k = kernels
         self._local = threading.local()
         self._recording = _Recording(self._local)
         self.prologues = True
+        # whether decode attention may compute o's delta (`o_delta`); off where its own
+        # self-test fails on the device (`fused_kernels`), the other kernels serving on
+        self.o_deltas = True
 
     @property
     def settings(self) -> tuple[object, ...]:
@@ -124,19 +129,24 @@ class FusedKernels:
         out: torch.Tensor,
         scale: float,
         splits: int | None = None,
+        o_delta: ODelta | None = None,
     ) -> None:
         """``out[rows[b]] = softmax(q[rows[b]] k^T * scale) v`` over the keys and values
         at pool slots ``read[b, :lengths[b]]``, query head ``j`` on key head
         ``j // (H / H_kv)``. ``q``, ``out``: [T, H, D]; ``keys``, ``values``: [slots, H_kv,
         D]; ``read`` [B, L] int64; ``lengths`` [B] int32 (each >= 1); ``rows`` [B] int64.
         Tensors with unit stride along D, on one device. ``splits``: programs per row and
-        key head (default ``self.splits``)."""
+        key head (default ``self.splits``). ``o_delta`` (one split only): the same launch
+        also writes the adapter delta of the projection that reads ``out`` (o), into
+        ``o_delta.proj``'s delta buffer at ``rows``."""
         batch, (heads, dim), kv_heads = read.shape[0], q.shape[1:], keys.shape[1]
         if batch == 0:
             return
         group = heads // kv_heads
         if splits is None:
-            splits = self.splits(batch * kv_heads, read.shape[1])
+            splits = self.splits_for(read, keys)
+        if o_delta is not None and splits != 1:
+            raise ValueError("o's delta comes with one program a row and key head, not split keys")
         split_len = -(-read.shape[1] // splits)  # key positions per split
         if split_len > self.block_l:  # whole tiles of keys
             split_len = -(-split_len // self.block_l) * self.block_l
@@ -147,13 +157,21 @@ class FusedKernels:
             else out.new_empty(batch, heads, splits, dim + 2, dtype=torch.float32)
         )
         ieee = q.dtype == torch.float32
+        if o_delta is None:  # never read: o_delta's arguments of the right kinds
+            o_args: tuple[object, ...] = (lengths, (q, q, lengths, q, *(0,) * 8), q, lengths)
+            block_r = 16
+        else:
+            o_part = q.new_empty(batch, kv_heads, o_delta.block_r, dtype=torch.float32)
+            o_args = (o_delta.slots, o_delta.proj, o_part, o_delta.done)
+            block_r = o_delta.block_r
         self._k.paged_decode[(batch, kv_heads, splits)](
-            q, keys, values, read, lengths, rows, out, part,
+            q, keys, values, read, lengths, rows, out, part, *o_args,
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
             values.stride(0), values.stride(1), read.stride(0), out.stride(0), out.stride(1),
             split_len, scale, group,
             HEAD_DIM=dim, BLOCK_D=_pow2(dim), BLOCK_G=_pow2(group), BLOCK_L=self.block_l,
-            SPLITS=splits, IEEE=ieee,
+            SPLITS=splits, IEEE=ieee, O_DELTA=o_delta is not None, BLOCK_R=block_r,
+            BLOCK_N=self.o_block_n,
             # exact float32 products hold the key tile in registers: with four warps they
             # spill to local memory from head_dim 128 (`bench/kernel_build.py` shows it)
             num_warps=8 if ieee else 4,
@@ -163,6 +181,10 @@ class FusedKernels:
                 part, rows, out, heads, out.stride(0), out.stride(1),
                 HEAD_DIM=dim, BLOCK_D=_pow2(dim), SPLITS=splits,
             )  # fmt: skip
+
+    def splits_for(self, read: torch.Tensor, keys: torch.Tensor) -> int:
+        """``splits`` of a ``decode_attention`` over ``read`` ([B, L]) and ``keys``."""
+        return self.splits(read.shape[0] * keys.shape[1], read.shape[1])
 
     def splits(self, programs: int, span: int) -> int:
         """How many programs share each row's keys in ``decode_attention`` (flash
@@ -339,6 +361,44 @@ def self_test(kernels: FusedKernels, device: torch.device, dtype: torch.dtype) -
         torch.testing.assert_close(got_x, rotated(x), rtol=tol, atol=tol)
 
 
+def self_test_o_delta(kernels: FusedKernels, device: torch.device, dtype: torch.dtype) -> None:
+    """Decode attention with o's delta (``o_delta``) on small inputs on ``device``: GQA (two
+    key heads of three query heads), decode rows that are not their tokens' rows, a base
+    row and a slot of rank 0 (zeros), two launches (the done-counts left at zero for the
+    next); the output as without the delta, the delta against ``reference`` of it. Raises
+    ``AssertionError`` on a mismatch."""
+    from flora.serving.backends.triton_gpu import ODelta, block_rank, member_arg, reference
+
+    gen = torch.Generator().manual_seed(1)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    rows_n, heads, kv_heads, dim, n_out = 4, 6, 2, 16, 150
+    keys, values, q = rand(64, kv_heads, dim), rand(64, kv_heads, dim), rand(rows_n, heads, dim)
+    read = torch.randperm(64, generator=gen)[:40].view(rows_n, 10).to(device)
+    lengths = torch.tensor([10, 1, 7, 3], dtype=torch.int32, device=device)
+    rows = torch.tensor([2, 0, 3, 1], device=device)
+    ranks, slots = [5, 0, 3], [1, 0, -1, 2]
+    a, b = rand(3, heads * dim, 8) / 4, rand(3, 8, n_out) / 4
+    plain = torch.zeros_like(q)
+    kernels.decode_attention(q, keys, values, read, lengths, rows, plain, 0.25, 1)
+    done = torch.zeros(rows_n, dtype=torch.int32, device=device)
+    for _ in range(2):
+        out = torch.zeros_like(q)
+        d = torch.full((rows_n, n_out), float("nan"), device=device, dtype=dtype)
+        ranks_t = torch.tensor(ranks, dtype=torch.int32, device=device)
+        slots_t = torch.tensor(slots, dtype=torch.int32, device=device)
+        proj = member_arg((d, ranks_t, a, b))
+        o_delta = ODelta(slots_t, proj, done, block_rank(max(ranks)))
+        kernels.decode_attention(q, keys, values, read, lengths, rows, out, 0.25, 1, o_delta)
+        assert torch.equal(out, plain), "o's delta changed the attention output"
+        want = reference(out.view(rows_n, -1), slots, ranks, a, b)
+        torch.testing.assert_close(d.double(), want, rtol=tol, atol=tol)
+        assert not done.any(), "the done-counts were not left at zero"
+
+
 @functools.cache
 def fused_kernels(device: torch.device, dtype: torch.dtype) -> FusedKernels | None:
     """The kernels for ``dtype`` on ``device`` after a self-test there, or ``None`` (not
@@ -353,6 +413,11 @@ def fused_kernels(device: torch.device, dtype: torch.dtype) -> FusedKernels | No
         kernels = FusedKernels(_fused_triton)
         self_test(kernels, device, dtype)
         kernels.programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        try:
+            self_test_o_delta(kernels, device, dtype)
+        except Exception as exc:  # a compiler or device the epilogue fails on
+            log.warning("o's delta inside decode attention disabled on %s: %s", device, exc)
+            kernels.o_deltas = False
         return kernels
 
     return self_tested("fused decode kernels", make, device, dtype)

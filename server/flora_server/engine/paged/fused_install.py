@@ -11,6 +11,10 @@ inside ``FusedKernels.recording()`` (outside it every module runs its own forwar
 - ``install_silu_mlps``: SiLU MLPs (transformers' Llama MLP forward): SiLU-and-multiply in
   one launch, which computes down's delta too where its plan takes it
   (``silu_mul_with_delta``).
+
+``o_delta_for`` is the attention's side of the same hand-off: the decode attention kernel
+(``FusedKernels.decode_attention``) computes the delta of the projection that reads its
+output (a llama attention's ``o_proj``) where that projection's plan takes it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from flora.serving.backends.triton_gpu import rms_norm_with_deltas, silu_mul_with_delta
+from flora.serving.backends.triton_gpu import (
+    ODelta,
+    attention_o_delta,
+    rms_norm_with_deltas,
+    silu_mul_with_delta,
+)
 from flora.serving.base import ServedModule
 from flora_server.engine.paged.fused import FusedKernels
 
@@ -33,6 +42,7 @@ __all__ = [
     "install_rms_norms",
     "install_rope",
     "install_silu_mlps",
+    "o_delta_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +79,25 @@ class _GraphNorm:
 def _plan(module: object) -> Any:
     """A served module's current plan (``None`` for a module not served)."""
     return module.plan if isinstance(module, ServedModule) else None
+
+
+# The projection that reads a llama-style attention module's output: a hint, as
+# `NORM_FEEDS` is (the projection takes the delta only when called on that very output).
+ATTENTION_OUTPUT_FEEDS = "o_proj"
+
+
+def o_delta_for(
+    kernels: FusedKernels, attention: torch.nn.Module, out: torch.Tensor
+) -> ODelta | None:
+    """Where the adapter deltas inside the kernels are on (``kernels.prologues``, and
+    ``o_deltas`` after the device's self-test): the
+    arguments with which the decode attention writing ``out`` ([T, H, D], contiguous)
+    also writes the delta of ``attention``'s output projection, whose call on ``out``
+    flattened then takes it (``attention_o_delta``); ``None`` otherwise."""
+    if not (kernels.prologues and kernels.o_deltas):
+        return None
+    plan = _plan(getattr(attention, ATTENTION_OUTPUT_FEEDS, None))
+    return attention_o_delta(plan, out.view(out.shape[0], -1))
 
 
 class _GraphMLP:

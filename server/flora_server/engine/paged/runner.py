@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from flora.serving.segments import Segments
 from flora_server.engine.paged.fused import FusedKernels
+from flora_server.engine.paged.fused_install import o_delta_for
 from flora_server.engine.paged.windows import attention_windows
 
 ATTENTION_NAME = "flora_paged"
@@ -234,9 +235,17 @@ class PagedStep:
         values.index_copy_(0, self.write, self._tokens(value).to(values.dtype))
         return key, value
 
-    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        scaling: float | None,
+        module: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
         """query: [T, H, 1, D] or [1, H, T, D] -> attention output [T, 1, H, D] or
-        [1, T, H, D] (what transformers reshapes back to the hidden states)."""
+        [1, T, H, D] (what transformers reshapes back to the hidden states). ``module``:
+        the attention module, whose output projection's adapter delta the fused decode
+        kernel computes too where it can (``fused_install.o_delta_for``)."""
         keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
         window = self.windows[layer_idx] if self.windows else None
         q = self._tokens(query)  # [T, H, D]
@@ -248,9 +257,15 @@ class PagedStep:
             view = self.decode[window]
             assert view.lengths is not None
             scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+            splits = self.fused.splits_for(view.read, keys)
+            o_delta = None
+            every_token = not self.prefills and self.decode_rows.shape[0] == q.shape[0]
+            if splits == 1 and module is not None and every_token:  # o's delta: every row
+                o_delta = o_delta_for(self.fused, module, out)
             self.fused.decode_attention(
-                q, keys, values, view.read, view.lengths, self.decode_rows, out, scale
-            )
+                q, keys, values, view.read, view.lengths, self.decode_rows, out, scale, splits,
+                o_delta,
+            )  # fmt: skip
         elif self.decode_rows is not None:
             view = self.decode[window]
             k = keys[view.read].transpose(1, 2)  # [B, H_kv, L, D]
@@ -339,7 +354,7 @@ def paged_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    return step.attend(module.layer_idx, query, scaling), None
+    return step.attend(module.layer_idx, query, scaling, module), None
 
 
 def install_paged_attention(model: PreTrainedModel) -> None:
