@@ -70,3 +70,20 @@ def test_compile_only_raises_the_compilers_error_and_restores_triton() -> None:
         _loop_changes_type[(1,)](torch.ones(4), 4)
     assert session.built == []
     assert JITFunction.run is run and driver._active is active
+
+
+def test_os_delta_in_attention_orders_its_parts_before_its_count() -> None:
+    """What the interpreter, running programs one after another, cannot show: the count
+    of o's delta in decode attention is an acquire-release atomic at GPU scope after a CTA
+    barrier (every thread's part stored before it), and the last program reads the parts
+    past L1 (``.cg``)."""
+    import re
+
+    with kernel_build.compile_only("sm90") as session:
+        cases = dict(kernel_build.launch_cases(kernel_build.SHAPES[0], torch.bfloat16))
+        cases["paged_decode with o's delta"]()
+    ptx = session.built[0].compiled.asm["ptx"]
+    count = ptx.index("atom.global.gpu.acq_rel.add")
+    assert "bar.sync" in ptx[:count]
+    assert "atom.global.gpu.acq_rel.exch" in ptx[count:]  # the count reset for the next
+    assert re.search(r"ld\.global\.cg", ptx[count:])
