@@ -23,9 +23,10 @@ and a decode row's shrink needs the whole row, as the norm does:
   the same result on every run) and writes the row's delta.
 
 A decode step of a llama-style model then launches no adapter kernel of its own beside
-the base step's, where ``row_decode_group`` and ``row_decode`` take four a layer. ``rms_rstd``,
-``rms_normed`` and ``silu_mul`` are the formulas' one owner: the engine's plain kernels
-(``flora_server.engine.paged._fused_triton``) call them too.
+the base step's, where ``row_decode_group`` and ``row_decode`` take four a layer. The
+norm's and SiLU-multiply's formulas (``rms_rstd``, ``rms_normed``, ``silu_mul``) and the
+delta of a row computed on the way (``_input_delta``) are ``_row_kernel_triton``'s; the
+engine's plain kernels (``flora_server.engine.paged._fused_triton``) call the formulas too.
 """
 
 from __future__ import annotations
@@ -33,85 +34,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from flora.serving.backends._row_kernel_triton import _add, _expand, _expand_factors, _shrink
-
-
-@triton.jit
-def rms_rstd(x_row, n_cols, eps, BLOCK: tl.constexpr):  # pragma: no cover (compiled)
-    """``rsqrt(mean(x^2) + eps)`` of the row at ``x_row`` (unit stride), in float32."""
-    c = tl.arange(0, BLOCK)
-    xf = tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
-    return tl.rsqrt(tl.reduce(xf * xf, 0, _add) / n_cols + eps)
-
-
-@triton.jit
-def rms_normed(xs, ws, rstd):  # pragma: no cover (compiled)
-    """The Llama / Mistral / Qwen RMSNorm of ``xs`` (part of a row whose ``rms_rstd`` is
-    ``rstd``) with weights ``ws``, step by step: ``(xs * rstd)`` in float32, rounded to
-    ``xs``'s dtype, times the weight in float32 (the caller rounds to the output's dtype)."""
-    normed = (xs.to(tl.float32) * rstd).to(xs.dtype)
-    return ws.to(tl.float32) * normed.to(tl.float32)
-
-
-@triton.jit
-def silu_mul(gs, us):  # pragma: no cover (compiled)
-    """``SiLU(gs) * us`` as torch computes ``act_fn(gate) * up``: the SiLU in float32
-    rounded to the inputs' dtype, then the product in float32 rounded again."""
-    g = gs.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gs.dtype)
-    return (act.to(tl.float32) * us.to(tl.float32)).to(gs.dtype)
-
-
-@triton.jit
-def _prologue_delta(  # pragma: no cover (compiled)
-    x,  # the kernel's input rows: RMSNorm's x, or SiLU-multiply's gate
-    up,  # SiLU-multiply's up (PROLOGUE == 2; else unused)
-    w,  # RMSNorm's weight (PROLOGUE == 1; else unused)
-    rstd,  # the row's rms_rstd (PROLOGUE == 1)
-    p,  # where the prologue's output rows go
-    stored,  # how many columns of row n of p this program writes (n_in or 0)
-    a,
-    b,
-    s,
-    rank,
-    n,
-    o,
-    live_o,
-    n_in,
-    stride_xn,
-    stride_un,
-    stride_pn,
-    stride_as,
-    stride_ak,
-    stride_ar,
-    stride_bs,
-    stride_br,
-    stride_bo,
-    PROLOGUE: tl.constexpr,  # 1: RMSNorm, 2: SiLU(x) * up
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """``(q @ A_s) @ B_s[:, o]`` in float32 for ``q`` the prologue of row ``n`` (rounded to
-    ``p``'s dtype, as the projection reads it), over the slot's first ``rank`` ranks (none:
-    0); ``q`` is written into ``p``'s first ``stored`` columns (all or none)."""
-    r = tl.arange(0, BLOCK_R)
-    live_r = r < rank
-    fb = _expand_factors(b, s, o, r, live_r, live_o, stride_bs, stride_br, stride_bo)
-    h = tl.full((BLOCK_R,), 0.0, tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        live_k = k < n_in
-        xs = tl.load(x + n * stride_xn + k, mask=live_k, other=0.0)
-        if PROLOGUE == 1:
-            q = rms_normed(xs, tl.load(w + k, mask=live_k, other=0.0), rstd)
-        else:
-            q = silu_mul(xs, tl.load(up + n * stride_un + k, mask=live_k, other=0.0))
-        q = q.to(p.dtype.element_ty)
-        tl.store(p + n * stride_pn + k, q, mask=k < stored)
-        h = _shrink(
-            h, q.to(tl.float32), a, s, k, live_k, r, live_r, stride_as, stride_ak, stride_ar
-        )
-    return _expand(h, fb)
+from flora.serving.backends._row_kernel_triton import (
+    _add,
+    _expand,
+    _expand_factors,
+    _input_delta,
+    _shrink,
+    rms_rstd,
+)
 
 
 @triton.jit
@@ -119,7 +49,7 @@ def _prologue_member(  # pragma: no cover (compiled)
     x, up, w, rstd, p, stored, slot, m, n, o, n_in, stride_xn, stride_un, stride_pn,
     PROLOGUE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Member ``m``'s tile ``o`` of row ``n`` (``_prologue_delta``): ``d[n, o]`` written (0
+    """Member ``m``'s tile ``o`` of row ``n`` (``_input_delta``): ``d[n, o]`` written (0
     for a row without a slot or a slot the member does not hold), and ``stored`` columns of
     ``p[n]``. ``m`` as ``row_decode_group``'s members: (bank A, bank B, ranks, d, n_out,
     A's strides, B's strides, d's row stride)."""
@@ -127,7 +57,7 @@ def _prologue_member(  # pragma: no cover (compiled)
         stride_dn = m  # fmt: skip
     rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
     live_o = o < n_out
-    delta = _prologue_delta(
+    delta = _input_delta(
         x, up, w, rstd, p, stored, a, b, tl.maximum(slot, 0).to(tl.int64), rank, n, o, live_o,
         n_in, stride_xn, stride_un, stride_pn, stride_as, stride_ak, stride_ar, stride_bs,
         stride_br, stride_bo, PROLOGUE, BLOCK_R, BLOCK_K,
@@ -241,37 +171,30 @@ def o_epilogue(  # pragma: no cover (compiled)
     slot = tl.load(slots + row)
     rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
     s = tl.maximum(slot, 0).to(tl.int64)
-    n = row.to(tl.int64)
     r = tl.arange(0, BLOCK_R)
     live_r = r < rank
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, BLOCK_D)
-    cols = tl.arange(0, BLOCK_N)
+    total = tl.full((BLOCK_R,), 0.0, tl.float32)
+    last = h == 0  # a row without a slot: program 0 writes its zeros
     if rank > 0:
         shrunk = tl.full((BLOCK_R,), 0.0, tl.float32)
         for gg in range(0, group):
             head = tl.reduce(tl.where(g[:, None] == gg, o, 0.0), 0, _add)  # [BLOCK_D]
             k = (h * group + gg) * HEAD_DIM + j
-            fa = tl.load(
-                a + s * stride_as + k[:, None] * stride_ak + r[None, :] * stride_ar,
-                mask=(j < HEAD_DIM)[:, None] & live_r[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            shrunk += tl.reduce(head[:, None] * fa, 0, _add)
+            shrunk = _shrink(
+                shrunk, head, a, s, k, j < HEAD_DIM, r, live_r, stride_as, stride_ak, stride_ar
+            )
         tl.store(part + (b * kv_heads + h) * BLOCK_R + r, shrunk)
-        if tl.atomic_add(count + b, 1) == kv_heads - 1:  # the row's last program
-            total = tl.full((BLOCK_R,), 0.0, tl.float32)
+        last = tl.atomic_add(count + b, 1) == kv_heads - 1  # the row's last program
+        if last:
             for hh in range(0, kv_heads):
                 total += tl.load(part + (b * kv_heads + hh) * BLOCK_R + r, cache_modifier=".cg")
-            for o0 in range(0, n_out, BLOCK_N):
-                oc = o0 + cols
-                live_o = oc < n_out
-                fb = _expand_factors(bb, s, oc, r, live_r, live_o, stride_bs, stride_br, stride_bo)
-                delta = _expand(total, fb)
-                tl.store(d + n * stride_dn + oc, delta.to(d.dtype.element_ty), mask=live_o)
             tl.atomic_xchg(count + b, 0)  # for the next launch
-    elif h == 0:
+    if last:  # the expand (of zeros past the rank: none loaded)
         for o0 in range(0, n_out, BLOCK_N):
-            oc = o0 + cols
-            zero = tl.full((BLOCK_N,), 0.0, tl.float32)
-            tl.store(d + n * stride_dn + oc, zero.to(d.dtype.element_ty), mask=oc < n_out)
+            oc = o0 + tl.arange(0, BLOCK_N)
+            live_o = oc < n_out
+            fb = _expand_factors(bb, s, oc, r, live_r, live_o, stride_bs, stride_br, stride_bo)
+            delta = _expand(total, fb)
+            tl.store(d + row * stride_dn + oc, delta.to(d.dtype.element_ty), mask=live_o)

@@ -34,6 +34,32 @@ _add = tl.standard._sum_combine  # a + b (see above)
 
 
 @triton.jit
+def rms_rstd(x_row, n_cols, eps, BLOCK: tl.constexpr):  # pragma: no cover (compiled)
+    """``rsqrt(mean(x^2) + eps)`` of the row at ``x_row`` (unit stride), in float32."""
+    c = tl.arange(0, BLOCK)
+    xf = tl.load(x_row + c, mask=c < n_cols, other=0.0).to(tl.float32)
+    return tl.rsqrt(tl.reduce(xf * xf, 0, _add) / n_cols + eps)
+
+
+@triton.jit
+def rms_normed(xs, ws, rstd):  # pragma: no cover (compiled)
+    """The Llama / Mistral / Qwen RMSNorm of ``xs`` (part of a row whose ``rms_rstd`` is
+    ``rstd``) with weights ``ws``, step by step: ``(xs * rstd)`` in float32, rounded to
+    ``xs``'s dtype, times the weight in float32 (the caller rounds to the output's dtype)."""
+    normed = (xs.to(tl.float32) * rstd).to(xs.dtype)
+    return ws.to(tl.float32) * normed.to(tl.float32)
+
+
+@triton.jit
+def silu_mul(gs, us):  # pragma: no cover (compiled)
+    """``SiLU(gs) * us`` as torch computes ``act_fn(gate) * up``: the SiLU in float32
+    rounded to the inputs' dtype, then the product in float32 rounded again."""
+    g = gs.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gs.dtype)
+    return (act.to(tl.float32) * us.to(tl.float32)).to(gs.dtype)
+
+
+@triton.jit
 def _tile_update(  # pragma: no cover (compiled)
     x, a, b, y, s, rank, n, live_t, o, n_in, n_out, stride_xn, stride_as, stride_ak,
     stride_ar, stride_bs, stride_br, stride_bo, stride_yn, BLOCK_T: tl.constexpr,
@@ -148,29 +174,39 @@ def _expand(h, fb):  # pragma: no cover (compiled)
 
 
 @triton.jit
-def _row_delta(  # pragma: no cover (compiled)
-    x,
+def _input_delta(  # pragma: no cover (compiled)
+    x,  # the rows the input is formed from: the input itself, RMSNorm's x or SiLU's gate
+    up,  # SiLU-multiply's up (PROLOGUE == 2; else unused)
+    w,  # RMSNorm's weight (PROLOGUE == 1; else unused)
+    rstd,  # the row's rms_rstd (PROLOGUE == 1)
+    p,  # where the formed input rows go (PROLOGUE != 0)
+    stored,  # how many columns of row n of p this program writes (n_in or 0)
     a,
     b,
     s,
     rank,
     n,
     o,
+    live_o,
     n_in,
     stride_xn,
+    stride_un,
+    stride_pn,
     stride_as,
     stride_ak,
     stride_ar,
     stride_bs,
     stride_br,
     stride_bo,
-    live_o,
+    PROLOGUE: tl.constexpr,  # 0: x itself, 1: RMSNorm(x), 2: SiLU(x) * up
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``(x[n] @ A_s) @ B_s[:, o]`` over the slot's first ``rank`` ranks, in float32:
-    the shrink over ``BLOCK_K`` inputs at a time (products and sums, no ``tl.dot``),
-    then the expand for the outputs ``o``."""
+    """``(q @ A_s) @ B_s[:, o]`` in float32 over the slot's first ``rank`` ranks, for ``q``
+    row ``n``'s input: ``x[n]`` itself, or formed on the way (``PROLOGUE``: rounded to
+    ``p``'s dtype, as the projection reads it, and written into ``p``'s first ``stored``
+    columns, all or none). The shrink takes ``BLOCK_K`` inputs at a time (products and
+    sums, no ``tl.dot``); the expand's factors are loaded first (``_expand_factors``)."""
     r = tl.arange(0, BLOCK_R)
     live_r = r < rank
     fb = _expand_factors(b, s, o, r, live_r, live_o, stride_bs, stride_br, stride_bo)
@@ -178,9 +214,34 @@ def _row_delta(  # pragma: no cover (compiled)
     for k0 in range(0, n_in, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         live_k = k < n_in
-        xs = tl.load(x + n * stride_xn + k, mask=live_k, other=0.0).to(tl.float32)
-        h = _shrink(h, xs, a, s, k, live_k, r, live_r, stride_as, stride_ak, stride_ar)
+        xs = tl.load(x + n * stride_xn + k, mask=live_k, other=0.0)
+        if PROLOGUE == 0:
+            q = xs
+        else:
+            if PROLOGUE == 1:
+                q = rms_normed(xs, tl.load(w + k, mask=live_k, other=0.0), rstd)
+            else:
+                q = silu_mul(xs, tl.load(up + n * stride_un + k, mask=live_k, other=0.0))
+            q = q.to(p.dtype.element_ty)
+            tl.store(p + n * stride_pn + k, q, mask=k < stored)
+        h = _shrink(
+            h, q.to(tl.float32), a, s, k, live_k, r, live_r, stride_as, stride_ak, stride_ar
+        )
     return _expand(h, fb)
+
+
+@triton.jit
+def _row_delta(  # pragma: no cover (compiled)
+    x, a, b, s, rank, n, o, n_in, stride_xn, stride_as, stride_ak, stride_ar, stride_bs,
+    stride_br, stride_bo, live_o, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``(x[n] @ A_s) @ B_s[:, o]`` over the slot's first ``rank`` ranks, in float32
+    (``_input_delta`` of the row itself)."""
+    return _input_delta(
+        x, x, x, 0.0, x, 0, a, b, s, rank, n, o, live_o, n_in, stride_xn, stride_xn,
+        stride_xn, stride_as, stride_ak, stride_ar, stride_bs, stride_br, stride_bo, 0,
+        BLOCK_R, BLOCK_K,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -1,9 +1,10 @@
 """Triton bodies of ``flora_server.engine.paged.fused`` (imported only through it, where
 triton is installed): the decode step's attention over the paged pool and its writes
 into it, RMSNorm, the rotary embedding and SiLU-and-multiply, each one launch where the
-eager modules take several. The norm's and SiLU-multiply's formulas are ``flora.serving.backends.
-_prologue_triton``'s, whose kernels compute adapter deltas inside them; decode attention
-computes the delta of o, the projection that reads its output, through its ``o_epilogue``.
+eager modules take several. The norm's and SiLU-multiply's formulas are
+``flora.serving.backends._row_kernel_triton``'s, whose prologue kernels compute adapter
+deltas inside them (``_prologue_triton``); decode attention computes the delta of o, the
+projection that reads its output, through ``_prologue_triton.o_epilogue``.
 
 Only builtins of ``triton.language`` are used, the reductions being ``tl.reduce`` with
 triton's own combiners (``_add``, ``_max``): the helpers of ``triton.language.standard``
@@ -17,7 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from flora.serving.backends._prologue_triton import o_epilogue, rms_normed, rms_rstd, silu_mul
+from flora.serving.backends._prologue_triton import o_epilogue
+from flora.serving.backends._row_kernel_triton import rms_normed, rms_rstd, silu_mul
 
 _add = tl.standard._sum_combine  # a + b
 _max = tl.standard._elementwise_max  # tl.maximum(a, b)
