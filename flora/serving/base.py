@@ -140,7 +140,7 @@ class ServedModule(nn.Module):
         return self.routing.plans[self.index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.routing.plans[self.index]
+        plan = self.plan
         if plan is None:
             return self.base_layer(x)
         if self.routing.tokens is not None:

@@ -247,3 +247,37 @@ def test_a_seed_goes_to_its_input_or_a_view_of_the_same_elements_only() -> None:
     assert seeds.seeded(x.view(2, 1, 12), 0) is None  # member 0 took it
     assert seeds.seeded(x, 1) == "delta"
     assert seeds.x is None and seeds.value is None  # every member served: dropped
+
+
+def test_o_takes_the_delta_seeded_for_its_input_and_declines_otherwise(kernel, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """o's side of the hand-off from decode attention (``attention_o_delta``): the plan
+    hands out its delta buffer for the output the kernel is about to write, and o's call on
+    a contiguous view of that output adds the buffer in one GEMM; called on other memory it
+    computes its own. Declined (``None``): no graph plan, rows not the routing's, a
+    non-contiguous output, the prologue kernels off."""
+    configs = [FloraConfig(target_modules=["o_proj"], rank=r) for r in (4, 7)]
+    _, _, serving = served_llama(kernel, monkeypatch, configs)
+    rows = [0, 1, None, 1]
+    serving.set_graph_routing(as_int([-1 if s is None else s for s in rows]))
+    o = serving.model.model.layers[0].self_attn.o_proj
+    gen = torch.Generator().manual_seed(9)
+    out = torch.randn(len(rows), 64, generator=gen).to(DEVICE)  # the attention's rows
+    launches = Launches(kernel, monkeypatch)
+    with torch.no_grad():
+        handed = gk.attention_o_delta(o.plan, out)
+        assert handed is not None
+        delta = handed.proj[3]  # what the attention kernel would write
+        delta.copy_(torch.randn(delta.shape, generator=gen))
+        got = o(out.view(len(rows), 1, 64))  # transformers' reshape: another tensor object
+        assert launches.take()["row"] == 0
+        want = out @ o.weight.t() + delta
+        torch.testing.assert_close(got.view(len(rows), -1), want, rtol=1e-5, atol=1e-5)
+        own = o(out.clone())  # other memory: o computes its own delta
+        assert launches.take()["row"] == 1
+        assert not torch.allclose(own.view(len(rows), -1), want)
+
+        assert gk.attention_o_delta(None, out) is None
+        assert gk.attention_o_delta(o.plan, out[:3]) is None
+        assert gk.attention_o_delta(o.plan, out.t().contiguous().t()) is None
+        kernel.prologues = None
+        assert gk.attention_o_delta(o.plan, out) is None

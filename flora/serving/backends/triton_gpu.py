@@ -56,6 +56,7 @@ __all__ = [  # with the launchers, references and self-test of `triton_kernel`
     "block_rank",
     "gpu_kernel_for",
     "load_row_kernel",
+    "member_arg",
     "reference",
     "reference_rms_norm",
     "reference_silu_mul",
@@ -281,24 +282,33 @@ class _TritonGraphPlan:
         )
         return y
 
+    def fused_input(self, shape: Sequence[int], dtype: torch.dtype) -> bool:
+        """Whether a launch that forms this projection's input (rows of ``shape`` and
+        ``dtype``) can compute its delta too: the prologue kernels passed their self-test,
+        one row per routed row, the projection's input width and dtype, no bias (the
+        delta is all the call adds to one GEMM)."""
+        weight = self.target.weight_t
+        return (
+            self.kernel.prologues is not None
+            and tuple(shape) == (self.slots.shape[0], weight.shape[0])
+            and dtype == weight.dtype
+            and self.target.base_bias is None
+        )
+
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
         """``SiLU(gate) * up`` and, in the same launch, this plan's delta of it, which the
         call on the returned tensor takes (``kernel.act_decode``); ``None`` where that
         does not apply (not one token per routed row, a bias, another dtype or width:
         the caller forms the product itself)."""
-        g2, u2, weight = token_rows(gate), token_rows(up), self.target.weight_t
+        g2, u2 = token_rows(gate), token_rows(up)
         if (
-            self.kernel.prologues is None
-            or g2.shape != u2.shape
-            or g2.shape[0] != self.slots.shape[0]
-            or g2.shape[1] != weight.shape[0]
+            g2.shape != u2.shape
             or gate.dtype != up.dtype
-            or gate.dtype != weight.dtype
-            or self.target.base_bias is not None
+            or not self.fused_input(g2.shape, gate.dtype)
         ):
             return None
         act = torch.empty_like(g2)
-        d = act.new_empty(act.shape[0], weight.shape[1])
+        d = act.new_empty(act.shape[0], self.target.weight_t.shape[1])
         self.kernel.act_decode(
             g2, u2, act, self.slots, (d, self.ranks, self.a, self.b), self.block_r
         )
@@ -313,20 +323,11 @@ class _TritonGraphPlan:
         ``None`` where that does not apply (the caller's kernel leaves it, and the call
         computes its own). The done-counts are made on first use, which is never inside a
         recording: a graph is recorded after the same forward ran twice."""
-        weight = self.target.weight_t
-        if (
-            self.kernel.prologues is None
-            or x.dim() != 2
-            or x.shape[0] != self.slots.shape[0]
-            or x.shape[1] != weight.shape[0]
-            or x.dtype != weight.dtype
-            or not x.is_contiguous()
-            or self.target.base_bias is not None
-        ):
+        if not x.is_contiguous() or not self.fused_input(x.shape, x.dtype):
             return None
         if self.done is None:
             self.done = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
-        d = x.new_empty(x.shape[0], weight.shape[1])
+        d = x.new_empty(x.shape[0], self.target.weight_t.shape[1])
         self.seeded.seed(x, d)
         proj = member_arg((d, self.ranks, self.a, self.b))
         return ODelta(self.slots, proj, self.done, self.block_r)
@@ -352,16 +353,9 @@ class _DecodeGroup:
         the result, which the members take when called on the returned tensor
         (``kernel.norm_decode_group``); ``None`` where that does not apply (not one token
         per routed row, another width or dtype: the caller normalises ``x`` itself)."""
-        x2, n_in = token_rows(x), self.plans[0].target.weight.shape[1]
-        dtype = torch.promote_types(weight.dtype, x.dtype)
-        if (
-            self.kernel.prologues is None
-            or x2.shape[0] != self.slots.shape[0]
-            or x2.shape[1] != n_in
-            or weight.shape != (n_in,)
-            or dtype != self.plans[0].target.weight.dtype
-        ):
-            return None
+        x2, dtype = token_rows(x), torch.promote_types(weight.dtype, x.dtype)
+        if weight.shape != x2.shape[1:] or not self.plans[0].fused_input(x2.shape, dtype):
+            return None  # the members share their input width, dtype, rows and no bias
         y = torch.empty(x2.shape, dtype=dtype, device=x.device)
         outs, members = self._members(y)
         self.kernel.norm_decode_group(x2, weight, eps, y, self.slots, members, self.block_r)

@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -104,13 +105,7 @@ class TritonRowKernel:
             )  # fmt: skip
             return
         grid = (rows, -(-tokens // self.block_t), -(-n_out // self.block_n))
-        self._k.row_update[grid](
-            x, a, b, slots, ranks, y, tokens, n_in, n_out,
-            x.stride(0), a.stride(0), a.stride(1), a.stride(2),
-            b.stride(0), b.stride(1), b.stride(2), y.stride(0),
-            BLOCK_T=self.block_t, BLOCK_R=block_r, BLOCK_K=self.block_k,
-            BLOCK_N=self.block_n, IEEE=x.dtype == torch.float32,
-        )  # fmt: skip
+        self._tiles(self._k.row_update, grid, y, x, slots, tokens, ranks, a, b, block_r)
 
     def decode_group(
         self,
@@ -200,14 +195,31 @@ class TritonRowKernel:
         ``(lo, hi, s)`` of ``tiles: [3, P]`` int32 on the device (``segment_tiles``: at
         most ``block_t`` tokens each, slots of rank > 0); other rows are left as they are.
         ``y``, ``x``, ``ranks``, ``a``, ``b`` and ``block_r`` as for a call."""
-        n_tiles, (n_in, n_out) = tiles.shape[1], (x.shape[1], y.shape[1])
+        n_tiles = tiles.shape[1]
         if n_tiles == 0:
             return
-        grid = (n_tiles, -(-n_out // self.block_n))
-        self._k.segment_update[grid](
-            x, a, b, tiles, ranks, y, n_tiles, n_in, n_out,
-            x.stride(0), a.stride(0), a.stride(1), a.stride(2),
-            b.stride(0), b.stride(1), b.stride(2), y.stride(0),
+        grid = (n_tiles, -(-y.shape[1] // self.block_n))
+        self._tiles(self._k.segment_update, grid, y, x, tiles, n_tiles, ranks, a, b, block_r)
+
+    def _tiles(
+        self,
+        kernel: Any,
+        grid: tuple[int, ...],
+        y: torch.Tensor,
+        x: torch.Tensor,
+        routing: torch.Tensor,
+        count: int,
+        ranks: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        block_r: int,
+    ) -> None:
+        """A launch of a tile kernel (``row_update``: ``routing`` the rows' slots, ``count``
+        tokens a row; ``segment_update``: the tiles and their count), ``tl.dot`` over
+        ``block_t`` tokens a program."""
+        kernel[grid](
+            x, a, b, routing, ranks, y, count, x.shape[1], y.shape[1],
+            x.stride(0), *a.stride(), *b.stride(), y.stride(0),
             BLOCK_T=self.block_t, BLOCK_R=block_r, BLOCK_K=self.block_k,
             BLOCK_N=self.block_n, IEEE=x.dtype == torch.float32,
         )  # fmt: skip

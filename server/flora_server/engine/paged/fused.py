@@ -19,11 +19,11 @@ measurements):
 ``fused_install`` installs the last three on a model's modules, each only where the
 module's own computation gives the same result on a probe input.
 
-Where the projections reading a norm's or SiLU-multiply's output are served through
-the Triton adapter kernel's graph plans, that launch also computes their adapter deltas
-(``flora.serving.backends.triton_gpu.rms_norm_with_deltas`` and ``silu_mul_with_delta``):
-a decode step of a llama-style model then launches one adapter kernel a layer (o's)
-instead of four.
+Where the projections reading a norm's, SiLU-multiply's or decode attention's output are
+served through the Triton adapter kernel's graph plans, that launch also computes their
+adapter deltas (``flora.serving.backends.triton_gpu.rms_norm_with_deltas``,
+``silu_mul_with_delta``, ``attention_o_delta``): a decode step of a llama-style model
+then launches no adapter kernel of its own, where it launched four a layer.
 
 They serve recorded graphs only (``graphs.GraphedPagedRunner``: its recorded step, a row
 per token, calls the attention kernel, and the norms, rotary embeddings and MLPs run theirs
@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from flora.serving.backends.triton_gpu import (
     ODelta,
+    member_arg,
     reference_rms_norm,
     reference_silu_mul,
     self_tested,
@@ -158,7 +159,7 @@ class FusedKernels:
         )
         ieee = q.dtype == torch.float32
         if o_delta is None:  # never read: o_delta's arguments of the right kinds
-            o_args: tuple[object, ...] = (lengths, (q, q, lengths, q, *(0,) * 8), q, lengths)
+            o_args: tuple[object, ...] = (lengths, member_arg((out, lengths, q, q)), q, lengths)
             block_r = 16
         else:
             o_part = q.new_empty(batch, kv_heads, o_delta.block_r, dtype=torch.float32)
