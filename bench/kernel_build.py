@@ -284,12 +284,20 @@ def resources(compiled: Any) -> dict[str, int]:
     }
 
 
+def _cached(read: dict[str, dict[str, int]], compiled: Any) -> dict[str, int]:
+    key = compiled.metadata.hash
+    if key not in read:
+        read[key] = resources(compiled)
+    return read[key]
+
+
 def build(
     arch: str, shapes: tuple[ModelShape, ...] = SHAPES, dtypes: tuple[torch.dtype, ...] = DTYPES
 ) -> list[dict[str, Any]]:
     """Every launch case of every shape and dtype compiled for ``arch``: one record per
     kernel launched (a split attention launches two), with its ``resources``."""
     records = []
+    read: dict[str, dict[str, int]] = {}  # by the cubin's hash: cases share compilations
     with compile_only(arch) as session:
         for shape in shapes:
             for dtype in dtypes:
@@ -304,7 +312,7 @@ def build(
                                 "case": label,
                                 "model": shape.name,
                                 "dtype": str(dtype).removeprefix("torch."),
-                                **resources(built.compiled),
+                                **_cached(read, built.compiled),
                             }
                         )
     return records
