@@ -72,14 +72,10 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -90,139 +86,10 @@ for path in (ROOT, ROOT / "server"):  # the repo's `flora` and `flora_server`
 
 import torch  # noqa: E402
 
+from bench.gpu_engine_setup import DRY, Sizes, build_model, make_adapters, start_engine  # noqa: E402
+from bench.gpu_probes import graph_check, profile, replay_kernels, replay_ms  # noqa: E402
+
 OLD_ENGINE_BASE_TOK_S = 1189.0  # the old engine's base decode at batch 32 on the H200
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class Sizes:
-    layers: int = 30
-    hidden: int = 576
-    intermediate: int = 1536
-    heads: int = 9
-    kv_heads: int = 3
-    vocab: int = 49152
-    batches: tuple[int, ...] = (32, 128)
-    adapters: int = 32
-    rank: int = 8
-    prompt: int = 128
-    new_tokens: int = 128
-    rounds: int = 3
-    prefix: int = 600
-    question: int = 24
-    prefix_rounds: int = 3
-    long_prompt: int = 3500  # prefill_stall's prompt, beside 4 decoding streams
-    kv_cache_bytes: int = 4 << 30
-    token_budget: int = 2048
-
-
-DRY = Sizes(
-    layers=3,  # more than graph_check's two: it loads only the layers it keeps
-    hidden=64,
-    intermediate=128,
-    heads=4,
-    kv_heads=2,
-    vocab=512,
-    batches=(4, 8),
-    adapters=4,
-    rank=4,
-    prompt=8,
-    new_tokens=24,
-    rounds=2,
-    prefix=40,
-    question=4,
-    prefix_rounds=1,
-    long_prompt=100,
-    kv_cache_bytes=16 << 20,
-    token_budget=64,
-)
-
-
-class IdTokenizer:
-    """What the engine asks of a tokenizer when ids come in directly: EOS and text."""
-
-    eos_token_id = 2
-    bos_token = None
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return " ".join(map(str, ids))
-
-
-@dataclass
-class Loaded:
-    model: Any
-    name: str = "smollm2-135m-shapes-random"
-    context_length: int = 8192
-    preprocessor: Any = field(default_factory=IdTokenizer)
-
-
-def build_model(sizes: Sizes) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=sizes.vocab,
-        hidden_size=sizes.hidden,
-        intermediate_size=sizes.intermediate,
-        num_hidden_layers=sizes.layers,
-        num_attention_heads=sizes.heads,
-        num_key_value_heads=sizes.kv_heads,
-        head_dim=sizes.hidden // sizes.heads,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def make_adapters(model: Any, sizes: Sizes) -> dict[str, Any]:
-    """`sizes.adapters` random FLoRA adapters (inject, random cores, save, load back)."""
-    import flora
-    from flora.adapter import load_adapter, save_adapter
-
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(sizes.adapters):
-            flora.inject(model, flora.FloraConfig(target_modules=PROJ, rank=sizes.rank))
-            gen = torch.Generator().manual_seed(1000 + i)
-            with torch.no_grad():
-                for _, layer in flora.adapter_layers(model):
-                    layer.core.copy_(torch.randn(layer.core.shape, generator=gen) * 0.05)
-            path = save_adapter(model, Path(tmp) / f"a{i}", base_model_id="random")
-            flora.eject(model)
-            out[f"a{i}"] = load_adapter(path)
-    return out
-
-
-def start_engine(model: Any, adapters: dict, sizes: Sizes, graphs: str, dry: bool) -> Any:
-    from flora_server.engine.paged.engine import PagedLLMEngine
-    from flora_server.engine.paged.graphs import RecordedCapture
-    from flora_server.engine.protocol import InMemorySource
-
-    engine = PagedLLMEngine(
-        Loaded(model),
-        InMemorySource(adapters),
-        kv_cache_bytes=sizes.kv_cache_bytes,
-        kv_block_size=16,
-        max_num_batched_tokens=sizes.token_budget,
-        max_batch_size=max(sizes.batches),
-        max_queue=4 * max(sizes.batches),
-        max_slots=sizes.adapters,
-        max_new_tokens_cap=sizes.new_tokens + sizes.prefix,
-        cuda_graphs=graphs,
-        graph_capture=RecordedCapture() if dry and graphs == "auto" else None,
-    )
-    engine.start()
-    deadline = time.monotonic() + 300
-    while not engine.ready:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the engine did not become ready")
-        time.sleep(0.05)
-    return engine
 
 
 async def stream(engine: Any, prompt: list[int], adapter: str | None, new: int) -> list[float]:
@@ -334,83 +201,6 @@ def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, l
 LONG_STREAMS = 4  # `long_decode_tok_s`: few rows over long keys, where the keys split
 
 
-def busiest_graph(runner: Any, batch: int, adapters: bool) -> Any:
-    """The graph for `batch` rows (with or without adapter kernels) the engine replayed
-    most: the width the timed decode ran at (a wider one, recorded for a long prompt,
-    would time attention over more padding than those steps read). None if none."""
-    graphs = [
-        g for k, g in getattr(runner, "graphs", {}).items() if k[0] == batch and k[2] == adapters
-    ]
-    return max(graphs, key=lambda g: g.replays, default=None)
-
-
-def replay_ms(runner: Any, batch: int, adapters: bool, reps: int = 20) -> float | None:
-    """Milliseconds of one replay of `busiest_graph`, alone: the device time of a graphed
-    decode step, against which the engine's whole step shows its host time. None if no
-    such graph. The replay reads the buffers as the engine's last step left them."""
-    graph = busiest_graph(runner, batch, adapters)
-    if graph is None:
-        return None
-    replay = graph.replay
-    cuda = torch.cuda.is_available()
-    for _ in range(3):
-        replay()
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        replay()
-    if cuda:
-        torch.cuda.synchronize()
-    return round(1000 * (time.perf_counter() - start) / reps, 3)
-
-
-def profile(
-    engine: Any, sizes: Sizes, batch: int, adapters: list[str | None], out: Path, seconds: int
-) -> dict[str, Any]:
-    """py-spy records this process for `seconds` while `batch` streams decode over and
-    over (every thread, raw folded stacks, 200 samples a second) into `out`."""
-    spy = shutil.which("py-spy")
-    if spy is None:
-        return {"error": "py-spy is not on PATH"}
-    cmd = [spy, "record", "-p", str(os.getpid()), "-d", str(seconds), "-r", "200",
-           "--threads", "-f", "raw", "-o", str(out)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    rng, runs = random.Random(5), 0
-    while proc.poll() is None and runs < 200:
-        decode_tok_s(engine, sizes, batch, adapters, rng)
-        runs += 1
-    log, _ = proc.communicate(timeout=60)
-    return {"file": out.name, "decode_runs": runs, "rc": proc.returncode, "log": log[-400:]}
-
-
-def replay_kernels(runner: Any, batch: int, adapters: bool, reps: int = 5) -> dict | None:
-    """The kernels of one replay of the graph `replay_ms` times (torch.profiler, CUDA
-    only): how many, the GPU time of their sum, and the 12 longest by name, per replay."""
-    graph = busiest_graph(runner, batch, adapters)
-    if graph is None or not torch.cuda.is_available():
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    replay = graph.replay
-    replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            replay()
-        torch.cuda.synchronize()
-    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(key=lambda e: -e.device_time_total)
-    return {
-        "kernels": round(sum(e.count for e in rows) / reps, 1),
-        "device_us": round(sum(e.device_time_total for e in rows) / reps, 1),
-        "top_us": [
-            [e.key[:80], round(e.device_time_total / reps, 1), round(e.count / reps, 1)]
-            for e in rows[:12]
-        ],
-    }
-
-
 def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """Median over rounds of the per-round ratio (a drift of the machine hits both)."""
     return round(statistics.median(a / b for a, b in zip(times[num], times[den], strict=True)), 4)
@@ -447,90 +237,6 @@ def stall(engine: Any, sizes: Sizes) -> dict[str, float]:
 def ids(rng: random.Random, sizes: Sizes, n: int) -> list[int]:
     """n prompt tokens of the bench model (ids 0-2 are its specials)."""
     return [rng.randrange(3, sizes.vocab) for _ in range(n)]
-
-
-def graph_check(model: Any, adapters: dict[str, Any], device: str, dry: bool) -> dict[str, Any]:
-    """Recorded steps against the eager runner on `device`, in float32 on the first two
-    layers' shapes: three prefills, then decode of three sequences (two adapters and a base
-    row, so the bucket of 4 pads one row) with a new prompt's chunk packed into one step,
-    an adapter loaded into a new slot between replays, a merge; returns the
-    largest logits error relative to the logits' scale, and whether it is within 1e-3.
-    `model` (the float32 model before any wrapping) is cut to its first two layers here."""
-    from flora.serving import ServingModel
-    from flora.serving.factors import modules_from_adapter
-    from flora_server.engine.paged.fused import fused_kernels
-    from flora_server.engine.paged.graphs import (
-        CudaGraphCapture,
-        GraphedPagedRunner,
-        RecordedCapture,
-    )
-    from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner
-
-    small = model.float()
-    small.model.layers = small.model.layers[:2]
-    small.config.num_hidden_layers = 2
-    small = small.to(device)
-    serving = ServingModel(small, max_slots=4)
-    kept = {name for name, _ in small.named_modules()}
-
-    def load(slot: int, adapter: Any) -> None:  # the adapter's modules in the kept layers
-        modules = modules_from_adapter(adapter)
-        serving.load_modules(slot, {n: m for n, m in modules.items() if n in kept})
-
-    names = list(adapters)
-    load(0, adapters[names[0]])
-    load(1, adapters[names[1 % len(names)]])
-    c, blocks, bs = small.config, 64, 16
-
-    def kv(n: int) -> KVTensors:
-        head_dim = c.hidden_size // c.num_attention_heads
-        return KVTensors(2, n, bs, c.num_key_value_heads, head_dim, torch.float32, device)
-
-    capture = RecordedCapture() if dry else CudaGraphCapture(torch.device(device))
-    fused = fused_kernels(torch.device(device), torch.float32)  # as the engine takes them
-    eager = PagedRunner(small, kv(blocks))
-    graphed = GraphedPagedRunner(
-        small, kv(blocks + 1), serving, capture, scratch_block=blocks, fused=fused
-    )
-    rng = random.Random(3)
-    seqs = [([rng.randrange(3, c.vocab_size) for _ in range(n)], [i * 8 + j for j in range(8)], s)
-            for i, (n, s) in enumerate([(20, 0), (5, None), (33, 1)])]  # fmt: skip
-    worst = 0.0
-
-    def both(chunks: list, slots: list, sample: list) -> torch.Tensor:
-        nonlocal worst
-        want = eager.run(chunks, slots, sample, serving.set_routing)
-        got = graphed.run(chunks, slots, sample, serving.set_routing)
-        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
-        return want
-
-    for tokens, table, slot in seqs:
-        logits = both([ChunkInput(tokens, 0, table)], [slot] * len(tokens), [len(tokens) - 1])
-        tokens.append(int(logits.argmax(-1)))
-    for step in range(12):
-        if step == 4:  # a load between replays: read in place
-            load(2, adapters[names[-1]])
-            seqs[1] = (seqs[1][0], seqs[1][1], 2)
-        live = seqs if step < 8 else seqs[:1]
-        if step == 8:
-            serving.merge(0)  # one row on the merged slot: the base graph
-        chunks = [ChunkInput(t[-1:], len(t) - 1, table) for t, table, _ in live]
-        slots = [s for _, _, s in live]
-        sample = list(range(len(live)))
-        if step == 6:  # a new prompt's chunk packed with the decode rows, with an adapter
-            fresh = [rng.randrange(3, c.vocab_size) for _ in range(9)]
-            chunks.append(ChunkInput(fresh, 0, [24 + j for j in range(8)]))
-            slots += [0] * len(fresh)
-        logits = both(chunks, slots, sample)
-        for (t, _, _), token in zip(live, logits.argmax(-1).tolist(), strict=True):
-            t.append(token)
-    serving.unwrap()
-    replays = len(seqs) + 12  # the prefills, then the decode (one step with a prefill chunk)
-    return {
-        "graph_check_max_rel_err": worst,
-        "graph_check_replays": graphed.replays,
-        "graph_check_ok": bool(worst < 1e-3 and graphed.replays == replays),
-    }
 
 
 def run(
@@ -598,9 +304,12 @@ def run(
         result.update(stall(engine, sizes))
         if profile_dir is not None:
             seconds = 2 if dry else 8
+            rng = random.Random(5)
             result["profiles"] = {
                 kind: profile(
-                    engine, sizes, first, rows, profile_dir / f"pyspy_{kind}.txt", seconds
+                    lambda rows=rows: decode_tok_s(engine, sizes, first, rows, rng),
+                    profile_dir / f"pyspy_{kind}.txt",
+                    seconds,
                 )
                 for kind, rows in (("base", [None]), ("k", names))
             }

@@ -17,7 +17,7 @@ from test_paged_engine import make_engine
 from tiny_engine import make_char_tokenizer, make_tiny_llama
 
 from flora_server.engine.paged.ahead import Ahead, DeviceTokens, pipelines
-from flora_server.engine.paged.graphs import RecordedCapture
+from flora_server.engine.paged.capture import RecordedCapture
 from flora_server.engine.paged.scheduler import ScheduledChunk, SequenceState
 from flora_server.engine.protocol import FinishEvent, GenerationRequest, SamplingParams
 
@@ -288,7 +288,7 @@ def test_pipelined_tokens_equal_unpipelined_ones_with_cuda_graphs(adapters) -> N
     admitted together, give the same tokens with and without it."""
     from tiny_engine import Held
 
-    from flora_server.engine.paged.graphs import CudaGraphCapture
+    from flora_server.engine.paged.capture import CudaGraphCapture
 
     device = torch.device("cuda")
 

@@ -18,6 +18,7 @@ from tiny_engine import make_tiny_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from flora.serving import ServingModel
+from flora_server.engine.paged.capture import CudaGraphCapture, RecordedCapture
 from flora_server.engine.paged.fused import (
     FusedKernels,
     fused_kernels,
@@ -30,11 +31,7 @@ from flora_server.engine.paged.fused_install import (
     install_rope,
     install_silu_mlps,
 )
-from flora_server.engine.paged.graphs import (
-    CudaGraphCapture,
-    GraphedPagedRunner,
-    RecordedCapture,
-)
+from flora_server.engine.paged.graphs import GraphedPagedRunner
 from flora_server.engine.paged.runner import ChunkInput
 from tests.unit.triton_modules import triton_modules
 

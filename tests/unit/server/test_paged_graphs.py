@@ -21,14 +21,12 @@ from test_paged_engine import make_engine
 from tiny_engine import make_flora_adapter, make_tiny_llama, merged_reference_model
 
 from flora.serving import ServingModel
-from flora_server.engine.paged.graphs import (
-    DECODE_BUCKETS,
+from flora_server.engine.paged.capture import (
     CudaGraphCapture,
-    GraphedPagedRunner,
     RecordedCapture,
     graph_capture_for,
-    token_buckets,
 )
+from flora_server.engine.paged.graphs import DECODE_BUCKETS, GraphedPagedRunner, token_buckets
 from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner, PagedStep
 from flora_server.engine.protocol import GenerationRequest
 

@@ -15,13 +15,9 @@ from collections import deque
 from typing import Any
 
 from flora_server.engine.llm_engine import InvalidRequestError, LLMEngine
+from flora_server.engine.paged.capture import GraphCapture, graph_capture_for
 from flora_server.engine.paged.fused import fused_kernels
-from flora_server.engine.paged.graphs import (
-    MAX_SAMPLES,
-    GraphCapture,
-    GraphedPagedRunner,
-    graph_capture_for,
-)
+from flora_server.engine.paged.graphs import MAX_SAMPLES, GraphedPagedRunner
 from flora_server.engine.paged.kv_cache import BlockPool
 from flora_server.engine.paged.runner import KVTensors, PagedRunner
 from flora_server.engine.paged.scheduler import PagedScheduler
