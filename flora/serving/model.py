@@ -39,6 +39,7 @@ from flora.serving.factors import (
     modules_from_adapter,
 )
 from flora.serving.linear import ServedLinear
+from flora.serving.merged import MergedWeights
 from flora.serving.segments import Segments
 from flora.serving.two_mode import ServedTwoMode
 
@@ -157,9 +158,7 @@ class ServingModel:
         self._slot_modules: list[frozenset[str] | None] = [None] * max_slots
         # merge_cost of each slot, computed when it is loaded (read only while it is)
         self._merge_costs: list[tuple[int, int]] = [(0, 0)] * max_slots
-        self._merged_slot: int | None = None
-        self._merged_names: list[str] = []
-        self._host_weights: dict[str, torch.Tensor] = {}
+        self._merged = MergedWeights()
         self._plan_cache: OrderedDict[tuple[int, ...] | Segments, list[Plan | None]] = OrderedDict()
         self._cache_size = routing_cache_size
         self._layout_version = 0
@@ -171,7 +170,7 @@ class ServingModel:
     @property
     def merged_slot(self) -> int | None:
         """The slot folded into the base weights, or ``None``."""
-        return self._merged_slot
+        return self._merged.slot
 
     @property
     def layout_version(self) -> int:
@@ -260,7 +259,7 @@ class ServingModel:
                 raise _overflow(next(n for n, ab in folded.items() if not all_finite(ab)))
             previous = self._slot_modules[slot]
             if previous is not None:
-                if self._merged_slot == slot:
+                if self._merged.slot == slot:
                     self.unmerge()
                 # A folded write overwrites the module's whole slot (padding included):
                 # clear only what the new adapter does not rewrite that way.
@@ -288,7 +287,7 @@ class ServingModel:
         names = self._slot_modules[self._check_slot(slot)]
         if names is None:
             return
-        if self._merged_slot == slot:
+        if self._merged.slot == slot:
             self.unmerge()
         for name in names:
             self._wrapped[name].clear_slot(slot)
@@ -314,10 +313,10 @@ class ServingModel:
         for s in slots:
             if s != NO_SLOT and (not 0 <= s < self.max_slots or self._slot_modules[s] is None):
                 raise ValueError(f"slot {s} is not loaded")
-        if self._merged_slot is not None:
-            if any(s != self._merged_slot for s in slots):
+        if self._merged.slot is not None:
+            if any(s != self._merged.slot for s in slots):
                 raise ValueError(
-                    f"slot {self._merged_slot} is merged: every row must use it (unmerge first)"
+                    f"slot {self._merged.slot} is merged: every row must use it (unmerge first)"
                 )
             # The merged weights already carry the adapter: run every row as base.
             slots = (NO_SLOT,) * len(slots)
@@ -354,8 +353,8 @@ class ServingModel:
         ``layout_version`` changes. Raises ``ValueError`` while a slot is merged (every row
         then runs the base path: route with ``set_routing``) and ``NotImplementedError``
         when a wrapped module has no graph plan (see ``ServedModule.build_graph_plan``)."""
-        if self._merged_slot is not None:
-            raise ValueError(f"slot {self._merged_slot} is merged: graph routing needs none")
+        if self._merged.slot is not None:
+            raise ValueError(f"slot {self._merged.slot} is merged: graph routing needs none")
         if slots.dtype != torch.int32 or slots.dim() != 1 or slots.device != self.device:
             raise ValueError(f"slots must be [B] int32 on {self.device}")
         plans = [m.build_graph_plan(slots) for m in self._wrapped.values()]
@@ -383,50 +382,24 @@ class ServingModel:
         names = self._slot_modules[self._check_slot(slot)]
         if names is None:
             raise ValueError(f"slot {slot} is not loaded")
-        if self._merged_slot == slot:
+        if self._merged.slot == slot:
             return
-        if self._merged_slot is not None:
+        if self._merged.slot is not None:
             self.unmerge()
-        done: list[str] = []
-        sums: list[torch.Tensor] = []
         # One thread: one memory-bound update per module; on a busy CPU each parallel
         # region waits for a time slice (docs/performance.md, "Cold load").
         with torch.no_grad(), _one_intra_op_thread(self.device):
-            # Per module: the one-time host copy of the original, then one in-place update
-            # and one reduction (a finite sum proves every element finite, `all_finite`);
-            # the exact per-module test runs only when some sum is not finite.
-            for name in sorted(names):
-                wrapper = self._wrapped[name]
-                w = wrapper.weight
-                if name not in self._host_weights:
-                    self._host_weights[name] = self._host_copy(w)
-                wrapper.merge_into_weight(slot)
-                done.append(name)
-                sums.append(w.sum(dtype=torch.float32))
-            if not bool(torch.isfinite(torch.stack(sums)).all()):
-                bad = [n for n in done if not bool(torch.isfinite(self._wrapped[n].weight).all())]
-                for prev in done:
-                    self._restore(prev)
-                if bad:
-                    raise ValueError(f"merging slot {slot} makes {bad[0]} non-finite")
-                # Every weight was finite (a sum overflowed): merge again, keep it.
-                for name in done:
-                    self._wrapped[name].merge_into_weight(slot)
-        self._merged_slot = slot
-        self._merged_names = done
+            self._merged.fold(slot, names, self._wrapped)
         for wrapper in self._wrapped.values():
             wrapper.invalidate()
         self._refresh()
 
     def unmerge(self) -> None:
         """Restore the base weights bitwise (no-op when nothing is merged)."""
-        if self._merged_slot is None:
+        if self._merged.slot is None:
             return
         with torch.no_grad(), _one_intra_op_thread(self.device):
-            for name in self._merged_names:
-                self._restore(name)
-        self._merged_slot = None
-        self._merged_names = []
+            self._merged.restore(self._wrapped)
         for wrapper in self._wrapped.values():
             wrapper.invalidate()
         self._refresh()
@@ -515,7 +488,7 @@ class ServingModel:
         """
         current = self.routing.routed
         used = _slots_of(current) if current is not None else ()
-        if slot is not None and self._merged_slot is None:
+        if slot is not None and self._merged.slot is None:
             for key in [k for k in self._plan_cache if slot in _slots_of(k)]:
                 del self._plan_cache[key]
             if current is None or slot not in used:
@@ -525,19 +498,11 @@ class ServingModel:
         if (
             current is not None
             and all(s == NO_SLOT or self._slot_modules[s] is not None for s in used)
-            and (self._merged_slot is None or all(s == self._merged_slot for s in used))
+            and (self._merged.slot is None or all(s == self._merged.slot for s in used))
         ):
             self.set_routing(current)
         else:
             self.clear_routing()
-
-    def _host_copy(self, w: torch.Tensor) -> torch.Tensor:
-        host = torch.empty(w.shape, dtype=w.dtype, device="cpu", pin_memory=w.device.type == "cuda")
-        host.copy_(w.detach())
-        return host
-
-    def _restore(self, name: str) -> None:
-        self._wrapped[name].weight.copy_(self._host_weights[name])
 
     def named_wrappers(self) -> Iterable[tuple[str, ServedModule]]:
         return self._wrapped.items()

@@ -70,8 +70,8 @@ def test_thousand_merge_cycles_restore_base_bitwise(device: str) -> None:
         assert torch.equal(after[name], before[name]), name
         assert torch.equal(after[name], getattr(ref, name).weight), name
     # host copies only for the modules that were merged, pinned when the device is CUDA
-    assert set(serving._host_weights) == set(before)
-    for host in serving._host_weights.values():
+    assert set(serving._merged.host) == set(before)
+    for host in serving._merged.host.values():
         assert host.device.type == "cpu" and host.is_pinned() == (device == "cuda")
 
 
