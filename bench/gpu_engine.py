@@ -43,6 +43,9 @@ Requests ignore EOS so every stream runs its full length. Keys:
   SiLU-multiply and decode attention over the same with them in launches of their own
   (``FusedKernels.prologues`` off), raced in the same rounds; ``None`` without the fused
   kernels (a dry run).
+- ``sibling_speedup``: base decode at the first batch size with q/k/v's and gate/up's
+  GEMMs one each over the same with a GEMM per projection (``FusedKernels.sibling_gemms``
+  off), raced in the same rounds; ``None`` without the fused kernels.
 - ``long_decode_tok_s``: base decode of 4 streams after ``long_prompt``-token prompts
   (the decode attention splits each row's keys across programs there), and
   ``split_speedup`` over the same with the split off, raced in the same rounds (None
@@ -139,22 +142,24 @@ def decode_tok_s(
 class Variant(NamedTuple):
     """A decode run of `batch` streams, their rows' adapters cycled, on the engine's
     settings: `ahead` (`PagedStepper.decode_ahead`), `prologues` (`FusedKernels.prologues`,
-    the adapter deltas inside the fused norms and SiLU-multiply) and `split` (decode
-    attention may split a row's keys across programs: `FusedKernels.programs_wanted`, 0
-    when off). Changing a fused setting drops the recorded graphs, recorded again in the
-    run's first steps, before its timed window. `prompt`: tokens per prompt (default
-    `sizes.prompt`)."""
+    the adapter deltas inside the fused norms and SiLU-multiply), `siblings`
+    (`FusedKernels.sibling_gemms`, base rows' q/k/v and gate/up in one GEMM each) and
+    `split` (decode attention may split a row's keys across programs:
+    `FusedKernels.programs_wanted`, 0 when off). Changing a fused setting drops the
+    recorded graphs, recorded again in the run's first steps, before its timed window.
+    `prompt`: tokens per prompt (default `sizes.prompt`)."""
 
     batch: int
     adapters: list[str | None]
     ahead: bool = True
     prologues: bool = True
+    siblings: bool = True
     split: bool = True
     prompt: int | None = None
 
     @property
     def default(self) -> bool:
-        return self.ahead and self.prologues and self.split
+        return self.ahead and self.prologues and self.split and self.siblings
 
 
 def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, list[float]]:
@@ -173,6 +178,7 @@ def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, l
         stepper.decode_ahead = variant.ahead
         if fused is not None:
             fused.prologues = variant.prologues
+            fused.sibling_gemms = variant.siblings
             fused.programs_wanted = wanted if variant.split else 0
 
     def one(variant: Variant) -> float:
@@ -295,6 +301,7 @@ def run(
         **{f"base{b}": Variant(b, [None]) for b in sizes.batches},
         "base_not_ahead": Variant(first, [None], ahead=False),  # what decoding ahead gains
         "k_no_prologues": Variant(first, names, prologues=False),  # the deltas in the norms
+        "base_unshared": Variant(first, [None], siblings=False),  # a GEMM for each sibling
         "long": Variant(LONG_STREAMS, [None], prompt=long),
         "long_unsplit": Variant(LONG_STREAMS, [None], split=False, prompt=long),
     }
@@ -333,6 +340,9 @@ def run(
     result["ahead_speedup"] = median_ratio(times, f"base{first}", "base_not_ahead")
     fused = getattr(runner, "fused", None) is not None  # else the variants differ in nothing
     result["prologue_speedup"] = median_ratio(times, "k", "k_no_prologues") if fused else None
+    result["sibling_speedup"] = (
+        median_ratio(times, f"base{first}", "base_unshared") if fused else None
+    )
     result["long_decode_tok_s"] = round(statistics.median(times["long"]), 1)
     result["split_speedup"] = median_ratio(times, "long", "long_unsplit") if fused else None
     result["graph_speedup"] = round(base[first] / result["eager_base_decode_tok_s"], 3)

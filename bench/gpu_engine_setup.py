@@ -102,15 +102,17 @@ def build_model(sizes: Sizes) -> Any:
     return LlamaForCausalLM(cfg).eval()
 
 
-def make_adapters(model: Any, sizes: Sizes) -> dict[str, Any]:
-    """`sizes.adapters` random FLoRA adapters (inject, random cores, save, load back)."""
+def make_adapters(model: Any, sizes: Sizes, targets: list[str] | None = None) -> dict[str, Any]:
+    """`sizes.adapters` random FLoRA adapters on `targets` (default: every projection,
+    `PROJ`): inject, random cores, save, load back."""
     import flora
     from flora.adapter import load_adapter, save_adapter
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(sizes.adapters):
-            flora.inject(model, flora.FloraConfig(target_modules=PROJ, rank=sizes.rank))
+            config = flora.FloraConfig(target_modules=targets or PROJ, rank=sizes.rank)
+            flora.inject(model, config)
             gen = torch.Generator().manual_seed(1000 + i)
             with torch.no_grad():
                 for _, layer in flora.adapter_layers(model):

@@ -145,10 +145,18 @@ def _kernels(counts: dict[str, int]) -> int:
     return sum(counts.values())
 
 
-def census(batch: int, rank: int = 8, layers: int = 2) -> dict[str, Any]:
+def census(
+    batch: int,
+    rank: int = 8,
+    layers: int = 2,
+    targets: list[str] | None = None,
+    sibling_gemms: bool = True,
+) -> dict[str, Any]:
     """Record SmolLM2-shaped decode graphs at `batch` rows on the CPU and count one base
-    replay and one with a distinct adapter on every row. The Triton kernel modules must
-    import as the interpreter's (`TRITON_INTERPRET=1` before their first import: `main`)."""
+    replay and one with a distinct adapter on every row (adapters on `targets`, default
+    every projection; `sibling_gemms`: the fused kernels' setting). The Triton kernel
+    modules must import as the interpreter's (`TRITON_INTERPRET=1` before their first
+    import: `main`)."""
     from bench.gpu_engine_setup import Sizes, build_model, make_adapters
     from flora.serving import ServingModel, ServingPolicy
     from flora.serving.backends import triton_gpu
@@ -159,7 +167,7 @@ def census(batch: int, rank: int = 8, layers: int = 2) -> dict[str, Any]:
 
     sizes = Sizes(layers=layers, adapters=batch, rank=rank, vocab=512)
     model = build_model(sizes)
-    adapters = list(make_adapters(model, sizes).values())
+    adapters = list(make_adapters(model, sizes, targets).values())
     row_kernel = triton_gpu.load_row_kernel()
     choose = triton_gpu.gpu_kernel_for
     triton_gpu.gpu_kernel_for = lambda enabled, *a: row_kernel if enabled else None  # type: ignore[assignment]
@@ -170,6 +178,7 @@ def census(batch: int, rank: int = 8, layers: int = 2) -> dict[str, Any]:
     finally:
         triton_gpu.gpu_kernel_for = choose  # type: ignore[assignment]
     fused = FusedKernels(importlib.import_module(FUSED_MODULE))
+    fused.sibling_gemms = sibling_gemms
     c = model.config
     blocks, block_size = batch + 1, 16
     kv = KVTensors(layers, blocks, block_size, c.num_key_value_heads,

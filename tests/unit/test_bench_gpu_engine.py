@@ -48,10 +48,11 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
         assert gap > 0 and ttft > 0
         assert result[f"{prefix}prefill_stall_ratio"] == pytest.approx(gap / ttft, rel=1e-3)
     assert set(result["decode_tok_s_rounds"]) == {
-        "k", "merged", "base4", "base8", "base_not_ahead", "k_no_prologues", "long",
-        "long_unsplit",
+        "k", "merged", "base4", "base8", "base_not_ahead", "k_no_prologues", "base_unshared",
+        "long", "long_unsplit",
     }  # fmt: skip
     assert result["prologue_speedup"] is None  # no fused kernels on the CPU
+    assert result["sibling_speedup"] is None
     assert result["split_speedup"] is None and result["long_decode_tok_s"] > 0
     for key in ("decode_ratio_k", "decode_ratio_merged", "graph_speedup", "ahead_speedup"):
         assert 0.05 < result[key] < 20, key

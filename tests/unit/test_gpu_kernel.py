@@ -246,7 +246,7 @@ def test_graph_routing_shares_one_launch_per_sibling_group(kernel, monkeypatch) 
     for name, plan in zip(serving._wrapped, serving.routing.plans, strict=True):  # type: ignore[attr-defined]
         kinds.setdefault(type(plan).__name__, set()).add(name.rsplit(".", 1)[-1])
     assert kinds["_GroupMemberPlan"] == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
-    assert kinds["_TritonGraphPlan"] == {"o_proj", "down_proj"}
+    assert kinds["TritonGraphPlan"] == {"o_proj", "down_proj"}
     calls = {"group": 0}
     group_call = kernel.decode_group
 

@@ -111,9 +111,9 @@ def test_prologues_hand_their_deltas_to_the_projections(kernel, monkeypatch) -> 
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(len(rows), 1, 64, generator=gen) * 2).to(DEVICE)
     with torch.no_grad():
-        # a plan that is no group member (down's, a `_TritonGraphPlan`) is passed over
+        # a plan that is no group member (down's, a `TritonGraphPlan`) is passed over
         plans = [p.plan for p in (*qkv, mlp.down_proj)]
-        assert type(plans[-1]).__name__ == "_TritonGraphPlan"
+        assert type(plans[-1]).__name__ == "TritonGraphPlan"
         y = gk.rms_norm_with_deltas(plans, x, norm.weight, norm.variance_epsilon)
         assert y is not None and y.shape == x.shape
         got = [p(y) for p in qkv]

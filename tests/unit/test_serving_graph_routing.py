@@ -57,7 +57,7 @@ def test_layout_version_changes_when_a_bank_grows_and_merged_mode_refuses() -> N
 
 
 def test_triton_graph_plan_reads_the_buffer_and_full_capacity() -> None:
-    """`_TritonGraphPlan` on the CPU with the kernel's float64 reference in place of the
+    """`TritonGraphPlan` on the CPU with the kernel's float64 reference in place of the
     Triton launch: it hands the kernel the caller's slot buffer (refilled between calls)
     and every slot at the bank's capacity, which equals each slot's own rank because the
     bank's padding is zero."""
@@ -73,7 +73,7 @@ def test_triton_graph_plan_reads_the_buffer_and_full_capacity() -> None:
     serving.load_modules(1, linear_adapter(8, seed=1))
     target = dict(serving.named_wrappers())["q"]
     slots = torch.full((4,), -1, dtype=torch.int32)
-    plan = triton_gpu._TritonGraphPlan(target, kernel, slots)  # type: ignore[arg-type]
+    plan = triton_gpu.TritonGraphPlan(target, kernel, slots)  # type: ignore[arg-type]
     x = torch.randn(4, 1, 24)
     for routing in ([0, 1, None, 0], [1, 1, 1, 1], [None] * 4):
         slots.copy_(torch.tensor([-1 if s is None else s for s in routing], dtype=torch.int32))

@@ -38,24 +38,49 @@ def test_count_replay_counts_kernels_per_layer_not_views_or_allocations() -> Non
 
 
 @pytest.mark.timeout(300)
-def test_a_recorded_decode_layer_launches_fifteen_kernels_with_or_without_adapters(
+def test_a_recorded_decode_layer_launches_twelve_kernels_with_or_without_adapters(
     monkeypatch,
 ) -> None:  # type: ignore[no-untyped-def]
-    """SmolLM2's widths, 4 rows each on its own rank-8 adapter: per layer the seven
-    projections' GEMMs (``addmm`` adding the delta that the norms, SiLU-multiply and
-    attention computed on the way), the two residual adds and six fused kernels; the base
-    step the same count, the plain norms and SiLU-multiply in place of the prologues."""
+    """SmolLM2's widths, 4 rows each on its own rank-8 adapter on every projection: per
+    layer four GEMMs (q/k/v in one, o, gate/up in one, down: ``addmm`` adding the deltas
+    that the norms, SiLU-multiply and attention computed on the way), the two residual
+    adds and six fused kernels; the base step the same count, the plain norms and
+    SiLU-multiply in place of the prologues."""
     with triton_modules(monkeypatch, torch.device("cpu"), FUSED_MODULE):
         result = census(batch=4)
     fused = {"triton:paged_decode": 1, "triton:paged_write": 1, "triton:rope": 1, "add": 2}
     assert result["base"]["layer"] == {
-        **fused, "mm": 7, "triton:rms_norm": 2, "triton:silu_and_mul": 1
+        **fused, "mm": 4, "triton:rms_norm": 2, "triton:silu_and_mul": 1
     }  # fmt: skip
     assert result["adapters"]["layer"] == {
-        **fused, "addmm": 7, "triton:norm_decode_group": 2, "triton:act_decode": 1
+        **fused, "addmm": 4, "triton:norm_decode_group": 2, "triton:act_decode": 1
     }  # fmt: skip
-    assert result["base"]["layer_kernels"] == result["adapters"]["layer_kernels"] == 15
+    assert result["base"]["layer_kernels"] == result["adapters"]["layer_kernels"] == 12
     # outside the layers: the embedding, the rotary tables, the final norm, the LM head
     outside = result["base"]["outside"]
     assert outside["embedding"] == outside["triton:rms_norm"] == outside["mm"] == 1
     assert result["adapters"]["outside"] == outside
+
+
+@pytest.mark.timeout(300)
+def test_siblings_of_which_some_carry_adapters_keep_a_gemm_each(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Adapters on q and v only (PEFT's default targets): k runs its base layer and q/v
+    their group's plans, whose weights are not one tensor (k's lies between), so q, k
+    and v keep a GEMM each; gate/up, without adapters, still share one, and the MLP's
+    norm and SiLU-multiply are the plain kernels."""
+    with triton_modules(monkeypatch, torch.device("cpu"), FUSED_MODULE):
+        result = census(batch=4, targets=["q_proj", "v_proj"])
+    assert result["adapters"]["layer"] == {
+        "triton:paged_decode": 1, "triton:paged_write": 1, "triton:rope": 1, "add": 2,
+        "addmm": 2, "mm": 4, "triton:norm_decode_group": 1, "triton:rms_norm": 1,
+        "triton:silu_and_mul": 1,
+    }  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_switched_off_base_rows_take_a_gemm_per_projection(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`FusedKernels.sibling_gemms` off (what `bench/gpu_engine.py` races): the base step's
+    seven projections launch seven GEMMs."""
+    with triton_modules(monkeypatch, torch.device("cpu"), FUSED_MODULE):
+        result = census(batch=4, sibling_gemms=False)
+    assert result["base"]["layer"]["mm"] == 7 and result["base"]["layer_kernels"] == 15

@@ -13,9 +13,9 @@ torch paths then serve, and they stay the reference the kernel is tested against
 unless triton imports, the module is on a CUDA device, and a self-test of the kernel on
 that device matches the float64 reference (``triton_kernel``: the launchers, references
 and self-test). ``TritonBackend`` serves a module through it (``_TritonPlan`` per
-routing, ``_TritonSegmentPlan`` per packed step, ``_TritonGraphPlan`` and the sibling
-groups under CUDA graphs, with ``rms_norm_with_deltas`` / ``silu_mul_with_delta``: the
-decode deltas computed inside the kernel that produces the projections' input).
+routing, ``_TritonSegmentPlan`` per packed step, and under CUDA graphs the plans of
+``triton_graph``: ``TritonGraphPlan`` and the sibling groups, with the decode deltas
+computed inside the kernel that produces the projections' input).
 """
 
 from __future__ import annotations
@@ -24,12 +24,20 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 import torch
 
-from flora.serving.backends.base import Backend, PerInput, RowTarget
+from flora.serving.backends.base import Backend, RowTarget
 from flora.serving.backends.torch_paths import torch_plan, torch_segment_plan
+from flora.serving.backends.triton_graph import (
+    ODelta,
+    TritonGraphPlan,
+    attention_o_delta,
+    rms_norm_with_deltas,
+    share_graph_plans,
+    silu_mul_with_delta,
+)
 from flora.serving.backends.triton_kernel import (
     KERNEL_MODULES,
     TritonRowKernel,
@@ -233,216 +241,6 @@ class _TritonSegmentPlan:
         return y
 
 
-class ODelta(NamedTuple):
-    """What a kernel producing a projection's input needs to write that projection's
-    decode delta too (``_prologue_triton.o_epilogue``, from the engine's decode attention):
-    the rows' slots, the projection (``member_arg``: banks, ranks, the delta buffer the
-    projection's call then takes), the rows' done-counts (zeros, left zero) and the rank
-    tile."""
-
-    slots: torch.Tensor
-    proj: tuple[object, ...]
-    done: torch.Tensor
-    block_r: int
-
-
-class _TritonGraphPlan:
-    """``_TritonPlan`` for CUDA graphs: the row slots are read from the caller's buffer
-    (refilled in place between replays) and every slot counts as the bank's full rank
-    capacity (its padding is zero, so the result is exact, and a slot loaded later needs
-    no new plan as long as the bank is not re-allocated).
-
-    ``silu_mul`` is the prologue form for a projection fed by ``SiLU(gate) * up`` (down):
-    one launch forms the product and this plan's delta of it, and the call on that very
-    product is then one ``addmm``."""
-
-    __slots__ = (
-        "a", "b", "base", "block_r", "done", "kernel", "ranks", "seeded", "slots", "target"
-    )  # fmt: skip
-
-    def __init__(self, target: RowTarget, kernel: TritonRowKernel, slots: torch.Tensor) -> None:
-        bank = target.bank
-        self.base, self.kernel, self.a, self.b = target.base_forward, kernel, bank.a, bank.b
-        self.slots, self.target = slots, target
-        self.ranks = torch.full(
-            (bank.max_slots + 1,), bank.capacity, dtype=torch.int32, device=bank.device
-        )
-        self.block_r = block_rank(bank.capacity)
-        self.seeded = PerInput(1)  # the delta `silu_mul` or `o_delta` computed, for its input
-        self.done: torch.Tensor | None = None  # `o_delta`'s row counts, made on first use
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = token_rows(x)
-        d = self.seeded.seeded(x, 0)
-        if d is not None:
-            return torch.addmm(d, x2, self.target.weight_t).view(*x.shape[:-1], d.shape[1])
-        y = self.base(x)
-        self.kernel(
-            y.view(-1, y.shape[-1]), x2, self.slots, self.ranks, self.a, self.b, self.block_r
-        )
-        return y
-
-    def fused_input(self, shape: Sequence[int], dtype: torch.dtype) -> bool:
-        """Whether a launch that forms this projection's input (rows of ``shape`` and
-        ``dtype``) can compute its delta too: the prologue kernels passed their self-test,
-        one row per routed row, the projection's input width and dtype, no bias (the
-        delta is all the call adds to one GEMM)."""
-        weight = self.target.weight_t
-        return (
-            self.kernel.prologues is not None
-            and tuple(shape) == (self.slots.shape[0], weight.shape[0])
-            and dtype == weight.dtype
-            and self.target.base_bias is None
-        )
-
-    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
-        """``SiLU(gate) * up`` and, in the same launch, this plan's delta of it, which the
-        call on the returned tensor takes (``kernel.act_decode``); ``None`` where that
-        does not apply (not one token per routed row, a bias, another dtype or width:
-        the caller forms the product itself)."""
-        g2, u2 = token_rows(gate), token_rows(up)
-        if (
-            g2.shape != u2.shape
-            or gate.dtype != up.dtype
-            or not self.fused_input(g2.shape, gate.dtype)
-        ):
-            return None
-        act = torch.empty_like(g2)
-        d = act.new_empty(act.shape[0], self.target.weight_t.shape[1])
-        self.kernel.act_decode(
-            g2, u2, act, self.slots, (d, self.ranks, self.a, self.b), self.block_r
-        )
-        out = act.view(gate.shape)
-        self.seeded.seed(out, d)
-        return out
-
-    def o_delta(self, x: torch.Tensor) -> ODelta | None:
-        """For a kernel about to write this projection's input ``x`` ([T, in], contiguous,
-        one token per routed row): the arguments with which it writes this plan's delta
-        of ``x`` too, which the call on ``x`` (or a view of its elements) then takes;
-        ``None`` where that does not apply (the caller's kernel leaves it, and the call
-        computes its own). The done-counts are made on first use, which is never inside a
-        recording: a graph is recorded after the same forward ran twice."""
-        if not x.is_contiguous() or not self.fused_input(x.shape, x.dtype):
-            return None
-        if self.done is None:
-            self.done = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
-        d = x.new_empty(x.shape[0], self.target.weight_t.shape[1])
-        self.seeded.seed(x, d)
-        proj = member_arg((d, self.ranks, self.a, self.b))
-        return ODelta(self.slots, proj, self.done, self.block_r)
-
-
-class _DecodeGroup:
-    """2 or 3 sibling ``_TritonGraphPlan``s (same input, no bias) served by one launch per
-    decode step: the first member to run on an input writes every member's delta into a
-    buffer of its own (``row_decode_group``), and each member's base GEMM adds its own
-    (``addmm``), so the group costs one kernel where the members cost one each. The
-    buffers are allocated by the launch and dropped once every member took its own: in a
-    CUDA graph they are intermediates of the recording, from the graphs' shared pool, not
-    memory each graph keeps (at 2,048 rows, about 16 MiB per layer for SmolLM2)."""
-
-    def __init__(self, plans: Sequence[_TritonGraphPlan]) -> None:
-        self.plans = list(plans)
-        self.kernel, self.slots = plans[0].kernel, plans[0].slots
-        self.block_r = max(p.block_r for p in plans)
-        self.shared = PerInput(len(plans))
-
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-        """``x`` through the Llama RMSNorm and, in the same launch, every member's delta of
-        the result, which the members take when called on the returned tensor
-        (``kernel.norm_decode_group``); ``None`` where that does not apply (not one token
-        per routed row, another width or dtype: the caller normalises ``x`` itself)."""
-        x2, dtype = token_rows(x), torch.promote_types(weight.dtype, x.dtype)
-        if weight.shape != x2.shape[1:] or not self.plans[0].fused_input(x2.shape, dtype):
-            return None  # the members share their input width, dtype, rows and no bias
-        y = torch.empty(x2.shape, dtype=dtype, device=x.device)
-        outs, members = self._members(y)
-        self.kernel.norm_decode_group(x2, weight, eps, y, self.slots, members, self.block_r)
-        out = y.view(x.shape)
-        self.shared.seed(out, outs)
-        return out
-
-    def delta(self, x: torch.Tensor, x2: torch.Tensor, member: int) -> torch.Tensor:
-        def launch() -> list[torch.Tensor]:
-            outs, members = self._members(x2)
-            self.kernel.decode_group(x2, self.slots, members, self.block_r)
-            return outs
-
-        deltas: list[torch.Tensor] = self.shared.take(x, member, launch)
-        return deltas[member]
-
-    def _members(
-        self, x2: torch.Tensor
-    ) -> tuple[
-        list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-    ]:
-        """Each member's delta buffer for the rows of ``x2`` (the members' input), and the
-        kernel's ``(delta, ranks, a, b)`` per member."""
-        outs = [x2.new_empty(x2.shape[0], p.target.weight.shape[0]) for p in self.plans]
-        return outs, [(d, p.ranks, p.a, p.b) for d, p in zip(outs, self.plans, strict=True)]
-
-
-class _GroupMemberPlan:
-    """A member of a ``_DecodeGroup``: ``y = x @ W^T + d`` in one GEMM, ``d`` the delta the
-    group wrote for this member. A forward of more than one token per row (not a decode
-    step) takes the member's own plan."""
-
-    __slots__ = ("alone", "group", "member", "rows", "weight_t")
-
-    def __init__(self, group: _DecodeGroup, member: int, alone: _TritonGraphPlan) -> None:
-        self.group, self.member, self.alone = group, member, alone
-        self.weight_t = alone.target.weight_t
-        self.rows = alone.slots.shape[0]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = token_rows(x)
-        if x2.shape[0] != self.rows:
-            return self.alone(x)
-        d = self.group.delta(x, x2, self.member)
-        return torch.addmm(d, x2, self.weight_t).view(*x.shape[:-1], d.shape[1])
-
-
-def rms_norm_with_deltas(
-    plans: Sequence[Plan | None], x: torch.Tensor, weight: torch.Tensor, eps: float
-) -> torch.Tensor | None:
-    """``x`` through the Llama RMSNorm, with the decode deltas of the projections that
-    read the result computed in the same launch. ``plans``: the current plans of the
-    projections of the module the result goes to (a llama layer's attention or MLP);
-    where the decode-group members among them (graph routing on CUDA:
-    ``TritonBackend.share`` groups q/k/v, gate/up) are one whole group, it serves them.
-    ``None`` otherwise (the caller normalises ``x`` itself, and each member computes its
-    own delta as usual)."""
-    members = [p for p in plans if isinstance(p, _GroupMemberPlan)]
-    if not members:
-        return None
-    group = members[0].group
-    if any(p.group is not group for p in members) or len(group.plans) != len(members):
-        return None
-    return group.rms_norm(x, weight, eps)
-
-
-def silu_mul_with_delta(
-    plan: Plan | None, gate: torch.Tensor, up: torch.Tensor
-) -> torch.Tensor | None:
-    """``SiLU(gate) * up`` with the decode delta of the projection that reads it (its
-    current ``plan``: a graph plan on CUDA) computed in the same launch; ``None``
-    otherwise (the caller forms the product itself)."""
-    if not isinstance(plan, _TritonGraphPlan):
-        return None
-    return plan.silu_mul(gate, up)
-
-
-def attention_o_delta(plan: Plan | None, x: torch.Tensor) -> ODelta | None:
-    """The arguments with which the engine's decode attention, about to write ``x``,
-    writes the decode delta of the projection that reads it (o; its current ``plan``: a
-    graph plan on CUDA) in the same launch (``_TritonGraphPlan.o_delta``); ``None``
-    otherwise (o computes its own)."""
-    if not isinstance(plan, _TritonGraphPlan):
-        return None
-    return plan.o_delta(x)
-
-
 class TritonBackend(Backend):
     """CUDA, where the Triton kernel passes its self-test (``gpu_kernel_for``)."""
 
@@ -467,20 +265,7 @@ class TritonBackend(Backend):
         )
 
     def build_graph_plan(self, target: RowTarget, slots: torch.Tensor) -> Plan:
-        return _TritonGraphPlan(target, self.kernel, slots)
+        return TritonGraphPlan(target, self.kernel, slots)
 
     def share(self, plans: Sequence[Plan | None]) -> list[Plan | None]:
-        """2 or 3 graph plans of bias-free siblings with one input width and dtype become
-        one ``_DecodeGroup`` (one launch a decode step instead of one per member), beside
-        siblings without a plan (no loaded adapter targets them: they run their base
-        layer); any other mix is left as it is."""
-        live = [p for p in plans if isinstance(p, _TritonGraphPlan)]
-        if not 2 <= len(live) <= 3 or len(live) != sum(p is not None for p in plans):
-            return list(plans)
-        targets = [p.target for p in live]
-        same = {(t.weight.shape[1], t.weight.dtype, t.weight.device) for t in targets}
-        if len(same) != 1 or any(t.base_bias is not None for t in targets):
-            return list(plans)
-        group = _DecodeGroup(live)
-        members = iter(_GroupMemberPlan(group, m, p) for m, p in enumerate(live))
-        return [None if p is None else next(members) for p in plans]
+        return share_graph_plans(plans)

@@ -17,11 +17,12 @@ measurements):
 - ``silu_mul``: a SiLU MLP's ``act_fn(gate) * up``.
 
 ``fused_install`` installs the last three on a model's modules, each only where the
-module's own computation gives the same result on a probe input.
+module's own computation gives the same result on a probe input, and gives sibling
+projections (q/k/v, gate/up) one weight tensor, computed by one GEMM in a recorded step.
 
 Where the projections reading a norm's, SiLU-multiply's or decode attention's output are
 served through the Triton adapter kernel's graph plans, that launch also computes their
-adapter deltas (``flora.serving.backends.triton_gpu.rms_norm_with_deltas``,
+adapter deltas (``flora.serving.backends.triton_graph.rms_norm_with_deltas``,
 ``silu_mul_with_delta``, ``attention_o_delta``): a decode step of a llama-style model
 then launches no adapter kernel of its own, where it launched four a layer.
 
@@ -101,15 +102,25 @@ class FusedKernels:
         self._local = threading.local()
         self._recording = _Recording(self._local)
         self.prologues = True
+        # whether sibling projections' base rows share one GEMM in a recording
+        # (`fused_install.install_sibling_gemms`)
+        self.sibling_gemms = True
         # whether decode attention may compute o's delta (`o_delta`); off where its own
         # self-test fails on the device (`fused_kernels`), the other kernels serving on
         self.o_deltas = True
 
     @property
     def settings(self) -> tuple[object, ...]:
-        """What a recording bakes in of these settings (`prologues` and the split of
-        decode attention's keys): a runner records its graphs again when it changes."""
-        return self.prologues, self.programs_wanted, self.min_split, self.max_splits
+        """What a recording bakes in of these settings (`prologues`, `sibling_gemms` and
+        the split of decode attention's keys): a runner records its graphs again when it
+        changes."""
+        return (
+            self.prologues,
+            self.sibling_gemms,
+            self.programs_wanted,
+            self.min_split,
+            self.max_splits,
+        )
 
     @property
     def active(self) -> bool:

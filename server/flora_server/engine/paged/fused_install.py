@@ -6,11 +6,14 @@ inside ``FusedKernels.recording()`` (outside it every module runs its own forwar
 - ``install_rms_norms``: RMSNorm modules (Gemma's ``1 + weight`` form, say, is left
   alone); in a llama-style layer each norm also knows the module its output goes to
   (``NORM_FEEDS``), whose sibling projections' adapter deltas its launch then computes
-  where their plans take them (``flora.serving.backends.triton_gpu.rms_norm_with_deltas``).
+  where their plans take them (``flora.serving.backends.triton_graph.rms_norm_with_deltas``).
 - ``install_rope``: the rotary embedding, through transformers' per-module kernel hook.
 - ``install_silu_mlps``: SiLU MLPs (transformers' Llama MLP forward): SiLU-and-multiply in
   one launch, which computes down's delta too where its plan takes it
   (``silu_mul_with_delta``).
+- ``install_sibling_gemms``: sibling projections (q/k/v, gate/up) get their weights as
+  one tensor (``flora.serving.siblings``), so one GEMM computes them all: for base rows
+  here (``_GraphSiblings``), for adapter rows in their decode group's plans.
 
 ``o_delta_for`` is the attention's side of the same hand-off: the decode attention kernel
 (``FusedKernels.decode_attention``) computes the delta of the projection that reads its
@@ -26,14 +29,17 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 
+from flora.serving.backends.base import PerInput
 from flora.serving.backends.triton_gpu import (
     ODelta,
     attention_o_delta,
     rms_norm_with_deltas,
     silu_mul_with_delta,
 )
-from flora.serving.base import ServedModule
+from flora.serving.base import ServedModule, ServingPolicy
+from flora.serving.siblings import Concatenated, concatenated, share_storage
 from flora_server.engine.paged.fused import FusedKernels
 
 __all__ = [
@@ -41,6 +47,7 @@ __all__ = [
     "ROTARY_KERNEL_NAME",
     "install_rms_norms",
     "install_rope",
+    "install_sibling_gemms",
     "install_silu_mlps",
     "o_delta_for",
 ]
@@ -118,6 +125,74 @@ class _GraphMLP:
         if act is None:
             act = self.kernels.silu_mul(gate, up)
         return down(act)
+
+
+class _GraphSiblings:
+    """Sibling projections of one module (q/k/v of an attention, gate/up of an MLP) whose
+    weights are one tensor (``install_sibling_gemms``): inside ``kernels.recording()``,
+    while every one of them runs its base layer (no adapter plan: a decode group computes
+    its members at once itself), the first called on an input computes all their outputs
+    with one GEMM, and each takes its columns (``PerInput``: only for that very input);
+    otherwise each runs its own forward."""
+
+    def __init__(
+        self,
+        kernels: FusedKernels,
+        parent: torch.nn.Module,
+        names: list[str],
+        linears: list[torch.nn.Linear],
+    ) -> None:
+        self.kernels, self.parent, self.names, self.linears = kernels, parent, names, linears
+        self.shared = PerInput(len(names))
+
+    def forward(self, member: int, own: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        """The forward of sibling ``member`` (its own: ``own``)."""
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            joint = self._joint()
+            if joint is None:
+                return own(x)
+            out = self.shared.take(x, member, lambda: F.linear(x, joint.weight))
+            first, end = joint.columns[member]
+            return out[..., first:end]
+
+        return forward
+
+    def _joint(self) -> Concatenated | None:
+        """The siblings' weights as one tensor, where one GEMM serves them now."""
+        if not (self.kernels.active and self.kernels.sibling_gemms):
+            return None
+        for name, linear in zip(self.names, self.linears, strict=True):
+            module = getattr(self.parent, name, None)
+            if getattr(module, "base_layer", module) is not linear or _plan(module) is not None:
+                return None  # re-wrapped elsewhere, or its own plan computes it
+        return concatenated([linear.weight for linear in self.linears])
+
+
+def install_sibling_gemms(model: torch.nn.Module, kernels: FusedKernels) -> int:
+    """Give the sibling projections of every module of ``model`` (the children that
+    ``ServingPolicy.shared_inputs`` names, two or more bias-free linear layers of one
+    input width: a llama attention's q/k/v, its MLP's gate/up) one weight tensor
+    (``share_storage``; each keeps its weight as a view of it), and serve their base
+    rows with one GEMM inside ``kernels.recording()`` (``_GraphSiblings``); returns how
+    many sibling sets. Call before any graph is recorded (the weights move). Idempotent."""
+    served = 0
+    for parent in model.modules():
+        for group in ServingPolicy().shared_inputs:
+            names = [n for n in group if isinstance(getattr(parent, n, None), torch.nn.Module)]
+            bases = [getattr(getattr(parent, n), "base_layer", getattr(parent, n)) for n in names]
+            linears = [m for m in bases if type(m) is torch.nn.Linear]
+            if len(linears) < 2 or len(linears) != len(names):
+                continue
+            if any("forward" in vars(linear) for linear in linears):
+                continue  # served already
+            if share_storage(linears) is None:
+                continue
+            siblings = _GraphSiblings(kernels, parent, names, linears)
+            for member, linear in enumerate(linears):
+                linear.forward = siblings.forward(member, linear.forward)  # type: ignore[method-assign]
+            served += 1
+    return served
 
 
 def _graph_rope(

@@ -60,6 +60,7 @@ from flora_server.engine.paged.fused import FusedKernels
 from flora_server.engine.paged.fused_install import (
     install_rms_norms,
     install_rope,
+    install_sibling_gemms,
     install_silu_mlps,
 )
 from flora_server.engine.paged.runner import ChunkInput, KVTensors, PagedRunner, PagedStep
@@ -217,13 +218,15 @@ class GraphedPagedRunner(PagedRunner):
     ) -> None:
         super().__init__(model, kv)
         # What the recorded graphs run in one kernel each (`fused`): paged attention,
-        # RMSNorm, the rotary embedding and SiLU-and-multiply (the last two computing
-        # adapter deltas too, where the plans take them); eager steps keep the torch ops.
+        # RMSNorm, the rotary embedding and SiLU-and-multiply (the norms, SiLU-multiply and
+        # attention computing adapter deltas too, where the plans take them), and one GEMM
+        # for each set of sibling projections; eager steps keep the torch ops.
         self.fused = fused
         if fused is not None:
             install_rms_norms(model, fused)
             install_rope(model, fused)
             install_silu_mlps(model, fused)
+            install_sibling_gemms(model, fused)
         if not kv.keys or (scratch_block + 1) * kv.block_size > kv.keys[0].shape[0]:
             raise ValueError(f"scratch block {scratch_block} is outside the KV storage")
         self.runtime = runtime
