@@ -38,34 +38,15 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
+from bench.gpu_engine_setup import PROJ, Sizes, build_model  # noqa: E402
 from flora.serving import ModuleFactors, ServingModel, ServingPolicy  # noqa: E402
 from flora.serving.backends.triton_gpu import triton_row_kernel  # noqa: E402
 from flora.serving.reference import reference_model_weights  # noqa: E402
 
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def smollm2(layers: int):  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    """SmolLM2-135M's shapes with `layers` layers and random weights (seed 0)."""
+    return build_model(Sizes(layers=layers))
 
 
 def cache_kwarg() -> str:
