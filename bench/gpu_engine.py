@@ -46,6 +46,11 @@ Requests ignore EOS so every stream runs its full length. Keys:
 - ``sibling_speedup``: base decode at the first batch size with q/k/v's and gate/up's
   GEMMs one each over the same with a GEMM per projection (``FusedKernels.sibling_gemms``
   off), raced in the same rounds; ``None`` without the fused kernels.
+- ``row_block_ratio``: K decode with other tiles of the adapter kernels' decode programs
+  (``"KxN"``: ``TritonRowKernel.decode_block_k`` inputs a step of the shrink, fewer
+  dependent rounds of loads for more registers; ``decode_block_n`` outputs a program,
+  fewer programs each redoing the shrink for a longer expand) over the same at the
+  default tiles, raced in the same rounds; ``None`` without the Triton adapter kernel.
 - ``long_decode_tok_s``: base decode of 4 streams after ``long_prompt``-token prompts
   (the decode attention splits each row's keys across programs there), and
   ``split_speedup`` over the same with the split off, raced in the same rounds (None
@@ -93,6 +98,7 @@ from bench.gpu_engine_setup import DRY, Sizes, build_model, make_adapters, start
 from bench.gpu_probes import graph_check, profile, replay_kernels, replay_ms  # noqa: E402
 
 OLD_ENGINE_BASE_TOK_S = 1189.0  # the old engine's base decode at batch 32 on the H200
+ROW_BLOCKS = ((512, 128), (1024, 128), (256, 256))  # decode tiles raced against the default
 
 
 async def stream(engine: Any, prompt: list[int], adapter: str | None, new: int) -> list[float]:
@@ -145,9 +151,11 @@ class Variant(NamedTuple):
     the adapter deltas inside the fused norms and SiLU-multiply), `siblings`
     (`FusedKernels.sibling_gemms`, base rows' q/k/v and gate/up in one GEMM each) and
     `split` (decode attention may split a row's keys across programs:
-    `FusedKernels.programs_wanted`, 0 when off). Changing a fused setting drops the
-    recorded graphs, recorded again in the run's first steps, before its timed window.
-    `prompt`: tokens per prompt (default `sizes.prompt`)."""
+    `FusedKernels.programs_wanted`, 0 when off); `row_blocks`: the adapter kernels'
+    decode tiles (`TritonRowKernel.decode_block_k`, `decode_block_n`; None: the default).
+    Changing a setting drops the recorded graphs, recorded again in the run's first
+    steps, before its timed window. `prompt`: tokens per prompt (default
+    `sizes.prompt`)."""
 
     batch: int
     adapters: list[str | None]
@@ -156,10 +164,13 @@ class Variant(NamedTuple):
     siblings: bool = True
     split: bool = True
     prompt: int | None = None
+    row_blocks: tuple[int, int] | None = None
 
     @property
     def default(self) -> bool:
-        return self.ahead and self.prologues and self.split and self.siblings
+        return (
+            self.ahead and self.prologues and self.split and self.siblings and not self.row_blocks
+        )
 
 
 def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, list[float]]:
@@ -172,6 +183,8 @@ def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, l
     stepper = engine._stepper
     fused = getattr(stepper.runner, "fused", None)
     wanted = fused.programs_wanted if fused is not None else 0
+    kernel = row_kernel(engine)
+    blocks = (kernel.decode_block_k, kernel.decode_block_n) if kernel is not None else None
 
     def settle(variant: Variant) -> None:
         # read by the worker per step and per recording; no step is in flight here
@@ -180,6 +193,10 @@ def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, l
             fused.prologues = variant.prologues
             fused.sibling_gemms = variant.siblings
             fused.programs_wanted = wanted if variant.split else 0
+        want = variant.row_blocks or blocks
+        if kernel is not None and want != (kernel.decode_block_k, kernel.decode_block_n):
+            kernel.decode_block_k, kernel.decode_block_n = want  # baked into the recordings
+            stepper.runner.drop_graphs()
 
     def one(variant: Variant) -> float:
         settle(variant)
@@ -202,6 +219,15 @@ def race(engine: Any, sizes: Sizes, variants: dict[str, Variant]) -> dict[str, l
         for name in defaults:
             one(variants[name])
     return times
+
+
+def row_kernel(engine: Any) -> Any:
+    """The Triton adapter kernel the engine's modules launch (None where it does not serve:
+    the CPU, a failed self-test)."""
+    from flora.serving.backends.triton_gpu import gpu_kernel_for
+
+    weight = next(engine._model.parameters())
+    return gpu_kernel_for(True, weight.device, weight.dtype)
 
 
 LONG_STREAMS = 4  # `long_decode_tok_s`: few rows over long keys, where the keys split
@@ -302,6 +328,7 @@ def run(
         "base_not_ahead": Variant(first, [None], ahead=False),  # what decoding ahead gains
         "k_no_prologues": Variant(first, names, prologues=False),  # the deltas in the norms
         "base_unshared": Variant(first, [None], siblings=False),  # a GEMM for each sibling
+        **{f"k_{k}x{n}": Variant(first, names, row_blocks=(k, n)) for k, n in ROW_BLOCKS},
         "long": Variant(LONG_STREAMS, [None], prompt=long),
         "long_unsplit": Variant(LONG_STREAMS, [None], split=False, prompt=long),
     }
@@ -342,6 +369,12 @@ def run(
     result["prologue_speedup"] = median_ratio(times, "k", "k_no_prologues") if fused else None
     result["sibling_speedup"] = (
         median_ratio(times, f"base{first}", "base_unshared") if fused else None
+    )
+    tuned = row_kernel(engine) is not None  # else the block variants differ in nothing
+    result["row_block_ratio"] = (
+        {f"{k}x{n}": median_ratio(times, f"k_{k}x{n}", "k") for k, n in ROW_BLOCKS}
+        if tuned
+        else None
     )
     result["long_decode_tok_s"] = round(statistics.median(times["long"]), 1)
     result["split_speedup"] = median_ratio(times, "long", "long_unsplit") if fused else None

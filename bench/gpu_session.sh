@@ -103,7 +103,7 @@ if want tests; then
 fi
 if want engine; then
     step "engine v2 with step graphs"
-    timeout 270 "$PY" bench/gpu.py --engine --profile "${ENGINE[@]}" | tail -c 3000
+    timeout 330 "$PY" bench/gpu.py --engine --profile "${ENGINE[@]}" | tail -c 3000
 fi
 if want kernels; then
     for pair in $DTYPES; do

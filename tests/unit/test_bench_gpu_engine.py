@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -49,10 +50,10 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
         assert result[f"{prefix}prefill_stall_ratio"] == pytest.approx(gap / ttft, rel=1e-3)
     assert set(result["decode_tok_s_rounds"]) == {
         "k", "merged", "base4", "base8", "base_not_ahead", "k_no_prologues", "base_unshared",
-        "long", "long_unsplit",
+        "k_512x128", "k_1024x128", "k_256x256", "long", "long_unsplit",
     }  # fmt: skip
     assert result["prologue_speedup"] is None  # no fused kernels on the CPU
-    assert result["sibling_speedup"] is None
+    assert result["sibling_speedup"] is None and result["row_block_ratio"] is None
     assert result["split_speedup"] is None and result["long_decode_tok_s"] > 0
     for key in ("decode_ratio_k", "decode_ratio_merged", "graph_speedup", "ahead_speedup"):
         assert 0.05 < result[key] < 20, key
@@ -67,3 +68,50 @@ def test_engine_dry_run_writes_every_key(tmp_path) -> None:
         "base_decode_goal_10x",
         "k_ratio_goal_0_95",
     }
+
+
+@pytest.mark.timeout(300)
+def test_a_race_over_the_adapter_kernels_block_records_each_setting_and_restores_it(
+    monkeypatch,
+) -> None:  # type: ignore[no-untyped-def]
+    """`row_blocks` variants (a setting the runner cannot see) set the adapter kernel's
+    decode tiles and drop the recorded graphs before they run, and back after: every graph
+    a variant replays was recorded with its own setting, and the default is left in place."""
+    import asyncio
+    import dataclasses
+    from types import SimpleNamespace
+
+    from bench import gpu_engine
+    from bench.gpu_engine import Variant
+    from bench.gpu_engine_setup import DRY, build_model, make_adapters, start_engine
+
+    kernel = SimpleNamespace(decode_block_k=256, decode_block_n=128)  # no Triton on the CPU
+    monkeypatch.setattr(gpu_engine, "row_kernel", lambda engine: kernel)
+    sizes = dataclasses.replace(DRY, rounds=1, adapters=2, batches=(2,), new_tokens=8)
+    model = build_model(sizes)
+    adapters = make_adapters(model, sizes)
+    engine = start_engine(model, adapters, sizes, "auto", dry=True)
+    try:
+        runner = engine._stepper.runner
+        record = runner._record
+        recorded: list[tuple[int, int]] = []  # the kernel's tiles at each graph recorded
+
+        def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+            recorded.append((kernel.decode_block_k, kernel.decode_block_n))
+            return record(*args, **kwargs)
+
+        monkeypatch.setattr(runner, "_record", recording)
+        names = list(adapters)
+        times = gpu_engine.race(
+            engine,
+            sizes,
+            {"k": Variant(2, names), "k512": Variant(2, names, row_blocks=(512, 64))},
+        )
+    finally:
+        asyncio.run(engine.shutdown(30))
+    assert (kernel.decode_block_k, kernel.decode_block_n) == (256, 128)
+    # graphs recorded anew at each change: the warm-up of each, the round of each, then the
+    # default once more (without the drop, the 512 runs would replay the 256 graphs)
+    default, other = (256, 128), (512, 64)
+    assert [k for k, _ in itertools.groupby(recorded)] == [default, other] * 2 + [default]
+    assert {name: len(t) for name, t in times.items()} == {"k": 1, "k512": 1}

@@ -320,11 +320,8 @@ class GraphedPagedRunner(PagedRunner):
         if adapters and merged is not None:
             return None  # the mode policy never mixes these; eager raises the error
         if self._recorded_layout() != self._layout:
-            self.graphs.clear()  # tensors the graphs read were re-bound
-            self.capture.reset()  # their pool goes with them: a failed shape may fit now
-            self._unrecorded.clear()
+            self.drop_graphs()  # tensors the graphs read were re-bound, or a setting changed
             self._layout = self._recorded_layout()
-            self._no_adapter_graphs = False
         if adapters and self._no_adapter_graphs:
             return None
         key = (tokens, width, adapters)
@@ -334,6 +331,15 @@ class GraphedPagedRunner(PagedRunner):
             if graph is not None:
                 self.graphs[key] = graph
         return graph
+
+    def drop_graphs(self) -> None:
+        """Drop every recorded graph: each is recorded again on its next use. The runner
+        does so itself when what it sees of their inputs changes (`_recorded_layout`);
+        this is for a setting it cannot see (the adapter kernel's tile sizes, say)."""
+        self.graphs.clear()
+        self.capture.reset()  # their pool goes with them: a failed shape may fit now
+        self._unrecorded.clear()
+        self._no_adapter_graphs = False
 
     def _recorded_layout(self) -> tuple[int, tuple[object, ...]]:
         """What recorded graphs bake in beyond their shape: the served modules' layout
