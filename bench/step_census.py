@@ -15,8 +15,8 @@ recorded graph once and counts, per decoder layer and outside the layers:
 
 An operator counts as the one kernel it is on CUDA (`mm`: one cuBLAS GEMM, `addmm`: one
 GEMM adding its input in the epilogue); a composite one (`linear`, `reshape`) as what it
-decomposes into. What a kernel costs is the GPU's question;
-this is the count, and the count is what the fused kernels exist to cut.
+decomposes into. What a kernel costs is the GPU's question; this is the count, which the
+fused kernels and the sibling GEMMs exist to cut.
 
     python -m bench.step_census [--batch 32] [--out bench/results/step_census.json]
 
@@ -24,7 +24,8 @@ builds a decoder with SmolLM2-135M's widths (two layers, random weights: per-lay
 do not depend on the depth) and `K = batch` random rank-8 FLoRA adapters on every
 projection, records its decode graphs with the engine's fused kernels and the Triton
 adapter kernels, and counts one base replay and one replay with every row on its own
-adapter. `steps` extrapolates to the 30-layer model (outside + 30 x a layer).
+adapter. `steps_kernels_30_layers` extrapolates to the 30-layer model (outside + 30 x a
+layer).
 """
 
 from __future__ import annotations
