@@ -31,8 +31,9 @@ Requests ignore EOS so every stream runs its full length. Keys:
   size (base rows, and with the adapters of ``k``), timed alone; ``step_ms`` the engine's step
   at those settings (from the tok/s) and ``host_share`` 1 - replay / step, the part of a
   step spent outside the GPU (in a dry run the "replay" re-runs the recorded Python).
-- ``replay_kernels`` (CUDA): that replay's kernels from torch.profiler: how many, their
-  GPU time, the longest by name; ``fused_kernels``: whether the engine ran the fused
+- ``replay_kernels`` (CUDA): that replay's kernels from torch.profiler: how many (against
+  ``bench/step_census.py``'s count), their GPU time, each name's time and launches;
+  ``fused_kernels``: whether the engine ran the fused
   decode attention and RMSNorm (``flora_server.engine.paged.fused``).
 - ``steps_ahead``: decode steps launched before the previous step's tokens reached the
   host, and how many of them the engine adopted (``flora_server.engine.paged.ahead``: the
