@@ -115,3 +115,21 @@ def test_a_race_over_the_adapter_kernels_block_records_each_setting_and_restores
     default, other = (256, 128), (512, 64)
     assert [k for k, _ in itertools.groupby(recorded)] == [default, other] * 2 + [default]
     assert {name: len(t) for name, t in times.items()} == {"k": 1, "k512": 1}
+
+
+@pytest.mark.timeout(300)
+def test_the_decode_numbers_are_saved_as_soon_as_the_race_ends() -> None:
+    """A stage that runs out of the device session's time (the TTFT checks, py-spy, the
+    graph check) must not take the decode race's numbers with it: `run` saves them first."""
+    import copy
+    import dataclasses
+
+    from bench import gpu_engine
+    from bench.gpu_engine_setup import DRY
+
+    saved: list[dict] = []
+    sizes = dataclasses.replace(DRY, rounds=1)
+    final = gpu_engine.run(sizes, True, lambda result: saved.append(copy.deepcopy(result)))
+    early = [s for s in saved if "decode_ratio_k" in s and "ttft_cold_ms" not in s]
+    assert early and early[0]["goals"] == final["goals"]
+    assert early[0]["decode_tok_s_rounds"] == final["decode_tok_s_rounds"]
