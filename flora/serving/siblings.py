@@ -19,70 +19,107 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["Concatenated", "concatenated", "share_storage"]
+__all__ = ["Concatenated", "biases_of", "concatenated", "share_storage"]
 
 
 class Concatenated(NamedTuple):
     """``weight``: ``[sum of outs, in]``, the siblings' weights as consecutive row blocks
     (a view of their storage); ``columns``: each sibling's (first, end) column of
-    ``x @ weight^T``, in the order the weights were given."""
+    ``x @ weight^T``, in the order the weights were given; ``bias``: their biases laid out
+    the same way (a view), or ``None`` for bias-free siblings."""
 
     weight: torch.Tensor
     columns: list[tuple[int, int]]
+    bias: torch.Tensor | None = None
 
 
-def concatenated(weights: Sequence[torch.Tensor]) -> Concatenated | None:
+def concatenated(
+    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None = None
+) -> Concatenated | None:
     """The tensor ``weights`` (``[out_i, in]`` each, in any order) are consecutive row
     blocks of, or ``None`` where they are not: two or more contiguous matrices of one
-    width and dtype on one storage, each starting where another ends."""
-    if len(weights) < 2:
-        return None
-    first = weights[0]
-    if any(
-        w.dim() != 2
-        or not w.is_contiguous()
-        or w.shape[1] != first.shape[1]
-        or w.dtype != first.dtype
-        or w.device != first.device
-        or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-        for w in weights
-    ):
+    width and dtype on one storage, each starting where another ends; with ``biases``
+    (one per weight), those too, in the weights' order."""
+    if len(weights) < 2 or (biases is not None and len(biases) != len(weights)):
         return None
     order = sorted(range(len(weights)), key=lambda i: weights[i].storage_offset())
-    start = weights[order[0]].storage_offset()
+    found = _blocks(list(weights), order)
+    if found is None:
+        return None
+    weight, columns = found
+    if biases is None:
+        return Concatenated(weight, columns)
+    if any(b.dim() != 1 or b.shape[0] != w.shape[0] for b, w in zip(biases, weights, strict=True)):
+        return None
+    joint = _blocks([b.view(-1, 1) for b in biases], order)
+    if joint is None or joint[1] != columns:
+        return None
+    return Concatenated(weight, columns, joint[0].view(-1))
+
+
+def _blocks(
+    parts: Sequence[torch.Tensor], order: list[int]
+) -> tuple[torch.Tensor, list[tuple[int, int]]] | None:
+    """``parts`` (``[rows_i, width]``, contiguous, one width and dtype on one storage) as
+    consecutive row blocks of one tensor in ``order``: that tensor (a view) and each
+    part's (first, end) row, or ``None``."""
+    first = parts[0]
+    if any(
+        p.dim() != 2
+        or not p.is_contiguous()
+        or p.shape[1] != first.shape[1]
+        or p.dtype != first.dtype
+        or p.device != first.device
+        or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+        for p in parts
+    ):
+        return None
+    start = parts[order[0]].storage_offset()
     width, rows = first.shape[1], 0
-    columns: list[tuple[int, int]] = [(0, 0)] * len(weights)
+    spans: list[tuple[int, int]] = [(0, 0)] * len(parts)
     for i in order:
-        if weights[i].storage_offset() != start + rows * width:
+        if parts[i].storage_offset() != start + rows * width:
             return None
-        columns[i] = (rows, rows + weights[i].shape[0])
-        rows += weights[i].shape[0]
-    weight = weights[order[0]].detach().as_strided((rows, width), (width, 1), start)
-    return Concatenated(weight, columns)
+        spans[i] = (rows, rows + parts[i].shape[0])
+        rows += parts[i].shape[0]
+    return parts[order[0]].detach().as_strided((rows, width), (width, 1), start), spans
+
+
+def biases_of(linears: Sequence[nn.Linear]) -> list[torch.Tensor] | None:
+    """The biases of ``linears`` where every one has one (``None`` where none has)."""
+    biases = [lin.bias for lin in linears]
+    present: list[torch.Tensor] = [b for b in biases if isinstance(b, torch.Tensor)]
+    return present if len(present) == len(biases) else None
 
 
 def share_storage(linears: Sequence[nn.Linear]) -> Concatenated | None:
-    """Make the weights of ``linears`` consecutive row blocks of one new tensor (in this
-    order; their values unchanged), so ``concatenated`` finds them; returns it. ``None``
-    (nothing changed) unless they are two or more bias-free linear layers of one input
-    width, dtype and device. Weights that already are one tensor stay where they are."""
+    """Make the weights of ``linears`` (and their biases) consecutive row blocks of one
+    new tensor each (in this order; their values unchanged), so ``concatenated`` finds
+    them; returns it. ``None`` (nothing changed) unless they are two or more linear
+    layers of one input width, dtype and device, all with a bias or none. Weights that
+    already are one tensor stay where they are."""
     weights = [lin.weight for lin in linears]
-    if len(linears) < 2 or any(lin.bias is not None for lin in linears):
+    biases = biases_of(linears)
+    if len(linears) < 2 or (biases is None and any(lin.bias is not None for lin in linears)):
         return None
     if any(w.dim() != 2 or w.shape[1] != weights[0].shape[1] for w in weights):
         return None
-    if len({(w.dtype, w.device) for w in weights}) != 1:
+    tensors = weights + (biases or [])
+    if len({(t.dtype, t.device) for t in tensors}) != 1:
         return None
-    found = concatenated(weights)
+    found = concatenated(weights, biases)
     if found is not None:
         return found
     # Not an inference tensor, whatever the caller's mode: merging an adapter writes into
     # these weights in place, outside inference mode.
     with torch.inference_mode(False), torch.no_grad():
-        shared = torch.cat([w.detach() for w in weights])
-        first = 0
-        for lin in linears:
-            rows = lin.weight.shape[0]
-            lin.weight.data = shared[first : first + rows]
-            first += rows
-    return concatenated(weights)
+        for name, parts in (("weight", weights), ("bias", biases or [])):
+            if not parts:
+                continue
+            shared = torch.cat([p.detach() for p in parts])
+            first = 0
+            for lin in linears:
+                rows = lin.weight.shape[0]
+                getattr(lin, name).data = shared[first : first + rows]
+                first += rows
+    return concatenated(weights, biases)

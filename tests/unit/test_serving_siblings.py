@@ -43,11 +43,35 @@ def test_shared_weights_keep_their_values_and_one_gemm_gives_each_output() -> No
     assert again is not None and again.weight.data_ptr() == joint.weight.data_ptr()
 
 
+def test_biases_are_shared_with_their_weights() -> None:
+    """Qwen2's q/k/v carry biases: they become one tensor too, in the weights' order, and
+    one GEMM with the shared bias gives each module's output."""
+    linears = qkv(bias=True)
+    x = torch.randn(5, 16)
+    want = [lin(x) for lin in linears]
+    joint = share_storage(linears)
+    assert joint is not None and joint.bias is not None and joint.bias.shape == (32,)
+    out = F.linear(x, joint.weight, joint.bias)
+    for (first, end), w in zip(joint.columns, want, strict=True):
+        torch.testing.assert_close(out[:, first:end], w)
+    with torch.no_grad():
+        linears[2].bias.add_(1.0)  # a view too
+    assert torch.equal(joint.bias[24:], linears[2].bias)
+    order = [linears[2], linears[0], linears[1]]
+    found = concatenated([lin.weight for lin in order], [lin.bias for lin in order])
+    assert found is not None and found.columns == [(24, 32), (0, 16), (16, 24)]
+    # biases out of the weights' order, or re-bound, are not the weights' blocks
+    swapped = [linears[1].bias, linears[0].bias, linears[2].bias]
+    assert concatenated([lin.weight for lin in linears], swapped) is None
+    linears[0].bias.data = linears[0].bias.data.clone()
+    assert concatenated([lin.weight for lin in linears], [lin.bias for lin in linears]) is None
+
+
 def test_what_is_not_one_tensor_is_left_as_it_is() -> None:
-    with_bias = qkv(bias=True)
-    ptrs = [lin.weight.data_ptr() for lin in with_bias]
-    assert share_storage(with_bias) is None
-    assert [lin.weight.data_ptr() for lin in with_bias] == ptrs
+    mixed = [*qkv(bias=True)[:2], qkv()[2]]  # a bias on some only
+    ptrs = [lin.weight.data_ptr() for lin in mixed]
+    assert share_storage(mixed) is None
+    assert [lin.weight.data_ptr() for lin in mixed] == ptrs
     assert share_storage([nn.Linear(16, 4, bias=False), nn.Linear(8, 4, bias=False)]) is None
     assert share_storage([nn.Linear(16, 4, bias=False)]) is None
     assert share_storage(qkv()[:1]) is None

@@ -352,16 +352,23 @@ def steps(runner, route, n_decode: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 def test_recorded_decode_with_fused_kernels_matches_the_torch_graphs(kernels, kind, split) -> None:
     """Prefill chunks and a mixed step, then decode steps past the sliding window
-    (Mistral, W=8), all replayed: the same logits with the kernels in the graphs as with
-    SDPA and transformers' norms and MLPs there, and the kernels run in recordings only;
-    `split`: each row's keys split across programs (flash decoding) wherever they span
-    more than one tile of positions."""
+    (Mistral, W=8; Qwen2 past its first layer, with q/k/v biases), all replayed: the same
+    logits with the kernels and one GEMM per sibling set in the graphs as with SDPA,
+    transformers' norms and MLPs and a GEMM per projection there, and the kernels run in
+    recordings only; `split`: each row's keys split across programs (flash decoding)
+    wherever they span more than one tile of positions."""
     if split:
         kernels.programs_wanted, kernels.min_split = 10_000, 16
-    model = (make_tiny_llama() if kind == "llama" else tiny("mistral")).to(DEVICE)
+    model = make_tiny_llama() if kind == "llama" else tiny(kind)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # Qwen2's q/k/v biases start at zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                param.copy_(torch.randn(param.shape, generator=gen))
+    model = model.to(DEVICE)
     torch_runner, torch_route = graphed_runner(copy.deepcopy(model), None)
     counted = Counted(kernels)
     fused_runner, fused_route = graphed_runner(model, counted)  # type: ignore[arg-type]

@@ -39,7 +39,7 @@ from flora.serving.backends.triton_gpu import (
     silu_mul_with_delta,
 )
 from flora.serving.base import ServedModule, ServingPolicy
-from flora.serving.siblings import Concatenated, concatenated, share_storage
+from flora.serving.siblings import Concatenated, biases_of, concatenated, share_storage
 from flora_server.engine.paged.fused import FusedKernels
 
 __all__ = [
@@ -152,7 +152,7 @@ class _GraphSiblings:
             joint = self._joint()
             if joint is None:
                 return own(x)
-            out = self.shared.take(x, member, lambda: F.linear(x, joint.weight))
+            out = self.shared.take(x, member, lambda: F.linear(x, joint.weight, joint.bias))
             first, end = joint.columns[member]
             return out[..., first:end]
 
@@ -166,16 +166,20 @@ class _GraphSiblings:
             module = getattr(self.parent, name, None)
             if getattr(module, "base_layer", module) is not linear or _plan(module) is not None:
                 return None  # re-wrapped elsewhere, or its own plan computes it
-        return concatenated([linear.weight for linear in self.linears])
+        biases = biases_of(self.linears)
+        if biases is None and any(linear.bias is not None for linear in self.linears):
+            return None  # some with a bias, some without
+        return concatenated([linear.weight for linear in self.linears], biases)
 
 
 def install_sibling_gemms(model: torch.nn.Module, kernels: FusedKernels) -> int:
     """Give the sibling projections of every module of ``model`` (the children that
-    ``ServingPolicy.shared_inputs`` names, two or more bias-free linear layers of one
-    input width: a llama attention's q/k/v, its MLP's gate/up) one weight tensor
-    (``share_storage``; each keeps its weight as a view of it), and serve their base
-    rows with one GEMM inside ``kernels.recording()`` (``_GraphSiblings``); returns how
-    many sibling sets. Call before any graph is recorded (the weights move). Idempotent."""
+    ``ServingPolicy.shared_inputs`` names, two or more linear layers of one input width,
+    all with a bias or none: a llama attention's q/k/v, Qwen2's with their biases, an
+    MLP's gate/up) one weight tensor and one bias tensor (``share_storage``; each keeps
+    its own as views of them), and serve their base rows with one GEMM inside
+    ``kernels.recording()`` (``_GraphSiblings``); returns how many sibling sets. Call
+    before any graph is recorded (the weights move). Idempotent."""
     served = 0
     for parent in model.modules():
         for group in ServingPolicy().shared_inputs:
