@@ -86,7 +86,8 @@ def _blocks(
 
 
 def biases_of(linears: Sequence[nn.Linear]) -> list[torch.Tensor] | None:
-    """The biases of ``linears`` where every one has one (``None`` where none has)."""
+    """The biases of ``linears`` where every one has one, else ``None`` (none has one, or
+    only some have)."""
     biases = [lin.bias for lin in linears]
     present: list[torch.Tensor] = [b for b in biases if isinstance(b, torch.Tensor)]
     return present if len(present) == len(biases) else None
