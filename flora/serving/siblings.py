@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["Concatenated", "biases_of", "concatenated", "share_storage"]
+__all__ = ["Concatenated", "concatenated", "joint_of", "share_storage"]
 
 
 class Concatenated(NamedTuple):
@@ -85,12 +85,12 @@ def _blocks(
     return parts[order[0]].detach().as_strided((rows, width), (width, 1), start), spans
 
 
-def biases_of(linears: Sequence[nn.Linear]) -> list[torch.Tensor] | None:
-    """The biases of ``linears`` where every one has one, else ``None`` (none has one, or
-    only some have)."""
-    biases = [lin.bias for lin in linears]
-    present: list[torch.Tensor] = [b for b in biases if isinstance(b, torch.Tensor)]
-    return present if len(present) == len(biases) else None
+def joint_of(linears: Sequence[nn.Linear]) -> Concatenated | None:
+    """The weights of ``linears`` as one tensor, and their biases as another
+    (``concatenated``), or ``None``: also where some have a bias and some not."""
+    biases: list[torch.Tensor] = [lin.bias for lin in linears if lin.bias is not None]
+    # some with a bias: fewer biases than weights, which `concatenated` refuses
+    return concatenated([lin.weight for lin in linears], biases or None)
 
 
 def share_storage(linears: Sequence[nn.Linear]) -> Concatenated | None:
@@ -100,21 +100,20 @@ def share_storage(linears: Sequence[nn.Linear]) -> Concatenated | None:
     layers of one input width, dtype and device, all with a bias or none. Weights that
     already are one tensor stay where they are."""
     weights = [lin.weight for lin in linears]
-    biases = biases_of(linears)
-    if len(linears) < 2 or (biases is None and any(lin.bias is not None for lin in linears)):
+    biases: list[torch.Tensor] = [lin.bias for lin in linears if lin.bias is not None]
+    if len(linears) < 2 or len(biases) not in (0, len(linears)):
         return None
     if any(w.dim() != 2 or w.shape[1] != weights[0].shape[1] for w in weights):
         return None
-    tensors = weights + (biases or [])
-    if len({(t.dtype, t.device) for t in tensors}) != 1:
+    if len({(t.dtype, t.device) for t in weights + biases}) != 1:
         return None
-    found = concatenated(weights, biases)
+    found = joint_of(linears)
     if found is not None:
         return found
     # Not an inference tensor, whatever the caller's mode: merging an adapter writes into
     # these weights in place, outside inference mode.
     with torch.inference_mode(False), torch.no_grad():
-        for name, parts in (("weight", weights), ("bias", biases or [])):
+        for name, parts in (("weight", weights), ("bias", biases)):
             if not parts:
                 continue
             shared = torch.cat([p.detach() for p in parts])
@@ -123,4 +122,4 @@ def share_storage(linears: Sequence[nn.Linear]) -> Concatenated | None:
                 rows = lin.weight.shape[0]
                 getattr(lin, name).data = shared[first : first + rows]
                 first += rows
-    return concatenated(weights, biases)
+    return joint_of(linears)

@@ -9,7 +9,7 @@ from torch import nn
 
 from flora import FloraConfig
 from flora.serving import ServingModel, ServingPolicy
-from flora.serving.siblings import concatenated, share_storage
+from flora.serving.siblings import concatenated, joint_of, share_storage
 from tests.unit.test_serving_llama import make_adapter
 
 
@@ -72,6 +72,10 @@ def test_what_is_not_one_tensor_is_left_as_it_is() -> None:
     ptrs = [lin.weight.data_ptr() for lin in mixed]
     assert share_storage(mixed) is None
     assert [lin.weight.data_ptr() for lin in mixed] == ptrs
+    biased = qkv(bias=True)
+    assert share_storage(biased) is not None and joint_of(biased) is not None
+    biased[1].bias = None  # one sibling loses its bias: the shared GEMM would add a wrong one
+    assert joint_of(biased) is None
     assert share_storage([nn.Linear(16, 4, bias=False), nn.Linear(8, 4, bias=False)]) is None
     assert share_storage([nn.Linear(16, 4, bias=False)]) is None
     assert share_storage(qkv()[:1]) is None

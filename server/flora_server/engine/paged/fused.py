@@ -55,7 +55,9 @@ import torch.nn.functional as F
 
 from flora.serving.backends.triton_gpu import (
     ODelta,
+    block_rank,
     member_arg,
+    reference,
     reference_rms_norm,
     reference_silu_mul,
     self_tested,
@@ -379,8 +381,6 @@ def self_test_o_delta(kernels: FusedKernels, device: torch.device, dtype: torch.
     row and a slot of rank 0 (zeros), two launches (the done-counts left at zero for the
     next); the output as without the delta, the delta against ``reference`` of it. Raises
     ``AssertionError`` on a mismatch."""
-    from flora.serving.backends.triton_gpu import ODelta, block_rank, member_arg, reference
-
     gen = torch.Generator().manual_seed(1)
 
     def rand(*shape: int) -> torch.Tensor:

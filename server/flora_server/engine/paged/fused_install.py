@@ -39,7 +39,7 @@ from flora.serving.backends.triton_gpu import (
     silu_mul_with_delta,
 )
 from flora.serving.base import ServedModule, ServingPolicy
-from flora.serving.siblings import Concatenated, biases_of, concatenated, share_storage
+from flora.serving.siblings import Concatenated, joint_of, share_storage
 from flora_server.engine.paged.fused import FusedKernels
 
 __all__ = [
@@ -88,6 +88,11 @@ def _plan(module: object) -> Any:
     return module.plan if isinstance(module, ServedModule) else None
 
 
+def _base_of(module: object) -> object:
+    """The layer a served module wraps (a module not served: itself)."""
+    return module.base_layer if isinstance(module, ServedModule) else module
+
+
 # The projection that reads a llama-style attention module's output: a hint, as
 # `NORM_FEEDS` is (the projection takes the delta only when called on that very output).
 ATTENTION_OUTPUT_FEEDS = "o_proj"
@@ -97,10 +102,10 @@ def o_delta_for(
     kernels: FusedKernels, attention: torch.nn.Module, out: torch.Tensor
 ) -> ODelta | None:
     """Where the adapter deltas inside the kernels are on (``kernels.prologues``, and
-    ``o_deltas`` after the device's self-test): the
-    arguments with which the decode attention writing ``out`` ([T, H, D], contiguous)
-    also writes the delta of ``attention``'s output projection, whose call on ``out``
-    flattened then takes it (``attention_o_delta``); ``None`` otherwise."""
+    ``o_deltas`` after the device's self-test): the arguments with which the decode
+    attention writing ``out`` ([T, H, D], contiguous) also writes the delta of
+    ``attention``'s output projection, whose call on ``out`` flattened then takes it
+    (``attention_o_delta``); ``None`` otherwise."""
     if not (kernels.prologues and kernels.o_deltas):
         return None
     plan = _plan(getattr(attention, ATTENTION_OUTPUT_FEEDS, None))
@@ -164,12 +169,9 @@ class _GraphSiblings:
             return None
         for name, linear in zip(self.names, self.linears, strict=True):
             module = getattr(self.parent, name, None)
-            if getattr(module, "base_layer", module) is not linear or _plan(module) is not None:
+            if _base_of(module) is not linear or _plan(module) is not None:
                 return None  # re-wrapped elsewhere, or its own plan computes it
-        biases = biases_of(self.linears)
-        if biases is None and any(linear.bias is not None for linear in self.linears):
-            return None  # some with a bias, some without
-        return concatenated([linear.weight for linear in self.linears], biases)
+        return joint_of(self.linears)
 
 
 def install_sibling_gemms(model: torch.nn.Module, kernels: FusedKernels) -> int:
@@ -180,14 +182,16 @@ def install_sibling_gemms(model: torch.nn.Module, kernels: FusedKernels) -> int:
     its own as views of them), and serve their base rows with one GEMM inside
     ``kernels.recording()`` (``_GraphSiblings``); returns how many sibling sets. Call
     before any graph is recorded (the weights move). Idempotent."""
-    served = 0
+    served, groups = 0, ServingPolicy().shared_inputs
     for parent in model.modules():
-        for group in ServingPolicy().shared_inputs:
+        for group in groups:
             names = [n for n in group if isinstance(getattr(parent, n, None), torch.nn.Module)]
-            bases = [getattr(getattr(parent, n), "base_layer", getattr(parent, n)) for n in names]
-            linears = [m for m in bases if type(m) is torch.nn.Linear]
+            bases = [_base_of(getattr(parent, n)) for n in names]
+            linears = [m for m in bases if isinstance(m, torch.nn.Linear)]
             if len(linears) < 2 or len(linears) != len(names):
                 continue
+            if any(type(m) is not torch.nn.Linear for m in linears):
+                continue  # a subclass (quantised, say) computes something else
             if any("forward" in vars(linear) for linear in linears):
                 continue  # served already
             if share_storage(linears) is None:
