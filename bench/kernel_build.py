@@ -169,7 +169,12 @@ def launch_cases(
     per row for the tile kernels; attention with o's delta. Tensors are made when a case
     runs, on the CPU."""
     from flora.serving.backends.triton_gpu import ODelta
-    from flora.serving.backends.triton_kernel import block_rank, load_row_kernel, member_arg
+    from flora.serving.backends.triton_kernel import (
+        Member,
+        block_rank,
+        load_row_kernel,
+        member_arg,
+    )
     from flora_server.engine.paged.fused import FusedKernels
 
     kernel = load_row_kernel()
@@ -186,25 +191,26 @@ def launch_cases(
     x, weight, gate = new(batch, hidden), new(hidden), new(batch, inter)
     ranks = torch.full((slots_n,), rank, dtype=torch.int32)
 
-    def member(n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
+    def member(n_in: int, n_out: int, biased: bool = False) -> Member:
         # a DeviceSlotBank's layout: A [S, in, R], B [S, R, out]
-        return new(batch, n_out), ranks, new(slots_n, n_in, block_r), new(slots_n, block_r, n_out)
+        a, b = new(slots_n, n_in, block_r), new(slots_n, block_r, n_out)
+        return Member(new(batch, n_out), ranks, a, b, new(n_out) if biased else None)
 
-    def qkv() -> list[tuple[torch.Tensor, ...]]:
-        return [member(hidden, q_out), member(hidden, kv_out), member(hidden, kv_out)]
+    def qkv(biased: bool = False) -> list[Member]:
+        return [member(hidden, out, biased) for out in (q_out, kv_out, kv_out)]
 
-    def gate_up() -> list[tuple[torch.Tensor, ...]]:
+    def gate_up() -> list[Member]:
         return [member(hidden, inter), member(hidden, inter)]
 
-    def norm_group(members: list[tuple[torch.Tensor, ...]]) -> None:
+    def norm_group(members: list[Member]) -> None:
         kernel.norm_decode_group(x, weight, 1e-5, new(batch, hidden), slots, members, block_r)
 
     def row(n_in: int, n_out: int, rows: int) -> None:
-        _, _, a, b = member(n_in, n_out)
+        _, _, a, b, _ = member(n_in, n_out)
         kernel(new(rows, n_out), new(rows, n_in), slots, ranks, a, b, block_r)
 
     def segments() -> None:
-        _, _, a, b = member(hidden, q_out)
+        _, _, a, b, _ = member(hidden, q_out)
         tiles = torch.tensor([[0, 16], [16, 64], [0, 1]], dtype=torch.int32)
         kernel.segments(new(tokens, q_out), new(tokens, hidden), tiles, ranks, a, b, block_r)
 
@@ -243,6 +249,7 @@ def launch_cases(
         ("row_decode_group q/k/v", lambda: kernel.decode_group(x, slots, qkv(), block_r)),
         ("row_decode_group gate/up", lambda: kernel.decode_group(x, slots, gate_up(), block_r)),
         ("norm_decode_group q/k/v", lambda: norm_group(qkv())),
+        ("norm_decode_group q/k/v, biased", lambda: norm_group(qkv(biased=True))),
         ("norm_decode_group gate/up", lambda: norm_group(gate_up())),
         ("act_decode down", act_down),
         ("paged_decode, 256 keys a row", lambda: attention(1, 256)),

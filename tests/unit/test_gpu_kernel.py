@@ -185,7 +185,8 @@ def test_a_mixed_llama_batch_through_the_kernel_matches_each_row_alone(kernel, m
 def test_decode_group_writes_each_members_delta(kernel, outs) -> None:  # type: ignore[no-untyped-def]
     """One launch for 2 or 3 siblings: each member's buffer gets its own delta (its own
     bank, ranks and width; NaN beyond a slot's rank would show), 0 for a base row and for
-    a slot that does not target the member, and every entry is written."""
+    a slot that does not target the member, plus the member's bias where it has one, and
+    every entry is written."""
     gen = torch.Generator().manual_seed(len(outs))
     slots = [0, -1, 2, 1, 2, 3]
     member_ranks = [[4, 0, 19, 1], [3, 5, 0, 8], [8, 2, 6, 0]]
@@ -196,11 +197,14 @@ def test_decode_group_writes_each_members_delta(kernel, outs) -> None:  # type: 
         ranks = member_ranks[m]
         a, b = (t.to(DEVICE) for t in bank(gen, 40, n_out, ranks, rank_major=m == 1))
         d = torch.full((len(slots), n_out), float("nan"), device=DEVICE)
-        members.append((d, as_int(ranks), a, b))
+        bias = torch.randn(n_out, generator=gen).to(DEVICE) if m == 1 else None
+        members.append(gk.Member(d, as_int(ranks), a, b, bias))
         want.append(gk.reference(x, slots, ranks, a, b))
+        if bias is not None:  # written with the delta: on a base row, the bias alone
+            want[-1] += bias.double()
     kernel.decode_group(x, as_int(slots), members, gk.block_rank(19))
-    for (d, *_), w in zip(members, want, strict=True):
-        torch.testing.assert_close(d.double(), w, rtol=1e-5, atol=1e-4)
+    for member, w in zip(members, want, strict=True):
+        torch.testing.assert_close(member.d.double(), w, rtol=1e-5, atol=1e-4)
         assert bool((w != 0).any())
 
 

@@ -34,39 +34,47 @@ def nans(*shape: int) -> torch.Tensor:
 @pytest.mark.parametrize("outs", [(24, 200), (70, 8, 136)])  # 2 and 3 members, 1-2 tiles
 def test_norm_decode_group_writes_the_norm_and_each_members_delta(kernel, outs) -> None:  # type: ignore[no-untyped-def]
     """Every row normalised (base rows too) and each member's delta computed from the
-    normalised row, 0 for a base row and for a slot the member does not hold."""
+    normalised row, 0 for a base row and for a slot the member does not hold, plus the
+    member's bias where it has one (member 1)."""
     gen = torch.Generator().manual_seed(len(outs))
     x = (torch.randn(len(SLOTS), 300, generator=gen) * 3).to(DEVICE)  # two input steps
     w = torch.randn(300, generator=gen).to(DEVICE)
-    members, banks = [], []
+    members = []
     for m, n_out in enumerate(outs):
         a, b = (t.to(DEVICE) for t in bank(gen, 300, n_out, MEMBER_RANKS[m], rank_major=m == 1))
-        members.append((nans(len(SLOTS), n_out), as_int(MEMBER_RANKS[m]), a, b))
-        banks.append((a, b))
+        bias = torch.randn(n_out, generator=gen).to(DEVICE) if m == 1 else None
+        members.append(gk.Member(nans(len(SLOTS), n_out), as_int(MEMBER_RANKS[m]), a, b, bias))
     y = nans(len(SLOTS), 300)
     kernel.norm_decode_group(x, w, 1e-6, y, as_int(SLOTS), members, gk.block_rank(19))
     xd = x.double()
     want_y = w.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
-    for m, ((d, *_), (a, b)) in enumerate(zip(members, banks, strict=True)):
+    for m, (d, _, a, b, bias) in enumerate(members):
         want = gk.reference(want_y, SLOTS, MEMBER_RANKS[m], a, b)
+        assert bool((want != 0).any()) and not want[1].any()  # row 1 is a base row
+        if bias is not None:
+            want += bias.double()
         torch.testing.assert_close(d.double(), want, rtol=1e-4, atol=1e-4)
-        assert bool((want != 0).any()) and not d[1].any()  # row 1 is a base row
 
 
-def test_act_decode_writes_the_product_and_its_delta(kernel) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("biased", [False, True])
+def test_act_decode_writes_the_product_and_its_delta(kernel, biased) -> None:  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(3)
     ranks = MEMBER_RANKS[0]
     gate, up = ((torch.randn(len(SLOTS), 300, generator=gen) * 4).to(DEVICE) for _ in range(2))
     a, b = (t.to(DEVICE) for t in bank(gen, 300, 136, ranks, rank_major=False))
+    bias = torch.randn(136, generator=gen).to(DEVICE) if biased else None
     act, d = nans(len(SLOTS), 300), nans(len(SLOTS), 136)
-    kernel.act_decode(gate, up, act, as_int(SLOTS), (d, as_int(ranks), a, b), gk.block_rank(19))
+    member = gk.Member(d, as_int(ranks), a, b, bias)
+    kernel.act_decode(gate, up, act, as_int(SLOTS), member, gk.block_rank(19))
     gd = gate.double()
     want_act = gd * torch.sigmoid(gd) * up.double()
     torch.testing.assert_close(act.double(), want_act, rtol=1e-5, atol=1e-5)
     want = gk.reference(want_act, SLOTS, ranks, a, b)
+    assert bool((want != 0).any()) and not want[1].any()  # row 1 is a base row
+    if bias is not None:
+        want += bias.double()
     torch.testing.assert_close(d.double(), want, rtol=1e-4, atol=1e-4)
-    assert bool((want != 0).any()) and not d[1].any()
 
 
 class Launches:

@@ -41,6 +41,7 @@ from flora.serving.backends._row_kernel_triton import (
     _input_delta,
     _shrink,
     rms_rstd,
+    store_delta,
 )
 
 
@@ -50,11 +51,12 @@ def _prologue_member(  # pragma: no cover (compiled)
     PROLOGUE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Member ``m``'s tile ``o`` of row ``n`` (``_input_delta``): ``d[n, o]`` written (0
-    for a row without a slot or a slot the member does not hold), and ``stored`` columns of
-    ``p[n]``. ``m`` as ``row_decode_group``'s members: (bank A, bank B, ranks, d, n_out,
-    A's strides, B's strides, d's row stride)."""
+    for a row without a slot or a slot the member does not hold; plus the member's bias
+    where it has one), and ``stored`` columns of ``p[n]``. ``m`` as ``row_decode_group``'s
+    members: (bank A, bank B, ranks, d, n_out, A's strides, B's strides, d's row stride,
+    bias or None)."""
     a, b, ranks, d, n_out, stride_as, stride_ak, stride_ar, stride_bs, stride_br, stride_bo, \
-        stride_dn = m  # fmt: skip
+        stride_dn, bias = m  # fmt: skip
     rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
     live_o = o < n_out
     delta = _input_delta(
@@ -62,7 +64,7 @@ def _prologue_member(  # pragma: no cover (compiled)
         n_in, stride_xn, stride_un, stride_pn, stride_as, stride_ak, stride_ar, stride_bs,
         stride_br, stride_bo, PROLOGUE, BLOCK_R, BLOCK_K,
     )  # fmt: skip
-    tl.store(d + n * stride_dn + o, delta.to(d.dtype.element_ty), mask=live_o)
+    store_delta(d + n * stride_dn, o, live_o, delta, bias)
 
 
 @triton.jit
@@ -160,14 +162,15 @@ def o_epilogue(  # pragma: no cover (compiled)
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """``d[row] = (attention output row @ A_s) @ B_s`` (0 for a row without a slot) from
-    the attention program ``(b, h)``: its heads' part of the shrink to ``part[b, h]``, then
-    one count; the program that counts last (the stores of the others are ordered before
-    their counts by the atomic's acquire-release) sums the parts in order of ``h`` and
-    expands them. Input column ``(h * group + g) * HEAD_DIM + j`` of the projection is
-    ``o[g, j]``, as transformers flattens the heads."""
+    """``d[row] = (attention output row @ A_s) @ B_s`` (0 for a row without a slot; plus
+    the projection's bias where it has one) from the attention program ``(b, h)``: its
+    heads' part of the shrink to ``part[b, h]``, then one count; the program that counts
+    last (the stores of the others are ordered before their counts by the atomic's
+    acquire-release) sums the parts in order of ``h`` and expands them. Input column
+    ``(h * group + g) * HEAD_DIM + j`` of the projection is ``o[g, j]``, as transformers
+    flattens the heads."""
     a, bb, ranks, d, n_out, stride_as, stride_ak, stride_ar, stride_bs, stride_br, stride_bo, \
-        stride_dn = m  # fmt: skip
+        stride_dn, bias = m  # fmt: skip
     slot = tl.load(slots + row)
     rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
     s = tl.maximum(slot, 0).to(tl.int64)
@@ -196,5 +199,4 @@ def o_epilogue(  # pragma: no cover (compiled)
             oc = o0 + tl.arange(0, BLOCK_N)
             live_o = oc < n_out
             fb = _expand_factors(bb, s, oc, r, live_r, live_o, stride_bs, stride_br, stride_bo)
-            delta = _expand(total, fb)
-            tl.store(d + row * stride_dn + oc, delta.to(d.dtype.element_ty), mask=live_o)
+            store_delta(d + row * stride_dn, oc, live_o, _expand(total, fb), bias)

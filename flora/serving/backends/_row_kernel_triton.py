@@ -285,9 +285,20 @@ def row_decode(  # pragma: no cover (compiled)
 
 
 @triton.jit
+def store_delta(d_row, o, live_o, delta, bias):  # pragma: no cover (compiled)
+    """``d_row[o] = delta`` (float32) rounded to ``d``'s dtype, plus the projection's
+    ``bias[o]`` where it has one (``None``: a constexpr, no load): the buffer is what the
+    projection's GEMM adds to ``x @ W^T`` (``addmm``), so a biased projection's bias goes
+    in with its delta, at no launch of its own."""
+    if bias is not None:
+        delta += tl.load(bias + o, mask=live_o, other=0.0).to(tl.float32)
+    tl.store(d_row + o, delta.to(d_row.dtype.element_ty), mask=live_o)
+
+
+@triton.jit
 def _decode_delta(  # pragma: no cover (compiled)
     x,
-    m,  # the member: (a, b, ranks, d, n_out, strides of a (3), of b (3), of d's rows)
+    m,  # the member: (a, b, ranks, d, n_out, strides of a (3), of b (3), of d's rows, bias)
     slots,
     row,
     o,
@@ -298,9 +309,9 @@ def _decode_delta(  # pragma: no cover (compiled)
     BLOCK_N: tl.constexpr,
 ):
     """``d[row, o] = (x[row] @ A_s) @ B_s[:, o]`` (``_row_delta``), written, not added:
-    0 for a row without a slot."""
+    0 for a row without a slot; plus the member's bias where it has one."""
     a, b, ranks, d, n_out, stride_as, stride_ak, stride_ar, stride_bs, stride_br, stride_bo, \
-        stride_dn = m  # fmt: skip
+        stride_dn, bias = m  # fmt: skip
     slot = tl.load(slots + row)
     rank = tl.where(slot >= 0, tl.load(ranks + tl.maximum(slot, 0)), 0)
     n = row.to(tl.int64)
@@ -311,7 +322,7 @@ def _decode_delta(  # pragma: no cover (compiled)
             x, a, b, slot.to(tl.int64), rank, n, o, n_in, stride_xn, stride_as, stride_ak,
             stride_ar, stride_bs, stride_br, stride_bo, live_o, BLOCK_R, BLOCK_K,
         )  # fmt: skip
-    tl.store(d + n * stride_dn + o, delta.to(d.dtype.element_ty), mask=live_o)
+    store_delta(d + n * stride_dn, o, live_o, delta, bias)
 
 
 @triton.jit
@@ -319,7 +330,7 @@ def row_decode_group(  # pragma: no cover (compiled)
     x,  # [B, n_in], unit stride along n_in: one token per row, the members' shared input
     slots,  # [B] int32, -1 = no adapter
     m0,  # member 0: (bank A [S, n_in, R], bank B [S, R, n_out], ranks [S], d [B, n_out],
-    # n_out, A's 3 strides, B's 3 strides, d's row stride)
+    # n_out, A's 3 strides, B's 3 strides, d's row stride, bias [n_out] or None)
     m1,  # member 1, as member 0
     m2,  # member 2 (MEMBERS == 3; else member 1 again, never read)
     n_in,

@@ -40,6 +40,7 @@ from flora.serving.backends.triton_graph import (
 )
 from flora.serving.backends.triton_kernel import (
     KERNEL_MODULES,
+    Member,
     TritonRowKernel,
     block_rank,
     load_row_kernel,
@@ -57,6 +58,7 @@ from flora.serving.segments import Segments
 
 __all__ = [  # with the launchers, references and self-test of `triton_kernel`
     "KERNEL_MODULES",
+    "Member",
     "ODelta",
     "TritonBackend",
     "TritonRowKernel",

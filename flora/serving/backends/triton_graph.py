@@ -21,6 +21,7 @@ import torch
 
 from flora.serving.backends.base import PerInput, RowTarget
 from flora.serving.backends.triton_kernel import (
+    Member,
     TritonRowKernel,
     block_rank,
     member_arg,
@@ -91,21 +92,24 @@ class TritonGraphPlan:
     def fused_input(self, shape: Sequence[int], dtype: torch.dtype) -> bool:
         """Whether a launch that forms this projection's input (rows of ``shape`` and
         ``dtype``) can compute its delta too: the prologue kernels passed their self-test,
-        one row per routed row, the projection's input width and dtype, no bias (the
-        delta is all the call adds to one GEMM)."""
+        one row per routed row, the projection's input width and dtype."""
         weight = self.target.weight_t
         return (
             self.kernel.prologues is not None
             and tuple(shape) == (self.slots.shape[0], weight.shape[0])
             and dtype == weight.dtype
-            and self.target.base_bias is None
         )
+
+    def member(self, d: torch.Tensor) -> Member:
+        """This projection as a kernel writes its delta into ``d``: with its bias, so
+        that ``addmm(d, x, W^T)`` is its whole output."""
+        return Member(d, self.ranks, self.a, self.b, self.target.base_bias)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
         """``SiLU(gate) * up`` and, in the same launch, this plan's delta of it, which the
         call on the returned tensor takes (``kernel.act_decode``); ``None`` where that
-        does not apply (not one token per routed row, a bias, another dtype or width:
-        the caller forms the product itself)."""
+        does not apply (not one token per routed row, another dtype or width: the caller
+        forms the product itself)."""
         g2, u2 = token_rows(gate), token_rows(up)
         if (
             g2.shape != u2.shape
@@ -115,9 +119,7 @@ class TritonGraphPlan:
             return None
         act = torch.empty_like(g2)
         d = act.new_empty(act.shape[0], self.target.weight_t.shape[1])
-        self.kernel.act_decode(
-            g2, u2, act, self.slots, (d, self.ranks, self.a, self.b), self.block_r
-        )
+        self.kernel.act_decode(g2, u2, act, self.slots, self.member(d), self.block_r)
         out = act.view(gate.shape)
         self.seeded.seed(out, d)
         return out
@@ -135,7 +137,7 @@ class TritonGraphPlan:
             self.done = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
         d = x.new_empty(x.shape[0], self.target.weight_t.shape[1])
         self.seeded.seed(x, d)
-        proj = member_arg((d, self.ranks, self.a, self.b))
+        proj = member_arg(self.member(d))
         return ODelta(self.slots, proj, self.done, self.block_r)
 
 
@@ -152,8 +154,8 @@ class _Deltas:
 
 
 class _DecodeGroup:
-    """2 or 3 sibling ``TritonGraphPlan``s (same input, no bias) served by one launch per
-    decode step: the first member to run on an input writes every member's delta
+    """2 or 3 sibling ``TritonGraphPlan``s (same input) served by one launch per decode
+    step: the first member to run on an input writes every member's delta
     (``row_decode_group``), and the members' base GEMMs add them (``addmm``), so the group
     costs one kernel where the members cost one each. Where the members' weights are one
     tensor (``flora.serving.siblings.concatenated``: the engine makes them so), the deltas
@@ -180,7 +182,7 @@ class _DecodeGroup:
         per routed row, another width or dtype: the caller normalises ``x`` itself)."""
         x2, dtype = token_rows(x), torch.promote_types(weight.dtype, x.dtype)
         if weight.shape != x2.shape[1:] or not self.plans[0].fused_input(x2.shape, dtype):
-            return None  # the members share their input width, dtype, rows and no bias
+            return None  # the members share their input width, dtype and rows
         y = torch.empty(x2.shape, dtype=dtype, device=x.device)
         deltas, members = self._members(y)
         self.kernel.norm_decode_group(x2, weight, eps, y, self.slots, members, self.block_r)
@@ -207,18 +209,16 @@ class _DecodeGroup:
         first, end = self.columns[member]
         return deltas.out[:, first:end]
 
-    def _members(
-        self, x2: torch.Tensor
-    ) -> tuple[_Deltas, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    def _members(self, x2: torch.Tensor) -> tuple[_Deltas, list[Member]]:
         """Each member's delta buffer for the rows of ``x2`` (the members' input), and the
-        kernel's ``(delta, ranks, a, b)`` per member."""
+        kernel's ``Member`` (its bias included) per member."""
         if self.weight_t is None:
             cat = None
             outs = [x2.new_empty(x2.shape[0], p.target.weight.shape[0]) for p in self.plans]
         else:
             cat = x2.new_empty(x2.shape[0], self.weight_t.shape[1])
             outs = [cat[:, first:end] for first, end in self.columns]
-        members = [(d, p.ranks, p.a, p.b) for d, p in zip(outs, self.plans, strict=True)]
+        members = [p.member(d) for d, p in zip(outs, self.plans, strict=True)]
         return _Deltas(outs, cat), members
 
 
@@ -283,8 +283,8 @@ def attention_o_delta(plan: Plan | None, x: torch.Tensor) -> ODelta | None:
 
 
 def share_graph_plans(plans: Sequence[Plan | None]) -> list[Plan | None]:
-    """2 or 3 graph plans of bias-free siblings with one input width and dtype become
-    one ``_DecodeGroup`` (one launch a decode step instead of one per member), beside
+    """2 or 3 graph plans of siblings with one input width and dtype become one
+    ``_DecodeGroup`` (one launch a decode step instead of one per member), beside
     siblings without a plan (no loaded adapter targets them: they run their base
     layer); any other mix is left as it is."""
     live = [p for p in plans if isinstance(p, TritonGraphPlan)]
@@ -292,7 +292,7 @@ def share_graph_plans(plans: Sequence[Plan | None]) -> list[Plan | None]:
         return list(plans)
     targets = [p.target for p in live]
     same = {(t.weight.shape[1], t.weight.dtype, t.weight.device) for t in targets}
-    if len(same) != 1 or any(t.base_bias is not None for t in targets):
+    if len(same) != 1:
         return list(plans)
     group = _DecodeGroup(live)
     members = iter(_GroupMemberPlan(group, m, p) for m, p in enumerate(live))

@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,6 +24,7 @@ from flora.serving.segments import Segments, segment_delta
 
 __all__ = [
     "KERNEL_MODULES",
+    "Member",
     "TritonRowKernel",
     "block_rank",
     "load_row_kernel",
@@ -36,6 +37,20 @@ __all__ = [
     "self_test_prologues",
     "token_rows",
 ]
+
+
+class Member(NamedTuple):
+    """A projection whose decode delta a kernel writes: ``d[n] = (x[n] @ A[s]) @ B[s]``
+    (0 for a row without a slot, or a slot of rank 0 in ``ranks``), plus ``bias`` where
+    given. ``d: [B, out]`` with unit stride along ``out`` is what the projection's GEMM
+    then adds to ``x @ W^T`` (``addmm``), so a biased projection's bias rides in it;
+    ``bias: [out]``."""
+
+    d: torch.Tensor
+    ranks: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
 class TritonRowKernel:
@@ -111,13 +126,13 @@ class TritonRowKernel:
         self,
         x: torch.Tensor,
         slots: torch.Tensor,
-        members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+        members: Sequence[Member],
         block_r: int,
     ) -> None:
-        """The decode deltas of 2 or 3 sibling projections in one launch: for each member
-        ``(d, ranks, a, b)``, ``d[n] = (x[n] @ A[s]) @ B[s]`` with ``s = slots[n]`` (0 for
-        a row with slot -1 or a slot of rank 0 there). ``x: [B, in]`` one token per row,
-        ``d: [B, out]`` (each member its own ``out``), the rest as for a call."""
+        """The decode deltas of 2 or 3 sibling projections in one launch: for each
+        ``Member``, ``d[n] = (x[n] @ A[s]) @ B[s] (+ bias)`` with ``s = slots[n]``.
+        ``x: [B, in]`` one token per row, ``d: [B, out]`` (each member its own ``out``),
+        the rest as for a call."""
         tiles, args = self._group_args(members)
         self._k.row_decode_group[(slots.shape[0], sum(tiles))](
             x, slots, *args, x.shape[1], x.stride(0), tiles[0], tiles[1],
@@ -125,14 +140,12 @@ class TritonRowKernel:
             BLOCK_N=self.decode_block_n,
         )  # fmt: skip
 
-    def _group_args(
-        self, members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-    ) -> tuple[list[int], list[tuple[object, ...]]]:
+    def _group_args(self, members: Sequence[Member]) -> tuple[list[int], list[tuple[object, ...]]]:
         """A group kernel's output tiles per member and its three member arguments (a third
         repeats the last when there are two, never read)."""
         if not 2 <= len(members) <= 3:
             raise ValueError(f"a decode group has 2 or 3 members, not {len(members)}")
-        tiles = [-(-d.shape[1] // self.decode_block_n) for d, _, _, _ in members]
+        tiles = [-(-m.d.shape[1] // self.decode_block_n) for m in members]
         return tiles, [member_arg(m) for m in [*members, members[-1]][:3]]
 
     def norm_decode_group(
@@ -142,7 +155,7 @@ class TritonRowKernel:
         eps: float,
         y: torch.Tensor,
         slots: torch.Tensor,
-        members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+        members: Sequence[Member],
         block_r: int,
     ) -> None:
         """``y = RMSNorm(x)`` (the Llama formula: float32 statistics, the cast to ``x``'s
@@ -165,16 +178,16 @@ class TritonRowKernel:
         up: torch.Tensor,
         act: torch.Tensor,
         slots: torch.Tensor,
-        member: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        member: Member,
         block_r: int,
     ) -> None:
         """``act = SiLU(gate) * up`` (as torch rounds ``act_fn(gate) * up``) and, for the
-        projection that reads it, ``member = (d, ranks, a, b)``: ``d[n] = (act[n] @ A[s])
-        @ B[s]`` (0 for a row without a slot), in one launch. ``gate``, ``up``, ``act``:
+        projection that reads it, ``member``'s ``d[n] = (act[n] @ A[s]) @ B[s] (+ bias)``,
+        in one launch. ``gate``, ``up``, ``act``:
         ``[B, in]`` with unit stride along ``in``; the rest as for ``decode_group``."""
         if self.prologues is None:
             raise RuntimeError("this kernel has no prologue kernels")
-        tiles = -(-member[0].shape[1] // self.decode_block_n)
+        tiles = -(-member.d.shape[1] // self.decode_block_n)
         self.prologues.act_decode[(slots.shape[0], tiles)](
             gate, up, act, slots, member_arg(member), gate.shape[1],
             gate.stride(0), up.stride(0), act.stride(0),
@@ -225,14 +238,16 @@ class TritonRowKernel:
         )  # fmt: skip
 
 
-def member_arg(
-    member: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-) -> tuple[object, ...]:
-    """A decode kernel's argument for the projection ``member = (d, ranks, a, b)``: bank A,
-    bank B, ranks, the delta buffer, its width, A's and B's strides and ``d``'s row stride
-    (the order the kernels' ``_decode_delta`` and ``_prologue_member`` unpack)."""
-    d, ranks, a, b = member
-    return (a, b, ranks, d, d.shape[1], *a.stride(), *b.stride(), d.stride(0))
+def member_arg(member: Member) -> tuple[object, ...]:
+    """A decode kernel's argument for ``member``: bank A, bank B, ranks, the delta buffer,
+    its width, A's and B's strides, ``d``'s row stride and the bias (contiguous) or
+    ``None`` (the order the kernels' ``_decode_delta`` and ``_prologue_member`` unpack)."""
+    d, ranks, a, b, bias = member
+    if bias is not None:
+        if bias.shape != (d.shape[1],):
+            raise ValueError(f"a bias of {tuple(bias.shape)} for {d.shape[1]} outputs")
+        bias = bias.contiguous()
+    return (a, b, ranks, d, d.shape[1], *a.stride(), *b.stride(), d.stride(0), bias)
 
 
 def token_rows(x: torch.Tensor) -> torch.Tensor:
@@ -307,30 +322,34 @@ def self_test(kernel: TritonRowKernel, device: torch.device, dtype: torch.dtype)
 
 def self_test_prologues(kernel: TritonRowKernel, device: torch.device, dtype: torch.dtype) -> None:
     """Run the prologue kernels on ``device`` (the norm's output and the deltas of 2
-    members, the second holding no slot; SiLU-multiply's product and its delta; a row
-    without an adapter) and compare with the references; raises ``AssertionError`` on a
-    mismatch."""
+    members, the second holding no slot and a bias; SiLU-multiply's product and its delta
+    plus a bias; a row without an adapter) and compare with the references; raises
+    ``AssertionError`` on a mismatch."""
     gen = torch.Generator().manual_seed(1)
     ranks, slots = [4, 0, 9], [0, -1, 2, 1]
     a = torch.randn(3, 40, 9, generator=gen).to(device, dtype)
     b = torch.randn(3, 9, 70, generator=gen).to(device, dtype)
+    bias = torch.randn(70, generator=gen).to(device, dtype)
     as_device = functools.partial(torch.tensor, dtype=torch.int32, device=device)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     x, w = torch.randn(4, 40, generator=gen).to(device, dtype), a[0, :, 0] + 1
     y = torch.empty_like(x)
-    members = [(torch.empty(4, 70, dtype=dtype, device=device), as_device(r), a, b)
-               for r in (ranks, [0, 0, 0])]  # fmt: skip
+    members = [
+        Member(torch.empty(4, 70, dtype=dtype, device=device), as_device(r), a, b, bias_)
+        for r, bias_ in ((ranks, None), ([0, 0, 0], bias))
+    ]
     kernel.norm_decode_group(x, w, 1e-5, y, as_device(slots), members, block_rank(9))
     want = reference_rms_norm(x, w, 1e-5)
     torch.testing.assert_close(y, want, rtol=tol, atol=tol)
     delta = reference(y, slots, ranks, a, b)
-    torch.testing.assert_close(members[0][0].double(), delta, rtol=tol, atol=tol * 10)
-    assert not members[1][0].any()
+    torch.testing.assert_close(members[0].d.double(), delta, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(members[1].d, bias.expand(4, -1), rtol=0, atol=0)
     gate, up = (torch.randn(4, 40, generator=gen).to(device, dtype) for _ in range(2))
     act, d = torch.empty_like(gate), torch.empty(4, 70, dtype=dtype, device=device)
-    kernel.act_decode(gate, up, act, as_device(slots), (d, as_device(ranks), a, b), block_rank(9))
+    member = Member(d, as_device(ranks), a, b, bias)
+    kernel.act_decode(gate, up, act, as_device(slots), member, block_rank(9))
     torch.testing.assert_close(act, reference_silu_mul(gate, up), rtol=tol, atol=tol)
-    delta = reference(act, slots, ranks, a, b)
+    delta = reference(act, slots, ranks, a, b) + bias.double()
     torch.testing.assert_close(d.double(), delta, rtol=tol, atol=tol * 10)
 
 

@@ -240,8 +240,9 @@ def test_install_serves_silu_mlps_and_leaves_gelu_ones_alone(kernels) -> None:
 def test_decode_attention_writes_os_delta_of_its_output(kernels, dtype, heads, kv_heads) -> None:
     """o's delta from inside decode attention: each row's ``(out @ A_s) @ B_s`` over the
     output as stored (float64 reference), 0 for a base row and a slot of rank 0 (whose
-    bank is NaN there), written at the rows' tokens; the output itself as without it; the
-    done-counts left at zero, so a second launch is right too."""
+    bank is NaN there), plus o's bias where it has one, written at the rows' tokens; the
+    output itself as without it; the done-counts left at zero, so a second launch is right
+    too."""
     from flora.serving.backends import triton_gpu as gk
     from tests.unit.test_gpu_kernel import bank
 
@@ -261,17 +262,19 @@ def test_decode_attention_writes_os_delta_of_its_output(kernels, dtype, heads, k
     kernels.decode_attention(q, keys, values, read, lengths, rows, plain, 0.3, 1)
     done = torch.zeros(7, dtype=torch.int32, device=DEVICE)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for _ in range(2):
+    for bias in (None, torch.randn(n_out, generator=gen).to(DEVICE, dtype)):  # counts reset
         out, d = torch.zeros_like(q), torch.full((7, n_out), float("nan"), device=DEVICE)
-        proj = gk.member_arg((d.to(dtype), as_int(ranks), a, b))
+        proj = gk.member_arg(gk.Member(d.to(dtype), as_int(ranks), a, b, bias))
         o_delta = gk.ODelta(as_int(slots), proj, done, gk.block_rank(19))
         kernels.decode_attention(q, keys, values, read, lengths, rows, out, 0.3, 1, o_delta)
         assert torch.equal(out, plain)
         got = proj[3].double()  # the delta buffer
         decoded = rows.tolist()
         want = gk.reference(out.view(7, -1)[decoded], [slots[r] for r in decoded], ranks, a, b)
+        assert bool(want[0].any()) and not want[[1, 2]].any()  # slot 1 of rank 0; a base row
+        if bias is not None:  # written with the delta: on a base row, the bias alone
+            want += bias.double()
         torch.testing.assert_close(got[decoded], want, rtol=tol, atol=tol)
-        assert bool(want[0].any()) and not got[[0, 3]].any()  # slot 1 of rank 0; a base row
         assert got[[2, 5]].isnan().all()  # tokens without a decode row: not written
         assert not done.any()
     with pytest.raises(ValueError, match="split"):
@@ -392,8 +395,9 @@ def test_recorded_decode_with_fused_kernels_matches_the_torch_graphs(kernels, ki
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("biased", [False, True])
 def test_recorded_adapter_decode_computes_deltas_in_the_norm_and_mlp_kernels(
-    kernels, monkeypatch
+    kernels, monkeypatch, biased
 ) -> None:  # type: ignore[no-untyped-def]
     """Adapter rows (two adapters on every projection, and a base row) through the Triton
     adapter kernel: with the fused kernels the norms compute q/k/v's and gate/up's deltas,
@@ -401,7 +405,10 @@ def test_recorded_adapter_decode_computes_deltas_in_the_norm_and_mlp_kernels(
     the logits equal those of graphs without the fused kernels (a group launch for q/k/v
     and gate/up, the row kernel for o and down); with `prologues` switched off the runner
     records its graphs again, launching as those do; with the keys split across programs,
-    o launches its own again."""
+    o launches its own again. `biased`: every projection has a random bias (Llama's
+    attention and MLP biases; Qwen2's q/k/v have theirs), which the kernels write with
+    the deltas: the same launches, and the logits also equal the torch backend's (no
+    Triton adapter kernel at all)."""
     from flora import FloraConfig
     from flora.serving import ServingPolicy
     from flora.serving.backends import triton_gpu as gk
@@ -410,15 +417,21 @@ def test_recorded_adapter_decode_computes_deltas_in_the_norm_and_mlp_kernels(
 
     row_kernel = gk.load_row_kernel()  # as `kernels`: compiled, or interpreted
     monkeypatch.setattr(gk, "gpu_kernel_for", lambda enabled, *a: row_kernel if enabled else None)
-    model = make_tiny_llama().to(DEVICE)
-    adapters = [make_adapter(model.cpu(), FloraConfig(target_modules=PROJ, rank=r, scale=s), seed=r)
+    model = make_tiny_llama(attention_bias=biased, mlp_bias=biased)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(6)
+        for name, param in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                param.copy_(torch.randn(param.shape, generator=gen))
+    adapters = [make_adapter(model, FloraConfig(target_modules=PROJ, rank=r, scale=s), seed=r)
                 for r, s in ((4, 1.0), (8, 2.0))]  # fmt: skip
     model.to(DEVICE)
     blocks = 64
 
-    def runner(fused):  # type: ignore[no-untyped-def]
+    def runner(fused, gpu_kernel: bool = True):  # type: ignore[no-untyped-def]
         served = copy.deepcopy(model)
-        serving = ServingModel(served, max_slots=2, policy=ServingPolicy(cpu_kernel=False))
+        policy = ServingPolicy(cpu_kernel=False, gpu_kernel=gpu_kernel)
+        serving = ServingModel(served, max_slots=2, policy=policy)
         for slot, adapter in enumerate(adapters):
             serving.load(slot, adapter)
         capture = RecordedCapture() if DEVICE.type == "cpu" else CudaGraphCapture(DEVICE)
@@ -446,6 +459,11 @@ def test_recorded_adapter_decode_computes_deltas_in_the_norm_and_mlp_kernels(
     launches = Launches(row_kernel, monkeypatch)
     want = decode(*runner(None), 3)
     plain = launches.take()
+    if biased:  # the adapters' torch path: the biases in the base layers' own GEMMs
+        torch_path = decode(*runner(None, gpu_kernel=False), 3)
+        assert launches.take() == dict.fromkeys(plain, 0)
+        for a, b in zip(want, torch_path, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     fused_runner, fused_route = runner(kernels)
     got = decode(fused_runner, fused_route, 3)
     fused = launches.take()

@@ -31,11 +31,12 @@ def make_char_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_llama(seed: int = 0, vocab_size: int = 98) -> LlamaForCausalLM:
-    """2 layers, hidden 64, float32, eval mode. EOS id 1 is made unlikely so greedy runs go
-    the full length unless a test wants otherwise."""
+def make_tiny_llama(seed: int = 0, vocab_size: int = 98, **config: Any) -> LlamaForCausalLM:
+    """2 layers, hidden 64, float32, eval mode (``config``: other `LlamaConfig` settings).
+    EOS id 1 is made unlikely so greedy runs go the full length unless a test wants
+    otherwise."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    llama = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -47,8 +48,9 @@ def make_tiny_llama(seed: int = 0, vocab_size: int = 98) -> LlamaForCausalLM:
         eos_token_id=1,
         pad_token_id=0,
         tie_word_embeddings=False,
+        **config,
     )
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(llama).eval()
     with torch.no_grad():
         # Spread the logits so greedy decisions are not near-ties (exact-token tests).
         model.lm_head.weight.mul_(8.0)

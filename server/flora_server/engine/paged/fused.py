@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from flora.serving.backends.triton_gpu import (
+    Member,
     ODelta,
     block_rank,
     member_arg,
@@ -172,7 +173,8 @@ class FusedKernels:
         )
         ieee = q.dtype == torch.float32
         if o_delta is None:  # never read: o_delta's arguments of the right kinds
-            o_args: tuple[object, ...] = (lengths, member_arg((out, lengths, q, q)), q, lengths)
+            unread = member_arg(Member(out, lengths, q, q))
+            o_args: tuple[object, ...] = (lengths, unread, q, lengths)
             block_r = 16
         else:
             o_part = q.new_empty(batch, kv_heads, o_delta.block_r, dtype=torch.float32)
@@ -397,16 +399,18 @@ def self_test_o_delta(kernels: FusedKernels, device: torch.device, dtype: torch.
     plain = torch.zeros_like(q)
     kernels.decode_attention(q, keys, values, read, lengths, rows, plain, 0.25, 1)
     done = torch.zeros(rows_n, dtype=torch.int32, device=device)
-    for _ in range(2):
+    for bias in (None, rand(n_out)):  # twice: the counts reset; a bias-free o and a biased
         out = torch.zeros_like(q)
         d = torch.full((rows_n, n_out), float("nan"), device=device, dtype=dtype)
         ranks_t = torch.tensor(ranks, dtype=torch.int32, device=device)
         slots_t = torch.tensor(slots, dtype=torch.int32, device=device)
-        proj = member_arg((d, ranks_t, a, b))
+        proj = member_arg(Member(d, ranks_t, a, b, bias))
         o_delta = ODelta(slots_t, proj, done, block_rank(max(ranks)))
         kernels.decode_attention(q, keys, values, read, lengths, rows, out, 0.25, 1, o_delta)
         assert torch.equal(out, plain), "o's delta changed the attention output"
         want = reference(out.view(rows_n, -1), slots, ranks, a, b)
+        if bias is not None:
+            want += bias.double()
         torch.testing.assert_close(d.double(), want, rtol=tol, atol=tol)
         assert not done.any(), "the done-counts were not left at zero"
 
