@@ -138,7 +138,7 @@ class AdapterCache:
         needed; None while it is being read from the store or every slot is pinned. Raises
         the load error (`AdapterNotFoundError`, `AdapterLoadError`) when the last load
         failed less than `failure_ttl` seconds ago."""
-        slot = self._device_slot(adapter_id)
+        slot = self.current_slot(adapter_id)
         if slot is not None:
             self.counters.device_hits += 1
             self._metrics.on_cache_hit("device")
@@ -183,6 +183,21 @@ class AdapterCache:
             self._unload(slot)
             return None
         return slot
+
+    def current_slot(self, adapter_id: str) -> int | None:
+        """The slot holding the current generation of `adapter_id`, or None; loads and
+        touches nothing. A copy of an older generation is skipped even before
+        `apply_invalidations` marks it stale."""
+        generation = self._generation.get(adapter_id, 0)
+        for index, entry in enumerate(self._slots):
+            current = entry.generation == generation
+            if entry.adapter_id == adapter_id and not entry.stale and current:
+                return index
+        return None
+
+    def slot_adapter(self, slot: int) -> str | None:
+        """The id of the adapter on `slot` (None: empty)."""
+        return self._slots[slot].adapter_id
 
     def slot_sha256(self, slot: int) -> str | None:
         """sha256 of the stored bytes on `slot` (None when the source gave no digest)."""
@@ -244,16 +259,6 @@ class AdapterCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- internals -------------------------------------------------------------------
-
-    def _device_slot(self, adapter_id: str) -> int | None:
-        """The slot holding the current generation of `adapter_id`. A copy of an older
-        generation is skipped even before `apply_invalidations` marks it stale."""
-        generation = self._generation.get(adapter_id, 0)
-        for index, entry in enumerate(self._slots):
-            current = entry.generation == generation
-            if entry.adapter_id == adapter_id and not entry.stale and current:
-                return index
-        return None
 
     def _touch(self, slot: int) -> None:
         self._clock += 1

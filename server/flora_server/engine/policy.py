@@ -21,6 +21,11 @@ Policy (evaluated by the worker before every step, after new requests were admit
      Until then: "batched".
    `merge_after_steps=None` disables merging altogether.
 
+"Adapter" here is one loaded copy of an adapter's bytes, not its id: the engine keys rows
+by the device slot they read (`Stepper`), so while an overwritten adapter's old copy still
+serves its running rows and the new copy serves new rows under the same id, the two are
+different adapters to this policy (merged weights of one would be wrong for the other).
+
 Merging costs one rank-r update of every adapted weight (`out * in * r` multiply-adds per
 module) and unmerging restores the base bitwise from a host copy; the per-row path costs
 `(in + out) * r` per token. So one merge costs as much as about `out * in / (out + in)`
@@ -32,20 +37,21 @@ streak requirement bounds the number of switches to one per `merge_after_steps` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 Mode = Literal["idle", "base", "merged", "batched"]
+K = TypeVar("K", bound=Hashable)  # what identifies an adapter (see above); None: the base
 
 
 @dataclass(frozen=True)
-class ModeDecision:
+class ModeDecision(Generic[K]):
     mode: Mode
-    merge: str | None  # the adapter that must be merged for this step (None: none merged)
+    merge: K | None  # the adapter that must be merged for this step (None: none merged)
 
 
-def homogeneous_adapter(adapters: Sequence[str | None]) -> str | None:
+def homogeneous_adapter(adapters: Sequence[K | None]) -> K | None:
     """The adapter every row uses, or None when rows differ, use the base, or are none."""
     distinct = set(adapters)
     if len(distinct) == 1:
@@ -55,8 +61,8 @@ def homogeneous_adapter(adapters: Sequence[str | None]) -> str | None:
 
 
 def update_streak(
-    previous_adapter: str | None, previous_streak: int, running: Sequence[str | None]
-) -> tuple[str | None, int]:
+    previous_adapter: K | None, previous_streak: int, running: Sequence[K | None]
+) -> tuple[K | None, int]:
     """Count consecutive steps whose running rows all used one adapter.
     Returns (that adapter or None, streak length)."""
     current = homogeneous_adapter(running)
@@ -77,14 +83,14 @@ def merge_pays(remaining_tokens: Sequence[int], cost: tuple[int, int]) -> bool:
 
 
 def choose_mode(
-    running: Sequence[str | None],
-    waiting: Sequence[str | None],
-    merged: str | None,
+    running: Sequence[K | None],
+    waiting: Sequence[K | None],
+    merged: K | None,
     streak: int,
     *,
     merge_after_steps: int | None = 4,
-    pays: Callable[[str], bool] = lambda adapter: True,
-) -> ModeDecision:
+    pays: Callable[[K], bool] = lambda adapter: True,
+) -> ModeDecision[K]:
     """Decide the mode for the next step (see the module docstring for the policy).
 
     running: the adapter of each row in the next step (None = base); waiting: adapters of

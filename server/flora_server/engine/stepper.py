@@ -17,7 +17,13 @@ import torch
 from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.causal_batch import CausalBatch
 from flora_server.engine.hooks import EngineMetrics
-from flora_server.engine.policy import Mode, choose_mode, merge_pays, update_streak
+from flora_server.engine.policy import (
+    Mode,
+    ModeDecision,
+    choose_mode,
+    merge_pays,
+    update_streak,
+)
 from flora_server.engine.protocol import (
     EngineError,
     FinishEvent,
@@ -59,8 +65,7 @@ class Stepper:
         self.merge_after_steps = merge_after_steps
         self.batch: CausalBatch | None = None
         self.mode: Mode = "idle"
-        self.merged: str | None = None  # adapter folded into the weights
-        self._streak_adapter: str | None = None
+        self._streak_slot: int | None = None
         self._streak = 0
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
 
@@ -75,7 +80,7 @@ class Stepper:
 
     def step(self, admitted: Sequence[RowState], waiting: Sequence[str | None]) -> None:
         """Decode the running rows, prefill `admitted`, then drop finished rows."""
-        self._decide_mode([*self.rows, *admitted], waiting, admitted)
+        self._decide_mode([*self.rows, *admitted], waiting)
         if self.batch is not None:
             self._decode()
         if admitted:
@@ -99,44 +104,55 @@ class Stepper:
             except Exception as row_exc:
                 self.fail([row], row_exc)
 
-    def _decide_mode(
-        self, rows: Sequence[RowState], waiting: Sequence[str | None], admitted: Sequence[RowState]
-    ) -> None:
+    def _decide_mode(self, rows: Sequence[RowState], waiting: Sequence[str | None]) -> None:
         """The policy's mode for a step over `rows` (engine/policy.py), merging or
-        unmerging as it says; `admitted` are the rows among them not yet prefilled."""
-        running = [r.adapter_id for r in rows]
-        self._streak_adapter, self._streak = update_streak(
-            self._streak_adapter, self._streak, running
-        )
-        decision = choose_mode(
+        unmerging as it says; `waiting`: the adapter ids of the requests not yet admitted.
+
+        The policy sees each row's slot, not its adapter id: a slot is one loaded copy,
+        and after an overwrite the old copy serves the rows admitted before it while the
+        new one serves later rows under the same id. The merged slot is the runtime's
+        (the cache unmerges a slot it unloads)."""
+        running = [r.slot for r in rows]
+        self._streak_slot, self._streak = update_streak(self._streak_slot, self._streak, running)
+        decision: ModeDecision[int | str] = choose_mode(
             running,
-            waiting,
-            self.merged,
+            [self._copy_for(adapter_id) for adapter_id in waiting],
+            self.runtime.merged_slot,
             self._streak,
             merge_after_steps=self.merge_after_steps,
-            pays=lambda adapter: self._merge_pays(adapter, rows),
+            pays=lambda slot: self._merge_pays(slot, rows),
         )
-        self._set_merged(decision.merge, admitted)
+        merge = decision.merge  # a running row's slot or the merged one: never a waiting id
+        self._set_merged(merge if isinstance(merge, int) else None)
         self.mode = decision.mode
 
-    def _merge_pays(self, adapter: str, rows: Sequence[RowState]) -> bool:
-        """Policy rule 4c for `adapter`, which every row of `rows` uses."""
-        slot = next(r.slot for r in rows if r.adapter_id == adapter and r.slot is not None)
+    def _copy_for(self, adapter_id: str | None) -> int | str | None:
+        """The loaded copy a waiting request for `adapter_id` would read once admitted:
+        the slot holding that id's current bytes, else the id itself (a copy not on the
+        device yet, which no running row reads)."""
+        if adapter_id is None:
+            return None
+        slot = self.cache.current_slot(adapter_id)
+        return adapter_id if slot is None else slot
+
+    def _merge_pays(self, slot: int | str, rows: Sequence[RowState]) -> bool:
+        """Policy rule 4c for the adapter on `slot`, which every row of `rows` uses."""
+        assert isinstance(slot, int)  # running rows are keyed by their slots
         remaining = [r.handle.max_new_tokens - len(r.generated) for r in rows]
         return merge_pays(remaining, self.runtime.merge_cost(slot))
 
-    def _set_merged(self, target: str | None, admitted: Sequence[RowState]) -> None:
-        if target == self.merged:
+    def _set_merged(self, slot: int | None) -> None:
+        """Fold the adapter on `slot` into the weights (None: none), unmerging first."""
+        old = self.runtime.merged_slot
+        if slot == old:
             return
-        old = self.merged
-        if target is None:
+        name = self.cache.slot_adapter
+        old_name = None if old is None else name(old)
+        if slot is None:
             self.runtime.unmerge()
         else:
-            rows = [*self.rows, *admitted]
-            slot = next(r.slot for r in rows if r.adapter_id == target and r.slot is not None)
             self.runtime.merge(slot)
-        self.merged = target
-        self.metrics.on_mode_switch(old, target)
+        self.metrics.on_mode_switch(old_name, None if slot is None else name(slot))
 
     @staticmethod
     def _routing(rows: Sequence[RowState]) -> list[int | None]:

@@ -141,6 +141,64 @@ def test_merged_mode_output_and_switches(adapters, engine_kind) -> None:
         assert torch.equal(state[key], value), name
 
 
+def test_an_overwrite_while_the_old_copy_runs_merged_serves_each_copy(
+    adapters, engine_kind
+) -> None:
+    """X is overwritten (with Y's bytes) while a long X request runs merged: a new X
+    request joins on the new copy, so the batch is no longer one adapter's and the engine
+    unmerges; each request's tokens equal its own copy's reference (the old X, the new
+    bytes), and neither fails."""
+    switches = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            if name == "on_mode_switch":
+                return lambda old, new: switches.append((old, new))
+            return lambda *a, **k: None
+
+    source = dict(adapters)
+    engine = make_engine(source, kind=engine_kind, merge_after_steps=2, metrics=Recorder())
+    long_n, short_n = 200, 8
+
+    async def overwrite_while_merged():
+        first_times, second_times = [], []
+
+        async def timed(request, times):
+            events = []
+            async for event in engine.generate(request):
+                times.append(time.monotonic())
+                events.append(event)
+            return events
+
+        old = asyncio.create_task(
+            timed(GenerationRequest("old", PROMPTS["x1"], greedy(long_n), "x"), first_times)
+        )
+        deadline = time.monotonic() + 30
+        while engine._runtime.merged_slot is None:
+            assert time.monotonic() < deadline and not old.done(), "never merged"
+            await asyncio.sleep(0.001)
+        engine.cache._source.adapters["x"] = adapters["y"]  # overwrite in the store
+        engine.invalidate_adapter("x")
+        new = await timed(
+            GenerationRequest("new", PROMPTS["x2"], greedy(short_n), "x"), second_times
+        )
+        return await old, new, first_times, second_times
+
+    try:
+        old, new, old_times, new_times = run(overwrite_while_merged())
+    finally:
+        run(engine.shutdown(5))
+    assert isinstance(new[-1], FinishEvent) and new[-1].reason == "length"
+    assert new_times[-1] < old_times[-1], "the new request did not overlap the old one"
+    assert list(old[-1].token_ids) == greedy_alone(
+        merged_reference_model(adapters["x"]), PROMPTS["x1"], long_n
+    )
+    assert list(new[-1].token_ids) == greedy_alone(
+        merged_reference_model(adapters["y"]), PROMPTS["x2"], short_n
+    )
+    assert switches[:2] == [(None, "x"), ("x", None)]  # merged, then unmerged for the new copy
+
+
 def place(cache, adapter_id: str) -> int:
     """Look the adapter up until its background load lands on a slot."""
     deadline = time.monotonic() + 10

@@ -151,7 +151,7 @@ def test_cancel_and_deadline(engine) -> None:
     # adapter, reason, prompt tokens, generated tokens (< 20: dropped early), seconds
     (finish,) = engine._metrics.finishes()
     assert finish[:3] == ("x", "cancelled", len(PROMPT)) and finish[3] < 20
-    slot = engine.cache._device_slot("x")
+    slot = engine.cache.current_slot("x")
     assert engine.cache._slots[slot].pins == 0  # the slot was released
     past = GenerationRequest("d", PROMPT, greedy(5), deadline=time.monotonic() - 1)
     events = run(collect(engine, past))

@@ -77,7 +77,7 @@ class PagedStepper(Stepper):
             if scored:
                 n = row.request.params.top_logprobs
                 self._scores[seq] = PromptScores(row.request.prompt_ids, n, self.runner.device)
-        self._decide_mode(self.rows, waiting, admitted)  # the admitted rows are in the scheduler
+        self._decide_mode(self.rows, waiting)  # the admitted rows are in the scheduler
         plan = self.scheduler.schedule()
         self.preemptions += len(plan.preempted)
         ahead, self._ahead = self._ahead, None
