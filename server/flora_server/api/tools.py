@@ -48,8 +48,14 @@ def _tools(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def plan(tools: list[dict[str, Any]] | None, tool_choice: Any) -> ToolPlan | None:
-    """None: no tool call to make (no tools, or `tool_choice` `"none"`)."""
-    if not tools or tool_choice == "none":
+    """None: no tool call to make (no tools, or `tool_choice` `"none"`). A `tool_choice`
+    other than `"none"` without tools is refused, as OpenAI and vLLM refuse it (it asks
+    for a call no tool can answer)."""
+    if not tools:
+        if tool_choice not in (None, "none"):
+            raise invalid_field("tool_choice", "only allowed when tools are given")
+        return None
+    if tool_choice == "none":
         return None
     table = _tools(tools)
     if tool_choice is None or tool_choice == "auto":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from flora_server.schemas.limits import (
     Count,
@@ -22,6 +22,14 @@ MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+def _default_for_null(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """OpenAI's spec (and vLLM) make these fields nullable: an explicit null is the
+    default, as if the field were not sent."""
+    if value is None and info.field_name is not None:
+        return model.model_fields[info.field_name].default
+    return value
 
 
 class _SamplingFields(BaseModel):
@@ -43,6 +51,19 @@ class _SamplingFields(BaseModel):
     top_k: PositiveCount | None = None
     repetition_penalty: Penalty | None = None
     response_format: OpenAIResponseFormat | None = None
+
+    # `echo` and chat's `logprobs` are the subclasses' (completions' `logprobs` is None
+    # by default anyway)
+    _nullable = field_validator(
+        "n", "stream", "echo", "logprobs", mode="before", check_fields=False
+    )(classmethod(_default_for_null))
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return value
 
 
 class CompletionRequest(_SamplingFields):
