@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -22,6 +23,55 @@ MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+# vLLM's extras (its sampling and prompt fields, sent through `extra_body`) that this
+# server does not honour, with the values that mean "unset" there: any other value is a
+# 422 naming the field, where ignoring it would answer a different question than the
+# client asked. `top_k` and `repetition_penalty` are honoured (fields below).
+_VLLM_UNHONOURED: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (False,),
+    "min_p": (0, 0.0),
+    "length_penalty": (1, 1.0),
+    "min_tokens": (0,),
+    "ignore_eos": (False,),
+    "stop_token_ids": ([],),
+    "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "truncate_prompt_tokens": (),
+    "prompt_logprobs": (),
+    "allowed_token_ids": ([],),
+    "bad_words": ([],),
+    "logits_processors": ([],),
+    "return_tokens_as_token_ids": (False,),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": ([],),
+    "guided_grammar": (),
+    "guided_decoding_backend": (),
+    "guided_whitespace_pattern": (),
+    "structural_tag": (),
+    "structured_outputs": (),
+}
+_VLLM_CHAT_UNHONOURED: dict[str, tuple[Any, ...]] = {
+    "echo": (False,),
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "chat_template": (),
+    "chat_template_kwargs": ({},),
+    "documents": ([],),
+}
+
+
+def _refuse_unhonoured(table: dict[str, tuple[Any, ...]], value: Any, info: ValidationInfo) -> Any:
+    """`value` of the vLLM extra `info.field_name` if it is one of its unset values
+    (null always is), else a validation error (422 naming the field)."""
+    unset = table[info.field_name or ""]
+    if value is not None and not any(value == u and type(value) is type(u) for u in unset):
+        shown = ", ".join(json.dumps(u) for u in (None, *unset))
+        raise ValueError(f"a vLLM option this server does not support (accepted: {shown})")
+    return value
 
 
 def _default_for_null(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
@@ -57,6 +107,36 @@ class _SamplingFields(BaseModel):
     _nullable = field_validator(
         "n", "stream", "echo", "logprobs", mode="before", check_fields=False
     )(classmethod(_default_for_null))
+
+    # not used: declared so that a value other than the unset ones is refused by name
+    use_beam_search: Any = None
+    min_p: Any = None
+    length_penalty: Any = None
+    min_tokens: Any = None
+    ignore_eos: Any = None
+    stop_token_ids: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    spaces_between_special_tokens: Any = None
+    truncate_prompt_tokens: Any = None
+    prompt_logprobs: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    logits_processors: Any = None
+    return_tokens_as_token_ids: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structural_tag: Any = None
+    structured_outputs: Any = None
+
+    @field_validator(*_VLLM_UNHONOURED)
+    @classmethod
+    def _unhonoured(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_unhonoured(_VLLM_UNHONOURED, value, info)
 
     @field_validator("stream_options")
     @classmethod
@@ -96,6 +176,18 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    # vLLM's chat extras this server does not honour (see `_VLLM_CHAT_UNHONOURED`)
+    echo: Any = None
+    add_generation_prompt: Any = None
+    continue_final_message: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    documents: Any = None
+
+    @field_validator(*_VLLM_CHAT_UNHONOURED)
+    @classmethod
+    def _chat_unhonoured(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_unhonoured(_VLLM_CHAT_UNHONOURED, value, info)
 
 
 class Usage(BaseModel):

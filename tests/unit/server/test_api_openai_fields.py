@@ -68,3 +68,55 @@ def test_no_tools_and_no_tool_call_asked_is_plain_text(client, choice) -> None:
     got = r.json()["choices"][0]
     assert got == want and got["finish_reason"] == "length"
     assert got["message"]["content"] and not got["message"].get("tool_calls")
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field", "value"),
+    [
+        ("/v1/completions", COMPLETION, "min_tokens", 5),
+        ("/v1/completions", COMPLETION, "stop_token_ids", [13]),
+        ("/v1/completions", COMPLETION, "ignore_eos", True),
+        ("/v1/completions", COMPLETION, "guided_json", {"type": "object"}),
+        ("/v1/completions", COMPLETION, "prompt_logprobs", 1),
+        ("/v1/completions", COMPLETION, "min_p", 0.1),
+        ("/v1/completions", COMPLETION, "use_beam_search", 1),  # not `false`
+        ("/v1/chat/completions", CHAT, "guided_choice", ["yes", "no"]),
+        ("/v1/chat/completions", CHAT, "echo", True),
+        ("/v1/chat/completions", CHAT, "chat_template", "{{ messages }}"),
+        ("/v1/chat/completions", CHAT, "add_generation_prompt", False),
+    ],
+)
+def test_a_vllm_option_this_server_cannot_honour_is_refused(client, route, body, field, value):
+    """vLLM's extras change what is generated: set, they are 422 naming them, never
+    answered as if they were absent."""
+    r = client.post(route, json={**body, field: value})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and "vLLM option" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "unset"),
+    [
+        (
+            "/v1/completions",
+            COMPLETION,
+            {"min_tokens": 0, "stop_token_ids": [], "ignore_eos": False, "min_p": 0.0,
+             "skip_special_tokens": True, "guided_json": None, "length_penalty": 1},
+        ),
+        (
+            "/v1/chat/completions",
+            CHAT,
+            {"echo": False, "add_generation_prompt": True, "chat_template_kwargs": {},
+             "continue_final_message": False, "bad_words": []},
+        ),
+    ],
+)  # fmt: skip
+def test_vllm_options_at_their_unset_values_change_nothing(client, route, body, unset):
+    want = client.post(route, json=body).json()
+    r = client.post(route, json={**body, **unset})
+    assert r.status_code == 200, r.text
+    strip = ("id", "created")
+    assert {k: v for k, v in r.json().items() if k not in strip} == {
+        k: v for k, v in want.items() if k not in strip
+    }
