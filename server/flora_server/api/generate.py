@@ -98,6 +98,10 @@ async def _prepare(
 
 
 def _token(event: TokenEvent, p: GenerateParameters) -> Token:
+    """TGI's `Token`: the token's own text (EOS: ""), not the text released with it (held
+    back while it could start a stop sequence), so the non-special tokens' texts
+    concatenate to `generated_text` as in TGI (plus, when a stop sequence ended the
+    request, the rest of the token that completed it: `generated_text` ends before it)."""
     k = p.return_k_alternatives
     alternatives = None
     if k:
@@ -107,7 +111,7 @@ def _token(event: TokenEvent, p: GenerateParameters) -> Token:
         ]
     return Token(
         id=event.token_id,
-        text=event.text,
+        text=event.token_text,
         logprob=_number(event.logprob),
         special=event.special,
         alternative_tokens=alternatives,

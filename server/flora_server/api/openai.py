@@ -141,9 +141,10 @@ async def _stream(
 ) -> StreamingResponse:
     """Start `request` (errors before the first event are a status code) and stream its
     chunks as SSE: the opening chunk if `chunk(None, None)` gives one, a chunk per token
-    with text, the finish chunk, a usage chunk when `stream_options.include_usage`, [DONE].
-    A failure after the first event (the request's own, or the server shutting down) is an
-    error object followed by [DONE]."""
+    event that `chunk(event, None)` makes one of (every token with logprobs, else those
+    releasing text), the finish chunk, a usage chunk when `stream_options.include_usage`,
+    [DONE]. A failure after the first event (the request's own, or the server shutting
+    down) is an error object followed by [DONE]."""
     first, stream = await engine_requests.open_stream(engine, request, metrics)
     if first.adapter_sha256:  # flora extension, in every chunk as in the header
         envelope["adapter_sha256"] = first.adapter_sha256
@@ -163,8 +164,9 @@ async def _stream(
                         yield engine_requests.sse({**envelope, "choices": [], "usage": usage})
                     yield engine_requests.sse("[DONE]")
                     return
-                if event.text:
-                    yield engine_requests.sse(chunk(event, None))
+                data = chunk(event, None)
+                if data is not None:
+                    yield engine_requests.sse(data)
                 event = await anext(stream)
         except Exception as exc:
             logger.warning("stream %s failed: %s", request.request_id, exc)
@@ -177,6 +179,35 @@ async def _stream(
 
     headers = engine_requests.adapter_headers(first.adapter_sha256)
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _scored(token: TokenEvent) -> Logprob:
+    """A generated token as logprobs report it: its own text, not the text released with it."""
+    return Logprob(token.token_id, token.token_text, token.logprob, token.top_logprobs)
+
+
+def _offsets(texts: list[str], start: int) -> list[int]:
+    """`text_offset` of tokens whose texts follow each other from `start` in the text."""
+    offsets = []
+    for text in texts:
+        offsets.append(start)
+        start += len(text)
+    return offsets
+
+
+def _completion_logprobs(
+    scored: list[Logprob], offsets: list[int], with_top: bool
+) -> CompletionLogprobs:
+    """The `logprobs` of a completion choice, or of one stream chunk's token: every token's
+    own text, logprob, alternatives (with `logprobs` > 0) and offset in the text."""
+    return CompletionLogprobs(
+        tokens=[t.text for t in scored],
+        token_logprobs=[t.logprob for t in scored],
+        top_logprobs=[conventions.top_logprob(t.text, t.logprob, t.top) for t in scored]
+        if with_top
+        else None,
+        text_offset=offsets,
+    )
 
 
 @router.post("/completions", response_model=CompletionResponse, summary="Text completion")
@@ -222,10 +253,14 @@ async def completions(
 
     if body.stream:
         envelope = _envelope(request, "text_completion", created, body.model)
+        offset = 0  # where the next token's text starts in the streamed text
 
         def chunk(tok: TokenEvent | None, fin: FinishEvent | None) -> dict[str, Any] | None:
+            nonlocal offset
             if tok is None and fin is None:
                 return None
+            if tok is not None and not tok.text and not want_logprobs:
+                return None  # text held back, and no logprobs to report for the token
             choice: dict[str, Any] = {
                 "index": 0,
                 "text": tok.text if tok else "",
@@ -233,42 +268,29 @@ async def completions(
                 "logprobs": None,
             }
             if tok is not None and want_logprobs:
-                choice["logprobs"] = {
-                    "tokens": [tok.text],
-                    "token_logprobs": [tok.logprob],
-                    "top_logprobs": [
-                        conventions.top_logprob(tok.text, tok.logprob, tok.top_logprobs)
-                    ],
-                    "text_offset": [0],
-                }
+                logprobs = _completion_logprobs([_scored(tok)], [offset], bool(body.logprobs))
+                choice["logprobs"] = logprobs.model_dump()
+                offset += len(tok.token_text)
             return {**envelope, "choices": [choice]}
 
         return await _stream(body, engine, request, metrics, envelope, chunk)
 
     out = await engine_requests.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
-    tokens = [] if score_only else out.tokens
+    generated = [] if score_only else [_scored(t) for t in out.tokens]
     text = "" if score_only else out.finish.generated_text
-    scored: list[Logprob] = list(out.finish.prompt_logprobs) if body.echo else []
-    scored += [Logprob(t.token_id, t.text, t.logprob, t.top_logprobs) for t in tokens]
+    # The prompt tokens' texts are their own in context: together, the prompt decoded whole.
+    prompt = list(out.finish.prompt_logprobs) if body.echo else []
+    echoed = ""
     if body.echo:
-        echoed = "".join(t.text for t in out.finish.prompt_logprobs)
-        text = (echoed if prompt_text is None else prompt_text) + text
+        echoed = "".join(t.text for t in prompt) if prompt_text is None else prompt_text
     response.headers.update(engine_requests.adapter_headers(out.finish.adapter_sha256))
     logprobs = None
     if want_logprobs:
-        offsets, pos = [], 0
-        for t in scored:
-            offsets.append(pos)
-            pos += len(t.text)
-        logprobs = CompletionLogprobs(
-            tokens=[t.text for t in scored],
-            token_logprobs=[t.logprob for t in scored],
-            top_logprobs=[conventions.top_logprob(t.text, t.logprob, t.top) for t in scored]
-            if body.logprobs
-            else None,
-            text_offset=offsets,
-        )
+        offsets = _offsets([t.text for t in prompt], 0)
+        offsets += _offsets([t.text for t in generated], len(echoed))
+        logprobs = _completion_logprobs(prompt + generated, offsets, bool(body.logprobs))
+    text = echoed + text
     usage = _usage(out.finish)
     if score_only:
         usage = Usage(
@@ -353,7 +375,10 @@ async def chat_completions(
             for a in t.top_logprobs
         ]
         return ChatTokenLogprob(
-            token=t.text, logprob=t.logprob or 0.0, bytes=list(t.text.encode()), top_logprobs=top
+            token=t.token_text,
+            logprob=t.logprob or 0.0,
+            bytes=list(t.token_text.encode()),
+            top_logprobs=top,
         )
 
     if body.stream:
@@ -364,6 +389,8 @@ async def chat_completions(
                 delta: dict[str, Any] = {"role": "assistant", "content": ""}
                 opening = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
                 return {**envelope, "choices": [opening]}
+            if tok is not None and not tok.text and not body.logprobs:
+                return None  # text held back, and no logprobs to report for the token
             choice: dict[str, Any] = {
                 "index": 0,
                 "delta": {"content": tok.text} if tok else {},

@@ -72,7 +72,8 @@ def top_logprob(
 ) -> dict[str, float] | None:
     """One `top_logprobs` entry: the most likely alternatives and the token itself (as vLLM
     reports them); null where there is no logprob (the first prompt token), so the list
-    stays aligned with `tokens`."""
+    stays aligned with `tokens`. `text` is the token's own text, by the rule its
+    alternatives' texts follow (engine/text.py), so a token among them is listed once."""
     if logprob is None:
         return None
     entry = {t.text: t.logprob for t in top if t.logprob is not None}

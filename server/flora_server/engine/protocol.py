@@ -55,8 +55,9 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class Logprob:
     """A token with its log-probability under the model's (unprocessed) distribution.
-    `text` is the token decoded alone; `logprob` is None for the first prompt token (no
-    context predicts it); `top` lists the most likely alternatives at that position."""
+    `text` is the token's own text in context, as `TokenEvent.token_text` (an alternative:
+    the text it would have had in that place); `logprob` is None for the first prompt token
+    (no context predicts it); `top` lists the most likely alternatives at that position."""
 
     token_id: int
     text: str
@@ -66,12 +67,19 @@ class Logprob:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token. `text` is the new text it adds (held back while it could still
-    be the start of a stop sequence, so the concatenation of all `text` equals the final
-    `generated_text`)."""
+    """One generated token and the text released with it.
+
+    `token_text` is the token's own text, what logprobs and TGI's `token.text` report
+    (engine/text.py): decoded in the context of the tokens before it, "" for a token that
+    ends inside a multi-byte character (the token completing it has the whole character)
+    and for special tokens such as EOS. `text` is the text released to the client with this
+    event: held back while it could still be the start of a stop sequence (released with a
+    later event, an EOS event included), so the concatenation of all `text` equals the final
+    `generated_text`."""
 
     token_id: int
     text: str
+    token_text: str
     logprob: float | None = None
     special: bool = False  # an EOS or other special token (no text of its own)
     top_logprobs: tuple[Logprob, ...] = ()  # `params.top_logprobs` alternatives, best first

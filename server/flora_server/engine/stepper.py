@@ -42,6 +42,7 @@ from flora_server.engine.sampling import (
     sample_tokens,
     seen_mask,
 )
+from flora_server.engine.text import in_context
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -220,7 +221,7 @@ class Stepper:
             top: tuple[Logprob, ...] = ()
             if p.top_logprobs:
                 pairs = zip(top_ids[i][: p.top_logprobs], top_values[i], strict=False)
-                top = tuple(Logprob(t, row.text.decode([t]), lp) for t, lp in pairs)
+                top = tuple(Logprob(t, row.text.text_of(t), lp) for t, lp in pairs)
             self._advance(row, token, logprob, top)
         return tokens
 
@@ -276,6 +277,8 @@ class Stepper:
         reason: FinishReason | None = None
         special = token in self.eos_ids
         if special and not row.request.params.ignore_eos:
+            # EOS is not text: it releases what was still held back, and has no text of
+            # its own (the held-back text is the own text of the tokens before it).
             piece, reason = row.text.push(None, final=True), "eos"
         else:
             piece = row.text.push(token, final=full)
@@ -286,6 +289,7 @@ class Stepper:
         event = TokenEvent(
             token,
             piece,
+            row.text.token_text,
             logprob,
             special=special,
             top_logprobs=top,
@@ -308,7 +312,9 @@ class Stepper:
                 prompt_tokens=len(request.prompt_ids),
                 generated_tokens=len(row.generated),
                 token_ids=tuple(row.generated),
-                prompt_logprobs=row.prompt_logprobs,
+                # Both engines score the prompt token by token; its texts are given in
+                # context here, so that they concatenate to the prompt decoded whole.
+                prompt_logprobs=in_context(row.prompt_logprobs, row.text.decode),
                 adapter_sha256=row.adapter_sha256,
             )
         )

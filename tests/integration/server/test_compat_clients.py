@@ -10,6 +10,7 @@ own typed exception.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,3 +164,163 @@ def test_echo_logprobs_match_tgi_prefill(url: str) -> None:
     # is_greedy as lm-eval computes it: the token's logprob is its position's maximum.
     for token_lp, top in zip(lp.token_logprobs[1 : len(ids)], lp.top_logprobs[1:], strict=False):
         assert token_lp <= max(top.values()) + 1e-6
+
+
+# Token texts: each token's own text (as vLLM's logprobs and TGI's `token.text` give it),
+# checked against the tokenizer's own decode, where text is held back for a stop sequence.
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # type: ignore[no-untyped-def]
+    from flora import models as zoo
+
+    return zoo.load(BASE).preprocessor
+
+
+def _sse(url: str, route: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{url}{route}", json=body, timeout=T) as r:
+        assert r.status_code == 200, r.read()
+        data = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+    return [json.loads(d) for d in data if d != "[DONE]"]
+
+
+def _chat_prompt(tokenizer, content: str) -> str:  # type: ignore[no-untyped-def]
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_completion_logprob_tokens_are_their_own_text_with_a_stop_held_back(
+    url: str, tokenizer
+) -> None:
+    """ " Paris", ".", "\\n", "\\n", "The", ...: the newlines could start the stop sequence
+    "\\n\\nX", so their text goes out with "The"; `tokens`, `top_logprobs` keys and
+    `text_offset` still describe each token, and a stream reports the same."""
+    stop = ["\n\nX"]
+    tgi = httpx.post(
+        f"{url}/generate",
+        json={
+            "inputs": PROMPT,
+            "parameters": {"max_new_tokens": 6, "stop": stop, "top_n_tokens": 2},
+        },
+        timeout=T,
+    ).json()
+    ids = [t["id"] for t in tgi["details"]["tokens"]]
+    own = [tokenizer.decode([i]) for i in ids]
+    assert own[2:4] == ["\n", "\n"] and tgi["details"]["finish_reason"] == "length"
+    assert [t["text"] for t in tgi["details"]["tokens"]] == own
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    out = httpx.post(f"{url}/v1/completions", json={**body, "stop": stop}, timeout=T).json()
+    choice = out["choices"][0]
+    assert choice["text"] == tgi["generated_text"] == "".join(own)
+    lp = choice["logprobs"]
+    assert lp["tokens"] == own
+    assert lp["text_offset"] == [len("".join(own[:i])) for i in range(len(own))]
+    tops = zip(lp["top_logprobs"], tgi["details"]["top_tokens"], strict=True)
+    for i, (entry, top) in enumerate(tops):
+        want = {tokenizer.decode([t["id"]]): t["logprob"] for t in top}
+        want.setdefault(own[i], lp["token_logprobs"][i])
+        assert entry == pytest.approx(want, abs=1e-4), i
+    chunks = _sse(url, "/v1/completions", {**body, "stop": stop, "stream": True})
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    for key in ("tokens", "text_offset"):
+        assert [x for s in streamed for x in s[key]] == lp[key], key
+    got = [x for s in streamed for x in s["token_logprobs"]]
+    assert got == pytest.approx(lp["token_logprobs"], abs=1e-4)
+    got_top = [x for s in streamed for x in s["top_logprobs"]]
+    assert len(got_top) == len(lp["top_logprobs"])
+    for entry, want_entry in zip(got_top, lp["top_logprobs"], strict=True):
+        assert entry == pytest.approx(want_entry, abs=1e-4)
+
+
+def test_tgi_stream_token_texts_rebuild_the_text_when_eos_releases_it(url: str, tokenizer) -> None:
+    """The "?" before EOS is held back (it could start "?☃") and released at EOS: it is the
+    "?" token's text, EOS has none, and the non-special tokens' texts concatenate to
+    `generated_text` as TGI's clients rebuild it, streamed or not."""
+    body = {"inputs": _chat_prompt(tokenizer, "Hi"), "parameters": {"max_new_tokens": 16}}
+    body["parameters"]["stop"] = ["?☃"]
+    full = httpx.post(f"{url}/generate", json=body, timeout=T).json()
+    assert full["details"]["finish_reason"] == "eos_token"
+    assert full["generated_text"].endswith("?")
+    events = _sse(url, "/generate_stream", body)
+    for tokens in ([e["token"] for e in events], full["details"]["tokens"]):
+        assert tokens[-1]["special"] and tokens[-1]["text"] == ""
+        assert tokens[-1]["id"] == tokenizer.eos_token_id
+        assert tokens[-2]["text"] == "?"
+        assert [t["text"] for t in tokens[:-1]] == [
+            tokenizer.decode([t["id"]]) for t in tokens[:-1]
+        ]
+        text = "".join(t["text"] for t in tokens if not t["special"])
+        assert text == full["generated_text"] == events[-1]["generated_text"]
+
+
+def test_echo_of_token_ids_is_the_prompt_decoded_whole(url: str, tokenizer) -> None:
+    """Token ids that split emoji over several tokens come back as the prompt decoded at
+    once; each token's text is what it adds to it ("" inside a character, the character
+    on the token completing it), and `text_offset` points at it in the text."""
+    ids = [10809, 33777, 40303, 218, 10813, 232, 227, 37366]
+    whole = tokenizer.decode(ids)
+    assert whole == "Emoji 😀🎉 café"
+
+    def complete(n: int) -> str:  # the longest ids[:m], m <= n, decoding to whole characters
+        while n and tokenizer.decode(ids[:n]).endswith("\ufffd"):
+            n -= 1
+        return tokenizer.decode(ids[:n])
+
+    own = [complete(i + 1)[len(complete(i)) :] for i in range(len(ids))]
+    body = {"model": NAME, "prompt": ids, "max_tokens": 0, "echo": True}
+    assert (
+        httpx.post(f"{url}/v1/completions", json=body, timeout=T).json()["choices"][0]["text"]
+        == whole
+    )
+    out = httpx.post(f"{url}/v1/completions", json={**body, "logprobs": 1}, timeout=T).json()
+    choice = out["choices"][0]
+    assert choice["text"] == whole
+    lp = choice["logprobs"]
+    assert lp["tokens"] == own and "".join(own) == whole
+    for token, offset in zip(lp["tokens"], lp["text_offset"], strict=True):
+        assert whole[offset : offset + len(token)] == token
+    assert lp["text_offset"] == [len("".join(own[:i])) for i in range(len(own))]
+    assert all(len(entry) <= 2 for entry in lp["top_logprobs"][1:])  # 1 alternative + itself
+
+
+def test_chat_logprobs_streamed_equal_non_streamed_eos_included(url: str, tokenizer) -> None:
+    """Every generated token has an entry in both, EOS too (as vLLM reports it; it counts
+    in `completion_tokens`) with no text, and each token's text and bytes are its own while
+    the content that goes with it is held back for a stop sequence."""
+    body = {
+        "model": NAME,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 16,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "stop": ["?☃"],
+    }
+    tgi = httpx.post(
+        f"{url}/generate",
+        json={"inputs": _chat_prompt(tokenizer, "Hi"), "parameters": {"max_new_tokens": 16}},
+        timeout=T,
+    ).json()
+    ids = [t["id"] for t in tgi["details"]["tokens"]]
+    full = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=T).json()
+    choice = full["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == full["usage"]["completion_tokens"] == len(ids)
+    own = [tokenizer.decode([i], skip_special_tokens=True) for i in ids]
+    assert [c["token"] for c in content] == own and own[-1] == "" and own[-2] == "?"
+    assert [c["bytes"] for c in content] == [list(t.encode()) for t in own]
+    assert choice["message"]["content"] == "".join(own) == tgi["generated_text"]
+    chunks = [
+        c["choices"][0]
+        for c in _sse(url, "/v1/chat/completions", {**body, "stream": True})
+        if c["choices"]
+    ]
+    assert "".join(c["delta"].get("content") or "" for c in chunks) == choice["message"]["content"]
+    streamed = [x for c in chunks if c["logprobs"] for x in c["logprobs"]["content"]]
+    assert [(s["token"], s["bytes"]) for s in streamed] == [
+        (c["token"], c["bytes"]) for c in content
+    ]
+    assert [s["logprob"] for s in streamed] == pytest.approx(
+        [c["logprob"] for c in content], abs=1e-4
+    )

@@ -144,6 +144,7 @@ class FakeEngine:
                 yield TokenEvent(
                     tok,
                     piece,
+                    piece,
                     logprob,
                     top_logprobs=top[: request.params.top_logprobs],
                     adapter_sha256=sha256,
@@ -240,3 +241,31 @@ def sse_events(text: str) -> list[object]:
         payload = block[len("data: ") :]
         out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
+
+
+def held_back_then_eos() -> list[GenerationEvent]:
+    """What the engine emits for "ab", "\\n", "\\n" then EOS with stop ["\\n\\nX"]: the two
+    newlines' text is held back (they could start the stop) and released with EOS; each
+    event still carries its token's own text. Token i has logprob -(i + 1) / 10 and two
+    alternatives, itself first."""
+    tokens = [(97, "ab", "ab"), (10, "", "\n"), (10, "", "\n"), (0, "\n\n", "")]
+
+    def top(i: int, token_id: int, own: str) -> tuple[Logprob, ...]:
+        return (Logprob(token_id, own, -(i + 1) / 10), Logprob(98, "b", -(i + 1)))
+
+    events: list[GenerationEvent] = [
+        TokenEvent(t, text, own, -(i + 1) / 10, special=t == 0, top_logprobs=top(i, t, own))
+        for i, (t, text, own) in enumerate(tokens)
+    ]
+    events.append(FinishEvent("eos", "ab\n\n", 2, len(tokens), token_ids=(97, 10, 10, 0)))
+    return events
+
+
+def scripted(events: list[GenerationEvent]):  # type: ignore[no-untyped-def]
+    """A `generate` that yields `events` for any request (monkeypatch it onto the engine)."""
+
+    async def generate(request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        for event in events:
+            yield event
+
+    return generate

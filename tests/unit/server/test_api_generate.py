@@ -5,7 +5,14 @@ from __future__ import annotations
 import io
 
 import pytest
-from api_fakes import expected_text, make_archive, running_app, sse_events
+from api_fakes import (
+    expected_text,
+    held_back_then_eos,
+    make_archive,
+    running_app,
+    scripted,
+    sse_events,
+)
 
 
 @pytest.fixture
@@ -247,3 +254,26 @@ def test_client_disconnect_cancels_non_streaming_request(tmp_path):
     status, elapsed = asyncio.run(main())
     assert status == 499 and closed == [1]  # the engine's iterator was closed
     assert elapsed < 2  # 1000 tokens at 10 ms would take 10 s
+
+
+def test_token_texts_are_their_own_and_eos_has_none(app, monkeypatch):
+    """TGI's `token.text` is the token's own text, not the text released with it: the
+    newlines held back for a possible stop sequence and released with EOS belong to the
+    newline tokens, EOS has none, and the non-special tokens' texts concatenate to
+    `generated_text`, in `details.tokens` and in the stream."""
+    client, engine = app
+    monkeypatch.setattr(engine, "generate", scripted(held_back_then_eos()))
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 4, "stop": ["\n\nX"]}}
+    full = client.post("/generate", json=body)
+    assert full.status_code == 200, full.text
+    tokens = full.json()["details"]["tokens"]
+    assert [(t["id"], t["text"], t["special"]) for t in tokens] == [
+        (97, "ab", False),
+        (10, "\n", False),
+        (10, "\n", False),
+        (0, "", True),
+    ]
+    events = sse_events(client.post("/generate_stream", json=body).text)
+    assert [e["token"] for e in events] == tokens
+    text = "".join(e["token"]["text"] for e in events if not e["token"]["special"])
+    assert text == events[-1]["generated_text"] == full.json()["generated_text"] == "ab\n\n"

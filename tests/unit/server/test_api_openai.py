@@ -6,7 +6,14 @@ import io
 
 import openai
 import pytest
-from api_fakes import expected_text, make_archive, running_app, sse_events
+from api_fakes import (
+    expected_text,
+    held_back_then_eos,
+    make_archive,
+    running_app,
+    scripted,
+    sse_events,
+)
 
 from flora_server.engine.protocol import FinishEvent, TokenEvent
 
@@ -170,7 +177,7 @@ def test_completion_top_logprobs_stay_aligned_with_tokens(app, monkeypatch):
 
     async def run(request):  # type: ignore[no-untyped-def]
         for i, (text, logprob) in enumerate(pieces):
-            yield TokenEvent(100 + i, text, logprob)
+            yield TokenEvent(100 + i, text, text, logprob)
         yield FinishEvent("length", "abc", len(request.prompt_ids), len(pieces))
 
     monkeypatch.setattr(engine, "generate", run)
@@ -187,3 +194,71 @@ def test_completion_top_logprobs_stay_aligned_with_tokens(app, monkeypatch):
     got = [c["choices"][0]["logprobs"] for c in chunks]
     assert [g["top_logprobs"] for g in got] == [[{"a": -0.5}], [None], [{"c": -1.5}]]
     assert all(len(g["top_logprobs"]) == len(g["tokens"]) == 1 for g in got)
+
+
+HELD_BACK_TOKENS = ["ab", "\n", "\n", ""]  # api_fakes.held_back_then_eos: EOS has no text
+
+
+def test_completion_logprobs_are_the_tokens_own_streamed_or_not(app, monkeypatch):
+    """Text held back for a possible stop sequence (released with EOS) is not any token's
+    text: `tokens` are the tokens' own texts, `top_logprobs` holds the `logprobs`
+    alternatives keyed by those texts (the token among them, once) and `text_offset` says
+    where each token starts. A stream reports the same, token by token."""
+    client, engine = app
+    monkeypatch.setattr(engine, "generate", scripted(held_back_then_eos()))
+    body = {
+        "model": "fake-base",
+        "prompt": "hi",
+        "max_tokens": 4,
+        "temperature": 0,
+        "logprobs": 2,
+        "stop": ["\n\nX"],
+    }
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == "ab\n\n"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == HELD_BACK_TOKENS
+    assert lp["token_logprobs"] == [-0.1, -0.2, -0.3, -0.4]
+    assert lp["top_logprobs"] == [
+        {"ab": -0.1, "b": -1},
+        {"\n": -0.2, "b": -2},
+        {"\n": -0.3, "b": -3},
+        {"": -0.4, "b": -4},
+    ]
+    assert lp["text_offset"] == [0, 2, 3, 4]
+    s = client.post("/v1/completions", json={**body, "stream": True})
+    chunks = [e["choices"][0] for e in sse_events(s.text) if e != "[DONE]"]
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    streamed = [c["logprobs"] for c in chunks if c["logprobs"] is not None]
+    assert {key: [x for g in streamed for x in g[key]] for key in lp} == lp
+
+
+def test_chat_logprobs_stream_equals_non_stream_eos_included(app, monkeypatch):
+    """Both report every generated token, the EOS token too (as vLLM does; it counts in
+    `completion_tokens`), each with its own text and bytes, also where the content that
+    goes with it was held back or released later."""
+    client, engine = app
+    monkeypatch.setattr(engine, "generate", scripted(held_back_then_eos()))
+    body = {
+        "model": "fake-base",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert [c["token"] for c in content] == HELD_BACK_TOKENS
+    assert [c["bytes"] for c in content] == [[97, 98], [10], [10], []]
+    assert [c["top_logprobs"][0]["token"] for c in content] == HELD_BACK_TOKENS
+    assert len(content) == r.json()["usage"]["completion_tokens"]
+    s = client.post("/v1/chat/completions", json={**body, "stream": True})
+    chunks = [e["choices"][0] for e in sse_events(s.text) if e != "[DONE]"]
+    assert "".join(c["delta"].get("content", "") for c in chunks) == choice["message"]["content"]
+    streamed = [x for c in chunks if c["logprobs"] for x in c["logprobs"]["content"]]
+    assert streamed == content

@@ -87,6 +87,7 @@ def test_echo_with_logprobs_scores_the_prompt(app, oai):
     choice = out.choices[0]
     assert choice.text == "hih"
     assert choice.logprobs.token_logprobs == [None, -0.01, -0.1]
+    assert choice.logprobs.text_offset == [0, 1, 2]  # the generated token after the prompt
     assert choice.logprobs.top_logprobs[-1] == {"h": -0.1, "i": pytest.approx(-1.1)}
 
 
