@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flora.kinds import ModuleSpec
 
-__all__ = ["FloraConfig", "name_matches"]
+__all__ = ["FloraConfig", "check_patterns", "name_matches"]
 
 # Modes after the first two of a conv weight (out, in/groups, k_1..k_m) are kernel modes.
 _CONV_KINDS = frozenset({"conv1d", "conv2d", "conv3d"})
@@ -70,8 +70,8 @@ class FloraConfig:
     rules as ``target_modules``."""
 
     def __post_init__(self) -> None:
-        self.target_modules = _check_patterns("target_modules", self.target_modules, True)
-        self.train_modules = _check_patterns("train_modules", self.train_modules, False)
+        self.target_modules = check_patterns("target_modules", self.target_modules, True)
+        self.train_modules = check_patterns("train_modules", self.train_modules, False)
         _check_rank("rank", self.rank)
         if self.kernel_rank is not None:
             _check_rank("kernel_rank", self.kernel_rank)
@@ -168,7 +168,10 @@ def _pattern_json(p: list[str] | str) -> list[str] | str:
     return p if isinstance(p, str) else list(p)
 
 
-def _check_patterns(field_name: str, value: Any, required: bool) -> list[str] | str:
+def check_patterns(field_name: str, value: Any, required: bool) -> list[str] | str:
+    """``value`` as a module selection (``target_modules`` / ``train_modules``): a regex
+    string (empty: nothing, ``[]``) or a list of non-empty names. Raises ValueError
+    naming ``field_name``."""
     if isinstance(value, str):
         if not value:
             if required:

@@ -12,7 +12,6 @@ and keeps the file free of ``rank_pattern`` (which vLLM and LoRAX do not all rea
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -35,10 +34,12 @@ from flora.errors import (
     AdapterConfigError,
     AdapterError,
     BaseMismatchError,
+    NonFiniteError,
     RankLimitError,
     UnknownTensorError,
 )
 from flora.kinds import ModuleKind, ModuleSpec
+from flora.peft_config import PeftLoraConfig
 from flora.tucker import fold_linear, reconstruct
 
 __all__ = ["from_peft", "to_lycoris", "to_peft"]
@@ -54,14 +55,6 @@ _LORA_KEY = re.compile(
 _UNSUPPORTED_TRUE = ("use_dora", "use_qalora")
 
 
-def _peft_pattern(patterns: dict[str, Any], name: str) -> str | None:
-    # PEFT selects a rank_pattern/alpha_pattern key when `(.*\.)?(key)$` matches the name.
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
-
-
 def from_peft(
     peft_dir: str | os.PathLike[str],
     *,
@@ -73,7 +66,11 @@ def from_peft(
 
     Each module with ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` becomes a 2-mode
     FLoRA module with ``G = scaling * I_r`` (``scaling = alpha / r`` or ``alpha / sqrt(r)``
-    for rslora, ``alpha`` from ``alpha_pattern`` where it matches). Linear layers map to
+    for rslora, ``alpha`` from ``alpha_pattern`` where it matches); ``r`` must be the rank
+    the config gives the module (``rank_pattern`` where it matches, else ``r``), as PEFT
+    builds its layers at that rank. The config's fields are checked by
+    ``flora.peft_config.PeftLoraConfig`` (pattern keys matched without backtracking, see
+    there). Linear layers map to
     modes ``(out, in)``; with ``fan_in_fan_out`` (transformers ``Conv1D``) to ``(in, out)``;
     embeddings (``lora_embedding_A`` ``(r, num)``, ``lora_embedding_B`` ``(dim, r)``) to
     ``(num, dim)``. The weights go through the same safetensors checks as FLoRA files.
@@ -81,8 +78,9 @@ def from_peft(
     the result is checked with ``validate_against``; without it the fingerprint is None.
 
     Raises:
-        AdapterError: not a LoRA adapter, DoRA, conv LoRA, bias training, or a subclass
-        for the file problems ``load_adapter`` also catches.
+        AdapterError: not a LoRA adapter, DoRA, conv LoRA, bias training, a config field of
+        the wrong type or value (``AdapterConfigError`` naming it), or a subclass for the
+        file problems ``load_adapter`` also catches.
     """
     root = Path(peft_dir)
     cfg = strict_json_loads(_read(root / PEFT_CONFIG, max_header_bytes), PEFT_CONFIG)
@@ -93,6 +91,7 @@ def from_peft(
             raise AdapterConfigError(f"PEFT {flag}=true has no exact FLoRA equivalent")
     if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
         raise AdapterConfigError("PEFT bias training / modules_to_save are not imported")
+    peft = PeftLoraConfig.from_json(cfg)
     _, tensors = decode_tensors(
         _read(root / PEFT_WEIGHTS, None), max_header_bytes=max_header_bytes, what=PEFT_WEIGHTS
     )
@@ -104,9 +103,6 @@ def from_peft(
         from flora.fingerprint import describe_base
 
         base_specs = describe_base(base)
-    alpha = float(cfg.get("lora_alpha", 8))
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     out_tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, AdapterModule] = {}
     kind: ModuleKind
@@ -114,12 +110,15 @@ def from_peft(
         r = a.shape[0]
         if b.shape[1] != r:
             raise AdapterError(f"PEFT module {name!r}: lora_A has rank {r}, lora_B {b.shape[1]}")
-        key = _peft_pattern(alpha_pattern, name)
-        module_alpha = float(alpha_pattern[key]) if key is not None else alpha
-        scaling = module_alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        want, field = peft.rank_for(name)
+        if r != want:  # PEFT itself could not load it (its layers are built at `want`)
+            raise AdapterConfigError(
+                f"PEFT module {name!r}: lora_A has rank {r}, the config's {field} says {want}"
+            )
+        scaling = peft.scaling(name, r)
         if embedding:
             kind, shape, factors = "embedding", (a.shape[1], b.shape[0]), [a.T, b]
-        elif fan_in_fan_out:
+        elif peft.fan_in_fan_out:
             kind, shape, factors = "hf_conv1d", (a.shape[1], b.shape[0]), [a.T, b]
         else:
             kind, shape, factors = "linear", (b.shape[0], a.shape[1]), [b, a.T]
@@ -128,8 +127,13 @@ def from_peft(
             raise RankLimitError(
                 f"PEFT module {name!r}: rank {r} exceeds min({max_rank}, {min(shape)})"
             )
-        core = torch.eye(r, dtype=torch.float32) * scaling
-        out_tensors[core_key(name)] = core.to(a.dtype)
+        core = (torch.eye(r, dtype=torch.float32) * scaling).to(a.dtype)
+        if not bool(torch.isfinite(core).all()):
+            raise NonFiniteError(
+                f"PEFT module {name!r}: scaling {scaling:g} (lora_alpha / alpha_pattern over "
+                f"r) is not finite in {a.dtype}"
+            )
+        out_tensors[core_key(name)] = core
         for m, u in enumerate(factors):
             out_tensors[factor_key(name, m)] = u.contiguous().clone()
         modules[name] = AdapterModule(spec=spec, ranks=(r, r))
@@ -148,9 +152,9 @@ def from_peft(
         config=config,
         tensors=out_tensors,
         modules=modules,
-        base_model_id=cfg.get("base_model_name_or_path"),
+        base_model_id=peft.base_model_name_or_path,
         fingerprint=fingerprint,
-        task=cfg.get("task_type"),
+        task=peft.task_type,
         metadata={"imported_from": "peft"},
     )
     if base_specs is not None:

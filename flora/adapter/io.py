@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -95,14 +96,21 @@ def adapter_from_model(
     )
 
 
-def trained_module_names(model: nn.Module, train_modules: list[str] | str) -> list[str]:
-    """Outermost modules selected by ``train_modules`` (nested matches are inside them)."""
+def trained_module_names(
+    model: nn.Module | Iterable[str], train_modules: list[str] | str
+) -> list[str]:
+    """Outermost modules selected by ``train_modules`` (nested matches are inside them).
+
+    ``model`` is a model or the qualified names of its modules, parents before children
+    (``named_modules`` order), e.g. taken before a serving runtime wrapped any of them.
+    """
     from flora.config import name_matches
 
     out: list[str] = []
     if not train_modules:
         return out
-    for name, _ in model.named_modules():
+    names = (n for n, _ in model.named_modules()) if isinstance(model, nn.Module) else model
+    for name in names:
         if name and name_matches(name, train_modules):
             if any(name.startswith(p + ".") for p in out):
                 continue

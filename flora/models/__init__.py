@@ -19,7 +19,12 @@ from flora.models.registry import EmbeddedModel, KindRule, LoadRequest, ModelReg
 from flora.models.storage import home
 from flora.models.text_encoder import encode, mean_pool, pool
 from flora.models.types import MODEL_KINDS, LoadedModel, ModelKind, Pooling
-from flora.models.weights import canonical_state_dict, read_safetensors
+from flora.models.weights import (
+    StoredLayout,
+    canonical_state_dict,
+    read_safetensors,
+    stored_layout,
+)
 from flora.models.zoo import load, prepare
 
 __all__ = [
@@ -35,6 +40,7 @@ __all__ = [
     "ModelPackageMissingError",
     "ModelRegistry",
     "Pooling",
+    "StoredLayout",
     "UnknownModelError",
     "UnsupportedModelError",
     "canonical_state_dict",
@@ -46,4 +52,5 @@ __all__ = [
     "pool",
     "prepare",
     "read_safetensors",
+    "stored_layout",
 ]

@@ -8,15 +8,19 @@ state dict key for key: Hugging Face drops tied copies (SmolLM2's ``lm_head.weig
     base_fingerprint(canonical_state_dict(loaded)) == loaded.fingerprint
 
 holds for every model loaded by :func:`flora.models.load`, whatever its runtime dtype and
-whether adapters were injected since (names are the base's, from
+whether ``flora.inject`` wrapped its layers since (names are the base's, from
 ``flora.fingerprint.base_state_items``). Ties are found by storage sharing in the live
-model, so call it before merging an adapter into a tied weight (the server does it once at
-start-up and caches the result per ``train_modules``).
+model. A serving runtime's wrappers (``flora.serving``: ``<module>.base_layer.weight``) and
+merged adapters are not undone, so a server takes the :class:`StoredLayout` once at
+start-up, from the pristine base, and reads the file through it whenever it needs the
+weights: :meth:`StoredLayout.read` never looks at the live model again.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor
@@ -56,18 +60,67 @@ def _alias_groups(live: dict[str, Tensor]) -> list[list[str]]:
     return [keys for keys in by_storage.values() if len(keys) > 1]
 
 
-def canonical_state_dict(loaded: LoadedModel) -> dict[str, Tensor]:
-    """The base's state dict as stored: fp32 (as written), CPU, keys of the live base.
+@dataclass(frozen=True)
+class StoredLayout:
+    """Where each entry of a base's canonical state dict lies in its weights file.
 
-    Tied aliases missing from the file are filled from their stored twin; stored tensors
-    the model does not have are dropped. A key the model has but no stored tensor (nor
-    twin) provides raises ``ModelError``.
+    ``sources`` maps each base state-dict key to the stored tensor that holds it (itself, or
+    its tied twin's); ``shapes`` is each key's shape in the model.
+    """
+
+    path: Path
+    sources: Mapping[str, str]
+    shapes: Mapping[str, tuple[int, ...]]
+
+    def read(self) -> dict[str, Tensor]:
+        """The canonical state dict: fp32 (as written), CPU, keyed like the base.
+
+        Raises ``ModelError`` when the file can no longer be read, no longer holds a tensor
+        of the layout, or holds it in another shape (it changed since the layout was taken).
+        """
+        try:
+            stored = read_safetensors(self.path)
+        except OSError as exc:
+            raise ModelError(f"cannot read the base weights {self.path}: {exc}") from exc
+        out: dict[str, Tensor] = {}
+        for key, source in self.sources.items():
+            tensor = stored.get(source)
+            if tensor is None:
+                raise ModelError(f"{self.path} has no tensor {source!r} (for {key!r})")
+            if tuple(tensor.shape) != self.shapes[key]:
+                raise ModelError(
+                    f"{key!r}: stored shape {tuple(tensor.shape)} != {self.shapes[key]}"
+                )
+            out[key] = tensor
+        return out
+
+
+def stored_tensor_names(path: Path) -> set[str]:
+    """The tensor names of a ``.safetensors`` file or sharded index, from headers only."""
+    from safetensors import safe_open
+
+    if path.name.endswith(".index.json"):
+        return set(json.loads(path.read_text(encoding="utf-8"))["weight_map"])
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
+
+
+def stored_layout(loaded: LoadedModel) -> StoredLayout:
+    """The :class:`StoredLayout` of ``loaded``'s weights file, keyed like its base.
+
+    Tied aliases missing from the file are read from their stored twin; stored tensors the
+    model does not have are left out. Take it while no serving runtime has wrapped the
+    model's modules (``flora.inject``'s layers are seen through).
+
+    Raises:
+        ModelError: no weights file, or a key the model has that no stored tensor (nor
+        twin) provides.
     """
     from flora.fingerprint import base_state_items
 
     if loaded.source_path is None:
         raise ModelError(f"{loaded.name} has no source weights file")
-    stored = read_safetensors(loaded.source_path)
+    stored = stored_tensor_names(loaded.source_path)
     live = dict(base_state_items(loaded.model))
     twin: dict[str, str] = {}
     for group in _alias_groups(live):
@@ -75,13 +128,17 @@ def canonical_state_dict(loaded: LoadedModel) -> dict[str, Tensor]:
         for key in group:
             if key not in stored and present:
                 twin[key] = present[0]
-    out: dict[str, Tensor] = {}
-    for key, value in live.items():
+    sources: dict[str, str] = {}
+    for key in live:
         source = key if key in stored else twin.get(key)
         if source is None:
             raise ModelError(f"{loaded.source_path} has no tensor for {key!r}")
-        tensor = stored[source]
-        if tuple(tensor.shape) != tuple(value.shape):
-            raise ModelError(f"{key!r}: stored shape {tuple(tensor.shape)} != {tuple(value.shape)}")
-        out[key] = tensor
-    return out
+        sources[key] = source
+    shapes = {k: tuple(v.shape) for k, v in live.items()}
+    return StoredLayout(loaded.source_path, sources, shapes)
+
+
+def canonical_state_dict(loaded: LoadedModel) -> dict[str, Tensor]:
+    """The base's state dict as stored: fp32 (as written), CPU, keys of the live base
+    (``stored_layout(loaded).read()``; see there for what it raises)."""
+    return stored_layout(loaded).read()

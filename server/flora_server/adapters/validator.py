@@ -3,6 +3,8 @@ table and fingerprint, whole-saved modules that must fit, and what the engine ca
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,33 +14,55 @@ from flora_server.adapters.registry import AdapterValidationError
 
 if TYPE_CHECKING:
     from flora.adapter import Adapter
+    from flora.models import StoredLayout
+
+logger = logging.getLogger(__name__)
+
+
+class BaseWeightsUnavailableError(ValueError):
+    """The base's weights file was not readable at start-up: adapters that retrain whole
+    modules cannot be fingerprinted against it (a ValueError: such an upload is refused)."""
 
 
 @dataclass(frozen=True)
 class BaseSnapshot:
-    """The base as uploads are checked against, taken before the engine runs (an engine may
-    merge an adapter into the weights or swap a head later)."""
+    """The base as uploads are checked against, taken before the engine runs: an engine
+    wraps modules (`<module>.base_layer.weight`), may merge an adapter into the weights or
+    swap a head later, so nothing here refers to the live model."""
 
-    loaded: Any  # flora.models.LoadedModel
+    name: str
     specs: dict[str, Any]  # describe_base: module name -> ModuleSpec
     fingerprint: str
     shapes: dict[str, tuple[int, ...]]  # state-dict key -> shape
     linear: frozenset[str]  # names of nn.Linear modules
+    module_names: tuple[str, ...]  # named_modules order, for `train_modules`
+    # where the pristine weights lie in the weights file, or why that is not known
+    weights: StoredLayout | None
+    weights_problem: str | None = None
 
     @classmethod
     def of(cls, loaded: Any) -> BaseSnapshot:
         from torch import nn
 
         from flora.fingerprint import describe_base
+        from flora.models import ModelError, stored_layout
 
+        model = loaded.model
+        weights, problem = None, None
+        try:
+            weights = stored_layout(loaded)
+        except ModelError as exc:  # only adapters with train_modules need it: serve the rest
+            problem = str(exc)
+            logger.warning("adapters with train_modules cannot be checked: %s", problem)
         return cls(
-            loaded=loaded,
-            specs=describe_base(loaded.model),
+            name=str(getattr(loaded, "name", "") or "this base"),
+            specs=describe_base(model),
             fingerprint=loaded.fingerprint,
-            shapes={k: tuple(v.shape) for k, v in loaded.model.state_dict().items()},
-            linear=frozenset(
-                n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)
-            ),
+            shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
+            linear=frozenset(n for n, m in model.named_modules() if isinstance(m, nn.Linear)),
+            module_names=tuple(n for n, _ in model.named_modules()),
+            weights=weights,
+            weights_problem=problem,
         )
 
 
@@ -49,36 +73,54 @@ class BaseValidator:
 
     def __init__(self, base: BaseSnapshot, engine_check: Callable[[Adapter], None]) -> None:
         self.base = base
-        self.base_name = str(getattr(base.loaded, "name", "") or "this base")
+        self.base_name = base.name
         self.engine_check = engine_check
         self._partial: dict[tuple[str, ...], str] = {}
+        self._partial_lock = threading.Lock()
 
     def _fingerprint_for(self, train_modules: list[str] | str) -> str:
-        # An adapter that retrains whole modules carries the fingerprint of the base minus
-        # those modules; compute it from the pristine weights file (never from the live
-        # model, whose weights may have an adapter merged in).
+        """This base's fingerprint less the modules `train_modules` selects (what an adapter
+        that retrains them whole carries), from the pristine weights file through the
+        start-up layout: the same whatever the engine has wrapped or merged since.
+
+        Raises `BaseWeightsUnavailableError` when the weights file was not readable at
+        start-up; a file that became unreadable or changed since raises
+        `flora.models.ModelError` (a server fault, never the adapter's)."""
         if not train_modules:
             return self.base.fingerprint
         key = (train_modules,) if isinstance(train_modules, str) else tuple(train_modules)
-        if key not in self._partial:
-            from flora.adapter.io import trained_module_names
-            from flora.fingerprint import base_fingerprint
-            from flora.models import canonical_state_dict
+        with self._partial_lock:  # one read of the weights file per distinct train_modules
+            if key not in self._partial:
+                from flora.adapter.io import trained_module_names
+                from flora.fingerprint import base_fingerprint
 
-            names = trained_module_names(self.base.loaded.model, train_modules)
-            prefixes = tuple(n + "." for n in names)
-            # keyed like the live model, tied copies (lm_head) filled in, as training hashes it
-            state = canonical_state_dict(self.base.loaded)
-            self._partial[key] = base_fingerprint(
-                {k: v for k, v in state.items() if not k.startswith(prefixes)}
-            )
-        return self._partial[key]
+                if self.base.weights is None:
+                    raise BaseWeightsUnavailableError(
+                        "adapters that retrain whole modules (train_modules) cannot be "
+                        f"checked against {self.base_name}: {self.base.weights_problem}"
+                    )
+                names = trained_module_names(self.base.module_names, train_modules)
+                prefixes = tuple(n + "." for n in names)
+                # keyed like the base, tied copies (lm_head) filled in, as training hashes it
+                state = self.base.weights.read()
+                self._partial[key] = base_fingerprint(
+                    {k: v for k, v in state.items() if not k.startswith(prefixes)}
+                )
+            return self._partial[key]
 
     def foreign_base(self, config: dict[str, Any]) -> str | None:
         """For a stored adapter's config JSON (`adapter_config` in its header): None when
         it was trained for this base (its fingerprint is this base's, less the modules it
         retrains whole), else the base it names (`base_model.id`, or its fingerprint). An
-        adapter without a fingerprint (imported) is this base's if it validates."""
+        adapter without a fingerprint (imported) is this base's if it validates; one whose
+        `train_modules` is malformed is this base's only if its fingerprint is this base's
+        whole one (its validation then names the problem).
+
+        A failure to compute this base's fingerprint (its weights file unreadable) raises:
+        it is never taken as a verdict, which would hide the adapter or, in a shared store,
+        hand another base's adapter to this server."""
+        from flora.config import check_patterns
+
         base = config.get("base_model")
         base = base if isinstance(base, dict) else {}
         fingerprint = base.get("fingerprint")
@@ -87,9 +129,10 @@ class BaseValidator:
         settings = config.get("config")
         train_modules = settings.get("train_modules") if isinstance(settings, dict) else None
         try:
-            mine = self._fingerprint_for(train_modules or [])
-        except Exception:  # patterns this base cannot resolve: not an adapter of it
-            mine = None
+            train = check_patterns("train_modules", train_modules or [], False)
+        except ValueError:  # FloraConfig would refuse it: judged by the whole base
+            train = []
+        mine = self._fingerprint_for(train)
         if fingerprint == mine:
             return None
         return str(base.get("id") or fingerprint)

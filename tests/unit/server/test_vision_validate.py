@@ -17,8 +17,10 @@ from torch import nn
 from vision_fixtures import make_base, make_loaded, png_bytes, random_image
 
 import flora
+from flora.adapter import read_embedded_config
 from flora.adapter.io import adapter_from_model, encode_adapter
 from flora.fingerprint import base_fingerprint
+from flora.models import ModelError
 from flora.serving import ServingModel
 from flora_server.adapters.registry import AdapterValidationError
 from flora_server.adapters.validator import BaseSnapshot, BaseValidator
@@ -170,3 +172,133 @@ def test_upload_refuses_misfit_head_with_422_and_nothing_is_stored(client: TestC
     row = r.json()["results"][0]
     assert {p["label"] for p in row} == {"c0", "c1", "c2"}  # the adapter's own 3-class head
     assert sum(p["score"] for p in row) == pytest.approx(1.0, abs=1e-5)
+
+
+# --- the base as uploads are judged must not change once the engine has served adapters ---
+# A served adapter wraps base modules (`stem` -> `stem.base_layer`); the fingerprint of the
+# base less an adapter's `train_modules` used to be computed from the live model's keys, so
+# after any adapter was served a head adapter was a 500 at upload and, once stored, "another
+# base's" adapter (hidden from the list, 404 to GET / DELETE / classify).
+
+
+def test_fingerprint_less_trained_modules_is_the_same_after_wrapping(tmp_path: Path) -> None:
+    loaded = _loaded(tmp_path)
+    fresh = BaseValidator(BaseSnapshot.of(_loaded(tmp_path)), lambda adapter: None)
+    base = BaseSnapshot.of(loaded)
+    serving = ServingModel(loaded.model, max_slots=1)  # the LLM engine's runtime
+    validator = BaseValidator(base, serving.check)
+    serving.load(0, _adapter())  # wraps stem and depthwise
+    assert "stem.base_layer.weight" in loaded.model.state_dict()
+    want = fresh._fingerprint_for(["classifier"])
+    assert validator._fingerprint_for(["classifier"]) == want != base.fingerprint
+    head = _adapter(head=nn.Linear(16, 3), train=["classifier"], labels=3)
+    assert head.fingerprint == want  # what training recorded
+    header = read_embedded_config(_save(head, tmp_path))
+    assert validator.foreign_base(header) is None
+    # the LLM rule (no whole modules) answers as on a fresh server: 422, not a ModelError
+    with pytest.raises(AdapterValidationError, match="replaces whole modules"):
+        validator(_save(head, tmp_path))
+
+
+def test_an_unreadable_base_is_an_error_not_another_base(tmp_path: Path) -> None:
+    loaded = _loaded(tmp_path)
+    validator = BaseValidator(BaseSnapshot.of(loaded), lambda adapter: None)
+    head = _adapter(head=nn.Linear(16, 3), train=["classifier"], labels=3)
+    header = read_embedded_config(_save(head, tmp_path))
+    loaded.source_path.unlink()  # a server fault: the verdict must not be "foreign"
+    with pytest.raises(ModelError, match="cannot read the base weights"):
+        validator.foreign_base(header)
+    # a train_modules FloraConfig would refuse is judged by the whole base's fingerprint
+    mine = {**header, "config": {**header["config"], "train_modules": {"x": 1}}}
+    mine["base_model"] = {**header["base_model"], "fingerprint": loaded.fingerprint}
+    assert validator.foreign_base(mine) is None
+    theirs = {**mine, "base_model": {"id": "other", "fingerprint": "sha256:other"}}
+    assert validator.foreign_base(theirs) == "other"
+
+
+def _vision_app(tmp_path: Path, store: Path) -> TestClient:
+    def factory(settings, registry, metrics):  # type: ignore[no-untyped-def]
+        loaded = _loaded(tmp_path)
+        base = BaseSnapshot.of(loaded)
+        engine = VisionEngine(loaded, registry, max_slots=2, max_wait=0.0, metrics=metrics)
+        return engine, BaseValidator(base, engine.check_adapter)
+
+    settings = Settings(home=tmp_path / "home", adapter_store=str(store))
+    return TestClient(create_app(settings, engine_factory=factory))
+
+
+def _ready(client: TestClient) -> TestClient:
+    for _ in range(500):
+        if client.get("/ready").status_code == 200:
+            return client
+        time.sleep(0.01)
+    raise AssertionError(client.get("/ready").text)
+
+
+def _upload(client: TestClient, adapter_id: str, adapter: object) -> int:
+    archive = adapter if isinstance(adapter, bytes) else encode_adapter(adapter, archive=True)[0]
+    files = {"archive": ("a", archive)}
+    r = client.post("/v1/adapters", data={"adapter_id": adapter_id}, files=files)
+    assert r.status_code in (200, 201), r.text
+    return r.status_code
+
+
+def _classify(client: TestClient, adapter_id: str) -> dict[str, float]:
+    image = png_bytes(random_image(3))
+    r = client.post(
+        "/v1/classify", data={"adapter_id": adapter_id}, files={"files": ("x.png", image)}
+    )
+    assert r.status_code == 200, r.text
+    return {p["label"]: p["score"] for p in r.json()["results"][0]}
+
+
+def _head() -> object:
+    return _adapter(head=nn.Linear(16, 3), train=["classifier"], labels=3)
+
+
+@pytest.mark.parametrize("head_first", [True, False])
+def test_head_adapter_upload_does_not_depend_on_what_was_served(
+    tmp_path: Path, head_first: bool
+) -> None:
+    with _vision_app(tmp_path, tmp_path / "store") as client:
+        _ready(client)
+        order = [("head", _head()), ("plain", _adapter())]
+        for adapter_id, adapter in order if head_first else order[::-1]:
+            assert _upload(client, adapter_id, adapter) == 201
+            _classify(client, adapter_id)  # serve it: the engine wraps its modules
+        scores = _classify(client, "head")
+        assert set(scores) == {"c0", "c1", "c2"}  # the adapter's own 3-class head
+        assert sorted(a["id"] for a in client.get("/v1/adapters").json()["data"]) == [
+            "head",
+            "plain",
+        ]
+    # the same answer whatever the order (same base, same adapter, same image)
+    other = tmp_path / "other"
+    other.mkdir()
+    with _vision_app(other, other / "store") as client:
+        _ready(client)
+        _upload(client, "head", _head())
+        assert _classify(client, "head") == pytest.approx(scores, abs=1e-6)
+
+
+def test_stored_head_adapter_stays_this_bases_after_a_restart(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    head, _ = encode_adapter(_head(), archive=True)  # one `created_at`: the same bytes
+    with _vision_app(tmp_path, store) as client:
+        _ready(client)
+        _upload(client, "head", head)
+        _upload(client, "plain", _adapter())
+        want = _classify(client, "head")
+    with _vision_app(tmp_path, store) as client:  # a restart on the same store
+        _ready(client)
+        _classify(client, "plain")  # another adapter served first: modules wrapped
+        listed = sorted(a["id"] for a in client.get("/v1/adapters").json()["data"])
+        assert listed == ["head", "plain"]
+        r = client.get("/v1/adapters/head")
+        assert r.status_code == 200, r.text
+        assert _classify(client, "head") == pytest.approx(want, abs=1e-6)
+        assert _upload(client, "head", head) == 200  # the same bytes: unchanged
+        assert client.delete("/v1/adapters/head").status_code == 200
+        assert client.get("/v1/adapters/head").status_code == 404
+        assert [a["id"] for a in client.get("/v1/adapters").json()["data"]] == ["plain"]
+        assert _upload(client, "head", head) == 201
