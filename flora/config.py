@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
+
+from flora.linear_regex import compile_linear
 
 if TYPE_CHECKING:
     from flora.kinds import ModuleSpec
@@ -20,12 +21,13 @@ _CONV_KINDS = frozenset({"conv1d", "conv2d", "conv3d"})
 def name_matches(name: str, patterns: Sequence[str] | str) -> bool:
     """Whether a qualified module name is selected by ``patterns``.
 
-    A string is a regular expression that must match the whole name; a list holds
+    A string is a regular expression that must match the whole name (run on RE2, in
+    time linear in the name: ``flora.linear_regex``); a list holds
     suffixes matched on whole dotted components (``"q_proj"`` matches
     ``"model.layers.0.self_attn.q_proj"`` but not ``"model.xq_proj"``).
     """
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
+    if isinstance(patterns, str):  # linear time: patterns come with adapters
+        return compile_linear(patterns).fullmatch(name) is not None
     return any(_is_suffix(name, p) for p in patterns)
 
 
@@ -178,9 +180,9 @@ def check_patterns(field_name: str, value: Any, required: bool) -> list[str] | s
                 raise ValueError(f"{field_name} must not be empty")
             return []
         try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"{field_name} is not a valid regex: {exc}") from None
+            compile_linear(value)
+        except ValueError as exc:
+            raise ValueError(f"{field_name} {exc}") from None
         return value
     if not isinstance(value, Sequence) or not all(isinstance(s, str) and s for s in value):
         raise ValueError(f"{field_name} must be a regex string or a list of non-empty names")

@@ -28,9 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import re2  # type: ignore[import-untyped]
-
 from flora.errors import AdapterConfigError
+from flora.linear_regex import compile_linear
 
 __all__ = ["MAX_PATTERN_KEYS", "MAX_PATTERN_KEY_CHARS", "PatternKeys", "PeftLoraConfig"]
 
@@ -42,8 +41,6 @@ DEFAULT_LORA_ALPHA = 8.0
 
 # No regular-expression syntax but `.`: compared without a regex engine.
 _PLAIN_KEY = re.compile(r"[^\\^$*+?{}\[\]|()]+")
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # a refused key is reported to the client, not to stderr
 
 
 def _plain_matches(key: str, name: str) -> bool:
@@ -65,18 +62,11 @@ class _RegexKey:
 
     def __init__(self, field: str, key: str) -> None:
         try:
-            re.compile(key)  # PEFT's reading of it; compiling never backtracks
-        except re.error as exc:
+            self._regex = compile_linear(rf"(.*\.)?({key})$")
+        except ValueError as exc:
             raise AdapterConfigError(
-                f"PEFT {field} key {key!r} is not a regular expression PEFT can read: {exc}"
-            ) from None
-        try:
-            self._regex = re2.compile(rf"(.*\.)?({key})$", _RE2_OPTIONS)
-        except re2.error:
-            raise AdapterConfigError(
-                f"PEFT {field} key {key!r} uses regex syntax this server does not run "
-                "(look-around, back-references, ...): pattern keys are module-name suffixes "
-                "or regular expressions matched in linear time (RE2)"
+                f"PEFT {field} key {key!r} {exc}: pattern keys are module-name suffixes or "
+                "regular expressions matched in linear time"
             ) from None
 
     def __call__(self, name: str) -> bool:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +85,30 @@ def test_regex_must_fullmatch():
     assert not cfg.is_target("model.layers.1.self_attn.v_proj.base")  # no partial match
     assert not cfg.is_target("xmodel.layers.1.self_attn.v_proj")
     assert not FloraConfig(target_modules="q_proj").is_target("model.q_proj")
+
+
+def test_regex_selections_run_in_linear_time_as_python_would_match_them():
+    """Regex selections come with adapters (untrusted on a server): they run on RE2, so a
+    pattern Python's `re` would backtrack on for minutes answers at once, in a process of
+    its own so that a backtracking engine fails the test instead of hanging it; patterns
+    RE2 cannot run in linear time are refused naming the field; ordinary ones select what
+    `re.fullmatch` selects."""
+    script = (
+        "from flora.config import FloraConfig, name_matches\n"
+        "name = 'model.layers.0.self_attn.' + 'q' * 40\n"
+        "assert not name_matches(name, '(.*.*)*z')\n"
+        "assert not FloraConfig(target_modules='(q*)*z').is_target(name)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", script], cwd=root, timeout=30, check=True)
+    for bad in (r"(?=model)model\..*", r"(q)_proj\1"):  # look-ahead, back-reference
+        with pytest.raises(ValueError, match=r"target_modules .*linear time"):
+            FloraConfig(target_modules=bad)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.10.mlp.down_proj", "lm_head"]
+    for pattern in (r".*\.(q|v)_proj", r"model\.layers\.\d\..*", r"(?i)LM_head", r"[^.]+"):
+        assert [name_matches(n, pattern) for n in names] == [
+            re.fullmatch(pattern, n) is not None for n in names
+        ], pattern
 
 
 def test_train_modules_matching():
