@@ -1,8 +1,10 @@
 """Structured output for the generation routes: `response_format` (OpenAI and LoRAX shapes)
-becomes a per-request `TokenConstraint` that the engine applies to that row only."""
+and TGI's `grammar` become a per-request `TokenConstraint` that the engine applies to that
+row only."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from flora_server.engine.constraints import ConstraintError, ConstraintSpec
@@ -44,7 +46,8 @@ def from_tgi(grammar: TGIGrammar | None) -> ConstraintSpec | None:
             raise invalid_field("parameters.grammar", f"longer than {MAX_SCHEMA_CHARS} chars")
         return ConstraintSpec("regex", pattern=grammar.value)
     assert isinstance(grammar.value, dict)
-    return ConstraintSpec("json_schema", grammar.value) if grammar.value else None
+    # `{}` is JSON Schema's accept-anything schema: any JSON value, still enforced.
+    return ConstraintSpec("json_schema", grammar.value)
 
 
 async def attach(
@@ -55,12 +58,19 @@ async def attach(
 ) -> None:
     """Compile `spec` for `engine`'s tokenizer into `request.constraint` (422 naming
     `param` when the schema is too large, cannot be compiled, or the engine has no
-    grammar support)."""
+    grammar support; a grammar found unsatisfiable while generating names `param` too).
+
+    A constrained request ends where its grammar does: the grammar allows the end of
+    sequence only once its text is complete, and then nothing else, so `ignore_eos` is
+    turned off for it (generating on would either break the grammar or, with the matcher
+    ended, emit end-of-sequence tokens until `max_new_tokens`)."""
     if spec is None:
         return
     if spec.schema is not None and len(json.dumps(spec.schema)) > MAX_SCHEMA_CHARS:
         raise invalid_field(param, f"the schema is larger than {MAX_SCHEMA_CHARS} characters")
     try:
-        request.constraint = await engine.compile_constraint(spec)
+        request.constraint = await engine.compile_constraint(dataclasses.replace(spec, field=param))
     except ConstraintError as exc:
         raise invalid_field(param, str(exc)) from None
+    if request.params.ignore_eos:
+        request.params = dataclasses.replace(request.params, ignore_eos=False)

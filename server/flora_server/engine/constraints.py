@@ -13,7 +13,12 @@ batch. The protocol is the one of grammar matchers (xgrammar, llguidance):
 (`sample_tokens`), so every engine that samples through it supports constraints.
 
 When the grammar is complete the mask allows only the stop tokens, which are the engine's
-EOS ids, so a constrained row ends with finish reason "eos" as soon as its JSON is whole.
+EOS ids, so a constrained row ends with finish reason "eos" as soon as its JSON is whole
+(the API turns `ignore_eos` off for a constrained request: its grammar's end is its end).
+A matcher that has accepted its stop token still answers `fill_bitmask`, with the stop
+tokens only. A grammar can also reach a dead end, a point where it allows no token and not
+the end either (the regex `ab[^\\s\\S]` after `ab`): no output matches it, so the request
+fails with `protocol.GrammarDeadEndError`, a 422 naming the field the grammar came from.
 
 xgrammar was chosen over llguidance and outlines-core: the mask costs about the same as
 llguidance's per token (see docs/performance.md), grammars compile ahead of the first step
@@ -46,23 +51,50 @@ class TokenConstraint(Protocol):
 
 @dataclass(frozen=True)
 class ConstraintSpec:
-    """What a request asked for: any JSON object, JSON matching `schema`, or text matching
-    the regular expression `pattern` (TGI's `grammar` of type `regex`)."""
+    """What a request asked for: any JSON object, JSON matching `schema` (`{}`: any JSON
+    value), or text matching the regular expression `pattern` (TGI's `grammar` of type
+    `regex`). `field` names the request field it came from, for errors found while
+    generating."""
 
     kind: Literal["json_object", "json_schema", "regex"]
     schema: dict[str, Any] | None = None
     pattern: str | None = None
+    field: str | None = None
+
+    @property
+    def what(self) -> str:
+        return "regular expression" if self.kind == "regex" else "JSON schema"
 
 
 class ConstraintError(ValueError):
     """The schema cannot be compiled (unsupported keyword, malformed schema)."""
 
 
+def dead_end_message(constraint: TokenConstraint | None) -> tuple[str, str]:
+    """The 422 for a row whose grammar reached a dead end (`GrammarDeadEndError`): its
+    message and the request field its spec came from (a constraint without one:
+    "grammar")."""
+    spec = getattr(constraint, "spec", None)
+    field = (spec.field if isinstance(spec, ConstraintSpec) else None) or "grammar"
+    what = spec.what if isinstance(spec, ConstraintSpec) else "grammar"
+    message = (
+        f"{field}: no output can match the {what}: after the text generated so far it "
+        "allows neither another token nor the end"
+    )
+    return message, field
+
+
 class _XgrammarConstraint:
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, spec: ConstraintSpec) -> None:
         self._matcher = matcher
+        self.spec = spec
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        if self._matcher.is_terminated():
+            # xgrammar refuses to mask after its stop token; the grammar has ended, so
+            # only a stop token may follow (a caller that runs the row on through EOS).
+            set_only(bitmask, row, self._matcher.stop_token_ids)
+            return
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token: int) -> bool:
@@ -111,9 +143,8 @@ class GrammarCompiler:
                         strict_mode=True,
                     )
         except (RuntimeError, ValueError, TypeError) as exc:
-            what = "regular expression" if spec.kind == "regex" else "JSON schema"
-            raise ConstraintError(f"cannot compile the {what}: {exc}") from None
-        return _XgrammarConstraint(self._xgr.GrammarMatcher(grammar))
+            raise ConstraintError(f"cannot compile the {spec.what}: {exc}") from None
+        return _XgrammarConstraint(self._xgr.GrammarMatcher(grammar), spec)
 
 
 def allocate_bitmask(batch: int, vocab_size: int, device: torch.device | str) -> torch.Tensor:
@@ -126,3 +157,12 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [B, W, 32]
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def set_only(bitmask: torch.Tensor, row: int, tokens: Iterable[int]) -> None:
+    """Allow exactly `tokens` in row `row` of a packed bitmask `[B, W]` int32."""
+    words = [0] * bitmask.shape[1]
+    for t in tokens:
+        words[t // 32] |= 1 << (t % 32)
+    signed = [w - (1 << 32) if w >= 1 << 31 else w for w in words]  # int32's bit 31
+    bitmask[row] = torch.tensor(signed, dtype=torch.int32, device=bitmask.device)

@@ -166,6 +166,12 @@ class InvalidRequestError(EngineError, ValueError):
         self.param = param
 
 
+class GrammarDeadEndError(InvalidRequestError):
+    """Generation reached a point where the request's grammar allows no token and not the
+    end either: no output can match it (the client's grammar is unsatisfiable, a 422;
+    `constraints.dead_end_message` words it)."""
+
+
 class RequestFailedError(EngineError):
     """This request failed inside the engine; other requests are unaffected."""
 

@@ -8,7 +8,10 @@ for different settings. A neutral value switches a processor off for its row (te
 The order is the one of transformers' `generate`: repetition penalty, temperature, top-k,
 top-p, then sample (or argmax for greedy rows). A row with a `TokenConstraint` (structured
 output) has the tokens its grammar forbids masked to -inf first, and its constraint advanced
-past the chosen token: `sample_tokens` does all of it, and is what engines call.
+past the chosen token: `sample_tokens` does all of it, and is what engines call. No
+logits a valid request can lead to make it raise: a sampled row whose processed logits are
+not finite is drawn by their limit (`sampling_probs`), and a row whose grammar allows
+nothing is reported, not drawn from.
 """
 
 from __future__ import annotations
@@ -18,8 +21,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from flora_server.engine.constraints import TokenConstraint, allocate_bitmask, unpack_bitmask
-from flora_server.engine.protocol import Logprob, SamplingParams
+from flora_server.engine.constraints import (
+    TokenConstraint,
+    allocate_bitmask,
+    dead_end_message,
+    unpack_bitmask,
+)
+from flora_server.engine.protocol import GrammarDeadEndError, Logprob, SamplingParams
 
 
 class SamplingTensors:
@@ -158,16 +166,43 @@ def select_tokens(
     """Pick one token per row: argmax for greedy rows, a draw from softmax(logits) for
     sampling rows using the row's own generator (so a seeded request reproduces its output
     whatever else is in the batch). logits: [B, V] (processed); returns [B] int64.
-    `do_sample` None says no row samples (no device sync)."""
+    `do_sample` None says no row samples (no device sync). A sampling row never raises on
+    logits that are not finite (`sampling_probs`)."""
     tokens = logits.argmax(dim=-1)
     if do_sample is None:
         return tokens
     rows = do_sample.nonzero().flatten().tolist()
     if rows:
-        probs = logits[rows].float().softmax(dim=-1)  # [S, V]
-        for i, row in enumerate(rows):
-            tokens[row] = torch.multinomial(probs[i], 1, generator=generators[row])[0]
+        probs, drawable = sampling_probs(logits[rows])  # [S, V], [S]
+        for i, (row, ok) in enumerate(zip(rows, drawable.tolist(), strict=True)):
+            if ok:  # else the row keeps its argmax: no token has a probability to draw
+                tokens[row] = torch.multinomial(probs[i], 1, generator=generators[row])[0]
     return tokens
+
+
+def sampling_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(logits) per row, defined for logits that are not all finite.
+
+    A NaN logit is never drawn (as -inf); +inf logits share the row's mass equally (the
+    limit of softmax as they grow), where a plain softmax would give NaN and
+    `torch.multinomial` raise. logits: [S, V] -> (probs [S, V] float32, drawable [S] bool):
+    a row with every logit -inf or NaN has no distribution (drawable False, probs NaN)."""
+    x = logits.float()
+    x = torch.where(x.isnan(), float("-inf"), x)
+    pos_inf = x == float("inf")
+    x = torch.where(pos_inf.any(dim=-1, keepdim=True), pos_inf.float().log(), x)
+    drawable = (x > float("-inf")).any(dim=-1)
+    return x.softmax(dim=-1), drawable
+
+
+def allowed_tokens(constraints: Sequence[TokenConstraint | None], vocab_size: int) -> torch.Tensor:
+    """[B, V] bool on the host: the tokens each row's grammar allows next (every token for a
+    free row)."""
+    bitmask = allocate_bitmask(len(constraints), vocab_size, "cpu")  # matchers write host memory
+    for i, constraint in enumerate(constraints):
+        if constraint is not None:
+            constraint.fill_bitmask(bitmask, i)
+    return unpack_bitmask(bitmask, vocab_size)
 
 
 def apply_constraints(
@@ -175,14 +210,9 @@ def apply_constraints(
 ) -> torch.Tensor:
     """Mask, per constrained row, the tokens its grammar does not allow next to -inf.
     logits: [B, V]; constraints: one per row (None = free). Free rows are unchanged."""
-    rows = [i for i, c in enumerate(constraints) if c is not None]
-    if not rows:
+    if all(c is None for c in constraints):
         return logits
-    vocab = logits.shape[-1]
-    bitmask = allocate_bitmask(len(constraints), vocab, "cpu")  # matchers write host memory
-    for i in rows:
-        constraints[i].fill_bitmask(bitmask, i)  # type: ignore[union-attr]
-    allowed = unpack_bitmask(bitmask, vocab).to(logits.device)  # [B, V]
+    allowed = allowed_tokens(constraints, logits.shape[-1]).to(logits.device)  # [B, V]
     return logits.masked_fill(~allowed, float("-inf"))
 
 
@@ -192,22 +222,33 @@ def sample_tokens(
     seen: torch.Tensor | None,
     generators: Sequence[torch.Generator | None],
     constraints: Sequence[TokenConstraint | None] | None = None,
-) -> tuple[torch.Tensor, list[int]]:
+) -> tuple[torch.Tensor, dict[int, Exception]]:
     """Constrain, process and select one token per row, then advance each row's constraint
-    past its token. logits: [B, V] float32 (raw). Returns the tokens [B] int64 and the rows
-    whose grammar refused their token (the mask makes that impossible short of a matcher
-    bug; the engine fails those requests alone)."""
+    past its token. logits: [B, V] float32 (raw).
+
+    Returns the tokens [B] int64 and the rows the engine must fail, each with its error
+    (the others are unaffected): a row whose grammar allows no token and not the end
+    either has reached a dead end, so no text matches the grammar (`GrammarDeadEndError`,
+    the client's 422; its token is a placeholder and its constraint does not advance); a
+    row whose grammar refused the token its own mask allowed is a matcher bug (a
+    ValueError, a 500)."""
+    failed: dict[int, Exception] = {}
     if constraints is not None:
-        logits = apply_constraints(logits, constraints)
+        allowed = allowed_tokens(constraints, logits.shape[-1])  # [B, V] on the host
+        for row in (~allowed.any(dim=-1)).nonzero().flatten().tolist():
+            message, field = dead_end_message(constraints[row])
+            failed[row] = GrammarDeadEndError(message, param=field)
+            allowed[row] = True  # a placeholder draw, never emitted
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     processed = process_logits(logits, params, seen)
     tokens = select_tokens(processed, params.do_sample if params.sampling else None, generators)
-    refused = []
     if constraints is not None:
         for row, (constraint, token) in enumerate(zip(constraints, tokens.tolist(), strict=True)):
-            live = constraint is not None and not constraint.is_terminated()
-            if live and not constraint.accept(token):  # type: ignore[union-attr]
-                refused.append(row)
-    return tokens, refused
+            if constraint is None or row in failed or constraint.is_terminated():
+                continue
+            if not constraint.accept(token):
+                failed[row] = ValueError(f"the output grammar refused token {token}")
+    return tokens, failed
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:

@@ -229,13 +229,13 @@ class Stepper:
         """Tokens [B] for `rows`. If the batched processing raises, each row is sampled
         alone and a row that still raises fails by itself (its token is a placeholder
         that is never emitted); a single row's failure propagates to the caller. A row
-        whose output grammar refused its token fails alone too."""
+        whose output grammar cannot go on fails alone too, with the error sampling gives."""
         try:
-            tokens, refused = _select(rows, logits)
+            tokens, failed = _select(rows, logits)
         except Exception:
             if len(rows) == 1:
                 raise
-            tokens, refused = torch.zeros(len(rows), dtype=torch.long, device=logits.device), []
+            tokens, failed = torch.zeros(len(rows), dtype=torch.long, device=logits.device), {}
             for i, row in enumerate(rows):
                 if row.finished is not None:
                     continue
@@ -245,9 +245,10 @@ class Stepper:
                     self.fail([row], exc)
                     continue
                 tokens[i] = one[0]
-                refused += [i] if bad else []
-        if refused:
-            self.fail([rows[i] for i in refused], ValueError("the output grammar refused a token"))
+                if bad:
+                    failed[i] = bad[0]
+        for i, error in failed.items():
+            self.fail([rows[i]], error)
         return tokens
 
     @staticmethod
@@ -379,9 +380,11 @@ class Stepper:
         batch.decode(self.model)
 
 
-def _select(rows: Sequence[RowState], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+def _select(
+    rows: Sequence[RowState], logits: torch.Tensor
+) -> tuple[torch.Tensor, dict[int, Exception]]:
     """Constrain and process `logits` [B, V] with each row's parameters and grammar, and pick
-    its token [B]; also the rows whose grammar refused their token."""
+    its token [B]; also the rows whose grammar cannot go on, with their errors."""
     params = [r.request.params for r in rows]
     tensors = SamplingTensors.from_params(params, logits.device)
     seen = None

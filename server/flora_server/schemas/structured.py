@@ -3,9 +3,15 @@ OpenAI and LoRAX shapes, and LoRAX's `merged_adapters`."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flora_server.schemas.limits import Probability
+
+# A merge weight scales an adapter's factors: any finite number (NaN and Infinity, which
+# Python's JSON parser accepts, are a 422 here rather than a broken merge later).
+MergeWeight = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class JsonSchemaFormat(BaseModel):
@@ -52,10 +58,10 @@ class MergedAdapters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ids: list[str] = Field(min_length=1, max_length=8)
-    weights: list[float] = Field(min_length=1, max_length=8)
+    weights: list[MergeWeight] = Field(min_length=1, max_length=8)
     merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
     majority_sign_method: Literal["total", "frequency"] = "total"
-    density: float = Field(1.0, gt=0, le=1)
+    density: Probability = 1.0
 
     @model_validator(mode="after")
     def _same_length(self) -> MergedAdapters:

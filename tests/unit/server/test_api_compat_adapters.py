@@ -3,6 +3,7 @@ adapter_source, merged_adapters and vLLM's load/unload_lora_adapter (no model)."
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,6 +29,13 @@ def app(tmp_path, lora_root):
 
 def _generate(client, **parameters):
     return client.post("/generate", json={"inputs": "hi", "parameters": parameters})
+
+
+def _generate_raw(client, **parameters):
+    """As `_generate`, with NaN and infinities sent as the literals Python's JSON parser
+    reads (`NaN`, `Infinity`), which httpx's own JSON encoding refuses."""
+    body = json.dumps({"inputs": "hi", "parameters": parameters})
+    return client.post("/generate", content=body, headers={"content-type": "application/json"})
 
 
 def test_confined_path_follows_symlinks_and_dotdot_before_comparing(tmp_path, lora_root):
@@ -104,6 +112,25 @@ def test_merged_adapters_request_errors(app):
     assert r.status_code == 422 and "adapter_id or merged_adapters" in r.text
     r = _generate(client, merged_adapters=merge)
     assert r.status_code == 404 and "'a'" in r.text
+
+
+def test_merge_weights_and_density_must_be_finite_and_the_422_names_them(app):
+    """Python's JSON parser reads NaN and Infinity: refused by the schema, naming the weight,
+    not blamed later on the stored adapter's files. Nothing is merged or queued."""
+    client, engine = app
+    for field in ("merged_adapters", "adapter_parameters"):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            merge = {"ids": ["a", "b"], "weights": [0.5, bad]}
+            r = _generate_raw(client, max_new_tokens=2, **{field: merge})
+            assert r.status_code == 422, (field, bad, r.text)
+            assert r.json()["param"] == f"parameters.{field}.weights.1"
+            assert r.json()["error"] == (
+                f"parameters.{field}.weights.1: Input should be a finite number"
+            )
+        merge = {"ids": ["a"], "weights": [1.0], "density": float("nan")}
+        r = _generate_raw(client, **{field: merge})
+        assert r.status_code == 422 and r.json()["param"] == f"parameters.{field}.density"
+    assert engine.requests == []
 
 
 def test_load_lora_adapter_confined_named_and_vllm_shaped(app, lora_root, tmp_path):

@@ -21,6 +21,7 @@ from flora_server.engine.sampling import (
     make_generator,
     process_logits,
     sample_tokens,
+    sampling_probs,
     seen_mask,
     select_tokens,
 )
@@ -197,3 +198,43 @@ def test_a_greedy_batch_copies_no_parameter_to_the_device() -> None:
     mixed = SamplingTensors.from_params([SamplingParams(), SamplingParams(do_sample=True, seed=3)])
     sample_tokens(logits[:2], mixed, None, [None, torch.Generator().manual_seed(3)])
     assert "do_sample" in vars(mixed)
+
+
+def test_sampling_draws_by_the_limit_of_logits_that_are_not_finite() -> None:
+    """+inf logits share the mass, NaN logits are never drawn, and a row with nothing to
+    draw keeps its argmax: `torch.multinomial` would raise on all three."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.zeros(3, 10)
+    logits[0, 2] = logits[0, 7] = inf
+    logits[1, :5] = nan  # the rest 0: uniform over tokens 5 to 9
+    logits[2] = -inf
+    probs, drawable = sampling_probs(logits)
+    assert drawable.tolist() == [True, True, False]
+    assert probs[0].tolist() == [0, 0, 0.5, 0, 0, 0, 0, 0.5, 0, 0]
+    torch.testing.assert_close(probs[1], torch.tensor([0.0] * 5 + [0.2] * 5))
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    drawn: list[set[int]] = [set(), set(), set()]
+    for _ in range(40):
+        tokens = select_tokens(logits, torch.tensor([True] * 3), gens)
+        for row, token in enumerate(tokens.tolist()):
+            drawn[row].add(token)
+    assert drawn == [{2, 7}, {5, 6, 7, 8, 9}, {0}]
+
+
+def test_a_penalty_that_zeroes_in_float32_never_crashes_sampling() -> None:
+    """A penalty the schemas refuse (below 0.01) but an engine caller could pass: 1e-300 is
+    0 in float32, so seen positive logits become +inf and the rest NaN or -0. The sampled
+    row draws among the +inf ones (the limit), the greedy row takes one of them."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0, 3.0]] * 2)
+    seen = seen_mask([[0, 1, 2, 3], [0, 1, 2, 3]], 5, "cpu")
+    params = [SamplingParams(repetition_penalty=1e-300, do_sample=True, seed=1)] * 2
+    params[1] = SamplingParams(repetition_penalty=1e-300)
+    tensors = SamplingTensors.from_params(params)
+    gens = [torch.Generator().manual_seed(1), None]
+    drawn = set()
+    for _ in range(30):
+        tokens, failed = sample_tokens(logits, tensors, seen, gens)
+        assert failed == {}
+        drawn.add(int(tokens[0]))
+        assert int(tokens[1]) in (0, 2)
+    assert drawn == {0, 2}

@@ -1,0 +1,121 @@
+"""The attack run's reproductions on the real SmolLM2-135M-Instruct served in-process: a
+repetition penalty that float32 rounds to 0, a grammar with `ignore_eos_token`, grammars
+that no output can match, and TGI's empty JSON schema. Each is a clear answer (a 200 that
+keeps to its grammar, or a 422 naming the field), never a 500."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+
+BASE = "smollm2-135m-instruct"
+DEAD_END = r"ab[^\s\S]"
+LEAKS = ("RuntimeError", "ValueError", "xgrammar", "grammar_matcher", "probability tensor")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from flora_server.main import create_app
+    from flora_server.settings import Settings
+
+    work = tmp_path_factory.mktemp("srv")
+    settings = Settings(model=BASE, adapter_store=str(work / "store"), max_new_tokens=64)
+    with TestClient(create_app(settings)) as c:
+        deadline = time.monotonic() + 300
+        while c.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, c.get("/ready").json()
+            time.sleep(0.2)
+        yield c
+
+
+def _sse(text: str) -> list:
+    return [
+        block[len("data: ") :] if block == "data: [DONE]" else json.loads(block[len("data: ") :])
+        for block in text.split("\n\n")
+        if block.strip()
+    ]
+
+
+def test_a_tiny_repetition_penalty_is_422_naming_it(client) -> None:
+    r = client.post(
+        "/v1/completions",
+        json={"model": BASE, "prompt": "Hi Hi Hi", "max_tokens": 4, "repetition_penalty": 1e-300,
+              "temperature": 1, "seed": 1},
+    )  # fmt: skip
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == "repetition_penalty"
+    params = {"repetition_penalty": 1e-40, "do_sample": True, "max_new_tokens": 3}
+    r = client.post("/generate", json={"inputs": "Hi Hi", "parameters": params})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"].startswith("parameters.repetition_penalty: ")
+    params["repetition_penalty"] = 0.01  # the smallest accepted, sampled: served
+    r = client.post("/generate", json={"inputs": "Hi Hi", "parameters": params})
+    assert r.status_code == 200 and r.json()["details"]["generated_tokens"] == 3, r.text
+
+
+def test_json_grammar_with_ignore_eos_token_ends_with_its_json(client) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    params = {"max_new_tokens": 12, "ignore_eos_token": True,
+              "grammar": {"type": "json", "value": schema}}  # fmt: skip
+    body = {"inputs": "Give me JSON:", "parameters": params}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    text = r.json()["generated_text"]
+    assert isinstance(json.loads(text)["a"], int), text
+    assert r.json()["details"]["finish_reason"] == "eos_token"
+    events = _sse(client.post("/generate_stream", json=body).text)
+    assert all("error" not in e for e in events), events
+    assert events[-1]["generated_text"] == text
+    assert events[-1]["details"]["finish_reason"] == "eos_token"
+
+
+def test_a_grammar_no_output_can_match_is_422_naming_it(client) -> None:
+    grammar = {"type": "regex", "value": DEAD_END}
+    for sample in (False, True):
+        params = {"max_new_tokens": 8, "do_sample": sample, "seed": 1, "grammar": grammar}
+        r = client.post("/generate", json={"inputs": "x", "parameters": params})
+        assert r.status_code == 422, r.text
+        assert r.json()["param"] == "parameters.grammar"
+        assert r.json()["error"].startswith("parameters.grammar: no output can match")
+        assert not any(leak in r.text for leak in LEAKS), r.text
+    params = {"max_new_tokens": 8, "grammar": grammar}
+    r = client.post("/generate_stream", json={"inputs": "x", "parameters": params})
+    last = _sse(r.text)[-1]
+    assert last["error"].startswith("parameters.grammar: ") and last["error_type"] == "validation"
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "string", "pattern": DEAD_END}},
+    }
+    body = {"model": BASE, "prompt": "x", "max_tokens": 8, "response_format": fmt}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == "response_format" and error["type"] == "invalid_request_error"
+    assert not any(leak in r.text for leak in LEAKS), r.text
+    events = _sse(client.post("/v1/completions", json={**body, "stream": True}).text)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["message"].startswith("response_format: no output can match")
+
+
+# SmolLM2's chat format: asked for JSON, unconstrained it writes Python code instead.
+CAT = (
+    "<|im_start|>user\nGive me a small JSON object about a cat.<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@pytest.mark.parametrize("kind", ["json", "json_object"])
+def test_an_empty_json_schema_grammar_gives_json(client, kind) -> None:
+    """`{}` accepts any JSON value and is enforced: the answer is whole JSON ending at EOS
+    (the model's own answer to CAT starts with a Python code block)."""
+    free = client.post("/generate", json={"inputs": CAT, "parameters": {"max_new_tokens": 64}})
+    assert free.json()["generated_text"].startswith("```")
+    params = {"max_new_tokens": 64, "grammar": {"type": kind, "value": {}}}
+    r = client.post("/generate", json={"inputs": CAT, "parameters": params})
+    assert r.status_code == 200, r.text
+    assert r.json()["details"]["finish_reason"] == "eos_token", r.text
+    assert isinstance(json.loads(r.json()["generated_text"])["name"], str), r.text
