@@ -44,9 +44,9 @@ from flora_server.schemas.openai import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    SamplingFields,
     Usage,
 )
-from flora_server.schemas.openai import _SamplingFields as SamplingFields
 
 logger = logging.getLogger(__name__)
 router = APIRouter(
@@ -85,6 +85,7 @@ def _decoding(
         seed=body.seed,
         stop=stop,
         logprobs=logprobs,
+        ignore_eos=bool(body.ignore_eos),
     )
 
 
@@ -113,8 +114,8 @@ async def _request(
         )
     except APIError as exc:
         raise conventions.openai_error(exc, body.model) from None
-    spec = structured.from_openai(body.response_format)
-    await structured.attach(engine, request, spec, "response_format")
+    spec, param = structured.from_openai_request(body)
+    await structured.attach(engine, request, spec, param)
     return request
 
 
@@ -342,8 +343,9 @@ async def chat_completions(
     tool_plan = tools.plan(body.tools, body.tool_choice)
     if tool_plan is not None and body.stream:
         raise invalid_field("stream", "tool calls are not streamed; send stream: false")
-    if tool_plan is not None and structured.from_openai(body.response_format) is not None:
-        raise invalid_field("response_format", "give tools or a JSON response_format, not both")
+    if tool_plan is not None and structured.from_openai_request(body)[0] is not None:
+        param = structured.from_openai_request(body)[1]
+        raise invalid_field(param, f"give tools or {param}, not both")
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid_field("top_logprobs", "needs logprobs=true")
     max_tokens = body.max_completion_tokens or body.max_tokens

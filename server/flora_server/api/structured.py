@@ -10,6 +10,7 @@ import json
 from flora_server.engine.constraints import ConstraintError, ConstraintSpec
 from flora_server.engine.protocol import GenerationEngine, GenerationRequest
 from flora_server.errors import invalid_field
+from flora_server.schemas.openai import SamplingFields
 from flora_server.schemas.structured import (
     LoraxResponseFormat,
     OpenAIResponseFormat,
@@ -29,6 +30,54 @@ def from_openai(fmt: OpenAIResponseFormat | None) -> ConstraintSpec | None:
     return ConstraintSpec("json_schema", fmt.json_schema.schema_)
 
 
+def from_openai_request(body: SamplingFields) -> tuple[ConstraintSpec | None, str]:
+    """The constraint an OpenAI-route request asks for, and the field it came from:
+    `response_format`, or one of vLLM's guided-decoding extras (`guided_json`: a JSON
+    schema, as an object or a JSON string; `guided_regex`; `guided_choice`: exactly one of
+    the strings). More than one of them is a 422."""
+    given = [
+        name
+        for name in ("response_format", "guided_json", "guided_regex", "guided_choice")
+        if getattr(body, name) is not None
+    ]
+    if len(given) > 1:
+        raise invalid_field(given[1], f"give one of {', '.join(given)}, not several")
+    if not given or given[0] == "response_format":
+        return from_openai(body.response_format), "response_format"
+    if body.guided_json is not None:
+        schema = body.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise invalid_field("guided_json", f"is not JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise invalid_field("guided_json", "must be a JSON schema object")
+        return ConstraintSpec("json_schema", schema), "guided_json"
+    if body.guided_regex is not None:
+        return _regex(body.guided_regex, "guided_regex"), "guided_regex"
+    assert body.guided_choice is not None
+    if not all(body.guided_choice):
+        raise invalid_field("guided_choice", "the choices must be non-empty strings")
+    alternatives = "|".join(_literal(choice) for choice in body.guided_choice)
+    return _regex(f"({alternatives})", "guided_choice"), "guided_choice"
+
+
+def _literal(text: str) -> str:
+    """`text` as a regular expression matching exactly it (the grammar engine's regex
+    syntax: a backslash before each metacharacter, every other character itself)."""
+    return "".join(f"\\{c}" if c in _REGEX_SYNTAX else c for c in text)
+
+
+_REGEX_SYNTAX = frozenset("\\.^$*+?()[]{}|")
+
+
+def _regex(pattern: str, param: str) -> ConstraintSpec:
+    if len(pattern) > MAX_SCHEMA_CHARS:
+        raise invalid_field(param, f"longer than {MAX_SCHEMA_CHARS} characters")
+    return ConstraintSpec("regex", pattern=pattern)
+
+
 def from_lorax(fmt: LoraxResponseFormat | None) -> ConstraintSpec | None:
     if fmt is None:
         return None
@@ -42,9 +91,7 @@ def from_tgi(grammar: TGIGrammar | None) -> ConstraintSpec | None:
         return None
     if grammar.type == "regex":
         assert isinstance(grammar.value, str)  # the model's validator
-        if len(grammar.value) > MAX_SCHEMA_CHARS:
-            raise invalid_field("parameters.grammar", f"longer than {MAX_SCHEMA_CHARS} chars")
-        return ConstraintSpec("regex", pattern=grammar.value)
+        return _regex(grammar.value, "parameters.grammar")
     assert isinstance(grammar.value, dict)
     # `{}` is JSON Schema's accept-anything schema: any JSON value, still enforced.
     return ConstraintSpec("json_schema", grammar.value)

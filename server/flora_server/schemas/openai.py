@@ -19,6 +19,7 @@ from flora_server.schemas.limits import (
 from flora_server.schemas.structured import OpenAIResponseFormat
 
 MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
+MAX_CHOICES = 256  # guided_choice alternatives
 
 
 class StreamOptions(BaseModel):
@@ -28,13 +29,13 @@ class StreamOptions(BaseModel):
 # vLLM's extras (its sampling and prompt fields, sent through `extra_body`) that this
 # server does not honour, with the values that mean "unset" there: any other value is a
 # 422 naming the field, where ignoring it would answer a different question than the
-# client asked. `top_k` and `repetition_penalty` are honoured (fields below).
+# client asked. `top_k`, `repetition_penalty`, `ignore_eos`, `guided_json`, `guided_regex`
+# and `guided_choice` are honoured (fields below).
 _VLLM_UNHONOURED: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,),
     "min_p": (0, 0.0),
     "length_penalty": (1, 1.0),
     "min_tokens": (0,),
-    "ignore_eos": (False,),
     "stop_token_ids": ([],),
     "include_stop_str_in_output": (False,),
     "skip_special_tokens": (True,),
@@ -45,9 +46,6 @@ _VLLM_UNHONOURED: dict[str, tuple[Any, ...]] = {
     "bad_words": ([],),
     "logits_processors": ([],),
     "return_tokens_as_token_ids": (False,),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": ([],),
     "guided_grammar": (),
     "guided_decoding_backend": (),
     "guided_whitespace_pattern": (),
@@ -82,7 +80,7 @@ def _default_for_null(model: type[BaseModel], value: Any, info: ValidationInfo) 
     return value
 
 
-class _SamplingFields(BaseModel):
+class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: ValidText = Field(min_length=1, description="an adapter id, or the base model's name")
@@ -101,6 +99,12 @@ class _SamplingFields(BaseModel):
     top_k: PositiveCount | None = None
     repetition_penalty: Penalty | None = None
     response_format: OpenAIResponseFormat | None = None
+    # vLLM extras honoured here: generate through EOS; structured output as vLLM's
+    # guided decoding names it (at most one of these and `response_format`)
+    ignore_eos: bool | None = None
+    guided_json: dict[str, Any] | ValidText | None = None
+    guided_regex: ValidText | None = Field(None, min_length=1)
+    guided_choice: list[ValidText] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
 
     # `echo` and chat's `logprobs` are the subclasses' (completions' `logprobs` is None
     # by default anyway)
@@ -113,7 +117,6 @@ class _SamplingFields(BaseModel):
     min_p: Any = None
     length_penalty: Any = None
     min_tokens: Any = None
-    ignore_eos: Any = None
     stop_token_ids: Any = None
     include_stop_str_in_output: Any = None
     skip_special_tokens: Any = None
@@ -124,9 +127,6 @@ class _SamplingFields(BaseModel):
     bad_words: Any = None
     logits_processors: Any = None
     return_tokens_as_token_ids: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
     guided_grammar: Any = None
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
@@ -146,7 +146,7 @@ class _SamplingFields(BaseModel):
         return value
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: ValidText | list[ValidText] | list[TokenId] | list[list[TokenId]]
     max_tokens: Count | None = Field(None, description="0 with echo: score the prompt only")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -168,7 +168,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: PositiveCount | None = None
     max_completion_tokens: PositiveCount | None = None

@@ -1,11 +1,14 @@
 """The attack run's reproductions on the real SmolLM2-135M-Instruct served in-process: a
 repetition penalty that float32 rounds to 0, a grammar with `ignore_eos_token`, grammars
 that no output can match, and TGI's empty JSON schema. Each is a clear answer (a 200 that
-keeps to its grammar, or a 422 naming the field), never a 500."""
+keeps to its grammar, or a 422 naming the field), never a 500. Also vLLM's extras that
+the OpenAI routes honour (`guided_choice`, `guided_regex`, `guided_json`, `ignore_eos`),
+which the server used to ignore without a word."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -119,3 +122,40 @@ def test_an_empty_json_schema_grammar_gives_json(client, kind) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["details"]["finish_reason"] == "eos_token", r.text
     assert isinstance(json.loads(r.json()["generated_text"])["name"], str), r.text
+
+
+def _chat(client, content: str, **extra):  # type: ignore[no-untyped-def]
+    body = {"model": BASE, "messages": [{"role": "user", "content": content}],
+            "max_tokens": 40, "temperature": 0, **extra}  # fmt: skip
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def test_vllm_guided_decoding_extras_constrain_the_answer(client) -> None:
+    """Free, the model answers in sentences; guided, exactly what was asked for."""
+    question = "Is the sky blue? Answer in one word."
+    free = _chat(client, question)["message"]["content"]
+    choices = ["Absolutely", "Nope", "Maybe so"]
+    assert free not in choices
+    chosen = _chat(client, question, guided_choice=choices)
+    assert chosen["message"]["content"] in choices and chosen["finish_reason"] == "stop"
+    phone = _chat(client, "Give me a phone number.", guided_regex=r"\d{3}-\d{4}")
+    assert re.fullmatch(r"\d{3}-\d{4}", phone["message"]["content"]), phone
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}},
+              "required": ["age"], "additionalProperties": False}  # fmt: skip
+    for given in (schema, json.dumps(schema)):  # an object, or a JSON string as vLLM takes
+        answer = _chat(client, "How old is the universe?", guided_json=given)
+        assert isinstance(json.loads(answer["message"]["content"])["age"], int), answer
+
+
+def test_vllm_ignore_eos_generates_through_the_end_of_sequence(client) -> None:
+    body = {"model": BASE, "prompt": "The capital of France is", "max_tokens": 48,
+            "temperature": 0}  # fmt: skip
+    stopped = client.post("/v1/completions", json=body).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop", stopped
+    assert stopped["usage"]["completion_tokens"] < 48
+    through = client.post("/v1/completions", json={**body, "ignore_eos": True}).json()
+    assert through["choices"][0]["finish_reason"] == "length", through
+    assert through["usage"]["completion_tokens"] == 48
+    assert through["choices"][0]["text"].startswith(stopped["choices"][0]["text"])

@@ -75,12 +75,11 @@ def test_no_tools_and_no_tool_call_asked_is_plain_text(client, choice) -> None:
     [
         ("/v1/completions", COMPLETION, "min_tokens", 5),
         ("/v1/completions", COMPLETION, "stop_token_ids", [13]),
-        ("/v1/completions", COMPLETION, "ignore_eos", True),
-        ("/v1/completions", COMPLETION, "guided_json", {"type": "object"}),
+        ("/v1/completions", COMPLETION, "guided_grammar", "root ::= 'a'"),
         ("/v1/completions", COMPLETION, "prompt_logprobs", 1),
         ("/v1/completions", COMPLETION, "min_p", 0.1),
         ("/v1/completions", COMPLETION, "use_beam_search", 1),  # not `false`
-        ("/v1/chat/completions", CHAT, "guided_choice", ["yes", "no"]),
+        ("/v1/chat/completions", CHAT, "guided_decoding_backend", "outlines"),
         ("/v1/chat/completions", CHAT, "echo", True),
         ("/v1/chat/completions", CHAT, "chat_template", "{{ messages }}"),
         ("/v1/chat/completions", CHAT, "add_generation_prompt", False),
@@ -102,7 +101,8 @@ def test_a_vllm_option_this_server_cannot_honour_is_refused(client, route, body,
             "/v1/completions",
             COMPLETION,
             {"min_tokens": 0, "stop_token_ids": [], "ignore_eos": False, "min_p": 0.0,
-             "skip_special_tokens": True, "guided_json": None, "length_penalty": 1},
+             "skip_special_tokens": True, "guided_json": None, "length_penalty": 1,
+             "guided_choice": None},
         ),
         (
             "/v1/chat/completions",
@@ -120,3 +120,53 @@ def test_vllm_options_at_their_unset_values_change_nothing(client, route, body, 
     assert {k: v for k, v in r.json().items() if k not in strip} == {
         k: v for k, v in want.items() if k not in strip
     }
+
+
+def test_ignore_eos_reaches_the_engine(tmp_path) -> None:
+    with running_app(tmp_path) as (client, engine):
+        for route, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+            assert client.post(route, json={**body, "ignore_eos": True}).status_code == 200
+            assert engine.requests[-1].params.ignore_eos is True
+            assert client.post(route, json=body).status_code == 200
+            assert engine.requests[-1].params.ignore_eos is False
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "says"),
+    [
+        ({"guided_json": "{not json"}, "guided_json", "is not JSON"),
+        ({"guided_json": "[1, 2]"}, "guided_json", "JSON schema object"),
+        ({"guided_choice": []}, "guided_choice", "at least 1"),
+        ({"guided_choice": ["yes", ""]}, "guided_choice", "non-empty"),
+        ({"guided_regex": ""}, "guided_regex", "at least 1"),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "not several"),
+        ({"response_format": {"type": "json_object"}, "guided_json": {}}, "guided_json",
+         "not several"),
+        # well-formed: the fake engine has no grammar support, and says so naming the field
+        ({"guided_choice": ["yes", "no"]}, "guided_choice", "not supported by this engine"),
+        ({"guided_json": '{"type": "object"}'}, "guided_json", "not supported by this engine"),
+    ],
+)  # fmt: skip
+def test_guided_decoding_extras_are_read_and_their_errors_named(client, extra, param, says):
+    r = client.post("/v1/chat/completions", json={**CHAT, **extra})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and says in error["message"], error
+
+
+def test_a_choice_is_matched_literally() -> None:
+    """guided_choice's strings are literal text: regex syntax in them is escaped."""
+    import re
+
+    from flora_server.api.structured import from_openai_request
+    from flora_server.schemas.openai import ChatCompletionRequest
+
+    choices = ["a.b", "(x|y)*", "1+1=2?", "back\\slash", "[z]{2}^$"]
+    body = ChatCompletionRequest.model_validate({**CHAT, "guided_choice": choices})
+    spec, param = from_openai_request(body)
+    assert param == "guided_choice" and spec is not None and spec.kind == "regex"
+    assert spec.pattern is not None
+    for choice in choices:
+        assert re.fullmatch(spec.pattern, choice), choice
+    for other in ("aXb", "xy", "11=2", "[z]", "zz"):
+        assert not re.fullmatch(spec.pattern, other), other
