@@ -43,7 +43,7 @@ def train(
         DataError: the data cannot be used (the CLI turns it into exit code 2).
         TrainError: a bad option or base model.
     """
-    from flora.train.loop import run
+    from flora.train.loop import check_paths, run
 
     registry = recipes or default_recipes()
     chosen = registry.get(recipe)
@@ -51,6 +51,7 @@ def train(
         raise TrainError(f"unknown recipe {recipe!r}; recipes: {', '.join(registry.names())}")
     opts = TrainOptions(recipe=recipe, base=str(base), data=data, out=Path(out), **options)
     opts = opts.resolved(chosen.defaults)
+    check_paths(opts)
     device = resolve_device(opts.device)
     opts.device = str(device)
     Precision(device, opts.precision)  # fails early on an unsupported combination

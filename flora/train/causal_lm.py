@@ -56,14 +56,10 @@ class CausalLMRecipe:
         ]
         model = loaded.model
         targets = options.targets
-        assert targets is not None
+        assert targets is not None and options.scale is not None  # resolved options
+        config = FloraConfig(target_modules=targets, rank=options.rank, scale=options.scale)
         try:
-            inject(
-                model,
-                FloraConfig(
-                    target_modules=targets, rank=options.rank, scale=float(options.scale or 1.0)
-                ),
-            )
+            inject(model, config)
         except ValueError as exc:
             raise TrainError(f"--targets: {exc}") from None
         pad_id = _pad_id(tokenizer)

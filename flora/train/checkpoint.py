@@ -54,13 +54,19 @@ def save_checkpoint(
     (directory / STATE_JSON).write_text(json.dumps(state, indent=1))
 
 
+def check_checkpoint_dir(directory: Path) -> None:
+    """TrainError unless ``directory`` holds a checkpoint's files (the cheap check, done
+    before anything is loaded; :func:`load_checkpoint` checks the rest)."""
+    if not (directory / STATE_JSON).is_file() or not (directory / STATE_TENSORS).is_file():
+        raise TrainError(f"--resume {directory}: not a checkpoint (no {STATE_JSON})")
+
+
 def load_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Load a checkpoint into an injected ``model`` and its ``optimizer``; returns the
     saved state dict. TrainError if the directory is not a checkpoint of this model."""
-    if not (directory / STATE_JSON).is_file() or not (directory / STATE_TENSORS).is_file():
-        raise TrainError(f"--resume {directory}: not a checkpoint (no {STATE_JSON})")
+    check_checkpoint_dir(directory)
     try:
         adapter = flora.load_adapter(directory)
     except flora.AdapterError as exc:

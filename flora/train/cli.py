@@ -1,6 +1,8 @@
 """``flora-train RECIPE --base NAME|PATH --data SPEC --out DIR [options]``.
 
-Exit codes: 0 done, 2 bad usage or bad data (one line on stderr, no traceback).
+Exit codes: 0 done, 2 bad usage, a bad option or bad data (one line on stderr, no
+traceback; options are checked before the base model or the data is loaded). Any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--rank", type=int, default=8, help="rank of channel/feature modes")
     p.add_argument("--kernel-rank", type=int, help="rank of conv kernel modes (None: full)")
-    p.add_argument("--scale", type=float, help="adapter multiplier s")
+    p.add_argument("--scale", type=float, help="adapter multiplier s (finite, not 0)")
     p.add_argument("--targets", type=_targets, help="comma-separated module suffixes, or a regex")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--batch-size", type=int, help="examples per micro-batch")
@@ -80,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint directory, or 'latest' (newest in OUT/checkpoints)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     p.add_argument("--keep-checkpoints", type=int, help="keep only the K newest checkpoints")
-    p.add_argument("--image-size", type=int, help="image-classification input size")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="image-classification input size in px (None: the dataset's hint, else the base's)",
+    )
     p.add_argument("--max-length", type=int, default=256, help="max tokens per text example")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
     p.add_argument("--weight-decay", type=float, default=0.0)

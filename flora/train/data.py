@@ -62,7 +62,7 @@ def _rows(
         rows = train if split == "train" else eval_
         if rows is None:
             return None
-        rows = [_mapped(r, mapping) for r in rows]
+        rows = [_mapped(r, mapping, str(path)) for r in rows]
         _check_columns(rows, columns, path)
     elif split != "train":
         return None
@@ -80,13 +80,34 @@ def _rows(
     return rows
 
 
-def _mapped(row: dict[str, Any], mapping: Columns | None) -> dict[str, Any]:
+def _check_mapping(mapping: Columns | None, present: Sequence[str], where: str) -> None:
+    """DataError unless every column ``mapping`` names is in ``present`` (a header, or a
+    row's keys): a mapped column is never silently ignored, even when the role's default
+    column exists."""
+    for role, column in (mapping or {}).items():
+        if column not in present:
+            raise DataError(
+                f"{where}: --{role}-column {column!r}: no such column "
+                f"(columns: {', '.join(map(str, present)) or 'none'})"
+            )
+
+
+def refuse_columns(mapping: Columns | None, why: str) -> None:
+    """DataError when a column mapping is given for data without columns (``why``): a
+    mapping is never silently ignored."""
+    if mapping:
+        role = next(iter(mapping))
+        raise DataError(f"--{role}-column: {why} and has no columns to map")
+
+
+def _mapped(row: dict[str, Any], mapping: Columns | None, where: str) -> dict[str, Any]:
+    """``row`` with each role of ``mapping`` set from the column it names."""
     if not mapping:
         return row
+    _check_mapping(mapping, list(row), where)
     out = dict(row)
     for role, column in mapping.items():
-        if column in row:
-            out[role] = row[column]
+        out[role] = row[column]
     return out
 
 
@@ -126,7 +147,7 @@ def _json_rows(path: Path, columns: Sequence[str], mapping: Columns | None) -> l
     for n, row in numbered:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: each {where} must be a JSON object")
-        row = _mapped(row, mapping)
+        row = _mapped(row, mapping, f"{path}:{n}")
         missing = [c for c in columns if c not in row]
         if missing:
             raise DataError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
@@ -139,16 +160,16 @@ def _csv_rows(path: Path, columns: Sequence[str], mapping: Columns | None) -> li
     reader = csv.DictReader(
         _read_text(path).splitlines(), delimiter="\t" if suffix == ".tsv" else ","
     )
-    header = reader.fieldnames or []
-    renamed = {role for role, column in (mapping or {}).items() if column in header}
-    missing = [c for c in columns if c not in header and c not in renamed]
+    header = list(reader.fieldnames or [])
+    _check_mapping(mapping, header, str(path))
+    missing = [c for c in columns if c not in header and c not in (mapping or {})]
     if missing:
         raise DataError(
             f"{path}: wrong columns: need {', '.join(columns)}, found {', '.join(header) or 'none'}"
         )
     rows = []
     for lineno, row in enumerate(reader, 2):
-        row = _mapped(row, mapping)
+        row = _mapped(row, mapping, f"{path}:{lineno}")
         if any(row.get(c) is None for c in columns):
             raise DataError(f"{path}:{lineno}: row has too few columns")
         rows.append(row)
@@ -196,6 +217,7 @@ def load_image_labels(
     from flora.train.hf_data import is_hf_source
 
     if p.is_dir() and not is_hf_source(p):
+        refuse_columns(columns, f"{p} is an image folder (one sub-folder per class)")
         if split != "train":
             return None
         items = [
@@ -304,8 +326,7 @@ def stratified_split(
 ) -> tuple[list[T], list[T]]:
     """Hold out ``round(fraction * n_c)`` items of each class c (at least one item of a
     class stays in train), chosen by a seeded shuffle; order within each side is kept."""
-    if not 0.0 < fraction < 1.0:
-        raise DataError(f"--eval-split fraction must be in (0, 1), got {fraction}")
+    _check_fraction(fraction)
     by_class: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         by_class.setdefault(key(item), []).append(i)
@@ -349,13 +370,21 @@ def _label_order(name: str) -> tuple[int, int | str]:
 
 
 def parse_eval_split(value: str | None) -> float | str | None:
-    """``--eval-split``: a fraction (``"0.1"``) or the spec of an eval file."""
+    """``--eval-split``: a fraction (``"0.1"``, checked to be in (0, 1)) or the spec of
+    an eval file."""
     if value is None:
         return None
     try:
-        return float(value)
+        fraction = float(value)
     except ValueError:
         return value
+    _check_fraction(fraction)
+    return fraction
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"--eval-split fraction must be in (0, 1), got {fraction}")
 
 
 def stratified_sample(

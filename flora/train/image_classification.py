@@ -56,12 +56,12 @@ class ImageClassificationRecipe:
             targets = adaptable_names(
                 model, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear), HEAD_NAME
             )
-        assert targets is not None
+        assert targets is not None and options.scale is not None  # resolved options
         config = FloraConfig(
             target_modules=targets,
             rank=options.rank,
             kernel_rank=options.kernel_rank,
-            scale=float(options.scale or 1.0),
+            scale=options.scale,
             train_modules=[HEAD_NAME],
         )
         try:
@@ -71,7 +71,9 @@ class ImageClassificationRecipe:
         base_transform = loaded.preprocessor
         if not isinstance(base_transform, ImageTransform):
             raise TrainError(f"{loaded.name} has no ImageTransform preprocessor")
-        size = options.image_size or int(data.hints.get("image_size", base_transform.size))
+        size = options.image_size
+        if size is None:  # not given; 0 or less never gets here (TrainOptions refuses it)
+            size = int(data.hints.get("image_size", base_transform.size))
         transform = base_transform.with_size(size)
 
         def collate_cpu(examples: list[tuple[Any, int]]) -> Batch:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 import flora
 from flora.train.checkpoint import (
+    check_checkpoint_dir,
     load_checkpoint,
     prune_checkpoints,
     restore_scaler,
@@ -82,6 +84,28 @@ def evaluate_prefixed(
     return {prefix + k: v for k, v in metrics.items()}
 
 
+def check_paths(options: TrainOptions) -> None:
+    """The checks on ``--out`` and ``--resume`` that need no model or data, so a run that
+    cannot write its outputs fails before anything is loaded (nothing is created here)."""
+    out = options.out
+    # The nearest existing path at or above --out must be a writable directory.
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise TrainError(f"--out {out}: {existing} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainError(f"--out {out}: {existing} is not writable")
+    if options.resume is not None and str(options.resume) != "latest":
+        check_checkpoint_dir(Path(options.resume))
+
+
+def make_out_dir(out: Path) -> None:
+    """Create ``--out``; a failure (a race with :func:`check_paths`) is a TrainError."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+
+
 def resolve_resume(resume: Path | str | None, out: Path) -> Path | None:
     """The checkpoint to resume from: ``latest`` is the newest complete one under
     ``OUT/checkpoints`` (None when there is none: a fresh start)."""
@@ -119,7 +143,7 @@ def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
     the metrics that went to ``metrics.json``."""
     assert options.lr is not None and options.batch_size is not None
     out = options.out
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     model = task.model
     precision = Precision(torch.device(options.device), options.precision)
     named = trainable_parameters(model)

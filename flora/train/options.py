@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flora.config import FloraConfig
+from flora.train.data import parse_eval_split
 from flora.train.errors import TrainError
+
+# Integer options that count something (>= 1), or that may be 0 (>= 0), and float options
+# that must be > 0; all of them may be None (the recipe default, or "off").
+_AT_LEAST_ONE = (
+    "batch_size",
+    "max_steps",
+    "threads",
+    "grad_accum",
+    "keep_checkpoints",
+    "image_size",
+    "max_length",
+)
+_AT_LEAST_ZERO = ("eval_limit", "eval_every", "save_every")
+_POSITIVE = ("lr", "epochs", "max_grad_norm")
+# option -> the FloraConfig field that holds it
+_ADAPTER_FIELDS = {
+    "rank": "rank",
+    "kernel_rank": "kernel_rank",
+    "scale": "scale",
+    "targets": "target_modules",
+}
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of option ``name`` (``max_length`` -> ``--max-length``)."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -79,31 +108,50 @@ class TrainOptions:
         self.out = Path(self.out)
         if self.resume is not None and str(self.resume) != "latest":
             self.resume = Path(self.resume)
-        for name in ("rank", "batch_size", "max_steps", "threads", "grad_accum"):
+        self._check()
+
+    def _check(self) -> None:
+        """The rule of every option that needs no model, data or device, checked before
+        anything is loaded; a broken rule is a TrainError naming its flag. ``None`` passes
+        (the recipe's default, or "off"); 0 is never read as "not given"."""
+        for name in _AT_LEAST_ONE:
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.kernel_rank is not None and self.kernel_rank < 1:
-            raise TrainError(f"--kernel-rank must be >= 1, got {self.kernel_rank}")
-        if self.lr is not None and not self.lr > 0:
-            raise TrainError(f"--lr must be > 0, got {self.lr}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise TrainError(f"--epochs must be > 0, got {self.epochs}")
-        if self.eval_limit is not None and self.eval_limit < 0:
-            raise TrainError(f"--eval-limit must be >= 0, got {self.eval_limit}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise TrainError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
-        for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise TrainError(f"--{name.replace('_', '-')} must be >= 0")
-        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
-            raise TrainError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+                raise TrainError(f"{_flag(name)} must be >= 1, got {value}")
+        for name in _AT_LEAST_ZERO:
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise TrainError(f"{_flag(name)} must be >= 0, got {value}")
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise TrainError(f"{_flag(name)} must be a finite number > 0, got {value}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise TrainError(
+                f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"
+            )
+        if not 0.0 <= self.warmup < 1.0:
+            raise TrainError(f"--warmup must be in [0, 1), got {self.warmup}")
+        self._check_adapter_options()
+        if self.scale == 0:
+            raise TrainError("--scale must not be 0 (the update and its gradients would be 0)")
+        parse_eval_split(self.eval_split)
         if self.export not in (None, "peft"):
             raise TrainError(f"--export: unknown format {self.export!r}; use peft")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise TrainError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise TrainError(f"--warmup must be in [0, 1), got {self.warmup}")
+
+    def _check_adapter_options(self) -> None:
+        # FloraConfig owns the rules of rank, kernel_rank, scale and target_modules; it is
+        # asked one field at a time so that its error names the flag that broke the rule.
+        for name, field_name in _ADAPTER_FIELDS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                FloraConfig(**{"target_modules": ["any"], field_name: value})
+            except ValueError as exc:
+                raise TrainError(f"{_flag(name)}: {exc}") from None
 
     def resolved(self, defaults: RecipeDefaults) -> TrainOptions:
         """A copy with every ``None`` option replaced by the recipe default."""

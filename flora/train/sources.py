@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flora.train import builtin
-from flora.train.data import Splits, encode_labels, load_chats, parse_eval_split, stratified_split
+from flora.train.data import (
+    Splits,
+    encode_labels,
+    load_chats,
+    parse_eval_split,
+    refuse_columns,
+    stratified_split,
+)
 from flora.train.errors import DataError
 from flora.train.options import TrainOptions
 
@@ -34,6 +41,7 @@ def _raw(
 ) -> tuple[Splits, dict[str, Any]]:
     eval_split = parse_eval_split(options.eval_split)
     if builtin.is_builtin(options.data):
+        refuse_columns(options.columns, f"{options.data} is a builtin data set")
         dataset = builtin.resolve(options.data)
         if dataset.kind != kind:
             raise DataError(

@@ -45,6 +45,20 @@ def attach_text_head(model: nn.Module, num_labels: int) -> nn.Linear:
     return attach_head(model, hidden, num_labels)
 
 
+def text_max_length(asked: int, loaded: LoadedModel) -> int:
+    """``--max-length`` capped at the base's context; TrainError when the tokenizer's
+    special tokens ([CLS], [SEP]) would leave no room for a text token (a fast tokenizer
+    then does not truncate at all)."""
+    max_length = min(asked, loaded.context_length or asked)
+    special = int(loaded.preprocessor.num_special_tokens_to_add(pair=False))
+    if max_length <= special:
+        raise TrainError(
+            f"--max-length must be > {special} for {loaded.name}: its tokenizer adds "
+            f"{special} special tokens to every text, got {asked}"
+        )
+    return max_length
+
+
 def sentence_logits(model: nn.Module, batch: Batch, pooling: Pooling) -> torch.Tensor:
     """[B, num_labels] = classifier(pool(encoder(input_ids, attention_mask)))."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -64,10 +78,10 @@ class TextClassificationRecipe:
             raise TrainError(
                 f"{loaded.name} is {a_kind(loaded.kind)}; text-classification needs a text encoder"
             )
-        data = labelled_data(options, "text", load_text_labels)
         model, tokenizer, pooling = loaded.model, loaded.preprocessor, loaded.pooling
+        max_length = text_max_length(options.max_length, loaded)
+        data = labelled_data(options, "text", load_text_labels)
         attach_text_head(model, len(data.labels))
-        max_length = min(options.max_length, loaded.context_length or options.max_length)
 
         def collate_cpu(examples: list[tuple[Any, int]]) -> Batch:
             enc = tokenizer(
@@ -100,17 +114,17 @@ class TextClassificationRecipe:
             targets = [
                 n for n in adaptable_names(model, (nn.Linear,), HEAD_NAME) if "pooler" not in n
             ]
-        assert targets is not None
+        assert targets is not None and options.scale is not None  # resolved options
+        # FloraConfig's own rules were checked per flag in TrainOptions; what is left for
+        # inject to refuse is the targets (nothing matches, an unsupported module).
+        config = FloraConfig(
+            target_modules=targets,
+            rank=options.rank,
+            scale=options.scale,
+            train_modules=[HEAD_NAME],
+        )
         try:
-            inject(
-                model,
-                FloraConfig(
-                    target_modules=targets,
-                    rank=options.rank,
-                    scale=float(options.scale or 1.0),
-                    train_modules=[HEAD_NAME],
-                ),
-            )
+            inject(model, config)
         except ValueError as exc:
             raise TrainError(f"--targets: {exc}") from None
         progress = options.progress

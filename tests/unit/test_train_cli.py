@@ -207,3 +207,197 @@ def test_synthetic_instruct_eval_is_disjoint_and_deterministic():
     answer = json.loads(a.eval[0][2]["content"])
     assert list(answer) == ["name", "age", "city"] and answer["name"] in eval_names()
     assert answer["name"] in a.eval[0][1]["content"]
+
+
+# --- bad options: exit 2, one line naming the flag, before any model or data is loaded ---
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if the base model is loaded: option checks must come first."""
+
+    def refuse(name: str):
+        pytest.fail(f"the base {name!r} was loaded before the options were checked")
+
+    monkeypatch.setattr(api, "_load_base", refuse)
+
+
+# (recipe, extra argv, the whole error message). --data names a file that does not exist:
+# reading the data before checking the options would report that instead.
+BAD_OPTIONS = [
+    ("image-classification", ["--image-size", "-5"], "--image-size must be >= 1, got -5"),
+    ("image-classification", ["--image-size", "0"], "--image-size must be >= 1, got 0"),
+    ("text-classification", ["--max-length", "-1"], "--max-length must be >= 1, got -1"),
+    ("text-classification", ["--max-length", "0"], "--max-length must be >= 1, got 0"),
+    (
+        "text-classification",
+        ["--weight-decay", "-1"],
+        "--weight-decay must be a finite number >= 0, got -1.0",
+    ),
+    (
+        "text-classification",
+        ["--weight-decay", "inf"],
+        "--weight-decay must be a finite number >= 0, got inf",
+    ),
+    ("text-classification", ["--scale", "nan"], "--scale: scale must be finite, got nan"),
+    ("text-classification", ["--scale", "inf"], "--scale: scale must be finite, got inf"),
+    (
+        "causal-lm",
+        ["--scale", "0"],
+        "--scale must not be 0 (the update and its gradients would be 0)",
+    ),
+    ("causal-lm", ["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    ("causal-lm", ["--epochs", "inf"], "--epochs must be a finite number > 0, got inf"),
+    ("causal-lm", ["--rank", "0"], "--rank: rank must be an integer >= 1, got 0"),
+    (
+        "image-classification",
+        ["--kernel-rank", "0"],
+        "--kernel-rank: kernel_rank must be an integer >= 1, got 0",
+    ),
+    (
+        "text-classification",
+        ["--targets", "("],
+        "--targets: target_modules is not a valid regex: "
+        "missing ), unterminated subpattern at position 0",
+    ),
+    (
+        "text-classification",
+        ["--eval-split", "1.5"],
+        "--eval-split fraction must be in (0, 1), got 1.5",
+    ),
+]
+
+
+@pytest.mark.usefixtures("no_loading")
+@pytest.mark.parametrize(("recipe", "extra", "message"), BAD_OPTIONS)
+def test_bad_option_is_one_line_naming_its_flag(tmp_path, capsys, recipe, extra, message):
+    argv = [recipe, "--base", "b", "--data", str(tmp_path / "absent.csv")]
+    code, err = _run(capsys, *argv, "--out", str(tmp_path / "o"), *extra)
+    assert code == 2
+    assert err == f"flora-train: error: {message}\n"
+    assert not (tmp_path / "o").exists()  # nothing created
+
+
+@pytest.mark.usefixtures("no_loading")
+def test_out_that_is_a_file_fails_before_loading(tmp_path, capsys):
+    data = _text(tmp_path, "text,label\ngood,pos\nbad,neg\n")
+    argv = ["text-classification", "--base", "b", "--data", data]
+    code, err = _run(capsys, *argv, "--out", data)
+    assert code == 2
+    assert err == f"flora-train: error: --out {data}: {data} exists and is not a directory\n"
+    code, err = _run(capsys, *argv, "--out", f"{data}/run")  # a file on the way
+    assert code == 2
+    assert err == f"flora-train: error: --out {data}/run: {data} exists and is not a directory\n"
+
+
+@pytest.mark.usefixtures("no_loading")
+def test_resume_that_is_no_checkpoint_fails_before_loading(tmp_path, capsys):
+    argv = ["causal-lm", "--base", "b", "--data", "d.jsonl", "--out", str(tmp_path / "o")]
+    code, err = _run(capsys, *argv, "--resume", str(tmp_path / "nockpt"))
+    assert code == 2
+    assert err == (
+        f"flora-train: error: --resume {tmp_path / 'nockpt'}: not a checkpoint "
+        "(no trainer_state.json)\n"
+    )
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    # Only TrainError is a user's mistake; anything else must not be hidden as exit 2.
+    def broken(name: str):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(api, "_load_base", broken)
+    argv = ["causal-lm", "--base", "b", "--data", "d.jsonl", "--out", str(tmp_path / "o")]
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main([*argv, "--quiet"])
+
+
+def test_options_none_takes_the_default_and_zero_is_refused():
+    from flora.train.errors import TrainError
+    from flora.train.options import RecipeDefaults, TrainOptions
+
+    opts = TrainOptions(recipe="r", base="b", data="d", out="o", image_size=None, scale=None)
+    resolved = opts.resolved(RecipeDefaults(targets="auto", lr=1.0, batch_size=2, scale=2.5))
+    assert resolved.scale == 2.5 and resolved.image_size is None
+    for name in ("image_size", "max_length", "batch_size", "max_steps", "keep_checkpoints"):
+        with pytest.raises(TrainError, match=f"^--{name.replace('_', '-')} must be >= 1, got 0$"):
+            TrainOptions(recipe="r", base="b", data="d", out="o", **{name: 0})
+
+
+# --- column mapping: a named column that is not there is an error, never ignored ---------
+
+
+@pytest.mark.usefixtures("tiny_bases")
+def test_mapped_column_missing_from_csv_names_it_and_the_header(tmp_path, capsys):
+    data = _text(tmp_path, "text,label\ngood,pos\nbad,neg\nfine,pos\nawful,neg\n")
+    argv = ["text-classification", "--base", "tiny-bert", "--data", data, "--eval-split", "0.5"]
+    code, err = _run(capsys, *argv, "--out", str(tmp_path / "o"), "--text-column", "nope")
+    assert code == 2
+    assert err == (
+        f"flora-train: error: {data}: --text-column 'nope': no such column (columns: text, label)\n"
+    )
+
+
+def test_mapped_column_missing_from_json_line_or_unmappable_data(tmp_path):
+    from flora.train.data import load_image_labels, load_text_labels
+    from flora.train.errors import DataError
+
+    rows = [{"sentence": "good", "label": "pos"}, {"text": "bad", "label": "neg"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    message = f"{path}:2: --text-column 'sentence': no such column (columns: text, label)"
+    with pytest.raises(DataError) as err:
+        load_text_labels(path, {"text": "sentence"})
+    assert str(err.value) == message
+    csv_path = tmp_path / "s.csv"
+    csv_path.write_text("sentence,label\ngood,pos\n")
+    assert load_text_labels(csv_path, {"text": "sentence"}) == [("good", "pos")]
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    with pytest.raises(DataError) as err:
+        load_image_labels(tmp_path / "imgs", {"path": "file"})
+    assert str(err.value) == (
+        f"--path-column: {tmp_path / 'imgs'} is an image folder (one sub-folder per class) "
+        "and has no columns to map"
+    )
+
+
+@pytest.mark.usefixtures("tiny_bases")
+def test_column_mapping_on_builtin_data_is_refused(tmp_path, capsys):
+    argv = ["text-classification", "--base", "tiny-bert", "--data", "builtin:chatterbot-topics"]
+    code, err = _run(capsys, *argv, "--out", str(tmp_path / "o"), "--label-column", "topic")
+    assert code == 2
+    assert err == (
+        "flora-train: error: --label-column: builtin:chatterbot-topics is a builtin data set "
+        "and has no columns to map\n"
+    )
+
+
+def test_max_length_must_leave_room_after_special_tokens():
+    from types import SimpleNamespace
+
+    from flora.train.errors import TrainError
+    from flora.train.text_classification import text_max_length
+
+    tokenizer = SimpleNamespace(num_special_tokens_to_add=lambda pair: 2)  # [CLS] .. [SEP]
+    loaded = SimpleNamespace(name="enc", preprocessor=tokenizer, context_length=512)
+    with pytest.raises(TrainError) as err:
+        text_max_length(2, loaded)  # type: ignore[arg-type]
+    assert str(err.value) == (
+        "--max-length must be > 2 for enc: its tokenizer adds 2 special tokens to every text, got 2"
+    )
+    assert text_max_length(3, loaded) == 3  # type: ignore[arg-type]
+    assert text_max_length(4096, loaded) == 512  # type: ignore[arg-type]
+
+
+def test_out_dir_that_cannot_be_created_is_a_train_error(tmp_path):
+    # make_out_dir guards the run itself (a file appearing after check_paths ran).
+    from flora.train.errors import TrainError
+    from flora.train.loop import make_out_dir
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    with pytest.raises(TrainError) as err:
+        make_out_dir(blocker)
+    assert str(err.value) == f"--out {blocker}: cannot create it (File exists)"
+    make_out_dir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()

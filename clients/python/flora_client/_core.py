@@ -35,9 +35,10 @@ from flora_client.types import (
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Read timeout: a little over the server's default FLORA_REQUEST_TIMEOUT (300 s, queueing
 # plus generation), so a slow answer ends with the server's own 504, not a client timeout.
-# Connecting should be quick.
+# Connecting should be quick. The `flora --timeout` default is the same read timeout.
 SERVER_REQUEST_TIMEOUT = 300.0
-DEFAULT_TIMEOUT = httpx.Timeout(SERVER_REQUEST_TIMEOUT + 15.0, connect=5.0)
+DEFAULT_READ_TIMEOUT = SERVER_REQUEST_TIMEOUT + 15.0
+DEFAULT_TIMEOUT = httpx.Timeout(DEFAULT_READ_TIMEOUT, connect=5.0)
 ENV_URL = "FLORA_URL"
 ENV_API_KEY = "FLORA_API_KEY"
 

@@ -300,9 +300,15 @@ class AsyncClient:
         return ChatCompletion.model_validate((await self._send(call)).json())
 
     async def embed(
-        self, texts: str | Sequence[str], adapter_id: str | None = None
+        self,
+        texts: str | Sequence[str],
+        adapter_id: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> EmbeddingResponse:
         call = _core.embed_call(await self._model(adapter_id), texts)
+        call = _core.with_options(call, timeout, extra_headers)
         return EmbeddingResponse.model_validate((await self._send(call)).json())
 
     async def classify(
@@ -310,8 +316,12 @@ class AsyncClient:
         images_or_texts: str | ImageInput | Sequence[str | ImageInput],
         adapter_id: str | None = None,
         top_k: int = 5,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> ClassifyResponse:
         call = _core.classify_call(images_or_texts, adapter_id, top_k)
+        call = _core.with_options(call, timeout, extra_headers)
         return ClassifyResponse.model_validate((await self._send(call)).json())
 
     async def models(self) -> ModelList:

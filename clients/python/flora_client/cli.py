@@ -16,6 +16,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import typer
 
 from flora_client import _cli_output as out
+from flora_client._core import DEFAULT_READ_TIMEOUT, SERVER_REQUEST_TIMEOUT
 from flora_client.client import Client
 from flora_client.errors import Conflict, FloraError
 from flora_client.types import ChatMessage
@@ -50,7 +51,7 @@ class GlobalOptions:
     url: str | None = None
     api_key: str | None = None
     json: bool = False
-    timeout: float = 120.0
+    timeout: float = DEFAULT_READ_TIMEOUT
 
 
 @app.callback()
@@ -59,7 +60,14 @@ def main(
     url: UrlOpt = None,
     api_key: KeyOpt = None,
     json_out: JsonOpt = False,
-    timeout: Annotated[float, typer.Option(help="Request timeout in seconds.")] = 120.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Request timeout in seconds. The default outlasts the server's default "
+            f"--request-timeout ({SERVER_REQUEST_TIMEOUT:g} s), so a slow answer ends with "
+            "the server's 504.",
+        ),
+    ] = DEFAULT_READ_TIMEOUT,
 ) -> None:
     """Talk to a flora-serve server (default http://127.0.0.1:8000)."""
     ctx.obj = GlobalOptions(url=url, api_key=api_key, json=json_out, timeout=timeout)

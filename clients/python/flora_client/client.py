@@ -318,9 +318,17 @@ class Client:
             return Stream(self._stream(call), ChatCompletionChunk.model_validate)
         return ChatCompletion.model_validate(self._send(call).json())
 
-    def embed(self, texts: str | Sequence[str], adapter_id: str | None = None) -> EmbeddingResponse:
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        adapter_id: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> EmbeddingResponse:
         """``POST /v1/embeddings``; ``.vectors`` on the result lists them in input order."""
         call = _core.embed_call(self._model(adapter_id), texts)
+        call = _core.with_options(call, timeout, extra_headers)
         return EmbeddingResponse.model_validate(self._send(call).json())
 
     def classify(
@@ -328,10 +336,14 @@ class Client:
         images_or_texts: str | ImageInput | Sequence[str | ImageInput],
         adapter_id: str | None = None,
         top_k: int = 5,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> ClassifyResponse:
         """``POST /v1/classify``: ``Path``/bytes/binary files are images (sent as multipart),
         ``str`` values are texts (sent as JSON). ``results[i]`` is the top-k of input i."""
         call = _core.classify_call(images_or_texts, adapter_id, top_k)
+        call = _core.with_options(call, timeout, extra_headers)
         return ClassifyResponse.model_validate(self._send(call).json())
 
     def models(self) -> ModelList:

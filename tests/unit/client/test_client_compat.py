@@ -5,13 +5,15 @@ extra headers, closable streams, default timeouts matched to the server's, and t
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+from typing import Any
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
-from flora_client import AsyncClient, Client
+from flora_client import AsyncClient, Client, cli
 from flora_client._core import DEFAULT_TIMEOUT, SERVER_REQUEST_TIMEOUT
 from flora_client.cli import app
 
@@ -86,6 +88,133 @@ def test_per_call_timeout_and_extra_headers() -> None:
     client.generate("hi")
     assert "x-trace" not in seen[-1].headers
     assert seen[-1].extensions["timeout"]["read"] == DEFAULT_TIMEOUT.read
+
+
+# Every inference method with arguments that send one request (an adapter is named, so the
+# OpenAI routes need no /v1/models look-up first).
+INFERENCE_CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
+    "generate": (("hi",), {}),
+    "generate_stream": (("hi",), {}),
+    "complete": (("hi", "a"), {}),
+    "chat": (([{"role": "user", "content": "x"}], "a"), {}),
+    "embed": (("x", "a"), {}),
+    "classify": ((["x"], "a"), {"top_k": 1}),
+}
+
+
+def _inference_answer(request: httpx.Request) -> httpx.Response:
+    """A minimal valid answer for any inference route (an empty SSE stream when asked)."""
+    body = (
+        json.loads(request.content)
+        if request.headers.get("content-type") == "application/json"
+        else {}
+    )
+    if request.url.path == "/generate_stream" or body.get("stream"):
+        return httpx.Response(
+            200, text="data: [DONE]\n\n", headers={"content-type": "text/event-stream"}
+        )
+    answers: dict[str, Any] = {
+        "/generate": {"generated_text": "x"},
+        "/v1/completions": {"choices": [{"text": "x"}]},
+        "/v1/chat/completions": {"choices": [{"message": {"role": "assistant", "content": "x"}}]},
+        "/v1/embeddings": {"data": [{"index": 0, "embedding": [1.0]}]},
+        "/v1/classify": {"results": [[{"label": "pos", "score": 1.0, "index": 0}]]},
+    }
+    return httpx.Response(200, json=answers[request.url.path])
+
+
+def test_inference_calls_cover_every_inference_method() -> None:
+    # An inference method is one that takes an adapter; a new one must join the tests below.
+    for cls in (Client, AsyncClient):
+        methods = {
+            name
+            for name, fn in inspect.getmembers(cls, inspect.isfunction)
+            if not name.startswith("_") and "adapter_id" in inspect.signature(fn).parameters
+        }
+        assert methods == set(INFERENCE_CALLS), cls.__name__
+
+
+@pytest.mark.parametrize(
+    ("method", "stream"),
+    [(name, False) for name in sorted(INFERENCE_CALLS)] + [("complete", True), ("chat", True)],
+)
+def test_every_inference_method_sends_per_call_timeout_and_headers(
+    method: str, stream: bool
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return _inference_answer(request)
+
+    args, kwargs = INFERENCE_CALLS[method]
+    kwargs = {**kwargs, "stream": True} if stream else kwargs
+    client = Client("http://flora.test", transport=httpx.MockTransport(handler), max_retries=0)
+    result = getattr(client, method)(*args, timeout=2.5, extra_headers={"X-Trace": "abc"}, **kwargs)
+    if hasattr(result, "close"):
+        result.close()
+    getattr(client, method)(*args, **kwargs)
+    assert [r.method for r in seen] == ["POST", "POST"]
+    assert seen[0].headers["x-trace"] == "abc"
+    assert seen[0].headers["user-agent"].startswith("flora-client/")  # defaults kept
+    assert seen[0].extensions["timeout"]["read"] == 2.5
+    assert "x-trace" not in seen[1].headers
+    assert seen[1].extensions["timeout"]["read"] == DEFAULT_TIMEOUT.read
+
+
+@pytest.mark.parametrize("method", sorted(INFERENCE_CALLS))
+def test_every_async_inference_method_sends_per_call_timeout_and_headers(method: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return _inference_answer(request)
+
+    args, kwargs = INFERENCE_CALLS[method]
+
+    async def main() -> None:
+        transport = httpx.MockTransport(handler)
+        async with AsyncClient("http://flora.test", transport=transport, max_retries=0) as client:
+            result = await getattr(client, method)(
+                *args, timeout=2.5, extra_headers={"X-Trace": "abc"}, **kwargs
+            )
+            if hasattr(result, "aclose"):
+                await result.aclose()
+            await getattr(client, method)(*args, **kwargs)
+
+    asyncio.run(main())
+    assert len(seen) == 2
+    assert seen[0].headers["x-trace"] == "abc"
+    assert seen[0].extensions["timeout"]["read"] == 2.5
+    assert "x-trace" not in seen[1].headers
+    assert seen[1].extensions["timeout"]["read"] == DEFAULT_TIMEOUT.read
+
+
+def test_cli_timeout_default_outlasts_the_servers_request_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flora_server.settings import Settings
+
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"object": "list", "data": []})
+
+    class RecordingClient(Client):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, transport=httpx.MockTransport(handler), **kwargs)
+
+    monkeypatch.setattr(cli, "Client", RecordingClient)
+    server_default = Settings.model_fields["request_timeout"].default
+    runner = CliRunner()
+    assert runner.invoke(app, ["models"]).exit_code == 0
+    assert seen[-1].extensions["timeout"]["read"] == 315.0 == server_default + 15.0
+    assert runner.invoke(app, ["--timeout", "7", "models"]).exit_code == 0
+    assert seen[-1].extensions["timeout"]["read"] == 7.0
+    assert cli.GlobalOptions().timeout == 315.0
+    help_text = runner.invoke(app, ["--help"], env={"COLUMNS": "400"}).output
+    assert "[default: 315.0]" in help_text
 
 
 def test_default_read_timeout_outlasts_the_servers_request_timeout() -> None:
