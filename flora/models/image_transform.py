@@ -2,7 +2,15 @@
 
 x = (crop(resize(img)) / 255 - mean) / std, channels first. ``resize`` is the length the
 shorter side is scaled to before a centre crop of ``size`` x ``size`` (ImageNet's usual
-224/256 = 0.875 crop fraction).
+224/256 = 0.875 crop fraction), as torchvision's ``Resize`` + ``CenterCrop`` do.
+
+The crop keeps only a ``size`` x ``size`` window of the resized image, so the transform
+resamples only the source region under that window (plus the filter's reach) instead of
+resizing the whole image first: the work is bounded by the crop's share of the shorter side
+whatever the aspect ratio (a 1 x 16M-pixel strip would otherwise be resized to 256 x 4G).
+It is the same resampling, one axis at a time in the order Pillow uses for the whole image
+(horizontal, then vertical); results equal resize-then-crop up to one 8-bit level on a few
+pixels (Pillow takes box coordinates as float32).
 
 EfficientNet-Lite0 uses mean = std = (0.5, 0.5, 0.5), i.e. inputs in [-1, 1]: the Lite
 models were trained in TensorFlow with (x - 127) / 128, which this matches to 0.4%; with
@@ -12,6 +20,7 @@ tests/integration/test_models.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -23,10 +32,54 @@ from torch import Tensor
 
 _CROP_FRACTION = 0.875
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# How far each of Pillow's filters reaches, in source pixels at scale 1 (Resample.c).
+_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
 
 
 def _default_resize(size: int) -> int:
     return round(size / _CROP_FRACTION)
+
+
+def crop_box(width: int, height: int, size: int, resize: int) -> tuple[float, ...]:
+    """The region (left, top, right, bottom) of a ``width`` x ``height`` source, in source
+    pixels, that the centre ``size`` x ``size`` crop of the image resized to shorter side
+    ``resize`` shows. Resized pixel j covers source [j, j + 1) * (source / resized)."""
+    scale = resize / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    sx, sy = width / new_w, height / new_h
+    right, bottom = min(width, (left + size) * sx), min(height, (top + size) * sy)
+    return left * sx, top * sy, right, bottom
+
+
+def _reach(lo: float, hi: float, out: int, support: float, limit: int) -> tuple[int, int]:
+    """The source pixels [first, last) that resampling [lo, hi) to ``out`` pixels reads: the
+    filter reaches ``support`` pixels, times the scale when downscaling (one more for
+    Pillow's rounding), clipped to the image."""
+    reach = support * max((hi - lo) / out, 1.0)
+    return max(0, math.floor(lo - reach) - 1), min(limit, math.ceil(hi + reach) + 1)
+
+
+def resample_region(
+    image: Image.Image, box: tuple[float, ...], size: int, interpolation: str
+) -> Image.Image:
+    """``box`` of ``image`` resampled to ``size`` x ``size`` RGB: the same pixels as resizing
+    the whole image and cropping, at the cost of the region only.
+
+    Crops the pixels the two passes read, converts them to RGB, then resamples horizontally
+    and vertically as two 1-D resizes (each pass alone, so the order is fixed: Pillow 13
+    picks it from the sizes of a 2-D resize, and those differ between the whole image and
+    the region).
+    """
+    x0, y0, x1, y1 = box
+    support, resample = _SUPPORT[interpolation], _RESAMPLE[interpolation]
+    xa, xb = _reach(x0, x1, size, support, image.width)
+    ya, yb = _reach(y0, y1, size, support, image.height)
+    region = image.crop((xa, ya, xb, yb))
+    region = region if region.mode == "RGB" else region.convert("RGB")
+    rows = yb - ya
+    region = region.resize((size, rows), resample, box=(x0 - xa, 0, x1 - xa, rows))
+    return region.resize((size, size), resample, box=(0, y0 - ya, size, y1 - ya))
 
 
 @dataclass(frozen=True)
@@ -67,13 +120,8 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image) -> Tensor:
         """image: any PIL mode (converted to RGB) -> [3, size, size] float32."""
-        img = image.convert("RGB")
-        w, h = img.size
-        scale = self._resize / min(w, h)
-        new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        img = img.resize((new_w, new_h), _RESAMPLE[self.interpolation])
-        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
+        box = crop_box(image.width, image.height, self.size, self._resize)
+        img = resample_region(image, box, self.size, self.interpolation)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)  # [H, W, 3]
         x = x.permute(2, 0, 1)  # [3, H, W]
         mean = torch.tensor(self.mean).view(3, 1, 1)

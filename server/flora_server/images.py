@@ -9,6 +9,10 @@ Order of checks (each a 4xx `ImageRejected`, never a 5xx):
    refused before a buffer is allocated; Pillow's own `DecompressionBombError` is a second net;
 4. the full decode (`load()`); truncated or corrupt data -> 422.
 
+Any aspect ratio within `max_pixels` is served (a 1 x 16M-pixel strip included): the
+preprocessing resamples only the region its centre crop keeps (`flora.models.image_transform`),
+so its cost does not grow with the long side.
+
 Runs on a worker thread (`asyncio.to_thread`), never on the event loop.
 """
 
@@ -92,20 +96,32 @@ def decode_image(
     return image.convert("RGB")
 
 
+# Line breaks that MIME (RFC 2045: lines of at most 76 characters) and PEM encoders put in
+# base64, e.g. coreutils `base64` (wraps at 76) or `openssl base64` (64).
+_LINE_BREAKS = str.maketrans("", "", "\r\n")
+
+
 def decode_base64(text: str, *, max_bytes: int, name: str = "image") -> bytes:
-    """Strict base64 (a `data:image/...;base64,` prefix is accepted) -> bytes; 422 if invalid.
-    The encoded length is checked first, so a huge string is not decoded at all."""
+    """Base64 (a `data:image/...;base64,` prefix is accepted) -> bytes; 422 if invalid.
+
+    Line breaks anywhere and whitespace around the value are accepted, as MIME decoders do;
+    any other character outside the alphabet is an error (a space inside a line is a text,
+    not a wrapped encoding). The encoded length is checked first, so a huge string is not
+    decoded at all."""
     if text.startswith("data:"):
         _, sep, text = text.partition(",")
         if not sep:
             raise ImageRejected(422, f"{name}: malformed data URL")
+    if "\n" in text or "\r" in text:
+        text = text.translate(_LINE_BREAKS)
+    text = text.strip()
     if len(text) > (max_bytes // 3 + 1) * 4 + 4:
         raise ImageRejected(413, f"{name}: more than {max_bytes} bytes")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         pass
-    what = "text" if any(c.isspace() for c in text.strip()) else "not valid base64"
+    what = "text" if any(c.isspace() for c in text) else "not valid base64"
     raise ImageRejected(
         422,
         f"{name}: {what}; this server classifies images, so each input is a base64-encoded "

@@ -33,6 +33,7 @@ from flora_server.adapters.staging import StagingBudget, StagingFullError
 from flora_server.adapters.store import DigestMismatchError, StoredAdapter
 from flora_server.api.deps import MaybeEngineDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_admin_key as _auth
+from flora_server.api.forms import FormFields, media_type
 from flora_server.engine.protocol import (
     AdapterNotFoundError,
     AdapterOfOtherBaseError,
@@ -61,6 +62,7 @@ router = APIRouter(
 
 _TEXT_FIELDS = ("adapter_id", "sha256")
 _FILE_FIELDS = ("config", "weights", "archive")
+_FORM = FormFields(text=_TEXT_FIELDS, files=_FILE_FIELDS)
 _MAX_TEXT_FIELD = 1024
 
 _UPLOAD_SCHEMA: dict[str, Any] = {
@@ -149,10 +151,10 @@ class _StreamingForm:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get("content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        if name not in _TEXT_FIELDS + _FILE_FIELDS:
-            raise _Abort(invalid_field(name or "form", "unexpected form field"))
-        if name in self.parts:
-            raise _Abort(invalid_field(name, "given more than once"))
+        # Parts are routed by name (a file part sent without a filename is still its bytes).
+        error = _FORM.part_error(name, self.parts, is_file=None)
+        if error is not None:
+            raise _Abort(error)
         part = _Part(name)
         if name in _FILE_FIELDS:
             part.path = self.stack.enter_context(self.registry.staging_file(name))
@@ -199,8 +201,8 @@ class _Abort(Exception):
 async def _read_form(
     request: Request, registry: AdapterRegistry, limit: int, stack: contextlib.ExitStack
 ) -> _StreamingForm:
-    content_type, options = parse_options_header(request.headers.get("content-type", ""))
-    if content_type != b"multipart/form-data" or b"boundary" not in options:
+    content_type, options = media_type(request.headers.get("content-type"))
+    if content_type != "multipart/form-data" or b"boundary" not in options:
         raise APIError(415, "send multipart/form-data (adapter_id + config + weights, or archive)")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -1,15 +1,18 @@
 """`POST /v1/classify`: top-k labels per image (image classifiers) or per text (text encoders
 with an adapter that has a classification head).
 
-Images come as multipart files (`files`, plus form fields `adapter_id`, `top_k`) or as JSON
-`{"inputs": [base64...], "adapter_id", "top_k"}`. Decoding and its limits run in a thread
-(`flora_server.images`); the engine does the preprocessing (the adapter decides the image
-size) and the forward.
+Images come as multipart files (`files`, plus form fields `adapter_id`, `top_k`; any other
+part, a repeated `adapter_id` / `top_k`, or a part of the wrong kind is a 422) or as JSON
+`{"inputs": [base64...], "adapter_id", "top_k"}`; both are checked by the same model with
+the same messages. Decoding and its limits run in a thread (`flora_server.images`); the
+engine preprocesses (the adapter decides the image size; `VisionEngine.serve` does it in a
+thread too when it knows that size) and runs the forward.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -19,6 +22,7 @@ from starlette.datastructures import UploadFile
 from flora_server.api.deps import BatchEngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
 from flora_server.api.engine_requests import adapter_headers, check_adapter
+from flora_server.api.forms import FormFields, media_type
 from flora_server.engine.batch_engine import BatchEngine
 from flora_server.engine.encoder import EncoderOptions
 from flora_server.errors import APIError, invalid_field
@@ -53,13 +57,22 @@ _BODY_DOC: dict[str, Any] = {
 }
 
 
-def _json_body(raw: bytes) -> ClassifyRequest:
+_FORM = FormFields(text=("adapter_id", "top_k"), files=("files",), repeatable=("files",))
+
+
+def _validated(parse: Callable[[], ClassifyRequest]) -> ClassifyRequest:
+    """`parse()`, its first validation error as a 422 naming the field (JSON and multipart
+    bodies answer alike)."""
     try:
-        return ClassifyRequest.model_validate_json(raw)
+        return parse()
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise APIError(422, f"{param}: {first.get('msg', 'invalid')}", param=param) from None
+
+
+def _json_body(raw: bytes) -> ClassifyRequest:
+    return _validated(lambda: ClassifyRequest.model_validate_json(raw))
 
 
 async def _multipart(request: Request, settings: Settings) -> tuple[ClassifyRequest, list[bytes]]:
@@ -68,6 +81,12 @@ async def _multipart(request: Request, settings: Settings) -> tuple[ClassifyRequ
         form = await request.form(max_files=limit + 1, max_fields=8)
     except Exception as exc:  # starlette's MultiPartException and malformed bodies
         raise APIError(422, f"malformed multipart body: {exc}", param="files") from None
+    seen: set[str] = set()
+    for name, value in form.multi_items():
+        error = _FORM.part_error(name, seen, is_file=isinstance(value, UploadFile))
+        if error is not None:
+            raise error
+        seen.add(name)
     files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     if not files:
         raise invalid_field("files", "send one or more image files in the form field 'files'")
@@ -79,16 +98,11 @@ async def _multipart(request: Request, settings: Settings) -> tuple[ClassifyRequ
         if len(data) > settings.max_image_bytes:
             raise APIError(413, f"{f.filename}: larger than {settings.max_image_bytes} bytes")
         blobs.append(data)
-    top_k = form.get("top_k")
-    adapter_id = form.get("adapter_id")
-    try:
-        body = ClassifyRequest(
-            inputs=["-"] * len(blobs),
-            adapter_id=adapter_id if isinstance(adapter_id, str) and adapter_id else None,
-            top_k=int(top_k) if isinstance(top_k, str) and top_k else 5,
-        )
-    except (ValueError, ValidationError) as exc:
-        raise invalid_field("top_k", f"must be an integer in [1, 1000] ({exc})") from None
+    # Text values by now (part_error); an empty one is the field left out, as in curl -F x=.
+    fields = {name: form[name] for name in ("adapter_id", "top_k") if form.get(name)}
+    body = _validated(
+        lambda: ClassifyRequest.model_validate({"inputs": ["-"] * len(blobs), **fields})
+    )
     return body, blobs
 
 
@@ -128,13 +142,13 @@ async def classify(
     metrics: MetricsDep,
     registry: RegistryDep,
 ) -> ClassifyResponse:
-    content_type = request.headers.get("content-type", "")
+    content_type, _ = media_type(request.headers.get("content-type"))
     images = engine.kind == "image-classifier"
-    if content_type.startswith("multipart/form-data"):
+    if content_type == "multipart/form-data":
         if not images:
             raise APIError(415, "a text encoder classifies JSON texts, not uploaded files")
         body, blobs = await _multipart(request, settings)
-    elif content_type.startswith("application/json") or not content_type:
+    elif content_type in ("application/json", ""):
         body = _json_body(await request.body())
         if len(body.inputs) > settings.max_inputs_per_request:
             raise invalid_field("inputs", f"at most {settings.max_inputs_per_request} per request")

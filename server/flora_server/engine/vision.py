@@ -6,15 +6,23 @@ MNIST); images of one size share a forward whose conv layers route rows per adap
 (`flora.serving.ServedConv`: per-adapter segments with merged weights `W + dW_k`, or one
 grouped conv with per-row weights when many adapters share a batch); then each adapter's
 own head runs on its rows (`engine/heads.py`) and the scores are `softmax(logits)`.
+
+Preprocessing runs off the worker thread where it can: `serve` transforms the images in a
+thread (`PreparedImage`) with the transform the request will most likely need (the base's,
+or the one this adapter used last), before the request is queued. The worker uses those
+pixels only when the transform it resolves at admission is the same, and transforms the
+image itself otherwise, so a wrong guess costs time, never a wrong answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from flora.models.image_transform import ImageTransform
@@ -42,6 +50,33 @@ def top_predictions(logits: torch.Tensor, labels: Sequence[str], top_k: int) -> 
     ]
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """A decoded image and its pixels under `transform`, computed before it was queued."""
+
+    image: Image.Image
+    transform: ImageTransform
+    pixels: torch.Tensor  # [3, S, S] float32, S = transform.size
+
+
+def prepare_images(images: Sequence[Any], transform: ImageTransform) -> list[PreparedImage]:
+    """Transform each PIL image (an already prepared one is transformed again from its
+    image): the work `serve` moves off the worker thread."""
+    out = []
+    for item in images:
+        image = item.image if isinstance(item, PreparedImage) else item
+        out.append(PreparedImage(image, transform, transform(image)))
+    return out
+
+
+def image_pixels(item: Any, transform: ImageTransform) -> torch.Tensor:
+    """`item` (a PIL image or a `PreparedImage`) under `transform`: [3, S, S]. Prepared pixels
+    are used only when they were made by an equal transform."""
+    if isinstance(item, PreparedImage):
+        return item.pixels if item.transform == transform else transform(item.image)
+    return transform(item)
+
+
 def adapter_transform(base: ImageTransform, metadata: dict[str, Any]) -> ImageTransform:
     """The preprocessing an adapter was trained with: its saved `image_transform`, else its
     `image_size` with the base's normalisation, else the base's."""
@@ -60,6 +95,8 @@ class VisionEngine(BatchEngine):
     images, `options` is `top_k`; the result is one list of `Prediction` per image."""
 
     kind = "image-classifier"
+    # Adapters whose last transform `serve` remembers as its guess (most recent kept).
+    _MAX_REMEMBERED = 256
 
     def __init__(
         self,
@@ -95,6 +132,39 @@ class VisionEngine(BatchEngine):
             **kwargs,
         )
         self.heads: HeadedRuntime = self.runtime  # type: ignore[assignment]
+        # adapter id -> the transform its last batch used; written by the worker only.
+        self._last_transform: dict[str, ImageTransform] = {}
+
+    async def serve(
+        self,
+        adapter_id: str | None,
+        inputs: list[Any],
+        options: Any = None,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[Any, str | None]:
+        """`BatchEngine.serve`, with the images transformed in a thread first when the
+        transform is known (see the module docstring): a request of many large images then
+        holds the worker for its forward only, not for its preprocessing as well."""
+        transform = self.transform_hint(adapter_id)
+        if transform is not None and inputs:
+            inputs = await asyncio.to_thread(prepare_images, inputs, transform)
+        return await super().serve(adapter_id, inputs, options, timeout=timeout)
+
+    def transform_hint(self, adapter_id: str | None) -> ImageTransform | None:
+        """The transform a request for `adapter_id` most likely needs: the base's for none,
+        the one the adapter's last batch used, or None (unknown yet). A guess only: the
+        adapter may be replaced before the request runs."""
+        if adapter_id is None:
+            return self.transform
+        return self._last_transform.get(adapter_id)
+
+    def _remember(self, adapter_id: str, transform: ImageTransform) -> None:
+        remembered = self._last_transform
+        remembered.pop(adapter_id, None)  # re-insert: the dict's order is recency
+        remembered[adapter_id] = transform
+        if len(remembered) > self._MAX_REMEMBERED:
+            remembered.pop(next(iter(remembered)))
 
     def warm_up(self) -> None:
         size = self.transform.size
@@ -120,9 +190,12 @@ class VisionEngine(BatchEngine):
                     f"the adapter's image_transform is invalid: {exc}", param="adapter_id"
                 )
                 continue
+            if job.adapter_id is not None:
+                self._remember(job.adapter_id, transform)
             groups.setdefault(transform, []).extend((j, i) for i in range(len(job.inputs)))
         for transform, members in groups.items():
-            x = torch.stack([transform(jobs[j].inputs[i]) for j, i in members])  # [N, 3, S, S]
+            x = torch.stack([image_pixels(jobs[j].inputs[i], transform) for j, i in members])
+            # x: [N, 3, S, S]
             slots = [jobs[j].slot for j, _ in members]
             self.heads.set_routing(slots)
             features = self._features(x.to(device=self.device, dtype=self.dtype))  # [N, F]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -15,7 +16,12 @@ from vision_fixtures import (
 
 from flora.models.image_transform import ImageTransform
 from flora_server.engine.protocol import AdapterNotFoundError, InMemorySource
-from flora_server.engine.vision import VisionEngine, adapter_transform
+from flora_server.engine.vision import (
+    PreparedImage,
+    VisionEngine,
+    adapter_transform,
+    image_pixels,
+)
 
 TOL = 1e-5
 
@@ -125,3 +131,66 @@ def test_adapter_transform_uses_saved_metadata() -> None:
     assert adapter_transform(base, {"image_size": 64}) == ImageTransform(size=64)
     saved = ImageTransform(size=32, interpolation="bilinear").to_dict()
     assert adapter_transform(base, {"image_transform": saved, "image_size": 64}).to_dict() == saved
+
+
+# --- preprocessing off the worker thread ----------------------------------------------
+# A request of large images used to be transformed on the worker, after admission: every
+# request behind it waited for its preprocessing too, and --request-timeout could not end it.
+
+
+def test_serve_transforms_off_the_worker_when_the_transform_is_known(
+    adapters: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, str]] = []  # (crop size, thread)
+    real = ImageTransform.__call__
+
+    def spy(self: ImageTransform, image):  # type: ignore[no-untyped-def]
+        calls.append((self.size, threading.current_thread().name))
+        return real(self, image)
+
+    monkeypatch.setattr(ImageTransform, "__call__", spy)
+    images = [random_image(i) for i in range(3)]
+
+    async def main() -> list:
+        engine = VisionEngine(make_loaded(), InMemorySource(adapters), max_slots=2)
+        await _start(engine)
+        out = [
+            await engine.submit(None, images, 100),  # the base's transform: known
+            await engine.submit("b", images[:1], 100),  # b's 24 px: learnt from this batch
+            await engine.submit("b", images[1:], 100),  # ... and used from here on
+        ]
+        await engine.shutdown(1.0)
+        return out
+
+    base, b_first, b_then = asyncio.run(main())
+    worker = "flora-image-classifier"
+    on_worker = [size for size, thread in calls if thread == worker]
+    assert on_worker == [24]  # only b's first image, before its transform was known
+    assert len(calls) == 6
+    for i, got in enumerate(base):
+        ref = torch.softmax(reference_logits(None, images[i], ImageTransform(size=16)), -1)
+        assert max(abs(p.score - ref[p.index].item()) for p in got) < TOL
+    for i, got in enumerate(b_first + b_then):
+        ref = torch.softmax(reference_logits(adapters["b"], images[i], ImageTransform(size=24)), -1)
+        assert max(abs(p.score - ref[p.index].item()) for p in got) < TOL
+
+
+def test_prepared_pixels_are_used_only_for_the_transform_that_made_them(adapters: dict) -> None:
+    image = random_image(4)
+    t16, t24 = ImageTransform(size=16), ImageTransform(size=24)
+    stale = PreparedImage(image, t16, torch.zeros(3, 16, 16))
+    assert image_pixels(stale, t16) is stale.pixels
+    assert torch.equal(image_pixels(stale, t24), t24(image))
+    assert torch.equal(image_pixels(image, t24), t24(image))
+
+    async def main() -> list:
+        engine = VisionEngine(make_loaded(), InMemorySource(adapters), max_slots=2)
+        await _start(engine)
+        engine._last_transform["b"] = t16  # a wrong guess (b was replaced, say)
+        out = await engine.submit("b", [image], 100)
+        await engine.shutdown(1.0)
+        return out
+
+    got = asyncio.run(main())[0]
+    ref = torch.softmax(reference_logits(adapters["b"], image, t24), -1)
+    assert max(abs(p.score - ref[p.index].item()) for p in got) < TOL
