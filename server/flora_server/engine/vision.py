@@ -77,16 +77,31 @@ def image_pixels(item: Any, transform: ImageTransform) -> torch.Tensor:
     return transform(item)
 
 
+# The largest crop an adapter's metadata may ask for: every image of its requests becomes
+# a [3, S, S] float32 tensor (12 MiB at 1024), so an uploaded adapter asking for 100,000
+# would make each request allocate 120 GB.
+MAX_ADAPTER_IMAGE_SIZE = 1024
+
+
 def adapter_transform(base: ImageTransform, metadata: dict[str, Any]) -> ImageTransform:
     """The preprocessing an adapter was trained with: its saved `image_transform`, else its
-    `image_size` with the base's normalisation, else the base's."""
+    `image_size` with the base's normalisation, else the base's. Raises ValueError (or
+    TypeError) for metadata that is not a transform, or one larger than
+    `MAX_ADAPTER_IMAGE_SIZE`."""
     saved = metadata.get("image_transform")
-    if isinstance(saved, dict):
-        return ImageTransform.from_dict(saved)
     size = metadata.get("image_size")
-    if size is not None:
-        return base.with_size(int(size))
-    return base
+    if isinstance(saved, dict):
+        transform = ImageTransform.from_dict(saved)
+    elif size is not None:
+        transform = base.with_size(int(size))
+    else:
+        return base
+    if transform.size > MAX_ADAPTER_IMAGE_SIZE:
+        raise ValueError(
+            f"it asks for {transform.size}-pixel images; at most {MAX_ADAPTER_IMAGE_SIZE} "
+            "are served"
+        )
+    return transform
 
 
 class VisionEngine(BatchEngine):
@@ -150,6 +165,15 @@ class VisionEngine(BatchEngine):
         if transform is not None and inputs:
             inputs = await asyncio.to_thread(prepare_images, inputs, transform)
         return await super().serve(adapter_id, inputs, options, timeout=timeout)
+
+    def check_adapter(self, adapter: Any) -> None:
+        """`BatchEngine.check_adapter`, and its preprocessing must be one this engine
+        serves (`adapter_transform`), so a bad one is a 422 at upload."""
+        super().check_adapter(adapter)
+        try:
+            adapter_transform(self.transform, adapter.metadata)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the adapter's image_transform is invalid: {exc}") from None
 
     def transform_hint(self, adapter_id: str | None) -> ImageTransform | None:
         """The transform a request for `adapter_id` most likely needs: the base's for none,

@@ -133,6 +133,43 @@ def test_adapter_transform_uses_saved_metadata() -> None:
     assert adapter_transform(base, {"image_transform": saved, "image_size": 64}).to_dict() == saved
 
 
+def test_an_adapter_asking_for_huge_images_is_refused_at_upload_and_at_use(adapters) -> None:
+    """An adapter's metadata sets the crop every image of its requests is resized to (a
+    [3, S, S] tensor each): above `MAX_ADAPTER_IMAGE_SIZE` it is a 422, at upload
+    (`check_adapter`) and for one stored before the rule, never an allocation of
+    120 GB."""
+    from flora_server.engine.protocol import InvalidRequestError
+    from flora_server.engine.vision import MAX_ADAPTER_IMAGE_SIZE
+
+    base = ImageTransform(size=224)
+    assert adapter_transform(base, {"image_size": MAX_ADAPTER_IMAGE_SIZE}).size == 1024
+    huge = ImageTransform(size=100_000).to_dict()
+    for metadata in ({"image_size": MAX_ADAPTER_IMAGE_SIZE + 1}, {"image_transform": huge}):
+        with pytest.raises(ValueError, match="at most 1024"):
+            adapter_transform(base, metadata)
+    bad = make_conv_adapter(4, 3, image_size=100_000)
+    stored = {**adapters, "huge": bad}
+
+    async def main() -> tuple[object, list]:
+        engine = VisionEngine(make_loaded(), InMemorySource(stored), max_slots=4, max_wait=0.05)
+        await _start(engine)
+        with pytest.raises(ValueError, match="100000-pixel images"):
+            engine.check_adapter(bad)
+        engine.check_adapter(adapters["b"])  # trained at 24 pixels: served
+        try:
+            refused: object = await engine.submit("huge", [random_image(0)], 3)
+        except InvalidRequestError as exc:
+            refused = exc
+        fine = await engine.submit("b", [random_image(0)], 3)
+        await engine.shutdown(1.0)
+        return refused, fine
+
+    refused, fine = asyncio.run(main())
+    assert isinstance(refused, InvalidRequestError) and refused.param == "adapter_id"
+    assert "at most 1024" in str(refused)
+    assert len(fine[0]) == 3
+
+
 # --- preprocessing off the worker thread ----------------------------------------------
 # A request of large images used to be transformed on the worker, after admission: every
 # request behind it waited for its preprocessing too, and --request-timeout could not end it.
