@@ -79,6 +79,20 @@ PROMPTS = {
 ADAPTER_OF = {"x1": "x", "y1": "y", "b1": None, "x2": "x", "b2": None}
 
 
+class ModeSwitches:
+    """Engine metrics that record each merged-adapter switch as (old, new) in `switches`
+    and ignore everything else."""
+
+    def __init__(self, switches: list[tuple[str | None, str | None]]) -> None:
+        self.switches = switches
+
+    def on_mode_switch(self, old: str | None, new: str | None) -> None:
+        self.switches.append((old, new))
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return lambda *a, **k: None
+
+
 def test_mixed_batch_matches_solo_and_flora_merge(adapters, engine_kind) -> None:
     """Greedy tokens of X rows in a concurrent X/Y/base batch equal X alone in the engine
     and flora.merge(X) run directly; base rows equal the base model."""
@@ -116,15 +130,10 @@ def test_merged_mode_output_and_switches(adapters, engine_kind) -> None:
     """A homogeneous X batch goes merged after the hysteresis (its 48-token budget pays
     for the merge) and still equals the reference; a base request afterwards runs on
     bitwise-restored weights."""
-    switches = []
-
-    class Recorder:
-        def __getattr__(self, name):
-            if name == "on_mode_switch":
-                return lambda old, new: switches.append((old, new))
-            return lambda *a, **k: None
-
-    engine = make_engine(adapters, kind=engine_kind, merge_after_steps=2, metrics=Recorder())
+    switches: list[tuple[str | None, str | None]] = []
+    engine = make_engine(
+        adapters, kind=engine_kind, merge_after_steps=2, metrics=ModeSwitches(switches)
+    )
     base_state = {k: v.clone() for k, v in engine._model.state_dict().items()}
     try:
         x = run(collect(engine, GenerationRequest("a", PROMPTS["x1"], greedy(48), "x")))
@@ -148,16 +157,11 @@ def test_an_overwrite_while_the_old_copy_runs_merged_serves_each_copy(
     request joins on the new copy, so the batch is no longer one adapter's and the engine
     unmerges; each request's tokens equal its own copy's reference (the old X, the new
     bytes), and neither fails."""
-    switches = []
-
-    class Recorder:
-        def __getattr__(self, name):
-            if name == "on_mode_switch":
-                return lambda old, new: switches.append((old, new))
-            return lambda *a, **k: None
-
+    switches: list[tuple[str | None, str | None]] = []
     source = dict(adapters)
-    engine = make_engine(source, kind=engine_kind, merge_after_steps=2, metrics=Recorder())
+    engine = make_engine(
+        source, kind=engine_kind, merge_after_steps=2, metrics=ModeSwitches(switches)
+    )
     long_n, short_n = 200, 8
 
     async def overwrite_while_merged():
