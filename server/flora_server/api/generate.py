@@ -235,6 +235,8 @@ async def generate_stream(
             yield tgi_errors.sse_error(RuntimeError("stream ended without a finish event"))
         except Exception as exc:
             logger.warning("stream %s failed: %s", request.request_id, exc)
+            if held is not None:  # generated before the failure: the client gets it first
+                yield event_for(held, index)
             yield tgi_errors.sse_error(exc)
         finally:
             await stream.aclose()

@@ -127,8 +127,9 @@ def test_an_unsatisfiable_grammar_is_a_422_naming_it_never_a_500(client) -> None
     dead_end = {"type": "regex", "value": DEAD_END}
     r = _generate(client, "x", "/generate_stream", max_new_tokens=8, grammar=dead_end)
     events = sse_events(r.text)
-    # tokens, then the error (the route holds a token back to put `details` on the last)
-    assert "ab".startswith("".join(e["token"]["text"] for e in events[:-1]))
+    # every token generated, then the error (the route holds a token back to put `details`
+    # on the last one, and sends it before the error)
+    assert "".join(e["token"]["text"] for e in events[:-1]) == "ab", events
     assert events[-1]["error"].startswith(message), events[-1]
     assert events[-1]["error_type"] == "validation"
     assert not any(leak in r.text for leak in LEAKS), r.text
