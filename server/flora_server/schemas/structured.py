@@ -36,7 +36,8 @@ class OpenAIResponseFormat(BaseModel):
 
     @model_validator(mode="after")
     def _schema_given(self) -> OpenAIResponseFormat:
-        given = self.json_schema is not None and bool(self.json_schema.schema_)
+        # `{}` is JSON Schema's accept-anything schema: any JSON value, still enforced
+        given = self.json_schema is not None and self.json_schema.schema_ is not None
         if self.type == "json_schema" and not given:
             raise ValueError("type json_schema needs json_schema.schema")
         return self

@@ -154,6 +154,7 @@ def test_an_unsatisfiable_grammar_is_a_422_naming_it_never_a_500(client) -> None
 
 
 def test_an_empty_json_schema_grammar_is_enforced_as_any_json(client) -> None:
+    """`{}` accepts any JSON value: TGI's grammar and OpenAI's json_schema enforce it."""
     free = _generate(client, max_new_tokens=16)
     assert free.status_code == 200
     with pytest.raises(ValueError):
@@ -164,6 +165,14 @@ def test_an_empty_json_schema_grammar_is_enforced_as_any_json(client) -> None:
         text = r.json()["generated_text"]
         assert text != free.json()["generated_text"]
         json.loads(text)  # a JSON number here; the real model's JSON is in the integration test
+    # OpenAI's json_schema with the same schema
+    fmt = {"type": "json_schema", "json_schema": {"name": "any", "schema": {}}}
+    free_text = _completion(client, max_tokens=16, temperature=0).json()["choices"][0]["text"]
+    r = _completion(client, max_tokens=16, temperature=0, response_format=fmt)
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert text != free_text
+    json.loads(text)
 
 
 def test_a_dead_end_row_fails_alone_and_its_neighbours_are_exact(engine_kind) -> None:
