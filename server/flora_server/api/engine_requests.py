@@ -47,6 +47,7 @@ class Decoding:
     top_logprobs: int = 0
     prompt_logprobs: bool = False
     ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ def build_request(
         top_logprobs=decoding.top_logprobs,
         prompt_logprobs=decoding.prompt_logprobs,
         ignore_eos=decoding.ignore_eos,
+        stop_token_ids=decoding.stop_token_ids,
     )
     return GenerationRequest(
         request_id=request_id,

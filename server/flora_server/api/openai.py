@@ -86,6 +86,7 @@ def _decoding(
         stop=stop,
         logprobs=logprobs,
         ignore_eos=bool(body.ignore_eos),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
     )
 
 

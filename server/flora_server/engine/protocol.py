@@ -36,6 +36,9 @@ class SamplingParams:
     # Report the logprob of every prompt token (TGI decoder_input_details, OpenAI echo).
     prompt_logprobs: bool = False
     ignore_eos: bool = False  # generate through EOS until max_new_tokens or a stop
+    # Tokens that end the request as EOS does (vLLM's stop_token_ids), even with ignore_eos;
+    # like EOS, their text is not part of the output.
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass

@@ -276,8 +276,15 @@ class Stepper:
         row.seen.append(token)
         full = len(row.generated) >= row.handle.max_new_tokens
         reason: FinishReason | None = None
+        params = row.request.params
         special = token in self.eos_ids
-        if special and not row.request.params.ignore_eos:
+        own_text: str | None = None
+        if token in params.stop_token_ids:
+            # A stop token ends the row as EOS does, its text left out of the output; its
+            # own text (logprobs) is what it would have added here.
+            own_text = "" if special else row.text.text_of(token)
+            piece, reason = row.text.push(None, final=True), "stop"
+        elif special and not params.ignore_eos:
             # EOS is not text: it releases what was still held back, and has no text of
             # its own (the held-back text is the own text of the tokens before it).
             piece, reason = row.text.push(None, final=True), "eos"
@@ -290,7 +297,7 @@ class Stepper:
         event = TokenEvent(
             token,
             piece,
-            row.text.token_text,
+            row.text.token_text if own_text is None else own_text,
             logprob,
             special=special,
             top_logprobs=top,

@@ -20,6 +20,7 @@ from flora_server.schemas.structured import OpenAIResponseFormat
 
 MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
 MAX_CHOICES = 256  # guided_choice alternatives
+MAX_STOP_TOKEN_IDS = 64
 
 
 class StreamOptions(BaseModel):
@@ -29,14 +30,13 @@ class StreamOptions(BaseModel):
 # vLLM's extras (its sampling and prompt fields, sent through `extra_body`) that this
 # server does not honour, with the values that mean "unset" there: any other value is a
 # 422 naming the field, where ignoring it would answer a different question than the
-# client asked. `top_k`, `repetition_penalty`, `ignore_eos`, `guided_json`, `guided_regex`
-# and `guided_choice` are honoured (fields below).
+# client asked. `top_k`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`,
+# `guided_json`, `guided_regex` and `guided_choice` are honoured (fields below).
 _VLLM_UNHONOURED: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,),
     "min_p": (0, 0.0),
     "length_penalty": (1, 1.0),
     "min_tokens": (0,),
-    "stop_token_ids": ([],),
     "include_stop_str_in_output": (False,),
     "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
@@ -102,6 +102,7 @@ class SamplingFields(BaseModel):
     # vLLM extras honoured here: generate through EOS; structured output as vLLM's
     # guided decoding names it (at most one of these and `response_format`)
     ignore_eos: bool | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     guided_json: dict[str, Any] | ValidText | None = None
     guided_regex: ValidText | None = Field(None, min_length=1)
     guided_choice: list[ValidText] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
@@ -117,7 +118,6 @@ class SamplingFields(BaseModel):
     min_p: Any = None
     length_penalty: Any = None
     min_tokens: Any = None
-    stop_token_ids: Any = None
     include_stop_str_in_output: Any = None
     skip_special_tokens: Any = None
     spaces_between_special_tokens: Any = None

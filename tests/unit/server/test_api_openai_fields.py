@@ -74,7 +74,6 @@ def test_no_tools_and_no_tool_call_asked_is_plain_text(client, choice) -> None:
     ("route", "body", "field", "value"),
     [
         ("/v1/completions", COMPLETION, "min_tokens", 5),
-        ("/v1/completions", COMPLETION, "stop_token_ids", [13]),
         ("/v1/completions", COMPLETION, "guided_grammar", "root ::= 'a'"),
         ("/v1/completions", COMPLETION, "prompt_logprobs", 1),
         ("/v1/completions", COMPLETION, "min_p", 0.1),
@@ -100,7 +99,7 @@ def test_a_vllm_option_this_server_cannot_honour_is_refused(client, route, body,
         (
             "/v1/completions",
             COMPLETION,
-            {"min_tokens": 0, "stop_token_ids": [], "ignore_eos": False, "min_p": 0.0,
+            {"min_tokens": 0, "ignore_eos": False, "min_p": 0.0,
              "skip_special_tokens": True, "guided_json": None, "length_penalty": 1,
              "guided_choice": None},
         ),
@@ -122,13 +121,21 @@ def test_vllm_options_at_their_unset_values_change_nothing(client, route, body, 
     }
 
 
-def test_ignore_eos_reaches_the_engine(tmp_path) -> None:
+def test_ignore_eos_and_stop_token_ids_reach_the_engine(tmp_path) -> None:
+    extras = {"ignore_eos": True, "stop_token_ids": [13, 7]}
     with running_app(tmp_path) as (client, engine):
         for route, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
-            assert client.post(route, json={**body, "ignore_eos": True}).status_code == 200
-            assert engine.requests[-1].params.ignore_eos is True
+            assert client.post(route, json={**body, **extras}).status_code == 200
+            params = engine.requests[-1].params
+            assert params.ignore_eos is True and params.stop_token_ids == (13, 7)
             assert client.post(route, json=body).status_code == 200
-            assert engine.requests[-1].params.ignore_eos is False
+            params = engine.requests[-1].params
+            assert params.ignore_eos is False and params.stop_token_ids == ()
+            for bad in ([-1], ["a"], list(range(65))):
+                r = client.post(route, json={**body, "stop_token_ids": bad})
+                assert r.status_code == 422 and r.json()["error"]["param"].startswith(
+                    "stop_token_ids"
+                ), r.text
 
 
 @pytest.mark.parametrize(

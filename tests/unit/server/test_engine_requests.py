@@ -76,6 +76,23 @@ def test_length_cap_and_eos(engine) -> None:
     assert events[-1].generated_tokens == 3
 
 
+def test_stop_token_ids_end_the_row_without_their_text(engine) -> None:
+    """vLLM's stop_token_ids: the first generated token in the set ends the row (reason
+    "stop", even with ignore_eos), counted in the tokens but its text left out of the
+    output; its own text (for logprobs) is what it would have added."""
+    tok = make_char_tokenizer()
+    full = greedy_alone(make_tiny_llama(), PROMPT, 12)
+    at = next(i for i in range(3, 12) if full[i] not in full[:i])  # its first occurrence
+    for ignore_eos in (False, True):
+        params = greedy(12, stop_token_ids=(full[at], 10**6), ignore_eos=ignore_eos)
+        events = run(collect(engine, GenerationRequest("t", PROMPT, params)))
+        final = events[-1]
+        assert final.reason == "stop" and list(final.token_ids) == full[: at + 1]
+        assert final.generated_text == tok.decode(full[:at], skip_special_tokens=True)
+        assert "".join(e.text for e in events[:-1]) == final.generated_text
+        assert events[-2].token_text == tok.decode(full[: at + 1])[len(final.generated_text) :]
+
+
 def test_invalid_prompts_rejected(engine) -> None:
     async def submit(ids):
         return engine.generate(GenerationRequest("bad", ids, greedy(4)))
