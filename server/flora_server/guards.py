@@ -60,15 +60,21 @@ class RequestGuardMiddleware:
             await _send_json(send, 431, "request_header_fields_too_large", refused, {})
             return
         path: str = scope.get("path", "")
-        if path in DOC_PATHS and not self._docs_allowed(scope):
-            await _send_json(
-                send,
-                401,
-                "authentication_error",
-                "missing or unknown API key (Authorization: Bearer ...)",
-                {"WWW-Authenticate": "Bearer"},
-            )
-            return
+        if path in DOC_PATHS and self.settings.auth_enabled:
+            key = self._presented_key(scope)
+            if key is None:
+                await _send_json(
+                    send,
+                    401,
+                    "authentication_error",
+                    "missing or unknown API key (Authorization: Bearer ...)",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+                return
+            if key.role == "metrics":
+                message = "a metrics key may only read /metrics"
+                await _send_json(send, 403, "permission_error", message, {})
+                return
         if path == UPLOAD_PREFIX or path.startswith(UPLOAD_PREFIX + "/"):
             await self.app(scope, receive, send)
             return
@@ -107,17 +113,18 @@ class RequestGuardMiddleware:
             )
         return None
 
-    def _docs_allowed(self, scope: Any) -> bool:
+    def _presented_key(self, scope: Any) -> auth.ApiKey | None:
+        """The configured key (any role) the request's bearer token is, or None."""
         settings = self.settings
-        if not settings.auth_enabled:
-            return True
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
                 if scheme.lower() == "bearer" and token:
-                    keys = auth.parse_keys(settings.api_keys, settings.admin_keys)
-                    return auth.identify(token.strip(), keys) is not None
-        return False
+                    keys = auth.parse_keys(
+                        settings.api_keys, settings.admin_keys, settings.metrics_keys
+                    )
+                    return auth.identify(token.strip(), keys)
+        return None
 
 
 def _content_length(scope: Any) -> int | None:

@@ -43,7 +43,7 @@ from flora_server.engine.protocol import GenerationEngine, GenerationRequest, Sa
 from flora_server.errors import install_error_handlers
 from flora_server.guards import RequestGuardMiddleware
 from flora_server.metrics import ServerMetrics
-from flora_server.observability import RequestContextMiddleware, route_template
+from flora_server.observability import RequestContextMiddleware, method_label, route_template
 from flora_server.settings import Settings, parse_adapter_spec
 from flora_server.tracing import build_tracing
 
@@ -249,5 +249,5 @@ class RequestMetricsMiddleware:
 
     def _count(self, scope: Any, status: int, start: float) -> None:
         path = route_template(scope)
-        self.metrics.http_requests.labels(path, scope["method"], str(status)).inc()
+        self.metrics.http_requests.labels(path, method_label(scope), str(status)).inc()
         self.metrics.http_latency.labels(path).observe(time.monotonic() - start)

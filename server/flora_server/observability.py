@@ -68,6 +68,17 @@ def route_template(scope: Any) -> str:
     return getattr(route, "path", "unmatched")
 
 
+# The HTTP methods a metric label names; anything else a client sends (any token is a
+# valid method) is "other", or every invented method would add a series forever.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(scope: Any) -> str:
+    """The request's method as a metric label: one of `_METHODS`, else "other"."""
+    method = scope.get("method", "")
+    return method if method in _METHODS else "other"
+
+
 @dataclass
 class RequestRecord:
     """What the access log and the trace say about one request. Times are time.monotonic();

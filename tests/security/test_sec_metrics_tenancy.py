@@ -56,6 +56,11 @@ def test_tenant_keys_never_read_other_tenants_labels(tmp_path):
         # A metrics key opens nothing else.
         assert client.post("/generate", headers=_h("prom"), json={"inputs": "x"}).status_code == 403
         assert client.get("/v1/adapters", headers=_h("prom")).status_code == 403
+        for docs in ("/openapi.json", "/docs", "/redoc"):  # 403: known, but not for this
+            r = client.get(docs, headers=_h("prom"))
+            assert r.status_code == 403 and "metrics key" in r.json()["error"]["message"]
+            assert client.get(docs, headers=_h("adm")).status_code == 200
+            assert client.get(docs, headers=_h("nope")).status_code == 401
         assert client.get("/health").status_code == 200
 
 

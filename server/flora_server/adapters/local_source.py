@@ -42,7 +42,10 @@ def confined_path(path: str, allowed: Sequence[str | Path]) -> Path:
     if not path or "\x00" in path:
         raise LocalPathError("the path is empty or holds a NUL byte")
     roots = [Path(root).expanduser().resolve() for root in allowed]
-    candidate = Path(path).expanduser()
+    try:
+        candidate = Path(path).expanduser()
+    except RuntimeError:  # "~user" of no such user, or no home directory to expand "~"
+        raise LocalPathError(f"{path!r} names a home directory that does not exist") from None
     if not candidate.is_absolute():
         candidate = roots[0] / candidate
     try:

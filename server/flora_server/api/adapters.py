@@ -270,8 +270,9 @@ def _check_id(adapter_id: str) -> None:
         raise invalid_field("adapter_id", ADAPTER_ID_RULE)
 
 
-def _base_loading() -> APIError:
-    # Which stored adapters are this server's is known from its base's fingerprint.
+def base_loading() -> APIError:
+    """The 503 of an adapter route while the base model loads: which stored adapters are
+    this server's is known from its base's fingerprint."""
     return APIError(
         503,
         "the base model is still loading; adapters are listed once it is known",
@@ -373,7 +374,7 @@ async def list_adapters(
     try:
         ids = [i for i in await asyncio.to_thread(registry.list_ids) if auth.visible(i)]
     except BaseNotLoadedError:
-        raise _base_loading() from None
+        raise base_loading() from None
     total = len(ids)
     if after is not None:
         ids = [i for i in ids if i > after]
@@ -412,7 +413,7 @@ async def get_adapter(
     except AdapterNotFoundError as exc:  # or another base's: the message names that base
         raise APIError(404, str(exc), param="adapter_id") from None
     except BaseNotLoadedError:
-        raise _base_loading() from None
+        raise base_loading() from None
     except (AdapterValidationError, DigestMismatchError) as exc:
         raise APIError(
             500, f"stored adapter is unreadable: {exc}", type="adapter_load_error"
@@ -433,7 +434,7 @@ async def delete_adapter(
     except AdapterOfOtherBaseError as exc:  # never deleted through a server of another base
         raise APIError(404, str(exc), param="adapter_id") from None
     except BaseNotLoadedError:
-        raise _base_loading() from None
+        raise base_loading() from None
     if not existed:
         raise APIError(404, f"adapter {adapter_id!r} not found", param="adapter_id")
     if engine is not None:

@@ -18,7 +18,12 @@ from pydantic import BaseModel, ConfigDict
 
 from flora_server import auth
 from flora_server.adapters.local_source import LocalPathError, confined_path, register_local
-from flora_server.adapters.registry import AdapterConflictError, AdapterValidationError
+from flora_server.adapters.registry import (
+    AdapterConflictError,
+    AdapterValidationError,
+    BaseNotLoadedError,
+)
+from flora_server.api.adapters import base_loading
 from flora_server.api.deps import MaybeEngineDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_admin_key as _auth
 from flora_server.errors import APIError
@@ -74,7 +79,7 @@ async def load_lora_adapter(
 ) -> PlainTextResponse:
     _check_name(body.lora_name)
     if not registry.can_validate:
-        raise APIError(503, "the base model is still loading", headers={"Retry-After": "5"})
+        raise base_loading()
     try:
         real = confined_path(body.lora_path, settings.lora_dirs)
     except LocalPathError as exc:
@@ -107,7 +112,11 @@ async def unload_lora_adapter(
     body: UnloadLoRAAdapterRequest, registry: RegistryDep, engine: MaybeEngineDep
 ) -> PlainTextResponse:
     _check_name(body.lora_name)
-    if not await asyncio.to_thread(registry.delete, body.lora_name):
+    try:
+        deleted = await asyncio.to_thread(registry.delete, body.lora_name)
+    except BaseNotLoadedError:
+        raise base_loading() from None
+    if not deleted:
         raise APIError(
             404, f"The lora adapter '{body.lora_name}' cannot be found.", param="lora_name"
         )

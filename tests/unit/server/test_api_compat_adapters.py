@@ -101,6 +101,42 @@ def test_adapter_source_hub_is_422_and_local_reads_only_allowed_paths(app, lora_
     assert r.status_code == 404
 
 
+def test_a_home_directory_of_no_such_user_is_a_refused_path(app, lora_root):
+    """`~user` of a user that does not exist cannot be expanded: refused as any path
+    outside --lora-dirs is (422 on the TGI route, 400 on vLLM's), never a 500."""
+    client, engine = app
+    path = "~nosuchuser123/x"
+    with pytest.raises(LocalPathError, match="home directory"):
+        confined_path(path, [lora_root])
+    r = _generate(client, adapter_id=path, adapter_source="local")
+    assert r.status_code == 422 and "home directory" in r.text, r.text
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "h", "lora_path": path})
+    assert r.status_code == 400 and "home directory" in r.text, r.text
+    assert engine.requests == []
+
+
+def test_vllm_lora_routes_are_503_while_the_base_loads(app, lora_root, tmp_path):
+    """Before the base is loaded, which stored adapters are this server's is unknown:
+    load and unload are 503 with Retry-After, as DELETE /v1/adapters/ID is (unload was a
+    500)."""
+    from flora_server.adapters.registry import AdapterRegistry
+    from flora_server.adapters.store import LocalAdapterStore
+
+    client, _ = app
+    loading = AdapterRegistry(LocalAdapterStore(tmp_path / "store"), tmp_path / "up")
+    assert not loading.can_validate
+    client.app.state.registry = loading
+    path = str(lora_root / "one" / "a.flora")
+    for route, body in (
+        ("/v1/unload_lora_adapter", {"lora_name": "x"}),
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path}),
+    ):
+        r = client.post(route, json=body)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5", (route, r.text)
+        assert "still loading" in r.text
+    assert client.delete("/v1/adapters/x").status_code == 503
+
+
 def test_merged_adapters_request_errors(app):
     client, _ = app
     merge = {"ids": ["a", "b"], "weights": [1.0]}

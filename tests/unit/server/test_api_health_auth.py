@@ -212,3 +212,20 @@ def test_docs_routes_are_counted_under_their_own_route(tmp_path):
         assert {"/openapi.json", "/docs", "/redoc", "unmatched"} <= routes
         unmatched = (("method", "GET"), ("route", "unmatched"), ("status", "404"))
         assert s[("flora_http_requests_total", unmatched)] == 1  # only /no-such-route
+
+
+def test_invented_methods_add_no_metric_series(tmp_path):
+    """Any token is a valid HTTP method: a client inventing them must not add series to
+    /metrics (each would stay forever); they count as "other"."""
+    with running_app(tmp_path) as (client, _):
+        for i in range(5):
+            client.request(f"ZZMETH{i}", "/health")
+            client.request(f"ZZ{i}" * 100, "/no-such-route")
+        client.request("DELETE", "/health")
+        s = metric_samples(client.get("/metrics").text)
+        methods = {
+            dict(labels)["method"] for (name, labels) in s if name == "flora_http_requests_total"
+        }
+        assert methods == {"GET", "DELETE", "other"}, methods
+        other = (("method", "other"), ("route", "/health"), ("status", "405"))
+        assert s[("flora_http_requests_total", other)] == 5
