@@ -1,7 +1,9 @@
 """JSON errors everywhere: `{"error": {"type": ..., "message": ...}}` with the right status.
 
 Every exception a client can cause maps to a 4xx here; only a bug in the server (or a request
-that failed inside the engine) is a 5xx.
+that failed inside the engine) is a 5xx. An adapter store that cannot be reached
+(`StoreUnavailableError`, from any route or from the engine's adapter load) is a 503 with
+Retry-After naming the store; `/ready` stays 200 meanwhile (docs/server.md, "Adapter store").
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flora_server.adapters.store import StoreUnavailableError
 from flora_server.engine.protocol import (
     AdapterLoadError,
     AdapterNotFoundError,
@@ -91,8 +94,24 @@ def _response(err: APIError) -> JSONResponse:
     )
 
 
+STORE_RETRY_AFTER_SECONDS = 5
+
+
+def store_unavailable_to_api(exc: StoreUnavailableError) -> APIError:
+    """503 naming the store and the cause a client may see (`exc.reason`: an error class or
+    S3's code, never the endpoint's address or a credential)."""
+    return APIError(
+        503,
+        f"the adapter store is unavailable: {exc.reason}",
+        type="adapter_store_unavailable",
+        headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)},
+    )
+
+
 def engine_error_to_api(exc: EngineError) -> APIError:
     """Map an engine error to the status the client sees."""
+    if isinstance(exc, StoreUnavailableError):  # an adapter load the store could not serve
+        return store_unavailable_to_api(exc)
     if isinstance(exc, AdapterNotFoundError):
         return APIError(404, str(exc), param="adapter_id")
     if isinstance(exc, QueueFullError):
@@ -173,9 +192,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
         err = engine_error_to_api(exc)
-        if err.status >= 500:
+        if err.status == 503:
+            logger.warning("engine error: %s", exc)
+        elif err.status >= 500:
             logger.error("engine error: %s", exc)
         return _response(err)
+
+    @app.exception_handler(StoreUnavailableError)
+    async def _store_unavailable(_: Request, exc: StoreUnavailableError) -> JSONResponse:
+        logger.warning("adapter store unavailable: %s", exc)
+        return _response(store_unavailable_to_api(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The id rule lives in flora_server.ids; re-exported for the modules that import it here.
+from flora_server.adapters import store_io
 from flora_server.ids import ADAPTER_ID_PATTERN as ADAPTER_ID_PATTERN
 from flora_server.ids import is_valid_adapter_id as is_valid_adapter_id
 from flora_server.ids import parse_s3_url
@@ -61,6 +62,33 @@ class Settings(BaseSettings):
     )
     s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint for MinIO and other S3-compatibles (AWS: leave unset)"
+    )
+    s3_connect_timeout: float = Field(
+        3.0, gt=0, le=300, description="S3 client: seconds to open a connection to the endpoint"
+    )
+    s3_read_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="S3 client: seconds one socket read may wait (a stalled endpoint fails a "
+        "call instead of hanging it; not a cap on a whole transfer)",
+    )
+    s3_max_attempts: int = Field(
+        3, ge=1, le=10, description="S3 client: attempts per call, the first one included"
+    )
+    store_timeout: float = Field(
+        store_io.DEFAULT_TIMEOUT,
+        gt=0,
+        le=600,
+        description="seconds a request waits for one adapter store call (a free store worker "
+        "included; an upload's transfer excluded) before it is answered 503 + Retry-After",
+    )
+    store_workers: int = Field(
+        store_io.DEFAULT_WORKERS,
+        ge=1,
+        le=256,
+        description="threads for adapter store calls made by requests; a stalled store holds "
+        "only these, never the threads other work needs",
     )
     store_recheck_seconds: float = Field(
         2.0,

@@ -17,6 +17,12 @@ as `ownership.BaseOwnership` decides from each adapter's own header. Another bas
 is left out of listings, and a lookup, delete or overwrite of it raises
 `AdapterOfOtherBaseError`, which names the base it was trained for. Nothing is moved or
 rewritten, so existing stores, local or S3, need no migration.
+
+Handlers on the event loop run the registry's blocking methods through `call`, on the
+store's own bounded executor (`flora_server.adapters.store_io`), never on asyncio's default
+executor. A store that cannot be reached raises `StoreUnavailableError` (503 in the API);
+on the engine's load path it arrives as `AdapterStoreUnavailableError`, an engine error
+that is also a `StoreUnavailableError`, so the API maps both the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from flora.adapter.archive import pack_single_file, read_embedded_config
 from flora.errors import AdapterError
@@ -42,6 +48,7 @@ from flora_server.adapters.store import (
     StoredAdapter,
     StoredAdapterMissingError,
     StoreError,
+    StoreUnavailableError,
     sha256_file,
 )
 from flora_server.engine.protocol import (
@@ -56,6 +63,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 AdapterValidator = Callable[[Path], "Adapter"]
 """Reads the single-file adapter at a path and validates it against the loaded base;
 raises `AdapterValidationError` when it does not fit. A validator that also has
@@ -66,6 +75,17 @@ as this base's."""
 
 class BaseNotLoadedError(Exception):
     """Which adapters belong to this server is known once its base model is loaded."""
+
+
+class AdapterStoreUnavailableError(AdapterLoadError, StoreUnavailableError):
+    """A load failed because the store could not be reached: an engine error (the engine
+    passes it to the request as it is) that the API answers as any `StoreUnavailableError`
+    (503), not as a broken adapter (500)."""
+
+    def __init__(self, adapter_id: str, cause: StoreUnavailableError) -> None:
+        StoreUnavailableError.__init__(
+            self, f"loading adapter {adapter_id!r}: {cause}", reason=cause.reason
+        )
 
 
 class AdapterValidationError(Exception):
@@ -136,6 +156,12 @@ class AdapterRegistry:
         self._loads: Counter[str] = Counter()
 
     # -- set up -----------------------------------------------------------------------
+    async def call(self, fn: Callable[..., T], /, *args: Any, bounded: bool = True) -> T:
+        """`fn(*args)`, a blocking registry or store call made for a request, on the store's
+        executor: bounded by `store_timeout` (`StoreUnavailableError` past it), and unable
+        to take threads from other work. `bounded=False` for uploads (see `StoreExecutor`)."""
+        return await self.store.executor.run(fn, *args, bounded=bounded)
+
     def set_validator(self, validator: AdapterValidator) -> None:
         """Install the validator once the base model is known."""
         judge = getattr(validator, "foreign_base", None)
@@ -179,6 +205,8 @@ class AdapterRegistry:
             self.require(adapter_id)
         except AdapterNotFoundError as exc:
             return exc
+        except StoreUnavailableError:
+            raise  # not "not found": the store could not say
         except (BaseNotLoadedError, StoreError, OSError):
             pass
         return AdapterNotFoundError(adapter_id)
@@ -209,10 +237,12 @@ class AdapterRegistry:
         """Read, digest-check and validate the stored adapter (engine loader thread). The
         digest of the validated bytes comes with it, and is remembered for `stale_ids`."""
         with self._lock:
-            self.require(adapter_id)
             try:
+                self.require(adapter_id)
                 with self.store.checkout(adapter_id) as copy:
                     adapter = self._validate(copy.path)
+            except StoreUnavailableError as exc:
+                raise AdapterStoreUnavailableError(adapter_id, exc) from exc
             except StoredAdapterMissingError:
                 raise AdapterNotFoundError(adapter_id) from None
             except (DigestMismatchError, AdapterValidationError) as exc:

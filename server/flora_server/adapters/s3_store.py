@@ -21,10 +21,18 @@ that dies after the manifest PUT leaves the old object behind, removed the same 
 `org/name` is the key path `manifests/org/name.json`, its objects `objects/org/name/`; the
 objects of an id are the keys directly under its folder, so those of `org` never include
 those of `org/name`.
+
+Every failure of the bucket or of the way to it (no route to the endpoint, a stalled
+connection, S3 answering an error other than "not found") leaves this module as an
+`S3StoreError`, a `StoreUnavailableError`: botocore's own exception types never reach the
+callers (`_s3_errors` is the one place they are translated). The client's connect/read
+timeouts and attempts are settings (`make_s3_client`), so a stalled endpoint fails a call
+in bounded time.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -33,7 +41,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from boto3.exceptions import Boto3Error
+from botocore.exceptions import BotoCoreError, ClientError
 
 from flora_server.adapters.store import (
     DigestMismatchError,
@@ -41,11 +52,14 @@ from flora_server.adapters.store import (
     StoredAdapter,
     StoredAdapterMissingError,
     StoredCopy,
-    StoreError,
+    StoreUnavailableError,
     copy_hashing,
     crash_point,
 )
 from flora_server.ids import is_valid_adapter_id, parse_s3_url
+
+if TYPE_CHECKING:
+    from flora_server.adapters.store_io import StoreExecutor
 
 __all__ = ["S3AdapterStore", "S3StoreError", "make_s3_client", "parse_s3_url"]
 
@@ -56,28 +70,62 @@ _OBJECTS = "objects/"
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
-class S3StoreError(StoreError):
-    """The bucket answered with something other than the object or 'not found'."""
+# What boto3 and botocore raise: connection and timeout errors (BotoCoreError), S3's error
+# answers (ClientError), failed managed uploads (S3UploadFailedError, a Boto3Error).
+_BOTO_ERRORS = (BotoCoreError, ClientError, Boto3Error)
 
 
-def make_s3_client(endpoint_url: str | None = None) -> Any:
+class S3StoreError(StoreUnavailableError):
+    """The bucket could not be reached, or answered with something other than the object
+    or 'not found'. `reason` names the cause as a client may see it: the endpoint error's
+    class (`EndpointConnectionError`, `ReadTimeoutError`) or S3's error code."""
+
+    @classmethod
+    def wrap(cls, what: str, exc: Exception) -> S3StoreError:
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code") or "unknown"
+            reason = f"S3 answered {code}"
+        else:
+            reason = type(exc).__name__
+        return cls(f"{what}: {type(exc).__name__}: {exc}", reason=reason)
+
+
+@contextlib.contextmanager
+def _s3_errors(what: str) -> Iterator[None]:
+    """Re-raise boto3's and botocore's errors as `S3StoreError` naming `what` failed."""
+    try:
+        yield
+    except _BOTO_ERRORS as exc:
+        raise S3StoreError.wrap(what, exc) from exc
+
+
+def make_s3_client(
+    endpoint_url: str | None = None,
+    *,
+    connect_timeout: float = 3.0,
+    read_timeout: float = 10.0,
+    max_attempts: int = 3,
+) -> Any:
     """A boto3 S3 client; credentials and region come from the standard AWS environment
-    (env vars, shared config, IRSA / workload identity). Timeouts are short so a stuck
-    store fails a load instead of hanging the loader (and the recheck) forever."""
+    (env vars, shared config, IRSA / workload identity). The timeouts (settings
+    `s3_connect_timeout`, `s3_read_timeout`, `s3_max_attempts`) are short so a stalled
+    store fails a call instead of hanging the loader, the recheck or a store worker:
+    `read_timeout` bounds each socket read (not a whole transfer), and one call takes at
+    most about `max_attempts * (connect_timeout + read_timeout)` plus backoff."""
     import boto3
     from botocore.config import Config
 
     config = Config(
-        connect_timeout=5,
-        read_timeout=30,
-        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"total_max_attempts": max_attempts, "mode": "standard"},
         # MinIO and most S3-compatibles want path-style addressing.
         s3={"addressing_style": "path"} if endpoint_url else {},
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
-def _is_missing(exc: Exception) -> bool:
+def _is_missing(exc: BaseException) -> bool:
     response = getattr(exc, "response", None)
     if not isinstance(response, dict):
         return False
@@ -87,7 +135,8 @@ def _is_missing(exc: Exception) -> bool:
 
 class S3AdapterStore:
     """See the module docstring. `client` is a boto3 S3 client (thread-safe, shared by the
-    loader threads); `scratch_dir` holds local copies while they are being read."""
+    loader threads); `scratch_dir` holds local copies while they are being read;
+    `executor` runs the calls made for requests (`flora_server.adapters.store_io`)."""
 
     def __init__(
         self,
@@ -97,7 +146,11 @@ class S3AdapterStore:
         *,
         scratch_dir: Path,
         page_size: int = 1000,
+        executor: StoreExecutor | None = None,
     ) -> None:
+        from flora_server.adapters.store_io import StoreExecutor
+
+        self.executor = executor or StoreExecutor()
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         self.client = client
@@ -109,10 +162,15 @@ class S3AdapterStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, scratch_dir: Path, endpoint_url: str | None = None
+        cls,
+        url: str,
+        *,
+        scratch_dir: Path,
+        client: Any,
+        executor: StoreExecutor | None = None,
     ) -> S3AdapterStore:
         bucket, prefix = parse_s3_url(url)
-        return cls(make_s3_client(endpoint_url), bucket, prefix, scratch_dir=scratch_dir)
+        return cls(client, bucket, prefix, scratch_dir=scratch_dir, executor=executor)
 
     # -- keys ----------------------------------------------------------------------------
     def _check(self, adapter_id: str) -> str:
@@ -131,11 +189,12 @@ class S3AdapterStore:
         """The streaming body of `key`, or None when the bucket says it does not exist; any
         other failure is an S3StoreError naming `what` was being read."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-        except Exception as exc:
-            if _is_missing(exc):
+            with _s3_errors(f"reading {what}"):
+                return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        except S3StoreError as exc:
+            if exc.__cause__ is not None and _is_missing(exc.__cause__):
                 return None
-            raise S3StoreError(f"reading {what}: {exc}") from exc
+            raise
 
     # -- manifest ------------------------------------------------------------------------
     def _manifest(self, adapter_id: str) -> dict[str, Any] | None:
@@ -144,7 +203,9 @@ class S3AdapterStore:
         if body is None:
             return None
         try:
-            manifest = json.loads(body.read(64 * 1024))
+            with _s3_errors(f"reading the manifest of {adapter_id!r}"):
+                raw = body.read(64 * 1024)
+            manifest = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return None
         # A manifest names its own id and a well-formed digest, or it does not count.
@@ -180,16 +241,18 @@ class S3AdapterStore:
                 raise DigestMismatchError(sha256, digest)
             object_key = self._object_key(adapter_id, digest)
             # 1. the weights, under a key no committed manifest names yet
-            self.client.upload_file(str(path), self.bucket, object_key)
+            with _s3_errors(f"uploading {adapter_id!r}"):
+                self.client.upload_file(str(path), self.bucket, object_key)
         crash_point("object-written")
         manifest = {"id": adapter_id, "sha256": digest, "size_bytes": size, "created": time.time()}
         # 2. the commit: one small PUT, atomic for readers
-        self.client.put_object(
-            Bucket=self.bucket,
-            Key=manifest_key,
-            Body=json.dumps(manifest, sort_keys=True).encode(),
-            ContentType="application/json",
-        )
+        with _s3_errors(f"committing {adapter_id!r}"):
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=manifest_key,
+                Body=json.dumps(manifest, sort_keys=True).encode(),
+                ContentType="application/json",
+            )
         crash_point("committed")
         # 3. the old weights (and orphans of crashed writers) are no longer reachable; the
         # manifest is read again so that a concurrent writer's newer commit keeps its object
@@ -204,16 +267,17 @@ class S3AdapterStore:
         for _ in range(_ATTEMPTS):
             digest = self._required(adapter_id)["sha256"]
             try:
-                response = self.client.get_object(
-                    Bucket=self.bucket,
-                    Key=self._object_key(adapter_id, digest),
-                    Range=f"bytes=0-{max(nbytes, 1) - 1}",
-                )
-            except Exception as exc:
-                if _is_missing(exc):
+                with _s3_errors(f"reading {adapter_id!r}"):
+                    response = self.client.get_object(
+                        Bucket=self.bucket,
+                        Key=self._object_key(adapter_id, digest),
+                        Range=f"bytes=0-{max(nbytes, 1) - 1}",
+                    )
+                    return digest, response["Body"].read(nbytes)
+            except S3StoreError as exc:
+                if exc.__cause__ is not None and _is_missing(exc.__cause__):
                     continue  # replaced meanwhile: read the manifest again
-                raise S3StoreError(f"reading {adapter_id!r}: {exc}") from exc
-            return digest, response["Body"].read(nbytes)
+                raise
         raise StoredAdapterMissingError(adapter_id)
 
     @contextlib.contextmanager
@@ -236,7 +300,8 @@ class S3AdapterStore:
     def delete(self, adapter_id: str) -> bool:
         existed = self._manifest(adapter_id) is not None
         # The manifest first: from this instant no reader can find the adapter.
-        self.client.delete_object(Bucket=self.bucket, Key=self._manifest_key(adapter_id))
+        with _s3_errors(f"deleting {adapter_id!r}"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._manifest_key(adapter_id))
         self._delete_objects(adapter_id, keep=set())
         return existed
 
@@ -266,21 +331,21 @@ class S3AdapterStore:
         return self._stored(self._required(adapter_id))
 
     # -- internals -----------------------------------------------------------------------
-    def _keys(self, prefix: str) -> Iterator[str]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(
-            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size}
-        )
-        for page in pages:
-            for item in page.get("Contents", []):
-                yield item["Key"]
+    def _keys(self, prefix: str) -> builtins.list[str]:  # `list` here is the method
+        with _s3_errors("listing the bucket"):
+            paginator = self.client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size}
+            )
+            return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
     def _delete_objects(self, adapter_id: str, keep: set[str]) -> None:
         prefix = f"{self.prefix}{_OBJECTS}{self._check(adapter_id)}/"
-        for key in list(self._keys(prefix)):
+        for key in self._keys(prefix):
             # Only the id's own objects: `objects/org/x.flora`, not `objects/org/name/...`.
             if key not in keep and "/" not in key[len(prefix) :]:
-                self.client.delete_object(Bucket=self.bucket, Key=key)
+                with _s3_errors(f"deleting an old object of {adapter_id!r}"):
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
 
     @contextlib.contextmanager
     def _spool(self, data: BinaryIO) -> Iterator[tuple[Path, str, int]]:
@@ -309,7 +374,7 @@ class S3AdapterStore:
             fd, name = tempfile.mkstemp(prefix=".get-", dir=self.scratch_dir)
             path = Path(name)
             try:
-                with os.fdopen(fd, "wb") as out:
+                with os.fdopen(fd, "wb") as out, _s3_errors(f"downloading {adapter_id!r}"):
                     actual, size = copy_hashing(body, out)
                 if actual != expected:
                     raise DigestMismatchError(expected, actual)

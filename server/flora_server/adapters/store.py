@@ -45,9 +45,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from flora_server.ids import ADAPTER_ID_RULE, is_valid_adapter_id
+
+if TYPE_CHECKING:
+    from flora_server.adapters.store_io import StoreExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,20 @@ def crash_point(name: str) -> None:
 
 class StoreError(Exception):
     """Base class of store errors."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store could not be reached or did not answer in time (S3 endpoint down, a stalled
+    connection, every store worker busy): nothing is wrong with the request, and it may
+    succeed later. The API answers 503 with Retry-After.
+
+    `reason` is what a client may be told: a short cause such as the endpoint error's class
+    (`EndpointConnectionError`) or S3's error code, never an address, key or credential.
+    `str(exc)` is the full story, for the log."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class InvalidAdapterIdError(StoreError, ValueError):
@@ -124,7 +141,14 @@ class StoredCopy:
 class AdapterStore(Protocol):
     """Adapter bytes by id. Implementations: `LocalAdapterStore` (a directory, possibly shared
     by replicas) and `S3AdapterStore` (`flora_server.adapters.s3_store`); `open_store` in
-    `flora_server.adapters.open_store` picks one from the settings."""
+    `flora_server.adapters.open_store` picks one from the settings.
+
+    The methods block (file or network I/O). Callers on the event loop run them on the
+    store's own `executor`, never on asyncio's default executor: a stalled store then holds
+    only its own bounded workers, and a caller that waits past the executor's timeout gets
+    `StoreUnavailableError` (see `flora_server.adapters.store_io`)."""
+
+    executor: StoreExecutor
 
     def put(self, adapter_id: str, data: BinaryIO, *, sha256: str | None = None) -> StoredAdapter:
         """Store `data` atomically under `adapter_id`, replacing any previous object. When
@@ -215,7 +239,11 @@ class LocalAdapterStore:
     """An `AdapterStore` on a local (or shared ReadWriteMany) directory; see the module
     docstring for the layout and why a put is atomic."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, executor: StoreExecutor | None = None) -> None:
+        # Imported here: store_io imports this module's errors.
+        from flora_server.adapters.store_io import StoreExecutor
+
+        self.executor = executor or StoreExecutor()
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
         self._objects = self.root / OBJECTS

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,9 +339,12 @@ async def upload_adapter(
         try:
             # A PEFT LoRA (config with `peft_type`) is converted exactly to FLoRA first.
             upload, expected = await asyncio.to_thread(as_flora_upload, upload, expected, staging)
-            result: PutResult = await asyncio.to_thread(
+            put = functools.partial(
                 registry.put, adapter_id, upload, overwrite=overwrite, expected_sha256=expected
             )
+            # Unbounded: the transfer's length depends on the upload (its wait for a store
+            # worker is still bounded, and each S3 read by the client's read timeout).
+            result: PutResult = await registry.call(put, bounded=False)
         except AdapterValidationError as exc:
             raise APIError(
                 422,
@@ -372,7 +376,7 @@ async def list_adapters(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> AdapterList:
     try:
-        ids = [i for i in await asyncio.to_thread(registry.list_ids) if auth.visible(i)]
+        ids = [i for i in await registry.call(registry.list_ids) if auth.visible(i)]
     except BaseNotLoadedError:
         raise base_loading() from None
     total = len(ids)
@@ -388,7 +392,7 @@ async def list_adapters(
                 out.append(registry.stat(adapter_id))
         return out
 
-    stored = await asyncio.to_thread(stat_all)
+    stored = await registry.call(stat_all)
     data = [AdapterInfo(**_info(s, registry, engine)) for s in stored]
     return AdapterList(
         data=data,
@@ -409,7 +413,7 @@ async def get_adapter(
         return registry.stat(adapter_id), registry.config(adapter_id)
 
     try:
-        stored, config = await asyncio.to_thread(read)
+        stored, config = await registry.call(read)
     except AdapterNotFoundError as exc:  # or another base's: the message names that base
         raise APIError(404, str(exc), param="adapter_id") from None
     except BaseNotLoadedError:
@@ -430,7 +434,7 @@ async def delete_adapter(
     _check_id(adapter_id)
     _check_visible(adapter_id)
     try:
-        existed = await asyncio.to_thread(registry.delete, adapter_id)
+        existed = await registry.call(registry.delete, adapter_id)
     except AdapterOfOtherBaseError as exc:  # never deleted through a server of another base
         raise APIError(404, str(exc), param="adapter_id") from None
     except BaseNotLoadedError:

@@ -107,15 +107,17 @@ async def check_adapter(
     registry: AdapterRegistry, adapter_id: str | None, param: str, *, count: bool = True
 ) -> None:
     """404 up front for an unknown adapter (the engine would also say so, later);
-    `count` records a request for it."""
+    `count` records a request for it. The base model (`adapter_id` None) asks the store
+    nothing. Store calls run on the store's executor: a stalled store answers 503 after
+    `store_timeout` and never holds threads that other requests need."""
     if adapter_id is None:
         return
     # Another tenant's adapter answers exactly like a missing one: existence is not revealed.
     if not auth.visible(adapter_id):
         raise APIError(404, f"adapter {adapter_id!r} not found", param=param)
-    if not await asyncio.to_thread(registry.exists, adapter_id):
+    if not await registry.call(registry.exists, adapter_id):
         # Says so when the id is another base's adapter (a store shared by several servers).
-        error = await asyncio.to_thread(registry.not_found, adapter_id)
+        error = await registry.call(registry.not_found, adapter_id)
         code = "adapter_of_other_base" if isinstance(error, AdapterOfOtherBaseError) else None
         raise APIError(404, str(error), param=param, code=code)
     if count:

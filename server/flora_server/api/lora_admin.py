@@ -10,7 +10,7 @@ already loaded (unless `load_inplace`), 404 for unloading an unknown name.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
@@ -84,13 +84,17 @@ async def load_lora_adapter(
         real = confined_path(body.lora_path, settings.lora_dirs)
     except LocalPathError as exc:
         raise APIError(404 if exc.missing else 400, str(exc), param="lora_path") from None
-    if not body.load_inplace and await asyncio.to_thread(registry.exists, body.lora_name):
+    if not body.load_inplace and await registry.call(registry.exists, body.lora_name):
         raise APIError(
             400, f"The lora adapter '{body.lora_name}' has already been loaded.", param="lora_name"
         )
     try:
-        result = await asyncio.to_thread(
-            register_local, registry, body.lora_name, real, overwrite=body.load_inplace
+        result = await registry.call(
+            functools.partial(register_local, overwrite=body.load_inplace),
+            registry,
+            body.lora_name,
+            real,
+            bounded=False,  # an upload: the transfer is not bounded, the wait for a thread is
         )
     except (AdapterValidationError, LocalPathError) as exc:
         raise APIError(
@@ -113,7 +117,7 @@ async def unload_lora_adapter(
 ) -> PlainTextResponse:
     _check_name(body.lora_name)
     try:
-        deleted = await asyncio.to_thread(registry.delete, body.lora_name)
+        deleted = await registry.call(registry.delete, body.lora_name)
     except BaseNotLoadedError:
         raise base_loading() from None
     if not deleted:

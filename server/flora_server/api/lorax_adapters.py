@@ -4,8 +4,6 @@ per-request merge (`merged_adapters`, also accepted under its router name
 
 from __future__ import annotations
 
-import asyncio
-
 from flora_server import auth
 from flora_server.adapters.derived import (
     InputChangedError,
@@ -68,7 +66,10 @@ async def _local(path: str, registry: AdapterRegistry, settings: Settings) -> st
     except LocalPathError as exc:
         raise APIError(404 if exc.missing else 422, str(exc), param=_P + "adapter_id") from None
     try:
-        return await asyncio.to_thread(register_local_derived, registry, real, _tenant_prefix())
+        # Unbounded: reads, validates and stores a local adapter (an upload, in effect).
+        return await registry.call(
+            register_local_derived, registry, real, _tenant_prefix(), bounded=False
+        )
     except (AdapterValidationError, LocalPathError) as exc:
         raise APIError(
             422, f"invalid adapter: {exc}", type="invalid_adapter", param=_P + "adapter_id"
@@ -83,12 +84,20 @@ async def _merged(merge: MergedAdapters, registry: AdapterRegistry) -> str:
         await engine_requests.check_adapter(registry, adapter_id, param + ".ids")
     args = (merge.merge_strategy, merge.density, merge.majority_sign_method)
     try:
-        adapter_id, shas = await asyncio.to_thread(
+        adapter_id, shas = await registry.call(
             merged_id, registry, merge.ids, merge.weights, *args, _tenant_prefix()
         )
-        if not await asyncio.to_thread(registry.exists, adapter_id):
-            await asyncio.to_thread(
-                build_merge, registry, adapter_id, merge.ids, shas, merge.weights, *args
+        if not await registry.call(registry.exists, adapter_id):
+            # Unbounded: merges the inputs and stores the result (an upload, in effect).
+            await registry.call(
+                build_merge,
+                registry,
+                adapter_id,
+                merge.ids,
+                shas,
+                merge.weights,
+                *args,
+                bounded=False,
             )
     except StoredAdapterMissingError as exc:
         raise APIError(404, f"adapter not found: {exc}", param=param + ".ids") from None

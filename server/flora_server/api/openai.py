@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -462,7 +461,7 @@ def _loaded(engine: GenerationEngine) -> set[str]:
 
 @router.get("/models", response_model=ModelList, summary="The base model and every adapter")
 async def models(engine: EngineDep, registry: RegistryDep) -> ModelList:
-    ids = await asyncio.to_thread(registry.list_ids)
+    ids = await registry.call(registry.list_ids)
     loaded = _loaded(engine)
     cards = [_card(engine, None, loaded)]
     cards += [_card(engine, a, loaded) for a in filter(auth.visible, ids)]
