@@ -45,12 +45,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
+# The store's errors live with its executor (which raises them); this module's users
+# import them from here.
+from flora_server.adapters.store_io import StoreError as StoreError
+from flora_server.adapters.store_io import StoreExecutor
+from flora_server.adapters.store_io import StoreUnavailableError as StoreUnavailableError
 from flora_server.ids import ADAPTER_ID_RULE, is_valid_adapter_id
-
-if TYPE_CHECKING:
-    from flora_server.adapters.store_io import StoreExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -75,24 +77,6 @@ def crash_point(name: str) -> None:
     """SIGKILL this process when `FLORA_TEST_CRASH_AT` names this point (see `CRASH_ENV`)."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class StoreError(Exception):
-    """Base class of store errors."""
-
-
-class StoreUnavailableError(StoreError):
-    """The store could not be reached or did not answer in time (S3 endpoint down, a stalled
-    connection, every store worker busy): nothing is wrong with the request, and it may
-    succeed later. The API answers 503 with Retry-After.
-
-    `reason` is what a client may be told: a short cause such as the endpoint error's class
-    (`EndpointConnectionError`) or S3's error code, never an address, key or credential.
-    `str(exc)` is the full story, for the log."""
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class InvalidAdapterIdError(StoreError, ValueError):
@@ -240,9 +224,6 @@ class LocalAdapterStore:
     docstring for the layout and why a put is atomic."""
 
     def __init__(self, root: Path, *, executor: StoreExecutor | None = None) -> None:
-        # Imported here: store_io imports this module's errors.
-        from flora_server.adapters.store_io import StoreExecutor
-
         self.executor = executor or StoreExecutor()
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()

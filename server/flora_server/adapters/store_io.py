@@ -26,9 +26,26 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from flora_server.adapters.store import StoreUnavailableError
-
 T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """Base class of store errors."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store could not be reached or did not answer in time (S3 endpoint down, a stalled
+    connection, every store worker busy): nothing is wrong with the request, and it may
+    succeed later. The API answers 503 with Retry-After.
+
+    `reason` is what a client may be told: a short cause such as the endpoint error's class
+    (`EndpointConnectionError`) or S3's error code, never an address, key or credential.
+    `str(exc)` is the full story, for the log."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
 
 DEFAULT_WORKERS = 8
 DEFAULT_TIMEOUT = 10.0
