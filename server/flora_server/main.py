@@ -157,6 +157,8 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
             engine: GenerationEngine | None = app.state.engine
             if engine is not None:
                 await engine.shutdown(settings.shutdown_timeout)
+            # Queued store calls are dropped; a running one ends by the S3 client's timeouts.
+            app.state.registry.store.executor.shutdown()
 
     app = FastAPI(
         title="flora-serve",

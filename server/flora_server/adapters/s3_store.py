@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
@@ -56,10 +56,8 @@ from flora_server.adapters.store import (
     copy_hashing,
     crash_point,
 )
+from flora_server.adapters.store_io import StoreExecutor
 from flora_server.ids import is_valid_adapter_id, parse_s3_url
-
-if TYPE_CHECKING:
-    from flora_server.adapters.store_io import StoreExecutor
 
 __all__ = ["S3AdapterStore", "S3StoreError", "make_s3_client", "parse_s3_url"]
 
@@ -148,8 +146,6 @@ class S3AdapterStore:
         page_size: int = 1000,
         executor: StoreExecutor | None = None,
     ) -> None:
-        from flora_server.adapters.store_io import StoreExecutor
-
         self.executor = executor or StoreExecutor()
         if prefix and not prefix.endswith("/"):
             prefix += "/"

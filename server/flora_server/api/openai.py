@@ -19,6 +19,7 @@ from flora_server.api import engine_requests, structured, tools
 from flora_server.api import openai_conventions as conventions
 from flora_server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from flora_server.api.deps import require_inference_key as _auth
+from flora_server.engine.constraints import ConstraintSpec
 from flora_server.engine.protocol import (
     FinishEvent,
     FinishReason,
@@ -99,7 +100,10 @@ async def _request(
     registry: RegistryDep,
     names: engine_requests.FieldNames,
     prefix: str,
+    constraint: tuple[ConstraintSpec | None, str],
 ) -> GenerationRequest:
+    """The engine request, its adapter checked and `constraint` (a spec and the field it
+    came from) compiled onto it."""
     adapter_id = conventions.adapter_for(body.model, engine)
     try:
         await engine_requests.check_adapter(registry, adapter_id, "model")
@@ -114,8 +118,7 @@ async def _request(
         )
     except APIError as exc:
         raise conventions.openai_error(exc, body.model) from None
-    spec, param = structured.from_openai_request(body)
-    await structured.attach(engine, request, spec, param)
+    await structured.attach(engine, request, *constraint)
     return request
 
 
@@ -249,6 +252,7 @@ async def completions(
         registry=registry,
         names=engine_requests.FieldNames("prompt", "max_tokens", "stop"),
         prefix="cmpl",
+        constraint=structured.from_openai_request(body),
     )
     created = int(time.time())
 
@@ -343,9 +347,12 @@ async def chat_completions(
     tool_plan = tools.plan(body.tools, body.tool_choice)
     if tool_plan is not None and body.stream:
         raise invalid_field("stream", "tool calls are not streamed; send stream: false")
-    if tool_plan is not None and structured.from_openai_request(body)[0] is not None:
-        param = structured.from_openai_request(body)[1]
-        raise invalid_field(param, f"give tools or {param}, not both")
+    constraint = structured.from_openai_request(body)
+    if tool_plan is not None:
+        if constraint[0] is not None:
+            param = constraint[1]
+            raise invalid_field(param, f"give tools or {param}, not both")
+        constraint = (tool_plan.spec, "tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid_field("top_logprobs", "needs logprobs=true")
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -366,9 +373,8 @@ async def chat_completions(
         registry=registry,
         names=engine_requests.FieldNames("messages", max_name, "stop"),
         prefix="chatcmpl",
+        constraint=constraint,
     )
-    if tool_plan is not None:
-        await structured.attach(engine, request, tool_plan.spec, "tools")
     created = int(time.time())
 
     def token_logprob(t: TokenEvent) -> ChatTokenLogprob:

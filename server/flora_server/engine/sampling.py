@@ -28,6 +28,7 @@ from flora_server.engine.constraints import (
     unpack_bitmask,
 )
 from flora_server.engine.protocol import GrammarDeadEndError, Logprob, SamplingParams
+from flora_server.engine.text import in_context
 
 
 class SamplingTensors:
@@ -297,10 +298,12 @@ def prompt_logprob_entries(
     n: int,
     decode: Callable[[list[int]], str],
 ) -> tuple[Logprob, ...]:
-    """What the client gets for a prompt: every token with its text, its logprob (None for
-    the first) and its `n` most likely alternatives. chosen / top_*: for tokens 1..L-1."""
-    out = [Logprob(ids[0], decode(list(ids[:1])), None)]
+    """What the client gets for a prompt: every token with its logprob (None for the first)
+    and its `n` most likely alternatives, each with its own text in context
+    (`text.in_context`: the tokens' texts concatenate to the prompt decoded whole).
+    chosen / top_*: for tokens 1..L-1."""
+    out = [Logprob(ids[0], "", None)]
     for t, lp, vs, ts in zip(ids[1:], chosen, top_values, top_ids, strict=True):
-        top = tuple(Logprob(a, decode([a]), b) for a, b in zip(ts[:n], vs, strict=False))
-        out.append(Logprob(t, decode([t]), lp, top))
-    return tuple(out)
+        top = tuple(Logprob(a, "", b) for a, b in zip(ts[:n], vs, strict=False))
+        out.append(Logprob(t, "", lp, top))
+    return in_context(out, decode)

@@ -42,7 +42,6 @@ from flora_server.engine.sampling import (
     sample_tokens,
     seen_mask,
 )
-from flora_server.engine.text import in_context
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -320,9 +319,7 @@ class Stepper:
                 prompt_tokens=len(request.prompt_ids),
                 generated_tokens=len(row.generated),
                 token_ids=tuple(row.generated),
-                # Both engines score the prompt token by token; its texts are given in
-                # context here, so that they concatenate to the prompt decoded whole.
-                prompt_logprobs=in_context(row.prompt_logprobs, row.text.decode),
+                prompt_logprobs=row.prompt_logprobs,
                 adapter_sha256=row.adapter_sha256,
             )
         )

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 from flora_server.schemas.limits import (
     Count,
@@ -27,49 +34,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-# vLLM's extras (its sampling and prompt fields, sent through `extra_body`) that this
-# server does not honour, with the values that mean "unset" there: any other value is a
-# 422 naming the field, where ignoring it would answer a different question than the
-# client asked. `top_k`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`,
-# `guided_json`, `guided_regex` and `guided_choice` are honoured (fields below).
-_VLLM_UNHONOURED: dict[str, tuple[Any, ...]] = {
-    "use_beam_search": (False,),
-    "min_p": (0, 0.0),
-    "length_penalty": (1, 1.0),
-    "min_tokens": (0,),
-    "include_stop_str_in_output": (False,),
-    "skip_special_tokens": (True,),
-    "spaces_between_special_tokens": (True,),
-    "truncate_prompt_tokens": (),
-    "prompt_logprobs": (),
-    "allowed_token_ids": ([],),
-    "bad_words": ([],),
-    "logits_processors": ([],),
-    "return_tokens_as_token_ids": (False,),
-    "guided_grammar": (),
-    "guided_decoding_backend": (),
-    "guided_whitespace_pattern": (),
-    "structural_tag": (),
-    "structured_outputs": (),
-}
-_VLLM_CHAT_UNHONOURED: dict[str, tuple[Any, ...]] = {
-    "echo": (False,),
-    "add_generation_prompt": (True,),
-    "continue_final_message": (False,),
-    "chat_template": (),
-    "chat_template_kwargs": ({},),
-    "documents": ([],),
-}
+def _vllm_unset(*unset: Any) -> AfterValidator:
+    """The rule of a vLLM extra this server does not honour: null or one of its `unset`
+    values (what it means when left out) is accepted, any other value refused (a 422
+    naming the field), since ignoring it would answer a different question than the
+    client asked."""
+    shown = ", ".join(json.dumps(u) for u in (None, *unset))
+
+    def check(value: Any) -> Any:
+        if value is not None and not any(value == u and type(value) is type(u) for u in unset):
+            raise ValueError(f"a vLLM option this server does not support (accepted: {shown})")
+        return value
+
+    return AfterValidator(check)
 
 
-def _refuse_unhonoured(table: dict[str, tuple[Any, ...]], value: Any, info: ValidationInfo) -> Any:
-    """`value` of the vLLM extra `info.field_name` if it is one of its unset values
-    (null always is), else a validation error (422 naming the field)."""
-    unset = table[info.field_name or ""]
-    if value is not None and not any(value == u and type(value) is type(u) for u in unset):
-        shown = ", ".join(json.dumps(u) for u in (None, *unset))
-        raise ValueError(f"a vLLM option this server does not support (accepted: {shown})")
-    return value
+# The types of vLLM's extras (sampling, prompt and chat fields, sent through `extra_body`)
+# that this server does not honour, by the values that leave them unset. `top_k`,
+# `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `guided_json`, `guided_regex` and
+# `guided_choice` are honoured (typed fields below).
+_NullOnly = Annotated[Any, _vllm_unset()]
+_Off = Annotated[Any, _vllm_unset(False)]
+_On = Annotated[Any, _vllm_unset(True)]
+_Zero = Annotated[Any, _vllm_unset(0, 0.0)]
+_One = Annotated[Any, _vllm_unset(1, 1.0)]
+_NoItems = Annotated[Any, _vllm_unset([])]
+_NoEntries = Annotated[Any, _vllm_unset({})]
 
 
 def _default_for_null(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
@@ -113,30 +103,25 @@ class SamplingFields(BaseModel):
         "n", "stream", "echo", "logprobs", mode="before", check_fields=False
     )(classmethod(_default_for_null))
 
-    # not used: declared so that a value other than the unset ones is refused by name
-    use_beam_search: Any = None
-    min_p: Any = None
-    length_penalty: Any = None
-    min_tokens: Any = None
-    include_stop_str_in_output: Any = None
-    skip_special_tokens: Any = None
-    spaces_between_special_tokens: Any = None
-    truncate_prompt_tokens: Any = None
-    prompt_logprobs: Any = None
-    allowed_token_ids: Any = None
-    bad_words: Any = None
-    logits_processors: Any = None
-    return_tokens_as_token_ids: Any = None
-    guided_grammar: Any = None
-    guided_decoding_backend: Any = None
-    guided_whitespace_pattern: Any = None
-    structural_tag: Any = None
-    structured_outputs: Any = None
-
-    @field_validator(*_VLLM_UNHONOURED)
-    @classmethod
-    def _unhonoured(cls, value: Any, info: ValidationInfo) -> Any:
-        return _refuse_unhonoured(_VLLM_UNHONOURED, value, info)
+    # vLLM extras not honoured: only their unset values pass (see `_vllm_unset`)
+    use_beam_search: _Off = None
+    min_p: _Zero = None
+    length_penalty: _One = None
+    min_tokens: _Zero = None
+    include_stop_str_in_output: _Off = None
+    skip_special_tokens: _On = None
+    spaces_between_special_tokens: _On = None
+    truncate_prompt_tokens: _NullOnly = None
+    prompt_logprobs: _NullOnly = None
+    allowed_token_ids: _NoItems = None
+    bad_words: _NoItems = None
+    logits_processors: _NoItems = None
+    return_tokens_as_token_ids: _Off = None
+    guided_grammar: _NullOnly = None
+    guided_decoding_backend: _NullOnly = None
+    guided_whitespace_pattern: _NullOnly = None
+    structural_tag: _NullOnly = None
+    structured_outputs: _NullOnly = None
 
     @field_validator("stream_options")
     @classmethod
@@ -176,18 +161,13 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
-    # vLLM's chat extras this server does not honour (see `_VLLM_CHAT_UNHONOURED`)
-    echo: Any = None
-    add_generation_prompt: Any = None
-    continue_final_message: Any = None
-    chat_template: Any = None
-    chat_template_kwargs: Any = None
-    documents: Any = None
-
-    @field_validator(*_VLLM_CHAT_UNHONOURED)
-    @classmethod
-    def _chat_unhonoured(cls, value: Any, info: ValidationInfo) -> Any:
-        return _refuse_unhonoured(_VLLM_CHAT_UNHONOURED, value, info)
+    # vLLM's chat extras not honoured: only their unset values pass (see `_vllm_unset`)
+    echo: _Off = None
+    add_generation_prompt: _On = None
+    continue_final_message: _Off = None
+    chat_template: _NullOnly = None
+    chat_template_kwargs: _NoEntries = None
+    documents: _NoItems = None
 
 
 class Usage(BaseModel):

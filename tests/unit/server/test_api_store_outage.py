@@ -342,3 +342,13 @@ def test_settings_reach_the_store_and_the_s3_client(tmp_path, aws_env):
     assert (store.executor.workers, store.executor.timeout) == (3, 7)
     local = open_store(Settings(home=tmp_path, store_workers=5))
     assert isinstance(local, LocalAdapterStore) and local.executor.workers == 5
+
+
+def test_the_store_executor_is_shut_down_with_the_app(tmp_path):
+    """The app's shutdown refuses further store calls (queued ones are dropped), so no
+    store worker outlives the server waiting for work."""
+    with running_app(tmp_path) as (client, _):
+        registry = client.app.state.registry
+        assert asyncio.run(registry.call(lambda: "served")) == "served"
+    with pytest.raises(StoreUnavailableError, match="shut down"):
+        asyncio.run(registry.call(lambda: "after"))
