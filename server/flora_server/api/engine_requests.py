@@ -48,6 +48,7 @@ class Decoding:
     prompt_logprobs: bool = False
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class FieldNames:
     prompt: str = "inputs"
     max_new_tokens: str = "parameters.max_new_tokens"
     stop: str = "parameters.stop"
+    min_tokens: str = "min_tokens"  # only the OpenAI routes take it (vLLM's extra)
 
 
 @dataclass
@@ -166,6 +168,12 @@ def build_request(
                 max_new=max_new,
                 context=context_length,
             )
+    if decoding.min_tokens > max_new:
+        raise invalid_field(
+            names.min_tokens,
+            f"{decoding.min_tokens} is more than the {max_new} tokens this request may "
+            f"generate ({names.max_new_tokens})",
+        )
     stop = check_stop(decoding.stop, settings, names.stop)
     seed = decoding.seed
     if decoding.do_sample and seed is None:
@@ -185,6 +193,7 @@ def build_request(
         prompt_logprobs=decoding.prompt_logprobs,
         ignore_eos=decoding.ignore_eos,
         stop_token_ids=decoding.stop_token_ids,
+        min_tokens=decoding.min_tokens,
     )
     return GenerationRequest(
         request_id=request_id,

@@ -87,6 +87,7 @@ def _decoding(
         logprobs=logprobs,
         ignore_eos=bool(body.ignore_eos),
         stop_token_ids=tuple(body.stop_token_ids or ()),
+        min_tokens=body.min_tokens or 0,
     )
 
 

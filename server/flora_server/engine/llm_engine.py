@@ -380,7 +380,11 @@ class LLMEngine(WorkerThreadMixin):
         return RowState(
             handle=handle,
             slot=slot,
-            text=TextStream(decode=decode, stops=tuple(s for s in params.stop if s)),
+            text=TextStream(
+                decode=decode,
+                stops=tuple(s for s in params.stop if s),
+                stops_from=params.min_tokens,
+            ),
             generator=make_generator(params.seed, self._device) if params.do_sample else None,
             seen=list(handle.request.prompt_ids),
             adapter_sha256=None if slot is None else self.cache.slot_sha256(slot),

@@ -39,6 +39,9 @@ class SamplingParams:
     # Tokens that end the request as EOS does (vLLM's stop_token_ids), even with ignore_eos;
     # like EOS, their text is not part of the output.
     stop_token_ids: tuple[int, ...] = ()
+    # vLLM's min_tokens: until this many tokens are generated, EOS and `stop_token_ids`
+    # cannot be picked and stop sequences do not end the request (engine/text.py)
+    min_tokens: int = 0
 
 
 @dataclass

@@ -223,9 +223,13 @@ def sample_tokens(
     seen: torch.Tensor | None,
     generators: Sequence[torch.Generator | None],
     constraints: Sequence[TokenConstraint | None] | None = None,
+    held: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[int, Exception]]:
     """Constrain, process and select one token per row, then advance each row's constraint
-    past its token. logits: [B, V] float32 (raw).
+    past its token. logits: [B, V] float32 (raw). `held` [B, V] bool (None: none) marks
+    the tokens a row may not pick yet (its end, under vLLM's `min_tokens`); they are
+    masked where the row's grammar allows anything else, so a grammar that can only end
+    still ends.
 
     Returns the tokens [B] int64 and the rows the engine must fail, each with its error
     (the others are unaffected): a row whose grammar allows no token and not the end
@@ -241,6 +245,9 @@ def sample_tokens(
             failed[row] = GrammarDeadEndError(message, param=field)
             allowed[row] = True  # a placeholder draw, never emitted
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    if held is not None:
+        held = held & (logits > float("-inf")).logical_and(~held).any(dim=-1, keepdim=True)
+        logits = logits.masked_fill(held, float("-inf"))
     processed = process_logits(logits, params, seen)
     tokens = select_tokens(processed, params.do_sample if params.sampling else None, generators)
     if constraints is not None:

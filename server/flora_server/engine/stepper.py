@@ -9,7 +9,7 @@ the admitted ones, samples, emits events and drops finished rows. The worker thr
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -230,7 +230,7 @@ class Stepper:
         that is never emitted); a single row's failure propagates to the caller. A row
         whose output grammar cannot go on fails alone too, with the error sampling gives."""
         try:
-            tokens, failed = _select(rows, logits)
+            tokens, failed = _select(rows, logits, self.eos_ids)
         except Exception:
             if len(rows) == 1:
                 raise
@@ -239,7 +239,7 @@ class Stepper:
                 if row.finished is not None:
                     continue
                 try:
-                    one, bad = _select([row], logits[i : i + 1])
+                    one, bad = _select([row], logits[i : i + 1], self.eos_ids)
                 except Exception as exc:
                     self.fail([row], exc)
                     continue
@@ -385,7 +385,7 @@ class Stepper:
 
 
 def _select(
-    rows: Sequence[RowState], logits: torch.Tensor
+    rows: Sequence[RowState], logits: torch.Tensor, eos_ids: Iterable[int]
 ) -> tuple[torch.Tensor, dict[int, Exception]]:
     """Constrain and process `logits` [B, V] with each row's parameters and grammar, and pick
     its token [B]; also the rows whose grammar cannot go on, with their errors."""
@@ -404,4 +404,23 @@ def _select(
         seen,
         [r.generator for r in rows],
         constraints if any(c is not None for c in constraints) else None,
+        held_ends(rows, eos_ids, logits.shape[-1], logits.device),
     )
+
+
+def held_ends(
+    rows: Sequence[RowState], eos_ids: Iterable[int], vocab_size: int, device: torch.device
+) -> torch.Tensor | None:
+    """[B, V] bool: the tokens that would end a row that has not yet generated its
+    `min_tokens` (EOS unless it ignores EOS, and its stop tokens); None when no row has
+    any."""
+    ends: list[list[int]] = []
+    for row in rows:
+        params = row.request.params
+        held: list[int] = []
+        if len(row.generated) < params.min_tokens:
+            held = list(params.stop_token_ids)
+            if not params.ignore_eos:
+                held.extend(t for t in eos_ids if t < vocab_size)
+        ends.append(held)
+    return seen_mask(ends, vocab_size, device) if any(ends) else None

@@ -20,6 +20,10 @@ Two texts come out of each token:
   the text before it is released and the row ends with reason "stop". The concatenation of
   everything released equals the final `generated_text` (the stop sequence itself is not
   included).
+
+vLLM's `min_tokens` suspends stop sequences (`stops_from`): until that many tokens are
+pushed, none ends the request, and afterwards only a stop that ends in later text counts
+(one that began earlier and is completed by a later token does).
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from flora_server.engine.protocol import Logprob
 REPLACEMENT_CHAR = "\ufffd"
 
 
-def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
-    """Index of the earliest occurrence of any stop sequence at or after `start`, or -1."""
-    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+def find_stop(text: str, stops: Sequence[str], start: int = 0, ends_after: int = 0) -> int:
+    """Index of the earliest occurrence of any stop sequence that starts at or after
+    `start` and ends after `ends_after` characters of `text`, or -1."""
+    starts = (text.find(s, max(start, ends_after - len(s) + 1)) for s in stops if s)
+    hits = [i for i in starts if i >= 0]
     return min(hits) if hits else -1
 
 
@@ -56,6 +62,7 @@ class TextStream:
 
     decode: Callable[[list[int]], str]
     stops: tuple[str, ...] = ()
+    stops_from: int = 0  # stop sequences end the text only from this many tokens on
     token_ids: list[int] = field(default_factory=list)
     released: str = ""
     stopped: bool = False
@@ -65,6 +72,8 @@ class TextStream:
     _prefix: int = field(default=0, init=False, repr=False)  # first id of the context window
     _read: int = field(default=0, init=False, repr=False)  # ids before this are in `text`
     _context: tuple[int, int, str] = field(default=(0, 0, ""), init=False, repr=False)
+    # A stop sequence must end after this many characters of `text` (`stops_from`).
+    _stop_floor: int = field(default=0, init=False, repr=False)
 
     def push(self, token_id: int | None, final: bool = False) -> str:
         """Add a token (None: none, e.g. EOS which is not text) and return the newly released
@@ -80,8 +89,13 @@ class TextStream:
             # A tokenizer whose decoding of a longer list rewrites earlier characters
             # (rare: clean-up of spaces): keep what was released and append the new tail.
             text = self.released + text[len(self.released) :]
-        search_from = max(0, len(self.released) - max((len(s) for s in self.stops), default=0))
-        stop_at = find_stop(text, self.stops, search_from) if self.stops else -1
+        stop_at = -1
+        if len(self.token_ids) < self.stops_from:
+            self._stop_floor = len(text)  # stops are suspended: this text cannot end it
+        elif self.stops:
+            longest = max(len(s) for s in self.stops)
+            search_from = max(0, len(self.released) - longest)
+            stop_at = find_stop(text, self.stops, search_from, self._stop_floor)
         if stop_at >= 0:
             self.stopped = True
             end = max(stop_at, len(self.released))

@@ -90,12 +90,16 @@ class SamplingFields(BaseModel):
     repetition_penalty: Penalty | None = None
     response_format: OpenAIResponseFormat | None = None
     # vLLM extras honoured here: generate through EOS; structured output as vLLM's
-    # guided decoding names it (at most one of these and `response_format`)
+    # guided decoding names it (at most one of these and `response_format`); a minimum
+    # length
     ignore_eos: bool | None = None
     stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     guided_json: dict[str, Any] | ValidText | None = None
     guided_regex: ValidText | None = Field(None, min_length=1)
     guided_choice: list[ValidText] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
+    min_tokens: Count | None = Field(
+        None, description="tokens generated before EOS, stop_token_ids or stop may end the output"
+    )
 
     # `echo` and chat's `logprobs` are the subclasses' (completions' `logprobs` is None
     # by default anyway)
@@ -107,7 +111,6 @@ class SamplingFields(BaseModel):
     use_beam_search: _Off = None
     min_p: _Zero = None
     length_penalty: _One = None
-    min_tokens: _Zero = None
     include_stop_str_in_output: _Off = None
     skip_special_tokens: _On = None
     spaces_between_special_tokens: _On = None

@@ -159,3 +159,26 @@ def test_vllm_ignore_eos_generates_through_the_end_of_sequence(client) -> None:
     assert through["choices"][0]["finish_reason"] == "length", through
     assert through["usage"]["completion_tokens"] == 48
     assert through["choices"][0]["text"].startswith(stopped["choices"][0]["text"])
+
+
+def test_vllm_min_tokens_equals_transformers_min_new_tokens(client) -> None:
+    """min_tokens holds EOS back as transformers' `min_new_tokens` does: the same greedy
+    tokens, computed by transformers' own generate on the same weights."""
+    import torch
+
+    from flora.models import load
+
+    loaded = load(BASE)
+    prompt = loaded.preprocessor.encode("The capital of France is")
+    body = {"model": BASE, "prompt": prompt, "max_tokens": 48, "temperature": 0}
+    stopped = client.post("/v1/completions", json=body).json()
+    n = stopped["usage"]["completion_tokens"]
+    assert stopped["choices"][0]["finish_reason"] == "stop" and n < 40, stopped
+    held = client.post("/v1/completions", json={**body, "min_tokens": n + 8}).json()
+    with torch.no_grad():
+        out = loaded.model.generate(
+            torch.tensor([prompt]), max_new_tokens=48, min_new_tokens=n + 8, do_sample=False
+        )[0, len(prompt) :].tolist()
+    want = loaded.preprocessor.decode(out, skip_special_tokens=True)
+    assert held["usage"]["completion_tokens"] == len(out) >= n + 8, held
+    assert held["choices"][0]["text"] == want

@@ -73,7 +73,6 @@ def test_no_tools_and_no_tool_call_asked_is_plain_text(client, choice) -> None:
 @pytest.mark.parametrize(
     ("route", "body", "field", "value"),
     [
-        ("/v1/completions", COMPLETION, "min_tokens", 5),
         ("/v1/completions", COMPLETION, "guided_grammar", "root ::= 'a'"),
         ("/v1/completions", COMPLETION, "prompt_logprobs", 1),
         ("/v1/completions", COMPLETION, "min_p", 0.1),
@@ -136,6 +135,24 @@ def test_ignore_eos_and_stop_token_ids_reach_the_engine(tmp_path) -> None:
                 assert r.status_code == 422 and r.json()["error"]["param"].startswith(
                     "stop_token_ids"
                 ), r.text
+
+
+def test_min_tokens_reaches_the_engine_and_cannot_exceed_max_tokens(tmp_path) -> None:
+    with running_app(tmp_path) as (client, engine):
+        for route, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+            for given, want in ((3, 3), (0, 0), (None, 0)):
+                r = client.post(route, json={**body, "min_tokens": given})
+                assert r.status_code == 200, r.text
+                assert engine.requests[-1].params.min_tokens == want
+            for bad, says in ((4, "more than the 3 tokens"), (-1, "greater than or equal")):
+                r = client.post(route, json={**body, "min_tokens": bad})
+                assert r.status_code == 422, r.text
+                error = r.json()["error"]
+                assert error["param"] == "min_tokens" and says in error["message"], error
+        # without max_tokens the limit is the default the request would get
+        r = client.post("/v1/completions", json={"model": "fake-base", "prompt": "hi",
+                                                  "min_tokens": 10**6})  # fmt: skip
+        assert r.status_code == 422 and r.json()["error"]["param"] == "min_tokens", r.text
 
 
 @pytest.mark.parametrize(

@@ -200,9 +200,10 @@ def test_device_tokens_are_the_argmax_or_minus_one_where_not_finite() -> None:
 
 def test_pipelines_only_plain_greedy_rows() -> None:
     class Row:
-        def __init__(self, constraint=None, **params):
+        def __init__(self, constraint=None, generated=(), **params):
             self.request = GenerationRequest("r", [1], SamplingParams(**params))
             self.request.constraint = constraint
+            self.generated = list(generated)
 
     assert pipelines(Row())
     assert pipelines(Row(stop=("x",), max_new_tokens=3, ignore_eos=True))
@@ -211,6 +212,8 @@ def test_pipelines_only_plain_greedy_rows() -> None:
     assert not pipelines(Row(logprobs=True))
     assert not pipelines(Row(top_logprobs=2))
     assert not pipelines(Row(constraint=object()))
+    assert not pipelines(Row(min_tokens=2, generated=[5]))  # EOS held for the next token
+    assert pipelines(Row(min_tokens=2, generated=[5, 6]))
 
 
 def test_finish_event_counts_each_token_once(adapters, refs) -> None:

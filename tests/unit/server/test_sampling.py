@@ -12,6 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from flora_server.engine.constraints import set_only
 from flora_server.engine.protocol import SamplingParams
 from flora_server.engine.sampling import (
     SamplingTensors,
@@ -238,3 +239,40 @@ def test_a_penalty_that_zeroes_in_float32_never_crashes_sampling() -> None:
         drawn.add(int(tokens[0]))
         assert int(tokens[1]) in (0, 2)
     assert drawn == {0, 2}
+
+
+class OnlyThese:
+    """A grammar in miniature: allows exactly `tokens` at every step."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        set_only(bitmask, row, self.tokens)
+
+    def accept(self, token: int) -> bool:
+        return token in self.tokens
+
+    def is_terminated(self) -> bool:
+        return False
+
+
+def test_held_ends_are_never_picked_unless_the_grammar_allows_nothing_else() -> None:
+    """min_tokens' mask: a held token is not chosen even where it is the argmax, or the only
+    token a sampling row could draw; a row whose grammar allows only held tokens (it can
+    only end) still ends; rows without held tokens are unchanged."""
+    logits = torch.full((4, 40), -5.0)
+    logits[:, 7] = 9.0  # the argmax of every row, held in rows 0, 1 and 2
+    logits[:, 3] = 4.0
+    logits[1, :] = float("-inf")
+    logits[1, 7] = logits[1, 11] = 0.0  # sampling row 1 can draw 7 or 11
+    held = torch.zeros(4, 40, dtype=torch.bool)
+    held[0:3, 7] = True
+    params = [SamplingParams(), SamplingParams(do_sample=True, seed=3)] + [SamplingParams()] * 2
+    gens = [None, torch.Generator().manual_seed(3), None, None]
+    constraints = [None, None, OnlyThese([7]), OnlyThese([7, 3])]
+    for _ in range(10):
+        tokens, failed = sample_tokens(
+            logits, SamplingTensors.from_params(params), None, gens, constraints, held
+        )
+        assert failed == {} and tokens.tolist() == [3, 11, 7, 7]
