@@ -74,6 +74,10 @@ def parse_keys(
     return keys
 
 
+# What a metrics key presented anywhere but /metrics is told (a 403).
+METRICS_KEY_ONLY = "a metrics key may only read /metrics"
+
+
 def may_read_metrics(key: ApiKey) -> bool:
     """`/metrics` labels name every tenant's adapters: only a metrics key or an admin key
     bound to no tenant may read them."""

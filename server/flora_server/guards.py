@@ -72,8 +72,7 @@ class RequestGuardMiddleware:
                 )
                 return
             if key.role == "metrics":
-                message = "a metrics key may only read /metrics"
-                await _send_json(send, 403, "permission_error", message, {})
+                await _send_json(send, 403, "permission_error", auth.METRICS_KEY_ONLY, {})
                 return
         if path == UPLOAD_PREFIX or path.startswith(UPLOAD_PREFIX + "/"):
             await self.app(scope, receive, send)

@@ -93,7 +93,7 @@ async def require_inference_key(settings: SettingsDep, credentials: CredentialsD
     if settings.auth_enabled:
         key = _presented_key(settings, credentials)
         if key.role == "metrics":
-            raise APIError(403, "a metrics key may only read /metrics")
+            raise APIError(403, auth.METRICS_KEY_ONLY)
         auth.set_principal(auth.Principal(key.role, key.tenant))
     else:
         auth.set_principal(auth.OPEN)
