@@ -108,12 +108,12 @@ def grammar_engines(tok: Any, vocab: int, repeats: int) -> dict[str, dict[str, f
 def in_engine(loaded: Any, batch: int, repeats: int) -> dict[str, float]:
     """Medians of three things measured in turn in one loop (so load changes hit all
     three alike): one batched decode step of the model, `sample_tokens` with no row
-    constrained, and what constraining every row adds to it (`apply_constraints`: each
-    row's mask filled, unpacked and applied; plus each row's accept)."""
+    constrained, and what constraining every row adds to it (the same call with every
+    row's grammar: each row's mask filled, unpacked and applied, and its token accepted)."""
     from flora_server.engine.constraints import ConstraintSpec, GrammarCompiler
     from flora_server.engine.llm_engine import eos_token_ids
     from flora_server.engine.protocol import SamplingParams
-    from flora_server.engine.sampling import SamplingTensors, apply_constraints, sample_tokens
+    from flora_server.engine.sampling import SamplingTensors, sample_tokens
 
     model, tok = loaded.model, loaded.preprocessor
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -123,7 +123,6 @@ def in_engine(loaded: Any, batch: int, repeats: int) -> dict[str, float]:
     logits = torch.randn(batch, vocab)
     gens = [None] * batch
     matchers = [compiler.compile(spec) for _ in range(batch)]
-    first = tok.encode("{", add_special_tokens=False)[0]  # a token every row may take first
     ids = torch.randint(0, vocab, (batch, 64))
     cache = model(ids, use_cache=True).past_key_values
     step_in = torch.randint(0, vocab, (batch, 1))
@@ -138,10 +137,9 @@ def in_engine(loaded: Any, batch: int, repeats: int) -> dict[str, float]:
         for m in matchers:  # back to the start of the answer: the widest mask
             m.reset()
         start = time.perf_counter()
-        apply_constraints(logits, matchers)
-        for m in matchers:
-            m.accept(first)
-        masks.append(time.perf_counter() - start)
+        _, failed = sample_tokens(logits, params, None, gens, matchers)
+        masks.append(time.perf_counter() - start - frees[-1])
+        assert not failed, failed
     step_ms, free_ms, mask_ms = (statistics.median(x) * 1000 for x in (steps, frees, masks))
     return {
         "batch": batch,

@@ -206,17 +206,6 @@ def allowed_tokens(constraints: Sequence[TokenConstraint | None], vocab_size: in
     return unpack_bitmask(bitmask, vocab_size)
 
 
-def apply_constraints(
-    logits: torch.Tensor, constraints: Sequence[TokenConstraint | None]
-) -> torch.Tensor:
-    """Mask, per constrained row, the tokens its grammar does not allow next to -inf.
-    logits: [B, V]; constraints: one per row (None = free). Free rows are unchanged."""
-    if all(c is None for c in constraints):
-        return logits
-    allowed = allowed_tokens(constraints, logits.shape[-1]).to(logits.device)  # [B, V]
-    return logits.masked_fill(~allowed, float("-inf"))
-
-
 def sample_tokens(
     logits: torch.Tensor,
     params: SamplingTensors,
