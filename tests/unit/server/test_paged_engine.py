@@ -140,7 +140,9 @@ def test_cancel_and_deadline_release_blocks(adapters) -> None:
     assert usage == 0.0
 
 
-def test_prompt_beyond_the_pool_is_an_invalid_request_and_max_new_is_capped(adapters) -> None:
+def test_a_pool_smaller_than_the_context_is_the_context_length(adapters, caplog) -> None:
+    """What the routes check a request against (and /info reports): a prompt beyond the
+    pool is refused, max_new_tokens is capped to what fits."""
     # 4 blocks of 4 tokens: 16 positions in all.
     loaded = TinyLoaded(model=make_tiny_llama(), preprocessor=make_char_tokenizer())
     bytes_per_token = 2 * 2 * 2 * 16 * 4  # K+V, 2 layers, 2 KV heads, head dim 16, float32
@@ -153,7 +155,7 @@ def test_prompt_beyond_the_pool_is_an_invalid_request_and_max_new_is_capped(adap
         async def main():
             while not engine.ready:
                 await asyncio.sleep(0.01)
-            with pytest.raises(InvalidRequestError, match="KV cache holds 16"):
+            with pytest.raises(InvalidRequestError, match="context length is 16"):
                 engine.generate(GenerationRequest("a", list(range(3, 19)), greedy(4)))
             req = GenerationRequest("b", list(range(3, 13)), greedy(50))
             return [e async for e in engine.generate(req)]
@@ -162,6 +164,8 @@ def test_prompt_beyond_the_pool_is_an_invalid_request_and_max_new_is_capped(adap
     finally:
         run(engine.shutdown(5))
     assert engine.pool.num_blocks == 4
+    assert engine.context_length == 16 < make_tiny_llama().config.max_position_embeddings
+    assert "KV cache holds 16 tokens" in caplog.text
     assert events[-1].generated_tokens == 6 and events[-1].reason == "length"
 
 

@@ -3,18 +3,20 @@ request plumbing, with the paged stepper (`paged.stepper`) in place of the left-
 batch. Selected by the setting `engine = "v2"` (docs/engine.md).
 
 The KV pool is sized once from `kv_cache_bytes` (keys + values of every layer, in the
-model's dtype); a prompt that cannot fit the whole pool is refused as an invalid request
-(a 4xx, like a prompt beyond the context length), and `max_new_tokens` is capped so that
-every admitted request fits the pool alone: preemption can then always make progress.
+model's dtype). A pool smaller than the model's context is the engine's context length
+(`context_length`, what /info and the OpenAI model card report): the routes refuse a
+prompt plus `max_new_tokens` beyond it as they refuse one beyond the model's context, and
+every admitted request fits the pool alone, so preemption can always make progress.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import deque
 from typing import Any
 
-from flora_server.engine.llm_engine import InvalidRequestError, LLMEngine
+from flora_server.engine.llm_engine import LLMEngine
 from flora_server.engine.paged.capture import GraphCapture, graph_capture_for
 from flora_server.engine.paged.fused import fused_kernels
 from flora_server.engine.paged.graphs import MAX_SAMPLES, GraphedPagedRunner
@@ -22,10 +24,12 @@ from flora_server.engine.paged.kv_cache import BlockPool
 from flora_server.engine.paged.runner import KVTensors, PagedRunner
 from flora_server.engine.paged.scheduler import PagedScheduler
 from flora_server.engine.paged.stepper import PagedStepper
-from flora_server.engine.protocol import AdapterSource, EngineStats, GenerationRequest
+from flora_server.engine.protocol import AdapterSource, EngineStats
 from flora_server.engine.requests import RequestHandle
 from flora_server.engine.runtime import AdapterRuntime, build_serving_runtime
 from flora_server.engine.stepper import Stepper
+
+log = logging.getLogger(__name__)
 
 
 class PagedLLMEngine(LLMEngine):
@@ -72,6 +76,16 @@ class PagedLLMEngine(LLMEngine):
             runtime=runtime or build_serving_runtime(model, max_slots, factor_dtype),
             **kwargs,
         )
+        capacity = num_blocks * kv_block_size
+        if capacity < self.context_length:
+            log.warning(
+                "the KV cache holds %d tokens, fewer than the model's context of %d: requests "
+                "are limited to %d tokens (raise FLORA_KV_CACHE_BYTES for more)",
+                capacity,
+                self.context_length,
+                capacity,
+            )
+            self.context_length = capacity
 
     @property
     def pool(self) -> BlockPool:
@@ -118,17 +132,6 @@ class PagedLLMEngine(LLMEngine):
             ),
             scheduler=PagedScheduler(self._pool, self._token_budget, self._max_batch_size),
         )
-
-    def _max_new_tokens(self, request: GenerationRequest) -> int:
-        max_new = super()._max_new_tokens(request)
-        capacity = self._pool.num_blocks * self._pool.block_size
-        n_prompt = len(request.prompt_ids)
-        if n_prompt >= capacity:
-            raise InvalidRequestError(
-                f"the prompt has {n_prompt} tokens; the KV cache holds {capacity} "
-                "(raise FLORA_KV_CACHE_BYTES)"
-            )
-        return min(max_new, capacity - n_prompt)
 
     def stats(self) -> EngineStats:
         stats = super().stats()
