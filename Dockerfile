@@ -85,7 +85,10 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER ${FLORA_UID}:${FLORA_UID}
 WORKDIR /home/flora
 EXPOSE 8000
-# Docker/compose only (Kubernetes uses the Deployment's probes): is the process answering?
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+# Docker/compose only (Kubernetes uses the Deployment's probes): healthy means ready (/ready:
+# loaded, warmed, not draining), so compose's `service_healthy` never routes to a replica whose
+# start-up failed. Failures in the start period do not count: it covers the model load as the
+# Deployment's startupProbe does (300 s); the first 200 ends it.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "/opt/flora/healthcheck.py"]
 ENTRYPOINT ["flora-serve"]

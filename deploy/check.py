@@ -34,14 +34,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 
+from deploy import healthcheck
 from deploy.crds import validate_custom_resource
-from deploy.dockerfile import check_dockerfile, prepare_module, runtime_uid
-from deploy.invariants import adapter_rule_problems, overlay_problems
+from deploy.dockerfile import (
+    check_dockerfile,
+    healthcheck_options,
+    parse_dockerfile,
+    prepare_module,
+    prepared_models,
+    runtime_env,
+    runtime_uid,
+)
+from deploy.invariants import (
+    Image,
+    adapter_rule_problems,
+    container_health_problems,
+    curl_json_problems,
+    one,
+    overlay_problems,
+    serving,
+)
 from deploy.routing import routing_problems
 
 Manifest = dict[str, Any]
@@ -213,21 +231,36 @@ def doc_examples(markdown: str) -> list[Manifest]:
     return [doc for block in blocks for doc in yaml.safe_load_all(block) if doc]
 
 
+def image_facts(root: Path) -> Image:
+    """The image's uid, runtime ENV and prepared models, read from the Dockerfile."""
+    instructions = parse_dockerfile((root / "Dockerfile").read_text())
+    return Image(runtime_uid(root), runtime_env(instructions), prepared_models(instructions))
+
+
+def image_health_problems(root: Path, base: list[Manifest]) -> list[str]:
+    """The Dockerfile's HEALTHCHECK against the base Deployment's probes."""
+    options = healthcheck_options(parse_dockerfile((root / "Dockerfile").read_text()))
+    path = urlsplit(healthcheck.probe_url({})).path
+    return container_health_problems(path, options, one(serving(base), "Deployment"))
+
+
 def docs_problems(root: Path) -> list[str]:
-    """YAML in docs/deploy.md must parse, and its Kubernetes objects must validate."""
+    """YAML in docs/deploy.md must parse, and its Kubernetes objects must validate; its curl
+    calls that post JSON must say so."""
     page = root / "docs" / "deploy.md"
     if not page.is_file():
         return ["docs/deploy.md is missing"]
+    curl = [f"docs/deploy.md: {p}" for p in curl_json_problems(page.read_text())]
     try:
         docs = doc_examples(page.read_text())
     except yaml.YAMLError as err:
-        return [f"docs/deploy.md: a yaml block does not parse: {err}"]
+        return [*curl, f"docs/deploy.md: a yaml block does not parse: {err}"]
     manifests = [d for d in docs if isinstance(d, dict) and "apiVersion" in d and "kind" in d]
     if not any(d["kind"] == "InferencePool" for d in manifests):
-        return ["docs/deploy.md has no InferencePool example"]
+        return [*curl, "docs/deploy.md has no InferencePool example"]
     # Only kinds with a schema here are checked (the HTTPRoute and InferenceModel examples
     # are context for the InferencePool, and their CRDs are not ours to pin).
-    return [
+    return curl + [
         p
         for p in schema_problems(manifests, versions=K8S_VERSIONS[-1:])
         if not p.startswith("no schema for custom resource")
@@ -272,11 +305,14 @@ def run_all(
     results.append(_timed("kubernetes-validate", schemas))
     results.append(_timed("yamllint", lambda: run_yamllint(root)))
 
-    uid = runtime_uid(root)
+    image = image_facts(root)
 
     def invariants() -> list[str]:
-        problems = [f"{n}: {p}" for n in OVERLAYS for p in overlay_problems(rendered[n], uid)]
+        problems = [
+            f"{n}: {p}" for n in OVERLAYS for p in overlay_problems(rendered[n], image=image)
+        ]
         problems += [f"{n}: {p}" for n in OVERLAYS for p in routing_problems(rendered[n])]
+        problems += [f"Dockerfile: {p}" for p in image_health_problems(root, rendered["base"])]
         adapter = root / "deploy" / "k8s" / "prometheus-adapter"
         config = yaml.safe_load(rendered["prometheus-adapter"][0]["data"]["config.yaml"])
         values = yaml.safe_load((adapter / "values.yaml").read_text())

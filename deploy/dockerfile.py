@@ -173,6 +173,53 @@ def runtime_uid(root: Path) -> int:
     return int(args["FLORA_UID"])
 
 
+def runtime_env(instructions: list[Instruction]) -> dict[str, str]:
+    """The ENV of the final stage (`ENV A=1 B=2` or `ENV A 1`; no `$VAR` expansion)."""
+    last_from = max((i for i, ins in enumerate(instructions) if ins.keyword == "FROM"), default=-1)
+    env: dict[str, str] = {}
+    for ins in instructions[last_from + 1 :]:
+        if ins.keyword != "ENV":
+            continue
+        words = shlex.split(ins.args)
+        if words and "=" not in words[0]:
+            env[words[0]] = " ".join(words[1:])
+            continue
+        for word in words:
+            name, _, value = word.partition("=")
+            env[name] = value
+    return env
+
+
+def prepared_models(instructions: list[Instruction]) -> frozenset[str]:
+    """Models the build converts into the image's FLORA_HOME (`python -m M prepare NAME...`)."""
+    names: set[str] = set()
+    for ins in instructions:
+        match = re.search(r"python3? -m [\w.]+ prepare ((?:[\w.-]+ ?)+)", ins.args)
+        if ins.keyword == "RUN" and match:
+            names.update(match.group(1).split())
+    return frozenset(names)
+
+
+def healthcheck_options(instructions: list[Instruction]) -> dict[str, str]:
+    """The last HEALTHCHECK's options (`interval`, `start-period`, ...) and its `CMD` (the
+    rest of the line, as written); empty when there is none or it is `NONE`."""
+    found = [ins.args for ins in instructions if ins.keyword == "HEALTHCHECK"]
+    if not found or found[-1].upper().startswith("NONE"):
+        return {}
+    options, _, command = found[-1].partition("CMD")
+    parsed = dict(word.removeprefix("--").partition("=")[::2] for word in shlex.split(options))
+    return {**parsed, "CMD": command.strip()}
+
+
+def duration_seconds(value: str) -> float:
+    """A Docker duration (`30s`, `5m`, `1m30s`, `500ms`) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6, "ns": 1e-9}
+    parts = re.findall(r"([0-9.]+)(ms|us|ns|h|m|s)", value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise ValueError(f"not a Docker duration: {value!r}")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 def prepare_module(root: Path) -> str | None:
     """The `python -m MODULE` the build runs to prepare the model, if any."""
     for ins in parse_dockerfile((root / "Dockerfile").read_text()):

@@ -2,15 +2,24 @@
 
 Schemas check that each object is well formed; these check that the objects fit together
 and keep the promises in docs/deploy.md: probes on the right routes, the drain arithmetic,
-selectors that select, references that resolve, placeholder-only secrets, GPU consistency.
-Every function returns a list of problems (empty when all is well).
+selectors that select, references that resolve, placeholder-only secrets, GPU consistency,
+every directory the server writes on a writable volume (deploy.writes), no tenant key beside
+an open /metrics; and two promises outside the manifests that lean on them: the image's
+HEALTHCHECK means what the readinessProbe means, and the page's curl calls that post JSON
+say so. Every function returns a list of problems (empty when all is well).
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+import re
+import shlex
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from deploy.dockerfile import duration_seconds
+from deploy.writes import write_path_problems
 
 Manifest = dict[str, Any]
 
@@ -19,6 +28,18 @@ PLACEHOLDER_PREFIX = "replace-me"
 QUEUE_METRIC = "flora_queue_length"
 EPP_NAME = "flora-epp"
 ROUTING_KINDS = frozenset({"InferencePool", "HTTPRoute"})
+# What pydantic reads as True from an environment variable (case-insensitive).
+TRUE_WORDS = frozenset({"1", "on", "t", "true", "y", "yes"})
+
+
+@dataclass(frozen=True)
+class Image:
+    """What the manifests need to know about the image (from the Dockerfile): its uid, its
+    ENV, and the models its build prepares into FLORA_HOME (None: not known)."""
+
+    uid: int | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    prepared_models: frozenset[str] | None = None
 
 
 def of_kind(docs: list[Manifest], kind: str) -> list[Manifest]:
@@ -63,6 +84,56 @@ def config_data(docs: list[Manifest], deployment: Manifest) -> dict[str, str]:
         if cm["metadata"]["name"] in names:
             data.update(cm.get("data", {}))
     return data
+
+
+def _object_data(docs: list[Manifest], kind: str, name: str) -> dict[str, str] | None:
+    """The decoded data of the rendered ConfigMap or Secret `name` (None if not rendered)."""
+    obj = next((d for d in of_kind(docs, kind) if d["metadata"]["name"] == name), None)
+    if obj is None:
+        return None
+    if kind == "Secret":
+        data = {k: base64.b64decode(v).decode() for k, v in obj.get("data", {}).items()}
+        return {**data, **obj.get("stringData", {})}
+    return dict(obj.get("data", {}))
+
+
+def server_environment(
+    docs: list[Manifest], deployment: Manifest, image_env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The server process's environment: the image's ENV, then `envFrom` (ConfigMaps and
+    Secrets, in order), then `env` (values, and references resolved against the rendered
+    objects; a reference to an object or key that is not rendered leaves the variable
+    unset, as an optional one does in the cluster)."""
+    env = dict(image_env or {})
+    container = server_container(deployment)
+    for ref in container.get("envFrom", []):
+        for key, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+            if key in ref:
+                env.update(_object_data(docs, kind, ref[key]["name"]) or {})
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+            continue
+        source = var.get("valueFrom", {})
+        for key, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
+            if key in source:
+                data = _object_data(docs, kind, source[key]["name"]) or {}
+                if source[key]["key"] in data:
+                    env[var["name"]] = data[source[key]["key"]]
+    return env
+
+
+def _keys(env: Mapping[str, str], name: str) -> list[str]:
+    return [k.strip() for k in env.get(name, "").split(",") if k.strip()]
+
+
+def metrics_need_key(env: Mapping[str, str]) -> bool:
+    """Whether the server's /metrics answers only a bearer key (api/deps.py
+    `require_metrics_access`): some key is configured and FLORA_METRICS_PUBLIC is off."""
+    if env.get("FLORA_METRICS_PUBLIC", "").strip().lower() in TRUE_WORDS:
+        return False
+    names = ("FLORA_API_KEYS", "FLORA_ADMIN_KEYS", "FLORA_METRICS_KEYS")
+    return any(_keys(env, name) for name in names)
 
 
 def prestop_sleep_seconds(container: Manifest) -> int:
@@ -142,6 +213,15 @@ def _volume_problems(docs: list[Manifest], pod: Manifest, container: Manifest) -
         claim = volume.get("persistentVolumeClaim", {}).get("claimName")
         if claim is not None and claim not in claims:
             yield f"volume {volume['name']!r} claims missing PVC {claim!r}"
+
+
+def _tenant_problems(env: Mapping[str, str]) -> Iterator[str]:
+    """FLORA_METRICS_PUBLIC with a tenant-bound key: the server refuses to start."""
+    if env.get("FLORA_METRICS_PUBLIC", "").strip().lower() not in TRUE_WORDS:
+        return
+    for name in ("FLORA_API_KEYS", "FLORA_ADMIN_KEYS"):
+        if any(":" in key for key in _keys(env, name)):
+            yield f"FLORA_METRICS_PUBLIC is on but {name} binds a key to a tenant"
 
 
 def _store_problems(docs: list[Manifest], deployment: Manifest) -> Iterator[str]:
@@ -262,9 +342,15 @@ def _gpu_problems(docs: list[Manifest], deployment: Manifest) -> Iterator[str]:
             yield "a GPU pod needs the nvidia.com/gpu toleration and a GPU node selector"
 
 
-def overlay_problems(docs: list[Manifest], image_uid: int | None = None) -> list[str]:
+def overlay_problems(
+    docs: list[Manifest], image_uid: int | None = None, image: Image | None = None
+) -> list[str]:
     """Every invariant violation of one rendered overlay (the serving Deployment and friends;
-    the routing layer, when there is one, is deploy.routing's)."""
+    the routing layer, when there is one, is deploy.routing's). `image` describes the image
+    (its uid wins over `image_uid`); without it the image's ENV is taken as empty and
+    whether it prepared the configured model is not judged."""
+    image = image or Image(uid=image_uid)
+    image_uid = image.uid
     everything, docs = docs, serving(docs)
     deployment = one(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -280,6 +366,10 @@ def overlay_problems(docs: list[Manifest], image_uid: int | None = None) -> list
     problems += _reference_problems(everything, deployment)
     problems += _secret_problems(docs)
     problems += _gpu_problems(docs, deployment)
+    problems += write_path_problems(
+        pod, container, server_environment(docs, deployment, image.env), image.prepared_models
+    )
+    problems += _tenant_problems(server_environment(docs, deployment, image.env))
     for kind in ("requests", "limits"):
         got = container.get("resources", {}).get(kind, {})
         if not {"cpu", "memory"} <= set(got):
@@ -308,6 +398,105 @@ def _probe_port_problems(container: Manifest, probe_port: str | None) -> Iterato
         port = container.get(probe, {}).get("httpGet", {}).get("port")
         if numbers.get(port) != probe_port:
             yield f"{probe} must use the probe port {probe_port} (FLORA_PROBE_PORT), not {port!r}"
+
+
+def container_health_problems(
+    probe_path: str, healthcheck: Mapping[str, str], deployment: Manifest
+) -> list[str]:
+    """The image's HEALTHCHECK (Docker, Compose's `service_healthy`) means what the
+    Deployment's readinessProbe means: `probe_path`, the path deploy/healthcheck.py asks,
+    is the readinessProbe's (a replica whose start-up failed answers /health 200 and /ready
+    503 forever), and the start period covers the startupProbe's budget (its failures do
+    not count while the model loads)."""
+    if not healthcheck:
+        return ["the Dockerfile has no HEALTHCHECK"]
+    container = server_container(deployment)
+    problems = []
+    ready = container.get("readinessProbe", {}).get("httpGet", {}).get("path")
+    if probe_path != ready:
+        problems.append(
+            f"the HEALTHCHECK probes {probe_path!r}, the readinessProbe {ready!r}: a "
+            "replica that failed to start would be healthy"
+        )
+    if "healthcheck.py" not in healthcheck.get("CMD", ""):
+        problems.append("the HEALTHCHECK does not run deploy/healthcheck.py")
+    startup = container.get("startupProbe", {})
+    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    start_period = duration_seconds(healthcheck.get("start-period", "0s"))
+    if start_period < budget:
+        problems.append(
+            f"HEALTHCHECK --start-period={start_period:.0f}s is shorter than the "
+            f"startupProbe's {budget} s for the model load"
+        )
+    return problems
+
+
+_SHELLS = frozenset({"", "sh", "bash", "shell", "console"})
+_DATA_FLAGS = frozenset({"-d", "--data", "--data-raw", "--data-binary", "--data-ascii"})
+_SEPARATORS = frozenset({"|", "||", "&&", ";", "&"})
+
+
+def shell_blocks(markdown: str) -> list[str]:
+    """The text of every fenced code block in shell (```sh, bash, shell, console, or no
+    language) of a Markdown page."""
+    blocks: list[str] = []
+    language: str | None = None  # None: outside a block
+    lines: list[str] = []
+    for line in markdown.splitlines():
+        fence = line.strip().startswith("```")
+        if fence and language is None:
+            language, lines = line.strip()[3:].strip().lower(), []
+        elif fence:
+            if language in _SHELLS:
+                blocks.append("\n".join(lines) + "\n")
+            language = None
+        elif language is not None:
+            lines.append(line)
+    return blocks
+
+
+def _curl_commands(markdown: str) -> Iterator[tuple[str, list[str]]]:
+    """(the command as written, its words) of every curl call in the page's shell blocks."""
+    for block in shell_blocks(markdown):
+        pending = ""
+        for line in block.replace("\\\n", " ").splitlines():
+            pending += line + "\n"
+            try:  # a quoted body may span lines: read on until the quotes balance
+                words = shlex.split(pending, comments=True)
+            except ValueError:
+                continue
+            command, pending = pending, ""
+            if "curl" not in words:
+                continue
+            call: list[str] = []
+            for word in [*words, ";"]:
+                if word in _SEPARATORS:
+                    if call and call[0] == "curl":
+                        yield " ".join(command.split()), call
+                    call = []
+                else:
+                    call.append(word)
+
+
+def curl_json_problems(markdown: str) -> list[str]:
+    """curl calls in a page's code blocks that post a JSON body (`-d '{...}'`) without
+    `Content-Type: application/json` (or `--json`): curl then sends
+    application/x-www-form-urlencoded, and the server answers 422."""
+    problems = []
+    for command, words in _curl_commands(markdown):
+        pairs = list(zip(words, [*words[1:], ""], strict=True))
+        posts_json = any(
+            (flag in _DATA_FLAGS and value.lstrip().startswith("{")) or (flag.startswith("-d{"))
+            for flag, value in pairs
+        )
+        declares = "--json" in words or any(
+            flag in {"-H", "--header"}
+            and re.fullmatch(r"content-type:\s*application/json.*", value.strip(), re.I)
+            for flag, value in pairs
+        )
+        if posts_json and not declares:
+            problems.append(f"curl posts JSON without Content-Type: application/json: {command}")
+    return problems
 
 
 def adapter_rule_problems(config_yaml: dict[str, Any], helm_values: dict[str, Any]) -> list[str]:

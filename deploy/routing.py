@@ -19,12 +19,25 @@ from typing import Any
 import yaml
 
 from deploy.crds import endpoint_picker_config_problems
-from deploy.invariants import EPP_NAME, of_kind, server_container, serving
+from deploy.invariants import (
+    EPP_NAME,
+    metrics_need_key,
+    of_kind,
+    server_container,
+    server_environment,
+    serving,
+)
 
 Manifest = dict[str, Any]
 ENGINE_LABEL = "llm-d.ai/engine-type"
 EPP_CONFIG_KEY = "epp-config.yaml"
 _SPEC_KEYS = ("queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec", "loraSpec")
+METRICS_SOURCE = "metrics-data-source"
+# Parameters of the EPP's metrics-data-source that would make its scrapes present a bearer
+# key. GAIE v1.5.0 has none: its parameters are scheme, path and insecureSkipVerify
+# (deploy/crds.py), so the picker scrapes /metrics without an Authorization header.
+METRICS_SOURCE_KEY_PARAMETERS: frozenset[str] = frozenset()
+METRICS_PATH = "/metrics"
 
 
 def _named(docs: list[Manifest], kind: str, name: str) -> Manifest | None:
@@ -88,6 +101,7 @@ def _pool_problems(docs: list[Manifest], pool: Manifest) -> Iterator[str]:
         yield "the EPP Deployment mounts no EndpointPickerConfig"
         return
     yield from endpoint_picker_config_problems(config)
+    yield from metrics_scrape_problems(docs, config)
     engine = labels.get(ENGINE_LABEL)
     if engine not in engine_specs(config):
         yield f"pods are labelled {ENGINE_LABEL}={engine!r}, an engine the EPP config lacks"
@@ -95,6 +109,52 @@ def _pool_problems(docs: list[Manifest], pool: Manifest) -> Iterator[str]:
     args = server_container_args(epp)
     if args.get("--pool-name") != pool["metadata"]["name"]:
         yield "the EPP's --pool-name is not the InferencePool"
+
+
+def epp_scrape_presents_key(config: dict[str, Any]) -> bool:
+    """Whether the picker's metrics-data-source sends a bearer key with its scrapes."""
+    return any(
+        METRICS_SOURCE_KEY_PARAMETERS & set(plugin.get("parameters", {}))
+        for plugin in config.get("plugins", [])
+        if plugin["type"] == METRICS_SOURCE
+    )
+
+
+def blocks_metrics(route: Manifest) -> bool:
+    """Whether an HTTPRoute answers `/metrics` (and everything under it) itself: a rule
+    whose only match is PathPrefix /metrics and that has no backendRefs. Gateway API picks
+    the longest matching prefix, so it wins over the rule for `/`."""
+    for rule in route["spec"].get("rules", []):
+        if rule.get("backendRefs"):
+            continue
+        for match in rule.get("matches", []):
+            path = match.get("path", {})
+            prefix = path.get("value", "").rstrip("/") if path.get("type") == "PathPrefix" else ""
+            if set(match) == {"path"} and prefix == METRICS_PATH:
+                return True
+    return False
+
+
+def metrics_scrape_problems(docs: list[Manifest], config: dict[str, Any]) -> list[str]:
+    """The picker reads every pod's /metrics: when the pods want a key there, its scrapes
+    must present one (else each scrape is 401 and routing runs blind). Where /metrics is
+    open instead (FLORA_METRICS_PUBLIC, which the server refuses while a key is bound to a
+    tenant), the HTTPRoute must not hand it to the gateway's clients."""
+    server = next(d for d in of_kind(serving(docs), "Deployment"))
+    env = server_environment(serving(docs), server)
+    if metrics_need_key(env):
+        if not epp_scrape_presents_key(config):
+            return [
+                "the pods' /metrics needs a bearer key (keys configured, FLORA_METRICS_PUBLIC "
+                f"off) but the EPP's {METRICS_SOURCE} sends none: every scrape is 401"
+            ]
+        return []
+    return [
+        f"/metrics is open on the pods, but HTTPRoute {route['metadata']['name']} forwards "
+        f"it: add a rule for PathPrefix {METRICS_PATH} with no backendRefs"
+        for route in of_kind(docs, "HTTPRoute")
+        if not blocks_metrics(route)
+    ]
 
 
 def server_container_args(deployment: Manifest) -> dict[str, str]:

@@ -23,22 +23,36 @@ from deploy import healthcheck
 from deploy.check import (
     OVERLAYS,
     doc_examples,
+    docs_problems,
+    image_facts,
+    image_health_problems,
     repo_root,
     run_all,
     run_hadolint,
     schema_problems,
 )
 from deploy.crds import validate_custom_resource
-from deploy.dockerfile import check_dockerfile, copy_sources, is_ignored, parse_dockerfile
+from deploy.dockerfile import (
+    check_dockerfile,
+    copy_sources,
+    duration_seconds,
+    healthcheck_options,
+    is_ignored,
+    parse_dockerfile,
+)
 from deploy.invariants import (
     config_data,
+    container_health_problems,
+    curl_json_problems,
     drain_budget,
     of_kind,
     one,
     overlay_problems,
     server_container,
+    server_environment,
     serving,
 )
+from deploy.writes import quantity_bytes, staging_peak_bytes, written_paths
 
 ROOT = repo_root()
 Docs = list[dict[str, Any]]
@@ -303,11 +317,11 @@ def test_configmap_values_are_valid_server_settings(
 
 @pytest.fixture
 def health_server() -> Iterator[tuple[int, list[int]]]:
-    status = [200]
+    status = [200]  # /ready's; /health is always 200, as on a replica whose start-up failed
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            code = status[0] if self.path == "/health" else 404
+            code = {"/ready": status[0], "/health": 200}.get(self.path, 404)
             self.send_response(code)
             self.end_headers()
 
@@ -322,15 +336,173 @@ def health_server() -> Iterator[tuple[int, list[int]]]:
     server.server_close()
 
 
-def test_healthcheck_follows_health_status(
+def test_healthcheck_follows_ready_status(
     health_server: tuple[int, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port, status = health_server
     monkeypatch.setenv("FLORA_PORT", str(port))
-    assert healthcheck.health_url({"FLORA_PORT": str(port)}) == f"http://127.0.0.1:{port}/health"
+    assert healthcheck.probe_url({"FLORA_PORT": str(port)}) == f"http://127.0.0.1:{port}/ready"
     both = {"FLORA_PORT": "8000", "FLORA_PROBE_PORT": "8001"}
-    assert healthcheck.health_url(both) == "http://127.0.0.1:8001/health"
+    assert healthcheck.probe_url(both) == "http://127.0.0.1:8001/ready"
     assert healthcheck.main() == 0
-    status[0] = 503
+    status[0] = 503  # alive (/health 200) but not ready: unhealthy
     assert healthcheck.main() == 1
+    assert healthcheck.probe(f"http://127.0.0.1:{port}/health") is True
     assert healthcheck.probe(f"http://127.0.0.1:{port}/nothing") is False
+
+
+def test_image_healthcheck_means_ready(rendered: dict[str, Docs]) -> None:
+    assert image_health_problems(ROOT, rendered["base"]) == []
+    instructions = parse_dockerfile((ROOT / "Dockerfile").read_text())
+    options = healthcheck_options(instructions)
+    assert options["CMD"] == '["python", "/opt/flora/healthcheck.py"]'
+    assert duration_seconds(options["start-period"]) == 300
+    deployment = one(rendered["base"], "Deployment")
+    # The old image: /health with a 120 s start period.
+    old = {**options, "start-period": "120s"}
+    assert container_health_problems("/health", old, deployment) == [
+        "the HEALTHCHECK probes '/health', the readinessProbe '/ready': a replica that "
+        "failed to start would be healthy",
+        "HEALTHCHECK --start-period=120s is shorter than the startupProbe's 300 s for the "
+        "model load",
+    ]
+    other = {**options, "CMD": '["curl", "-f", "localhost:8000/ready"]'}
+    assert container_health_problems("/ready", other, deployment) == [
+        "the HEALTHCHECK does not run deploy/healthcheck.py"
+    ]
+    assert container_health_problems("/ready", {}, deployment) == [
+        "the Dockerfile has no HEALTHCHECK"
+    ]
+    assert duration_seconds("1m30s") == 90 and duration_seconds("500ms") == 0.5
+    with pytest.raises(ValueError):
+        duration_seconds("5 minutes")
+
+
+def test_image_facts_from_the_dockerfile() -> None:
+    image = image_facts(ROOT)
+    assert image.uid == 10001
+    assert image.env["FLORA_HOME"] == "/opt/flora/home"
+    assert image.env["NUMBA_CACHE_DIR"] == "/home/flora/.cache/numba"
+    assert image.prepared_models == frozenset({"smollm2-135m-instruct"})
+
+
+def test_every_written_path_is_on_a_writable_volume(rendered: dict[str, Docs]) -> None:
+    image = image_facts(ROOT)
+    for name in OVERLAYS:
+        assert overlay_problems(rendered[name], image=image) == [], name
+    s3 = rendered["s3"]
+    env = server_environment(s3, one(s3, "Deployment"), image.env)
+    paths = written_paths(env, image.prepared_models)
+    assert paths == {
+        "/opt/flora/home/s3-scratch": "the S3 store's scratch and upload staging",
+        "/tmp": "temporary files",
+        "/home/flora/.cache/huggingface": "HF_HOME",
+        "/home/flora/.cache": "XDG_CACHE_HOME",
+        "/home/flora/.cache/numba": "NUMBA_CACHE_DIR",
+        "/home/flora/.cache/triton": "TRITON_CACHE_DIR",
+        "/tmp/matplotlib": "MPLCONFIGDIR",
+    }
+    assert staging_peak_bytes(env) == 2 * 1024**3 + 2 * 256 * 1024**2
+    cpu = rendered["cpu"]
+    cpu_env = server_environment(cpu, one(cpu, "Deployment"), image.env)
+    assert "/var/lib/flora/adapters" in written_paths(cpu_env, image.prepared_models)
+
+    # The old s3-store component: nothing mounted at the scratch directory.
+    old = copy.deepcopy(s3)
+    pod = one(old, "Deployment")["spec"]["template"]["spec"]
+    container = server_container(one(old, "Deployment"))
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "s3-scratch"]
+    pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "s3-scratch"]
+    assert overlay_problems(old, image=image) == [
+        "/opt/flora/home/s3-scratch (the S3 store's scratch and upload staging) is on the "
+        "read-only root filesystem, not a writable volume mount"
+    ]
+    # Too small for the staging peak; too large for the pod's ephemeral-storage limit.
+    small = copy.deepcopy(s3)
+    scratch = _volume(small, "s3-scratch")
+    scratch["emptyDir"]["sizeLimit"] = "1Gi"
+    assert "under the staging peak of 2684354560 bytes" in "\n".join(
+        overlay_problems(small, image=image)
+    )
+    scratch["emptyDir"]["sizeLimit"] = "6Gi"  # 1 + 2 + 6 GiB > 8 GiB
+    assert overlay_problems(small, image=image) == [
+        "the emptyDir sizeLimits (6Gi + 1Gi + 2Gi) exceed the ephemeral-storage limit (8Gi): "
+        "the kubelet would evict the pod first"
+    ]
+    del _volume(small, "tmp")["emptyDir"]["sizeLimit"]
+    scratch["emptyDir"]["sizeLimit"] = "4Gi"
+    assert overlay_problems(small, image=image) == [
+        "the emptyDir sizeLimits (4Gi + none + 2Gi) exceed the ephemeral-storage limit (8Gi): "
+        "the kubelet would evict the pod first"
+    ]
+    # A read-only mount, or a configMap volume, is no place to write.
+    read_only = copy.deepcopy(s3)
+    mounts = server_container(one(read_only, "Deployment"))["volumeMounts"]
+    next(m for m in mounts if m["name"] == "s3-scratch")["readOnly"] = True
+    assert "is on volume 's3-scratch', not a writable" in "\n".join(
+        overlay_problems(read_only, image=image)
+    )
+    # A zoo model the image did not prepare is converted into FLORA_HOME at start-up.
+    other = copy.deepcopy(cpu)
+    one(other, "ConfigMap")["data"]["FLORA_MODEL"] = "minilm-l6"
+    assert overlay_problems(other, image=image) == [
+        "/opt/flora/home/models (the conversion of minilm-l6 (not in the image)) is on the "
+        "read-only root filesystem, not a writable volume mount"
+    ]
+
+
+def test_written_paths_follow_the_server_settings(
+    rendered: dict[str, Docs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings_module = pytest.importorskip("flora_server.settings")
+    image = image_facts(ROOT)
+    for name in OVERLAYS:
+        docs = serving(rendered[name])
+        env = server_environment(docs, one(docs, "Deployment"), image.env)
+        with monkeypatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            settings = settings_module.Settings()
+        # The store directory (local) or the S3 scratch directory, as the server derives it.
+        assert str(settings.adapter_store_dir) in written_paths(env, image.prepared_models), name
+
+
+def _volume(docs: Docs, name: str) -> dict[str, Any]:
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    return next(v for v in pod["volumes"] if v["name"] == name)
+
+
+def test_quantities() -> None:
+    assert quantity_bytes("4Gi") == 4 * 1024**3
+    assert quantity_bytes("512Mi") == 512 * 1024**2
+    assert quantity_bytes("1G") == 1e9 and quantity_bytes("2k") == 2000
+    assert quantity_bytes("1Ti") == 1024**4
+    assert quantity_bytes(1024) == 1024
+    with pytest.raises(ValueError):
+        quantity_bytes("4 GiB")
+
+
+def test_docs_curl_calls_that_post_json_say_so() -> None:
+    assert curl_json_problems((ROOT / "docs" / "deploy.md").read_text()) == []
+    page = """
+```sh
+curl -s localhost:8000/generate -H 'X-Request-Id: a' \\
+  -d '{"inputs": "Hi"}'
+curl -s localhost:8000/generate -H 'content-type: application/json' -d '{
+  "inputs": "Hi"}'
+curl -s localhost:8000/generate --json '{"inputs": "Hi"}'
+curl -s localhost:8000/v1/adapters -F adapter_id=x -F archive=@x.flora
+KEY=x curl -s localhost:8000/health && curl -s localhost:8000/v1/completions --data "{}"
+```
+
+```python
+print("curl -d '{}' in another language is not a shell call")
+```
+"""
+    assert curl_json_problems(page) == [
+        "curl posts JSON without Content-Type: application/json: "
+        "curl -s localhost:8000/generate -H 'X-Request-Id: a' -d '{\"inputs\": \"Hi\"}'",
+        "curl posts JSON without Content-Type: application/json: KEY=x curl -s "
+        'localhost:8000/health && curl -s localhost:8000/v1/completions --data "{}"',
+    ]
+    assert docs_problems(ROOT) == []

@@ -4,6 +4,7 @@ passes the shipped files and fails a broken copy."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import shutil
@@ -27,11 +28,20 @@ from deploy.crds import (
     endpoint_picker_config_problems,
     validate_custom_resource,
 )
-from deploy.invariants import of_kind, one, overlay_problems, serving
+from deploy.invariants import (
+    metrics_need_key,
+    of_kind,
+    one,
+    overlay_problems,
+    server_environment,
+    serving,
+)
 from deploy.routing import (
     ENGINE_LABEL,
+    blocks_metrics,
     epp_config,
     epp_metric_names,
+    metrics_scrape_problems,
     promql_metric_names,
     routing_problems,
 )
@@ -93,6 +103,79 @@ def test_routing_invariants_catch_broken_copies(pool_overlay: Docs) -> None:
         f"pods are labelled {ENGINE_LABEL}='vllm-typo', an engine the EPP config lacks",
         "HTTPRoute flora-serve routes to no InferencePool",
     ]
+
+
+def test_epp_scrapes_metrics_that_need_no_key_and_the_gateway_hides(
+    pool_overlay: Docs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = epp_config(pool_overlay)
+    assert config is not None and metrics_scrape_problems(pool_overlay, config) == []
+    server = one(serving(pool_overlay), "Deployment")
+    env = server_environment(serving(pool_overlay), server)
+    # Keys are configured (placeholders, no tenant), yet /metrics is open for the picker.
+    assert env["FLORA_API_KEYS"] and env["FLORA_METRICS_PUBLIC"] == "true"
+    assert metrics_need_key(env) is False
+    route = one(pool_overlay, "HTTPRoute")
+    assert blocks_metrics(route)
+    assert route["spec"]["rules"][1] == {
+        "matches": [{"path": {"type": "PathPrefix", "value": "/metrics"}}]
+    }
+    # The s3 overlay below keeps /metrics behind the key Prometheus sends.
+    s3 = render(ROOT / "deploy" / "k8s" / "overlays" / "s3")
+    assert metrics_need_key(server_environment(s3, one(s3, "Deployment"))) is True
+
+    # The old overlay: keys and FLORA_METRICS_PUBLIC=false, a picker that sends no key.
+    old = copy.deepcopy(pool_overlay)
+    cm = next(c for c in of_kind(old, "ConfigMap") if "FLORA_METRICS_PUBLIC" in c["data"])
+    cm["data"]["FLORA_METRICS_PUBLIC"] = "false"
+    assert routing_problems(old) == [
+        "the pods' /metrics needs a bearer key (keys configured, FLORA_METRICS_PUBLIC off) but "
+        "the EPP's metrics-data-source sends none: every scrape is 401"
+    ]
+    # A picker that could present a key would satisfy it.
+    monkeypatch.setattr("deploy.routing.METRICS_SOURCE_KEY_PARAMETERS", frozenset({"token"}))
+    keyed = copy.deepcopy(config)
+    source = next(p for p in keyed["plugins"] if p["type"] == "metrics-data-source")
+    source["parameters"]["token"] = "/var/run/secrets/flora-metrics/token"
+    assert metrics_scrape_problems(old, keyed) == []
+    monkeypatch.undo()
+
+    # Open /metrics forwarded by the gateway to its clients.
+    exposed = copy.deepcopy(pool_overlay)
+    del one(exposed, "HTTPRoute")["spec"]["rules"][1]
+    assert routing_problems(exposed) == [
+        "/metrics is open on the pods, but HTTPRoute flora-serve forwards it: add a rule for "
+        "PathPrefix /metrics with no backendRefs"
+    ]
+    forwarded = copy.deepcopy(pool_overlay)
+    rule = one(forwarded, "HTTPRoute")["spec"]["rules"][1]
+    rule["backendRefs"] = one(forwarded, "HTTPRoute")["spec"]["rules"][0]["backendRefs"]
+    assert not blocks_metrics(one(forwarded, "HTTPRoute"))
+
+    # Open /metrics with a tenant-bound key: the server would refuse to start.
+    tenant = copy.deepcopy(pool_overlay)
+    secret = next(
+        d for d in of_kind(tenant, "Secret") if d["metadata"]["name"].startswith("flora-api-keys")
+    )
+    secret["data"]["FLORA_API_KEYS"] = base64.b64encode(b"replace-me-key:acme").decode()
+    assert overlay_problems(tenant, 10001) == [
+        "FLORA_METRICS_PUBLIC is on but FLORA_API_KEYS binds a key to a tenant"
+    ]
+
+
+def test_pool_overlay_environment_is_accepted_by_the_server(
+    pool_overlay: Docs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings_module = pytest.importorskip("flora_server.settings")
+    server = one(serving(pool_overlay), "Deployment")
+    env = server_environment(serving(pool_overlay), server)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = settings_module.Settings()
+    assert settings.metrics_public is True and settings.auth_enabled
+    monkeypatch.setenv("FLORA_API_KEYS", "replace-me-key:acme")
+    with pytest.raises(ValueError, match="cannot be on while a key is bound to a tenant"):
+        settings_module.Settings()
 
 
 def test_endpoint_picker_config_schema_is_strict(pool_overlay: Docs) -> None:
