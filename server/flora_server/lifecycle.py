@@ -2,9 +2,10 @@
 
 SIGTERM (Kubernetes deleting the pod):
 1. at once `app.state.draining` is set: `/ready` answers 503 (the endpoint is taken out of
-   the Service), `/health` stays 200, new inference requests answer 503 with Retry-After;
-2. the listener stays open while running and queued requests finish, for up to
-   `FLORA_SHUTDOWN_TIMEOUT` seconds;
+   the Service), `/health` stays 200, new inference requests and adapter changes answer 503
+   with Retry-After (listing and reading adapters still answer);
+2. the listener stays open while running and queued requests and running adapter changes
+   (an upload being stored) finish, for up to `FLORA_SHUTDOWN_TIMEOUT` seconds;
 3. then the engine ends what is left with an error (`fail_in_flight`): a stream gets a final
    error event (and `data: [DONE]` in the OpenAI shape) and its body ends cleanly; a
    non-streaming request gets a 503;
@@ -23,7 +24,10 @@ main server.
 
 If the engine worker dies (`engine.healthy` turns False) `/health` answers 503, and the
 watchdog shuts the server down with exit status `ENGINE_DEAD_EXIT` so that a supervisor
-(Kubernetes, systemd) restarts it even without a liveness probe.
+(Kubernetes, systemd) restarts it even without a liveness probe. If start-up fails (a port
+cannot be bound; the model, an `--adapter` or the KV pool cannot be set up:
+`app.state.startup_error`) the process exits with `STARTUP_FAILED_EXIT`, rather than live
+on unready, which Docker's health check and a liveness probe would call healthy.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 import time
 from types import FrameType
@@ -43,17 +48,20 @@ from flora_server.connections import PROBE_MAX_CONNECTIONS, ProbeOnlyApp, header
 log = logging.getLogger(__name__)
 
 ENGINE_DEAD_EXIT = 3
+STARTUP_FAILED_EXIT = 4
 _POLL_SECONDS = 0.05
 _FINAL_EVENT_SECONDS = 1.0  # after the shutdown timeout: for the engine to fail the rest
 
 
 def in_flight(app: Any) -> int:
-    """Running plus waiting requests of the engine (0 before it exists)."""
+    """What the drain waits for: the engine's running plus waiting requests (none before it
+    exists) and the adapter changes still running (`api.deps.adapter_change`)."""
+    changes = int(getattr(app.state, "changes_in_flight", 0))
     engine = getattr(app.state, "engine", None)
     if engine is None:
-        return 0
+        return changes
     stats = engine.stats()
-    return int(stats.running) + int(stats.waiting)
+    return int(stats.running) + int(stats.waiting) + changes
 
 
 class DrainingServer(uvicorn.Server):
@@ -71,6 +79,7 @@ class DrainingServer(uvicorn.Server):
         self.probe = None if probe_config is None else uvicorn.Server(probe_config)
         self.shutdown_timeout = shutdown_timeout
         self.exit_code = 0
+        self._probe_sockets: Any = None  # the probe's bound socket, given to `run`
         self._draining = threading.Event()
         self._stop_watchdog = threading.Event()
 
@@ -115,10 +124,16 @@ class DrainingServer(uvicorn.Server):
 
     def _watch(self) -> None:
         while not self._stop_watchdog.wait(_POLL_SECONDS * 4):
-            engine = getattr(self.flora_app.state, "engine", None)
+            state = self.flora_app.state
+            engine = getattr(state, "engine", None)
             if engine is not None and not engine.healthy:
                 log.critical("the engine worker died: exiting with status %d", ENGINE_DEAD_EXIT)
                 self.exit_code = ENGINE_DEAD_EXIT
+                self.should_exit = True
+                return
+            if getattr(state, "startup_error", None):
+                log.critical("start-up failed: exiting with status %d", STARTUP_FAILED_EXIT)
+                self.exit_code = STARTUP_FAILED_EXIT
                 self.should_exit = True
                 return
 
@@ -126,7 +141,7 @@ class DrainingServer(uvicorn.Server):
         probe, probe_task = self.probe, None
         if probe is not None:
             # Its own `_serve`: the signal handlers belong to the main server alone.
-            probe_task = asyncio.create_task(probe._serve())
+            probe_task = asyncio.create_task(probe._serve(self._probe_sockets))
         try:
             await super().serve(sockets)
         finally:
@@ -134,7 +149,8 @@ class DrainingServer(uvicorn.Server):
                 probe.should_exit = True
                 await probe_task
 
-    def run(self, sockets: Any = None) -> None:
+    def run(self, sockets: Any = None, probe_sockets: Any = None) -> None:
+        self._probe_sockets = probe_sockets
         try:
             super().run(sockets)
         finally:
@@ -147,10 +163,31 @@ def serve(app: Any, settings: Any) -> int:
     probe = None
     if settings.probe_port is not None:
         probe = _config(ProbeOnlyApp(app), settings, settings.probe_port, PROBE_MAX_CONNECTIONS)
+    # Both ports are bound before anything loads: one that is taken ends the process at
+    # once, in one log line (uvicorn's), not after the model load or in a traceback.
+    configs = [config] if probe is None else [config, probe]
+    sockets = [_listen(c) for c in configs]
+    failed = [c for c, sock in zip(configs, sockets, strict=True) if sock is None]
+    if failed:
+        for sock in sockets:
+            if sock is not None:
+                sock.close()
+        where = f"{failed[0].host}:{failed[0].port}"
+        log.critical("cannot listen on %s: exiting with status %d", where, STARTUP_FAILED_EXIT)
+        return STARTUP_FAILED_EXIT
     server = DrainingServer(config, app, settings.shutdown_timeout, probe)
     server.watch_engine()
-    server.run()
+    server.run(sockets[:1], sockets[1:] or None)
     return server.exit_code
+
+
+def _listen(config: uvicorn.Config) -> socket.socket | None:
+    """The listening socket of `config`, or None when it cannot be bound (uvicorn logs
+    why, then exits: that exit is caught here)."""
+    try:
+        return config.bind_socket()
+    except SystemExit:
+        return None
 
 
 def _config(

@@ -181,6 +181,7 @@ def create_app(settings: Settings, *, engine_factory: EngineFactory | None = Non
     app.state.engine = None
     app.state.warmed = False
     app.state.startup_error = None
+    app.state.changes_in_flight = 0  # adapter changes running (`deps.adapter_change`)
     app.state.tracing = build_tracing(settings.otel_endpoint)
 
     install_error_handlers(app)

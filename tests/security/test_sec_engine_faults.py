@@ -378,3 +378,47 @@ def test_dead_engine_makes_the_server_exit_with_status_3(tmp_path):
         kill_worker(holder["engine"])
         assert served.result(30) == lifecycle.ENGINE_DEAD_EXIT != 0
         assert time.monotonic() - killed < 10
+
+
+def test_a_failed_start_up_makes_the_server_exit_with_status_4(tmp_path, caplog):
+    """A model that cannot load ends the process (it would otherwise live on unready, which
+    a liveness probe and Docker's health check call healthy)."""
+
+    def broken(settings, registry, metrics):
+        raise FileNotFoundError("no model at /nowhere")
+
+    settings = Settings(home=tmp_path / "home", port=free_port(), log_level="warning")
+    app = create_app(settings, engine_factory=broken)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        assert pool.submit(lifecycle.serve, app, settings).result(30) == 4
+    assert lifecycle.STARTUP_FAILED_EXIT == 4 != lifecycle.ENGINE_DEAD_EXIT
+    assert time.monotonic() - started < 20
+    assert "start-up failed: exiting with status 4" in caplog.text
+
+
+@pytest.mark.parametrize("taken", ["port", "probe_port"])
+def test_a_port_in_use_ends_start_up_at_once_with_status_4(tmp_path, caplog, taken):
+    """Both ports are bound before the model loads: a taken one is one log line and exit
+    status 4, not a traceback after the load (the probe's) or uvicorn's status 3, which
+    reads as a dead engine."""
+    import socket
+
+    loaded = []
+
+    def factory(settings, registry, metrics):  # never reached
+        loaded.append(True)
+        raise AssertionError("the model loaded before the ports were bound")
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        ports = {"port": free_port(), "probe_port": free_port(), taken: busy}
+        settings = Settings(home=tmp_path / "home", log_level="warning", **ports)
+        app = create_app(settings, engine_factory=factory)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert pool.submit(lifecycle.serve, app, settings).result(30) == 4
+    assert not loaded
+    assert f"cannot listen on 127.0.0.1:{busy}: exiting with status 4" in caplog.text
+    assert "Traceback" not in caplog.text

@@ -117,6 +117,82 @@ def _slow_body(boundary: str, payload: bytes, sent: threading.Event):
     yield payload[len(payload) // 2 :] + f"\r\n--{boundary}--\r\n".encode()
 
 
+def _held_upload(adapter: Path, adapter_id: str, sent: threading.Event, go: threading.Event):
+    """A multipart upload of `adapter` whose weights arrive in two halves: `sent` is set
+    after the first, the second waits for `go`."""
+    boundary = "held-boundary"
+    weights = (adapter / "adapter.safetensors").read_bytes()
+    config = (adapter / "adapter_config.json").read_bytes()
+
+    def part(name: str, filename: str | None = None) -> bytes:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        return f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+
+    def body():
+        yield part("adapter_id") + adapter_id.encode() + b"\r\n"
+        yield part("config", "adapter_config.json") + config + b"\r\n"
+        yield part("weights", "adapter.safetensors") + weights[: len(weights) // 2]
+        sent.set()
+        go.wait(60)
+        yield weights[len(weights) // 2 :] + f"\r\n--{boundary}--\r\n".encode()
+
+    return body(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_sigterm_waits_for_a_running_upload_and_refuses_new_changes(model, tmp_path):
+    """During the drain an upload already running is stored in full before the process
+    exits; new adapter changes (upload, delete, vLLM's load) are 503 with Retry-After, so
+    the client retries on another replica; reading adapters still answers."""
+    model_dir, adapters = model
+    store = tmp_path / "store"
+    server = start_server(model_dir, store, "--shutdown-timeout", "30")
+    try:
+        url = server.url
+        files = upload_files(adapters[0])
+        r = httpx.post(f"{url}/v1/adapters", data={"adapter_id": "kept"}, files=files, timeout=60)
+        assert r.status_code == 201, r.text
+        sent, go, answer = threading.Event(), threading.Event(), {}
+
+        def upload() -> None:
+            content, headers = _held_upload(adapters[1], "late", sent, go)
+            answer["r"] = httpx.post(
+                f"{url}/v1/adapters", content=content, headers=headers, timeout=90
+            )
+
+        t = threading.Thread(target=upload, daemon=True)
+        t.start()
+        assert sent.wait(30)
+        staged = store / ".uploads"  # the handler runs once its first bytes are staged
+        deadline = time.monotonic() + 30
+        while not any(f.is_file() and f.stat().st_size for f in staged.rglob("*")):
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        refused = [
+            httpx.post(f"{url}/v1/adapters", data={"adapter_id": "new"}, files=files, timeout=10),
+            httpx.delete(f"{url}/v1/adapters/kept", timeout=10),
+            httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/x"}),
+        ]
+        for r in refused:
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+            assert "shutting down" in r.json()["error"]["message"]
+        assert httpx.get(f"{url}/v1/adapters/kept", timeout=10).status_code == 200
+        time.sleep(1.5)
+        assert server.proc.poll() is None, server.log()  # the drain waits for the upload
+        go.set()
+        t.join(60)
+        assert answer["r"].status_code == 201, answer["r"].text
+        assert server.proc.wait(30) == 0, server.log()
+    finally:
+        go.set()
+        if server.proc.poll() is None:
+            server.signal(signal.SIGKILL)
+    with running_server(model_dir, store) as server:
+        listed = httpx.get(f"{server.url}/v1/adapters", timeout=10).json()
+        assert sorted(a["id"] for a in listed["data"]) == ["kept", "late"]
+
+
 def test_sigkill_mid_upload_then_restart_serves_complete_adapters(model, tmp_path):
     model_dir, adapters = model
     store = tmp_path / "store"

@@ -32,7 +32,7 @@ from flora_server.adapters.registry import (
 )
 from flora_server.adapters.staging import StagingBudget, StagingFullError
 from flora_server.adapters.store import DigestMismatchError, StoredAdapter
-from flora_server.api.deps import MaybeEngineDep, RegistryDep, SettingsDep
+from flora_server.api.deps import MaybeEngineDep, RegistryDep, SettingsDep, adapter_change
 from flora_server.api.deps import require_admin_key as _auth
 from flora_server.api.forms import FormFields, media_type
 from flora_server.engine.protocol import (
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 router = APIRouter(
     prefix="/v1/adapters",
     tags=["adapters"],
-    dependencies=[Depends(_auth)],
+    dependencies=[Depends(_auth), Depends(adapter_change)],
     responses=ERROR_RESPONSES,
 )
 

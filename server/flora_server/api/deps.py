@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -49,6 +49,24 @@ def get_engine(request: Request) -> GenerationEngine:
 def is_draining(request: Request) -> bool:
     """True once SIGTERM was received (`flora_server.lifecycle`): new work is refused."""
     return bool(getattr(request.app.state, "draining", False))
+
+
+async def adapter_change(request: Request) -> AsyncIterator[None]:
+    """Adapter management routes: a change (any method but GET/HEAD: an upload, a delete, a
+    load or unload) is refused with 503 once the server drains, so the client retries on
+    another replica; while one runs it is counted (`app.state.changes_in_flight`) so that
+    the drain waits for it (`lifecycle.in_flight`) instead of cutting a store write."""
+    if request.method in ("GET", "HEAD"):
+        yield
+        return
+    if is_draining(request):
+        raise EngineNotReadyError("the server is shutting down: adapter changes go elsewhere")
+    state = request.app.state
+    state.changes_in_flight += 1
+    try:
+        yield
+    finally:
+        state.changes_in_flight -= 1
 
 
 def get_engine_or_none(request: Request) -> GenerationEngine | None:

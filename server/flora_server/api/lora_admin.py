@@ -24,13 +24,15 @@ from flora_server.adapters.registry import (
     BaseNotLoadedError,
 )
 from flora_server.api.adapters import base_loading
-from flora_server.api.deps import MaybeEngineDep, RegistryDep, SettingsDep
+from flora_server.api.deps import MaybeEngineDep, RegistryDep, SettingsDep, adapter_change
 from flora_server.api.deps import require_admin_key as _auth
 from flora_server.errors import APIError
 from flora_server.schemas.common import ERROR_RESPONSES, ErrorResponse
 from flora_server.settings import is_valid_adapter_id
 
-router = APIRouter(prefix="/v1", tags=["adapters"], dependencies=[Depends(_auth)])
+router = APIRouter(
+    prefix="/v1", tags=["adapters"], dependencies=[Depends(_auth), Depends(adapter_change)]
+)
 _RESPONSES: dict[int | str, dict[str, object]] = {
     **ERROR_RESPONSES,
     400: {"model": ErrorResponse, "description": "a bad path or name, or already loaded"},
