@@ -325,6 +325,58 @@ class _Filler(threading.Thread):
         self.started.set()
 
 
+def _raw_post(port: int, path: str, body: dict) -> socket.socket:
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    return sock
+
+
+def test_a_stream_whose_client_leaves_before_its_first_token_leaves_the_queue(small_server):
+    """Streams wait for their first event before answering (so that errors are a status):
+    a client that goes away meanwhile (queued behind a full batch) cancels its request at
+    once, on the TGI and the OpenAI routes, instead of holding a queue place (429s for
+    others) until a row frees and its whole prefill runs for nobody."""
+    url, log = small_server.url, small_server.log
+    port = int(url.rsplit(":", 1)[1])
+    fillers = [_Filler(url) for _ in range(2)]
+    for f in fillers:
+        f.start()
+    try:
+        assert all(f.started.wait(60) for f in fillers)
+        _wait_running(url, 2, "the fillers never ran", log)
+        cancelled = _metric(url, _CANCELLED)
+        base = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        socks = [
+            _raw_post(port, "/generate_stream", {"inputs": "hi", "parameters": {}}),
+            _raw_post(port, "/v1/completions", {"model": base, "prompt": "hi", "stream": True}),
+        ]
+        deadline = time.monotonic() + 15
+        while _metric(url, "flora_queue_length") != 2:
+            assert time.monotonic() < deadline, ("the streams never queued", log())
+            time.sleep(0.05)
+        for sock in socks:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while _metric(url, "flora_queue_length") != 0:
+            assert time.monotonic() < deadline, ("gone streams kept their places", log())
+            time.sleep(0.05)
+        assert _running(url) == 2  # the batch was full all along: they never ran
+        deadline = time.monotonic() + 10
+        while _metric(url, _CANCELLED) != cancelled + 2:
+            assert time.monotonic() < deadline, ("not counted as cancelled", log())
+            time.sleep(0.05)
+    finally:
+        for f in fillers:
+            f.stop.set()
+            f.join(30)
+    _wait_running(url, 0, "the fillers did not leave", log)
+
+
 def test_load_at_twice_capacity_only_200_or_429(small_server):
     """Capacity 4: 2 batch rows + 2 queue places. Two long streams fill the rows; then 6
     requests arrive at once (8 in flight = twice the capacity). Exactly 2 find a queue place

@@ -9,8 +9,9 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from starlette.types import Receive
 
@@ -29,6 +30,8 @@ from flora_server.engine.protocol import (
 from flora_server.errors import APIError, engine_error_to_api, error_body, invalid_field
 from flora_server.metrics import RequestTimer, ServerMetrics
 from flora_server.settings import Settings
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -245,22 +248,28 @@ async def collect(
 ) -> Collected:
     """Run `request` to the end. With `receive` (the ASGI receive channel, its body already
     read), a client that disconnects cancels the request instead of leaving it running."""
+    return await _unless_disconnected(_collect(engine, request, metrics), receive)
+
+
+async def _unless_disconnected(work: Awaitable[T], receive: Receive | None) -> T:
+    """`work`'s result; with `receive`, a client that disconnects first cancels `work`
+    (which closes the engine's iterator: the request leaves the engine) and gets a 499."""
     if receive is None:
-        return await _collect(engine, request, metrics)
-    work = asyncio.ensure_future(_collect(engine, request, metrics))
+        return await work
+    task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_wait_disconnect(receive))
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-        if not work.done():
+        if not task.done():
             # Cancelling runs `events`' finally, which closes the engine's iterator.
-            work.cancel()
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await work
-    if work.cancelled():
+                await task
+    if task.cancelled():
         raise APIError(499, "the client closed the connection", type="client_closed_request")
-    return work.result()
+    return task.result()
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -285,13 +294,18 @@ async def _collect(
 
 
 async def open_stream(
-    engine: GenerationEngine, request: GenerationRequest, metrics: ServerMetrics
+    engine: GenerationEngine,
+    request: GenerationRequest,
+    metrics: ServerMetrics,
+    receive: Receive,
 ) -> tuple[GenerationEvent, AsyncGenerator[GenerationEvent, None]]:
     """Start generating and wait for the first event, so that errors (unknown adapter, full
-    queue) become a status code instead of an error inside a 200 stream."""
+    queue) become a status code instead of an error inside a 200 stream. A client that
+    disconnects meanwhile (in the queue, during a long prefill) cancels the request, as
+    `collect` does; once the stream runs, the response watches for it."""
     stream = events(engine, request, metrics)
     try:
-        first = await anext(stream)
+        first = await _unless_disconnected(anext(stream), receive)
     except BaseException:
         await stream.aclose()
         raise

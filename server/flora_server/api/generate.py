@@ -174,6 +174,7 @@ async def generate(
     responses={200: {"content": {"text/event-stream": {}}, "description": "one event per token"}},
 )
 async def generate_stream(
+    http: Request,
     body: GenerateRequest,
     engine: EngineDep,
     settings: SettingsDep,
@@ -181,7 +182,7 @@ async def generate_stream(
     metrics: MetricsDep,
 ) -> StreamingResponse:
     request = await _prepare(body, engine, settings, registry)
-    first, stream = await engine_requests.open_stream(engine, request, metrics)
+    first, stream = await engine_requests.open_stream(engine, request, metrics, http.receive)
     p = body.parameters
     prefix = body.inputs if p.return_full_text else ""
 

@@ -137,6 +137,7 @@ def _envelope(request: GenerationRequest, object_: str, created: int, model: str
 
 
 async def _stream(
+    http: Request,
     body: SamplingFields,
     engine: GenerationEngine,
     request: GenerationRequest,
@@ -150,7 +151,7 @@ async def _stream(
     releasing text), the finish chunk, a usage chunk when `stream_options.include_usage`,
     [DONE]. A failure after the first event (the request's own, or the server shutting
     down) is an error object followed by [DONE]."""
-    first, stream = await engine_requests.open_stream(engine, request, metrics)
+    first, stream = await engine_requests.open_stream(engine, request, metrics, http.receive)
     if first.adapter_sha256:  # flora extension, in every chunk as in the header
         envelope["adapter_sha256"] = first.adapter_sha256
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -279,7 +280,7 @@ async def completions(
                 offset += len(tok.token_text)
             return {**envelope, "choices": [choice]}
 
-        return await _stream(body, engine, request, metrics, envelope, chunk)
+        return await _stream(http, body, engine, request, metrics, envelope, chunk)
 
     out = await engine_requests.collect(engine, request, metrics, http.receive)
     assert out.finish is not None
@@ -410,7 +411,7 @@ async def chat_completions(
                 choice["logprobs"] = {"content": [token_logprob(tok).model_dump()]}
             return {**envelope, "choices": [choice]}
 
-        return await _stream(body, engine, request, metrics, envelope, chunk)
+        return await _stream(http, body, engine, request, metrics, envelope, chunk)
 
     out = await engine_requests.collect(engine, request, metrics, http.receive)
     assert out.finish is not None

@@ -36,7 +36,7 @@ async def compat_generate(
     metrics: MetricsDep,
 ) -> Any:
     if body.stream:
-        return await generate.generate_stream(body, engine, settings, registry, metrics)
+        return await generate.generate_stream(http, body, engine, settings, registry, metrics)
     answer = await generate.generate(http, response, body, engine, settings, registry, metrics)
     return [answer]
 
