@@ -258,6 +258,11 @@ class AdapterCache:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def slots_exhausted(self) -> bool:
+        """Every slot holds an adapter that running requests have pinned: a request for
+        another adapter waits until one of them finishes."""
+        return all(s.adapter_id is not None and s.pins > 0 for s in self._slots)
+
     # -- internals -------------------------------------------------------------------
 
     def _touch(self, slot: int) -> None:

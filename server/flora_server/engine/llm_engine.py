@@ -329,12 +329,20 @@ class LLMEngine(WorkerThreadMixin):
 
     def _admit(self, waiting: deque[RequestHandle]) -> list[RowState]:
         """FIFO admission of requests whose adapter is on a device slot; a request whose
-        adapter is still loading is skipped, not blocking the ones behind it."""
+        adapter is still loading is skipped, not blocking the ones behind it. Slots are
+        first come, first served: once a request waits for a slot while every slot is
+        pinned by running requests, no later request pins one (those for resident
+        adapters wait too; base rows still join), so the pins drain and the oldest gets
+        the first slot freed. Otherwise a stream of requests for resident adapters would
+        keep every slot pinned and the waiting one would starve until its deadline."""
         room = self._max_batch_size - len(self._stepper.rows)
         admitted: list[RowState] = []
+        slot_blocked = False
         for handle in list(waiting):
             if len(admitted) >= room:
                 break
+            if slot_blocked and handle.request.adapter_id is not None:
+                continue
             try:
                 row = self._admit_one(handle)
             except Exception as exc:
@@ -349,8 +357,9 @@ class LLMEngine(WorkerThreadMixin):
                     )
                 handle.emit(exc)
                 continue
-            if row is None:
-                continue  # its adapter is still loading
+            if row is None:  # its adapter is loading, or no slot can be freed
+                slot_blocked = slot_blocked or self.cache.slots_exhausted()
+                continue
             waiting.remove(handle)
             with self._lock:
                 self._waiting_count -= 1
