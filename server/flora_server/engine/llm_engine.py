@@ -14,11 +14,13 @@ Worker loop, one iteration:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -108,6 +110,9 @@ class LLMEngine(WorkerThreadMixin):
         self._init_worker("flora-engine")
         self._abort = False
         self._fail_reason: str | None = None  # set by fail_in_flight
+        # The requests' handles, for `fail_in_flight` to reach from another thread (weak: a
+        # handle goes once neither its stream nor the worker holds it).
+        self._live: weakref.WeakSet[RequestHandle] = weakref.WeakSet()
 
     def _make_stepper(self, eos_ids: set[int], merge_after_steps: int | None) -> Stepper:
         """The object that runs the steps (engine v2 substitutes its paged one)."""
@@ -128,6 +133,7 @@ class LLMEngine(WorkerThreadMixin):
         handle = RequestHandle(
             request, asyncio.get_running_loop(), asyncio.Queue(), max_new, self._outbox
         )
+        self._live.add(handle)
         self._inbox.put(handle)
         return EventStream(handle, self._wake)
 
@@ -185,16 +191,34 @@ class LLMEngine(WorkerThreadMixin):
             if self._thread.is_alive():
                 self._abort = True
                 self._wake()
-                await asyncio.to_thread(self._thread.join, 5.0)
+                await asyncio.to_thread(self._join_after_abort, self._thread)
         self.cache.close()
+
+    @staticmethod
+    def _join_after_abort(thread: threading.Thread) -> None:
+        """Wait for the worker, which stops after its current step. The process must not
+        exit under a step: a daemon thread inside a torch op at interpreter exit aborts
+        the process (SIGABRT) instead of a clean exit."""
+        while thread.is_alive():
+            thread.join(5.0)
+            if thread.is_alive():
+                log.warning("shutdown: waiting for the engine's current step to end")
 
     def fail_in_flight(self, reason: str) -> None:
         """End every running and queued request now with an `EngineNotReadyError(reason)`
         (a 503, or a final error event in a stream that already began), and any that
         arrive later. The server calls it when its shutdown timeout expires, so that
-        streams still running end with an error event instead of being cut off."""
+        streams still running end with an error event instead of being cut off. The
+        errors are delivered from here, at once, not by the worker after its current step
+        (a long prefill step would outlast the server's last grace period); the worker
+        then drops the rows."""
         self._fail_reason = reason
         self._wake()
+        for handle in list(self._live):
+            with contextlib.suppress(RuntimeError):  # its event loop is closed
+                handle.loop.call_soon_threadsafe(
+                    handle.queue.put_nowait, EngineNotReadyError(reason)
+                )
 
     # -- helpers for the event-loop side -----------------------------------------------
 
