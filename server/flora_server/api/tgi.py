@@ -44,6 +44,10 @@ async def compat_generate(
 @router.get("/info", response_model=Info, summary="Served model and limits (TGI's Info)")
 async def info(http: Request, engine: EngineDep, settings: SettingsDep) -> Info:
     context = engine.context_length
+    batch_tokens = context * settings.max_batch_size
+    pool = engine.stats().kv_capacity_tokens  # engine v2: what the KV pool holds
+    if pool:
+        batch_tokens = min(batch_tokens, pool)
     dtype = settings.dtype
     if dtype == "auto":
         dtype = "bfloat16" if settings.device.startswith("cuda") else "float32"
@@ -56,7 +60,7 @@ async def info(http: Request, engine: EngineDep, settings: SettingsDep) -> Info:
         max_input_length=context - 1,
         max_input_tokens=context - 1,
         max_total_tokens=context,
-        max_batch_total_tokens=context * settings.max_batch_size,
+        max_batch_total_tokens=batch_tokens,
         max_batch_size=settings.max_batch_size,
         max_adapters=engine.max_slots,
         version=http.app.version,

@@ -122,6 +122,7 @@ class EngineStats:
     kv_cache_usage: float = 0.0  # fraction of the KV block pool in use, 0..1
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (counter)
     prefix_cache_hits: int = 0  # of those, tokens found cached (counter)
+    kv_capacity_tokens: int = 0  # tokens the KV block pool holds (0: no pool, v1)
 
 
 class EngineError(Exception):

@@ -54,6 +54,7 @@ class FakeEngine:
     def __init__(self, source: AdapterRegistry, context_length: int = 64) -> None:
         self.model_name = "fake-base"
         self.context_length = context_length
+        self.kv_capacity_tokens = 0  # no KV pool unless a test sets one
         self.max_slots = 4
         self.source = source
         self.requests: list[GenerationRequest] = []
@@ -93,6 +94,7 @@ class FakeEngine:
             max_slots=self.max_slots,
             mode="idle",
             loaded_adapters=tuple(sorted(self.loaded)),
+            kv_capacity_tokens=self.kv_capacity_tokens,
         )
 
     def invalidate_adapter(self, adapter_id: str) -> None:

@@ -82,6 +82,13 @@ def test_info_has_tgis_fields(app):
     assert (info["max_input_tokens"], info["max_total_tokens"]) == (63, 64)
     assert info["max_stop_sequences"] == 8 and info["model_device_type"] == "cpu"
     assert info["model_dtype"] == "torch.float32" and info["max_best_of"] == 1
+    assert info["max_batch_total_tokens"] == 64 * info["max_batch_size"]
+
+
+def test_info_batch_total_tokens_is_what_the_kv_pool_holds(app):
+    client, engine = app
+    engine.kv_capacity_tokens = 100  # fewer than 64 tokens x max_batch_size rows
+    assert client.get("/info").json()["max_batch_total_tokens"] == 100
 
 
 def test_errors_are_flat_on_tgi_routes_nested_elsewhere(app):

@@ -155,6 +155,7 @@ def test_a_pool_smaller_than_the_context_is_the_context_length(adapters, caplog)
         async def main():
             while not engine.ready:
                 await asyncio.sleep(0.01)
+            assert engine.stats().kv_capacity_tokens == 16  # what /info reports
             with pytest.raises(InvalidRequestError, match="context length is 16"):
                 engine.generate(GenerationRequest("a", list(range(3, 19)), greedy(4)))
             req = GenerationRequest("b", list(range(3, 13)), greedy(50))

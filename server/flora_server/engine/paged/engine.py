@@ -156,6 +156,7 @@ class PagedLLMEngine(LLMEngine):
             kv_cache_usage=self._pool.usage,
             prefix_cache_queries=self._pool.queries,
             prefix_cache_hits=self._pool.hits,
+            kv_capacity_tokens=self._pool.num_blocks * self._pool.block_size,
         )
         with self._lock:
             self._stats = stats
