@@ -77,6 +77,7 @@ class PagedLLMEngine(LLMEngine):
             **kwargs,
         )
         capacity = num_blocks * kv_block_size
+        self._stats = dataclasses.replace(self._stats, kv_capacity_tokens=capacity)
         if capacity < self.context_length:
             log.warning(
                 "the KV cache holds %d tokens, fewer than the model's context of %d: requests "
