@@ -15,7 +15,8 @@ SIGTERM (Kubernetes deleting the pod):
 
 uvicorn's own handler would close the listener at once and, since 0.29, re-raise the signal
 after shutting down (exit status 143); `DrainingServer` keeps the first SIGTERM to itself.
-A second SIGTERM or a SIGINT takes uvicorn's usual path.
+A second SIGTERM or a SIGINT takes uvicorn's usual path, except that what still runs first
+ends with an error as in step 3 (`DrainingServer.shutdown`).
 
 Connections: a request head must arrive within `--header-timeout` and a kept-alive connection
 idles at most `--keep-alive-timeout` (`flora_server.connections`). With `--probe-port`, a
@@ -117,6 +118,16 @@ class DrainingServer(uvicorn.Server):
         while time.monotonic() < deadline and in_flight(self.flora_app) > 0:
             time.sleep(_POLL_SECONDS)
         time.sleep(_POLL_SECONDS)  # the handlers write their final event on the loop
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        """End what still runs with an error before uvicorn closes the connections: after
+        a second SIGTERM, a SIGINT or the engine's death nothing has drained, and its
+        handlers would be cancelled mid-answer (cut streams, plain-text 500s)."""
+        engine = getattr(self.flora_app.state, "engine", None)
+        if engine is not None and in_flight(self.flora_app):
+            engine.fail_in_flight("the server is shutting down")
+            await asyncio.sleep(_POLL_SECONDS)  # the handlers write their final events
+        await super().shutdown(sockets)
 
     def watch_engine(self) -> None:
         """Start the watchdog thread (call before `run`)."""
