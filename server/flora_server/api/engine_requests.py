@@ -43,6 +43,7 @@ class Decoding:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
@@ -188,6 +189,7 @@ def build_request(
         temperature=decoding.temperature,
         top_k=decoding.top_k,
         top_p=decoding.top_p,
+        min_p=decoding.min_p,
         repetition_penalty=decoding.repetition_penalty,
         seed=seed,
         stop=stop,

@@ -81,6 +81,7 @@ def _decoding(
         temperature=temperature if temperature > 0 else 1.0,
         top_k=body.top_k,
         top_p=body.top_p,
+        min_p=body.min_p or 0.0,
         repetition_penalty=body.repetition_penalty or 1.0,
         seed=body.seed,
         stop=stop,

@@ -27,6 +27,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    # vLLM's min_p: a sampled token's probability must be at least min_p times the most
+    # likely token's (0: off)
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()

@@ -3,10 +3,10 @@
 Every function takes the logits of the last position of each row, `logits: [B, V]`, and
 per-row parameters as tensors of shape `[B]`, so one call serves a batch whose rows asked
 for different settings. A neutral value switches a processor off for its row (temperature
-1, top_k 0, top_p 1, repetition_penalty 1).
+1, top_k 0, top_p 1, min_p 0, repetition_penalty 1).
 
 The order is the one of transformers' `generate`: repetition penalty, temperature, top-k,
-top-p, then sample (or argmax for greedy rows). A row with a `TokenConstraint` (structured
+top-p, min-p, then sample (or argmax for greedy rows). A row with a `TokenConstraint` (structured
 output) has the tokens its grammar forbids masked to -inf first, and its constraint advanced
 past the chosen token: `sample_tokens` does all of it, and is what engines call. No
 logits a valid request can lead to make it raise: a sampled row whose processed logits are
@@ -50,6 +50,7 @@ class SamplingTensors:
         self.temperature_on = any(_temperature(p) != 1.0 for p in sampled)
         self.top_k_on = any((p.top_k or 0) > 0 for p in sampled)
         self.top_p_on = any(p.top_p is not None and p.top_p < 1.0 for p in sampled)
+        self.min_p_on = any(p.min_p > 0.0 for p in sampled)
 
     @classmethod
     def from_params(
@@ -75,6 +76,10 @@ class SamplingTensors:
     @functools.cached_property
     def top_p(self) -> torch.Tensor:  # [B] float32, 1.0 = off
         return self._col([1.0 if p.top_p is None else p.top_p for p in self._params], torch.float32)
+
+    @functools.cached_property
+    def min_p(self) -> torch.Tensor:  # [B] float32, 0.0 = off
+        return self._col([p.min_p for p in self._params], torch.float32)
 
     @functools.cached_property
     def repetition_penalty(self) -> torch.Tensor:  # [B] float32, 1.0 = off
@@ -143,6 +148,15 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Keep the tokens whose probability is at least min_p times the row's most likely
+    token's (Nguyen et al. 2024, vLLM's and transformers' `min_p`); the most likely token is
+    always kept. logits: [B, V]; min_p: [B], 0.0 = keep all."""
+    probs = logits.softmax(dim=-1)
+    floor = min_p.to(probs.dtype).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
 def process_logits(
     logits: torch.Tensor, params: SamplingTensors, seen: torch.Tensor | None
 ) -> torch.Tensor:
@@ -156,6 +170,8 @@ def process_logits(
         logits = apply_top_k(logits, torch.where(params.do_sample, params.top_k, 0))
     if params.top_p_on:
         logits = apply_top_p(logits, torch.where(params.do_sample, params.top_p, 1.0))
+    if params.min_p_on:
+        logits = apply_min_p(logits, torch.where(params.do_sample, params.min_p, 0.0))
     return logits
 
 

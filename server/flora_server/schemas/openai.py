@@ -56,7 +56,6 @@ def _vllm_unset(*unset: Any) -> AfterValidator:
 _NullOnly = Annotated[Any, _vllm_unset()]
 _Off = Annotated[Any, _vllm_unset(False)]
 _On = Annotated[Any, _vllm_unset(True)]
-_Zero = Annotated[Any, _vllm_unset(0, 0.0)]
 _One = Annotated[Any, _vllm_unset(1, 1.0)]
 _NoItems = Annotated[Any, _vllm_unset([])]
 _NoEntries = Annotated[Any, _vllm_unset({})]
@@ -87,6 +86,7 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # vLLM-style extras (openai clients send them through `extra_body`).
     top_k: PositiveCount | None = None
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     repetition_penalty: Penalty | None = None
     response_format: OpenAIResponseFormat | None = None
     # vLLM extras honoured here: generate through EOS; structured output as vLLM's
@@ -109,7 +109,6 @@ class SamplingFields(BaseModel):
 
     # vLLM extras not honoured: only their unset values pass (see `_vllm_unset`)
     use_beam_search: _Off = None
-    min_p: _Zero = None
     length_penalty: _One = None
     include_stop_str_in_output: _Off = None
     skip_special_tokens: _On = None

@@ -75,7 +75,7 @@ def test_no_tools_and_no_tool_call_asked_is_plain_text(client, choice) -> None:
     [
         ("/v1/completions", COMPLETION, "guided_grammar", "root ::= 'a'"),
         ("/v1/completions", COMPLETION, "prompt_logprobs", 1),
-        ("/v1/completions", COMPLETION, "min_p", 0.1),
+        ("/v1/completions", COMPLETION, "length_penalty", 0.5),
         ("/v1/completions", COMPLETION, "use_beam_search", 1),  # not `false`
         ("/v1/chat/completions", CHAT, "guided_decoding_backend", "outlines"),
         ("/v1/chat/completions", CHAT, "echo", True),
@@ -135,6 +135,18 @@ def test_ignore_eos_and_stop_token_ids_reach_the_engine(tmp_path) -> None:
                 assert r.status_code == 422 and r.json()["error"]["param"].startswith(
                     "stop_token_ids"
                 ), r.text
+
+
+def test_min_p_reaches_the_engine(tmp_path) -> None:
+    with running_app(tmp_path) as (client, engine):
+        for route, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+            for given, want in ((0.25, 0.25), (0, 0.0), (None, 0.0)):
+                r = client.post(route, json={**body, "min_p": given})
+                assert r.status_code == 200, r.text
+                assert engine.requests[-1].params.min_p == want
+            for bad in (-0.1, 1.5, "x"):
+                r = client.post(route, json={**body, "min_p": bad})
+                assert r.status_code == 422 and r.json()["error"]["param"] == "min_p", r.text
 
 
 def test_min_tokens_reaches_the_engine_and_cannot_exceed_max_tokens(tmp_path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -80,16 +81,34 @@ def test_per_row_top_k_and_top_p(logits) -> None:
 
 def test_process_logits_sampling_row_matches_transformers_chain(logits) -> None:
     params = [
-        SamplingParams(do_sample=True, temperature=0.7, top_k=10, top_p=0.8),
-        SamplingParams(),  # greedy: processors off
+        SamplingParams(do_sample=True, temperature=0.7, top_k=10, top_p=0.8, min_p=0.2),
+        SamplingParams(min_p=0.5),  # greedy: processors off
     ]
     tensors = SamplingTensors.from_params(params)
     got = process_logits(logits[:2], tensors, None)
     ref = logits[:1].clone()
-    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
+    warpers = (
+        TemperatureLogitsWarper(0.7),
+        TopKLogitsWarper(10),
+        TopPLogitsWarper(0.8),
+        MinPLogitsWarper(0.2),
+    )
+    for warper in warpers:
         ref = warper(None, ref)
     torch.testing.assert_close(got[:1], ref)
     assert torch.equal(got[1], logits[1])
+
+
+@pytest.mark.parametrize("min_p", [0.05, 0.3, 0.9, 1.0])
+def test_min_p_matches_transformers_per_row(logits, min_p) -> None:
+    """Each sampling row keeps the tokens transformers' MinPLogitsWarper keeps for its own
+    min_p; a row with min_p 0 is unchanged."""
+    params = [SamplingParams(do_sample=True, min_p=min_p), SamplingParams(do_sample=True)]
+    got = process_logits(logits[:2], SamplingTensors.from_params(params), None)
+    want = MinPLogitsWarper(min_p)(None, logits[:1].clone())
+    torch.testing.assert_close(got[:1], want)
+    assert torch.equal(got[1], logits[1])
+    assert (got[0] > float("-inf")).sum() < logits.shape[-1]  # it dropped something
 
 
 def test_greedy_is_argmax_and_seeded_sampling_reproduces(logits) -> None:

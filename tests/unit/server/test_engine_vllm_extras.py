@@ -1,8 +1,10 @@
-"""vLLM's `min_tokens` in both engines (and engine v2's pipelined decode, which must not
-take such a row's argmax on the device): until a row has generated that many tokens, EOS
-and its stop tokens are not picked and its stop sequences do not end it. On the tiny Llama
-with a real flora adapter; the reference is plain full forwards of a fresh model with the
-adapter merged by flora, taking the argmax among the tokens not held."""
+"""vLLM's sampling extras in the engines. `min_p`: a sampled row with min_p 1 keeps only
+its most likely token, so it generates the greedy tokens. `min_tokens`, in both engines and
+engine v2's pipelined decode (which must not take such a row's argmax on the device): until
+a row has generated that many tokens, EOS and its stop tokens are not picked and its stop
+sequences do not end it. On the tiny Llama with a real flora adapter; the reference is
+plain full forwards of a fresh model with the adapter merged by flora, taking the argmax
+among the tokens not held."""
 
 from __future__ import annotations
 
@@ -118,3 +120,19 @@ def test_min_tokens_suspends_stop_sequences(kind) -> None:
     assert got[repeated].generated_text == text[: text.index(repeated, floor)]
     assert got[spanning].reason == "stop"
     assert got[spanning].generated_text == text[: text.index(spanning, floor - 1)]
+
+
+def test_min_p_one_samples_the_greedy_tokens(adapters, kind) -> None:
+    ref = merged_reference_model(adapters["x"])
+    engine = engine_of(kind, adapters)
+    sampled = SamplingParams(max_new_tokens=8, do_sample=True, temperature=1.5, seed=7)
+    try:
+        kept = run(
+            collect(engine, GenerationRequest("a", PROMPTS["x1"], replace(sampled, min_p=1.0), "x"))
+        )
+        free = run(collect(engine, GenerationRequest("b", PROMPTS["x1"], sampled, "x")))
+    finally:
+        run(engine.shutdown(5))
+    greedy = greedy_held(ref, PROMPTS["x1"], 8, set(), 0)
+    assert list(kept[-1].token_ids) == greedy
+    assert list(free[-1].token_ids) != greedy  # at temperature 1.5 the draws differ
