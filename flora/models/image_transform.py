@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from flora.models.image_decode import to_rgb
+
 _CROP_FRACTION = 0.875
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # How far each of Pillow's filters reaches, in source pixels at scale 1 (Resample.c).
@@ -76,7 +78,7 @@ def resample_region(
     xa, xb = _reach(x0, x1, size, support, image.width)
     ya, yb = _reach(y0, y1, size, support, image.height)
     region = image.crop((xa, ya, xb, yb))
-    region = region if region.mode == "RGB" else region.convert("RGB")
+    region = region if region.mode == "RGB" else to_rgb(region)
     rows = yb - ya
     region = region.resize((size, rows), resample, box=(x0 - xa, 0, x1 - xa, rows))
     return region.resize((size, size), resample, box=(0, y0 - ya, size, y1 - ya))

@@ -1,28 +1,31 @@
-"""Training data from files: labelled text (CSV/JSONL), images (folder per class or CSV),
-chat JSONL; stratified eval splits; label encoding.
+"""Training data from files: labelled text (CSV/JSONL), chat JSONL; stratified eval splits;
+label encoding; the row reading that labelled images share (`flora.train.image_data`).
 
-Every problem a user can fix is a :class:`DataError` whose message names the file (and
-the line), so the CLI can print one line instead of a traceback.
+Every problem a user can fix is a :class:`DataError` whose message names the file and
+the line (CSV/JSONL), the item (a JSON array) or the split and row (``train[3]``, a
+Hugging Face dataset), so the CLI can print one line instead of a traceback.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
-
-from PIL import Image, UnidentifiedImageError
 
 from flora.train.errors import DataError
 
 T = TypeVar("T")
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 Message = dict[str, str]
+Row = tuple[str, dict[str, Any]]
+"""A data row and where it is (``file:line``, ``file: item N``, ``dataset: split[i]``)."""
 
 
 @dataclass
@@ -33,7 +36,7 @@ class Splits:
     eval: list[Any] | None = None
 
 
-def _existing(path: str | Path) -> Path:
+def existing_path(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data file not found: {p}")
@@ -44,26 +47,30 @@ Columns = dict[str, str]
 """Column mapping: role (``text``, ``label``, ``image``, ...) -> the column holding it."""
 
 
-def _rows(
+def read_rows(
     path: Path,
     columns: Sequence[str],
     mapping: Columns | None = None,
     split: str = "train",
-) -> list[dict[str, Any]] | None:
+) -> list[Row] | None:
     """Rows of a CSV/TSV (header row), a JSON array of objects, JSON Lines, or a Hugging
     Face dataset (``save_to_disk`` directory, Parquet/Arrow file), each with at least
-    ``columns`` once ``mapping`` renamed them. ``split="eval"`` asks for the source's own
-    eval split: only a Hugging Face DatasetDict has one, every other source gives None."""
+    ``columns`` once ``mapping`` renamed them, and where each row is. ``split="eval"`` asks
+    for the source's own eval split: only a Hugging Face DatasetDict has one, every other
+    source gives None."""
     from flora.train.hf_data import is_hf_source, train_and_eval_rows
 
     suffix = path.suffix.lower()
+    rows: list[Row]
     if is_hf_source(path):
         train, eval_ = train_and_eval_rows(path)
-        rows = train if split == "train" else eval_
-        if rows is None:
+        part = train if split == "train" else eval_
+        if part is None:
             return None
-        rows = [_mapped(r, mapping, str(path)) for r in rows]
-        _check_columns(rows, columns, path)
+        name, raw = part
+        located = [(f"{path}: {name}[{i}]", r) for i, r in enumerate(raw)]
+        rows = [(where, _mapped(r, mapping, where)) for where, r in located]
+        _check_columns([r for _, r in rows], columns, path)
     elif split != "train":
         return None
     elif suffix in {".jsonl", ".json"}:
@@ -123,66 +130,127 @@ def _check_columns(rows: list[dict[str, Any]], columns: Sequence[str], path: Pat
         )
 
 
-def _json_rows(path: Path, columns: Sequence[str], mapping: Columns | None) -> list[dict]:
-    """A JSON array of objects, or JSON Lines (one object per line)."""
+def _loads(text: str, path: Path, lineno: int | None = None) -> Any:
+    """``json.loads``; DataError naming the line when ``text`` is not valid JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{lineno or exc.lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        where = f"{path}:{lineno}" if lineno else str(path)
+        raise DataError(f"{where}: JSON nested too deeply") from None
+
+
+def _json_rows(path: Path, columns: Sequence[str], mapping: Columns | None) -> list[Row]:
+    """A JSON array of objects, or JSON Lines (one object per line). Lines end at ``\n``
+    (or ``\r\n``) only: U+2028 or U+0085 inside a JSON string is text, not a line end."""
     text = _read_text(path)
+    numbered: list[tuple[str, Any]]
     if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        numbered = list(enumerate(items, 1))
-        where = "item"
+        items = _loads(text, path)
+        numbered = [(f"{path}: item {n}", item) for n, item in enumerate(items, 1)]
+        what = "item"
     else:
         numbered = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        where = "line"
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if line.strip(" \t\r"):  # JSON's whitespace; a blank line is no example
+                numbered.append((f"{path}:{lineno}", _loads(line, path, lineno)))
+        what = "line"
     rows = []
-    for n, row in numbered:
+    for where, row in numbered:
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: each {where} must be a JSON object")
-        row = _mapped(row, mapping, f"{path}:{n}")
+            raise DataError(f"{where}: each {what} must be a JSON object")
+        row = _mapped(row, mapping, where)
         missing = [c for c in columns if c not in row]
         if missing:
-            raise DataError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
-        rows.append(row)
+            raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
+        rows.append((where, row))
     return rows
 
 
-def _csv_rows(path: Path, columns: Sequence[str], mapping: Columns | None) -> list[dict]:
-    suffix = path.suffix.lower()
-    reader = csv.DictReader(
-        _read_text(path).splitlines(), delimiter="\t" if suffix == ".tsv" else ","
-    )
-    header = list(reader.fieldnames or [])
-    _check_mapping(mapping, header, str(path))
-    missing = [c for c in columns if c not in header and c not in (mapping or {})]
-    if missing:
-        raise DataError(
-            f"{path}: wrong columns: need {', '.join(columns)}, found {', '.join(header) or 'none'}"
-        )
-    rows = []
-    for lineno, row in enumerate(reader, 2):
-        row = _mapped(row, mapping, f"{path}:{lineno}")
-        if any(row.get(c) is None for c in columns):
-            raise DataError(f"{path}:{lineno}: row has too few columns")
-        rows.append(row)
+def _csv_rows(path: Path, columns: Sequence[str], mapping: Columns | None) -> list[Row]:
+    """Rows of a CSV/TSV with a header. Read as the csv module wants a file (newline=""),
+    so a quoted field keeps its line breaks; a row with more fields than the header (an
+    unquoted delimiter) and a header naming a column twice are errors, not guesses."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    try:
+        header = next(reader, [])
+        twice = [c for i, c in enumerate(header) if c and c in header[:i]]
+        if twice:
+            raise DataError(f"{path}:1: the header names column {twice[0]!r} twice")
+        _check_mapping(mapping, header, str(path))
+        missing = [c for c in columns if c not in header and c not in (mapping or {})]
+        if missing:
+            found = ", ".join(header) or "none"
+            raise DataError(f"{path}: wrong columns: need {', '.join(columns)}, found {found}")
+        rows = []
+        next_line = reader.line_num + 1
+        for fields in reader:
+            where, next_line = f"{path}:{next_line}", reader.line_num + 1  # a row's first line
+            if not fields:  # a blank line
+                continue
+            if len(fields) > len(header):
+                raise DataError(
+                    f"{where}: {len(fields)} fields, the header has {len(header)} "
+                    f"(quote a field that holds {delimiter!r})"
+                )
+            padded = fields + [None] * (len(header) - len(fields))  # missing fields: None
+            row = _mapped(dict(zip(header, padded, strict=True)), mapping, where)
+            if any(row.get(c) is None for c in columns):
+                raise DataError(f"{where}: row has too few columns")
+            rows.append((where, row))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
     return rows
 
 
 def _read_text(path: Path) -> str:
+    """The file's text as it is: a byte order mark dropped, line ends not translated (a
+    quoted CSV field keeps its ``\r\n``; JSON Lines end at ``\n``)."""
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            return f.read()
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a .csv or .jsonl file") from None
+
+
+def describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 40 else shown[:37] + '...'}"
+
+
+def valid_unicode(value: str, where: str, what: str) -> str:
+    """``value``; DataError if it holds a lone surrogate (JSON's unpaired ``\\ud800``
+    escape), which is no Unicode text: a tokenizer or a UTF-8 writer would fail on it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(value[exc.start])
+        raise DataError(f"{where}: the {what} holds a lone surrogate U+{code:04X}") from None
+    return value
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: the text must be a non-empty string, got {describe(value)}")
+    return valid_unicode(value, where, "text")
+
+
+def label_name(value: Any, where: str) -> str:
+    """The class name of a label cell: a non-empty string, or an integer (a ``ClassLabel``
+    is named by its number). Floats (0.5 and 1.0 alike) and nulls are refused, not rounded
+    or named ``'None'``."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise DataError(f"{where}: the label must be a string or an integer, got {describe(value)}")
+    name = str(value)
+    if not name.strip():
+        raise DataError(f"{where}: empty label")
+    return valid_unicode(name, where, "label")
 
 
 def load_text_labels(
@@ -191,88 +259,11 @@ def load_text_labels(
     """``(text, label)`` pairs from rows with ``text`` and ``label`` (CSV, JSON, JSONL,
     a Hugging Face dataset; ``columns`` maps other column names). None when ``split`` is
     ``eval`` and the source has no eval split."""
-    p = _existing(path)
-    rows = _rows(p, ("text", "label"), columns, split)
+    p = existing_path(path)
+    rows = read_rows(p, ("text", "label"), columns, split)
     if rows is None:
         return None
-    out = []
-    for row in rows:
-        text, label = row["text"], row["label"]
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{p}: every text must be a non-empty string")
-        if isinstance(label, bool) or not isinstance(label, str | int):
-            raise DataError(f"{p}: every label must be a string or an integer")
-        out.append((text, str(label)))
-    return out
-
-
-def load_image_labels(
-    path: str | Path, columns: Columns | None = None, split: str = "train"
-) -> list[tuple[Image.Image, str]] | None:
-    """``(RGB image, label)`` pairs from a folder with one sub-folder per class, a CSV or
-    JSON(L) file with ``path,label`` (relative paths are relative to the file), or a
-    Hugging Face dataset with ``image`` (decoded images) and ``label`` columns. Every image
-    is decoded here, so an unreadable file fails before training starts."""
-    p = _existing(path)
-    from flora.train.hf_data import is_hf_source
-
-    if p.is_dir() and not is_hf_source(p):
-        refuse_columns(columns, f"{p} is an image folder (one sub-folder per class)")
-        if split != "train":
-            return None
-        items = [
-            (f, d.name)
-            for d in sorted(q for q in p.iterdir() if q.is_dir())
-            for f in sorted(d.iterdir())
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not items:
-            raise DataError(f"{p}: no images (expected one sub-folder of images per class)")
-        return [(read_image(f), label) for f, label in items]
-    hf = is_hf_source(p)
-    rows = _rows(p, ("image" if hf else "path", "label"), columns, split)
-    if rows is None:
-        return None
-    if hf:
-        return [(_as_image(r["image"], p), _label_name(r["label"])) for r in rows]
-    return [(read_image(p.parent / str(r["path"])), str(r["label"])) for r in rows]
-
-
-def _label_name(label: Any) -> str:
-    # datasets' ClassLabel columns hold ints; name the class by its number
-    if isinstance(label, int | float) and not isinstance(label, bool):
-        return str(int(label))
-    return str(label)
-
-
-def _as_image(value: Any, where: Path) -> Image.Image:
-    """A datasets image cell (a PIL image, ``{"bytes", "path"}`` or a path) as RGB."""
-    import io
-
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, dict) and value.get("bytes"):
-        try:
-            with Image.open(io.BytesIO(value["bytes"])) as im:
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"{where}: unreadable image bytes: {exc}") from None
-    if isinstance(value, dict) and value.get("path"):
-        return read_image(Path(value["path"]))
-    if isinstance(value, str):
-        return read_image(Path(value))
-    raise DataError(f"{where}: the image column holds {type(value).__name__}, not an image")
-
-
-def read_image(path: Path) -> Image.Image:
-    """Decode one image to RGB; DataError if missing or unreadable."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"unreadable image {path}: {exc}") from None
+    return [(_text(row["text"], where), label_name(row["label"], where)) for where, row in rows]
 
 
 def load_chats(
@@ -282,16 +273,16 @@ def load_chats(
     "content"}, ...]}`` or ``{"prompt", "completion"}`` (a user turn and an assistant
     turn). The last message of each conversation must be the assistant's (that is what the
     loss is on)."""
-    p = _existing(path)
+    p = existing_path(path)
     from flora.train.hf_data import is_hf_source
 
     if p.suffix.lower() not in {".jsonl", ".json"} and not is_hf_source(p):
         raise DataError(f"{p}: chat data must be JSON Lines, a JSON array or a datasets dir")
-    rows = _rows(p, (), columns, split)
+    rows = read_rows(p, (), columns, split)
     if rows is None:
         return None
     chats: list[list[Message]] = []
-    for i, row in enumerate(rows, 1):
+    for where, row in rows:
         if row.get("messages") is not None:
             messages = row["messages"]
         elif row.get("prompt") is not None and row.get("completion") is not None:
@@ -300,8 +291,8 @@ def load_chats(
                 {"role": "assistant", "content": row["completion"]},
             ]
         else:
-            raise DataError(f"{p}: example {i} needs 'messages' or 'prompt' and 'completion'")
-        chats.append(check_chat(messages, f"{p}: example {i}"))
+            raise DataError(f"{where}: needs 'messages' or 'prompt' and 'completion'")
+        chats.append(check_chat(messages, where))
     return chats
 
 
@@ -315,7 +306,7 @@ def check_chat(messages: Any, where: str) -> list[Message]:
             raise DataError(f"{where}: each message needs a string 'content'")
         if m.get("role") not in {"system", "user", "assistant"}:
             raise DataError(f"{where}: role must be system, user or assistant")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": valid_unicode(m["content"], where, "content")})
     if out[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's answer")
     return out
@@ -341,23 +332,32 @@ def stratified_split(
 
 
 def encode_labels(
-    train: Sequence[tuple[Any, str]], eval_: Sequence[tuple[Any, str]], where: str
+    train: Sequence[tuple[Any, str]],
+    eval_: Sequence[tuple[Any, str]],
+    where: str,
+    eval_where: str | None = None,
 ) -> tuple[list[tuple[Any, int]], list[tuple[Any, int]], list[str]]:
-    """Map label names to ids (sorted names; numeric names sorted as numbers).
+    """Map label names to ids: the names sorted by :func:`label_order`, id = position.
 
     DataError if a set is empty, there are fewer than two classes, or an eval label never
-    occurs in training."""
+    occurs in training. ``where`` names the training data, ``eval_where`` the eval data
+    (an ``--eval-split`` file; default ``where``)."""
+    eval_where = eval_where or where
     if not train:
         raise DataError(f"{where}: the training set is empty")
     if not eval_:
-        raise DataError(f"{where}: the eval set is empty")
-    names = sorted({lab for _, lab in train}, key=_label_order)
+        raise DataError(f"{eval_where}: the eval set is empty")
+    names = sorted({lab for _, lab in train}, key=label_order)
     if len(names) < 2:
         raise DataError(f"{where}: need at least two classes, found {names}")
     ids = {n: i for i, n in enumerate(names)}
-    unknown = sorted({lab for _, lab in eval_ if lab not in ids}, key=_label_order)
+    unknown = sorted({lab for _, lab in eval_ if lab not in ids}, key=label_order)
     if unknown:
-        raise DataError(f"{where}: unknown label in eval: {unknown[0]!r} never occurs in training")
+        in_train = "" if eval_where == where else f" ({where})"
+        raise DataError(
+            f"{eval_where}: unknown label in eval: {unknown[0]!r} never occurs in "
+            f"training{in_train}"
+        )
     return (
         [(x, ids[lab]) for x, lab in train],
         [(x, ids[lab]) for x, lab in eval_],
@@ -365,8 +365,18 @@ def encode_labels(
     )
 
 
-def _label_order(name: str) -> tuple[int, int | str]:
-    return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def label_order(name: str) -> tuple[int, Decimal, str]:
+    """Sort key of class names, a total order that does not depend on the input's order or
+    Python's hash seed: integers (ASCII digits with an optional leading ``-``: ``"-2"``,
+    ``"01"``) first, by value; then every other name (``"--1"``, ``"1.5"``, ``"²"``,
+    ``"cat"``). Ties (``"01"`` and ``"1"``, equal values) and the other names are ordered by
+    their code points. So ``["-2", "01", "1", "10", "--1", "B", "b"]`` is sorted."""
+    if _INTEGER.fullmatch(name):
+        return (0, Decimal(name), name)
+    return (1, Decimal(0), name)
 
 
 def parse_eval_split(value: str | None) -> float | str | None:

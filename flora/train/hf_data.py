@@ -45,24 +45,43 @@ def _load(path: Path) -> Any:
         return ds.load_dataset(builder, data_files={"train": str(path)})
     except (OSError, ValueError, FileNotFoundError) as exc:
         raise DataError(f"{path}: cannot read as a Hugging Face dataset ({exc})") from None
+    except IndexError:  # datasets cannot load a saved split that has no rows (no shards)
+        raise DataError(
+            f"{path}: cannot read as a Hugging Face dataset: a split has no rows"
+        ) from None
+
+
+def _images_undecoded(part: Any) -> Any:
+    """``part`` with its image columns read as ``{"bytes", "path"}`` cells, not decoded PIL
+    images: the trainer keeps images encoded and decodes them per batch."""
+    ds = _datasets()
+    for name, feature in (part.features or {}).items():
+        if isinstance(feature, ds.Image) and feature.decode:
+            part = part.cast_column(name, ds.Image(decode=False))
+    return part
+
+
+Split = tuple[str, list[dict[str, Any]]]
+"""A split's name and its rows."""
 
 
 def hf_splits(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Rows per split (a plain Dataset is the split ``train``)."""
+    """Rows per split (a plain Dataset is the split ``train``); image cells undecoded."""
     loaded = _load(path)
     parts = dict(loaded) if hasattr(loaded, "keys") else {"train": loaded}
-    return {name: [dict(row) for row in part] for name, part in parts.items()}
+    if not parts:
+        raise DataError(f"{path}: no splits (an empty DatasetDict)")
+    return {name: [dict(row) for row in _images_undecoded(part)] for name, part in parts.items()}
 
 
-def train_and_eval_rows(
-    path: Path,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def train_and_eval_rows(path: Path) -> tuple[Split, Split | None]:
     """The ``train`` split's rows and those of its eval split (``validation``, ``test``
-    or ``eval``, the first present; None when there is none)."""
+    or ``eval``, the first present; None when there is none), each with its name."""
     splits = hf_splits(path)
     if "train" not in splits:
         if len(splits) != 1:
             raise DataError(f"{path}: no 'train' split (found {', '.join(sorted(splits))})")
-        return next(iter(splits.values())), None
+        return next(iter(splits.items())), None
     eval_name = next((n for n in EVAL_SPLITS if n in splits), None)
-    return splits["train"], None if eval_name is None else splits[eval_name]
+    train = ("train", splits["train"])
+    return train, None if eval_name is None else (eval_name, splits[eval_name])

@@ -22,9 +22,9 @@ from flora.injection import inject
 from flora.models.image_transform import ImageTransform
 from flora.models.types import LoadedModel, a_kind
 from flora.train.batches import eval_chunks, on_device
-from flora.train.data import load_image_labels
 from flora.train.errors import TrainError
 from flora.train.heads import HEAD_NAME, accuracy, adaptable_names, freeze_batchnorm, replace_head
+from flora.train.image_data import load_image_labels
 from flora.train.options import RecipeDefaults, TrainOptions
 from flora.train.recipe import Batch, TrainTask
 from flora.train.sources import labelled_data

@@ -25,6 +25,8 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from flora.models.image_decode import to_rgb
+
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
@@ -58,7 +60,8 @@ def sniff_format(data: bytes) -> str | None:
 def decode_image(
     data: bytes, *, max_pixels: int, max_bytes: int, name: str = "image"
 ) -> Image.Image:
-    """Decode one JPEG/PNG/WebP image into an RGB PIL image.
+    """Decode one JPEG/PNG/WebP image into an 8-bit RGB PIL image (high-bit-depth
+    grayscale scaled by its bit depth: `flora.models.image_decode.to_rgb`, as in training).
 
     Raises `ImageRejected` with 413 (too many bytes or pixels), 415 (another format) or 422
     (empty, corrupt or truncated data).
@@ -93,7 +96,7 @@ def decode_image(
         raise ImageRejected(413, f"{name}: too many pixels ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(422, f"{name}: corrupt {fmt} data ({exc})") from None
-    return image.convert("RGB")
+    return to_rgb(image)  # 16-bit PNGs scaled to 8 bits, not clipped to white
 
 
 # Line breaks that MIME (RFC 2045: lines of at most 76 characters) and PEM encoders put in

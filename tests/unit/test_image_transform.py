@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from flora.models.image_decode import to_rgb
 from flora.models.image_transform import _RESAMPLE, ImageTransform
 
 RAW = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # outputs are pixel / 255
@@ -89,11 +90,12 @@ def test_chelsea_at_the_lite0_settings_matches_the_old_transform_closely() -> No
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
 def test_any_mode_equals_converting_to_rgb_first(mode: str) -> None:
     # The region is cropped before it is converted: a per-pixel conversion, so no change.
+    # The conversion is decoding's (`to_rgb`: 16-bit grey scaled to 8 bits, not clipped).
     rng = np.random.default_rng(1)
     rgb = Image.fromarray(rng.integers(0, 256, (41, 67, 3), np.uint8))
     image = rgb.convert(mode)
     t = ImageTransform(size=24)
-    assert torch.equal(t(image), t(image.convert("RGB")))
+    assert torch.equal(t(image), t(to_rgb(image)))
 
 
 @pytest.mark.parametrize(

@@ -339,8 +339,9 @@ def test_mapped_column_missing_from_csv_names_it_and_the_header(tmp_path, capsys
 
 
 def test_mapped_column_missing_from_json_line_or_unmappable_data(tmp_path):
-    from flora.train.data import load_image_labels, load_text_labels
+    from flora.train.data import load_text_labels
     from flora.train.errors import DataError
+    from flora.train.image_data import load_image_labels
 
     rows = [{"sentence": "good", "label": "pos"}, {"text": "bad", "label": "neg"}]
     path = tmp_path / "d.jsonl"
@@ -401,3 +402,24 @@ def test_out_dir_that_cannot_be_created_is_a_train_error(tmp_path):
     assert str(err.value) == f"--out {blocker}: cannot create it (File exists)"
     make_out_dir(tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b").is_dir()
+
+
+@pytest.mark.usefixtures("tiny_bases")
+def test_data_that_ended_in_tracebacks_is_one_line(tmp_path, capsys):
+    good = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in [("good", "pos")] * 3)
+    good += "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in [("bad", "neg")] * 3)
+    cases = {
+        "s.jsonl": (good + '{"text": "a\\ud800b", "label": "pos"}\n', "s.jsonl:7: the text"),
+        "d.jsonl": ('{"text": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "d.jsonl:1"),
+        "l.jsonl": (good + json.dumps({"text": "x", "label": "--1"}) + "\n", None),
+    }
+    for name, (content, fragment) in cases.items():
+        data = _text(tmp_path, content, name)
+        argv = ["text-classification", "--base", "tiny-bert", "--data", data, "--max-steps", "1"]
+        code, err = _run(
+            capsys, *argv, "--out", str(tmp_path / ("o-" + name)), "--eval-split", "0.4"
+        )
+        if fragment is None:  # a label that is not a number is a name, not a crash
+            assert code == 0, err
+        else:
+            _assert_one_line(code, err, fragment)
