@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,14 @@ from flora.kinds import ModuleKind, ModuleSpec
 from flora.peft_config import PeftLoraConfig
 from flora.tucker import fold_linear, reconstruct
 
-__all__ = ["from_peft", "to_lycoris", "to_peft"]
+__all__ = [
+    "PEFT_OPTIONS_WITHOUT_EQUIVALENT",
+    "check_peft_exportable",
+    "from_peft",
+    "refuse_peft_options",
+    "to_lycoris",
+    "to_peft",
+]
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -51,8 +59,39 @@ LYCORIS_PREFIX = "lycoris_"
 _LORA_KEY = re.compile(
     r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?"
 )
-# PEFT config fields that would change the maths in ways a plain LoRA import cannot keep.
-_UNSUPPORTED_TRUE = ("use_dora", "use_qalora")
+# PEFT LoraConfig options that, when set, make the network differ from ``W + scaling * B @ A``
+# on every token: the LoRA variants (PEFT marks them ``is_lora_variant``: DoRA, aLoRA, which
+# applies only from its invocation tokens on, VeLoRA, MonteCLoRA, BD-LoRA, Arrow routing,
+# KaSA), QALoRA's pooled inputs, and options that add weights or layers. An import that
+# dropped one would serve other maths, so each is refused; the server's PEFT upload refuses
+# through this same list (`refuse_peft_options`).
+PEFT_OPTIONS_WITHOUT_EQUIVALENT = (
+    "alora_invocation_tokens",
+    "arrow_config",
+    "kasa_config",
+    "layer_replication",
+    "lora_bias",
+    "monteclora_config",
+    "target_parameters",
+    "use_bdlora",
+    "use_dora",
+    "use_qalora",
+    "velora_config",
+)
+_SHOWN_VALUE_CHARS = 60
+
+
+def refuse_peft_options(cfg: dict[str, Any]) -> None:
+    """Raise ``AdapterConfigError`` naming the first option of
+    :data:`PEFT_OPTIONS_WITHOUT_EQUIVALENT` that a PEFT config sets (a true, non-empty
+    value: PEFT writes ``false`` / ``null`` / ``[]`` for the ones not used)."""
+    for option in PEFT_OPTIONS_WITHOUT_EQUIVALENT:
+        value = cfg.get(option)
+        if value:
+            shown = repr(value)
+            if len(shown) > _SHOWN_VALUE_CHARS:
+                shown = shown[: _SHOWN_VALUE_CHARS - 3] + "..."
+            raise AdapterConfigError(f"PEFT option {option}={shown} has no exact FLoRA equivalent")
 
 
 def from_peft(
@@ -78,7 +117,9 @@ def from_peft(
     the result is checked with ``validate_against``; without it the fingerprint is None.
 
     Raises:
-        AdapterError: not a LoRA adapter, DoRA, conv LoRA, bias training, a config field of
+        AdapterError: not a LoRA adapter, a LoRA variant or option with other maths
+        (``PEFT_OPTIONS_WITHOUT_EQUIVALENT``: DoRA, aLoRA, ...), conv LoRA, bias
+        training, a config field of
         the wrong type or value (``AdapterConfigError`` naming it), or a subclass for the
         file problems ``load_adapter`` also catches.
     """
@@ -86,9 +127,7 @@ def from_peft(
     cfg = strict_json_loads(_read(root / PEFT_CONFIG, max_header_bytes), PEFT_CONFIG)
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         raise AdapterConfigError("PEFT adapter_config.json: only peft_type LORA can be imported")
-    for flag in _UNSUPPORTED_TRUE:
-        if cfg.get(flag):
-            raise AdapterConfigError(f"PEFT {flag}=true has no exact FLoRA equivalent")
+    refuse_peft_options(cfg)
     if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
         raise AdapterConfigError("PEFT bias training / modules_to_save are not imported")
     peft = PeftLoraConfig.from_json(cfg)
@@ -229,23 +268,9 @@ def to_peft(
         AdapterError: a conv or embedding module (use ``to_lycoris`` for conv), trained
         full modules, or Linear and Conv1D modules mixed (PEFT has one fan_in_fan_out).
     """
-    kinds = {m.spec.kind for m in adapter.modules.values()}
-    bad = sorted(
-        n for n, m in adapter.modules.items() if m.spec.kind not in ("linear", "hf_conv1d")
-    )
-    if bad:
-        raise AdapterError(
-            f"module {bad[0]!r} is {adapter.modules[bad[0]].spec.kind}; PEFT LoRA export covers "
-            "Linear and transformers Conv1D only (conv: use to_lycoris)"
-        )
-    if len(kinds) > 1:
-        raise AdapterError("PEFT cannot mix Linear and Conv1D modules (one fan_in_fan_out flag)")
-    if adapter.full_modules():
-        raise AdapterError(
-            f"trained module {adapter.full_modules()[0]!r} is not exported; PEFT LoRA servers "
-            "serve A/B weights only"
-        )
-    fan_in_fan_out = kinds == {"hf_conv1d"}
+    kinds = {n: m.spec.kind for n, m in adapter.modules.items()}
+    check_peft_exportable(kinds, adapter.full_modules())
+    fan_in_fan_out = set(kinds.values()) == {"hf_conv1d"}
     folded = {}
     for name in adapter.layer_names():
         core = adapter.core(name).float()
@@ -285,6 +310,26 @@ def to_peft(
     atomic_write(out / PEFT_WEIGHTS, encode_tensors(tensors, {"format": "pt"}))
     atomic_write(out / PEFT_CONFIG, json.dumps(config, indent=2).encode())
     return out
+
+
+def check_peft_exportable(kinds: Mapping[str, str], full_modules: Sequence[str]) -> None:
+    """Raise ``AdapterError`` unless :func:`to_peft` can export an adapter whose modules
+    have these ``kinds`` (name -> ``ModuleSpec.kind``) and that saves ``full_modules``
+    whole: Linear or Conv1D modules, not both, and no module saved whole. (``flora-train
+    --export peft`` asks before it trains.)"""
+    bad = sorted(n for n, kind in kinds.items() if kind not in ("linear", "hf_conv1d"))
+    if bad:
+        raise AdapterError(
+            f"module {bad[0]!r} is {kinds[bad[0]]}; PEFT LoRA export covers "
+            "Linear and transformers Conv1D only (conv: use to_lycoris)"
+        )
+    if len(set(kinds.values())) > 1:
+        raise AdapterError("PEFT cannot mix Linear and Conv1D modules (one fan_in_fan_out flag)")
+    if full_modules:
+        raise AdapterError(
+            f"trained module {full_modules[0]!r} is not exported; PEFT LoRA servers "
+            "serve A/B weights only"
+        )
 
 
 def _fold_min_rank(

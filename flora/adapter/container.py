@@ -10,11 +10,12 @@ only then let ``safetensors`` decode. No pickle path exists here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import secrets
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -317,13 +318,43 @@ def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | 
     return _st_save(prepared, metadata=metadata)
 
 
+def tensors_sha256(data: bytes, entries: dict[str, dict[str, Any]]) -> str:
+    """``"sha256:" + hex`` over the tensors of the safetensors file ``data``: per tensor,
+    sorted by name, its name, dtype tag, shape and raw bytes (each length-prefixed).
+
+    ``entries`` is :func:`read_header`'s result for ``data``. The digest ignores the
+    header's ``__metadata__`` and the order of the tensors in the file, so a directory's
+    weights file and the single-file form made from it (:func:`~flora.adapter.archive.
+    pack_single_file`, or ``save_adapter(archive=True)``) give the same value.
+    """
+    (header_len,) = struct.unpack("<Q", data[:8])
+    start = 8 + header_len
+    view = memoryview(data)
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        entry = entries[name]
+        begin, end = entry["data_offsets"]
+        for part in (name.encode(), entry["dtype"].encode(), json.dumps(entry["shape"]).encode()):
+            _feed(h, part)
+        _feed(h, view[start + begin : start + end])
+    return "sha256:" + h.hexdigest()
+
+
+def _feed(h: Any, data: bytes | memoryview) -> None:
+    # Length-prefix every field so bytes cannot shift between fields unnoticed.
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory, fsync, rename.
 
-    Readers see either the old file or the complete new one, never a partial write.
+    Readers see either the old file or the complete new one, never a partial write. The
+    file gets the mode ``open()`` would give it (0666 less the umask), not ``mkstemp``'s
+    0600, so an adapter is as readable as the other files written beside it.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -334,6 +365,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new, empty, exclusively created temp file beside ``path`` (mode 0666 & ~umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name beside {path}")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from flora.adapter.container import (
     encode_tensors,
     read_header,
     strict_json_loads,
+    tensors_sha256,
 )
 from flora.adapter.schema import DEFAULT_MAX_RANK, AdapterHeader, AdapterModule, parse_header
 from flora.adapter.validate import (
@@ -130,11 +132,17 @@ def fingerprint_without_trained(model: nn.Module, train_modules: list[str] | str
 
 
 def encode_adapter(adapter: Adapter, *, archive: bool) -> tuple[bytes, bytes | None]:
-    """``(weights, config_json)``; an archive has the config inside the weights file."""
-    config_json = json.dumps(adapter.header().to_json_dict(), indent=2, sort_keys=False)
+    """``(weights, config_json)``; an archive has the config inside the weights file.
+
+    The config records the weights' ``tensors_sha256`` (``container.tensors_sha256``), so
+    a config and a weights file from two different saves are refused as a pair."""
+    weights = encode_tensors(adapter.tensors, {"format": "pt"})
+    _, entries = read_header(weights, max_header_bytes=len(weights), what=WEIGHTS_NAME)
+    header = replace(adapter.header(), tensors_sha256=tensors_sha256(weights, entries))
+    config_json = json.dumps(header.to_json_dict(), indent=2, sort_keys=False)
     if archive:
         return encode_tensors(adapter.tensors, {ARCHIVE_META_KEY: config_json}), None
-    return encode_tensors(adapter.tensors, {"format": "pt"}), config_json.encode()
+    return weights, config_json.encode()
 
 
 def save_adapter(
@@ -152,8 +160,10 @@ def save_adapter(
     A directory gets ``adapter_config.json`` + ``adapter.safetensors``; with
     ``archive=True`` or a path ending in ``.flora``, one safetensors file whose
     ``__metadata__["adapter_config"]`` holds the config. Every file is written through a
-    temp file, fsync and rename (weights before config, so a crash mid-save leaves a
-    pair the loader refuses rather than a mixed adapter it accepts). Returns ``path``.
+    temp file, fsync and rename, weights before config. The config records the
+    ``tensors_sha256`` of the weights it was saved with, so a crash between the two
+    renames (new weights beside the previous save's config) leaves a pair that
+    ``load_adapter`` refuses rather than a mixed adapter it accepts. Returns ``path``.
     """
     if isinstance(model_or_adapter, Adapter):
         adapter = model_or_adapter
@@ -271,7 +281,22 @@ def _load(
         # Rare path: the one-pass byte check failed; name the first offending tensor.
         check_finite(tensors)
         raise NonFiniteError(f"{WEIGHTS_NAME}: the data section holds NaN or Inf values")
+    _check_pair(header, data, entries)
     return _adapter_from(header, tensors)
+
+
+def _check_pair(header: AdapterHeader, data: bytes, entries: dict[str, dict[str, Any]]) -> None:
+    """The weights must be the ones the config was saved with, when the config says which
+    (configs written before ``tensors_sha256`` existed, and PEFT imports, do not)."""
+    if header.tensors_sha256 is None:
+        return
+    found = tensors_sha256(data, entries)
+    if found != header.tensors_sha256:
+        raise AdapterFormatError(
+            f"{WEIGHTS_NAME} does not belong to {CONFIG_NAME}: the config was saved with "
+            f"tensors {header.tensors_sha256}, these weights hash to {found} (a save cut "
+            "off between its two files, or files of two adapters mixed)"
+        )
 
 
 def _adapter_from(header: AdapterHeader, tensors: dict[str, torch.Tensor]) -> Adapter:

@@ -20,7 +20,8 @@ METHOD = "flora"
 DEFAULT_MAX_RANK = 256
 
 _REQUIRED = {"format_version", "method", "config", "base_model", "modules"}
-_OPTIONAL = {"task", "labels", "created_at", "library_version", "metadata"}
+TENSORS_SHA256 = "tensors_sha256"
+_OPTIONAL = {"task", "labels", "created_at", "library_version", "metadata", TENSORS_SHA256}
 _MODULE_KEYS = {"kind", "weight_shape", "groups", "ranks"}
 # Keys that other ecosystems use to point at code; refused wherever they appear.
 _CODE_KEYS = {
@@ -59,9 +60,12 @@ class AdapterHeader:
     created_at: str | None = None
     library_version: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    tensors_sha256: str | None = None
+    """``container.tensors_sha256`` of the weights this config was saved with: it ties the
+    two files of a directory together (None: a config from before the field existed)."""
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "method": METHOD,
             "config": self.config.to_dict(),
@@ -73,6 +77,9 @@ class AdapterHeader:
             "library_version": self.library_version,
             "metadata": self.metadata,
         }
+        if self.tensors_sha256 is not None:
+            doc[TENSORS_SHA256] = self.tensors_sha256
+        return doc
 
 
 def parse_header(doc: Any, *, max_rank: int = DEFAULT_MAX_RANK) -> AdapterHeader:
@@ -111,6 +118,11 @@ def parse_header(doc: Any, *, max_rank: int = DEFAULT_MAX_RANK) -> AdapterHeader
     metadata = doc.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise AdapterConfigError("metadata must be a JSON object")
+    tensors_sha256 = doc.get(TENSORS_SHA256)
+    if tensors_sha256 is not None and (
+        not isinstance(tensors_sha256, str) or not _FINGERPRINT_RE.fullmatch(tensors_sha256)
+    ):
+        raise AdapterConfigError(f"{TENSORS_SHA256} must be null or 'sha256:<64 hex>'")
     return AdapterHeader(
         config=config,
         base_model_id=base_id,
@@ -121,6 +133,7 @@ def parse_header(doc: Any, *, max_rank: int = DEFAULT_MAX_RANK) -> AdapterHeader
         created_at=_optional_text(doc, "created_at"),
         library_version=_optional_text(doc, "library_version"),
         metadata=metadata,
+        tensors_sha256=tensors_sha256,
     )
 
 

@@ -38,6 +38,7 @@ from flora.serving.factors import (
     fold_two_mode_many,
     modules_from_adapter,
 )
+from flora.serving.gain import FLOAT32_GAIN_LIMIT, update_gain, update_gain_bound
 from flora.serving.linear import ServedLinear
 from flora.serving.merged import MergedWeights
 from flora.serving.segments import Segments
@@ -226,6 +227,35 @@ class ServingModel:
         for name, mf in modules.items():
             if _folds(self._target(name)) and not all_finite(fold_two_mode_many([mf])[0]):
                 raise _overflow(name)
+
+    def gain_limit(self) -> float:
+        """The largest :func:`update_gain` :meth:`check_output_range` lets through: the
+        float32 limit (``gain.FLOAT32_GAIN_LIMIT``, about 4.3e9), and no more than what the
+        serving dtype can hold (float16: 65504)."""
+        return min(FLOAT32_GAIN_LIMIT, float(torch.finfo(self.dtype).max))
+
+    def check_output_range(self, modules: Mapping[str, ModuleFactors]) -> None:
+        """Raise ValueError naming the first module whose update's outputs would overflow:
+        its gain (:func:`update_gain`: the largest output for inputs of magnitude 1) above
+        :meth:`gain_limit`. Such an update is finite as stored and once folded (``check``
+        passes it) but turns the activations after it into Inf and then NaN, so every
+        embedding or score it produces is null. Engines that return those values (the
+        encoder and vision engines) run this at upload and at load; the cheap bound
+        (:func:`update_gain_bound`) vouches for the usual adapter, the exact gain is
+        computed only for a module whose bound exceeds the limit."""
+        limit = self.gain_limit()
+        for name in sorted(modules):
+            mf = modules[name]
+            if update_gain_bound(mf) < limit:
+                continue
+            gain = update_gain(mf)
+            if not gain < limit:  # NaN and Inf too
+                raise ValueError(
+                    f"{name}: the update multiplies inputs of size 1 into outputs of {gain:.3g} "
+                    f"(config.scale {mf.scale:g}), past the {limit:.3g} the served model's "
+                    f"{str(self.dtype).removeprefix('torch.')} activations can carry through "
+                    "its normalisations: its outputs would be Inf/NaN"
+                )
 
     def _check_fit(self, modules: Mapping[str, ModuleFactors]) -> None:
         """Every module a target a served wrapper takes, with shapes and ranks that fit."""

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", help="checkpoint directory, or 'latest' (newest in OUT/checkpoints)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="a run that starts afresh replaces a previous run's outputs in --out "
+        "(without it such an --out is refused)",
+    )
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     p.add_argument("--keep-checkpoints", type=int, help="keep only the K newest checkpoints")
     p.add_argument(
@@ -137,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "weight_decay",
             "export",
             "threads",
+            "overwrite",
         )
     }
     kwargs["columns"] = {

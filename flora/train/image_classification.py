@@ -40,7 +40,11 @@ class ImageClassificationRecipe:
     description = (
         "image folder / CSV path,label / builtin:mnist5k -> new head + conv/linear adapters"
     )
-    defaults = RecipeDefaults(targets=AUTO, lr=1e-3, batch_size=32, epochs=1.0, scale=1.0)
+    # The new head trains whole (`train_modules`): --targets naming it and --export peft
+    # are refused before the base loads (`TrainOptions.resolved`).
+    defaults = RecipeDefaults(
+        targets=AUTO, lr=1e-3, batch_size=32, epochs=1.0, scale=1.0, train_modules=(HEAD_NAME,)
+    )
 
     def prepare(self, options: TrainOptions, loaded: LoadedModel) -> TrainTask:
         if loaded.kind != "image-classifier":

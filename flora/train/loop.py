@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,11 +27,19 @@ import torch
 from tqdm import tqdm
 
 import flora
+from flora.adapter.io import CONFIG_NAME, WEIGHTS_NAME
 from flora.train.checkpoint import (
+    RUN_KEY,
     check_checkpoint_dir,
+    check_run,
+    check_unlocked,
     load_checkpoint,
     prune_checkpoints,
+    read_state,
+    remove_partial_checkpoints,
     restore_scaler,
+    run_identity,
+    run_lock,
     save_checkpoint,
     step_checkpoints,
     step_dir,
@@ -48,6 +57,10 @@ BEST = "best"
 METRICS = "metrics.json"
 LOSS_PNG = "loss.png"
 PEFT_DIR = "peft"
+# Everything a run writes to --out (besides its lock file): what a run that starts afresh
+# must not find there, since `--resume latest` would pick it up, or a reader would take it
+# for this run's.
+RUN_OUTPUTS = (CONFIG_NAME, WEIGHTS_NAME, METRICS, LOSS_PNG, BEST, PEFT_DIR, CHECKPOINTS)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -85,8 +98,12 @@ def evaluate_prefixed(
 
 
 def check_paths(options: TrainOptions) -> None:
-    """The checks on ``--out`` and ``--resume`` that need no model or data, so a run that
-    cannot write its outputs fails before anything is loaded (nothing is created here)."""
+    """The checks on ``--out`` and ``--resume`` that need no model, so a run that cannot
+    write its outputs or resume fails before anything is loaded (nothing is created or
+    changed here; :func:`run` checks again under the run lock): ``--out`` writable and not
+    in use by another run, a checkpoint to resume that is whole and of a run with these
+    options and data, no previous run's outputs where this run starts afresh (unless
+    ``--overwrite``)."""
     out = options.out
     # The nearest existing path at or above --out must be a writable directory.
     existing = next(p for p in (out, *out.parents) if p.exists())
@@ -96,6 +113,58 @@ def check_paths(options: TrainOptions) -> None:
         raise TrainError(f"--out {out}: {existing} is not writable")
     if options.resume is not None and str(options.resume) != "latest":
         check_checkpoint_dir(Path(options.resume))
+    if out.is_dir():
+        check_unlocked(out)
+    resume = resolve_resume(options.resume, out)
+    if resume is not None:
+        check_run(read_state(resume), run_identity(options), resume)
+    if out.is_dir():
+        outputs_to_replace(out, resume, options.overwrite)
+
+
+def previous_outputs(out: Path) -> list[str]:
+    """The names of ``RUN_OUTPUTS`` present in ``out`` (a directory with a ``/``; an
+    empty ``checkpoints/``, or one holding only an interrupted save, does not count)."""
+    found = []
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if name == CHECKPOINTS and path.is_dir():
+            if any(not p.name.startswith(".") for p in path.iterdir()):
+                found.append(name + "/")
+        elif path.exists() or path.is_symlink():
+            found.append(name + ("/" if path.is_dir() else ""))
+    return found
+
+
+def outputs_to_replace(out: Path, resume: Path | None, overwrite: bool) -> list[str]:
+    """The previous run's outputs (:func:`previous_outputs`) a run must remove before it
+    writes its own: none when it resumes from a checkpoint in ``out`` (they are that
+    run's, which it continues). Otherwise, like HF Trainer's ``overwrite_output_dir``,
+    they are refused (TrainError naming ``--out``) unless ``overwrite``."""
+    if resume is not None and _inside(resume, out):
+        return []
+    found = previous_outputs(out)
+    if found and not overwrite:
+        hint = (
+            "continue that run with --resume latest, or replace them with --overwrite"
+            if CHECKPOINTS + "/" in found and resume is None
+            else "replace them with --overwrite, or write to another --out"
+        )
+        raise TrainError(f"--out {out} holds a previous run's outputs ({', '.join(found)}); {hint}")
+    return found
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def _remove_outputs(out: Path, names: list[str]) -> None:
+    for name in names:
+        path = out / name.rstrip("/")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def make_out_dir(out: Path) -> None:
@@ -138,12 +207,61 @@ class _Best:
         return {"metric": self.name, "value": self.value, "step": self.step}
 
 
+def check_adapters(model: torch.nn.Module, options: TrainOptions) -> None:
+    """What the injected model must satisfy before a step is spent: no module both adapted
+    and trained whole (its saved adapter could not be applied), and with ``--export
+    peft`` only modules a PEFT LoRA file can hold. (The built-in recipes' head is refused
+    from the options already; this also covers other recipes and ``--targets`` regexes.)"""
+    from flora.adapter.io import trained_module_names
+    from flora.errors import AdapterError
+    from flora.injection import adapter_layers, get_config
+    from flora.interop import check_peft_exportable
+
+    config = get_config(model)
+    layers = list(adapter_layers(model))
+    whole = trained_module_names(model, config.train_modules) if config is not None else []
+    for name, _ in layers:
+        inside = [w for w in whole if name == w or name.startswith(w + ".")]
+        if inside:
+            raise TrainError(
+                f"--targets selects {name!r}, which the recipe trains whole "
+                f"({inside[0]!r} is in train_modules): a module is either adapted or trained "
+                "whole, not both"
+            )
+    if options.export == "peft":
+        try:
+            check_peft_exportable({n: layer.spec.kind for n, layer in layers}, whole)
+        except AdapterError as exc:
+            raise TrainError(f"--export peft: {exc}") from None
+
+
 def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
     """Train ``task`` as ``options`` say (already resolved); write the outputs; return
-    the metrics that went to ``metrics.json``."""
-    assert options.lr is not None and options.batch_size is not None
+    the metrics that went to ``metrics.json``. The run holds ``--out``'s lock throughout
+    (:func:`~flora.train.checkpoint.run_lock`)."""
     out = options.out
     make_out_dir(out)
+    with run_lock(out):
+        return _run_locked(task, options)
+
+
+def _run_locked(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
+    assert options.lr is not None and options.batch_size is not None
+    out = options.out
+    resume = resolve_resume(options.resume, out)
+    identity = run_identity(options)
+    if resume is not None and not check_run(read_state(resume), identity, resume):
+        _log(
+            f"note: {resume} records no run (written by an older version): its options and "
+            "data are not checked against this run's, only its labels and base",
+            options,
+        )
+    replaced = outputs_to_replace(out, resume, options.overwrite)
+    check_adapters(task.model, options)
+    if replaced:
+        _remove_outputs(out, replaced)
+        _log(f"--overwrite: removed the previous run's {', '.join(replaced)}", options)
+    remove_partial_checkpoints(out / CHECKPOINTS)
     model = task.model
     precision = Precision(torch.device(options.device), options.precision)
     named = trainable_parameters(model)
@@ -167,9 +285,8 @@ def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
     start_step, losses, seconds_before = 0, [], 0.0
     base_metrics: dict[str, float] = {}
     best = _Best(*task.best_metric)
-    resume = resolve_resume(options.resume, out)
     if resume is not None:
-        state = load_checkpoint(resume, model, optimizer)
+        state = load_checkpoint(resume, model, optimizer, task.labels)
         if not restore_scaler(scaler, state):
             _log(
                 f"note: {resume} holds no gradient-scaler state (written by an older "
@@ -196,6 +313,7 @@ def run(task: TrainTask, options: TrainOptions) -> dict[str, Any]:
             "train_seconds": seconds,
             "base_metrics": base_metrics,
             "best": best.to_json(),
+            RUN_KEY: identity,
         }
         directory = step_dir(out / CHECKPOINTS, step)
         save_checkpoint(directory, model, optimizer, state, adapter_kwargs, scaler)

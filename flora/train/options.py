@@ -24,6 +24,32 @@ _AT_LEAST_ONE = (
 )
 _AT_LEAST_ZERO = ("eval_limit", "eval_every", "save_every")
 _POSITIVE = ("lr", "epochs", "max_grad_norm")
+# Options a resumed run must share with its checkpoint: they change the adapter, the
+# schedule, the eval sample or which adapter is the best. The device, threads, progress,
+# output, checkpoint cadence, export and overwrite may differ; the data and an eval file
+# are compared by content (``checkpoint.run_identity``), the base by its fingerprint.
+RESUME_OPTIONS = (
+    "recipe",
+    "rank",
+    "kernel_rank",
+    "scale",
+    "targets",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "max_grad_norm",
+    "max_steps",
+    "epochs",
+    "eval_limit",
+    "eval_every",
+    "seed",
+    "image_size",
+    "max_length",
+    "warmup",
+    "weight_decay",
+    "precision",
+    "columns",
+)
 # option -> the FloraConfig field that holds it
 _ADAPTER_FIELDS = {
     "rank": "rank",
@@ -48,6 +74,10 @@ class RecipeDefaults:
     epochs: float = 1.0
     scale: float = 1.0
     eval_limit: int = 200
+    train_modules: tuple[str, ...] = ()
+    """Modules the recipe trains whole (a new head, ``train_modules``): ``--targets`` must
+    not select them (a module is adapted or replaced, not both), and ``--export peft``
+    cannot carry them (a PEFT LoRA file holds A/B weights only)."""
 
 
 @dataclass
@@ -98,6 +128,9 @@ class TrainOptions:
     """Keep only the K newest step checkpoints (None: keep all)."""
     export: str | None = None
     """``peft``: also write the adapter as PEFT LoRA to ``OUT/peft`` (linear adapters)."""
+    overwrite: bool = False
+    """A run that starts afresh replaces a previous run's outputs in ``out`` (without it,
+    such an ``out`` is refused); a run that resumes keeps them."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column mapping for file and ``datasets`` inputs: role (text, label, image, path,
     messages, prompt, completion) -> the column that holds it."""
@@ -154,14 +187,43 @@ class TrainOptions:
                 raise TrainError(f"{_flag(name)}: {exc}") from None
 
     def resolved(self, defaults: RecipeDefaults) -> TrainOptions:
-        """A copy with every ``None`` option replaced by the recipe default."""
+        """A copy with every ``None`` option replaced by the recipe default, checked
+        against what the recipe trains whole (``defaults.train_modules``)."""
         data = asdict(self)
         for key in ("targets", "lr", "batch_size", "scale", "eval_limit"):
             if data[key] is None:
                 data[key] = getattr(defaults, key)
         if data["epochs"] is None and data["max_steps"] is None:
             data["epochs"] = defaults.epochs
-        return TrainOptions(**data)
+        resolved = TrainOptions(**data)
+        resolved._check_whole_modules(defaults.train_modules)
+        return resolved
+
+    def _check_whole_modules(self, whole: tuple[str, ...]) -> None:
+        if not whole:
+            return
+        from flora.config import name_matches
+
+        assert self.targets is not None  # resolved
+        picked = [m for m in whole if name_matches(m, self.targets)]
+        if picked:
+            raise TrainError(
+                f"--targets selects {picked[0]!r}, the new head {self.recipe} trains whole: "
+                "a module is either adapted or trained whole, not both; leave it out of "
+                "--targets"
+            )
+        if self.export == "peft":
+            raise TrainError(
+                f"--export peft: {self.recipe} trains its new head {', '.join(whole)} whole, "
+                "which a PEFT LoRA file (A/B weights only) cannot carry; PEFT export is for "
+                "causal-lm adapters"
+            )
+
+    def resume_options(self) -> dict[str, Any]:
+        """The options a resumed run must share with its checkpoint (``RESUME_OPTIONS``),
+        JSON-able."""
+        data = self.to_json()
+        return {name: data[name] for name in RESUME_OPTIONS}
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (paths as strings), recorded in metrics.json."""

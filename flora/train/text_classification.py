@@ -71,7 +71,11 @@ class TextClassificationRecipe:
 
     name = "text-classification"
     description = "CSV/JSONL text,label / builtin:chatterbot-topics -> new head + adapters"
-    defaults = RecipeDefaults(targets=AUTO, lr=2e-3, batch_size=16, epochs=3.0, scale=1.0)
+    # The new head trains whole (`train_modules`): --targets naming it and --export peft
+    # are refused before the base loads (`TrainOptions.resolved`).
+    defaults = RecipeDefaults(
+        targets=AUTO, lr=2e-3, batch_size=16, epochs=3.0, scale=1.0, train_modules=(HEAD_NAME,)
+    )
 
     def prepare(self, options: TrainOptions, loaded: LoadedModel) -> TrainTask:
         if loaded.kind != "text-encoder" or loaded.pooling is None:

@@ -2,7 +2,8 @@
 
 - A PEFT config with a badly typed field (`"lora_alpha": null`, `"alpha_pattern": ["q_proj"]`,
   `{"(": 4}`, ...) was a 500 (a TypeError or re.error in the conversion): it is a 422
-  `invalid_adapter` naming the field, and nothing is stored.
+  `invalid_adapter` naming the field, and nothing is stored. An aLoRA config
+  (`alora_invocation_tokens`) was converted to an always-on LoRA: it is the same 422.
 - A PEFT `alpha_pattern` key such as `(.*.*)*z` ran on Python's backtracking `re` inside the
   upload's worker thread and, holding the GIL, froze every route (even /health) for minutes:
   it is now matched in linear time, and the server keeps answering.
@@ -73,6 +74,8 @@ def _generate(url: str, adapter_id: str | None) -> str:
         ({"alpha_pattern": {"(": 4}}, "alpha_pattern key '('"),
         ({"rank_pattern": {"q_proj": "2"}}, "rank_pattern['q_proj']"),
         ({"target_modules": {"q_proj": 1}}, "target_modules"),
+        # aLoRA applies from its invocation tokens on: as plain LoRA it would be wrong maths
+        ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens=[1, 2]"),
     ],
 )
 def test_badly_typed_peft_config_is_422_naming_the_field(served, patch, named) -> None:

@@ -117,6 +117,7 @@ def test_directory_layout_matches_the_contract(tmp_path: Path) -> None:
         "created_at",
         "library_version",
         "metadata",
+        "tensors_sha256",
     }
     assert doc["format_version"] == 1 and doc["method"] == "flora"
     assert doc["modules"]["a"] == {
@@ -232,3 +233,92 @@ def test_docs_flora_md_examples_run() -> None:
     assert len(blocks) == 2
     for block in blocks:
         exec(compile(block, "docs/flora.md", "exec"), {"__name__": "docs_example"})
+
+
+# -- config and weights belong together ------------------------------------------------------
+
+
+def _other_toy() -> nn.Module:
+    """`trained_toy`'s structure with other adapter values (same shapes)."""
+    model, _ = trained_toy()
+    with torch.no_grad():
+        for _, layer in flora.adapter_layers(model):
+            layer.core.mul_(-2.0)
+    return model
+
+
+def test_a_config_with_another_saves_weights_is_refused(tmp_path: Path) -> None:
+    import hashlib
+
+    from flora.adapter.archive import pack_single_file
+    from flora.errors import AdapterFormatError
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    save_adapter(trained_toy()[0], first, "toy-base", labels=["x", "y", "z"])
+    save_adapter(_other_toy(), second, "toy-base", labels=["z", "y", "x"])
+    linked = json.loads((first / CONFIG_NAME).read_text())["tensors_sha256"]
+    other = json.loads((second / CONFIG_NAME).read_text())["tensors_sha256"]
+    assert linked != other
+    # the digest is over the tensors, not the file: the single-file form has the same one
+    packed = tmp_path / "first.flora"
+    digest = pack_single_file(first / CONFIG_NAME, first / WEIGHTS_NAME, packed)
+    assert digest == hashlib.sha256(packed.read_bytes()).hexdigest()
+    assert load_adapter(packed).labels == ["x", "y", "z"]
+    (first / WEIGHTS_NAME).write_bytes((second / WEIGHTS_NAME).read_bytes())
+    message = (
+        f"{WEIGHTS_NAME} does not belong to {CONFIG_NAME}: the config was saved with tensors "
+        f"{linked}, these weights hash to {other} (a save cut off between its two files, or "
+        "files of two adapters mixed)"
+    )
+    with pytest.raises(AdapterFormatError) as err:
+        load_adapter(first)
+    assert str(err.value) == message
+    pack_single_file(first / CONFIG_NAME, first / WEIGHTS_NAME, packed)  # as an upload is
+    with pytest.raises(AdapterFormatError) as err:
+        load_adapter(packed)
+    assert str(err.value) == message
+    # A config without the field (written before it existed) is taken as it is.
+    legacy = json.loads((first / CONFIG_NAME).read_text())
+    del legacy["tensors_sha256"]
+    (first / CONFIG_NAME).write_text(json.dumps(legacy))
+    assert load_adapter(first).labels == ["x", "y", "z"]
+
+
+def test_a_save_cut_between_its_two_renames_leaves_a_pair_that_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flora.adapter.io as io
+    from flora.errors import AdapterFormatError
+
+    save_adapter(trained_toy()[0], tmp_path, "toy-base", labels=["x", "y", "z"])
+    real = io.atomic_write
+
+    def killed(path: Path, data: bytes) -> None:
+        if path.name == CONFIG_NAME:
+            raise KeyboardInterrupt  # the process dies after the weights' rename
+        real(path, data)
+
+    monkeypatch.setattr(io, "atomic_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(_other_toy(), tmp_path, "toy-base", labels=["z", "y", "x"])
+    with pytest.raises(AdapterFormatError, match=f"^{WEIGHTS_NAME} does not belong to"):
+        load_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_adapter_files_get_the_mode_open_would_give(tmp_path: Path, umask: int) -> None:
+    import os
+
+    old = os.umask(umask)
+    try:
+        save_adapter(trained_toy()[0], tmp_path / "dir", "toy-base")
+        save_adapter(trained_toy()[0], tmp_path / "one.flora", "toy-base")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for path in (tmp_path / "dir" / CONFIG_NAME, tmp_path / "dir" / WEIGHTS_NAME):
+        assert path.stat().st_mode & 0o777 == want, path
+    assert (tmp_path / "one.flora").stat().st_mode & 0o777 == want
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == sorted(
+        [CONFIG_NAME, WEIGHTS_NAME]
+    )

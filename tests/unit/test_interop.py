@@ -16,7 +16,13 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import flora
 from flora.adapter import adapter_from_model, apply_adapter, load_adapter, save_adapter
 from flora.errors import AdapterError
-from flora.interop import from_peft, to_lycoris, to_peft
+from flora.interop import (
+    PEFT_OPTIONS_WITHOUT_EQUIVALENT,
+    check_peft_exportable,
+    from_peft,
+    to_lycoris,
+    to_peft,
+)
 
 
 def tiny_llama() -> nn.Module:
@@ -153,6 +159,34 @@ def test_from_peft_refuses_wrong_base(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(flora.errors.AdapterConfigError, match="use_dora"):
         from_peft(tmp_path)
+
+
+def test_from_peft_refuses_alora_and_every_variant_naming_the_option(tmp_path: Path) -> None:
+    """aLoRA applies its update only from the invocation tokens on: imported as plain LoRA
+    it would change every token (wrong maths), so it is refused like DoRA."""
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path)
+    plain = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert from_peft(tmp_path).modules  # as PEFT wrote it (every option unset): imported
+    values = {"alora_invocation_tokens": [60, 61], "layer_replication": [[0, 1]]}
+    for option in PEFT_OPTIONS_WITHOUT_EQUIVALENT:
+        value = values.get(option, True)
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**plain, option: value}))
+        with pytest.raises(flora.errors.AdapterConfigError) as err:
+            from_peft(tmp_path)
+        assert str(err.value) == f"PEFT option {option}={value!r} has no exact FLoRA equivalent"
+    assert "alora_invocation_tokens" in PEFT_OPTIONS_WITHOUT_EQUIVALENT
+
+
+def test_check_peft_exportable_names_what_peft_cannot_hold() -> None:
+    check_peft_exportable({"a": "linear", "b": "linear"}, [])
+    for kinds, whole, message in [
+        ({"e": "embedding"}, [], "module 'e' is embedding; PEFT LoRA export covers"),
+        ({"a": "linear", "c": "hf_conv1d"}, [], "PEFT cannot mix Linear and Conv1D modules"),
+        ({"a": "linear"}, ["head"], "trained module 'head' is not exported"),
+    ]:
+        with pytest.raises(AdapterError, match=f"^{message}"):
+            check_peft_exportable(kinds, whole)
 
 
 def test_to_peft_refuses_conv() -> None:

@@ -28,10 +28,6 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-# PEFT options outside what from_peft checks that change the network beyond B @ A.
-_CHANGES_THE_MODEL = ("layer_replication", "lora_bias", "target_parameters", "use_dora")
-
-
 def peft_type(config_path: Path) -> str | None:
     """The config's `peft_type` (None: not a PEFT config, e.g. a FLoRA one)."""
     value = _read_config(config_path).get("peft_type")
@@ -47,12 +43,12 @@ def _read_config(config_path: Path) -> dict[str, Any]:
 
 def convert_peft(config_path: Path, weights_path: Path, out_path: Path) -> str:
     """Convert a PEFT LoRA pair into the single-file FLoRA form at `out_path`; returns its
-    sha256. Raises AdapterValidationError for what has no exact FLoRA equivalent (DoRA,
-    QALoRA, bias or modules_to_save training, conv LoRA, another peft_type) or a malformed
-    file."""
+    sha256. Raises AdapterValidationError for what has no exact FLoRA equivalent
+    (`flora.interop.PEFT_OPTIONS_WITHOUT_EQUIVALENT`: DoRA, aLoRA, QALoRA, ...; bias or
+    modules_to_save training, conv LoRA, another peft_type) or a malformed file."""
     from flora.adapter import encode_adapter
     from flora.errors import AdapterError
-    from flora.interop import from_peft
+    from flora.interop import from_peft, refuse_peft_options
 
     config = _read_config(config_path)
     kind = config.get("peft_type")
@@ -60,11 +56,10 @@ def convert_peft(config_path: Path, weights_path: Path, out_path: Path) -> str:
         raise AdapterValidationError(
             f"PEFT peft_type {kind!r} is not accepted: only LORA converts exactly to FLoRA"
         )
-    for option in _CHANGES_THE_MODEL:
-        if config.get(option):
-            raise AdapterValidationError(
-                f"PEFT option {option}={config[option]!r} has no exact FLoRA equivalent"
-            )
+    try:  # the library's list (DoRA, aLoRA, ...), before the weights are read
+        refuse_peft_options(config)
+    except AdapterError as exc:
+        raise AdapterValidationError(str(exc)) from None
     with library_errors():
         header, _ = read_file_header(weights_path, what="weights")
     saved_base = sorted(k for k in header if k.endswith(".base_layer.weight"))

@@ -14,16 +14,16 @@ its rows (`engine/heads.py`); an adapter's metadata may name another pooling
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
 from flora.models.text_encoder import pool
-from flora.models.types import Pooling
+from flora.models.types import Pooling, PoolingMode
 from flora.serving.model import ServingModel
 from flora_server.engine.batch_engine import BatchEngine, BatchJob
 from flora_server.engine.heads import HeadedRuntime, apply_heads
-from flora_server.engine.protocol import AdapterSource, InvalidRequestError
+from flora_server.engine.protocol import AdapterLoadError, AdapterSource, InvalidRequestError
 from flora_server.engine.runtime import torch_factor_dtype
 from flora_server.engine.vision import top_predictions
 
@@ -40,15 +40,32 @@ class EmbeddingResult:
     tokens: int
 
 
+POOLING_MODES: tuple[PoolingMode, ...] = get_args(PoolingMode)
+
+
 def head_pooling(base: Pooling, metadata: dict[str, Any]) -> Pooling:
-    """The pooling an adapter's head was trained on (metadata `pooling`), else the base's."""
+    """The pooling an adapter's head was trained on (metadata `pooling`: `{"mode": "mean"
+    or "cls", "normalize": true or false}`, either key may be left out), else the base's.
+
+    Raises ValueError naming the field for anything else (run at upload through
+    `EncoderEngine.check_adapter`, so a bad value is a 422 there, not other scores)."""
     saved = metadata.get("pooling")
-    if isinstance(saved, dict):
-        return Pooling(
-            mode=saved.get("mode", base.mode),
-            normalize=bool(saved.get("normalize", base.normalize)),
+    if saved is None:
+        return base
+    if not isinstance(saved, dict):
+        raise ValueError(f"metadata.pooling must be an object, got {type(saved).__name__}")
+    unknown = sorted(set(saved) - {"mode", "normalize"})
+    if unknown:
+        raise ValueError(f"metadata.pooling has unknown fields {unknown} (mode, normalize)")
+    mode = saved.get("mode", base.mode)
+    if mode not in POOLING_MODES:
+        raise ValueError(
+            f"metadata.pooling.mode {mode!r} is not a pooling mode ({', '.join(POOLING_MODES)})"
         )
-    return base
+    normalize = saved.get("normalize", base.normalize)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"metadata.pooling.normalize must be true or false, got {normalize!r}")
+    return Pooling(mode=mode, normalize=normalize)
 
 
 class EncoderEngine(BatchEngine):
@@ -87,6 +104,12 @@ class EncoderEngine(BatchEngine):
 
     def warm_up(self) -> None:
         self._encode(["warm up"], [None])
+
+    def check_adapter(self, adapter: Any) -> None:
+        """`BatchEngine.check_adapter`, and the head's pooling (`head_pooling`) must be one
+        this engine computes, so a bad one is a 422 at upload."""
+        super().check_adapter(adapter)
+        head_pooling(self.pooling, adapter.metadata)
 
     def count_tokens(self, texts: list[str]) -> int:
         """Tokens the model will see for `texts` (after truncation)."""
@@ -138,7 +161,12 @@ class EncoderEngine(BatchEngine):
                 continue
             info = self.heads.info(job.slot)
             assert info is not None and info.head is not None
-            features = pool(h, m, head_pooling(self.pooling, info.metadata))
+            try:  # stored before uploads checked it: that adapter's requests fail alone
+                pooling = head_pooling(self.pooling, info.metadata)
+            except ValueError as exc:
+                results[j] = AdapterLoadError(f"adapter {job.adapter_id!r}: {exc}")
+                continue
+            features = pool(h, m, pooling)
             logits = apply_heads(
                 features.to(info.head.weight.dtype), [job.slot] * n, {job.slot: info.head}
             )

@@ -66,7 +66,8 @@ def check_head(adapter: Any, in_features: int) -> dict[str, torch.Tensor] | None
 
     Raises ValueError for whole-saved modules other than the head (they would change the
     body for every row), for a head that is not a Linear, whose input width is not
-    `in_features`, or whose number of outputs disagrees with its bias or label names.
+    `in_features`, whose number of outputs disagrees with its bias or label names, or
+    whose label names repeat.
     Runs at upload (the server's validator) and again when a slot is loaded.
     """
     full = adapter.full_modules()
@@ -97,6 +98,12 @@ def check_head(adapter: Any, in_features: int) -> dict[str, torch.Tensor] | None
         raise ValueError(
             f"the head has {num} outputs but the adapter names {len(adapter.labels)} labels"
         )
+    if adapter.labels:
+        seen: set[str] = set()
+        for label in adapter.labels:
+            if label in seen:  # two classes of one name: a prediction could not say which
+                raise ValueError(f"labels: {label!r} names two of the head's classes")
+            seen.add(label)
     return state
 
 
@@ -133,9 +140,13 @@ class HeadedRuntime:
 
     def check(self, adapter: Any) -> None:
         """Raise ValueError unless `load` would accept `adapter`: its head, then its body
-        layers (the serving model's rule)."""
+        layers (the serving model's rule), whose outputs must also stay finite
+        (`ServingModel.check_output_range`: these engines return the values themselves, an
+        overflow would be served as null embeddings and scores)."""
         check_head(adapter, self.in_features)
-        self.serving.check_modules(factors_without_heads(adapter))
+        modules = factors_without_heads(adapter)
+        self.serving.check_modules(modules)
+        self.serving.check_output_range(modules)
 
     def load(self, slot: int, adapter: Any) -> None:
         head = read_head(adapter, self.in_features, self.serving.device, self.serving.dtype)
