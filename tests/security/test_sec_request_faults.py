@@ -168,10 +168,10 @@ def test_a_sampling_failure_in_a_decode_step_fails_only_its_row(monkeypatch):
     batch is sampled row by row, the culprit fails alone, its neighbours' tokens are exact."""
     real = stepper._select
 
-    def flaky(rows, logits):
+    def flaky(rows, logits, eos_ids):
         if any(r.request.request_id == "row-poison" and len(r.generated) >= 2 for r in rows):
             raise RuntimeError("simulated: sampling this row fails")
-        return real(rows, logits)
+        return real(rows, logits, eos_ids)
 
     monkeypatch.setattr(stepper, "_select", flaky)
     torch.manual_seed(0)
