@@ -24,6 +24,9 @@ from typing import Literal
 
 TENANT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _TENANT_RE = re.compile(TENANT_PATTERN)
+# A key is compared with the Authorization header, which the server reads as latin-1 and the
+# comparison encodes as UTF-8: only printable ASCII (no whitespace) survives both unchanged.
+_KEY_RE = re.compile(r"^[\x21-\x7e]+$")
 
 Role = Literal["inference", "admin", "metrics"]
 
@@ -51,12 +54,18 @@ _current: contextvars.ContextVar[Principal] = contextvars.ContextVar(
 
 
 def parse_key(entry: str, role: Role) -> ApiKey:
-    """`KEY` or `KEY:TENANT` -> ApiKey. Raises ValueError on an empty key or a bad tenant."""
+    """`KEY` or `KEY:TENANT` -> ApiKey. Raises ValueError on an empty key, a key that is not
+    printable ASCII without whitespace, or a bad tenant. The key is never in the message."""
     key, sep, tenant = entry.rpartition(":")
     if not sep:
         key, tenant = entry, ""
     if not key:
         raise ValueError(f"empty key in {role} key entry")
+    if not _KEY_RE.fullmatch(key):
+        raise ValueError(
+            f"{role} keys must be printable ASCII without whitespace (what an "
+            "Authorization: Bearer header carries intact)"
+        )
     if sep and not _TENANT_RE.fullmatch(tenant):
         raise ValueError(f"tenant of a {role} key must match {TENANT_PATTERN}")
     if sep and role == "metrics":

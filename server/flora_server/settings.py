@@ -6,15 +6,23 @@ line. Nothing here is instantiated at import time: `create_app(settings)` receiv
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 # The id rule lives in flora_server.ids; re-exported for the modules that import it here.
 from flora_server.adapters import store_io
+from flora_server.auth import Role, parse_key, parse_keys
 from flora_server.ids import ADAPTER_ID_PATTERN as ADAPTER_ID_PATTERN
 from flora_server.ids import is_valid_adapter_id as is_valid_adapter_id
 from flora_server.ids import parse_s3_url
@@ -23,24 +31,78 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
 DEVICE_FORMS = "cpu, cuda, cuda:N or mps"  # what _DEVICE_RE accepts, for messages and help
 
 
-def _split_csv(value: object) -> object:
-    # Env vars hold lists as "a,b,c" (or JSON, which pydantic then parses).
+ENV_PREFIX = "FLORA_"
+
+# Flags whose name differs from the field (the field is a list, the flag is singular).
+FLAG_NAMES = {
+    "adapters": "adapter",
+    "api_keys": "api-key",
+    "admin_keys": "admin-key",
+    "metrics_keys": "metrics-key",
+}
+
+_KEY_ROLES: dict[str, Role] = {
+    "api_keys": "inference",
+    "admin_keys": "admin",
+    "metrics_keys": "metrics",
+}
+
+
+def _split_csv(value: object, *, drop_empty: bool = False) -> object:
+    # Env vars hold lists as "a,b,c" (or JSON, which pydantic then parses). With `drop_empty`,
+    # flag entries are stripped and empty ones dropped too, as in the env form.
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            import json
-
-            return json.loads(text)
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"a value starting with [ must be a JSON list: {exc}") from None
         return [part.strip() for part in text.split(",") if part.strip()]
+    if drop_empty and isinstance(value, list):
+        return [v.strip() for v in value if not isinstance(v, str) or v.strip()]
     return value
+
+
+def _check_dir_usable(path: Path) -> None:
+    """ValueError when `path` cannot be a directory: it is something else, or a parent is.
+    What cannot be looked at (no permission) is left to the start, which names it."""
+    for candidate in (path, *path.parents):
+        try:
+            exists, is_dir = candidate.exists(), candidate.is_dir()
+        except OSError:
+            return
+        if exists:
+            if not is_dir:
+                what = (
+                    "is not a directory" if candidate == path else f"is inside a file, {candidate}"
+                )
+                raise ValueError(f"{str(path)!r} {what}")
+            return
 
 
 class Settings(BaseSettings):
     """Everything `flora-serve` can be told. Env `FLORA_<NAME>`, flag `--<name-with-dashes>`."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FLORA_", extra="ignore", validate_default=True, populate_by_name=True
+        env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, populate_by_name=True
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            _EnvWithoutServiceLinks(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
 
     model: str = Field("smollm2-135m-instruct", description="zoo name or model directory")
     served_model_name: str | None = Field(
@@ -243,12 +305,44 @@ class Settings(BaseSettings):
         "no tracing. Needs the [otel] extra",
     )
 
-    @field_validator(
-        "adapters", "api_keys", "admin_keys", "metrics_keys", "lora_dirs", mode="before"
-    )
+    @field_validator("api_keys", "admin_keys", "metrics_keys", mode="before")
+    @classmethod
+    def _keys_from_csv(cls, value: object) -> object:
+        # An empty key flag stays, and is refused: `--api-key "$KEY"` with KEY unset must not
+        # start an open server.
+        return _split_csv(value)
+
+    @field_validator("adapters", "lora_dirs", mode="before")
     @classmethod
     def _lists_from_csv(cls, value: object) -> object:
-        return _split_csv(value)
+        return _split_csv(value, drop_empty=True)
+
+    @field_validator("api_keys", "admin_keys", "metrics_keys")
+    @classmethod
+    def _check_keys(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for entry in value:
+            parse_key(entry, _KEY_ROLES[str(info.field_name)])  # ValueError names what is wrong
+        return value
+
+    @field_validator("lora_dirs")
+    @classmethod
+    def _check_lora_dirs(cls, value: list[str]) -> list[str]:
+        # A relative entry would follow the working directory (and "" would be it).
+        dirs = [str(Path(entry).expanduser()) for entry in value]
+        for entry in dirs:
+            if not Path(entry).is_absolute():
+                raise ValueError(f"{entry!r} is not an absolute path")
+        return dirs
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(
+                "must not be empty (an empty host listens on every interface; "
+                "say 0.0.0.0 or :: for that)"
+            )
+        return value
 
     @field_validator("device")
     @classmethod
@@ -260,7 +354,9 @@ class Settings(BaseSettings):
     @field_validator("home")
     @classmethod
     def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
+        home = value.expanduser()
+        _check_dir_usable(home)  # the default store and the S3 scratch directory live here
+        return home
 
     @field_validator("adapter_store")
     @classmethod
@@ -271,8 +367,10 @@ class Settings(BaseSettings):
             parse_s3_url(value)  # ValueError -> a validation error naming the field
             return value
         if "://" in value:
-            raise ValueError(f"adapter_store must be a directory or s3://bucket/prefix: {value!r}")
-        return str(Path(value).expanduser())
+            raise ValueError(f"must be a directory or s3://bucket/prefix: {value!r}")
+        directory = Path(value).expanduser()
+        _check_dir_usable(directory)
+        return str(directory)
 
     @field_validator("adapters")
     @classmethod
@@ -286,22 +384,28 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         if self.default_max_new_tokens > self.max_new_tokens:
-            raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
-        from flora_server.auth import parse_keys
-
-        # ValueError on a bad KEY:TENANT (or a tenant on a metrics key)
+            raise _joint_error(
+                "default_max_new_tokens must not exceed max_new_tokens",
+                "default_max_new_tokens",
+                "max_new_tokens",
+            )
         keys = parse_keys(self.api_keys, self.admin_keys, self.metrics_keys)
         if len({k.key for k in keys}) != len(keys):
-            raise ValueError("a key is listed twice (or is listed as two kinds of key)")
+            raise _joint_error("a key is listed twice, or as two kinds of key", *_KEY_ROLES)
         if self.metrics_public and any(k.tenant is not None for k in keys):
-            raise ValueError(
+            raise _joint_error(
                 "metrics_public cannot be on while a key is bound to a tenant: /metrics labels "
-                "name every tenant's adapters (give Prometheus a metrics key instead)"
+                "name every tenant's adapters (give Prometheus a metrics key instead)",
+                "metrics_public",
             )
         if self.probe_port is not None and self.probe_port != 0 and self.probe_port == self.port:
-            raise ValueError("probe_port must differ from port")
+            raise _joint_error("probe_port must differ from port", "probe_port", "port")
         if self.max_staging_bytes < self.max_upload_bytes:
-            raise ValueError("max_staging_bytes must be at least max_upload_bytes")
+            raise _joint_error(
+                "max_staging_bytes must be at least max_upload_bytes",
+                "max_staging_bytes",
+                "max_upload_bytes",
+            )
         return self
 
     @property
@@ -323,6 +427,81 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys or self.admin_keys)
+
+
+def env_names(name: str) -> tuple[str, ...]:
+    """The environment variables that set field `name` (its validation aliases, else
+    FLORA_<NAME>), upper-cased."""
+    alias = Settings.model_fields[name].validation_alias
+    if isinstance(alias, AliasChoices):
+        return tuple(str(choice).upper() for choice in alias.choices)
+    if isinstance(alias, str):
+        return (alias.upper(),)
+    return (ENV_PREFIX + name.upper(),)
+
+
+def flag_name(name: str) -> str:
+    """The `flora-serve` flag of field `name`."""
+    return "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
+
+
+def _field_of(name: str) -> str | None:
+    """The field that `name` (a field name or one of its env aliases) sets."""
+    if name in Settings.model_fields:
+        return name
+    upper = name.upper()
+    return next((f for f in Settings.model_fields if upper in env_names(f)), None)
+
+
+def _joint_error(message: str, *names: str) -> ValueError:
+    """A rule joining settings has no single field to report under (its error has no
+    `loc`): the message names each setting's flag and env variables itself."""
+    return ValueError(f"{message} ({'; '.join(setting_label(n) for n in names)})")
+
+
+def setting_label(name: str) -> str:
+    """How a message names a setting: its flag and its env variables, e.g.
+    `--api-key / FLORA_API_KEYS`. `name` is a field name or one of its env aliases (a
+    validation error's `loc`); an unknown name is returned as is."""
+    field_name = _field_of(name)
+    if field_name is None:
+        return name
+    return f"{flag_name(field_name)} / {' or '.join(env_names(field_name))}"
+
+
+# Kubernetes service links (a Service named e.g. `flora` or `flora-serve` in the pod's
+# namespace) inject FLORA_<SERVICE>_SERVICE_HOST, _SERVICE_PORT[_<NAME>], _PORT and
+# _PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR]. They are not settings and never stop the server.
+_SERVICE_LINK_NAME = re.compile(
+    r"^FLORA_(?:[A-Z0-9_]+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
+    r"|PORT_\d+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)$"
+)
+# The bare `<SERVICE>_PORT` form, told from a port setting by its value.
+_SERVICE_LINK_VALUE = re.compile(r"^(?:tcp|udp|sctp)://\S+:\d+$")
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Whether the variable `name`=`value` is one Kubernetes injects for a Service."""
+    upper = name.upper()
+    if _SERVICE_LINK_NAME.fullmatch(upper):
+        return True
+    return upper.endswith("_PORT") and bool(_SERVICE_LINK_VALUE.fullmatch(value.strip()))
+
+
+class _EnvWithoutServiceLinks(EnvSettingsSource):
+    """The FLORA_ environment, less port settings whose value is a service link
+    (`FLORA_PORT=tcp://10.0.0.7:8000` from a Service named `flora`): the setting keeps its
+    flag or its default instead of failing to parse."""
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        for key, value in list(values.items()):
+            field_name = _field_of(key)
+            if field_name is None or not isinstance(value, str):
+                continue
+            if is_service_link(env_names(field_name)[0], value):
+                del values[key]
+        return values
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, Path]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from api_fakes import fake_validator, make_archive, running_app
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from flora_server.auth import parse_key, startup_warnings
 from flora_server.engine.encoder import EmbeddingResult
@@ -170,6 +171,24 @@ def test_key_parsing_and_settings():
     assert s.api_keys == ["key1:tenantA", "key2"]
     with pytest.raises(ValueError):
         Settings(api_keys="same", admin_keys="same:t")
+
+
+@pytest.mark.parametrize("key", ["ключ", "café", "a b", "tab\tkey", "del\x7f", "nbsp\xa0"])
+def test_keys_that_a_header_cannot_carry_are_refused(key):
+    """The Authorization header is read as latin-1 and compared as UTF-8: a key outside
+    printable ASCII, or with whitespace, could never authenticate."""
+    with pytest.raises(ValueError, match="printable ASCII without whitespace"):
+        parse_key(key, "inference")
+    with pytest.raises(ValueError, match="printable ASCII"):
+        parse_key(f"{key}:tenantA", "admin")
+    for field in ("api_keys", "admin_keys", "metrics_keys"):
+        with pytest.raises(ValidationError) as info:
+            Settings(**{field: [key]})
+        (error,) = info.value.errors()
+        assert error["loc"] == (field,)  # the CLI names the flag and env from it
+        assert key not in error["msg"]  # a key is a secret: never in a message
+    printable = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != ":")
+    assert parse_key(printable, "inference").key == printable
 
 
 def test_no_keys_binds_loopback_and_warns():

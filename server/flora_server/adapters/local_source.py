@@ -35,12 +35,17 @@ class LocalPathError(Exception):
 
 
 def confined_path(path: str, allowed: Sequence[str | Path]) -> Path:
-    """The resolved `path` when it lies inside one of `allowed` (relative paths are taken
-    relative to the first allowed directory); LocalPathError otherwise."""
+    """The resolved `path` when it lies inside one of `allowed`, absolute directories
+    (relative paths are taken relative to the first allowed directory); LocalPathError
+    otherwise."""
     if not allowed:
         raise LocalPathError("local adapter paths are disabled: the server has no --lora-dirs")
     if not path or "\x00" in path:
         raise LocalPathError("the path is empty or holds a NUL byte")
+    # Path("") and any relative root resolve against the working directory, which no entry
+    # of --lora-dirs means (Settings refuses them; this holds for any other caller too).
+    if any(not str(root).strip() or not Path(root).expanduser().is_absolute() for root in allowed):
+        raise LocalPathError("an allowed directory (--lora-dirs) is empty or relative; refused")
     roots = [Path(root).expanduser().resolve() for root in allowed]
     try:
         candidate = Path(path).expanduser()

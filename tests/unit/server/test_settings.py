@@ -112,3 +112,63 @@ def test_device_message_and_help_name_every_accepted_form():
         assert f"device must be cpu, cuda, cuda:N or mps, not {bad!r}" in str(info.value)
     (action,) = [a for a in build_parser()._actions if "--device" in a.option_strings]
     assert action.help.startswith("cpu, cuda, cuda:N or mps (env FLORA_DEVICE")
+
+
+@pytest.mark.parametrize("host", ["", "   "])
+def test_an_empty_host_is_refused(monkeypatch, host):
+    """uvicorn binds an empty host on every interface (0.0.0.0 and ::)."""
+    with pytest.raises(ValidationError) as info:
+        Settings(host=host)
+    assert info.value.errors()[0]["loc"] == ("host",)
+    monkeypatch.setenv("FLORA_HOST", host)
+    with pytest.raises(ValidationError, match="must not be empty"):
+        Settings()
+    assert Settings(host="0.0.0.0").host == "0.0.0.0"  # every interface, said explicitly
+
+
+def test_empty_list_flags_mean_nothing_but_an_empty_key_is_refused(monkeypatch):
+    monkeypatch.setenv("FLORA_LORA_DIRS", "")
+    assert Settings().lora_dirs == []
+    monkeypatch.delenv("FLORA_LORA_DIRS")
+    assert parse_settings(["--lora-dirs", ""]).lora_dirs == []  # as the empty env value
+    both = parse_settings(["--lora-dirs", " /srv/a ", "--lora-dirs", " ", "--adapter", ""])
+    assert both.lora_dirs == ["/srv/a"] and both.adapters == []
+    # `--api-key "$KEY"` with KEY unset must not start an open server.
+    with pytest.raises(ValidationError, match="empty key"):
+        parse_settings(["--api-key", ""])
+
+
+def test_lora_dirs_must_be_absolute(tmp_path):
+    for relative in (".", "loras", "./loras"):
+        with pytest.raises(ValidationError, match="is not an absolute path") as info:
+            parse_settings(["--lora-dirs", relative])
+        assert info.value.errors()[0]["loc"] == ("lora_dirs",)
+    assert Settings(lora_dirs=["~/loras"]).lora_dirs == [str(Path("~/loras").expanduser())]
+    assert Settings(lora_dirs=f"{tmp_path},/srv/x").lora_dirs == [str(tmp_path), "/srv/x"]
+
+
+def test_confined_path_never_takes_an_empty_or_relative_root_for_the_cwd(tmp_path, monkeypatch):
+    from flora_server.adapters.local_source import LocalPathError, confined_path
+
+    (tmp_path / "adapter").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for roots in ([""], ["."], ["adapter"], [str(tmp_path), ""]):
+        for path in ("adapter", str(tmp_path / "adapter")):
+            with pytest.raises(LocalPathError, match="empty or relative"):
+                confined_path(path, roots)
+    assert confined_path("adapter", [str(tmp_path)]) == tmp_path / "adapter"
+
+
+def test_store_and_home_must_be_usable_directories(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValidationError, match="is not a directory") as info:
+        Settings(adapter_store=str(afile))
+    assert info.value.errors()[0]["loc"] == ("adapter_store",)
+    with pytest.raises(ValidationError, match="is inside a file") as info:
+        Settings(home=afile / "home")
+    assert info.value.errors()[0]["loc"] == ("home",)
+    # Not there yet is fine: the server makes it.
+    new = tmp_path / "a" / "b"
+    assert Settings(adapter_store=str(new), home=new).adapter_store_dir == new
+    assert not new.exists()
