@@ -6,6 +6,8 @@ served activations.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from flora.serving.factors import ModuleFactors, tucker_full
@@ -67,5 +69,8 @@ def update_gain(mf: ModuleFactors) -> float:
     best = 0.0
     for start in range(0, u0.shape[0], step):
         rows = (u0[start : start + step] @ rest).abs()
-        best = max(best, float(rows.max() if mf.kind == "embedding" else rows.sum(dim=1).max()))
+        value = float(rows.max() if mf.kind == "embedding" else rows.sum(dim=1).max())
+        if not math.isfinite(value):  # max() would pass over a NaN
+            return math.inf
+        best = max(best, value)
     return best

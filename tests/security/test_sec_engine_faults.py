@@ -422,3 +422,17 @@ def test_a_port_in_use_ends_start_up_at_once_with_status_4(tmp_path, caplog, tak
     assert not loaded
     assert f"cannot listen on 127.0.0.1:{busy}: exiting with status 4" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_an_update_whose_outputs_overflow_is_refused_at_upload(adapters):
+    """The 1e38 adapter is finite stored and folded, so a request that loads it fails its
+    own rows (above); at upload the engine refuses it, naming the module, so it is a 422
+    and never stored."""
+    sources, _ = adapters
+    engine = start_engine(sources)
+    try:
+        engine.check_adapter(sources["good"])
+        with pytest.raises(ValueError, match=r"v_proj: the update multiplies inputs of size 1"):
+            engine.check_adapter(sources["bad"])
+    finally:
+        asyncio.run(engine.shutdown(5))

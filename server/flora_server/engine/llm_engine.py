@@ -174,7 +174,16 @@ class LLMEngine(WorkerThreadMixin):
         )
 
     def check_adapter(self, adapter: Any) -> None:
+        """At upload: what the runtime can serve, and (flora's runtime) an update whose
+        outputs stay finite (`ServingModel.check_output_range`): one that overflows would
+        be stored and then fail every request with non-finite logits. Loading for a request
+        checks only what the runtime needs, so a row that still overflows fails alone."""
+        from flora.serving.factors import modules_from_adapter
+        from flora.serving.model import ServingModel
+
         self._runtime.check(adapter)
+        if isinstance(self._runtime, ServingModel):
+            self._runtime.check_output_range(modules_from_adapter(adapter))
 
     def invalidate_adapter(self, adapter_id: str) -> None:
         self.cache.invalidate(adapter_id)
