@@ -53,6 +53,7 @@ class Decoding:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
+    allowed_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ def build_request(
         ignore_eos=decoding.ignore_eos,
         stop_token_ids=decoding.stop_token_ids,
         min_tokens=decoding.min_tokens,
+        allowed_token_ids=decoding.allowed_token_ids,
     )
     return GenerationRequest(
         request_id=request_id,

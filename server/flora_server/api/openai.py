@@ -89,6 +89,7 @@ def _decoding(
         ignore_eos=bool(body.ignore_eos),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         min_tokens=body.min_tokens or 0,
+        allowed_token_ids=tuple(body.allowed_token_ids or ()),
     )
 
 

@@ -247,6 +247,10 @@ class LLMEngine(WorkerThreadMixin):
         vocab = self._stepper.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in request.params.allowed_token_ids):
+            raise InvalidRequestError(
+                f"allowed_token_ids must be in [0, {vocab})", param="allowed_token_ids"
+            )
         room = self.context_length - n_prompt
         if room <= 0:
             raise InvalidRequestError(

@@ -45,6 +45,8 @@ class SamplingParams:
     # vLLM's min_tokens: until this many tokens are generated, EOS and `stop_token_ids`
     # cannot be picked and stop sequences do not end the request (engine/text.py)
     min_tokens: int = 0
+    # vLLM's allowed_token_ids: the only tokens the request may generate (empty: any)
+    allowed_token_ids: tuple[int, ...] = ()
 
 
 @dataclass

@@ -229,12 +229,14 @@ def sample_tokens(
     generators: Sequence[torch.Generator | None],
     constraints: Sequence[TokenConstraint | None] | None = None,
     held: torch.Tensor | None = None,
+    only: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[int, Exception]]:
     """Constrain, process and select one token per row, then advance each row's constraint
-    past its token. logits: [B, V] float32 (raw). `held` [B, V] bool (None: none) marks
-    the tokens a row may not pick yet (its end, under vLLM's `min_tokens`); they are
-    masked where the row's grammar allows anything else, so a grammar that can only end
-    still ends.
+    past its token. logits: [B, V] float32 (raw). `only` [B, V] bool on the host (None:
+    every token) marks the tokens a row may ever pick (vLLM's `allowed_token_ids`), on top
+    of its grammar. `held` [B, V] bool (None: none) marks the tokens a row may not pick yet
+    (its end, under vLLM's `min_tokens`); they are masked where the row's grammar allows
+    anything else, so a grammar that can only end still ends.
 
     Returns the tokens [B] int64 and the rows the engine must fail, each with its error
     (the others are unaffected): a row whose grammar allows no token and not the end
@@ -243,10 +245,20 @@ def sample_tokens(
     row whose grammar refused the token its own mask allowed is a matcher bug (a
     ValueError, a 500)."""
     failed: dict[int, Exception] = {}
+    allowed = only
     if constraints is not None:
-        allowed = allowed_tokens(constraints, logits.shape[-1])  # [B, V] on the host
+        grammar = allowed_tokens(constraints, logits.shape[-1])  # [B, V] on the host
+        allowed = grammar if only is None else grammar & only
+    if allowed is not None:
         for row in (~allowed.any(dim=-1)).nonzero().flatten().tolist():
-            message, field = dead_end_message(constraints[row])
+            constraint = None if constraints is None else constraints[row]
+            message, field = (
+                dead_end_message(constraint)
+                if constraint is not None
+                else ("no token is allowed", "allowed_token_ids")
+            )
+            if constraint is not None and only is not None and not bool(only[row].all()):
+                message += " among allowed_token_ids"
             failed[row] = GrammarDeadEndError(message, param=field)
             allowed[row] = True  # a placeholder draw, never emitted
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))

@@ -405,7 +405,21 @@ def _select(
         [r.generator for r in rows],
         constraints if any(c is not None for c in constraints) else None,
         held_ends(rows, eos_ids, logits.shape[-1], logits.device),
+        allowed_only(rows, logits.shape[-1]),
     )
+
+
+def allowed_only(rows: Sequence[RowState], vocab_size: int) -> torch.Tensor | None:
+    """[B, V] bool on the host: the tokens each row may pick at all (its
+    `allowed_token_ids`; every token for a row without them); None when no row has any."""
+    lists = [r.request.params.allowed_token_ids for r in rows]
+    if not any(lists):
+        return None
+    mask = seen_mask(lists, vocab_size, "cpu")
+    for i, ids in enumerate(lists):
+        if not ids:
+            mask[i] = True
+    return mask
 
 
 def held_ends(

@@ -28,6 +28,7 @@ from flora_server.schemas.structured import OpenAIResponseFormat
 MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs)
 MAX_CHOICES = 256  # guided_choice alternatives
 MAX_STOP_TOKEN_IDS = 64
+MAX_ALLOWED_TOKEN_IDS = 1 << 18  # more than any vocabulary served here
 
 
 class StreamOptions(BaseModel):
@@ -94,6 +95,9 @@ class SamplingFields(BaseModel):
     # length
     ignore_eos: bool | None = None
     stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    allowed_token_ids: list[TokenId] | None = Field(
+        None, max_length=MAX_ALLOWED_TOKEN_IDS, description="the only tokens to generate"
+    )
     guided_json: dict[str, Any] | ValidText | None = None
     guided_regex: ValidText | None = Field(None, min_length=1)
     guided_choice: list[ValidText] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
@@ -115,7 +119,6 @@ class SamplingFields(BaseModel):
     spaces_between_special_tokens: _On = None
     truncate_prompt_tokens: _NullOnly = None
     prompt_logprobs: _NullOnly = None
-    allowed_token_ids: _NoItems = None
     bad_words: _NoItems = None
     logits_processors: _NoItems = None
     return_tokens_as_token_ids: _Off = None

@@ -137,6 +137,18 @@ def test_ignore_eos_and_stop_token_ids_reach_the_engine(tmp_path) -> None:
                 ), r.text
 
 
+def test_allowed_token_ids_reach_the_engine(tmp_path) -> None:
+    with running_app(tmp_path) as (client, engine):
+        for route, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+            for given, want in (([3, 9], (3, 9)), ([], ()), (None, ())):
+                r = client.post(route, json={**body, "allowed_token_ids": given})
+                assert r.status_code == 200, r.text
+                assert engine.requests[-1].params.allowed_token_ids == want
+            r = client.post(route, json={**body, "allowed_token_ids": [-1]})
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["param"].startswith("allowed_token_ids"), r.text
+
+
 def test_min_p_reaches_the_engine(tmp_path) -> None:
     with running_app(tmp_path) as (client, engine):
         for route, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):

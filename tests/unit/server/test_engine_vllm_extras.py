@@ -1,5 +1,6 @@
 """vLLM's sampling extras in the engines. `min_p`: a sampled row with min_p 1 keeps only
-its most likely token, so it generates the greedy tokens. `min_tokens`, in both engines and
+its most likely token, so it generates the greedy tokens. `allowed_token_ids`: a row
+generates only those (the argmax among them). `min_tokens`, in both engines and
 engine v2's pipelined decode (which must not take such a row's argmax on the device): until
 a row has generated that many tokens, EOS and its stop tokens are not picked and its stop
 sequences do not end it. On the tiny Llama with a real flora adapter; the reference is
@@ -22,13 +23,20 @@ from flora_server.engine.protocol import GenerationRequest, SamplingParams
 pytestmark = pytest.mark.timeout(180)
 
 
-def greedy_held(model, prompt: list[int], steps: int, ends: set[int], min_tokens: int) -> list[int]:
+def greedy_held(
+    model, prompt: list[int], steps: int, ends: set[int], min_tokens: int, only=None
+) -> list[int]:
     """Greedy tokens that end at the first token of `ends`, none of which may be picked
-    among the first `min_tokens` (full forwards, no cache)."""
+    among the first `min_tokens`, and all of them among `only` when given (full forwards,
+    no cache)."""
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(steps):
             logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            if only is not None:
+                keep = torch.zeros_like(logits, dtype=torch.bool)
+                keep[list(only)] = True
+                logits[~keep] = float("-inf")
             if len(out) < min_tokens:
                 logits[list(ends)] = float("-inf")
             token = int(logits.argmax())
@@ -136,3 +144,29 @@ def test_min_p_one_samples_the_greedy_tokens(adapters, kind) -> None:
     greedy = greedy_held(ref, PROMPTS["x1"], 8, set(), 0)
     assert list(kept[-1].token_ids) == greedy
     assert list(free[-1].token_ids) != greedy  # at temperature 1.5 the draws differ
+
+
+def test_allowed_token_ids_are_the_only_tokens_generated(adapters, kind) -> None:
+    from flora_server.engine.protocol import InvalidRequestError
+
+    ref = merged_reference_model(adapters["x"])
+    natural = greedy_held(ref, PROMPTS["x1"], 6, set(), 0)
+    only = sorted({5, 17, 40, 41} - set(natural[:1]))  # the greedy first token is not among them
+    engine = engine_of(kind, adapters)
+    params = SamplingParams(max_new_tokens=6, allowed_token_ids=tuple(only))
+    try:
+        held = run(collect(engine, GenerationRequest("a", PROMPTS["x1"], params, "x")))
+        free = run(
+            collect(
+                engine, GenerationRequest("b", PROMPTS["b2"], replace(params, allowed_token_ids=()))
+            )
+        )
+        with pytest.raises(InvalidRequestError, match="allowed_token_ids must be in"):
+            engine.generate(
+                GenerationRequest("c", [5], replace(params, allowed_token_ids=(10**6,)))
+            )
+    finally:
+        run(engine.shutdown(5))
+    want = greedy_held(ref, PROMPTS["x1"], 6, set(), 0, only=only)
+    assert list(held[-1].token_ids) == want and set(want) <= set(only)
+    assert list(free[-1].token_ids) == greedy_held(make_tiny_llama(), PROMPTS["b2"], 6, set(), 0)

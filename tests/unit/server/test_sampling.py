@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
 )
 
 from flora_server.engine.constraints import set_only
-from flora_server.engine.protocol import SamplingParams
+from flora_server.engine.protocol import GrammarDeadEndError, SamplingParams
 from flora_server.engine.sampling import (
     SamplingTensors,
     apply_repetition_penalty,
@@ -295,3 +295,24 @@ def test_held_ends_are_never_picked_unless_the_grammar_allows_nothing_else() -> 
             logits, SamplingTensors.from_params(params), None, gens, constraints, held
         )
         assert failed == {} and tokens.tolist() == [3, 11, 7, 7]
+
+
+def test_allowed_token_ids_restrict_rows_and_a_grammar_outside_them_is_a_dead_end() -> None:
+    """`only`: a row picks among its allowed tokens even where another is the argmax; a row
+    without a list is unchanged; a grammar whose tokens are all outside the list is the
+    client's 422 (GrammarDeadEndError naming the grammar's field), not a matcher error."""
+    logits = torch.full((3, 40), -5.0)
+    logits[:, 7] = 9.0
+    logits[:, 12] = 3.0
+    logits[:, 30] = 1.0
+    only = torch.ones(3, 40, dtype=torch.bool)
+    only[0] = False
+    only[0, [12, 30]] = True
+    only[2] = False
+    only[2, 30] = True
+    constraints = [None, None, OnlyThese([7, 12])]
+    params = SamplingTensors.from_params([SamplingParams()] * 3)
+    tokens, failed = sample_tokens(logits, params, None, [None] * 3, constraints, None, only)
+    assert tokens[:2].tolist() == [12, 7]
+    assert list(failed) == [2] and isinstance(failed[2], GrammarDeadEndError)
+    assert "among allowed_token_ids" in str(failed[2])

@@ -43,10 +43,11 @@ if TYPE_CHECKING:
 
 def pipelines(row: RowState) -> bool:
     """Whether a row's next token is the argmax of its logits and nothing else: greedy, no
-    grammar, no repetition penalty (which reads the row's tokens on the host), no logprobs
-    to report, no end still held back by `min_tokens` (for this step's token or the next).
-    A sampling row is left out because a step dropped after it ran would have advanced the
-    row's generator, and a seeded request must not depend on its batch."""
+    grammar or allowed_token_ids, no repetition penalty (which reads the row's tokens on the
+    host), no logprobs to report, no end still held back by `min_tokens` (for this step's
+    token or the next). A sampling row is left out because a step dropped after it ran
+    would have advanced the row's generator, and a seeded request must not depend on its
+    batch."""
     params = row.request.params
     return (
         not params.do_sample
@@ -54,6 +55,7 @@ def pipelines(row: RowState) -> bool:
         and params.repetition_penalty == 1.0
         and not params.logprobs
         and not params.top_logprobs
+        and not params.allowed_token_ids
         and row.request.constraint is None
     )
 
