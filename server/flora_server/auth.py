@@ -26,7 +26,9 @@ TENANT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _TENANT_RE = re.compile(TENANT_PATTERN)
 # A key is compared with the Authorization header, which the server reads as latin-1 and the
 # comparison encodes as UTF-8: only printable ASCII (no whitespace) survives both unchanged.
-_KEY_RE = re.compile(r"^[\x21-\x7e]+$")
+# Printable ASCII; spaces inside a key survive the header (`Bearer a b` carries "a b"), at
+# its ends they would be stripped.
+_KEY_RE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
 
 Role = Literal["inference", "admin", "metrics"]
 
@@ -55,7 +57,8 @@ _current: contextvars.ContextVar[Principal] = contextvars.ContextVar(
 
 def parse_key(entry: str, role: Role) -> ApiKey:
     """`KEY` or `KEY:TENANT` -> ApiKey. Raises ValueError on an empty key, a key that is not
-    printable ASCII without whitespace, or a bad tenant. The key is never in the message."""
+    printable ASCII (spaces only inside it), or a bad tenant. The key is never in the
+    message."""
     key, sep, tenant = entry.rpartition(":")
     if not sep:
         key, tenant = entry, ""
@@ -63,7 +66,7 @@ def parse_key(entry: str, role: Role) -> ApiKey:
         raise ValueError(f"empty key in {role} key entry")
     if not _KEY_RE.fullmatch(key):
         raise ValueError(
-            f"{role} keys must be printable ASCII without whitespace (what an "
+            f"{role} keys must be printable ASCII, spaces only inside them (what an "
             "Authorization: Bearer header carries intact)"
         )
     if sep and not _TENANT_RE.fullmatch(tenant):

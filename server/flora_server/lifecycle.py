@@ -45,10 +45,10 @@ from typing import Any, Literal
 import uvicorn
 
 from flora_server.connections import PROBE_MAX_CONNECTIONS, ProbeOnlyApp, header_timeout_protocol
+from flora_server.engine.protocol import ENGINE_DEAD_EXIT
 
 log = logging.getLogger(__name__)
 
-ENGINE_DEAD_EXIT = 3
 STARTUP_FAILED_EXIT = 4
 _POLL_SECONDS = 0.05
 _FINAL_EVENT_SECONDS = 1.0  # after the shutdown timeout: for the engine to fail the rest
@@ -137,11 +137,13 @@ class DrainingServer(uvicorn.Server):
         while not self._stop_watchdog.wait(_POLL_SECONDS * 4):
             state = self.flora_app.state
             engine = getattr(state, "engine", None)
-            if engine is not None and not engine.healthy:
+            starting = not getattr(state, "warmed", True)
+            if engine is not None and not engine.healthy and not starting:
                 log.critical("the engine worker died: exiting with status %d", ENGINE_DEAD_EXIT)
                 self.exit_code = ENGINE_DEAD_EXIT
                 self.should_exit = True
                 return
+            # A worker that dies while warming up is a failed start-up (`startup_error`).
             if getattr(state, "startup_error", None):
                 log.critical("start-up failed: exiting with status %d", STARTUP_FAILED_EXIT)
                 self.exit_code = STARTUP_FAILED_EXIT
@@ -177,28 +179,52 @@ def serve(app: Any, settings: Any) -> int:
     # Both ports are bound before anything loads: one that is taken ends the process at
     # once, in one log line (uvicorn's), not after the model load or in a traceback.
     configs = [config] if probe is None else [config, probe]
-    sockets = [_listen(c) for c in configs]
-    failed = [c for c, sock in zip(configs, sockets, strict=True) if sock is None]
+    bound = [_listen(c) for c in configs]
+    failed = [c for c, socks in zip(configs, bound, strict=True) if socks is None]
     if failed:
-        for sock in sockets:
-            if sock is not None:
+        for socks in bound:
+            for sock in socks or ():
                 sock.close()
         where = f"{failed[0].host}:{failed[0].port}"
         log.critical("cannot listen on %s: exiting with status %d", where, STARTUP_FAILED_EXIT)
         return STARTUP_FAILED_EXIT
     server = DrainingServer(config, app, settings.shutdown_timeout, probe)
     server.watch_engine()
-    server.run(sockets[:1], sockets[1:] or None)
+    server.run(bound[0], bound[1] if probe is not None else None)
     return server.exit_code
 
 
-def _listen(config: uvicorn.Config) -> socket.socket | None:
-    """The listening socket of `config`, or None when it cannot be bound (uvicorn logs
-    why, then exits: that exit is caught here)."""
+def _listen(config: uvicorn.Config) -> list[socket.socket] | None:
+    """Listening sockets for `config`'s host and port, one per address the host resolves
+    to (as asyncio's `create_server(host=...)`, which uvicorn uses, binds them: `localhost`
+    is 127.0.0.1 and ::1, IPv6 sockets are IPv6-only); None, after logging why, when one
+    cannot be bound."""
     try:
-        return config.bind_socket()
-    except SystemExit:
+        infos = socket.getaddrinfo(
+            config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        log.error("cannot resolve %s: %s", config.host, exc)
         return None
+    sockets: list[socket.socket] = []
+    seen = set()
+    for family, kind, proto, _, address in infos:
+        if (family, address) in seen:
+            continue
+        seen.add((family, address))
+        sock = socket.socket(family, kind, proto)
+        sockets.append(sock)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", address[:2], exc)
+            for opened in sockets:
+                opened.close()
+            return None
+    return sockets
 
 
 def _config(

@@ -436,3 +436,50 @@ def test_an_update_whose_outputs_overflow_is_refused_at_upload(adapters):
             engine.check_adapter(sources["bad"])
     finally:
         asyncio.run(engine.shutdown(5))
+
+
+def test_a_host_name_listens_on_every_address_it_resolves_to():
+    """As uvicorn's own `create_server(host=...)` did before the ports were bound early:
+    `localhost` is every loopback address the resolver gives (127.0.0.1, and ::1 where
+    IPv6 is configured), each socket bound to the same port."""
+    import socket
+
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(None, host="localhost", port=port)
+    sockets = lifecycle._listen(config)
+    try:
+        assert sockets is not None
+        got = {(s.family, s.getsockname()[0]) for s in sockets}
+        want = {
+            (info[0], info[4][0])
+            for info in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)
+        }
+        assert got == want and len(got) >= 1
+        assert {s.getsockname()[1] for s in sockets} == {port}
+    finally:
+        for s in sockets or ():
+            s.close()
+
+
+def test_a_worker_that_dies_while_warming_up_is_a_failed_start_up():
+    """The watchdog sees the dead worker and the start-up error together: before the engine
+    is warm that is a failed start-up (status 4), after it a dead engine (status 3)."""
+    import types
+
+    import uvicorn
+
+    def watched(warmed: bool) -> int:
+        engine = types.SimpleNamespace(healthy=False)
+        state = types.SimpleNamespace(engine=engine, warmed=warmed, startup_error=None)
+        if not warmed:
+            state.startup_error = "RuntimeError: the engine stopped during warm-up"
+        app = types.SimpleNamespace(state=state)
+        server = lifecycle.DrainingServer(uvicorn.Config(None), app, 1.0)
+        server._watch()  # returns once it decided
+        assert server.should_exit
+        return server.exit_code
+
+    assert watched(warmed=False) == lifecycle.STARTUP_FAILED_EXIT
+    assert watched(warmed=True) == lifecycle.ENGINE_DEAD_EXIT

@@ -159,7 +159,9 @@ def build_request(
         )
     room = context_length - n_prompt
     if decoding.max_new_tokens is None:
-        max_new = min(settings.default_max_new_tokens, room)
+        # The default, raised to a `min_tokens` above it (as vLLM's default is the context).
+        wanted = max(settings.default_max_new_tokens, decoding.min_tokens)
+        max_new = min(wanted, settings.max_new_tokens, room)
     else:
         max_new = decoding.max_new_tokens
         if max_new > settings.max_new_tokens:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -31,6 +32,7 @@ from flora_server.engine.adapter_cache import AdapterCache
 from flora_server.engine.constraints import ConstraintSpec, GrammarCompiler, TokenConstraint
 from flora_server.engine.hooks import EngineMetrics, NullEngineMetrics
 from flora_server.engine.protocol import (
+    ENGINE_DEAD_EXIT,
     AdapterSource,
     EngineError,
     EngineNotReadyError,
@@ -54,6 +56,8 @@ from flora_server.engine.worker_thread import WorkerThreadMixin
 
 log = logging.getLogger(__name__)
 _WAKE = object()
+# How long shutdown waits for the worker's current step before calling it hung.
+STEP_WAIT_SECONDS = 60
 
 
 class LLMEngine(WorkerThreadMixin):
@@ -133,7 +137,8 @@ class LLMEngine(WorkerThreadMixin):
         handle = RequestHandle(
             request, asyncio.get_running_loop(), asyncio.Queue(), max_new, self._outbox
         )
-        self._live.add(handle)
+        with self._lock:  # `fail_in_flight` copies the set from another thread
+            self._live.add(handle)
         self._inbox.put(handle)
         return EventStream(handle, self._wake)
 
@@ -207,11 +212,22 @@ class LLMEngine(WorkerThreadMixin):
     def _join_after_abort(thread: threading.Thread) -> None:
         """Wait for the worker, which stops after its current step. The process must not
         exit under a step: a daemon thread inside a torch op at interpreter exit aborts
-        the process (SIGABRT) instead of a clean exit."""
+        the process (SIGABRT) instead of a clean exit. A step still running after
+        `STEP_WAIT_SECONDS` is hung (a stuck kernel): the process ends at once with the
+        dead-engine status rather than never."""
+        deadline = time.monotonic() + STEP_WAIT_SECONDS
         while thread.is_alive():
-            thread.join(5.0)
-            if thread.is_alive():
-                log.warning("shutdown: waiting for the engine's current step to end")
+            thread.join(min(5.0, max(0.0, deadline - time.monotonic())))
+            if not thread.is_alive():
+                return
+            if time.monotonic() >= deadline:
+                log.critical(
+                    "shutdown: the engine's step did not end in %d s: exiting now",
+                    STEP_WAIT_SECONDS,
+                )
+                logging.shutdown()
+                os._exit(ENGINE_DEAD_EXIT)
+            log.warning("shutdown: waiting for the engine's current step to end")
 
     def fail_in_flight(self, reason: str) -> None:
         """End every running and queued request now with an `EngineNotReadyError(reason)`
@@ -223,7 +239,9 @@ class LLMEngine(WorkerThreadMixin):
         then drops the rows."""
         self._fail_reason = reason
         self._wake()
-        for handle in list(self._live):
+        with self._lock:
+            handles = list(self._live)
+        for handle in handles:
             with contextlib.suppress(RuntimeError):  # its event loop is closed
                 handle.loop.call_soon_threadsafe(
                     handle.queue.put_nowait, EngineNotReadyError(reason)
@@ -247,10 +265,9 @@ class LLMEngine(WorkerThreadMixin):
         vocab = self._stepper.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in request.params.allowed_token_ids):
-            raise InvalidRequestError(
-                f"allowed_token_ids must be in [0, {vocab})", param="allowed_token_ids"
-            )
+        for field in ("allowed_token_ids", "stop_token_ids"):
+            if any(not 0 <= t < vocab for t in getattr(request.params, field)):
+                raise InvalidRequestError(f"{field} must be in [0, {vocab})", param=field)
         room = self.context_length - n_prompt
         if room <= 0:
             raise InvalidRequestError(

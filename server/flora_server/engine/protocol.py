@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "deadline"]
 
+# The process's exit status when its engine worker died (or hung in a step at shutdown), so
+# that a supervisor restarts it (`flora_server.lifecycle`).
+ENGINE_DEAD_EXIT = 3
+
 
 @dataclass(frozen=True)
 class SamplingParams:

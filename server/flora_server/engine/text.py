@@ -21,9 +21,10 @@ Two texts come out of each token:
   everything released equals the final `generated_text` (the stop sequence itself is not
   included).
 
-vLLM's `min_tokens` suspends stop sequences (`stops_from`): until that many tokens are
-pushed, none ends the request, and afterwards only a stop that ends in later text counts
-(one that began earlier and is completed by a later token does).
+vLLM's `min_tokens` suspends stop sequences (`stops_from`): no stop in the text of the
+first `min_tokens` tokens ends the request; from the next token on one does if it ends in
+that later text (one that began earlier and is completed by a later token counts), as
+vLLM's detokenizer checks them.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class TextStream:
 
     decode: Callable[[list[int]], str]
     stops: tuple[str, ...] = ()
-    stops_from: int = 0  # stop sequences end the text only from this many tokens on
+    stops_from: int = 0  # the text of this many first tokens holds no stop that counts
     token_ids: list[int] = field(default_factory=list)
     released: str = ""
     stopped: bool = False
@@ -90,7 +91,7 @@ class TextStream:
             # (rare: clean-up of spaces): keep what was released and append the new tail.
             text = self.released + text[len(self.released) :]
         stop_at = -1
-        if len(self.token_ids) < self.stops_from:
+        if len(self.token_ids) <= self.stops_from:
             self._stop_floor = len(text)  # stops are suspended: this text cannot end it
         elif self.stops:
             longest = max(len(s) for s in self.stops)

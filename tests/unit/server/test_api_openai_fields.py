@@ -173,10 +173,22 @@ def test_min_tokens_reaches_the_engine_and_cannot_exceed_max_tokens(tmp_path) ->
                 assert r.status_code == 422, r.text
                 error = r.json()["error"]
                 assert error["param"] == "min_tokens" and says in error["message"], error
-        # without max_tokens the limit is the default the request would get
+        # without max_tokens, more than the context can hold is 422 too
         r = client.post("/v1/completions", json={"model": "fake-base", "prompt": "hi",
                                                   "min_tokens": 10**6})  # fmt: skip
         assert r.status_code == 422 and r.json()["error"]["param"] == "min_tokens", r.text
+
+
+def test_min_tokens_above_the_default_length_raises_it(tmp_path) -> None:
+    """Without max_tokens a request gets the server's default length; a min_tokens above it
+    raises it (vLLM's default is the rest of the context), not a 422."""
+    with running_app(tmp_path, default_max_new_tokens=8) as (client, engine):
+        body = {"model": "fake-base", "prompt": "hi", "min_tokens": 20}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        assert engine.requests[-1].params.max_new_tokens == 20
+        del body["min_tokens"]
+        assert client.post("/v1/completions", json=body).status_code == 200
+        assert engine.requests[-1].params.max_new_tokens == 8
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,7 @@ def test_min_tokens_suspends_stop_sequences(kind) -> None:
         base = run(collect(engine, GenerationRequest("a", PROMPTS["y1"], params)))
         ids = list(base[-1].token_ids)
         text = base[-1].generated_text
-        floor = len(decode(ids[: k - 1], skip_special_tokens=True))  # suspended text
+        floor = len(decode(ids[:k], skip_special_tokens=True))  # the first k tokens' text
         repeated = next(c for c in text[:floor] if c in text[floor:])
         spanning = text[floor - 1 : floor + 1]
         got = {
@@ -161,6 +161,11 @@ def test_allowed_token_ids_are_the_only_tokens_generated(adapters, kind) -> None
                 engine, GenerationRequest("b", PROMPTS["b2"], replace(params, allowed_token_ids=()))
             )
         )
+        # an id outside the vocabulary would index the masks out of bounds (on a GPU, a
+        # device-side assert that ends the engine): the request's 422
+        with pytest.raises(InvalidRequestError, match="stop_token_ids must be in"):
+            bad_stop = replace(params, allowed_token_ids=(), min_tokens=2, stop_token_ids=(10**6,))
+            engine.generate(GenerationRequest("d", [5], bad_stop))
         with pytest.raises(InvalidRequestError, match="allowed_token_ids must be in"):
             engine.generate(
                 GenerationRequest("c", [5], replace(params, allowed_token_ids=(10**6,)))

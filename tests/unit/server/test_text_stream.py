@@ -201,23 +201,24 @@ def test_in_context_texts_concatenate_to_the_whole_decode() -> None:
         assert alt.text == own_text_reference(byte_decode, [*ids[:i], ids[i] + 1, 32], i)
 
 
-def test_stops_from_suspends_stop_sequences_until_that_many_tokens() -> None:
-    """vLLM's min_tokens: a stop sequence inside the first tokens' text does not end the
-    request; the first one that ends in a later token's text does."""
+def test_stops_from_suspends_stop_sequences_in_the_first_tokens_text() -> None:
+    """vLLM's min_tokens: a stop sequence in the text of the first min_tokens tokens does
+    not end the request; the first one that ends in a later token's text does."""
     ids = [ord(c) for c in "a\nb\nc\n"]
     assert run(TextStream(chars, ("\n",)), ids)[1] == "a"
-    assert run(TextStream(chars, ("\n",), stops_from=2), ids)[1] == "a"  # token 2 is checked
-    pieces, text = run(TextStream(chars, ("\n",), stops_from=3), ids)
+    assert run(TextStream(chars, ("\n",), stops_from=1), ids)[1] == "a"  # token 2 is checked
+    pieces, text = run(TextStream(chars, ("\n",), stops_from=2), ids)
     assert text == "a\nb" and len(pieces) == 4  # ends at token 4, the second newline
-    assert run(TextStream(chars, ("\n",), stops_from=6), ids)[1] == "a\nb\nc"
-    assert run(TextStream(chars, ("\n",), stops_from=7), ids)[1] == "a\nb\nc\n"  # none counts
+    assert run(TextStream(chars, ("\n",), stops_from=3), ids)[1] == "a\nb"
+    assert run(TextStream(chars, ("\n",), stops_from=5), ids)[1] == "a\nb\nc"
+    assert run(TextStream(chars, ("\n",), stops_from=6), ids)[1] == "a\nb\nc\n"  # none counts
 
 
 def test_a_stop_completed_after_the_suspension_counts_from_where_it_began() -> None:
     ids = [ord(c) for c in "xyzxy"]
     # "xy" begins at token 1 and ends at token 2, the first token checked: it stops there.
-    pieces, text = run(TextStream(chars, ("xy",), stops_from=2), ids)
+    pieces, text = run(TextStream(chars, ("xy",), stops_from=1), ids)
     assert text == "" and pieces == ["", ""]
     # With token 2 suspended too, the first "xy" never ends the text; the second does.
-    pieces, text = run(TextStream(chars, ("xy",), stops_from=3), ids)
+    pieces, text = run(TextStream(chars, ("xy",), stops_from=2), ids)
     assert text == "xyz" and len(pieces) == 5
