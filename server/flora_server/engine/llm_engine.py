@@ -265,9 +265,10 @@ class LLMEngine(WorkerThreadMixin):
         vocab = self._stepper.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        for field in ("allowed_token_ids", "stop_token_ids"):
-            if any(not 0 <= t < vocab for t in getattr(request.params, field)):
-                raise InvalidRequestError(f"{field} must be in [0, {vocab})", param=field)
+        if any(not 0 <= t < vocab for t in request.params.allowed_token_ids):
+            raise InvalidRequestError(
+                f"allowed_token_ids must be in [0, {vocab})", param="allowed_token_ids"
+            )
         room = self.context_length - n_prompt
         if room <= 0:
             raise InvalidRequestError(

@@ -427,7 +427,8 @@ def held_ends(
 ) -> torch.Tensor | None:
     """[B, V] bool: the tokens that would end a row that has not yet generated its
     `min_tokens` (EOS unless it ignores EOS, and its stop tokens); None when no row has
-    any."""
+    any. Ids beyond the vocabulary (a stop token id that can never be generated, which
+    vLLM accepts) are left out: they would index the mask out of bounds."""
     ends: list[list[int]] = []
     for row in rows:
         params = row.request.params
@@ -435,6 +436,6 @@ def held_ends(
         if len(row.generated) < params.min_tokens:
             held = list(params.stop_token_ids)
             if not params.ignore_eos:
-                held.extend(t for t in eos_ids if t < vocab_size)
-        ends.append(held)
+                held.extend(eos_ids)
+        ends.append([t for t in held if 0 <= t < vocab_size])
     return seen_mask(ends, vocab_size, device) if any(ends) else None

@@ -161,11 +161,11 @@ def test_allowed_token_ids_are_the_only_tokens_generated(adapters, kind) -> None
                 engine, GenerationRequest("b", PROMPTS["b2"], replace(params, allowed_token_ids=()))
             )
         )
-        # an id outside the vocabulary would index the masks out of bounds (on a GPU, a
-        # device-side assert that ends the engine): the request's 422
-        with pytest.raises(InvalidRequestError, match="stop_token_ids must be in"):
-            bad_stop = replace(params, allowed_token_ids=(), min_tokens=2, stop_token_ids=(10**6,))
-            engine.generate(GenerationRequest("d", [5], bad_stop))
+        # a stop id beyond the vocabulary never occurs (vLLM accepts it); held back by
+        # min_tokens it must not index the mask out of bounds (on a GPU, a device-side
+        # assert that would end the engine)
+        far_stop = replace(params, allowed_token_ids=(), min_tokens=2, stop_token_ids=(10**6,))
+        far = run(collect(engine, GenerationRequest("d", PROMPTS["b2"], far_stop)))
         with pytest.raises(InvalidRequestError, match="allowed_token_ids must be in"):
             engine.generate(
                 GenerationRequest("c", [5], replace(params, allowed_token_ids=(10**6,)))
@@ -174,4 +174,6 @@ def test_allowed_token_ids_are_the_only_tokens_generated(adapters, kind) -> None
         run(engine.shutdown(5))
     want = greedy_held(ref, PROMPTS["x1"], 6, set(), 0, only=only)
     assert list(held[-1].token_ids) == want and set(want) <= set(only)
-    assert list(free[-1].token_ids) == greedy_held(make_tiny_llama(), PROMPTS["b2"], 6, set(), 0)
+    base = greedy_held(make_tiny_llama(), PROMPTS["b2"], 6, set(), 0)
+    assert list(free[-1].token_ids) == base
+    assert list(far[-1].token_ids) == base and far[-1].reason == "length"

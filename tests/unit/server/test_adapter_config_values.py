@@ -19,13 +19,13 @@ import dataclasses
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import BertConfig, BertModel
+from test_encoder_engine import TinyEncoderLoaded, make_bert
+from tiny_engine import make_char_tokenizer
 
 import flora
 from flora.adapter.io import adapter_from_model, encode_adapter
@@ -38,37 +38,8 @@ from flora_server.adapters.registry import AdapterValidationError
 from flora_server.engine.encoder import EncoderEngine, head_pooling
 from flora_server.main import create_app
 from flora_server.settings import Settings
-from tests.unit.server.tiny_engine import make_char_tokenizer
 
 HIDDEN = 32
-
-
-@dataclass
-class TinyEncoderLoaded:
-    model: Any
-    preprocessor: Any
-    name: str = "tiny-bert"
-    kind: str = "text-encoder"
-    fingerprint: str = "sha256:tiny"
-    labels: Any = None
-    context_length: int = 64
-    source_path: Any = None
-    pooling: Pooling = field(default_factory=Pooling)
-    config: dict = field(default_factory=dict)
-
-
-def make_bert() -> BertModel:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=98,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return BertModel(config, add_pooling_layer=False).eval()
 
 
 def make_head_adapter(seed: int = 5, labels: tuple[str, ...] = ("neg", "pos")) -> flora.Adapter:
