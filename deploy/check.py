@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import kubernetes_validate
 import yaml
@@ -240,8 +239,9 @@ def image_facts(root: Path) -> Image:
 def image_health_problems(root: Path, base: list[Manifest]) -> list[str]:
     """The Dockerfile's HEALTHCHECK against the base Deployment's probes."""
     options = healthcheck_options(parse_dockerfile((root / "Dockerfile").read_text()))
-    path = urlsplit(healthcheck.probe_url({})).path
-    return container_health_problems(path, options, one(serving(base), "Deployment"))
+    return container_health_problems(
+        healthcheck.PROBE_PATH, options, one(serving(base), "Deployment")
+    )
 
 
 def docs_problems(root: Path) -> list[str]:

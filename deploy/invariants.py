@@ -127,10 +127,15 @@ def _keys(env: Mapping[str, str], name: str) -> list[str]:
     return [k.strip() for k in env.get(name, "").split(",") if k.strip()]
 
 
+def metrics_public(env: Mapping[str, str]) -> bool:
+    """FLORA_METRICS_PUBLIC is on (as pydantic reads a boolean)."""
+    return env.get("FLORA_METRICS_PUBLIC", "").strip().lower() in TRUE_WORDS
+
+
 def metrics_need_key(env: Mapping[str, str]) -> bool:
     """Whether the server's /metrics answers only a bearer key (api/deps.py
     `require_metrics_access`): some key is configured and FLORA_METRICS_PUBLIC is off."""
-    if env.get("FLORA_METRICS_PUBLIC", "").strip().lower() in TRUE_WORDS:
+    if metrics_public(env):
         return False
     names = ("FLORA_API_KEYS", "FLORA_ADMIN_KEYS", "FLORA_METRICS_KEYS")
     return any(_keys(env, name) for name in names)
@@ -217,7 +222,7 @@ def _volume_problems(docs: list[Manifest], pod: Manifest, container: Manifest) -
 
 def _tenant_problems(env: Mapping[str, str]) -> Iterator[str]:
     """FLORA_METRICS_PUBLIC with a tenant-bound key: the server refuses to start."""
-    if env.get("FLORA_METRICS_PUBLIC", "").strip().lower() not in TRUE_WORDS:
+    if not metrics_public(env):
         return
     for name in ("FLORA_API_KEYS", "FLORA_ADMIN_KEYS"):
         if any(":" in key for key in _keys(env, name)):
@@ -366,10 +371,9 @@ def overlay_problems(
     problems += _reference_problems(everything, deployment)
     problems += _secret_problems(docs)
     problems += _gpu_problems(docs, deployment)
-    problems += write_path_problems(
-        pod, container, server_environment(docs, deployment, image.env), image.prepared_models
-    )
-    problems += _tenant_problems(server_environment(docs, deployment, image.env))
+    env = server_environment(docs, deployment, image.env)
+    problems += write_path_problems(pod, container, env, image.prepared_models)
+    problems += _tenant_problems(env)
     for kind in ("requests", "limits"):
         got = container.get("resources", {}).get(kind, {})
         if not {"cpu", "memory"} <= set(got):
@@ -408,8 +412,8 @@ def container_health_problems(
     is the readinessProbe's (a replica whose start-up failed answers /health 200 and /ready
     503 forever), and the start period covers the startupProbe's budget (its failures do
     not count while the model loads)."""
-    if not healthcheck:
-        return ["the Dockerfile has no HEALTHCHECK"]
+    if not healthcheck:  # dockerfile.check_dockerfile reports its absence
+        return []
     container = server_container(deployment)
     problems = []
     ready = container.get("readinessProbe", {}).get("httpGet", {}).get("path")

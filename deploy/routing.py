@@ -140,8 +140,8 @@ def metrics_scrape_problems(docs: list[Manifest], config: dict[str, Any]) -> lis
     must present one (else each scrape is 401 and routing runs blind). Where /metrics is
     open instead (FLORA_METRICS_PUBLIC, which the server refuses while a key is bound to a
     tenant), the HTTPRoute must not hand it to the gateway's clients."""
-    server = next(d for d in of_kind(serving(docs), "Deployment"))
-    env = server_environment(serving(docs), server)
+    pods = serving(docs)
+    env = server_environment(pods, next(d for d in of_kind(pods, "Deployment")))
     if metrics_need_key(env):
         if not epp_scrape_presents_key(config):
             return [

@@ -364,7 +364,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _create_temp(path: Path) -> tuple[int, str]:
@@ -379,7 +379,7 @@ def _create_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temp file name beside {path}")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not supported on every platform/filesystem.
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -207,26 +207,32 @@ class ServingModel:
             per_token += (shape[0] + shape[1]) * rank
         return merge, per_token
 
-    def check(self, adapter: Any) -> None:
+    def check(self, adapter: Any, *, output_range: bool = False) -> None:
         """Raise ValueError unless ``load`` would accept ``adapter``; changes nothing.
+        ``output_range``: also refuse an update whose outputs would overflow
+        (:meth:`check_output_range`).
 
         The one owner of "can this adapter be served per row": no modules saved whole,
         every target is a module of this base that a served wrapper takes, with shapes and
         ranks that fit, and the update stays finite once its core is folded into the slot
         factors. Servers call it at upload, so a misfit is refused there, not at first use.
         """
-        self.check_modules(modules_from_adapter(adapter))
+        self.check_modules(modules_from_adapter(adapter), output_range=output_range)
 
-    def check_modules(self, modules: Mapping[str, ModuleFactors]) -> None:
-        """``check`` for raw per-module tensors (what ``load_modules`` takes)."""
+    def check_modules(
+        self, modules: Mapping[str, ModuleFactors], *, output_range: bool = False
+    ) -> None:
+        """``check`` for raw per-module tensors (what ``load_modules`` takes); with
+        ``output_range``, also :meth:`check_output_range` (what an upload must pass)."""
         self._check_fit(modules)
         foldable = [mf for name, mf in modules.items() if _folds(self._target(name))]
         # A cheap bound vouches for the usual adapter; otherwise fold and name the module.
-        if fold_is_finite(foldable):
-            return
-        for name, mf in modules.items():
-            if _folds(self._target(name)) and not all_finite(fold_two_mode_many([mf])[0]):
-                raise _overflow(name)
+        if not fold_is_finite(foldable):
+            for name, mf in modules.items():
+                if _folds(self._target(name)) and not all_finite(fold_two_mode_many([mf])[0]):
+                    raise _overflow(name)
+        if output_range:
+            self.check_output_range(modules)
 
     def gain_limit(self) -> float:
         """The largest :func:`update_gain` :meth:`check_output_range` lets through: the

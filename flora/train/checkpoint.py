@@ -15,6 +15,7 @@ truncated or corrupt file, a missing entry) is one :class:`TrainError`, not a tr
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -32,7 +33,7 @@ from torch import nn
 
 import flora
 from flora.adapter.adapter import FULL_PREFIX
-from flora.adapter.container import atomic_write
+from flora.adapter.container import atomic_write, fsync_dir
 from flora.train.errors import TrainError
 from flora.train.options import TrainOptions
 
@@ -69,11 +70,9 @@ def data_identity(spec: str | None) -> dict[str, Any] | None:
         return {"builtin": spec}
     path = Path(spec)
     if path.is_file():
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            while chunk := fh.read(_HASH_CHUNK):
-                digest.update(chunk)
-        return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        st = path.stat()
+        sha = _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+        return {"bytes": st.st_size, "sha256": sha}
     if path.is_dir():
         listing = hashlib.sha256()
         count = total = 0
@@ -83,6 +82,17 @@ def data_identity(spec: str | None) -> dict[str, Any] | None:
             count, total = count + 1, total + size
         return {"files": count, "bytes": total, "listing_sha256": listing.hexdigest()}
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256, read once per (path, size, mtime): a resume checks its data before
+    the base loads and again under the run lock, and a large file is not read twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def run_identity(options: TrainOptions) -> dict[str, Any]:
@@ -204,18 +214,9 @@ def _rename_into_place(tmp: Path, directory: Path) -> None:
         old = directory.parent / f".{directory.name}.old-{secrets.token_hex(4)}"
         os.replace(directory, old)
     os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def remove_partial_checkpoints(root: Path) -> list[Path]:

@@ -8,6 +8,7 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,37 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.push and not args.adapter_id:
         parser.error("--push needs --adapter-id")
     from flora.train.api import train
+    from flora.train.options import TrainOptions
 
+    # Every option the parser names as its TrainOptions field (the rest are set below).
     kwargs = {
-        k: getattr(args, k)
-        for k in (
-            "rank",
-            "kernel_rank",
-            "scale",
-            "targets",
-            "lr",
-            "batch_size",
-            "grad_accum",
-            "max_grad_norm",
-            "max_steps",
-            "epochs",
-            "device",
-            "precision",
-            "eval_split",
-            "eval_limit",
-            "eval_every",
-            "seed",
-            "resume",
-            "save_every",
-            "keep_checkpoints",
-            "image_size",
-            "max_length",
-            "warmup",
-            "weight_decay",
-            "export",
-            "threads",
-            "overwrite",
-        )
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainOptions)
+        if f.name not in ("recipe", "base", "data", "out", "columns", "progress", "extra")
     }
     kwargs["columns"] = {
         role: getattr(args, f"{role}_column")

@@ -37,11 +37,10 @@ class EncodedImage:
     encoded size in memory plus the batch being decoded, not every image at full size.
 
     It stands in for a PIL image where the trainer uses one: ``ImageTransform`` reads
-    ``width`` and ``height`` and crops (``crop`` decodes, then crops). The whole image is
-    decoded once when this is made, so an unreadable file fails before training starts.
+    ``width`` and ``height`` and crops (``crop`` reads the file and crops; the transform
+    converts the region). The whole image is decoded once when this is made, so an
+    unreadable file fails before training starts.
     """
-
-    mode = "RGB"  # what decode() gives
 
     def __init__(self, source: Path | bytes, name: str) -> None:
         self.source, self.name = source, name
@@ -59,10 +58,10 @@ class EncodedImage:
             return to_rgb(im)
 
     def crop(self, box: tuple[float, float, float, float]) -> Image.Image:
-        return self.decode().crop(box)
-
-    def convert(self, mode: str) -> Image.Image:
-        return self.decode().convert(mode)
+        """The region in the stored mode: the transform converts only the region to RGB
+        (the same pixels, `to_rgb` being per pixel), not the whole image first."""
+        with self._opened() as im:
+            return im.crop(box)
 
     def __repr__(self) -> str:
         return f"EncodedImage({self.name!r}, {self.width}x{self.height})"
@@ -168,8 +167,3 @@ def _as_image(value: Any, where: str) -> TrainImage:
     if isinstance(value, str) and value:
         return EncodedImage(Path(value), f"{where}: {value}")
     raise DataError(f"{where}: the image column holds {describe(value)}, not an image")
-
-
-def read_image(path: Path) -> Image.Image:
-    """Decode one image file to 8-bit RGB; DataError if missing or unreadable."""
-    return EncodedImage(path, str(path)).decode()

@@ -24,31 +24,29 @@ _AT_LEAST_ONE = (
 )
 _AT_LEAST_ZERO = ("eval_limit", "eval_every", "save_every")
 _POSITIVE = ("lr", "epochs", "max_grad_norm")
-# Options a resumed run must share with its checkpoint: they change the adapter, the
-# schedule, the eval sample or which adapter is the best. The device, threads, progress,
-# output, checkpoint cadence, export and overwrite may differ; the data and an eval file
-# are compared by content (``checkpoint.run_identity``), the base by its fingerprint.
-RESUME_OPTIONS = (
-    "recipe",
-    "rank",
-    "kernel_rank",
-    "scale",
-    "targets",
-    "lr",
-    "batch_size",
-    "grad_accum",
-    "max_grad_norm",
-    "max_steps",
-    "epochs",
-    "eval_limit",
-    "eval_every",
-    "seed",
-    "image_size",
-    "max_length",
-    "warmup",
-    "weight_decay",
-    "precision",
-    "columns",
+# Options a resumed run may change: where it runs and writes (the device, threads,
+# progress, output, checkpoint cadence, export, overwrite), what is compared otherwise (the
+# data and an eval file by content, ``checkpoint.run_identity``; the base by its
+# fingerprint), and ``extra`` (a recipe's own options, not compared). Every other option
+# changes the adapter, the schedule, the eval sample or which adapter is the best, and must
+# match its checkpoint (``TrainOptions.resume_options``): a new option is checked unless it
+# is named here.
+_MAY_DIFFER_ON_RESUME = frozenset(
+    {
+        "base",
+        "data",
+        "eval_split",
+        "out",
+        "resume",
+        "device",
+        "threads",
+        "progress",
+        "save_every",
+        "keep_checkpoints",
+        "export",
+        "overwrite",
+        "extra",
+    }
 )
 # option -> the FloraConfig field that holds it
 _ADAPTER_FIELDS = {
@@ -220,10 +218,9 @@ class TrainOptions:
             )
 
     def resume_options(self) -> dict[str, Any]:
-        """The options a resumed run must share with its checkpoint (``RESUME_OPTIONS``),
-        JSON-able."""
-        data = self.to_json()
-        return {name: data[name] for name in RESUME_OPTIONS}
+        """The options a resumed run must share with its checkpoint (all but
+        ``_MAY_DIFFER_ON_RESUME``), JSON-able."""
+        return {k: v for k, v in self.to_json().items() if k not in _MAY_DIFFER_ON_RESUME}
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (paths as strings), recorded in metrics.json."""

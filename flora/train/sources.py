@@ -66,9 +66,9 @@ def labelled_data(options: TrainOptions, kind: builtin.DataKind, load_file: Load
     """Train/eval ``(x, class_id)`` for a classification recipe (builtin or files)."""
     splits, hints = _raw(options, kind, load_file)
     assert splits.eval is not None
-    eval_file = parse_eval_split(options.eval_split)
-    eval_where = eval_file if isinstance(eval_file, str) else options.data
-    train, eval_, labels = encode_labels(splits.train, splits.eval, options.data, eval_where)
+    train, eval_, labels = encode_labels(
+        splits.train, splits.eval, options.data, _eval_where(options)
+    )
     return LabelledData(train, eval_, labels, hints)
 
 
@@ -79,7 +79,12 @@ def chat_data(options: TrainOptions) -> tuple[list[Any], list[Any]]:
     if not splits.train:
         raise DataError(f"{options.data}: the training set is empty")
     if not splits.eval:
-        eval_file = parse_eval_split(options.eval_split)
-        where = eval_file if isinstance(eval_file, str) else options.data
-        raise DataError(f"{where}: the eval set is empty")
+        raise DataError(f"{_eval_where(options)}: the eval set is empty")
     return splits.train, splits.eval
+
+
+def _eval_where(options: TrainOptions) -> str:
+    """Where the eval rows come from: the --eval-split file, else the --data they were
+    split from (what messages about them name)."""
+    eval_file = parse_eval_split(options.eval_split)
+    return eval_file if isinstance(eval_file, str) else options.data

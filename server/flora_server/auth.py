@@ -16,6 +16,7 @@ value never leaks between requests.
 from __future__ import annotations
 
 import contextvars
+import functools
 import hmac
 import ipaddress
 import re
@@ -74,6 +75,15 @@ def parse_key(entry: str, role: Role) -> ApiKey:
     if sep and role == "metrics":
         raise ValueError("a metrics key cannot be bound to a tenant (it reads every label)")
     return ApiKey(key, role, tenant or None)
+
+
+@functools.lru_cache(maxsize=8)
+def configured_keys(
+    api_keys: tuple[str, ...], admin_keys: tuple[str, ...], metrics_keys: tuple[str, ...]
+) -> list[ApiKey]:
+    """`parse_keys`, once per configuration: what each request's key is identified
+    against (the settings never change while serving)."""
+    return parse_keys(list(api_keys), list(admin_keys), metrics_keys)
 
 
 def parse_keys(

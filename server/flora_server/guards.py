@@ -119,8 +119,10 @@ class RequestGuardMiddleware:
             if name == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
                 if scheme.lower() == "bearer" and token:
-                    keys = auth.parse_keys(
-                        settings.api_keys, settings.admin_keys, settings.metrics_keys
+                    keys = auth.configured_keys(
+                        tuple(settings.api_keys),
+                        tuple(settings.admin_keys),
+                        tuple(settings.metrics_keys),
                     )
                     return auth.identify(token.strip(), keys)
         return None

@@ -421,5 +421,7 @@ def test_data_that_ended_in_tracebacks_is_one_line(tmp_path, capsys):
         )
         if fragment is None:  # a label that is not a number is a name, not a crash
             assert code == 0, err
+            config = json.loads((tmp_path / ("o-" + name) / "adapter_config.json").read_text())
+            assert config["labels"] == ["--1", "neg", "pos"]  # names by code point: "-" < "n"
         else:
             _assert_one_line(code, err, fragment)

@@ -15,7 +15,7 @@ from PIL import Image
 from flora.models import ImageTransform
 from flora.models.image_decode import to_rgb
 from flora.train.errors import DataError
-from flora.train.image_data import EncodedImage, load_image_labels, read_image
+from flora.train.image_data import EncodedImage, load_image_labels
 from flora_server.images import decode_image
 
 GREY16 = np.array([[0, 255, 256, 7710, 65535]], np.uint16)  # 7710 = 30 * 257: 12% grey
@@ -52,7 +52,7 @@ def test_a_16_bit_png_trains_and_serves_as_the_same_dark_grey(tmp_path):
     data = _png(GREY16)
     (tmp_path / "g16.png").write_bytes(data)
     assert Image.open(tmp_path / "g16.png").mode == "I;16"
-    trained = np.asarray(read_image(tmp_path / "g16.png"))
+    trained = np.asarray(EncodedImage(tmp_path / "g16.png", "g16.png").decode())
     served = np.asarray(decode_image(data, max_pixels=100, max_bytes=10_000))
     assert trained[..., 1].tolist() == [[0, 0, 1, 30, 255]]
     assert np.array_equal(trained, served)
@@ -76,6 +76,10 @@ def test_loaded_images_stay_encoded_and_transform_exactly_as_decoded_ones(tmp_pa
     transform = ImageTransform(size=16)
     assert torch.equal(transform(image), transform(decoded))
     assert torch.equal(transform.batch([image]), transform.batch([decoded]))
+    # A 16-bit image, cropped in its own mode and converted there, equals decoding first.
+    (tmp_path / "g16.png").write_bytes(_png(GREY16))
+    grey = EncodedImage(tmp_path / "g16.png", "g16.png")
+    assert torch.equal(ImageTransform(size=4)(grey), ImageTransform(size=4)(grey.decode()))
     (tmp_path / "a" / "0.png").unlink()  # read when a batch needs it, not held decoded
     with pytest.raises(DataError) as err:
         transform(image)

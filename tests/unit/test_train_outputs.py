@@ -348,8 +348,10 @@ def test_a_module_adapted_and_trained_whole_is_refused():
 # -- file modes ---------------------------------------------------------------------------------
 
 
-def test_every_output_file_gets_the_umask_mode(tmp_path):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_output_file_gets_the_umask_mode(tmp_path, umask):
+    """As open() would: 0o666 less the umask (a fixed 0o644 fails the 0o027 case)."""
+    old = os.umask(umask)
     try:
         _train(tmp_path / "out", _csv(tmp_path / "a.csv", A_ROWS), save_every=2, eval_every=2)
     finally:
@@ -361,4 +363,4 @@ def test_every_output_file_gets_the_umask_mode(tmp_path):
     }
     assert "adapter.safetensors" in modes and "best/adapter_config.json" in modes
     assert "checkpoints/step-000002/trainer_state.safetensors" in modes
-    assert set(modes.values()) == {"0o644"}, modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes

@@ -181,16 +181,20 @@ class S3AdapterStore:
         return f"{self.prefix}{_OBJECTS}{self._check(adapter_id)}/{sha256}.flora"
 
     # -- reads ---------------------------------------------------------------------------
-    def _body(self, key: str, what: str) -> Any | None:
-        """The streaming body of `key`, or None when the bucket says it does not exist; any
-        other failure is an S3StoreError naming `what` was being read."""
+    def _get(self, key: str, what: str, **kwargs: Any) -> dict[str, Any] | None:
+        """`get_object`'s response for `key`, or None when the bucket says it does not
+        exist; any other failure is an S3StoreError naming `what` was being read."""
         try:
-            with _s3_errors(f"reading {what}"):
-                return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-        except S3StoreError as exc:
-            if exc.__cause__ is not None and _is_missing(exc.__cause__):
+            return self.client.get_object(Bucket=self.bucket, Key=key, **kwargs)
+        except _BOTO_ERRORS as exc:
+            if _is_missing(exc):
                 return None
-            raise
+            raise S3StoreError.wrap(f"reading {what}", exc) from exc
+
+    def _body(self, key: str, what: str) -> Any | None:
+        """The streaming body of `key`, or None when it does not exist (`_get`)."""
+        response = self._get(key, what)
+        return None if response is None else response["Body"]
 
     # -- manifest ------------------------------------------------------------------------
     def _manifest(self, adapter_id: str) -> dict[str, Any] | None:
@@ -262,18 +266,12 @@ class S3AdapterStore:
     def read_prefix(self, adapter_id: str, nbytes: int) -> tuple[str, bytes]:
         for _ in range(_ATTEMPTS):
             digest = self._required(adapter_id)["sha256"]
-            try:
-                with _s3_errors(f"reading {adapter_id!r}"):
-                    response = self.client.get_object(
-                        Bucket=self.bucket,
-                        Key=self._object_key(adapter_id, digest),
-                        Range=f"bytes=0-{max(nbytes, 1) - 1}",
-                    )
-                    return digest, response["Body"].read(nbytes)
-            except S3StoreError as exc:
-                if exc.__cause__ is not None and _is_missing(exc.__cause__):
-                    continue  # replaced meanwhile: read the manifest again
-                raise
+            key = self._object_key(adapter_id, digest)
+            response = self._get(key, repr(adapter_id), Range=f"bytes=0-{max(nbytes, 1) - 1}")
+            if response is None:
+                continue  # replaced meanwhile: read the manifest again
+            with _s3_errors(f"reading {adapter_id!r}"):
+                return digest, response["Body"].read(nbytes)
         raise StoredAdapterMissingError(adapter_id)
 
     @contextlib.contextmanager

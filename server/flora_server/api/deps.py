@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
@@ -81,13 +80,6 @@ MaybeEngineDep = Annotated[GenerationEngine | None, Depends(get_engine_or_none)]
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-@functools.lru_cache(maxsize=8)
-def _keys(
-    api_keys: tuple[str, ...], admin_keys: tuple[str, ...], metrics_keys: tuple[str, ...]
-) -> list[auth.ApiKey]:
-    return auth.parse_keys(list(api_keys), list(admin_keys), metrics_keys)
-
-
 def _presented_key(
     settings: Settings, credentials: HTTPAuthorizationCredentials | None
 ) -> auth.ApiKey:
@@ -97,7 +89,9 @@ def _presented_key(
             "missing API key (Authorization: Bearer ...)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    keys = _keys(tuple(settings.api_keys), tuple(settings.admin_keys), tuple(settings.metrics_keys))
+    keys = auth.configured_keys(
+        tuple(settings.api_keys), tuple(settings.admin_keys), tuple(settings.metrics_keys)
+    )
     key = auth.identify(credentials.credentials, keys)
     if key is None:
         raise APIError(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})

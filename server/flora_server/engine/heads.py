@@ -10,6 +10,7 @@ distinct head on its own rows, `logits_k = f[rows_k] W_k^T + b_k`.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,12 +99,10 @@ def check_head(adapter: Any, in_features: int) -> dict[str, torch.Tensor] | None
         raise ValueError(
             f"the head has {num} outputs but the adapter names {len(adapter.labels)} labels"
         )
-    if adapter.labels:
-        seen: set[str] = set()
-        for label in adapter.labels:
-            if label in seen:  # two classes of one name: a prediction could not say which
-                raise ValueError(f"labels: {label!r} names two of the head's classes")
-            seen.add(label)
+    # Two classes of one name: a prediction could not say which.
+    repeated = [label for label, n in Counter(adapter.labels or ()).items() if n > 1]
+    if repeated:
+        raise ValueError(f"labels: {repeated[0]!r} names two of the head's classes")
     return state
 
 
@@ -144,9 +143,7 @@ class HeadedRuntime:
         (`ServingModel.check_output_range`: these engines return the values themselves, an
         overflow would be served as null embeddings and scores)."""
         check_head(adapter, self.in_features)
-        modules = factors_without_heads(adapter)
-        self.serving.check_modules(modules)
-        self.serving.check_output_range(modules)
+        self.serving.check_modules(factors_without_heads(adapter), output_range=True)
 
     def load(self, slot: int, adapter: Any) -> None:
         head = read_head(adapter, self.in_features, self.serving.device, self.serving.dtype)

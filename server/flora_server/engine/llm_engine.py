@@ -183,12 +183,12 @@ class LLMEngine(WorkerThreadMixin):
         outputs stay finite (`ServingModel.check_output_range`): one that overflows would
         be stored and then fail every request with non-finite logits. Loading for a request
         checks only what the runtime needs, so a row that still overflows fails alone."""
-        from flora.serving.factors import modules_from_adapter
         from flora.serving.model import ServingModel
 
-        self._runtime.check(adapter)
         if isinstance(self._runtime, ServingModel):
-            self._runtime.check_output_range(modules_from_adapter(adapter))
+            self._runtime.check(adapter, output_range=True)
+        else:
+            self._runtime.check(adapter)
 
     def invalidate_adapter(self, adapter_id: str) -> None:
         self.cache.invalidate(adapter_id)

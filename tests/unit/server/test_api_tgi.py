@@ -82,7 +82,8 @@ def test_info_has_tgis_fields(app):
     assert (info["max_input_tokens"], info["max_total_tokens"]) == (63, 64)
     assert info["max_stop_sequences"] == 8 and info["model_device_type"] == "cpu"
     assert info["model_dtype"] == "torch.float32" and info["max_best_of"] == 1
-    assert info["max_batch_total_tokens"] == 64 * info["max_batch_size"]
+    # the fake engine's context (64) x the default batch size (32)
+    assert info["max_batch_size"] == 32 and info["max_batch_total_tokens"] == 2048
 
 
 def test_info_batch_total_tokens_is_what_the_kv_pool_holds(app):

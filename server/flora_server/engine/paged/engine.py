@@ -76,7 +76,7 @@ class PagedLLMEngine(LLMEngine):
             runtime=runtime or build_serving_runtime(model, max_slots, factor_dtype),
             **kwargs,
         )
-        capacity = num_blocks * kv_block_size
+        capacity = self._pool.capacity
         self._stats = dataclasses.replace(self._stats, kv_capacity_tokens=capacity)
         if capacity < self.context_length:
             log.warning(
@@ -157,7 +157,7 @@ class PagedLLMEngine(LLMEngine):
             kv_cache_usage=self._pool.usage,
             prefix_cache_queries=self._pool.queries,
             prefix_cache_hits=self._pool.hits,
-            kv_capacity_tokens=self._pool.num_blocks * self._pool.block_size,
+            kv_capacity_tokens=self._pool.capacity,
         )
         with self._lock:
             self._stats = stats

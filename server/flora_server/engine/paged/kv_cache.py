@@ -78,6 +78,11 @@ class BlockPool:
         return -(-num_tokens // self.block_size)
 
     @property
+    def capacity(self) -> int:
+        """Tokens the whole pool holds."""
+        return self.num_blocks * self.block_size
+
+    @property
     def num_available(self) -> int:
         """Blocks a sequence could get now: free ones plus evictable cached ones."""
         return len(self._free) + len(self._evictable)
